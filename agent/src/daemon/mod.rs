@@ -1,0 +1,2 @@
+//! The device daemon: configuration, MQTT link, capability manager, systemd.
+pub mod cli;

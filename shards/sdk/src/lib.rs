@@ -1,0 +1,1 @@
+//! The shard plugin ABI (filled in by the capability-shards work).

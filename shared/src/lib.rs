@@ -1,0 +1,26 @@
+//! The Shardline wire protocol: everything that crosses the network between a
+//! device (`shardline-agent`) and the cloud (`shardline-allocator`).
+//!
+//! This crate is pure: no sockets, no tokio, no files, no clock. Callers pass
+//! `now` in. That keeps the contract testable byte for byte (golden tests) and
+//! lets both daemons, the fuzz targets and the simulations share it.
+//!
+//! - [`codec`]: the framing every payload uses (format-version byte, size cap,
+//!   postcard, no trailing bytes).
+//! - [`ids`]: validated identifiers (device ids, key ids, shard references).
+//! - [`msg`]: the message types (QoS report, ack, status, instruction, rotation).
+//! - [`sign`]: Ed25519 keys, key sets and the signed envelope with domain tags.
+//! - [`accept`]: the sans-IO state machine that decides whether a device applies
+//!   an instruction or a key rotation.
+//! - [`topics`]: MQTT topic names.
+#![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod codec;
+pub mod ids;
+pub mod msg;
+pub mod sign;
+pub mod topics;
+
+pub use codec::{decode, encode, DecodeError, FORMAT_VERSION};
+pub use ids::{DeviceId, IdError, KeyId, ShardRef};

@@ -1,0 +1,266 @@
+//! Ed25519 signing with key ids and per-type domain separation.
+//!
+//! Every signed object travels in a [`SignedEnvelope`]: the framed payload
+//! bytes, the [`Domain`] it claims to be, and one or more signatures. Each
+//! signature covers `domain tag || payload`, so a signature made for a report
+//! or a key rotation never verifies as an instruction, whatever the envelope
+//! claims. The verifier always states the domain it expects; the envelope's
+//! own `domain` field only serves better error messages and dispatch.
+//!
+//! No randomness lives here: key generation takes seed bytes from the caller
+//! (the binaries read them from the OS), which keeps the crate pure.
+
+use crate::codec::{self, DecodeError};
+use crate::ids::KeyId;
+use crate::msg::{KeySet, PublicKeyEntry};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// What kind of object a signature is for. The tag is mixed into every
+/// signature, so objects of one kind cannot be replayed as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Domain {
+    Instruction,
+    Report,
+    Rotation,
+    Ack,
+}
+
+impl Domain {
+    pub fn tag(self) -> &'static [u8] {
+        match self {
+            Domain::Instruction => b"shardline/v1/sig/instruction\0",
+            Domain::Report => b"shardline/v1/sig/report\0",
+            Domain::Rotation => b"shardline/v1/sig/rotation\0",
+            Domain::Ack => b"shardline/v1/sig/ack\0",
+        }
+    }
+}
+
+/// One signature and the id of the key that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureEntry {
+    pub key_id: KeyId,
+    /// 64-byte Ed25519 signature (a `Vec` because serde has no `[u8; 64]`;
+    /// the length is checked before verification).
+    pub signature: Vec<u8>,
+}
+
+/// The signed container every signed object travels in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    pub domain: Domain,
+    /// `codec::encode` of the signed object.
+    pub payload: Vec<u8>,
+    pub signatures: Vec<SignatureEntry>,
+}
+
+/// Why a signed envelope was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("envelope: {0}")]
+    Envelope(DecodeError),
+    #[error("expected a signed {expected:?}, got a {found:?}")]
+    WrongDomain { expected: Domain, found: Domain },
+    #[error("the envelope carries no signature")]
+    NoSignature,
+    #[error("signed by unknown key {0}")]
+    UnknownKey(KeyId),
+    #[error("signature by key {0} does not verify")]
+    BadSignature(KeyId),
+    #[error("signed payload: {0}")]
+    Payload(DecodeError),
+}
+
+/// A private signing key with its id.
+#[derive(Clone)]
+pub struct KeyPair {
+    key: SigningKey,
+    id: KeyId,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("KeyPair").field("id", &self.id).finish()
+    }
+}
+
+impl KeyPair {
+    /// Builds a key from its 32-byte secret seed (from the OS RNG or a key file).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(seed);
+        let id = KeyId::of_public_key(key.verifying_key().as_bytes());
+        Self { key, id }
+    }
+
+    pub fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    pub fn public_entry(&self) -> PublicKeyEntry {
+        PublicKeyEntry {
+            key_id: self.id,
+            public_key: self.public_key(),
+        }
+    }
+
+    pub fn sign_entry(&self, domain: Domain, payload: &[u8]) -> SignatureEntry {
+        let signature = self.key.sign(&signed_bytes(domain, payload));
+        SignatureEntry {
+            key_id: self.id,
+            signature: signature.to_bytes().to_vec(),
+        }
+    }
+}
+
+fn signed_bytes(domain: Domain, payload: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(domain.tag().len() + payload.len());
+    msg.extend_from_slice(domain.tag());
+    msg.extend_from_slice(payload);
+    msg
+}
+
+/// Encodes `object` and signs it with every key in `signers`; returns the
+/// framed envelope ready to publish.
+pub fn seal<T: Serialize>(domain: Domain, object: &T, signers: &[&KeyPair]) -> Vec<u8> {
+    let payload = codec::encode(object);
+    let signatures = signers
+        .iter()
+        .map(|k| k.sign_entry(domain, &payload))
+        .collect();
+    codec::encode(&SignedEnvelope {
+        domain,
+        payload,
+        signatures,
+    })
+}
+
+/// Decodes the envelope only (no verification): for dispatch by domain.
+pub fn parse_envelope(bytes: &[u8], cap: usize) -> Result<SignedEnvelope, OpenError> {
+    codec::decode_capped(bytes, cap).map_err(OpenError::Envelope)
+}
+
+/// Verifies one signature entry against a public key.
+pub fn verify_entry(
+    domain: Domain,
+    payload: &[u8],
+    entry: &SignatureEntry,
+    public_key: &[u8; 32],
+) -> Result<(), OpenError> {
+    let bad = || OpenError::BadSignature(entry.key_id);
+    let sig_bytes: [u8; 64] = entry.signature.as_slice().try_into().map_err(|_| bad())?;
+    let key = VerifyingKey::from_bytes(public_key).map_err(|_| bad())?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
+    key.verify_strict(&signed_bytes(domain, payload), &sig)
+        .map_err(|_| bad())
+}
+
+/// Verifies that *every* signature on the envelope is by a key `lookup`
+/// knows and verifies under `expected`, then decodes the payload.
+/// Returns the object and the ids of the keys that signed it.
+pub fn open_envelope<T: DeserializeOwned>(
+    envelope: &SignedEnvelope,
+    expected: Domain,
+    lookup: impl Fn(KeyId) -> Option<[u8; 32]>,
+) -> Result<(T, Vec<KeyId>), OpenError> {
+    if envelope.domain != expected {
+        return Err(OpenError::WrongDomain {
+            expected,
+            found: envelope.domain,
+        });
+    }
+    if envelope.signatures.is_empty() {
+        return Err(OpenError::NoSignature);
+    }
+    let mut signers = Vec::with_capacity(envelope.signatures.len());
+    for entry in &envelope.signatures {
+        let public = lookup(entry.key_id).ok_or(OpenError::UnknownKey(entry.key_id))?;
+        verify_entry(expected, &envelope.payload, entry, &public)?;
+        signers.push(entry.key_id);
+    }
+    let object = codec::decode(&envelope.payload).map_err(OpenError::Payload)?;
+    Ok((object, signers))
+}
+
+/// [`parse_envelope`] then [`open_envelope`].
+pub fn open<T: DeserializeOwned>(
+    bytes: &[u8],
+    expected: Domain,
+    cap: usize,
+    lookup: impl Fn(KeyId) -> Option<[u8; 32]>,
+) -> Result<(T, Vec<KeyId>), OpenError> {
+    open_envelope(&parse_envelope(bytes, cap)?, expected, lookup)
+}
+
+impl KeySet {
+    /// A key set of the given public keys.
+    pub fn of(epoch: u64, keys: &[&KeyPair]) -> Self {
+        Self {
+            epoch,
+            keys: keys.iter().map(|k| k.public_entry()).collect(),
+        }
+    }
+
+    pub fn public_key(&self, id: KeyId) -> Option<[u8; 32]> {
+        self.keys
+            .iter()
+            .find(|k| k.key_id == id)
+            .map(|k| k.public_key)
+    }
+
+    pub fn contains(&self, id: KeyId) -> bool {
+        self.public_key(id).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_for_one_domain_does_not_verify_under_another() {
+        let k = KeyPair::from_seed(&[7; 32]);
+        let payload = codec::encode(&42u32);
+        let entry = k.sign_entry(Domain::Report, &payload);
+        assert!(verify_entry(Domain::Report, &payload, &entry, &k.public_key()).is_ok());
+        for other in [Domain::Instruction, Domain::Rotation, Domain::Ack] {
+            assert_eq!(
+                verify_entry(other, &payload, &entry, &k.public_key()),
+                Err(OpenError::BadSignature(k.id()))
+            );
+        }
+    }
+
+    #[test]
+    fn domain_tags_are_distinct_and_none_is_a_prefix_of_another() {
+        let all = [
+            Domain::Instruction,
+            Domain::Report,
+            Domain::Rotation,
+            Domain::Ack,
+        ];
+        for a in all {
+            for b in all {
+                if a != b {
+                    assert!(!a.tag().starts_with(b.tag()), "{a:?} vs {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_prints_the_secret() {
+        let k = KeyPair::from_seed(&[0xAB; 32]);
+        let shown = format!("{k:?}");
+        assert!(!shown.to_lowercase().contains("abab"), "{shown}");
+    }
+}

@@ -1,0 +1,92 @@
+//! MQTT topic names, all under `shardline/v1/`.
+//!
+//! Device ids are validated ([`DeviceId`]) so they can never contain MQTT
+//! wildcards or separators; building a topic is therefore infallible.
+
+use crate::DeviceId;
+
+pub const PREFIX: &str = "shardline/v1";
+
+/// agent → cloud, QoS 1, signed by the device key.
+pub fn report(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/report")
+}
+
+/// agent → cloud, retained; the MQTT last will publishes *offline* here.
+pub fn status(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/status")
+}
+
+/// agent → cloud: the outcome of each instruction, signed by the device key.
+pub fn ack(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/ack")
+}
+
+/// cloud → agent, QoS 1: signed instructions and key rotations.
+pub fn instr(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/instr")
+}
+
+/// Subscription filters for an allocator: all devices' reports, acks, statuses.
+pub const ALL_REPORTS: &str = "shardline/v1/dev/+/report";
+pub const ALL_ACKS: &str = "shardline/v1/dev/+/ack";
+pub const ALL_STATUS: &str = "shardline/v1/dev/+/status";
+
+/// Shared-subscription group through which scaled-out allocators split reports.
+pub const SHARED_GROUP: &str = "allocators";
+
+/// `$share/allocators/<filter>`: one allocator instance of the group receives each message.
+pub fn shared(filter: &str) -> String {
+    format!("$share/{SHARED_GROUP}/{filter}")
+}
+
+/// The kind of a device topic, parsed back from a full topic name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    Report,
+    Status,
+    Ack,
+    Instr,
+}
+
+/// Splits `shardline/v1/dev/{device}/{kind}` into its device and kind.
+/// Returns `None` for anything else, including an invalid device id.
+pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/dev/")?;
+    let (device, kind) = rest.split_once('/')?;
+    let kind = match kind {
+        "report" => TopicKind::Report,
+        "status" => TopicKind::Status,
+        "ack" => TopicKind::Ack,
+        "instr" => TopicKind::Instr,
+        _ => return None,
+    };
+    Some((DeviceId::new(device).ok()?, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_match_the_design() {
+        let d = DeviceId::new("r1").unwrap();
+        assert_eq!(report(&d), "shardline/v1/dev/r1/report");
+        assert_eq!(status(&d), "shardline/v1/dev/r1/status");
+        assert_eq!(ack(&d), "shardline/v1/dev/r1/ack");
+        assert_eq!(instr(&d), "shardline/v1/dev/r1/instr");
+        assert_eq!(
+            shared(ALL_REPORTS),
+            "$share/allocators/shardline/v1/dev/+/report"
+        );
+    }
+
+    #[test]
+    fn parse_round_trips_and_refuses_strangers() {
+        let d = DeviceId::new("r1").unwrap();
+        assert_eq!(parse(&ack(&d)), Some((d.clone(), TopicKind::Ack)));
+        assert_eq!(parse("shardline/v1/dev/r1/other"), None);
+        assert_eq!(parse("shardline/v1/dev/a+b/report"), None);
+        assert_eq!(parse("elsewhere/dev/r1/report"), None);
+    }
+}

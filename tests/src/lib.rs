@@ -1,0 +1,2 @@
+//! Helpers for the workspace-level integration tests.
+#![forbid(unsafe_code)]

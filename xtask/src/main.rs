@@ -1,0 +1,3 @@
+//! Project automation.
+#![forbid(unsafe_code)]
+fn main() {}
