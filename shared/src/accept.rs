@@ -15,7 +15,7 @@
 //! by the new set, applies in epoch order, and resets the sequence floor.
 
 use crate::codec::{self, DecodeError};
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, KeyId};
 use crate::msg::{Instruction, KeyRotation, KeySet, RejectReason, RejectionCounters};
 use crate::sign::{self, Domain, OpenError, SignedEnvelope};
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,10 @@ pub enum RotationError {
     FromFuture,
     #[error("device clock is behind its time floor")]
     ClockBehindFloor,
+    /// A key entry whose id is not derived from its public key: signatures
+    /// naming that id would be checked against another key.
+    #[error("key set entry {0} does not carry the id of its public key")]
+    InconsistentKeyId(KeyId),
 }
 
 /// Handles anything received on the device's `instr` topic: instructions and
@@ -249,13 +253,22 @@ fn handle_rotation_envelope(
     if new_set.keys.is_empty() {
         return refused(RotationError::EmptyKeySet);
     }
+    if let Some(bad) = new_set
+        .keys
+        .iter()
+        .find(|k| k.key_id != KeyId::of_public_key(&k.public_key))
+    {
+        return refused(RotationError::InconsistentKeyId(bad.key_id));
+    }
     if !signers.iter().any(|&id| state.keys.contains(id)) {
         return refused(RotationError::NotSignedByCurrentSet);
     }
     if !signers.iter().any(|&id| new_set.contains(id)) {
         return refused(RotationError::NotSignedByNewSet);
     }
-    if new_set.epoch != state.keys.epoch + 1 {
+    // checked_add: a pinned set at u64::MAX has no successor (and must not
+    // overflow-panic in a debug build).
+    if state.keys.epoch.checked_add(1) != Some(new_set.epoch) {
         return refused(RotationError::OutOfOrder {
             current: state.keys.epoch,
             got: new_set.epoch,
