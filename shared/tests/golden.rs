@@ -1,0 +1,579 @@
+//! Golden bytes: the exact wire encoding of every type in `msg.rs` and
+//! `sign.rs` (and the identifiers and persisted acceptance state they carry),
+//! built from fixed values and compared with hex checked into this file.
+//!
+//! A field added, removed, reordered or retyped, a variant inserted anywhere
+//! but at the end, a changed domain tag or key-id derivation: each changes
+//! these bytes and fails a test here, before it can silently break a peer
+//! running the previous build. If a change is intended, it needs a new
+//! `FORMAT_VERSION` (structs) or a variant at the end (enums), and the hex
+//! here is updated in the same commit, with the reason.
+//!
+//! Every golden is also decoded back and compared with the value, so the
+//! checked-in bytes stay readable by this build.
+
+use serde::{de::DeserializeOwned, Serialize};
+use shardline_shared::accept::AcceptanceState;
+use shardline_shared::msg::{
+    AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
+    InstructionAck, KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport, RejectReason,
+    RejectionCounters, ResourceLimits, ShardFailure, ShardKind, ShardState, ShardStatus,
+    TrafficClass,
+};
+use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
+use shardline_shared::{decode, encode, DeviceId, ShardRef};
+use std::fmt::Debug;
+
+const T0: u64 = 1_780_000_000_000;
+
+/// Encodes `value`, compares with `golden` (hex), decodes `golden` back.
+#[track_caller]
+fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(what: &str, value: &T, golden: &str) {
+    let actual = hex::encode(encode(value));
+    assert_eq!(
+        actual, golden,
+        "wire encoding of {what} changed: a peer on the previous build cannot read it"
+    );
+    let bytes = hex::decode(golden).expect("golden is hex");
+    let back: T = decode(&bytes).unwrap_or_else(|e| panic!("golden {what} does not decode: {e}"));
+    assert_eq!(&back, value, "golden {what} decodes to another value");
+}
+
+fn key(n: u8) -> KeyPair {
+    KeyPair::from_seed(&[n; 32])
+}
+
+fn device() -> DeviceId {
+    DeviceId::new("rtr-1").unwrap()
+}
+
+fn shard() -> ShardRef {
+    ShardRef::new("tun", "1.2").unwrap()
+}
+
+fn class_stats() -> ClassStats {
+    ClassStats {
+        class: TrafficClass::Calls,
+        bytes: 1_500_000,
+        packets: 3_000,
+        rate_bps: 1_200_000,
+        rtt_p50_us: Some(18_000),
+        rtt_p95_us: Some(45_000),
+        jitter_us: None,
+        loss_permille: 7,
+        active_flows: 2,
+        need: QosNeed {
+            latency_sensitive: true,
+            bandwidth_heavy: false,
+            needs_encryption: true,
+        },
+    }
+}
+
+fn resources() -> DeviceResources {
+    DeviceResources {
+        cpu_cores: 4,
+        cpu_load_permille: 310,
+        mem_total_kib: 1_048_576,
+        mem_available_kib: 524_288,
+        aes_hw: true,
+        arch: "aarch64".into(),
+    }
+}
+
+fn shard_status() -> ShardStatus {
+    ShardStatus {
+        shard: shard(),
+        capability: "vpn".into(),
+        state: ShardState::Backoff,
+        cpu_permille: 120,
+        rss_kib: 8_192,
+        restarts: 2,
+        errors: 1,
+        last_failure: Some(ShardFailure::Crashed { signal: 11 }),
+        lease_expires_at_ms: T0 + 600_000,
+        enforcement: Enforcement::CgroupV2,
+    }
+}
+
+fn counters() -> RejectionCounters {
+    RejectionCounters {
+        bad_signature: 1,
+        unknown_key: 2,
+        wrong_device: 3,
+        rollback: 4,
+        equivocation: 5,
+        expired: 6,
+        from_future: 7,
+        clock_behind_floor: 8,
+        malformed: 9,
+    }
+}
+
+fn report() -> QosReport {
+    QosReport {
+        device: device(),
+        seq: 42,
+        window_start_ms: T0,
+        window_ms: 10_000,
+        classes: vec![
+            class_stats(),
+            ClassStats {
+                class: TrafficClass::Bulk,
+                bytes: 90_000_000,
+                packets: 60_000,
+                rate_bps: 72_000_000,
+                rtt_p50_us: None,
+                rtt_p95_us: None,
+                jitter_us: None,
+                loss_permille: 0,
+                active_flows: 1,
+                need: QosNeed {
+                    latency_sensitive: false,
+                    bandwidth_heavy: true,
+                    needs_encryption: false,
+                },
+            },
+        ],
+        resources: resources(),
+        shards: vec![shard_status()],
+        applied_instruction_seq: 17,
+        rejections: counters(),
+    }
+}
+
+fn limits() -> ResourceLimits {
+    ResourceLimits {
+        cpu_quota_permille: 500,
+        cpu_weight: 100,
+        memory_max_bytes: 67_108_864,
+        nice: -5,
+    }
+}
+
+fn activation() -> Activation {
+    Activation {
+        shard: shard(),
+        capability: "vpn".into(),
+        kind: ShardKind::Data,
+        sha256: [0xab; 32],
+        config: vec![1, 2, 3],
+        limits: limits(),
+        priority: 9,
+        lease_expires_at_ms: T0 + 600_000,
+    }
+}
+
+fn instruction() -> Instruction {
+    Instruction {
+        device: device(),
+        seq: 300,
+        issued_at_ms: T0,
+        expires_at_ms: T0 + 60_000,
+        ops: vec![
+            Operation::Activate(activation()),
+            Operation::Deactivate {
+                shard: ShardRef::new("aes", "0.1").unwrap(),
+            },
+        ],
+    }
+}
+
+// ------------------------------------------------------------ keys and ids
+
+#[test]
+fn golden_key_derivation_from_seed() {
+    // Ed25519 public key of a fixed seed, and KeyId = SHA-256(public)[..8].
+    let k = key(1);
+    assert_eq!(
+        hex::encode(k.public_key()),
+        "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c"
+    );
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(k.public_key());
+    assert_eq!(k.id().0[..], digest[..8]);
+    assert_eq!(k.id().to_string(), "34750f98bd59fcfc");
+}
+
+#[test]
+fn golden_ids() {
+    check("DeviceId", &device(), "01057274722d31");
+    check("ShardRef", &shard(), "010374756e03312e32");
+    check("KeyId", &key(1).id(), "0134750f98bd59fcfc");
+}
+
+// ------------------------------------------------------------ enums, every variant
+
+#[test]
+fn golden_traffic_class_every_variant() {
+    let golden = [
+        "0100", "0101", "0102", "0103", "0104", "0105", "0106", "0107", "0108",
+    ];
+    for (c, g) in TrafficClass::ALL.iter().zip(golden) {
+        check(&format!("TrafficClass::{c:?}"), c, g);
+    }
+}
+
+#[test]
+fn golden_shard_state_every_variant() {
+    let cases = [
+        (ShardState::Starting, "0100"),
+        (ShardState::Running, "0101"),
+        (ShardState::Backoff, "0102"),
+        (ShardState::Stopped, "0103"),
+        (ShardState::Quarantined, "0104"),
+        (ShardState::Expired, "0105"),
+    ];
+    for (v, g) in cases {
+        check(&format!("ShardState::{v:?}"), &v, g);
+    }
+}
+
+#[test]
+fn golden_enforcement_every_variant() {
+    let cases = [
+        (Enforcement::CgroupV2, "0100"),
+        (Enforcement::CgroupV1, "0101"),
+        (Enforcement::RlimitsOnly, "0102"),
+    ];
+    for (v, g) in cases {
+        check(&format!("Enforcement::{v:?}"), &v, g);
+    }
+}
+
+#[test]
+fn golden_shard_failure_every_variant() {
+    let cases = [
+        (ShardFailure::Crashed { signal: 11 }, "010016"),
+        (ShardFailure::Exited { code: -1 }, "010101"),
+        (ShardFailure::Hung, "0102"),
+        (ShardFailure::OverLimit, "0103"),
+        (
+            ShardFailure::LoadRefused {
+                reason: "sha256".into(),
+            },
+            "010406736861323536",
+        ),
+    ];
+    for (v, g) in cases {
+        check(&format!("ShardFailure::{v:?}"), &v, g);
+    }
+}
+
+#[test]
+fn golden_reject_reason_every_variant() {
+    let cases = [
+        (RejectReason::Malformed, "0100"),
+        (RejectReason::BadSignature, "0101"),
+        (RejectReason::UnknownKey, "0102"),
+        (RejectReason::WrongDevice, "0103"),
+        (RejectReason::Rollback, "0104"),
+        (RejectReason::Equivocation, "0105"),
+        (RejectReason::Expired, "0106"),
+        (RejectReason::FromFuture, "0107"),
+        (RejectReason::ClockBehindFloor, "0108"),
+    ];
+    for (v, g) in cases {
+        check(&format!("RejectReason::{v:?}"), &v, g);
+    }
+}
+
+#[test]
+fn golden_presence_shard_kind_domain_every_variant() {
+    check("Presence::Online", &Presence::Online, "0100");
+    check("Presence::Offline", &Presence::Offline, "0101");
+    check("ShardKind::Compute", &ShardKind::Compute, "0100");
+    check("ShardKind::Data", &ShardKind::Data, "0101");
+    check("Domain::Instruction", &Domain::Instruction, "0100");
+    check("Domain::Report", &Domain::Report, "0101");
+    check("Domain::Rotation", &Domain::Rotation, "0102");
+    check("Domain::Ack", &Domain::Ack, "0103");
+}
+
+#[test]
+fn golden_domain_tags() {
+    // The tags are inside every signature; changing one invalidates them all.
+    assert_eq!(Domain::Instruction.tag(), b"shardline/v1/sig/instruction\0");
+    assert_eq!(Domain::Report.tag(), b"shardline/v1/sig/report\0");
+    assert_eq!(Domain::Rotation.tag(), b"shardline/v1/sig/rotation\0");
+    assert_eq!(Domain::Ack.tag(), b"shardline/v1/sig/ack\0");
+}
+
+// ------------------------------------------------------------ reports
+
+#[test]
+fn golden_qos_need() {
+    check("QosNeed", &class_stats().need, "01010001");
+}
+
+#[test]
+fn golden_class_stats() {
+    check(
+        "ClassStats",
+        &class_stats(),
+        "0101e0c65bb817809f4901d08c0101c8df02000702010001",
+    );
+}
+
+#[test]
+fn golden_device_resources() {
+    check(
+        "DeviceResources",
+        &resources(),
+        "0104b602808040808020010761617263683634",
+    );
+}
+
+#[test]
+fn golden_shard_status() {
+    check(
+        "ShardStatus",
+        &shard_status(),
+        "010374756e03312e320376706e027880400201010016c0dfb682e73300",
+    );
+}
+
+#[test]
+fn golden_rejection_counters() {
+    check("RejectionCounters", &counters(), "01010203040506070809");
+}
+
+#[test]
+fn golden_qos_report_with_classes_resources_and_shards() {
+    check(
+        "QosReport",
+        &report(),
+        concat!(
+            "01057274722d312a80909282e733904e0201e0c65bb817809f4901d08c0101c8",
+            "df02000702010001048095f52ae0d40380c4aa22000000000100010004b60280",
+            "8040808020010761617263683634010374756e03312e320376706e0278804002",
+            "01010016c0dfb682e7330011010203040506070809",
+        ),
+    );
+}
+
+// ------------------------------------------------------------ acks and status
+
+#[test]
+fn golden_instruction_ack_for_each_outcome() {
+    let ack = |outcome| InstructionAck {
+        device: device(),
+        instruction_seq: 300,
+        outcome,
+        at_ms: T0 + 5,
+    };
+    let cases = [
+        (AckOutcome::Applied, "01057274722d31ac020085909282e733"),
+        (AckOutcome::Duplicate, "01057274722d31ac020185909282e733"),
+        (
+            AckOutcome::Rejected(RejectReason::Equivocation),
+            "01057274722d31ac02020585909282e733",
+        ),
+        (
+            AckOutcome::Failed {
+                reason: "load".into(),
+            },
+            "01057274722d31ac0203046c6f616485909282e733",
+        ),
+    ];
+    for (outcome, g) in cases {
+        check(&format!("InstructionAck({outcome:?})"), &ack(outcome), g);
+    }
+}
+
+#[test]
+fn golden_device_status() {
+    let status = DeviceStatus {
+        device: device(),
+        presence: Presence::Online,
+        applied_instruction_seq: 300,
+        agent_version: "0.1.0".into(),
+        at_ms: T0,
+    };
+    check(
+        "DeviceStatus",
+        &status,
+        "01057274722d3100ac0205302e312e3080909282e733",
+    );
+}
+
+// ------------------------------------------------------------ instructions
+
+#[test]
+fn golden_resource_limits() {
+    check("ResourceLimits", &limits(), "01f4036480808020fb");
+}
+
+#[test]
+fn golden_activation() {
+    check(
+        "Activation",
+        &activation(),
+        concat!(
+            "010374756e03312e320376706e01abababababababababababababababababab",
+            "abababababababababababababab03010203f4036480808020fb09c0dfb682e7",
+            "33",
+        ),
+    );
+}
+
+#[test]
+fn golden_operations_activate_and_deactivate() {
+    check(
+        "Operation::Activate",
+        &Operation::Activate(activation()),
+        concat!(
+            "01000374756e03312e320376706e01ababababababababababababababababab",
+            "ababababababababababababababab03010203f4036480808020fb09c0dfb682",
+            "e733",
+        ),
+    );
+    check(
+        "Operation::Deactivate",
+        &Operation::Deactivate { shard: shard() },
+        "01010374756e03312e32",
+    );
+}
+
+#[test]
+fn golden_instruction_with_activate_and_deactivate() {
+    check(
+        "Instruction",
+        &instruction(),
+        concat!(
+            "01057274722d31ac0280909282e733e0e49582e73302000374756e03312e3203",
+            "76706e01abababababababababababababababababababababababababababab",
+            "abababab03010203f4036480808020fb09c0dfb682e733010361657303302e31",
+        ),
+    );
+}
+
+// ------------------------------------------------------------ keys, rotation, signing
+
+#[test]
+fn golden_public_key_entry_and_key_set() {
+    check(
+        "PublicKeyEntry",
+        &key(1).public_entry(),
+        concat!(
+            "0134750f98bd59fcfc8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d9412",
+            "1bf3748801b40f6f5c",
+        ),
+    );
+    check(
+        "KeySet",
+        &KeySet::of(3, &[&key(1), &key(2)]),
+        concat!(
+            "01030234750f98bd59fcfc8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d",
+            "94121bf3748801b40f6f5c6a3803d5f059902a8139770ea87d175f56a35466c3",
+            "4c7ecccb8d8a91b4ee37a25df60f5b8fc9b394",
+        ),
+    );
+}
+
+#[test]
+fn golden_key_rotation() {
+    let r = KeyRotation {
+        new_set: KeySet::of(2, &[&key(2)]),
+        issued_at_ms: T0,
+    };
+    check(
+        "KeyRotation",
+        &r,
+        concat!(
+            "0102016a3803d5f059902a8139770ea87d175f56a35466c34c7ecccb8d8a91b4",
+            "ee37a25df60f5b8fc9b39480909282e733",
+        ),
+    );
+}
+
+#[test]
+fn golden_signature_entry() {
+    // Ed25519 is deterministic: same key, same message, same signature.
+    let payload = encode(&instruction());
+    let entry: SignatureEntry = key(1).sign_entry(Domain::Instruction, &payload);
+    check(
+        "SignatureEntry",
+        &entry,
+        concat!(
+            "0134750f98bd59fcfc40eec746df11c1938527b15a532045ceb074413d6c693b",
+            "c9b8faf890fb92fe189fffc6a94657eba3d764f8163e09a3af1bd2cae81913d7",
+            "f077c5703a3b80eafc0b",
+        ),
+    );
+}
+
+#[test]
+fn golden_signed_envelope_of_an_instruction() {
+    let bytes = sign::seal(Domain::Instruction, &instruction(), &[&key(1)]);
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope",
+        &env,
+        concat!(
+            "01006001057274722d31ac0280909282e733e0e49582e73302000374756e0331",
+            "2e320376706e01ababababababababababababababababababababababababab",
+            "ababababababab03010203f4036480808020fb09c0dfb682e733010361657303",
+            "302e310134750f98bd59fcfc40eec746df11c1938527b15a532045ceb074413d",
+            "6c693bc9b8faf890fb92fe189fffc6a94657eba3d764f8163e09a3af1bd2cae8",
+            "1913d7f077c5703a3b80eafc0b",
+        ),
+    );
+    assert_eq!(env.payload, encode(&instruction()));
+    assert_eq!(encode(&env), bytes);
+    // The pinned bytes still verify and open as the same instruction: a
+    // change of tag, signed-bytes layout or key-id derivation breaks this.
+    let (opened, signers) = sign::open::<Instruction>(
+        &bytes,
+        Domain::Instruction,
+        shardline_shared::codec::MAX_PAYLOAD,
+        |id| KeySet::of(1, &[&key(1)]).public_key(id),
+    )
+    .unwrap();
+    assert_eq!((opened, signers), (instruction(), vec![key(1).id()]));
+}
+
+#[test]
+fn golden_signed_envelope_of_a_rotation_with_two_signatures() {
+    let r = KeyRotation {
+        new_set: KeySet::of(2, &[&key(2)]),
+        issued_at_ms: T0,
+    };
+    let bytes = sign::seal(Domain::Rotation, &r, &[&key(1), &key(2)]);
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope(rotation)",
+        &env,
+        concat!(
+            "0102310102016a3803d5f059902a8139770ea87d175f56a35466c34c7ecccb8d",
+            "8a91b4ee37a25df60f5b8fc9b39480909282e7330234750f98bd59fcfc40591c",
+            "f2cf3b2e667962f663bececcfdc4f6bc1f9ab7eb9cc9008a6221cc8e1adb95c4",
+            "d48eb3ca53e9190bce662c7e2714768110aaa7fe338d431ff3873f8727006a38",
+            "03d5f059902a40f01cdc73e63bef551c1d32a3b03a2eec56baec6109b2492b72",
+            "53610b5747c393b9b34d5983c5e0b15d250f2b3deb62620705a48554047f1d58",
+            "7bdf069be85008",
+        ),
+    );
+}
+
+// ------------------------------------------------------------ persisted state
+
+#[test]
+fn golden_acceptance_state() {
+    // Not sent on the network but written to disk by the agent; a format change
+    // would make an upgraded agent forget its sequence floor.
+    let state = AcceptanceState {
+        keys: KeySet::of(2, &[&key(2)]),
+        last_applied_seq: 300,
+        last_applied_digest: Some([0x11; 32]),
+        time_floor_ms: T0,
+    };
+    check(
+        "AcceptanceState",
+        &state,
+        concat!(
+            "0102016a3803d5f059902a8139770ea87d175f56a35466c34c7ecccb8d8a91b4",
+            "ee37a25df60f5b8fc9b394ac0201111111111111111111111111111111111111",
+            "111111111111111111111111111180909282e733",
+        ),
+    );
+}
