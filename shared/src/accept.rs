@@ -11,7 +11,8 @@
 //! device's own id; sequence strictly above the last applied one (equal and
 //! identical ⇒ quietly ignored, equal and different ⇒ rejected); not expired;
 //! not issued further ahead than the allowed skew; the clock not behind the
-//! persisted time floor. A key rotation must be signed by the current set and
+//! persisted time floor; the signed payload in its one canonical encoding
+//! (so that "identical" means the same bytes). A key rotation must be signed by the current set and
 //! by the new set, applies in epoch order, and resets the sequence floor.
 
 use crate::codec::{self, DecodeError};
@@ -189,6 +190,13 @@ fn handle_instruction_envelope(
             OpenError::WrongDomain { .. } | OpenError::NoSignature | OpenError::BadSignature(_),
         ) => return refuse(state, None, RejectReason::BadSignature),
     };
+    // postcard accepts over-long varints, so one instruction has many byte
+    // forms. Only the canonical one is accepted: then "identical" (same
+    // digest) and "same content" coincide, and a re-encoded redelivery can
+    // never count as equivocation nor a variant slip past the digest.
+    if codec::encode(&instr) != env.payload {
+        return refuse(state, Some(instr.seq), RejectReason::Malformed);
+    }
     let seq = Some(instr.seq);
     if &instr.device != me {
         return refuse(state, seq, RejectReason::WrongDevice);

@@ -491,6 +491,37 @@ fn signed_payload_with_an_unknown_format_version_is_rejected() {
     );
 }
 
+#[test]
+fn non_canonical_payload_encoding_is_rejected() {
+    // The seq varint written over-long (0x83 0x00 instead of 0x03): postcard
+    // decodes it to the very same instruction, and the pinned key signed it.
+    let canonical = codec::encode(&instr(3));
+    let at = 2 + me().as_str().len(); // version byte, string length, string
+    assert_eq!(canonical[at], 3);
+    let mut payload = canonical[..at].to_vec();
+    payload.extend_from_slice(&[0x83, 0x00]);
+    payload.extend_from_slice(&canonical[at + 1..]);
+    assert_eq!(codec::decode::<Instruction>(&payload).unwrap(), instr(3));
+    let resigned = |payload: Vec<u8>| {
+        codec::encode(&SignedEnvelope {
+            domain: Domain::Instruction,
+            signatures: vec![key(1).sign_entry(Domain::Instruction, &payload)],
+            payload,
+        })
+    };
+    assert_rejected(
+        &fresh(),
+        &resigned(payload.clone()),
+        T0,
+        Some(3),
+        RejectReason::Malformed,
+    );
+    // After the canonical form is applied, the variant is not "different
+    // content" (equivocation) either: it is refused as malformed.
+    let s = apply(&fresh(), &resigned(canonical), T0);
+    assert_rejected(&s, &resigned(payload), T0, Some(3), RejectReason::Malformed);
+}
+
 // ------------------------------------------------------------ domain separation
 
 fn report() -> QosReport {
