@@ -12,8 +12,9 @@
 //! identical ⇒ quietly ignored, equal and different ⇒ rejected); not expired;
 //! not issued further ahead than the allowed skew; the clock not behind the
 //! persisted time floor; the signed payload in its one canonical encoding
-//! (so that "identical" means the same bytes). A key rotation must be signed by the current set and
-//! by the new set, applies in epoch order, and resets the sequence floor.
+//! (so that "identical" means the same bytes). A key rotation must be signed
+//! by the current set and by the new set, applies in epoch order, and resets
+//! the sequence floor.
 
 use crate::codec::{self, DecodeError};
 use crate::ids::{DeviceId, KeyId};
