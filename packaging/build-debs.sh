@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# packaging/build-debs.sh: build the Debian packages shardline-agent and
+# shardline-allocator with dpkg-deb (no debhelper, no cargo-deb).
+#
+#   packaging/build-debs.sh [--debug] [--no-build] [amd64|arm64]...
+#
+# Default: release binaries for amd64. --debug packages the debug build (the
+# CI uses it: same layout, already compiled by the test step). --no-build
+# packages what cross/build.sh left in $DIST. The .debs are written to
+# $DEB_OUT (default $CARGO_TARGET_DIR/debs) and their paths printed.
+#
+# shardline-agent:     /usr/bin/shardline-agent, the shards in
+#                      /usr/lib/shardline/shards/<id>@<version>.so,
+#                      /etc/shardline/agent.toml (conffile), the unit, the
+#                      system user `shardline` (postinst), /var/lib/shardline.
+# shardline-allocator: /usr/bin/shardline-allocator, /usr/bin/shardctl,
+#                      /etc/shardline/allocator.toml (conffile), the unit,
+#                      the system user `shardline-allocator` (postinst),
+#                      /var/lib/shardline-allocator.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+here="$repo/packaging"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+DIST="${DIST:-$CARGO_TARGET_DIR/dist}"
+DEB_OUT="${DEB_OUT:-$CARGO_TARGET_DIR/debs}"
+export DIST
+
+profile=release
+build=1
+arches=()
+for arg in "$@"; do
+    case "$arg" in
+        --debug) profile=debug ;;
+        --no-build) build=0 ;;
+        amd64 | arm64) arches+=("$arg") ;;
+        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "packaging/build-debs.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+[ ${#arches[@]} -gt 0 ] || arches=(amd64)
+
+version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
+mkdir -p "$DEB_OUT"
+
+rust_target() {
+    case "$1" in
+        amd64) echo x86_64-unknown-linux-gnu ;;
+        arm64) echo aarch64-unknown-linux-gnu ;;
+    esac
+}
+
+objdump_for() {
+    case "$1" in
+        amd64) echo objdump ;;
+        arm64) echo aarch64-linux-gnu-objdump ;;
+    esac
+}
+
+# Depends: from the ELF files' NEEDED entries and the newest glibc symbol
+# version they use; anything but glibc and libgcc_s is an error (the
+# workspace is pure Rust plus ring, so nothing else may appear).
+elf_depends() {
+    local arch=$1; shift
+    local od glibc lib need_gcc=0
+    od=$(objdump_for "$arch")
+    for lib in $("$od" -p "$@" | awk '/NEEDED/ {print $2}' | sort -u); do
+        case "$lib" in
+            libc.so.6 | libm.so.6 | libdl.so.2 | libpthread.so.0 | librt.so.1 | ld-linux*) ;;
+            libgcc_s.so.1) need_gcc=1 ;;
+            *) echo "packaging/build-debs.sh: unexpected shared library $lib in $*" >&2; return 1 ;;
+        esac
+    done
+    glibc=$("$od" -T "$@" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+    local dep="libc6 (>= ${glibc:-2.31})"
+    [ "$need_gcc" -eq 1 ] && dep="$dep, libgcc-s1"
+    echo "$dep"
+}
+
+# build_pkg NAME ARCH STAGING DESCRIPTION
+build_pkg() {
+    local name=$1 arch=$2 staging=$3 summary=$4 long=$5
+    local depends deb size
+    mkdir -p "$staging/DEBIAN" "$staging/usr/share/doc/$name"
+    install -m 0644 "$here/INSTALL.md" "$staging/usr/share/doc/$name/INSTALL.md"
+    install -m 0644 "$here/debian/copyright" "$staging/usr/share/doc/$name/copyright"
+    local script
+    for script in postinst prerm postrm; do
+        if [ -e "$here/debian/$name.$script" ]; then
+            install -m 0755 "$here/debian/$name.$script" "$staging/DEBIAN/$script"
+        fi
+    done
+    (cd "$staging" && find etc -type f 2>/dev/null | sed 's|^|/|' | sort) >"$staging/DEBIAN/conffiles"
+    [ -s "$staging/DEBIAN/conffiles" ] || rm -f "$staging/DEBIAN/conffiles"
+    mapfile -t elves < <(find "$staging/usr" -type f \( -perm -0100 -o -name '*.so' \) | sort)
+    depends=$(elf_depends "$arch" "${elves[@]}")
+    size=$(du -sk --exclude=DEBIAN "$staging" | cut -f1)
+    cat >"$staging/DEBIAN/control" <<CONTROL
+Package: $name
+Version: $version
+Architecture: $arch
+Maintainer: Shardline team <shardline@example.invalid>
+Installed-Size: $size
+Depends: $depends, passwd
+Section: net
+Priority: optional
+Homepage: https://example.invalid/shardline
+Description: $summary
+$long
+CONTROL
+    (cd "$staging" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$staging/DEBIAN/md5sums"
+    deb="$DEB_OUT/${name}_${version}_${arch}.deb"
+    dpkg-deb --root-owner-group -Zxz --build "$staging" "$deb" >/dev/null
+    echo "$deb"
+}
+
+for arch in "${arches[@]}"; do
+    target=$(rust_target "$arch")
+    if [ "$build" -eq 1 ]; then
+        flag=()
+        [ "$profile" = release ] && flag=(--release)
+        "$repo/cross/build.sh" "${flag[@]}" "$target" >&2
+    fi
+    src="$DIST/$target/$profile"
+    for b in shardline-agent shardline-allocator shardctl; do
+        [ -x "$src/bin/$b" ] || { echo "packaging/build-debs.sh: $src/bin/$b is missing (run cross/build.sh)" >&2; exit 1; }
+    done
+    work=$(mktemp -d "${TMPDIR:-/tmp}/shardline-debs.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+
+    # --- shardline-agent ---------------------------------------------------
+    s="$work/agent"
+    install -D -m 0755 "$src/bin/shardline-agent" "$s/usr/bin/shardline-agent"
+    install -d -m 0755 "$s/usr/lib/shardline/shards"
+    if compgen -G "$src/shards/*.so" >/dev/null; then
+        install -m 0644 "$src"/shards/*.so "$s/usr/lib/shardline/shards/"
+    else
+        echo "packaging/build-debs.sh: warning: no shards in $src/shards" >&2
+    fi
+    install -D -m 0644 "$here/config/agent.toml" "$s/etc/shardline/agent.toml"
+    install -D -m 0644 "$repo/systemd/shardline-agent.service" "$s/usr/lib/systemd/system/shardline-agent.service"
+    build_pkg shardline-agent "$arch" "$s" \
+        "Shardline device agent (QoS telemetry, capability shards)" \
+" The Shardline agent runs on a router or gateway: it watches traffic at
+ packet level, reports the quality of service it needs to the fleet's
+ allocator over MQTT, and runs the capability shards (VPN tunnel, crypto,
+ authentication, QoS shaping and marking) the allocator tells it to run,
+ each in a sandboxed host process with resource limits.
+ .
+ This package holds the agent, the shard catalog, a default configuration
+ and a hardened systemd unit."
+
+    # --- shardline-allocator -----------------------------------------------
+    s="$work/allocator"
+    install -D -m 0755 "$src/bin/shardline-allocator" "$s/usr/bin/shardline-allocator"
+    install -D -m 0755 "$src/bin/shardctl" "$s/usr/bin/shardctl"
+    install -D -m 0644 "$here/config/allocator.toml" "$s/etc/shardline/allocator.toml"
+    install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
+    build_pkg shardline-allocator "$arch" "$s" \
+        "Shardline allocator (fleet policy, signed instructions)" \
+" The Shardline allocator runs in the cloud for an operator's fleet: it
+ receives QoS reports, decides per device which capability shards run with
+ which resource limits, and pushes signed instructions back. One process
+ holds an embedded MQTT broker and store; shardctl is its operator CLI.
+ .
+ This package holds the allocator, shardctl, a default configuration and a
+ hardened systemd unit."
+    rm -rf "$work"
+    trap - EXIT
+done
