@@ -1,0 +1,369 @@
+//! `allocator.toml`: the service's configuration file, and how command-line
+//! flags override it.
+//!
+//! Every field has a default so an empty file (or none, with `--config` not
+//! given and `/etc/shardline/allocator.toml` absent) runs a complete embedded
+//! allocator. Unknown fields are errors; every error names the file, the
+//! line and the field, so an operator can fix it from the message alone.
+
+use crate::policy::PolicyConfig;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/shardline/allocator.toml";
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// Where the MQTT broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrl {
+    Tcp { host: String, port: u16 },
+    Tls { host: String, port: u16 },
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://host:port` or `mqtts://host:port`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?} is not mqtt://host:port or mqtts://host:port"));
+        };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{url:?} lacks a port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{url:?}: bad port {port:?}"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        if host.is_empty() {
+            return Err(format!("{url:?} lacks a host"));
+        }
+        Ok(if tls {
+            BrokerUrl::Tls { host, port }
+        } else {
+            BrokerUrl::Tcp { host, port }
+        })
+    }
+}
+
+/// `[broker]`: embedded (default) or external.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt(s)://host:port` of an external broker; empty = run the embedded one.
+    pub url: String,
+    /// Embedded broker: plain MQTT listener.
+    pub listen: SocketAddr,
+    /// Embedded broker: MQTT over TLS listener (needs `tls_cert`, `tls_key`).
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Embedded broker: require device client certificates signed by this CA.
+    pub tls_client_ca: Option<PathBuf>,
+    /// External `mqtts://` broker: CA to trust, and our client certificate.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// MQTT client id; each instance behind a shared subscription needs its own.
+    pub client_id: String,
+    /// Largest MQTT payload accepted (broker) and report decoded (ingest).
+    pub max_payload: usize,
+    /// Embedded broker connection limit.
+    pub max_connections: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            listen: ([127, 0, 0, 1], 1883).into(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            client_id: format!("shardline-allocator-{}", std::process::id()),
+            max_payload: 64 * 1024,
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Every device's engine state is also checkpointed this often (state that
+    /// changes only with time, e.g. reputation decay, is otherwise written lazily).
+    pub checkpoint_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: "/var/lib/shardline/allocator.redb".into(),
+            checkpoint_s: 300,
+        }
+    }
+}
+
+/// `[signer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignerConfig {
+    pub key_file: PathBuf,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        Self {
+            key_file: "/etc/shardline/allocator.key".into(),
+        }
+    }
+}
+
+/// `[api]`: the operator HTTP API and /metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token (mode 0600). Empty: no API.
+    pub token_file: Option<PathBuf>,
+    /// /metrics needs no token (it carries no device secrets).
+    pub metrics_public: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8440).into(),
+            token_file: None,
+            metrics_public: true,
+        }
+    }
+}
+
+/// `[policy]`: the engine's data files and tunables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    pub catalog: PathBuf,
+    pub agreements: PathBuf,
+    /// How often the engine's `Tick` runs (leases, loans, rebalancing).
+    pub tick_ms: u64,
+    pub engine: PolicyConfig,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            catalog: "/etc/shardline/catalog.toml".into(),
+            agreements: "/etc/shardline/agreements.toml".into(),
+            tick_ms: 1000,
+            engine: PolicyConfig::default(),
+        }
+    }
+}
+
+/// `[dispatch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Re-send an instruction not known to be applied after this long.
+    pub resend_after_ms: u64,
+    /// Largest batch of inbound messages handled (and committed) together.
+    pub max_batch: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            resend_after_ms: 15_000,
+            max_batch: 2048,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub store: StoreConfig,
+    pub signer: SignerConfig,
+    pub api: ApiConfig,
+    pub policy: PolicySection,
+    pub dispatch: DispatchConfig,
+}
+
+impl Config {
+    /// Reads `path`; when `required` is false a missing file yields the defaults.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path: shown, source }),
+        };
+        Self::from_toml_str(&text, &shown)
+    }
+
+    pub fn from_toml_str(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
+        if !config.broker.url.is_empty() {
+            BrokerUrl::parse(&config.broker.url).map_err(|message| {
+                invalid_at_key(text, path, "url", message)
+            })?;
+        }
+        if config.broker.tls_listen.is_some()
+            && (config.broker.tls_cert.is_none() || config.broker.tls_key.is_none())
+        {
+            return Err(invalid_at_key(
+                text,
+                path,
+                "tls_listen",
+                "needs tls_cert and tls_key".into(),
+            ));
+        }
+        if config.policy.tick_ms == 0 {
+            return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
+        }
+        if config.dispatch.max_batch == 0 {
+            return Err(invalid_at_key(text, path, "max_batch", "must be > 0".into()));
+        }
+        Ok(config)
+    }
+
+    /// The external broker, if one is configured.
+    pub fn broker_url(&self) -> Option<BrokerUrl> {
+        if self.broker.url.is_empty() {
+            None
+        } else {
+            BrokerUrl::parse(&self.broker.url).ok()
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn invalid_at_key(text: &str, path: &str, key: &str, message: String) -> ConfigError {
+    let line = text
+        .lines()
+        .position(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        })
+        .map_or(0, |i| i + 1);
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        field: key.to_owned(),
+        message,
+    }
+}
+
+/// Turns a toml/serde error into file:line:field. The field comes from the
+/// message (serde names it for unknown and missing fields) or from the
+/// `key = value` line the error's span points at.
+fn parse_error(text: &str, path: &str, e: toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let (line, from_line) = match e.span() {
+        Some(span) => {
+            let line = line_of(text, span.start);
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            (line, key)
+        }
+        None => (0, None),
+    };
+    let from_message = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("field"))
+        .map(str::to_owned);
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        field: from_message.or(from_line).unwrap_or_else(|| "?".into()),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_a_complete_embedded_configuration() {
+        let c = Config::from_toml_str("", "a.toml").unwrap();
+        assert!(c.broker_url().is_none());
+        assert_eq!(c.broker.listen.port(), 1883);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1\"\nmax_payload = \"big\"\n";
+        let err = Config::from_toml_str(text, "/etc/a.toml").unwrap_err().to_string();
+        assert!(err.starts_with("/etc/a.toml:3: field `max_payload`"), "{err}");
+        let err = Config::from_toml_str("[api]\nlisten = \"127.0.0.1:2\"\nbogus = 1\n", "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("b.toml:3") && err.contains("`bogus`"), "{err}");
+        let err = Config::from_toml_str("[broker]\n\nurl = \"http://x:1\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:3: field `url`"), "{err}");
+    }
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(
+            BrokerUrl::parse("mqtts://broker.example:8883"),
+            Ok(BrokerUrl::Tls {
+                host: "broker.example".into(),
+                port: 8883
+            })
+        );
+        assert!(BrokerUrl::parse("mqtt://nohost").is_err());
+        assert!(BrokerUrl::parse("tcp://a:1").is_err());
+    }
+}

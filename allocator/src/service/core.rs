@@ -1,0 +1,1066 @@
+//! The service core: ingest, verification, dedupe, dispatch and resend around
+//! the policy engine. Single-threaded and free of I/O: the runner feeds it
+//! inbound MQTT messages, ticks and operator commands with `now`, then takes
+//! a [`Step`] (a store [`Batch`] and the publishes it allows) and carries it
+//! out: commit first, publish after.
+//!
+//! Invariants kept here:
+//! - A report or ack is used only if its signature verifies under the key the
+//!   device was enrolled with and it names the device of its topic; anything
+//!   else is counted and dropped, and for an enrolled device a bad signature is
+//!   a compliance event.
+//! - A report sequence at or below the last accepted one is dropped.
+//! - Every instruction gets a fresh per-device sequence number from the
+//!   device record (reserved ahead in blocks); the record is in the same batch
+//!   as the publish, which the runner commits before publishing.
+//! - An instruction stays pending until the device (signed) reports it applied
+//!   or rejected it, or it expires; pending ones are re-sent on reconnect and
+//!   after `resend_after_ms`. A rejected or failed one is dropped and never
+//!   holds back those after it.
+
+use super::metrics::{Drop, Kind, Metrics};
+use super::store::{Batch, DeviceRecord, Meta, PendingInstruction, TokenRecord};
+use crate::policy::{self, Action, ComplianceKind, DeviceView, Engine, Event};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use shardline_shared::codec;
+use shardline_shared::ids::{DeviceId, KeyId};
+use shardline_shared::msg::{
+    AckOutcome, DeviceStatus, Instruction, InstructionAck, KeyRotation, KeySet, Presence,
+    QosReport, RejectReason,
+};
+use shardline_shared::sign::{self, Domain, KeyPair};
+use shardline_shared::topics::{self, TopicKind};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Topic suffix of the bootstrap-token enrolment request (device → cloud).
+pub const ENROLL_SUFFIX: &str = "enroll";
+/// Subscription filter for enrolment requests.
+pub const ALL_ENROLL: &str = "shardline/v1/dev/+/enroll";
+
+/// `shardline/v1/dev/{device}/enroll`.
+pub fn enroll_topic(device: &DeviceId) -> String {
+    format!("{}/dev/{device}/{ENROLL_SUFFIX}", topics::PREFIX)
+}
+
+/// What a device publishes (unsigned, `codec::encode`) on its enroll topic to
+/// enrol itself with an operator-issued bootstrap token. The token is the
+/// credential; the key is then proven by every signed report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub device: DeviceId,
+    pub public_key: [u8; 32],
+    pub token: String,
+}
+
+/// One MQTT publish to make (always QoS 1, never retained).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What the runner must do after feeding the core: commit, then publish.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub batch: Batch,
+    pub publish: Vec<Publish>,
+}
+
+/// Why an operator command failed (mapped to HTTP statuses by the API).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+pub enum CommandError {
+    #[error("device {0} is not enrolled")]
+    UnknownDevice(String),
+    #[error("unknown tier {0:?}")]
+    UnknownTier(String),
+    #[error("device {0} is already enrolled with another key")]
+    KeyConflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An operator action on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorOp {
+    Pin,
+    Unpin,
+    Revoke,
+    Unrevoke,
+    Drain,
+    Resume,
+}
+
+/// A row of `GET /v1/devices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub tier: String,
+    pub tenant: Option<String>,
+    pub reputation: f64,
+    pub compute_units: u32,
+    pub data_units: u32,
+    pub active_shards: usize,
+    pub last_report_ms: Option<u64>,
+    pub presence: String,
+    pub drained: bool,
+    pub pending_instructions: usize,
+}
+
+/// `GET /v1/devices/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    pub device: String,
+    pub public_key: String,
+    pub key_id: String,
+    pub tier: String,
+    pub enrolled_at_ms: u64,
+    pub presence: String,
+    pub last_report_seq: u64,
+    pub last_report_ms: Option<u64>,
+    pub next_instruction_seq: u64,
+    pub applied_instruction_seq: u64,
+    pub pending_instructions: Vec<u64>,
+    pub instructions_sent: u64,
+    pub instructions_applied: u64,
+    pub instructions_rejected: u64,
+    /// The engine's view: profile (leases), reputation and its history, last QoS.
+    pub policy: Option<DeviceView>,
+}
+
+/// A tier with its usage, for `GET /v1/tiers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierRow {
+    pub tier: policy::Tier,
+    pub usage: policy::TierUsage,
+}
+
+/// A created bootstrap token (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub tier: String,
+    pub expires_at_ms: u64,
+    pub uses: u32,
+}
+
+/// Operator commands handled by the core.
+#[derive(Debug)]
+pub enum Command {
+    Enroll {
+        device: DeviceId,
+        public_key: [u8; 32],
+        tier: String,
+        tenant: Option<String>,
+    },
+    Unenroll {
+        device: DeviceId,
+    },
+    CreateToken {
+        tier: String,
+        tenant: Option<String>,
+        ttl_ms: u64,
+        uses: u32,
+        /// 32 random bytes from the runner (the core has no RNG).
+        secret: [u8; 32],
+    },
+    ListDevices,
+    Device {
+        device: DeviceId,
+    },
+    Tiers,
+    Operator {
+        device: DeviceId,
+        op: OperatorOp,
+        shard: Option<String>,
+    },
+    Rotate {
+        new_key: KeyPair,
+        key_file: String,
+    },
+}
+
+/// The answer to a [`Command`].
+#[derive(Debug)]
+pub enum Reply {
+    Ok,
+    Enrolled(DeviceRow),
+    Token(TokenCreated),
+    Devices(Vec<DeviceRow>),
+    Device(Box<DeviceDetail>),
+    Tiers(Vec<TierRow>),
+    Rotated { epoch: u64, key_id: String },
+    Error(CommandError),
+}
+
+/// Tunables the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub max_payload: usize,
+    pub resend_after_ms: u64,
+    pub checkpoint_ms: u64,
+}
+
+/// The core state. See the module docs for its invariants.
+#[derive(Debug)]
+pub struct Core {
+    engine: Engine,
+    key: KeyPair,
+    meta: Meta,
+    records: HashMap<DeviceId, DeviceRecord>,
+    presence: HashMap<DeviceId, Presence>,
+    tokens: HashMap<String, TokenRecord>,
+    cfg: CoreConfig,
+    metrics: Arc<Metrics>,
+    dirty: BTreeSet<DeviceId>,
+    step: Step,
+    last_checkpoint_ms: u64,
+    last_tick_ms: u64,
+    accepted_at_last_tick: u64,
+}
+
+fn hex_key_id(public: &[u8; 32]) -> String {
+    KeyId::of_public_key(public).to_string()
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+fn presence_str(p: Option<&Presence>) -> String {
+    match p {
+        Some(Presence::Online) => "online",
+        Some(Presence::Offline) => "offline",
+        None => "unknown",
+    }
+    .into()
+}
+
+impl Core {
+    /// Builds the core from what the store holds. Records are resumed above
+    /// their reserved sequence blocks; engine state is restored or, when
+    /// missing or unreadable, the device is enrolled afresh in the engine.
+    pub fn new(
+        mut engine: Engine,
+        key: KeyPair,
+        meta: Meta,
+        records: Vec<DeviceRecord>,
+        tokens: Vec<(String, TokenRecord)>,
+        cfg: CoreConfig,
+        metrics: Arc<Metrics>,
+        now_ms: u64,
+    ) -> Self {
+        let mut map = HashMap::with_capacity(records.len());
+        let mut fresh = Vec::new();
+        for mut rec in records {
+            rec.resume_after_restart();
+            match postcard::from_bytes::<policy::DeviceState>(&rec.engine_state) {
+                Ok(state) if !rec.engine_state.is_empty() => {
+                    engine.restore_device(rec.device.clone(), state)
+                }
+                _ => fresh.push(rec.device.clone()),
+            }
+            map.insert(rec.device.clone(), rec);
+        }
+        let mut core = Self {
+            engine,
+            key,
+            meta,
+            records: map,
+            presence: HashMap::new(),
+            tokens: tokens.into_iter().collect(),
+            cfg,
+            metrics,
+            dirty: BTreeSet::new(),
+            step: Step::default(),
+            last_checkpoint_ms: now_ms,
+            last_tick_ms: now_ms,
+            accepted_at_last_tick: 0,
+        };
+        for device in fresh {
+            let (tier, tenant) = {
+                let r = &core.records[&device];
+                (r.tier.clone(), r.tenant.clone())
+            };
+            core.feed(now_ms, Event::Enrolled { device, tier, tenant });
+        }
+        // Every record is written once at start: the resumed sequence
+        // numbering must be on disk before any instruction leaves.
+        core.dirty.extend(core.records.keys().cloned());
+        core
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.key.id()
+    }
+
+    pub fn record(&self, device: &DeviceId) -> Option<&DeviceRecord> {
+        self.records.get(device)
+    }
+
+    /// Everything to commit and publish since the last call.
+    pub fn take_step(&mut self) -> Step {
+        for device in self.engine.take_dirty() {
+            self.dirty.insert(device);
+        }
+        let mut step = std::mem::take(&mut self.step);
+        for device in std::mem::take(&mut self.dirty) {
+            if let Some(rec) = self.records.get_mut(&device) {
+                if let Some(state) = self.engine.device_state(&device) {
+                    rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
+                }
+                step.batch.put_devices.push(rec.clone());
+            }
+        }
+        step
+    }
+
+    // ------------------------------------------------------------ inbound
+
+    /// One MQTT message from the broker.
+    pub fn on_message(&mut self, now_ms: u64, topic: &str, payload: &[u8]) {
+        let Some((device, kind)) = topics::parse(topic) else {
+            if enroll_device(topic).is_some() {
+                return self.on_enroll_message(now_ms, topic, payload);
+            }
+            self.metrics.dropped(Kind::Report, Drop::UnknownTopic);
+            return;
+        };
+        match kind {
+            TopicKind::Report => self.on_report(now_ms, device, payload),
+            TopicKind::Ack => self.on_ack(now_ms, device, payload),
+            TopicKind::Status => self.on_status(now_ms, device, payload),
+            // Our own instructions echoed back (not subscribed; harmless).
+            TopicKind::Instr => {}
+        }
+    }
+
+    /// Enrolment requests arrive on a topic `topics::parse` does not know.
+    pub fn on_enroll_message(&mut self, now_ms: u64, topic: &str, payload: &[u8]) {
+        let Some(device) = enroll_device(topic) else {
+            self.metrics.dropped(Kind::Enroll, Drop::UnknownTopic);
+            return;
+        };
+        if payload.len() > self.cfg.max_payload {
+            self.metrics.dropped(Kind::Enroll, Drop::Oversize);
+            return;
+        }
+        let Ok(req) = codec::decode_capped::<EnrollRequest>(payload, self.cfg.max_payload) else {
+            self.metrics.dropped(Kind::Enroll, Drop::Garbage);
+            return;
+        };
+        if req.device != device {
+            self.metrics.dropped(Kind::Enroll, Drop::WrongDevice);
+            return;
+        }
+        if let Some(rec) = self.records.get(&device) {
+            if rec.public_key != req.public_key {
+                tracing::warn!(%device, "enrolment request for an enrolled device with another key refused");
+                self.metrics.dropped(Kind::Enroll, Drop::BadSignature);
+            }
+            // Same key: a device repeating its request after a restart.
+            return;
+        }
+        let hash = token_hash(&req.token);
+        let Some(tok) = self.tokens.get(&hash).cloned() else {
+            self.metrics.dropped(Kind::Enroll, Drop::BadSignature);
+            tracing::warn!(%device, "enrolment with an unknown token refused");
+            return;
+        };
+        if tok.expires_at_ms <= now_ms || tok.uses_left == 0 {
+            self.tokens.remove(&hash);
+            self.step.batch.tokens.push((hash, None));
+            self.metrics.dropped(Kind::Enroll, Drop::Stale);
+            tracing::warn!(%device, "enrolment with an expired token refused");
+            return;
+        }
+        let mut left = tok.clone();
+        left.uses_left -= 1;
+        if left.uses_left == 0 {
+            self.tokens.remove(&hash);
+            self.step.batch.tokens.push((hash, None));
+        } else {
+            self.tokens.insert(hash.clone(), left.clone());
+            self.step.batch.tokens.push((hash, Some(left)));
+        }
+        match self.enroll(now_ms, device.clone(), req.public_key, tok.tier, tok.tenant) {
+            Ok(_) => tracing::info!(%device, "device enrolled itself with a bootstrap token"),
+            Err(e) => tracing::warn!(%device, error = %e, "token enrolment failed"),
+        }
+    }
+
+    /// Opens a device-signed envelope with the device's enrolled key.
+    fn verify<T: serde::de::DeserializeOwned>(
+        &mut self,
+        now_ms: u64,
+        kind: Kind,
+        domain: Domain,
+        device: &DeviceId,
+        payload: &[u8],
+    ) -> Option<T> {
+        if payload.len() > self.cfg.max_payload {
+            self.metrics.dropped(kind, Drop::Oversize);
+            return None;
+        }
+        let Some(rec) = self.records.get(device) else {
+            self.metrics.dropped(kind, Drop::UnknownDevice);
+            return None;
+        };
+        let public = rec.public_key;
+        let key_id = KeyId::of_public_key(&public);
+        let envelope = match sign::parse_envelope(payload, self.cfg.max_payload) {
+            Ok(e) => e,
+            Err(_) => {
+                self.metrics.dropped(kind, Drop::Garbage);
+                return None;
+            }
+        };
+        match sign::open_envelope::<T>(&envelope, domain, |id| (id == key_id).then_some(public)) {
+            Ok((obj, _)) => Some(obj),
+            Err(sign::OpenError::Payload(_)) => {
+                // Signed by the device but not decodable: count as garbage, not forgery.
+                self.metrics.dropped(kind, Drop::Garbage);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(%device, error = %e, "signature refused");
+                self.metrics.dropped(kind, Drop::BadSignature);
+                self.compliance(now_ms, device, ComplianceKind::BadReportSignature);
+                None
+            }
+        }
+    }
+
+    fn compliance(&mut self, now_ms: u64, device: &DeviceId, kind: ComplianceKind) {
+        Metrics::inc(&self.metrics.compliance_events);
+        self.feed(
+            now_ms,
+            Event::ComplianceEvent {
+                device: device.clone(),
+                kind,
+            },
+        );
+    }
+
+    fn on_report(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        Metrics::inc(&self.metrics.reports_received);
+        let Some(report) = self.verify::<QosReport>(now_ms, Kind::Report, Domain::Report, &device, payload)
+        else {
+            return;
+        };
+        if report.device != device {
+            self.metrics.dropped(Kind::Report, Drop::WrongDevice);
+            self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
+            return;
+        }
+        let Some(rec) = self.records.get_mut(&device) else {
+            return;
+        };
+        if report.seq == rec.last_report_seq {
+            // An MQTT redelivery: not the device's fault.
+            self.metrics.dropped(Kind::Report, Drop::Duplicate);
+            return;
+        }
+        if report.seq < rec.last_report_seq {
+            self.metrics.dropped(Kind::Report, Drop::Stale);
+            self.compliance(now_ms, &device, ComplianceKind::ReplayedReport);
+            return;
+        }
+        rec.last_report_seq = report.seq;
+        rec.last_report_ms = Some(now_ms);
+        self.mark_applied(&device, report.applied_instruction_seq);
+        self.dirty.insert(device.clone());
+        Metrics::inc(&self.metrics.reports_accepted);
+        self.feed(now_ms, Event::Report(report));
+    }
+
+    /// The device (signed) says it applied everything up to `seq`.
+    fn mark_applied(&mut self, device: &DeviceId, seq: u64) {
+        let Some(rec) = self.records.get_mut(device) else {
+            return;
+        };
+        if seq <= rec.applied_seq && rec.pending.iter().all(|p| p.seq > seq) {
+            return;
+        }
+        rec.applied_seq = rec.applied_seq.max(seq);
+        let before = rec.pending.len();
+        rec.pending.retain(|p| p.seq > seq);
+        let done = (before - rec.pending.len()) as u64;
+        rec.instructions_applied += done;
+        self.metrics
+            .instructions_applied
+            .fetch_add(done, Ordering::Relaxed);
+        self.dirty.insert(device.clone());
+    }
+
+    fn on_ack(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        let Some(ack) = self.verify::<InstructionAck>(now_ms, Kind::Ack, Domain::Ack, &device, payload)
+        else {
+            return;
+        };
+        if ack.device != device {
+            self.metrics.dropped(Kind::Ack, Drop::WrongDevice);
+            return;
+        }
+        Metrics::inc(&self.metrics.acks_accepted);
+        match &ack.outcome {
+            AckOutcome::Applied | AckOutcome::Duplicate => {
+                self.mark_applied(&device, ack.instruction_seq)
+            }
+            AckOutcome::Rejected(RejectReason::UnknownKey) if self.meta.key_epoch > 0 => {
+                // The device missed the key rotation: send it, then the
+                // instruction again (it stays pending).
+                self.send_rotation(&device);
+                self.resend_pending(now_ms, &device, 0, true);
+            }
+            AckOutcome::Rejected(_) | AckOutcome::Failed { .. } => {
+                if let Some(rec) = self.records.get_mut(&device) {
+                    let before = rec.pending.len();
+                    rec.pending.retain(|p| p.seq != ack.instruction_seq);
+                    if rec.pending.len() != before {
+                        rec.instructions_rejected += 1;
+                        let c = if matches!(ack.outcome, AckOutcome::Failed { .. }) {
+                            &self.metrics.instructions_failed
+                        } else {
+                            &self.metrics.instructions_rejected
+                        };
+                        Metrics::inc(c);
+                        self.dirty.insert(device.clone());
+                    }
+                }
+                tracing::info!(%device, seq = ack.instruction_seq, outcome = ?ack.outcome, "instruction not applied");
+            }
+        }
+        self.feed(
+            now_ms,
+            Event::Ack {
+                device,
+                seq: ack.instruction_seq,
+                outcome: ack.outcome,
+            },
+        );
+    }
+
+    fn on_status(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        Metrics::inc(&self.metrics.statuses);
+        if payload.is_empty() {
+            // A cleared retained message.
+            return;
+        }
+        let status = match codec::decode_capped::<DeviceStatus>(payload, self.cfg.max_payload) {
+            Ok(s) if s.device == device => s,
+            Ok(_) => {
+                self.metrics.dropped(Kind::Status, Drop::WrongDevice);
+                return;
+            }
+            Err(codec::DecodeError::Oversize { .. }) => {
+                self.metrics.dropped(Kind::Status, Drop::Oversize);
+                return;
+            }
+            Err(_) => {
+                self.metrics.dropped(Kind::Status, Drop::Garbage);
+                return;
+            }
+        };
+        if !self.records.contains_key(&device) {
+            self.metrics.dropped(Kind::Status, Drop::UnknownDevice);
+            return;
+        }
+        self.presence.insert(device.clone(), status.presence);
+        if status.presence == Presence::Online {
+            // Unsigned, so it only ever triggers sending, never forgets anything.
+            let rotation_due = self
+                .records
+                .get(&device)
+                .is_some_and(|r| r.rotation_epoch_sent < self.meta.key_epoch);
+            if rotation_due {
+                self.send_rotation(&device);
+            }
+            self.resend_pending(now_ms, &device, status.applied_instruction_seq, true);
+        }
+    }
+
+    /// Re-publishes pending instructions above `above` (all of them when
+    /// `force`, else only those not sent for `resend_after_ms`). Expired ones
+    /// are dropped instead.
+    fn resend_pending(&mut self, now_ms: u64, device: &DeviceId, above: u64, force: bool) {
+        let resend_after = self.cfg.resend_after_ms;
+        let Some(rec) = self.records.get_mut(device) else {
+            return;
+        };
+        let before = rec.pending.len();
+        rec.pending.retain(|p| p.expires_at_ms > now_ms);
+        let expired = (before - rec.pending.len()) as u64;
+        let mut changed = expired > 0;
+        self.metrics
+            .instructions_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        let topic = topics::instr(device);
+        for p in rec.pending.iter_mut() {
+            if p.seq <= above {
+                continue;
+            }
+            if force || p.last_sent_ms + resend_after <= now_ms {
+                p.last_sent_ms = now_ms;
+                p.attempts += 1;
+                changed = true;
+                Metrics::inc(&self.metrics.instructions_resent);
+                self.step.publish.push(Publish {
+                    topic: topic.clone(),
+                    payload: p.sealed.clone(),
+                });
+            }
+        }
+        if changed {
+            self.dirty.insert(device.clone());
+        }
+    }
+
+    fn send_rotation(&mut self, device: &DeviceId) {
+        if self.meta.rotation.is_empty() {
+            return;
+        }
+        if let Some(rec) = self.records.get_mut(device) {
+            rec.rotation_epoch_sent = self.meta.key_epoch;
+            self.dirty.insert(device.clone());
+        }
+        Metrics::inc(&self.metrics.rotations_sent);
+        self.step.publish.push(Publish {
+            topic: topics::instr(device),
+            payload: self.meta.rotation.clone(),
+        });
+    }
+
+    /// Periodic work: the engine's tick, re-sends, gauges, checkpoints.
+    pub fn on_tick(&mut self, now_ms: u64) {
+        self.feed(now_ms, Event::Tick);
+        let devices: Vec<DeviceId> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !r.pending.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in devices {
+            if self.presence.get(&device) != Some(&Presence::Offline) {
+                self.resend_pending(now_ms, &device, 0, false);
+            } else {
+                // Still drop the expired ones of offline devices.
+                let Some(rec) = self.records.get_mut(&device) else {
+                    continue;
+                };
+                let before = rec.pending.len();
+                rec.pending.retain(|p| p.expires_at_ms > now_ms);
+                if rec.pending.len() != before {
+                    self.metrics
+                        .instructions_expired
+                        .fetch_add((before - rec.pending.len()) as u64, Ordering::Relaxed);
+                    self.dirty.insert(device);
+                }
+            }
+        }
+        if now_ms.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_ms {
+            self.last_checkpoint_ms = now_ms;
+            self.dirty.extend(self.records.keys().cloned());
+        }
+        self.refresh_gauges(now_ms);
+    }
+
+    fn refresh_gauges(&mut self, now_ms: u64) {
+        let accepted = self.metrics.reports_accepted.load(Ordering::Relaxed);
+        let dt = now_ms.saturating_sub(self.last_tick_ms);
+        let rate = if dt > 0 {
+            (accepted - self.accepted_at_last_tick.min(accepted)) as f64 * 1000.0 / dt as f64
+        } else {
+            0.0
+        };
+        self.last_tick_ms = now_ms;
+        self.accepted_at_last_tick = accepted;
+        let mut buckets = [0u64; 10];
+        for d in self.engine.devices() {
+            let b = ((d.reputation / 10.0).floor().max(0.0) as usize).min(9);
+            buckets[b] += 1;
+        }
+        let tiers = self
+            .engine
+            .units_by_tier()
+            .into_iter()
+            .map(|(t, u)| {
+                (
+                    t,
+                    u.devices,
+                    u.compute_units_used,
+                    u.data_units_used,
+                    u.compute_units_budget,
+                    u.data_units_budget,
+                )
+            })
+            .collect();
+        self.metrics.set_gauges(super::metrics::Gauges {
+            devices: self.records.len() as u64,
+            pending_instructions: self.records.values().map(|r| r.pending.len() as u64).sum(),
+            reputation_buckets: buckets,
+            tiers,
+            reports_per_second: rate,
+            key_epoch: self.meta.key_epoch,
+        });
+    }
+
+    /// Re-sends everything pending (after the MQTT link (re)connected).
+    pub fn on_connected(&mut self, now_ms: u64) {
+        let devices: Vec<DeviceId> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !r.pending.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in devices {
+            self.resend_pending(now_ms, &device, 0, true);
+        }
+    }
+
+    // ------------------------------------------------------------ engine
+
+    /// Feeds the engine and carries out its actions (instructions get their
+    /// sequence number here; `Sent` goes back to the engine).
+    fn feed(&mut self, now_ms: u64, event: Event) {
+        let mut queue: Vec<Action> = self.engine.handle(now_ms, event);
+        queue.reverse();
+        while let Some(action) = queue.pop() {
+            match action {
+                Action::Instruct {
+                    device,
+                    ops,
+                    expires_at_ms,
+                } => {
+                    let Some(seq) = self.instruct(now_ms, &device, ops, expires_at_ms) else {
+                        continue;
+                    };
+                    let mut more = self.engine.handle(now_ms, Event::Sent { device, seq });
+                    more.reverse();
+                    queue.extend(more);
+                }
+                Action::ReputationChanged {
+                    device,
+                    old,
+                    new,
+                    reason,
+                } => {
+                    Metrics::inc(&self.metrics.reputation_changes);
+                    tracing::info!(%device, old, new, %reason, "reputation changed");
+                }
+                Action::Alert { device, message } => {
+                    Metrics::inc(&self.metrics.alerts);
+                    tracing::warn!(%device, %message, "policy alert");
+                }
+            }
+        }
+    }
+
+    fn instruct(
+        &mut self,
+        now_ms: u64,
+        device: &DeviceId,
+        ops: Vec<shardline_shared::msg::Operation>,
+        expires_at_ms: u64,
+    ) -> Option<u64> {
+        let Some(rec) = self.records.get_mut(device) else {
+            tracing::warn!(%device, "engine instructed a device the service does not know");
+            return None;
+        };
+        let seq = rec.take_seq();
+        let instr = Instruction {
+            device: device.clone(),
+            seq,
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            ops,
+        };
+        let sealed = sign::seal(Domain::Instruction, &instr, &[&self.key]);
+        rec.pending.push(PendingInstruction {
+            seq,
+            sealed: sealed.clone(),
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            last_sent_ms: now_ms,
+            attempts: 1,
+        });
+        rec.instructions_sent += 1;
+        self.dirty.insert(device.clone());
+        Metrics::inc(&self.metrics.decisions);
+        Metrics::inc(&self.metrics.instructions_sent);
+        tracing::debug!(%device, seq, ops = instr.ops.len(), "instruction");
+        self.step.publish.push(Publish {
+            topic: topics::instr(device),
+            payload: sealed,
+        });
+        Some(seq)
+    }
+
+    // ----------------------------------------------------------- commands
+
+    fn enroll(
+        &mut self,
+        now_ms: u64,
+        device: DeviceId,
+        public_key: [u8; 32],
+        tier: String,
+        tenant: Option<String>,
+    ) -> Result<DeviceRow, CommandError> {
+        if !self.engine.agreements().tiers.contains_key(&tier) {
+            return Err(CommandError::UnknownTier(tier));
+        }
+        if let Some(rec) = self.records.get_mut(&device) {
+            if rec.public_key != public_key {
+                return Err(CommandError::KeyConflict(device.to_string()));
+            }
+            // Same key: a tier change.
+            rec.tier = tier.clone();
+            rec.tenant = tenant.clone();
+        } else {
+            self.records.insert(
+                device.clone(),
+                DeviceRecord::new(device.clone(), public_key, tier.clone(), tenant.clone(), now_ms),
+            );
+            Metrics::inc(&self.metrics.enrolments);
+        }
+        self.dirty.insert(device.clone());
+        self.feed(
+            now_ms,
+            Event::Enrolled {
+                device: device.clone(),
+                tier,
+                tenant,
+            },
+        );
+        tracing::info!(%device, key_id = %hex_key_id(&public_key), "device enrolled");
+        self.row(&device).ok_or(CommandError::UnknownDevice(device.to_string()))
+    }
+
+    fn row(&self, device: &DeviceId) -> Option<DeviceRow> {
+        let rec = self.records.get(device)?;
+        let summary = self
+            .engine
+            .devices()
+            .into_iter()
+            .find(|d| &d.device == device);
+        Some(self.row_from(rec, summary.as_ref()))
+    }
+
+    fn row_from(&self, rec: &DeviceRecord, s: Option<&policy::DeviceSummary>) -> DeviceRow {
+        DeviceRow {
+            device: rec.device.to_string(),
+            tier: rec.tier.clone(),
+            tenant: rec.tenant.clone(),
+            reputation: s.map_or(0.0, |s| s.reputation),
+            compute_units: s.map_or(0, |s| s.compute_units),
+            data_units: s.map_or(0, |s| s.data_units),
+            active_shards: s.map_or(0, |s| s.active_shards),
+            last_report_ms: rec.last_report_ms,
+            presence: presence_str(self.presence.get(&rec.device)),
+            drained: s.is_some_and(|s| s.drained),
+            pending_instructions: rec.pending.len(),
+        }
+    }
+
+    /// Handles one operator command.
+    pub fn on_command(&mut self, now_ms: u64, cmd: Command) -> Reply {
+        match cmd {
+            Command::Enroll {
+                device,
+                public_key,
+                tier,
+                tenant,
+            } => match self.enroll(now_ms, device, public_key, tier, tenant) {
+                Ok(row) => Reply::Enrolled(row),
+                Err(e) => Reply::Error(e),
+            },
+            Command::Unenroll { device } => {
+                if self.records.remove(&device).is_none() {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                }
+                self.presence.remove(&device);
+                self.dirty.remove(&device);
+                self.feed(now_ms, Event::Unenrolled { device: device.clone() });
+                self.engine.evict_device(&device);
+                self.step.batch.delete_devices.push(device);
+                Reply::Ok
+            }
+            Command::CreateToken {
+                tier,
+                tenant,
+                ttl_ms,
+                uses,
+                secret,
+            } => {
+                if !self.engine.agreements().tiers.contains_key(&tier) {
+                    return Reply::Error(CommandError::UnknownTier(tier));
+                }
+                if uses == 0 {
+                    return Reply::Error(CommandError::Invalid("uses must be at least 1".into()));
+                }
+                let token = hex::encode(secret);
+                let rec = TokenRecord {
+                    tier: tier.clone(),
+                    tenant,
+                    created_ms: now_ms,
+                    expires_at_ms: now_ms.saturating_add(ttl_ms),
+                    uses_left: uses,
+                };
+                let hash = token_hash(&token);
+                self.tokens.insert(hash.clone(), rec.clone());
+                self.step.batch.tokens.push((hash, Some(rec.clone())));
+                Reply::Token(TokenCreated {
+                    token,
+                    tier,
+                    expires_at_ms: rec.expires_at_ms,
+                    uses,
+                })
+            }
+            Command::ListDevices => {
+                let summaries: BTreeMap<DeviceId, policy::DeviceSummary> = self
+                    .engine
+                    .devices()
+                    .into_iter()
+                    .map(|s| (s.device.clone(), s))
+                    .collect();
+                let mut rows: Vec<DeviceRow> = self
+                    .records
+                    .values()
+                    .map(|r| self.row_from(r, summaries.get(&r.device)))
+                    .collect();
+                rows.sort_by(|a, b| a.device.cmp(&b.device));
+                Reply::Devices(rows)
+            }
+            Command::Device { device } => {
+                let Some(rec) = self.records.get(&device) else {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                };
+                Reply::Device(Box::new(DeviceDetail {
+                    device: device.to_string(),
+                    public_key: hex::encode(rec.public_key),
+                    key_id: hex_key_id(&rec.public_key),
+                    tier: rec.tier.clone(),
+                    enrolled_at_ms: rec.enrolled_at_ms,
+                    presence: presence_str(self.presence.get(&device)),
+                    last_report_seq: rec.last_report_seq,
+                    last_report_ms: rec.last_report_ms,
+                    next_instruction_seq: rec.next_instruction_seq,
+                    applied_instruction_seq: rec.applied_seq,
+                    pending_instructions: rec.pending.iter().map(|p| p.seq).collect(),
+                    instructions_sent: rec.instructions_sent,
+                    instructions_applied: rec.instructions_applied,
+                    instructions_rejected: rec.instructions_rejected,
+                    policy: self.engine.device(&device),
+                }))
+            }
+            Command::Tiers => {
+                let usage = self.engine.units_by_tier();
+                Reply::Tiers(
+                    self.engine
+                        .agreements()
+                        .tiers
+                        .values()
+                        .map(|t| TierRow {
+                            tier: t.clone(),
+                            usage: usage.get(&t.name).cloned().unwrap_or_default(),
+                        })
+                        .collect(),
+                )
+            }
+            Command::Operator { device, op, shard } => {
+                if !self.records.contains_key(&device) {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                }
+                let need_shard = || {
+                    shard
+                        .clone()
+                        .ok_or_else(|| CommandError::Invalid("this operation needs a shard".into()))
+                };
+                let event = match op {
+                    OperatorOp::Drain => Event::Drain { device },
+                    OperatorOp::Resume => Event::Resume { device },
+                    OperatorOp::Pin | OperatorOp::Unpin | OperatorOp::Revoke | OperatorOp::Unrevoke => {
+                        let shard = match need_shard() {
+                            Ok(s) => s,
+                            Err(e) => return Reply::Error(e),
+                        };
+                        if self.engine.catalog().shard(&shard).is_none() {
+                            return Reply::Error(CommandError::Invalid(format!(
+                                "unknown shard {shard:?}"
+                            )));
+                        }
+                        match op {
+                            OperatorOp::Pin => Event::Pin { device, shard },
+                            OperatorOp::Unpin => Event::Unpin { device, shard },
+                            OperatorOp::Revoke => Event::Revoke { device, shard },
+                            _ => Event::Unrevoke { device, shard },
+                        }
+                    }
+                };
+                self.feed(now_ms, event);
+                Reply::Ok
+            }
+            Command::Rotate { new_key, key_file } => self.rotate(now_ms, new_key, key_file),
+        }
+    }
+
+    fn rotate(&mut self, now_ms: u64, new_key: KeyPair, key_file: String) -> Reply {
+        if new_key.id() == self.key.id() {
+            return Reply::Error(CommandError::Invalid(
+                "the new key is the key in use".into(),
+            ));
+        }
+        let epoch = self.meta.key_epoch + 1;
+        let rotation = KeyRotation {
+            new_set: KeySet::of(epoch, &[&new_key]),
+            issued_at_ms: now_ms,
+        };
+        let sealed = sign::seal(Domain::Rotation, &rotation, &[&self.key, &new_key]);
+        self.meta = Meta {
+            key_epoch: epoch,
+            rotation: sealed,
+            key_file: Some(key_file),
+        };
+        self.key = new_key;
+        self.step.batch.meta = Some(self.meta.clone());
+        let devices: Vec<DeviceId> = self.records.keys().cloned().collect();
+        for device in &devices {
+            self.send_rotation(device);
+            // Pending instructions are re-signed with the new key (same
+            // payload, so a device that already applied one sees a duplicate).
+            let key = self.key.clone();
+            if let Some(rec) = self.records.get_mut(device) {
+                for p in rec.pending.iter_mut() {
+                    if let Ok(env) = sign::parse_envelope(&p.sealed, usize::MAX) {
+                        if let Ok(instr) = codec::decode::<Instruction>(&env.payload) {
+                            p.sealed = sign::seal(Domain::Instruction, &instr, &[&key]);
+                        }
+                    }
+                }
+            }
+            self.resend_pending(now_ms, device, 0, true);
+        }
+        tracing::info!(epoch, key_id = %self.key.id(), devices = devices.len(), "signing key rotated");
+        Reply::Rotated {
+            epoch,
+            key_id: self.key.id().to_string(),
+        }
+    }
+}
+
+/// The device of an `…/dev/{id}/enroll` topic.
+pub fn enroll_device(topic: &str) -> Option<DeviceId> {
+    let rest = topic
+        .strip_prefix(topics::PREFIX)?
+        .strip_prefix("/dev/")?
+        .strip_suffix(ENROLL_SUFFIX)?
+        .strip_suffix('/')?;
+    DeviceId::new(rest).ok()
+}
