@@ -1,19 +1,209 @@
-//! `shardline-allocator run|keygen|rotate`.
+//! `shardline-allocator run|keygen|rotate`: argument parsing, logging setup
+//! and the runtime; the work is in [`super::run`].
+
+use super::config::{self, Config};
+use super::keys;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {}
-#[derive(Debug, clap::Args)]
-pub struct KeygenArgs {}
-#[derive(Debug, clap::Args)]
-pub struct RotateArgs {}
+pub struct RunArgs {
+    /// Configuration file (defaults apply when the default path does not exist).
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Use an external broker (mqtt://host:port or mqtts://host:port) instead of the embedded one.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Embedded broker: plain MQTT listen address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Embedded broker: MQTT over TLS listen address (needs --tls-cert, --tls-key).
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Require device client certificates signed by this CA on the TLS listener.
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// External mqtts:// broker: CA file to trust.
+    #[arg(long)]
+    pub broker_ca: Option<PathBuf>,
+    /// MQTT client id (unique per allocator instance).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Store file.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Instruction-signing secret key file (mode 0600).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Admin API listen address.
+    #[arg(long)]
+    pub api: Option<SocketAddr>,
+    /// Admin API bearer token file (created with a random token if missing).
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    #[arg(long)]
+    pub agreements: Option<PathBuf>,
+    /// Policy tick interval in milliseconds.
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
+    /// Re-send unapplied instructions after this many milliseconds.
+    #[arg(long)]
+    pub resend_after_ms: Option<u64>,
+}
 
-pub fn run(_args: RunArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("run is not built yet")
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Secret key file to create (mode 0600; never overwritten). The public key
+    /// is written beside it as FILE.pub.
+    #[arg(long)]
+    pub out: PathBuf,
 }
-pub fn keygen(_args: KeygenArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("keygen is not built yet")
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// The new secret key file (created with a fresh key if it does not exist).
+    #[arg(long)]
+    pub new_key: PathBuf,
+    /// Configuration file (for the API address and token file).
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Admin API base URL (default: from the configuration).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Admin API token file (default: from the configuration).
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
 }
-pub fn rotate(_args: RotateArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("rotate is not built yet")
+
+/// Logs to stderr; without colours and timestamps under systemd (the
+/// journal adds its own), `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let _ = if journal {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The configuration file with the command-line overrides applied.
+pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let required = args.config != Path::new(config::DEFAULT_PATH);
+    let mut c = Config::load(&args.config, required)?;
+    if let Some(b) = &args.broker {
+        config::BrokerUrl::parse(b).map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+        c.broker.url = b.clone();
+    }
+    macro_rules! set {
+        ($flag:expr, $field:expr) => {
+            if let Some(v) = &$flag {
+                $field = v.clone();
+            }
+        };
+        (opt $flag:expr, $field:expr) => {
+            if let Some(v) = &$flag {
+                $field = Some(v.clone());
+            }
+        };
+    }
+    set!(args.listen, c.broker.listen);
+    set!(opt args.tls_listen, c.broker.tls_listen);
+    set!(opt args.tls_cert, c.broker.tls_cert);
+    set!(opt args.tls_key, c.broker.tls_key);
+    set!(opt args.tls_client_ca, c.broker.tls_client_ca);
+    set!(opt args.broker_ca, c.broker.ca_file);
+    set!(args.client_id, c.broker.client_id);
+    set!(args.store, c.store.path);
+    set!(args.key, c.signer.key_file);
+    set!(args.api, c.api.listen);
+    set!(opt args.api_token_file, c.api.token_file);
+    set!(args.catalog, c.policy.catalog);
+    set!(args.agreements, c.policy.agreements);
+    set!(args.tick_ms, c.policy.tick_ms);
+    set!(args.resend_after_ms, c.dispatch.resend_after_ms);
+    if c.broker.tls_listen.is_some() && (c.broker.tls_cert.is_none() || c.broker.tls_key.is_none())
+    {
+        anyhow::bail!("--tls-listen needs --tls-cert and --tls-key");
+    }
+    Ok(c)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let config = effective_config(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("allocator-io")
+        .build()?;
+    rt.block_on(async move {
+        let handle = super::run::start(config).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping");
+        super::notify::notify("STOPPING=1");
+        // The core commits what it holds before it stops; the embedded broker
+        // has no graceful shutdown and ends with the process.
+        let _ = handle.tx.send(super::run::Inbound::Shutdown).await;
+        let _ = tokio::task::spawn_blocking(move || handle.core_thread.join()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<ExitCode> {
+    let key = keys::generate()?;
+    keys::write_secret(&args.out, &key)?;
+    let public = hex::encode(key.public_key());
+    let mut pub_path = args.out.clone().into_os_string();
+    pub_path.push(".pub");
+    std::fs::write(&pub_path, format!("{public}\n"))?;
+    println!("public_key {public}");
+    println!("key_id {}", key.id());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config, args.config != Path::new(config::DEFAULT_PATH))?;
+    if !args.new_key.exists() {
+        let key = keys::generate()?;
+        keys::write_secret(&args.new_key, &key)?;
+        eprintln!("created {} (key id {})", args.new_key.display(), key.id());
+    }
+    // Check it locally too, for a clear error before asking the service.
+    let key = keys::read_secret(&args.new_key)?;
+    let api = args
+        .api
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.api.listen));
+    let token_file = args
+        .api_token_file
+        .clone()
+        .unwrap_or_else(|| super::run::default_token_file(&config));
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
+    let abs = std::fs::canonicalize(&args.new_key)?;
+    let body = serde_json::json!({ "key_file": abs.display().to_string() });
+    let r = super::http::request(&api, "POST", "/v1/rotate", Some(token.trim()), Some(&body))?;
+    if r.status != 200 {
+        anyhow::bail!("rotation refused ({}): {}", r.status, r.body);
+    }
+    println!("{}", r.body);
+    println!("public_key {}", hex::encode(key.public_key()));
+    Ok(ExitCode::SUCCESS)
 }

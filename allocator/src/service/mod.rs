@@ -8,10 +8,19 @@
 //! - [`keys`]: key files and hex public keys.
 //! - [`config`]: `allocator.toml`.
 //! - [`metrics`]: counters and the Prometheus text format.
+//! - [`run`]: the I/O runner (core thread, MQTT link, ticker, API, systemd).
+//! - [`broker`] / [`tls`]: embedded rumqttd and TLS termination (ring).
+//! - [`api`] / [`http`]: the admin HTTP API and the small client shardctl uses.
+pub mod api;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod http;
 pub mod keys;
 pub mod metrics;
+pub mod notify;
+pub mod run;
 pub mod shardctl;
 pub mod store;
+pub mod tls;

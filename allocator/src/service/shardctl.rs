@@ -1,7 +1,189 @@
 //! `shardctl`: the operator CLI over the admin API.
+//!
+//! The API address and token come from `--api` / `--token-file` (or the
+//! `SHARDCTL_API` / `SHARDCTL_TOKEN` environment variables); the defaults
+//! match an allocator started with the default configuration.
+
+use super::http;
+use clap::{Parser, Subcommand};
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub fn main_from_args(_args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("shardctl is not built yet")
+#[derive(Debug, Parser)]
+#[command(name = "shardctl", version, about = "Operate a Shardline allocator")]
+struct Cli {
+    /// Admin API base URL.
+    #[arg(long, env = "SHARDCTL_API", default_value = "http://127.0.0.1:8440")]
+    api: String,
+    /// Bearer token (prefer --token-file).
+    #[arg(long, env = "SHARDCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, default_value = "/var/lib/shardline/api-token")]
+    token_file: PathBuf,
+    /// Print raw JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List enrolled devices.
+    Devices,
+    /// One device: profile (leases), reputation history, last QoS, instructions.
+    Device { device: String },
+    /// Enrol a device with its public key (hex).
+    Enroll {
+        device: String,
+        public_key: String,
+        #[arg(long)]
+        tier: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove a device.
+    Unenroll { device: String },
+    /// Tiers (service agreements) and their units in use.
+    Tiers,
+    /// Keep a shard active on a device.
+    Pin { device: String, shard: String },
+    Unpin { device: String, shard: String },
+    /// End a shard's lease on a device now and never grant it until unrevoked.
+    Revoke { device: String, shard: String },
+    Unrevoke { device: String, shard: String },
+    /// Deactivate everything on a device and grant nothing until resumed.
+    Drain { device: String },
+    Resume { device: String },
+    /// Bootstrap tokens for devices that enrol themselves.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a token (printed once).
+    Create {
+        #[arg(long)]
+        tier: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_s: u64,
+        /// How many devices may enrol with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
+        }
+    };
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string(&cli.token_file)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (pass --token-file)", cli.token_file.display()))?
+            .trim()
+            .to_owned(),
+    };
+    let (method, path, body) = match &cli.command {
+        Cmd::Devices => ("GET", "/v1/devices".to_owned(), None),
+        Cmd::Device { device } => ("GET", format!("/v1/devices/{device}"), None),
+        Cmd::Enroll {
+            device,
+            public_key,
+            tier,
+            tenant,
+        } => (
+            "POST",
+            "/v1/devices".to_owned(),
+            Some(serde_json::json!({
+                "device": device, "public_key": public_key, "tier": tier, "tenant": tenant,
+            })),
+        ),
+        Cmd::Unenroll { device } => ("DELETE", format!("/v1/devices/{device}"), None),
+        Cmd::Tiers => ("GET", "/v1/tiers".to_owned(), None),
+        Cmd::Pin { device, shard } => op(device, "pin", Some(shard)),
+        Cmd::Unpin { device, shard } => op(device, "unpin", Some(shard)),
+        Cmd::Revoke { device, shard } => op(device, "revoke", Some(shard)),
+        Cmd::Unrevoke { device, shard } => op(device, "unrevoke", Some(shard)),
+        Cmd::Drain { device } => op(device, "drain", None),
+        Cmd::Resume { device } => op(device, "resume", None),
+        Cmd::Token {
+            command:
+                TokenCmd::Create {
+                    tier,
+                    tenant,
+                    ttl_s,
+                    uses,
+                },
+        } => (
+            "POST",
+            "/v1/tokens".to_owned(),
+            Some(serde_json::json!({ "tier": tier, "tenant": tenant, "ttl_s": ttl_s, "uses": uses })),
+        ),
+    };
+    if path.contains("//") || path.ends_with('/') {
+        anyhow::bail!("empty device id");
+    }
+    let r = http::request(&cli.api, method, &path, Some(&token), body.as_ref())?;
+    let value: serde_json::Value =
+        serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body.clone()));
+    if r.status != 200 {
+        let msg = value
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map_or_else(|| r.body.clone(), str::to_owned);
+        eprintln!("shardctl: {} ({})", msg, r.status);
+        return Ok(ExitCode::from(1));
+    }
+    if !cli.json {
+        if let (Cmd::Devices, Some(rows)) = (&cli.command, value.as_array()) {
+            print_devices(rows);
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn op(device: &str, op: &str, shard: Option<&String>) -> (&'static str, String, Option<serde_json::Value>) {
+    (
+        "POST",
+        format!("/v1/devices/{device}/{op}"),
+        Some(serde_json::json!({ "shard": shard })),
+    )
+}
+
+fn print_devices(rows: &[serde_json::Value]) {
+    println!(
+        "{:<24} {:<10} {:>6} {:>4} {:>4} {:>6} {:<8} {:>7}",
+        "DEVICE", "TIER", "REP", "CU", "DU", "SHARDS", "PRESENCE", "PENDING"
+    );
+    for r in rows {
+        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let rep = r.get("reputation").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        println!(
+            "{:<24} {:<10} {:>6.1} {:>4} {:>4} {:>6} {:<8} {:>7}",
+            s("device"),
+            s("tier"),
+            rep,
+            n("compute_units"),
+            n("data_units"),
+            n("active_shards"),
+            s("presence"),
+            n("pending_instructions")
+        );
+    }
 }

@@ -1,0 +1,309 @@
+//! The operator HTTP API (JSON, bearer token) and Prometheus `/metrics`.
+//!
+//! Every request becomes a [`Command`] for the core; the answer comes back
+//! after the core committed the batch it was in, so a 200 means "on disk".
+//!
+//! Routes (all under a bearer token except `/metrics` when public):
+//! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
+//! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
+//! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`.
+
+use super::core::{Command, CommandError, OperatorOp, Reply};
+use super::metrics::Metrics;
+use super::run::Inbound;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use shardline_shared::ids::DeviceId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What every handler needs.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub tx: mpsc::Sender<Inbound>,
+    pub token: Arc<String>,
+    pub metrics: Arc<Metrics>,
+    pub metrics_public: bool,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/health", get(health))
+        .route("/v1/devices", get(list_devices).post(enroll))
+        .route("/v1/devices/{id}", get(device).delete(unenroll))
+        .route("/v1/devices/{id}/{op}", post(operator))
+        .route("/v1/tiers", get(tiers))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/rotate", post(rotate))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
+    let Some(presented) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (presented.as_bytes(), state.token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Reply, Response> {
+    if !authorized(state, headers) {
+        return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+    }
+    let (tx, rx) = oneshot::channel();
+    state
+        .tx
+        .send(Inbound::Command(cmd, tx))
+        .await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the core is stopping"))?;
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Reply::Error(e))) => Err(command_error(e)),
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(_)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the core is stopping")),
+        Err(_) => Err(error(StatusCode::GATEWAY_TIMEOUT, "the core did not answer in 30 s")),
+    }
+}
+
+fn command_error(e: CommandError) -> Response {
+    let status = match e {
+        CommandError::UnknownDevice(_) => StatusCode::NOT_FOUND,
+        CommandError::KeyConflict(_) => StatusCode::CONFLICT,
+        CommandError::UnknownTier(_) | CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+    };
+    error(status, e.to_string())
+}
+
+fn device_id(id: &str) -> Result<DeviceId, Response> {
+    DeviceId::new(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn reply_json(r: Reply) -> Response {
+    match r {
+        Reply::Ok => Json(serde_json::json!({ "ok": true })).into_response(),
+        Reply::Enrolled(row) => Json(row).into_response(),
+        Reply::Token(t) => Json(t).into_response(),
+        Reply::Devices(rows) => Json(rows).into_response(),
+        Reply::Device(d) => Json(d).into_response(),
+        Reply::Tiers(t) => Json(t).into_response(),
+        Reply::Rotated { epoch, key_id } => {
+            Json(serde_json::json!({ "epoch": epoch, "key_id": key_id })).into_response()
+        }
+        Reply::Error(e) => command_error(e),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if !state.metrics_public && !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn health() -> Response {
+    Json(serde_json::json!({ "ok": true })).into_response()
+}
+
+async fn list_devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    match ask(&state, &headers, Command::ListDevices).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollBody {
+    device: String,
+    public_key: String,
+    tier: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+async fn enroll(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<EnrollBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let device = match device_id(&body.device) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    let public_key = match super::keys::parse_public(&body.public_key) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let cmd = Command::Enroll {
+        device,
+        public_key,
+        tier: body.tier,
+        tenant: body.tenant,
+    };
+    match ask(&state, &headers, cmd).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+async fn device(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let device = match device_id(&id) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    match ask(&state, &headers, Command::Device { device }).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+async fn unenroll(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let device = match device_id(&id) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    match ask(&state, &headers, Command::Unenroll { device }).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorBody {
+    #[serde(default)]
+    shard: Option<String>,
+}
+
+async fn operator(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, op)): Path<(String, String)>,
+    body: Option<Json<OperatorBody>>,
+) -> Response {
+    let device = match device_id(&id) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    let op = match op.as_str() {
+        "pin" => OperatorOp::Pin,
+        "unpin" => OperatorOp::Unpin,
+        "revoke" => OperatorOp::Revoke,
+        "unrevoke" => OperatorOp::Unrevoke,
+        "drain" => OperatorOp::Drain,
+        "resume" => OperatorOp::Resume,
+        other => return error(StatusCode::NOT_FOUND, format!("unknown operation {other:?}")),
+    };
+    let shard = body.and_then(|Json(b)| b.shard);
+    match ask(&state, &headers, Command::Operator { device, op, shard }).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    match ask(&state, &headers, Command::Tiers).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    tier: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    ttl_s: Option<u64>,
+    #[serde(default)]
+    uses: Option<u32>,
+}
+
+async fn create_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<TokenBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let mut secret = [0u8; 32];
+    if let Err(e) = getrandom::getrandom(&mut secret) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let cmd = Command::CreateToken {
+        tier: body.tier,
+        tenant: body.tenant,
+        ttl_ms: body.ttl_s.unwrap_or(24 * 3600).saturating_mul(1000),
+        uses: body.uses.unwrap_or(1),
+        secret,
+    };
+    match ask(&state, &headers, cmd).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// Secret key file of the new key, on the allocator's machine.
+    key_file: String,
+}
+
+async fn rotate(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<RotateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let new_key = match super::keys::read_secret(std::path::Path::new(&body.key_file)) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let cmd = Command::Rotate {
+        new_key,
+        key_file: body.key_file,
+    };
+    match ask(&state, &headers, cmd).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
