@@ -1,0 +1,485 @@
+//! Shared harness for the service tests: starts the real `shardline-allocator`
+//! binary (embedded broker or a real mosquitto), drives `shardctl`, and plays
+//! devices with plain rumqttc clients that seal reports and acks with their
+//! own keys and verify every instruction with the allocator's public key.
+#![allow(dead_code)]
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use shardline_allocator::service::http;
+use shardline_shared::msg::*;
+use shardline_shared::sign::{self, Domain, KeyPair};
+use shardline_shared::{codec, topics, DeviceId};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A temp directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("sl-svc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real mosquitto on a free loopback port (killed on drop).
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// `None` (with the reason printed) when mosquitto is not installed.
+    pub fn start(dir: &Path) -> Option<Self> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(bin) = bin else {
+            println!("SKIP: mosquitto is not installed (apt-get install mosquitto)");
+            return None;
+        };
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mosquitto did not start on port {port}");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// How the allocator under test reaches its broker.
+#[derive(Clone, Debug)]
+pub enum BrokerMode {
+    Embedded,
+    External(String),
+}
+
+/// A running allocator process (SIGKILLed on drop).
+pub struct Allocator {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub mqtt_port: u16,
+    pub api_port: u16,
+    pub public_key: [u8; 32],
+    pub token: String,
+    pub mode: BrokerMode,
+    pub extra_config: String,
+}
+
+pub fn keygen(path: &Path) -> [u8; 32] {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+        .arg("keygen")
+        .arg("--out")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen failed: {:?}", out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key "))
+        .expect("keygen prints the public key");
+    let mut pk = [0u8; 32];
+    hex::decode_to_slice(hex.trim(), &mut pk).unwrap();
+    pk
+}
+
+impl Allocator {
+    pub fn start(dir: &Path, mode: BrokerMode, extra_config: &str) -> Self {
+        let key = dir.join("signing.key");
+        let public_key = keygen(&key);
+        let mut a = Self {
+            child: None,
+            dir: dir.to_owned(),
+            mqtt_port: free_port(),
+            api_port: free_port(),
+            public_key,
+            token: String::new(),
+            mode,
+            extra_config: extra_config.to_owned(),
+        };
+        a.spawn();
+        a
+    }
+
+    pub fn config_text(&self) -> String {
+        let cat = manifest_dir().join("catalog");
+        let url = match &self.mode {
+            BrokerMode::Embedded => String::new(),
+            BrokerMode::External(u) => u.clone(),
+        };
+        format!(
+            r#"[broker]
+url = "{url}"
+listen = "127.0.0.1:{mqtt}"
+client_id = "allocator-under-test"
+{broker_extra}
+[store]
+path = "{dir}/allocator.redb"
+[signer]
+key_file = "{dir}/signing.key"
+[api]
+listen = "127.0.0.1:{api}"
+token_file = "{dir}/api-token"
+[policy]
+catalog = "{cat}/catalog.toml"
+agreements = "{cat}/tiers.toml"
+tick_ms = 200
+[dispatch]
+resend_after_ms = 2000
+"#,
+            mqtt = self.mqtt_port,
+            api = self.api_port,
+            dir = self.dir.display(),
+            cat = cat.display(),
+            broker_extra = self.extra_config,
+        )
+    }
+
+    /// Starts (or restarts) the process on the same store, key and ports.
+    pub fn spawn(&mut self) {
+        let conf = self.dir.join("allocator.toml");
+        std::fs::write(&conf, self.config_text()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("allocator.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+            .arg("run")
+            .arg("--config")
+            .arg(&conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http::request(&self.api_url(), "GET", "/v1/health", None, None) {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("allocator exited with {status}; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "allocator API not up; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.token = std::fs::read_to_string(self.dir.join("api-token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("allocator.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let r = http::request(&self.api_url(), method, path, Some(&self.token), body.as_ref()).unwrap();
+        let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body));
+        (r.status, v)
+    }
+
+    /// Runs the real `shardctl` binary against this allocator.
+    pub fn shardctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .arg("--api")
+            .arg(self.api_url())
+            .arg("--token-file")
+            .arg(self.dir.join("api-token"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Sum of the samples of a metric whose line starts with `prefix`.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let r = http::request(&self.api_url(), "GET", "/metrics", None, None).unwrap();
+        assert_eq!(r.status, 200);
+        r.body
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn wait_metric(&self, prefix: &str, at_least: f64, within: Duration) -> f64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(prefix);
+            if v >= at_least {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix} = {v}, wanted >= {at_least}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A simulated device: its key, an MQTT client, and the instructions it got.
+pub struct Device {
+    pub id: DeviceId,
+    pub key: KeyPair,
+    pub client: AsyncClient,
+    pub instr_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    pub seq: u64,
+    pub applied: u64,
+}
+
+pub fn device_key(n: u8) -> KeyPair {
+    KeyPair::from_seed(&[n.wrapping_add(100); 32])
+}
+
+impl Device {
+    /// Connects (clean session, last will Offline) and subscribes to its instr topic.
+    pub async fn connect(id: &str, key: KeyPair, port: u16) -> Self {
+        let id = DeviceId::new(id).unwrap();
+        let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(2 << 20, 2 << 20);
+        opts.set_last_will(LastWill::new(
+            topics::status(&id),
+            codec::encode(&DeviceStatus {
+                device: id.clone(),
+                presence: Presence::Offline,
+                applied_instruction_seq: 0,
+                agent_version: "test".into(),
+                at_ms: 0,
+            }),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, mut ev) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<()>();
+        let instr = topics::instr(&id);
+        let c2 = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == instr => {
+                        if tx.send(p.payload.to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c2.subscribe(instr.clone(), QoS::AtLeastOnce).await;
+                        let _ = conn_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {}
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), conn_rx.recv())
+            .await
+            .expect("device connects")
+            .unwrap();
+        // Give the subscription a moment to be in place.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Self {
+            id,
+            key,
+            client,
+            instr_rx: rx,
+            seq: 0,
+            applied: 0,
+        }
+    }
+
+    pub async fn publish_status(&self, presence: Presence) {
+        let st = DeviceStatus {
+            device: self.id.clone(),
+            presence,
+            applied_instruction_seq: self.applied,
+            agent_version: "test".into(),
+            at_ms: now_ms(),
+        };
+        self.client
+            .publish(topics::status(&self.id), QoS::AtLeastOnce, true, codec::encode(&st))
+            .await
+            .unwrap();
+    }
+
+    /// A report whose traffic needs encryption and low latency (⇒ vpn + qos).
+    pub fn report(&mut self) -> QosReport {
+        self.seq += 1;
+        report_for(&self.id, self.seq, self.applied)
+    }
+
+    pub fn seal_report(&self, r: &QosReport) -> Vec<u8> {
+        sign::seal(Domain::Report, r, &[&self.key])
+    }
+
+    pub async fn send_report(&mut self) -> u64 {
+        let r = self.report();
+        let bytes = self.seal_report(&r);
+        self.publish_raw_report(bytes).await;
+        r.seq
+    }
+
+    pub async fn publish_raw_report(&self, bytes: Vec<u8>) {
+        self.client
+            .publish(topics::report(&self.id), QoS::AtLeastOnce, false, bytes)
+            .await
+            .unwrap();
+    }
+
+    pub async fn ack(&mut self, seq: u64, outcome: AckOutcome) {
+        if outcome == AckOutcome::Applied {
+            self.applied = self.applied.max(seq);
+        }
+        let ack = InstructionAck {
+            device: self.id.clone(),
+            instruction_seq: seq,
+            outcome,
+            at_ms: now_ms(),
+        };
+        self.client
+            .publish(
+                topics::ack(&self.id),
+                QoS::AtLeastOnce,
+                false,
+                sign::seal(Domain::Ack, &ack, &[&self.key]),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next instruction, verified with the allocator's key (rotations skipped).
+    pub async fn next_instruction(&mut self, allocator_key: &[u8; 32], within: Duration) -> Option<(Instruction, Vec<u8>)> {
+        let kid = shardline_shared::KeyId::of_public_key(allocator_key);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let bytes = tokio::time::timeout_at(deadline, self.instr_rx.recv()).await.ok()??;
+            let env = sign::parse_envelope(&bytes, 1 << 20).expect("instruction envelope");
+            if env.domain == Domain::Rotation {
+                continue;
+            }
+            let (instr, signers) = sign::open_envelope::<Instruction>(&env, Domain::Instruction, |id| {
+                (id == kid).then_some(*allocator_key)
+            })
+            .expect("instruction verifies under the allocator key");
+            assert_eq!(signers, vec![kid]);
+            assert_eq!(instr.device, self.id, "instruction addressed to this device");
+            return Some((instr, env.payload));
+        }
+    }
+}
+
+pub fn report_for(id: &DeviceId, seq: u64, applied: u64) -> QosReport {
+    let now = now_ms();
+    QosReport {
+        device: id.clone(),
+        seq,
+        window_start_ms: now.saturating_sub(10_000),
+        window_ms: 10_000,
+        classes: vec![ClassStats {
+            class: TrafficClass::Sensitive,
+            bytes: 2_000_000,
+            packets: 2_000,
+            rate_bps: 1_600_000,
+            rtt_p50_us: Some(20_000),
+            rtt_p95_us: Some(40_000),
+            jitter_us: Some(2_000),
+            loss_permille: 5,
+            active_flows: 4,
+            need: QosNeed {
+                latency_sensitive: true,
+                bandwidth_heavy: false,
+                needs_encryption: true,
+            },
+        }],
+        resources: DeviceResources {
+            cpu_cores: 4,
+            cpu_load_permille: 100,
+            mem_total_kib: 4 << 20,
+            mem_available_kib: 3 << 20,
+            aes_hw: true,
+            arch: "x86_64".into(),
+        },
+        shards: vec![],
+        applied_instruction_seq: applied,
+        rejections: RejectionCounters::default(),
+    }
+}
