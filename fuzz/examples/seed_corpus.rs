@@ -8,9 +8,9 @@
 
 use shardline_shared::codec;
 use shardline_shared::msg::{
-    AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Instruction,
-    InstructionAck, KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport,
-    RejectionCounters, ResourceLimits, ShardKind, TrafficClass,
+    AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Instruction, InstructionAck,
+    KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport, RejectionCounters,
+    ResourceLimits, ShardKind, TrafficClass,
 };
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{DeviceId, ShardRef};
@@ -108,11 +108,23 @@ fn main() {
     expired.expires_at_ms = NOW - 1;
 
     let envelopes: [(&str, Vec<u8>); 9] = [
-        ("valid", sign::seal(Domain::Instruction, &instr(11, "router-1"), &[&k1])),
-        ("rollback", sign::seal(Domain::Instruction, &instr(3, "router-1"), &[&k1])),
-        ("wrong-device", sign::seal(Domain::Instruction, &instr(11, "router-2"), &[&k1])),
+        (
+            "valid",
+            sign::seal(Domain::Instruction, &instr(11, "router-1"), &[&k1]),
+        ),
+        (
+            "rollback",
+            sign::seal(Domain::Instruction, &instr(3, "router-1"), &[&k1]),
+        ),
+        (
+            "wrong-device",
+            sign::seal(Domain::Instruction, &instr(11, "router-2"), &[&k1]),
+        ),
         ("expired", sign::seal(Domain::Instruction, &expired, &[&k1])),
-        ("unknown-key", sign::seal(Domain::Instruction, &instr(11, "router-1"), &[&k9])),
+        (
+            "unknown-key",
+            sign::seal(Domain::Instruction, &instr(11, "router-1"), &[&k9]),
+        ),
         ("report", sign::seal(Domain::Report, &report(), &[&k1])),
         ("rotation", rot(2, &[&k1, &k2])),
         ("rotation-old-only", rot(2, &[&k1])),
@@ -139,8 +151,16 @@ fn main() {
     write(&wire_dir, "report", &codec::encode(&report()));
     write(&wire_dir, "ack", &codec::encode(&ack));
     write(&wire_dir, "status", &codec::encode(&status));
-    write(&wire_dir, "instruction", &codec::encode(&instr(11, "router-1")));
-    write(&wire_dir, "keyset", &codec::encode(&KeySet::of(1, &[&k1, &k2])));
+    write(
+        &wire_dir,
+        "instruction",
+        &codec::encode(&instr(11, "router-1")),
+    );
+    write(
+        &wire_dir,
+        "keyset",
+        &codec::encode(&KeySet::of(1, &[&k1, &k2])),
+    );
 
     // signed_instruction_accept: 8-byte clock offset, then the payload.
     for (name, offset, i) in [

@@ -37,8 +37,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(decision.state, state, "a refusal changed the state");
         }
         Verdict::Apply(instr) => {
-            let env = sign::parse_envelope(data, policy.max_envelope_bytes)
-                .expect("applied bytes parse");
+            let env =
+                sign::parse_envelope(data, policy.max_envelope_bytes).expect("applied bytes parse");
             assert!(!env.signatures.is_empty());
             for entry in &env.signatures {
                 sign::verify_entry(

@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
     let decision = handle_incoming(&state, &me, &bytes, now, &policy);
     match decision.verdict {
         Verdict::Apply(instr) => {
-            assert_eq!(codec::encode(&instr), payload, "applied a non-canonical payload");
+            assert_eq!(
+                codec::encode(&instr),
+                payload,
+                "applied a non-canonical payload"
+            );
             assert_eq!(instr.device, me);
             assert!(instr.seq > 10 && instr.expires_at_ms > now);
             assert!(instr.issued_at_ms <= now + policy.max_clock_skew_ms);
