@@ -1,2 +1,31 @@
-//! The device daemon: configuration, MQTT link, capability manager, systemd.
+//! The device daemon (`shardline-agent run`): configuration, device key,
+//! crash-safe state, the MQTT link with its on-disk outbox, the sans-IO
+//! capability manager (instruction acceptance, leases, last-known-good
+//! profile), and systemd integration.
+//!
+//! - [`config`]: `agent.toml`, errors with file, line and field.
+//! - [`keys`]: the device signing key (generated once, mode 0600).
+//! - [`persist`]: atomic, durable file writes.
+//! - [`manager`]: the decision core (events → actions), unit-tested on
+//!   simulated time.
+//! - [`outbox`]: bounded on-disk queue of reports and acks.
+//! - [`link`]: rumqttc options, TLS, reconnect driver, PUBACK bookkeeping.
+//! - [`runtime`]: the traits the daemon needs from shard hosting and capture.
+//! - [`resources`], [`notify`], [`limits`]: device resources, systemd
+//!   notifications, the agent's own rlimits.
+//! - [`agent`]: the event loop that executes all of it.
+//! - [`cli`]: `run` and `check-config`.
+#![forbid(unsafe_code)]
+
+pub mod agent;
 pub mod cli;
+pub mod config;
+pub mod keys;
+pub mod limits;
+pub mod link;
+pub mod manager;
+pub mod notify;
+pub mod outbox;
+pub mod persist;
+pub mod resources;
+pub mod runtime;

@@ -1,0 +1,642 @@
+//! The daemon's event loop: the I/O edge around the sans-IO pieces.
+//!
+//! One single-threaded tokio runtime waits on: MQTT link events, the QoS
+//! window timer, the next lease deadline, a one-second housekeeping tick
+//! (shard host supervision, systemd watchdog, time floor), SIGTERM and
+//! SIGHUP. Every decision is the [`CapabilityManager`]'s; this file only
+//! executes its [`Action`]s in order and moves bytes.
+//!
+//! Crash test hook: `SHARDLINE_TEST_CRASH_AT=<point>` makes the process abort
+//! (as `kill -9` would, no cleanup) when an instruction reaches `<point>`:
+//! `before-persist` (decided, state not yet written), `after-persist` (state
+//! written, shards not yet changed, nothing acknowledged) or
+//! `before-broker-ack` (everything done except the MQTT PUBACK). The
+//! integration tests use it to prove that a crash at each point ends in
+//! exactly one application of the instruction.
+
+use super::config::Config;
+use super::link::{self, LinkCore, LinkEvent, Sent};
+use super::manager::{Action, CapabilityManager, PersistedState};
+use super::notify::Notifier;
+use super::outbox::Outbox;
+use super::persist;
+use super::resources::ResourceSampler;
+use super::runtime::{QosSource, ShardRuntime};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use shardline_shared::accept::AcceptancePolicy;
+use shardline_shared::codec;
+use shardline_shared::msg::{
+    AckOutcome, DeviceStatus, InstructionAck, KeySet, Presence, PublicKeyEntry, QosReport,
+};
+use shardline_shared::sign::{self, Domain, KeyPair};
+use shardline_shared::{topics, KeyId};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::task::JoinHandle;
+
+/// The environment variable of the crash test hook (see the module docs).
+pub const CRASH_ENV: &str = "SHARDLINE_TEST_CRASH_AT";
+
+/// How often the time floor is persisted.
+const FLOOR_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state file {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is not valid: {reason}")]
+    StateCorrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Outbox(#[from] super::outbox::OutboxError),
+    #[error(transparent)]
+    Key(#[from] super::keys::DeviceKeyError),
+    #[error(transparent)]
+    Link(#[from] super::link::LinkSetupError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Wall clock in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The instruction key set pinned by the configuration (epoch 0).
+pub fn pinned_key_set(keys: &[[u8; 32]]) -> KeySet {
+    KeySet {
+        epoch: 0,
+        keys: keys
+            .iter()
+            .map(|k| PublicKeyEntry {
+                key_id: KeyId::of_public_key(k),
+                public_key: *k,
+            })
+            .collect(),
+    }
+}
+
+/// Reads `state.json`; `None` on a first start.
+pub fn load_state(path: &std::path::Path) -> Result<Option<PersistedState>, DaemonError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DaemonError::StateCorrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DaemonError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn crash_point(hook: &Option<String>, point: &str) {
+    if hook.as_deref() == Some(point) {
+        tracing::error!(point, "{CRASH_ENV}: aborting on purpose");
+        std::process::abort();
+    }
+}
+
+struct Link {
+    client: AsyncClient,
+    events: UnboundedReceiver<LinkEvent>,
+    driver: JoinHandle<()>,
+}
+
+/// The running daemon.
+pub struct Daemon {
+    cfg: Config,
+    key: KeyPair,
+    manager: CapabilityManager,
+    outbox: Outbox,
+    core: LinkCore,
+    link: Link,
+    runtime: Box<dyn ShardRuntime>,
+    source: Box<dyn QosSource>,
+    sampler: ResourceSampler,
+    notifier: Notifier,
+    state_path: PathBuf,
+    status_path: PathBuf,
+    crash_at: Option<String>,
+    last_report_seq: u64,
+    last_status_write: u64,
+    status_dirty: bool,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("device", &self.cfg.device)
+            .finish_non_exhaustive()
+    }
+}
+
+fn start_link(cfg: &Config) -> Result<Link, DaemonError> {
+    let offline = codec::encode(&DeviceStatus {
+        device: cfg.device.clone(),
+        presence: Presence::Offline,
+        // The will is fixed at connect time; the retained online status
+        // carries the current sequence.
+        applied_instruction_seq: 0,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        at_ms: now_ms(),
+    });
+    let options = link::mqtt_options(&cfg.broker, topics::status(&cfg.device), offline)?;
+    let (client, eventloop): (AsyncClient, EventLoop) =
+        AsyncClient::new(options, 4 * link::SEND_WINDOW);
+    let (tx, events) = unbounded_channel();
+    let driver = tokio::spawn(link::drive(
+        eventloop,
+        tx,
+        cfg.broker.reconnect_min_ms,
+        cfg.broker.reconnect_max_ms,
+    ));
+    Ok(Link {
+        client,
+        events,
+        driver,
+    })
+}
+
+impl Daemon {
+    /// Loads keys and state, restores the last-known-good profile, opens
+    /// the outbox and starts the MQTT link. Must run inside a tokio runtime.
+    pub fn start(
+        cfg: Config,
+        mut runtime: Box<dyn ShardRuntime>,
+        source: Box<dyn QosSource>,
+    ) -> Result<Self, DaemonError> {
+        let state_io = |source| DaemonError::State {
+            path: cfg.state_dir.clone(),
+            source,
+        };
+        persist::ensure_private_dir(&cfg.state_dir).map_err(state_io)?;
+        let (key, created) = super::keys::load_or_create(&cfg.device_key_file)?;
+        if created {
+            tracing::info!(
+                path = %cfg.device_key_file.display(),
+                public_key = %hex::encode(key.public_key()),
+                "generated the device key; enrol this public key with the allocator"
+            );
+        }
+        let state_path = cfg.state_dir.join("state.json");
+        let persisted = load_state(&state_path)?;
+        let now = now_ms();
+        let (manager, actions) = CapabilityManager::restore(
+            cfg.device.clone(),
+            AcceptancePolicy::default(),
+            persisted,
+            pinned_key_set(&cfg.allocator_keys),
+            now,
+        );
+        let outbox = Outbox::open(&cfg.state_dir.join("outbox"), cfg.outbox_cap)?;
+        if !outbox.is_empty() {
+            tracing::info!(messages = outbox.len(), "resending what the outbox kept");
+        }
+        // Boot actions are starts of still-valid leases: no ack among them.
+        for action in &actions {
+            if let Action::Start { capability, shards } = action {
+                if let Err(e) = runtime.activate(capability, shards, now) {
+                    tracing::warn!(capability, error = %e, "restoring the capability failed");
+                }
+            }
+        }
+        let link = start_link(&cfg)?;
+        let mut d = Self {
+            status_path: cfg.state_dir.join("status.json"),
+            cfg,
+            key,
+            manager,
+            outbox,
+            core: LinkCore::default(),
+            link,
+            runtime,
+            source,
+            sampler: ResourceSampler::default(),
+            notifier: Notifier::from_env(),
+            state_path,
+            crash_at: std::env::var(CRASH_ENV).ok(),
+            last_report_seq: 0,
+            last_status_write: 0,
+            status_dirty: true,
+        };
+        for action in actions {
+            if let Action::Persist(state) = action {
+                d.save(&state)?;
+            }
+        }
+        d.write_status(now);
+        Ok(d)
+    }
+
+    /// Runs until SIGTERM (Ok) or a fatal error.
+    pub async fn run(mut self) -> Result<(), DaemonError> {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+        let mut window = window_interval(self.cfg.monitor.window_ms);
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog_every = self.notifier.watchdog_interval();
+        let mut last_watchdog = tokio::time::Instant::now();
+        let mut last_floor = tokio::time::Instant::now();
+        self.notifier.ready();
+        tracing::info!(
+            device = %self.cfg.device,
+            broker = %format!("{}:{}", self.cfg.broker.host, self.cfg.broker.port),
+            tls = self.cfg.broker.tls,
+            applied_seq = self.manager.applied_seq(),
+            "agent running"
+        );
+        loop {
+            let lease_wait = self
+                .manager
+                .next_deadline()
+                .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+            tokio::select! {
+                ev = self.link.events.recv() => match ev {
+                    Some(ev) => self.on_link_event(ev)?,
+                    None => {
+                        tracing::warn!("MQTT driver ended; restarting the link");
+                        self.restart_link()?;
+                    }
+                },
+                _ = window.tick() => self.on_window()?,
+                _ = tokio::time::sleep(lease_wait.unwrap_or(Duration::MAX)), if lease_wait.is_some() => {
+                    let actions = self.manager.on_tick(now_ms());
+                    self.execute(actions, None)?;
+                }
+                _ = housekeeping.tick() => {
+                    let now = now_ms();
+                    for line in self.runtime.poll(now) {
+                        tracing::info!(event = %line, "shard host");
+                    }
+                    let actions = self.manager.on_tick(now);
+                    self.execute(actions, None)?;
+                    if last_floor.elapsed() >= FLOOR_EVERY {
+                        last_floor = tokio::time::Instant::now();
+                        let actions = self.manager.advance_floor(now);
+                        self.execute(actions, None)?;
+                    }
+                    if let Some(every) = watchdog_every {
+                        if last_watchdog.elapsed() >= every {
+                            self.notifier.watchdog();
+                            last_watchdog = tokio::time::Instant::now();
+                        }
+                    }
+                    self.write_status(now);
+                }
+                _ = sighup.recv() => {
+                    if let Some(ms) = self.reload()? {
+                        window = window_interval(ms);
+                    }
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    fn on_link_event(&mut self, ev: LinkEvent) -> Result<(), DaemonError> {
+        match ev {
+            LinkEvent::Down {
+                error,
+                dropped_unsent,
+            } => {
+                if self.core.is_connected() {
+                    tracing::warn!(%error, "broker connection lost");
+                } else {
+                    tracing::debug!(%error, "broker not reachable");
+                }
+                self.core.on_down(dropped_unsent);
+                self.status_dirty = true;
+            }
+            LinkEvent::Mqtt(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(session_present = ack.session_present, "connected to the broker");
+                self.core.on_connected();
+                let instr = topics::instr(&self.cfg.device);
+                if let Err(e) = self.link.client.try_subscribe(instr, QoS::AtLeastOnce) {
+                    tracing::warn!(error = %e, "subscribe request failed");
+                }
+                self.publish_online();
+                self.flush();
+                self.status_dirty = true;
+            }
+            LinkEvent::Mqtt(Event::Incoming(Packet::Publish(p))) => self.on_publish(p)?,
+            LinkEvent::Mqtt(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(id) = self.core.on_puback(ack.pkid) {
+                    self.outbox.remove(id);
+                }
+                self.flush();
+            }
+            LinkEvent::Mqtt(Event::Outgoing(out)) => self.core.on_outgoing(&out),
+            LinkEvent::Mqtt(Event::Incoming(_)) => {}
+        }
+        Ok(())
+    }
+
+    fn on_publish(&mut self, p: Publish) -> Result<(), DaemonError> {
+        if p.topic == topics::instr(&self.cfg.device) {
+            let now = now_ms();
+            let actions = self.manager.on_instruction(&p.payload, now);
+            self.execute(actions, Some(now))?;
+            crash_point(&self.crash_at, "before-broker-ack");
+        } else {
+            tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
+        }
+        // Only now, with the effect on disk, may the broker forget it.
+        if let Err(e) = self.link.client.try_ack(&p) {
+            tracing::warn!(error = %e, "could not queue the PUBACK; the broker will redeliver");
+        }
+        Ok(())
+    }
+
+    /// Executes manager actions in order. `instruction_at` marks an
+    /// instruction's action list (crash hooks apply, acks are published).
+    fn execute(
+        &mut self,
+        actions: Vec<Action>,
+        instruction_at: Option<u64>,
+    ) -> Result<(), DaemonError> {
+        let now = instruction_at.unwrap_or_else(now_ms);
+        let mut failure: Option<String> = None;
+        let hook = if instruction_at.is_some() {
+            self.crash_at.clone()
+        } else {
+            None
+        };
+        for action in actions {
+            match action {
+                Action::Persist(state) => {
+                    crash_point(&hook, "before-persist");
+                    self.save(&state)?;
+                    crash_point(&hook, "after-persist");
+                }
+                Action::Start { capability, shards } => {
+                    tracing::info!(capability, shards = shards.len(), "starting capability");
+                    if let Err(e) = self.runtime.activate(&capability, &shards, now) {
+                        tracing::warn!(capability, error = %e, "capability failed to start");
+                        failure = Some(format!("{capability}: {e}"));
+                    }
+                    self.status_dirty = true;
+                }
+                Action::Stop { capability } => {
+                    tracing::info!(capability, "stopping capability");
+                    self.runtime.deactivate(&capability, now);
+                    self.status_dirty = true;
+                }
+                Action::Ack { seq, outcome } => {
+                    let outcome = match (outcome, &failure) {
+                        (AckOutcome::Applied, Some(reason)) => AckOutcome::Failed {
+                            reason: reason.clone(),
+                        },
+                        (o, _) => o,
+                    };
+                    tracing::info!(seq, ?outcome, "instruction handled");
+                    let ack = InstructionAck {
+                        device: self.cfg.device.clone(),
+                        instruction_seq: seq,
+                        outcome,
+                        at_ms: now,
+                    };
+                    let bytes = sign::seal(Domain::Ack, &ack, &[&self.key]);
+                    self.outbox.push(&topics::ack(&self.cfg.device), &bytes)?;
+                    self.flush();
+                    self.status_dirty = true;
+                }
+            }
+        }
+        if self.status_dirty {
+            self.write_status(now);
+        }
+        Ok(())
+    }
+
+    fn save(&self, state: &PersistedState) -> Result<(), DaemonError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| DaemonError::StateCorrupt {
+            path: self.state_path.clone(),
+            reason: e.to_string(),
+        })?;
+        persist::write_atomic(&self.state_path, &bytes, 0o600).map_err(|source| {
+            DaemonError::State {
+                path: self.state_path.clone(),
+                source,
+            }
+        })
+    }
+
+    fn on_window(&mut self) -> Result<(), DaemonError> {
+        let now = now_ms();
+        let Some(window) = self.source.poll_window(now) else {
+            return Ok(());
+        };
+        let (seq, actions) = self.manager.next_report_seq();
+        self.execute(actions, None)?;
+        let shards = self.manager.report_statuses(self.runtime.statuses(now));
+        let report = QosReport {
+            device: self.cfg.device.clone(),
+            seq,
+            window_start_ms: window.start_ms,
+            window_ms: window.window_ms,
+            classes: window.classes,
+            resources: self.sampler.sample(),
+            shards,
+            applied_instruction_seq: self.manager.applied_seq(),
+            rejections: self.manager.rejections().clone(),
+        };
+        let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
+        self.outbox.push(&topics::report(&self.cfg.device), &bytes)?;
+        self.last_report_seq = seq;
+        self.flush();
+        Ok(())
+    }
+
+    fn publish_online(&mut self) {
+        let status = codec::encode(&DeviceStatus {
+            device: self.cfg.device.clone(),
+            presence: Presence::Online,
+            applied_instruction_seq: self.manager.applied_seq(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            at_ms: now_ms(),
+        });
+        if link::try_publish(
+            &self.link.client,
+            &topics::status(&self.cfg.device),
+            status,
+            true,
+        ) {
+            self.core.handed_out(Sent::Other);
+        }
+    }
+
+    /// Hands the oldest unsent outbox messages to the client, within the window.
+    fn flush(&mut self) {
+        for id in self.core.to_send(self.outbox.ids()) {
+            match self.outbox.read(id) {
+                Ok(Some(m)) => {
+                    if !link::try_publish(&self.link.client, &m.topic, m.payload, false) {
+                        break;
+                    }
+                    self.core.handed_out(Sent::Outbox(id));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping an unreadable outbox message");
+                    self.outbox.remove(id);
+                }
+            }
+        }
+    }
+
+    /// A small JSON file for operators and tests: profile, shard states,
+    /// link and outbox; written on changes and at most once a second otherwise.
+    fn write_status(&mut self, now: u64) {
+        if !self.status_dirty && now.saturating_sub(self.last_status_write) < 1000 {
+            return;
+        }
+        self.status_dirty = false;
+        self.last_status_write = now;
+        let profile: Vec<_> = self
+            .manager
+            .profile()
+            .map(|a| {
+                serde_json::json!({
+                    "shard": a.shard.to_string(),
+                    "capability": a.capability,
+                    "lease_expires_at_ms": a.lease_expires_at_ms,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "at_ms": now,
+            "device": self.cfg.device.as_str(),
+            "connected": self.core.is_connected(),
+            "applied_instruction_seq": self.manager.applied_seq(),
+            "key_epoch": self.manager.acceptance().keys.epoch,
+            "profile": profile,
+            "shards": self.runtime.statuses(now),
+            "rejections": self.manager.rejections(),
+            "last_report_seq": self.last_report_seq,
+            "outbox_len": self.outbox.len(),
+            "outbox_dropped": self.outbox.dropped(),
+            "outbox_unacked": self.core.unacked(),
+        });
+        // Not fsynced: it is a view, rebuilt every second.
+        let tmp = self.status_path.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, doc.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &self.status_path));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not write status.json");
+        }
+    }
+
+    fn restart_link(&mut self) -> Result<(), DaemonError> {
+        self.link.driver.abort();
+        self.link = start_link(&self.cfg)?;
+        self.core = LinkCore::default();
+        Ok(())
+    }
+
+    /// SIGHUP: re-reads the configuration. Broker settings, window, outbox cap
+    /// and pinned keys take effect; a changed device id or state directory
+    /// needs a restart and is refused. Returns the new window length.
+    fn reload(&mut self) -> Result<Option<u32>, DaemonError> {
+        self.notifier.reloading();
+        let new = match Config::load(&self.cfg.path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the running configuration");
+                self.notifier.ready();
+                return Ok(None);
+            }
+        };
+        if new.device != self.cfg.device
+            || new.state_dir != self.cfg.state_dir
+            || new.device_key_file != self.cfg.device_key_file
+        {
+            tracing::error!(
+                "reload refused: device id, state dir and key file change only with a restart"
+            );
+            self.notifier.ready();
+            return Ok(None);
+        }
+        let old = std::mem::replace(&mut self.cfg, new);
+        let actions = self
+            .manager
+            .repin(pinned_key_set(&self.cfg.allocator_keys));
+        self.execute(actions, None)?;
+        self.outbox.set_cap(self.cfg.outbox_cap);
+        if old.broker != self.cfg.broker {
+            tracing::info!("broker settings changed; reconnecting");
+            self.restart_link()?;
+        }
+        let window = (old.monitor.window_ms != self.cfg.monitor.window_ms).then(|| {
+            self.source.set_window(self.cfg.monitor.window_ms);
+            self.cfg.monitor.window_ms
+        });
+        if old.monitor.interfaces != self.cfg.monitor.interfaces || old.monitor.pcap != self.cfg.monitor.pcap {
+            tracing::warn!("capture source changes take effect at the next restart");
+        }
+        tracing::info!("configuration reloaded");
+        self.notifier.ready();
+        Ok(window)
+    }
+
+    /// SIGTERM: stop shard hosts, say offline, leave the outbox for the next start.
+    async fn shutdown(mut self) {
+        self.notifier.stopping();
+        tracing::info!("stopping: shutting down shard hosts");
+        self.runtime.shutdown();
+        self.status_dirty = true;
+        self.write_status(now_ms());
+        if self.core.is_connected() {
+            let offline = codec::encode(&DeviceStatus {
+                device: self.cfg.device.clone(),
+                presence: Presence::Offline,
+                applied_instruction_seq: self.manager.applied_seq(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                at_ms: now_ms(),
+            });
+            if link::try_publish(
+                &self.link.client,
+                &topics::status(&self.cfg.device),
+                offline,
+                true,
+            ) {
+                // Give the event loop a moment to put it on the wire.
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                while let Ok(Some(ev)) =
+                    tokio::time::timeout_at(deadline, self.link.events.recv()).await
+                {
+                    if matches!(ev, LinkEvent::Mqtt(Event::Incoming(Packet::PubAck(_)))) {
+                        break;
+                    }
+                }
+            }
+            let _ = self.link.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.link.events.recv()).await;
+        }
+        self.link.driver.abort();
+        tracing::info!(outbox = self.outbox.len(), "stopped");
+    }
+}
+
+fn window_interval(ms: u32) -> tokio::time::Interval {
+    // Tick several times per window so the source closes it close to on time.
+    let mut i = tokio::time::interval(Duration::from_millis(u64::from((ms / 4).clamp(2, 250))));
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}

@@ -1,0 +1,675 @@
+//! The agent's configuration file (`/etc/shardline/agent.toml`).
+//!
+//! Parsing is strict (unknown keys are errors, so a typo never silently falls
+//! back to a default) and every error names the file, the line and the field,
+//! because the person reading it is an operator on a router console.
+//! Validation that needs more than one field runs after deserialization on
+//! `toml::Spanned` values, so those errors carry a line as well.
+
+use serde::Deserialize;
+use shardline_shared::DeviceId;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Where the agent looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/shardline/agent.toml";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (for reloads and messages).
+    pub path: PathBuf,
+    pub device: DeviceId,
+    /// Hex-encoded 32-byte Ed25519 seed, mode 0600; generated on first start.
+    pub device_key_file: PathBuf,
+    /// Pinned allocator public keys (epoch 0 of the instruction key set).
+    pub allocator_keys: Vec<[u8; 32]>,
+    pub broker: BrokerConfig,
+    pub monitor: MonitorConfig,
+    pub shard_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Most reports and acks kept on disk while the broker is unreachable.
+    pub outbox_cap: usize,
+    pub limits: AgentLimits,
+}
+
+/// How to reach the MQTT broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Stable client id: the broker keeps the persistent session under it.
+    pub client_id: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub keep_alive_s: u16,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+/// What traffic to watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub interfaces: Vec<String>,
+    /// A capture file replayed instead of live interfaces (demos without root).
+    pub pcap: Option<PathBuf>,
+    /// Length of one QoS window, which is also the report period.
+    pub window_ms: u32,
+}
+
+/// Limits the agent applies to itself at start (its shard hosts get theirs
+/// from the signed instructions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AgentLimits {
+    /// `RLIMIT_AS` in MiB.
+    pub memory_max_mib: Option<u64>,
+    /// `RLIMIT_NOFILE`.
+    pub nofile: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    device: RawDevice,
+    allocator: RawAllocator,
+    broker: RawBroker,
+    #[serde(default)]
+    monitor: RawMonitor,
+    #[serde(default)]
+    shards: RawShards,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    id: DeviceId,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllocator {
+    #[serde(default)]
+    keys: Vec<HexKey>,
+    key_set_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    url: BrokerUrl,
+    client_id: Option<Spanned<String>>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<Spanned<PathBuf>>,
+    key_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "default_keep_alive")]
+    keep_alive_s: Spanned<u16>,
+    #[serde(default = "default_reconnect_min")]
+    reconnect_min_ms: Spanned<u64>,
+    #[serde(default = "default_reconnect_max")]
+    reconnect_max_ms: Spanned<u64>,
+}
+
+fn default_keep_alive() -> Spanned<u16> {
+    Spanned::new(0..0, 30)
+}
+fn default_reconnect_min() -> Spanned<u64> {
+    Spanned::new(0..0, 500)
+}
+fn default_reconnect_max() -> Spanned<u64> {
+    Spanned::new(0..0, 30_000)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMonitor {
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    pcap: Option<Spanned<PathBuf>>,
+    window_ms: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShards {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
+    outbox_cap: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory_max_mib: Option<Spanned<u64>>,
+    nofile: Option<Spanned<u64>>,
+}
+
+/// A lowercase or uppercase hex Ed25519 public key (64 digits).
+struct HexKey([u8; 32]);
+
+impl<'de> Deserialize<'de> for HexKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_hex_key(&s).map(HexKey).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a 64-digit hex public key.
+pub fn parse_hex_key(s: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(s.trim()).map_err(|e| format!("not a hex public key: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("a public key is 32 bytes (64 hex digits), got {}", b.len()))
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]`.
+struct BrokerUrl {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+impl<'de> Deserialize<'de> for BrokerUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_broker_url(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
+    let (tls, rest) = if let Some(rest) = s.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = s.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(format!(
+            "{s:?} is not a broker URL (mqtt://host[:port] or mqtts://host[:port])"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
+    // Bracketed IPv6 literal: [::1]:1883
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: unterminated '[' in host"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{s:?}: unexpected {after:?} after host")),
+        };
+        (host.to_owned(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (rest.to_owned(), None),
+        }
+    };
+    if host.is_empty() || host.contains('/') || host.contains('@') {
+        return Err(format!("{s:?}: missing or invalid host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{s:?}: port {p:?} is not 1-65535"))?,
+        None => default_port,
+    };
+    Ok(BrokerUrl { tls, host, port })
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Best effort `table.key` for a byte offset: the key on that line, prefixed
+/// by the nearest table header above it.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().to_owned());
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .map(|t| t.trim_matches(['[', ']']).trim().to_owned())
+    });
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        // The span covers a whole table (e.g. a missing field).
+        (_, None) => line
+            .trim()
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .map(|t| t.trim_matches(['[', ']']).trim().to_owned()),
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (used for messages and for
+    /// resolving relative paths of key set files).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, span.start),
+            field: field.to_owned(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            let span = e.span().unwrap_or(0..0);
+            let field = missing_field(&message)
+                .map(|m| match field_at(text, span.start) {
+                    Some(t) if !t.contains('.') => format!("{t}.{m}"),
+                    _ => m,
+                })
+                .or_else(|| field_at(text, span.start))
+                .unwrap_or_else(|| "(document)".to_owned());
+            invalid(span, &field, message)
+        })?;
+
+        let mut allocator_keys: Vec<[u8; 32]> = raw.allocator.keys.iter().map(|k| k.0).collect();
+        if let Some(file) = &raw.allocator.key_set_file {
+            let file_path = resolve(path, file.get_ref());
+            let listed = load_key_set_file(&file_path)
+                .map_err(|m| invalid(file.span(), "allocator.key_set_file", m))?;
+            allocator_keys.extend(listed);
+        }
+        allocator_keys.sort();
+        allocator_keys.dedup();
+        if allocator_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: text
+                    .lines()
+                    .position(|l| l.trim() == "[allocator]")
+                    .map_or(1, |i| i + 1),
+                field: "allocator.keys".into(),
+                message: "at least one pinned allocator public key is required \
+                          (allocator.keys or allocator.key_set_file)"
+                    .into(),
+            });
+        }
+
+        let b = raw.broker;
+        if b.cert_file.is_some() != b.key_file.is_some() {
+            let span = b
+                .cert_file
+                .as_ref()
+                .map(|s| s.span())
+                .or_else(|| b.key_file.as_ref().map(|s| s.span()))
+                .unwrap_or(0..0);
+            return Err(invalid(
+                span,
+                "broker.cert_file",
+                "a client certificate needs both cert_file and key_file".into(),
+            ));
+        }
+        if !b.url.tls && b.cert_file.is_some() {
+            let span = b.cert_file.as_ref().map_or(0..0, |s| s.span());
+            return Err(invalid(
+                span,
+                "broker.cert_file",
+                "a client certificate needs an mqtts:// broker url".into(),
+            ));
+        }
+        if *b.keep_alive_s.get_ref() < 5 {
+            return Err(invalid(
+                b.keep_alive_s.span(),
+                "broker.keep_alive_s",
+                "must be at least 5 seconds".into(),
+            ));
+        }
+        let (rmin, rmax) = (*b.reconnect_min_ms.get_ref(), *b.reconnect_max_ms.get_ref());
+        if rmin == 0 || rmin > rmax {
+            return Err(invalid(
+                b.reconnect_min_ms.span(),
+                "broker.reconnect_min_ms",
+                format!("must be at least 1 and not above reconnect_max_ms ({rmax})"),
+            ));
+        }
+        let client_id = match &b.client_id {
+            Some(id) => {
+                let v = id.get_ref();
+                if v.is_empty() || v.len() > 128 {
+                    return Err(invalid(
+                        id.span(),
+                        "broker.client_id",
+                        "must be 1 to 128 characters".into(),
+                    ));
+                }
+                v.clone()
+            }
+            None => format!("shardline-agent-{}", raw.device.id),
+        };
+
+        let m = raw.monitor;
+        if m.pcap.is_some() && !m.interfaces.is_empty() {
+            let span = m.pcap.as_ref().map_or(0..0, |p| p.span());
+            return Err(invalid(
+                span,
+                "monitor.pcap",
+                "give either interfaces or a pcap file to replay, not both".into(),
+            ));
+        }
+        for iface in &m.interfaces {
+            let v = iface.get_ref();
+            if v.is_empty() || v.len() > 15 || v.contains(['/', ' ']) {
+                return Err(invalid(
+                    iface.span(),
+                    "monitor.interfaces",
+                    format!("{v:?} is not an interface name"),
+                ));
+            }
+        }
+        let window_ms = match &m.window_ms {
+            Some(w) if !(10..=3_600_000).contains(w.get_ref()) => {
+                return Err(invalid(
+                    w.span(),
+                    "monitor.window_ms",
+                    "must be between 10 ms and one hour".into(),
+                ))
+            }
+            Some(w) => *w.get_ref(),
+            None => 5_000,
+        };
+
+        let outbox_cap = match &raw.state.outbox_cap {
+            Some(c) if *c.get_ref() == 0 => {
+                return Err(invalid(
+                    c.span(),
+                    "state.outbox_cap",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(c) => *c.get_ref(),
+            None => 10_000,
+        };
+
+        let l = raw.limits;
+        if let Some(mem) = &l.memory_max_mib {
+            if *mem.get_ref() < 16 {
+                return Err(invalid(
+                    mem.span(),
+                    "limits.memory_max_mib",
+                    "below 16 MiB the agent cannot run".into(),
+                ));
+            }
+        }
+
+        let state_dir = raw
+            .state
+            .dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/shardline"));
+        Ok(Config {
+            path: path.to_owned(),
+            device_key_file: raw
+                .device
+                .key_file
+                .map(|p| resolve(path, &p))
+                .unwrap_or_else(|| state_dir.join("device.key")),
+            device: raw.device.id,
+            allocator_keys,
+            broker: BrokerConfig {
+                tls: b.url.tls,
+                host: b.url.host,
+                port: b.url.port,
+                client_id,
+                ca_file: b.ca_file.map(|p| resolve(path, &p)),
+                cert_file: b.cert_file.map(|p| resolve(path, p.get_ref())),
+                key_file: b.key_file.map(|p| resolve(path, p.get_ref())),
+                keep_alive_s: *b.keep_alive_s.get_ref(),
+                reconnect_min_ms: rmin,
+                reconnect_max_ms: rmax,
+            },
+            monitor: MonitorConfig {
+                interfaces: m.interfaces.into_iter().map(|i| i.into_inner()).collect(),
+                pcap: m.pcap.map(|p| resolve(path, p.get_ref())),
+                window_ms,
+            },
+            shard_dir: raw
+                .shards
+                .dir
+                .map(|p| resolve(path, &p))
+                .unwrap_or_else(|| state_dir.join("shards")),
+            state_dir: resolve(path, &state_dir),
+            outbox_cap,
+            limits: AgentLimits {
+                memory_max_mib: l.memory_max_mib.map(|v| v.into_inner()),
+                nofile: l.nofile.map(|v| v.into_inner()),
+            },
+        })
+    }
+}
+
+/// `missing field `x`` → `x`.
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+/// Relative paths in the file are relative to the file's directory, so a demo
+/// config can sit next to its keys.
+fn resolve(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(p)
+    }
+}
+
+/// A key set file: one hex public key per line; `#` starts a comment.
+fn load_key_set_file(path: &Path) -> Result<Vec<[u8; 32]>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read key set file {}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        keys.push(parse_hex_key(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?);
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/shardline/agent.toml"), text)
+    }
+
+    fn minimal() -> String {
+        format!(
+            "[device]\nid = \"r1\"\n\n[allocator]\nkeys = [\"{KEY}\"]\n\n[broker]\nurl = \"mqtt://127.0.0.1:1884\"\n"
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!(c.device.as_str(), "r1");
+        assert_eq!(c.broker.port, 1884);
+        assert!(!c.broker.tls);
+        assert_eq!(c.broker.client_id, "shardline-agent-r1");
+        assert_eq!(c.monitor.window_ms, 5000);
+        assert_eq!(c.outbox_cap, 10_000);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/shardline"));
+        assert_eq!(
+            c.device_key_file,
+            PathBuf::from("/var/lib/shardline/device.key")
+        );
+        assert_eq!(c.allocator_keys.len(), 1);
+    }
+
+    fn expect_invalid(text: &str, want_line: usize, want_field: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                line,
+                field,
+                message,
+                path,
+            }) => {
+                assert_eq!(path, PathBuf::from("/etc/shardline/agent.toml"));
+                assert_eq!(
+                    (line, field.as_str()),
+                    (want_line, want_field),
+                    "message: {message}"
+                );
+                message
+            }
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let bad_device = minimal().replace("id = \"r1\"", "id = \"a/b\"");
+        expect_invalid(&bad_device, 2, "device.id");
+
+        let bad_key = minimal().replace(KEY, "abcd");
+        let msg = expect_invalid(&bad_key, 5, "allocator.keys");
+        assert!(msg.contains("32 bytes"), "{msg}");
+
+        let bad_url = minimal().replace("mqtt://127.0.0.1:1884", "http://x");
+        expect_invalid(&bad_url, 8, "broker.url");
+
+        let typo = format!("{}window = 5\n", minimal());
+        expect_invalid(&typo, 9, "broker.window");
+
+        let window = format!("{}\n[monitor]\nwindow_ms = 1\n", minimal());
+        expect_invalid(&window, 11, "monitor.window_ms");
+
+        let missing = minimal().replace("url = \"mqtt://127.0.0.1:1884\"\n", "");
+        let msg = expect_invalid(&missing, 7, "broker.url");
+        assert!(msg.contains("missing"), "{msg}");
+    }
+
+    #[test]
+    fn display_names_file_line_and_field() {
+        let err = parse(&minimal().replace("r1", "a b")).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("/etc/shardline/agent.toml:2: field `device.id`:"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn broker_urls() {
+        let u = parse_broker_url("mqtts://broker.example:9000").unwrap();
+        assert!(u.tls && u.host == "broker.example" && u.port == 9000);
+        let u = parse_broker_url("mqtts://b").unwrap();
+        assert_eq!(u.port, 8883);
+        let u = parse_broker_url("mqtt://[::1]:1999").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 1999));
+        for bad in ["tcp://x", "mqtt://", "mqtt://h:0", "mqtt://h:99999", "mqtt://u@h"] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_certificate_needs_tls_and_both_files() {
+        let half = minimal().replace(
+            "url = \"mqtt://127.0.0.1:1884\"",
+            "url = \"mqtts://h\"\ncert_file = \"c.pem\"",
+        );
+        expect_invalid(&half, 9, "broker.cert_file");
+        let plain = minimal().replace(
+            "url = \"mqtt://127.0.0.1:1884\"",
+            "url = \"mqtt://h\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"",
+        );
+        expect_invalid(&plain, 9, "broker.cert_file");
+        let ok = minimal().replace(
+            "url = \"mqtt://127.0.0.1:1884\"",
+            "url = \"mqtts://h\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"",
+        );
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.broker.cert_file, Some(PathBuf::from("/etc/shardline/c.pem")));
+    }
+
+    #[test]
+    fn no_pinned_key_is_an_error() {
+        let none = minimal().replace(&format!("keys = [\"{KEY}\"]"), "keys = []");
+        expect_invalid(&none, 4, "allocator.keys");
+    }
+
+    #[test]
+    fn key_set_file_keys_are_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = "11".repeat(32);
+        std::fs::write(dir.path().join("keys"), format!("# allocator\n{other}\n")).unwrap();
+        let text = minimal().replace(
+            &format!("keys = [\"{KEY}\"]"),
+            &format!("keys = [\"{KEY}\"]\nkey_set_file = \"keys\""),
+        );
+        let c = Config::parse(&dir.path().join("agent.toml"), &text).unwrap();
+        assert_eq!(c.allocator_keys.len(), 2);
+        std::fs::write(dir.path().join("keys"), "zz\n").unwrap();
+        let err = Config::parse(&dir.path().join("agent.toml"), &text).unwrap_err();
+        assert!(err.to_string().contains("allocator.key_set_file"), "{err}");
+    }
+
+    #[test]
+    fn pcap_and_interfaces_are_exclusive() {
+        let both = format!(
+            "{}\n[monitor]\ninterfaces = [\"eth0\"]\npcap = \"x.pcap\"\n",
+            minimal()
+        );
+        expect_invalid(&both, 12, "monitor.pcap");
+    }
+}

@@ -1,0 +1,759 @@
+//! The capability manager: the device's decision core, sans-IO.
+//!
+//! It owns everything the agent persists between runs ([`PersistedState`]:
+//! the instruction acceptance state, the running profile of shard
+//! activations, the report sequence reservation) and turns events into
+//! [`Action`]s: an instruction's bytes (through
+//! [`shardline_shared::accept::handle_incoming`]), a lease tick, a boot.
+//! It never touches a disk, a socket, a process or a clock; the daemon
+//! executes the actions **in order**, and every list that changes state
+//! starts with [`Action::Persist`], so the new state is on disk before any
+//! shard is started or stopped and before anything is acknowledged.
+//!
+//! Invariants:
+//! - a shard whose lease is at or before `now` is never in the profile after
+//!   [`CapabilityManager::on_tick`]; [`CapabilityManager::next_deadline`] says
+//!   when the next one runs out so the daemon can wake exactly then;
+//! - renewing a lease (same shard, hash, config, limits) does not restart its
+//!   host: only a changed capability spec produces `Start`;
+//! - report sequence numbers only grow, across restarts, because they are
+//!   handed out from a block reserved on disk first.
+
+use serde::{Deserialize, Serialize};
+use shardline_shared::accept::{
+    self, AcceptancePolicy, AcceptanceState, Decision, RotationError, Verdict,
+};
+use shardline_shared::msg::{
+    Activation, AckOutcome, Enforcement, KeySet, Operation, RejectReason, RejectionCounters,
+    ShardState, ShardStatus,
+};
+use shardline_shared::sign::OpenError;
+use shardline_shared::{DeviceId, ShardRef};
+use std::collections::BTreeMap;
+
+/// How many report sequence numbers are reserved on disk at once: one fsync
+/// per block instead of one per report.
+pub const SEQ_BLOCK: u64 = 1024;
+
+/// Format of [`PersistedState`]; bumped on incompatible changes.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Everything the device must remember across restarts (`state.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub format: u32,
+    pub acceptance: AcceptanceState,
+    /// The last-known-good profile: activations of the applied instructions
+    /// whose leases had not run out, ordered by shard.
+    pub profile: Vec<Activation>,
+    /// Report sequence numbers up to this one may have been used.
+    pub report_seq_reserved: u64,
+}
+
+/// What the daemon must do, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write this state durably before executing the next action.
+    Persist(Box<PersistedState>),
+    /// (Re)start the capability's host with exactly these shards.
+    Start {
+        capability: String,
+        shards: Vec<Activation>,
+    },
+    /// Stop the capability's host.
+    Stop { capability: String },
+    /// Publish an ack. `Applied` becomes `Failed` in the daemon when a
+    /// `Start` of the same action list failed.
+    Ack { seq: u64, outcome: AckOutcome },
+}
+
+/// The decision core; see the module docs.
+#[derive(Debug)]
+pub struct CapabilityManager {
+    device: DeviceId,
+    policy: AcceptancePolicy,
+    acceptance: AcceptanceState,
+    profile: BTreeMap<ShardRef, Activation>,
+    /// What the runtime was last told to run, per capability, leases blanked.
+    running: BTreeMap<String, Vec<Activation>>,
+    report_seq_reserved: u64,
+    next_report_seq: u64,
+    rejections: RejectionCounters,
+    /// Shards stopped because their lease ran out, not yet reported.
+    expired: Vec<ShardStatus>,
+}
+
+impl CapabilityManager {
+    /// Restores from the persisted state (if any) at boot: re-pins `pinned`
+    /// when the key set was never rotated, drops leases that ran out while
+    /// the agent was down, and starts the rest of the last-known-good profile.
+    pub fn restore(
+        device: DeviceId,
+        policy: AcceptancePolicy,
+        persisted: Option<PersistedState>,
+        pinned: KeySet,
+        now_ms: u64,
+    ) -> (Self, Vec<Action>) {
+        let fresh = persisted.is_none();
+        let state = persisted.unwrap_or_else(|| PersistedState {
+            format: STATE_FORMAT,
+            acceptance: AcceptanceState::new(pinned.clone()),
+            profile: Vec::new(),
+            report_seq_reserved: 0,
+        });
+        let mut acceptance = state.acceptance;
+        let mut changed = fresh;
+        // The configuration pins epoch 0; after a rotation the rotated set
+        // (signed by the old and the new keys) is authoritative.
+        if acceptance.keys.epoch == 0 && acceptance.keys != pinned {
+            acceptance.keys = pinned;
+            changed = true;
+        }
+        let mut mgr = Self {
+            device,
+            policy,
+            acceptance,
+            profile: state
+                .profile
+                .into_iter()
+                .map(|a| (a.shard.clone(), a))
+                .collect(),
+            running: BTreeMap::new(),
+            report_seq_reserved: state.report_seq_reserved,
+            next_report_seq: state.report_seq_reserved + 1,
+            rejections: RejectionCounters::default(),
+            expired: Vec::new(),
+        };
+        changed |= mgr.expire(now_ms);
+        let mut actions = Vec::new();
+        if changed {
+            actions.push(mgr.persist());
+        }
+        actions.extend(mgr.reconcile());
+        (mgr, actions)
+    }
+
+    /// Handles bytes received on the device's `instr` topic.
+    pub fn on_instruction(&mut self, bytes: &[u8], now_ms: u64) -> Vec<Action> {
+        let Decision { verdict, state } =
+            accept::handle_incoming(&self.acceptance, &self.device, bytes, now_ms, &self.policy);
+        match verdict {
+            Verdict::Apply(instr) => {
+                self.acceptance = state;
+                for op in instr.ops {
+                    match op {
+                        Operation::Activate(a) => {
+                            if a.lease_expires_at_ms <= now_ms {
+                                // Already over: never start it, but say so.
+                                self.expired.push(expired_status(&a));
+                                self.profile.remove(&a.shard);
+                            } else {
+                                self.profile.insert(a.shard.clone(), a);
+                            }
+                        }
+                        Operation::Deactivate { shard } => {
+                            self.profile.remove(&shard);
+                        }
+                    }
+                }
+                let mut actions = vec![self.persist()];
+                actions.extend(self.reconcile());
+                actions.push(Action::Ack {
+                    seq: instr.seq,
+                    outcome: AckOutcome::Applied,
+                });
+                actions
+            }
+            Verdict::Ignore { seq } => vec![Action::Ack {
+                seq,
+                outcome: AckOutcome::Duplicate,
+            }],
+            Verdict::Reject { seq, reason } => {
+                self.rejections.count(reason);
+                vec![Action::Ack {
+                    seq: seq.unwrap_or(0),
+                    outcome: AckOutcome::Rejected(reason),
+                }]
+            }
+            Verdict::Rotated { .. } => {
+                self.acceptance = state;
+                // Rotations carry no sequence of their own: acked as seq 0.
+                vec![
+                    self.persist(),
+                    Action::Ack {
+                        seq: 0,
+                        outcome: AckOutcome::Applied,
+                    },
+                ]
+            }
+            Verdict::RotationRefused(err) => {
+                let reason = rotation_reason(&err);
+                self.rejections.count(reason);
+                vec![Action::Ack {
+                    seq: 0,
+                    outcome: AckOutcome::Rejected(reason),
+                }]
+            }
+        }
+    }
+
+    /// Stops every shard whose lease ran out by `now`.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<Action> {
+        if !self.expire(now_ms) {
+            return Vec::new();
+        }
+        let mut actions = vec![self.persist()];
+        actions.extend(self.reconcile());
+        actions
+    }
+
+    /// Raises the persisted time floor (so a clock reset cannot revive
+    /// expired instructions); returns the persist action when it moved.
+    pub fn advance_floor(&mut self, now_ms: u64) -> Vec<Action> {
+        if now_ms <= self.acceptance.time_floor_ms {
+            return Vec::new();
+        }
+        self.acceptance.advance_floor(now_ms);
+        vec![self.persist()]
+    }
+
+    /// When the next lease runs out.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.profile.values().map(|a| a.lease_expires_at_ms).min()
+    }
+
+    /// The next report sequence number; when it leaves the reserved block,
+    /// a new block is reserved first (the returned `Persist` must be executed
+    /// before the report is stored).
+    pub fn next_report_seq(&mut self) -> (u64, Vec<Action>) {
+        let seq = self.next_report_seq;
+        self.next_report_seq += 1;
+        let mut actions = Vec::new();
+        if seq > self.report_seq_reserved {
+            self.report_seq_reserved = seq + SEQ_BLOCK - 1;
+            actions.push(self.persist());
+        }
+        (seq, actions)
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        self.acceptance.last_applied_seq
+    }
+
+    pub fn rejections(&self) -> &RejectionCounters {
+        &self.rejections
+    }
+
+    pub fn acceptance(&self) -> &AcceptanceState {
+        &self.acceptance
+    }
+
+    /// The active profile, ordered by shard.
+    pub fn profile(&self) -> impl Iterator<Item = &Activation> {
+        self.profile.values()
+    }
+
+    /// Shard statuses for a report: the runtime's view of running shards
+    /// (with the current lease, which a renewal may have moved), then the
+    /// shards expired since the last report (drained).
+    pub fn report_statuses(&mut self, mut runtime: Vec<ShardStatus>) -> Vec<ShardStatus> {
+        for s in &mut runtime {
+            if let Some(a) = self.profile.get(&s.shard) {
+                s.lease_expires_at_ms = a.lease_expires_at_ms;
+            }
+        }
+        runtime.retain(|s| !self.expired.iter().any(|e| e.shard == s.shard));
+        runtime.append(&mut self.expired);
+        runtime
+    }
+
+    /// Replaces the pinned epoch-0 keys (configuration reload); no effect
+    /// after a rotation. Returns the persist action when they changed.
+    pub fn repin(&mut self, pinned: KeySet) -> Vec<Action> {
+        if self.acceptance.keys.epoch == 0 && self.acceptance.keys != pinned {
+            self.acceptance.keys = pinned;
+            return vec![self.persist()];
+        }
+        Vec::new()
+    }
+
+    fn expire(&mut self, now_ms: u64) -> bool {
+        let gone: Vec<ShardRef> = self
+            .profile
+            .values()
+            .filter(|a| a.lease_expires_at_ms <= now_ms)
+            .map(|a| a.shard.clone())
+            .collect();
+        for shard in &gone {
+            if let Some(a) = self.profile.remove(shard) {
+                self.expired.push(expired_status(&a));
+            }
+        }
+        !gone.is_empty()
+    }
+
+    fn persist(&self) -> Action {
+        Action::Persist(Box::new(PersistedState {
+            format: STATE_FORMAT,
+            acceptance: self.acceptance.clone(),
+            profile: self.profile.values().cloned().collect(),
+            report_seq_reserved: self.report_seq_reserved,
+        }))
+    }
+
+    /// Brings the runtime in line with the profile: stops first (frees
+    /// resources), then starts capabilities whose spec changed.
+    fn reconcile(&mut self) -> Vec<Action> {
+        let mut desired: BTreeMap<String, Vec<Activation>> = BTreeMap::new();
+        for a in self.profile.values() {
+            desired
+                .entry(a.capability.clone())
+                .or_default()
+                .push(a.clone());
+        }
+        let mut actions = Vec::new();
+        for cap in self.running.keys() {
+            if !desired.contains_key(cap) {
+                actions.push(Action::Stop {
+                    capability: cap.clone(),
+                });
+            }
+        }
+        let mut running = BTreeMap::new();
+        for (cap, shards) in desired {
+            let spec: Vec<Activation> = shards.iter().map(without_lease).collect();
+            if self.running.get(&cap) != Some(&spec) {
+                actions.push(Action::Start {
+                    capability: cap.clone(),
+                    shards,
+                });
+            }
+            running.insert(cap, spec);
+        }
+        self.running = running;
+        actions
+    }
+}
+
+fn without_lease(a: &Activation) -> Activation {
+    Activation {
+        lease_expires_at_ms: 0,
+        ..a.clone()
+    }
+}
+
+fn expired_status(a: &Activation) -> ShardStatus {
+    ShardStatus {
+        shard: a.shard.clone(),
+        capability: a.capability.clone(),
+        state: ShardState::Expired,
+        cpu_permille: 0,
+        rss_kib: 0,
+        restarts: 0,
+        errors: 0,
+        last_failure: None,
+        lease_expires_at_ms: a.lease_expires_at_ms,
+        enforcement: Enforcement::RlimitsOnly,
+    }
+}
+
+/// Rotations have no counters of their own; they are counted under the
+/// instruction reason that describes the same fault.
+pub fn rotation_reason(err: &RotationError) -> RejectReason {
+    match err {
+        RotationError::Malformed(_)
+        | RotationError::EmptyKeySet
+        | RotationError::InconsistentKeyId(_) => RejectReason::Malformed,
+        RotationError::Signature(OpenError::UnknownKey(_)) => RejectReason::UnknownKey,
+        RotationError::Signature(OpenError::Envelope(_) | OpenError::Payload(_)) => {
+            RejectReason::Malformed
+        }
+        RotationError::Signature(_)
+        | RotationError::NotSignedByCurrentSet
+        | RotationError::NotSignedByNewSet => RejectReason::BadSignature,
+        RotationError::OutOfOrder { .. } => RejectReason::Rollback,
+        RotationError::FromFuture => RejectReason::FromFuture,
+        RotationError::ClockBehindFloor => RejectReason::ClockBehindFloor,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardline_shared::msg::{Instruction, KeyRotation, ResourceLimits, ShardKind};
+    use shardline_shared::sign::{seal, Domain, KeyPair};
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn alloc_key() -> KeyPair {
+        KeyPair::from_seed(&[1; 32])
+    }
+
+    fn me() -> DeviceId {
+        DeviceId::new("r1").unwrap()
+    }
+
+    fn activation(shard: &str, cap: &str, lease: u64) -> Activation {
+        Activation {
+            shard: shard.parse().unwrap(),
+            capability: cap.into(),
+            kind: ShardKind::Compute,
+            sha256: [9; 32],
+            config: vec![],
+            limits: ResourceLimits {
+                cpu_quota_permille: 200,
+                cpu_weight: 100,
+                memory_max_bytes: 32 << 20,
+                nice: 5,
+            },
+            priority: 1,
+            lease_expires_at_ms: lease,
+        }
+    }
+
+    fn instr(seq: u64, now: u64, ops: Vec<Operation>) -> Vec<u8> {
+        seal(
+            Domain::Instruction,
+            &Instruction {
+                device: me(),
+                seq,
+                issued_at_ms: now,
+                expires_at_ms: now + 60_000,
+                ops,
+            },
+            &[&alloc_key()],
+        )
+    }
+
+    fn boot(now: u64) -> CapabilityManager {
+        let (m, actions) = CapabilityManager::restore(
+            me(),
+            AcceptancePolicy::default(),
+            None,
+            KeySet::of(0, &[&alloc_key()]),
+            now,
+        );
+        assert!(matches!(actions.as_slice(), [Action::Persist(_)]));
+        m
+    }
+
+    fn starts(actions: &[Action]) -> Vec<(String, usize)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { capability, shards } => Some((capability.clone(), shards.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stops(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Stop { capability } => Some(capability.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn last_persist(actions: &[Action]) -> PersistedState {
+        actions
+            .iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::Persist(s) => Some((**s).clone()),
+                _ => None,
+            })
+            .expect("a persist action")
+    }
+
+    #[test]
+    fn applying_persists_first_then_starts_then_acks() {
+        let mut m = boot(T0);
+        let bytes = instr(
+            1,
+            T0,
+            vec![
+                Operation::Activate(activation("tunnel@1", "vpn", T0 + 10_000)),
+                Operation::Activate(activation("crypto@1", "vpn", T0 + 10_000)),
+            ],
+        );
+        let actions = m.on_instruction(&bytes, T0 + 1);
+        assert!(matches!(actions[0], Action::Persist(_)));
+        assert_eq!(starts(&actions), vec![("vpn".to_string(), 2)]);
+        assert_eq!(
+            actions.last(),
+            Some(&Action::Ack {
+                seq: 1,
+                outcome: AckOutcome::Applied
+            })
+        );
+        let saved = last_persist(&actions);
+        assert_eq!(saved.acceptance.last_applied_seq, 1);
+        assert_eq!(saved.profile.len(), 2);
+
+        // Redelivery: duplicate ack, nothing started, nothing persisted.
+        let again = m.on_instruction(&bytes, T0 + 2);
+        assert_eq!(
+            again,
+            vec![Action::Ack {
+                seq: 1,
+                outcome: AckOutcome::Duplicate
+            }]
+        );
+    }
+
+    #[test]
+    fn lease_expiry_stops_on_time_and_renewal_does_not_restart() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![
+                    Operation::Activate(activation("tunnel@1", "vpn", T0 + 10_000)),
+                    Operation::Activate(activation("shaper@1", "qos", T0 + 5_000)),
+                ],
+            ),
+            T0,
+        );
+        assert_eq!(starts(&a).len(), 2);
+        assert_eq!(m.next_deadline(), Some(T0 + 5_000));
+        assert!(m.on_tick(T0 + 4_999).is_empty());
+        let t = m.on_tick(T0 + 5_000);
+        assert_eq!(stops(&t), vec!["qos".to_string()]);
+        assert!(starts(&t).is_empty());
+        assert!(last_persist(&t).profile.iter().all(|a| a.capability == "vpn"));
+        let statuses = m.report_statuses(vec![]);
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0].state, ShardState::Expired);
+        assert!(m.report_statuses(vec![]).is_empty(), "reported once");
+
+        // Renewal of the vpn lease: persisted, but no restart.
+        let r = m.on_instruction(
+            &instr(
+                2,
+                T0 + 6_000,
+                vec![Operation::Activate(activation(
+                    "tunnel@1",
+                    "vpn",
+                    T0 + 20_000,
+                ))],
+            ),
+            T0 + 6_000,
+        );
+        assert!(starts(&r).is_empty() && stops(&r).is_empty(), "{r:?}");
+        assert!(m.on_tick(T0 + 10_000).is_empty(), "renewed lease holds");
+        assert_eq!(stops(&m.on_tick(T0 + 20_000)), vec!["vpn".to_string()]);
+        assert_eq!(m.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_changed_shard_restarts_its_capability_and_deactivate_stops_it() {
+        let mut m = boot(T0);
+        m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![Operation::Activate(activation("tunnel@1", "vpn", T0 + 9_000))],
+            ),
+            T0,
+        );
+        let mut changed = activation("tunnel@1", "vpn", T0 + 9_000);
+        changed.config = vec![1, 2, 3];
+        let a = m.on_instruction(&instr(2, T0, vec![Operation::Activate(changed)]), T0);
+        assert_eq!(starts(&a), vec![("vpn".to_string(), 1)]);
+        let d = m.on_instruction(
+            &instr(
+                3,
+                T0,
+                vec![Operation::Deactivate {
+                    shard: "tunnel@1".parse().unwrap(),
+                }],
+            ),
+            T0,
+        );
+        assert_eq!(stops(&d), vec!["vpn".to_string()]);
+        assert!(last_persist(&d).profile.is_empty());
+    }
+
+    #[test]
+    fn boot_restores_valid_leases_and_drops_expired_ones() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![
+                    Operation::Activate(activation("tunnel@1", "vpn", T0 + 10_000)),
+                    Operation::Activate(activation("shaper@1", "qos", T0 + 3_000)),
+                ],
+            ),
+            T0,
+        );
+        let saved = last_persist(&a);
+        // Reboot at T0 + 5 s, offline: qos ran out meanwhile, vpn is restored.
+        let (mut m2, actions) = CapabilityManager::restore(
+            me(),
+            AcceptancePolicy::default(),
+            Some(saved),
+            KeySet::of(0, &[&alloc_key()]),
+            T0 + 5_000,
+        );
+        assert!(matches!(actions[0], Action::Persist(_)));
+        assert_eq!(starts(&actions), vec![("vpn".to_string(), 1)]);
+        assert_eq!(m2.applied_seq(), 1);
+        let st = m2.report_statuses(vec![]);
+        assert_eq!(st.len(), 1);
+        assert_eq!(st[0].shard.to_string(), "shaper@1");
+    }
+
+    #[test]
+    fn rejections_are_counted_and_acked_and_leave_the_profile() {
+        let mut m = boot(T0);
+        m.on_instruction(
+            &instr(
+                5,
+                T0,
+                vec![Operation::Activate(activation("tunnel@1", "vpn", T0 + 60_000))],
+            ),
+            T0,
+        );
+        let forged = {
+            let k = KeyPair::from_seed(&[66; 32]);
+            seal(
+                Domain::Instruction,
+                &Instruction {
+                    device: me(),
+                    seq: 6,
+                    issued_at_ms: T0,
+                    expires_at_ms: T0 + 1000,
+                    ops: vec![],
+                },
+                &[&k],
+            )
+        };
+        let wrong_device = seal(
+            Domain::Instruction,
+            &Instruction {
+                device: DeviceId::new("other").unwrap(),
+                seq: 7,
+                issued_at_ms: T0,
+                expires_at_ms: T0 + 1000,
+                ops: vec![],
+            },
+            &[&alloc_key()],
+        );
+        let expired = seal(
+            Domain::Instruction,
+            &Instruction {
+                device: me(),
+                seq: 8,
+                issued_at_ms: T0 - 5000,
+                expires_at_ms: T0 - 1,
+                ops: vec![],
+            },
+            &[&alloc_key()],
+        );
+        let replayed_older = instr(3, T0, vec![]);
+        for (bytes, reason) in [
+            (forged, RejectReason::UnknownKey),
+            (wrong_device, RejectReason::WrongDevice),
+            (expired, RejectReason::Expired),
+            (replayed_older, RejectReason::Rollback),
+            (b"garbage".to_vec(), RejectReason::Malformed),
+        ] {
+            let a = m.on_instruction(&bytes, T0 + 10);
+            assert_eq!(a.len(), 1, "{a:?}");
+            assert!(matches!(
+                &a[0],
+                Action::Ack { outcome: AckOutcome::Rejected(r), .. } if *r == reason
+            ));
+        }
+        let c = m.rejections();
+        assert_eq!(
+            (
+                c.unknown_key,
+                c.wrong_device,
+                c.expired,
+                c.rollback,
+                c.malformed
+            ),
+            (1, 1, 1, 1, 1)
+        );
+        assert_eq!(m.applied_seq(), 5);
+        assert_eq!(m.profile().count(), 1);
+    }
+
+    #[test]
+    fn a_rotation_is_persisted_and_old_keys_stop_working() {
+        let mut m = boot(T0);
+        let new_key = KeyPair::from_seed(&[2; 32]);
+        let rot = seal(
+            Domain::Rotation,
+            &KeyRotation {
+                new_set: KeySet::of(1, &[&new_key]),
+                issued_at_ms: T0,
+            },
+            &[&alloc_key(), &new_key],
+        );
+        let a = m.on_instruction(&rot, T0);
+        assert_eq!(last_persist(&a).acceptance.keys.epoch, 1);
+        let old = m.on_instruction(&instr(1, T0, vec![]), T0);
+        assert!(matches!(
+            old[0],
+            Action::Ack {
+                outcome: AckOutcome::Rejected(RejectReason::UnknownKey),
+                ..
+            }
+        ));
+        // A reboot with the old pinned key in the config keeps the rotated set.
+        let (m2, _) = CapabilityManager::restore(
+            me(),
+            AcceptancePolicy::default(),
+            Some(last_persist(&a)),
+            KeySet::of(0, &[&alloc_key()]),
+            T0,
+        );
+        assert_eq!(m2.acceptance().keys.epoch, 1);
+    }
+
+    #[test]
+    fn report_sequence_survives_restarts_and_reserves_in_blocks() {
+        let mut m = boot(T0);
+        let (s1, a1) = m.next_report_seq();
+        assert_eq!(s1, 1);
+        let saved = last_persist(&a1);
+        assert!(saved.report_seq_reserved >= 1);
+        let (s2, a2) = m.next_report_seq();
+        assert_eq!(s2, 2);
+        assert!(a2.is_empty(), "inside the reserved block");
+        // Crash now; the restarted agent continues above everything used.
+        let (mut m2, _) = CapabilityManager::restore(
+            me(),
+            AcceptancePolicy::default(),
+            Some(saved),
+            KeySet::of(0, &[&alloc_key()]),
+            T0,
+        );
+        let (s3, a3) = m2.next_report_seq();
+        assert!(s3 > s2);
+        assert!(!a3.is_empty());
+    }
+
+    #[test]
+    fn an_activation_with_a_lease_already_over_is_not_started() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![Operation::Activate(activation("tunnel@1", "vpn", T0 - 1))],
+            ),
+            T0,
+        );
+        assert!(starts(&a).is_empty());
+        assert_eq!(m.report_statuses(vec![])[0].state, ShardState::Expired);
+    }
+}
