@@ -1,0 +1,561 @@
+//! The sans-IO monitoring pipeline: frames and timestamps in, QoS window
+//! summaries and run totals out. No I/O and no clock: the caller passes the
+//! time of every frame and of every poll, so a live interface, a capture
+//! file, the tests and the benchmark drive exactly the same code.
+//!
+//! Call [`Pipeline::poll_window`] with the frame's time before each
+//! [`Pipeline::handle_frame`] (and periodically when no frames arrive), so a
+//! window closes before packets of the next one are counted.
+
+use super::config::{MonitorConfig, Rules};
+use super::dns;
+use super::flow::{ClassSource, Flow, FlowKey, FlowTable, Removal, F_INSPECTED};
+use super::names::{DnsCache, NameTable, NO_NAME};
+use super::parse::{parse, LinkType, Proto};
+use super::tls;
+use super::Timestamp;
+use shardline_shared::msg::{ClassStats, QosNeed, TrafficClass};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const RESERVOIR: usize = 128;
+const NCLASS: usize = TrafficClass::ALL.len();
+/// Flows are checked for idleness at most this often (packet time).
+const EXPIRE_EVERY_NS: u64 = 1_000_000_000;
+/// A flow's name marks: the name came from the TLS SNI (else from DNS).
+const F_SNI: u16 = 1 << 15;
+
+/// One flow as reported in windows and totals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowSummary {
+    /// Initiator (the sender of the first packet seen).
+    pub src: SocketAddr,
+    /// Responder.
+    pub dst: SocketAddr,
+    pub proto: Proto,
+    pub class: TrafficClass,
+    pub packets: u64,
+    /// IP bytes, both directions.
+    pub bytes: u64,
+    /// IP bytes initiator → responder and back.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub rtt_us: Option<u32>,
+    pub retransmits: u32,
+    pub out_of_order: u32,
+    pub jitter_us: Option<u32>,
+    pub dscp: u8,
+    /// Host name from the TLS ClientHello.
+    pub sni: Option<String>,
+    /// Host name the responder's address was resolved from (DNS answer).
+    pub dns_name: Option<String>,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+}
+
+/// One QoS window: per-class statistics, ready to send, and its top flows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSummary {
+    pub start: Timestamp,
+    pub duration: Duration,
+    pub packets: u64,
+    pub bytes: u64,
+    pub malformed: u64,
+    /// Classes with traffic or active flows in the window.
+    pub classes: Vec<ClassStats>,
+    /// Largest flows (total bytes) active in the window.
+    pub top_flows: Vec<FlowSummary>,
+    /// Flows in the table at the end of the window.
+    pub flows_in_table: u64,
+}
+
+/// Per-class totals over a run (flows counted by their final class).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassTotal {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// Totals over the whole run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Totals {
+    /// IP packets decoded (malformed and non-IP frames excluded).
+    pub packets: u64,
+    /// IP bytes (from the IP length fields).
+    pub bytes: u64,
+    /// Flows created (a flow expired and seen again counts twice).
+    pub flows: u64,
+    /// Frames that could not be decoded (truncated or invalid headers).
+    pub malformed: u64,
+    /// Frames that are not IP (ARP, LLDP, …).
+    pub non_ip: u64,
+    /// Flows removed because the table was full (overflow).
+    pub evicted: u64,
+    /// Flows removed after their idle timeout.
+    pub expired: u64,
+    pub classes: Vec<(TrafficClass, ClassTotal)>,
+    pub top_flows: Vec<FlowSummary>,
+    /// Bytes of flow state per flow slot (entry + index share).
+    pub flow_state_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ClassWindow {
+    bytes: u64,
+    packets: u64,
+    loss: u64,
+    samples: [u32; RESERVOIR],
+    seen: u32,
+}
+
+impl Default for ClassWindow {
+    fn default() -> Self {
+        ClassWindow { bytes: 0, packets: 0, loss: 0, samples: [0; RESERVOIR], seen: 0 }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Closed {
+    classes: [ClassTotal; NCLASS],
+    top: Vec<FlowSummary>,
+}
+
+/// The monitoring pipeline. See the module docs.
+#[derive(Debug)]
+pub struct Pipeline {
+    cfg: MonitorConfig,
+    table: FlowTable,
+    names: NameTable,
+    dns: DnsCache,
+    packets: u64,
+    bytes: u64,
+    flows: u64,
+    malformed: u64,
+    non_ip: u64,
+    evicted: u64,
+    expired: u64,
+    win: [ClassWindow; NCLASS],
+    win_malformed: u64,
+    win_start: Option<u64>,
+    next_expire: u64,
+    closed: Closed,
+    rng: u64,
+}
+
+fn summary(flow: &Flow, class: TrafficClass, names: &NameTable) -> FlowSummary {
+    let (src, dst) = flow.endpoints();
+    let name = names.get(flow.name).map(str::to_string);
+    let from_sni = flow.flags & F_SNI != 0;
+    FlowSummary {
+        src,
+        dst,
+        proto: flow.key.proto(),
+        class,
+        packets: flow.total_packets(),
+        bytes: flow.total_bytes(),
+        bytes_up: flow.bytes[0],
+        bytes_down: flow.bytes[1],
+        rtt_us: flow.rtt(),
+        retransmits: flow.retransmits,
+        out_of_order: flow.out_of_order,
+        jitter_us: flow.jitter_us(),
+        dscp: flow.dscp,
+        sni: if from_sni { name.clone() } else { None },
+        dns_name: if from_sni { None } else { name },
+        first_seen: Timestamp::from_nanos(flow.first_ns),
+        last_seen: Timestamp::from_nanos(flow.last_ns),
+    }
+}
+
+/// The class behaviour rules give a flow now (or its current class).
+fn behaviour_class(rules: &Rules, f: &Flow) -> Option<TrafficClass> {
+    if f.class_src == ClassSource::Name {
+        return None;
+    }
+    let pk = f.total_packets();
+    if pk == 0 {
+        return None;
+    }
+    let bytes = f.total_bytes();
+    let dur = (f.last_ns.saturating_sub(f.first_ns)).max(1_000_000) as f64 / 1e9;
+    let pps = pk as f64 / dur;
+    let avg = bytes as f64 / pk as f64;
+    let (hi, lo) = (f.bytes[0].max(f.bytes[1]), f.bytes[0].min(f.bytes[1]));
+    let ratio = hi as f64 / (lo as f64 + 1.0);
+    let rate = bytes as f64 * 8.0 / dur;
+    rules.behaviours().iter().find_map(|b| {
+        let ok = b.from.contains(&f.class)
+            && b.proto.is_none_or(|p| p == f.key.proto().number())
+            && pk >= b.min_packets
+            && bytes >= b.min_bytes
+            && pps >= b.min_pps
+            && pps <= b.max_pps
+            && avg >= b.min_avg_size
+            && avg <= b.max_avg_size
+            && ratio >= b.min_ratio
+            && ratio <= b.max_ratio
+            && rate <= b.max_rate_bps;
+        ok.then_some(b.class)
+    })
+}
+
+fn offer_top(top: &mut Vec<FlowSummary>, n: usize, s: FlowSummary) {
+    if n == 0 {
+        return;
+    }
+    if top.len() < n {
+        top.push(s);
+        return;
+    }
+    if let Some((i, min)) = top.iter().enumerate().min_by_key(|(_, f)| f.bytes) {
+        if s.bytes > min.bytes {
+            top[i] = s;
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: usize) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((sorted.len() - 1) * p + 50) / 100;
+    Some(sorted[idx.min(sorted.len() - 1)])
+}
+
+impl Pipeline {
+    pub fn new(cfg: MonitorConfig) -> Self {
+        let idle = [cfg.tcp_idle, cfg.udp_idle, cfg.other_idle].map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let table = FlowTable::new(cfg.max_flows, idle);
+        let names = NameTable::new((cfg.dns_cache as usize).saturating_mul(2).max(1024));
+        let dns = DnsCache::new(cfg.dns_cache as usize);
+        Pipeline {
+            cfg,
+            table,
+            names,
+            dns,
+            packets: 0,
+            bytes: 0,
+            flows: 0,
+            malformed: 0,
+            non_ip: 0,
+            evicted: 0,
+            expired: 0,
+            win: [ClassWindow::default(); NCLASS],
+            win_malformed: 0,
+            win_start: None,
+            next_expire: 0,
+            closed: Closed::default(),
+            rng: 0x2545_f491_4f6c_dd1d,
+        }
+    }
+
+    pub fn config(&self) -> &MonitorConfig {
+        &self.cfg
+    }
+
+    /// Account one captured frame. Never panics on any input.
+    pub fn handle_frame(&mut self, ts: Timestamp, link: LinkType, frame: &[u8]) {
+        let now = ts.as_nanos();
+        if self.win_start.is_none() {
+            self.win_start = Some(now);
+        }
+        let p = match parse(link, frame) {
+            Ok(p) => p,
+            Err(e) if e.is_malformed() => {
+                self.malformed += 1;
+                self.win_malformed += 1;
+                return;
+            }
+            Err(_) => {
+                self.non_ip += 1;
+                return;
+            }
+        };
+        if now >= self.next_expire {
+            self.expire(now);
+            self.next_expire = now.saturating_add(EXPIRE_EVERY_NS);
+        }
+        self.packets += 1;
+        self.bytes += u64::from(p.ip_len);
+        let (key, a_to_b) = FlowKey::of(&p);
+        let closed = &mut self.closed;
+        let names = &self.names;
+        let rules = &self.cfg.rules;
+        let top_n = self.cfg.top_flows;
+        let evicted = &mut self.evicted;
+        let (id, new) = self.table.lookup_or_insert(&key, a_to_b, now, &mut |f: &Flow, _r: Removal| {
+            *evicted += 1;
+            Self::record_closed(closed, names, rules, top_n, f);
+        });
+        if new {
+            self.flows += 1;
+            self.classify_new(id, &p);
+        }
+        let flow = self.table.get_mut(id);
+        let d = flow.dir(a_to_b);
+        let ev = flow.update(&p, d, now);
+        if !p.payload.is_empty() {
+            match p.proto {
+                Proto::Tcp if d == 0 && flow.flags & F_INSPECTED == 0 => {
+                    flow.flags |= F_INSPECTED;
+                    if let Some(sni) = tls::client_hello_sni(p.payload) {
+                        let id_name = self.names.intern(sni);
+                        flow.name = id_name;
+                        flow.flags |= F_SNI;
+                        if let Some(c) = self.cfg.rules.name_class(sni) {
+                            flow.class = c;
+                            flow.class_src = ClassSource::Name;
+                        }
+                    }
+                }
+                Proto::Udp | Proto::Tcp if matches!(p.sport, 53 | 5353) => {
+                    let payload = if p.proto == Proto::Tcp { p.payload.get(2..).unwrap_or(&[]) } else { p.payload };
+                    if let Some(ans) = dns::parse_response(payload) {
+                        let name_id = self.names.intern(ans.name());
+                        let class = self.cfg.rules.name_class(ans.name());
+                        for a in ans.addrs() {
+                            self.dns.insert(*a, name_id, class);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let w = &mut self.win[flow.class as usize];
+        w.bytes += u64::from(p.ip_len);
+        w.packets += 1;
+        w.loss += u64::from(ev.loss_events);
+        if let Some(s) = ev.rtt_sample_us {
+            let seen = w.seen as usize;
+            if seen < RESERVOIR {
+                w.samples[seen] = s;
+            } else {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let j = (self.rng % (seen as u64 + 1)) as usize;
+                if j < RESERVOIR {
+                    w.samples[j] = s;
+                }
+            }
+            w.seen = w.seen.saturating_add(1);
+        }
+    }
+
+    fn classify_new(&mut self, id: u32, p: &super::parse::Packet<'_>) {
+        let rules = &self.cfg.rules;
+        let proto = p.proto.number();
+        let port_class = rules.port_class(proto, p.dport).or_else(|| rules.port_class(proto, p.sport));
+        let named = self.dns.get(&p.dst).or_else(|| self.dns.get(&p.src));
+        let flow = self.table.get_mut(id);
+        if let Some(c) = port_class {
+            flow.class = c;
+            flow.class_src = ClassSource::Port;
+        }
+        if let Some((name, class)) = named {
+            flow.name = name;
+            if let Some(c) = class {
+                flow.class = c;
+                flow.class_src = ClassSource::Name;
+            }
+        }
+    }
+
+    fn record_closed(closed: &mut Closed, names: &NameTable, rules: &Rules, top_n: usize, f: &Flow) {
+        let class = behaviour_class(rules, f).unwrap_or(f.class);
+        let t = &mut closed.classes[class as usize];
+        t.packets += f.total_packets();
+        t.bytes += f.total_bytes();
+        t.flows += 1;
+        let would_enter = closed.top.len() < top_n || closed.top.iter().any(|s| s.bytes < f.total_bytes());
+        if would_enter {
+            offer_top(&mut closed.top, top_n, summary(f, class, names));
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        let closed = &mut self.closed;
+        let names = &self.names;
+        let rules = &self.cfg.rules;
+        let top_n = self.cfg.top_flows;
+        let expired = &mut self.expired;
+        self.table.expire(now, &mut |f, _| {
+            *expired += 1;
+            Self::record_closed(closed, names, rules, top_n, f);
+        });
+    }
+
+    /// Close the current window if `now` is past its end; returns its summary.
+    /// After a long pause without traffic the next window starts at `now`'s
+    /// window rather than emitting a run of empty windows.
+    pub fn poll_window(&mut self, now: Timestamp) -> Option<WindowSummary> {
+        let now = now.as_nanos();
+        let len = self.cfg.window.as_nanos() as u64;
+        let start = self.win_start?;
+        let end = start.saturating_add(len);
+        if now < end {
+            return None;
+        }
+        let s = self.close_window(start, len);
+        self.win_start = Some(if now < end.saturating_add(len) { end } else { now - (now - end) % len });
+        Some(s)
+    }
+
+    /// Close the current (possibly partial) window now, e.g. at the end of a
+    /// capture file. `None` if nothing was seen since the last window.
+    pub fn flush_window(&mut self, now: Timestamp) -> Option<WindowSummary> {
+        let start = self.win_start?;
+        let quiet = self.win.iter().all(|w| w.packets == 0) && self.win_malformed == 0;
+        if quiet {
+            return None;
+        }
+        let len = now.as_nanos().saturating_sub(start).max(1);
+        let s = self.close_window(start, len);
+        self.win_start = Some(now.as_nanos());
+        Some(s)
+    }
+
+    fn close_window(&mut self, start: u64, len_ns: u64) -> WindowSummary {
+        let mut active = [0u32; NCLASS];
+        let mut jit_sum = [0u64; NCLASS];
+        let mut jit_w = [0u64; NCLASS];
+        let mut flow_rtts: [Vec<u32>; NCLASS] = Default::default();
+        let mut top: Vec<(u64, FlowSummary)> = Vec::new();
+        let rules = &self.cfg.rules;
+        let names = &self.names;
+        let top_n = self.cfg.top_flows;
+        let mut candidates: Vec<(u64, SocketAddr, SocketAddr, u8)> = Vec::new();
+        self.table.for_each_active(start, |f| {
+            if let Some(c) = behaviour_class(rules, f) {
+                f.class = c;
+                f.class_src = ClassSource::Behaviour;
+            }
+            let c = f.class as usize;
+            active[c] += 1;
+            if let Some(j) = f.jitter_us() {
+                let w = f.total_packets();
+                jit_sum[c] += u64::from(j) * w;
+                jit_w[c] += w;
+            }
+            if let Some(r) = f.rtt() {
+                flow_rtts[c].push(r);
+            }
+            if top_n > 0 {
+                let b = f.total_bytes();
+                let min = top.iter().map(|t| t.0).min().unwrap_or(0);
+                if top.len() < top_n || b > min {
+                    if top.len() >= top_n {
+                        if let Some(i) = top.iter().position(|t| t.0 == min) {
+                            top.swap_remove(i);
+                        }
+                    }
+                    top.push((b, summary(f, f.class, names)));
+                }
+            }
+            let _ = &mut candidates;
+        });
+        top.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut classes = Vec::new();
+        let (mut packets, mut bytes) = (0, 0);
+        for class in TrafficClass::ALL {
+            let c = class as usize;
+            let w = &mut self.win[c];
+            if w.packets == 0 && active[c] == 0 {
+                continue;
+            }
+            packets += w.packets;
+            bytes += w.bytes;
+            let n = (w.seen as usize).min(RESERVOIR);
+            let samples = &mut w.samples[..n];
+            samples.sort_unstable();
+            let (p50, p95) = if samples.is_empty() {
+                flow_rtts[c].sort_unstable();
+                (percentile(&flow_rtts[c], 50), percentile(&flow_rtts[c], 95))
+            } else {
+                (percentile(samples, 50), percentile(samples, 95))
+            };
+            let rate_bps = (u128::from(w.bytes) * 8 * 1_000_000_000 / u128::from(len_ns.max(1))) as u64;
+            let need = rules.need(class);
+            classes.push(ClassStats {
+                class,
+                bytes: w.bytes,
+                packets: w.packets,
+                rate_bps,
+                rtt_p50_us: p50,
+                rtt_p95_us: p95,
+                jitter_us: (jit_w[c] > 0).then(|| (jit_sum[c] / jit_w[c]) as u32),
+                loss_permille: if w.packets == 0 { 0 } else { (w.loss * 1000 / w.packets).min(1000) as u16 },
+                active_flows: active[c],
+                need: QosNeed {
+                    latency_sensitive: need.latency_sensitive,
+                    bandwidth_heavy: rate_bps >= need.heavy_bps,
+                    needs_encryption: need.needs_encryption,
+                },
+            });
+        }
+        self.win = [ClassWindow::default(); NCLASS];
+        let malformed = std::mem::take(&mut self.win_malformed);
+        WindowSummary {
+            start: Timestamp::from_nanos(start),
+            duration: Duration::from_nanos(len_ns),
+            packets,
+            bytes,
+            malformed,
+            classes,
+            top_flows: top.into_iter().map(|t| t.1).collect(),
+            flows_in_table: self.table.len() as u64,
+        }
+    }
+
+    /// Totals over the whole run so far: counters, per-class totals (each
+    /// flow counted once, in its final class) and the largest flows.
+    pub fn totals(&self) -> Totals {
+        let rules = &self.cfg.rules;
+        let mut classes = self.closed.classes;
+        let mut top = self.closed.top.clone();
+        let n = self.cfg.top_flows;
+        self.table.for_each(|f| {
+            let class = behaviour_class(rules, f).unwrap_or(f.class);
+            let t = &mut classes[class as usize];
+            t.packets += f.total_packets();
+            t.bytes += f.total_bytes();
+            t.flows += 1;
+            if top.len() < n || top.iter().any(|s| s.bytes < f.total_bytes()) {
+                offer_top(&mut top, n, summary(f, class, &self.names));
+            }
+        });
+        top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.src.cmp(&b.src)));
+        Totals {
+            packets: self.packets,
+            bytes: self.bytes,
+            flows: self.flows,
+            malformed: self.malformed,
+            non_ip: self.non_ip,
+            evicted: self.evicted,
+            expired: self.expired,
+            classes: TrafficClass::ALL
+                .into_iter()
+                .filter(|c| classes[*c as usize].flows > 0)
+                .map(|c| (c, classes[c as usize]))
+                .collect(),
+            top_flows: top,
+            flow_state_bytes: self.table.bytes_per_flow(),
+        }
+    }
+
+    /// Flows currently in the table.
+    pub fn flows_in_table(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Entries in the DNS name cache.
+    pub fn dns_cache_len(&self) -> usize {
+        self.dns.len()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_no_name(id: u32) -> bool {
+    id == NO_NAME
+}

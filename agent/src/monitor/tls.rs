@@ -1,0 +1,90 @@
+//! Bounded parsing of a TLS ClientHello for its `server_name` (SNI).
+//! Only the captured bytes of one segment are looked at; a ClientHello split
+//! over several segments whose SNI lies beyond the first is not recognised.
+
+fn be16(b: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?])))
+}
+
+/// The SNI host name of a ClientHello at the start of `payload`, if any.
+pub fn client_hello_sni(payload: &[u8]) -> Option<&str> {
+    // TLS record: handshake (22), version 3.x.
+    if payload.len() < 9 || payload[0] != 22 || payload[1] != 3 || payload[5] != 1 {
+        return None;
+    }
+    let mut at = 9; // record header (5) + handshake header (4)
+    at += 2 + 32; // client version + random
+    let sid = usize::from(*payload.get(at)?);
+    at += 1 + sid;
+    let suites = be16(payload, at)?;
+    at += 2 + suites;
+    let comp = usize::from(*payload.get(at)?);
+    at += 1 + comp;
+    let ext_total = be16(payload, at)?;
+    at += 2;
+    let ext_end = (at + ext_total).min(payload.len());
+    while at + 4 <= ext_end {
+        let etype = be16(payload, at)?;
+        let elen = be16(payload, at + 2)?;
+        at += 4;
+        if etype == 0 {
+            // server_name_list: list length, then (type, length, name) entries.
+            let list = payload.get(at..at + elen)?;
+            let mut i = 2;
+            while i + 3 <= list.len() {
+                let ntype = list[i];
+                let nlen = be16(list, i + 1)?;
+                let name = list.get(i + 3..i + 3 + nlen)?;
+                if ntype == 0 {
+                    let valid = !name.is_empty()
+                        && name.len() <= 253
+                        && name.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
+                    return if valid { std::str::from_utf8(name).ok() } else { None };
+                }
+                i += 3 + nlen;
+            }
+            return None;
+        }
+        at += elen;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ClientHello with one SNI (also used by the integration tests' writer).
+    fn hello(name: &str) -> Vec<u8> {
+        let mut ext = Vec::new();
+        let n = name.as_bytes();
+        ext.extend_from_slice(&[0, 0]);
+        ext.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
+        ext.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+        ext.push(0);
+        ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        ext.extend_from_slice(n);
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]);
+        body.push(0);
+        body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        body.extend_from_slice(&ext);
+        let mut hs = vec![1, 0];
+        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        hs.extend_from_slice(&body);
+        let mut rec = vec![22, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn sni_found_and_truncation_safe() {
+        let h = hello("online.bank.example");
+        assert_eq!(client_hello_sni(&h), Some("online.bank.example"));
+        for cut in 0..h.len() {
+            assert_eq!(client_hello_sni(&h[..cut]), None, "cut at {cut}");
+        }
+    }
+}
