@@ -12,13 +12,14 @@
 //! identical ⇒ quietly ignored, equal and different ⇒ rejected); not expired;
 //! not issued further ahead than the allowed skew; the clock not behind the
 //! persisted time floor; the signed payload in its one canonical encoding
-//! (so that "identical" means the same bytes). A key rotation must be signed
+//! (so that "identical" means the same bytes), with capability names that
+//! are safe as directory names. A key rotation must be signed
 //! by the current set and by the new set, applies in epoch order, and resets
 //! the sequence floor.
 
 use crate::codec::{self, DecodeError};
-use crate::ids::{DeviceId, KeyId};
-use crate::msg::{Instruction, KeyRotation, KeySet, RejectReason, RejectionCounters};
+use crate::ids::{self, DeviceId, KeyId};
+use crate::msg::{Instruction, KeyRotation, KeySet, Operation, RejectReason, RejectionCounters};
 use crate::sign::{self, Domain, OpenError, SignedEnvelope};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -199,6 +200,15 @@ fn handle_instruction_envelope(
         return refuse(state, Some(instr.seq), RejectReason::Malformed);
     }
     let seq = Some(instr.seq);
+    // Capability names become cgroup directory names on the device; one that
+    // could leave its directory ("../x", "a/b") is refused like bad framing.
+    let unsafe_name = instr.ops.iter().any(|op| match op {
+        Operation::Activate(a) => ids::check_capability(&a.capability).is_err(),
+        Operation::Deactivate { .. } => false,
+    });
+    if unsafe_name {
+        return refuse(state, seq, RejectReason::Malformed);
+    }
     if &instr.device != me {
         return refuse(state, seq, RejectReason::WrongDevice);
     }

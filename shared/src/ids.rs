@@ -38,6 +38,13 @@ fn check_token(what: &'static str, value: &str, max: usize) -> Result<(), IdErro
     Ok(())
 }
 
+/// Checks a capability name (e.g. `vpn`) from the wire: the agent names a
+/// host process and its cgroup after it, so it gets the device-id alphabet
+/// and length (1–64 of `[A-Za-z0-9._-]`, not starting with '.').
+pub fn check_capability(value: &str) -> Result<(), IdError> {
+    check_token("capability", value, DeviceId::MAX_LEN)
+}
+
 /// A device's identity: 1–64 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct DeviceId(String);

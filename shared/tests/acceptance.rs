@@ -522,6 +522,26 @@ fn non_canonical_payload_encoding_is_rejected() {
     assert_rejected(&s, &resigned(payload), T0, Some(3), RejectReason::Malformed);
 }
 
+#[test]
+fn capability_name_that_could_escape_a_directory_is_rejected() {
+    // The agent names a cgroup after the capability; the pinned key signed
+    // these, so only the content check stands between them and the disk.
+    for bad in ["../../../sys/fs/cgroup", "a/b", "", ".hidden", "vpn\0"] {
+        let mut i = instr(3);
+        i.ops = vec![Operation::Activate(Activation {
+            capability: bad.into(),
+            ..activation(vec![])
+        })];
+        assert_rejected(
+            &fresh(),
+            &sealed(&i, &[&key(1)]),
+            T0,
+            Some(3),
+            RejectReason::Malformed,
+        );
+    }
+}
+
 // ------------------------------------------------------------ domain separation
 
 fn report() -> QosReport {
