@@ -640,7 +640,15 @@ impl Core {
 
     /// Periodic work: the engine's tick, re-sends, gauges, checkpoints.
     pub fn on_tick(&mut self, now_ms: u64) {
+        // The engine marks every device it ticked as changed (reputation
+        // decays continuously); writing the whole fleet every tick would
+        // dominate the store. Devices the tick acted on are written now (their
+        // records are marked by `feed`); the rest at the next checkpoint.
+        for device in self.engine.take_dirty() {
+            self.dirty.insert(device);
+        }
         self.feed(now_ms, Event::Tick);
+        drop(self.engine.take_dirty());
         let devices: Vec<DeviceId> = self
             .records
             .iter()
@@ -753,6 +761,7 @@ impl Core {
                     reason,
                 } => {
                     Metrics::inc(&self.metrics.reputation_changes);
+                    self.dirty.insert(device.clone());
                     tracing::info!(%device, old, new, %reason, "reputation changed");
                 }
                 Action::Alert { device, message } => {
