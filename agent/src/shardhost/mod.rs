@@ -1,2 +1,34 @@
-//! Capability shards on the device: safe loading, host processes, limits.
+//! Capability shards on the device: safe loading, sandboxed host processes,
+//! limits, supervision.
+//!
+//! - [`supervisor`]: the I/O edge the daemon drives ([`Supervisor`]:
+//!   `activate`, `deactivate`, `poll`, `statuses`, `shutdown`).
+//! - [`policy`]: the sans-IO restart/backoff/quarantine/failover machine.
+//! - [`host`]: the host process (`shardline-agent host`): limits first, then
+//!   verify, load, init, event loop with heartbeats.
+//! - [`loader`]: the FFI boundary (open once with `O_NOFOLLOW`, owner/mode
+//!   checks, SHA-256 from the descriptor, `dlopen` of `/proc/self/fd/N`).
+//! - [`limits`]: rlimits, niceness and cgroup v2/v1 creation and cleanup.
+//! - [`ipc`]: the agent ⇄ host seqpacket protocol (postcard).
+//! - [`config`]: the TOML file of `shardline-agent shards run`.
+//! - [`install`]: copying built shard libraries into a shard directory.
+//! - [`cli`]: `shardline-agent shards list|run|install` and `host`.
+//!
+//! Invariants: the agent never loads a shard library itself (only host
+//! processes do, and `shards list` probes in a child); a library is loaded
+//! only through the descriptor that was checked and hashed; a host gets its
+//! limits before it loads anything; every cgroup created is removed.
+
 pub mod cli;
+pub mod config;
+pub mod host;
+pub mod install;
+pub mod ipc;
+pub mod limits;
+pub mod loader;
+pub mod policy;
+pub mod supervisor;
+mod sys;
+
+pub use policy::{CapabilityPolicy, PolicyConfig};
+pub use supervisor::{HostEvent, ShardSpec, Supervisor, SupervisorConfig, SupervisorError};

@@ -1,0 +1,316 @@
+//! Resource limits for shard host processes.
+//!
+//! - In the host, before anything is loaded: `RLIMIT_DATA` (heap and anonymous
+//!   mappings, the closest rlimit to resident memory), `RLIMIT_CORE = 0`, and
+//!   niceness.
+//! - In the agent, before the host gets its setup message: a cgroup per host.
+//!   cgroup v2 when the agent's own cgroup has the `memory` and `cpu`
+//!   controllers delegated (systemd `Delegate=yes`): the agent moves itself
+//!   into a `supervisor` leaf, enables the controllers for its subtree and
+//!   creates `shard-…` children with `memory.max`, `memory.swap.max`,
+//!   `cpu.max`, `cpu.weight`. Else cgroup v1 `memory` and `cpu` hierarchies
+//!   when writable (hybrid systems). Else rlimits only. [`Enforcement`] says
+//!   which is in force, and every cgroup created is removed when its host is
+//!   gone.
+
+use shardline_shared::msg::{Enforcement, ResourceLimits};
+use std::path::{Path, PathBuf};
+
+/// cgroup v1/v2 CPU period used for quotas (100 ms, the kernel default).
+const CPU_PERIOD_US: u64 = 100_000;
+/// Headroom above `memory_max_bytes` for `RLIMIT_DATA`: the cgroup or the
+/// agent's RSS watchdog is the precise cap; the rlimit is the backstop when
+/// neither is fast enough.
+pub const RLIMIT_DATA_HEADROOM: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("setrlimit {what}: {source}")]
+    Rlimit {
+        what: &'static str,
+        source: nix::Error,
+    },
+    #[error("setpriority({nice}): {source}")]
+    Nice { nice: i8, source: std::io::Error },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Applies rlimits and niceness to the calling process (the host).
+pub fn apply_process_limits(limits: &ResourceLimits) -> Result<(), LimitError> {
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|source| LimitError::Rlimit {
+        what: "CORE",
+        source,
+    })?;
+    if limits.memory_max_bytes > 0 {
+        let cap = limits.memory_max_bytes.saturating_add(RLIMIT_DATA_HEADROOM);
+        setrlimit(Resource::RLIMIT_DATA, cap, cap).map_err(|source| LimitError::Rlimit {
+            what: "DATA",
+            source,
+        })?;
+    }
+    super::sys::set_nice(limits.nice).map_err(|source| LimitError::Nice {
+        nice: limits.nice,
+        source,
+    })?;
+    Ok(())
+}
+
+fn write(path: &Path, value: &str) -> Result<(), LimitError> {
+    std::fs::write(path, value).map_err(|source| LimitError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Where the agent can create host cgroups, decided once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupBackend {
+    V2 { parent: PathBuf },
+    V1 { memory: PathBuf, cpu: PathBuf },
+    None,
+}
+
+/// Reads `/proc/self/mountinfo` for mount points: (cgroup2 mount, v1 mounts with their options).
+fn cgroup_mounts() -> (Option<PathBuf>, Vec<(PathBuf, String)>) {
+    let mut v2 = None;
+    let mut v1 = Vec::new();
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return (None, v1);
+    };
+    for line in info.lines() {
+        // fields: id parent maj:min root mountpoint opts ... - fstype source superopts
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount = left.split(' ').nth(4).map(PathBuf::from);
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let superopts = r.nth(1).unwrap_or("").to_owned();
+        match (fstype, mount) {
+            ("cgroup2", Some(m)) => v2 = Some(m),
+            ("cgroup", Some(m)) => v1.push((m, superopts)),
+            _ => {}
+        }
+    }
+    (v2, v1)
+}
+
+impl CgroupBackend {
+    /// Finds a usable backend: v2 with delegated controllers, else writable v1
+    /// `memory` + `cpu`, else none.
+    pub fn detect() -> Self {
+        let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+            return Self::None;
+        };
+        let (v2_mount, v1_mounts) = cgroup_mounts();
+        if let Some(mount) = v2_mount {
+            if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+                let dir = mount.join(path.trim_start_matches('/'));
+                if let Some(parent) = prepare_v2(&dir) {
+                    return Self::V2 { parent };
+                }
+            }
+        }
+        let v1_dir = |controller: &str| -> Option<PathBuf> {
+            let rel = own.lines().find_map(|l| {
+                let mut it = l.splitn(3, ':');
+                let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+                ctrls
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then(|| path.to_owned())
+            })?;
+            let mount = v1_mounts
+                .iter()
+                .find(|(_, opts)| opts.split(',').any(|o| o == controller))?
+                .0
+                .clone();
+            let dir = mount.join(rel.trim_start_matches('/'));
+            nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).ok()?;
+            Some(dir)
+        };
+        match (v1_dir("memory"), v1_dir("cpu")) {
+            (Some(memory), Some(cpu)) => Self::V1 { memory, cpu },
+            _ => Self::None,
+        }
+    }
+
+    pub fn enforcement(&self) -> Enforcement {
+        match self {
+            Self::V2 { .. } => Enforcement::CgroupV2,
+            Self::V1 { .. } => Enforcement::CgroupV1,
+            Self::None => Enforcement::RlimitsOnly,
+        }
+    }
+
+    /// Creates a cgroup named `name` with `limits`; `None` backend gives `Ok(None)`.
+    pub fn create(
+        &self,
+        name: &str,
+        limits: &ResourceLimits,
+    ) -> Result<Option<HostCgroup>, LimitError> {
+        let mk = |p: &Path| {
+            std::fs::create_dir(p).map_err(|source| LimitError::Cgroup {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let quota = |permille: u32| u64::from(permille) * CPU_PERIOD_US / 1000;
+        match self {
+            Self::None => Ok(None),
+            Self::V2 { parent } => {
+                let dir = parent.join(name);
+                mk(&dir)?;
+                let cg = HostCgroup {
+                    dirs: vec![dir.clone()],
+                    v2: true,
+                };
+                if limits.memory_max_bytes > 0 {
+                    write(
+                        &dir.join("memory.max"),
+                        &limits.memory_max_bytes.to_string(),
+                    )?;
+                    // No swap: over the cap means the OOM killer, not a slow crawl.
+                    let _ = write(&dir.join("memory.swap.max"), "0");
+                }
+                if limits.cpu_quota_permille > 0 {
+                    write(
+                        &dir.join("cpu.max"),
+                        &format!(
+                            "{} {CPU_PERIOD_US}",
+                            quota(limits.cpu_quota_permille).max(1000)
+                        ),
+                    )?;
+                }
+                write(
+                    &dir.join("cpu.weight"),
+                    &limits.cpu_weight.clamp(1, 10000).to_string(),
+                )?;
+                Ok(Some(cg))
+            }
+            Self::V1 { memory, cpu } => {
+                let mdir = memory.join(name);
+                let cdir = cpu.join(name);
+                mk(&mdir)?;
+                let mut cg = HostCgroup {
+                    dirs: vec![mdir.clone()],
+                    v2: false,
+                };
+                if mdir != cdir {
+                    mk(&cdir)?;
+                    cg.dirs.push(cdir.clone());
+                }
+                if limits.memory_max_bytes > 0 {
+                    let m = limits.memory_max_bytes.to_string();
+                    write(&mdir.join("memory.limit_in_bytes"), &m)?;
+                    // memsw must be ≥ the memory limit; equal means no swap.
+                    let _ = write(&mdir.join("memory.memsw.limit_in_bytes"), &m);
+                }
+                write(&cdir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                if limits.cpu_quota_permille > 0 {
+                    write(
+                        &cdir.join("cpu.cfs_quota_us"),
+                        &quota(limits.cpu_quota_permille).max(1000).to_string(),
+                    )?;
+                }
+                let shares = u64::from(limits.cpu_weight.clamp(1, 10000)) * 1024 / 100;
+                write(&cdir.join("cpu.shares"), &shares.max(2).to_string())?;
+                Ok(Some(cg))
+            }
+        }
+    }
+}
+
+/// Enables `memory` and `cpu` for children of the agent's v2 cgroup, moving
+/// the agent into a `supervisor` leaf first (no processes in inner nodes).
+fn prepare_v2(dir: &Path) -> Option<PathBuf> {
+    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).ok()?;
+    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+    if !has("memory") || !has("cpu") {
+        return None;
+    }
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).ok()?;
+    let on = |c: &str| enabled.split_whitespace().any(|x| x == c);
+    if !(on("memory") && on("cpu")) {
+        let leaf = dir.join("supervisor");
+        if !leaf.exists() {
+            std::fs::create_dir(&leaf).ok()?;
+        }
+        std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()).ok()?;
+        std::fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu").ok()?;
+    }
+    Some(dir.to_owned())
+}
+
+/// One host's cgroup (v2: one directory; v1: memory and cpu directories).
+#[derive(Debug)]
+pub struct HostCgroup {
+    dirs: Vec<PathBuf>,
+    v2: bool,
+}
+
+impl HostCgroup {
+    /// Moves process `pid` into the cgroup.
+    pub fn attach(&self, pid: u32) -> Result<(), LimitError> {
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The kernel OOM-killed a process in this cgroup (or refused a charge).
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = self.dirs.first() else {
+            return false;
+        };
+        let count = |file: &str, key: &str| -> u64 {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .and_then(|s| {
+                    s.lines().find_map(|l| {
+                        let (k, v) = l.split_once(' ')?;
+                        (k == key).then(|| v.trim().parse().ok()).flatten()
+                    })
+                })
+                .unwrap_or(0)
+        };
+        if self.v2 {
+            count("memory.events", "oom_kill") > 0 || count("memory.events", "oom") > 0
+        } else {
+            count("memory.oom_control", "oom_kill") > 0
+                || std::fs::read_to_string(dir.join("memory.failcnt"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+                    > 0
+        }
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Removes the directories (the host must be gone). Retries briefly,
+    /// because the kernel frees the last task asynchronously after reaping.
+    pub fn remove(self) {
+        for d in &self.dirs {
+            for attempt in 0..50 {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => {
+                        if attempt == 49 {
+                            tracing::warn!(path = %d.display(), error = %e, "could not remove host cgroup");
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Kernel-boundary helpers of the shard host process: the fatal-signal
+//! reporter and niceness. The only other `unsafe` in `shardhost` is `loader`.
+//!
+//! The fatal-signal reporter lets the agent attribute a crash to the shard
+//! that was executing: the host loop stores the index of the shard it is
+//! calling into [`CURRENT_SHARD`]; a handler for SIGSEGV/SIGBUS/SIGILL/SIGFPE/
+//! SIGABRT writes one fixed-size datagram (`FATAL_TAG`, shard index, signal)
+//! to the IPC socket with async-signal-safe calls only, restores the default
+//! action and re-raises, so the process still dies from the original signal.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+/// No shard is executing.
+pub const NO_SHARD: u32 = u32::MAX;
+/// Index of the shard the host is calling into, or [`NO_SHARD`].
+pub static CURRENT_SHARD: AtomicU32 = AtomicU32::new(NO_SHARD);
+static FATAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// First byte of the raw datagram the signal handler writes (postcard frames
+/// start with [`super::ipc::FRAME_TAG`] instead).
+pub const FATAL_TAG: u8 = 0xFA;
+/// Length of the fatal datagram: tag, shard index (u32 LE), signal (i32 LE).
+pub const FATAL_LEN: usize = 9;
+
+extern "C" fn on_fatal(sig: libc::c_int) {
+    let idx = CURRENT_SHARD.load(Ordering::Relaxed);
+    let fd = FATAL_FD.load(Ordering::Relaxed);
+    let mut msg = [0u8; FATAL_LEN];
+    msg[0] = FATAL_TAG;
+    msg[1..5].copy_from_slice(&idx.to_le_bytes());
+    msg[5..9].copy_from_slice(&sig.to_le_bytes());
+    if fd >= 0 {
+        // SAFETY: send(2) is async-signal-safe; `msg` is a valid local buffer.
+        unsafe {
+            libc::send(
+                fd,
+                msg.as_ptr() as *const libc::c_void,
+                msg.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+    // SAFETY: signal(2) and raise(3) are async-signal-safe; restoring the default action and
+    // re-raising makes the process die from the original signal, as the agent expects.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Installs the fatal-signal reporter writing to `ipc_fd`.
+pub fn install_fatal_reporter(ipc_fd: i32) -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    FATAL_FD.store(ipc_fd, Ordering::SeqCst);
+    let action = SigAction::new(
+        SigHandler::Handler(on_fatal),
+        SaFlags::SA_NODEFER,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGSEGV,
+        Signal::SIGBUS,
+        Signal::SIGILL,
+        Signal::SIGFPE,
+        Signal::SIGABRT,
+    ] {
+        // SAFETY: `on_fatal` only uses async-signal-safe functions and atomics.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(())
+}
+
+/// Sets this process's niceness (`setpriority(PRIO_PROCESS, 0, nice)`).
+pub fn set_nice(nice: i8) -> std::io::Result<()> {
+    let nice = libc::c_int::from(nice.clamp(-20, 19));
+    // SAFETY: plain syscall wrapper on our own process with integer arguments.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sleeps in `poll(2)` until the IPC socket or one of the shards' descriptors
+/// is readable, or `timeout_ms` passes. Returns whether the IPC socket is readable.
+pub fn wait_readable(ipc: std::os::fd::BorrowedFd<'_>, shard_fds: &[i32], timeout_ms: u16) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::BorrowedFd;
+    let mut pfds = Vec::with_capacity(shard_fds.len() + 1);
+    pfds.push(PollFd::new(ipc, PollFlags::POLLIN));
+    for &fd in shard_fds.iter().filter(|&&fd| fd >= 0) {
+        // SAFETY: the shard promises the descriptor is open until its next poll; the borrow
+        // lives only for this poll(2) call, and a descriptor it closed anyway yields POLLNVAL.
+        pfds.push(PollFd::new(
+            unsafe { BorrowedFd::borrow_raw(fd) },
+            PollFlags::POLLIN,
+        ));
+    }
+    match poll(&mut pfds, PollTimeout::from(timeout_ms)) {
+        Ok(n) if n > 0 => pfds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,138 @@
+//! Helpers shared by the shard tests: build the shard cdylibs with the same
+//! target dir and profile as the test binary (robust on a clean clone),
+//! install them into a temporary shard directory, make activations.
+#![allow(dead_code)]
+
+use shardline_agent::shardhost::install::{self, CATALOG, FIXTURES};
+use shardline_agent::shardhost::{PolicyConfig, ShardSpec, SupervisorConfig};
+use shardline_shared::msg::{Activation, ResourceLimits, ShardKind};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_shardline-agent");
+
+/// `target/<profile>` of this test run.
+pub fn profile_dir() -> PathBuf {
+    Path::new(AGENT)
+        .parent()
+        .expect("binary has a directory")
+        .to_owned()
+}
+
+/// Builds every shard crate once per test binary.
+pub fn build_shards() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile = profile_dir();
+            let target_dir = profile.parent().expect("target dir").to_owned();
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.current_dir(root)
+                .arg("build")
+                .arg("--target-dir")
+                .arg(&target_dir);
+            if profile.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            for p in [
+                "shard-fixture-misbehave",
+                "shard-fixture-abi-v2",
+                "shard-crypto-chacha20poly1305",
+                "shard-crypto-aes256gcm",
+                "shard-auth-psk",
+                "shard-vpn-tunnel",
+            ] {
+                cmd.arg("-p").arg(p);
+            }
+            let st = cmd.status().expect("run cargo build for the shard crates");
+            assert!(st.success(), "building the shard crates failed");
+            profile
+        })
+        .clone()
+}
+
+/// A fresh shard dir with the catalog and the fixtures installed.
+pub fn shard_dir() -> tempfile::TempDir {
+    let profile = build_shards();
+    let dir = tempfile::Builder::new()
+        .prefix("sl-shards-")
+        .tempdir()
+        .expect("tempdir");
+    let mut set = CATALOG.to_vec();
+    set.extend_from_slice(FIXTURES);
+    install::install(&profile, dir.path(), &set).expect("install shards");
+    dir
+}
+
+pub fn sha256_file(path: &Path) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).expect("read library")).into()
+}
+
+pub fn lib_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}@{}.so", install::CATALOG_VERSION))
+}
+
+pub const LIMITS: ResourceLimits = ResourceLimits {
+    cpu_quota_permille: 1000,
+    cpu_weight: 100,
+    memory_max_bytes: 256 << 20,
+    nice: 0,
+};
+
+/// An activation of `id@0.1.0` with the file's real hash.
+pub fn spec(
+    dir: &Path,
+    capability: &str,
+    id: &str,
+    config: &str,
+    limits: ResourceLimits,
+) -> ShardSpec {
+    let sha256 = sha256_file(&lib_path(dir, id));
+    ShardSpec::new(Activation {
+        shard: format!("{id}@{}", install::CATALOG_VERSION)
+            .parse()
+            .expect("shard ref"),
+        capability: capability.to_owned(),
+        kind: ShardKind::Compute,
+        sha256,
+        config: config.as_bytes().to_vec(),
+        limits,
+        priority: 10,
+        lease_expires_at_ms: u64::MAX,
+    })
+}
+
+pub fn supervisor_config(dir: &Path) -> SupervisorConfig {
+    let mut cfg = SupervisorConfig::new(dir).expect("config");
+    cfg.agent_exe = PathBuf::from(AGENT);
+    cfg.heartbeat = Duration::from_millis(100);
+    cfg.hang_after = Duration::from_millis(500);
+    cfg.policy = PolicyConfig {
+        max_failures: 2,
+        backoff_base_ms: 50,
+        backoff_max_ms: 200,
+        stable_after_ms: 60_000,
+    };
+    cfg
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Resident set of this process, KiB.
+pub fn own_rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("rss");
+    pages * 4
+}

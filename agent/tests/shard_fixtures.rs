@@ -1,0 +1,298 @@
+//! Misbehaving shards: a segfault, a panic, a hang, a memory hog, a library
+//! built for another ABI version and one whose hash does not match. The agent
+//! (this test process, which runs the Supervisor) survives each, reports each
+//! within one second, restarts with backoff and quarantines; a failing shard
+//! with an alternative fails over to it.
+
+mod shard_common;
+
+use shard_common::*;
+use shardline_agent::shardhost::{HostEvent, ShardSpec, Supervisor};
+use shardline_shared::msg::{ResourceLimits, ShardFailure, ShardState};
+use std::time::{Duration, Instant};
+
+/// Polls until `pred` matches an event or `timeout`; returns all events seen and the match time.
+fn wait_for(
+    sup: &mut Supervisor,
+    timeout: Duration,
+    mut pred: impl FnMut(&HostEvent) -> bool,
+) -> (Vec<HostEvent>, Option<Instant>) {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        for e in sup.poll(Instant::now()) {
+            let hit = pred(&e);
+            seen.push(e);
+            if hit {
+                return (seen, Some(Instant::now()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (seen, None)
+}
+
+fn started(e: &HostEvent) -> bool {
+    matches!(e, HostEvent::Started { .. })
+}
+
+/// Starts `fixture-misbehave` with `config`; waits for the first failure after it started.
+fn run_fixture(
+    config: &str,
+    limits: ResourceLimits,
+) -> (Supervisor, ShardFailure, Duration, Vec<HostEvent>) {
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let t0 = Instant::now();
+    let mut events = sup
+        .activate(
+            "fixture",
+            vec![spec(
+                dir.path(),
+                "fixture",
+                "fixture-misbehave",
+                config,
+                limits,
+            )],
+            t0,
+        )
+        .expect("activate");
+    let (ev, _) = wait_for(&mut sup, Duration::from_secs(5), started);
+    events.extend(ev);
+    let t_started = Instant::now();
+    let (ev, at) = wait_for(&mut sup, Duration::from_secs(5), |e| {
+        matches!(e, HostEvent::Failed { .. })
+    });
+    events.extend(ev);
+    let at = at.unwrap_or_else(|| panic!("no failure reported for {config:?}; events: {events:?}"));
+    let failure = events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            HostEvent::Failed { failure, shard, .. } => {
+                assert_eq!(
+                    shard.as_ref().map(|s| s.id()),
+                    Some("fixture-misbehave"),
+                    "failure not attributed to the shard"
+                );
+                Some(failure.clone())
+            }
+            _ => None,
+        })
+        .expect("failure event");
+    std::mem::forget(dir); // the host may still be restarting from it; tempdir cleanup is best effort
+    (sup, failure, at.duration_since(t_started), events)
+}
+
+#[test]
+fn a_segfaulting_shard_is_reported_restarted_then_quarantined() {
+    let (mut sup, failure, took, _) = run_fixture("mode = segv\nafter_polls = 3", LIMITS);
+    assert_eq!(failure, ShardFailure::Crashed { signal: 11 });
+    assert!(took < Duration::from_secs(1), "reported after {took:?}");
+    // max_failures = 2: one restart, then quarantine.
+    let (events, hit) = wait_for(&mut sup, Duration::from_secs(5), |e| {
+        matches!(e, HostEvent::GaveUp { .. })
+    });
+    assert!(hit.is_some(), "never quarantined: {events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, HostEvent::Restarted { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, HostEvent::Quarantined { .. })),
+        "{events:?}"
+    );
+    let st = sup.statuses();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].state, ShardState::Quarantined);
+    assert_eq!(
+        st[0].last_failure,
+        Some(ShardFailure::Crashed { signal: 11 })
+    );
+    assert!(st[0].restarts >= 1);
+}
+
+#[test]
+fn a_panicking_shard_is_contained_and_reported() {
+    let (_sup, failure, took, _) = run_fixture("mode = panic\nafter_polls = 2", LIMITS);
+    assert_eq!(
+        failure,
+        ShardFailure::Exited { code: 101 },
+        "caught panic exits the host with 101"
+    );
+    assert!(took < Duration::from_secs(1), "reported after {took:?}");
+}
+
+#[test]
+fn a_hanging_shard_is_detected_by_missed_heartbeats() {
+    let (_sup, failure, took, _) = run_fixture("mode = hang\nafter_polls = 2", LIMITS);
+    assert_eq!(failure, ShardFailure::Hung);
+    assert!(took < Duration::from_secs(1), "reported after {took:?}");
+}
+
+#[test]
+fn a_memory_hog_is_killed_over_its_limit_and_the_agent_does_not_grow() {
+    let before = own_rss_kib();
+    let limits = ResourceLimits {
+        memory_max_bytes: 48 << 20,
+        ..LIMITS
+    };
+    let (sup, failure, took, events) = run_fixture("mode = memhog", limits);
+    let enforcement = events.iter().find_map(|e| match e {
+        HostEvent::Started { enforcement, .. } => Some(*enforcement),
+        _ => None,
+    });
+    println!("enforcement in force: {enforcement:?}");
+    assert_eq!(failure, ShardFailure::OverLimit, "events: {events:?}");
+    assert!(took < Duration::from_secs(1), "reported after {took:?}");
+    let after = own_rss_kib();
+    assert!(
+        after < before + 16 * 1024,
+        "agent RSS moved from {before} KiB to {after} KiB"
+    );
+    if is_root() {
+        assert_ne!(
+            enforcement,
+            Some(shardline_shared::msg::Enforcement::RlimitsOnly),
+            "as root on this machine a cgroup must be in force"
+        );
+    }
+    drop(sup);
+}
+
+#[test]
+fn a_library_for_another_abi_version_is_refused_and_quarantined() {
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let t0 = Instant::now();
+    sup.activate(
+        "fixture",
+        vec![spec(dir.path(), "fixture", "fixture-abi-v2", "", LIMITS)],
+        t0,
+    )
+    .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), |e| {
+        matches!(e, HostEvent::GaveUp { .. })
+    });
+    assert!(
+        at.is_some_and(|t| t.duration_since(t0) < Duration::from_secs(1)),
+        "{events:?}"
+    );
+    let reason = events
+        .iter()
+        .find_map(|e| match e {
+            HostEvent::Failed {
+                failure: ShardFailure::LoadRefused { reason },
+                ..
+            } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("load refused");
+    assert!(reason.contains("ABI version 2"), "{reason}");
+    assert!(!events.iter().any(started));
+}
+
+#[test]
+fn a_library_with_the_wrong_hash_never_runs_its_constructor() {
+    let dir = shard_dir();
+    let marker_dir = tempfile::tempdir().expect("tempdir");
+    let marker = marker_dir.path().join("constructor-ran");
+    let mut cfg = supervisor_config(dir.path());
+    cfg.host_env.push((
+        "SHARDLINE_FIXTURE_MARKER".into(),
+        marker.display().to_string(),
+    ));
+    let mut sup = Supervisor::new(cfg);
+
+    let mut bad = spec(dir.path(), "fixture", "fixture-misbehave", "", LIMITS);
+    bad.activation.sha256[0] ^= 0xFF;
+    let t0 = Instant::now();
+    sup.activate("fixture", vec![bad], t0).expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), |e| {
+        matches!(e, HostEvent::GaveUp { .. })
+    });
+    assert!(
+        at.is_some_and(|t| t.duration_since(t0) < Duration::from_secs(1)),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| matches!(e,
+        HostEvent::Failed { failure: ShardFailure::LoadRefused { reason }, .. } if reason.contains("SHA-256"))));
+    assert!(
+        !marker.exists(),
+        "the constructor of a library with a wrong hash ran"
+    );
+
+    // Control: with the right hash the same library loads and its constructor runs,
+    // so the marker check above can fail.
+    let good = spec(dir.path(), "fixture", "fixture-misbehave", "", LIMITS);
+    sup.activate("fixture", vec![good], Instant::now())
+        .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    assert!(
+        marker.exists(),
+        "control: constructor should run for the verified library"
+    );
+}
+
+#[test]
+fn a_refused_crypto_shard_fails_over_to_its_alternative() {
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let mut aes = spec(dir.path(), "vpn", "crypto-aes256gcm", "", LIMITS);
+    aes.activation.sha256 = [0; 32];
+    let chacha = spec(dir.path(), "vpn", "crypto-chacha20poly1305", "", LIMITS);
+    let primary = ShardSpec {
+        alternatives: vec![chacha],
+        ..aes
+    };
+    sup.activate("vpn", vec![primary], Instant::now())
+        .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e,
+        HostEvent::FailedOver { from, to, .. } if from.id() == "crypto-aes256gcm" && to.id() == "crypto-chacha20poly1305")));
+    let running: Vec<_> = sup
+        .statuses()
+        .into_iter()
+        .map(|s| (s.shard.id().to_owned(), s.state))
+        .collect();
+    assert!(
+        running.contains(&("crypto-chacha20poly1305".into(), ShardState::Running)),
+        "{running:?}"
+    );
+    assert!(
+        running.contains(&("crypto-aes256gcm".into(), ShardState::Quarantined)),
+        "{running:?}"
+    );
+}
+
+#[test]
+fn an_agent_survives_every_fixture_at_once() {
+    // Several capabilities failing together in one supervisor: the agent keeps serving the healthy one.
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let now = Instant::now();
+    for (cap, cfg) in [
+        ("a", "mode = segv\nafter_polls = 2"),
+        ("b", "mode = hang\nafter_polls = 2"),
+        ("ok", "mode = ok"),
+    ] {
+        let mut s = spec(dir.path(), cap, "fixture-misbehave", cfg, LIMITS);
+        s.activation.capability = cap.into();
+        // The descriptor says capability "fixture": only "fixture" may load it.
+        let _ = sup.activate(cap, vec![s], now);
+    }
+    let (events, _) = wait_for(&mut sup, Duration::from_secs(2), |_| false);
+    // Capability mismatch is a load refusal for all three (descriptor says "fixture").
+    let refused = events
+        .iter()
+        .filter(|e| matches!(e, HostEvent::Failed { failure: ShardFailure::LoadRefused { reason }, .. } if reason.contains("fixture")))
+        .count();
+    assert_eq!(refused, 3, "{events:?}");
+    sup.shutdown();
+}
