@@ -87,12 +87,14 @@ pub fn pinned_key_set(keys: &[[u8; 32]]) -> KeySet {
 /// Reads `state.json`; `None` on a first start.
 pub fn load_state(path: &std::path::Path) -> Result<Option<PersistedState>, DaemonError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DaemonError::StateCorrupt {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| DaemonError::StateCorrupt {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DaemonError::State {
             path: path.to_owned(),
@@ -325,7 +327,10 @@ impl Daemon {
                 self.status_dirty = true;
             }
             LinkEvent::Mqtt(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(session_present = ack.session_present, "connected to the broker");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
                 self.core.on_connected();
                 let instr = topics::instr(&self.cfg.device);
                 if let Err(e) = self.link.client.try_subscribe(instr, QoS::AtLeastOnce) {
@@ -458,7 +463,8 @@ impl Daemon {
             rejections: self.manager.rejections().clone(),
         };
         let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
-        self.outbox.push(&topics::report(&self.cfg.device), &bytes)?;
+        self.outbox
+            .push(&topics::report(&self.cfg.device), &bytes)?;
         self.last_report_seq = seq;
         self.flush();
         Ok(())
@@ -574,9 +580,7 @@ impl Daemon {
             return Ok(None);
         }
         let old = std::mem::replace(&mut self.cfg, new);
-        let actions = self
-            .manager
-            .repin(pinned_key_set(&self.cfg.allocator_keys));
+        let actions = self.manager.repin(pinned_key_set(&self.cfg.allocator_keys));
         self.execute(actions, None)?;
         self.outbox.set_cap(self.cfg.outbox_cap);
         if old.broker != self.cfg.broker {
@@ -587,7 +591,9 @@ impl Daemon {
             self.source.set_window(self.cfg.monitor.window_ms);
             self.cfg.monitor.window_ms
         });
-        if old.monitor.interfaces != self.cfg.monitor.interfaces || old.monitor.pcap != self.cfg.monitor.pcap {
+        if old.monitor.interfaces != self.cfg.monitor.interfaces
+            || old.monitor.pcap != self.cfg.monitor.pcap
+        {
             tracing::warn!("capture source changes take effect at the next restart");
         }
         tracing::info!("configuration reloaded");

@@ -64,7 +64,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn wire(cfg: &Config) -> (Box<dyn ShardRuntime>, Box<dyn QosSource>) {
     let runtime: Box<dyn ShardRuntime> = Box::new(Unhosted::default());
     if !cfg.monitor.interfaces.is_empty() || cfg.monitor.pcap.is_some() {
-        tracing::warn!("traffic capture is not wired into the daemon yet; reports carry no classes");
+        tracing::warn!(
+            "traffic capture is not wired into the daemon yet; reports carry no classes"
+        );
     }
     let source: Box<dyn QosSource> = Box::new(NoCapture::new(cfg.monitor.window_ms));
     (runtime, source)

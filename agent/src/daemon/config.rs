@@ -180,7 +180,9 @@ struct HexKey([u8; 32]);
 impl<'de> Deserialize<'de> for HexKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_hex_key(&s).map(HexKey).map_err(serde::de::Error::custom)
+        parse_hex_key(&s)
+            .map(HexKey)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -617,7 +619,13 @@ mod tests {
         assert_eq!(u.port, 8883);
         let u = parse_broker_url("mqtt://[::1]:1999").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 1999));
-        for bad in ["tcp://x", "mqtt://", "mqtt://h:0", "mqtt://h:99999", "mqtt://u@h"] {
+        for bad in [
+            "tcp://x",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtt://u@h",
+        ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
     }
@@ -639,7 +647,10 @@ mod tests {
             "url = \"mqtts://h\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"",
         );
         let c = parse(&ok).unwrap();
-        assert_eq!(c.broker.cert_file, Some(PathBuf::from("/etc/shardline/c.pem")));
+        assert_eq!(
+            c.broker.cert_file,
+            Some(PathBuf::from("/etc/shardline/c.pem"))
+        );
     }
 
     #[test]

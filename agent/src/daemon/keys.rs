@@ -18,7 +18,9 @@ pub enum DeviceKeyError {
     },
     #[error("device key {path}: not 64 hex digits of an Ed25519 seed")]
     Malformed { path: PathBuf },
-    #[error("device key {path}: mode {mode:o} lets others read the secret; expected 0600 or stricter")]
+    #[error(
+        "device key {path}: mode {mode:o} lets others read the secret; expected 0600 or stricter"
+    )]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("device key {path}: the OS random generator failed: {reason}")]
     Random { path: PathBuf, reason: String },

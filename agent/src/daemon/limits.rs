@@ -8,7 +8,11 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 /// Applies the limits; failures are logged, not fatal (a container may forbid them).
 pub fn apply(limits: &AgentLimits) {
     if let Some(mib) = limits.memory_max_mib {
-        set_soft(Resource::RLIMIT_AS, mib.saturating_mul(1 << 20), "memory_max_mib");
+        set_soft(
+            Resource::RLIMIT_AS,
+            mib.saturating_mul(1 << 20),
+            "memory_max_mib",
+        );
     }
     if let Some(n) = limits.nofile {
         set_soft(Resource::RLIMIT_NOFILE, n, "nofile");
@@ -16,7 +20,8 @@ pub fn apply(limits: &AgentLimits) {
 }
 
 fn set_soft(resource: Resource, value: u64, field: &str) {
-    let result = getrlimit(resource).and_then(|(_, hard)| setrlimit(resource, value.min(hard), hard));
+    let result =
+        getrlimit(resource).and_then(|(_, hard)| setrlimit(resource, value.min(hard), hard));
     if let Err(e) = result {
         tracing::warn!(field, error = %e, "could not apply the agent's own limit");
     }

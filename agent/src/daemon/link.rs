@@ -79,13 +79,9 @@ fn tls_config(cfg: &BrokerConfig) -> Result<rustls::ClientConfig, LinkSetupError
     let ca = cfg.ca_file.as_ref().ok_or_else(|| {
         LinkSetupError::Tls("mqtts needs broker.ca_file (no system trust store on routers)".into())
     })?;
-    for cert in
-        CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))?
-    {
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))? {
         let cert = cert.map_err(|e| file_err(ca, e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| file_err(ca, e.to_string()))?;
+        roots.add(cert).map_err(|e| file_err(ca, e.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -259,7 +255,9 @@ impl LinkCore {
                             release(&mut self.busy, old);
                         }
                     }
-                    None => tracing::warn!(pkid, "outgoing publish that the daemon did not hand out"),
+                    None => {
+                        tracing::warn!(pkid, "outgoing publish that the daemon did not hand out")
+                    }
                 }
             }
             Outgoing::AwaitAck(pkid) => {
@@ -345,8 +343,8 @@ mod tests {
             c.handed_out(Sent::Outbox(id));
         }
         c.on_outgoing(&Outgoing::Publish(1)); // id 1 on the wire
-        // ids 2, 3 were still in the channel when the link broke; id 4 was
-        // handed out after the break and stays queued in the channel.
+                                              // ids 2, 3 were still in the channel when the link broke; id 4 was
+                                              // handed out after the break and stays queued in the channel.
         c.on_down(2);
         assert!(!c.is_connected());
         assert!(c.to_send([1, 2, 3, 4].into_iter()).is_empty(), "offline");

@@ -24,7 +24,7 @@ use shardline_shared::accept::{
     self, AcceptancePolicy, AcceptanceState, Decision, RotationError, Verdict,
 };
 use shardline_shared::msg::{
-    Activation, AckOutcome, Enforcement, KeySet, Operation, RejectReason, RejectionCounters,
+    AckOutcome, Activation, Enforcement, KeySet, Operation, RejectReason, RejectionCounters,
     ShardState, ShardStatus,
 };
 use shardline_shared::sign::OpenError;
@@ -524,7 +524,10 @@ mod tests {
         let t = m.on_tick(T0 + 5_000);
         assert_eq!(stops(&t), vec!["qos".to_string()]);
         assert!(starts(&t).is_empty());
-        assert!(last_persist(&t).profile.iter().all(|a| a.capability == "vpn"));
+        assert!(last_persist(&t)
+            .profile
+            .iter()
+            .all(|a| a.capability == "vpn"));
         let statuses = m.report_statuses(vec![]);
         assert_eq!(statuses.len(), 1);
         assert_eq!(statuses[0].state, ShardState::Expired);
@@ -556,7 +559,11 @@ mod tests {
             &instr(
                 1,
                 T0,
-                vec![Operation::Activate(activation("tunnel@1", "vpn", T0 + 9_000))],
+                vec![Operation::Activate(activation(
+                    "tunnel@1",
+                    "vpn",
+                    T0 + 9_000,
+                ))],
             ),
             T0,
         );
@@ -616,7 +623,11 @@ mod tests {
             &instr(
                 5,
                 T0,
-                vec![Operation::Activate(activation("tunnel@1", "vpn", T0 + 60_000))],
+                vec![Operation::Activate(activation(
+                    "tunnel@1",
+                    "vpn",
+                    T0 + 60_000,
+                ))],
             ),
             T0,
         );

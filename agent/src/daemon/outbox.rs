@@ -58,7 +58,10 @@ impl Outbox {
             let entry = entry.map_err(io)?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            match name.strip_suffix(SUFFIX).and_then(|n| n.parse::<u64>().ok()) {
+            match name
+                .strip_suffix(SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 Some(id) => {
                     ids.insert(id);
                 }
@@ -89,9 +92,8 @@ impl Outbox {
     pub fn push(&mut self, topic: &str, payload: &[u8]) -> Result<u64, OutboxError> {
         let id = self.next_id;
         let path = self.path(id);
-        let topic_len = u16::try_from(topic.len()).map_err(|_| OutboxError::Corrupt {
-            path: path.clone(),
-        })?;
+        let topic_len =
+            u16::try_from(topic.len()).map_err(|_| OutboxError::Corrupt { path: path.clone() })?;
         let mut bytes = Vec::with_capacity(2 + topic.len() + payload.len());
         bytes.extend_from_slice(&topic_len.to_be_bytes());
         bytes.extend_from_slice(topic.as_bytes());
@@ -167,7 +169,11 @@ impl Outbox {
             if let Some(oldest) = self.ids.pop_first() {
                 let _ = std::fs::remove_file(self.path(oldest));
                 self.dropped += 1;
-                tracing::warn!(id = oldest, cap = self.cap, "outbox full: dropped the oldest message");
+                tracing::warn!(
+                    id = oldest,
+                    cap = self.cap,
+                    "outbox full: dropped the oldest message"
+                );
             }
         }
     }
@@ -203,9 +209,7 @@ mod tests {
     fn cap_drops_the_oldest_and_counts() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = Outbox::open(dir.path(), 3).unwrap();
-        let ids: Vec<u64> = (0..5)
-            .map(|i| o.push("t", &[i as u8]).unwrap())
-            .collect();
+        let ids: Vec<u64> = (0..5).map(|i| o.push("t", &[i as u8]).unwrap()).collect();
         assert_eq!(o.ids().collect::<Vec<_>>(), ids[2..].to_vec());
         assert_eq!(o.dropped(), 2);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);

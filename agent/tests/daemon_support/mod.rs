@@ -1,0 +1,432 @@
+//! Shared fixtures of the daemon integration tests: a real mosquitto broker
+//! on a free loopback port (persistence on, killable with SIGKILL and
+//! restartable on the same port), the real agent binary as a child process,
+//! and a "cloud" side that is a plain rumqttc client sealing instructions
+//! with a test allocator key.
+#![allow(dead_code)]
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shardline_shared::msg::{Activation, InstructionAck, QosReport, ResourceLimits, ShardKind};
+use shardline_shared::sign::{self, Domain, KeyPair};
+use shardline_shared::DeviceId;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The test allocator's signing key.
+pub fn allocator_key() -> KeyPair {
+    KeyPair::from_seed(&[42; 32])
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto process; killed on drop.
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// Starts mosquitto, or returns `None` (after printing why) when it is
+    /// not installed.
+    pub fn start(dir: &Path) -> Option<Broker> {
+        if !Path::new(MOSQUITTO).exists() {
+            eprintln!("SKIP: {MOSQUITTO} is not installed (apt-get install mosquitto)");
+            return None;
+        }
+        let port = free_port();
+        let data = dir.join("mosquitto");
+        std::fs::create_dir_all(&data).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        let log = dir.join("mosquitto.log");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n\
+                 max_inflight_messages 100\nuser root\nlog_dest stderr\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            child: None,
+            port,
+            conf,
+            log,
+        };
+        b.restart();
+        Some(b)
+    }
+
+    /// (Re)starts the broker on the same port and waits until it accepts.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no clean shutdown, no final persistence save.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A device under test: its directory, config and (when running) process.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub device: DeviceId,
+    pub public_key: [u8; 32],
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Writes the agent's config (and extra TOML appended verbatim) and
+    /// creates its device key through the real `check-config --print-pubkey`.
+    pub fn new(dir: &Path, device: &str, broker_url: &str, window_ms: u32, extra: &str) -> Agent {
+        let state = dir.join("state");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[device]\nid = \"{device}\"\nkey_file = \"{}\"\n\n\
+                 [allocator]\nkeys = [\"{}\"]\n\n\
+                 [broker]\nurl = \"{broker_url}\"\nkeep_alive_s = 5\n\
+                 reconnect_min_ms = 50\nreconnect_max_ms = 400\n\n\
+                 [monitor]\nwindow_ms = {window_ms}\n\n\
+                 [shards]\ndir = \"{}\"\n\n\
+                 [state]\ndir = \"{}\"\n{extra}",
+                dir.join("device.key").display(),
+                hex::encode(allocator_key().public_key()),
+                dir.join("shards").display(),
+                state.display(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shardline-agent"))
+            .args(["check-config", "--print-pubkey", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "check-config failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hex_key = String::from_utf8(out.stdout).unwrap();
+        let public_key: [u8; 32] = hex::decode(hex_key.trim()).unwrap().try_into().unwrap();
+        Agent {
+            dir: dir.to_owned(),
+            config,
+            device: DeviceId::new(device).unwrap(),
+            public_key,
+            child: None,
+            log: dir.join("agent.log"),
+        }
+    }
+
+    pub fn start(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardline-agent"));
+        cmd.args(["run", "--config"])
+            .arg(&self.config)
+            .env("SHARDLINE_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start the agent"));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the process to exit by itself (e.g. the crash hook).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        let p = self.dir.join("state/state.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let p = self.dir.join("state/status.json");
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        self.state()["acceptance"]["last_applied_seq"]
+            .as_u64()
+            .unwrap()
+    }
+
+    pub fn profile_shards(&self) -> Vec<String> {
+        self.state()["profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}@{}",
+                    a["shard"]["id"].as_str().unwrap(),
+                    a["shard"]["version"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    pub fn open_report(&self, bytes: &[u8]) -> QosReport {
+        let pk = self.public_key;
+        sign::open(bytes, Domain::Report, 1 << 20, |_| Some(pk))
+            .expect("report signed by the device key")
+            .0
+    }
+
+    pub fn open_ack(&self, bytes: &[u8]) -> InstructionAck {
+        let pk = self.public_key;
+        sign::open(bytes, Domain::Ack, 1 << 20, |_| Some(pk))
+            .expect("ack signed by the device key")
+            .0
+    }
+
+    pub fn dump_log_on_failure(&self) {
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.dump_log_on_failure();
+        self.kill9();
+    }
+}
+
+/// The cloud side: a plain MQTT client that sees everything a device says.
+pub struct Cloud {
+    pub client: AsyncClient,
+    rx: mpsc::Receiver<(String, Vec<u8>)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Cloud {
+    /// Connects with a persistent session and subscribes (QoS 1) to the
+    /// device's report, ack and status topics; waits for the SUBACK.
+    pub fn connect(port: u16, device: &DeviceId) -> Cloud {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut opts = MqttOptions::new(
+            format!("test-cloud-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::channel();
+        let (sub_tx, sub_rx) = mpsc::channel();
+        let topics = [
+            shardline_shared::topics::report(device),
+            shardline_shared::topics::ack(device),
+            shardline_shared::topics::status(device),
+        ];
+        let c2 = client.clone();
+        rt.spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for t in &topics {
+                            let _ = c2.subscribe(t.clone(), QoS::AtLeastOnce).await;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        for _ in 0..3 {
+            sub_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("cloud client subscribed");
+        }
+        Cloud { client, rx, rt }
+    }
+
+    pub fn recv(&self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for the next message on a topic ending with `kind`, skipping others.
+    pub fn recv_kind(&self, kind: &str, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (topic, payload) = self.recv(left)?;
+            if topic.ends_with(kind) {
+                return Some(payload);
+            }
+        }
+    }
+
+    /// Drains everything that arrives within `window`.
+    pub fn drain(&self, window: Duration) -> Vec<(String, Vec<u8>)> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.recv(left) {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub fn send_instruction(&self, device: &DeviceId, bytes: Vec<u8>) {
+        let topic = shardline_shared::topics::instr(device);
+        self.rt
+            .block_on(self.client.publish(topic, QoS::AtLeastOnce, false, bytes))
+            .unwrap();
+    }
+}
+
+pub fn activation(shard: &str, capability: &str, lease_expires_at_ms: u64) -> Activation {
+    Activation {
+        shard: shard.parse().unwrap(),
+        capability: capability.into(),
+        kind: ShardKind::Compute,
+        sha256: [7; 32],
+        config: Vec::new(),
+        limits: ResourceLimits {
+            cpu_quota_permille: 200,
+            cpu_weight: 100,
+            memory_max_bytes: 64 << 20,
+            nice: 5,
+        },
+        priority: 1,
+        lease_expires_at_ms,
+    }
+}
+
+/// Polls `f` until it returns `Some` or the timeout passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Appends a line to a file (test diagnostics).
+pub fn note(path: &Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    writeln!(f, "{line}").unwrap();
+}
