@@ -50,7 +50,9 @@ pub struct MonitorArgs {
 }
 
 fn ms(us: Option<u32>) -> Value {
-    us.map_or(Value::Null, |u| json!((f64::from(u) / 1000.0 * 1000.0).round() / 1000.0))
+    us.map_or(Value::Null, |u| {
+        json!((f64::from(u) / 1000.0 * 1000.0).round() / 1000.0)
+    })
 }
 
 fn flow_json(f: &FlowSummary) -> Value {
@@ -115,7 +117,10 @@ fn window_json(w: &WindowSummary, kernel: Option<(u64, u64)>) -> Value {
 fn totals_json(t: &Totals, kernel: Option<(u64, u64)>, read_error: Option<String>) -> Value {
     let mut classes = serde_json::Map::new();
     for (c, ct) in &t.classes {
-        classes.insert(c.as_str().to_string(), json!({"packets": ct.packets, "bytes": ct.bytes, "flows": ct.flows}));
+        classes.insert(
+            c.as_str().to_string(),
+            json!({"packets": ct.packets, "bytes": ct.bytes, "flows": ct.flows}),
+        );
     }
     let mut v = json!({"totals": {
         "packets": t.packets,
@@ -150,7 +155,11 @@ fn opt_ms(us: Option<u32>) -> String {
 }
 
 fn print_flows(out: &mut impl Write, flows: &[FlowSummary]) -> std::io::Result<()> {
-    writeln!(out, "  {:<45} {:<45} {:<5} {:<11} {:>9} {:>12} {:>8} {:>5}  name", "src", "dst", "proto", "class", "packets", "bytes", "rtt ms", "retx")?;
+    writeln!(
+        out,
+        "  {:<45} {:<45} {:<5} {:<11} {:>9} {:>12} {:>8} {:>5}  name",
+        "src", "dst", "proto", "class", "packets", "bytes", "rtt ms", "retx"
+    )?;
     for f in flows {
         let name = f.sni.as_deref().or(f.dns_name.as_deref()).unwrap_or("");
         writeln!(
@@ -170,7 +179,12 @@ fn print_flows(out: &mut impl Write, flows: &[FlowSummary]) -> std::io::Result<(
     Ok(())
 }
 
-fn print_window(out: &mut impl Write, w: &WindowSummary, clear: bool, kernel: Option<(u64, u64)>) -> std::io::Result<()> {
+fn print_window(
+    out: &mut impl Write,
+    w: &WindowSummary,
+    clear: bool,
+    kernel: Option<(u64, u64)>,
+) -> std::io::Result<()> {
     if clear {
         write!(out, "\x1b[2J\x1b[H")?;
     }
@@ -220,7 +234,12 @@ fn print_window(out: &mut impl Write, w: &WindowSummary, clear: bool, kernel: Op
     writeln!(out)
 }
 
-fn print_totals(out: &mut impl Write, t: &Totals, kernel: Option<(u64, u64)>, read_error: Option<&str>) -> std::io::Result<()> {
+fn print_totals(
+    out: &mut impl Write,
+    t: &Totals,
+    kernel: Option<(u64, u64)>,
+    read_error: Option<&str>,
+) -> std::io::Result<()> {
     writeln!(
         out,
         "totals: {} packets, {} bytes, {} flows, {} malformed, {} non-IP, {} evicted{}",
@@ -230,10 +249,19 @@ fn print_totals(out: &mut impl Write, t: &Totals, kernel: Option<(u64, u64)>, re
         t.malformed,
         t.non_ip,
         t.evicted,
-        kernel.map_or(String::new(), |(p, d)| format!(", kernel {p} packets / {d} drops"))
+        kernel.map_or(String::new(), |(p, d)| format!(
+            ", kernel {p} packets / {d} drops"
+        ))
     )?;
     for (c, ct) in &t.classes {
-        writeln!(out, "  {:<11} {:>10} packets {:>14} bytes {:>8} flows", c.as_str(), ct.packets, ct.bytes, ct.flows)?;
+        writeln!(
+            out,
+            "  {:<11} {:>10} packets {:>14} bytes {:>8} flows",
+            c.as_str(),
+            ct.packets,
+            ct.bytes,
+            ct.flows
+        )?;
     }
     print_flows(out, &t.top_flows)?;
     if let Some(e) = read_error {
@@ -259,7 +287,12 @@ impl Output {
         Ok(())
     }
 
-    fn totals(&mut self, t: &Totals, kernel: Option<(u64, u64)>, read_error: Option<String>) -> anyhow::Result<()> {
+    fn totals(
+        &mut self,
+        t: &Totals,
+        kernel: Option<(u64, u64)>,
+        read_error: Option<String>,
+    ) -> anyhow::Result<()> {
         if self.json {
             writeln!(self.out, "{}", totals_json(t, kernel, read_error))?;
         } else {
@@ -273,24 +306,31 @@ impl Output {
 /// Set `flag` on SIGINT or SIGTERM (a helper thread with a small tokio
 /// runtime owns the signal handlers; the capture loop polls the flag).
 fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("signal runtime")?;
-    std::thread::Builder::new().name("monitor-signals".into()).spawn(move || {
-        rt.block_on(async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    flag.store(true, Ordering::SeqCst);
-                    return;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    std::thread::Builder::new()
+        .name("monitor-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                            flag.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            flag.store(true, Ordering::SeqCst);
-        });
-    })?;
+                flag.store(true, Ordering::SeqCst);
+            });
+        })?;
     Ok(())
 }
 
@@ -304,7 +344,10 @@ fn load_config(args: &MonitorArgs) -> anyhow::Result<MonitorConfig> {
         cfg.rules_file = Some(r.clone());
     }
     if let Some(w) = args.window_ms {
-        anyhow::ensure!((10..=3_600_000).contains(&w), "--window-ms must be between 10 and 3600000");
+        anyhow::ensure!(
+            (10..=3_600_000).contains(&w),
+            "--window-ms must be between 10 and 3600000"
+        );
         cfg.window = Duration::from_millis(w);
     }
     if let Some(t) = args.top {
@@ -317,7 +360,11 @@ fn load_config(args: &MonitorArgs) -> anyhow::Result<MonitorConfig> {
 pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(&args)?;
     let stdout = std::io::stdout();
-    let mut out = Output { json: args.json, clear: false, out: stdout.lock() };
+    let mut out = Output {
+        json: args.json,
+        clear: false,
+        out: stdout.lock(),
+    };
     let mut pipeline = Pipeline::new(cfg);
     if let Some(path) = &args.pcap {
         let mut reader = CaptureReader::open(path)?;
@@ -339,7 +386,9 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             let first_ts = *first.get_or_insert(frame.ts);
-            if args.duration.is_some_and(|d| frame.ts.as_nanos().saturating_sub(first_ts.as_nanos()) as f64 / 1e9 >= d) {
+            if args.duration.is_some_and(|d| {
+                frame.ts.as_nanos().saturating_sub(first_ts.as_nanos()) as f64 / 1e9 >= d
+            }) {
                 break;
             }
             n += 1;
@@ -353,25 +402,39 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
             out.window(&w, None)?;
         }
         if reader.unsupported_link > 0 {
-            tracing::warn!(frames = reader.unsupported_link, "frames of unsupported link types skipped");
+            tracing::warn!(
+                frames = reader.unsupported_link,
+                "frames of unsupported link types skipped"
+            );
         }
         out.totals(&pipeline.totals(), None, read_error)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let iface = args.iface.as_deref().context("--iface or --pcap is required")?;
-    let opts = LiveOptions { promiscuous: args.promiscuous, ..LiveOptions::default() };
+    let iface = args
+        .iface
+        .as_deref()
+        .context("--iface or --pcap is required")?;
+    let opts = LiveOptions {
+        promiscuous: args.promiscuous,
+        ..LiveOptions::default()
+    };
     let mut cap = LiveCapture::open(iface, &opts)?;
     out.clear = !args.json && std::io::stdout().is_terminal();
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = args
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let link = cap.link_type();
     let mut n = 0u64;
     let mut kernel = (0u64, 0u64);
     let mut closed = Vec::new();
     loop {
-        if stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d) || args.count.is_some_and(|c| n >= c) {
+        if stop.load(Ordering::SeqCst)
+            || deadline.is_some_and(|d| Instant::now() >= d)
+            || args.count.is_some_and(|c| n >= c)
+        {
             break;
         }
         match cap.next_frame()? {

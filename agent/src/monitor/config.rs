@@ -18,9 +18,17 @@ const DEFAULT_RULES_NAME: &str = "<embedded agent/rules/default.toml>";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}:{line}: field `{field}`: {message}")]
-    Invalid { file: String, line: usize, field: String, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
 }
 
 /// Settings of the sans-IO pipeline.
@@ -78,10 +86,17 @@ impl MonitorConfig {
     /// `dns_cache`, `top_flows`, `rules` (path, relative to the file).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
         let mut cfg = Self::from_toml(&text, &file)?;
         if let Some(r) = &cfg.rules_file {
-            let r = if r.is_relative() { path.parent().unwrap_or(Path::new(".")).join(r) } else { r.clone() };
+            let r = if r.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(r)
+            } else {
+                r.clone()
+            };
             cfg.rules = Rules::with_extra(&r)?;
             cfg.rules_file = Some(r);
         }
@@ -93,21 +108,30 @@ impl MonitorConfig {
     pub fn from_toml(text: &str, file: &str) -> Result<Self, ConfigError> {
         let f: MonitorFile = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
         let mut c = MonitorConfig::default();
-        let invalid = |span: std::ops::Range<usize>, field: &str, message: &str| ConfigError::Invalid {
-            file: file.to_string(),
-            line: line_of(text, span.start),
-            field: field.to_string(),
-            message: message.to_string(),
-        };
+        let invalid =
+            |span: std::ops::Range<usize>, field: &str, message: &str| ConfigError::Invalid {
+                file: file.to_string(),
+                line: line_of(text, span.start),
+                field: field.to_string(),
+                message: message.to_string(),
+            };
         if let Some(w) = f.window_ms {
             if !(10..=3_600_000).contains(w.get_ref()) {
-                return Err(invalid(w.span(), "window_ms", "must be between 10 and 3600000"));
+                return Err(invalid(
+                    w.span(),
+                    "window_ms",
+                    "must be between 10 and 3600000",
+                ));
             }
             c.window = Duration::from_millis(*w.get_ref());
         }
         if let Some(m) = f.max_flows {
             if !(1..=(1 << 24)).contains(m.get_ref()) {
-                return Err(invalid(m.span(), "max_flows", "must be between 1 and 16777216"));
+                return Err(invalid(
+                    m.span(),
+                    "max_flows",
+                    "must be between 1 and 16777216",
+                ));
             }
             c.max_flows = *m.get_ref();
         }
@@ -135,7 +159,11 @@ impl MonitorConfig {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Turn a TOML/serde error into one naming file, line and field.
@@ -146,7 +174,13 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
             let line = line_of(text, span.start);
             // The key on that line, if the line is `key = value`.
             let l = text.lines().nth(line - 1).unwrap_or("");
-            let key = l.split('=').next().unwrap_or("").trim().trim_matches(|c| c == '[' || c == ']').to_string();
+            let key = l
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
             (line, key)
         }
         None => (0, String::new()),
@@ -159,7 +193,12 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
             }
         }
     }
-    ConfigError::Invalid { file: file.to_string(), line, field, message }
+    ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        field,
+        message,
+    }
 }
 
 // ---------------------------------------------------------------- rules
@@ -279,13 +318,26 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, span: std::ops::Range<usize>, field: &str, message: String) -> ConfigError {
-        ConfigError::Invalid { file: self.file.to_string(), line: line_of(self.text, span.start), field: field.to_string(), message }
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: line_of(self.text, span.start),
+            field: field.to_string(),
+            message,
+        }
     }
 
     fn class(&self, s: &Spanned<String>, field: &str) -> Result<TrafficClass, ConfigError> {
         TrafficClass::from_name(s.get_ref()).ok_or_else(|| {
             let names: Vec<_> = TrafficClass::ALL.iter().map(|c| c.as_str()).collect();
-            self.err(s.span(), field, format!("unknown class `{}` (one of {})", s.get_ref(), names.join(", ")))
+            self.err(
+                s.span(),
+                field,
+                format!(
+                    "unknown class `{}` (one of {})",
+                    s.get_ref(),
+                    names.join(", ")
+                ),
+            )
         })
     }
 
@@ -294,7 +346,11 @@ impl Ctx<'_> {
             "tcp" => Ok(Some(6)),
             "udp" => Ok(Some(17)),
             "any" => Ok(None),
-            other => Err(self.err(s.span(), "proto", format!("unknown protocol `{other}` (tcp, udp or any)"))),
+            other => Err(self.err(
+                s.span(),
+                "proto",
+                format!("unknown protocol `{other}` (tcp, udp or any)"),
+            )),
         }
     }
 }
@@ -310,12 +366,18 @@ impl Rules {
     /// The defaults extended by an operator's rules file.
     pub fn with_extra(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
         Self::compile(&[(DEFAULT_RULES, DEFAULT_RULES_NAME), (&text, &file)])
     }
 
     fn empty() -> Self {
-        let mut needs = [ClassNeed { heavy_bps: 10_000_000, ..ClassNeed::default() }; 9];
+        let mut needs = [ClassNeed {
+            heavy_bps: 10_000_000,
+            ..ClassNeed::default()
+        }; 9];
         needs[TrafficClass::Sensitive as usize].needs_encryption = true;
         Rules {
             tcp_ports: vec![0; 65536].into_boxed_slice(),
@@ -333,8 +395,9 @@ impl Rules {
             let parsed: RulesFile = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
             let cx = Ctx { file, text };
             for (name, need) in &parsed.need {
-                let class = TrafficClass::from_name(name)
-                    .ok_or_else(|| cx.err(need.span(), "need", format!("unknown class `{name}`")))?;
+                let class = TrafficClass::from_name(name).ok_or_else(|| {
+                    cx.err(need.span(), "need", format!("unknown class `{name}`"))
+                })?;
                 let n = need.get_ref();
                 r.needs[class as usize] = ClassNeed {
                     latency_sensitive: n.latency_sensitive,
@@ -360,7 +423,11 @@ impl Rules {
                 for range in &p.ranges {
                     let (a, b) = *range.get_ref();
                     if a > b {
-                        return Err(cx.err(range.span(), "port.ranges", format!("range [{a}, {b}] is reversed")));
+                        return Err(cx.err(
+                            range.span(),
+                            "port.ranges",
+                            format!("range [{a}, {b}] is reversed"),
+                        ));
                     }
                     for port in a..=b {
                         set(port);
@@ -383,7 +450,11 @@ impl Rules {
                 let mut from = Vec::new();
                 for f in b.from.get_ref() {
                     from.push(TrafficClass::from_name(f).ok_or_else(|| {
-                        cx.err(b.from.span(), "behaviour.from", format!("unknown class `{f}`"))
+                        cx.err(
+                            b.from.span(),
+                            "behaviour.from",
+                            format!("unknown class `{f}`"),
+                        )
                     })?);
                 }
                 let proto = match &b.proto {
@@ -432,7 +503,8 @@ impl Rules {
         self.names.iter().find_map(|(suffix, class)| {
             let hit = name.len() >= suffix.len()
                 && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && (name.len() == suffix.len() || name.as_bytes()[name.len() - suffix.len() - 1] == b'.');
+                && (name.len() == suffix.len()
+                    || name.as_bytes()[name.len() - suffix.len() - 1] == b'.');
             hit.then_some(*class)
         })
     }
@@ -457,7 +529,10 @@ mod tests {
         assert_eq!(r.port_class(6, 22), Some(TrafficClass::Interactive));
         assert_eq!(r.port_class(17, 27015), Some(TrafficClass::Gaming));
         assert_eq!(r.port_class(6, 53_999), None);
-        assert_eq!(r.name_class("online.BANK.example"), Some(TrafficClass::Sensitive));
+        assert_eq!(
+            r.name_class("online.BANK.example"),
+            Some(TrafficClass::Sensitive)
+        );
         assert_eq!(r.name_class("notbank.example"), None);
         assert!(r.need(TrafficClass::Calls).latency_sensitive);
     }
@@ -468,13 +543,21 @@ mod tests {
         let r = Rules::compile(&[(DEFAULT_RULES, "d"), (extra, "x.toml")]).expect("compiles");
         assert_eq!(r.port_class(6, 22), Some(TrafficClass::Gaming));
         let bad = "[[port]]\nclass = \"gamin\"\nproto = \"tcp\"\n";
-        let e = Rules::compile(&[(bad, "bad.toml")]).unwrap_err().to_string();
+        let e = Rules::compile(&[(bad, "bad.toml")])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("bad.toml:2: field `port.class`"), "{e}");
-        let e = MonitorConfig::from_toml("window_ms = 1000\nmax_flows = \"x\"\n", "m.toml").unwrap_err().to_string();
+        let e = MonitorConfig::from_toml("window_ms = 1000\nmax_flows = \"x\"\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("m.toml:2: field `max_flows`"), "{e}");
-        let e = MonitorConfig::from_toml("window_ms = 5\n", "m.toml").unwrap_err().to_string();
+        let e = MonitorConfig::from_toml("window_ms = 5\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("m.toml:1: field `window_ms`"), "{e}");
-        let e = MonitorConfig::from_toml("\nwindow = 5\n", "m.toml").unwrap_err().to_string();
+        let e = MonitorConfig::from_toml("\nwindow = 5\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.toml:2: field `window`"), "{e}");
     }
 }

@@ -39,7 +39,12 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 
 /// Read a (possibly compressed) name at `at`; returns the offset after it in
 /// the original position. Writes the dotted lower-case name into `out`.
-fn read_name(msg: &[u8], mut at: usize, out: &mut [u8; MAX_NAME], out_len: &mut usize) -> Option<usize> {
+fn read_name(
+    msg: &[u8],
+    mut at: usize,
+    out: &mut [u8; MAX_NAME],
+    out_len: &mut usize,
+) -> Option<usize> {
     let mut end = None;
     let mut jumps = 0;
     *out_len = 0;

@@ -52,9 +52,23 @@ impl FlowKey {
         let (d, _) = addr16(p.dst);
         let forward = (s, p.sport) <= (d, p.dport);
         let key = if forward {
-            FlowKey { a: s, b: d, a_port: p.sport, b_port: p.dport, proto: p.proto.number(), v6 }
+            FlowKey {
+                a: s,
+                b: d,
+                a_port: p.sport,
+                b_port: p.dport,
+                proto: p.proto.number(),
+                v6,
+            }
         } else {
-            FlowKey { a: d, b: s, a_port: p.dport, b_port: p.sport, proto: p.proto.number(), v6 }
+            FlowKey {
+                a: d,
+                b: s,
+                a_port: p.dport,
+                b_port: p.sport,
+                proto: p.proto.number(),
+                v6,
+            }
         };
         (key, forward)
     }
@@ -72,7 +86,16 @@ impl FlowKey {
     fn hash(&self, seed: u64) -> u32 {
         const K: u64 = 0x9e37_79b9_7f4a_7c15;
         let w = |b: &[u8; 16], i: usize| {
-            u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]])
+            u64::from_le_bytes([
+                b[i],
+                b[i + 1],
+                b[i + 2],
+                b[i + 3],
+                b[i + 4],
+                b[i + 5],
+                b[i + 6],
+                b[i + 7],
+            ])
         };
         let mut h = seed;
         for x in [
@@ -144,6 +167,9 @@ pub struct Flow {
     t: [u32; 2],
     /// TCP: pending TSval; UDP: last inter-arrival gap, µs.
     v: [u32; 2],
+    /// TCP: the newest TSval seen after the pending one, and when (µs).
+    v2: [u32; 2],
+    t2: [u32; 2],
     /// TCP: latest half RTT (capture point → that side → back), µs; UDP: jitter × 16, µs.
     half: [u32; 2],
     syn_t: u32,
@@ -182,6 +208,8 @@ impl Flow {
             next_seq: [0; 2],
             t: [0; 2],
             v: [0; 2],
+            v2: [0; 2],
+            t2: [0; 2],
             half: [0; 2],
             syn_t: 0,
             synack_t: 0,
@@ -259,7 +287,14 @@ impl Flow {
         ev
     }
 
-    fn tcp(&mut self, d: usize, now: u32, tcp: &super::parse::TcpInfo, payload_len: u32, ev: &mut PacketEvents) {
+    fn tcp(
+        &mut self,
+        d: usize,
+        now: u32,
+        tcp: &super::parse::TcpInfo,
+        payload_len: u32,
+        ev: &mut PacketEvents,
+    ) {
         let f = tcp.flags;
         let syn = f & tcp_flags::SYN != 0;
         let ack = f & tcp_flags::ACK != 0;
@@ -309,16 +344,25 @@ impl Flow {
                 self.next_seq[d] = tcp.seq.wrapping_add(seg);
             }
         }
-        // Continuous RTT from timestamp echoes (as pping does): one pending
-        // TSval per direction; its echo in the other direction closes a half RTT.
+        // Continuous RTT from timestamp echoes (as pping does), bounded: per
+        // direction the oldest unechoed TSval and the newest one after it. An
+        // echo of either in the other direction closes a half RTT (capture
+        // point → that side → back); the two halves add up to the RTT.
         if let Some((tsval, tsecr)) = tcp.ts {
             let o = 1 - d;
             let pend_o = if o == 0 { F_TSP0 } else { F_TSP1 };
             if self.flags & pend_o != 0 && ack {
-                let diff = tsecr.wrapping_sub(self.v[o]) as i32;
-                if diff == 0 {
-                    self.half[o] = now.wrapping_sub(self.t[o]);
+                let started = if tsecr == self.v[o] {
+                    Some(self.t[o])
+                } else if tsecr == self.v2[o] && self.t2[o] != 0 {
+                    Some(self.t2[o])
+                } else {
+                    None
+                };
+                if let Some(start) = started {
+                    self.half[o] = now.wrapping_sub(start);
                     self.flags &= !pend_o;
+                    self.t2[o] = 0;
                     self.flags |= if o == 0 { F_HALF0 } else { F_HALF1 };
                     if self.flags & (F_HALF0 | F_HALF1) == F_HALF0 | F_HALF1 {
                         let sample = self.half[0].saturating_add(self.half[1]).max(1);
@@ -329,18 +373,26 @@ impl Flow {
                         };
                         ev.rtt_sample_us = Some(sample);
                     }
-                } else if diff > 0 {
-                    // A later TSval was echoed: the pending one will never be.
+                } else if tsecr.wrapping_sub(self.v2[o]) as i32 > 0 && self.t2[o] != 0 {
+                    // Something newer than both was echoed: neither ever will be.
                     self.flags &= !pend_o;
+                    self.t2[o] = 0;
                 }
             }
             let pend_d = if d == 0 { F_TSP0 } else { F_TSP1 };
-            // Only a TSval newer than the last one recorded starts a sample, so
-            // retransmitted or repeated TSvals never give a too-short RTT.
-            if self.flags & pend_d == 0 && (tsval.wrapping_sub(self.v[d]) as i32 > 0 || self.t[d] == 0) {
-                self.v[d] = tsval;
-                self.t[d] = now;
-                self.flags |= pend_d;
+            // Only a TSval newer than any recorded starts a sample, so repeated
+            // TSvals (retransmissions) never give a too-short RTT.
+            if self.flags & pend_d == 0 {
+                if tsval.wrapping_sub(self.v[d]) as i32 > 0 || self.t[d] == 0 {
+                    self.v[d] = tsval;
+                    self.t[d] = now.max(1);
+                    self.v2[d] = tsval;
+                    self.t2[d] = 0;
+                    self.flags |= pend_d;
+                }
+            } else if tsval.wrapping_sub(self.v[d]) as i32 > 0 && tsval != self.v2[d] {
+                self.v2[d] = tsval;
+                self.t2[d] = now.max(1);
             }
         }
     }
@@ -521,7 +573,10 @@ impl FlowTable {
         let mut best = NIL;
         for g in 0..3 {
             let h = self.heads[g];
-            if h != NIL && (best == NIL || self.flows[h as usize].last_ns < self.flows[best as usize].last_ns) {
+            if h != NIL
+                && (best == NIL
+                    || self.flows[h as usize].last_ns < self.flows[best as usize].last_ns)
+            {
                 best = h;
             }
         }
@@ -579,7 +634,11 @@ impl FlowTable {
             }
             let k = self.flows[s as usize].hash as usize & self.mask;
             // Move s back into the hole at i unless its home lies in (i, j].
-            let stays = if i <= j { i < k && k <= j } else { i < k || k <= j };
+            let stays = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
             if !stays {
                 self.index[i] = s;
                 i = j;

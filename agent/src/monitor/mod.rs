@@ -67,7 +67,11 @@ impl Timestamp {
 
     /// The current wall-clock time (for the I/O edges only).
     pub fn now() -> Self {
-        Self::from_duration(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+        Self::from_duration(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        )
     }
 
     pub const fn as_nanos(self) -> u64 {

@@ -24,7 +24,13 @@ pub struct NameTable {
 impl NameTable {
     pub fn new(cap: usize) -> Self {
         let cap = cap.clamp(16, 65_536);
-        NameTable { slots: Vec::new(), gens: Vec::new(), map: HashMap::new(), next: 0, cap }
+        NameTable {
+            slots: Vec::new(),
+            gens: Vec::new(),
+            map: HashMap::new(),
+            next: 0,
+            cap,
+        }
     }
 
     /// The id of `name` (lower case), adding it if needed.
@@ -71,7 +77,11 @@ pub struct DnsCache {
 
 impl DnsCache {
     pub fn new(cap: usize) -> Self {
-        DnsCache { map: HashMap::new(), order: VecDeque::new(), cap }
+        DnsCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
     }
 
     pub fn insert(&mut self, addr: IpAddr, name: u32, class: Option<TrafficClass>) {

@@ -26,7 +26,13 @@ struct TpacketStats {
 pub(crate) fn open_raw() -> io::Result<RawFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain system call with constant arguments; no memory is passed.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(proto)) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(proto),
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -70,7 +76,8 @@ pub(crate) fn ignore_outgoing(fd: RawFd) -> io::Result<()> {
 /// Tries the privileged `SO_RCVBUFFORCE` first, then the capped `SO_RCVBUF`.
 pub(crate) fn set_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    set_int(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, v).or_else(|_| set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, v))
+    set_int(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, v)
+        .or_else(|_| set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, v))
 }
 
 /// Read and reset the kernel counters: (frames queued to the socket, frames
@@ -81,7 +88,13 @@ pub(crate) fn take_stats(fd: RawFd) -> io::Result<(u32, u32)> {
     // SAFETY: `st` and `len` are valid for writes for the duration of the call
     // and `len` holds the size of `st`; the kernel writes at most that much.
     let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_PACKET, PACKET_STATISTICS, (&mut st as *mut TpacketStats).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_PACKET,
+            PACKET_STATISTICS,
+            (&mut st as *mut TpacketStats).cast(),
+            &mut len,
+        )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());

@@ -257,7 +257,11 @@ fn parse_ipv4(b: &[u8]) -> Result<Packet<'_>, ParseError> {
     let src = IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(b[16], b[17], b[18], b[19]));
     let dscp = b[1] >> 2;
-    let proto = if frag != 0 { Proto::Other(b[9]) } else { Proto::from_number(b[9]) };
+    let proto = if frag != 0 {
+        Proto::Other(b[9])
+    } else {
+        Proto::from_number(b[9])
+    };
     // The transport view ends at the IP total length (Ethernet padding is not payload).
     let end = b.len().min(total as usize);
     let l4 = &b[ihl..end];
@@ -314,7 +318,11 @@ fn parse_ipv6(b: &[u8]) -> Result<Packet<'_>, ParseError> {
             return Err(ParseError::BadIp);
         }
     }
-    let proto = if fragmented { Proto::Other(next) } else { Proto::from_number(next) };
+    let proto = if fragmented {
+        Proto::Other(next)
+    } else {
+        Proto::from_number(next)
+    };
     let l4 = b.get(off..end).unwrap_or(&[]);
     let payload_len = total.saturating_sub(off as u32);
     transport(
@@ -365,7 +373,12 @@ fn transport<'a>(
             p.dport = u16::from_be_bytes([l4[2], l4[3]]);
             let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
             let ack = u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]);
-            p.tcp = Some(TcpInfo { seq, ack, flags: l4[13], ts: tcp_timestamps(&l4[20..doff]) });
+            p.tcp = Some(TcpInfo {
+                seq,
+                ack,
+                flags: l4[13],
+                ts: tcp_timestamps(&l4[20..doff]),
+            });
             p.payload_len = l4_len - doff as u32;
             p.payload = &l4[doff..];
         }
@@ -388,7 +401,10 @@ fn transport<'a>(
             // Echo request/reply: the identifier keeps pings of different
             // processes apart and is the same in both directions.
             let t = l4[0];
-            let is_echo = matches!((proto, t), (Proto::Icmp, 0 | 8) | (Proto::Icmpv6, 128 | 129));
+            let is_echo = matches!(
+                (proto, t),
+                (Proto::Icmp, 0 | 8) | (Proto::Icmpv6, 128 | 129)
+            );
             if is_echo {
                 let id = u16::from_be_bytes([l4[4], l4[5]]);
                 p.sport = id;
@@ -442,7 +458,13 @@ mod tests {
                 *b = x as u8;
             }
             let len = (x as usize) % buf.len();
-            for link in [LinkType::Ethernet, LinkType::LinuxSll, LinkType::LinuxSll2, LinkType::RawIp, LinkType::Null] {
+            for link in [
+                LinkType::Ethernet,
+                LinkType::LinuxSll,
+                LinkType::LinuxSll2,
+                LinkType::RawIp,
+                LinkType::Null,
+            ] {
                 let _ = parse(link, &buf[..len]);
             }
             // Force a plausible IPv4/IPv6 header to reach the deeper parsers.

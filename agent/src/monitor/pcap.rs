@@ -27,7 +27,11 @@ pub enum PcapError {
     #[error("{path}: record at byte {offset} claims {len} bytes (limit {MAX_RECORD})")]
     TooLarge { path: String, offset: u64, len: u64 },
     #[error("{path}: bad block at byte {offset}: {what}")]
-    BadBlock { path: String, offset: u64, what: &'static str },
+    BadBlock {
+        path: String,
+        offset: u64,
+        what: &'static str,
+    },
 }
 
 /// One frame read from a file.
@@ -50,8 +54,15 @@ struct Iface {
 
 #[derive(Debug)]
 enum Format {
-    Pcap { big_endian: bool, nanos: bool, link: Option<LinkType> },
-    Pcapng { big_endian: bool, ifaces: Vec<Iface> },
+    Pcap {
+        big_endian: bool,
+        nanos: bool,
+        link: Option<LinkType>,
+    },
+    Pcapng {
+        big_endian: bool,
+        ifaces: Vec<Iface>,
+    },
 }
 
 /// Reads frames one by one from a pcap or pcapng stream.
@@ -70,7 +81,10 @@ impl CaptureReader<io::BufReader<std::fs::File>> {
     /// Open a capture file; the format is detected from its magic number.
     pub fn open(path: &Path) -> Result<Self, PcapError> {
         let name = path.display().to_string();
-        let f = std::fs::File::open(path).map_err(|source| PcapError::Io { path: name.clone(), source })?;
+        let f = std::fs::File::open(path).map_err(|source| PcapError::Io {
+            path: name.clone(),
+            source,
+        })?;
         Self::new(io::BufReader::with_capacity(256 * 1024, f), name)
     }
 }
@@ -105,12 +119,26 @@ impl<R: Read> CaptureReader<R> {
                 let big = matches!(magic, 0xd4c3_b2a1 | 0x4d3c_b2a1);
                 let nanos = matches!(magic, 0xa1b2_3c4d | 0x4d3c_b2a1);
                 let link = LinkType::from_linktype(u32_at(&head, 20, big) & 0x0fff_ffff);
-                Format::Pcap { big_endian: big, nanos, link }
+                Format::Pcap {
+                    big_endian: big,
+                    nanos,
+                    link,
+                }
             }
-            0x0a0d_0d0a => Format::Pcapng { big_endian: false, ifaces: Vec::new() },
+            0x0a0d_0d0a => Format::Pcapng {
+                big_endian: false,
+                ifaces: Vec::new(),
+            },
             magic => return Err(PcapError::BadMagic { path, magic }),
         };
-        let mut r = CaptureReader { src, path, format, buf: Vec::with_capacity(64 * 1024), offset: 0, unsupported_link: 0 };
+        let mut r = CaptureReader {
+            src,
+            path,
+            format,
+            buf: Vec::with_capacity(64 * 1024),
+            offset: 0,
+            unsupported_link: 0,
+        };
         if let Format::Pcap { .. } = r.format {
             r.offset = 24;
         } else {
@@ -124,7 +152,11 @@ impl<R: Read> CaptureReader<R> {
     pub fn next_frame(&mut self) -> Result<Option<FileFrame<'_>>, PcapError> {
         loop {
             match &self.format {
-                Format::Pcap { big_endian, nanos, link } => {
+                Format::Pcap {
+                    big_endian,
+                    nanos,
+                    link,
+                } => {
                     let (big, nanos, link) = (*big_endian, *nanos, *link);
                     let mut h = [0u8; 16];
                     if !self.read_or_eof(&mut h)? {
@@ -133,7 +165,11 @@ impl<R: Read> CaptureReader<R> {
                     let caplen = u32_at(&h, 8, big) as usize;
                     let orig = u32_at(&h, 12, big);
                     if caplen > MAX_RECORD {
-                        return Err(PcapError::TooLarge { path: self.path.clone(), offset: self.offset, len: caplen as u64 });
+                        return Err(PcapError::TooLarge {
+                            path: self.path.clone(),
+                            offset: self.offset,
+                            len: caplen as u64,
+                        });
                     }
                     let start = self.offset;
                     self.buf.resize(caplen, 0);
@@ -141,23 +177,42 @@ impl<R: Read> CaptureReader<R> {
                     self.offset += 16 + caplen as u64;
                     let secs = u64::from(u32_at(&h, 0, big));
                     let frac = u64::from(u32_at(&h, 4, big));
-                    let ns = secs * 1_000_000_000 + if nanos { frac.min(999_999_999) } else { frac.min(999_999) * 1000 };
+                    let ns = secs * 1_000_000_000
+                        + if nanos {
+                            frac.min(999_999_999)
+                        } else {
+                            frac.min(999_999) * 1000
+                        };
                     let Some(link) = link else {
                         self.unsupported_link += 1;
                         continue;
                     };
-                    return Ok(Some(FileFrame { ts: Timestamp::from_nanos(ns), link, data: &self.buf, orig_len: orig }));
+                    return Ok(Some(FileFrame {
+                        ts: Timestamp::from_nanos(ns),
+                        link,
+                        data: &self.buf,
+                        orig_len: orig,
+                    }));
                 }
-                Format::Pcapng { .. } => {
-                    match self.read_block(None)? {
-                        None => return Ok(None),
-                        Some(Some(f)) => {
-                            let FrameAt { ts, link, start, len, orig } = f;
-                            return Ok(Some(FileFrame { ts, link, data: &self.buf[start..start + len], orig_len: orig }));
-                        }
-                        Some(None) => continue,
+                Format::Pcapng { .. } => match self.read_block(None)? {
+                    None => return Ok(None),
+                    Some(Some(f)) => {
+                        let FrameAt {
+                            ts,
+                            link,
+                            start,
+                            len,
+                            orig,
+                        } = f;
+                        return Ok(Some(FileFrame {
+                            ts,
+                            link,
+                            data: &self.buf[start..start + len],
+                            orig_len: orig,
+                        }));
                     }
-                }
+                    Some(None) => continue,
+                },
             }
         }
     }
@@ -167,10 +222,20 @@ impl<R: Read> CaptureReader<R> {
         while got < buf.len() {
             match self.src.read(&mut buf[got..]) {
                 Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(PcapError::Truncated { path: self.path.clone(), offset: self.offset }),
+                Ok(0) => {
+                    return Err(PcapError::Truncated {
+                        path: self.path.clone(),
+                        offset: self.offset,
+                    })
+                }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(PcapError::Io { path: self.path.clone(), source }),
+                Err(source) => {
+                    return Err(PcapError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
             }
         }
         Ok(true)
@@ -178,7 +243,10 @@ impl<R: Read> CaptureReader<R> {
 
     /// Read one pcapng block. `Ok(None)` at EOF, `Ok(Some(None))` for a block
     /// that is not a frame, `Ok(Some(Some(frame)))` for a packet block.
-    fn read_block(&mut self, first4: Option<[u8; 4]>) -> Result<Option<Option<FrameAt>>, PcapError> {
+    fn read_block(
+        &mut self,
+        first4: Option<[u8; 4]>,
+    ) -> Result<Option<Option<FrameAt>>, PcapError> {
         let mut h = [0u8; 8];
         match first4 {
             Some(f) => {
@@ -200,13 +268,22 @@ impl<R: Read> CaptureReader<R> {
             let big = match u32::from_le_bytes(bom) {
                 0x1a2b_3c4d => false,
                 0x4d3c_2b1a => true,
-                _ => return Err(PcapError::BadBlock { path: self.path.clone(), offset: start, what: "byte-order magic" }),
+                _ => {
+                    return Err(PcapError::BadBlock {
+                        path: self.path.clone(),
+                        offset: start,
+                        what: "byte-order magic",
+                    })
+                }
             };
             let len = u32_at(&h, 4, big) as usize;
             self.check_len(len, 28, start)?;
             self.skip_exact(len - 12, start + 12)?;
             self.offset = start + len as u64;
-            self.format = Format::Pcapng { big_endian: big, ifaces: Vec::new() };
+            self.format = Format::Pcapng {
+                big_endian: big,
+                ifaces: Vec::new(),
+            };
             return Ok(Some(None));
         }
         let Format::Pcapng { big_endian, .. } = self.format else {
@@ -222,10 +299,18 @@ impl<R: Read> CaptureReader<R> {
         self.offset = start + len as u64;
         let trailer = u32_at(&self.buf, body, big) as usize;
         if trailer != len {
-            return Err(PcapError::BadBlock { path: self.path.clone(), offset: start, what: "trailing length differs" });
+            return Err(PcapError::BadBlock {
+                path: self.path.clone(),
+                offset: start,
+                what: "trailing length differs",
+            });
         }
         let b = &self.buf[..body];
-        let bad = |what| PcapError::BadBlock { path: self.path.clone(), offset: start, what };
+        let bad = |what| PcapError::BadBlock {
+            path: self.path.clone(),
+            offset: start,
+            what,
+        };
         match btype {
             1 => {
                 if b.len() < 8 {
@@ -258,7 +343,10 @@ impl<R: Read> CaptureReader<R> {
                     if ifaces.len() >= MAX_INTERFACES {
                         return Err(bad("too many interfaces"));
                     }
-                    ifaces.push(Iface { link, units_per_sec: units });
+                    ifaces.push(Iface {
+                        link,
+                        units_per_sec: units,
+                    });
                 }
                 Ok(Some(None))
             }
@@ -276,13 +364,21 @@ impl<R: Read> CaptureReader<R> {
                 let Format::Pcapng { ifaces, .. } = &self.format else {
                     return Ok(Some(None));
                 };
-                let iface = *ifaces.get(ifid).ok_or_else(|| bad("unknown interface id"))?;
+                let iface = *ifaces
+                    .get(ifid)
+                    .ok_or_else(|| bad("unknown interface id"))?;
                 let Some(link) = iface.link else {
                     self.unsupported_link += 1;
                     return Ok(Some(None));
                 };
                 let ns = to_nanos(ts, iface.units_per_sec);
-                Ok(Some(Some(FrameAt { ts: Timestamp::from_nanos(ns), link, start: 20, len: caplen, orig })))
+                Ok(Some(Some(FrameAt {
+                    ts: Timestamp::from_nanos(ns),
+                    link,
+                    start: 20,
+                    len: caplen,
+                    orig,
+                })))
             }
             3 => {
                 // Simple packet block: no timestamp, interface 0.
@@ -299,7 +395,13 @@ impl<R: Read> CaptureReader<R> {
                     self.unsupported_link += 1;
                     return Ok(Some(None));
                 };
-                Ok(Some(Some(FrameAt { ts: Timestamp::from_nanos(0), link, start: 4, len: caplen, orig })))
+                Ok(Some(Some(FrameAt {
+                    ts: Timestamp::from_nanos(0),
+                    link,
+                    start: 4,
+                    len: caplen,
+                    orig,
+                })))
             }
             _ => Ok(Some(None)),
         }
@@ -307,10 +409,18 @@ impl<R: Read> CaptureReader<R> {
 
     fn check_len(&self, len: usize, min: usize, offset: u64) -> Result<(), PcapError> {
         if len > MAX_RECORD + 64 {
-            return Err(PcapError::TooLarge { path: self.path.clone(), offset, len: len as u64 });
+            return Err(PcapError::TooLarge {
+                path: self.path.clone(),
+                offset,
+                len: len as u64,
+            });
         }
         if len < min || len % 4 != 0 {
-            return Err(PcapError::BadBlock { path: self.path.clone(), offset, what: "block length" });
+            return Err(PcapError::BadBlock {
+                path: self.path.clone(),
+                offset,
+                what: "block length",
+            });
         }
         Ok(())
     }
@@ -337,12 +447,23 @@ fn to_nanos(ts: u64, units_per_sec: u64) -> u64 {
     secs.saturating_mul(1_000_000_000).saturating_add(frac_ns)
 }
 
-fn read_exact_or<R: Read>(src: &mut R, buf: &mut [u8], path: &str, offset: u64) -> Result<(), PcapError> {
+fn read_exact_or<R: Read>(
+    src: &mut R,
+    buf: &mut [u8],
+    path: &str,
+    offset: u64,
+) -> Result<(), PcapError> {
     src.read_exact(buf).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            PcapError::Truncated { path: path.to_string(), offset }
+            PcapError::Truncated {
+                path: path.to_string(),
+                offset,
+            }
         } else {
-            PcapError::Io { path: path.to_string(), source: e }
+            PcapError::Io {
+                path: path.to_string(),
+                source: e,
+            }
         }
     })
 }

@@ -111,7 +111,13 @@ struct ClassWindow {
 
 impl Default for ClassWindow {
     fn default() -> Self {
-        ClassWindow { bytes: 0, packets: 0, loss: 0, samples: [0; RESERVOIR], seen: 0 }
+        ClassWindow {
+            bytes: 0,
+            packets: 0,
+            loss: 0,
+            samples: [0; RESERVOIR],
+            seen: 0,
+        }
     }
 }
 
@@ -225,7 +231,8 @@ fn percentile(sorted: &[u32], p: usize) -> Option<u32> {
 
 impl Pipeline {
     pub fn new(cfg: MonitorConfig) -> Self {
-        let idle = [cfg.tcp_idle, cfg.udp_idle, cfg.other_idle].map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let idle = [cfg.tcp_idle, cfg.udp_idle, cfg.other_idle]
+            .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64);
         let table = FlowTable::new(cfg.max_flows, idle);
         let names = NameTable::new((cfg.dns_cache as usize).saturating_mul(2).max(1024));
         let dns = DnsCache::new(cfg.dns_cache as usize);
@@ -284,10 +291,12 @@ impl Pipeline {
         let rules = &self.cfg.rules;
         let top_n = self.cfg.top_flows;
         let evicted = &mut self.evicted;
-        let (id, new) = self.table.lookup_or_insert(&key, a_to_b, now, &mut |f: &Flow, _r: Removal| {
-            *evicted += 1;
-            Self::record_closed(closed, names, rules, top_n, f);
-        });
+        let (id, new) =
+            self.table
+                .lookup_or_insert(&key, a_to_b, now, &mut |f: &Flow, _r: Removal| {
+                    *evicted += 1;
+                    Self::record_closed(closed, names, rules, top_n, f);
+                });
         if new {
             self.flows += 1;
             self.classify_new(id, &p);
@@ -310,7 +319,11 @@ impl Pipeline {
                     }
                 }
                 Proto::Udp | Proto::Tcp if matches!(p.sport, 53 | 5353) => {
-                    let payload = if p.proto == Proto::Tcp { p.payload.get(2..).unwrap_or(&[]) } else { p.payload };
+                    let payload = if p.proto == Proto::Tcp {
+                        p.payload.get(2..).unwrap_or(&[])
+                    } else {
+                        p.payload
+                    };
                     if let Some(ans) = dns::parse_response(payload) {
                         let name_id = self.names.intern(ans.name());
                         let class = self.cfg.rules.name_class(ans.name());
@@ -346,7 +359,9 @@ impl Pipeline {
     fn classify_new(&mut self, id: u32, p: &super::parse::Packet<'_>) {
         let rules = &self.cfg.rules;
         let proto = p.proto.number();
-        let port_class = rules.port_class(proto, p.dport).or_else(|| rules.port_class(proto, p.sport));
+        let port_class = rules
+            .port_class(proto, p.dport)
+            .or_else(|| rules.port_class(proto, p.sport));
         let named = self.dns.get(&p.dst).or_else(|| self.dns.get(&p.src));
         let flow = self.table.get_mut(id);
         if let Some(c) = port_class {
@@ -362,13 +377,20 @@ impl Pipeline {
         }
     }
 
-    fn record_closed(closed: &mut Closed, names: &NameTable, rules: &Rules, top_n: usize, f: &Flow) {
+    fn record_closed(
+        closed: &mut Closed,
+        names: &NameTable,
+        rules: &Rules,
+        top_n: usize,
+        f: &Flow,
+    ) {
         let class = behaviour_class(rules, f).unwrap_or(f.class);
         let t = &mut closed.classes[class as usize];
         t.packets += f.total_packets();
         t.bytes += f.total_bytes();
         t.flows += 1;
-        let would_enter = closed.top.len() < top_n || closed.top.iter().any(|s| s.bytes < f.total_bytes());
+        let would_enter =
+            closed.top.len() < top_n || closed.top.iter().any(|s| s.bytes < f.total_bytes());
         if would_enter {
             offer_top(&mut closed.top, top_n, summary(f, class, names));
         }
@@ -398,7 +420,11 @@ impl Pipeline {
             return None;
         }
         let s = self.close_window(start, len);
-        self.win_start = Some(if now < end.saturating_add(len) { end } else { now - (now - end) % len });
+        self.win_start = Some(if now < end.saturating_add(len) {
+            end
+        } else {
+            now - (now - end) % len
+        });
         Some(s)
     }
 
@@ -475,7 +501,8 @@ impl Pipeline {
             } else {
                 (percentile(samples, 50), percentile(samples, 95))
             };
-            let rate_bps = (u128::from(w.bytes) * 8 * 1_000_000_000 / u128::from(len_ns.max(1))) as u64;
+            let rate_bps =
+                (u128::from(w.bytes) * 8 * 1_000_000_000 / u128::from(len_ns.max(1))) as u64;
             let need = rules.need(class);
             classes.push(ClassStats {
                 class,
@@ -485,7 +512,11 @@ impl Pipeline {
                 rtt_p50_us: p50,
                 rtt_p95_us: p95,
                 jitter_us: (jit_w[c] > 0).then(|| (jit_sum[c] / jit_w[c]) as u32),
-                loss_permille: if w.packets == 0 { 0 } else { (w.loss * 1000 / w.packets).min(1000) as u16 },
+                loss_permille: if w.packets == 0 {
+                    0
+                } else {
+                    (w.loss * 1000 / w.packets).min(1000) as u16
+                },
                 active_flows: active[c],
                 need: QosNeed {
                     latency_sensitive: need.latency_sensitive,

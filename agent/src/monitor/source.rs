@@ -80,7 +80,10 @@ pub struct LiveCapture {
 
 impl std::fmt::Debug for LiveCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveCapture").field("iface", &self.iface).field("link", &self.link).finish_non_exhaustive()
+        f.debug_struct("LiveCapture")
+            .field("iface", &self.iface)
+            .field("link", &self.link)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,7 +94,10 @@ impl LiveCapture {
             .into_iter()
             .find(|i| i.name == iface)
             .ok_or_else(|| CaptureError::NoSuchInterface(iface.to_string()))?;
-        let open_err = |source| CaptureError::Open { iface: iface.to_string(), source };
+        let open_err = |source| CaptureError::Open {
+            iface: iface.to_string(),
+            source,
+        };
         let fd = packet_socket::open_raw().map_err(open_err)?;
         let setup = (|| {
             if opts.ignore_outgoing.unwrap_or(ni.is_loopback()) {
@@ -121,11 +127,27 @@ impl LiveCapture {
             Err(e) => return Err(open_err(e)),
         };
         // Interfaces without a hardware address (tun, wireguard) carry bare IP.
-        let link = if ni.mac.is_none() && !ni.is_loopback() { LinkType::RawIp } else { LinkType::Ethernet };
-        tracing::info!(iface, ?link, promiscuous = opts.promiscuous, "live capture opened");
+        let link = if ni.mac.is_none() && !ni.is_loopback() {
+            LinkType::RawIp
+        } else {
+            LinkType::Ethernet
+        };
+        tracing::info!(
+            iface,
+            ?link,
+            promiscuous = opts.promiscuous,
+            "live capture opened"
+        );
         // Discard counters from before we started reading.
         let _ = packet_socket::take_stats(fd);
-        Ok(LiveCapture { iface: iface.to_string(), rx, _tx: tx, fd, link, stats: KernelStats::default() })
+        Ok(LiveCapture {
+            iface: iface.to_string(),
+            rx,
+            _tx: tx,
+            fd,
+            link,
+            stats: KernelStats::default(),
+        })
     }
 
     /// Link type of the frames this source returns.
@@ -138,10 +160,20 @@ impl LiveCapture {
     pub fn next_frame(&mut self) -> Result<Option<(Timestamp, &[u8])>, CaptureError> {
         match self.rx.next() {
             Ok(frame) => Ok(Some((Timestamp::now(), frame))),
-            Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
                 Ok(None)
             }
-            Err(source) => Err(CaptureError::Read { iface: self.iface.clone(), source }),
+            Err(source) => Err(CaptureError::Read {
+                iface: self.iface.clone(),
+                source,
+            }),
         }
     }
 

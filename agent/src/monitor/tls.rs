@@ -3,7 +3,10 @@
 //! over several segments whose SNI lies beyond the first is not recognised.
 
 fn be16(b: &[u8], at: usize) -> Option<usize> {
-    Some(usize::from(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?])))
+    Some(usize::from(u16::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at + 1)?,
+    ])))
 }
 
 /// The SNI host name of a ClientHello at the start of `payload`, if any.
@@ -38,8 +41,14 @@ pub fn client_hello_sni(payload: &[u8]) -> Option<&str> {
                 if ntype == 0 {
                     let valid = !name.is_empty()
                         && name.len() <= 253
-                        && name.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
-                    return if valid { std::str::from_utf8(name).ok() } else { None };
+                        && name
+                            .iter()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
+                    return if valid {
+                        std::str::from_utf8(name).ok()
+                    } else {
+                        None
+                    };
                 }
                 i += 3 + nlen;
             }
