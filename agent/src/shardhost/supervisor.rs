@@ -91,6 +91,8 @@ pub enum HostEvent {
 pub enum SupervisorError {
     #[error("capability {0:?} has no shards")]
     Empty(String),
+    #[error("capability name refused: {0}")]
+    BadCapability(#[from] shardline_shared::IdError),
     #[error("cannot find the agent executable: {0}")]
     Exe(std::io::Error),
 }
@@ -236,6 +238,8 @@ impl Supervisor {
         shards: Vec<ShardSpec>,
         now: Instant,
     ) -> Result<Vec<HostEvent>, SupervisorError> {
+        // The name becomes part of a cgroup directory name.
+        shardline_shared::ids::check_capability(capability)?;
         if shards.is_empty() {
             return Err(SupervisorError::Empty(capability.to_owned()));
         }

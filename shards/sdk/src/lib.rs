@@ -252,7 +252,10 @@ impl Host {
     }
 
     /// Calls another shard's service. Output is written into `out` (cleared
-    /// first); grows `out` once when the callee reports a bigger size.
+    /// first), which gets room for `input.len() + CALL_HEADROOM` bytes (or its
+    /// capacity, if larger). A call is never retried, because it may have
+    /// side effects (a handshake nonce recorded, a counter used): an output
+    /// that does not fit fails with [`status::BUFFER_TOO_SMALL`].
     pub fn call_service(
         &self,
         service: &str,
@@ -260,43 +263,38 @@ impl Host {
         input: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), i32> {
-        for _ in 0..2 {
-            let cap = out.capacity().max(64);
-            out.clear();
-            out.reserve(cap);
-            let mut written = 0usize;
-            // SAFETY: all slices are valid for the call; `out` has `out.capacity()` writable
-            // bytes and the host writes at most `cap <= capacity` of them.
-            let rc = unsafe {
-                (self.api.call_service)(
-                    self.api.ctx,
-                    service.as_ptr(),
-                    service.len(),
-                    method,
-                    input.as_ptr(),
-                    input.len(),
-                    out.as_mut_ptr(),
-                    out.capacity(),
-                    &mut written,
-                )
-            };
-            if rc == status::BUFFER_TOO_SMALL && written > out.capacity() {
-                out.reserve(written);
-                continue;
-            }
-            if rc < 0 {
-                return Err(rc);
-            }
-            if written > out.capacity() {
-                return Err(status::INVALID);
-            }
-            // SAFETY: the callee initialised `written <= capacity` bytes.
-            unsafe { out.set_len(written) };
-            return Ok(());
+        out.clear();
+        out.reserve(input.len() + CALL_HEADROOM);
+        let mut written = 0usize;
+        // SAFETY: all slices are valid for the call; `out` has `out.capacity()` writable bytes,
+        // and the host writes at most that many.
+        let rc = unsafe {
+            (self.api.call_service)(
+                self.api.ctx,
+                service.as_ptr(),
+                service.len(),
+                method,
+                input.as_ptr(),
+                input.len(),
+                out.as_mut_ptr(),
+                out.capacity(),
+                &mut written,
+            )
+        };
+        if rc < 0 {
+            return Err(rc);
         }
-        Err(status::BUFFER_TOO_SMALL)
+        if written > out.capacity() {
+            return Err(status::INVALID);
+        }
+        // SAFETY: the callee initialised `written <= capacity` bytes.
+        unsafe { out.set_len(written) };
+        Ok(())
     }
 }
+
+/// Output room [`Host::call_service`] guarantees beyond the input length.
+pub const CALL_HEADROOM: usize = 1024;
 
 /// What a shard reports on failure: a status code (negative) and a reason
 /// that is logged through the host.
