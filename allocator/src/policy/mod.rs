@@ -1,3 +1,554 @@
 //! The policy engine: sans-IO and deterministic (same events + same clock ⇒
-//! same instructions). No I/O, no wall clock: `now` is an argument.
+//! same actions). No I/O, no wall clock: `now` is an argument.
+//!
+//! The service feeds [`Event`]s into [`Engine::handle`] and carries out the
+//! returned [`Action`]s (it assigns instruction sequence numbers, signs and
+//! sends). Per-device state is a plain serde value ([`DeviceState`]) so the
+//! service can persist it and any allocator instance can serve any device
+//! ([`Engine::device_state`] / [`Engine::restore_device`]).
+//!
+//! Submodules: [`catalog`] (catalog + tiers as TOML data), `plan` (needs ⇒
+//! capabilities ⇒ shards under budget and capacity), [`reputation`],
+//! [`forecast`] (Holt-Winters with a daily season), `engine` (leases,
+//! borrowing, shifting, event handling), [`prng`], [`simulate`].
+
+pub mod catalog;
+mod engine;
+pub mod forecast;
+mod plan;
+pub mod prng;
+pub mod reputation;
 pub mod simulate;
+
+pub use catalog::{Agreements, Catalog, CatalogError, Tier};
+
+use serde::{Deserialize, Serialize};
+use shardline_shared::ids::{DeviceId, ShardRef};
+use shardline_shared::msg::{
+    AckOutcome, DeviceResources, Operation, QosNeed, QosReport, ResourceLimits, ShardKind,
+    TrafficClass,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+// ------------------------------------------------------------------ events
+
+/// Something the engine must react to. `now_ms` is passed beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A device joined (or changed tier). `tenant` overrides the tier's tenant.
+    Enrolled {
+        device: DeviceId,
+        tier: String,
+        tenant: Option<String>,
+    },
+    /// Removes a device and everything it holds (its leases and loans end).
+    Unenrolled {
+        device: DeviceId,
+    },
+    /// A QoS report whose signature the service has already verified.
+    Report(QosReport),
+    /// Optional: the service tells which sequence number it gave the last
+    /// `Instruct` for this device, so acks can be matched exactly.
+    Sent {
+        device: DeviceId,
+        seq: u64,
+    },
+    /// The device's acknowledgement of an instruction.
+    Ack {
+        device: DeviceId,
+        seq: u64,
+        outcome: AckOutcome,
+    },
+    /// A compliance signal the service observed (e.g. a report whose signature
+    /// did not verify).
+    ComplianceEvent {
+        device: DeviceId,
+        kind: ComplianceKind,
+    },
+    /// Time passed: leases expire and renew, loans return, predictions
+    /// pre-activate, the rebalancer runs. Handles every device in memory.
+    Tick,
+    /// Operator: keep this shard (by id) active on the device whatever the demand.
+    Pin {
+        device: DeviceId,
+        shard: String,
+    },
+    Unpin {
+        device: DeviceId,
+        shard: String,
+    },
+    /// Operator: end the shard's lease now and never grant it to the device
+    /// until `Unrevoke` (the plan falls back to its alternative).
+    Revoke {
+        device: DeviceId,
+        shard: String,
+    },
+    Unrevoke {
+        device: DeviceId,
+        shard: String,
+    },
+    /// Operator: deactivate everything on the device and grant nothing until `Resume`.
+    Drain {
+        device: DeviceId,
+    },
+    Resume {
+        device: DeviceId,
+    },
+}
+
+/// Compliance signals (all lower reputation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComplianceKind {
+    /// A report from the device failed signature verification.
+    BadReportSignature,
+    /// The device rejected an instruction as tampered (bad signature).
+    TamperedInstruction,
+    /// The device ran a shard outside its profile.
+    ShardOutsideProfile,
+    /// A replayed or out-of-order report.
+    ReplayedReport,
+}
+
+impl ComplianceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComplianceKind::BadReportSignature => "bad_report_signature",
+            ComplianceKind::TamperedInstruction => "tampered_instruction",
+            ComplianceKind::ShardOutsideProfile => "shard_outside_profile",
+            ComplianceKind::ReplayedReport => "replayed_report",
+        }
+    }
+}
+
+// ----------------------------------------------------------------- actions
+
+/// What the service must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Sign and send these operations to the device (the service assigns the
+    /// sequence number). Deactivations come before activations.
+    Instruct {
+        device: DeviceId,
+        ops: Vec<Operation>,
+        expires_at_ms: u64,
+    },
+    ReputationChanged {
+        device: DeviceId,
+        old: f64,
+        new: f64,
+        reason: String,
+    },
+    Alert {
+        device: DeviceId,
+        message: String,
+    },
+}
+
+// ------------------------------------------------------------------ config
+
+/// Which parts of the policy run. `static` = tier-only (every allowed
+/// capability, no demand), `reactive` = demand-driven only, `full` = all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Features {
+    /// Allocate from reported QoS needs; off = every allowed capability, always.
+    pub demand_driven: bool,
+    pub prediction: bool,
+    pub borrowing: bool,
+    pub shifting: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self::FULL
+    }
+}
+
+impl Features {
+    pub const STATIC: Features = Features {
+        demand_driven: false,
+        prediction: false,
+        borrowing: false,
+        shifting: false,
+    };
+    pub const REACTIVE: Features = Features {
+        demand_driven: true,
+        prediction: false,
+        borrowing: false,
+        shifting: false,
+    };
+    pub const FULL: Features = Features {
+        demand_driven: true,
+        prediction: true,
+        borrowing: true,
+        shifting: true,
+    };
+}
+
+/// Reputation parameters. Deltas are points on the 0–100 scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReputationConfig {
+    pub initial: f64,
+    /// The score decays toward `initial` with this half-life.
+    pub half_life_ms: u64,
+    pub over_limit: f64,
+    pub crash: f64,
+    /// Per report whose shard error rate is above `error_rate_per_min`.
+    pub errors: f64,
+    pub error_rate_per_min: f64,
+    pub bad_report_signature: f64,
+    pub tampered_instruction: f64,
+    pub shard_outside_profile: f64,
+    pub replayed_report: f64,
+    /// A lease that ended (expired or released) without any failure.
+    pub clean_lease: f64,
+    /// Healthy operation, per hour of healthy report windows.
+    pub healthy_per_hour: f64,
+    /// Piecewise-linear (reputation, factor) points: quota of the tier budget.
+    pub quota_curve: Vec<(f64, f64)>,
+    /// Piecewise-linear (reputation, factor) points: lease length as a fraction of the tier cap.
+    pub lease_curve: Vec<(f64, f64)>,
+    /// Entries kept in the per-device history.
+    pub history_len: usize,
+}
+
+impl Default for ReputationConfig {
+    fn default() -> Self {
+        Self {
+            initial: 50.0,
+            half_life_ms: 6 * 3_600_000,
+            over_limit: -8.0,
+            crash: -5.0,
+            errors: -2.0,
+            error_rate_per_min: 10.0,
+            bad_report_signature: -10.0,
+            tampered_instruction: -10.0,
+            shard_outside_profile: -15.0,
+            replayed_report: -2.0,
+            clean_lease: 1.0,
+            healthy_per_hour: 2.0,
+            quota_curve: vec![(0.0, 0.0), (20.0, 0.25), (45.0, 1.0), (100.0, 1.0)],
+            lease_curve: vec![(0.0, 0.1), (50.0, 0.5), (100.0, 1.0)],
+            history_len: 8,
+        }
+    }
+}
+
+/// Lease, hysteresis, prediction, borrowing and shifting parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Seeds the engine's only randomness (renewal jitter).
+    pub seed: u64,
+    pub features: Features,
+    pub reputation: ReputationConfig,
+    /// Signed instructions expire this long after issue.
+    pub instruction_ttl_ms: u64,
+    /// An unacknowledged instruction is re-planned against the observed profile after this.
+    pub ack_timeout_ms: u64,
+    pub min_lease_ms: u64,
+    /// Renew when less than max(lease/3, this) is left.
+    pub renew_margin_ms: u64,
+    /// A capability stays demanded this long after its need was last seen (anti-flap).
+    pub hysteresis_ms: u64,
+    /// Fraction of the device's free CPU and memory shards may take.
+    pub capacity_headroom: f64,
+    /// A shard re-activated within this window after its deactivation counts as a flap.
+    pub flap_window_ms: u64,
+    /// A shard the device quarantined is avoided (alternative first) this long.
+    pub quarantine_avoid_ms: u64,
+    /// A class counts as active above this rate.
+    pub active_rate_bps: u64,
+    /// Grace after a deactivation before a still-running shard is "outside its profile".
+    pub outside_profile_grace_ms: u64,
+    pub forecast: forecast::ForecastConfig,
+    /// Pre-activate when the upper bound crosses a need threshold this far ahead.
+    pub prediction_horizon_ms: u64,
+    pub borrow_min_reputation: f64,
+    pub borrow_ms: u64,
+    pub max_borrow_units: u32,
+    pub shift_interval_ms: u64,
+    /// Units moved per rebalancer run, whole fleet.
+    pub shift_limit_per_tick: u32,
+    pub stabilization_ms: u64,
+    pub shift_min_reputation: f64,
+    pub shift_ms: u64,
+    /// Roll back when the recipient's QoS score (0–1000) fell by more than this.
+    pub rollback_margin: f64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            features: Features::FULL,
+            reputation: ReputationConfig::default(),
+            instruction_ttl_ms: 120_000,
+            ack_timeout_ms: 60_000,
+            min_lease_ms: 120_000,
+            renew_margin_ms: 60_000,
+            hysteresis_ms: 15 * 60_000,
+            capacity_headroom: 0.8,
+            flap_window_ms: 30 * 60_000,
+            quarantine_avoid_ms: 30 * 60_000,
+            active_rate_bps: 8_000,
+            outside_profile_grace_ms: 180_000,
+            forecast: forecast::ForecastConfig::default(),
+            prediction_horizon_ms: 30 * 60_000,
+            borrow_min_reputation: 55.0,
+            borrow_ms: 30 * 60_000,
+            max_borrow_units: 4,
+            shift_interval_ms: 5 * 60_000,
+            shift_limit_per_tick: 16,
+            stabilization_ms: 15 * 60_000,
+            shift_min_reputation: 50.0,
+            shift_ms: 60 * 60_000,
+            rollback_margin: 20.0,
+        }
+    }
+}
+
+// ------------------------------------------------------------ device state
+
+/// One granted lease (an active shard) as the engine believes the device runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub shard: ShardRef,
+    pub capability: String,
+    pub kind: ShardKind,
+    pub units: u32,
+    pub priority: u8,
+    pub limits: ResourceLimits,
+    pub granted_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// No failure, over-limit use or error burst was seen during the lease.
+    pub clean: bool,
+    /// Last restart/error counters the device reported for it.
+    pub restarts_seen: u32,
+    pub errors_seen: u32,
+}
+
+/// Units lent from one device to another, for a bounded time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub from: DeviceId,
+    pub to: DeviceId,
+    pub kind: ShardKind,
+    pub units: u32,
+    pub since_ms: u64,
+    pub expires_at_ms: u64,
+    pub origin: TransferOrigin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferOrigin {
+    Borrow,
+    /// Moved by the rebalancer; `qos_before` is the recipient's QoS score
+    /// (0–1000) then; `evaluated` once the stabilization period has been judged.
+    Shift {
+        qos_before: u32,
+        evaluated: bool,
+    },
+}
+
+/// One reputation change, for the operator's view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReputationEntry {
+    pub at_ms: u64,
+    pub old: f64,
+    pub new: f64,
+    pub reason: String,
+}
+
+/// A device's reputation with its recent history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReputationState {
+    pub score: f64,
+    pub updated_ms: u64,
+    /// Last score announced through `Action::ReputationChanged`.
+    pub announced: f64,
+    pub history: Vec<ReputationEntry>,
+    /// Reason of the latest change not yet announced.
+    pub last_reason: String,
+    /// A penalty was applied since the last announcement.
+    pub penalized: bool,
+}
+
+/// Per-class summary of the last report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassSummary {
+    pub class: TrafficClass,
+    pub rate_bps: u64,
+    pub rtt_p95_us: Option<u32>,
+    pub loss_permille: u16,
+    pub need: QosNeed,
+}
+
+/// The last QoS report, condensed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QosSummary {
+    pub at_ms: u64,
+    pub seq: u64,
+    pub classes: Vec<ClassSummary>,
+    /// 0–1000, higher is better: 1000 − byte-weighted loss of classes with a need.
+    pub qos_score: f64,
+    pub running_shards: Vec<ShardRef>,
+    /// CPU (per mille of one core) and memory our shards used.
+    pub shard_cpu_permille: u64,
+    pub shard_rss_kib: u64,
+}
+
+/// Why a demanded capability is not (fully) granted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The tier does not allow the capability.
+    NotAllowed,
+    /// Over the device's budget (tier × reputation quota ± loans) for this kind.
+    Budget { kind: ShardKind, missing_units: u32 },
+    /// Over the device's reported free CPU or memory.
+    Capacity,
+    /// Every option of a member shard is revoked or avoided.
+    Unavailable { shard: String },
+    /// The device is drained by the operator.
+    Drained,
+    /// Over budget, and borrowing the missing units was refused.
+    BorrowRefused {
+        reason: BorrowRefusal,
+        kind: ShardKind,
+        missing_units: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BorrowRefusal {
+    Disabled,
+    TierForbids,
+    NoTenant,
+    LowReputation,
+    NoLender,
+    AtLimit,
+}
+
+/// Everything the engine keeps about one device (serde: persist it as is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub tier: String,
+    pub tenant: Option<String>,
+    pub enrolled_at_ms: u64,
+    pub reputation: ReputationState,
+    /// Shard id ⇒ lease, as instructed.
+    pub leases: BTreeMap<String, Lease>,
+    /// Capability ⇒ last time a need (seen or predicted) demanded it.
+    pub demand: BTreeMap<String, u64>,
+    /// Capability ⇒ until when the prediction holds it.
+    pub predicted: BTreeMap<String, u64>,
+    pub forecasts: Vec<forecast::ClassForecast>,
+    pub resources: Option<DeviceResources>,
+    pub last_report: Option<QosSummary>,
+    pub last_report_seq: u64,
+    pub rejections_seen: u64,
+    pub borrowed: Vec<Transfer>,
+    pub lent: Vec<Transfer>,
+    pub pinned: BTreeSet<String>,
+    pub revoked: BTreeSet<String>,
+    /// Shard id ⇒ avoided until (quarantined by the device).
+    pub avoid_until: BTreeMap<String, u64>,
+    pub drained: bool,
+    /// An instruction is in flight since this time (and its seq, once known).
+    pub pending_since_ms: Option<u64>,
+    pub pending_seq: Option<u64>,
+    /// Shard id ⇒ when its lease last ended and whether by an explicit
+    /// deactivation (flap detection) rather than expiry (outside-profile grace).
+    pub ended_at: BTreeMap<String, (u64, bool)>,
+    pub flaps: u64,
+    /// Units the last plan used, per kind (compute, data).
+    pub need_units: [u32; 2],
+    pub refusals: BTreeMap<String, Refusal>,
+    /// The rebalancer leaves the device alone until then.
+    pub stabilize_until_ms: u64,
+    pub rollbacks: u64,
+}
+
+// ----------------------------------------------------------------- queries
+
+/// One row of the device list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    pub device: DeviceId,
+    pub tier: String,
+    pub tenant: Option<String>,
+    pub reputation: f64,
+    pub compute_units: u32,
+    pub data_units: u32,
+    pub active_shards: usize,
+    pub last_report_ms: Option<u64>,
+    pub drained: bool,
+}
+
+/// One device in full, for the operator API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device: DeviceId,
+    pub tier: String,
+    pub tenant: Option<String>,
+    pub reputation: f64,
+    pub reputation_history: Vec<ReputationEntry>,
+    /// Effective budget now (tier × quota ± loans), per kind.
+    pub budget_compute_units: u32,
+    pub budget_data_units: u32,
+    pub leases: Vec<Lease>,
+    pub borrowed: Vec<Transfer>,
+    pub lent: Vec<Transfer>,
+    pub pinned: Vec<String>,
+    pub revoked: Vec<String>,
+    pub drained: bool,
+    pub refusals: BTreeMap<String, Refusal>,
+    pub last_qos: Option<QosSummary>,
+    pub flaps: u64,
+}
+
+/// Units in use per tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierUsage {
+    pub devices: u64,
+    pub compute_units_used: u64,
+    pub data_units_used: u64,
+    /// Sum of the tier budgets of its devices (before reputation quota).
+    pub compute_units_budget: u64,
+    pub data_units_budget: u64,
+}
+
+/// Why an engine call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown tier {0:?}")]
+    UnknownTier(String),
+}
+
+/// The policy engine. Holds the catalog, the agreements and every device's state.
+#[derive(Debug)]
+pub struct Engine {
+    catalog: Catalog,
+    agreements: Agreements,
+    config: PolicyConfig,
+    devices: BTreeMap<DeviceId, DeviceState>,
+    /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.
+    pools: BTreeMap<String, BTreeSet<DeviceId>>,
+    last_shift_ms: Option<u64>,
+    /// Devices whose state changed since the last `take_dirty`.
+    dirty: BTreeSet<DeviceId>,
+}
+
+fn kind_index(kind: ShardKind) -> usize {
+    match kind {
+        ShardKind::Compute => 0,
+        ShardKind::Data => 1,
+    }
+}
+
+const KINDS: [ShardKind; 2] = [ShardKind::Compute, ShardKind::Data];

@@ -1,0 +1,537 @@
+//! The shard catalog and the service agreements (tiers) as data, loaded from
+//! TOML. Every error names the file, the line and the field, because an
+//! operator edits these files by hand and a bad one must be fixable from the
+//! message alone.
+//!
+//! The catalog also carries the *rules* that turn a QoS need into required
+//! capabilities, so that allocation policy is data, not code.
+
+use serde::{Deserialize, Serialize};
+use shardline_shared::ids::ShardRef;
+use shardline_shared::msg::{QosNeed, ShardKind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use toml::Spanned;
+
+/// Why a catalog or agreements file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        /// 1-based line of the offending value (0 when the parser gave no position).
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// A device feature a shard can be preferred under (reported in `DeviceResources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceFeature {
+    AesHw,
+}
+
+/// One QoS need flag of [`QosNeed`], as rules name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeedFlag {
+    LatencySensitive,
+    BandwidthHeavy,
+    NeedsEncryption,
+}
+
+impl NeedFlag {
+    pub fn matches(self, need: &QosNeed) -> bool {
+        match self {
+            NeedFlag::LatencySensitive => need.latency_sensitive,
+            NeedFlag::BandwidthHeavy => need.bandwidth_heavy,
+            NeedFlag::NeedsEncryption => need.needs_encryption,
+        }
+    }
+}
+
+/// Resource cost of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceCost {
+    /// CPU per mille of one core.
+    pub cpu_permille: u32,
+    pub memory_kib: u64,
+    pub bandwidth_kbps: u64,
+}
+
+/// What one resource unit is: a shard costs as many units as its dominant
+/// resource needs (rounded up, at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSize {
+    pub cpu_permille: u32,
+    pub memory_kib: u64,
+    pub bandwidth_kbps: u64,
+}
+
+impl Default for UnitSize {
+    fn default() -> Self {
+        Self {
+            cpu_permille: 100,
+            memory_kib: 16 * 1024,
+            bandwidth_kbps: 20_000,
+        }
+    }
+}
+
+impl UnitSize {
+    pub fn units_of(&self, cost: &ResourceCost) -> u32 {
+        let div = |a: u64, b: u64| if b == 0 { 0 } else { a.div_ceil(b) };
+        let cpu = div(cost.cpu_permille.into(), self.cpu_permille.into());
+        let mem = div(cost.memory_kib, self.memory_kib);
+        let bw = div(cost.bandwidth_kbps, self.bandwidth_kbps);
+        cpu.max(mem).max(bw).clamp(1, u64::from(u32::MAX)) as u32
+    }
+}
+
+/// One shard of the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    pub shard: ShardRef,
+    pub capability: String,
+    pub kind: ShardKind,
+    pub sha256: [u8; 32],
+    pub cost: ResourceCost,
+    /// Resource units (see [`UnitSize`]), precomputed at load.
+    pub units: u32,
+    /// Shard ids to try, in order, when this one does not fit or is not allowed.
+    pub alternatives: Vec<String>,
+    /// Shard ids that must run with this one.
+    pub depends_on: Vec<String>,
+    pub priority: u8,
+    /// When set and the device lacks the feature, the alternatives go first.
+    pub prefer_when: Option<DeviceFeature>,
+    /// Opaque configuration bytes handed to the shard (UTF-8 in the file).
+    pub config: Vec<u8>,
+}
+
+/// A capability: the member shards that together provide it (alternatives are
+/// reached through their member).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapabilitySpec {
+    pub name: String,
+    pub members: Vec<String>,
+    /// Conflict priority: the highest member priority.
+    pub priority: u8,
+}
+
+/// Need flag ⇒ capabilities, when the class rate is at least `min_rate_bps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub need: NeedFlag,
+    pub capabilities: Vec<String>,
+    pub min_rate_bps: u64,
+}
+
+/// The shard catalog plus the need rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub units: UnitSize,
+    pub shards: BTreeMap<String, ShardSpec>,
+    pub capabilities: BTreeMap<String, CapabilitySpec>,
+    pub rules: Vec<Rule>,
+}
+
+/// One service agreement (tier).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    /// Devices of one tenant share a borrowing pool.
+    pub tenant: Option<String>,
+    pub capabilities: BTreeSet<String>,
+    pub compute_units: u32,
+    pub data_units: u32,
+    /// Activations carry at most this priority.
+    pub max_priority: u8,
+    /// No lease is longer than this.
+    pub lease_cap_ms: u64,
+    pub borrowing: bool,
+}
+
+impl Tier {
+    pub fn budget(&self, kind: ShardKind) -> u32 {
+        match kind {
+            ShardKind::Compute => self.compute_units,
+            ShardKind::Data => self.data_units,
+        }
+    }
+}
+
+/// The set of tiers, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agreements {
+    pub tiers: BTreeMap<String, Tier>,
+}
+
+// ---------------------------------------------------------------- raw files
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    units: Option<UnitSize>,
+    #[serde(default)]
+    shard: Vec<Spanned<RawShard>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShard {
+    id: Spanned<String>,
+    version: Spanned<String>,
+    sha256: Spanned<String>,
+    capability: Spanned<String>,
+    kind: ShardKind2,
+    cpu_permille: u32,
+    memory_kib: u64,
+    #[serde(default)]
+    bandwidth_kbps: u64,
+    priority: u8,
+    #[serde(default)]
+    alternatives: Vec<Spanned<String>>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+    #[serde(default)]
+    prefer_when: Option<DeviceFeature>,
+    #[serde(default)]
+    config: String,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum ShardKind2 {
+    Compute,
+    Data,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    need: NeedFlag,
+    capabilities: Vec<Spanned<String>>,
+    #[serde(default)]
+    min_rate_bps: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgreements {
+    #[serde(default)]
+    tier: Vec<Spanned<RawTier>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: Spanned<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    capabilities: Vec<Spanned<String>>,
+    compute_units: u32,
+    data_units: u32,
+    max_priority: u8,
+    lease_cap_s: Spanned<u64>,
+    #[serde(default)]
+    borrowing: bool,
+}
+
+/// Maps byte offsets to 1-based lines and turns parser errors into [`CatalogError`].
+struct Source<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(
+        &self,
+        span: std::ops::Range<usize>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> CatalogError {
+        CatalogError::Invalid {
+            path: self.path.to_owned(),
+            line: self.line_of(span.start),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A toml/serde error: the line from its span; the field from the message
+    /// (`missing field `x``) or from the `key = value` line the span points at.
+    fn parse_err(&self, e: toml::de::Error) -> CatalogError {
+        let message = e.message().trim().to_owned();
+        let (line, field_from_line) = match e.span() {
+            Some(span) => {
+                let line = self.line_of(span.start);
+                let text = self.text.lines().nth(line - 1).unwrap_or("");
+                let key = text
+                    .split_once('=')
+                    .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+                    .filter(|k| !k.is_empty() && !k.starts_with('['));
+                (line, key)
+            }
+            None => (0, None),
+        };
+        let field_from_msg = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .map(str::to_owned);
+        CatalogError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            field: field_from_msg
+                .or(field_from_line)
+                .unwrap_or_else(|| "?".to_owned()),
+            message,
+        }
+    }
+}
+
+fn parse_sha256(s: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(s).ok()?;
+    bytes.try_into().ok()
+}
+
+fn read(path: &Path) -> Result<String, CatalogError> {
+    std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl Catalog {
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
+        Self::from_toml_str(&read(path)?, &path.display().to_string())
+    }
+
+    /// Parses and validates a catalog; `path` is only used in error messages.
+    pub fn from_toml_str(text: &str, path: &str) -> Result<Self, CatalogError> {
+        let src = Source { path, text };
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| src.parse_err(e))?;
+        let units = raw.units.unwrap_or_default();
+        if units.cpu_permille == 0 && units.memory_kib == 0 && units.bandwidth_kbps == 0 {
+            return Err(src.err(0..0, "units", "at least one unit size must be non-zero"));
+        }
+        let mut shards = BTreeMap::new();
+        let mut spans = BTreeMap::new();
+        for s in &raw.shard {
+            let r = s.get_ref();
+            let shard = ShardRef::new(r.id.get_ref().clone(), r.version.get_ref().clone())
+                .map_err(|e| src.err(r.id.span(), "id", e.to_string()))?;
+            let sha256 = parse_sha256(r.sha256.get_ref()).ok_or_else(|| {
+                src.err(
+                    r.sha256.span(),
+                    "sha256",
+                    "must be 64 hexadecimal characters",
+                )
+            })?;
+            if r.capability.get_ref().is_empty() {
+                return Err(src.err(r.capability.span(), "capability", "must not be empty"));
+            }
+            let cost = ResourceCost {
+                cpu_permille: r.cpu_permille,
+                memory_kib: r.memory_kib,
+                bandwidth_kbps: r.bandwidth_kbps,
+            };
+            let spec = ShardSpec {
+                shard,
+                capability: r.capability.get_ref().clone(),
+                kind: match r.kind {
+                    ShardKind2::Compute => ShardKind::Compute,
+                    ShardKind2::Data => ShardKind::Data,
+                },
+                sha256,
+                units: units.units_of(&cost),
+                cost,
+                alternatives: r.alternatives.iter().map(|a| a.get_ref().clone()).collect(),
+                depends_on: r.depends_on.iter().map(|a| a.get_ref().clone()).collect(),
+                priority: r.priority,
+                prefer_when: r.prefer_when,
+                config: r.config.clone().into_bytes(),
+            };
+            let id = r.id.get_ref().clone();
+            if shards.insert(id.clone(), spec).is_some() {
+                return Err(src.err(r.id.span(), "id", format!("shard {id:?} is defined twice")));
+            }
+            spans.insert(id, s);
+        }
+        // References: alternatives and dependencies must exist; alternatives
+        // stay within their capability (one host process per capability).
+        let mut is_alternative = BTreeSet::new();
+        for (id, s) in &spans {
+            let r = s.get_ref();
+            for a in &r.alternatives {
+                let Some(alt) = shards.get(a.get_ref()) else {
+                    return Err(src.err(
+                        a.span(),
+                        "alternatives",
+                        format!("unknown shard {:?}", a.get_ref()),
+                    ));
+                };
+                if alt.capability != *r.capability.get_ref() {
+                    return Err(src.err(
+                        a.span(),
+                        "alternatives",
+                        format!(
+                            "{:?} belongs to capability {:?}, not {:?}",
+                            a.get_ref(),
+                            alt.capability,
+                            r.capability.get_ref()
+                        ),
+                    ));
+                }
+                if a.get_ref() == id {
+                    return Err(src.err(
+                        a.span(),
+                        "alternatives",
+                        "a shard cannot be its own alternative",
+                    ));
+                }
+                is_alternative.insert(a.get_ref().clone());
+            }
+            for d in &r.depends_on {
+                if !shards.contains_key(d.get_ref()) || d.get_ref() == id {
+                    return Err(src.err(
+                        d.span(),
+                        "depends_on",
+                        format!("unknown shard {:?}", d.get_ref()),
+                    ));
+                }
+            }
+        }
+        let mut capabilities: BTreeMap<String, CapabilitySpec> = BTreeMap::new();
+        for (id, spec) in &shards {
+            if is_alternative.contains(id) {
+                continue;
+            }
+            let cap = capabilities
+                .entry(spec.capability.clone())
+                .or_insert_with(|| CapabilitySpec {
+                    name: spec.capability.clone(),
+                    members: Vec::new(),
+                    priority: 0,
+                });
+            cap.members.push(id.clone());
+            cap.priority = cap.priority.max(spec.priority);
+        }
+        for (id, spec) in &shards {
+            if is_alternative.contains(id) && !capabilities.contains_key(&spec.capability) {
+                let s = &spans[id];
+                return Err(src.err(
+                    s.span(),
+                    "capability",
+                    format!("capability {:?} has only alternatives", spec.capability),
+                ));
+            }
+        }
+        let mut rules = Vec::new();
+        for r in &raw.rule {
+            let rr = r.get_ref();
+            for c in &rr.capabilities {
+                if !capabilities.contains_key(c.get_ref()) {
+                    return Err(src.err(
+                        c.span(),
+                        "capabilities",
+                        format!("unknown capability {:?}", c.get_ref()),
+                    ));
+                }
+            }
+            rules.push(Rule {
+                need: rr.need,
+                capabilities: rr
+                    .capabilities
+                    .iter()
+                    .map(|c| c.get_ref().clone())
+                    .collect(),
+                min_rate_bps: rr.min_rate_bps,
+            });
+        }
+        Ok(Self {
+            units,
+            shards,
+            capabilities,
+            rules,
+        })
+    }
+
+    pub fn shard(&self, id: &str) -> Option<&ShardSpec> {
+        self.shards.get(id)
+    }
+}
+
+impl Agreements {
+    pub fn load(path: &Path, catalog: &Catalog) -> Result<Self, CatalogError> {
+        Self::from_toml_str(&read(path)?, &path.display().to_string(), catalog)
+    }
+
+    /// Parses and validates the tiers against `catalog` (capabilities must exist).
+    pub fn from_toml_str(text: &str, path: &str, catalog: &Catalog) -> Result<Self, CatalogError> {
+        let src = Source { path, text };
+        let raw: RawAgreements = toml::from_str(text).map_err(|e| src.parse_err(e))?;
+        let mut tiers = BTreeMap::new();
+        for t in &raw.tier {
+            let r = t.get_ref();
+            let name = r.name.get_ref().clone();
+            if name.is_empty() {
+                return Err(src.err(r.name.span(), "name", "must not be empty"));
+            }
+            let mut caps = BTreeSet::new();
+            for c in &r.capabilities {
+                if !catalog.capabilities.contains_key(c.get_ref()) {
+                    return Err(src.err(
+                        c.span(),
+                        "capabilities",
+                        format!("unknown capability {:?}", c.get_ref()),
+                    ));
+                }
+                caps.insert(c.get_ref().clone());
+            }
+            if *r.lease_cap_s.get_ref() == 0 {
+                return Err(src.err(r.lease_cap_s.span(), "lease_cap_s", "must be at least 1"));
+            }
+            let tier = Tier {
+                name: name.clone(),
+                tenant: r.tenant.clone(),
+                capabilities: caps,
+                compute_units: r.compute_units,
+                data_units: r.data_units,
+                max_priority: r.max_priority,
+                lease_cap_ms: r.lease_cap_s.get_ref().saturating_mul(1000),
+                borrowing: r.borrowing,
+            };
+            if tiers.insert(name.clone(), tier).is_some() {
+                return Err(src.err(
+                    r.name.span(),
+                    "name",
+                    format!("tier {name:?} is defined twice"),
+                ));
+            }
+        }
+        Ok(Self { tiers })
+    }
+}

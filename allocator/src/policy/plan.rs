@@ -1,0 +1,239 @@
+//! Allocation planning: demanded capabilities ⇒ shards, fitted under the
+//! device's budget (per kind) and its reported free capacity. Capabilities are
+//! placed in priority order (pinned first), so when something has to go it is
+//! the lowest priority; within a capability every member shard tries itself and
+//! then its alternatives (alternatives first when the device lacks the
+//! feature the member is preferred under). A capability is all or nothing: a
+//! tunnel without its crypto is useless.
+
+use super::catalog::{Catalog, DeviceFeature, ShardSpec, Tier};
+use super::{kind_index, DeviceState, Refusal};
+use shardline_shared::msg::DeviceResources;
+use std::collections::BTreeMap;
+
+/// One chosen shard.
+#[derive(Debug, Clone)]
+pub(crate) struct Chosen<'c> {
+    pub spec: &'c ShardSpec,
+    pub capability: &'c str,
+    pub priority: u8,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Plan<'c> {
+    /// Shard id ⇒ choice.
+    pub shards: BTreeMap<&'c str, Chosen<'c>>,
+    pub used: [u32; 2],
+    pub refusals: BTreeMap<String, Refusal>,
+}
+
+/// Free CPU (per mille of one core) and memory (KiB) shards may use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Capacity {
+    pub cpu_permille: u64,
+    pub memory_kib: u64,
+}
+
+impl Capacity {
+    /// From the last report: everything not used by other software, times the
+    /// headroom. Our own shards' use is added back since we are re-planning it.
+    pub fn from_report(
+        res: &DeviceResources,
+        own_cpu_permille: u64,
+        own_rss_kib: u64,
+        headroom: f64,
+    ) -> Self {
+        let cores = u64::from(res.cpu_cores.max(1));
+        let total = cores * 1000;
+        let load = cores * u64::from(res.cpu_load_permille.min(1000));
+        let other = load.saturating_sub(own_cpu_permille);
+        let headroom = headroom.clamp(0.0, 1.0);
+        Self {
+            cpu_permille: (total.saturating_sub(other) as f64 * headroom) as u64,
+            memory_kib: ((res.mem_available_kib + own_rss_kib) as f64 * headroom) as u64,
+        }
+    }
+}
+
+pub(crate) struct PlanInput<'a, 'c> {
+    pub catalog: &'c Catalog,
+    pub tier: &'a Tier,
+    pub state: &'a DeviceState,
+    pub now_ms: u64,
+    pub budget: [u32; 2],
+    pub capacity: Option<Capacity>,
+    /// Demanded capabilities (pinned ones are added by the planner).
+    pub demanded: &'a [&'c str],
+}
+
+fn has_feature(res: Option<&DeviceResources>, f: DeviceFeature) -> bool {
+    match f {
+        DeviceFeature::AesHw => res.is_some_and(|r| r.aes_hw),
+    }
+}
+
+pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
+    let catalog = input.catalog;
+    let state = input.state;
+    let mut out = Plan::default();
+    if state.drained {
+        for cap in input.demanded {
+            out.refusals.insert((*cap).to_owned(), Refusal::Drained);
+        }
+        return out;
+    }
+    // Order: pinned capabilities, then priority (high first), then name.
+    let mut caps: Vec<(bool, u8, &'c str)> = Vec::with_capacity(input.demanded.len() + 1);
+    for &c in input.demanded {
+        if let Some(spec) = catalog.capabilities.get(c) {
+            caps.push((false, spec.priority, spec.name.as_str()));
+        }
+    }
+    for p in &state.pinned {
+        if let Some(shard) = catalog.shards.get(p) {
+            let spec = &catalog.capabilities[&shard.capability];
+            match caps.iter_mut().find(|c| c.2 == spec.name) {
+                Some(c) => c.0 = true,
+                None => caps.push((true, spec.priority, spec.name.as_str())),
+            }
+        }
+    }
+    caps.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+
+    let mut cpu_used: u64 = 0;
+    let mut mem_used: u64 = 0;
+    let res = state.resources.as_ref();
+    for (pinned, _, cap_name) in caps {
+        if !input.tier.capabilities.contains(cap_name) {
+            out.refusals
+                .insert(cap_name.to_owned(), Refusal::NotAllowed);
+            continue;
+        }
+        let cap = &catalog.capabilities[cap_name];
+        let mut tentative: Vec<&'c ShardSpec> = Vec::new();
+        let mut t_used = out.used;
+        let mut t_cpu = cpu_used;
+        let mut t_mem = mem_used;
+        let mut refusal: Option<Refusal> = None;
+        for member in &cap.members {
+            let spec = &catalog.shards[member];
+            let mut options: Vec<&'c ShardSpec> = Vec::with_capacity(1 + spec.alternatives.len());
+            let member_first = spec.prefer_when.is_none_or(|f| has_feature(res, f));
+            if member_first {
+                options.push(spec);
+            }
+            options.extend(spec.alternatives.iter().map(|a| &catalog.shards[a]));
+            if !member_first {
+                options.push(spec);
+            }
+            if let Some(pos) = options
+                .iter()
+                .position(|o| state.pinned.contains(o.shard.id()))
+            {
+                let p = options.remove(pos);
+                options.insert(0, p);
+            }
+            let mut first_failure: Option<Refusal> = None;
+            let mut picked = false;
+            for opt in options {
+                let id = opt.shard.id();
+                let avoided = state.avoid_until.get(id).is_some_and(|&t| t > input.now_ms);
+                if state.revoked.contains(id) || avoided {
+                    continue;
+                }
+                // The option plus its dependencies not chosen yet.
+                let mut bundle: Vec<&'c ShardSpec> = vec![opt];
+                let mut i = 0;
+                let mut dep_blocked = false;
+                while i < bundle.len() {
+                    for d in &bundle[i].depends_on {
+                        let dspec = &catalog.shards[d];
+                        if state.revoked.contains(d.as_str()) {
+                            dep_blocked = true;
+                        }
+                        let already = out.shards.contains_key(d.as_str())
+                            || tentative.iter().any(|t| t.shard.id() == d)
+                            || bundle.iter().any(|b| b.shard.id() == d);
+                        if !already {
+                            bundle.push(dspec);
+                        }
+                    }
+                    i += 1;
+                }
+                if dep_blocked {
+                    continue;
+                }
+                let mut n_used = t_used;
+                let (mut n_cpu, mut n_mem) = (t_cpu, t_mem);
+                for b in &bundle {
+                    if out.shards.contains_key(b.shard.id())
+                        || tentative.iter().any(|t| t.shard.id() == b.shard.id())
+                    {
+                        continue;
+                    }
+                    n_used[kind_index(b.kind)] += b.units;
+                    n_cpu += u64::from(b.cost.cpu_permille);
+                    n_mem += b.cost.memory_kib;
+                }
+                let over_budget = (0..2).find(|&k| n_used[k] > input.budget[k]);
+                if let Some(k) = over_budget {
+                    first_failure.get_or_insert(Refusal::Budget {
+                        kind: super::KINDS[k],
+                        missing_units: n_used[k] - input.budget[k],
+                    });
+                    continue;
+                }
+                if let Some(c) = input.capacity {
+                    if n_cpu > c.cpu_permille || n_mem > c.memory_kib {
+                        first_failure.get_or_insert(Refusal::Capacity);
+                        continue;
+                    }
+                }
+                for b in bundle {
+                    if !tentative.iter().any(|t| t.shard.id() == b.shard.id())
+                        && !out.shards.contains_key(b.shard.id())
+                    {
+                        tentative.push(b);
+                    }
+                }
+                t_used = n_used;
+                t_cpu = n_cpu;
+                t_mem = n_mem;
+                picked = true;
+                break;
+            }
+            if !picked {
+                refusal = Some(first_failure.unwrap_or(Refusal::Unavailable {
+                    shard: member.clone(),
+                }));
+                break;
+            }
+        }
+        match refusal {
+            Some(r) => {
+                out.refusals.insert(cap_name.to_owned(), r);
+            }
+            None => {
+                out.used = t_used;
+                cpu_used = t_cpu;
+                mem_used = t_mem;
+                for s in tentative {
+                    let base = if pinned && state.pinned.contains(s.shard.id()) {
+                        u8::MAX
+                    } else {
+                        s.priority
+                    };
+                    out.shards.insert(
+                        s.shard.id(),
+                        Chosen {
+                            spec: s,
+                            capability: s.capability.as_str(),
+                            priority: base.min(input.tier.max_priority),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    out
+}
