@@ -515,6 +515,14 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<RejectionCounters>(bytes);
     let _ = decode::<DeviceId>(bytes);
     let _ = decode::<ShardRef>(bytes);
+    let _ = decode::<DeviceResources>(bytes);
+    let _ = decode::<Activation>(bytes);
+    let _ = decode::<PublicKeyEntry>(bytes);
+    let _ = decode::<SignatureEntry>(bytes);
+    let _ = decode::<AckOutcome>(bytes);
+    let _ = decode::<ShardFailure>(bytes);
+    let _ = decode::<TrafficClass>(bytes);
+    let _ = decode::<Domain>(bytes);
 }
 
 proptest! {
