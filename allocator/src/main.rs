@@ -15,6 +15,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of `run`'s many flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the allocator service (embedded broker and store by default).

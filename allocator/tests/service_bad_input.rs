@@ -34,7 +34,12 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
         .unwrap();
 
     // Garbage, several shapes.
-    for junk in [vec![], vec![0xff; 10], vec![1, 2, 3, 4, 5, 6, 7, 8], b"{\"json\":true}".to_vec()] {
+    for junk in [
+        vec![],
+        vec![0xff; 10],
+        vec![1, 2, 3, 4, 5, 6, 7, 8],
+        b"{\"json\":true}".to_vec(),
+    ] {
         dev.publish_raw_report(junk).await;
     }
     alloc.wait_metric(&dropped("report", "garbage"), 4.0, Duration::from_secs(10));
@@ -46,20 +51,34 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
     // Wrongly signed: a valid report signed by another key.
     let forger = device_key(99);
     let mut r = dev.report();
-    dev.publish_raw_report(sign::seal(Domain::Report, &r, &[&forger])).await;
+    dev.publish_raw_report(sign::seal(Domain::Report, &r, &[&forger]))
+        .await;
     // Signed by the device but under another domain (an ack signature).
     r.seq += 1;
     dev.seq = r.seq;
-    dev.publish_raw_report(sign::seal(Domain::Ack, &r, &[&k])).await;
-    alloc.wait_metric(&dropped("report", "bad_signature"), 2.0, Duration::from_secs(10));
+    dev.publish_raw_report(sign::seal(Domain::Ack, &r, &[&k]))
+        .await;
+    alloc.wait_metric(
+        &dropped("report", "bad_signature"),
+        2.0,
+        Duration::from_secs(10),
+    );
 
     // A good one, then its replay (duplicate), then an older one (stale).
     let good = dev.report();
     let good_bytes = dev.seal_report(&good);
     dev.publish_raw_report(good_bytes.clone()).await;
-    alloc.wait_metric("shardline_reports_accepted_total", 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        1.0,
+        Duration::from_secs(10),
+    );
     dev.publish_raw_report(good_bytes).await;
-    alloc.wait_metric(&dropped("report", "duplicate"), 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        &dropped("report", "duplicate"),
+        1.0,
+        Duration::from_secs(10),
+    );
     let old = report_for(&dev.id, 1, 0);
     dev.publish_raw_report(dev.seal_report(&old)).await;
     alloc.wait_metric(&dropped("report", "stale"), 1.0, Duration::from_secs(10));
@@ -68,24 +87,47 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
     let mut other = dev.report();
     other.device = shardline_shared::DeviceId::new("someone-else").unwrap();
     dev.publish_raw_report(dev.seal_report(&other)).await;
-    alloc.wait_metric(&dropped("report", "wrong_device"), 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        &dropped("report", "wrong_device"),
+        1.0,
+        Duration::from_secs(10),
+    );
 
     // A device that is not enrolled.
     let stranger = shardline_shared::DeviceId::new("stranger").unwrap();
     let sr = report_for(&stranger, 1, 0);
     dev.client
-        .publish(topics::report(&stranger), rumqttc::QoS::AtLeastOnce, false, sign::seal(Domain::Report, &sr, &[&forger]))
+        .publish(
+            topics::report(&stranger),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            sign::seal(Domain::Report, &sr, &[&forger]),
+        )
         .await
         .unwrap();
-    alloc.wait_metric(&dropped("report", "unknown_device"), 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        &dropped("report", "unknown_device"),
+        1.0,
+        Duration::from_secs(10),
+    );
 
     // Garbage acks and statuses.
     dev.client
-        .publish(topics::ack(&dev.id), rumqttc::QoS::AtLeastOnce, false, vec![9u8; 40])
+        .publish(
+            topics::ack(&dev.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![9u8; 40],
+        )
         .await
         .unwrap();
     dev.client
-        .publish(topics::status(&dev.id), rumqttc::QoS::AtLeastOnce, false, vec![1u8, 200, 3])
+        .publish(
+            topics::status(&dev.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![1u8, 200, 3],
+        )
         .await
         .unwrap();
     alloc.wait_metric(&dropped("ack", "garbage"), 1.0, Duration::from_secs(10));
@@ -98,8 +140,16 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
     let accepted = alloc.metric("shardline_reports_accepted_total");
     let t = std::time::Instant::now();
     dev.send_report().await;
-    alloc.wait_metric("shardline_reports_accepted_total", accepted + 1.0, Duration::from_secs(10));
-    assert!(t.elapsed() < Duration::from_secs(5), "ingest stalled: {:?}", t.elapsed());
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        accepted + 1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "ingest stalled: {:?}",
+        t.elapsed()
+    );
     assert!(alloc.metric(&dropped("report", "garbage")) >= 2004.0);
 
     // Every accepted report was exactly the valid ones.
@@ -118,14 +168,33 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
 fn the_api_refuses_requests_without_the_bearer_token() {
     let dir = TempDir::new("auth");
     let alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
-    let r = shardline_allocator::service::http::request(&alloc.api_url(), "GET", "/v1/devices", None, None).unwrap();
+    let r = shardline_allocator::service::http::request(
+        &alloc.api_url(),
+        "GET",
+        "/v1/devices",
+        None,
+        None,
+    )
+    .unwrap();
     assert_eq!(r.status, 401);
-    let r = shardline_allocator::service::http::request(&alloc.api_url(), "GET", "/v1/devices", Some("wrong"), None)
-        .unwrap();
+    let r = shardline_allocator::service::http::request(
+        &alloc.api_url(),
+        "GET",
+        "/v1/devices",
+        Some("wrong"),
+        None,
+    )
+    .unwrap();
     assert_eq!(r.status, 401);
     let out = alloc.shardctl(&["enroll", "x1", "zz", "--tier", "basic"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("hex"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hex"),
+        "{out:?}"
+    );
     let out = alloc.shardctl(&["enroll", "x1", &"ab".repeat(32), "--tier", "gold"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown tier"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown tier"),
+        "{out:?}"
+    );
 }

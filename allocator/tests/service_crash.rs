@@ -21,7 +21,10 @@ struct Seen(Vec<BTreeMap<u64, Vec<u8>>>);
 impl Seen {
     fn record(&mut self, d: usize, seq: u64, payload: Vec<u8>) {
         if let Some(prev) = self.0[d].get(&seq) {
-            assert_eq!(prev, &payload, "device {d}: sequence {seq} reused for another instruction");
+            assert_eq!(
+                prev, &payload,
+                "device {d}: sequence {seq} reused for another instruction"
+            );
         }
         self.0[d].insert(seq, payload);
     }
@@ -79,9 +82,15 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 seq += 1;
                 let r = report_for(&id, seq, 0);
-                let bytes = shardline_shared::sign::seal(shardline_shared::sign::Domain::Report, &r, &[&k]);
+                let bytes =
+                    shardline_shared::sign::seal(shardline_shared::sign::Domain::Report, &r, &[&k]);
                 // Queued by rumqttc while the broker is down; errors only when full.
-                let _ = client.try_publish(shardline_shared::topics::report(&id), rumqttc::QoS::AtLeastOnce, false, bytes);
+                let _ = client.try_publish(
+                    shardline_shared::topics::report(&id),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    bytes,
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
@@ -96,8 +105,12 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
                 let (st, body) = alloc.api("POST", &format!("/v1/devices/crash-{d}/{op}"), None);
                 assert_eq!(st, 200, "{body}");
             }
-            let got = drain_instructions(dev, &key, &mut seen, d, true, Duration::from_millis(600)).await;
-            assert!(!got.is_empty(), "round {round}: device {d} got an instruction");
+            let got =
+                drain_instructions(dev, &key, &mut seen, d, true, Duration::from_millis(600)).await;
+            assert!(
+                !got.is_empty(),
+                "round {round}: device {d} got an instruction"
+            );
         }
     }
     // One more change per device, received but NOT acknowledged: pending at the crash.
@@ -105,12 +118,13 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
     for (d, dev) in devs.iter_mut().enumerate() {
         let (st, _) = alloc.api("POST", &format!("/v1/devices/crash-{d}/resume"), None);
         assert_eq!(st, 200);
-        let got = drain_instructions(dev, &key, &mut seen, d, false, Duration::from_millis(600)).await;
+        let got =
+            drain_instructions(dev, &key, &mut seen, d, false, Duration::from_millis(600)).await;
         assert!(!got.is_empty());
         pending.push(got.into_iter().collect());
     }
     let mut before = Vec::new();
-    for d in 0..DEVICES {
+    for (d, pending_d) in pending.iter().enumerate() {
         let (_, detail) = alloc.api("GET", &format!("/v1/devices/crash-{d}"), None);
         let listed: BTreeSet<u64> = detail["pending_instructions"]
             .as_array()
@@ -118,7 +132,10 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
             .iter()
             .map(|v| v.as_u64().unwrap())
             .collect();
-        assert!(pending[d].is_subset(&listed), "pending at the allocator: {listed:?} vs {:?}", pending[d]);
+        assert!(
+            pending_d.is_subset(&listed),
+            "pending at the allocator: {listed:?} vs {pending_d:?}"
+        );
         before.push(detail);
     }
     let max_before: Vec<u64> = (0..DEVICES).map(|d| seen.max(d)).collect();
@@ -138,7 +155,9 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
         let mut redelivered = BTreeSet::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while !pending[d].is_subset(&redelivered) && tokio::time::Instant::now() < deadline {
-            if let Some((instr, payload)) = dev.next_instruction(&key, Duration::from_millis(500)).await {
+            if let Some((instr, payload)) =
+                dev.next_instruction(&key, Duration::from_millis(500)).await
+            {
                 seen.record(d, instr.seq, payload);
                 redelivered.insert(instr.seq);
             } else {
@@ -166,13 +185,19 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
             assert_eq!(after["public_key"], before["public_key"]);
             assert!(after["last_report_seq"].as_u64() >= before["last_report_seq"].as_u64());
             assert!(after["instructions_sent"].as_u64() >= before["instructions_sent"].as_u64());
-            assert!(!after["policy"]["leases"].as_array().unwrap().is_empty(), "leases survived: {after}");
+            assert!(
+                !after["policy"]["leases"].as_array().unwrap().is_empty(),
+                "leases survived: {after}"
+            );
             if after["pending_instructions"].as_array().unwrap().is_empty()
                 && after["applied_instruction_seq"].as_u64() >= pending[d].iter().max().copied()
             {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "pending not cleared after acks: {after}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pending not cleared after acks: {after}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -180,12 +205,23 @@ async fn kill_9_mid_stream_reuses_no_sequence_and_delivers_pending_instructions(
     for (d, dev) in devs.iter_mut().enumerate() {
         let (st, _) = alloc.api("POST", &format!("/v1/devices/crash-{d}/drain"), None);
         assert_eq!(st, 200);
-        let got = drain_instructions(dev, &key, &mut seen, d, true, Duration::from_millis(800)).await;
-        assert!(!got.is_empty(), "device {d} got an instruction after the restart");
+        let got =
+            drain_instructions(dev, &key, &mut seen, d, true, Duration::from_millis(800)).await;
+        assert!(
+            !got.is_empty(),
+            "device {d} got an instruction after the restart"
+        );
         for seq in got.iter().filter(|s| !pending[d].contains(s)) {
-            assert!(*seq > max_before[d], "device {d}: new seq {seq} <= {} used before the crash", max_before[d]);
+            assert!(
+                *seq > max_before[d],
+                "device {d}: new seq {seq} <= {} used before the crash",
+                max_before[d]
+            );
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(alloc.metric("shardline_reports_accepted_total") > 0.0, "reports flow after the restart");
+    assert!(
+        alloc.metric("shardline_reports_accepted_total") > 0.0,
+        "reports flow after the restart"
+    );
 }

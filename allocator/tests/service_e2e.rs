@@ -27,7 +27,11 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
     let mut dev = Device::connect("router-1", key, broker_port).await;
     dev.publish_status(Presence::Online).await;
     let seq = dev.send_report().await;
-    alloc.wait_metric("shardline_reports_accepted_total", 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        1.0,
+        Duration::from_secs(10),
+    );
 
     let (instr, _) = dev
         .next_instruction(&alloc.public_key, Duration::from_secs(10))
@@ -36,11 +40,18 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
     assert!(instr.seq >= 1);
     assert!(instr.expires_at_ms > now_ms());
     assert!(
-        instr.ops.iter().any(|op| matches!(op, Operation::Activate(a) if a.capability == "vpn")),
+        instr
+            .ops
+            .iter()
+            .any(|op| matches!(op, Operation::Activate(a) if a.capability == "vpn")),
         "the vpn capability is activated: {instr:?}"
     );
     dev.ack(instr.seq, AckOutcome::Applied).await;
-    alloc.wait_metric("shardline_instructions_applied_total", 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        "shardline_instructions_applied_total",
+        1.0,
+        Duration::from_secs(10),
+    );
 
     let (status, detail) = alloc.api("GET", "/v1/devices/router-1", None);
     assert_eq!(status, 200, "{detail}");
@@ -92,7 +103,12 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
         token: "00".repeat(32),
     };
     dev.client
-        .publish(enroll_topic(&dev.id), rumqttc::QoS::AtLeastOnce, false, shardline_shared::codec::encode(&bad))
+        .publish(
+            enroll_topic(&dev.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            shardline_shared::codec::encode(&bad),
+        )
         .await
         .unwrap();
     alloc.wait_metric(
@@ -107,7 +123,12 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
         ..bad
     };
     dev.client
-        .publish(enroll_topic(&dev.id), rumqttc::QoS::AtLeastOnce, false, shardline_shared::codec::encode(&good))
+        .publish(
+            enroll_topic(&dev.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            shardline_shared::codec::encode(&good),
+        )
         .await
         .unwrap();
     alloc.wait_metric("shardline_enrolments_total", 1.0, Duration::from_secs(10));
@@ -116,7 +137,11 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
     assert_eq!(detail["tier"], "basic");
     // Its signed reports are now accepted.
     dev.send_report().await;
-    alloc.wait_metric("shardline_reports_accepted_total", 1.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        1.0,
+        Duration::from_secs(10),
+    );
     // The token was single-use: another device cannot use it.
     let other = device_key(8);
     let again = EnrollRequest {
@@ -127,7 +152,12 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
     let intruder = Device::connect("intruder", other, alloc.mqtt_port).await;
     intruder
         .client
-        .publish(enroll_topic(&again.device), rumqttc::QoS::AtLeastOnce, false, shardline_shared::codec::encode(&again))
+        .publish(
+            enroll_topic(&again.device),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            shardline_shared::codec::encode(&again),
+        )
         .await
         .unwrap();
     alloc.wait_metric(

@@ -8,6 +8,9 @@
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
 //! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`.
 
+// Handlers answer errors with a ready `Response`; that is axum's idiom.
+#![allow(clippy::result_large_err)]
+
 use super::core::{Command, CommandError, OperatorOp, Reply};
 use super::metrics::Metrics;
 use super::run::Inbound;
@@ -63,19 +66,28 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 
 async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Reply, Response> {
     if !authorized(state, headers) {
-        return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ));
     }
     let (tx, rx) = oneshot::channel();
     state
         .tx
-        .send(Inbound::Command(cmd, tx))
+        .send(Inbound::Command(Box::new(cmd), tx))
         .await
         .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "the core is stopping"))?;
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(Reply::Error(e))) => Err(command_error(e)),
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(_)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the core is stopping")),
-        Err(_) => Err(error(StatusCode::GATEWAY_TIMEOUT, "the core did not answer in 30 s")),
+        Ok(Err(_)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the core is stopping",
+        )),
+        Err(_) => Err(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the core did not answer in 30 s",
+        )),
     }
 }
 
@@ -171,7 +183,11 @@ async fn enroll(
     }
 }
 
-async fn device(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn device(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let device = match device_id(&id) {
         Ok(d) => d,
         Err(e) => return e,
@@ -221,7 +237,12 @@ async fn operator(
         "unrevoke" => OperatorOp::Unrevoke,
         "drain" => OperatorOp::Drain,
         "resume" => OperatorOp::Resume,
-        other => return error(StatusCode::NOT_FOUND, format!("unknown operation {other:?}")),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("unknown operation {other:?}"),
+            )
+        }
     };
     let shard = body.and_then(|Json(b)| b.shard);
     match ask(&state, &headers, Command::Operator { device, op, shard }).await {

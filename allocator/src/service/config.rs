@@ -46,7 +46,9 @@ impl BrokerUrl {
         } else if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
         } else {
-            return Err(format!("{url:?} is not mqtt://host:port or mqtts://host:port"));
+            return Err(format!(
+                "{url:?} is not mqtt://host:port or mqtts://host:port"
+            ));
         };
         let (host, port) = rest
             .rsplit_once(':')
@@ -54,7 +56,10 @@ impl BrokerUrl {
         let port: u16 = port
             .parse()
             .map_err(|_| format!("{url:?}: bad port {port:?}"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if host.is_empty() {
             return Err(format!("{url:?} lacks a host"));
         }
@@ -232,7 +237,12 @@ impl Config {
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self::default())
             }
-            Err(source) => return Err(ConfigError::Read { path: shown, source }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: shown,
+                    source,
+                })
+            }
         };
         Self::from_toml_str(&text, &shown)
     }
@@ -240,9 +250,8 @@ impl Config {
     pub fn from_toml_str(text: &str, path: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
         if !config.broker.url.is_empty() {
-            BrokerUrl::parse(&config.broker.url).map_err(|message| {
-                invalid_at_key(text, path, "url", message)
-            })?;
+            BrokerUrl::parse(&config.broker.url)
+                .map_err(|message| invalid_at_key(text, path, "url", message))?;
         }
         if config.broker.tls_listen.is_some()
             && (config.broker.tls_cert.is_none() || config.broker.tls_key.is_none())
@@ -258,7 +267,12 @@ impl Config {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
         }
         if config.dispatch.max_batch == 0 {
-            return Err(invalid_at_key(text, path, "max_batch", "must be > 0".into()));
+            return Err(invalid_at_key(
+                text,
+                path,
+                "max_batch",
+                "must be > 0".into(),
+            ));
         }
         Ok(config)
     }
@@ -342,8 +356,13 @@ mod tests {
     #[test]
     fn errors_name_file_line_and_field() {
         let text = "[broker]\nlisten = \"127.0.0.1:1\"\nmax_payload = \"big\"\n";
-        let err = Config::from_toml_str(text, "/etc/a.toml").unwrap_err().to_string();
-        assert!(err.starts_with("/etc/a.toml:3: field `max_payload`"), "{err}");
+        let err = Config::from_toml_str(text, "/etc/a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/etc/a.toml:3: field `max_payload`"),
+            "{err}"
+        );
         let err = Config::from_toml_str("[api]\nlisten = \"127.0.0.1:2\"\nbogus = 1\n", "b.toml")
             .unwrap_err()
             .to_string();

@@ -196,6 +196,14 @@ pub enum Reply {
     Error(CommandError),
 }
 
+/// What the store held at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub meta: Meta,
+    pub records: Vec<DeviceRecord>,
+    pub tokens: Vec<(String, TokenRecord)>,
+}
+
 /// Tunables the core needs.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -246,13 +254,16 @@ impl Core {
     pub fn new(
         mut engine: Engine,
         key: KeyPair,
-        meta: Meta,
-        records: Vec<DeviceRecord>,
-        tokens: Vec<(String, TokenRecord)>,
+        loaded: Loaded,
         cfg: CoreConfig,
         metrics: Arc<Metrics>,
         now_ms: u64,
     ) -> Self {
+        let Loaded {
+            meta,
+            records,
+            tokens,
+        } = loaded;
         let mut map = HashMap::with_capacity(records.len());
         let mut fresh = Vec::new();
         for mut rec in records {
@@ -285,7 +296,14 @@ impl Core {
                 let r = &core.records[&device];
                 (r.tier.clone(), r.tenant.clone())
             };
-            core.feed(now_ms, Event::Enrolled { device, tier, tenant });
+            core.feed(
+                now_ms,
+                Event::Enrolled {
+                    device,
+                    tier,
+                    tenant,
+                },
+            );
         }
         // Every record is written once at start: the resumed sequence
         // numbering must be on disk before any instruction leaves.
@@ -451,7 +469,8 @@ impl Core {
 
     fn on_report(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
         Metrics::inc(&self.metrics.reports_received);
-        let Some(report) = self.verify::<QosReport>(now_ms, Kind::Report, Domain::Report, &device, payload)
+        let Some(report) =
+            self.verify::<QosReport>(now_ms, Kind::Report, Domain::Report, &device, payload)
         else {
             return;
         };
@@ -501,7 +520,8 @@ impl Core {
     }
 
     fn on_ack(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
-        let Some(ack) = self.verify::<InstructionAck>(now_ms, Kind::Ack, Domain::Ack, &device, payload)
+        let Some(ack) =
+            self.verify::<InstructionAck>(now_ms, Kind::Ack, Domain::Ack, &device, payload)
         else {
             return;
         };
@@ -835,7 +855,13 @@ impl Core {
         } else {
             self.records.insert(
                 device.clone(),
-                DeviceRecord::new(device.clone(), public_key, tier.clone(), tenant.clone(), now_ms),
+                DeviceRecord::new(
+                    device.clone(),
+                    public_key,
+                    tier.clone(),
+                    tenant.clone(),
+                    now_ms,
+                ),
             );
             Metrics::inc(&self.metrics.enrolments);
         }
@@ -849,7 +875,8 @@ impl Core {
             },
         );
         tracing::info!(%device, key_id = %hex_key_id(&public_key), "device enrolled");
-        self.row(&device).ok_or(CommandError::UnknownDevice(device.to_string()))
+        self.row(&device)
+            .ok_or(CommandError::UnknownDevice(device.to_string()))
     }
 
     fn row(&self, device: &DeviceId) -> Option<DeviceRow> {
@@ -896,7 +923,12 @@ impl Core {
                 }
                 self.presence.remove(&device);
                 self.dirty.remove(&device);
-                self.feed(now_ms, Event::Unenrolled { device: device.clone() });
+                self.feed(
+                    now_ms,
+                    Event::Unenrolled {
+                        device: device.clone(),
+                    },
+                );
                 self.engine.evict_device(&device);
                 self.step.batch.delete_devices.push(device);
                 Reply::Ok
@@ -995,7 +1027,10 @@ impl Core {
                 let event = match op {
                     OperatorOp::Drain => Event::Drain { device },
                     OperatorOp::Resume => Event::Resume { device },
-                    OperatorOp::Pin | OperatorOp::Unpin | OperatorOp::Revoke | OperatorOp::Unrevoke => {
+                    OperatorOp::Pin
+                    | OperatorOp::Unpin
+                    | OperatorOp::Revoke
+                    | OperatorOp::Unrevoke => {
                         let shard = match need_shard() {
                             Ok(s) => s,
                             Err(e) => return Reply::Error(e),

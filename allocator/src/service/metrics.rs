@@ -153,28 +153,111 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("shardline_reports_received_total", "Report messages received.", get(&self.reports_received));
-        counter("shardline_reports_accepted_total", "Reports verified, in sequence and handed to the policy engine.", get(&self.reports_accepted));
-        counter("shardline_acks_accepted_total", "Signed instruction acks accepted.", get(&self.acks_accepted));
-        counter("shardline_status_messages_total", "Device status messages received.", get(&self.statuses));
-        counter("shardline_decisions_total", "Instructions the policy engine decided.", get(&self.decisions));
-        counter("shardline_instructions_sent_total", "Signed instructions published (first send).", get(&self.instructions_sent));
-        counter("shardline_instructions_resent_total", "Instructions published again because they were not known applied.", get(&self.instructions_resent));
-        counter("shardline_instructions_applied_total", "Instructions the device acked as applied.", get(&self.instructions_applied));
-        counter("shardline_instructions_rejected_total", "Instructions the device rejected.", get(&self.instructions_rejected));
-        counter("shardline_instructions_failed_total", "Instructions accepted but failed on the device.", get(&self.instructions_failed));
-        counter("shardline_instructions_expired_total", "Pending instructions dropped because they expired.", get(&self.instructions_expired));
-        counter("shardline_compliance_events_total", "Compliance events fed to reputation.", get(&self.compliance_events));
-        counter("shardline_reputation_changes_total", "Reputation changes announced by the engine.", get(&self.reputation_changes));
-        counter("shardline_alerts_total", "Alerts raised by the engine.", get(&self.alerts));
-        counter("shardline_enrolments_total", "Devices enrolled (operator or token).", get(&self.enrolments));
-        counter("shardline_rotations_sent_total", "Key rotation objects published to devices.", get(&self.rotations_sent));
-        counter("shardline_store_commits_total", "Store transactions committed.", get(&self.store_commits));
-        counter("shardline_store_errors_total", "Store transactions that failed.", get(&self.store_errors));
-        counter("shardline_publish_errors_total", "MQTT publishes that could not be queued.", get(&self.publish_errors));
-        counter("shardline_mqtt_reconnects_total", "MQTT connection (re)establishments.", get(&self.mqtt_reconnects));
+        counter(
+            "shardline_reports_received_total",
+            "Report messages received.",
+            get(&self.reports_received),
+        );
+        counter(
+            "shardline_reports_accepted_total",
+            "Reports verified, in sequence and handed to the policy engine.",
+            get(&self.reports_accepted),
+        );
+        counter(
+            "shardline_acks_accepted_total",
+            "Signed instruction acks accepted.",
+            get(&self.acks_accepted),
+        );
+        counter(
+            "shardline_status_messages_total",
+            "Device status messages received.",
+            get(&self.statuses),
+        );
+        counter(
+            "shardline_decisions_total",
+            "Instructions the policy engine decided.",
+            get(&self.decisions),
+        );
+        counter(
+            "shardline_instructions_sent_total",
+            "Signed instructions published (first send).",
+            get(&self.instructions_sent),
+        );
+        counter(
+            "shardline_instructions_resent_total",
+            "Instructions published again because they were not known applied.",
+            get(&self.instructions_resent),
+        );
+        counter(
+            "shardline_instructions_applied_total",
+            "Instructions the device acked as applied.",
+            get(&self.instructions_applied),
+        );
+        counter(
+            "shardline_instructions_rejected_total",
+            "Instructions the device rejected.",
+            get(&self.instructions_rejected),
+        );
+        counter(
+            "shardline_instructions_failed_total",
+            "Instructions accepted but failed on the device.",
+            get(&self.instructions_failed),
+        );
+        counter(
+            "shardline_instructions_expired_total",
+            "Pending instructions dropped because they expired.",
+            get(&self.instructions_expired),
+        );
+        counter(
+            "shardline_compliance_events_total",
+            "Compliance events fed to reputation.",
+            get(&self.compliance_events),
+        );
+        counter(
+            "shardline_reputation_changes_total",
+            "Reputation changes announced by the engine.",
+            get(&self.reputation_changes),
+        );
+        counter(
+            "shardline_alerts_total",
+            "Alerts raised by the engine.",
+            get(&self.alerts),
+        );
+        counter(
+            "shardline_enrolments_total",
+            "Devices enrolled (operator or token).",
+            get(&self.enrolments),
+        );
+        counter(
+            "shardline_rotations_sent_total",
+            "Key rotation objects published to devices.",
+            get(&self.rotations_sent),
+        );
+        counter(
+            "shardline_store_commits_total",
+            "Store transactions committed.",
+            get(&self.store_commits),
+        );
+        counter(
+            "shardline_store_errors_total",
+            "Store transactions that failed.",
+            get(&self.store_errors),
+        );
+        counter(
+            "shardline_publish_errors_total",
+            "MQTT publishes that could not be queued.",
+            get(&self.publish_errors),
+        );
+        counter(
+            "shardline_mqtt_reconnects_total",
+            "MQTT connection (re)establishments.",
+            get(&self.mqtt_reconnects),
+        );
         let _ = writeln!(out, "# HELP shardline_store_commit_seconds_total Time spent committing to the store.\n# TYPE shardline_store_commit_seconds_total counter\nshardline_store_commit_seconds_total {:.6}", get(&self.store_commit_micros) as f64 / 1e6);
         let _ = writeln!(out, "# HELP shardline_messages_dropped_total Inbound messages dropped, by kind and reason.\n# TYPE shardline_messages_dropped_total counter");
         for kind in Kind::ALL {
@@ -195,15 +278,31 @@ impl Metrics {
         let _ = writeln!(out, "# HELP shardline_key_epoch Instruction-signing key rotation epoch.\n# TYPE shardline_key_epoch gauge\nshardline_key_epoch {}", g.key_epoch);
         let _ = writeln!(out, "# HELP shardline_reputation_devices Devices per reputation bucket (le = upper bound).\n# TYPE shardline_reputation_devices gauge");
         for (i, n) in g.reputation_buckets.iter().enumerate() {
-            let _ = writeln!(out, "shardline_reputation_devices{{le=\"{}\"}} {n}", (i + 1) * 10);
+            let _ = writeln!(
+                out,
+                "shardline_reputation_devices{{le=\"{}\"}} {n}",
+                (i + 1) * 10
+            );
         }
         let _ = writeln!(out, "# HELP shardline_tier_units Resource units per tier, by kind and use.\n# TYPE shardline_tier_units gauge");
         for (tier, devices, cu, du, cb, db) in &g.tiers {
             let _ = writeln!(out, "shardline_tier_devices{{tier=\"{tier}\"}} {devices}");
-            let _ = writeln!(out, "shardline_tier_units{{tier=\"{tier}\",kind=\"compute\",what=\"used\"}} {cu}");
-            let _ = writeln!(out, "shardline_tier_units{{tier=\"{tier}\",kind=\"data\",what=\"used\"}} {du}");
-            let _ = writeln!(out, "shardline_tier_units{{tier=\"{tier}\",kind=\"compute\",what=\"budget\"}} {cb}");
-            let _ = writeln!(out, "shardline_tier_units{{tier=\"{tier}\",kind=\"data\",what=\"budget\"}} {db}");
+            let _ = writeln!(
+                out,
+                "shardline_tier_units{{tier=\"{tier}\",kind=\"compute\",what=\"used\"}} {cu}"
+            );
+            let _ = writeln!(
+                out,
+                "shardline_tier_units{{tier=\"{tier}\",kind=\"data\",what=\"used\"}} {du}"
+            );
+            let _ = writeln!(
+                out,
+                "shardline_tier_units{{tier=\"{tier}\",kind=\"compute\",what=\"budget\"}} {cb}"
+            );
+            let _ = writeln!(
+                out,
+                "shardline_tier_units{{tier=\"{tier}\",kind=\"data\",what=\"budget\"}} {db}"
+            );
         }
         out
     }

@@ -6,7 +6,7 @@
 //! - [`core`]: sans-IO ingest/verify/dedupe/dispatch/resend around the engine.
 //! - [`store`]: the [`store::Store`] trait and its redb implementation.
 //! - [`keys`]: key files and hex public keys.
-//! - [`config`]: `allocator.toml`.
+//! - [`config`]: the `allocator.toml` file.
 //! - [`metrics`]: counters and the Prometheus text format.
 //! - [`run`]: the I/O runner (core thread, MQTT link, ticker, API, systemd).
 //! - [`broker`] / [`tls`]: embedded rumqttd and TLS termination (ring).

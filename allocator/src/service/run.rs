@@ -61,7 +61,7 @@ pub enum Inbound {
     Mqtt { topic: String, payload: Vec<u8> },
     Connected,
     Tick,
-    Command(Command, oneshot::Sender<Reply>),
+    Command(Box<Command>, oneshot::Sender<Reply>),
     Shutdown,
 }
 
@@ -163,12 +163,14 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (host, port, client_tls) = match &external {
         Some(BrokerUrl::Tcp { host, port }) => (host.clone(), *port, None),
         Some(BrokerUrl::Tls { host, port }) => {
-            let ca = config.broker.ca_file.as_deref().ok_or_else(|| {
-                tls::TlsError::File {
+            let ca = config
+                .broker
+                .ca_file
+                .as_deref()
+                .ok_or_else(|| tls::TlsError::File {
                     path: "broker.ca_file".into(),
                     message: "an mqtts:// broker needs broker.ca_file".into(),
-                }
-            })?;
+                })?;
             let client = config
                 .broker
                 .client_cert
@@ -186,8 +188,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                         message: "needs broker.tls_cert and broker.tls_key".into(),
                     }));
                 };
-                let server =
-                    tls::server_config(cert, key, config.broker.tls_client_ca.as_deref())?;
+                let server = tls::server_config(cert, key, config.broker.tls_client_ca.as_deref())?;
                 broker::tls_front(tls_listen, config.broker.listen, server).await?;
             }
             let l = config.broker.listen;
@@ -206,16 +207,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         resend_after_ms: config.dispatch.resend_after_ms,
         checkpoint_ms: config.store.checkpoint_s.saturating_mul(1000).max(1000),
     };
-    let core = Core::new(
-        engine,
-        key,
+    let loaded = core::Loaded {
         meta,
         records,
         tokens,
-        core_cfg,
-        metrics.clone(),
-        now,
-    );
+    };
+    let core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
 
     // MQTT link.
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
@@ -236,7 +233,13 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
     let shared = external.is_some();
-    tokio::spawn(mqtt_loop(eventloop, client.clone(), tx.clone(), shared, metrics.clone()));
+    tokio::spawn(mqtt_loop(
+        eventloop,
+        client.clone(),
+        tx.clone(),
+        shared,
+        metrics.clone(),
+    ));
 
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
@@ -247,9 +250,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         let max_batch = config.dispatch.max_batch;
         std::thread::Builder::new()
             .name("allocator-core".into())
-            .spawn(move || {
-                core_loop(core, store, rx, client, rt, metrics, heartbeat, max_batch)
-            })
+            .spawn(move || core_loop(core, store, rx, client, rt, metrics, heartbeat, max_batch))
             .map_err(StartError::Thread)?
     };
 
@@ -305,7 +306,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 if age < every.as_millis() as u64 * 2 {
                     notify::notify("WATCHDOG=1");
                 } else {
-                    tracing::error!(age_ms = age, "core thread stalled; withholding the watchdog ping");
+                    tracing::error!(
+                        age_ms = age,
+                        "core thread stalled; withholding the watchdog ping"
+                    );
                 }
             }
         });
@@ -411,7 +415,7 @@ fn core_loop(
                 Inbound::Connected => core.on_connected(now),
                 Inbound::Tick => core.on_tick(now),
                 Inbound::Command(cmd, reply) => {
-                    let r = core.on_command(now, cmd);
+                    let r = core.on_command(now, *cmd);
                     replies.push((reply, r));
                 }
                 Inbound::Shutdown => stop = true,

@@ -34,7 +34,9 @@ enum Cmd {
     /// List enrolled devices.
     Devices,
     /// One device: profile (leases), reputation history, last QoS, instructions.
-    Device { device: String },
+    Device {
+        device: String,
+    },
     /// Enrol a device with its public key (hex).
     Enroll {
         device: String,
@@ -45,18 +47,36 @@ enum Cmd {
         tenant: Option<String>,
     },
     /// Remove a device.
-    Unenroll { device: String },
+    Unenroll {
+        device: String,
+    },
     /// Tiers (service agreements) and their units in use.
     Tiers,
     /// Keep a shard active on a device.
-    Pin { device: String, shard: String },
-    Unpin { device: String, shard: String },
+    Pin {
+        device: String,
+        shard: String,
+    },
+    Unpin {
+        device: String,
+        shard: String,
+    },
     /// End a shard's lease on a device now and never grant it until unrevoked.
-    Revoke { device: String, shard: String },
-    Unrevoke { device: String, shard: String },
+    Revoke {
+        device: String,
+        shard: String,
+    },
+    Unrevoke {
+        device: String,
+        shard: String,
+    },
     /// Deactivate everything on a device and grant nothing until resumed.
-    Drain { device: String },
-    Resume { device: String },
+    Drain {
+        device: String,
+    },
+    Resume {
+        device: String,
+    },
     /// Bootstrap tokens for devices that enrol themselves.
     Token {
         #[command(subcommand)]
@@ -130,7 +150,9 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
         } => (
             "POST",
             "/v1/tokens".to_owned(),
-            Some(serde_json::json!({ "tier": tier, "tenant": tenant, "ttl_s": ttl_s, "uses": uses })),
+            Some(
+                serde_json::json!({ "tier": tier, "tenant": tenant, "ttl_s": ttl_s, "uses": uses }),
+            ),
         ),
     };
     if path.contains("//") || path.ends_with('/') {
@@ -157,7 +179,11 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-fn op(device: &str, op: &str, shard: Option<&String>) -> (&'static str, String, Option<serde_json::Value>) {
+fn op(
+    device: &str,
+    op: &str,
+    shard: Option<&String>,
+) -> (&'static str, String, Option<serde_json::Value>) {
     (
         "POST",
         format!("/v1/devices/{device}/{op}"),

@@ -27,16 +27,16 @@ pub enum StoreError {
     Open {
         path: String,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("store: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     #[error("store record for {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Db(e.into())
+    StoreError::Db(Box::new(e.into()))
 }
 
 /// An instruction signed and sent but not yet known to be applied.
@@ -197,7 +197,9 @@ fn dec<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Sto
         message,
     };
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => postcard::from_bytes(body).map_err(|e| corrupt(e.to_string())),
+        Some((&RECORD_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))
+        }
         Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
         None => Err(corrupt("empty record".into())),
     }
@@ -219,7 +221,7 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_err = |e: redb::Error| StoreError::Open {
             path: path.display().to_string(),
-            source: e,
+            source: Box::new(e),
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(redb::Error::Io(e)))?;

@@ -79,10 +79,12 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The guard owns the child from here: it is killed and reaped on every path.
+        let guard = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self { child, port });
+                return Some(guard);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -219,7 +221,11 @@ resend_after_ms = 2000
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("allocator exited with {status}; log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "allocator API not up; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "allocator API not up; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.token = std::fs::read_to_string(self.dir.join("api-token"))
@@ -243,8 +249,20 @@ resend_after_ms = 2000
         format!("http://127.0.0.1:{}", self.api_port)
     }
 
-    pub fn api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-        let r = http::request(&self.api_url(), method, path, Some(&self.token), body.as_ref()).unwrap();
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let r = http::request(
+            &self.api_url(),
+            method,
+            path,
+            Some(&self.token),
+            body.as_ref(),
+        )
+        .unwrap();
         let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body));
         (r.status, v)
     }
@@ -376,7 +394,12 @@ impl Device {
             at_ms: now_ms(),
         };
         self.client
-            .publish(topics::status(&self.id), QoS::AtLeastOnce, true, codec::encode(&st))
+            .publish(
+                topics::status(&self.id),
+                QoS::AtLeastOnce,
+                true,
+                codec::encode(&st),
+            )
             .await
             .unwrap();
     }
@@ -427,21 +450,31 @@ impl Device {
     }
 
     /// The next instruction, verified with the allocator's key (rotations skipped).
-    pub async fn next_instruction(&mut self, allocator_key: &[u8; 32], within: Duration) -> Option<(Instruction, Vec<u8>)> {
+    pub async fn next_instruction(
+        &mut self,
+        allocator_key: &[u8; 32],
+        within: Duration,
+    ) -> Option<(Instruction, Vec<u8>)> {
         let kid = shardline_shared::KeyId::of_public_key(allocator_key);
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let bytes = tokio::time::timeout_at(deadline, self.instr_rx.recv()).await.ok()??;
+            let bytes = tokio::time::timeout_at(deadline, self.instr_rx.recv())
+                .await
+                .ok()??;
             let env = sign::parse_envelope(&bytes, 1 << 20).expect("instruction envelope");
             if env.domain == Domain::Rotation {
                 continue;
             }
-            let (instr, signers) = sign::open_envelope::<Instruction>(&env, Domain::Instruction, |id| {
-                (id == kid).then_some(*allocator_key)
-            })
-            .expect("instruction verifies under the allocator key");
+            let (instr, signers) =
+                sign::open_envelope::<Instruction>(&env, Domain::Instruction, |id| {
+                    (id == kid).then_some(*allocator_key)
+                })
+                .expect("instruction verifies under the allocator key");
             assert_eq!(signers, vec![kid]);
-            assert_eq!(instr.device, self.id, "instruction addressed to this device");
+            assert_eq!(
+                instr.device, self.id,
+                "instruction addressed to this device"
+            );
             return Some((instr, env.payload));
         }
     }
