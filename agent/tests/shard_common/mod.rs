@@ -46,6 +46,8 @@ pub fn build_shards() -> PathBuf {
                 "shard-crypto-aes256gcm",
                 "shard-auth-psk",
                 "shard-vpn-tunnel",
+                "shard-qos-shaper",
+                "shard-qos-dscp",
             ] {
                 cmd.arg("-p").arg(p);
             }
