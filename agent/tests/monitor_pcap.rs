@@ -399,11 +399,14 @@ fn pcap_totals_match_ground_truth_exactly() {
     );
     // RTT from the capture point: handshake, then refined by TS echoes (EWMA 7/8).
     assert_eq!(find_flow(&t, &flows["bank-sni"])["rtt_ms"], 15.0);
-    // Handshake 30 ms (20 + 10); the echo of TSval 10 gives 10 + 10 = 20 ms, the echo
-    // of TSval 60 gives 10 + 5 = 15 ms; smoothed in integer microseconds.
-    let ewma = |r: u64, s: u64| (r * 7 + s) / 8;
-    let want = ewma(ewma(30_000, 20_000), 15_000) as f64 / 1000.0;
-    assert_eq!(find_flow(&t, &flows["bank-dns"])["rtt_ms"], want);
+    // Samples: handshake 30 ms (20 + 10), the ACK's echo of the SYN/ACK TSval
+    // 30 ms, the echo of TSval 10 gives 10 + 10 = 20 ms, the echo of TSval 60
+    // 10 + 5 = 15 ms. Median of three, then EWMA 7/8 in integer microseconds:
+    // 30, 30, median(20,30,30) = 30, median(15,20,30) = 20.
+    // rtt_ms is the smallest sample, srtt_ms the smoothed value.
+    let want = ((30_000 * 7 + 20_000) / 8) as f64 / 1000.0;
+    assert_eq!(find_flow(&t, &flows["bank-dns"])["srtt_ms"], want);
+    assert_eq!(find_flow(&t, &flows["bank-dns"])["rtt_ms"], 15.0);
     assert_eq!(find_flow(&t, &flows["stun"])["rtt_ms"], Value::Null);
     assert_eq!(find_flow(&t, &flows["bulk"])["retransmits"], 1);
     assert_eq!(find_flow(&t, &flows["ssh"])["retransmits"], 0);

@@ -65,7 +65,8 @@ fn flow_json(f: &FlowSummary) -> Value {
         "bytes": f.bytes,
         "bytes_up": f.bytes_up,
         "bytes_down": f.bytes_down,
-        "rtt_ms": ms(f.rtt_us),
+        "rtt_ms": ms(f.rtt_min_us),
+        "srtt_ms": ms(f.srtt_us),
         "retransmits": f.retransmits,
         "out_of_order": f.out_of_order,
         "jitter_ms": ms(f.jitter_us),
@@ -171,7 +172,7 @@ fn print_flows(out: &mut impl Write, flows: &[FlowSummary]) -> std::io::Result<(
             f.class.as_str(),
             f.packets,
             f.bytes,
-            opt_ms(f.rtt_us),
+            opt_ms(f.rtt_min_us),
             f.retransmits,
             name
         )?;
@@ -419,6 +420,8 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
         ..LiveOptions::default()
     };
     let mut cap = LiveCapture::open(iface, &opts)?;
+    // Tells a supervising script (and the tests) that frames are being taken from now on.
+    eprintln!("monitor: capturing on {iface}");
     out.clear = !args.json && std::io::stdout().is_terminal();
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;

@@ -176,6 +176,11 @@ pub struct Flow {
     synack_t: u32,
     /// Smoothed RTT from the capture point, µs; 0 = none measured.
     pub rtt_us: u32,
+    /// Smallest RTT sample, µs (the path RTT without endpoint delays such as
+    /// delayed ACKs or application turnaround); 0 = none measured.
+    pub rtt_min_us: u32,
+    /// The two latest RTT samples (µs), for the median-of-three filter.
+    hist: [u32; 2],
     pub retransmits: u32,
     pub out_of_order: u32,
     /// Name id (SNI or DNS), see `NameTable`; `NIL` = none.
@@ -214,6 +219,8 @@ impl Flow {
             syn_t: 0,
             synack_t: 0,
             rtt_us: 0,
+            rtt_min_us: 0,
+            hist: [0; 2],
             retransmits: 0,
             out_of_order: 0,
             name: NIL,
@@ -258,8 +265,14 @@ impl Flow {
         Some(self.half[0].max(self.half[1]) / 16)
     }
 
+    /// Smoothed RTT (µs).
     pub fn rtt(&self) -> Option<u32> {
         (self.rtt_us != 0).then_some(self.rtt_us)
+    }
+
+    /// Minimum RTT (µs).
+    pub fn rtt_min(&self) -> Option<u32> {
+        (self.rtt_min_us != 0).then_some(self.rtt_min_us)
     }
 
     fn group(&self) -> Group {
@@ -316,7 +329,7 @@ impl Flow {
             self.half = [server, client];
             self.flags |= F_HALF0 | F_HALF1;
             let rtt = server.saturating_add(client).max(1);
-            self.rtt_us = rtt;
+            self.add_rtt_sample(rtt);
             ev.rtt_sample_us = Some(rtt);
         }
         // Sequence tracking: retransmissions and out-of-order as loss signals.
@@ -366,11 +379,7 @@ impl Flow {
                     self.flags |= if o == 0 { F_HALF0 } else { F_HALF1 };
                     if self.flags & (F_HALF0 | F_HALF1) == F_HALF0 | F_HALF1 {
                         let sample = self.half[0].saturating_add(self.half[1]).max(1);
-                        self.rtt_us = if self.rtt_us == 0 {
-                            sample
-                        } else {
-                            ((u64::from(self.rtt_us) * 7 + u64::from(sample)) / 8) as u32
-                        };
+                        self.add_rtt_sample(sample);
                         ev.rtt_sample_us = Some(sample);
                     }
                 } else if tsecr.wrapping_sub(self.v2[o]) as i32 > 0 && self.t2[o] != 0 {
@@ -395,6 +404,29 @@ impl Flow {
                 self.t2[d] = now.max(1);
             }
         }
+    }
+
+    /// Smooth RTT samples: a median of the last three (so one delayed ACK,
+    /// e.g. the last one of a flow, does not move the estimate) fed into an
+    /// EWMA with gain 1/8 (as TCP's SRTT).
+    fn add_rtt_sample(&mut self, s: u32) {
+        let [h0, h1] = self.hist;
+        let m = if h1 != 0 {
+            s.max(h0.min(h1)).min(h0.max(h1))
+        } else {
+            s
+        };
+        self.hist = [s, h0];
+        self.rtt_min_us = if self.rtt_min_us == 0 {
+            s
+        } else {
+            self.rtt_min_us.min(s)
+        };
+        self.rtt_us = if self.rtt_us == 0 {
+            m
+        } else {
+            ((u64::from(self.rtt_us) * 7 + u64::from(m)) / 8) as u32
+        };
     }
 
     fn udp(&mut self, d: usize, now: u32) {

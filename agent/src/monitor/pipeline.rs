@@ -40,7 +40,10 @@ pub struct FlowSummary {
     /// IP bytes initiator → responder and back.
     pub bytes_up: u64,
     pub bytes_down: u64,
-    pub rtt_us: Option<u32>,
+    /// Minimum RTT from the capture point (handshake and timestamp echoes), µs.
+    pub rtt_min_us: Option<u32>,
+    /// Smoothed RTT (median-of-three filtered EWMA of the same samples), µs.
+    pub srtt_us: Option<u32>,
     pub retransmits: u32,
     pub out_of_order: u32,
     pub jitter_us: Option<u32>,
@@ -162,7 +165,8 @@ fn summary(flow: &Flow, class: TrafficClass, names: &NameTable) -> FlowSummary {
         bytes: flow.total_bytes(),
         bytes_up: flow.bytes[0],
         bytes_down: flow.bytes[1],
-        rtt_us: flow.rtt(),
+        rtt_min_us: flow.rtt_min(),
+        srtt_us: flow.rtt(),
         retransmits: flow.retransmits,
         out_of_order: flow.out_of_order,
         jitter_us: flow.jitter_us(),
