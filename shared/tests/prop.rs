@@ -709,6 +709,23 @@ proptest! {
 
 // ------------------------------------------------------------ mutations
 
+/// The signed instruction and the device state after applying it, computed
+/// once: signing and key derivation dominate the run time under qemu.
+fn mutation_base() -> &'static (Instruction, Vec<u8>, AcceptanceState) {
+    static BASE: std::sync::OnceLock<(Instruction, Vec<u8>, AcceptanceState)> =
+        std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let (instr, bytes) = signed_instruction();
+        let policy = AcceptancePolicy::default();
+        let after = handle_instruction(&device_state(), &me(), &bytes, T0, &policy).state;
+        assert_eq!(
+            after.last_applied_seq, instr.seq,
+            "the base instruction applies"
+        );
+        (instr, bytes, after)
+    })
+}
+
 /// A valid instruction for this device, signed by the pinned key.
 fn signed_instruction() -> (Instruction, Vec<u8>) {
     let instr = Instruction {
@@ -750,9 +767,8 @@ fn check_mutant(original: &Instruction, mutant: &[u8]) -> Result<(), TestCaseErr
     if let Verdict::Apply(applied) = &d.verdict {
         prop_assert_eq!(applied, original, "a mutation applied another instruction");
     }
-    let (_, bytes) = signed_instruction();
-    let after = handle_instruction(&before, &me(), &bytes, T0, &policy).state;
-    let d = handle_incoming(&after, &me(), mutant, T0, &policy);
+    let (_, _, after) = mutation_base();
+    let d = handle_incoming(after, &me(), mutant, T0, &policy);
     prop_assert!(
         !matches!(d.verdict, Verdict::Apply(_) | Verdict::Rotated { .. }),
         "a mutation was applied on top of the original: {:?}",
@@ -769,12 +785,12 @@ proptest! {
         at in any::<prop::sample::Index>(),
         value in any::<u8>(),
     ) {
-        let (original, bytes) = signed_instruction();
+        let (original, bytes, _) = mutation_base();
         let mut mutant = bytes.clone();
         let i = at.index(mutant.len());
         prop_assume!(mutant[i] != value);
         mutant[i] = value;
-        check_mutant(&original, &mutant)?;
+        check_mutant(original, &mutant)?;
     }
 
     #[test]
@@ -783,7 +799,7 @@ proptest! {
         value in any::<u8>(),
         insert in any::<bool>(),
     ) {
-        let (original, bytes) = signed_instruction();
+        let (original, bytes, _) = mutation_base();
         let mut mutant = bytes.clone();
         let i = at.index(mutant.len());
         if insert {
@@ -791,7 +807,7 @@ proptest! {
         } else {
             mutant.remove(i);
         }
-        check_mutant(&original, &mutant)?;
+        check_mutant(original, &mutant)?;
     }
 }
 
