@@ -167,3 +167,103 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
     );
     assert_eq!(alloc.api("GET", "/v1/devices/intruder", None).0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_sends_a_rotation_signed_by_both_keys_and_the_new_key_signs_from_then_on() {
+    use shardline_shared::accept::{self, AcceptancePolicy, AcceptanceState, Verdict};
+    use shardline_shared::msg::{KeySet, PublicKeyEntry};
+    let dir = TempDir::new("e2e-rotate");
+    let mut alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
+    let key = device_key(11);
+    let (st, _) = alloc.api(
+        "POST",
+        "/v1/devices",
+        Some(serde_json::json!({"device": "rot-1", "public_key": hex::encode(key.public_key()), "tier": "standard"})),
+    );
+    assert_eq!(st, 200);
+    let mut dev = Device::connect("rot-1", key, alloc.mqtt_port).await;
+    dev.publish_status(Presence::Online).await;
+    // The device trusts the provisioned key (epoch 0) and runs the real acceptance rules.
+    let old = alloc.public_key;
+    let mut state = AcceptanceState::new(KeySet {
+        epoch: 0,
+        keys: vec![PublicKeyEntry {
+            key_id: shardline_shared::KeyId::of_public_key(&old),
+            public_key: old,
+        }],
+    });
+    let policy = AcceptancePolicy::default();
+    dev.send_report().await;
+    let raw = tokio::time::timeout(Duration::from_secs(10), dev.instr_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let d = accept::handle_incoming(&state, &dev.id, &raw, now_ms(), &policy);
+    let Verdict::Apply(instr) = d.verdict else {
+        panic!("first instruction not applied: {:?}", d.verdict)
+    };
+    state = d.state;
+    dev.ack(instr.seq, AckOutcome::Applied).await;
+    alloc.wait_metric(
+        "shardline_instructions_applied_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+
+    let new_key = dir.0.join("signing-2.key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+        .args(["rotate", "--new-key"])
+        .arg(&new_key)
+        .arg("--config")
+        .arg(dir.0.join("allocator.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rotate: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let new_hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key "))
+        .expect("rotate prints the new public key");
+    let mut new_pub = [0u8; 32];
+    hex::decode_to_slice(new_hex.trim(), &mut new_pub).unwrap();
+
+    let raw = tokio::time::timeout(Duration::from_secs(10), dev.instr_rx.recv())
+        .await
+        .expect("the rotation reaches the device")
+        .unwrap();
+    let d = accept::handle_incoming(&state, &dev.id, &raw, now_ms(), &policy);
+    assert_eq!(d.verdict, Verdict::Rotated { epoch: 1 });
+    state = d.state;
+
+    // The next instruction is signed by the new key, also after a restart.
+    alloc.kill9();
+    alloc.spawn();
+    alloc.wait_metric("shardline_key_epoch", 1.0, Duration::from_secs(5));
+    let (st, _) = alloc.api("POST", "/v1/devices/rot-1/drain", None);
+    assert_eq!(st, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let raw = tokio::time::timeout_at(deadline, dev.instr_rx.recv())
+            .await
+            .expect("an instruction after the rotation")
+            .unwrap();
+        let d = accept::handle_incoming(&state, &dev.id, &raw, now_ms(), &policy);
+        match d.verdict {
+            Verdict::Apply(i) => {
+                assert!(i
+                    .ops
+                    .iter()
+                    .any(|op| matches!(op, Operation::Deactivate { .. })));
+                let env = shardline_shared::sign::parse_envelope(&raw, 1 << 20).unwrap();
+                assert_eq!(
+                    env.signatures[0].key_id,
+                    shardline_shared::KeyId::of_public_key(&new_pub)
+                );
+                break;
+            }
+            // A repeated rotation after the restart is refused as out of order: fine.
+            Verdict::RotationRefused(_) => continue,
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+}
