@@ -445,9 +445,13 @@ impl Daemon {
 
     fn on_window(&mut self) -> Result<(), DaemonError> {
         let now = now_ms();
-        let Some(window) = self.source.poll_window(now) else {
-            return Ok(());
-        };
+        while let Some(window) = self.source.poll_window(now) {
+            self.report(window, now)?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, window: super::runtime::QosWindow, now: u64) -> Result<(), DaemonError> {
         let (seq, actions) = self.manager.next_report_seq();
         self.execute(actions, None)?;
         let shards = self.manager.report_statuses(self.runtime.statuses(now));

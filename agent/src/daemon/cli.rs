@@ -3,8 +3,11 @@
 //! configuration, which the systemd unit does not restart.
 
 use super::agent::Daemon;
+use super::capture::{CaptureInput, CaptureSource};
 use super::config::{Config, DEFAULT_PATH};
+use super::hosting::SupervisedRuntime;
 use super::runtime::{NoCapture, QosSource, ShardRuntime, Unhosted};
+use crate::monitor::MonitorConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,15 +63,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Chooses the shard runtime and the QoS source for this configuration.
+/// Chooses the shard runtime and the QoS source for this configuration:
+/// the real shard host supervisor and the real capture pipeline; the
+/// fallbacks only when those cannot be set up (logged).
 fn wire(cfg: &Config) -> (Box<dyn ShardRuntime>, Box<dyn QosSource>) {
-    let runtime: Box<dyn ShardRuntime> = Box::new(Unhosted::default());
-    if !cfg.monitor.interfaces.is_empty() || cfg.monitor.pcap.is_some() {
-        tracing::warn!(
-            "traffic capture is not wired into the daemon yet; reports carry no classes"
-        );
-    }
-    let source: Box<dyn QosSource> = Box::new(NoCapture::new(cfg.monitor.window_ms));
+    let runtime: Box<dyn ShardRuntime> = match SupervisedRuntime::new(&cfg.shard_dir) {
+        Ok(r) => Box::new(r),
+        Err(e) => {
+            tracing::error!(error = %e, "no shard hosting: activations will be reported as failed");
+            Box::new(Unhosted::default())
+        }
+    };
+    let input = match (&cfg.monitor.pcap, cfg.monitor.interfaces.is_empty()) {
+        (Some(p), _) => Some(CaptureInput::Replay(p.clone())),
+        (None, false) => Some(CaptureInput::Interfaces(cfg.monitor.interfaces.clone())),
+        (None, true) => None,
+    };
+    let source: Box<dyn QosSource> = match input {
+        Some(input) => {
+            let tuning = match &cfg.monitor.tuning_file {
+                Some(f) => MonitorConfig::from_file(f).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "monitor tuning file; using defaults");
+                    MonitorConfig::default()
+                }),
+                None => MonitorConfig::default(),
+            };
+            Box::new(CaptureSource::start(input, tuning, cfg.monitor.window_ms))
+        }
+        None => {
+            tracing::info!(
+                "no interfaces and no capture file configured: reports carry no traffic classes"
+            );
+            Box::new(NoCapture::new(cfg.monitor.window_ms))
+        }
+    };
     (runtime, source)
 }
 

@@ -76,6 +76,9 @@ pub struct MonitorConfig {
     pub pcap: Option<PathBuf>,
     /// Length of one QoS window, which is also the report period.
     pub window_ms: u32,
+    /// The monitor's own tuning file (flow table size, idle timeouts,
+    /// classification rules), as used by `shardline-agent monitor`.
+    pub tuning_file: Option<PathBuf>,
 }
 
 /// Limits the agent applies to itself at start (its shard hosts get theirs
@@ -152,6 +155,7 @@ struct RawMonitor {
     interfaces: Vec<Spanned<String>>,
     pcap: Option<Spanned<PathBuf>>,
     window_ms: Option<Spanned<u32>>,
+    tuning_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -423,6 +427,16 @@ impl Config {
             None => 5_000,
         };
 
+        let tuning_file = match &m.tuning_file {
+            Some(f) => {
+                let p = resolve(path, f.get_ref());
+                crate::monitor::MonitorConfig::from_file(&p)
+                    .map_err(|e| invalid(f.span(), "monitor.tuning_file", e.to_string()))?;
+                Some(p)
+            }
+            None => None,
+        };
+
         let outbox_cap = match &raw.state.outbox_cap {
             Some(c) if *c.get_ref() == 0 => {
                 return Err(invalid(
@@ -475,6 +489,7 @@ impl Config {
                 interfaces: m.interfaces.into_iter().map(|i| i.into_inner()).collect(),
                 pcap: m.pcap.map(|p| resolve(path, p.get_ref())),
                 window_ms,
+                tuning_file,
             },
             shard_dir: raw
                 .shards

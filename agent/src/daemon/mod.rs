@@ -10,7 +10,9 @@
 //!   simulated time.
 //! - [`outbox`]: bounded on-disk queue of reports and acks.
 //! - [`link`]: rumqttc options, TLS, reconnect driver, PUBACK bookkeeping.
-//! - [`runtime`]: the traits the daemon needs from shard hosting and capture.
+//! - [`runtime`]: the traits the daemon needs from shard hosting and capture;
+//!   [`hosting`] and [`capture`] implement them over `shardhost::Supervisor`
+//!   and `monitor::Pipeline`.
 //! - [`resources`], [`notify`], [`limits`]: device resources, systemd
 //!   notifications, the agent's own rlimits.
 //! - [`agent`]: the event loop that executes all of it.
@@ -18,8 +20,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod hosting;
 pub mod keys;
 pub mod limits;
 pub mod link;
