@@ -176,7 +176,7 @@ impl Daemon {
     /// the outbox and starts the MQTT link. Must run inside a tokio runtime.
     pub fn start(
         cfg: Config,
-        mut runtime: Box<dyn ShardRuntime>,
+        runtime: Box<dyn ShardRuntime>,
         source: Box<dyn QosSource>,
     ) -> Result<Self, DaemonError> {
         let state_io = |source| DaemonError::State {
@@ -206,14 +206,6 @@ impl Daemon {
         if !outbox.is_empty() {
             tracing::info!(messages = outbox.len(), "resending what the outbox kept");
         }
-        // Boot actions are starts of still-valid leases: no ack among them.
-        for action in &actions {
-            if let Action::Start { capability, shards } = action {
-                if let Err(e) = runtime.activate(capability, shards, now) {
-                    tracing::warn!(capability, error = %e, "restoring the capability failed");
-                }
-            }
-        }
         let link = start_link(&cfg)?;
         let mut d = Self {
             status_path: cfg.state_dir.join("status.json"),
@@ -233,11 +225,9 @@ impl Daemon {
             last_status_write: 0,
             status_dirty: true,
         };
-        for action in actions {
-            if let Action::Persist(state) = action {
-                d.save(&state)?;
-            }
-        }
+        // Restore: persist what changed (leases that ran out while the agent
+        // was down), then start the rest of the last-known-good profile.
+        d.execute(actions, None)?;
         d.write_status(now);
         Ok(d)
     }
