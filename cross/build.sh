@@ -39,16 +39,19 @@ if [ ${#targets[@]} -eq 0 ]; then
     targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl)
 fi
 
-# The shard crates: every shards/<dir>/Cargo.toml except the SDK. A crate
-# named shard_vpn_tunnel builds libshard_vpn_tunnel.so and is installed as
-# vpn-tunnel@<version>.so (the file name the agent looks up).
+# The shard plugins: every shards/<dir>/Cargo.toml that builds a cdylib,
+# printed as "<package> <lib name>". A library shard_vpn_tunnel builds
+# libshard_vpn_tunnel.so and is installed as vpn-tunnel@<version>.so (the
+# file name the agent looks up).
 shard_crates() {
-    local toml name
+    local toml pkg lib
     for toml in "$repo"/shards/*/Cargo.toml; do
         [ -e "$toml" ] || continue
-        [ "$(basename "$(dirname "$toml")")" = sdk ] && continue
-        name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$toml" | head -n1)
-        [ -n "$name" ] && echo "$name"
+        grep -q 'cdylib' "$toml" || continue
+        pkg=$(sed -n '/^\[package\]/,/^\[/s/^name *= *"\(.*\)"/\1/p' "$toml" | head -n1)
+        lib=$(sed -n '/^\[lib\]/,/^\[/s/^name *= *"\(.*\)"/\1/p' "$toml" | head -n1)
+        [ -n "$lib" ] || lib=${pkg//-/_}
+        if [ -n "$pkg" ]; then echo "$pkg $lib"; fi
     done
 }
 
@@ -82,18 +85,24 @@ build_target() {
             bins=(shardline-agent shardline-allocator shardctl)
             mapfile -t shards < <(shard_crates)
             local s
-            for s in "${shards[@]}"; do packages+=(-p "$s"); done
+            for s in "${shards[@]}"; do packages+=(-p "${s%% *}"); done
             ;;
         *) echo "cross/build.sh: unsupported target $target" >&2; return 2 ;;
     esac
 
-    local t0 t1 out dir
+    local t0 t1 out
     t0=$(date +%s)
     echo "== cross/build.sh: $target ($profile): cargo build ${packages[*]}"
-    cargo build "${cargo_profile[@]}" --target "$target" "${packages[@]}"
+    # The host target is built without --target so that it shares
+    # $CARGO_TARGET_DIR/<profile> with `cargo test` (the CI has it already).
+    local target_args=(--target "$target") dir="$CARGO_TARGET_DIR/$target/$profile"
+    if [ "$target" = "$(rustc -vV | sed -n 's/^host: //p')" ]; then
+        target_args=()
+        dir="$CARGO_TARGET_DIR/$profile"
+    fi
+    cargo build "${cargo_profile[@]}" "${target_args[@]}" "${packages[@]}"
     t1=$(date +%s)
 
-    dir="$CARGO_TARGET_DIR/$target/$profile"
     out="$DIST/$target/$profile"
     rm -rf "$out"
     mkdir -p "$out/bin"
@@ -107,10 +116,12 @@ build_target() {
         local version id
         version=$(workspace_version)
         mkdir -p "$out/shards"
+        local lib
         for s in "${shards[@]}"; do
-            id=${s#shard_}
+            lib=${s#* }
+            id=${lib#shard_}
             id=${id//_/-}
-            install -m 0644 "$dir/lib$s.so" "$out/shards/$id@$version.so"
+            install -m 0644 "$dir/lib$lib.so" "$out/shards/$id@$version.so"
             "$strip" "$out/shards/$id@$version.so"
         done
     fi

@@ -14,7 +14,9 @@
 #                      /etc/shardline/agent.toml (conffile), the unit, the
 #                      system user `shardline` (postinst), /var/lib/shardline.
 # shardline-allocator: /usr/bin/shardline-allocator, /usr/bin/shardctl,
-#                      /etc/shardline/allocator.toml (conffile), the unit,
+#                      /etc/shardline/{allocator,catalog,agreements}.toml
+#                      (conffiles; the catalog carries the digests of this
+#                      build's shards for the same architecture), the unit,
 #                      the system user `shardline-allocator` (postinst),
 #                      /var/lib/shardline-allocator.
 set -euo pipefail
@@ -75,6 +77,28 @@ elf_depends() {
     local dep="libc6 (>= ${glibc:-2.31})"
     [ "$need_gcc" -eq 1 ] && dep="$dep, libgcc-s1"
     echo "$dep"
+}
+
+# catalog_with_digests CATALOG SHARD_DIR: the catalog with each [[shard]]'s
+# sha256 replaced by the digest of SHARD_DIR/<id>@<version>.so (kept as it
+# is, with a warning, when the file is not there).
+catalog_with_digests() {
+    local catalog=$1 dir=$2 f sums=""
+    for f in "$dir"/*.so; do
+        [ -f "$f" ] || continue
+        sums+="$(basename "$f" .so) $(sha256sum "$f" | cut -d' ' -f1)"$'\n'
+    done
+    SUMS="$sums" awk '
+        BEGIN { n = split(ENVIRON["SUMS"], lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, " "); if (kv[1] != "") d[kv[1]] = kv[2] } }
+        /^\[\[shard\]\]/ { id = ""; ver = "" }
+        /^id *= *"/ { id = $0; sub(/^id *= *"/, "", id); sub(/".*/, "", id) }
+        /^version *= *"/ { ver = $0; sub(/^version *= *"/, "", ver); sub(/".*/, "", ver) }
+        /^sha256 *= *"/ {
+            key = id "@" ver
+            if (key in d) { print "sha256 = \"" d[key] "\""; next }
+            print "packaging/build-debs.sh: warning: no shard file for " key ", its catalog digest stays a placeholder" > "/dev/stderr"
+        }
+        { print }' "$catalog"
 }
 
 # build_pkg NAME ARCH STAGING DESCRIPTION
@@ -155,6 +179,11 @@ for arch in "${arches[@]}"; do
     install -D -m 0755 "$src/bin/shardline-allocator" "$s/usr/bin/shardline-allocator"
     install -D -m 0755 "$src/bin/shardctl" "$s/usr/bin/shardctl"
     install -D -m 0644 "$here/config/allocator.toml" "$s/etc/shardline/allocator.toml"
+    # The shard catalog with the SHA-256 of the shards in this build's agent
+    # package (same architecture): a device refuses a shard whose digest
+    # differs from the one in the signed instruction.
+    catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" >"$s/etc/shardline/catalog.toml"
+    install -m 0644 "$repo/allocator/catalog/tiers.toml" "$s/etc/shardline/agreements.toml"
     install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
     build_pkg shardline-allocator "$arch" "$s" \
         "Shardline allocator (fleet policy, signed instructions)" \
