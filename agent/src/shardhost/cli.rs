@@ -254,16 +254,14 @@ pub fn host(args: HostArgs) -> anyhow::Result<ExitCode> {
         return describe(&path, &dir);
     }
     // The agent passes one end of a seqpacket socketpair as stdin.
-    let stdin = std::io::stdin();
     let kind = nix::sys::stat::fstat(0).context("fstat stdin")?;
     if kind.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         anyhow::bail!("host mode is started by the agent with a socket on stdin");
     }
-    let ipc = stdin
+    let ipc = std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .context("dup ipc socket")?;
-    drop(stdin);
     // Shards must not read the protocol socket by accident: stdin becomes /dev/null.
     let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
     nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0).context("dup2 /dev/null")?;

@@ -186,7 +186,7 @@ pub fn run(ipc: OwnedFd) -> u8 {
     let api = Box::new(loader::host_api(&*services));
     for (i, s) in setup.shards.iter().enumerate() {
         CURRENT_SHARD.store(i as u32, Ordering::Relaxed);
-        let rc = services.shards[i].borrow_mut().init(&*api, &s.config);
+        let rc = services.shards[i].borrow_mut().init(&api, &s.config);
         CURRENT_SHARD.store(NO_SHARD, Ordering::Relaxed);
         if rc < 0 {
             send(&FromHost::InitFailed {

@@ -338,9 +338,11 @@ impl LoadedShard {
         !self.handle.is_null()
     }
 
-    /// Calls the shard's `init`. `host` must stay valid (and at the same
-    /// address) until this shard is dropped.
-    pub fn init(&mut self, host: *const HostApiV1, config: &[u8]) -> i32 {
+    /// Calls the shard's `init`. The shard keeps a copy of `host` and calls
+    /// through its context pointer until it is destroyed, so the caller keeps
+    /// `host` and the services it points at alive (and unmoved) until this
+    /// shard is dropped — `host::run` boxes both and drops the shards first.
+    pub fn init(&mut self, host: &HostApiV1, config: &[u8]) -> i32 {
         if self.is_initialised() {
             return status::INVALID;
         }

@@ -12,6 +12,7 @@
 //! - [`ipc`]: the agent ⇄ host seqpacket protocol (postcard).
 //! - [`config`]: the TOML file of `shardline-agent shards run`.
 //! - [`install`]: copying built shard libraries into a shard directory.
+//! - [`cpu`]: AES instructions present ⇒ which crypto shard is primary.
 //! - [`cli`]: `shardline-agent shards list|run|install` and `host`.
 //!
 //! Invariants: the agent never loads a shard library itself (only host
@@ -21,6 +22,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod host;
 pub mod install;
 pub mod ipc;
