@@ -212,6 +212,71 @@ pub struct CoreConfig {
     pub checkpoint_ms: u64,
 }
 
+/// Device public keys by id, written by the core, read by verifier threads.
+pub type KeyDirectory = Arc<std::sync::RwLock<HashMap<DeviceId, [u8; 32]>>>;
+
+/// A device message after signature verification, for [`Core::on_verified`].
+#[derive(Debug)]
+pub enum VerifiedMsg {
+    Report(DeviceId, QosReport),
+    Ack(DeviceId, InstructionAck),
+    /// An enrolled device's message whose signature did not verify.
+    BadSignature(DeviceId),
+}
+
+/// The result of [`verify_signed`].
+#[derive(Debug)]
+pub enum Verified<T> {
+    Ok(T),
+    /// Counted; for an enrolled device this is a compliance event.
+    BadSignature,
+    /// Counted (oversize, garbage, unknown device) and dropped.
+    Dropped,
+}
+
+/// Checks size, envelope and signature of a device-signed message against
+/// the device's enrolled key (`public`), counting every refusal. Pure CPU
+/// work, so the runner spreads it over threads (per device in order).
+pub fn verify_signed<T: serde::de::DeserializeOwned>(
+    metrics: &Metrics,
+    max_payload: usize,
+    kind: Kind,
+    domain: Domain,
+    device: &DeviceId,
+    public: Option<[u8; 32]>,
+    payload: &[u8],
+) -> Verified<T> {
+    if payload.len() > max_payload {
+        metrics.dropped(kind, Drop::Oversize);
+        return Verified::Dropped;
+    }
+    let Some(public) = public else {
+        metrics.dropped(kind, Drop::UnknownDevice);
+        return Verified::Dropped;
+    };
+    let key_id = KeyId::of_public_key(&public);
+    let envelope = match sign::parse_envelope(payload, max_payload) {
+        Ok(e) => e,
+        Err(_) => {
+            metrics.dropped(kind, Drop::Garbage);
+            return Verified::Dropped;
+        }
+    };
+    match sign::open_envelope::<T>(&envelope, domain, |id| (id == key_id).then_some(public)) {
+        Ok((obj, _)) => Verified::Ok(obj),
+        Err(sign::OpenError::Payload(_)) => {
+            // Signed by the device but not decodable: garbage, not forgery.
+            metrics.dropped(kind, Drop::Garbage);
+            Verified::Dropped
+        }
+        Err(e) => {
+            tracing::debug!(%device, error = %e, "signature refused");
+            metrics.dropped(kind, Drop::BadSignature);
+            Verified::BadSignature
+        }
+    }
+}
+
 /// The core state. See the module docs for its invariants.
 #[derive(Debug)]
 pub struct Core {
@@ -224,6 +289,7 @@ pub struct Core {
     cfg: CoreConfig,
     metrics: Arc<Metrics>,
     dirty: BTreeSet<DeviceId>,
+    keydir: KeyDirectory,
     step: Step,
     last_checkpoint_ms: u64,
     last_tick_ms: u64,
@@ -286,11 +352,15 @@ impl Core {
             cfg,
             metrics,
             dirty: BTreeSet::new(),
+            keydir: KeyDirectory::default(),
             step: Step::default(),
             last_checkpoint_ms: now_ms,
             last_tick_ms: now_ms,
             accepted_at_last_tick: 0,
         };
+        for rec in core.records.values() {
+            core.publish_key(&rec.device, Some(rec.public_key));
+        }
         for device in fresh {
             let (tier, tenant) = {
                 let r = &core.records[&device];
@@ -423,36 +493,49 @@ impl Core {
         device: &DeviceId,
         payload: &[u8],
     ) -> Option<T> {
-        if payload.len() > self.cfg.max_payload {
-            self.metrics.dropped(kind, Drop::Oversize);
-            return None;
-        }
-        let Some(rec) = self.records.get(device) else {
-            self.metrics.dropped(kind, Drop::UnknownDevice);
-            return None;
-        };
-        let public = rec.public_key;
-        let key_id = KeyId::of_public_key(&public);
-        let envelope = match sign::parse_envelope(payload, self.cfg.max_payload) {
-            Ok(e) => e,
-            Err(_) => {
-                self.metrics.dropped(kind, Drop::Garbage);
-                return None;
-            }
-        };
-        match sign::open_envelope::<T>(&envelope, domain, |id| (id == key_id).then_some(public)) {
-            Ok((obj, _)) => Some(obj),
-            Err(sign::OpenError::Payload(_)) => {
-                // Signed by the device but not decodable: count as garbage, not forgery.
-                self.metrics.dropped(kind, Drop::Garbage);
-                None
-            }
-            Err(e) => {
-                tracing::debug!(%device, error = %e, "signature refused");
-                self.metrics.dropped(kind, Drop::BadSignature);
+        let public = self.records.get(device).map(|r| r.public_key);
+        match verify_signed(
+            &self.metrics,
+            self.cfg.max_payload,
+            kind,
+            domain,
+            device,
+            public,
+            payload,
+        ) {
+            Verified::Ok(obj) => Some(obj),
+            Verified::BadSignature => {
                 self.compliance(now_ms, device, ComplianceKind::BadReportSignature);
                 None
             }
+            Verified::Dropped => None,
+        }
+    }
+
+    /// A message a verifier thread already checked (see [`verify_signed`]).
+    pub fn on_verified(&mut self, now_ms: u64, msg: VerifiedMsg) {
+        match msg {
+            VerifiedMsg::Report(device, report) => self.apply_report(now_ms, device, report),
+            VerifiedMsg::Ack(device, ack) => self.apply_ack(now_ms, device, ack),
+            VerifiedMsg::BadSignature(device) => {
+                if self.records.contains_key(&device) {
+                    self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
+                }
+            }
+        }
+    }
+
+    /// The enrolled public keys, shared read-only with verifier threads.
+    pub fn key_directory(&self) -> KeyDirectory {
+        self.keydir.clone()
+    }
+
+    fn publish_key(&self, device: &DeviceId, key: Option<[u8; 32]>) {
+        if let Ok(mut dir) = self.keydir.write() {
+            match key {
+                Some(k) => dir.insert(device.clone(), k),
+                None => dir.remove(device),
+            };
         }
     }
 
@@ -474,6 +557,10 @@ impl Core {
         else {
             return;
         };
+        self.apply_report(now_ms, device, report);
+    }
+
+    fn apply_report(&mut self, now_ms: u64, device: DeviceId, report: QosReport) {
         if report.device != device {
             self.metrics.dropped(Kind::Report, Drop::WrongDevice);
             self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
@@ -525,6 +612,10 @@ impl Core {
         else {
             return;
         };
+        self.apply_ack(now_ms, device, ack);
+    }
+
+    fn apply_ack(&mut self, now_ms: u64, device: DeviceId, ack: InstructionAck) {
         if ack.device != device {
             self.metrics.dropped(Kind::Ack, Drop::WrongDevice);
             return;
@@ -866,6 +957,7 @@ impl Core {
             Metrics::inc(&self.metrics.enrolments);
         }
         self.dirty.insert(device.clone());
+        self.publish_key(&device, Some(public_key));
         self.feed(
             now_ms,
             Event::Enrolled {
@@ -923,6 +1015,7 @@ impl Core {
                 }
                 self.presence.remove(&device);
                 self.dirty.remove(&device);
+                self.publish_key(&device, None);
                 self.feed(
                     now_ms,
                     Event::Unenrolled {
@@ -1331,7 +1424,12 @@ mod tests {
             at_ms: 1_000_300,
         };
         core.on_message(1_000_300, &topics::status(&d), &codec::encode(&status));
-        assert!(core.record(&d).unwrap().pending.iter().any(|p| p.seq == seq));
+        assert!(core
+            .record(&d)
+            .unwrap()
+            .pending
+            .iter()
+            .any(|p| p.seq == seq));
         assert_eq!(core.record(&d).unwrap().applied_seq, 0);
         assert_eq!(core.metrics.dropped_count(Kind::Ack, Drop::BadSignature), 1);
     }

@@ -12,13 +12,17 @@ use super::broker;
 use super::config::{BrokerUrl, Config};
 use super::core::{self, Command, Core, CoreConfig, Reply};
 use super::keys;
+use super::metrics::Kind as MetricKind;
 use super::metrics::Metrics;
 use super::notify;
 use super::store::{RedbStore, Store};
 use super::tls;
 use crate::policy::{Agreements, Catalog, Engine};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use shardline_shared::topics;
+use shardline_shared::msg::{InstructionAck, QosReport};
+use shardline_shared::sign::Domain;
+use shardline_shared::topics::{self, TopicKind};
+use shardline_shared::DeviceId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +62,12 @@ pub enum StartError {
 /// What goes into the core.
 #[derive(Debug)]
 pub enum Inbound {
-    Mqtt { topic: String, payload: Vec<u8> },
+    Mqtt {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// A report or ack a verifier thread checked.
+    Verified(core::VerifiedMsg),
     Connected,
     Tick,
     Command(Box<Command>, oneshot::Sender<Reply>),
@@ -233,10 +242,17 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
     let shared = external.is_some();
+    let verifiers = start_verifiers(
+        core.key_directory(),
+        tx.clone(),
+        metrics.clone(),
+        config.broker.max_payload,
+    )?;
     tokio::spawn(mqtt_loop(
         eventloop,
         client.clone(),
         tx.clone(),
+        verifiers,
         shared,
         metrics.clone(),
     ));
@@ -322,10 +338,87 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
+/// Signature verification is the heaviest per-message work; it runs on its
+/// own threads. A device always maps to the same thread, so its reports and
+/// acks reach the core in the order the broker delivered them.
+fn start_verifiers(
+    keys: core::KeyDirectory,
+    core_tx: mpsc::Sender<Inbound>,
+    metrics: Arc<Metrics>,
+    max_payload: usize,
+) -> Result<Vec<mpsc::Sender<(DeviceId, TopicKind, Vec<u8>)>>, StartError> {
+    let n = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let mut senders = Vec::with_capacity(n);
+    for i in 0..n {
+        let (vtx, mut vrx) = mpsc::channel::<(DeviceId, TopicKind, Vec<u8>)>(16_384);
+        let (keys, core_tx, metrics) = (keys.clone(), core_tx.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name(format!("verify-{i}"))
+            .spawn(move || {
+                while let Some((device, kind, payload)) = vrx.blocking_recv() {
+                    let public = keys.read().ok().and_then(|k| k.get(&device).copied());
+                    let msg = match kind {
+                        TopicKind::Report => {
+                            Metrics::inc(&metrics.reports_received);
+                            match core::verify_signed::<QosReport>(
+                                &metrics,
+                                max_payload,
+                                MetricKind::Report,
+                                Domain::Report,
+                                &device,
+                                public,
+                                &payload,
+                            ) {
+                                core::Verified::Ok(r) => Some(core::VerifiedMsg::Report(device, r)),
+                                core::Verified::BadSignature => {
+                                    Some(core::VerifiedMsg::BadSignature(device))
+                                }
+                                core::Verified::Dropped => None,
+                            }
+                        }
+                        _ => match core::verify_signed::<InstructionAck>(
+                            &metrics,
+                            max_payload,
+                            MetricKind::Ack,
+                            Domain::Ack,
+                            &device,
+                            public,
+                            &payload,
+                        ) {
+                            core::Verified::Ok(a) => Some(core::VerifiedMsg::Ack(device, a)),
+                            core::Verified::BadSignature => {
+                                Some(core::VerifiedMsg::BadSignature(device))
+                            }
+                            core::Verified::Dropped => None,
+                        },
+                    };
+                    if let Some(m) = msg {
+                        if core_tx.blocking_send(Inbound::Verified(m)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(StartError::Thread)?;
+        senders.push(vtx);
+    }
+    Ok(senders)
+}
+
+fn shard_of(device: &DeviceId, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    device.hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
 async fn mqtt_loop(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     tx: mpsc::Sender<Inbound>,
+    verifiers: Vec<mpsc::Sender<(DeviceId, TopicKind, Vec<u8>)>>,
     shared: bool,
     metrics: Arc<Metrics>,
 ) {
@@ -347,6 +440,15 @@ async fn mqtt_loop(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some((device, kind @ (TopicKind::Report | TopicKind::Ack))) =
+                    topics::parse(&p.topic)
+                {
+                    let v = &verifiers[shard_of(&device, verifiers.len())];
+                    if v.send((device, kind, p.payload.to_vec())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let msg = Inbound::Mqtt {
                     topic: p.topic,
                     payload: p.payload.to_vec(),
@@ -412,6 +514,7 @@ fn core_loop(
             let now = now_ms();
             match msg {
                 Inbound::Mqtt { topic, payload } => core.on_message(now, &topic, &payload),
+                Inbound::Verified(v) => core.on_verified(now, v),
                 Inbound::Connected => core.on_connected(now),
                 Inbound::Tick => core.on_tick(now),
                 Inbound::Command(cmd, reply) => {
