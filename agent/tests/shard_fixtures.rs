@@ -41,8 +41,18 @@ fn run_fixture(
     config: &str,
     limits: ResourceLimits,
 ) -> (Supervisor, ShardFailure, Duration, Vec<HostEvent>) {
+    run_fixture_with(config, limits, true)
+}
+
+fn run_fixture_with(
+    config: &str,
+    limits: ResourceLimits,
+    cgroups: bool,
+) -> (Supervisor, ShardFailure, Duration, Vec<HostEvent>) {
     let dir = shard_dir();
-    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let mut cfg = supervisor_config(dir.path());
+    cfg.use_cgroups = cgroups;
+    let mut sup = Supervisor::new(cfg);
     let t0 = Instant::now();
     let mut events = sup
         .activate(
@@ -165,6 +175,25 @@ fn a_memory_hog_is_killed_over_its_limit_and_the_agent_does_not_grow() {
 }
 
 #[test]
+fn without_cgroups_the_rss_watchdog_kills_a_memory_hog() {
+    let limits = ResourceLimits {
+        memory_max_bytes: 48 << 20,
+        ..LIMITS
+    };
+    let (sup, failure, took, events) = run_fixture_with("mode = memhog", limits, false);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        HostEvent::Started {
+            enforcement: shardline_shared::msg::Enforcement::RlimitsOnly,
+            ..
+        }
+    )));
+    assert_eq!(failure, ShardFailure::OverLimit, "events: {events:?}");
+    assert!(took < Duration::from_secs(1), "reported after {took:?}");
+    drop(sup);
+}
+
+#[test]
 fn a_library_for_another_abi_version_is_refused_and_quarantined() {
     let dir = shard_dir();
     let mut sup = Supervisor::new(supervisor_config(dir.path()));
@@ -272,8 +301,7 @@ fn a_refused_crypto_shard_fails_over_to_its_alternative() {
 }
 
 #[test]
-fn an_agent_survives_every_fixture_at_once() {
-    // Several capabilities failing together in one supervisor: the agent keeps serving the healthy one.
+fn a_library_of_another_capability_is_refused() {
     let dir = shard_dir();
     let mut sup = Supervisor::new(supervisor_config(dir.path()));
     let now = Instant::now();

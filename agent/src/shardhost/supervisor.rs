@@ -14,7 +14,12 @@
 //!   kills are reported within one second.
 //! - [`Supervisor::statuses`] gives the wire [`ShardStatus`] list for reports.
 //! - [`Supervisor::deactivate`] / [`Supervisor::shutdown`] stop hosts
-//!   (graceful `Stop`, then SIGKILL) and remove their cgroups.
+//!   (graceful `Stop`, then SIGKILL) and remove their cgroups; dropping the
+//!   supervisor does the same.
+//!
+//! Hosts die with the agent through `PR_SET_PDEATHSIG`, which fires when the
+//! *thread* that spawned them exits: drive the supervisor from a long-lived
+//! thread (not a short-lived blocking-pool thread).
 
 use super::ipc::{self, FromHost, HostSetup, HostShard, StatsWire, ToHost};
 use super::limits::{CgroupBackend, HostCgroup};
