@@ -338,6 +338,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
+/// A device-signed message waiting for its signature check.
+type ToVerify = (DeviceId, TopicKind, Vec<u8>);
+type VerifierTx = mpsc::Sender<ToVerify>;
+
 /// Signature verification is the heaviest per-message work; it runs on its
 /// own threads. A device always maps to the same thread, so its reports and
 /// acks reach the core in the order the broker delivered them.
@@ -346,13 +350,13 @@ fn start_verifiers(
     core_tx: mpsc::Sender<Inbound>,
     metrics: Arc<Metrics>,
     max_payload: usize,
-) -> Result<Vec<mpsc::Sender<(DeviceId, TopicKind, Vec<u8>)>>, StartError> {
+) -> Result<Vec<VerifierTx>, StartError> {
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
     let mut senders = Vec::with_capacity(n);
     for i in 0..n {
-        let (vtx, mut vrx) = mpsc::channel::<(DeviceId, TopicKind, Vec<u8>)>(16_384);
+        let (vtx, mut vrx) = mpsc::channel::<ToVerify>(16_384);
         let (keys, core_tx, metrics) = (keys.clone(), core_tx.clone(), metrics.clone());
         std::thread::Builder::new()
             .name(format!("verify-{i}"))
@@ -418,7 +422,7 @@ async fn mqtt_loop(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     tx: mpsc::Sender<Inbound>,
-    verifiers: Vec<mpsc::Sender<(DeviceId, TopicKind, Vec<u8>)>>,
+    verifiers: Vec<VerifierTx>,
     shared: bool,
     metrics: Arc<Metrics>,
 ) {
