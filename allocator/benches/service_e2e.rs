@@ -522,7 +522,7 @@ fn write_section(rows: &[String], devices: usize, rounds: usize, runs: usize) {
                 .unwrap_or(old.len());
             format!("{}{}\n{}", &old[..start], section, &old[end..])
         }
-        None => format!("{}\n{}", old.trim_end(), format!("\n{section}")),
+        None => format!("{}\n\n{section}", old.trim_end()),
     };
     std::fs::write(&path, new).expect("write BENCHMARKS.md");
     println!("{section}");
