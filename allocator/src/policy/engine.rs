@@ -11,6 +11,7 @@ use super::plan::{self, Capacity, Plan, PlanInput};
 use super::reputation::{lease_factor, quota_factor};
 use super::*;
 use shardline_shared::msg::{Activation, ShardFailure, ShardState};
+use std::sync::Arc;
 
 /// Transfers are the same loan when these match (the `evaluated` flag of a
 /// shift lives on the recipient's copy only).
@@ -112,8 +113,8 @@ fn demanded<'c>(
 impl Engine {
     pub fn new(catalog: Catalog, agreements: Agreements, config: PolicyConfig) -> Self {
         Self {
-            catalog,
-            agreements,
+            catalog: Arc::new(catalog),
+            agreements: Arc::new(agreements),
             config,
             devices: BTreeMap::new(),
             pools: BTreeMap::new(),
@@ -368,6 +369,7 @@ impl Engine {
                 refusals: BTreeMap::new(),
                 stabilize_until_ms: 0,
                 rollbacks: 0,
+                wake_at_ms: 0,
             },
         };
         self.restore_device(device.clone(), state);
@@ -731,6 +733,9 @@ impl Engine {
     }
 
     fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.config.features.shifting {
+            self.renew_shifts(now);
+        }
         let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
         for id in &ids {
             self.tick_device(now, id, out);
@@ -750,6 +755,9 @@ impl Engine {
         let Some(st) = devices.get_mut(id) else {
             return;
         };
+        if st.wake_at_ms > now {
+            return; // nothing due: most devices, most ticks
+        }
         let rcfg = &cfg.reputation;
         st.reputation.decay_to(rcfg, now);
         // Expired leases free their units now (the agent stops them itself).
@@ -831,116 +839,86 @@ impl Engine {
         work: &mut Vec<DeviceId>,
         out: &mut Vec<Action>,
     ) {
+        // The catalog and tiers are shared (`Arc`) so a plan can borrow them
+        // while device states change.
+        let catalog = Arc::clone(&self.catalog);
+        let agreements = Arc::clone(&self.agreements);
         let Some(st) = self.devices.get_mut(device) else {
             return;
         };
         st.reputation.decay_to(&self.config.reputation, now);
-        let Some(tier) = self.agreements.tiers.get(&st.tier) else {
+        let Some(tier) = agreements.tiers.get(&st.tier) else {
             return;
         };
-        let cfg = &self.config;
         // A lender whose quota shrank below what it lent takes units back.
-        let quota = quota_budget(cfg, tier, st);
-        let lent = sum_units(&st.lent);
-        let mut recall: Vec<Transfer> = Vec::new();
-        for k in 0..2 {
-            let mut excess = lent[k].saturating_sub(quota[k]);
-            for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
-                if excess == 0 {
-                    break;
+        if !st.lent.is_empty() {
+            let quota = quota_budget(&self.config, tier, st);
+            let lent = sum_units(&st.lent);
+            let mut recall: Vec<Transfer> = Vec::new();
+            for k in 0..2 {
+                let mut excess = lent[k].saturating_sub(quota[k]);
+                for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
+                    if excess == 0 {
+                        break;
+                    }
+                    excess = excess.saturating_sub(t.units);
+                    recall.push(t.clone());
                 }
-                excess = excess.saturating_sub(t.units);
-                recall.push(t.clone());
             }
-        }
-        for t in &recall {
-            self.remove_loan(t);
-            work.push(t.to.clone());
+            for t in &recall {
+                self.remove_loan(t);
+                work.push(t.to.clone());
+            }
         }
         let mut attempts = 0;
         loop {
             attempts += 1;
             let st = &self.devices[device];
-            let plan = self.plan_for(now, device, st);
-            let wants_more = plan
-                .refusals
-                .iter()
-                .filter_map(|(c, r)| match r {
-                    Refusal::Budget {
-                        kind,
-                        missing_units,
-                    } => Some((c.clone(), *kind, *missing_units)),
-                    _ => None,
-                })
-                .next();
-            if attempts <= 3 {
-                if let Some((cap, kind, missing)) = wants_more {
-                    // First take back what this device lent: lenders never
-                    // drop below their own current need.
-                    let k = kind_index(kind);
-                    let mut recall: Vec<Transfer> = Vec::new();
-                    let mut need = missing;
-                    for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
-                        if need == 0 {
-                            break;
-                        }
-                        need = need.saturating_sub(t.units);
-                        recall.push(t.clone());
+            let mut plan = plan_for(&catalog, tier, &self.config, now, st);
+            let wants_more = plan.refusals.iter().find_map(|(c, r)| match r {
+                Refusal::Budget {
+                    kind,
+                    missing_units,
+                } => Some((c.clone(), *kind, *missing_units)),
+                _ => None,
+            });
+            if let (Some((cap, kind, missing)), true) = (wants_more, attempts <= 3) {
+                // First take back what this device lent: lenders never
+                // drop below their own current need.
+                let k = kind_index(kind);
+                let mut recall: Vec<Transfer> = Vec::new();
+                let mut need = missing;
+                for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
+                    if need == 0 {
+                        break;
                     }
-                    if !recall.is_empty() {
-                        for t in &recall {
-                            self.remove_loan(t);
-                            work.push(t.to.clone());
-                        }
-                        continue;
+                    need = need.saturating_sub(t.units);
+                    recall.push(t.clone());
+                }
+                if !recall.is_empty() {
+                    for t in &recall {
+                        self.remove_loan(t);
+                        work.push(t.to.clone());
                     }
-                    match self.try_borrow(now, device, kind, missing) {
-                        Ok(()) => continue,
-                        Err(reason) => {
-                            let plan = self.plan_for(now, device, &self.devices[device]);
-                            let (refusals, chosen, used) = owned_plan(plan);
-                            let mut refusals = refusals;
-                            refusals.insert(
-                                cap,
-                                Refusal::BorrowRefused {
-                                    reason,
-                                    kind,
-                                    missing_units: missing,
-                                },
-                            );
-                            self.apply_plan(now, device, chosen, used, refusals, out);
-                            return;
-                        }
+                    continue;
+                }
+                match self.try_borrow(now, device, kind, missing) {
+                    Ok(()) => continue,
+                    Err(reason) => {
+                        plan.refusals.insert(
+                            cap,
+                            Refusal::BorrowRefused {
+                                reason,
+                                kind,
+                                missing_units: missing,
+                            },
+                        );
                     }
                 }
             }
-            let (refusals, chosen, used) = owned_plan(plan);
-            self.apply_plan(now, device, chosen, used, refusals, out);
+            self.apply_plan(now, device, tier, plan, out);
             return;
         }
-    }
-
-    fn plan_for<'s>(&'s self, now: u64, _device: &DeviceId, st: &'s DeviceState) -> Plan<'s> {
-        let Some(tier) = self.agreements.tiers.get(&st.tier) else {
-            return Plan::default();
-        };
-        let demanded = demanded(&self.catalog, tier, &self.config, st, now);
-        let capacity = st.resources.as_ref().map(|r| {
-            let (cpu, rss) = st
-                .last_report
-                .as_ref()
-                .map_or((0, 0), |l| (l.shard_cpu_permille, l.shard_rss_kib));
-            Capacity::from_report(r, cpu, rss, self.config.capacity_headroom)
-        });
-        plan::plan(&PlanInput {
-            catalog: &self.catalog,
-            tier,
-            state: st,
-            now_ms: now,
-            budget: effective_budget(&self.config, tier, st),
-            capacity,
-            demanded: &demanded,
-        })
     }
 
     /// Borrows `missing` units of `kind` from peers of the device's tenant.
@@ -988,8 +966,10 @@ impl Engine {
                 let Some(ptier) = self.agreements.tiers.get(&pst.tier) else {
                     continue;
                 };
-                // A device that borrows itself has nothing to lend.
-                if !pst.borrowed.is_empty() {
+                // A device that borrows itself has nothing to lend, and a
+                // suspect one's units are not a pool anyone can rely on: its
+                // quota may be cut, recalling the loan, at any report.
+                if !pst.borrowed.is_empty() || pst.reputation.score < cfg.borrow_min_reputation {
                     continue;
                 }
                 let s = spare(cfg, ptier, pst)[k];
@@ -1043,14 +1023,11 @@ impl Engine {
         &mut self,
         now: u64,
         device: &DeviceId,
-        chosen: Vec<(String, String, u8)>,
-        used: [u32; 2],
-        refusals: BTreeMap<String, Refusal>,
+        tier: &Tier,
+        plan: Plan<'_>,
         out: &mut Vec<Action>,
     ) {
         let Engine {
-            catalog,
-            agreements,
             config: cfg,
             devices,
             dirty,
@@ -1059,20 +1036,22 @@ impl Engine {
         let Some(st) = devices.get_mut(device) else {
             return;
         };
-        let Some(tier) = agreements.tiers.get(&st.tier) else {
-            return;
-        };
+        let Plan {
+            shards: chosen,
+            used,
+            refusals,
+        } = plan;
         let rcfg = &cfg.reputation;
         let lease_ms = lease_len(cfg, tier, st.reputation.score, device, now);
         let renew_before = (lease_ms / 3).max(cfg.renew_margin_ms);
         let mut deacts: Vec<ShardRef> = Vec::new();
         let mut acts: Vec<Activation> = Vec::new();
-        let mut changed = st.need_units != used || st.refusals != refusals;
+        let mut changed = st.refusals != refusals;
         // Releases: leases no longer in the plan.
         let gone: Vec<String> = st
             .leases
             .keys()
-            .filter(|k| !chosen.iter().any(|c| &c.0 == *k))
+            .filter(|k| !chosen.contains_key(k.as_str()))
             .cloned()
             .collect();
         for k in gone {
@@ -1085,14 +1064,13 @@ impl Engine {
                 deacts.push(l.shard);
             }
         }
-        for (id, capability, priority) in &chosen {
-            let Some(spec) = catalog.shards.get(id) else {
-                continue;
-            };
+        for (&id, ch) in &chosen {
+            let spec = ch.spec;
+            let priority = &ch.priority;
             let limits = limits_of(spec, *priority);
             let activation = |expires: u64| Activation {
                 shard: spec.shard.clone(),
-                capability: capability.clone(),
+                capability: ch.capability.to_owned(),
                 kind: spec.kind,
                 sha256: spec.sha256,
                 config: spec.config.clone(),
@@ -1109,10 +1087,10 @@ impl Engine {
                     }
                     let expires = now + lease_ms;
                     st.leases.insert(
-                        id.clone(),
+                        id.to_owned(),
                         Lease {
                             shard: spec.shard.clone(),
-                            capability: capability.clone(),
+                            capability: ch.capability.to_owned(),
                             kind: spec.kind,
                             units: spec.units,
                             priority: *priority,
@@ -1160,8 +1138,26 @@ impl Engine {
                 }
             }
         }
-        st.need_units = used;
+        // Need = what the plan grants plus what it could not fit for lack of
+        // units: a device short of units is not a lender.
+        let mut need = used;
+        for r in refusals.values() {
+            if let Refusal::Budget {
+                kind,
+                missing_units,
+            }
+            | Refusal::BorrowRefused {
+                kind,
+                missing_units,
+                ..
+            } = r
+            {
+                need[kind_index(*kind)] = need[kind_index(*kind)].saturating_add(*missing_units);
+            }
+        }
+        st.need_units = need;
         st.refusals = refusals;
+        st.wake_at_ms = next_wake(cfg, st, now, renew_before);
         if !deacts.is_empty() || !acts.is_empty() {
             changed = true;
             deacts.sort();
@@ -1266,7 +1262,10 @@ impl Engine {
                     continue;
                 }
                 let pst = &self.devices[peer];
-                if pst.stabilize_until_ms > now || !pst.borrowed.is_empty() {
+                if pst.stabilize_until_ms > now
+                    || !pst.borrowed.is_empty()
+                    || pst.reputation.score < self.config.borrow_min_reputation
+                {
                     continue;
                 }
                 let Some(ptier) = self.agreements.tiers.get(&pst.tier) else {
@@ -1316,6 +1315,44 @@ impl Engine {
         }
     }
 
+    /// A shift that runs out while the recipient still uses the units and the
+    /// donor still does not need them is extended rather than returned: the
+    /// rebalancer would move them straight back, and the shards would flap.
+    fn renew_shifts(&mut self, now: u64) {
+        let mut renew: Vec<Transfer> = Vec::new();
+        for st in self.devices.values() {
+            for t in &st.borrowed {
+                if !matches!(t.origin, TransferOrigin::Shift { .. }) || t.expires_at_ms > now {
+                    continue;
+                }
+                let k = kind_index(t.kind);
+                let (Some(tier_to), Some(donor)) = (
+                    self.agreements.tiers.get(&st.tier),
+                    self.devices.get(&t.from),
+                ) else {
+                    continue;
+                };
+                let Some(tier_from) = self.agreements.tiers.get(&donor.tier) else {
+                    continue;
+                };
+                let still_used = st.need_units[k] > quota_budget(&self.config, tier_to, st)[k];
+                let q = quota_budget(&self.config, tier_from, donor)[k];
+                let donor_ok = q >= sum_units(&donor.lent)[k].saturating_add(donor.need_units[k]);
+                if still_used && donor_ok && st.reputation.score >= self.config.shift_min_reputation
+                {
+                    renew.push(t.clone());
+                }
+            }
+        }
+        for t in renew {
+            self.remove_loan(&t);
+            self.add_loan(Transfer {
+                expires_at_ms: now + self.config.shift_ms,
+                ..t
+            });
+        }
+    }
+
     /// After the stabilization period, compares the recipient's QoS with the
     /// score before the shift and rolls the shift back if it got worse.
     fn evaluate_shifts(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -1358,27 +1395,64 @@ impl Engine {
     }
 }
 
-/// A plan's content detached from the engine's borrows.
-#[allow(clippy::type_complexity)]
-fn owned_plan(
-    plan: Plan<'_>,
-) -> (
-    BTreeMap<String, Refusal>,
-    Vec<(String, String, u8)>,
-    [u32; 2],
-) {
-    let chosen = plan
-        .shards
-        .values()
-        .map(|c| {
-            (
-                c.spec.shard.id().to_owned(),
-                c.capability.to_owned(),
-                c.priority,
-            )
-        })
-        .collect();
-    (plan.refusals, chosen, plan.used)
+fn plan_for<'c>(
+    catalog: &'c Catalog,
+    tier: &Tier,
+    cfg: &PolicyConfig,
+    now: u64,
+    st: &DeviceState,
+) -> Plan<'c> {
+    let demanded = demanded(catalog, tier, cfg, st, now);
+    let capacity = st.resources.as_ref().map(|r| {
+        let (cpu, rss) = st
+            .last_report
+            .as_ref()
+            .map_or((0, 0), |l| (l.shard_cpu_permille, l.shard_rss_kib));
+        Capacity::from_report(r, cpu, rss, cfg.capacity_headroom)
+    });
+    plan::plan(&PlanInput {
+        catalog,
+        tier,
+        state: st,
+        now_ms: now,
+        budget: effective_budget(cfg, tier, st),
+        capacity,
+        demanded: &demanded,
+    })
+}
+
+/// When a tick next has work for this device.
+fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) -> u64 {
+    let mut wake = u64::MAX;
+    // Past-due times stay past due: the next tick handles them.
+    let mut at = |t: u64| wake = wake.min(t);
+    for l in st.leases.values() {
+        at(l.expires_at_ms.saturating_sub(renew_before));
+    }
+    for &t in st.demand.values() {
+        at(t + cfg.hysteresis_ms);
+    }
+    for &t in st.predicted.values() {
+        at(t);
+    }
+    for &t in st.avoid_until.values() {
+        at(t);
+    }
+    for t in st.borrowed.iter().chain(st.lent.iter()) {
+        at(t.expires_at_ms);
+    }
+    if let Some(p) = st.pending_since_ms {
+        at(p + cfg.ack_timeout_ms);
+    }
+    if cfg.features.prediction && !st.forecasts.is_empty() {
+        let slot = cfg.forecast.slot_ms.max(1);
+        at((now / slot + 1) * slot);
+    }
+    if quota_factor(&cfg.reputation, st.reputation.score) < 1.0 || !st.refusals.is_empty() {
+        // Recovering reputation or unmet demand: look again soon.
+        at(now + cfg.renew_margin_ms.max(60_000));
+    }
+    wake
 }
 
 fn used_units(st: &DeviceState) -> [u32; 2] {

@@ -466,12 +466,17 @@ pub struct DeviceState {
     /// deactivation (flap detection) rather than expiry (outside-profile grace).
     pub ended_at: BTreeMap<String, (u64, bool)>,
     pub flaps: u64,
-    /// Units the last plan used, per kind (compute, data).
+    /// Units the last plan used plus the units it lacked, per kind (compute, data).
     pub need_units: [u32; 2],
     pub refusals: BTreeMap<String, Refusal>,
     /// The rebalancer leaves the device alone until then.
     pub stabilize_until_ms: u64,
     pub rollbacks: u64,
+    /// The next time a tick has something to do for this device (a renewal,
+    /// an expiry, a hysteresis window closing, a forecast slot); ticks skip
+    /// it until then. 0 = at the next tick.
+    #[serde(default)]
+    pub wake_at_ms: u64,
 }
 
 // ----------------------------------------------------------------- queries
@@ -533,8 +538,8 @@ pub enum EngineError {
 /// The policy engine. Holds the catalog, the agreements and every device's state.
 #[derive(Debug)]
 pub struct Engine {
-    catalog: Catalog,
-    agreements: Agreements,
+    catalog: std::sync::Arc<Catalog>,
+    agreements: std::sync::Arc<Agreements>,
     config: PolicyConfig,
     devices: BTreeMap<DeviceId, DeviceState>,
     /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.

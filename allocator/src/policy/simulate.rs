@@ -1,9 +1,749 @@
 //! `shardline-allocator simulate`: a fleet simulation over the policy engine.
+//!
+//! Sans-IO and seeded: a fleet of simulated agents (diurnal demand per traffic
+//! class, random spikes, a share of devices that start misbehaving — crashing
+//! their shards or using more than their limits) reports to one [`Engine`]
+//! every tick and applies the instructions it gets back. The same fleet runs
+//! under each policy variant (`static` = tier-only, `reactive` = demand-driven,
+//! `full` = with prediction, borrowing and shifting) and the figures say what
+//! each achieves: demand served, units used, demand served per unit, how fast
+//! misbehaving devices lose quota, and shard flaps.
+
+use super::prng::{hash_str, SplitMix64};
+use super::{Action, Agreements, Catalog, Engine, Event, Features, PolicyConfig};
+use serde::Serialize;
+use shardline_shared::ids::{DeviceId, ShardRef};
+use shardline_shared::msg::{
+    AckOutcome, ClassStats, DeviceResources, Enforcement, Operation, QosNeed, QosReport,
+    RejectionCounters, ResourceLimits, ShardFailure, ShardState, ShardStatus, TrafficClass,
+};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-#[derive(Debug, clap::Args)]
-pub struct SimulateArgs {}
+/// The shipped example catalog and tiers (the simulation's default fleet setup).
+pub const EXAMPLE_CATALOG: &str = include_str!("../../catalog/catalog.toml");
+pub const EXAMPLE_TIERS: &str = include_str!("../../catalog/tiers.toml");
 
-pub fn run_cli(_args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("simulate is not built yet")
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u32,
+    /// Simulated duration in hours.
+    #[arg(long, default_value_t = 24)]
+    pub hours: u32,
+    /// PRNG seed (same seed ⇒ same figures).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Report / tick interval in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub tick_s: u32,
+    /// Misbehaving devices, per mille of the fleet.
+    #[arg(long, default_value_t = 50)]
+    pub misbehaving_permille: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_cli(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    if args.devices == 0 || args.hours == 0 || args.tick_s == 0 {
+        anyhow::bail!("--devices, --hours and --tick-s must be at least 1");
+    }
+    let params = SimParams {
+        devices: args.devices,
+        hours: args.hours,
+        seed: args.seed,
+        tick_ms: u64::from(args.tick_s) * 1000,
+        misbehaving_permille: args.misbehaving_permille.min(1000),
+    };
+    let started = std::time::Instant::now();
+    let report = run_all(&params)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+        println!("(wall time {:.1} s)", started.elapsed().as_secs_f64());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What to simulate.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimParams {
+    pub devices: u32,
+    pub hours: u32,
+    pub seed: u64,
+    pub tick_ms: u64,
+    pub misbehaving_permille: u32,
+}
+
+/// The figures of one policy variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantResult {
+    pub variant: String,
+    /// Demand that needed a capability, Mbit, whole fleet.
+    pub demand_mbit: f64,
+    /// Of it, Mbit carried while the capability was active.
+    pub served_mbit: f64,
+    pub served_fraction: f64,
+    /// Same, well-behaved devices only.
+    pub well_behaved_served_fraction: f64,
+    /// Resource units active, summed over time (unit-hours).
+    pub unit_hours: f64,
+    /// Mean units active across the fleet.
+    pub mean_units: f64,
+    pub served_mbit_per_unit_hour: f64,
+    pub misbehaving_devices: u32,
+    /// Of them, devices whose quota fell below their tier budget.
+    pub misbehaving_lost_quota: u32,
+    /// Ticks from the first misbehaving report to the quota cut (median, max);
+    /// a device never cut counts as the rest of the run.
+    pub reaction_ticks_median: u32,
+    pub reaction_ticks_max: u32,
+    /// Units that well-behaved devices kept (mean) vs misbehaving ones at the end.
+    pub misbehaving_mean_units_end: f64,
+    /// Shards re-activated within the flap window after a deactivation.
+    pub flaps: u64,
+    /// Of them, on well-behaved devices (misbehaving ones lose and regain
+    /// quota as their reputation is cut and decays back).
+    pub flaps_well_behaved: u64,
+    pub instructions: u64,
+    pub activations: u64,
+    pub events: u64,
+}
+
+/// All variants over the same fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimReport {
+    pub params: SimParams,
+    pub variants: Vec<VariantResult>,
+}
+
+impl SimReport {
+    pub fn variant(&self, name: &str) -> Option<&VariantResult> {
+        self.variants.iter().find(|v| v.variant == name)
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let p = &self.params;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "fleet: {} devices, {} h, {} s ticks, seed {}, {}‰ misbehaving",
+            p.devices,
+            p.hours,
+            p.tick_ms / 1000,
+            p.seed,
+            p.misbehaving_permille
+        );
+        let _ = writeln!(
+            s,
+            "{:<9} {:>12} {:>12} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>11} {:>7}",
+            "variant",
+            "demand Mbit",
+            "served Mbit",
+            "served",
+            "good",
+            "unit-h",
+            "units",
+            "Mbit/unit-h",
+            "react tk med/max",
+            "flaps all/good",
+            "instr"
+        );
+        for v in &self.variants {
+            let _ = writeln!(
+                s,
+                "{:<9} {:>12.0} {:>12.0} {:>6.1}% {:>6.1}% {:>10.0} {:>9.0} {:>13.1} {:>8}/{:<6} {:>6}/{:<5} {:>7}",
+                v.variant,
+                v.demand_mbit,
+                v.served_mbit,
+                v.served_fraction * 100.0,
+                v.well_behaved_served_fraction * 100.0,
+                v.unit_hours,
+                v.mean_units,
+                v.served_mbit_per_unit_hour,
+                v.reaction_ticks_median,
+                v.reaction_ticks_max,
+                v.flaps,
+                v.flaps_well_behaved,
+                v.instructions
+            );
+        }
+        for v in &self.variants {
+            let _ = writeln!(
+                s,
+                "{:<9} misbehaving: {}/{} lost quota, mean units at the end {:.2}",
+                v.variant,
+                v.misbehaving_lost_quota,
+                v.misbehaving_devices,
+                v.misbehaving_mean_units_end
+            );
+        }
+        s
+    }
+}
+
+/// Runs `static`, `reactive` and `full` over the same fleet.
+pub fn run_all(params: &SimParams) -> anyhow::Result<SimReport> {
+    let mut variants = Vec::new();
+    for (name, features) in [
+        ("static", Features::STATIC),
+        ("reactive", Features::REACTIVE),
+        ("full", Features::FULL),
+    ] {
+        variants.push(run_variant(params, name, features)?);
+    }
+    Ok(SimReport {
+        params: params.clone(),
+        variants,
+    })
+}
+
+/// The engine configuration the simulation uses for a tick length.
+pub fn sim_config(params: &SimParams, features: Features) -> PolicyConfig {
+    let tick = params.tick_ms;
+    PolicyConfig {
+        seed: params.seed,
+        features,
+        renew_margin_ms: 2 * tick,
+        min_lease_ms: 4 * tick,
+        ack_timeout_ms: 2 * tick,
+        hysteresis_ms: (3 * tick).max(15 * 60_000),
+        outside_profile_grace_ms: 2 * tick,
+        ..PolicyConfig::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misbehaviour {
+    None,
+    Crash,
+    Overuse,
+}
+
+/// One class's daily shape: active between `start_h` and `end_h` (device
+/// local offset applied) with a peak rate, plus noise.
+#[derive(Debug, Clone)]
+struct ClassProfile {
+    class: TrafficClass,
+    need: QosNeed,
+    start_h: f64,
+    end_h: f64,
+    peak_kbps: f64,
+}
+
+#[derive(Debug, Clone)]
+struct SimShard {
+    shard: ShardRef,
+    capability: String,
+    units: u32,
+    limits: ResourceLimits,
+    lease_expires_at_ms: u64,
+    restarts: u32,
+}
+
+/// A simulated agent: applies instructions, expires leases, reports.
+#[derive(Debug)]
+struct SimDevice {
+    id: DeviceId,
+    tier: String,
+    tenant: String,
+    classes: Vec<ClassProfile>,
+    resources: DeviceResources,
+    running: BTreeMap<String, SimShard>,
+    seq: u64,
+    applied_seq: u64,
+    misbehaviour: Misbehaviour,
+    /// Current spike: (class index, until ms).
+    spike: Option<(usize, u64)>,
+    rng: SplitMix64,
+}
+
+impl SimDevice {
+    fn apply(&mut self, catalog: &Catalog, ops: &[Operation]) -> u64 {
+        let mut activations = 0;
+        self.applied_seq += 1;
+        for op in ops {
+            match op {
+                Operation::Deactivate { shard } => {
+                    self.running.remove(shard.id());
+                }
+                Operation::Activate(a) => {
+                    activations += 1;
+                    let units = catalog.shard(a.shard.id()).map_or(1, |s| s.units);
+                    let restarts = self.running.get(a.shard.id()).map_or(0, |s| s.restarts);
+                    self.running.insert(
+                        a.shard.id().to_owned(),
+                        SimShard {
+                            shard: a.shard.clone(),
+                            capability: a.capability.clone(),
+                            units,
+                            limits: a.limits,
+                            lease_expires_at_ms: a.lease_expires_at_ms,
+                            restarts,
+                        },
+                    );
+                }
+            }
+        }
+        activations
+    }
+
+    fn expire(&mut self, now: u64) {
+        self.running.retain(|_, s| s.lease_expires_at_ms > now);
+    }
+
+    /// Class rates (kbit/s) over the window starting at `now`.
+    fn rates(&mut self, now: u64, tick_ms: u64) -> Vec<(usize, f64)> {
+        let hour = (now % 86_400_000) as f64 / 3_600_000.0;
+        let mut out = Vec::new();
+        if let Some((_, until)) = self.spike {
+            if until <= now {
+                self.spike = None;
+            }
+        }
+        // A spike: a random class is busy for 1–3 ticks (≈ 2 per device per day).
+        if self.spike.is_none() && self.rng.below(1000) < 7 * tick_ms / 300_000 {
+            let c = self.rng.below(self.classes.len() as u64) as usize;
+            self.spike = Some((c, now + tick_ms * (1 + self.rng.below(3))));
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            let in_window = if c.start_h <= c.end_h {
+                hour >= c.start_h && hour < c.end_h
+            } else {
+                hour >= c.start_h || hour < c.end_h
+            };
+            let spiking = self.spike.is_some_and(|(s, _)| s == i);
+            if in_window || spiking {
+                // A smooth bump over the window, with 20 % noise.
+                let len = (c.end_h - c.start_h).rem_euclid(24.0).max(0.5);
+                let x = (hour - c.start_h).rem_euclid(24.0) / len;
+                let shape = if in_window {
+                    0.4 + 0.6 * (std::f64::consts::PI * x).sin()
+                } else {
+                    0.8
+                };
+                let noise = 1.0 + 0.2 * self.rng.normal();
+                out.push((i, (c.peak_kbps * shape * noise).max(10.0)));
+            }
+        }
+        out
+    }
+
+    fn report(
+        &mut self,
+        window_start: u64,
+        tick_ms: u64,
+        rates: &[(usize, f64)],
+        served: &dyn Fn(&QosNeed) -> bool,
+        misbehaving: bool,
+    ) -> QosReport {
+        self.seq += 1;
+        let classes = rates
+            .iter()
+            .map(|&(i, kbps)| {
+                let c = &self.classes[i];
+                let bytes = (kbps * 1000.0 / 8.0 * tick_ms as f64 / 1000.0) as u64;
+                ClassStats {
+                    class: c.class,
+                    bytes,
+                    packets: bytes / 800 + 1,
+                    rate_bps: (kbps * 1000.0) as u64,
+                    rtt_p50_us: Some(20_000),
+                    rtt_p95_us: Some(if served(&c.need) { 40_000 } else { 120_000 }),
+                    jitter_us: Some(2_000),
+                    loss_permille: if served(&c.need) { 2 } else { 30 },
+                    active_flows: 3,
+                    need: c.need,
+                }
+            })
+            .collect();
+        let mut shards = Vec::new();
+        for s in self.running.values_mut() {
+            let mut status = ShardStatus {
+                shard: s.shard.clone(),
+                capability: s.capability.clone(),
+                state: ShardState::Running,
+                cpu_permille: s.limits.cpu_quota_permille / 2,
+                rss_kib: s.limits.memory_max_bytes / 2048,
+                restarts: s.restarts,
+                errors: 0,
+                last_failure: None,
+                lease_expires_at_ms: s.lease_expires_at_ms,
+                enforcement: Enforcement::CgroupV2,
+            };
+            if misbehaving {
+                match self.misbehaviour {
+                    Misbehaviour::Crash => {
+                        s.restarts += 1;
+                        status.restarts = s.restarts;
+                        status.last_failure = Some(ShardFailure::Crashed { signal: 11 });
+                    }
+                    Misbehaviour::Overuse => {
+                        status.cpu_permille = s.limits.cpu_quota_permille * 3;
+                        status.enforcement = Enforcement::RlimitsOnly;
+                    }
+                    Misbehaviour::None => {}
+                }
+            }
+            shards.push(status);
+        }
+        QosReport {
+            device: self.id.clone(),
+            seq: self.seq,
+            window_start_ms: window_start,
+            window_ms: tick_ms.min(u64::from(u32::MAX)) as u32,
+            classes,
+            resources: self.resources.clone(),
+            shards,
+            applied_instruction_seq: self.applied_seq,
+            rejections: RejectionCounters::default(),
+        }
+    }
+
+    fn units(&self) -> u32 {
+        self.running.values().map(|s| s.units).sum()
+    }
+
+    /// Capabilities with every member (or an alternative of it) running.
+    fn active_capability(&self, catalog: &Catalog, cap: &str) -> bool {
+        let Some(spec) = catalog.capabilities.get(cap) else {
+            return false;
+        };
+        spec.members.iter().all(|m| {
+            self.running.contains_key(m)
+                || catalog.shards[m]
+                    .alternatives
+                    .iter()
+                    .any(|a| self.running.contains_key(a))
+        })
+    }
+}
+
+fn build_fleet(params: &SimParams) -> Vec<SimDevice> {
+    let mut rng = SplitMix64::new(params.seed);
+    let mut fleet = Vec::with_capacity(params.devices as usize);
+    for i in 0..params.devices {
+        let id = DeviceId::new(format!("sim-{i:06}")).unwrap_or_else(|_| unreachable_id());
+        let mut drng = SplitMix64::new(hash_str(params.seed, id.as_str()));
+        let r = rng.below(100);
+        let tier = if r < 40 {
+            "basic"
+        } else if r < 85 {
+            "standard"
+        } else {
+            "premium"
+        };
+        let offset = drng.next_f64() * 2.0 - 1.0;
+        let mut classes = vec![ClassProfile {
+            class: TrafficClass::Calls,
+            need: QosNeed {
+                latency_sensitive: true,
+                ..QosNeed::default()
+            },
+            start_h: 8.0 + offset,
+            end_h: 18.0 + offset,
+            peak_kbps: 200.0 + drng.next_f64() * 600.0,
+        }];
+        if tier != "basic" {
+            classes.push(ClassProfile {
+                class: TrafficClass::Sensitive,
+                need: QosNeed {
+                    needs_encryption: true,
+                    ..QosNeed::default()
+                },
+                start_h: 9.0 + offset,
+                end_h: 17.0 + offset,
+                peak_kbps: 500.0 + drng.next_f64() * 2000.0,
+            });
+        }
+        classes.push(ClassProfile {
+            class: TrafficClass::Streaming,
+            need: QosNeed {
+                bandwidth_heavy: true,
+                ..QosNeed::default()
+            },
+            start_h: 19.0 + offset,
+            end_h: 23.0 + offset,
+            peak_kbps: 3000.0 + drng.next_f64() * 5000.0,
+        });
+        let weak = drng.below(100) < 5;
+        let misbehaviour = if rng.below(1000) < u64::from(params.misbehaving_permille) {
+            if rng.below(2) == 0 {
+                Misbehaviour::Crash
+            } else {
+                Misbehaviour::Overuse
+            }
+        } else {
+            Misbehaviour::None
+        };
+        fleet.push(SimDevice {
+            tenant: format!("tenant-{}", i % 10),
+            tier: tier.to_owned(),
+            classes,
+            resources: DeviceResources {
+                cpu_cores: if weak { 1 } else { 2 + drng.below(3) as u16 },
+                cpu_load_permille: if weak {
+                    750
+                } else {
+                    150 + drng.below(350) as u16
+                },
+                mem_total_kib: 1 << 20,
+                mem_available_kib: if weak {
+                    48 * 1024
+                } else {
+                    256 * 1024 + drng.below(512 * 1024)
+                },
+                aes_hw: drng.below(2) == 0,
+                arch: "aarch64".to_owned(),
+            },
+            running: BTreeMap::new(),
+            seq: 0,
+            applied_seq: 0,
+            misbehaviour,
+            spike: None,
+            rng: drng,
+            id,
+        });
+    }
+    fleet
+}
+
+fn unreachable_id() -> DeviceId {
+    // `sim-NNNNNN` is always a valid id; keep a valid fallback anyway.
+    DeviceId::new("sim-invalid").unwrap_or_else(|_| std::process::abort())
+}
+
+/// When misbehaving devices start (so each has a clean record first).
+pub const MISBEHAVE_FROM_H: u64 = 6;
+
+/// Runs one variant over the fleet built from `params`.
+pub fn run_variant(
+    params: &SimParams,
+    name: &str,
+    features: Features,
+) -> anyhow::Result<VariantResult> {
+    let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml")?;
+    let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog)?;
+    let mut engine = Engine::new(
+        catalog.clone(),
+        agreements.clone(),
+        sim_config(params, features),
+    );
+    let mut fleet = build_fleet(params);
+    let index: BTreeMap<DeviceId, usize> = fleet
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.clone(), i))
+        .collect();
+    let tick = params.tick_ms;
+    let start = 0u64;
+    let mut res = VariantResult {
+        variant: name.to_owned(),
+        demand_mbit: 0.0,
+        served_mbit: 0.0,
+        served_fraction: 0.0,
+        well_behaved_served_fraction: 0.0,
+        unit_hours: 0.0,
+        mean_units: 0.0,
+        served_mbit_per_unit_hour: 0.0,
+        misbehaving_devices: 0,
+        misbehaving_lost_quota: 0,
+        reaction_ticks_median: 0,
+        reaction_ticks_max: 0,
+        misbehaving_mean_units_end: 0.0,
+        flaps: 0,
+        flaps_well_behaved: 0,
+        instructions: 0,
+        activations: 0,
+        events: 0,
+    };
+    let apply = |engine_out: Vec<Action>, fleet: &mut Vec<SimDevice>, res: &mut VariantResult| {
+        let mut acks = Vec::new();
+        for a in engine_out {
+            if let Action::Instruct { device, ops, .. } = a {
+                if let Some(&i) = index.get(&device) {
+                    res.instructions += 1;
+                    res.activations += fleet[i].apply(&catalog, &ops);
+                    acks.push((device, fleet[i].applied_seq));
+                }
+            }
+        }
+        acks
+    };
+    for d in &fleet {
+        let out = engine.handle(
+            start,
+            Event::Enrolled {
+                device: d.id.clone(),
+                tier: d.tier.clone(),
+                tenant: Some(d.tenant.clone()),
+            },
+        );
+        res.events += 1;
+        let _ = out;
+    }
+    let ticks = u64::from(params.hours) * 3_600_000 / tick;
+    let misbehave_from = MISBEHAVE_FROM_H * 3_600_000;
+    // Last window's class rates per device (reported at the next tick).
+    let mut pending_rates: Vec<Vec<(usize, f64)>> = vec![Vec::new(); fleet.len()];
+    let mut reaction: BTreeMap<usize, u32> = BTreeMap::new();
+    // Tick of the first report that carried misbehaviour (a shard to abuse).
+    let mut bad_since: BTreeMap<usize, u64> = BTreeMap::new();
+    let (mut demand_good, mut served_good) = (0.0f64, 0.0f64);
+    let mut unit_ticks: u64 = 0;
+    for t in 0..=ticks {
+        let now = start + t * tick;
+        let misbehaving_now = now >= misbehave_from;
+        for i in 0..fleet.len() {
+            fleet[i].expire(now);
+            if t > 0 {
+                let d = &mut fleet[i];
+                let rates = std::mem::take(&mut pending_rates[i]);
+                let running_caps: Vec<String> = catalog
+                    .capabilities
+                    .keys()
+                    .filter(|c| d.active_capability(&catalog, c))
+                    .cloned()
+                    .collect();
+                let served = |need: &QosNeed| {
+                    caps_for(&catalog, need)
+                        .iter()
+                        .all(|c| running_caps.contains(c))
+                };
+                let bad = misbehaving_now && d.misbehaviour != Misbehaviour::None;
+                if bad && !d.running.is_empty() {
+                    bad_since.entry(i).or_insert(t);
+                }
+                let report = d.report(now - tick, tick, &rates, &served, bad);
+                let out = engine.handle(now, Event::Report(report));
+                res.events += 1;
+                for (device, seq) in apply(out, &mut fleet, &mut res) {
+                    engine.handle(
+                        now,
+                        Event::Ack {
+                            device,
+                            seq,
+                            outcome: AckOutcome::Applied,
+                        },
+                    );
+                    res.events += 1;
+                }
+            }
+        }
+        let out = engine.handle(now, Event::Tick);
+        res.events += 1;
+        for (device, seq) in apply(out, &mut fleet, &mut res) {
+            engine.handle(
+                now,
+                Event::Ack {
+                    device,
+                    seq,
+                    outcome: AckOutcome::Applied,
+                },
+            );
+        }
+        if t == ticks {
+            break;
+        }
+        // The window [now, now + tick): demand and what serves it.
+        for (i, d) in fleet.iter_mut().enumerate() {
+            let rates = d.rates(now, tick);
+            unit_ticks += u64::from(d.units());
+            for &(c, kbps) in &rates {
+                let need = d.classes[c].need;
+                let caps = caps_for(&catalog, &need);
+                if caps.is_empty() {
+                    continue;
+                }
+                let mbit = kbps * tick as f64 / 1_000_000.0;
+                res.demand_mbit += mbit;
+                let ok = caps.iter().all(|cap| d.active_capability(&catalog, cap));
+                if ok {
+                    res.served_mbit += mbit;
+                }
+                if d.misbehaviour == Misbehaviour::None {
+                    demand_good += mbit;
+                    if ok {
+                        served_good += mbit;
+                    }
+                }
+            }
+            pending_rates[i] = rates;
+            if let (Some(&since), false) = (bad_since.get(&i), reaction.contains_key(&i)) {
+                if let Some(v) = engine.device(&d.id) {
+                    let cut =
+                        super::reputation::quota_factor(&engine.config().reputation, v.reputation)
+                            < 1.0;
+                    if cut {
+                        reaction.insert(i, (t - since) as u32 + 1);
+                    }
+                }
+            }
+        }
+    }
+    let hours = ticks as f64 * tick as f64 / 3_600_000.0;
+    res.unit_hours = unit_ticks as f64 * tick as f64 / 3_600_000.0;
+    res.mean_units = if hours > 0.0 {
+        res.unit_hours / hours
+    } else {
+        0.0
+    };
+    res.served_fraction = ratio(res.served_mbit, res.demand_mbit);
+    res.well_behaved_served_fraction = ratio(served_good, demand_good);
+    res.served_mbit_per_unit_hour = ratio(res.served_mbit, res.unit_hours);
+    let bad: Vec<usize> = (0..fleet.len())
+        .filter(|&i| fleet[i].misbehaviour != Misbehaviour::None)
+        .collect();
+    res.misbehaving_devices = bad.len() as u32;
+    res.misbehaving_lost_quota = reaction.len() as u32;
+    let mut r: Vec<u32> = reaction.values().copied().collect();
+    // A misbehaving device never cut counts as the whole run.
+    let never = ((ticks * tick).saturating_sub(misbehave_from) / tick) as u32 + 1;
+    r.extend(std::iter::repeat_n(never, bad.len() - reaction.len()));
+    r.sort_unstable();
+    res.reaction_ticks_median = r.get(r.len() / 2).copied().unwrap_or(0);
+    res.reaction_ticks_max = r.last().copied().unwrap_or(0);
+    res.misbehaving_mean_units_end = if bad.is_empty() {
+        0.0
+    } else {
+        bad.iter()
+            .map(|&i| f64::from(fleet[i].units()))
+            .sum::<f64>()
+            / bad.len() as f64
+    };
+    for d in &fleet {
+        let f = engine.device_state(&d.id).map_or(0, |s| s.flaps);
+        res.flaps += f;
+        if d.misbehaviour == Misbehaviour::None {
+            res.flaps_well_behaved += f;
+        }
+    }
+    Ok(res)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Capabilities the catalog's rules ask for a need (threshold aside).
+fn caps_for(catalog: &Catalog, need: &QosNeed) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in &catalog.rules {
+        if r.need.matches(need) {
+            for c in &r.capabilities {
+                if !out.contains(c) {
+                    out.push(c.clone());
+                }
+            }
+        }
+    }
+    out
 }
