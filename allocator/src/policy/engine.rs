@@ -747,7 +747,6 @@ impl Engine {
 
     fn tick_device(&mut self, now: u64, id: &DeviceId, out: &mut Vec<Action>) {
         let Engine {
-            catalog,
             config: cfg,
             devices,
             ..
@@ -783,29 +782,17 @@ impl Engine {
         let keep_ended = cfg.flap_window_ms.max(cfg.outside_profile_grace_ms);
         st.ended_at
             .retain(|_, &mut (t, _)| now.saturating_sub(t) < keep_ended);
-        if cfg.features.prediction {
-            predict(catalog, cfg, st, now);
-        }
         let timed_out = st
             .pending_since_ms
             .is_some_and(|t| now.saturating_sub(t) >= cfg.ack_timeout_ms);
-        // Loans that ran out, or a borrower that is no longer trusted.
-        let below = st.reputation.score < cfg.borrow_min_reputation;
-        let mut ended: Vec<Transfer> = st
+        // Loans that ran out.
+        let ended: Vec<Transfer> = st
             .borrowed
             .iter()
             .chain(st.lent.iter())
             .filter(|t| t.expires_at_ms <= now)
             .cloned()
             .collect();
-        if below {
-            ended.extend(
-                st.borrowed
-                    .iter()
-                    .filter(|t| t.origin == TransferOrigin::Borrow && t.expires_at_ms > now)
-                    .cloned(),
-            );
-        }
         self.dirty.insert(id.clone());
         for t in &ended {
             self.remove_loan(t);
@@ -847,7 +834,25 @@ impl Engine {
             return;
         };
         st.reputation.decay_to(&self.config.reputation, now);
+        if self.config.features.prediction {
+            predict(&catalog, &self.config, st, now);
+        }
         let Some(tier) = agreements.tiers.get(&st.tier) else {
+            return;
+        };
+        // A borrower that is no longer trusted returns what it borrowed.
+        if st.reputation.score < self.config.borrow_min_reputation {
+            let back: Vec<Transfer> = st
+                .borrowed
+                .iter()
+                .filter(|t| t.origin == TransferOrigin::Borrow)
+                .cloned()
+                .collect();
+            for t in &back {
+                self.remove_loan(t);
+            }
+        }
+        let Some(st) = self.devices.get_mut(device) else {
             return;
         };
         // A lender whose quota shrank below what it lent takes units back.
@@ -969,7 +974,9 @@ impl Engine {
                 // A device that borrows itself has nothing to lend, and a
                 // suspect one's units are not a pool anyone can rely on: its
                 // quota may be cut, recalling the loan, at any report.
-                if !pst.borrowed.is_empty() || pst.reputation.score < cfg.borrow_min_reputation {
+                if !pst.borrowed.is_empty()
+                    || quota_factor(&cfg.reputation, pst.reputation.score) < 1.0
+                {
                     continue;
                 }
                 let s = spare(cfg, ptier, pst)[k];
@@ -1264,7 +1271,7 @@ impl Engine {
                 let pst = &self.devices[peer];
                 if pst.stabilize_until_ms > now
                     || !pst.borrowed.is_empty()
-                    || pst.reputation.score < self.config.borrow_min_reputation
+                    || quota_factor(&self.config.reputation, pst.reputation.score) < 1.0
                 {
                     continue;
                 }
@@ -1379,8 +1386,15 @@ impl Engine {
         }
         for t in rollback {
             self.remove_loan(&t);
+            // Both sides get a fresh stabilization period: the rebalancer
+            // must not shift the same units straight back.
+            let until = now + self.config.stabilization_ms;
             if let Some(st) = self.devices.get_mut(&t.to) {
                 st.rollbacks += 1;
+                st.stabilize_until_ms = until;
+            }
+            if let Some(st) = self.devices.get_mut(&t.from) {
+                st.stabilize_until_ms = until;
             }
             out.push(Action::Alert {
                 device: t.to.clone(),
@@ -1517,7 +1531,8 @@ fn predict(catalog: &Catalog, cfg: &PolicyConfig, st: &mut DeviceState, now: u64
         }
         let upper_bps = f64::from(upper) * 1000.0;
         for rule in &catalog.rules {
-            if rule.need.matches(&f.need) && upper_bps >= rule_threshold(cfg, rule) as f64 {
+            let threshold = rule_threshold(cfg, rule).max(cfg.prediction_min_rate_bps);
+            if rule.need.matches(&f.need) && upper_bps >= threshold as f64 {
                 for cap in &rule.capabilities {
                     let until = (slot_now + 2) * slot_ms;
                     let e = st.predicted.entry(cap.clone()).or_insert(until);

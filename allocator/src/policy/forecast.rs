@@ -83,14 +83,15 @@ impl HoltWinters {
     pub fn observe(&mut self, cfg: &ForecastConfig, slot: u64, y: f32) {
         let m = self.season.len();
         let s = self.idx(slot);
-        if self.n == 0 {
-            self.level = y;
-            self.season[s] = 0.0;
-        } else if (self.n as usize) < m {
-            // First season: the level follows the data slowly, the season
-            // records each slot's offset from it.
-            self.level += cfg.alpha * 0.5 * (y - self.level);
-            self.season[s] = y - self.level;
+        if (self.n as usize) < m {
+            // First season (classical initialisation): the level is the mean
+            // of the season, each slot's seasonal term its offset from it.
+            self.season[s] = y;
+            self.level += (y - self.level) / (self.n + 1) as f32;
+            if self.n as usize == m - 1 {
+                let level = self.level;
+                self.season.iter_mut().for_each(|x| *x -= level);
+            }
         } else {
             let steps = slot.saturating_sub(self.last_slot).max(1) as f32;
             let predicted = self.level + steps * self.trend + self.season[s];

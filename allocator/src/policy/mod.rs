@@ -266,6 +266,10 @@ pub struct PolicyConfig {
     pub forecast: forecast::ForecastConfig,
     /// Pre-activate when the upper bound crosses a need threshold this far ahead.
     pub prediction_horizon_ms: u64,
+    /// Floor of the need threshold for predictions: the interval of a class
+    /// that is off at night still spans a few tens of kbit/s (its
+    /// on/off edges dominate the error variance), which must not read as demand.
+    pub prediction_min_rate_bps: u64,
     pub borrow_min_reputation: f64,
     pub borrow_ms: u64,
     pub max_borrow_units: u32,
@@ -297,6 +301,7 @@ impl Default for PolicyConfig {
             outside_profile_grace_ms: 180_000,
             forecast: forecast::ForecastConfig::default(),
             prediction_horizon_ms: 30 * 60_000,
+            prediction_min_rate_bps: 64_000,
             borrow_min_reputation: 55.0,
             borrow_ms: 30 * 60_000,
             max_borrow_units: 4,
