@@ -650,9 +650,8 @@ impl FlowTable {
     fn remove(&mut self, id: u32) {
         self.unlink(id);
         let hash = self.flows[id as usize].hash;
-        let key = self.flows[id as usize].key;
-        let Ok(_) = self.find(&key, hash) else { return };
-        // Locate its index slot, then backward-shift the cluster behind it.
+        // Locate its index slot (it is in the table, so the probe ends), then
+        // backward-shift the cluster behind it.
         let mut i = hash as usize & self.mask;
         while self.index[i] != id {
             i = (i + 1) & self.mask;

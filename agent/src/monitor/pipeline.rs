@@ -10,7 +10,7 @@
 use super::config::{MonitorConfig, Rules};
 use super::dns;
 use super::flow::{ClassSource, Flow, FlowKey, FlowTable, Removal, F_INSPECTED};
-use super::names::{DnsCache, NameTable, NO_NAME};
+use super::names::{DnsCache, NameTable};
 use super::parse::{parse, LinkType, Proto};
 use super::tls;
 use super::Timestamp;
@@ -455,7 +455,6 @@ impl Pipeline {
         let rules = &self.cfg.rules;
         let names = &self.names;
         let top_n = self.cfg.top_flows;
-        let mut candidates: Vec<(u64, SocketAddr, SocketAddr, u8)> = Vec::new();
         self.table.for_each_active(start, |f| {
             if let Some(c) = behaviour_class(rules, f) {
                 f.class = c;
@@ -483,9 +482,8 @@ impl Pipeline {
                     top.push((b, summary(f, f.class, names)));
                 }
             }
-            let _ = &mut candidates;
         });
-        top.sort_by(|a, b| b.0.cmp(&a.0));
+        top.sort_by_key(|t| std::cmp::Reverse(t.0));
         let mut classes = Vec::new();
         let (mut packets, mut bytes) = (0, 0);
         for class in TrafficClass::ALL {
@@ -516,11 +514,10 @@ impl Pipeline {
                 rtt_p50_us: p50,
                 rtt_p95_us: p95,
                 jitter_us: (jit_w[c] > 0).then(|| (jit_sum[c] / jit_w[c]) as u32),
-                loss_permille: if w.packets == 0 {
-                    0
-                } else {
-                    (w.loss * 1000 / w.packets).min(1000) as u16
-                },
+                loss_permille: (w.loss * 1000)
+                    .checked_div(w.packets)
+                    .unwrap_or(0)
+                    .min(1000) as u16,
                 active_flows: active[c],
                 need: QosNeed {
                     latency_sensitive: need.latency_sensitive,
@@ -588,9 +585,4 @@ impl Pipeline {
     pub fn dns_cache_len(&self) -> usize {
         self.dns.len()
     }
-}
-
-#[allow(dead_code)]
-fn _assert_no_name(id: u32) -> bool {
-    id == NO_NAME
 }
