@@ -30,7 +30,7 @@ pub fn allocator_key() -> KeyPair {
     KeyPair::from_seed(&[42; 32])
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -50,6 +50,12 @@ impl Broker {
     /// Starts mosquitto, or returns `None` (after printing why) when it is
     /// not installed.
     pub fn start(dir: &Path) -> Option<Broker> {
+        Self::start_with(dir, "")
+    }
+
+    /// Like [`Broker::start`], with extra configuration lines (e.g. a TLS
+    /// listener) appended.
+    pub fn start_with(dir: &Path, extra_conf: &str) -> Option<Broker> {
         if !Path::new(MOSQUITTO).exists() {
             eprintln!("SKIP: {MOSQUITTO} is not installed (apt-get install mosquitto)");
             return None;
@@ -64,7 +70,7 @@ impl Broker {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
                  persistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n\
-                 max_inflight_messages 100\nuser root\nlog_dest stderr\n",
+                 max_inflight_messages 100\nuser root\nlog_dest stderr\n{extra_conf}",
                 data.display()
             ),
         )
