@@ -1,7 +1,9 @@
 //! The daemon with real shard host processes: a signed instruction through
 //! the broker starts the `qos` capability (the real `qos-dscp` shard, hash
-//! checked) in a host process; with the broker killed, the lease running out
-//! stops that process on time; back online, the report says `Expired`.
+//! checked) in a host process; with the broker killed and the agent killed
+//! and restarted offline, the host is restored from the last-known-good
+//! profile; the lease running out stops that process on time; back online,
+//! the report says `Expired`.
 
 mod daemon_support;
 #[path = "shard_common/mod.rs"]
@@ -64,7 +66,7 @@ fn a_real_shard_host_starts_and_is_stopped_when_its_lease_runs_out_offline() {
         .expect("agent reports");
 
     let now = now_ms();
-    let lease = now + 4_000;
+    let lease = now + 6_000;
     let mut activation = shard_common::spec(
         shards.path(),
         "qos",
@@ -105,7 +107,20 @@ fn a_real_shard_host_starts_and_is_stopped_when_its_lease_runs_out_offline() {
     let hosts = host_children(agent.pid());
     assert_eq!(hosts.len(), 1, "one host process for the qos capability");
 
+    // Network cut, then the agent itself is killed: its host dies with it
+    // (PR_SET_PDEATHSIG), and the restarted agent restores the
+    // last-known-good profile from disk, offline, because the lease is valid.
     broker.kill9();
+    agent.kill9();
+    agent.start(&[]);
+    let restored = wait_for(Duration::from_secs(5), || {
+        let hosts = host_children(agent.pid());
+        (hosts.len() == 1).then_some(hosts)
+    })
+    .expect("the restarted agent restored the qos host");
+    assert_ne!(restored, hosts, "a new host process");
+    assert!(now_ms() < lease, "test setup too slow for the lease");
+
     let gone_at = wait_for(Duration::from_secs(10), || {
         host_children(agent.pid()).is_empty().then(now_ms)
     })
