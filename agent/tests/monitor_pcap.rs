@@ -594,3 +594,35 @@ fn operator_rules_extend_defaults_and_bad_rules_name_line_and_field() {
     assert!(err.contains("extra.toml:4: field `proto`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn full_flow_table_evicts_oldest_and_counts_every_flow_once() {
+    // max_flows = 4: every further flow evicts the least recently seen one.
+    // Flows in the scenario are contiguous in time, so each is created once
+    // and the per-class totals still add up exactly (evicted flows are
+    // accounted when they leave the table).
+    let c = scenario(false);
+    let dir = std::env::temp_dir().join(format!("sl-monitor-evict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mix.pcap");
+    std::fs::write(&file, write_pcap(&c.frames, 65535)).unwrap();
+    let cfg = dir.join("monitor.toml");
+    std::fs::write(&cfg, "window_ms = 500\nmax_flows = 4\n").unwrap();
+    let (windows, t) = run_monitor(&file, &["--config", cfg.to_str().unwrap(), "--top", "50"]);
+    assert_totals_exact(&c, &t);
+    assert_eq!(t["evicted"], c.flows.len() as u64 - 4, "overflow counter");
+    for (i, w) in windows.iter().enumerate() {
+        assert!(w["window"]["flows_in_table"].as_u64().unwrap() <= 4);
+        // The last window is the partial one closed at the end of the file.
+        if i + 1 < windows.len() {
+            assert_eq!(w["window"]["duration_ms"], 500);
+        } else {
+            assert!(w["window"]["duration_ms"].as_u64().unwrap() <= 500);
+        }
+    }
+    // The evicted flows are still listed in the totals with their counts.
+    for f in c.flows.values() {
+        assert_eq!(find_flow(&t, f)["bytes"], f.bytes);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
