@@ -1,13 +1,15 @@
 //! The agent aborts (SIGABRT, as abrupt as SIGKILL: no cleanup runs) at a
 //! chosen point between receiving an instruction and acknowledging it,
-//! through the `SHARDLINE_TEST_CRASH_AT` hook. After a restart the broker
+//! through the `SHARDLINE_TEST_CRASH_AT` hook (`before-persist`,
+//! `after-persist`, `before-broker-ack`). After a restart the broker
 //! redelivers the instruction (persistent session, manual acks) and it takes
 //! effect exactly once.
 
 mod daemon_support;
 
 use daemon_support::{activation, allocator_key, now_ms, wait_for, Agent, Broker, Cloud};
-use shardline_shared::msg::{AckOutcome, Instruction, Operation};
+use shardline_shared::codec;
+use shardline_shared::msg::{AckOutcome, DeviceStatus, Instruction, Operation, Presence};
 use shardline_shared::sign::{seal, Domain};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -44,6 +46,13 @@ fn crash_then_restart(point: &str, device: &str) -> Option<Vec<AckOutcome>> {
     );
     let status = agent.wait_exit(Duration::from_secs(10));
     assert_eq!(status.signal(), Some(6), "aborted at {point}: {status:?}");
+    // The broker announces the abrupt end through the last will.
+    let offline = wait_for(Duration::from_secs(10), || {
+        let bytes = cloud.recv_kind("/status", Duration::from_millis(200))?;
+        let status: DeviceStatus = codec::decode(&bytes).expect("status decodes");
+        (status.presence == Presence::Offline).then_some(status)
+    });
+    assert!(offline.is_some(), "no offline last will after the crash");
     let persisted = if point == "before-persist" { 0 } else { 1 };
     assert_eq!(
         agent.applied_seq(),
@@ -108,4 +117,20 @@ fn a_crash_after_persisting_is_recognised_as_a_duplicate() {
     // Applied before the crash (state on disk, profile restored at boot);
     // the redelivery is recognised and not applied again.
     assert_eq!(acks, vec![AckOutcome::Duplicate]);
+}
+
+#[test]
+fn a_crash_before_the_broker_ack_resends_the_ack_and_applies_nothing_twice() {
+    let Some(acks) = crash_then_restart("before-broker-ack", "crash-c") else {
+        return;
+    };
+    // The signed ack was in the outbox before the crash and is (re)sent; the
+    // redelivered instruction is recognised as a duplicate.
+    assert!(acks.contains(&AckOutcome::Duplicate), "{acks:?}");
+    assert!(acks.iter().any(took_effect), "{acks:?}");
+    assert!(
+        acks.iter()
+            .all(|a| took_effect(a) || *a == AckOutcome::Duplicate),
+        "{acks:?}"
+    );
 }
