@@ -48,6 +48,8 @@ pub fn apply_process_limits(limits: &ResourceLimits) -> Result<(), LimitError> {
     })?;
     if limits.memory_max_bytes > 0 {
         let cap = limits.memory_max_bytes.saturating_add(RLIMIT_DATA_HEADROOM);
+        // rlim_t is 32 bits on armv7: saturate rather than wrap.
+        let cap = libc::rlim_t::try_from(cap).unwrap_or(libc::rlim_t::MAX);
         setrlimit(Resource::RLIMIT_DATA, cap, cap).map_err(|source| LimitError::Rlimit {
             what: "DATA",
             source,
