@@ -87,8 +87,8 @@ fn activation(dir: &Path) -> (f64, f64, usize) {
     let mut times = Vec::new();
     let runs = 60;
     for i in 0..runs {
-        let cfg = format!("role = responder\nbind = 127.0.0.1:0\ninner_listen = 127.0.0.1:0\ninner_forward = 127.0.0.1:9\n");
-        let shards = vpn(dir, "crypto-chacha20poly1305", &cfg);
+        let cfg = "role = responder\nbind = 127.0.0.1:0\ninner_listen = 127.0.0.1:0\ninner_forward = 127.0.0.1:9\n";
+        let shards = vpn(dir, "crypto-chacha20poly1305", cfg);
         let t0 = Instant::now();
         sup.activate("vpn", shards, t0).expect("activate");
         assert!(
