@@ -108,6 +108,14 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
+    if cfg.broker.tls {
+        // Loads the CA and the client certificate now, so a bad file is
+        // found here and not at the first connection attempt.
+        if let Err(e) = super::link::mqtt_options(&cfg.broker, String::from("check"), Vec::new()) {
+            eprintln!("shardline-agent: {}: broker: {e}", cfg.path.display());
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    }
     if args.print_pubkey {
         let (key, _) = super::keys::load_or_create(&cfg.device_key_file)?;
         println!("{}", hex::encode(key.public_key()));

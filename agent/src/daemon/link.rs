@@ -27,6 +27,9 @@ use tokio::sync::mpsc::UnboundedSender;
 /// by acceptance, reports at the codec's 256 KiB).
 pub const MAX_PACKET: usize = 300 * 1024;
 
+/// Trust store used for mqtts when `broker.ca_file` is not set.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Most outbox messages handed to the client and not yet acknowledged.
 pub const SEND_WINDOW: usize = 64;
 
@@ -76,9 +79,9 @@ fn tls_config(cfg: &BrokerConfig) -> Result<rustls::ClientConfig, LinkSetupError
         reason,
     };
     let mut roots = rustls::RootCertStore::empty();
-    let ca = cfg.ca_file.as_ref().ok_or_else(|| {
-        LinkSetupError::Tls("mqtts needs broker.ca_file (no system trust store on routers)".into())
-    })?;
+    // Without a configured CA, the system bundle (Debian's path) is trusted.
+    let system = std::path::Path::new(SYSTEM_CA_BUNDLE);
+    let ca = cfg.ca_file.as_deref().unwrap_or(system);
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))? {
         let cert = cert.map_err(|e| file_err(ca, e.to_string()))?;
         roots.add(cert).map_err(|e| file_err(ca, e.to_string()))?;
