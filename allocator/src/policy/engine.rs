@@ -13,6 +13,22 @@ use super::*;
 use shardline_shared::msg::{Activation, ShardFailure, ShardState};
 use std::sync::Arc;
 
+/// Devices touched since the last `take_dirty`, in touch order with
+/// consecutive repeats folded (one event usually touches one device several
+/// times); `take_dirty` sorts and dedups. Cheaper than a set on the hot path.
+#[derive(Debug, Default)]
+pub(crate) struct DirtySet {
+    list: Vec<DeviceId>,
+}
+
+impl DirtySet {
+    fn mark(&mut self, id: &DeviceId) {
+        if self.list.last() != Some(id) {
+            self.list.push(id.clone());
+        }
+    }
+}
+
 /// Transfers are the same loan when these match (the `evaluated` flag of a
 /// shift lives on the recipient's copy only).
 fn same_loan(a: &Transfer, b: &Transfer) -> bool {
@@ -119,7 +135,7 @@ impl Engine {
             devices: BTreeMap::new(),
             pools: BTreeMap::new(),
             last_shift_ms: None,
-            dirty: BTreeSet::new(),
+            dirty: DirtySet::default(),
         }
     }
 
@@ -150,7 +166,7 @@ impl Engine {
                 if let Some(st) = self.devices.get_mut(&device) {
                     if st.pending_since_ms.is_some() {
                         st.pending_seq = Some(seq);
-                        self.dirty.insert(device);
+                        self.dirty.mark(&device);
                     }
                 }
             }
@@ -235,7 +251,10 @@ impl Engine {
 
     /// Devices whose state changed since the last call (to persist them).
     pub fn take_dirty(&mut self) -> Vec<DeviceId> {
-        std::mem::take(&mut self.dirty).into_iter().collect()
+        let mut v = std::mem::take(&mut self.dirty.list);
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     pub fn device_count(&self) -> usize {
@@ -373,7 +392,7 @@ impl Engine {
             },
         };
         self.restore_device(device.clone(), state);
-        self.dirty.insert(device.clone());
+        self.dirty.mark(&device);
         self.reconcile(now, &device, out);
     }
 
@@ -398,7 +417,7 @@ impl Engine {
                 });
             }
         }
-        self.dirty.insert(device.clone());
+        self.dirty.mark(&device);
         let _ = now;
     }
 
@@ -430,11 +449,11 @@ impl Engine {
     fn remove_loan(&mut self, t: &Transfer) {
         if let Some(b) = self.devices.get_mut(&t.to) {
             b.borrowed.retain(|x| !same_loan(x, t));
-            self.dirty.insert(t.to.clone());
+            self.dirty.mark(&t.to);
         }
         if let Some(l) = self.devices.get_mut(&t.from) {
             l.lent.retain(|x| !same_loan(x, t));
-            self.dirty.insert(t.from.clone());
+            self.dirty.mark(&t.from);
         }
     }
 
@@ -461,7 +480,7 @@ impl Engine {
             return;
         };
         f(st, shard);
-        self.dirty.insert(device.clone());
+        self.dirty.mark(&device);
         self.reconcile(now, device, out);
     }
 
@@ -475,7 +494,7 @@ impl Engine {
         };
         if let Some(st) = self.devices.get_mut(device) {
             st.reputation.apply(r, now, delta, kind.as_str());
-            self.dirty.insert(device.clone());
+            self.dirty.mark(&device);
         }
     }
 
@@ -504,7 +523,8 @@ impl Engine {
         let mut outside: Vec<String> = Vec::new();
         let (mut own_cpu, mut own_rss) = (0u64, 0u64);
         let mut running = Vec::new();
-        for s in &report.shards {
+        let mut report = report;
+        for s in std::mem::take(&mut report.shards) {
             let id = s.shard.id();
             let alive = matches!(
                 s.state,
@@ -513,7 +533,6 @@ impl Engine {
             if alive {
                 own_cpu += u64::from(s.cpu_permille);
                 own_rss += s.rss_kib;
-                running.push(s.shard.clone());
             }
             match st.leases.get_mut(id) {
                 Some(lease) if lease.shard == s.shard => {
@@ -579,6 +598,9 @@ impl Engine {
                     }
                 }
                 _ => {}
+            }
+            if alive {
+                running.push(s.shard);
             }
         }
         let bad_sig = report.rejections.bad_signature;
@@ -665,7 +687,7 @@ impl Engine {
         });
         st.last_report_seq = report.seq;
         st.resources = Some(report.resources);
-        self.dirty.insert(device.clone());
+        self.dirty.mark(&device);
         for s in outside {
             out.push(Action::Alert {
                 device: device.clone(),
@@ -689,7 +711,7 @@ impl Engine {
         if st.pending_seq.is_some_and(|p| seq < p) {
             return; // an ack for an older instruction
         }
-        self.dirty.insert(device.clone());
+        self.dirty.mark(&device);
         match outcome {
             AckOutcome::Applied | AckOutcome::Duplicate => {
                 st.pending_since_ms = None;
@@ -793,7 +815,7 @@ impl Engine {
             .filter(|t| t.expires_at_ms <= now)
             .cloned()
             .collect();
-        self.dirty.insert(id.clone());
+        self.dirty.mark(&id);
         for t in &ended {
             self.remove_loan(t);
         }
@@ -1017,10 +1039,10 @@ impl Engine {
     fn add_loan(&mut self, t: Transfer) {
         if let Some(l) = self.devices.get_mut(&t.from) {
             l.lent.push(t.clone());
-            self.dirty.insert(t.from.clone());
+            self.dirty.mark(&t.from);
         }
         if let Some(b) = self.devices.get_mut(&t.to) {
-            self.dirty.insert(t.to.clone());
+            self.dirty.mark(&t.to);
             b.borrowed.push(t);
         }
     }
@@ -1191,7 +1213,7 @@ impl Engine {
             });
         }
         if changed {
-            dirty.insert(device.clone());
+            dirty.mark(&device);
         }
     }
 

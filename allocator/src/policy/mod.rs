@@ -551,7 +551,7 @@ pub struct Engine {
     pools: BTreeMap<String, BTreeSet<DeviceId>>,
     last_shift_ms: Option<u64>,
     /// Devices whose state changed since the last `take_dirty`.
-    dirty: BTreeSet<DeviceId>,
+    dirty: engine::DirtySet,
 }
 
 fn kind_index(kind: ShardKind) -> usize {
