@@ -94,6 +94,8 @@ impl Outbox {
         let path = self.path(id);
         let topic_len =
             u16::try_from(topic.len()).map_err(|_| OutboxError::Corrupt { path: path.clone() })?;
+        // Make room first, so the directory never holds more than `cap`.
+        self.make_room(self.cap.saturating_sub(1));
         let mut bytes = Vec::with_capacity(2 + topic.len() + payload.len());
         bytes.extend_from_slice(&topic_len.to_be_bytes());
         bytes.extend_from_slice(topic.as_bytes());
@@ -102,7 +104,6 @@ impl Outbox {
             .map_err(|source| OutboxError::Io { path, source })?;
         self.next_id += 1;
         self.ids.insert(id);
-        self.enforce_cap();
         Ok(id)
     }
 
@@ -165,7 +166,12 @@ impl Outbox {
     }
 
     fn enforce_cap(&mut self) {
-        while self.ids.len() > self.cap {
+        self.make_room(self.cap);
+    }
+
+    /// Drops the oldest messages until at most `keep` remain.
+    fn make_room(&mut self, keep: usize) {
+        while self.ids.len() > keep {
             if let Some(oldest) = self.ids.pop_first() {
                 let _ = std::fs::remove_file(self.path(oldest));
                 self.dropped += 1;
