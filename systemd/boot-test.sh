@@ -79,7 +79,7 @@ check_unit() {
         pass "$unit: systemctl start returned (READY=1 received)"
     else
         fail "$unit: start failed: $(cat start.err)"
-        journalctl -u "$unit" --no-pager -n 30 >>"$res" 2>&1
+        journalctl -b -u "$unit" --no-pager -n 30 >>"$res" 2>&1
         return
     fi
     sleep "$hold"
@@ -89,7 +89,7 @@ check_unit() {
         pass "$unit: still active after ${hold}s, no restart, watchdog fed ($state)"
     else
         fail "$unit: after ${hold}s: $state"
-        journalctl -u "$unit" --no-pager -n 30 >>"$res" 2>&1
+        journalctl -b -u "$unit" --no-pager -n 30 >>"$res" 2>&1
     fi
     pid=$(systemctl show -p MainPID --value "$unit")
     if [ "$pid" -gt 0 ] 2>/dev/null; then
@@ -107,7 +107,7 @@ check_unit() {
     local score
     score=$(systemd-analyze security "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
     echo "INFO $unit: live exposure $score" >>"$res"
-    journalctl -u "$unit" --no-pager -o cat | grep -iE 'denied|not permitted|seccomp|panicked' | head -5 | sed "s/^/INFO $unit journal: /" >>"$res" || true
+    journalctl -b -u "$unit" --no-pager -o cat | grep -iE 'denied|not permitted|seccomp|panicked' | head -5 | sed "s/^/INFO $unit journal: /" >>"$res" || true
 }
 
 check_unit shardline-allocator.service shardline-allocator 0000000000000000
@@ -142,7 +142,7 @@ fi
 # missing capability, SIGSYS).
 spawned=""
 for _ in $(seq 1 60); do
-    spawned=$(journalctl -u shardline-agent --no-pager -o cat | grep 'shard host spawned' | head -n1 || true)
+    spawned=$(journalctl -b -u shardline-agent --no-pager -o cat | grep 'shard host spawned' | head -n1 || true)
     [ -n "$spawned" ] && break
     sleep 1
 done
@@ -152,14 +152,14 @@ if [ -n "$spawned" ]; then
 else
     fail "no shard host was spawned within 60 s"
 fi
-refused=$(journalctl -u shardline-agent --no-pager -o cat | grep -iE 'not permitted|permission denied|bad system call|SIGSYS|seccomp' || true)
+refused=$(journalctl -b -u shardline-agent --no-pager -o cat | grep -iE 'not permitted|permission denied|bad system call|SIGSYS|seccomp' || true)
 if [ -z "$refused" ]; then
     pass "no sandbox refusal in the agent's journal"
 else
     fail "sandbox refusals: $(head -3 <<<"$refused" | tr '\n' ' ')"
 fi
 ctl device boot-test-1 2>&1 | head -20 | sed 's/^/INFO shardctl device: /' >>"$res"
-journalctl -u shardline-agent --no-pager -o cat | grep -iE 'host|shard|instruction' | tail -15 | sed 's/\x1b\[[0-9;]*m//g; s/^/INFO agent: /' >>"$res"
+journalctl -b -u shardline-agent --no-pager -o cat | grep -iE 'host|shard|instruction' | tail -15 | sed 's/\x1b\[[0-9;]*m//g; s/^/INFO agent: /' >>"$res"
 stat -c '%U:%G %a' /var/lib/shardline /var/lib/shardline-allocator | tr '\n' ' ' | sed 's/^/INFO state dirs: /' >>"$res"; echo >>"$res"
 
 systemctl stop shardline-agent.service shardline-allocator.service
