@@ -323,7 +323,12 @@ fn live_drain(s_ns: &str, c_ns: &str, count: u64) -> Result<(u64, f64, u64), Str
     cap_thread.join().map_err(|_| "capture panicked")?
 }
 
-fn live(runs: usize) -> Result<(Vec<(f64, u64)>, Vec<(u64, f64, u64)>), String> {
+/// Per run: (best zero-drop achieved rate, frames captured at it).
+type PacedRuns = Vec<(f64, u64)>;
+/// Per run: (frames read, packets/s, kernel drops).
+type DrainRuns = Vec<(u64, f64, u64)>;
+
+fn live(runs: usize) -> Result<(PacedRuns, DrainRuns), String> {
     let pid = std::process::id();
     let s_ns = format!("sl-monb-{pid}-s");
     let c_ns = format!("sl-monb-{pid}-c");
