@@ -13,7 +13,6 @@
 mod daemon_support;
 
 use daemon_support::{Agent, Broker, Cloud};
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -32,94 +31,12 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A classic pcap (Ethernet) with `FLOWS` UDP flows, two packets each (one
-/// per direction), spread over one second.
-fn write_pcap(path: &Path) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut head = Vec::new();
-    head.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    head.extend_from_slice(&2u16.to_le_bytes());
-    head.extend_from_slice(&4u16.to_le_bytes());
-    head.extend_from_slice(&0i32.to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
-    head.extend_from_slice(&65535u32.to_le_bytes());
-    head.extend_from_slice(&1u32.to_le_bytes());
-    f.write_all(&head).unwrap();
-    let base_s: u32 = 1_800_000_000;
-    for i in 0..FLOWS {
-        let client = [10, 1, (i >> 8) as u8, i as u8];
-        let server = [192, 0, 2, 10];
-        let cport = 20_000 + (i % 40_000) as u16;
-        for (n, (src, dst, sport, dport)) in [
-            (client, server, cport, 5004u16),
-            (server, client, 5004u16, cport),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let usec = (u64::from(i) * 1_000_000 / u64::from(FLOWS)) as u32 + n as u32;
-            let frame = udp_frame(src, dst, sport, dport, 120);
-            let mut rec = Vec::new();
-            rec.extend_from_slice(&base_s.to_le_bytes());
-            rec.extend_from_slice(&usec.min(999_999).to_le_bytes());
-            rec.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-            rec.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-            f.write_all(&rec).unwrap();
-            f.write_all(&frame).unwrap();
-        }
-    }
-    f.flush().unwrap();
-}
-
-fn udp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let mut fr = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
-    let total = 20 + 8 + payload;
-    let mut ip = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        0,
-        0x40,
-        0,
-        64,
-        17,
-        0,
-        0,
-    ];
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let sum = checksum(&ip);
-    ip[10] = (sum >> 8) as u8;
-    ip[11] = sum as u8;
-    fr.extend_from_slice(&ip);
-    let ulen = (8 + payload) as u16;
-    fr.extend_from_slice(&sport.to_be_bytes());
-    fr.extend_from_slice(&dport.to_be_bytes());
-    fr.extend_from_slice(&ulen.to_be_bytes());
-    fr.extend_from_slice(&[0, 0]);
-    fr.extend(std::iter::repeat_n(0xabu8, payload));
-    fr
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut s: u32 = 0;
-    for c in b.chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
 /// One run: (RSS KiB after settling, active flows the reports counted).
 fn run(extra: &str, settle: Duration) -> Option<(u64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path())?;
     let pcap = dir.path().join("flows.pcap");
-    write_pcap(&pcap);
+    daemon_support::write_udp_flows_pcap(&pcap, FLOWS);
     let extra = extra.replace("{pcap}", &pcap.display().to_string());
     let mut agent = Agent::new(dir.path(), "bench-1", &broker.url(), 1000, "");
     // The capture settings belong in [monitor]; splice them in.
