@@ -426,9 +426,14 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;
     let started = Instant::now();
-    let deadline = args
-        .duration
-        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = match args.duration {
+        Some(d) => Some(
+            started
+                + Duration::try_from_secs_f64(d)
+                    .context("--duration must be a non-negative number of seconds")?,
+        ),
+        None => None,
+    };
     let link = cap.link_type();
     let mut n = 0u64;
     let mut kernel = (0u64, 0u64);

@@ -418,7 +418,12 @@ impl Pipeline {
     pub fn poll_window(&mut self, now: Timestamp) -> Option<WindowSummary> {
         let now = now.as_nanos();
         let len = self.cfg.window.as_nanos() as u64;
-        let start = self.win_start?;
+        // Windows run from the first frame or poll on, so a quiet link still
+        // yields (empty) windows when polled.
+        let Some(start) = self.win_start else {
+            self.win_start = Some(now);
+            return None;
+        };
         let end = start.saturating_add(len);
         if now < end {
             return None;
