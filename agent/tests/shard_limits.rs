@@ -3,7 +3,6 @@
 //! written, takes a process, and is removed afterwards; rlimits and niceness
 //! apply to a real child process.
 
-
 use shardline_agent::shardhost::limits::CgroupBackend;
 use shardline_shared::msg::{Enforcement, ResourceLimits};
 
