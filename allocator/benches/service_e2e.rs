@@ -359,6 +359,15 @@ async fn one_run(bin: &Path, external: Option<u16>, devices: usize, rounds: usiz
         }
         lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
     };
+    for m in [
+        "shardline_core_handle_seconds_total",
+        "shardline_store_commit_seconds_total",
+        "shardline_core_publish_seconds_total",
+        "shardline_core_batches_total",
+        "shardline_store_commits_total",
+    ] {
+        println!("  {m} {:.3}", metric(&api, m));
+    }
     let out = Outcome {
         published,
         accepted,

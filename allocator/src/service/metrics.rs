@@ -119,6 +119,10 @@ pub struct Metrics {
     pub rotations_sent: AtomicU64,
     pub store_commits: AtomicU64,
     pub store_commit_micros: AtomicU64,
+    /// Time the core spent handling messages (engine, signing), and publishing.
+    pub core_handle_micros: AtomicU64,
+    pub core_publish_micros: AtomicU64,
+    pub core_batches: AtomicU64,
     pub store_errors: AtomicU64,
     pub publish_errors: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
@@ -258,7 +262,15 @@ impl Metrics {
             "MQTT connection (re)establishments.",
             get(&self.mqtt_reconnects),
         );
+        counter(
+            "shardline_core_batches_total",
+            "Batches the core handled (one store commit each at most).",
+            get(&self.core_batches),
+        );
+
         let _ = writeln!(out, "# HELP shardline_store_commit_seconds_total Time spent committing to the store.\n# TYPE shardline_store_commit_seconds_total counter\nshardline_store_commit_seconds_total {:.6}", get(&self.store_commit_micros) as f64 / 1e6);
+        let _ = writeln!(out, "# HELP shardline_core_handle_seconds_total Time the core spent handling messages (verify excluded).\n# TYPE shardline_core_handle_seconds_total counter\nshardline_core_handle_seconds_total {:.6}", get(&self.core_handle_micros) as f64 / 1e6);
+        let _ = writeln!(out, "# HELP shardline_core_publish_seconds_total Time the core spent queueing publishes.\n# TYPE shardline_core_publish_seconds_total counter\nshardline_core_publish_seconds_total {:.6}", get(&self.core_publish_micros) as f64 / 1e6);
         let _ = writeln!(out, "# HELP shardline_messages_dropped_total Inbound messages dropped, by kind and reason.\n# TYPE shardline_messages_dropped_total counter");
         for kind in Kind::ALL {
             for why in Drop::ALL {

@@ -493,6 +493,12 @@ async fn mqtt_loop(
     }
 }
 
+/// One batch's writes with what may only happen after they are on disk.
+struct Flush {
+    step: core::Step,
+    replies: Vec<(oneshot::Sender<Reply>, Reply)>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn core_loop(
     mut core: Core,
@@ -504,16 +510,42 @@ fn core_loop(
     heartbeat: Arc<AtomicU64>,
     max_batch: usize,
 ) {
+    // Commits run on their own thread so the core handles the next batch
+    // while the previous one is fsynced. Batches are committed, published
+    // and answered strictly in order, each only after its commit. The
+    // bounded channel holds the core back when the disk falls behind.
+    let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<Flush>(2);
+    let store_thread = {
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("allocator-store".into())
+            .spawn(move || {
+                while let Ok(f) = flush_rx.recv() {
+                    flush(f, &store, &client, &rt, &metrics);
+                }
+            })
+    };
+    let store_thread = match store_thread {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the store thread");
+            return;
+        }
+    };
     let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let mut stop = false;
     // The initial step writes every record once (resumed sequence numbers).
-    flush(&mut core, &store, &client, &rt, &metrics, &mut replies);
+    let _ = flush_tx.send(Flush {
+        step: core.take_step(),
+        replies: Vec::new(),
+    });
     while !stop {
         let Some(first) = rx.blocking_recv() else {
             break;
         };
         let mut next = Some(first);
         let mut n = 0;
+        let t = std::time::Instant::now();
         while let Some(msg) = next.take() {
             let now = now_ms();
             match msg {
@@ -532,24 +564,35 @@ fn core_loop(
                 next = rx.try_recv().ok();
             }
         }
-        flush(&mut core, &store, &client, &rt, &metrics, &mut replies);
+        metrics
+            .core_handle_micros
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Metrics::inc(&metrics.core_batches);
+        let f = Flush {
+            step: core.take_step(),
+            replies: std::mem::take(&mut replies),
+        };
+        if flush_tx.send(f).is_err() {
+            break;
+        }
         heartbeat.store(now_ms(), Ordering::Relaxed);
     }
+    drop(flush_tx);
+    let _ = store_thread.join();
     tracing::info!("core stopped");
 }
 
-/// Commits the core's pending writes (retrying until the store takes them:
-/// publishing uncommitted sequence numbers could reuse them after a crash),
-/// then publishes and answers.
+/// Commits a batch (retrying until the store takes it: publishing
+/// uncommitted sequence numbers could reuse them after a crash), then
+/// publishes its instructions and answers its commands.
 fn flush(
-    core: &mut Core,
+    f: Flush,
     store: &RedbStore,
     client: &AsyncClient,
     rt: &tokio::runtime::Handle,
     metrics: &Metrics,
-    replies: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
 ) {
-    let step = core.take_step();
+    let Flush { step, replies } = f;
     if !step.batch.is_empty() {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -571,6 +614,7 @@ fn flush(
             }
         }
     }
+    let t = std::time::Instant::now();
     for p in step.publish {
         let sent = rt.block_on(client.publish(p.topic, QoS::AtLeastOnce, false, p.payload));
         if let Err(e) = sent {
@@ -578,7 +622,10 @@ fn flush(
             tracing::warn!(error = %e, "publish could not be queued; it will be re-sent");
         }
     }
-    for (tx, r) in replies.drain(..) {
+    metrics
+        .core_publish_micros
+        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    for (tx, r) in replies {
         let _ = tx.send(r);
     }
 }
