@@ -625,6 +625,12 @@ impl Supervisor {
     }
 }
 
+// The daemon may move the supervisor into the thread that drives it.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Supervisor>();
+};
+
 impl Drop for Supervisor {
     fn drop(&mut self) {
         self.shutdown();
