@@ -201,7 +201,9 @@ fn write_section(body: &str) {
                 .find("\n## ")
                 .map(|i| start + header.len() + i + 1)
                 .unwrap_or(text.len());
-            format!("{}{}{}", &text[..start], body, &text[end..])
+            // Keep one blank line before the next section.
+            let sep = if end < text.len() { "\n" } else { "" };
+            format!("{}{}{sep}{}", &text[..start], body, &text[end..])
         }
         None => format!(
             "{}\n{}",
