@@ -301,6 +301,47 @@ fn a_refused_crypto_shard_fails_over_to_its_alternative() {
 }
 
 #[test]
+fn renewing_a_lease_keeps_the_host_and_a_new_config_restarts_it() {
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let s = spec(
+        dir.path(),
+        "fixture",
+        "fixture-misbehave",
+        "mode = ok",
+        LIMITS,
+    );
+    sup.activate("fixture", vec![s.clone()], Instant::now())
+        .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    let pid = sup.host_pid("fixture").expect("host running");
+    let mut renewed = s.clone();
+    renewed.activation.lease_expires_at_ms = 42;
+    assert!(sup
+        .activate("fixture", vec![renewed], Instant::now())
+        .expect("renew")
+        .is_empty());
+    assert_eq!(
+        sup.host_pid("fixture"),
+        Some(pid),
+        "a renewal restarted the host"
+    );
+    assert_eq!(sup.statuses()[0].lease_expires_at_ms, 42);
+    let mut changed = s;
+    changed.activation.config = b"mode = ok\nafter_polls = 5".to_vec();
+    sup.activate("fixture", vec![changed], Instant::now())
+        .expect("reconfigure");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    assert_ne!(
+        sup.host_pid("fixture"),
+        Some(pid),
+        "a new config must restart the host"
+    );
+}
+
+#[test]
 fn a_library_of_another_capability_is_refused() {
     let dir = shard_dir();
     let mut sup = Supervisor::new(supervisor_config(dir.path()));

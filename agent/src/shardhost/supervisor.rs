@@ -8,7 +8,10 @@
 //! and reaping a killed host):
 //! - [`Supervisor::activate`] `(capability, Vec<ShardSpec>, now)` starts (or
 //!   replaces) a capability; a [`ShardSpec`] carries the wire
-//!   [`Activation`], an optional library path and alternatives.
+//!   [`Activation`], an optional library path and alternatives. Activating
+//!   the same shards again with only new leases is a renewal: it updates the
+//!   leases and leaves the host running. Lease *expiry* is the caller's
+//!   decision (it calls `deactivate`).
 //! - [`Supervisor::poll`] `(now) -> Vec<HostEvent>`: call it at least every
 //!   100 ms; crashes, hangs (no heartbeat for `hang_after`) and over-limit
 //!   kills are reported within one second.
@@ -193,6 +196,16 @@ pub struct Supervisor {
     spawned: u64,
 }
 
+fn same_except_lease(a: &[ShardSpec], b: &[ShardSpec]) -> bool {
+    fn strip(s: &ShardSpec) -> ShardSpec {
+        let mut s = s.clone();
+        s.activation.lease_expires_at_ms = 0;
+        s.alternatives = s.alternatives.iter().map(strip).collect();
+        s
+    }
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| strip(x) == strip(y))
+}
+
 /// Limits of the host of a set of shards: sums of memory and CPU, the most
 /// favourable niceness, the largest weight.
 pub fn combined_limits(acts: &[&Activation]) -> ResourceLimits {
@@ -247,6 +260,13 @@ impl Supervisor {
         shardline_shared::ids::check_capability(capability)?;
         if shards.is_empty() {
             return Err(SupervisorError::Empty(capability.to_owned()));
+        }
+        // A renewal (same shards, new lease) must not restart a running host.
+        if let Some(cap) = self.caps.get_mut(capability) {
+            if same_except_lease(&cap.specs, &shards) {
+                cap.specs = shards;
+                return Ok(Vec::new());
+            }
         }
         let mut events = self.deactivate(capability);
         events.retain(|e| !matches!(e, HostEvent::Stopped { .. }));
