@@ -86,19 +86,50 @@ pub fn start_embedded(cfg: &BrokerConfig) -> Result<(), BrokerError> {
         })
         .map_err(BrokerError::Thread)?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let probe = if cfg.listen.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], cfg.listen.port()))
-    } else {
-        cfg.listen
-    };
+    let probe = cfg.listen;
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
+        if is_listening(probe) {
             tracing::info!(listen = %cfg.listen, "embedded MQTT broker up");
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(BrokerError::NotReady(cfg.listen))
+}
+
+/// Whether something listens on `addr`'s port. Reads the kernel's socket
+/// tables rather than connecting: a probe connection would show up in the
+/// broker's log as a failed client. Falls back to connecting without /proc.
+fn is_listening(addr: SocketAddr) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let mut readable = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        readable = true;
+        let found = text.lines().skip(1).any(|line| {
+            let mut cols = line.split_whitespace();
+            let local = cols.nth(1).unwrap_or("");
+            let state = cols.nth(1).unwrap_or("");
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            state == TCP_LISTEN && port == Some(addr.port())
+        });
+        if found {
+            return true;
+        }
+    }
+    if !readable {
+        let target = if addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
+        };
+        return std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok();
+    }
+    false
 }
 
 /// Accepts MQTT over TLS on `listen` and forwards each connection, once its

@@ -83,10 +83,13 @@ pub struct RotateArgs {
 }
 
 /// Logs to stderr; without colours and timestamps under systemd (the
-/// journal adds its own), `RUST_LOG` filters (default `info`).
+/// journal adds its own), `RUST_LOG` filters (default `info,rumqttd=warn`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rumqttd logs every client connection and subscription at info: with a
+    // fleet that would drown the journal, so it starts at warn.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
