@@ -1,4 +1,6 @@
 //! Table tests for every rule of the policy engine, refusal paths included.
+// Each test states only the settings it changes from the defaults.
+#![allow(clippy::field_reassign_with_default)]
 
 mod policy_common;
 use policy_common::*;
@@ -1006,7 +1008,7 @@ fn prediction_pre_activates_before_a_daily_peak_and_reactive_does_not() {
         "reactive starts with the demand: {reactive}"
     );
     assert!(
-        full < 9.0 && full >= 8.0,
+        (8.0..9.0).contains(&full),
         "prediction pre-activates before 09:00: {full}"
     );
 }

@@ -417,7 +417,7 @@ impl Engine {
                 });
             }
         }
-        self.dirty.mark(&device);
+        self.dirty.mark(device);
         let _ = now;
     }
 
@@ -480,7 +480,7 @@ impl Engine {
             return;
         };
         f(st, shard);
-        self.dirty.mark(&device);
+        self.dirty.mark(device);
         self.reconcile(now, device, out);
     }
 
@@ -494,7 +494,7 @@ impl Engine {
         };
         if let Some(st) = self.devices.get_mut(device) {
             st.reputation.apply(r, now, delta, kind.as_str());
-            self.dirty.mark(&device);
+            self.dirty.mark(device);
         }
     }
 
@@ -711,7 +711,7 @@ impl Engine {
         if st.pending_seq.is_some_and(|p| seq < p) {
             return; // an ack for an older instruction
         }
-        self.dirty.mark(&device);
+        self.dirty.mark(device);
         match outcome {
             AckOutcome::Applied | AckOutcome::Duplicate => {
                 st.pending_since_ms = None;
@@ -815,7 +815,7 @@ impl Engine {
             .filter(|t| t.expires_at_ms <= now)
             .cloned()
             .collect();
-        self.dirty.mark(&id);
+        self.dirty.mark(id);
         for t in &ended {
             self.remove_loan(t);
         }
@@ -1213,7 +1213,7 @@ impl Engine {
             });
         }
         if changed {
-            dirty.mark(&device);
+            dirty.mark(device);
         }
     }
 

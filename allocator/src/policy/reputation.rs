@@ -36,10 +36,8 @@ impl ReputationState {
         self.score = (self.score + delta).clamp(0.0, 100.0);
         // The announced reason is the latest penalty if there was one since
         // the last announcement (a bonus right after must not hide it).
-        if delta < 0.0 || !self.penalized {
-            if self.last_reason != reason {
-                reason.clone_into(&mut self.last_reason);
-            }
+        if (delta < 0.0 || !self.penalized) && self.last_reason != reason {
+            reason.clone_into(&mut self.last_reason);
         }
         if delta < 0.0 {
             self.penalized = true;
