@@ -401,7 +401,8 @@ impl Supervisor {
         };
         let mut buf = vec![0u8; ipc::MAX_DATAGRAM];
         let mut closed = false;
-        loop {
+        // Bounded per poll: a host flooding its socket cannot stall the agent.
+        for _ in 0..256 {
             match ipc::recv(host.sock.as_fd(), &mut buf, true) {
                 Ok(Some(n)) => {
                     host.last_msg = now;
