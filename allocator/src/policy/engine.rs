@@ -413,7 +413,7 @@ impl Engine {
                 out.push(Action::Instruct {
                     device: device.clone(),
                     ops,
-                    expires_at_ms: now + self.config.instruction_ttl_ms,
+                    expires_at_ms: now.saturating_add(self.config.instruction_ttl_ms),
                 });
             }
         }
@@ -572,7 +572,7 @@ impl Engine {
                     if s.state == ShardState::Quarantined {
                         // The device gave up on it: plan its alternative for a while.
                         st.avoid_until
-                            .insert(id.to_owned(), now + cfg.quarantine_avoid_ms);
+                            .insert(id.to_owned(), now.saturating_add(cfg.quarantine_avoid_ms));
                         st.leases.remove(id);
                         st.ended_at.insert(id.to_owned(), (now, false));
                     }
@@ -961,7 +961,9 @@ impl Engine {
         if !cfg.features.borrowing {
             return Err(BorrowRefusal::Disabled);
         }
-        let tier = &self.agreements.tiers[&st.tier];
+        let Some(tier) = self.agreements.tiers.get(&st.tier) else {
+            return Err(BorrowRefusal::TierForbids);
+        };
         if !tier.borrowing {
             return Err(BorrowRefusal::TierForbids);
         }
@@ -1026,7 +1028,7 @@ impl Engine {
                 kind,
                 units,
                 since_ms: now,
-                expires_at_ms: now + cfg.borrow_ms,
+                expires_at_ms: now.saturating_add(cfg.borrow_ms),
                 origin: TransferOrigin::Borrow,
             });
         }
@@ -1114,7 +1116,7 @@ impl Engine {
                     }) {
                         st.flaps += 1;
                     }
-                    let expires = now + lease_ms;
+                    let expires = now.saturating_add(lease_ms);
                     st.leases.insert(
                         id.to_owned(),
                         Lease {
@@ -1141,7 +1143,7 @@ impl Engine {
                         || l.shard != spec.shard
                     {
                         if renew {
-                            l.expires_at_ms = now + lease_ms;
+                            l.expires_at_ms = now.saturating_add(lease_ms);
                         }
                         l.limits = limits;
                         l.priority = *priority;
@@ -1200,7 +1202,7 @@ impl Engine {
             out.push(Action::Instruct {
                 device: device.clone(),
                 ops,
-                expires_at_ms: now + cfg.instruction_ttl_ms,
+                expires_at_ms: now.saturating_add(cfg.instruction_ttl_ms),
             });
         }
         if let Some((old, new, reason)) = st.reputation.announce(rcfg, now) {
@@ -1310,7 +1312,7 @@ impl Engine {
                 continue;
             }
             let mut need = missing;
-            let until = now + self.config.stabilization_ms;
+            let until = now.saturating_add(self.config.stabilization_ms);
             for (s, donor) in donors {
                 if need == 0 {
                     break;
@@ -1323,7 +1325,7 @@ impl Engine {
                     kind,
                     units,
                     since_ms: now,
-                    expires_at_ms: now + self.config.shift_ms,
+                    expires_at_ms: now.saturating_add(self.config.shift_ms),
                     origin: TransferOrigin::Shift {
                         qos_before: qos_before.clamp(0.0, 1000.0) as u32,
                         evaluated: false,
@@ -1376,7 +1378,7 @@ impl Engine {
         for t in renew {
             self.remove_loan(&t);
             self.add_loan(Transfer {
-                expires_at_ms: now + self.config.shift_ms,
+                expires_at_ms: now.saturating_add(self.config.shift_ms),
                 ..t
             });
         }
@@ -1396,7 +1398,7 @@ impl Engine {
                     evaluated,
                 } = &mut t.origin
                 {
-                    if *evaluated || now < t.since_ms + stab {
+                    if *evaluated || now < t.since_ms.saturating_add(stab) {
                         continue;
                     }
                     *evaluated = true;
@@ -1410,7 +1412,7 @@ impl Engine {
             self.remove_loan(&t);
             // Both sides get a fresh stabilization period: the rebalancer
             // must not shift the same units straight back.
-            let until = now + self.config.stabilization_ms;
+            let until = now.saturating_add(self.config.stabilization_ms);
             if let Some(st) = self.devices.get_mut(&t.to) {
                 st.rollbacks += 1;
                 st.stabilize_until_ms = until;
@@ -1466,7 +1468,7 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
         at(l.expires_at_ms.saturating_sub(renew_before));
     }
     for &t in st.demand.values() {
-        at(t + cfg.hysteresis_ms);
+        at(t.saturating_add(cfg.hysteresis_ms));
     }
     for &t in st.predicted.values() {
         at(t);
@@ -1478,7 +1480,7 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
         at(t.expires_at_ms);
     }
     if let Some(p) = st.pending_since_ms {
-        at(p + cfg.ack_timeout_ms);
+        at(p.saturating_add(cfg.ack_timeout_ms));
     }
     if cfg.features.prediction && !st.forecasts.is_empty() {
         let slot = cfg.forecast.slot_ms.max(1);
@@ -1486,7 +1488,7 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
     }
     if quota_factor(&cfg.reputation, st.reputation.score) < 1.0 || !st.refusals.is_empty() {
         // Recovering reputation or unmet demand: look again soon.
-        at(now + cfg.renew_margin_ms.max(60_000));
+        at(now.saturating_add(cfg.renew_margin_ms.max(60_000)));
     }
     wake
 }
@@ -1538,7 +1540,10 @@ fn cap_demand_kbps(
 fn predict(catalog: &Catalog, cfg: &PolicyConfig, st: &mut DeviceState, now: u64) {
     let slot_ms = cfg.forecast.slot_ms.max(1);
     let slot_now = now / slot_ms;
-    let horizon = cfg.prediction_horizon_ms.div_ceil(slot_ms);
+    let horizon = cfg
+        .prediction_horizon_ms
+        .div_ceil(slot_ms)
+        .min(u64::from(cfg.forecast.season_slots));
     for f in &st.forecasts {
         if !f.model.warmed_up() {
             continue;
