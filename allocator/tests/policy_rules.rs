@@ -1024,6 +1024,11 @@ fn device_state_round_trips_and_a_fresh_engine_continues_identically() {
     let json = serde_json::to_string(a.device_state(&d).unwrap()).unwrap();
     let restored: shardline_allocator::policy::DeviceState = serde_json::from_str(&json).unwrap();
     assert_eq!(&restored, a.device_state(&d).unwrap());
+    // The service stores it with postcard: that must round-trip too.
+    let bytes = postcard::to_stdvec(a.device_state(&d).unwrap()).unwrap();
+    let from_postcard: shardline_allocator::policy::DeviceState =
+        postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(&from_postcard, a.device_state(&d).unwrap());
     let mut b = engine();
     b.restore_device(d.clone(), restored);
     assert!(b.take_dirty().is_empty());
