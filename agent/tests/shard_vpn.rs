@@ -226,11 +226,23 @@ fn exchange(net: &Netns) -> (usize, usize, Vec<Vec<u8>>) {
 }
 
 fn start(net: &mut Netns, dir: &Path, shard_dir: &Path, crypto: &str) {
+    start_with(net, dir, shard_dir, crypto, crypto, None);
+}
+
+/// Starts A (initiator, `crypto_a`) and B (responder, `crypto_b`); B's log goes to `b_log`.
+fn start_with(
+    net: &mut Netns,
+    dir: &Path,
+    shard_dir: &Path,
+    crypto_a: &str,
+    crypto_b: &str,
+    b_log: Option<&Path>,
+) {
     let a = write_config(
         dir,
         shard_dir,
-        &format!("a-{crypto}.toml"),
-        crypto,
+        &format!("a-{crypto_a}.toml"),
+        crypto_a,
         "initiator",
         "10.231.0.1:51820",
         Some("10.231.0.2:51820"),
@@ -238,13 +250,17 @@ fn start(net: &mut Netns, dir: &Path, shard_dir: &Path, crypto: &str) {
     let b = write_config(
         dir,
         shard_dir,
-        &format!("b-{crypto}.toml"),
-        crypto,
+        &format!("b-{crypto_b}.toml"),
+        crypto_b,
         "responder",
         "10.231.0.2:51820",
         None,
     );
-    for (ns, cfg) in [(net.b.clone(), b), (net.a.clone(), a)] {
+    for (ns, cfg, log) in [(net.b.clone(), b, b_log), (net.a.clone(), a, None)] {
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+            None => Stdio::inherit(),
+        };
         let child = Command::new("ip")
             .args([
                 "netns", "exec", &ns, AGENT, "shards", "run", "vpn", "--config",
@@ -252,6 +268,7 @@ fn start(net: &mut Netns, dir: &Path, shard_dir: &Path, crypto: &str) {
             .arg(&cfg)
             .args(["--duration", "30"])
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start shards run");
         net.runs.push(child);
@@ -308,4 +325,26 @@ fn vpn_tunnel_carries_traffic_between_namespaces_encrypted_with_either_crypto_sh
             "{crypto}: capture sanity check failed (no plaintext on the TUN side)"
         );
     }
+
+    // Ends with different crypto shards refuse each other's handshake, and say why.
+    let log = work.path().join("b-mismatch.log");
+    start_with(
+        &mut net,
+        work.path(),
+        shards.path(),
+        "crypto-chacha20poly1305",
+        "crypto-aes256gcm",
+        Some(&log),
+    );
+    let (sent, intact, _) = exchange(&net);
+    net.stop_runs();
+    assert_eq!(
+        intact, 0,
+        "{intact} of {sent} arrived across mismatched ciphers"
+    );
+    let text = std::fs::read_to_string(&log).expect("read B's log");
+    assert!(
+        text.contains("both ends need the same crypto shard"),
+        "B did not explain the refusal:\n{text}"
+    );
 }

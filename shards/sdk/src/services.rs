@@ -15,6 +15,10 @@ pub mod aead {
     /// Input: what SEAL produced on the peer. Output: plaintext. Replays fail
     /// with `status::AUTH_FAILED`.
     pub const OPEN: u32 = 3;
+    /// Input: empty. Output: the cipher's name (e.g. `aes256gcm`); the tunnel
+    /// exchanges it in the handshake so two ends with different crypto shards
+    /// refuse each other with a clear error instead of failing every packet.
+    pub const CIPHER: u32 = 4;
     /// Bytes SEAL adds (counter + tag).
     pub const OVERHEAD: usize = 8 + 16;
 }

@@ -2,7 +2,9 @@
 //! agents inside UDP, encrypted by whichever `aead` shard the host loaded and
 //! keyed by the `auth` shard's handshake.
 //!
-//! Outer datagrams (first byte): `1` auth msg1, `2` auth msg2, `3` data
+//! Outer datagrams (first byte): `1` auth msg1 and `2` auth msg2, each
+//! followed by `len ‖ cipher name` of the local `aead` shard (ends with
+//! different crypto shards refuse each other with a clear error), `3` data
 //! (`3 ‖ aead SEAL output`), `4` "no session, please handshake" (sent by a
 //! responder that has no keys; it only makes the initiator handshake again,
 //! rate-limited, so a forged one costs a handshake at most).
@@ -69,6 +71,8 @@ pub struct Tunnel {
     out: Vec<u8>,
     scratch: Vec<u8>,
     stats: ShardStatsV1,
+    /// Name of the local `aead` cipher, asked once (after every shard is initialised).
+    cipher: Option<Vec<u8>>,
 }
 
 fn parse_addr(kv: &KeyValues, key: &str) -> Result<Option<SocketAddr>, ShardError> {
@@ -99,6 +103,55 @@ impl Tunnel {
         }
     }
 
+    /// The local cipher's name, appended to handshake messages.
+    fn cipher(&mut self) -> Vec<u8> {
+        if self.cipher.is_none() {
+            let mut name = Vec::new();
+            if self
+                .host
+                .call_service(aead::SERVICE, aead::CIPHER, &[], &mut name)
+                .is_ok()
+            {
+                name.truncate(255);
+                self.cipher = Some(name);
+            }
+        }
+        self.cipher.clone().unwrap_or_default()
+    }
+
+    /// Splits `len`-byte handshake message from its trailing cipher name and
+    /// checks the peer uses the same cipher.
+    fn check_cipher(&mut self, packet: &[u8], len: usize) -> bool {
+        let theirs = packet
+            .get(len + 1..)
+            .filter(|t| packet.get(len).map(|&l| usize::from(l)) == Some(t.len()));
+        let ours = self.cipher();
+        match theirs {
+            Some(t) if t == ours.as_slice() => true,
+            _ => {
+                self.stats.errors += 1;
+                self.host.log(
+                    level::ERROR,
+                    &format!(
+                        "handshake refused: peer uses cipher {:?}, this end {:?}; both ends need the same crypto shard",
+                        theirs.map(String::from_utf8_lossy),
+                        String::from_utf8_lossy(&ours)
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    fn with_cipher(&mut self, msg: &[u8]) -> Vec<u8> {
+        let c = self.cipher();
+        let mut v = Vec::with_capacity(msg.len() + 1 + c.len());
+        v.extend_from_slice(msg);
+        v.push(c.len() as u8);
+        v.extend_from_slice(&c);
+        v
+    }
+
     fn initiate(&mut self, now_ms: u64) {
         let Some(peer) = self.peer else {
             return;
@@ -112,7 +165,8 @@ impl Tunnel {
             && !msg1.is_empty()
         {
             // msg1 starts with its own type byte (1), so it is sent as is.
-            let _ = self.outer.send_to(&msg1, peer);
+            let pkt = self.with_cipher(&msg1);
+            let _ = self.outer.send_to(&pkt, peer);
         } else {
             self.stats.errors += 1;
         }
@@ -138,7 +192,11 @@ impl Tunnel {
         };
         match (t, self.role) {
             (T_MSG1, Role::Responder) => {
-                let msg1 = self.buf[..n].to_vec();
+                let packet = self.buf[..n].to_vec();
+                if !self.check_cipher(&packet, auth::MSG1_LEN) {
+                    return;
+                }
+                let msg1 = packet[..auth::MSG1_LEN].to_vec();
                 let mut out = Vec::new();
                 if self
                     .host
@@ -146,7 +204,8 @@ impl Tunnel {
                     .is_ok()
                     && out.len() == auth::MSG2_LEN + auth::KEYS_LEN
                 {
-                    let _ = self.outer.send_to(&out[..auth::MSG2_LEN], from);
+                    let pkt = self.with_cipher(&out[..auth::MSG2_LEN]);
+                    let _ = self.outer.send_to(&pkt, from);
                     if self.set_keys(&out[auth::MSG2_LEN..], now_ms) {
                         self.peer = Some(from);
                     }
@@ -155,7 +214,11 @@ impl Tunnel {
                 }
             }
             (T_MSG2, Role::Initiator) => {
-                let msg2 = self.buf[..n].to_vec();
+                let packet = self.buf[..n].to_vec();
+                if !self.check_cipher(&packet, auth::MSG2_LEN) {
+                    return;
+                }
+                let msg2 = packet[..auth::MSG2_LEN].to_vec();
                 let mut keys = Vec::new();
                 if self
                     .host
@@ -258,6 +321,7 @@ impl Shard for Tunnel {
             out: Vec::with_capacity(65_536),
             scratch: Vec::with_capacity(65_536),
             stats: ShardStatsV1::default(),
+            cipher: None,
         })
     }
 
