@@ -40,7 +40,13 @@ fn started(e: &HostEvent) -> bool {
 fn run_fixture(
     config: &str,
     limits: ResourceLimits,
-) -> (Supervisor, ShardFailure, Duration, Vec<HostEvent>) {
+) -> (
+    Supervisor,
+    ShardFailure,
+    Duration,
+    Vec<HostEvent>,
+    tempfile::TempDir,
+) {
     run_fixture_with(config, limits, true)
 }
 
@@ -48,7 +54,13 @@ fn run_fixture_with(
     config: &str,
     limits: ResourceLimits,
     cgroups: bool,
-) -> (Supervisor, ShardFailure, Duration, Vec<HostEvent>) {
+) -> (
+    Supervisor,
+    ShardFailure,
+    Duration,
+    Vec<HostEvent>,
+    tempfile::TempDir,
+) {
     let dir = shard_dir();
     let mut cfg = supervisor_config(dir.path());
     cfg.use_cgroups = cgroups;
@@ -90,13 +102,12 @@ fn run_fixture_with(
             _ => None,
         })
         .expect("failure event");
-    std::mem::forget(dir); // the host may still be restarting from it; tempdir cleanup is best effort
-    (sup, failure, at.duration_since(t_started), events)
+    (sup, failure, at.duration_since(t_started), events, dir)
 }
 
 #[test]
 fn a_segfaulting_shard_is_reported_restarted_then_quarantined() {
-    let (mut sup, failure, took, _) = run_fixture("mode = segv\nafter_polls = 3", LIMITS);
+    let (mut sup, failure, took, _, _dir) = run_fixture("mode = segv\nafter_polls = 3", LIMITS);
     assert_eq!(failure, ShardFailure::Crashed { signal: 11 });
     assert!(took < Duration::from_secs(1), "reported after {took:?}");
     // max_failures = 2: one restart, then quarantine.
@@ -128,7 +139,7 @@ fn a_segfaulting_shard_is_reported_restarted_then_quarantined() {
 
 #[test]
 fn a_panicking_shard_is_contained_and_reported() {
-    let (_sup, failure, took, _) = run_fixture("mode = panic\nafter_polls = 2", LIMITS);
+    let (_sup, failure, took, _, _dir) = run_fixture("mode = panic\nafter_polls = 2", LIMITS);
     assert_eq!(
         failure,
         ShardFailure::Exited { code: 101 },
@@ -139,7 +150,7 @@ fn a_panicking_shard_is_contained_and_reported() {
 
 #[test]
 fn a_hanging_shard_is_detected_by_missed_heartbeats() {
-    let (_sup, failure, took, _) = run_fixture("mode = hang\nafter_polls = 2", LIMITS);
+    let (_sup, failure, took, _, _dir) = run_fixture("mode = hang\nafter_polls = 2", LIMITS);
     assert_eq!(failure, ShardFailure::Hung);
     assert!(took < Duration::from_secs(1), "reported after {took:?}");
 }
@@ -151,7 +162,7 @@ fn a_memory_hog_is_killed_over_its_limit_and_the_agent_does_not_grow() {
         memory_max_bytes: 48 << 20,
         ..LIMITS
     };
-    let (sup, failure, took, events) = run_fixture("mode = memhog", limits);
+    let (sup, failure, took, events, _dir) = run_fixture("mode = memhog", limits);
     let enforcement = events.iter().find_map(|e| match e {
         HostEvent::Started { enforcement, .. } => Some(*enforcement),
         _ => None,
@@ -180,7 +191,7 @@ fn without_cgroups_the_rss_watchdog_kills_a_memory_hog() {
         memory_max_bytes: 48 << 20,
         ..LIMITS
     };
-    let (sup, failure, took, events) = run_fixture_with("mode = memhog", limits, false);
+    let (sup, failure, took, events, _dir) = run_fixture_with("mode = memhog", limits, false);
     assert!(events.iter().any(|e| matches!(
         e,
         HostEvent::Started {

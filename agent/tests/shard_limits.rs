@@ -66,3 +66,29 @@ fn the_detected_cgroup_backend_writes_limits_attaches_and_cleans_up() {
         assert!(!p.exists(), "{} left behind", p.display());
     }
 }
+
+#[test]
+fn stale_host_cgroups_of_a_dead_agent_are_removed() {
+    let backend = CgroupBackend::detect();
+    if backend == CgroupBackend::None {
+        println!("SKIP: no writable cgroup here (not root, or no delegated cgroup)");
+        return;
+    }
+    let limits = ResourceLimits {
+        cpu_quota_permille: 100,
+        cpu_weight: 100,
+        memory_max_bytes: 16 << 20,
+        nice: 0,
+    };
+    // pid 999999999 is above any pid_max: that agent is certainly gone.
+    let stale = backend
+        .create("shardline-test-999999999-1", &limits)
+        .expect("create")
+        .expect("a cgroup");
+    let paths = stale.paths().to_vec();
+    assert!(paths.iter().all(|p| p.exists()));
+    backend.remove_stale();
+    for p in &paths {
+        assert!(!p.exists(), "{} not removed", p.display());
+    }
+}

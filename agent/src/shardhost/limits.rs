@@ -142,6 +142,42 @@ impl CgroupBackend {
         }
     }
 
+    /// Removes empty host cgroups left by an agent that died without
+    /// cleaning up (names `shardline-{capability}-{agent pid}-{n}` whose agent
+    /// pid is gone). A cgroup that still has processes is kept.
+    pub fn remove_stale(&self) {
+        let parents: Vec<&Path> = match self {
+            Self::V2 { parent } => vec![parent],
+            Self::V1 { memory, cpu } => vec![memory, cpu],
+            Self::None => vec![],
+        };
+        for parent in parents {
+            let Ok(entries) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix("shardline-") else {
+                    continue;
+                };
+                let mut parts = rest.rsplitn(3, '-');
+                let (_n, pid) = (
+                    parts.next(),
+                    parts.next().and_then(|p| p.parse::<u32>().ok()),
+                );
+                let Some(pid) = pid else {
+                    continue;
+                };
+                if pid != std::process::id()
+                    && !Path::new(&format!("/proc/{pid}")).exists()
+                    && std::fs::remove_dir(e.path()).is_ok()
+                {
+                    tracing::info!(path = %e.path().display(), "removed a stale host cgroup");
+                }
+            }
+        }
+    }
+
     pub fn enforcement(&self) -> Enforcement {
         match self {
             Self::V2 { .. } => Enforcement::CgroupV2,

@@ -228,6 +228,7 @@ impl Supervisor {
         } else {
             CgroupBackend::None
         };
+        backend.remove_stale();
         tracing::info!(enforcement = ?backend.enforcement(), "shard supervisor ready");
         Self {
             cfg,
