@@ -129,6 +129,14 @@ fn the_shaper_holds_its_rate_within_five_percent() {
         err < 0.05,
         "shaped rate {measured:.0} bit/s is more than 5 % off {rate_bps}"
     );
+    // The agent watched the host: resident memory and CPU from sysinfo, state from heartbeats.
+    let st = sup.statuses();
+    assert_eq!(st.len(), 2, "{st:?}");
+    for s in &st {
+        assert_eq!(s.state, shardline_shared::msg::ShardState::Running, "{s:?}");
+        assert!(s.rss_kib > 0, "no RSS sampled: {s:?}");
+        assert_eq!(s.restarts, 0);
+    }
     let stats = sup.shard_stats("qos");
     assert!(
         stats[0].dropped > 0 || stats[0].packets_in > stats[0].packets_out,
