@@ -109,8 +109,8 @@ fn list(dir: &Path) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<40} {:<28} {:<8} {:<4} {:<64} STATUS",
-        "FILE", "ID", "VERSION", "ABI", "SHA256"
+        "{:<40} {:<28} {:<8} {:<4} {:<18} {:<64} STATUS",
+        "FILE", "ID", "VERSION", "ABI", "COST(CPU‰,MEM)", "SHA256"
     )?;
     for path in entries {
         let file = path
@@ -143,9 +143,14 @@ fn list(dir: &Path) -> anyhow::Result<ExitCode> {
                 error: Some(format!("cannot run probe: {e}")),
             },
         };
-        let (id, version, abi) = match &probe.info {
-            Some(i) => (i.id.clone(), i.version.clone(), i.abi_version.to_string()),
-            None => ("-".into(), "-".into(), "-".into()),
+        let (id, version, abi, cost) = match &probe.info {
+            Some(i) => (
+                i.id.clone(),
+                i.version.clone(),
+                i.abi_version.to_string(),
+                format!("{}‰,{}KiB", i.cost_cpu_permille, i.cost_memory_bytes / 1024),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         let mut status = probe.error.clone().unwrap_or_else(|| "ok".into());
         if let Some(i) = &probe.info {
@@ -156,11 +161,12 @@ fn list(dir: &Path) -> anyhow::Result<ExitCode> {
         }
         writeln!(
             out,
-            "{:<40} {:<28} {:<8} {:<4} {:<64} {}",
+            "{:<40} {:<28} {:<8} {:<4} {:<18} {:<64} {}",
             file,
             id,
             version,
             abi,
+            cost,
             probe.sha256.as_deref().unwrap_or("-"),
             status
         )?;
