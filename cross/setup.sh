@@ -1,8 +1,8 @@
 #!/bin/sh
 # cross/setup.sh: install what cross/build.sh, cross/test-aarch64.sh and
 # packaging/ need on a fresh Debian/Ubuntu machine: the ARM cross linkers
-# and C libraries, binutils for stripping, qemu-user, dpkg-dev, and the rust
-# targets. Idempotent and quiet: installs only what is missing, prints one
+# and C libraries, binutils for stripping and objdump, qemu-user, and the
+# rust targets (dpkg-deb, useradd and sha256sum are in every Debian base). Idempotent and quiet: installs only what is missing, prints one
 # line per action. As non-root it installs nothing and lists what is missing
 # (exit 1 if anything is).
 set -eu
@@ -14,9 +14,7 @@ libc6-dev-arm64-cross:/usr/aarch64-linux-gnu/lib/crt1.o
 libc6-dev-armhf-cross:/usr/arm-linux-gnueabihf/lib/crt1.o
 binutils-aarch64-linux-gnu:/usr/bin/aarch64-linux-gnu-strip
 binutils-arm-linux-gnueabihf:/usr/bin/arm-linux-gnueabihf-strip
-qemu-user-static:/usr/bin/qemu-aarch64-static
-dpkg-dev:/usr/bin/dpkg-architecture
-file:/usr/bin/file"
+qemu-user-static:/usr/bin/qemu-aarch64-static"
 targets="aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl"
 
 missing=""

@@ -134,7 +134,11 @@ $long
 CONTROL
     (cd "$staging" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$staging/DEBIAN/md5sums"
     deb="$DEB_OUT/${name}_${version}_${arch}.deb"
-    dpkg-deb --root-owner-group -Zxz --build "$staging" "$deb" >/dev/null
+    # xz for release packages; the --debug ones exist for tests, where gzip
+    # at level 1 saves most of the time xz takes on unoptimised binaries.
+    local z=(-Zxz)
+    [ "$profile" = debug ] && z=(-Zgzip -z1)
+    dpkg-deb --root-owner-group "${z[@]}" --build "$staging" "$deb" >/dev/null
     echo "$deb"
 }
 
