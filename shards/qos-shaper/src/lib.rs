@@ -5,7 +5,8 @@
 //!
 //! Config: `listen = ADDR` (where clients send), `forward = ADDR` (where the
 //! shaped traffic goes), `rate_bps` (UDP payload bits per second), optional
-//! `burst_bytes` (default 20 ms of rate, at least 3000), `queue_packets`
+//! `burst_bytes` (default 100 ms of rate, at least 3000: a host descheduled
+//! for less than that loses no tokens), `queue_packets`
 //! (default 1024; arrivals beyond it are dropped and counted — tail drop).
 //!
 //! The bucket runs on `Instant` (nanoseconds), not the host's millisecond
@@ -116,7 +117,7 @@ impl Shard for Shaper {
         if rate_bps == 0 {
             return Err(ShardError::invalid("config: rate_bps must be > 0"));
         }
-        let burst = kv.get_or("burst_bytes", (rate_bps / 8 / 50).max(3_000))?;
+        let burst = kv.get_or("burst_bytes", (rate_bps / 8 / 10).max(3_000))?;
         let io =
             |what: &str, e: std::io::Error| ShardError::new(status::ERROR, format!("{what}: {e}"));
         let listen = UdpSocket::bind(listen_addr).map_err(|e| io("bind listen", e))?;
