@@ -514,14 +514,20 @@ fn core_loop(
     // while the previous one is fsynced. Batches are committed, published
     // and answered strictly in order, each only after its commit. The
     // bounded channel holds the core back when the disk falls behind.
-    let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<Flush>(2);
+    let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<Flush>(64);
     let store_thread = {
         let metrics = metrics.clone();
         std::thread::Builder::new()
             .name("allocator-store".into())
             .spawn(move || {
-                while let Ok(f) = flush_rx.recv() {
-                    flush(f, &store, &client, &rt, &metrics);
+                while let Ok(first) = flush_rx.recv() {
+                    // Group commit: everything queued meanwhile goes into
+                    // the same transaction (one fsync).
+                    let mut group = vec![first];
+                    while let Ok(more) = flush_rx.try_recv() {
+                        group.push(more);
+                    }
+                    flush(group, &store, &client, &rt, &metrics);
                 }
             })
     };
@@ -586,18 +592,25 @@ fn core_loop(
 /// uncommitted sequence numbers could reuse them after a crash), then
 /// publishes its instructions and answers its commands.
 fn flush(
-    f: Flush,
+    group: Vec<Flush>,
     store: &RedbStore,
     client: &AsyncClient,
     rt: &tokio::runtime::Handle,
     metrics: &Metrics,
 ) {
-    let Flush { step, replies } = f;
-    if !step.batch.is_empty() {
+    let mut batches = Vec::with_capacity(group.len());
+    let mut publish = Vec::new();
+    let mut replies = Vec::new();
+    for f in group {
+        batches.push(f.step.batch);
+        publish.extend(f.step.publish);
+        replies.extend(f.replies);
+    }
+    if !batches.iter().all(|b| b.is_empty()) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let t = std::time::Instant::now();
-            match store.commit(&step.batch) {
+            match store.commit_all(&batches) {
                 Ok(()) => {
                     Metrics::inc(&metrics.store_commits);
                     metrics
@@ -615,7 +628,7 @@ fn flush(
         }
     }
     let t = std::time::Instant::now();
-    for p in step.publish {
+    for p in publish {
         let sent = rt.block_on(client.publish(p.topic, QoS::AtLeastOnce, false, p.payload));
         if let Err(e) = sent {
             Metrics::inc(&metrics.publish_errors);

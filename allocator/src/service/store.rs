@@ -174,7 +174,11 @@ pub trait Store: Send + 'static {
     fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     fn load_tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError>;
     fn load_meta(&self) -> Result<Meta, StoreError>;
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.commit_all(std::slice::from_ref(batch))
+    }
+    /// Several batches, applied in order, in one transaction (group commit).
+    fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError>;
 }
 
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
@@ -275,12 +279,12 @@ impl Store for RedbStore {
             .unwrap_or_default())
     }
 
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
+    fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
+        if batches.iter().all(Batch::is_empty) {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(db_err)?;
-        {
+        for batch in batches {
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
             for rec in &batch.put_devices {
                 devices
