@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 
 /// cgroup v1/v2 CPU period used for quotas (100 ms, the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
-/// Headroom above `memory_max_bytes` for `RLIMIT_DATA`: the cgroup or the
-/// agent's RSS watchdog is the precise cap; the rlimit is the backstop when
-/// neither is fast enough.
+/// Minimum headroom above `memory_max_bytes` for `RLIMIT_DATA`, which is set
+/// to twice the cap or cap + headroom, whichever is larger: the cgroup or the
+/// agent's RSS watchdog is the precise cap (and reports `OverLimit`); the
+/// rlimit is the backstop when neither is fast enough.
 pub const RLIMIT_DATA_HEADROOM: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,10 @@ pub fn apply_process_limits(limits: &ResourceLimits) -> Result<(), LimitError> {
         source,
     })?;
     if limits.memory_max_bytes > 0 {
-        let cap = limits.memory_max_bytes.saturating_add(RLIMIT_DATA_HEADROOM);
+        let cap = limits
+            .memory_max_bytes
+            .saturating_mul(2)
+            .max(limits.memory_max_bytes.saturating_add(RLIMIT_DATA_HEADROOM));
         // rlim_t is 32 bits on armv7: saturate rather than wrap.
         let cap = libc::rlim_t::try_from(cap).unwrap_or(libc::rlim_t::MAX);
         setrlimit(Resource::RLIMIT_DATA, cap, cap).map_err(|source| LimitError::Rlimit {
