@@ -11,6 +11,7 @@
 //! Plain `std` only: this crate must build in seconds before anything else.
 #![forbid(unsafe_code)]
 
+mod bench_e2e;
 mod demo;
 mod sh;
 
@@ -25,9 +26,15 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("mosquitto", "/usr/sbin/mosquitto"),
     ("iproute2", "/usr/sbin/ip"),
     ("gcc-aarch64-linux-gnu", "/usr/bin/aarch64-linux-gnu-gcc"),
-    ("gcc-arm-linux-gnueabihf", "/usr/bin/arm-linux-gnueabihf-gcc"),
+    (
+        "gcc-arm-linux-gnueabihf",
+        "/usr/bin/arm-linux-gnueabihf-gcc",
+    ),
     ("libc6-dev-arm64-cross", "/usr/aarch64-linux-gnu/lib/crt1.o"),
-    ("libc6-dev-armhf-cross", "/usr/arm-linux-gnueabihf/lib/crt1.o"),
+    (
+        "libc6-dev-armhf-cross",
+        "/usr/arm-linux-gnueabihf/lib/crt1.o",
+    ),
     ("qemu-user-static", "/usr/bin/qemu-aarch64-static"),
     ("systemd", "/usr/bin/systemd-analyze"),
 ];
@@ -38,7 +45,8 @@ fn usage() -> ExitCode {
          commands:\n  \
          demo    run the whole system on one machine (embedded broker and store)\n  \
          test    install test prerequisites (as root) and run every test\n  \
-         bench   run the benchmarks and write BENCHMARKS.md rows\n  \
+         bench   run the benchmarks and write BENCHMARKS.md rows\n          \
+                 (`bench e2e [--runs N] [--no-netns]`: first packet to shard active)\n  \
          setup   only install the test prerequisites (as root)"
     );
     ExitCode::from(2)
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
     let root = workspace_root();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&root, &args[1..]),
+        // Internal: the demo's traffic server, run inside its network namespace.
+        Some("demo-traffic") => demo::traffic_cmd(&args[1..]),
         Some("test") => test(&root, &args[1..]),
         Some("bench") => bench(&root, &args[1..]),
         Some("setup") => setup(&root).map(|_| ()),
@@ -95,7 +105,9 @@ fn setup(root: &Path) -> Result<Skips, String> {
     if !missing.is_empty() {
         if is_root() && Path::new("/usr/bin/apt-get").exists() {
             eprintln!("xtask: installing {}", missing.join(" "));
-            run(Step::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            run(Step::new("apt-get")
+                .args(["update", "-qq"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
             run(Step::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(missing.iter().copied())
@@ -109,7 +121,10 @@ fn setup(root: &Path) -> Result<Skips, String> {
     }
     let installed = sh::capture(Step::new("rustup").args(["target", "list", "--installed"]))
         .unwrap_or_default();
-    for target in CROSS_TARGETS.iter().chain(["aarch64-unknown-linux-musl"].iter()) {
+    for target in CROSS_TARGETS
+        .iter()
+        .chain(["aarch64-unknown-linux-musl"].iter())
+    {
         if !installed.lines().any(|l| l.trim() == *target) {
             if let Err(e) = run(Step::new("rustup").args(["target", "add", target])) {
                 skips.add(format!("rust target {target}: {e}"));
@@ -128,7 +143,9 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
     }
 
     // 1. Every workspace test on the host.
-    run(Step::new("cargo").args(["test", "--workspace", "--locked"]).cwd(root))?;
+    run(Step::new("cargo")
+        .args(["test", "--workspace", "--locked"])
+        .cwd(root))?;
 
     // 2. ARM: the workspace builds for both targets, and the protocol's tests
     //    run under qemu-user for aarch64.
@@ -141,7 +158,9 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
                 _ => "/usr/bin/arm-linux-gnueabihf-gcc",
             };
             if !Path::new(linker).exists() {
-                skips.add(format!("cross build for {target}: {linker} is not installed"));
+                skips.add(format!(
+                    "cross build for {target}: {linker} is not installed"
+                ));
                 continue;
             }
             run(Step::new("cargo")
@@ -150,7 +169,14 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
         }
         if Path::new("/usr/bin/qemu-aarch64-static").exists() {
             run(Step::new("cargo")
-                .args(["test", "--locked", "-p", "shardline-shared", "--target", CROSS_TARGETS[0]])
+                .args([
+                    "test",
+                    "--locked",
+                    "-p",
+                    "shardline-shared",
+                    "--target",
+                    CROSS_TARGETS[0],
+                ])
                 .cwd(root))?;
             let aarch64_tests = root.join("cross/test-aarch64.sh");
             if aarch64_tests.exists() {
@@ -195,11 +221,27 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself.
     let all = [
-        ("monitor", vec!["bench", "-p", "shardline-agent", "--bench", "monitor"]),
-        ("shards", vec!["bench", "-p", "shardline-agent", "--bench", "shards"]),
-        ("policy", vec!["bench", "-p", "shardline-allocator", "--bench", "policy"]),
-        ("service", vec!["bench", "-p", "shardline-allocator", "--bench", "service"]),
+        (
+            "monitor",
+            vec!["bench", "-p", "shardline-agent", "--bench", "monitor"],
+        ),
+        (
+            "shards",
+            vec!["bench", "-p", "shardline-agent", "--bench", "shards"],
+        ),
+        (
+            "policy",
+            vec!["bench", "-p", "shardline-allocator", "--bench", "policy"],
+        ),
+        (
+            "service",
+            vec!["bench", "-p", "shardline-allocator", "--bench", "service"],
+        ),
     ];
+    // `bench e2e [options]`: only the end-to-end latency bench, with its options.
+    if args.first().is_some_and(|a| a == "e2e") {
+        return bench_e2e::run(root, &args[1..]);
+    }
     let wanted: Vec<&str> = args.iter().map(String::as_str).collect();
     for (name, cargo_args) in all {
         if !wanted.is_empty() && !wanted.contains(&name) {
@@ -210,10 +252,16 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
             _ => root.join(format!("allocator/benches/{name}.rs")),
         };
         if !bench_file.exists() {
-            eprintln!("xtask: bench {name}: {} does not exist yet, skipped", bench_file.display());
+            eprintln!(
+                "xtask: bench {name}: {} does not exist yet, skipped",
+                bench_file.display()
+            );
             continue;
         }
         run(Step::new("cargo").args(cargo_args).cwd(root))?;
+    }
+    if wanted.is_empty() {
+        bench_e2e::run(root, &[])?;
     }
     let sizes = root.join("cross/sizes.sh");
     if sizes.exists() && (wanted.is_empty() || wanted.contains(&"sizes")) {

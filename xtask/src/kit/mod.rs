@@ -1,0 +1,12 @@
+//! Building blocks of the whole Shardline loop on one machine, in plain
+//! `std`: shared by `cargo xtask demo`, `cargo xtask bench e2e` and the
+//! workspace integration tests (`shardline-tests`).
+
+pub mod interrupt;
+pub mod json;
+pub mod netns;
+pub mod pcap;
+pub mod proc;
+pub mod sha256;
+pub mod stack;
+pub mod traffic;
