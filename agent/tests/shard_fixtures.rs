@@ -353,6 +353,50 @@ fn renewing_a_lease_keeps_the_host_and_a_new_config_restarts_it() {
 }
 
 #[test]
+fn a_running_host_has_no_capabilities_left() {
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let s = spec(
+        dir.path(),
+        "fixture",
+        "fixture-misbehave",
+        "mode = ok",
+        LIMITS,
+    );
+    sup.activate("fixture", vec![s], Instant::now())
+        .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    let pid = sup.host_pid("fixture").expect("host running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("host status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    if is_root() {
+        let own = std::fs::read_to_string("/proc/self/status").expect("own status");
+        assert!(
+            !own.contains("CapEff:\t0000000000000000"),
+            "control: the agent (root) has capabilities"
+        );
+    }
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000000000",
+        "host kept capabilities"
+    );
+    assert_eq!(
+        field("CapPrm:"),
+        "0000000000000000",
+        "host kept permitted capabilities"
+    );
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
+
+#[test]
 fn a_library_of_another_capability_is_refused() {
     let dir = shard_dir();
     let mut sup = Supervisor::new(supervisor_config(dir.path()));

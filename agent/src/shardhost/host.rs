@@ -8,7 +8,8 @@
 //! 3. verify *every* library (no symlink, owner, mode, SHA-256) — one refusal
 //!    and nothing is loaded at all — then load them and check each descriptor
 //!    names the expected `id@version` and capability;
-//! 4. initialise every shard, report `Running`, run the event loop: poll each
+//! 4. initialise every shard, drop every capability (`capset` to zero,
+//!    `no_new_privs`), report `Running`, run the event loop: poll each
 //!    shard, sleep in `poll(2)` on their descriptors and the IPC socket, send
 //!    a heartbeat with per-shard stats every `heartbeat_ms`.
 //!
@@ -199,6 +200,10 @@ pub fn run(ipc: OwnedFd) -> u8 {
                 EXIT_INIT_FAILED
             };
         }
+    }
+    // Shards have what they need from privilege (TUN attached, sockets bound): drop it.
+    if let Err(e) = super::sys::drop_privileges() {
+        tracing::warn!(error = %e, "could not drop capabilities");
     }
     send(&FromHost::Running);
 
