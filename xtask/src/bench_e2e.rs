@@ -50,7 +50,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let profile = exe.parent().ok_or("xtask has no directory")?.to_owned();
     let target = profile.parent().ok_or("no target directory")?.to_owned();
-    stack::build(root, &target)?;
+    stack::build(root, &target, false)?;
     let bins = Bins::in_profile(&profile)?;
     let tmp = TempDir::new("shardline-bench-e2e")?;
     let ns = Netns::create("e2e")?;

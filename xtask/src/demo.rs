@@ -93,7 +93,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
     let profile = exe.parent().ok_or("xtask has no directory")?.to_owned();
     let target = profile.parent().ok_or("no target directory")?.to_owned();
     println!("demo: building the agent, the allocator and the shards (cargo build)");
-    stack::build(root, &target)?;
+    stack::build(root, &target, false)?;
     if intr.fired() {
         return Err("interrupted".into());
     }

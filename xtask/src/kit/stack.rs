@@ -24,8 +24,8 @@ pub const PACKAGES: &[&str] = &[
     "shard-qos-dscp",
 ];
 
-/// `cargo build` of [`PACKAGES`] into `target_dir` (debug profile).
-pub fn build(root: &Path, target_dir: &Path) -> Result<(), String> {
+/// `cargo build` of [`PACKAGES`] into `target_dir` (debug profile, or release).
+pub fn build(root: &Path, target_dir: &Path, release: bool) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // SIGINT stays deliverable to cargo even under the demo's Ctrl-C handling.
     let mut cmd = super::interrupt::Interrupt::interruptible(&cargo);
@@ -33,6 +33,9 @@ pub fn build(root: &Path, target_dir: &Path) -> Result<(), String> {
         .arg("build")
         .arg("--target-dir")
         .arg(target_dir);
+    if release {
+        cmd.arg("--release");
+    }
     for p in PACKAGES {
         cmd.args(["-p", p]);
     }
