@@ -101,9 +101,9 @@ catalog_with_digests() {
         { print }' "$catalog"
 }
 
-# build_pkg NAME ARCH STAGING DESCRIPTION
+# build_pkg NAME ARCH STAGING EXTRA_DEPENDS SUMMARY LONG_DESCRIPTION
 build_pkg() {
-    local name=$1 arch=$2 staging=$3 summary=$4 long=$5
+    local name=$1 arch=$2 staging=$3 extra=$4 summary=$5 long=$6
     local depends deb size
     mkdir -p "$staging/DEBIAN" "$staging/usr/share/doc/$name"
     install -m 0644 "$here/INSTALL.md" "$staging/usr/share/doc/$name/INSTALL.md"
@@ -125,7 +125,7 @@ Version: $version
 Architecture: $arch
 Maintainer: Shardline team <shardline@example.invalid>
 Installed-Size: $size
-Depends: $depends, passwd
+Depends: $depends, $extra
 Section: net
 Priority: optional
 Homepage: https://example.invalid/shardline
@@ -167,7 +167,8 @@ for arch in "${arches[@]}"; do
     fi
     install -D -m 0644 "$here/config/agent.toml" "$s/etc/shardline/agent.toml"
     install -D -m 0644 "$repo/systemd/shardline-agent.service" "$s/usr/lib/systemd/system/shardline-agent.service"
-    build_pkg shardline-agent "$arch" "$s" \
+    # passwd: useradd in postinst; procps: /bin/kill for ExecReload.
+    build_pkg shardline-agent "$arch" "$s" "passwd, procps" \
         "Shardline device agent (QoS telemetry, capability shards)" \
 " The Shardline agent runs on a router or gateway: it watches traffic at
  packet level, reports the quality of service it needs to the fleet's
@@ -189,7 +190,7 @@ for arch in "${arches[@]}"; do
     catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" >"$s/etc/shardline/catalog.toml"
     install -m 0644 "$repo/allocator/catalog/tiers.toml" "$s/etc/shardline/agreements.toml"
     install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
-    build_pkg shardline-allocator "$arch" "$s" \
+    build_pkg shardline-allocator "$arch" "$s" "passwd" \
         "Shardline allocator (fleet policy, signed instructions)" \
 " The Shardline allocator runs in the cloud for an operator's fleet: it
  receives QoS reports, decides per device which capability shards run with

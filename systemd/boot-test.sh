@@ -30,9 +30,15 @@ command -v systemd-nspawn >/dev/null || skip "systemd-nspawn is not installed (a
 if [ ! -x "$root/lib/systemd/systemd" ]; then
     command -v debootstrap >/dev/null || skip "debootstrap is not installed (apt-get install debootstrap)"
     echo "systemd/boot-test.sh: debootstrap bookworm into $root"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2 \
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,procps \
         bookworm "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 ||
         { tail -20 "$root.debootstrap.log"; exit 1; }
+fi
+
+# The packages' dependencies beyond minbase (a root made by an older
+# version of this script may lack them).
+if [ ! -x "$root/bin/kill" ]; then
+    chroot "$root" apt-get install -y -qq --no-install-recommends procps >/dev/null
 fi
 
 debs="${DEB_DIR:-}"
@@ -125,6 +131,13 @@ fi
 devpub=$(runuser -u shardline -- shardline-agent check-config --print-pubkey 2>/dev/null || true)
 [ -n "$devpub" ] && echo "INFO device public key $devpub" >>"$res"
 check_unit shardline-agent.service shardline 0000000000002000
+if systemctl reload shardline-agent.service 2>reload.err && sleep 2 &&
+    [ "$(systemctl show -p ActiveState -p NRestarts shardline-agent.service | sort | tr '\n' ' ')" = "ActiveState=active NRestarts=0 " ] &&
+    journalctl -b -u shardline-agent --no-pager -o cat | grep -q 'configuration reloaded'; then
+    pass "shardline-agent.service: systemctl reload (SIGHUP) re-read the configuration, still active"
+else
+    fail "shardline-agent.service: reload: $(cat reload.err) $(systemctl show -p ActiveState -p NRestarts shardline-agent.service | tr '\n' ' ')"
+fi
 
 # A shard host under the agent's sandbox: enrol the device, pin a shard, and
 # wait for the agent to start a host process (a re-execution of itself that
