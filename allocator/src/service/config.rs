@@ -128,6 +128,11 @@ pub struct StoreConfig {
     /// Every device's engine state is also checkpointed this often (state that
     /// changes only with time, e.g. reputation decay, is otherwise written lazily).
     pub checkpoint_s: u64,
+    /// Engine state that changed without any action (forecast accumulation,
+    /// reputation decay) is written at most this long after the change; a
+    /// crash loses at most this much of it. Report sequence floors, leases,
+    /// instructions and reputation changes are written before anything is sent.
+    pub engine_flush_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -135,6 +140,7 @@ impl Default for StoreConfig {
         Self {
             path: "/var/lib/shardline/allocator.redb".into(),
             checkpoint_s: 300,
+            engine_flush_ms: 5_000,
         }
     }
 }

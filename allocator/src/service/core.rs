@@ -210,6 +210,8 @@ pub struct CoreConfig {
     pub max_payload: usize,
     pub resend_after_ms: u64,
     pub checkpoint_ms: u64,
+    /// Engine state changed by reports and ticks alone is written this often.
+    pub engine_flush_ms: u64,
 }
 
 /// Device public keys by id, written by the core, read by verifier threads.
@@ -289,6 +291,11 @@ pub struct Core {
     cfg: CoreConfig,
     metrics: Arc<Metrics>,
     dirty: BTreeSet<DeviceId>,
+    /// Engine state changed without an action: written within `engine_flush_ms`.
+    lazy: BTreeSet<DeviceId>,
+    /// Only the report sequence floor changed.
+    seq_dirty: BTreeSet<DeviceId>,
+    last_lazy_ms: u64,
     keydir: KeyDirectory,
     step: Step,
     last_checkpoint_ms: u64,
@@ -352,6 +359,9 @@ impl Core {
             cfg,
             metrics,
             dirty: BTreeSet::new(),
+            lazy: BTreeSet::new(),
+            seq_dirty: BTreeSet::new(),
+            last_lazy_ms: now_ms,
             keydir: KeyDirectory::default(),
             step: Step::default(),
             last_checkpoint_ms: now_ms,
@@ -395,11 +405,24 @@ impl Core {
 
     /// Everything to commit and publish since the last call.
     pub fn take_step(&mut self) -> Step {
+        // Engine state that changed without any action (forecast updates,
+        // reputation decay) is written lazily, within `engine_flush_ms`.
         for device in self.engine.take_dirty() {
-            self.dirty.insert(device);
+            if !self.dirty.contains(&device) {
+                self.lazy.insert(device);
+            }
         }
         let mut step = std::mem::take(&mut self.step);
+        for device in std::mem::take(&mut self.seq_dirty) {
+            if self.dirty.contains(&device) {
+                continue;
+            }
+            if let Some(rec) = self.records.get(&device) {
+                step.batch.report_seqs.push((device, rec.last_report_seq));
+            }
+        }
         for device in std::mem::take(&mut self.dirty) {
+            self.lazy.remove(&device);
             if let Some(rec) = self.records.get_mut(&device) {
                 if let Some(state) = self.engine.device_state(&device) {
                     rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
@@ -582,7 +605,7 @@ impl Core {
         rec.last_report_seq = report.seq;
         rec.last_report_ms = Some(now_ms);
         self.mark_applied(&device, report.applied_instruction_seq);
-        self.dirty.insert(device.clone());
+        self.seq_dirty.insert(device.clone());
         Metrics::inc(&self.metrics.reports_accepted);
         self.feed(now_ms, Event::Report(report));
     }
@@ -755,11 +778,11 @@ impl Core {
         // decays continuously); writing the whole fleet every tick would
         // dominate the store. Devices the tick acted on are written now (their
         // records are marked by `feed`); the rest at the next checkpoint.
-        for device in self.engine.take_dirty() {
-            self.dirty.insert(device);
-        }
         self.feed(now_ms, Event::Tick);
-        drop(self.engine.take_dirty());
+        if now_ms.saturating_sub(self.last_lazy_ms) >= self.cfg.engine_flush_ms {
+            self.last_lazy_ms = now_ms;
+            self.flush_lazy();
+        }
         let devices: Vec<DeviceId> = self
             .records
             .iter()
@@ -829,6 +852,14 @@ impl Core {
             reports_per_second: rate,
             key_epoch: self.meta.key_epoch,
         });
+    }
+
+    /// Schedules every lazily kept engine state for the next commit.
+    pub fn flush_lazy(&mut self) {
+        for device in self.engine.take_dirty() {
+            self.lazy.insert(device);
+        }
+        self.dirty.extend(std::mem::take(&mut self.lazy));
     }
 
     /// Re-sends everything pending (after the MQTT link (re)connected).
@@ -1227,6 +1258,7 @@ mod tests {
                 max_payload: 65536,
                 resend_after_ms: 1000,
                 checkpoint_ms: 60_000,
+                engine_flush_ms: 5_000,
             },
             Arc::new(Metrics::default()),
             1_000_000,

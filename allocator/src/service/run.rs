@@ -215,6 +215,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         max_payload: config.broker.max_payload,
         resend_after_ms: config.dispatch.resend_after_ms,
         checkpoint_ms: config.store.checkpoint_s.saturating_mul(1000).max(1000),
+        engine_flush_ms: config.store.engine_flush_ms,
     };
     let loaded = core::Loaded {
         meta,
@@ -563,7 +564,10 @@ fn core_loop(
                     let r = core.on_command(now, *cmd);
                     replies.push((reply, r));
                 }
-                Inbound::Shutdown => stop = true,
+                Inbound::Shutdown => {
+                    core.flush_lazy();
+                    stop = true;
+                }
             }
             n += 1;
             if n < max_batch && !stop {

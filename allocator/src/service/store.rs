@@ -158,6 +158,9 @@ pub struct Batch {
     /// Token hash (hex) ⇒ record; `None` deletes.
     pub tokens: Vec<(String, Option<TokenRecord>)>,
     pub meta: Option<Meta>,
+    /// Report sequence floors written without the whole record (every
+    /// accepted report moves one; replay protection must survive a crash).
+    pub report_seqs: Vec<(DeviceId, u64)>,
 }
 
 impl Batch {
@@ -166,6 +169,7 @@ impl Batch {
             && self.delete_devices.is_empty()
             && self.tokens.is_empty()
             && self.meta.is_none()
+            && self.report_seqs.is_empty()
     }
 }
 
@@ -184,6 +188,7 @@ pub trait Store: Send + 'static {
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
 const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tokens");
 const META: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("meta");
+const REPORT_SEQ: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("report_seq");
 
 /// Record encoding version, first byte of every stored value.
 const RECORD_VERSION: u8 = 1;
@@ -235,6 +240,7 @@ impl RedbStore {
         for table in [DEVICES, TOKENS, META] {
             txn.open_table(table).map_err(|e| open_err(e.into()))?;
         }
+        txn.open_table(REPORT_SEQ).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
     }
@@ -259,11 +265,19 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        Ok(self
+        let mut records: Vec<DeviceRecord> = self
             .load_table::<DeviceRecord>(DEVICES)?
             .into_iter()
             .map(|(_, r)| r)
-            .collect())
+            .collect();
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let seqs = txn.open_table(REPORT_SEQ).map_err(db_err)?;
+        for rec in &mut records {
+            if let Some(seq) = seqs.get(rec.device.as_str()).map_err(db_err)? {
+                rec.last_report_seq = rec.last_report_seq.max(seq.value());
+            }
+        }
+        Ok(records)
     }
 
     fn load_tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
@@ -291,8 +305,17 @@ impl Store for RedbStore {
                     .insert(rec.device.as_str(), enc(rec).as_slice())
                     .map_err(db_err)?;
             }
+            let mut seqs = txn.open_table(REPORT_SEQ).map_err(db_err)?;
+            for (id, seq) in &batch.report_seqs {
+                seqs.insert(id.as_str(), *seq).map_err(db_err)?;
+            }
+            for rec in &batch.put_devices {
+                seqs.insert(rec.device.as_str(), rec.last_report_seq)
+                    .map_err(db_err)?;
+            }
             for id in &batch.delete_devices {
                 devices.remove(id.as_str()).map_err(db_err)?;
+                seqs.remove(id.as_str()).map_err(db_err)?;
             }
             let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
             for (hash, rec) in &batch.tokens {
@@ -378,9 +401,20 @@ mod tests {
                 })
                 .unwrap();
         }
+        {
+            // A report sequence floor written alone lands in the loaded record.
+            let store = RedbStore::open(&path).unwrap();
+            store
+                .commit(&Batch {
+                    report_seqs: vec![(DeviceId::new("a").unwrap(), 77)],
+                    ..Batch::default()
+                })
+                .unwrap();
+        }
         let store = RedbStore::open(&path).unwrap();
         let devices = store.load_devices().unwrap();
         assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].last_report_seq, 77);
         assert_eq!(devices[0].seq_reserved_until, SEQ_BLOCK);
         assert_eq!(store.load_tokens().unwrap().len(), 1);
         assert_eq!(store.load_meta().unwrap().key_epoch, 3);
