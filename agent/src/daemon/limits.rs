@@ -20,6 +20,8 @@ pub fn apply(limits: &AgentLimits) {
 }
 
 fn set_soft(resource: Resource, value: u64, field: &str) {
+    // rlim_t is 32 bits on armv7: a larger wish saturates to "as much as allowed".
+    let value = nix::libc::rlim_t::try_from(value).unwrap_or(nix::libc::rlim_t::MAX);
     let result =
         getrlimit(resource).and_then(|(_, hard)| setrlimit(resource, value.min(hard), hard));
     if let Err(e) = result {
