@@ -28,7 +28,11 @@ fn one_day_of_a_thousand_devices() {
     // Misbehaving devices: every one is caught, within 3 ticks of its first
     // misbehaving report, and ends with (almost) nothing.
     assert!(full.misbehaving_devices >= 30, "{full:?}");
-    assert_eq!(full.misbehaving_lost_quota, full.misbehaving_devices);
+    assert_eq!(
+        full.misbehaving_active, full.misbehaving_devices,
+        "all got to misbehave"
+    );
+    assert_eq!(full.misbehaving_lost_quota, full.misbehaving_active);
     assert!(full.reaction_ticks_max <= 3, "{full:?}");
     assert!(full.misbehaving_mean_units_end < 1.0, "{full:?}");
 

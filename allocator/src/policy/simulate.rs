@@ -59,11 +59,20 @@ pub fn run_cli(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     };
     let started = std::time::Instant::now();
     let report = run_all(&params)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&report)?)
     } else {
-        print!("{}", report.table());
-        println!("(wall time {:.1} s)", started.elapsed().as_secs_f64());
+        format!(
+            "{}(wall time {:.1} s)\n",
+            report.table(),
+            started.elapsed().as_secs_f64()
+        )
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -95,7 +104,10 @@ pub struct VariantResult {
     pub mean_units: f64,
     pub served_mbit_per_unit_hour: f64,
     pub misbehaving_devices: u32,
-    /// Of them, devices whose quota fell below their tier budget.
+    /// Of them, devices that did misbehave (had a shard to abuse after
+    /// the misbehaviour start).
+    pub misbehaving_active: u32,
+    /// Of those, devices whose quota fell below their tier budget.
     pub misbehaving_lost_quota: u32,
     /// Ticks from the first misbehaving report to the quota cut (median, max);
     /// a device never cut counts as the rest of the run.
@@ -175,10 +187,11 @@ impl SimReport {
         for v in &self.variants {
             let _ = writeln!(
                 s,
-                "{:<9} misbehaving: {}/{} lost quota, mean units at the end {:.2}",
+                "{:<9} misbehaving: {} devices, {} misbehaved, {} lost quota; mean units at the end {:.2}",
                 v.variant,
-                v.misbehaving_lost_quota,
                 v.misbehaving_devices,
+                v.misbehaving_active,
+                v.misbehaving_lost_quota,
                 v.misbehaving_mean_units_end
             );
         }
@@ -551,6 +564,7 @@ pub fn run_variant(
         mean_units: 0.0,
         served_mbit_per_unit_hour: 0.0,
         misbehaving_devices: 0,
+        misbehaving_active: 0,
         misbehaving_lost_quota: 0,
         reaction_ticks_median: 0,
         reaction_ticks_max: 0,
@@ -699,11 +713,15 @@ pub fn run_variant(
         .filter(|&i| fleet[i].misbehaviour != Misbehaviour::None)
         .collect();
     res.misbehaving_devices = bad.len() as u32;
+    res.misbehaving_active = bad_since.len() as u32;
     res.misbehaving_lost_quota = reaction.len() as u32;
     let mut r: Vec<u32> = reaction.values().copied().collect();
-    // A misbehaving device never cut counts as the whole run.
-    let never = ((ticks * tick).saturating_sub(misbehave_from) / tick) as u32 + 1;
-    r.extend(std::iter::repeat_n(never, bad.len() - reaction.len()));
+    // A device that misbehaved and was never cut counts as the rest of the run.
+    for (i, &since) in &bad_since {
+        if !reaction.contains_key(i) {
+            r.push((ticks - since) as u32 + 1);
+        }
+    }
     r.sort_unstable();
     res.reaction_ticks_median = r.get(r.len() / 2).copied().unwrap_or(0);
     res.reaction_ticks_max = r.last().copied().unwrap_or(0);
