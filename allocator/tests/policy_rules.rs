@@ -359,8 +359,10 @@ fn every_negative_signal_lowers_reputation_and_is_announced() {
             )
         }),
         ("over_limit_use", |e, d| {
+            // The vpn host uses 5 cores: over any limit, per shard or
+            // summed over the capability's host process.
             let mut s = healthy_statuses(e, d);
-            s[0].cpu_permille *= 10;
+            s.iter_mut().for_each(|x| x.cpu_permille = 5000);
             e.handle(
                 2 * MIN,
                 Event::Report(report(d, 2, vec![secure(100_000)], s, true)),
