@@ -109,8 +109,10 @@ pub struct VariantResult {
     pub misbehaving_active: u32,
     /// Of those, devices whose quota fell below their tier budget.
     pub misbehaving_lost_quota: u32,
-    /// Ticks from the first misbehaving report to the quota cut (median, max);
-    /// a device never cut counts as the rest of the run.
+    /// Misbehaving ticks (reports that carried misbehaviour: a crashed or
+    /// over-limit shard) until the quota cut (median, max). Ticks in which a
+    /// misbehaving device runs nothing cannot show misbehaviour and do not
+    /// count; a device never cut counts all of its misbehaving ticks.
     pub reaction_ticks_median: u32,
     pub reaction_ticks_max: u32,
     /// Units that well-behaved devices kept (mean) vs misbehaving ones at the end.
@@ -374,6 +376,10 @@ impl SimDevice {
                 }
             })
             .collect();
+        let mut host_cpu_limit: BTreeMap<String, u32> = BTreeMap::new();
+        for s in self.running.values() {
+            *host_cpu_limit.entry(s.capability.clone()).or_default() += s.limits.cpu_quota_permille;
+        }
         let mut shards = Vec::new();
         for s in self.running.values_mut() {
             let mut status = ShardStatus {
@@ -396,7 +402,14 @@ impl SimDevice {
                         status.last_failure = Some(ShardFailure::Crashed { signal: 11 });
                     }
                     Misbehaviour::Overuse => {
-                        status.cpu_permille = s.limits.cpu_quota_permille * 3;
+                        // The capability's host process (all its shards)
+                        // uses 3× the sum of their limits; every status of
+                        // the capability reports the host's use.
+                        status.cpu_permille = host_cpu_limit
+                            .get(&s.capability)
+                            .copied()
+                            .unwrap_or(s.limits.cpu_quota_permille)
+                            * 3;
                         status.enforcement = Enforcement::RlimitsOnly;
                     }
                     Misbehaviour::None => {}
@@ -607,6 +620,8 @@ pub fn run_variant(
     let mut reaction: BTreeMap<usize, u32> = BTreeMap::new();
     // Tick of the first report that carried misbehaviour (a shard to abuse).
     let mut bad_since: BTreeMap<usize, u64> = BTreeMap::new();
+    // Misbehaving reports (with a shard to abuse) each device has sent.
+    let mut bad_reports: BTreeMap<usize, u32> = BTreeMap::new();
     let (mut demand_good, mut served_good) = (0.0f64, 0.0f64);
     let mut unit_ticks: u64 = 0;
     for t in 0..=ticks {
@@ -631,6 +646,7 @@ pub fn run_variant(
                 let bad = misbehaving_now && d.misbehaviour != Misbehaviour::None;
                 if bad && !d.running.is_empty() {
                     bad_since.entry(i).or_insert(t);
+                    *bad_reports.entry(i).or_insert(0) += 1;
                 }
                 let report = d.report(now - tick, tick, &rates, &served, bad);
                 let out = engine.handle(now, Event::Report(report));
@@ -687,13 +703,13 @@ pub fn run_variant(
                 }
             }
             pending_rates[i] = rates;
-            if let (Some(&since), false) = (bad_since.get(&i), reaction.contains_key(&i)) {
+            if let (Some(&n), false) = (bad_reports.get(&i), reaction.contains_key(&i)) {
                 if let Some(v) = engine.device(&d.id) {
                     let cut =
                         super::reputation::quota_factor(&engine.config().reputation, v.reputation)
                             < 1.0;
                     if cut {
-                        reaction.insert(i, (t - since) as u32 + 1);
+                        reaction.insert(i, n);
                     }
                 }
             }
@@ -716,10 +732,10 @@ pub fn run_variant(
     res.misbehaving_active = bad_since.len() as u32;
     res.misbehaving_lost_quota = reaction.len() as u32;
     let mut r: Vec<u32> = reaction.values().copied().collect();
-    // A device that misbehaved and was never cut counts as the rest of the run.
-    for (i, &since) in &bad_since {
+    // A device that misbehaved and was never cut counts all its misbehaving reports.
+    for (i, &n) in &bad_reports {
         if !reaction.contains_key(i) {
-            r.push((ticks - since) as u32 + 1);
+            r.push(n);
         }
     }
     r.sort_unstable();
