@@ -100,6 +100,10 @@ build_target() {
         target_args=()
         dir="$CARGO_TARGET_DIR/$profile"
     fi
+    # Whether this target/profile had been built before in this target dir
+    # (recorded with the time: a first build compiles every dependency).
+    local kind=first
+    [ -d "$dir/deps" ] && kind=incremental
     cargo build "${cargo_profile[@]}" "${target_args[@]}" "${packages[@]}"
     t1=$(date +%s)
 
@@ -128,7 +132,7 @@ build_target() {
     echo "== cross/build.sh: $target ($profile) built in $((t1 - t0)) s -> $out"
     BUILD_TIMES+=("$target $profile $((t1 - t0)) s")
     # For cross/sizes.sh (BENCHMARKS.md): the last build time per target/profile.
-    echo "$target $profile $((t1 - t0)) $(date -u +%Y-%m-%dT%H:%MZ)" >"$out/build-time"
+    echo "$target $profile $((t1 - t0)) $(date -u +%Y-%m-%dT%H:%MZ) $kind" >"$out/build-time"
 }
 
 BUILD_TIMES=()

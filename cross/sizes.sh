@@ -26,10 +26,14 @@ trap 'rm -f "$section"' EXIT
 {
     echo "$begin"
     echo
-    echo "Machine: $machine. Sizes are exact and deterministic for a given"
-    echo "toolchain; build times are one run each of \`cross/build.sh --release TARGET\`,"
-    echo "the first for that target and profile (host build scripts and proc macros may be shared"
-    echo "between targets), on a machine shared with other builds: upper bounds. Written $(date -u +%Y-%m-%d) by \`cross/sizes.sh\`."
+    echo "Machine: $machine. Stripped sizes (\`cross/build.sh --release TARGET\`, then"
+    echo "the target's binutils \`strip\`) are exact and deterministic for a given toolchain."
+    echo "Build times are the wall clock of the last \`cross/build.sh\` run per target and"
+    echo "profile, one run each (not a median: a cold release build takes many minutes),"
+    echo "on a 2-core machine shared with other builds (load average about 10), so they"
+    echo "are upper bounds. \"first\" = nothing of that target/profile was compiled before"
+    echo "(host build scripts and proc macros may still be shared between targets);"
+    echo "\"incremental\" = dependencies were already built. Written $(date -u +%Y-%m-%d) by \`cross/sizes.sh\`."
     echo
     echo "| target | binary | stripped size (bytes) | stripped size |"
     echo "|---|---|---:|---:|"
@@ -46,12 +50,12 @@ trap 'rm -f "$section"' EXIT
         done
     done
     echo
-    echo "| target | profile | build time (s) | measured |"
-    echo "|---|---|---:|---|"
+    echo "| target | profile | build time (s) | build | measured |"
+    echo "|---|---|---:|---|---|"
     for f in "$DIST"/*/*/build-time; do
         [ -f "$f" ] || continue
-        read -r t p s when <"$f"
-        echo "| $t | $p | $s | $when |"
+        read -r t p s when kind <"$f"
+        echo "| $t | $p | $s | ${kind:-?} | $when |"
     done
     echo
     echo "$end"
