@@ -524,6 +524,17 @@ impl Engine {
         let (mut own_cpu, mut own_rss) = (0u64, 0u64);
         let mut running = Vec::new();
         let mut report = report;
+        // A shard's reported CPU and RSS are those of its host process, which
+        // runs the whole capability under the sum of its shards' limits: the
+        // use is checked against that sum, and an over-limit host costs
+        // reputation once per report, not once per shard it hosts.
+        let mut host_limits: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for l in st.leases.values() {
+            let e = host_limits.entry(l.capability.clone()).or_default();
+            e.0 += u64::from(l.limits.cpu_quota_permille);
+            e.1 = e.1.saturating_add(l.limits.memory_max_bytes);
+        }
+        let mut over_limit_hosts: BTreeSet<String> = BTreeSet::new();
         for s in std::mem::take(&mut report.shards) {
             let id = s.shard.id();
             let alive = matches!(
@@ -559,15 +570,20 @@ impl Engine {
                         st.reputation.apply(rcfg, now, rcfg.errors, "error_rate");
                         penalized = true;
                     }
-                    let lim = lease.limits;
-                    let cpu_over = u64::from(s.cpu_permille) * 10
-                        > u64::from(lim.cpu_quota_permille) * 12 + 100;
-                    let mem_over = s.rss_kib.saturating_mul(1024) > lim.memory_max_bytes;
+                    let (cpu_lim, mem_lim) =
+                        host_limits.get(&lease.capability).copied().unwrap_or((
+                            u64::from(lease.limits.cpu_quota_permille),
+                            lease.limits.memory_max_bytes,
+                        ));
+                    let cpu_over = u64::from(s.cpu_permille) * 10 > cpu_lim * 12 + 100;
+                    let mem_over = s.rss_kib.saturating_mul(1024) > mem_lim;
                     if alive && (cpu_over || mem_over) {
                         lease.clean = false;
-                        st.reputation
-                            .apply(rcfg, now, rcfg.over_limit, "over_limit_use");
-                        penalized = true;
+                        if over_limit_hosts.insert(lease.capability.clone()) {
+                            st.reputation
+                                .apply(rcfg, now, rcfg.over_limit, "over_limit_use");
+                            penalized = true;
+                        }
                     }
                     if s.state == ShardState::Quarantined {
                         // The device gave up on it: plan its alternative for a while.
