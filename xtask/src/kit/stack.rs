@@ -175,9 +175,13 @@ pub fn install_shards(bins: &Bins, dir: &Path) -> Result<BTreeMap<String, String
     Ok(digests)
 }
 
+/// Smallest memory limit the loop's catalog gives a shard (one unit).
+pub const MIN_SHARD_MEMORY_KIB: u64 = 16_384;
+
 /// The catalog `template` with every `[[shard]]`'s `sha256` replaced by the
 /// digest of the installed `{id}@{version}.so` (as packaging/build-debs.sh
-/// does) and the demo's shard configuration added. A shard with no installed
+/// does), the demo's shard configuration added, and memory limits of at
+/// least [`MIN_SHARD_MEMORY_KIB`]. A shard with no installed
 /// file is an error: its placeholder digest would make every activation fail.
 pub fn catalog_with_digests(
     template: &str,
@@ -205,8 +209,21 @@ pub fn catalog_with_digests(
                 .get(&key)
                 .ok_or_else(|| format!("catalog shard {key} has no installed library"))?;
             for l in pending.iter() {
-                if l.trim_start().starts_with("sha256") {
+                let t = l.trim_start();
+                if t.starts_with("sha256") {
                     out.push_str(&format!("sha256 = \"{digest}\"\n"));
+                } else if let Some(kib) = t
+                    .strip_prefix("memory_kib")
+                    .and_then(|v| v.trim_start().strip_prefix('='))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|&kib| kib < MIN_SHARD_MEMORY_KIB)
+                {
+                    // A host process's own RSS (a debug build's is ~9 MiB) is
+                    // charged to its shards' memory limits: the example
+                    // figures would have the agent kill the host at once.
+                    out.push_str(&format!(
+                        "memory_kib = {MIN_SHARD_MEMORY_KIB} # catalog example: {kib}; raised for a whole host process\n"
+                    ));
                 } else {
                     out.push_str(l);
                     out.push('\n');
@@ -323,6 +340,10 @@ pub struct Stack {
     pub capability_of: BTreeMap<String, String>,
     /// `shardctl enroll` output.
     pub enrolled: String,
+    /// Bound at the vpn tunnel's peer address so its handshakes land
+    /// somewhere (an unbound port answers with ICMP errors, which the tunnel
+    /// counts and the allocator holds against the device's reputation).
+    pub tunnel_peer: Option<std::net::UdpSocket>,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {
@@ -337,6 +358,8 @@ impl Stack {
         let shard_dir = dir.join("shards");
         let digests = install_shards(bins, &shard_dir)?;
         let ports = ShardPorts::pick();
+        let peer = std::net::UdpSocket::bind(("127.0.0.1", ports.tunnel_peer))
+            .map_err(|e| format!("bind the tunnel peer port: {e}"))?;
         let template_path = root.join("allocator/catalog/catalog.toml");
         let template = std::fs::read_to_string(&template_path)
             .map_err(|e| format!("{}: {e}", template_path.display()))?;
@@ -420,6 +443,7 @@ impl Stack {
             agent: None,
             capability_of,
             enrolled: String::new(),
+            tunnel_peer: Some(peer),
         };
         // Up when shardctl gets an answer (the token file exists by then too).
         let deadline = Instant::now() + Duration::from_secs(30);
