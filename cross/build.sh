@@ -100,10 +100,12 @@ build_target() {
         target_args=()
         dir="$CARGO_TARGET_DIR/$profile"
     fi
-    # Whether this target/profile had been built before in this target dir
-    # (recorded with the time: a first build compiles every dependency).
+    # Whether this target/profile's dependencies were built before in this
+    # target dir (recorded with the time: a first build compiles all of them).
+    # tokio stands for them: a runtime dependency of every binary, never a
+    # build-time one (the host's deps/ also holds cross builds' proc macros).
     local kind=first
-    [ -d "$dir/deps" ] && kind=incremental
+    if compgen -G "$dir/deps/libtokio-*.rlib" >/dev/null; then kind=incremental; fi
     cargo build "${cargo_profile[@]}" "${target_args[@]}" "${packages[@]}"
     t1=$(date +%s)
 
