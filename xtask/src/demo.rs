@@ -218,7 +218,7 @@ fn run_loop(
             Err(e) => println!("shardctl devices: {e}"),
         }
     }
-    if result.is_err() {
+    if result.as_ref().is_err_and(|e| e != "interrupted") {
         if let Some(a) = &stack.agent {
             println!("---- agent log (tail) ----\n{}", a.log_tail(15));
         }
