@@ -657,3 +657,68 @@ impl DeviceView {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEMPLATE: &str = "[units]\nmemory_kib = 16384\n\n[[shard]]\nid = \"qos-dscp\"\nversion = \"0.1.0\"\n\
+        sha256 = \"00\"\ncapability = \"qos\"\nmemory_kib = 1024\n\n[[shard]]\nid = \"other\"\nversion = \"0.2.0\"\n\
+        sha256 = \"00\"\nmemory_kib = 32768\n\n[[rule]]\nneed = \"x\"\n";
+
+    #[test]
+    fn the_catalog_gets_the_installed_digests_configs_and_memory_floors() {
+        let mut d = BTreeMap::new();
+        d.insert("qos-dscp@0.1.0".to_owned(), "ab".repeat(32));
+        d.insert("other@0.2.0".to_owned(), "cd".repeat(32));
+        let out = catalog_with_digests(TEMPLATE, &d, &ShardPorts::pick()).unwrap();
+        assert!(
+            out.contains(&format!("sha256 = \"{}\"", "ab".repeat(32))),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("sha256 = \"{}\"", "cd".repeat(32))),
+            "{out}"
+        );
+        assert!(!out.contains("sha256 = \"00\""), "{out}");
+        assert!(out.contains("config = '''\nsmall_bytes = 256"), "{out}");
+        assert!(
+            out.contains("memory_kib = 16384 # catalog example: 1024"),
+            "{out}"
+        );
+        assert!(
+            out.contains("memory_kib = 32768\n"),
+            "larger limits stay: {out}"
+        );
+        assert!(
+            out.starts_with("[units]\nmemory_kib = 16384\n")
+                && out.contains("[[rule]]\nneed = \"x\""),
+            "{out}"
+        );
+        d.remove("other@0.2.0");
+        let err = catalog_with_digests(TEMPLATE, &d, &ShardPorts::pick()).unwrap_err();
+        assert!(err.contains("other@0.2.0"), "{err}");
+    }
+
+    #[test]
+    fn the_device_view_reads_shardctl_json() {
+        let json = Json::parse(
+            r#"{"presence":"online","applied_instruction_seq":2,"instructions_applied":2,"pending_instructions":[],
+               "policy":{"leases":[{"shard":{"id":"qos-shaper","version":"0.1.0"},"capability":"qos"},
+                                   {"shard":{"id":"qos-dscp","version":"0.1.0"},"capability":"qos"}],
+                         "refusals":{"vpn":"capacity"},
+                         "last_qos":{"running_shards":[{"id":"qos-dscp","version":"0.1.0"}],
+                                     "classes":[{"class":"Gaming","need":{"latency_sensitive":true}},
+                                                {"class":"Web","need":{"latency_sensitive":false}}]}}}"#,
+        )
+        .unwrap();
+        let mut caps = BTreeMap::new();
+        caps.insert("qos-dscp".to_owned(), "qos".to_owned());
+        let v = DeviceView::from_json(&json, &caps);
+        assert_eq!(v.leases["qos"], vec!["qos-dscp", "qos-shaper"]);
+        assert_eq!(v.running["qos"], vec!["qos-dscp"]);
+        assert_eq!(v.classes, vec!["Gaming"]);
+        assert_eq!(v.refusals["vpn"], "capacity");
+        assert_eq!((v.applied_instruction_seq, v.pending), (2, 0));
+    }
+}
