@@ -233,7 +233,9 @@ fn write_rows(
          with its embedded broker and store. Each run starts game traffic (UDP to port 27015) from quiet; \
          latency is from the first datagram leaving the socket to the `qos-shaper` shard forwarding a probe \
          datagram (the capability's shard host started by a signed instruction, verified, loaded and running). \
-         The QoS window is a floor: a need is reported when its window closes.\n\n\
+         The QoS window is a floor: a need is reported when its window closes, and a class counts as \
+         active only above 8 kbit/s in a window, so a flow that starts in the last ~150 ms of a window \
+         waits for the next one.\n\n\
          | what | result | target | machine | command | runs |\n\
          |---|---|---|---|---|---|\n\
          | first packet of a new class → its shard active on the device, {window_ms} ms QoS window | p50 {p50:.0} ms, p99 {p99:.0} ms (min {min:.0}, max {max:.0}) | p99 ≤ window + 100 ms = {target:.0} ms ({verdict}) | {m} | `cargo xtask bench e2e --runs {runs}` | {runs} |\n",
