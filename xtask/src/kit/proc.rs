@@ -128,6 +128,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test leaves its logs and configuration for a post-mortem.
+            eprintln!("kept {} (failed test)", self.path.display());
+            return;
+        }
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.path);
         }
