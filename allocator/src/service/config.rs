@@ -138,7 +138,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            path: "/var/lib/shardline/allocator.redb".into(),
+            path: "/var/lib/shardline-allocator/allocator.redb".into(),
             checkpoint_s: 300,
             engine_flush_ms: 5_000,
         }
@@ -155,7 +155,7 @@ pub struct SignerConfig {
 impl Default for SignerConfig {
     fn default() -> Self {
         Self {
-            key_file: "/etc/shardline/allocator.key".into(),
+            key_file: "/var/lib/shardline-allocator/signing.key".into(),
         }
     }
 }

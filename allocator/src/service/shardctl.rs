@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, env = "SHARDCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// File holding the bearer token.
-    #[arg(long, default_value = "/var/lib/shardline/api-token")]
+    #[arg(long, default_value = "/var/lib/shardline-allocator/api-token")]
     token_file: PathBuf,
     /// Print raw JSON.
     #[arg(long)]
