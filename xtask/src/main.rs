@@ -219,46 +219,27 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
-    // Each area's bench appends its rows to BENCHMARKS.md itself.
-    let all = [
-        (
-            "monitor",
-            vec!["bench", "-p", "shardline-agent", "--bench", "monitor"],
-        ),
-        (
-            "shards",
-            vec!["bench", "-p", "shardline-agent", "--bench", "shards"],
-        ),
-        (
-            "policy",
-            vec!["bench", "-p", "shardline-allocator", "--bench", "policy"],
-        ),
-        (
-            "service",
-            vec!["bench", "-p", "shardline-allocator", "--bench", "service"],
-        ),
+    // Each area's bench appends its rows to BENCHMARKS.md itself:
+    // (name on the command line, package, bench target).
+    const BENCHES: [(&str, &str, &str); 5] = [
+        ("monitor", "shardline-agent", "monitor"),
+        ("shards", "shardline-agent", "shard_bench"),
+        ("daemon", "shardline-agent", "daemon_rss"),
+        ("policy", "shardline-allocator", "policy"),
+        ("service", "shardline-allocator", "service_e2e"),
     ];
     // `bench e2e [options]`: only the end-to-end latency bench, with its options.
     if args.first().is_some_and(|a| a == "e2e") {
         return bench_e2e::run(root, &args[1..]);
     }
     let wanted: Vec<&str> = args.iter().map(String::as_str).collect();
-    for (name, cargo_args) in all {
+    for (name, package, target) in BENCHES {
         if !wanted.is_empty() && !wanted.contains(&name) {
             continue;
         }
-        let bench_file = match name {
-            "monitor" | "shards" => root.join(format!("agent/benches/{name}.rs")),
-            _ => root.join(format!("allocator/benches/{name}.rs")),
-        };
-        if !bench_file.exists() {
-            eprintln!(
-                "xtask: bench {name}: {} does not exist yet, skipped",
-                bench_file.display()
-            );
-            continue;
-        }
-        run(Step::new("cargo").args(cargo_args).cwd(root))?;
+        run(Step::new("cargo")
+            .args(["bench", "-p", package, "--bench", target])
+            .cwd(root))?;
     }
     if wanted.is_empty() {
         bench_e2e::run(root, &[])?;
