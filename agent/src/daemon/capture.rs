@@ -156,8 +156,16 @@ fn replay(path: &std::path::Path, shared: &Mutex<Shared>, stop: &AtomicBool) {
             let t = frame.ts.as_nanos();
             let first_t = *first.get_or_insert(t);
             let shifted = base + t.saturating_sub(first_t);
-            let now = Timestamp::now().as_nanos();
-            if shifted > now {
+            // Wait out the capture's own gaps in slices of at most a second,
+            // so quiet phases stay quiet and a stop request is seen promptly.
+            loop {
+                let now = Timestamp::now().as_nanos();
+                if shifted <= now {
+                    break;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
                 std::thread::sleep(Duration::from_nanos((shifted - now).min(1_000_000_000)));
             }
             last_shifted = shifted.max(last_shifted);
