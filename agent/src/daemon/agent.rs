@@ -444,7 +444,9 @@ impl Daemon {
     fn report(&mut self, window: super::runtime::QosWindow, now: u64) -> Result<(), DaemonError> {
         let (seq, actions) = self.manager.next_report_seq();
         self.execute(actions, None)?;
-        let shards = self.manager.report_statuses(self.runtime.statuses(now));
+        let shards = self
+            .manager
+            .report_statuses(self.runtime.statuses(now), now);
         let report = QosReport {
             device: self.cfg.device.clone(),
             seq,

@@ -79,9 +79,14 @@ pub struct CapabilityManager {
     report_seq_reserved: u64,
     next_report_seq: u64,
     rejections: RejectionCounters,
-    /// Shards stopped because their lease ran out, not yet reported.
-    expired: Vec<ShardStatus>,
+    /// Shards stopped because their lease ran out, with when: each is
+    /// reported for [`EXPIRED_REPORT_MS`] (or until re-activated), so a cloud
+    /// that missed a report while it reconnected still learns of it.
+    expired: Vec<(ShardStatus, u64)>,
 }
+
+/// How long an expired shard keeps appearing in reports.
+pub const EXPIRED_REPORT_MS: u64 = 60_000;
 
 impl CapabilityManager {
     /// Restores from the persisted state (if any) at boot: re-pins `pinned`
@@ -145,7 +150,7 @@ impl CapabilityManager {
                         Operation::Activate(a) => {
                             if a.lease_expires_at_ms <= now_ms {
                                 // Already over: never start it, but say so.
-                                self.expired.push(expired_status(&a));
+                                self.expired.push((expired_status(&a), now_ms));
                                 self.profile.remove(&a.shard);
                             } else {
                                 self.profile.insert(a.shard.clone(), a);
@@ -255,15 +260,24 @@ impl CapabilityManager {
 
     /// Shard statuses for a report: the runtime's view of running shards
     /// (with the current lease, which a renewal may have moved), then the
-    /// shards expired since the last report (drained).
-    pub fn report_statuses(&mut self, mut runtime: Vec<ShardStatus>) -> Vec<ShardStatus> {
+    /// shards whose lease ran out in the last [`EXPIRED_REPORT_MS`] and that
+    /// were not activated again.
+    pub fn report_statuses(
+        &mut self,
+        mut runtime: Vec<ShardStatus>,
+        now_ms: u64,
+    ) -> Vec<ShardStatus> {
         for s in &mut runtime {
             if let Some(a) = self.profile.get(&s.shard) {
                 s.lease_expires_at_ms = a.lease_expires_at_ms;
             }
         }
-        runtime.retain(|s| !self.expired.iter().any(|e| e.shard == s.shard));
-        runtime.append(&mut self.expired);
+        let profile = &self.profile;
+        self.expired.retain(|(e, at)| {
+            now_ms.saturating_sub(*at) < EXPIRED_REPORT_MS && !profile.contains_key(&e.shard)
+        });
+        runtime.retain(|s| !self.expired.iter().any(|(e, _)| e.shard == s.shard));
+        runtime.extend(self.expired.iter().map(|(e, _)| e.clone()));
         runtime
     }
 
@@ -286,7 +300,7 @@ impl CapabilityManager {
             .collect();
         for shard in &gone {
             if let Some(a) = self.profile.remove(shard) {
-                self.expired.push(expired_status(&a));
+                self.expired.push((expired_status(&a), now_ms));
             }
         }
         !gone.is_empty()
@@ -528,10 +542,19 @@ mod tests {
             .profile
             .iter()
             .all(|a| a.capability == "vpn"));
-        let statuses = m.report_statuses(vec![]);
+        let statuses = m.report_statuses(vec![], T0 + 5_000);
         assert_eq!(statuses.len(), 1);
         assert_eq!(statuses[0].state, ShardState::Expired);
-        assert!(m.report_statuses(vec![]).is_empty(), "reported once");
+        assert_eq!(
+            m.report_statuses(vec![], T0 + 6_000).len(),
+            1,
+            "kept while the cloud may have missed it"
+        );
+        assert!(
+            m.report_statuses(vec![], T0 + 5_000 + EXPIRED_REPORT_MS)
+                .is_empty(),
+            "dropped after the retention"
+        );
 
         // Renewal of the vpn lease: persisted, but no restart.
         let r = m.on_instruction(
@@ -611,7 +634,7 @@ mod tests {
         assert!(matches!(actions[0], Action::Persist(_)));
         assert_eq!(starts(&actions), vec![("vpn".to_string(), 1)]);
         assert_eq!(m2.applied_seq(), 1);
-        let st = m2.report_statuses(vec![]);
+        let st = m2.report_statuses(vec![], T0);
         assert_eq!(st.len(), 1);
         assert_eq!(st[0].shard.to_string(), "shaper@1");
     }
@@ -765,6 +788,9 @@ mod tests {
             T0,
         );
         assert!(starts(&a).is_empty());
-        assert_eq!(m.report_statuses(vec![])[0].state, ShardState::Expired);
+        assert_eq!(m.report_statuses(vec![], T0)[0].state, ShardState::Expired);
+        // Still reported a while later, gone after the retention.
+        assert_eq!(m.report_statuses(vec![], T0 + 1_000).len(), 1);
+        assert!(m.report_statuses(vec![], T0 + EXPIRED_REPORT_MS).is_empty());
     }
 }
