@@ -64,6 +64,14 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Runs an operator command and answers with its JSON reply or its error.
+async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
+    match ask(state, headers, cmd).await {
+        Ok(r) => reply_json(r),
+        Err(e) => e,
+    }
+}
+
 async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Reply, Response> {
     if !authorized(state, headers) {
         return Err(error(
@@ -138,10 +146,7 @@ async fn health() -> Response {
 }
 
 async fn list_devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    match ask(&state, &headers, Command::ListDevices).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, Command::ListDevices).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,10 +182,7 @@ async fn enroll(
         tier: body.tier,
         tenant: body.tenant,
     };
-    match ask(&state, &headers, cmd).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, cmd).await
 }
 
 async fn device(
@@ -192,10 +194,7 @@ async fn device(
         Ok(d) => d,
         Err(e) => return e,
     };
-    match ask(&state, &headers, Command::Device { device }).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, Command::Device { device }).await
 }
 
 async fn unenroll(
@@ -207,10 +206,7 @@ async fn unenroll(
         Ok(d) => d,
         Err(e) => return e,
     };
-    match ask(&state, &headers, Command::Unenroll { device }).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, Command::Unenroll { device }).await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,17 +241,11 @@ async fn operator(
         }
     };
     let shard = body.and_then(|Json(b)| b.shard);
-    match ask(&state, &headers, Command::Operator { device, op, shard }).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, Command::Operator { device, op, shard }).await
 }
 
 async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    match ask(&state, &headers, Command::Tiers).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, Command::Tiers).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,10 +280,7 @@ async fn create_token(
         uses: body.uses.unwrap_or(1),
         secret,
     };
-    match ask(&state, &headers, cmd).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, cmd).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,8 +310,5 @@ async fn rotate(
         new_key,
         key_file: body.key_file,
     };
-    match ask(&state, &headers, cmd).await {
-        Ok(r) => reply_json(r),
-        Err(e) => e,
-    }
+    answer(&state, &headers, cmd).await
 }
