@@ -7,8 +7,10 @@
 mod service_common;
 
 use service_common::*;
-use shardline_allocator::service::core::{enroll_topic, EnrollRequest};
+use shardline_shared::msg::EnrollRequest;
 use shardline_shared::msg::{AckOutcome, Operation, Presence};
+use shardline_shared::sign;
+use shardline_shared::topics;
 use std::time::Duration;
 
 async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
@@ -104,10 +106,10 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
     };
     dev.client
         .publish(
-            enroll_topic(&dev.id),
+            topics::enroll(&dev.id),
             rumqttc::QoS::AtLeastOnce,
             false,
-            shardline_shared::codec::encode(&bad),
+            sign::seal_enroll(&bad, &key),
         )
         .await
         .unwrap();
@@ -122,12 +124,29 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
         token: token.clone(),
         ..bad
     };
+    // The right token, signed by a key other than the one it enrols (no
+    // proof of possession): refused, and the token is not used up.
     dev.client
         .publish(
-            enroll_topic(&dev.id),
+            topics::enroll(&dev.id),
             rumqttc::QoS::AtLeastOnce,
             false,
-            shardline_shared::codec::encode(&good),
+            sign::seal_enroll(&good, &device_key(9)),
+        )
+        .await
+        .unwrap();
+    alloc.wait_metric(
+        "shardline_messages_dropped_total{kind=\"enroll\",reason=\"bad_signature\"}",
+        2.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(alloc.api("GET", "/v1/devices/self-enrolled", None).0, 404);
+    dev.client
+        .publish(
+            topics::enroll(&dev.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            sign::seal_enroll(&good, &key),
         )
         .await
         .unwrap();
@@ -149,20 +168,20 @@ async fn a_device_enrols_itself_with_a_bootstrap_token() {
         public_key: other.public_key(),
         token,
     };
-    let intruder = Device::connect("intruder", other, alloc.mqtt_port).await;
+    let intruder = Device::connect("intruder", other.clone(), alloc.mqtt_port).await;
     intruder
         .client
         .publish(
-            enroll_topic(&again.device),
+            topics::enroll(&again.device),
             rumqttc::QoS::AtLeastOnce,
             false,
-            shardline_shared::codec::encode(&again),
+            sign::seal_enroll(&again, &other),
         )
         .await
         .unwrap();
     alloc.wait_metric(
         "shardline_messages_dropped_total{kind=\"enroll\",reason=\"bad_signature\"}",
-        2.0,
+        3.0,
         Duration::from_secs(10),
     );
     assert_eq!(alloc.api("GET", "/v1/devices/intruder", None).0, 404);

@@ -8,7 +8,8 @@
 //! - [`codec`]: the framing every payload uses (format-version byte, size cap,
 //!   postcard, no trailing bytes).
 //! - [`ids`]: validated identifiers (device ids, key ids, shard references).
-//! - [`msg`]: the message types (QoS report, ack, status, instruction, rotation).
+//! - [`msg`]: the message types (QoS report, ack, status, instruction, rotation,
+//!   enrolment request).
 //! - [`sign`]: Ed25519 keys, key sets and the signed envelope with domain tags.
 //! - [`accept`]: the sans-IO state machine that decides whether a device applies
 //!   an instruction or a key rotation.

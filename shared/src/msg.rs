@@ -338,3 +338,28 @@ pub struct KeyRotation {
     pub new_set: KeySet,
     pub issued_at_ms: u64,
 }
+
+/// Longest bootstrap token an [`EnrollRequest`] may carry, in bytes. The
+/// allocator issues 64 hex digits; the cap leaves room for other issuers
+/// while keeping the request far below [`MAX_ENROLL_BYTES`].
+pub const MAX_ENROLL_TOKEN_LEN: usize = 256;
+
+/// Size cap of a sealed enrolment request (envelope included). Checked before
+/// anything is decoded: the topic is open to any client that can connect,
+/// so it gets a cap of its own instead of the report-sized default.
+pub const MAX_ENROLL_BYTES: usize = 1024;
+
+/// A device's request to enrol itself with an operator-issued bootstrap
+/// token, published (QoS 1) on `dev/{device}/enroll`, sealed under
+/// [`crate::sign::Domain::Enroll`] and signed by the very key it enrols (see
+/// [`crate::sign::seal_enroll`] / [`crate::sign::open_enroll`]): the token
+/// is the operator's consent, the signature proves the device holds the
+/// private half of `public_key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub device: DeviceId,
+    /// The device's Ed25519 public key: it signs the device's reports and acks.
+    pub public_key: [u8; 32],
+    /// The bootstrap token as issued (the allocator stores only its hash).
+    pub token: String,
+}

@@ -12,7 +12,7 @@
 
 use crate::codec::{self, DecodeError};
 use crate::ids::KeyId;
-use crate::msg::{KeySet, PublicKeyEntry};
+use crate::msg::{EnrollRequest, KeySet, PublicKeyEntry, MAX_ENROLL_BYTES, MAX_ENROLL_TOKEN_LEN};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -24,6 +24,9 @@ pub enum Domain {
     Report,
     Rotation,
     Ack,
+    /// A device's self-enrolment request, signed by the key it enrols.
+    /// Added at the end: the variants before it keep their wire bytes.
+    Enroll,
 }
 
 impl Domain {
@@ -33,6 +36,7 @@ impl Domain {
             Domain::Report => b"shardline/v1/sig/report\0",
             Domain::Rotation => b"shardline/v1/sig/rotation\0",
             Domain::Ack => b"shardline/v1/sig/ack\0",
+            Domain::Enroll => b"shardline/v1/sig/enroll\0",
         }
     }
 }
@@ -201,6 +205,40 @@ pub fn open<T: DeserializeOwned>(
     open_envelope(&parse_envelope(bytes, cap)?, expected, lookup)
 }
 
+/// Seals an enrolment request under [`Domain::Enroll`], signed by `key`,
+/// which must be the key the request enrols (`req.public_key`).
+pub fn seal_enroll(req: &EnrollRequest, key: &KeyPair) -> Vec<u8> {
+    seal(Domain::Enroll, req, &[key])
+}
+
+/// Opens a sealed enrolment request: at most [`MAX_ENROLL_BYTES`], domain
+/// [`Domain::Enroll`], and every signature made by the key the request
+/// itself names (proof that the sender holds it). The payload is decoded
+/// once to learn that key, then verified and decoded again by
+/// [`open_envelope`]; both decodes are capped.
+pub fn open_enroll(bytes: &[u8]) -> Result<EnrollRequest, OpenError> {
+    let env = parse_envelope(bytes, MAX_ENROLL_BYTES)?;
+    if env.domain != Domain::Enroll {
+        return Err(OpenError::WrongDomain {
+            expected: Domain::Enroll,
+            found: env.domain,
+        });
+    }
+    let claimed: EnrollRequest =
+        codec::decode_capped(&env.payload, MAX_ENROLL_BYTES).map_err(OpenError::Payload)?;
+    let id = KeyId::of_public_key(&claimed.public_key);
+    let (req, _): (EnrollRequest, _) = open_envelope(&env, Domain::Enroll, |k| {
+        (k == id).then_some(claimed.public_key)
+    })?;
+    if req.token.is_empty() || req.token.len() > MAX_ENROLL_TOKEN_LEN {
+        return Err(OpenError::Payload(DecodeError::Malformed(format!(
+            "enrolment token of {} bytes (1 to {MAX_ENROLL_TOKEN_LEN})",
+            req.token.len()
+        ))));
+    }
+    Ok(req)
+}
+
 impl KeySet {
     /// A key set of the given public keys.
     pub fn of(epoch: u64, keys: &[&KeyPair]) -> Self {
@@ -232,7 +270,12 @@ mod tests {
         let payload = codec::encode(&42u32);
         let entry = k.sign_entry(Domain::Report, &payload);
         assert!(verify_entry(Domain::Report, &payload, &entry, &k.public_key()).is_ok());
-        for other in [Domain::Instruction, Domain::Rotation, Domain::Ack] {
+        for other in [
+            Domain::Instruction,
+            Domain::Rotation,
+            Domain::Ack,
+            Domain::Enroll,
+        ] {
             assert_eq!(
                 verify_entry(other, &payload, &entry, &k.public_key()),
                 Err(OpenError::BadSignature(k.id()))
@@ -247,6 +290,7 @@ mod tests {
             Domain::Report,
             Domain::Rotation,
             Domain::Ack,
+            Domain::Enroll,
         ];
         for a in all {
             for b in all {
@@ -255,6 +299,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn enroll_request(key: &KeyPair) -> EnrollRequest {
+        EnrollRequest {
+            device: crate::DeviceId::new("r1").unwrap(),
+            public_key: key.public_key(),
+            token: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn an_enrolment_request_opens_only_when_signed_by_the_key_it_enrols() {
+        let k = KeyPair::from_seed(&[3; 32]);
+        let req = enroll_request(&k);
+        assert_eq!(open_enroll(&seal_enroll(&req, &k)), Ok(req.clone()));
+        // Someone else's key on the request: no proof of possession.
+        let other = KeyPair::from_seed(&[4; 32]);
+        assert_eq!(
+            open_enroll(&seal_enroll(&req, &other)),
+            Err(OpenError::UnknownKey(other.id()))
+        );
+        // The right key, the wrong domain.
+        let as_report = seal(Domain::Report, &req, &[&k]);
+        assert!(matches!(
+            open_enroll(&as_report),
+            Err(OpenError::WrongDomain { .. })
+        ));
+        // A report-domain signature relabelled as an enrolment does not verify.
+        let mut env: SignedEnvelope = codec::decode(&as_report).unwrap();
+        env.domain = Domain::Enroll;
+        assert_eq!(
+            open_enroll(&codec::encode(&env)),
+            Err(OpenError::BadSignature(k.id()))
+        );
+        // Unsigned, or the bare request without an envelope.
+        env.signatures.clear();
+        assert_eq!(
+            open_enroll(&codec::encode(&env)),
+            Err(OpenError::NoSignature)
+        );
+        assert!(open_enroll(&codec::encode(&req)).is_err());
+    }
+
+    #[test]
+    fn enrolment_requests_are_capped() {
+        let k = KeyPair::from_seed(&[3; 32]);
+        let mut req = enroll_request(&k);
+        req.token = "x".repeat(MAX_ENROLL_TOKEN_LEN + 1);
+        assert!(matches!(
+            open_enroll(&seal_enroll(&req, &k)),
+            Err(OpenError::Payload(_))
+        ));
+        req.token.clear();
+        assert!(matches!(
+            open_enroll(&seal_enroll(&req, &k)),
+            Err(OpenError::Payload(_))
+        ));
+        req.token = "x".repeat(2 * MAX_ENROLL_BYTES);
+        assert!(matches!(
+            open_enroll(&seal_enroll(&req, &k)),
+            Err(OpenError::Envelope(DecodeError::Oversize { .. }))
+        ));
     }
 
     #[test]

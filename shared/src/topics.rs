@@ -27,10 +27,30 @@ pub fn instr(device: &DeviceId) -> String {
     format!("{PREFIX}/dev/{device}/instr")
 }
 
+/// Topic suffix of the bootstrap-token enrolment request.
+pub const ENROLL_SUFFIX: &str = "enroll";
+
+/// agent → cloud, QoS 1: a bootstrap-token enrolment request
+/// ([`crate::msg::EnrollRequest`], signed by the key it enrols). Sent only
+/// by a device that is not enrolled yet; never retained (it carries a token).
+pub fn enroll(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/{ENROLL_SUFFIX}")
+}
+
+/// The device of a `…/dev/{device}/enroll` topic.
+pub fn enroll_device(topic: &str) -> Option<DeviceId> {
+    match parse(topic)? {
+        (device, TopicKind::Enroll) => Some(device),
+        _ => None,
+    }
+}
+
 /// Subscription filters for an allocator: all devices' reports, acks, statuses.
 pub const ALL_REPORTS: &str = "shardline/v1/dev/+/report";
 pub const ALL_ACKS: &str = "shardline/v1/dev/+/ack";
 pub const ALL_STATUS: &str = "shardline/v1/dev/+/status";
+/// All devices' enrolment requests.
+pub const ALL_ENROLL: &str = "shardline/v1/dev/+/enroll";
 
 /// Shared-subscription group through which scaled-out allocators split reports.
 pub const SHARED_GROUP: &str = "allocators";
@@ -47,6 +67,8 @@ pub enum TopicKind {
     Status,
     Ack,
     Instr,
+    /// `dev/{device}/enroll`: a bootstrap-token enrolment request.
+    Enroll,
 }
 
 /// Splits `shardline/v1/dev/{device}/{kind}` into its device and kind.
@@ -59,6 +81,7 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
         "status" => TopicKind::Status,
         "ack" => TopicKind::Ack,
         "instr" => TopicKind::Instr,
+        ENROLL_SUFFIX => TopicKind::Enroll,
         _ => return None,
     };
     Some((DeviceId::new(device).ok()?, kind))
@@ -75,6 +98,8 @@ mod tests {
         assert_eq!(status(&d), "shardline/v1/dev/r1/status");
         assert_eq!(ack(&d), "shardline/v1/dev/r1/ack");
         assert_eq!(instr(&d), "shardline/v1/dev/r1/instr");
+        assert_eq!(enroll(&d), "shardline/v1/dev/r1/enroll");
+        assert_eq!(ALL_ENROLL, format!("{PREFIX}/dev/+/{ENROLL_SUFFIX}"));
         assert_eq!(
             shared(ALL_REPORTS),
             "$share/allocators/shardline/v1/dev/+/report"
@@ -85,6 +110,11 @@ mod tests {
     fn parse_round_trips_and_refuses_strangers() {
         let d = DeviceId::new("r1").unwrap();
         assert_eq!(parse(&ack(&d)), Some((d.clone(), TopicKind::Ack)));
+        assert_eq!(parse(&enroll(&d)), Some((d.clone(), TopicKind::Enroll)));
+        assert_eq!(enroll_device(&enroll(&d)), Some(d.clone()));
+        assert_eq!(enroll_device(&report(&d)), None);
+        assert_eq!(enroll_device("shardline/v1/dev/a+b/enroll"), None);
+        assert_eq!(enroll_device("shardline/v1/dev/r1/x/enroll"), None);
         assert_eq!(parse("shardline/v1/dev/r1/other"), None);
         assert_eq!(parse("shardline/v1/dev/a+b/report"), None);
         assert_eq!(parse("elsewhere/dev/r1/report"), None);

@@ -14,6 +14,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use shardline_shared::accept::AcceptanceState;
+use shardline_shared::msg::EnrollRequest;
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
     InstructionAck, KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport, RejectReason,
@@ -287,6 +288,8 @@ fn golden_presence_shard_kind_domain_every_variant() {
     check("Domain::Report", &Domain::Report, "0101");
     check("Domain::Rotation", &Domain::Rotation, "0102");
     check("Domain::Ack", &Domain::Ack, "0103");
+    // Added after the others, at the end: their bytes above are unchanged.
+    check("Domain::Enroll", &Domain::Enroll, "0104");
 }
 
 #[test]
@@ -296,6 +299,7 @@ fn golden_domain_tags() {
     assert_eq!(Domain::Report.tag(), b"shardline/v1/sig/report\0");
     assert_eq!(Domain::Rotation.tag(), b"shardline/v1/sig/rotation\0");
     assert_eq!(Domain::Ack.tag(), b"shardline/v1/sig/ack\0");
+    assert_eq!(Domain::Enroll.tag(), b"shardline/v1/sig/enroll\0");
 }
 
 // ------------------------------------------------------------ reports
@@ -553,6 +557,48 @@ fn golden_signed_envelope_of_a_rotation_with_two_signatures() {
             "7bdf069be85008",
         ),
     );
+}
+
+fn enroll_request() -> EnrollRequest {
+    EnrollRequest {
+        device: device(),
+        public_key: key(3).public_key(),
+        token: "0123456789abcdef".into(),
+    }
+}
+
+#[test]
+fn golden_enroll_request() {
+    // device "rtr-1", key(3)'s public key, a 16-byte token.
+    check(
+        "EnrollRequest",
+        &enroll_request(),
+        concat!(
+            "01057274722d31ed4928c628d1c2c6eae90338905995612959273a5c63f93636",
+            "c14614ac8737d11030313233343536373839616263646566",
+        ),
+    );
+}
+
+#[test]
+fn golden_signed_envelope_of_an_enroll_request() {
+    let bytes = sign::seal_enroll(&enroll_request(), &key(3));
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope(enroll)",
+        &env,
+        concat!(
+            "01043801057274722d31ed4928c628d1c2c6eae90338905995612959273a5c63",
+            "f93636c14614ac8737d1103031323334353637383961626364656601b62e867f",
+            "a2f33afe404f49254a047f123541c4e3c2028d4dd785e7a9de5502953748b8aa",
+            "3bc1d5b13ed7492d2e255af0ff2ae7725f2ab09c80d30e7d1151e1572a2c2dd7",
+            "88530a0907",
+        ),
+    );
+    assert_eq!(env.domain, Domain::Enroll);
+    assert_eq!(encode(&env), bytes);
+    // The pinned bytes still open: signed by the key the request names.
+    assert_eq!(sign::open_enroll(&bytes), Ok(enroll_request()));
 }
 
 // ------------------------------------------------------------ persisted state

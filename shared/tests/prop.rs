@@ -26,6 +26,7 @@ use shardline_shared::msg::{
     RejectReason, RejectionCounters, ResourceLimits, ShardFailure, ShardKind, ShardState,
     ShardStatus, TrafficClass,
 };
+use shardline_shared::msg::{EnrollRequest, MAX_ENROLL_TOKEN_LEN};
 use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
 use shardline_shared::{codec, decode, encode, DeviceId, KeyId, ShardRef};
 use std::fmt::Debug;
@@ -333,7 +334,18 @@ fn domain() -> impl Strategy<Value = Domain> {
         Domain::Report,
         Domain::Rotation,
         Domain::Ack,
+        Domain::Enroll,
     ])
+}
+
+fn enroll_request() -> impl Strategy<Value = EnrollRequest> {
+    (device_id(), any::<[u8; 32]>(), "[ -~]{0,80}").prop_map(|(device, public_key, token)| {
+        EnrollRequest {
+            device,
+            public_key,
+            token,
+        }
+    })
 }
 
 fn signature_entry() -> impl Strategy<Value = SignatureEntry> {
@@ -452,6 +464,11 @@ proptest! {
     }
 
     #[test]
+    fn round_trip_enroll_request(v in enroll_request(), cut in any::<prop::sample::Index>()) {
+        round_trip(&v, cut)?;
+    }
+
+    #[test]
     fn round_trip_acceptance_state(v in acceptance_state(), cut in any::<prop::sample::Index>()) {
         round_trip(&v, cut)?;
     }
@@ -523,6 +540,7 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<ShardFailure>(bytes);
     let _ = decode::<TrafficClass>(bytes);
     let _ = decode::<Domain>(bytes);
+    let _ = decode::<EnrollRequest>(bytes);
 }
 
 proptest! {
@@ -540,6 +558,8 @@ proptest! {
         for bytes in [&raw[..], &framed[..]] {
             decode_as_everything(bytes);
             let _ = sign::parse_envelope(bytes, codec::MAX_PAYLOAD);
+            // Random bytes never make a request signed by the key it names.
+            prop_assert!(sign::open_enroll(bytes).is_err());
             let d = handle_incoming(&state, &me(), bytes, now, &AcceptancePolicy::default());
             // Random bytes are never a valid signature by key 1.
             prop_assert!(
@@ -840,4 +860,46 @@ fn every_single_bit_flip_of_a_signed_instruction_is_rejected() {
     // And the unmutated message does apply, so the rejections mean something.
     let d = handle_incoming(&state, &me(), &bytes, T0, &AcceptancePolicy::default());
     assert_eq!(d.verdict, Verdict::Apply(original));
+}
+
+// ------------------------------------------------------------ enrolment
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// A sealed enrolment request opens as itself; changing any one byte of
+    /// it either is refused or (a no-op change postcard tolerates) opens as
+    /// the very same request: never as another device, key or token.
+    #[test]
+    fn enrolment_requests_open_only_unchanged(
+        seed in any::<[u8; 32]>(),
+        device in device_id(),
+        token in "[0-9a-f]{1,64}",
+        at in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let k = KeyPair::from_seed(&seed);
+        let req = EnrollRequest { device, public_key: k.public_key(), token };
+        let sealed = sign::seal_enroll(&req, &k);
+        prop_assert_eq!(sign::open_enroll(&sealed), Ok(req.clone()));
+        let mut bent = sealed.clone();
+        let i = at.index(bent.len());
+        bent[i] ^= flip;
+        if let Ok(opened) = sign::open_enroll(&bent) {
+            prop_assert_eq!(opened, req);
+        }
+    }
+
+    /// Requests whose token is empty or longer than the cap never open,
+    /// however well signed.
+    #[test]
+    fn enrolment_tokens_outside_the_cap_never_open(
+        seed in any::<[u8; 32]>(),
+        long in any::<bool>(),
+    ) {
+        let k = KeyPair::from_seed(&seed);
+        let token = if long { "a".repeat(MAX_ENROLL_TOKEN_LEN + 1) } else { String::new() };
+        let req = EnrollRequest { device: me(), public_key: k.public_key(), token };
+        prop_assert!(sign::open_enroll(&sign::seal_enroll(&req, &k)).is_err());
+    }
 }

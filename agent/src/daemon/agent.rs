@@ -15,6 +15,7 @@
 //! exactly one application of the instruction.
 
 use super::config::Config;
+use super::enroll::{self, BootstrapToken, EnrollPolicy, Enroller, Marker, Phase};
 use super::link::{self, LinkCore, LinkEvent, Sent};
 use super::manager::{Action, CapabilityManager, PersistedState};
 use super::notify::Notifier;
@@ -26,7 +27,8 @@ use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
 use shardline_shared::accept::AcceptancePolicy;
 use shardline_shared::codec;
 use shardline_shared::msg::{
-    AckOutcome, DeviceStatus, InstructionAck, KeySet, Presence, PublicKeyEntry, QosReport,
+    AckOutcome, DeviceStatus, EnrollRequest, InstructionAck, KeySet, Presence, PublicKeyEntry,
+    QosReport,
 };
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{topics, KeyId};
@@ -57,6 +59,8 @@ pub enum DaemonError {
     Outbox(#[from] super::outbox::OutboxError),
     #[error(transparent)]
     Key(#[from] super::keys::DeviceKeyError),
+    #[error(transparent)]
+    EnrollToken(#[from] super::enroll::EnrollTokenError),
     #[error(transparent)]
     Link(#[from] super::link::LinkSetupError),
     #[error("signal handler: {0}")]
@@ -134,6 +138,10 @@ pub struct Daemon {
     last_report_seq: u64,
     last_status_write: u64,
     status_dirty: bool,
+    /// Self-enrolment: when to send the request, and the token it carries
+    /// (`None` when not configured or not needed).
+    enroller: Enroller,
+    enroll_token: Option<BootstrapToken>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -202,6 +210,12 @@ impl Daemon {
             pinned_key_set(&cfg.allocator_keys),
             now,
         );
+        let (enroller, enroll_token) = enrolment(
+            &cfg,
+            &key,
+            manager.applied_seq() > 0,
+            EnrollPolicy::default(),
+        )?;
         let outbox = Outbox::open(&cfg.state_dir.join("outbox"), cfg.outbox_cap)?;
         if !outbox.is_empty() {
             tracing::info!(messages = outbox.len(), "resending what the outbox kept");
@@ -224,6 +238,8 @@ impl Daemon {
             last_report_seq: 0,
             last_status_write: 0,
             status_dirty: true,
+            enroller,
+            enroll_token,
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -276,6 +292,7 @@ impl Daemon {
                     }
                     let actions = self.manager.on_tick(now);
                     self.execute(actions, None)?;
+                    self.poll_enroll(now);
                     if last_floor.elapsed() >= FLOOR_EVERY {
                         last_floor = tokio::time::Instant::now();
                         let actions = self.manager.advance_floor(now);
@@ -314,6 +331,7 @@ impl Daemon {
                     tracing::debug!(%error, "broker not reachable");
                 }
                 self.core.on_down(dropped_unsent);
+                self.enroller.on_disconnected();
                 self.status_dirty = true;
             }
             LinkEvent::Mqtt(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -327,6 +345,10 @@ impl Daemon {
                     tracing::warn!(error = %e, "subscribe request failed");
                 }
                 self.publish_online();
+                // Before the outbox: the allocator should know the key
+                // before the first report signed with it arrives.
+                self.enroller.on_connected(now_ms());
+                self.poll_enroll(now_ms());
                 self.flush();
                 self.status_dirty = true;
             }
@@ -401,6 +423,9 @@ impl Daemon {
                         (o, _) => o,
                     };
                     tracing::info!(seq, ?outcome, "instruction handled");
+                    if instruction_at.is_some() && enroll::is_evidence(&outcome) {
+                        self.on_enrolled(now);
+                    }
                     let ack = InstructionAck {
                         device: self.cfg.device.clone(),
                         instruction_seq: seq,
@@ -464,6 +489,70 @@ impl Daemon {
         self.last_report_seq = seq;
         self.flush();
         Ok(())
+    }
+
+    /// Publishes the enrolment request when the [`Enroller`] says so:
+    /// straight to the client (QoS 1, not retained), never through the
+    /// on-disk outbox, and never logged with its token.
+    fn poll_enroll(&mut self, now: u64) {
+        let Some(token) = &self.enroll_token else {
+            return;
+        };
+        let was = self.enroller.phase();
+        if let Some(attempt) = self.enroller.poll(now) {
+            let req = EnrollRequest {
+                device: self.cfg.device.clone(),
+                public_key: self.key.public_key(),
+                token: token.as_str().to_owned(),
+            };
+            let sealed = sign::seal_enroll(&req, &self.key);
+            let topic = topics::enroll(&self.cfg.device);
+            if link::try_publish(&self.link.client, &topic, sealed, false) {
+                self.core.handed_out(Sent::Other);
+                tracing::info!(
+                    device = %self.cfg.device,
+                    attempt,
+                    key_id = %self.key.id(),
+                    next_in_ms = self.enroller.next_deadline().map(|d| d.saturating_sub(now)),
+                    "enrolment request sent"
+                );
+            } else {
+                tracing::warn!(
+                    attempt,
+                    "enrolment request not queued (client busy); retrying later"
+                );
+            }
+        } else if was == Phase::Pending && self.enroller.phase() == Phase::GaveUp {
+            tracing::warn!(
+                device = %self.cfg.device,
+                attempts = self.enroller.attempts(),
+                "no sign of enrolment after the last request; stopped sending it \
+                 (check the token with the operator; a restart tries again)"
+            );
+            self.enroll_token = None;
+        }
+    }
+
+    /// Evidence of enrolment: remember it, forget the token.
+    fn on_enrolled(&mut self, now: u64) {
+        if !self.enroller.on_evidence() {
+            return;
+        }
+        let had_token = self.enroll_token.take().is_some();
+        let marker = Marker {
+            device: self.cfg.device.to_string(),
+            public_key: hex::encode(self.key.public_key()),
+            at_ms: now,
+        };
+        match marker.write(&self.cfg.state_dir) {
+            Ok(()) => tracing::info!(
+                device = %self.cfg.device,
+                requests = self.enroller.attempts(),
+                had_token,
+                "enrolled: a signed instruction from the allocator took effect"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not write the enrolment marker"),
+        }
     }
 
     fn publish_online(&mut self) {
@@ -633,6 +722,50 @@ impl Daemon {
         }
         self.link.driver.abort();
         tracing::info!(outbox = self.outbox.len(), "stopped");
+    }
+}
+
+/// The enrolment state at start: enrolled when the marker names this key or
+/// an instruction was ever applied; otherwise the token file is read (a
+/// missing file only disables enrolment, since the device may have been
+/// enrolled by other means; a readable-by-others or malformed one is an
+/// error, like a device key).
+fn enrolment(
+    cfg: &Config,
+    key: &KeyPair,
+    applied_any: bool,
+    policy: EnrollPolicy,
+) -> Result<(Enroller, Option<BootstrapToken>), DaemonError> {
+    let enrolled = applied_any || Marker::holds_for(&cfg.state_dir, &key.public_key());
+    let Some(path) = &cfg.enroll_token_file else {
+        return Ok((Enroller::new(policy, true), None));
+    };
+    if enrolled {
+        tracing::info!(
+            token_file = %path.display(),
+            "already enrolled; the bootstrap token is not used"
+        );
+        return Ok((Enroller::new(policy, true), None));
+    }
+    match enroll::read_token(path) {
+        Ok(token) => {
+            tracing::info!(
+                token_file = %path.display(),
+                max_requests = policy.max_attempts,
+                "not enrolled yet: will enrol with the bootstrap token"
+            );
+            Ok((Enroller::new(policy, false), Some(token)))
+        }
+        Err(enroll::EnrollTokenError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            tracing::warn!(
+                token_file = %path.display(),
+                "enroll_token_file does not exist; not enrolling with a token"
+            );
+            Ok((Enroller::new(policy, true), None))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

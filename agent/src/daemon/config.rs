@@ -43,6 +43,9 @@ pub struct Config {
     pub device_key_file: PathBuf,
     /// Pinned allocator public keys (epoch 0 of the instruction key set).
     pub allocator_keys: Vec<[u8; 32]>,
+    /// File holding a bootstrap token (mode 0600): a device not enrolled yet
+    /// enrols itself with it (see `daemon::enroll`).
+    pub enroll_token_file: Option<PathBuf>,
     pub broker: BrokerConfig,
     pub monitor: MonitorConfig,
     pub shard_dir: PathBuf,
@@ -120,6 +123,7 @@ struct RawAllocator {
     #[serde(default)]
     keys: Vec<HexKey>,
     key_set_file: Option<Spanned<PathBuf>>,
+    enroll_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +332,20 @@ impl Config {
                 .map_err(|m| invalid(file.span(), "allocator.key_set_file", m))?;
             allocator_keys.extend(listed);
         }
+        if let Some(f) = &raw.allocator.enroll_token_file {
+            if f.get_ref().as_os_str().is_empty() {
+                return Err(invalid(
+                    f.span(),
+                    "allocator.enroll_token_file",
+                    "must name a file (leave the field out when not enrolling with a token)".into(),
+                ));
+            }
+        }
+        let enroll_token_file = raw
+            .allocator
+            .enroll_token_file
+            .as_ref()
+            .map(|f| resolve(path, f.get_ref()));
         allocator_keys.sort();
         allocator_keys.dedup();
         if allocator_keys.is_empty() {
@@ -473,6 +491,7 @@ impl Config {
                 .unwrap_or_else(|| state_dir.join("device.key")),
             device: raw.device.id,
             allocator_keys,
+            enroll_token_file,
             broker: BrokerConfig {
                 tls: b.url.tls,
                 host: b.url.host,
@@ -688,6 +707,26 @@ mod tests {
         std::fs::write(dir.path().join("keys"), "zz\n").unwrap();
         let err = Config::parse(&dir.path().join("agent.toml"), &text).unwrap_err();
         assert!(err.to_string().contains("allocator.key_set_file"), "{err}");
+    }
+
+    #[test]
+    fn enroll_token_file_is_optional_and_resolved() {
+        assert_eq!(parse(&minimal()).unwrap().enroll_token_file, None);
+        let with = minimal().replace(
+            &format!("keys = [\"{KEY}\"]"),
+            &format!("keys = [\"{KEY}\"]\nenroll_token_file = \"enroll-token\""),
+        );
+        assert_eq!(
+            parse(&with).unwrap().enroll_token_file,
+            Some(PathBuf::from("/etc/shardline/enroll-token"))
+        );
+        let empty = with.replace("\"enroll-token\"", "\"\"");
+        expect_invalid(&empty, 6, "allocator.enroll_token_file");
+        let inline = with.replace(
+            "enroll_token_file = \"enroll-token\"",
+            "enroll_token = \"abc\"",
+        );
+        expect_invalid(&inline, 6, "allocator.enroll_token");
     }
 
     #[test]

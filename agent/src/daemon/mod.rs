@@ -4,6 +4,7 @@
 //! profile), and systemd integration.
 //!
 //! - [`config`]: `agent.toml`, errors with file, line and field.
+//! - [`enroll`]: self-enrolment with a bootstrap token (sans-IO retry logic).
 //! - [`keys`]: the device signing key (generated once, mode 0600).
 //! - [`persist`]: atomic, durable file writes.
 //! - [`manager`]: the decision core (events → actions), unit-tested on
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod enroll;
 pub mod hosting;
 pub mod keys;
 pub mod limits;

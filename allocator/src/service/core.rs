@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use shardline_shared::codec;
 use shardline_shared::ids::{DeviceId, KeyId};
+use shardline_shared::msg::MAX_ENROLL_BYTES;
 use shardline_shared::msg::{
     AckOutcome, DeviceStatus, Instruction, InstructionAck, KeyRotation, KeySet, Presence,
     QosReport, RejectReason,
@@ -34,26 +35,6 @@ use shardline_shared::topics::{self, TopicKind};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// Topic suffix of the bootstrap-token enrolment request (device → cloud).
-pub const ENROLL_SUFFIX: &str = "enroll";
-/// Subscription filter for enrolment requests.
-pub const ALL_ENROLL: &str = "shardline/v1/dev/+/enroll";
-
-/// `shardline/v1/dev/{device}/enroll`.
-pub fn enroll_topic(device: &DeviceId) -> String {
-    format!("{}/dev/{device}/{ENROLL_SUFFIX}", topics::PREFIX)
-}
-
-/// What a device publishes (unsigned, `codec::encode`) on its enroll topic to
-/// enrol itself with an operator-issued bootstrap token. The token is the
-/// credential; the key is then proven by every signed report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnrollRequest {
-    pub device: DeviceId,
-    pub public_key: [u8; 32],
-    pub token: String,
-}
 
 /// One MQTT publish to make (always QoS 1, never retained).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -438,9 +419,6 @@ impl Core {
     /// One MQTT message from the broker.
     pub fn on_message(&mut self, now_ms: u64, topic: &str, payload: &[u8]) {
         let Some((device, kind)) = topics::parse(topic) else {
-            if enroll_device(topic).is_some() {
-                return self.on_enroll_message(now_ms, topic, payload);
-            }
             self.metrics.dropped(Kind::Report, Drop::UnknownTopic);
             return;
         };
@@ -450,22 +428,35 @@ impl Core {
             TopicKind::Status => self.on_status(now_ms, device, payload),
             // Our own instructions echoed back (not subscribed; harmless).
             TopicKind::Instr => {}
+            TopicKind::Enroll => self.on_enroll_message(now_ms, topic, payload),
         }
     }
 
-    /// Enrolment requests arrive on a topic `topics::parse` does not know.
+    /// A bootstrap-token enrolment request (`shared::sign::open_enroll`):
+    /// it must be signed by the key it enrols, name the device of its topic
+    /// and carry a live token.
     pub fn on_enroll_message(&mut self, now_ms: u64, topic: &str, payload: &[u8]) {
-        let Some(device) = enroll_device(topic) else {
+        let Some(device) = topics::enroll_device(topic) else {
             self.metrics.dropped(Kind::Enroll, Drop::UnknownTopic);
             return;
         };
-        if payload.len() > self.cfg.max_payload {
+        if payload.len() > MAX_ENROLL_BYTES.min(self.cfg.max_payload) {
             self.metrics.dropped(Kind::Enroll, Drop::Oversize);
             return;
         }
-        let Ok(req) = codec::decode_capped::<EnrollRequest>(payload, self.cfg.max_payload) else {
-            self.metrics.dropped(Kind::Enroll, Drop::Garbage);
-            return;
+        let req = match sign::open_enroll(payload) {
+            Ok(req) => req,
+            Err(e @ (sign::OpenError::Envelope(_) | sign::OpenError::Payload(_))) => {
+                tracing::debug!(%device, error = %e, "undecodable enrolment request");
+                self.metrics.dropped(Kind::Enroll, Drop::Garbage);
+                return;
+            }
+            Err(e) => {
+                // Not signed by the key it names: no proof of possession.
+                tracing::warn!(%device, error = %e, "enrolment request without a valid signature refused");
+                self.metrics.dropped(Kind::Enroll, Drop::BadSignature);
+                return;
+            }
         };
         if req.device != device {
             self.metrics.dropped(Kind::Enroll, Drop::WrongDevice);
@@ -1221,16 +1212,6 @@ impl Core {
             key_id: self.key.id().to_string(),
         }
     }
-}
-
-/// The device of an `…/dev/{id}/enroll` topic.
-pub fn enroll_device(topic: &str) -> Option<DeviceId> {
-    let rest = topic
-        .strip_prefix(topics::PREFIX)?
-        .strip_prefix("/dev/")?
-        .strip_suffix(ENROLL_SUFFIX)?
-        .strip_suffix('/')?;
-    DeviceId::new(rest).ok()
 }
 
 #[cfg(test)]

@@ -438,9 +438,9 @@ async fn mqtt_loop(
         topics::ALL_ACKS.to_owned()
     };
     let enroll_filter = if shared {
-        topics::shared(core::ALL_ENROLL)
+        topics::shared(topics::ALL_ENROLL)
     } else {
-        core::ALL_ENROLL.to_owned()
+        topics::ALL_ENROLL.to_owned()
     };
     loop {
         match eventloop.poll().await {
