@@ -306,6 +306,10 @@ pub struct LoopConfig {
     pub tick_ms: u64,
     /// How long a need keeps its capability after it was last seen, ms.
     pub hysteresis_ms: u64,
+    /// The device is not enrolled by the operator: its agent enrols itself
+    /// with the bootstrap token in [`Stack::enroll_token_file`] (which the
+    /// caller writes, mode 0600, before starting the agent).
+    pub enroll_with_token: bool,
 }
 
 impl LoopConfig {
@@ -319,6 +323,7 @@ impl LoopConfig {
             window_ms: 1_000,
             tick_ms: 100,
             hysteresis_ms: 3_000,
+            enroll_with_token: false,
         }
     }
 }
@@ -480,11 +485,19 @@ impl Stack {
                     .join(", ")
             ),
         };
+        let enroll = if stack.cfg.enroll_with_token {
+            format!(
+                "enroll_token_file = \"{}\"\n",
+                stack.enroll_token_file().display()
+            )
+        } else {
+            String::new()
+        };
         write(
             &stack.agent_config(),
             &format!(
                 "[device]\nid = \"{dev}\"\nkey_file = \"{d}/device.key\"\n\n\
-                 [allocator]\nkeys = [\"{public}\"]\n\n\
+                 [allocator]\nkeys = [\"{public}\"]\n{enroll}\n\
                  [broker]\nurl = \"{broker}\"\nkeep_alive_s = 5\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n\
                  [monitor]\n{monitor}window_ms = {win}\n\n\
                  [shards]\ndir = \"{d}/shards\"\n\n\
@@ -506,12 +519,20 @@ impl Stack {
             stack.device_key.clone(),
             stack.cfg.tier.clone(),
         );
-        stack.enrolled = stack.shardctl(&["enroll", &device, &key, "--tier", &tier])?;
+        if !stack.cfg.enroll_with_token {
+            stack.enrolled = stack.shardctl(&["enroll", &device, &key, "--tier", &tier])?;
+        }
         Ok(stack)
     }
 
     pub fn agent_config(&self) -> PathBuf {
         self.dir.join("agent.toml")
+    }
+
+    /// Where the agent reads its bootstrap token when
+    /// [`LoopConfig::enroll_with_token`] is set.
+    pub fn enroll_token_file(&self) -> PathBuf {
+        self.dir.join("enroll-token")
     }
 
     /// Starts `shardline-agent run` (optionally wrapped, e.g. in `ip netns exec`).
