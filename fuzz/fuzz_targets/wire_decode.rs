@@ -6,8 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use shardline_shared::accept::AcceptanceState;
 use shardline_shared::msg::{
-    DeviceStatus, Instruction, InstructionAck, KeyRotation, KeySet, Operation, QosReport,
-    RejectionCounters, ShardStatus,
+    DeviceStatus, EnrollRequest, Instruction, InstructionAck, KeyRotation, KeySet, Operation,
+    QosReport, RejectionCounters, ShardStatus,
 };
 use shardline_shared::sign::SignedEnvelope;
 use shardline_shared::{decode, encode, DeviceId, ShardRef};
@@ -38,4 +38,7 @@ fuzz_target!(|data: &[u8]| {
     check::<RejectionCounters>(data);
     check::<DeviceId>(data);
     check::<ShardRef>(data);
+    check::<EnrollRequest>(data);
+    // Opening a sealed enrolment request never panics either.
+    let _ = shardline_shared::sign::open_enroll(data);
 });
