@@ -3,7 +3,7 @@
 //!
 //! - `cargo xtask demo`  — run the whole system on one machine, embedded defaults.
 //! - `cargo xtask test`  — every test: installs what the tests need when root
-//!   (mosquitto, iproute2, cross linkers, qemu-user), runs the workspace tests,
+//!   (mosquitto, postgresql, iproute2, cross linkers, qemu-user), runs the workspace tests,
 //!   the ARM cross builds and the `shared` tests under qemu, and the systemd
 //!   unit checks; says what it skips and why.
 //! - `cargo xtask bench` — the benchmarks, writing rows into BENCHMARKS.md.
@@ -97,11 +97,16 @@ impl Skips {
 /// root; otherwise reports what is missing.
 fn setup(root: &Path) -> Result<Skips, String> {
     let mut skips = Skips::default();
-    let missing: Vec<&str> = SYSTEM_PACKAGES
+    let mut missing: Vec<&str> = SYSTEM_PACKAGES
         .iter()
         .filter(|(_, probe)| !Path::new(probe).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
+    // The shared-store tests' throwaway server (its binaries sit in a
+    // versioned directory, so no fixed probe path).
+    if xtask::kit::postgres::bin_dir().is_none() {
+        missing.push("postgresql");
+    }
     if !missing.is_empty() {
         if is_root() && Path::new("/usr/bin/apt-get").exists() {
             eprintln!("xtask: installing {}", missing.join(" "));

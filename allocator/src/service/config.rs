@@ -124,7 +124,12 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// The embedded store's file (ignored when `url` is set).
     pub path: PathBuf,
+    /// `postgres://user[:password]@host[:port]/db` (or `postgresql://`): a
+    /// PostgreSQL store shared by several allocator instances. When set it
+    /// is used and `path` is ignored.
+    pub url: Option<String>,
     /// Every device's engine state is also checkpointed this often (state that
     /// changes only with time, e.g. reputation decay, is otherwise written lazily).
     pub checkpoint_s: u64,
@@ -139,6 +144,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: "/var/lib/shardline-allocator/allocator.redb".into(),
+            url: None,
             checkpoint_s: 300,
             engine_flush_ms: 5_000,
         }
@@ -269,6 +275,10 @@ impl Config {
                 "needs tls_cert and tls_key".into(),
             ));
         }
+        if let Some(url) = &config.store.url {
+            check_store_url(url)
+                .map_err(|message| invalid_in_section(text, path, "store", "url", message))?;
+        }
         if config.policy.tick_ms == 0 {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
         }
@@ -290,6 +300,49 @@ impl Config {
         } else {
             BrokerUrl::parse(&self.broker.url).ok()
         }
+    }
+}
+
+/// A `[store] url`: `postgres://` or `postgresql://` that the PostgreSQL
+/// client accepts. The message never repeats the url (it may hold a password).
+fn check_store_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be postgres://user@host:port/db or postgresql://...".into());
+    }
+    url.parse::<postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a PostgreSQL connection url: {e}"))
+}
+
+/// Like [`invalid_at_key`], but the line of `key` inside `[section]` (a key
+/// name such as `url` appears in several sections).
+fn invalid_in_section(
+    text: &str,
+    path: &str,
+    section: &str,
+    key: &str,
+    message: String,
+) -> ConfigError {
+    let header = format!("[{section}]");
+    let mut inside = false;
+    let line = text
+        .lines()
+        .position(|l| {
+            let t = l.trim();
+            if t.starts_with('[') {
+                inside = t == header;
+                return false;
+            }
+            inside
+                && t.split_once('=')
+                    .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        })
+        .map_or(0, |i| i + 1);
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        field: key.to_owned(),
+        message,
     }
 }
 
@@ -377,6 +430,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("c.toml:3: field `url`"), "{err}");
+    }
+
+    #[test]
+    fn a_store_url_must_be_postgres_and_errors_name_its_line() {
+        let ok = "[store]\nurl = \"postgresql://sl@db.example:5432/shardline\"\n";
+        let c = Config::from_toml_str(ok, "a.toml").unwrap();
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgresql://sl@db.example:5432/shardline")
+        );
+        assert!(Config::from_toml_str("", "a.toml")
+            .unwrap()
+            .store
+            .url
+            .is_none());
+        // The broker's `url` comes first; the error points at the store's.
+        let text = "[broker]\nurl = \"mqtt://b:1883\"\n[store]\nurl = \"mysql://u:secret@h/db\"\n";
+        let err = Config::from_toml_str(text, "/etc/a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/a.toml:4: field `url`"), "{err}");
+        assert!(!err.contains("secret"), "the password is not echoed: {err}");
+        let err = Config::from_toml_str("[store]\nurl = \"postgres://h:notaport/db\"\n", "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("b.toml:2: field `url`"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!
 //! - [`core`]: sans-IO ingest/verify/dedupe/dispatch/resend around the engine.
 //! - [`store`]: the [`store::Store`] trait and its redb implementation.
+//! - [`store_pg`]: the PostgreSQL store several instances share.
 //! - [`keys`]: key files and hex public keys.
 //! - [`config`]: the `allocator.toml` file.
 //! - [`metrics`]: counters and the Prometheus text format.
@@ -23,4 +24,5 @@ pub mod notify;
 pub mod run;
 pub mod shardctl;
 pub mod store;
+pub mod store_pg;
 pub mod tls;

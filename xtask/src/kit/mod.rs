@@ -6,6 +6,7 @@ pub mod interrupt;
 pub mod json;
 pub mod netns;
 pub mod pcap;
+pub mod postgres;
 pub mod proc;
 pub mod sha256;
 pub mod stack;

@@ -1,0 +1,862 @@
+//! [`PgStore`]: the [`Store`] shared by several allocator instances, in
+//! PostgreSQL (DESIGN.md "Scale": N instances behind a clustered broker
+//! share one store; any instance can serve any device).
+//!
+//! Schema (created or migrated at connect, under a transaction-scoped
+//! advisory lock so instances starting together do not race):
+//! - `shardline_schema_version(version)`: one row, the schema this build
+//!   migrated to; a newer schema than the build knows is refused.
+//! - `devices(id, version, last_report_seq, body)`: `body` is the record in
+//!   the embedded store's encoding, `version` the write version every
+//!   conditional write checks, `last_report_seq` the report floor that
+//!   floor-only writes move without rewriting the body.
+//! - `tokens(hash, body)`, `meta(key, body)`.
+//!
+//! `u64` versions and sequence numbers are stored bit for bit in `bigint`
+//! (values above `i64::MAX` read back unchanged; SQL never orders them).
+//!
+//! Three connections, each behind its own mutex, so a slow group commit
+//! (the store thread) does not hold up reads (the core thread), and the
+//! leadership lock lives on a session of its own whose end (process exit,
+//! crash, lost network) releases it. A broken connection is reopened and
+//! the call tried once more, except after a connection lost during COMMIT:
+//! then whether it committed is unknown, the error is returned, and the
+//! service's retry sees either success or a [`StoreError::Conflict`] naming
+//! its own earlier write (safe: nothing is published before a commit is
+//! known, and numbers reserved by a commit are never reused).
+//!
+//! The `postgres` client is synchronous and drives a private tokio runtime,
+//! which must not run inside another runtime's context; calls made from one
+//! (the service opens its store in an async fn) run on a scoped helper
+//! thread instead. No TLS to the database yet: use a local socket, a
+//! loopback/VPN link or a TLS-terminating proxy.
+
+use super::store::{dec, enc, Batch, DeviceRecord, Meta, Store, StoreError, TokenRecord};
+use postgres::error::SqlState;
+use postgres::{Client, GenericClient, NoTls, Statement};
+use shardline_shared::ids::DeviceId;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Advisory lock key of the fleet-wide lead ("SHLNLEAD").
+const LEAD_LOCK_KEY: i64 = 0x5348_4c4e_4c45_4144;
+/// Advisory lock key serialising schema migrations ("SHLNSCHM").
+const SCHEMA_LOCK_KEY: i64 = 0x5348_4c4e_5343_484d;
+
+/// Schema migrations, in order; `MIGRATIONS[i]` takes version `i` to `i + 1`.
+/// Append only: deployed databases have run the earlier ones.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema. `COLLATE "C"`: ids compare and sort by bytes,
+    // like the embedded store's keys.
+    r#"
+    CREATE TABLE devices (
+        id text COLLATE "C" PRIMARY KEY,
+        version bigint NOT NULL,
+        last_report_seq bigint NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE TABLE tokens (
+        hash text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE meta (
+        key text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build creates and understands.
+const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+const SQL_CREATE: &str = "INSERT INTO devices (id, version, last_report_seq, body) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
+     ON CONFLICT (id) DO NOTHING RETURNING id";
+const SQL_PUT: &str = "UPDATE devices AS d \
+     SET version = u.version, last_report_seq = u.seq, body = u.body \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[]) \
+       AS u(id, prev, version, seq, body) \
+     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
+const SQL_FLOOR: &str = "UPDATE devices AS d \
+     SET version = u.version, last_report_seq = u.seq \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+       AS u(id, prev, version, seq) \
+     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
+const SQL_DELETE: &str = "DELETE FROM devices WHERE id = ANY($1::text[])";
+const SQL_TOKEN_PUT: &str = "INSERT INTO tokens (hash, body) \
+     SELECT * FROM unnest($1::text[], $2::bytea[]) \
+     ON CONFLICT (hash) DO UPDATE SET body = EXCLUDED.body";
+const SQL_TOKEN_DELETE: &str = "DELETE FROM tokens WHERE hash = ANY($1::text[])";
+const SQL_META_PUT: &str = "INSERT INTO meta (key, body) VALUES ('meta', $1) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+const SQL_LOAD_ALL: &str = "SELECT id, version, last_report_seq, body FROM devices ORDER BY id";
+const SQL_LOAD_SOME: &str =
+    "SELECT id, version, last_report_seq, body FROM devices WHERE id = ANY($1::text[])";
+const SQL_VERSIONS_ALL: &str = "SELECT id, version FROM devices ORDER BY id";
+const SQL_VERSIONS_SOME: &str = "SELECT id, version FROM devices WHERE id = ANY($1::text[])";
+const SQL_TOKENS: &str = "SELECT hash, body FROM tokens ORDER BY hash";
+const SQL_META: &str = "SELECT body FROM meta WHERE key = 'meta'";
+
+/// `u64` ⇒ `bigint`, bit for bit (reversed by [`from_sql`]).
+fn to_sql(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn pg_err(what: impl Into<String>, source: postgres::Error) -> StoreError {
+    StoreError::Pg {
+        what: what.into(),
+        source: Box::new(source),
+    }
+}
+
+/// Whether `e` means the connection is gone (reopen it), rather than a
+/// statement that failed on a working one.
+fn is_broken(e: &postgres::Error, client: &Client) -> bool {
+    e.is_closed()
+        || client.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        )
+        || (e.as_db_error().is_none()
+            && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
+}
+
+/// A transaction the server rolled back that can simply run again.
+fn is_retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a connection leaves at worst an open
+    // transaction, which the next use of the connection rolls back.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `f` where the synchronous client may block: inline, or on a scoped
+/// thread when the caller is inside a tokio runtime (whose threads must not
+/// start another runtime's `block_on`).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// One open session with its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// Prepares `sql` once per session.
+fn prepared(
+    client: &mut impl GenericClient,
+    statements: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+) -> Result<Statement, postgres::Error> {
+    if let Some(s) = statements.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = client.prepare(sql)?;
+    statements.insert(sql, s.clone());
+    Ok(s)
+}
+
+impl Conn {
+    fn stmt(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        prepared(&mut self.client, &mut self.statements, sql)
+    }
+}
+
+/// One of the store's connections, reopened when it breaks.
+struct Link {
+    /// Which connection (for logs): `commit`, `read` or `lead`.
+    role: &'static str,
+    config: postgres::Config,
+    conn: Option<Conn>,
+}
+
+impl Link {
+    fn open(role: &'static str, config: &postgres::Config) -> Result<Link, StoreError> {
+        let mut link = Link {
+            role,
+            config: config.clone(),
+            conn: None,
+        };
+        link.conn()?;
+        Ok(link)
+    }
+
+    /// The open session, connecting first if there is none (or it closed).
+    fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let mut client = self
+                    .config
+                    .connect(NoTls)
+                    .map_err(|e| pg_err(format!("connecting ({})", self.role), e))?;
+                // Server-side keepalives for this session: a peer that
+                // vanished (and, on the lead connection, its advisory
+                // lock) is dropped in seconds rather than the OS default
+                // of hours. Settable by any user; ignored over a Unix socket.
+                if let Err(e) = client.batch_execute(
+                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 2; \
+                     SET tcp_keepalives_count = 3",
+                ) {
+                    tracing::debug!(role = self.role, error = %e, "server keepalives not set");
+                }
+                tracing::debug!(role = self.role, "PostgreSQL connection opened");
+                Conn {
+                    client,
+                    statements: HashMap::new(),
+                }
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Runs the idempotent `f`, reopening a broken connection and trying
+    /// once more.
+    fn retry<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let first = {
+            let conn = self.conn()?;
+            match f(conn) {
+                Err(StoreError::Pg { what, source }) if is_broken(&source, &conn.client) => {
+                    StoreError::Pg { what, source }
+                }
+                other => return other,
+            }
+        };
+        tracing::warn!(role = self.role, op = what, error = %first, "PostgreSQL connection lost; reconnecting");
+        self.conn = None;
+        f(self.conn()?)
+    }
+}
+
+/// The lead connection and whether its session holds the lead lock.
+struct Lead {
+    link: Link,
+    held: bool,
+}
+
+/// The PostgreSQL [`Store`]: see the module documentation.
+pub struct PgStore {
+    commit: Mutex<Link>,
+    read: Mutex<Link>,
+    lead: Mutex<Lead>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Closing a session blocks on the client's runtime: not on a tokio
+        // thread. Closing the lead session releases the lead at once.
+        let links = [
+            self.commit
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .conn
+                .take(),
+            self.read
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .conn
+                .take(),
+            self.lead
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .link
+                .conn
+                .take(),
+        ];
+        off_runtime(move || drop(links));
+    }
+}
+
+/// Owned, SQL-typed arguments of one conditional statement.
+#[derive(Default)]
+struct Rows {
+    ids: Vec<String>,
+    prev: Vec<i64>,
+    version: Vec<i64>,
+    seq: Vec<i64>,
+    body: Vec<Vec<u8>>,
+}
+
+impl Rows {
+    fn push(&mut self, id: &DeviceId, version: u64, seq: u64, body: Option<Vec<u8>>) {
+        self.ids.push(id.as_str().to_owned());
+        self.prev.push(to_sql(version.saturating_sub(1)));
+        self.version.push(to_sql(version));
+        self.seq.push(to_sql(seq));
+        if let Some(b) = body {
+            self.body.push(b);
+        }
+    }
+}
+
+/// One batch turned into statement arguments (done before taking the
+/// commit connection: encoding needs no lock).
+struct Plan {
+    create: Rows,
+    put: Rows,
+    floor: Rows,
+    delete: Vec<String>,
+    token_put: (Vec<String>, Vec<Vec<u8>>),
+    token_delete: Vec<String>,
+    meta: Option<Vec<u8>>,
+    /// Writes refused without asking the database (version 0 is never a
+    /// valid written version).
+    invalid: Vec<DeviceId>,
+}
+
+impl Plan {
+    fn of(batch: &Batch) -> Plan {
+        let mut plan = Plan {
+            create: Rows::default(),
+            put: Rows::default(),
+            floor: Rows::default(),
+            delete: batch
+                .delete_devices
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect(),
+            token_put: (Vec::new(), Vec::new()),
+            token_delete: Vec::new(),
+            meta: batch.meta.as_ref().map(enc),
+            invalid: Vec::new(),
+        };
+        for rec in &batch.put_devices {
+            match rec.version {
+                0 => plan.invalid.push(rec.device.clone()),
+                1 => plan
+                    .create
+                    .push(&rec.device, 1, rec.last_report_seq, Some(enc(rec))),
+                v => plan
+                    .put
+                    .push(&rec.device, v, rec.last_report_seq, Some(enc(rec))),
+            }
+        }
+        for w in &batch.report_seqs {
+            if w.version == 0 {
+                plan.invalid.push(w.device.clone());
+            } else {
+                // A floor write to an absent device (version 1) finds no
+                // row and conflicts: the device was deleted meanwhile.
+                plan.floor.push(&w.device, w.version, w.seq, None);
+            }
+        }
+        // Only the last write of a token in a batch counts (and one upsert
+        // statement may not touch a row twice).
+        let mut last: HashMap<&str, Option<&TokenRecord>> = HashMap::new();
+        for (hash, rec) in &batch.tokens {
+            last.insert(hash.as_str(), rec.as_ref());
+        }
+        for (hash, rec) in last {
+            match rec {
+                Some(rec) => {
+                    plan.token_put.0.push(hash.to_owned());
+                    plan.token_put.1.push(enc(rec));
+                }
+                None => plan.token_delete.push(hash.to_owned()),
+            }
+        }
+        plan
+    }
+}
+
+/// Where a commit attempt failed.
+enum Failed {
+    /// Before COMMIT was sent: the server rolled the transaction back.
+    Before(postgres::Error),
+    /// While COMMIT was in flight: the outcome is unknown if the connection
+    /// broke.
+    AtCommit(postgres::Error),
+}
+
+/// Runs one conditional statement and records the devices it did not write.
+fn conditional(
+    tx: &mut postgres::Transaction<'_>,
+    statements: &mut HashMap<&'static str, Statement>,
+    sql: &'static str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+    ids: &[String],
+    conflicts: &mut Vec<DeviceId>,
+) -> Result<(), postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let stmt = prepared(tx, statements, sql)?;
+    let written: HashSet<String> = tx
+        .query(&stmt, params)?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    for id in ids.iter().filter(|id| !written.contains(id.as_str())) {
+        // Ids came from `DeviceId`s, so they parse back.
+        if let Ok(d) = DeviceId::new(id) {
+            if !conflicts.contains(&d) {
+                conflicts.push(d);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One attempt at a group commit: `Ok(conflicts)` (empty = committed).
+fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
+    let Conn { client, statements } = conn;
+    let mut tx = client.transaction().map_err(Failed::Before)?;
+    let mut conflicts: Vec<DeviceId> = Vec::new();
+    for plan in plans {
+        for d in &plan.invalid {
+            if !conflicts.contains(d) {
+                conflicts.push(d.clone());
+            }
+        }
+        let c = &plan.create;
+        conditional(
+            &mut tx,
+            statements,
+            SQL_CREATE,
+            &[&c.ids, &c.version, &c.seq, &c.body],
+            &c.ids,
+            &mut conflicts,
+        )
+        .map_err(Failed::Before)?;
+        let p = &plan.put;
+        conditional(
+            &mut tx,
+            statements,
+            SQL_PUT,
+            &[&p.ids, &p.prev, &p.version, &p.seq, &p.body],
+            &p.ids,
+            &mut conflicts,
+        )
+        .map_err(Failed::Before)?;
+        let f = &plan.floor;
+        conditional(
+            &mut tx,
+            statements,
+            SQL_FLOOR,
+            &[&f.ids, &f.prev, &f.version, &f.seq],
+            &f.ids,
+            &mut conflicts,
+        )
+        .map_err(Failed::Before)?;
+        let mut exec = |sql: &'static str,
+                        params: &[&(dyn postgres::types::ToSql + Sync)]|
+         -> Result<(), Failed> {
+            let stmt = prepared(&mut tx, statements, sql).map_err(Failed::Before)?;
+            tx.execute(&stmt, params).map_err(Failed::Before)?;
+            Ok(())
+        };
+        if !plan.delete.is_empty() {
+            exec(SQL_DELETE, &[&plan.delete])?;
+        }
+        if !plan.token_put.0.is_empty() {
+            exec(SQL_TOKEN_PUT, &[&plan.token_put.0, &plan.token_put.1])?;
+        }
+        if !plan.token_delete.is_empty() {
+            exec(SQL_TOKEN_DELETE, &[&plan.token_delete])?;
+        }
+        if let Some(meta) = &plan.meta {
+            exec(SQL_META_PUT, &[meta])?;
+        }
+    }
+    if !conflicts.is_empty() {
+        if let Err(e) = tx.rollback() {
+            // Nothing was committed either way; the broken session is
+            // noticed and reopened by the next call.
+            tracing::warn!(error = %e, "PostgreSQL rollback after a conflict failed");
+        }
+        return Ok(conflicts);
+    }
+    tx.commit().map_err(Failed::AtCommit)?;
+    Ok(conflicts)
+}
+
+/// A device row as loaded.
+fn record_of(row: &postgres::Row) -> Result<DeviceRecord, StoreError> {
+    let id: String = row.get(0);
+    let body: Vec<u8> = row.get(3);
+    let mut rec: DeviceRecord = dec(&id, &body)?;
+    rec.version = from_sql(row.get(1));
+    rec.last_report_seq = rec.last_report_seq.max(from_sql(row.get(2)));
+    Ok(rec)
+}
+
+fn device_id(id: &str) -> Result<DeviceId, StoreError> {
+    DeviceId::new(id).map_err(|e| StoreError::Corrupt {
+        key: id.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Creates or migrates the schema (serialised between instances).
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let step = |what: &'static str| move |e: postgres::Error| pg_err(what, e);
+    let mut tx = client
+        .transaction()
+        .map_err(step("starting the schema check"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .map_err(step("locking the schema"))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS shardline_schema_version (\
+             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
+             version integer NOT NULL)",
+    )
+    .map_err(step("creating shardline_schema_version"))?;
+    let current: i32 = tx
+        .query_opt("SELECT version FROM shardline_schema_version", &[])
+        .map_err(step("reading the schema version"))?
+        .map_or(0, |r| r.get(0));
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt {
+            key: "shardline_schema_version".into(),
+            message: format!(
+                "the database has schema version {current}, this allocator knows up to \
+                 {SCHEMA_VERSION}: upgrade the allocator"
+            ),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        tx.batch_execute(sql)
+            .map_err(|e| pg_err(format!("migrating the schema to version {}", i + 1), e))?;
+    }
+    if current < SCHEMA_VERSION {
+        tx.execute(
+            "INSERT INTO shardline_schema_version (version) VALUES ($1) \
+             ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version",
+            &[&SCHEMA_VERSION],
+        )
+        .map_err(step("recording the schema version"))?;
+        tracing::info!(
+            from = current,
+            to = SCHEMA_VERSION,
+            "PostgreSQL store schema migrated"
+        );
+    }
+    tx.commit().map_err(step("committing the schema"))?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`,
+    /// libpq-style key=value also accepted), creating or migrating the
+    /// schema. Fails if the database is unreachable.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| pg_err("parsing the store url", e))?;
+        // Defaults that let a lost server be noticed in seconds, unless the
+        // url chose otherwise.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(Duration::from_secs(10));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(2));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("shardline-allocator");
+        }
+        off_runtime(move || {
+            let mut commit = Link::open("commit", &config)?;
+            if let Some(conn) = commit.conn.as_mut() {
+                migrate(&mut conn.client)?;
+            }
+            let read = Link::open("read", &config)?;
+            let lead = Link::open("lead", &config)?;
+            Ok(PgStore {
+                commit: Mutex::new(commit),
+                read: Mutex::new(read),
+                lead: Mutex::new(Lead {
+                    link: lead,
+                    held: false,
+                }),
+            })
+        })
+    }
+
+    /// A read on the read connection (reconnecting once).
+    fn read<T: Send>(
+        &self,
+        what: &'static str,
+        f: impl FnMut(&mut Conn) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| lock(&self.read).retry(what, f))
+    }
+
+    fn lead_now(lead: &mut Lead) -> Result<bool, StoreError> {
+        if lead.held {
+            // The lock lives as long as the session: a round trip proves it.
+            match lead
+                .link
+                .conn
+                .as_mut()
+                .map(|c| c.client.simple_query("SELECT 1"))
+            {
+                Some(Ok(_)) => return Ok(true),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "lost the store session holding the lead");
+                }
+                None => {}
+            }
+            // Closing the session drops the lock in case it still lives.
+            lead.held = false;
+            lead.link.conn = None;
+        }
+        let try_lock = |conn: &mut Conn| -> Result<bool, StoreError> {
+            let stmt = conn
+                .stmt("SELECT pg_try_advisory_lock($1)")
+                .map_err(|e| pg_err("preparing the lead lock", e))?;
+            let row = conn
+                .client
+                .query_one(&stmt, &[&LEAD_LOCK_KEY])
+                .map_err(|e| pg_err("taking the lead lock", e))?;
+            Ok(row.get(0))
+        };
+        match lead.link.retry("try_lead", try_lock) {
+            Ok(held) => {
+                if held {
+                    tracing::info!("took the fleet-wide lead");
+                }
+                lead.held = held;
+                Ok(held)
+            }
+            Err(e) => {
+                let unreachable = match &e {
+                    StoreError::Pg { source, .. } => {
+                        source.as_db_error().is_none()
+                            || lead.link.conn.as_ref().is_none_or(|c| c.client.is_closed())
+                    }
+                    _ => false,
+                };
+                if unreachable {
+                    // An instance that cannot reach the store must not lead.
+                    tracing::warn!(error = %e, "store unreachable: not leading");
+                    lead.link.conn = None;
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read("load_devices", |conn| {
+            let stmt = conn
+                .stmt(SQL_LOAD_ALL)
+                .map_err(|e| pg_err("preparing load_devices", e))?;
+            let rows = conn
+                .client
+                .query(&stmt, &[])
+                .map_err(|e| pg_err("loading devices", e))?;
+            rows.iter().map(record_of).collect()
+        })
+    }
+
+    fn load_device_records(&self, devices: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+        let mut by_id: HashMap<String, DeviceRecord> =
+            self.read("load_device_records", |conn| {
+                let stmt = conn
+                    .stmt(SQL_LOAD_SOME)
+                    .map_err(|e| pg_err("preparing load_device_records", e))?;
+                let rows = conn
+                    .client
+                    .query(&stmt, &[&ids])
+                    .map_err(|e| pg_err("loading device records", e))?;
+                rows.iter()
+                    .map(|r| record_of(r).map(|rec| (rec.device.as_str().to_owned(), rec)))
+                    .collect()
+            })?;
+        // In the order asked for, like the embedded store.
+        Ok(devices
+            .iter()
+            .filter_map(|d| by_id.remove(d.as_str()))
+            .collect())
+    }
+
+    fn device_versions(
+        &self,
+        devices: Option<&[DeviceId]>,
+    ) -> Result<Vec<(DeviceId, u64)>, StoreError> {
+        let ids: Option<Vec<&str>> = devices.map(|d| d.iter().map(DeviceId::as_str).collect());
+        if ids.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(Vec::new());
+        }
+        let rows = self.read("device_versions", |conn| {
+            let rows = match &ids {
+                Some(ids) => {
+                    let stmt = conn
+                        .stmt(SQL_VERSIONS_SOME)
+                        .map_err(|e| pg_err("preparing device_versions", e))?;
+                    conn.client.query(&stmt, &[ids])
+                }
+                None => {
+                    let stmt = conn
+                        .stmt(SQL_VERSIONS_ALL)
+                        .map_err(|e| pg_err("preparing device_versions", e))?;
+                    conn.client.query(&stmt, &[])
+                }
+            }
+            .map_err(|e| pg_err("reading device versions", e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), from_sql(r.get(1))))
+                .collect::<Vec<_>>())
+        })?;
+        match devices {
+            Some(devices) => {
+                let mut by_id: HashMap<String, u64> = rows.into_iter().collect();
+                Ok(devices
+                    .iter()
+                    .filter_map(|d| by_id.remove(d.as_str()).map(|v| (d.clone(), v)))
+                    .collect())
+            }
+            None => rows
+                .into_iter()
+                .map(|(id, v)| Ok((device_id(&id)?, v)))
+                .collect(),
+        }
+    }
+
+    fn load_tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        self.read("load_tokens", |conn| {
+            let stmt = conn
+                .stmt(SQL_TOKENS)
+                .map_err(|e| pg_err("preparing load_tokens", e))?;
+            let rows = conn
+                .client
+                .query(&stmt, &[])
+                .map_err(|e| pg_err("loading tokens", e))?;
+            rows.iter()
+                .map(|r| {
+                    let hash: String = r.get(0);
+                    let body: Vec<u8> = r.get(1);
+                    let rec = dec(&hash, &body)?;
+                    Ok((hash, rec))
+                })
+                .collect()
+        })
+    }
+
+    fn load_meta(&self) -> Result<Meta, StoreError> {
+        self.read("load_meta", |conn| {
+            let stmt = conn
+                .stmt(SQL_META)
+                .map_err(|e| pg_err("preparing load_meta", e))?;
+            match conn
+                .client
+                .query_opt(&stmt, &[])
+                .map_err(|e| pg_err("loading meta", e))?
+            {
+                Some(row) => dec("meta", &row.get::<_, Vec<u8>>(0)),
+                None => Ok(Meta::default()),
+            }
+        })
+    }
+
+    fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
+        if batches.iter().all(Batch::is_empty) {
+            return Ok(());
+        }
+        let plans: Vec<Plan> = batches.iter().map(Plan::of).collect();
+        off_runtime(|| {
+            let mut link = lock(&self.commit);
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let conn = link.conn()?;
+                let failed = match apply(conn, &plans) {
+                    Ok(conflicts) if conflicts.is_empty() => return Ok(()),
+                    Ok(devices) => return Err(StoreError::Conflict { devices }),
+                    Err(f) => f,
+                };
+                let broken = match &failed {
+                    Failed::Before(e) | Failed::AtCommit(e) => is_broken(e, &conn.client),
+                };
+                match failed {
+                    Failed::Before(e) if attempt == 1 && (broken || is_retryable(&e)) => {
+                        tracing::warn!(error = %e, broken, "PostgreSQL commit rolled back; trying once more");
+                        if broken {
+                            link.conn = None;
+                        }
+                    }
+                    Failed::Before(e) => {
+                        if broken {
+                            link.conn = None;
+                        }
+                        return Err(pg_err("committing", e));
+                    }
+                    Failed::AtCommit(e) => {
+                        if broken {
+                            link.conn = None;
+                            return Err(pg_err(
+                                "committing (connection lost during COMMIT: outcome unknown)",
+                                e,
+                            ));
+                        }
+                        if attempt == 1 && is_retryable(&e) {
+                            tracing::warn!(error = %e, "PostgreSQL refused the COMMIT; trying once more");
+                            continue;
+                        }
+                        return Err(pg_err("committing", e));
+                    }
+                }
+            }
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn try_lead(&self) -> Result<bool, StoreError> {
+        off_runtime(|| Self::lead_now(&mut lock(&self.lead)))
+    }
+}
