@@ -136,13 +136,16 @@ async fn one_run(bin: &Path, external: Option<u16>, devices: usize, rounds: usiz
                 .iter()
                 .zip(&keys)
                 .map(|(id, k)| {
-                    DeviceRecord::new(
+                    let mut r = DeviceRecord::new(
                         id.clone(),
                         k.public_key(),
                         "standard".into(),
                         None,
                         now_ms(),
-                    )
+                    );
+                    // Created by this commit: version 1 (see the Store contract).
+                    r.version = 1;
+                    r
                 })
                 .collect(),
             ..Batch::default()

@@ -102,7 +102,7 @@ async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Repl
 fn command_error(e: CommandError) -> Response {
     let status = match e {
         CommandError::UnknownDevice(_) => StatusCode::NOT_FOUND,
-        CommandError::KeyConflict(_) => StatusCode::CONFLICT,
+        CommandError::KeyConflict(_) | CommandError::Concurrent(_) => StatusCode::CONFLICT,
         CommandError::UnknownTier(_) | CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
     };
     error(status, e.to_string())

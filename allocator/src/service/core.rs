@@ -19,7 +19,7 @@
 //!   holds back those after it.
 
 use super::metrics::{Drop, Kind, Metrics};
-use super::store::{Batch, DeviceRecord, Meta, PendingInstruction, TokenRecord};
+use super::store::{Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord};
 use crate::policy::{self, Action, ComplianceKind, DeviceView, Engine, Event};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -61,6 +61,10 @@ pub enum CommandError {
     KeyConflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// Another allocator instance changed the device at the same moment;
+    /// nothing was written and the command can be repeated.
+    #[error("device {0} was changed by another allocator instance at the same time; nothing was written, repeat the command")]
+    Concurrent(String),
 }
 
 /// An operator action on one device.
@@ -193,6 +197,9 @@ pub struct CoreConfig {
     pub checkpoint_ms: u64,
     /// Engine state changed by reports and ticks alone is written this often.
     pub engine_flush_ms: u64,
+    /// Other instances write the same store: records are checked and
+    /// reloaded by the runner, and the start does not rewrite every record.
+    pub shared_store: bool,
 }
 
 /// Device public keys by id, written by the core, read by verifier threads.
@@ -205,6 +212,27 @@ pub enum VerifiedMsg {
     Ack(DeviceId, InstructionAck),
     /// An enrolled device's message whose signature did not verify.
     BadSignature(DeviceId),
+}
+
+impl VerifiedMsg {
+    pub fn device(&self) -> &DeviceId {
+        match self {
+            Self::Report(d, _) | Self::Ack(d, _) | Self::BadSignature(d) => d,
+        }
+    }
+}
+
+impl Command {
+    /// The device a command reads or changes, if it names one.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Self::Enroll { device, .. }
+            | Self::Unenroll { device }
+            | Self::Device { device }
+            | Self::Operator { device, .. } => Some(device),
+            _ => None,
+        }
+    }
 }
 
 /// The result of [`verify_signed`].
@@ -282,6 +310,10 @@ pub struct Core {
     last_checkpoint_ms: u64,
     last_tick_ms: u64,
     accepted_at_last_tick: u64,
+    /// Whether this instance does the fleet-wide periodic work (engine
+    /// ticks, re-sends, checkpoints). Always true with an embedded store;
+    /// with a shared store exactly one live instance leads.
+    leader: bool,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -348,6 +380,7 @@ impl Core {
             last_checkpoint_ms: now_ms,
             last_tick_ms: now_ms,
             accepted_at_last_tick: 0,
+            leader: true,
         };
         for rec in core.records.values() {
             core.publish_key(&rec.device, Some(rec.public_key));
@@ -367,9 +400,110 @@ impl Core {
             );
         }
         // Every record is written once at start: the resumed sequence
-        // numbering must be on disk before any instruction leaves.
-        core.dirty.extend(core.records.keys().cloned());
+        // numbering must be on disk before any instruction leaves. Not so
+        // with a shared store, where other instances are writing these
+        // records now: there every instruction's record (with its raised
+        // reservation) is committed before the instruction leaves anyway.
+        if !core.cfg.shared_store {
+            core.dirty.extend(core.records.keys().cloned());
+        }
         core
+    }
+
+    // ------------------------------------------------- shared-store upkeep
+
+    /// The write version of the copy held here (see [`DeviceRecord::version`]).
+    pub fn version_of(&self, device: &DeviceId) -> Option<u64> {
+        self.records.get(device).map(|r| r.version)
+    }
+
+    /// Every device held here with its version.
+    pub fn versions(&self) -> Vec<(DeviceId, u64)> {
+        self.records
+            .iter()
+            .map(|(d, r)| (d.clone(), r.version))
+            .collect()
+    }
+
+    pub fn set_leader(&mut self, leader: bool) {
+        if leader != self.leader {
+            tracing::info!(
+                leader,
+                "fleet-wide periodic work {}",
+                if leader {
+                    "taken over"
+                } else {
+                    "left to another instance"
+                }
+            );
+        }
+        self.leader = leader;
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// Replaces the copies of these devices with what another instance
+    /// committed. Whatever this instance changed in them and has not
+    /// committed is dropped: its commit would conflict anyway, and nothing
+    /// decided from a stale copy may leave the process.
+    pub fn install_records(&mut self, now_ms: u64, records: Vec<DeviceRecord>) {
+        for rec in records {
+            let device = rec.device.clone();
+            self.dirty.remove(&device);
+            self.lazy.remove(&device);
+            self.seq_dirty.remove(&device);
+            self.publish_key(&device, Some(rec.public_key));
+            let state = (!rec.engine_state.is_empty())
+                .then(|| postcard::from_bytes::<policy::DeviceState>(&rec.engine_state).ok())
+                .flatten();
+            let (tier, tenant) = (rec.tier.clone(), rec.tenant.clone());
+            Metrics::inc(&self.metrics.store_reloads);
+            self.records.insert(device.clone(), rec);
+            match state {
+                Some(state) => self.engine.restore_device(device, state),
+                None => self.feed(
+                    now_ms,
+                    Event::Enrolled {
+                        device,
+                        tier,
+                        tenant,
+                    },
+                ),
+            }
+        }
+    }
+
+    /// Drops devices another instance unenrolled.
+    pub fn forget_devices(&mut self, devices: &[DeviceId]) {
+        for device in devices {
+            if self.records.remove(device).is_some() {
+                self.dirty.remove(device);
+                self.lazy.remove(device);
+                self.seq_dirty.remove(device);
+                self.presence.remove(device);
+                self.engine.evict_device(device);
+                self.publish_key(device, None);
+            }
+        }
+    }
+
+    /// Takes the bootstrap tokens another instance may have created or used.
+    pub fn install_tokens(&mut self, tokens: Vec<(String, TokenRecord)>) {
+        self.tokens = tokens.into_iter().collect();
+    }
+
+    /// The key epoch this instance signs in.
+    pub fn key_epoch(&self) -> u64 {
+        self.meta.key_epoch
+    }
+
+    /// Follows a key rotation another instance made: sign with the new key.
+    pub fn install_rotation(&mut self, meta: Meta, key: KeyPair) {
+        tracing::info!(epoch = meta.key_epoch, key_id = %key.id(), "following a key rotation made by another instance");
+        self.meta = meta;
+        self.key = key;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -398,8 +532,13 @@ impl Core {
             if self.dirty.contains(&device) {
                 continue;
             }
-            if let Some(rec) = self.records.get(&device) {
-                step.batch.report_seqs.push((device, rec.last_report_seq));
+            if let Some(rec) = self.records.get_mut(&device) {
+                rec.version += 1;
+                step.batch.report_seqs.push(ReportSeq {
+                    device,
+                    seq: rec.last_report_seq,
+                    version: rec.version,
+                });
             }
         }
         for device in std::mem::take(&mut self.dirty) {
@@ -408,6 +547,7 @@ impl Core {
                 if let Some(state) = self.engine.device_state(&device) {
                     rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
                 }
+                rec.version += 1;
                 step.batch.put_devices.push(rec.clone());
             }
         }
@@ -699,7 +839,9 @@ impl Core {
             return;
         }
         self.presence.insert(device.clone(), status.presence);
-        if status.presence == Presence::Online {
+        // Every instance sees statuses; only the leader answers them, so a
+        // reconnecting device gets its pending instructions once.
+        if status.presence == Presence::Online && self.leader {
             // Unsigned, so it only ever triggers sending, never forgets anything.
             let rotation_due = self
                 .records
@@ -765,15 +907,19 @@ impl Core {
 
     /// Periodic work: the engine's tick, re-sends, gauges, checkpoints.
     pub fn on_tick(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_lazy_ms) >= self.cfg.engine_flush_ms {
+            self.last_lazy_ms = now_ms;
+            self.flush_lazy();
+        }
+        if !self.leader {
+            self.refresh_gauges(now_ms);
+            return;
+        }
         // The engine marks every device it ticked as changed (reputation
         // decays continuously); writing the whole fleet every tick would
         // dominate the store. Devices the tick acted on are written now (their
         // records are marked by `feed`); the rest at the next checkpoint.
         self.feed(now_ms, Event::Tick);
-        if now_ms.saturating_sub(self.last_lazy_ms) >= self.cfg.engine_flush_ms {
-            self.last_lazy_ms = now_ms;
-            self.flush_lazy();
-        }
         let devices: Vec<DeviceId> = self
             .records
             .iter()
@@ -855,6 +1001,9 @@ impl Core {
 
     /// Re-sends everything pending (after the MQTT link (re)connected).
     pub fn on_connected(&mut self, now_ms: u64) {
+        if !self.leader {
+            return;
+        }
         let devices: Vec<DeviceId> = self
             .records
             .iter()
@@ -1240,6 +1389,7 @@ mod tests {
                 resend_after_ms: 1000,
                 checkpoint_ms: 60_000,
                 engine_flush_ms: 5_000,
+                shared_store: false,
             },
             Arc::new(Metrics::default()),
             1_000_000,
@@ -1330,6 +1480,83 @@ mod tests {
         let restored = core_with(vec![rec.clone()]);
         assert!(restored.engine().device_state(&d).is_some());
         assert!(restored.record(&d).unwrap().next_instruction_seq > rec.seq_reserved_until);
+    }
+
+    #[test]
+    fn every_write_carries_the_next_version_and_a_reload_drops_uncommitted_changes() {
+        let (mut core, d) = enrolled();
+        assert_eq!(
+            core.version_of(&d),
+            Some(1),
+            "the enrolment wrote version 1"
+        );
+        let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+        core.on_message(1_000_100, &topics::report(&d), &bytes);
+        let step = core.take_step();
+        let rec = step
+            .batch
+            .put_devices
+            .iter()
+            .find(|r| r.device == d)
+            .unwrap();
+        assert_eq!(rec.version, 2);
+        // Another instance committed version 2 first (say, it handled the
+        // same report): the copy here is replaced, and the instruction this
+        // instance decided is gone from its memory too.
+        let mut theirs = rec.clone();
+        theirs.pending.clear();
+        theirs.next_instruction_seq = 40;
+        core.install_records(1_000_200, vec![theirs]);
+        let mine = core.record(&d).unwrap();
+        assert_eq!((mine.version, mine.next_instruction_seq), (2, 40));
+        assert!(mine.pending.is_empty());
+        assert!(core.engine().device_state(&d).is_some());
+        assert!(
+            core.take_step().batch.is_empty(),
+            "nothing stale is written"
+        );
+        // A report floor write moves the version as well.
+        let bytes = sign::seal(Domain::Report, &report(&d, 2), &[&dev_key()]);
+        core.on_message(1_000_300, &topics::report(&d), &bytes);
+        let step = core.take_step();
+        let v = step
+            .batch
+            .put_devices
+            .iter()
+            .map(|r| r.version)
+            .chain(step.batch.report_seqs.iter().map(|w| w.version))
+            .max();
+        assert_eq!(v, Some(3));
+        // Unenrolled elsewhere: forgotten here, its key withdrawn.
+        core.forget_devices(std::slice::from_ref(&d));
+        assert!(core.record(&d).is_none());
+        assert!(core.key_directory().read().unwrap().get(&d).is_none());
+    }
+
+    #[test]
+    fn only_the_leader_resends_on_status_and_ticks() {
+        let (mut core, d) = enrolled();
+        let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+        core.on_message(1_000_100, &topics::report(&d), &bytes);
+        assert_eq!(core.take_step().publish.len(), 1);
+        let online = codec::encode(&DeviceStatus {
+            device: d.clone(),
+            presence: Presence::Online,
+            applied_instruction_seq: 0,
+            agent_version: "t".into(),
+            at_ms: 1_000_200,
+        });
+        core.set_leader(false);
+        core.on_message(1_000_200, &topics::status(&d), &online);
+        core.on_tick(1_100_000);
+        core.on_connected(1_100_001);
+        assert!(
+            core.take_step().publish.is_empty(),
+            "a follower leaves re-sends to the leader"
+        );
+        core.set_leader(true);
+        core.on_message(1_100_100, &topics::status(&d), &online);
+        assert_eq!(core.take_step().publish.len(), 1, "the leader re-sends");
     }
 
     #[test]

@@ -124,6 +124,10 @@ pub struct Metrics {
     pub core_publish_micros: AtomicU64,
     pub core_batches: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Commits refused because another instance wrote a device first.
+    pub store_conflicts: AtomicU64,
+    /// Device records reloaded because another instance changed them.
+    pub store_reloads: AtomicU64,
     pub publish_errors: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub gauges: Mutex<Gauges>,
@@ -251,6 +255,16 @@ impl Metrics {
             "shardline_store_errors_total",
             "Store transactions that failed.",
             get(&self.store_errors),
+        );
+        counter(
+            "shardline_store_conflicts_total",
+            "Commits refused because another allocator instance wrote one of their devices first (shared store).",
+            get(&self.store_conflicts),
+        );
+        counter(
+            "shardline_store_reloads_total",
+            "Device records reloaded after another allocator instance changed them (shared store).",
+            get(&self.store_reloads),
         );
         counter(
             "shardline_publish_errors_total",

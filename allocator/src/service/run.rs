@@ -7,6 +7,14 @@
 //! messages in batches, then commits the batch's writes (one transaction,
 //! fsync) and only then publishes the instructions and answers the commands
 //! of that batch: nothing leaves the process that is not on disk.
+//!
+//! With a shared store (several instances behind one broker), the core's
+//! records are a cache: before a batch is handled, the versions of the
+//! devices it names are read from the store and stale copies reloaded; a
+//! commit that still meets a newer version (another instance won a race) is
+//! refused by the store, its writes and publishes for those devices are
+//! dropped, and the core reloads them. Fleet-wide periodic work runs only on
+//! the instance holding the store's lead.
 
 use super::broker;
 use super::config::{BrokerUrl, Config};
@@ -15,7 +23,7 @@ use super::keys;
 use super::metrics::Kind as MetricKind;
 use super::metrics::Metrics;
 use super::notify;
-use super::store::{RedbStore, Store};
+use super::store::{RedbStore, Store, StoreError};
 use super::tls;
 use crate::policy::{Agreements, Catalog, Engine};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -23,6 +31,7 @@ use shardline_shared::msg::{InstructionAck, QosReport};
 use shardline_shared::sign::Domain;
 use shardline_shared::topics::{self, TopicKind};
 use shardline_shared::DeviceId;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +80,9 @@ pub enum Inbound {
     Connected,
     Tick,
     Command(Box<Command>, oneshot::Sender<Reply>),
+    /// The store refused writes to these devices (another instance wrote
+    /// them first): reload them.
+    Reload(Vec<DeviceId>),
     Shutdown,
 }
 
@@ -79,6 +91,15 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens the configured store: PostgreSQL shared with other instances when
+/// `store.url` is set, else the embedded redb file.
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    match &config.store.url {
+        Some(url) => Ok(Arc::new(super::store_pg::PgStore::connect(url)?)),
+        None => Ok(Arc::new(RedbStore::open(&config.store.path)?)),
+    }
 }
 
 /// A started service (for `run` and for tests that embed it).
@@ -152,7 +173,7 @@ pub fn default_token_file(config: &Config) -> PathBuf {
 pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Arc::new(Metrics::default());
     // Store first: it holds the key in force after a rotation.
-    let store = RedbStore::open(&config.store.path)?;
+    let store = open_store(&config)?;
     let meta = store.load_meta()?;
     let key_file = meta
         .key_file
@@ -165,7 +186,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let engine = Engine::new(catalog, agreements, config.policy.engine.clone());
     let records = store.load_devices()?;
     let tokens = store.load_tokens()?;
-    tracing::info!(devices = records.len(), store = %config.store.path.display(), "store opened");
+    tracing::info!(
+        devices = records.len(),
+        shared = store.is_shared(),
+        "store opened"
+    );
     let token = api_token(&default_token_file(&config))?;
 
     let external = config.broker_url();
@@ -216,6 +241,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         resend_after_ms: config.dispatch.resend_after_ms,
         checkpoint_ms: config.store.checkpoint_s.saturating_mul(1000).max(1000),
         engine_flush_ms: config.store.engine_flush_ms,
+        shared_store: store.is_shared(),
     };
     let loaded = core::Loaded {
         meta,
@@ -248,6 +274,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tx.clone(),
         metrics.clone(),
         config.broker.max_payload,
+        store.is_shared(),
     )?;
     tokio::spawn(mqtt_loop(
         eventloop,
@@ -265,9 +292,14 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         let metrics = metrics.clone();
         let heartbeat = heartbeat.clone();
         let max_batch = config.dispatch.max_batch;
+        let reload_tx = tx.clone();
         std::thread::Builder::new()
             .name("allocator-core".into())
-            .spawn(move || core_loop(core, store, rx, client, rt, metrics, heartbeat, max_batch))
+            .spawn(move || {
+                core_loop(
+                    core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch,
+                )
+            })
             .map_err(StartError::Thread)?
     };
 
@@ -351,6 +383,7 @@ fn start_verifiers(
     core_tx: mpsc::Sender<Inbound>,
     metrics: Arc<Metrics>,
     max_payload: usize,
+    shared_store: bool,
 ) -> Result<Vec<VerifierTx>, StartError> {
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -364,6 +397,22 @@ fn start_verifiers(
             .spawn(move || {
                 while let Some((device, kind, payload)) = vrx.blocking_recv() {
                     let public = keys.read().ok().and_then(|k| k.get(&device).copied());
+                    if public.is_none() && shared_store {
+                        // Perhaps enrolled through another instance: the
+                        // core loads it from the store and verifies there.
+                        let topic = if kind == TopicKind::Report {
+                            topics::report(&device)
+                        } else {
+                            topics::ack(&device)
+                        };
+                        if core_tx
+                            .blocking_send(Inbound::Mqtt { topic, payload })
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     let msg = match kind {
                         TopicKind::Report => {
                             Metrics::inc(&metrics.reports_received);
@@ -497,14 +546,17 @@ async fn mqtt_loop(
 /// One batch's writes with what may only happen after they are on disk.
 struct Flush {
     step: core::Step,
-    replies: Vec<(oneshot::Sender<Reply>, Reply)>,
+    /// Command answers, with the device each command changed (a refused
+    /// write turns its answer into an error).
+    replies: Vec<(oneshot::Sender<Reply>, Reply, Option<DeviceId>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn core_loop(
     mut core: Core,
-    store: RedbStore,
+    store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Inbound>,
+    reload_tx: mpsc::Sender<Inbound>,
     client: AsyncClient,
     rt: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
@@ -518,6 +570,7 @@ fn core_loop(
     let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<Flush>(64);
     let store_thread = {
         let metrics = metrics.clone();
+        let store = store.clone();
         std::thread::Builder::new()
             .name("allocator-store".into())
             .spawn(move || {
@@ -528,7 +581,7 @@ fn core_loop(
                     while let Ok(more) = flush_rx.try_recv() {
                         group.push(more);
                     }
-                    flush(group, &store, &client, &rt, &metrics);
+                    flush(group, &*store, &client, &rt, &metrics, &reload_tx);
                 }
             })
     };
@@ -539,41 +592,59 @@ fn core_loop(
             return;
         }
     };
-    let mut replies: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
+    let shared = store.is_shared();
+    if shared {
+        refresh_from_shared_store(&mut core, &*store, now_ms());
+    }
+    let mut replies = Vec::new();
     let mut stop = false;
     // The initial step writes every record once (resumed sequence numbers).
     let _ = flush_tx.send(Flush {
         step: core.take_step(),
         replies: Vec::new(),
     });
+    let mut inbox: Vec<Inbound> = Vec::with_capacity(max_batch);
     while !stop {
         let Some(first) = rx.blocking_recv() else {
             break;
         };
-        let mut next = Some(first);
-        let mut n = 0;
+        inbox.push(first);
+        while inbox.len() < max_batch {
+            match rx.try_recv() {
+                Ok(m) => inbox.push(m),
+                Err(_) => break,
+            }
+        }
         let t = std::time::Instant::now();
-        while let Some(msg) = next.take() {
+        if shared {
+            check_copies(&mut core, &*store, &inbox, now_ms());
+        }
+        for msg in inbox.drain(..) {
             let now = now_ms();
             match msg {
                 Inbound::Mqtt { topic, payload } => core.on_message(now, &topic, &payload),
                 Inbound::Verified(v) => core.on_verified(now, v),
                 Inbound::Connected => core.on_connected(now),
-                Inbound::Tick => core.on_tick(now),
-                Inbound::Command(cmd, reply) => {
-                    let r = core.on_command(now, *cmd);
-                    replies.push((reply, r));
+                Inbound::Tick => {
+                    if shared {
+                        refresh_from_shared_store(&mut core, &*store, now);
+                    }
+                    core.on_tick(now)
                 }
+                Inbound::Command(cmd, reply) => {
+                    let device = cmd.device().cloned();
+                    let r = core.on_command(now, *cmd);
+                    replies.push((reply, r, device));
+                }
+                Inbound::Reload(devices) => reload(&mut core, &*store, &devices, now),
                 Inbound::Shutdown => {
                     core.flush_lazy();
                     stop = true;
+                    break;
                 }
             }
-            n += 1;
-            if n < max_batch && !stop {
-                next = rx.try_recv().ok();
-            }
         }
+        inbox.clear();
         metrics
             .core_handle_micros
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -592,15 +663,141 @@ fn core_loop(
     tracing::info!("core stopped");
 }
 
+/// The device an inbound message is about, if any.
+fn device_of(msg: &Inbound) -> Option<DeviceId> {
+    match msg {
+        Inbound::Mqtt { topic, .. } => topics::parse(topic).map(|(d, _)| d),
+        Inbound::Verified(v) => Some(v.device().clone()),
+        Inbound::Command(cmd, _) => cmd.device().cloned(),
+        _ => None,
+    }
+}
+
+/// Shared store: makes sure the copies of the devices a batch is about are
+/// not older than what other instances committed (one query per batch).
+fn check_copies(core: &mut Core, store: &dyn Store, inbox: &[Inbound], now: u64) {
+    let mut ids: Vec<DeviceId> = inbox.iter().filter_map(device_of).collect();
+    if ids.is_empty() {
+        return;
+    }
+    ids.sort();
+    ids.dedup();
+    let stored = match store.device_versions(Some(&ids)) {
+        Ok(v) => v,
+        Err(e) => {
+            // Handling on a possibly stale copy is still safe: its commit
+            // would be refused.
+            tracing::warn!(error = %e, "cannot check device versions in the shared store");
+            return;
+        }
+    };
+    let stored: HashMap<DeviceId, u64> = stored.into_iter().collect();
+    let mut stale = Vec::new();
+    let mut gone = Vec::new();
+    for id in ids {
+        match (stored.get(&id), core.version_of(&id)) {
+            (Some(&s), Some(mine)) if s > mine => stale.push(id),
+            (Some(_), None) => stale.push(id),
+            (None, Some(_)) => gone.push(id),
+            _ => {}
+        }
+    }
+    core.forget_devices(&gone);
+    if !stale.is_empty() {
+        reload(core, store, &stale, now);
+    }
+}
+
+/// Reloads devices from the store (dropping the copies held here).
+fn reload(core: &mut Core, store: &dyn Store, devices: &[DeviceId], now: u64) {
+    match store.load_device_records(devices) {
+        Ok(records) => {
+            let found: std::collections::HashSet<&DeviceId> =
+                records.iter().map(|r| &r.device).collect();
+            let gone: Vec<DeviceId> = devices
+                .iter()
+                .filter(|d| !found.contains(d))
+                .cloned()
+                .collect();
+            core.install_records(now, records);
+            core.forget_devices(&gone);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, devices = devices.len(), "cannot reload device records from the shared store")
+        }
+    }
+}
+
+/// Shared store, every tick: take or keep (or lose) the lead, follow
+/// enrolments, unenrolments, tokens and key rotations made elsewhere, and
+/// (as leader, before the fleet-wide tick) refresh every stale copy.
+fn refresh_from_shared_store(core: &mut Core, store: &dyn Store, now: u64) {
+    let lead = store.try_lead().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot take the lead in the shared store");
+        false
+    });
+    core.set_leader(lead);
+    match store.load_meta() {
+        Ok(meta) if meta.key_epoch > core.key_epoch() => {
+            let file = meta.key_file.clone().map(PathBuf::from);
+            match file.as_deref().map(keys::read_secret) {
+                Some(Ok(key)) => core.install_rotation(meta, key),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, epoch = meta.key_epoch, "another instance rotated the signing key but its key file cannot be read here")
+                }
+                None => tracing::error!(
+                    epoch = meta.key_epoch,
+                    "another instance rotated the signing key without naming its key file"
+                ),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the shared store's metadata"),
+    }
+    match store.load_tokens() {
+        Ok(tokens) => core.install_tokens(tokens),
+        Err(e) => tracing::warn!(error = %e, "cannot read bootstrap tokens from the shared store"),
+    }
+    let stored = match store.device_versions(None) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list devices in the shared store");
+            return;
+        }
+    };
+    let mine: HashMap<DeviceId, u64> = core.versions().into_iter().collect();
+    let mut load = Vec::new();
+    for (id, v) in &stored {
+        match mine.get(id) {
+            None => load.push(id.clone()),
+            Some(&m) if lead && *v > m => load.push(id.clone()),
+            _ => {}
+        }
+    }
+    let present: std::collections::HashSet<&DeviceId> = stored.iter().map(|(d, _)| d).collect();
+    let gone: Vec<DeviceId> = mine
+        .keys()
+        .filter(|d| !present.contains(d))
+        .cloned()
+        .collect();
+    core.forget_devices(&gone);
+    for chunk in load.chunks(1000) {
+        reload(core, store, chunk, now);
+    }
+}
+
 /// Commits a batch (retrying until the store takes it: publishing
 /// uncommitted sequence numbers could reuse them after a crash), then
-/// publishes its instructions and answers its commands.
+/// publishes its instructions and answers its commands. Writes the store
+/// refuses as stale (another instance wrote those devices first) are
+/// dropped with their publishes, and the core is told to reload them.
 fn flush(
     group: Vec<Flush>,
-    store: &RedbStore,
+    store: &dyn Store,
     client: &AsyncClient,
     rt: &tokio::runtime::Handle,
     metrics: &Metrics,
+    reload_tx: &mpsc::Sender<Inbound>,
 ) {
     let mut batches = Vec::with_capacity(group.len());
     let mut publish = Vec::new();
@@ -610,6 +807,7 @@ fn flush(
         publish.extend(f.step.publish);
         replies.extend(f.replies);
     }
+    let mut refused: std::collections::HashSet<DeviceId> = Default::default();
     if !batches.iter().all(|b| b.is_empty()) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -622,6 +820,20 @@ fn flush(
                         .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                     break;
                 }
+                Err(StoreError::Conflict { devices }) => {
+                    Metrics::inc(&metrics.store_conflicts);
+                    tracing::info!(
+                        devices = devices.len(),
+                        first = %devices[0],
+                        "another instance wrote these devices first; dropping what was decided from the stale copies"
+                    );
+                    for b in &mut batches {
+                        b.put_devices.retain(|r| !devices.contains(&r.device));
+                        b.report_seqs.retain(|w| !devices.contains(&w.device));
+                    }
+                    let _ = reload_tx.blocking_send(Inbound::Reload(devices.clone()));
+                    refused.extend(devices);
+                }
                 Err(e) => {
                     Metrics::inc(&metrics.store_errors);
                     tracing::error!(error = %e, "store commit failed; holding every publish until it succeeds");
@@ -630,6 +842,9 @@ fn flush(
                 }
             }
         }
+    }
+    if !refused.is_empty() {
+        publish.retain(|p| topics::parse(&p.topic).is_none_or(|(d, _)| !refused.contains(&d)));
     }
     let t = std::time::Instant::now();
     for p in publish {
@@ -642,7 +857,13 @@ fn flush(
     metrics
         .core_publish_micros
         .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-    for (tx, r) in replies {
+    for (tx, r, device) in replies {
+        let r = match device {
+            Some(d) if refused.contains(&d) => {
+                Reply::Error(core::CommandError::Concurrent(d.to_string()))
+            }
+            _ => r,
+        };
         let _ = tx.send(r);
     }
 }

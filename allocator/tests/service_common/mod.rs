@@ -120,6 +120,8 @@ pub struct Allocator {
     pub token: String,
     pub mode: BrokerMode,
     pub extra_config: String,
+    /// A shared (PostgreSQL) store instead of the embedded file.
+    pub store_url: Option<String>,
 }
 
 pub fn keygen(path: &Path) -> [u8; 32] {
@@ -153,6 +155,39 @@ impl Allocator {
             token: String::new(),
             mode,
             extra_config: extra_config.to_owned(),
+            store_url: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// One of several instances on a shared store: `peer` is an instance
+    /// whose signing key this one uses (devices pin one fleet key).
+    pub fn start_on_shared_store(
+        dir: &Path,
+        mode: BrokerMode,
+        store_url: &str,
+        peer: Option<&Allocator>,
+    ) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = dir.join("signing.key");
+        let public_key = match peer {
+            Some(p) => {
+                std::fs::copy(p.dir.join("signing.key"), &key).unwrap();
+                p.public_key
+            }
+            None => keygen(&key),
+        };
+        let mut a = Self {
+            child: None,
+            dir: dir.to_owned(),
+            mqtt_port: free_port(),
+            api_port: free_port(),
+            public_key,
+            token: String::new(),
+            mode,
+            extra_config: String::new(),
+            store_url: Some(store_url.to_owned()),
         };
         a.spawn();
         a
@@ -168,10 +203,11 @@ impl Allocator {
             r#"[broker]
 url = "{url}"
 listen = "127.0.0.1:{mqtt}"
-client_id = "allocator-under-test"
+client_id = "allocator-under-test-{api}"
 {broker_extra}
 [store]
 path = "{dir}/allocator.redb"
+{store_url}
 [signer]
 key_file = "{dir}/signing.key"
 [api]
@@ -189,6 +225,11 @@ resend_after_ms = 2000
             dir = self.dir.display(),
             cat = cat.display(),
             broker_extra = self.extra_config,
+            store_url = self
+                .store_url
+                .as_ref()
+                .map(|u| format!("url = \"{u}\""))
+                .unwrap_or_default(),
         )
     }
 
