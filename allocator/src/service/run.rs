@@ -174,6 +174,14 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let metrics = Arc::new(Metrics::default());
     // Store first: it holds the key in force after a rotation.
     let store = open_store(&config)?;
+    if store.is_shared() && config.broker_url().is_none() {
+        // Legal for one instance; with several, each would reach only the
+        // devices connected to its own embedded broker, while the leader
+        // re-sends for all of them.
+        tracing::warn!(
+            "the store is shared but the broker is embedded: run several instances only behind one external broker ([broker] url)"
+        );
+    }
     let meta = store.load_meta()?;
     let key_file = meta
         .key_file
@@ -831,7 +839,16 @@ fn flush(
                         b.put_devices.retain(|r| !devices.contains(&r.device));
                         b.report_seqs.retain(|w| !devices.contains(&w.device));
                     }
-                    let _ = reload_tx.blocking_send(Inbound::Reload(devices.clone()));
+                    // Never block here: the core may itself be waiting for
+                    // room in the flush queue this thread drains.
+                    if let Err(mpsc::error::TrySendError::Full(msg)) =
+                        reload_tx.try_send(Inbound::Reload(devices.clone()))
+                    {
+                        let reload_tx = reload_tx.clone();
+                        rt.spawn(async move {
+                            let _ = reload_tx.send(msg).await;
+                        });
+                    }
                     refused.extend(devices);
                 }
                 Err(e) => {
