@@ -245,9 +245,91 @@ pub enum Verified<T> {
     Dropped,
 }
 
-/// Checks size, envelope and signature of a device-signed message against
-/// the device's enrolled key (`public`), counting every refusal. Pure CPU
-/// work, so the runner spreads it over threads (per device in order).
+/// Why a device-signed message was refused before its signature math.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Counted; for an enrolled device this is a compliance event.
+    BadSignature,
+    /// Counted (oversize, garbage, unknown device) and dropped.
+    Dropped,
+}
+
+/// A device-signed message that passed every check but the signature
+/// itself, which is checked separately (in a batch when the runner has
+/// several): see [`sign::verify_checks`].
+#[derive(Debug)]
+pub struct Prepared {
+    payload: Vec<u8>,
+}
+
+/// Checks size, envelope, domain and signer of a device-signed message
+/// against the device's enrolled key (`public`), counting every refusal.
+pub fn prepare_signed(
+    metrics: &Metrics,
+    max_payload: usize,
+    kind: Kind,
+    domain: Domain,
+    device: &DeviceId,
+    public: Option<[u8; 32]>,
+    payload: &[u8],
+) -> Result<(Prepared, sign::SignatureCheck), Refused> {
+    if payload.len() > max_payload {
+        metrics.dropped(kind, Drop::Oversize);
+        return Err(Refused::Dropped);
+    }
+    let Some(public) = public else {
+        metrics.dropped(kind, Drop::UnknownDevice);
+        return Err(Refused::Dropped);
+    };
+    let envelope = match sign::parse_envelope(payload, max_payload) {
+        Ok(e) => e,
+        Err(_) => {
+            metrics.dropped(kind, Drop::Garbage);
+            return Err(Refused::Dropped);
+        }
+    };
+    match sign::signature_check(&envelope, domain, KeyId::of_public_key(&public), &public) {
+        Ok(check) => Ok((
+            Prepared {
+                payload: envelope.payload,
+            },
+            check,
+        )),
+        Err(e) => {
+            tracing::debug!(%device, error = %e, "signature refused");
+            metrics.dropped(kind, Drop::BadSignature);
+            Err(Refused::BadSignature)
+        }
+    }
+}
+
+/// Completes a prepared message once its signature was checked
+/// (`signature_ok`): decodes the payload, counting every refusal.
+pub fn finish_signed<T: serde::de::DeserializeOwned>(
+    metrics: &Metrics,
+    kind: Kind,
+    device: &DeviceId,
+    prepared: Prepared,
+    signature_ok: bool,
+) -> Verified<T> {
+    if !signature_ok {
+        tracing::debug!(%device, "signature does not verify");
+        metrics.dropped(kind, Drop::BadSignature);
+        return Verified::BadSignature;
+    }
+    match codec::decode(&prepared.payload) {
+        Ok(obj) => Verified::Ok(obj),
+        Err(_) => {
+            // Signed by the device but not decodable: garbage, not forgery.
+            metrics.dropped(kind, Drop::Garbage);
+            Verified::Dropped
+        }
+    }
+}
+
+/// [`prepare_signed`], the signature check alone, then [`finish_signed`]:
+/// one message. Pure CPU work, so the runner spreads it over threads (per
+/// device in order) and batches the signature checks.
 pub fn verify_signed<T: serde::de::DeserializeOwned>(
     metrics: &Metrics,
     max_payload: usize,
@@ -257,34 +339,13 @@ pub fn verify_signed<T: serde::de::DeserializeOwned>(
     public: Option<[u8; 32]>,
     payload: &[u8],
 ) -> Verified<T> {
-    if payload.len() > max_payload {
-        metrics.dropped(kind, Drop::Oversize);
-        return Verified::Dropped;
-    }
-    let Some(public) = public else {
-        metrics.dropped(kind, Drop::UnknownDevice);
-        return Verified::Dropped;
-    };
-    let key_id = KeyId::of_public_key(&public);
-    let envelope = match sign::parse_envelope(payload, max_payload) {
-        Ok(e) => e,
-        Err(_) => {
-            metrics.dropped(kind, Drop::Garbage);
-            return Verified::Dropped;
+    match prepare_signed(metrics, max_payload, kind, domain, device, public, payload) {
+        Ok((prepared, check)) => {
+            let ok = sign::verify_checks(std::slice::from_ref(&check))[0].is_ok();
+            finish_signed(metrics, kind, device, prepared, ok)
         }
-    };
-    match sign::open_envelope::<T>(&envelope, domain, |id| (id == key_id).then_some(public)) {
-        Ok((obj, _)) => Verified::Ok(obj),
-        Err(sign::OpenError::Payload(_)) => {
-            // Signed by the device but not decodable: garbage, not forgery.
-            metrics.dropped(kind, Drop::Garbage);
-            Verified::Dropped
-        }
-        Err(e) => {
-            tracing::debug!(%device, error = %e, "signature refused");
-            metrics.dropped(kind, Drop::BadSignature);
-            Verified::BadSignature
-        }
+        Err(Refused::BadSignature) => Verified::BadSignature,
+        Err(Refused::Dropped) => Verified::Dropped,
     }
 }
 
@@ -300,8 +361,11 @@ pub struct Core {
     cfg: CoreConfig,
     metrics: Arc<Metrics>,
     dirty: BTreeSet<DeviceId>,
-    /// Engine state changed without an action: written within `engine_flush_ms`.
-    lazy: BTreeSet<DeviceId>,
+    /// Engine state changed without an action: written within `engine_flush_ms`,
+    /// a few records per step (see [`Core::pace_lazy_writes`]).
+    lazy: LazyQueue,
+    /// Fractional records owed to the store by the lazy pacing.
+    lazy_credit: f64,
     /// Only the report sequence floor changed.
     seq_dirty: BTreeSet<DeviceId>,
     last_lazy_ms: u64,
@@ -331,6 +395,63 @@ fn presence_str(p: Option<&Presence>) -> String {
         None => "unknown",
     }
     .into()
+}
+
+/// Devices whose records are owed a lazy write, oldest first, each with
+/// the time it was queued. A device is queued once; removing it (its record
+/// was written or reloaded) leaves a stale entry that `pop_front` skips.
+#[derive(Debug, Default)]
+struct LazyQueue {
+    members: std::collections::HashSet<DeviceId>,
+    order: std::collections::VecDeque<(DeviceId, u64)>,
+}
+
+impl LazyQueue {
+    fn insert(&mut self, device: DeviceId, at_ms: u64) {
+        if self.members.insert(device.clone()) {
+            self.order.push_back((device, at_ms));
+        }
+        // Stale entries are bounded by the writes since the queue last
+        // drained; compact if churn ever lets them pile up.
+        if self.order.len() > 4 * self.members.len() + 1024 {
+            let mut seen = std::collections::HashSet::new();
+            let members = &self.members;
+            self.order
+                .retain(|(d, _)| members.contains(d) && seen.insert(d.clone()));
+        }
+    }
+
+    fn remove(&mut self, device: &DeviceId) {
+        self.members.remove(device);
+    }
+
+    fn pop_front(&mut self) -> Option<DeviceId> {
+        while let Some((device, _)) = self.order.pop_front() {
+            if self.members.remove(&device) {
+                return Some(device);
+            }
+        }
+        None
+    }
+
+    /// When the oldest live entry was queued.
+    fn oldest_ms(&mut self) -> Option<u64> {
+        while let Some((device, at)) = self.order.front() {
+            if self.members.contains(device) {
+                return Some(*at);
+            }
+            self.order.pop_front();
+        }
+        None
+    }
+
+    fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
 }
 
 impl Core {
@@ -372,7 +493,8 @@ impl Core {
             cfg,
             metrics,
             dirty: BTreeSet::new(),
-            lazy: BTreeSet::new(),
+            lazy: LazyQueue::default(),
+            lazy_credit: 0.0,
             seq_dirty: BTreeSet::new(),
             last_lazy_ms: now_ms,
             keydir: KeyDirectory::default(),
@@ -524,7 +646,7 @@ impl Core {
         // reputation decay) is written lazily, within `engine_flush_ms`.
         for device in self.engine.take_dirty() {
             if !self.dirty.contains(&device) {
-                self.lazy.insert(device);
+                self.lazy.insert(device, self.last_lazy_ms);
             }
         }
         let mut step = std::mem::take(&mut self.step);
@@ -907,10 +1029,6 @@ impl Core {
 
     /// Periodic work: the engine's tick, re-sends, gauges, checkpoints.
     pub fn on_tick(&mut self, now_ms: u64) {
-        if now_ms.saturating_sub(self.last_lazy_ms) >= self.cfg.engine_flush_ms {
-            self.last_lazy_ms = now_ms;
-            self.flush_lazy();
-        }
         if !self.leader {
             self.refresh_gauges(now_ms);
             return;
@@ -946,7 +1064,18 @@ impl Core {
         }
         if now_ms.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_ms {
             self.last_checkpoint_ms = now_ms;
-            self.dirty.extend(self.records.keys().cloned());
+            // Paced like any lazy write: a whole-fleet commit would stall
+            // every report behind it.
+            // Queued as if spread over the last period, so they fall due
+            // one by one rather than all at the same moment.
+            let all: Vec<DeviceId> = self.records.keys().cloned().collect();
+            let (n, period) = (all.len().max(1) as u64, self.cfg.engine_flush_ms);
+            for (i, device) in all.into_iter().enumerate() {
+                if !self.dirty.contains(&device) {
+                    let at = now_ms.saturating_sub(period) + period * i as u64 / n;
+                    self.lazy.insert(device, at);
+                }
+            }
         }
         self.refresh_gauges(now_ms);
     }
@@ -991,12 +1120,58 @@ impl Core {
         });
     }
 
-    /// Schedules every lazily kept engine state for the next commit.
+    /// Schedules every lazily kept engine state for the next commit (on
+    /// shutdown).
     pub fn flush_lazy(&mut self) {
         for device in self.engine.take_dirty() {
-            self.lazy.insert(device);
+            self.lazy.insert(device, self.last_lazy_ms);
         }
-        self.dirty.extend(std::mem::take(&mut self.lazy));
+        while let Some(device) = self.lazy.pop_front() {
+            self.dirty.insert(device);
+        }
+    }
+
+    /// Moves lazily kept records into the next commit, oldest first, at the
+    /// even rate that writes the queue by the time its oldest entry has
+    /// waited `engine_flush_ms` (and anything overdue at once). No single commit carries the fleet, so no
+    /// report waits behind one. Call before each [`Core::take_step`].
+    pub fn pace_lazy_writes(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.last_lazy_ms);
+        self.last_lazy_ms = now_ms;
+        for device in self.engine.take_dirty() {
+            if !self.dirty.contains(&device) {
+                self.lazy.insert(device, now_ms);
+            }
+        }
+        if self.lazy.is_empty() {
+            self.lazy_credit = 0.0;
+            return;
+        }
+        let period = self.cfg.engine_flush_ms.max(1);
+        // Drain evenly so that the oldest entry (and with it, the whole
+        // queue) is written by its deadline.
+        let until_due = self
+            .lazy
+            .oldest_ms()
+            .map_or(period, |at| {
+                at.saturating_add(period).saturating_sub(now_ms)
+            })
+            .max(1);
+        self.lazy_credit += self.lazy.len() as f64 * (elapsed as f64 / until_due as f64).min(1.0);
+        loop {
+            let overdue = self
+                .lazy
+                .oldest_ms()
+                .is_some_and(|at| at.saturating_add(period) <= now_ms);
+            if !overdue && self.lazy_credit < 1.0 {
+                break;
+            }
+            let Some(device) = self.lazy.pop_front() else {
+                break;
+            };
+            self.dirty.insert(device);
+            self.lazy_credit = (self.lazy_credit - 1.0).max(0.0);
+        }
     }
 
     /// Re-sends everything pending (after the MQTT link (re)connected).
@@ -1480,6 +1655,57 @@ mod tests {
         let restored = core_with(vec![rec.clone()]);
         assert!(restored.engine().device_state(&d).is_some());
         assert!(restored.record(&d).unwrap().next_instruction_seq > rec.seq_reserved_until);
+    }
+
+    #[test]
+    fn lazy_engine_state_is_written_a_few_records_per_step_and_each_within_the_flush_period() {
+        let mut core = core_with(vec![]);
+        let key = dev_key();
+        let devices: Vec<DeviceId> = (0..200)
+            .map(|i| DeviceId::new(format!("d{i}")).unwrap())
+            .collect();
+        for d in &devices {
+            core.on_command(
+                1_000_000,
+                Command::Enroll {
+                    device: d.clone(),
+                    public_key: key.public_key(),
+                    tier: "standard".into(),
+                    tenant: None,
+                },
+            );
+        }
+        // First reports: instructions, written at once with their records.
+        for d in &devices {
+            let bytes = sign::seal(Domain::Report, &report(d, 1), &[&key]);
+            core.on_message(1_000_000, &topics::report(d), &bytes);
+        }
+        core.pace_lazy_writes(1_000_000);
+        assert_eq!(core.take_step().batch.put_devices.len(), 200);
+        // Second reports change only engine state (forecasts): lazy.
+        for d in &devices {
+            let bytes = sign::seal(Domain::Report, &report(d, 2), &[&key]);
+            core.on_message(1_000_010, &topics::report(d), &bytes);
+        }
+        let mut written = std::collections::BTreeSet::new();
+        let mut largest = 0;
+        let mut now = 1_000_010;
+        while now <= 1_000_010 + 5_000 {
+            core.pace_lazy_writes(now);
+            let puts = core.take_step().batch.put_devices;
+            largest = largest.max(puts.len());
+            written.extend(puts.into_iter().map(|r| r.device));
+            now += 50;
+        }
+        assert_eq!(
+            written.len(),
+            200,
+            "every lazy record is written within the period"
+        );
+        assert!(
+            largest <= 10,
+            "no step carries more than a few lazy records, largest {largest}"
+        );
     }
 
     #[test]
