@@ -128,6 +128,9 @@ pub struct Metrics {
     pub store_conflicts: AtomicU64,
     /// Device records reloaded because another instance changed them.
     pub store_reloads: AtomicU64,
+    /// Signature checks run by the verifier threads, and in how many batches.
+    pub signatures_checked: AtomicU64,
+    pub signature_batches: AtomicU64,
     pub publish_errors: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub gauges: Mutex<Gauges>,
@@ -265,6 +268,16 @@ impl Metrics {
             "shardline_store_reloads_total",
             "Device records reloaded after another allocator instance changed them (shared store).",
             get(&self.store_reloads),
+        );
+        counter(
+            "shardline_signatures_checked_total",
+            "Device signatures checked by the verifier threads.",
+            get(&self.signatures_checked),
+        );
+        counter(
+            "shardline_signature_batches_total",
+            "Batches those signatures were checked in (checked / batches = mean batch size).",
+            get(&self.signature_batches),
         );
         counter(
             "shardline_publish_errors_total",
