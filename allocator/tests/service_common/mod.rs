@@ -144,8 +144,17 @@ pub fn keygen(path: &Path) -> [u8; 32] {
 
 impl Allocator {
     pub fn start(dir: &Path, mode: BrokerMode, extra_config: &str) -> Self {
-        let key = dir.join("signing.key");
-        let public_key = keygen(&key);
+        let public_key = keygen(&dir.join("signing.key"));
+        Self::spawned(dir, mode, extra_config, None, public_key)
+    }
+
+    fn spawned(
+        dir: &Path,
+        mode: BrokerMode,
+        extra_config: &str,
+        store_url: Option<&str>,
+        public_key: [u8; 32],
+    ) -> Self {
         let mut a = Self {
             child: None,
             dir: dir.to_owned(),
@@ -155,7 +164,7 @@ impl Allocator {
             token: String::new(),
             mode,
             extra_config: extra_config.to_owned(),
-            store_url: None,
+            store_url: store_url.map(str::to_owned),
         };
         a.spawn();
         a
@@ -178,19 +187,7 @@ impl Allocator {
             }
             None => keygen(&key),
         };
-        let mut a = Self {
-            child: None,
-            dir: dir.to_owned(),
-            mqtt_port: free_port(),
-            api_port: free_port(),
-            public_key,
-            token: String::new(),
-            mode,
-            extra_config: String::new(),
-            store_url: Some(store_url.to_owned()),
-        };
-        a.spawn();
-        a
+        Self::spawned(dir, mode, "", Some(store_url), public_key)
     }
 
     pub fn config_text(&self) -> String {
