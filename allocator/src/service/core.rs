@@ -327,6 +327,56 @@ pub fn finish_signed<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// [`prepare_signed`] for a device's report or ack (by its topic kind).
+pub fn prepare_device_message(
+    metrics: &Metrics,
+    max_payload: usize,
+    kind: TopicKind,
+    device: &DeviceId,
+    public: Option<[u8; 32]>,
+    payload: &[u8],
+) -> Result<(Prepared, sign::SignatureCheck), Refused> {
+    let (metric, domain) = if kind == TopicKind::Report {
+        Metrics::inc(&metrics.reports_received);
+        (Kind::Report, Domain::Report)
+    } else {
+        (Kind::Ack, Domain::Ack)
+    };
+    prepare_signed(
+        metrics,
+        max_payload,
+        metric,
+        domain,
+        device,
+        public,
+        payload,
+    )
+}
+
+/// [`finish_signed`] for a device's report or ack: what the core gets, if
+/// anything.
+pub fn finish_device_message(
+    metrics: &Metrics,
+    kind: TopicKind,
+    device: DeviceId,
+    prepared: Prepared,
+    signature_ok: bool,
+) -> Option<VerifiedMsg> {
+    Some(if kind == TopicKind::Report {
+        match finish_signed(metrics, Kind::Report, &device, prepared, signature_ok) {
+            Verified::Ok(r) => VerifiedMsg::Report(device, r),
+            Verified::BadSignature => VerifiedMsg::BadSignature(device),
+            Verified::Dropped => return None,
+        }
+    } else {
+        match finish_signed(metrics, Kind::Ack, &device, prepared, signature_ok) {
+            Verified::Ok(a) => VerifiedMsg::Ack(device, a),
+            Verified::BadSignature => VerifiedMsg::BadSignature(device),
+            Verified::Dropped => return None,
+        }
+    })
+}
+
 /// [`prepare_signed`], the signature check alone, then [`finish_signed`]:
 /// one message. Pure CPU work, so the runner spreads it over threads (per
 /// device in order) and batches the signature checks.
@@ -1136,13 +1186,10 @@ impl Core {
     /// waited `engine_flush_ms` (and anything overdue at once). No single commit carries the fleet, so no
     /// report waits behind one. Call before each [`Core::take_step`].
     pub fn pace_lazy_writes(&mut self, now_ms: u64) {
+        // Devices the engine marked since are queued by `take_step` (at this
+        // time, `last_lazy_ms`).
         let elapsed = now_ms.saturating_sub(self.last_lazy_ms);
         self.last_lazy_ms = now_ms;
-        for device in self.engine.take_dirty() {
-            if !self.dirty.contains(&device) {
-                self.lazy.insert(device, now_ms);
-            }
-        }
         if self.lazy.is_empty() {
             self.lazy_credit = 0.0;
             return;

@@ -20,15 +20,13 @@ use super::broker;
 use super::config::{BrokerUrl, Config};
 use super::core::{self, Command, Core, CoreConfig, Reply};
 use super::keys;
-use super::metrics::Kind as MetricKind;
 use super::metrics::Metrics;
 use super::notify;
 use super::store::{RedbStore, Store, StoreError};
 use super::tls;
 use crate::policy::{Agreements, Catalog, Engine};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use shardline_shared::msg::{InstructionAck, QosReport};
-use shardline_shared::sign::{self, Domain};
+use shardline_shared::sign;
 use shardline_shared::topics::{self, TopicKind};
 use shardline_shared::DeviceId;
 use std::collections::HashMap;
@@ -458,18 +456,11 @@ fn start_verifiers(
                             verdicts.push(Verdict::Forward(Inbound::Mqtt { topic, payload }));
                             continue;
                         }
-                        let (metric, domain) = if kind == TopicKind::Report {
-                            Metrics::inc(&metrics.reports_received);
-                            (MetricKind::Report, Domain::Report)
-                        } else {
-                            (MetricKind::Ack, Domain::Ack)
-                        };
                         verdicts.push(
-                            match core::prepare_signed(
+                            match core::prepare_device_message(
                                 &metrics,
                                 max_payload,
-                                metric,
-                                domain,
+                                kind,
                                 &device,
                                 public,
                                 &payload,
@@ -497,39 +488,16 @@ fn start_verifiers(
                             Verdict::Forward(m) => m,
                             Verdict::Dropped => continue,
                             Verdict::Check(device, kind, prepared, i) => {
-                                let ok = results[i].is_ok();
-                                let verified = if kind == TopicKind::Report {
-                                    match core::finish_signed::<QosReport>(
-                                        &metrics,
-                                        MetricKind::Report,
-                                        &device,
-                                        prepared,
-                                        ok,
-                                    ) {
-                                        core::Verified::Ok(r) => {
-                                            core::VerifiedMsg::Report(device, r)
-                                        }
-                                        core::Verified::BadSignature => {
-                                            core::VerifiedMsg::BadSignature(device)
-                                        }
-                                        core::Verified::Dropped => continue,
-                                    }
-                                } else {
-                                    match core::finish_signed::<InstructionAck>(
-                                        &metrics,
-                                        MetricKind::Ack,
-                                        &device,
-                                        prepared,
-                                        ok,
-                                    ) {
-                                        core::Verified::Ok(a) => core::VerifiedMsg::Ack(device, a),
-                                        core::Verified::BadSignature => {
-                                            core::VerifiedMsg::BadSignature(device)
-                                        }
-                                        core::Verified::Dropped => continue,
-                                    }
-                                };
-                                Inbound::Verified(verified)
+                                match core::finish_device_message(
+                                    &metrics,
+                                    kind,
+                                    device,
+                                    prepared,
+                                    results[i].is_ok(),
+                                ) {
+                                    Some(m) => Inbound::Verified(m),
+                                    None => continue,
+                                }
                             }
                         };
                         if core_tx.blocking_send(msg).is_err() {
