@@ -26,7 +26,7 @@ enum Command {
     /// Rotate the instruction-signing key and send the rotation to every device.
     Rotate(shardline_allocator::service::cli::RotateArgs),
     /// Simulate a fleet under each policy variant and print what each achieves.
-    Simulate(shardline_allocator::policy::simulate::SimulateArgs),
+    Simulate(shardline_allocator::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Command::Run(args) => shardline_allocator::service::cli::run(args),
         Command::Keygen(args) => shardline_allocator::service::cli::keygen(args),
         Command::Rotate(args) => shardline_allocator::service::cli::rotate(args),
-        Command::Simulate(args) => shardline_allocator::policy::simulate::run_cli(args),
+        Command::Simulate(args) => shardline_allocator::simulate::run_cli(args),
     };
     match result {
         Ok(code) => code,

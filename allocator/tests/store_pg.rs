@@ -5,9 +5,9 @@
 //! throughput the service's report path needs. Skips, saying why, when
 //! PostgreSQL is not installed.
 
-use shardline_allocator::service::store::{
-    contract, Batch, DeviceRecord, ReportSeq, Store, StoreError,
-};
+mod store_contract;
+
+use shardline_allocator::service::store::{Batch, DeviceRecord, ReportSeq, Store, StoreError};
 use shardline_allocator::service::store_pg::PgStore;
 use shardline_shared::ids::DeviceId;
 use std::collections::BTreeMap;
@@ -49,7 +49,7 @@ fn the_postgres_store_keeps_the_store_contract() {
     let Some(pg) = server("the_postgres_store_keeps_the_store_contract") else {
         return;
     };
-    contract::check(&connect(&pg));
+    store_contract::check(&connect(&pg));
     // A second connection (another instance, or this one restarted) sees
     // exactly what was committed, and connecting again leaves the schema be.
     let again = connect(&pg);

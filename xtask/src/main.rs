@@ -230,7 +230,7 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
         ("monitor", "shardline-agent", "monitor"),
         ("shards", "shardline-agent", "shard_bench"),
         ("daemon", "shardline-agent", "daemon_rss"),
-        ("policy", "shardline-allocator", "policy"),
+        ("policy", "shardline-allocator-core", "policy"),
         ("service", "shardline-allocator", "service_e2e"),
     ];
     // `bench e2e [options]`: only the end-to-end latency bench, with its options.

@@ -12,14 +12,14 @@
 #![allow(clippy::result_large_err)]
 
 use super::core::{Command, CommandError, OperatorOp, Reply};
-use super::metrics::Metrics;
-use super::run::Inbound;
+use super::inbound::Inbound;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::ids::DeviceId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,7 +136,7 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        super::metrics::render(&state.metrics),
     )
         .into_response()
 }

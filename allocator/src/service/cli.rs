@@ -162,7 +162,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         super::notify::notify("STOPPING=1");
         // The core commits what it holds before it stops; the embedded broker
         // has no graceful shutdown and ends with the process.
-        let _ = handle.tx.send(super::run::Inbound::Shutdown).await;
+        let _ = handle.tx.send(super::inbound::Inbound::Shutdown).await;
         let _ = tokio::task::spawn_blocking(move || handle.core_thread.join()).await;
         anyhow::Ok(())
     })?;
@@ -197,7 +197,7 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
     let token_file = args
         .api_token_file
         .clone()
-        .unwrap_or_else(|| super::run::default_token_file(&config));
+        .unwrap_or_else(|| super::api_token::default_token_file(&config));
     let token = std::fs::read_to_string(&token_file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
     let abs = std::fs::canonicalize(&args.new_key)?;

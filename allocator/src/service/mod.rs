@@ -1,28 +1,37 @@
-//! The allocator service around the policy engine: embedded MQTT broker (or an
-//! external one), embedded store, signer, ingest and dispatch, the operator
-//! HTTP API with Prometheus metrics, and the `run`/`keygen`/`rotate` and
-//! `shardctl` command lines.
+//! The allocator service: the I/O and wiring around the core crate
+//! (`shardline-allocator-core`). Nothing here decides; everything here talks
+//! to something: sockets, files, threads, clocks.
 //!
-//! - [`core`]: sans-IO ingest/verify/dedupe/dispatch/resend around the engine.
-//! - [`store`]: the [`store::Store`] trait and its redb implementation.
-//! - [`store_pg`]: the PostgreSQL store several instances share.
-//! - [`keys`]: key files and hex public keys.
-//! - [`config`]: the `allocator.toml` file.
-//! - [`metrics`]: counters and the Prometheus text format.
-//! - [`run`]: the I/O runner (core thread, MQTT link, ticker, API, systemd).
+//! - [`run`]: start-up and wiring; [`core_loop`]: the core thread and the
+//!   store thread (commit, then publish); [`verifiers`]: signature-check
+//!   threads; [`mqtt`]: the MQTT link; [`inbound`]: what flows into the core.
+//! - [`store`] / [`store_pg`]: the `Store` trait with its redb and
+//!   PostgreSQL implementations.
+//! - [`api`] / [`http`]: the admin HTTP API and the small client `shardctl`
+//!   uses; [`api_token`]: its bearer token file; [`metrics`]: the Prometheus
+//!   text of the core's counters.
 //! - [`broker`] / [`tls`]: embedded rumqttd and TLS termination (ring).
-//! - [`api`] / [`http`]: the admin HTTP API and the small client shardctl uses.
+//! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
+//! - [`cli`], [`shardctl`]: the command lines; [`notify`]: sd_notify.
+//! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
+pub mod api_token;
 pub mod broker;
+pub mod catalog_files;
 pub mod cli;
 pub mod config;
-pub mod core;
+pub mod core_loop;
 pub mod http;
+pub mod inbound;
 pub mod keys;
 pub mod metrics;
+pub mod mqtt;
 pub mod notify;
 pub mod run;
 pub mod shardctl;
 pub mod store;
 pub mod store_pg;
 pub mod tls;
+pub mod verifiers;
+
+pub use shardline_allocator_core::service as core;

@@ -4,7 +4,7 @@
 
 mod policy_common;
 use policy_common::*;
-use shardline_allocator::policy::{
+use shardline_allocator_core::policy::{
     Action, Agreements, BorrowRefusal, Catalog, CatalogError, ComplianceKind, Event, Features,
     PolicyConfig, Refusal,
 };
@@ -327,7 +327,7 @@ fn hysteresis_keeps_shards_through_a_gap_and_releases_after_the_window() {
 
 // --------------------------------------------------------------- reputation
 
-fn rep(e: &shardline_allocator::policy::Engine, d: &shardline_shared::ids::DeviceId) -> f64 {
+fn rep(e: &shardline_allocator_core::policy::Engine, d: &shardline_shared::ids::DeviceId) -> f64 {
     e.device(d).unwrap().reputation
 }
 
@@ -336,7 +336,7 @@ fn every_negative_signal_lowers_reputation_and_is_announced() {
     type Case = (
         &'static str,
         fn(
-            &mut shardline_allocator::policy::Engine,
+            &mut shardline_allocator_core::policy::Engine,
             &shardline_shared::ids::DeviceId,
         ) -> Vec<Action>,
     );
@@ -475,7 +475,7 @@ fn low_reputation_cuts_quota_and_shortens_leases() {
         enroll(&mut e, 0, d, "roomy", None);
         send(&mut e, 0, d, 1, vec![secure(100_000), calls(100_000)]);
     }
-    let lease_of = |e: &shardline_allocator::policy::Engine, d| {
+    let lease_of = |e: &shardline_allocator_core::policy::Engine, d| {
         e.device(d)
             .unwrap()
             .leases
@@ -530,8 +530,8 @@ fn low_reputation_cuts_quota_and_shortens_leases() {
         assert!(lease_of(&e, &bad) < lease_of(&e, &good));
     }
     let cfg = PolicyConfig::default();
-    let trusted = shardline_allocator::policy::reputation::lease_factor(&cfg.reputation, 90.0);
-    let suspect = shardline_allocator::policy::reputation::lease_factor(&cfg.reputation, 10.0);
+    let trusted = shardline_allocator_core::policy::reputation::lease_factor(&cfg.reputation, 90.0);
+    let suspect = shardline_allocator_core::policy::reputation::lease_factor(&cfg.reputation, 10.0);
     assert!(trusted > suspect);
 }
 
@@ -665,7 +665,7 @@ fn borrowing_setup(
     tier: &str,
     tenant: Option<&str>,
 ) -> (
-    shardline_allocator::policy::Engine,
+    shardline_allocator_core::policy::Engine,
     shardline_shared::ids::DeviceId,
     shardline_shared::ids::DeviceId,
 ) {
@@ -677,7 +677,7 @@ fn borrowing_setup_with(
     tier: &str,
     tenant: Option<&str>,
 ) -> (
-    shardline_allocator::policy::Engine,
+    shardline_allocator_core::policy::Engine,
     shardline_shared::ids::DeviceId,
     shardline_shared::ids::DeviceId,
 ) {
@@ -1024,11 +1024,12 @@ fn device_state_round_trips_and_a_fresh_engine_continues_identically() {
     enroll(&mut a, 0, &d, "roomy", Some("t"));
     send(&mut a, 0, &d, 1, vec![secure(100_000), calls(100_000)]);
     let json = serde_json::to_string(a.device_state(&d).unwrap()).unwrap();
-    let restored: shardline_allocator::policy::DeviceState = serde_json::from_str(&json).unwrap();
+    let restored: shardline_allocator_core::policy::DeviceState =
+        serde_json::from_str(&json).unwrap();
     assert_eq!(&restored, a.device_state(&d).unwrap());
     // The service stores it with postcard: that must round-trip too.
     let bytes = postcard::to_stdvec(a.device_state(&d).unwrap()).unwrap();
-    let from_postcard: shardline_allocator::policy::DeviceState =
+    let from_postcard: shardline_allocator_core::policy::DeviceState =
         postcard::from_bytes(&bytes).unwrap();
     assert_eq!(&from_postcard, a.device_state(&d).unwrap());
     let mut b = engine();

@@ -5,7 +5,7 @@
 //! than a static tier-only allocation. The figures are printed
 //! (`--nocapture`); `shardline-allocator simulate` prints the same at 5-minute ticks.
 
-use shardline_allocator::policy::simulate::{run_all, SimParams};
+use shardline_allocator_core::policy::simulate::{run_all, SimParams};
 
 #[test]
 fn one_day_of_a_thousand_devices() {

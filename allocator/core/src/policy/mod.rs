@@ -21,6 +21,7 @@ pub mod reputation;
 pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
+pub use engine::Engine;
 
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::{DeviceId, ShardRef};
@@ -538,20 +539,6 @@ pub struct TierUsage {
 pub enum EngineError {
     #[error("unknown tier {0:?}")]
     UnknownTier(String),
-}
-
-/// The policy engine. Holds the catalog, the agreements and every device's state.
-#[derive(Debug)]
-pub struct Engine {
-    catalog: std::sync::Arc<Catalog>,
-    agreements: std::sync::Arc<Agreements>,
-    config: PolicyConfig,
-    devices: BTreeMap<DeviceId, DeviceState>,
-    /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.
-    pools: BTreeMap<String, BTreeSet<DeviceId>>,
-    last_shift_ms: Option<u64>,
-    /// Devices whose state changed since the last `take_dirty`.
-    dirty: engine::DirtySet,
 }
 
 fn kind_index(kind: ShardKind) -> usize {

@@ -2,15 +2,15 @@
 //! tiers, report builders and action filters.
 #![allow(dead_code)]
 
-use shardline_allocator::policy::{Action, Agreements, Catalog, Engine, Event, PolicyConfig};
+use shardline_allocator_core::policy::{Action, Agreements, Catalog, Engine, Event, PolicyConfig};
 use shardline_shared::ids::DeviceId;
 use shardline_shared::msg::{
     ClassStats, DeviceResources, Enforcement, Operation, QosNeed, QosReport, RejectionCounters,
     ShardFailure, ShardState, ShardStatus, TrafficClass,
 };
 
-pub const CATALOG: &str = include_str!("../../catalog/catalog.toml");
-pub const TIERS: &str = include_str!("../../catalog/tiers.toml");
+pub const CATALOG: &str = include_str!("../../../catalog/catalog.toml");
+pub const TIERS: &str = include_str!("../../../catalog/tiers.toml");
 
 /// Tiers for tests: `tight` cannot hold vpn + qos (data 3 < 4) but may
 /// borrow; `noborrow` is the same without borrowing; `basic` has no vpn.

@@ -2,8 +2,8 @@
 //! error (MAPE) and the coverage of the 95 % prediction interval. The figures
 //! are printed (run with `--nocapture`) and go to BENCHMARKS.md.
 
-use shardline_allocator::policy::forecast::{ForecastConfig, HoltWinters};
-use shardline_allocator::policy::prng::SplitMix64;
+use shardline_allocator_core::policy::forecast::{ForecastConfig, HoltWinters};
+use shardline_allocator_core::policy::prng::SplitMix64;
 
 struct Quality {
     mape: f64,

@@ -8,9 +8,9 @@
 //! (`POLICY_BENCH_DEVICES`, `POLICY_BENCH_RUNS` override the defaults;
 //! `POLICY_BENCH_NO_WRITE=1` only prints).
 
-use shardline_allocator::policy::prng::SplitMix64;
-use shardline_allocator::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
-use shardline_allocator::policy::{Agreements, Catalog, Engine, Event, PolicyConfig};
+use shardline_allocator_core::policy::prng::SplitMix64;
+use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
+use shardline_allocator_core::policy::{Agreements, Catalog, Engine, Event, PolicyConfig};
 use shardline_shared::ids::DeviceId;
 use shardline_shared::msg::{
     ClassStats, DeviceResources, Enforcement, QosNeed, QosReport, RejectionCounters, ShardState,
@@ -181,7 +181,7 @@ fn main() {
             instructs += engine
                 .handle(now, Event::Report(r))
                 .iter()
-                .filter(|a| matches!(a, shardline_allocator::policy::Action::Instruct { .. }))
+                .filter(|a| matches!(a, shardline_allocator_core::policy::Action::Instruct { .. }))
                 .count();
             // The service persists what an event changed, right after it.
             dirty += engine.take_dirty().len();
@@ -264,7 +264,7 @@ fn main() {
 /// Replaces (or appends) the policy rows in BENCHMARKS.md, leaving other
 /// sections alone.
 fn write_section(rows: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
     let Ok(text) = std::fs::read_to_string(&path) else {
         eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
         return;

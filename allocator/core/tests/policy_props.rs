@@ -5,7 +5,7 @@
 mod policy_common;
 use policy_common::*;
 use proptest::prelude::*;
-use shardline_allocator::policy::{Action, ComplianceKind, Engine, Event, PolicyConfig};
+use shardline_allocator_core::policy::{Action, ComplianceKind, Engine, Event, PolicyConfig};
 use shardline_shared::ids::DeviceId;
 use shardline_shared::msg::{Operation, ShardKind};
 use std::collections::BTreeMap;

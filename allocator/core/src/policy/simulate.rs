@@ -1,4 +1,5 @@
-//! `shardline-allocator simulate`: a fleet simulation over the policy engine.
+//! The fleet simulation over the policy engine (the model behind
+//! `shardline-allocator simulate`; the command line lives in the service crate).
 //!
 //! Sans-IO and seeded: a fleet of simulated agents (diurnal demand per traffic
 //! class, random spikes, a share of devices that start misbehaving — crashing
@@ -10,7 +11,7 @@
 //! misbehaving devices lose quota, and shard flaps.
 
 use super::prng::{hash_str, SplitMix64};
-use super::{Action, Agreements, Catalog, Engine, Event, Features, PolicyConfig};
+use super::{Action, Agreements, Catalog, CatalogError, Engine, Event, Features, PolicyConfig};
 use serde::Serialize;
 use shardline_shared::ids::{DeviceId, ShardRef};
 use shardline_shared::msg::{
@@ -18,64 +19,10 @@ use shardline_shared::msg::{
     RejectionCounters, ResourceLimits, ShardFailure, ShardState, ShardStatus, TrafficClass,
 };
 use std::collections::BTreeMap;
-use std::process::ExitCode;
 
 /// The shipped example catalog and tiers (the simulation's default fleet setup).
-pub const EXAMPLE_CATALOG: &str = include_str!("../../catalog/catalog.toml");
-pub const EXAMPLE_TIERS: &str = include_str!("../../catalog/tiers.toml");
-
-#[derive(Debug, clap::Args)]
-pub struct SimulateArgs {
-    /// Number of simulated devices.
-    #[arg(long, default_value_t = 1000)]
-    pub devices: u32,
-    /// Simulated duration in hours.
-    #[arg(long, default_value_t = 24)]
-    pub hours: u32,
-    /// PRNG seed (same seed ⇒ same figures).
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Report / tick interval in seconds.
-    #[arg(long, default_value_t = 300)]
-    pub tick_s: u32,
-    /// Misbehaving devices, per mille of the fleet.
-    #[arg(long, default_value_t = 50)]
-    pub misbehaving_permille: u32,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn run_cli(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    if args.devices == 0 || args.hours == 0 || args.tick_s == 0 {
-        anyhow::bail!("--devices, --hours and --tick-s must be at least 1");
-    }
-    let params = SimParams {
-        devices: args.devices,
-        hours: args.hours,
-        seed: args.seed,
-        tick_ms: u64::from(args.tick_s) * 1000,
-        misbehaving_permille: args.misbehaving_permille.min(1000),
-    };
-    let started = std::time::Instant::now();
-    let report = run_all(&params)?;
-    let text = if args.json {
-        format!("{}\n", serde_json::to_string_pretty(&report)?)
-    } else {
-        format!(
-            "{}(wall time {:.1} s)\n",
-            report.table(),
-            started.elapsed().as_secs_f64()
-        )
-    };
-    // A closed pipe (`| head`) is not an error worth a panic.
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
-        _ => {}
-    }
-    Ok(ExitCode::SUCCESS)
-}
+pub const EXAMPLE_CATALOG: &str = include_str!("../../../catalog/catalog.toml");
+pub const EXAMPLE_TIERS: &str = include_str!("../../../catalog/tiers.toml");
 
 /// What to simulate.
 #[derive(Debug, Clone, Serialize)]
@@ -202,7 +149,7 @@ impl SimReport {
 }
 
 /// Runs `static`, `reactive` and `full` over the same fleet.
-pub fn run_all(params: &SimParams) -> anyhow::Result<SimReport> {
+pub fn run_all(params: &SimParams) -> Result<SimReport, CatalogError> {
     let mut variants = Vec::new();
     for (name, features) in [
         ("static", Features::STATIC),
@@ -551,7 +498,7 @@ pub fn run_variant(
     params: &SimParams,
     name: &str,
     features: Features,
-) -> anyhow::Result<VariantResult> {
+) -> Result<VariantResult, CatalogError> {
     let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml")?;
     let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog)?;
     let mut engine = Engine::new(

@@ -1,0 +1,21 @@
+//! The Shardline allocator's decisions, with no I/O: what `quinn-proto` is to
+//! `quinn`. The service crate (`shardline-allocator`) owns sockets, threads,
+//! stores and clocks, and drives this crate with `now` and events.
+//!
+//! - [`policy`]: the deterministic policy engine (catalog, agreements,
+//!   allocation, reputation, leases, prediction, borrowing, shifting) and the
+//!   simulation's fleet model.
+//! - [`service`]: the service core around the engine, split by duty:
+//!   signature checks, ingest, dispatch and re-sends, enrolment tokens, lazy
+//!   writes, operator commands and views, shared-store coherence.
+//! - [`records`]: the plain records the service persists.
+//!
+//! The boundary is in Cargo: this crate's normal dependencies contain no
+//! tokio, axum, MQTT, store, clap or anyhow crate (`.ci/check-core-deps`
+//! checks it). Time (`now_ms`) and randomness (seeds, token secrets, keys)
+//! come in as arguments.
+#![forbid(unsafe_code)]
+
+pub mod policy;
+pub mod records;
+pub mod service;

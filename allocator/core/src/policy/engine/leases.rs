@@ -1,0 +1,199 @@
+//! Ticks: lease renewal and expiry, hysteresis, prediction slots, and reconciling each device's profile with its demand.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.config.features.shifting {
+            self.renew_shifts(now);
+        }
+        let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
+        for id in &ids {
+            self.tick_device(now, id, out);
+        }
+        if self.config.features.shifting {
+            self.rebalance(now, out);
+        }
+    }
+
+    pub(super) fn tick_device(&mut self, now: u64, id: &DeviceId, out: &mut Vec<Action>) {
+        let Engine {
+            config: cfg,
+            devices,
+            ..
+        } = self;
+        let Some(st) = devices.get_mut(id) else {
+            return;
+        };
+        if st.wake_at_ms > now {
+            return; // nothing due: most devices, most ticks
+        }
+        let rcfg = &cfg.reputation;
+        st.reputation.decay_to(rcfg, now);
+        // Expired leases free their units now (the agent stops them itself).
+        let expired: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_at_ms <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(l) = st.leases.remove(&k) {
+                if l.clean {
+                    st.reputation
+                        .apply(rcfg, now, rcfg.clean_lease, "clean_lease");
+                }
+                st.ended_at.insert(k, (now, false));
+            }
+        }
+        st.avoid_until.retain(|_, &mut t| t > now);
+        st.demand
+            .retain(|_, &mut t| now.saturating_sub(t) < cfg.hysteresis_ms);
+        st.predicted.retain(|_, &mut t| t > now);
+        let keep_ended = cfg.flap_window_ms.max(cfg.outside_profile_grace_ms);
+        st.ended_at
+            .retain(|_, &mut (t, _)| now.saturating_sub(t) < keep_ended);
+        let timed_out = st
+            .pending_since_ms
+            .is_some_and(|t| now.saturating_sub(t) >= cfg.ack_timeout_ms);
+        // Loans that ran out.
+        let ended: Vec<Transfer> = st
+            .borrowed
+            .iter()
+            .chain(st.lent.iter())
+            .filter(|t| t.expires_at_ms <= now)
+            .cloned()
+            .collect();
+        self.dirty.mark(id);
+        for t in &ended {
+            self.remove_loan(t);
+        }
+        if timed_out {
+            self.resync(id);
+        }
+        self.reconcile(now, id, out);
+    }
+
+    // ------------------------------------------------------------ reconcile
+
+    /// Re-plans a device and emits the minimal diff; loans recalled from or
+    /// granted to it re-plan the counterpart too.
+    pub(super) fn reconcile(&mut self, now: u64, device: &DeviceId, out: &mut Vec<Action>) {
+        let mut work = vec![device.clone()];
+        let mut rounds = 0;
+        while let Some(d) = work.pop() {
+            rounds += 1;
+            if rounds > 256 {
+                break; // loans form no cycles, but never loop on a bug
+            }
+            self.reconcile_one(now, &d, &mut work, out);
+        }
+    }
+
+    pub(super) fn reconcile_one(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        work: &mut Vec<DeviceId>,
+        out: &mut Vec<Action>,
+    ) {
+        // The catalog and tiers are shared (`Arc`) so a plan can borrow them
+        // while device states change.
+        let catalog = Arc::clone(&self.catalog);
+        let agreements = Arc::clone(&self.agreements);
+        let Some(st) = self.devices.get_mut(device) else {
+            return;
+        };
+        st.reputation.decay_to(&self.config.reputation, now);
+        if self.config.features.prediction {
+            predict(&catalog, &self.config, st, now);
+        }
+        let Some(tier) = agreements.tiers.get(&st.tier) else {
+            return;
+        };
+        // A borrower that is no longer trusted returns what it borrowed.
+        if st.reputation.score < self.config.borrow_min_reputation {
+            let back: Vec<Transfer> = st
+                .borrowed
+                .iter()
+                .filter(|t| t.origin == TransferOrigin::Borrow)
+                .cloned()
+                .collect();
+            for t in &back {
+                self.remove_loan(t);
+            }
+        }
+        let Some(st) = self.devices.get_mut(device) else {
+            return;
+        };
+        // A lender whose quota shrank below what it lent takes units back.
+        if !st.lent.is_empty() {
+            let quota = quota_budget(&self.config, tier, st);
+            let lent = sum_units(&st.lent);
+            let mut recall: Vec<Transfer> = Vec::new();
+            for k in 0..2 {
+                let mut excess = lent[k].saturating_sub(quota[k]);
+                for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
+                    if excess == 0 {
+                        break;
+                    }
+                    excess = excess.saturating_sub(t.units);
+                    recall.push(t.clone());
+                }
+            }
+            for t in &recall {
+                self.remove_loan(t);
+                work.push(t.to.clone());
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let st = &self.devices[device];
+            let mut plan = plan_for(&catalog, tier, &self.config, now, st);
+            let wants_more = plan.refusals.iter().find_map(|(c, r)| match r {
+                Refusal::Budget {
+                    kind,
+                    missing_units,
+                } => Some((c.clone(), *kind, *missing_units)),
+                _ => None,
+            });
+            if let (Some((cap, kind, missing)), true) = (wants_more, attempts <= 3) {
+                // First take back what this device lent: lenders never
+                // drop below their own current need.
+                let k = kind_index(kind);
+                let mut recall: Vec<Transfer> = Vec::new();
+                let mut need = missing;
+                for t in st.lent.iter().rev().filter(|t| kind_index(t.kind) == k) {
+                    if need == 0 {
+                        break;
+                    }
+                    need = need.saturating_sub(t.units);
+                    recall.push(t.clone());
+                }
+                if !recall.is_empty() {
+                    for t in &recall {
+                        self.remove_loan(t);
+                        work.push(t.to.clone());
+                    }
+                    continue;
+                }
+                match self.try_borrow(now, device, kind, missing) {
+                    Ok(()) => continue,
+                    Err(reason) => {
+                        plan.refusals.insert(
+                            cap,
+                            Refusal::BorrowRefused {
+                                reason,
+                                kind,
+                                missing_units: missing,
+                            },
+                        );
+                    }
+                }
+            }
+            self.apply_plan(now, device, tier, plan, out);
+            return;
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The engine proper: event handling, leases (grant, renew, expire), the
+//! report-driven reputation signals, prediction-driven pre-activation,
+//! borrowing within a tenant pool, and the periodic rebalancer (shifting with
+//! stabilization and rollback). Everything iterates `BTreeMap`s in key order
+//! and the only randomness is a hash of the configured seed, so the same
+//! events at the same times produce the same actions.
+
+use super::catalog::{Catalog, Tier};
+use super::forecast::ClassForecast;
+use super::plan::{self, Capacity, Plan, PlanInput};
+use super::reputation::{lease_factor, quota_factor};
+use super::*;
+use shardline_shared::msg::{Activation, ShardFailure, ShardState};
+use std::sync::Arc;
+
+mod apply;
+mod leases;
+mod loans;
+mod membership;
+mod reports;
+mod shift;
+
+/// Devices touched since the last `take_dirty`, in touch order with
+/// consecutive repeats folded (one event usually touches one device several
+/// times); `take_dirty` sorts and dedups. Cheaper than a set on the hot path.
+#[derive(Debug, Default)]
+pub(crate) struct DirtySet {
+    list: Vec<DeviceId>,
+}
+
+impl DirtySet {
+    fn mark(&mut self, id: &DeviceId) {
+        if self.list.last() != Some(id) {
+            self.list.push(id.clone());
+        }
+    }
+}
+
+/// Transfers are the same loan when these match (the `evaluated` flag of a
+/// shift lives on the recipient's copy only).
+fn same_loan(a: &Transfer, b: &Transfer) -> bool {
+    a.from == b.from
+        && a.to == b.to
+        && a.kind == b.kind
+        && a.units == b.units
+        && a.since_ms == b.since_ms
+        && a.expires_at_ms == b.expires_at_ms
+}
+
+fn sum_units(ts: &[Transfer]) -> [u32; 2] {
+    let mut out = [0u32; 2];
+    for t in ts {
+        out[kind_index(t.kind)] = out[kind_index(t.kind)].saturating_add(t.units);
+    }
+    out
+}
+
+/// Tier budget × reputation quota, per kind.
+fn quota_budget(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 2] {
+    let f = quota_factor(&cfg.reputation, st.reputation.score);
+    KINDS.map(|k| (f64::from(tier.budget(k)) * f + 1e-9).floor() as u32)
+}
+
+/// Quota + borrowed − lent, per kind.
+fn effective_budget(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 2] {
+    let q = quota_budget(cfg, tier, st);
+    let b = sum_units(&st.borrowed);
+    let l = sum_units(&st.lent);
+    [0, 1].map(|k| q[k].saturating_add(b[k]).saturating_sub(l[k]))
+}
+
+/// Units a device can lend now without dropping below its own current need.
+fn spare(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 2] {
+    let q = quota_budget(cfg, tier, st);
+    let l = sum_units(&st.lent);
+    [0, 1].map(|k| q[k].saturating_sub(l[k]).saturating_sub(st.need_units[k]))
+}
+
+fn limits_of(spec: &catalog::ShardSpec, priority: u8) -> ResourceLimits {
+    ResourceLimits {
+        cpu_quota_permille: spec.cost.cpu_permille.max(1),
+        cpu_weight: 100 + u16::from(priority) * 10,
+        memory_max_bytes: spec.cost.memory_kib.saturating_mul(1024),
+        nice: if priority >= 50 { 0 } else { 5 },
+    }
+}
+
+/// Lease length for this device now: the tier cap scaled by reputation, with
+/// up to 5 % seeded jitter so a fleet enrolled together does not renew in lockstep.
+fn lease_len(cfg: &PolicyConfig, tier: &Tier, score: f64, device: &DeviceId, now: u64) -> u64 {
+    let base = tier.lease_cap_ms as f64 * lease_factor(&cfg.reputation, score);
+    let u = (prng::hash_str(cfg.seed ^ now, device.as_str()) >> 11) as f64 / (1u64 << 53) as f64;
+    let len = (base * (1.0 - 0.05 * u)) as u64;
+    len.clamp(cfg.min_lease_ms.min(tier.lease_cap_ms), tier.lease_cap_ms)
+}
+
+fn rule_threshold(cfg: &PolicyConfig, rule: &catalog::Rule) -> u64 {
+    rule.min_rate_bps.max(cfg.active_rate_bps)
+}
+
+/// Capabilities demanded now: every allowed one in static mode; otherwise the
+/// ones a need (seen within the hysteresis window, or predicted) asks for.
+fn demanded<'c>(
+    catalog: &'c Catalog,
+    tier: &Tier,
+    cfg: &PolicyConfig,
+    st: &DeviceState,
+    now: u64,
+) -> Vec<&'c str> {
+    let mut out: Vec<&'c str> = Vec::new();
+    if !cfg.features.demand_driven {
+        for c in &tier.capabilities {
+            if let Some((k, _)) = catalog.capabilities.get_key_value(c) {
+                out.push(k.as_str());
+            }
+        }
+        return out;
+    }
+    for (c, &t) in &st.demand {
+        if now.saturating_sub(t) < cfg.hysteresis_ms {
+            if let Some((k, _)) = catalog.capabilities.get_key_value(c) {
+                out.push(k.as_str());
+            }
+        }
+    }
+    for (c, &until) in &st.predicted {
+        if until > now && !out.iter().any(|o| o == c) {
+            if let Some((k, _)) = catalog.capabilities.get_key_value(c) {
+                out.push(k.as_str());
+            }
+        }
+    }
+    out
+}
+
+/// The policy engine. Holds the catalog, the agreements and every device's state.
+#[derive(Debug)]
+pub struct Engine {
+    catalog: std::sync::Arc<Catalog>,
+    agreements: std::sync::Arc<Agreements>,
+    config: PolicyConfig,
+    devices: BTreeMap<DeviceId, DeviceState>,
+    /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.
+    pools: BTreeMap<String, BTreeSet<DeviceId>>,
+    last_shift_ms: Option<u64>,
+    /// Devices whose state changed since the last `take_dirty`.
+    dirty: DirtySet,
+}
+
+impl Engine {
+    pub fn new(catalog: Catalog, agreements: Agreements, config: PolicyConfig) -> Self {
+        Self {
+            catalog: Arc::new(catalog),
+            agreements: Arc::new(agreements),
+            config,
+            devices: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            last_shift_ms: None,
+            dirty: DirtySet::default(),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn agreements(&self) -> &Agreements {
+        &self.agreements
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// Handles one event at `now_ms` and returns what the service must do.
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Enrolled {
+                device,
+                tier,
+                tenant,
+            } => self.enroll(now_ms, device, tier, tenant, &mut out),
+            Event::Unenrolled { device } => self.unenroll(now_ms, &device, &mut out),
+            Event::Report(report) => self.on_report(now_ms, report, &mut out),
+            Event::Sent { device, seq } => {
+                if let Some(st) = self.devices.get_mut(&device) {
+                    if st.pending_since_ms.is_some() {
+                        st.pending_seq = Some(seq);
+                        self.dirty.mark(&device);
+                    }
+                }
+            }
+            Event::Ack {
+                device,
+                seq,
+                outcome,
+            } => self.on_ack(now_ms, &device, seq, outcome, &mut out),
+            Event::ComplianceEvent { device, kind } => {
+                if self.devices.contains_key(&device) {
+                    self.penalize_compliance(now_ms, &device, kind);
+                    self.reconcile(now_ms, &device, &mut out);
+                }
+            }
+            Event::Tick => self.on_tick(now_ms, &mut out),
+            Event::Pin { device, shard } => {
+                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                    st.pinned.insert(s.to_owned());
+                })
+            }
+            Event::Unpin { device, shard } => {
+                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                    st.pinned.remove(s);
+                })
+            }
+            Event::Revoke { device, shard } => {
+                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                    st.revoked.insert(s.to_owned());
+                    st.pinned.remove(s);
+                })
+            }
+            Event::Unrevoke { device, shard } => {
+                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                    st.revoked.remove(s);
+                })
+            }
+            Event::Drain { device } => {
+                self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = true)
+            }
+            Event::Resume { device } => {
+                self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = false)
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ state API
+
+    /// The device's state, to persist after an event touched it.
+    pub fn device_state(&self, device: &DeviceId) -> Option<&DeviceState> {
+        self.devices.get(device)
+    }
+
+    /// Loads a device's persisted state (replacing what was in memory).
+    pub fn restore_device(&mut self, device: DeviceId, state: DeviceState) {
+        if let Some(old) = self.devices.get(&device) {
+            if let Some(t) = &old.tenant {
+                if let Some(p) = self.pools.get_mut(t) {
+                    p.remove(&device);
+                }
+            }
+        }
+        if let Some(t) = &state.tenant {
+            self.pools
+                .entry(t.clone())
+                .or_default()
+                .insert(device.clone());
+        }
+        self.devices.insert(device, state);
+    }
+
+    /// Drops a device from memory without any effect on it (cache eviction).
+    pub fn evict_device(&mut self, device: &DeviceId) -> Option<DeviceState> {
+        let st = self.devices.remove(device)?;
+        if let Some(t) = &st.tenant {
+            if let Some(p) = self.pools.get_mut(t) {
+                p.remove(device);
+            }
+        }
+        Some(st)
+    }
+
+    /// Devices whose state changed since the last call (to persist them).
+    pub fn take_dirty(&mut self) -> Vec<DeviceId> {
+        let mut v = std::mem::take(&mut self.dirty.list);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    // -------------------------------------------------------------- queries
+
+    pub fn devices(&self) -> Vec<DeviceSummary> {
+        self.devices
+            .iter()
+            .map(|(id, st)| {
+                let used = used_units(st);
+                DeviceSummary {
+                    device: id.clone(),
+                    tier: st.tier.clone(),
+                    tenant: st.tenant.clone(),
+                    reputation: st.reputation.score,
+                    compute_units: used[0],
+                    data_units: used[1],
+                    active_shards: st.leases.len(),
+                    last_report_ms: st.last_report.as_ref().map(|r| r.at_ms),
+                    drained: st.drained,
+                }
+            })
+            .collect()
+    }
+
+    pub fn device(&self, device: &DeviceId) -> Option<DeviceView> {
+        let st = self.devices.get(device)?;
+        let budget = self
+            .agreements
+            .tiers
+            .get(&st.tier)
+            .map(|t| effective_budget(&self.config, t, st))
+            .unwrap_or([0, 0]);
+        Some(DeviceView {
+            device: device.clone(),
+            tier: st.tier.clone(),
+            tenant: st.tenant.clone(),
+            reputation: st.reputation.score,
+            reputation_history: st.reputation.history.clone(),
+            budget_compute_units: budget[0],
+            budget_data_units: budget[1],
+            leases: st.leases.values().cloned().collect(),
+            borrowed: st.borrowed.clone(),
+            lent: st.lent.clone(),
+            pinned: st.pinned.iter().cloned().collect(),
+            revoked: st.revoked.iter().cloned().collect(),
+            drained: st.drained,
+            refusals: st.refusals.clone(),
+            last_qos: st.last_report.clone(),
+            flaps: st.flaps,
+        })
+    }
+
+    /// Units in use and budgeted, per tier.
+    pub fn units_by_tier(&self) -> BTreeMap<String, TierUsage> {
+        let mut out: BTreeMap<String, TierUsage> = BTreeMap::new();
+        for name in self.agreements.tiers.keys() {
+            out.insert(name.clone(), TierUsage::default());
+        }
+        for st in self.devices.values() {
+            let used = used_units(st);
+            let u = out.entry(st.tier.clone()).or_default();
+            u.devices += 1;
+            u.compute_units_used += u64::from(used[0]);
+            u.data_units_used += u64::from(used[1]);
+            if let Some(t) = self.agreements.tiers.get(&st.tier) {
+                u.compute_units_budget += u64::from(t.compute_units);
+                u.data_units_budget += u64::from(t.data_units);
+            }
+        }
+        out
+    }
+
+    // ---------------------------------------------------------------- events
+}
+
+fn plan_for<'c>(
+    catalog: &'c Catalog,
+    tier: &Tier,
+    cfg: &PolicyConfig,
+    now: u64,
+    st: &DeviceState,
+) -> Plan<'c> {
+    let demanded = demanded(catalog, tier, cfg, st, now);
+    let capacity = st.resources.as_ref().map(|r| {
+        let (cpu, rss) = st
+            .last_report
+            .as_ref()
+            .map_or((0, 0), |l| (l.shard_cpu_permille, l.shard_rss_kib));
+        Capacity::from_report(r, cpu, rss, cfg.capacity_headroom)
+    });
+    plan::plan(&PlanInput {
+        catalog,
+        tier,
+        state: st,
+        now_ms: now,
+        budget: effective_budget(cfg, tier, st),
+        capacity,
+        demanded: &demanded,
+    })
+}
+
+/// When a tick next has work for this device.
+fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) -> u64 {
+    let mut wake = u64::MAX;
+    // Past-due times stay past due: the next tick handles them.
+    let mut at = |t: u64| wake = wake.min(t);
+    for l in st.leases.values() {
+        at(l.expires_at_ms.saturating_sub(renew_before));
+    }
+    for &t in st.demand.values() {
+        at(t.saturating_add(cfg.hysteresis_ms));
+    }
+    for &t in st.predicted.values() {
+        at(t);
+    }
+    for &t in st.avoid_until.values() {
+        at(t);
+    }
+    for t in st.borrowed.iter().chain(st.lent.iter()) {
+        at(t.expires_at_ms);
+    }
+    if let Some(p) = st.pending_since_ms {
+        at(p.saturating_add(cfg.ack_timeout_ms));
+    }
+    if cfg.features.prediction && !st.forecasts.is_empty() {
+        let slot = cfg.forecast.slot_ms.max(1);
+        at((now / slot + 1) * slot);
+    }
+    if quota_factor(&cfg.reputation, st.reputation.score) < 1.0 || !st.refusals.is_empty() {
+        // Recovering reputation or unmet demand: look again soon.
+        at(now.saturating_add(cfg.renew_margin_ms.max(60_000)));
+    }
+    wake
+}
+
+fn used_units(st: &DeviceState) -> [u32; 2] {
+    let mut u = [0u32; 2];
+    for l in st.leases.values() {
+        u[kind_index(l.kind)] += l.units;
+    }
+    u
+}
+
+/// Demand (kbit/s) behind a capability: the larger of the last report and the
+/// next slot's forecast, over the classes whose needs ask for it.
+fn cap_demand_kbps(
+    catalog: &Catalog,
+    cfg: &PolicyConfig,
+    st: &DeviceState,
+    cap: &str,
+    now: u64,
+) -> f64 {
+    let asks = |need: &QosNeed| {
+        catalog
+            .rules
+            .iter()
+            .any(|r| r.need.matches(need) && r.capabilities.iter().any(|c| c == cap))
+    };
+    let mut total = 0.0;
+    if let Some(r) = &st.last_report {
+        for c in &r.classes {
+            if asks(&c.need) {
+                let mut kbps = c.rate_bps as f64 / 1000.0;
+                if let Some(f) = st.forecasts.iter().find(|f| f.class == c.class) {
+                    if f.model.warmed_up() {
+                        let slot = now / cfg.forecast.slot_ms.max(1) + 1;
+                        kbps = kbps.max(f64::from(f.model.forecast(&cfg.forecast, slot).mean));
+                    }
+                }
+                total += kbps;
+            }
+        }
+    }
+    total
+}
+
+/// Pre-activation: when the upper bound of a class forecast crosses a rule's
+/// threshold within the horizon, the rule's capabilities are held as
+/// predicted until the end of the next slot.
+fn predict(catalog: &Catalog, cfg: &PolicyConfig, st: &mut DeviceState, now: u64) {
+    let slot_ms = cfg.forecast.slot_ms.max(1);
+    let slot_now = now / slot_ms;
+    let horizon = cfg
+        .prediction_horizon_ms
+        .div_ceil(slot_ms)
+        .min(u64::from(cfg.forecast.season_slots));
+    for f in &st.forecasts {
+        if !f.model.warmed_up() {
+            continue;
+        }
+        let mut upper = f32::MIN;
+        for h in 0..=horizon {
+            let slot = slot_now + h;
+            if slot <= f.model.last_slot {
+                continue;
+            }
+            upper = upper.max(f.model.forecast(&cfg.forecast, slot).upper);
+        }
+        let upper_bps = f64::from(upper) * 1000.0;
+        for rule in &catalog.rules {
+            let threshold = rule_threshold(cfg, rule).max(cfg.prediction_min_rate_bps);
+            if rule.need.matches(&f.need) && upper_bps >= threshold as f64 {
+                for cap in &rule.capabilities {
+                    let until = (slot_now + 2) * slot_ms;
+                    let e = st.predicted.entry(cap.clone()).or_insert(until);
+                    *e = (*e).max(until);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! What a device says: QoS reports (needs, resource use, shard failures, reputation signals) and instruction acks.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_report(&mut self, now: u64, report: QosReport, out: &mut Vec<Action>) {
+        let device = report.device.clone();
+        let Engine {
+            catalog,
+            config: cfg,
+            devices,
+            ..
+        } = self;
+        let Some(st) = devices.get_mut(&device) else {
+            out.push(Action::Alert {
+                device,
+                message: "report from a device that is not enrolled".to_owned(),
+            });
+            return;
+        };
+        if report.seq <= st.last_report_seq && st.last_report.is_some() {
+            return; // a redelivery or a stale report: already counted
+        }
+        let rcfg = &cfg.reputation;
+        st.reputation.decay_to(rcfg, now);
+        let window_ms = u64::from(report.window_ms).clamp(1, 3_600_000);
+        let mut penalized = false;
+        let mut outside: Vec<String> = Vec::new();
+        let (mut own_cpu, mut own_rss) = (0u64, 0u64);
+        let mut running = Vec::new();
+        let mut report = report;
+        // A shard's reported CPU and RSS are those of its host process, which
+        // runs the whole capability under the sum of its shards' limits: the
+        // use is checked against that sum, and an over-limit host costs
+        // reputation once per report, not once per shard it hosts.
+        let mut host_limits: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for l in st.leases.values() {
+            let e = host_limits.entry(l.capability.clone()).or_default();
+            e.0 += u64::from(l.limits.cpu_quota_permille);
+            e.1 = e.1.saturating_add(l.limits.memory_max_bytes);
+        }
+        let mut over_limit_hosts: BTreeSet<String> = BTreeSet::new();
+        for s in std::mem::take(&mut report.shards) {
+            let id = s.shard.id();
+            let alive = matches!(
+                s.state,
+                ShardState::Running | ShardState::Starting | ShardState::Backoff
+            );
+            if alive {
+                own_cpu += u64::from(s.cpu_permille);
+                own_rss += s.rss_kib;
+            }
+            match st.leases.get_mut(id) {
+                Some(lease) if lease.shard == s.shard => {
+                    let new_restarts = s.restarts.saturating_sub(lease.restarts_seen);
+                    if s.restarts < lease.restarts_seen {
+                        lease.restarts_seen = s.restarts; // the agent restarted
+                    }
+                    if new_restarts > 0 {
+                        lease.clean = false;
+                        lease.restarts_seen = s.restarts;
+                        let (delta, why) = match s.last_failure {
+                            Some(ShardFailure::OverLimit) => (rcfg.over_limit, "over_limit_kill"),
+                            _ => (rcfg.crash, "shard_crash"),
+                        };
+                        st.reputation
+                            .apply(rcfg, now, delta * f64::from(new_restarts.min(3)), why);
+                        penalized = true;
+                    }
+                    let new_errors = s.errors.saturating_sub(lease.errors_seen);
+                    lease.errors_seen = s.errors;
+                    let per_min = f64::from(new_errors) * 60_000.0 / window_ms as f64;
+                    if per_min > rcfg.error_rate_per_min {
+                        lease.clean = false;
+                        st.reputation.apply(rcfg, now, rcfg.errors, "error_rate");
+                        penalized = true;
+                    }
+                    let (cpu_lim, mem_lim) =
+                        host_limits.get(&lease.capability).copied().unwrap_or((
+                            u64::from(lease.limits.cpu_quota_permille),
+                            lease.limits.memory_max_bytes,
+                        ));
+                    let cpu_over = u64::from(s.cpu_permille) * 10 > cpu_lim * 12 + 100;
+                    let mem_over = s.rss_kib.saturating_mul(1024) > mem_lim;
+                    if alive && (cpu_over || mem_over) {
+                        lease.clean = false;
+                        if over_limit_hosts.insert(lease.capability.clone()) {
+                            st.reputation
+                                .apply(rcfg, now, rcfg.over_limit, "over_limit_use");
+                            penalized = true;
+                        }
+                    }
+                    if s.state == ShardState::Quarantined {
+                        // The device gave up on it: plan its alternative for a while.
+                        st.avoid_until
+                            .insert(id.to_owned(), now.saturating_add(cfg.quarantine_avoid_ms));
+                        st.leases.remove(id);
+                        st.ended_at.insert(id.to_owned(), (now, false));
+                    }
+                }
+                _ if alive => {
+                    let in_grace = st.ended_at.get(id).is_some_and(|&(t, _)| {
+                        now.saturating_sub(t) < cfg.outside_profile_grace_ms
+                    });
+                    let in_flight = st
+                        .pending_since_ms
+                        .is_some_and(|t| now.saturating_sub(t) < cfg.outside_profile_grace_ms);
+                    if !in_grace && !in_flight {
+                        outside.push(s.shard.to_string());
+                        st.reputation.apply(
+                            rcfg,
+                            now,
+                            rcfg.shard_outside_profile,
+                            ComplianceKind::ShardOutsideProfile.as_str(),
+                        );
+                        // Once per grace period, not once per report.
+                        st.ended_at.insert(id.to_owned(), (now, false));
+                        penalized = true;
+                    }
+                }
+                _ => {}
+            }
+            if alive {
+                running.push(s.shard);
+            }
+        }
+        let bad_sig = report.rejections.bad_signature;
+        if bad_sig > st.rejections_seen {
+            st.reputation.apply(
+                rcfg,
+                now,
+                rcfg.tampered_instruction,
+                ComplianceKind::TamperedInstruction.as_str(),
+            );
+            penalized = true;
+        }
+        st.rejections_seen = bad_sig;
+        if !penalized {
+            let gain = rcfg.healthy_per_hour * window_ms as f64 / 3_600_000.0;
+            st.reputation.apply(rcfg, now, gain, "healthy");
+        }
+        // Needs ⇒ demanded capabilities (observed now).
+        let mut classes = Vec::with_capacity(report.classes.len());
+        let mut weighted_loss = 0.0f64;
+        let mut weight = 0.0f64;
+        for c in &report.classes {
+            for rule in &catalog.rules {
+                if rule.need.matches(&c.need) && c.rate_bps >= rule_threshold(cfg, rule) {
+                    for cap in &rule.capabilities {
+                        match st.demand.get_mut(cap) {
+                            Some(t) => *t = now,
+                            None => {
+                                st.demand.insert(cap.clone(), now);
+                            }
+                        }
+                    }
+                }
+            }
+            if c.need != QosNeed::default() {
+                let w = c.bytes.max(1) as f64;
+                weighted_loss += w * f64::from(c.loss_permille.min(1000));
+                weight += w;
+            }
+            classes.push(ClassSummary {
+                class: c.class,
+                rate_bps: c.rate_bps,
+                rtt_p95_us: c.rtt_p95_us,
+                loss_permille: c.loss_permille,
+                need: c.need,
+            });
+        }
+        if cfg.features.prediction {
+            let fcfg = &cfg.forecast;
+            let slot = now / fcfg.slot_ms.max(1);
+            for c in &report.classes {
+                let relevant = catalog.rules.iter().any(|r| r.need.matches(&c.need));
+                if !relevant {
+                    continue;
+                }
+                match st.forecasts.iter_mut().find(|f| f.class == c.class) {
+                    Some(f) => f.need = c.need,
+                    None => st
+                        .forecasts
+                        .push(ClassForecast::new(fcfg, c.class, c.need, slot)),
+                }
+            }
+            for f in &mut st.forecasts {
+                let rate = report
+                    .classes
+                    .iter()
+                    .find(|c| c.class == f.class)
+                    .map_or(0, |c| c.rate_bps);
+                f.add(fcfg, slot, rate as f32 / 1000.0);
+            }
+        }
+        st.last_report = Some(QosSummary {
+            at_ms: now,
+            seq: report.seq,
+            classes,
+            qos_score: if weight > 0.0 {
+                1000.0 - weighted_loss / weight
+            } else {
+                1000.0
+            },
+            running_shards: running,
+            shard_cpu_permille: own_cpu,
+            shard_rss_kib: own_rss,
+        });
+        st.last_report_seq = report.seq;
+        st.resources = Some(report.resources);
+        self.dirty.mark(&device);
+        for s in outside {
+            out.push(Action::Alert {
+                device: device.clone(),
+                message: format!("device runs shard {s} outside its profile"),
+            });
+        }
+        self.reconcile(now, &device, out);
+    }
+
+    pub(super) fn on_ack(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        seq: u64,
+        outcome: AckOutcome,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(st) = self.devices.get_mut(device) else {
+            return;
+        };
+        if st.pending_seq.is_some_and(|p| seq < p) {
+            return; // an ack for an older instruction
+        }
+        self.dirty.mark(device);
+        match outcome {
+            AckOutcome::Applied | AckOutcome::Duplicate => {
+                st.pending_since_ms = None;
+                st.pending_seq = None;
+            }
+            AckOutcome::Rejected(reason) => {
+                out.push(Action::Alert {
+                    device: device.clone(),
+                    message: format!("instruction {seq} rejected: {reason:?}"),
+                });
+                if reason == shardline_shared::msg::RejectReason::BadSignature {
+                    self.penalize_compliance(now, device, ComplianceKind::TamperedInstruction);
+                }
+                self.resync(device);
+                self.reconcile(now, device, out);
+            }
+            AckOutcome::Failed { reason } => {
+                out.push(Action::Alert {
+                    device: device.clone(),
+                    message: format!("instruction {seq} failed on the device: {reason}"),
+                });
+                self.resync(device);
+                self.reconcile(now, device, out);
+            }
+        }
+    }
+
+    /// Forget what was not confirmed: leases whose shard the last report does
+    /// not show running are dropped, so the next plan sends them again.
+    pub(super) fn resync(&mut self, device: &DeviceId) {
+        if let Some(st) = self.devices.get_mut(device) {
+            let running: BTreeSet<&ShardRef> = st
+                .last_report
+                .as_ref()
+                .map(|r| r.running_shards.iter().collect())
+                .unwrap_or_default();
+            st.leases.retain(|_, l| running.contains(&l.shard));
+            st.pending_since_ms = None;
+            st.pending_seq = None;
+        }
+    }
+}

@@ -1,0 +1,380 @@
+use super::*;
+
+/// Why an operator command failed (mapped to HTTP statuses by the API).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+pub enum CommandError {
+    #[error("device {0} is not enrolled")]
+    UnknownDevice(String),
+    #[error("unknown tier {0:?}")]
+    UnknownTier(String),
+    #[error("device {0} is already enrolled with another key")]
+    KeyConflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// Another allocator instance changed the device at the same moment;
+    /// nothing was written and the command can be repeated.
+    #[error("device {0} was changed by another allocator instance at the same time; nothing was written, repeat the command")]
+    Concurrent(String),
+}
+
+/// An operator action on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorOp {
+    Pin,
+    Unpin,
+    Revoke,
+    Unrevoke,
+    Drain,
+    Resume,
+}
+
+/// A row of `GET /v1/devices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub tier: String,
+    pub tenant: Option<String>,
+    pub reputation: f64,
+    pub compute_units: u32,
+    pub data_units: u32,
+    pub active_shards: usize,
+    pub last_report_ms: Option<u64>,
+    pub presence: String,
+    pub drained: bool,
+    pub pending_instructions: usize,
+}
+
+/// `GET /v1/devices/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    pub device: String,
+    pub public_key: String,
+    pub key_id: String,
+    pub tier: String,
+    pub enrolled_at_ms: u64,
+    pub presence: String,
+    pub last_report_seq: u64,
+    pub last_report_ms: Option<u64>,
+    pub next_instruction_seq: u64,
+    pub applied_instruction_seq: u64,
+    pub pending_instructions: Vec<u64>,
+    pub instructions_sent: u64,
+    pub instructions_applied: u64,
+    pub instructions_rejected: u64,
+    /// The engine's view: profile (leases), reputation and its history, last QoS.
+    pub policy: Option<DeviceView>,
+}
+
+/// A tier with its usage, for `GET /v1/tiers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierRow {
+    pub tier: policy::Tier,
+    pub usage: policy::TierUsage,
+}
+
+/// A created bootstrap token (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub tier: String,
+    pub expires_at_ms: u64,
+    pub uses: u32,
+}
+
+/// Operator commands handled by the core.
+#[derive(Debug)]
+pub enum Command {
+    Enroll {
+        device: DeviceId,
+        public_key: [u8; 32],
+        tier: String,
+        tenant: Option<String>,
+    },
+    Unenroll {
+        device: DeviceId,
+    },
+    CreateToken {
+        tier: String,
+        tenant: Option<String>,
+        ttl_ms: u64,
+        uses: u32,
+        /// 32 random bytes from the runner (the core has no RNG).
+        secret: [u8; 32],
+    },
+    ListDevices,
+    Device {
+        device: DeviceId,
+    },
+    Tiers,
+    Operator {
+        device: DeviceId,
+        op: OperatorOp,
+        shard: Option<String>,
+    },
+    Rotate {
+        new_key: KeyPair,
+        key_file: String,
+    },
+}
+
+/// The answer to a [`Command`].
+#[derive(Debug)]
+pub enum Reply {
+    Ok,
+    Enrolled(DeviceRow),
+    Token(TokenCreated),
+    Devices(Vec<DeviceRow>),
+    Device(Box<DeviceDetail>),
+    Tiers(Vec<TierRow>),
+    Rotated { epoch: u64, key_id: String },
+    Error(CommandError),
+}
+
+impl Command {
+    /// The device a command reads or changes, if it names one.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Self::Enroll { device, .. }
+            | Self::Unenroll { device }
+            | Self::Device { device }
+            | Self::Operator { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+}
+
+fn presence_str(p: Option<&Presence>) -> String {
+    match p {
+        Some(Presence::Online) => "online",
+        Some(Presence::Offline) => "offline",
+        None => "unknown",
+    }
+    .into()
+}
+
+impl Core {
+    pub(super) fn row(&self, device: &DeviceId) -> Option<DeviceRow> {
+        let rec = self.records.get(device)?;
+        let summary = self
+            .engine
+            .devices()
+            .into_iter()
+            .find(|d| &d.device == device);
+        Some(self.row_from(rec, summary.as_ref()))
+    }
+
+    pub(super) fn row_from(
+        &self,
+        rec: &DeviceRecord,
+        s: Option<&policy::DeviceSummary>,
+    ) -> DeviceRow {
+        DeviceRow {
+            device: rec.device.to_string(),
+            tier: rec.tier.clone(),
+            tenant: rec.tenant.clone(),
+            reputation: s.map_or(0.0, |s| s.reputation),
+            compute_units: s.map_or(0, |s| s.compute_units),
+            data_units: s.map_or(0, |s| s.data_units),
+            active_shards: s.map_or(0, |s| s.active_shards),
+            last_report_ms: rec.last_report_ms,
+            presence: presence_str(self.presence.get(&rec.device)),
+            drained: s.is_some_and(|s| s.drained),
+            pending_instructions: rec.pending.len(),
+        }
+    }
+
+    /// Handles one operator command.
+    pub fn on_command(&mut self, now_ms: u64, cmd: Command) -> Reply {
+        match cmd {
+            Command::Enroll {
+                device,
+                public_key,
+                tier,
+                tenant,
+            } => match self.enroll(now_ms, device, public_key, tier, tenant) {
+                Ok(row) => Reply::Enrolled(row),
+                Err(e) => Reply::Error(e),
+            },
+            Command::Unenroll { device } => {
+                if self.records.remove(&device).is_none() {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                }
+                self.presence.remove(&device);
+                self.dirty.remove(&device);
+                self.publish_key(&device, None);
+                self.feed(
+                    now_ms,
+                    Event::Unenrolled {
+                        device: device.clone(),
+                    },
+                );
+                self.engine.evict_device(&device);
+                self.step.batch.delete_devices.push(device);
+                Reply::Ok
+            }
+            Command::CreateToken {
+                tier,
+                tenant,
+                ttl_ms,
+                uses,
+                secret,
+            } => {
+                if !self.engine.agreements().tiers.contains_key(&tier) {
+                    return Reply::Error(CommandError::UnknownTier(tier));
+                }
+                if uses == 0 {
+                    return Reply::Error(CommandError::Invalid("uses must be at least 1".into()));
+                }
+                let token = hex::encode(secret);
+                let rec = TokenRecord {
+                    tier: tier.clone(),
+                    tenant,
+                    created_ms: now_ms,
+                    expires_at_ms: now_ms.saturating_add(ttl_ms),
+                    uses_left: uses,
+                };
+                let hash = token_hash(&token);
+                self.tokens.insert(hash.clone(), rec.clone());
+                self.step.batch.tokens.push((hash, Some(rec.clone())));
+                Reply::Token(TokenCreated {
+                    token,
+                    tier,
+                    expires_at_ms: rec.expires_at_ms,
+                    uses,
+                })
+            }
+            Command::ListDevices => {
+                let summaries: BTreeMap<DeviceId, policy::DeviceSummary> = self
+                    .engine
+                    .devices()
+                    .into_iter()
+                    .map(|s| (s.device.clone(), s))
+                    .collect();
+                let mut rows: Vec<DeviceRow> = self
+                    .records
+                    .values()
+                    .map(|r| self.row_from(r, summaries.get(&r.device)))
+                    .collect();
+                rows.sort_by(|a, b| a.device.cmp(&b.device));
+                Reply::Devices(rows)
+            }
+            Command::Device { device } => {
+                let Some(rec) = self.records.get(&device) else {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                };
+                Reply::Device(Box::new(DeviceDetail {
+                    device: device.to_string(),
+                    public_key: hex::encode(rec.public_key),
+                    key_id: hex_key_id(&rec.public_key),
+                    tier: rec.tier.clone(),
+                    enrolled_at_ms: rec.enrolled_at_ms,
+                    presence: presence_str(self.presence.get(&device)),
+                    last_report_seq: rec.last_report_seq,
+                    last_report_ms: rec.last_report_ms,
+                    next_instruction_seq: rec.next_instruction_seq,
+                    applied_instruction_seq: rec.applied_seq,
+                    pending_instructions: rec.pending.iter().map(|p| p.seq).collect(),
+                    instructions_sent: rec.instructions_sent,
+                    instructions_applied: rec.instructions_applied,
+                    instructions_rejected: rec.instructions_rejected,
+                    policy: self.engine.device(&device),
+                }))
+            }
+            Command::Tiers => {
+                let usage = self.engine.units_by_tier();
+                Reply::Tiers(
+                    self.engine
+                        .agreements()
+                        .tiers
+                        .values()
+                        .map(|t| TierRow {
+                            tier: t.clone(),
+                            usage: usage.get(&t.name).cloned().unwrap_or_default(),
+                        })
+                        .collect(),
+                )
+            }
+            Command::Operator { device, op, shard } => {
+                if !self.records.contains_key(&device) {
+                    return Reply::Error(CommandError::UnknownDevice(device.to_string()));
+                }
+                let need_shard = || {
+                    shard
+                        .clone()
+                        .ok_or_else(|| CommandError::Invalid("this operation needs a shard".into()))
+                };
+                let event = match op {
+                    OperatorOp::Drain => Event::Drain { device },
+                    OperatorOp::Resume => Event::Resume { device },
+                    OperatorOp::Pin
+                    | OperatorOp::Unpin
+                    | OperatorOp::Revoke
+                    | OperatorOp::Unrevoke => {
+                        let shard = match need_shard() {
+                            Ok(s) => s,
+                            Err(e) => return Reply::Error(e),
+                        };
+                        if self.engine.catalog().shard(&shard).is_none() {
+                            return Reply::Error(CommandError::Invalid(format!(
+                                "unknown shard {shard:?}"
+                            )));
+                        }
+                        match op {
+                            OperatorOp::Pin => Event::Pin { device, shard },
+                            OperatorOp::Unpin => Event::Unpin { device, shard },
+                            OperatorOp::Revoke => Event::Revoke { device, shard },
+                            _ => Event::Unrevoke { device, shard },
+                        }
+                    }
+                };
+                self.feed(now_ms, event);
+                Reply::Ok
+            }
+            Command::Rotate { new_key, key_file } => self.rotate(now_ms, new_key, key_file),
+        }
+    }
+
+    pub(super) fn rotate(&mut self, now_ms: u64, new_key: KeyPair, key_file: String) -> Reply {
+        if new_key.id() == self.key.id() {
+            return Reply::Error(CommandError::Invalid(
+                "the new key is the key in use".into(),
+            ));
+        }
+        let epoch = self.meta.key_epoch + 1;
+        let rotation = KeyRotation {
+            new_set: KeySet::of(epoch, &[&new_key]),
+            issued_at_ms: now_ms,
+        };
+        let sealed = sign::seal(Domain::Rotation, &rotation, &[&self.key, &new_key]);
+        self.meta = Meta {
+            key_epoch: epoch,
+            rotation: sealed,
+            key_file: Some(key_file),
+        };
+        self.key = new_key;
+        self.step.batch.meta = Some(self.meta.clone());
+        let devices: Vec<DeviceId> = self.records.keys().cloned().collect();
+        for device in &devices {
+            self.send_rotation(device);
+            // Pending instructions are re-signed with the new key (same
+            // payload, so a device that already applied one sees a duplicate).
+            let key = self.key.clone();
+            if let Some(rec) = self.records.get_mut(device) {
+                for p in rec.pending.iter_mut() {
+                    if let Ok(env) = sign::parse_envelope(&p.sealed, usize::MAX) {
+                        if let Ok(instr) = codec::decode::<Instruction>(&env.payload) {
+                            p.sealed = sign::seal(Domain::Instruction, &instr, &[&key]);
+                        }
+                    }
+                }
+            }
+            self.resend_pending(now_ms, device, 0, true);
+        }
+        tracing::info!(epoch, key_id = %self.key.id(), devices = devices.len(), "signing key rotated");
+        Reply::Rotated {
+            epoch,
+            key_id: self.key.id().to_string(),
+        }
+    }
+}

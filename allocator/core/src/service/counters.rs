@@ -1,0 +1,158 @@
+//! The service's counters and fleet gauges: plain atomics bumped where things
+//! happen (ingest, dispatch, store) and a gauge snapshot the core refreshes on
+//! every tick. Exporting them (the Prometheus text on `GET /metrics`) is the
+//! service crate's job; nothing here does I/O.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Why an inbound message was dropped (one counter each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not a parseable signed envelope, or an undecodable status.
+    Garbage,
+    /// Larger than the payload cap; not even parsed.
+    Oversize,
+    /// From a device id that is not enrolled.
+    UnknownDevice,
+    /// The signature did not verify under the enrolled device key.
+    BadSignature,
+    /// Signed by the device but naming another device.
+    WrongDevice,
+    /// A report sequence equal to the last accepted one (redelivery).
+    Duplicate,
+    /// A report sequence below the last accepted one (replay).
+    Stale,
+    /// A topic this service does not handle.
+    UnknownTopic,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 8] = [
+        Drop::Garbage,
+        Drop::Oversize,
+        Drop::UnknownDevice,
+        Drop::BadSignature,
+        Drop::WrongDevice,
+        Drop::Duplicate,
+        Drop::Stale,
+        Drop::UnknownTopic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::Garbage => "garbage",
+            Drop::Oversize => "oversize",
+            Drop::UnknownDevice => "unknown_device",
+            Drop::BadSignature => "bad_signature",
+            Drop::WrongDevice => "wrong_device",
+            Drop::Duplicate => "duplicate",
+            Drop::Stale => "stale",
+            Drop::UnknownTopic => "unknown_topic",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|d| *d == self).unwrap_or(0)
+    }
+}
+
+/// The message kinds drops are counted for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Report,
+    Ack,
+    Status,
+    Enroll,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Report, Kind::Ack, Kind::Status, Kind::Enroll];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Report => "report",
+            Kind::Ack => "ack",
+            Kind::Status => "status",
+            Kind::Enroll => "enroll",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Fleet gauges, refreshed by the core.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub devices: u64,
+    pub pending_instructions: u64,
+    /// Devices per reputation bucket [0,10), [10,20) … [90,100].
+    pub reputation_buckets: [u64; 10],
+    /// Tier ⇒ (devices, compute units used, data units used, compute budget, data budget).
+    pub tiers: Vec<(String, u64, u64, u64, u64, u64)>,
+    pub reports_per_second: f64,
+    pub key_epoch: u64,
+}
+
+/// All counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub reports_received: AtomicU64,
+    pub reports_accepted: AtomicU64,
+    pub acks_accepted: AtomicU64,
+    pub statuses: AtomicU64,
+    dropped: [[AtomicU64; 8]; 4],
+    pub decisions: AtomicU64,
+    pub instructions_sent: AtomicU64,
+    pub instructions_resent: AtomicU64,
+    pub instructions_applied: AtomicU64,
+    pub instructions_rejected: AtomicU64,
+    pub instructions_failed: AtomicU64,
+    pub instructions_expired: AtomicU64,
+    pub compliance_events: AtomicU64,
+    pub reputation_changes: AtomicU64,
+    pub alerts: AtomicU64,
+    pub enrolments: AtomicU64,
+    pub rotations_sent: AtomicU64,
+    pub store_commits: AtomicU64,
+    pub store_commit_micros: AtomicU64,
+    /// Time the core spent handling messages (engine, signing), and publishing.
+    pub core_handle_micros: AtomicU64,
+    pub core_publish_micros: AtomicU64,
+    pub core_batches: AtomicU64,
+    pub store_errors: AtomicU64,
+    /// Commits refused because another instance wrote a device first.
+    pub store_conflicts: AtomicU64,
+    /// Device records reloaded because another instance changed them.
+    pub store_reloads: AtomicU64,
+    /// Signature checks run by the verifier threads, and in how many batches.
+    pub signatures_checked: AtomicU64,
+    pub signature_batches: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub mqtt_reconnects: AtomicU64,
+    pub gauges: Mutex<Gauges>,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        add(c, 1);
+    }
+
+    pub fn dropped(&self, kind: Kind, why: Drop) {
+        add(&self.dropped[kind.index()][why.index()], 1);
+    }
+
+    pub fn dropped_count(&self, kind: Kind, why: Drop) -> u64 {
+        self.dropped[kind.index()][why.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn set_gauges(&self, g: Gauges) {
+        if let Ok(mut slot) = self.gauges.lock() {
+            *slot = g;
+        }
+    }
+}

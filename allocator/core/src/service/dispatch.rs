@@ -1,0 +1,139 @@
+use super::*;
+
+impl Core {
+    /// Feeds the engine and carries out its actions (instructions get their
+    /// sequence number here; `Sent` goes back to the engine).
+    pub(super) fn feed(&mut self, now_ms: u64, event: Event) {
+        let mut queue: Vec<Action> = self.engine.handle(now_ms, event);
+        queue.reverse();
+        while let Some(action) = queue.pop() {
+            match action {
+                Action::Instruct {
+                    device,
+                    ops,
+                    expires_at_ms,
+                } => {
+                    let Some(seq) = self.instruct(now_ms, &device, ops, expires_at_ms) else {
+                        continue;
+                    };
+                    let mut more = self.engine.handle(now_ms, Event::Sent { device, seq });
+                    more.reverse();
+                    queue.extend(more);
+                }
+                Action::ReputationChanged {
+                    device,
+                    old,
+                    new,
+                    reason,
+                } => {
+                    Metrics::inc(&self.metrics.reputation_changes);
+                    self.dirty.insert(device.clone());
+                    tracing::info!(%device, old, new, %reason, "reputation changed");
+                }
+                Action::Alert { device, message } => {
+                    Metrics::inc(&self.metrics.alerts);
+                    tracing::warn!(%device, %message, "policy alert");
+                }
+            }
+        }
+    }
+
+    pub(super) fn instruct(
+        &mut self,
+        now_ms: u64,
+        device: &DeviceId,
+        ops: Vec<shardline_shared::msg::Operation>,
+        expires_at_ms: u64,
+    ) -> Option<u64> {
+        let Some(rec) = self.records.get_mut(device) else {
+            tracing::warn!(%device, "engine instructed a device the service does not know");
+            return None;
+        };
+        let seq = rec.take_seq();
+        let instr = Instruction {
+            device: device.clone(),
+            seq,
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            ops,
+        };
+        let sealed = sign::seal(Domain::Instruction, &instr, &[&self.key]);
+        rec.pending.push(PendingInstruction {
+            seq,
+            sealed: sealed.clone(),
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            last_sent_ms: now_ms,
+            attempts: 1,
+        });
+        rec.instructions_sent += 1;
+        self.dirty.insert(device.clone());
+        Metrics::inc(&self.metrics.decisions);
+        Metrics::inc(&self.metrics.instructions_sent);
+        tracing::debug!(%device, seq, ops = instr.ops.len(), "instruction");
+        self.step.publish.push(Publish {
+            topic: topics::instr(device),
+            payload: sealed,
+        });
+        Some(seq)
+    }
+
+    // ----------------------------------------------------------- commands
+
+    /// Re-publishes pending instructions above `above` (all of them when
+    /// `force`, else only those not sent for `resend_after_ms`). Expired ones
+    /// are dropped instead.
+    pub(super) fn resend_pending(
+        &mut self,
+        now_ms: u64,
+        device: &DeviceId,
+        above: u64,
+        force: bool,
+    ) {
+        let resend_after = self.cfg.resend_after_ms;
+        let Some(rec) = self.records.get_mut(device) else {
+            return;
+        };
+        let before = rec.pending.len();
+        rec.pending.retain(|p| p.expires_at_ms > now_ms);
+        let expired = (before - rec.pending.len()) as u64;
+        let mut changed = expired > 0;
+        self.metrics
+            .instructions_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        let topic = topics::instr(device);
+        for p in rec.pending.iter_mut() {
+            if p.seq <= above {
+                continue;
+            }
+            if force || p.last_sent_ms + resend_after <= now_ms {
+                p.last_sent_ms = now_ms;
+                p.attempts += 1;
+                changed = true;
+                Metrics::inc(&self.metrics.instructions_resent);
+                self.step.publish.push(Publish {
+                    topic: topic.clone(),
+                    payload: p.sealed.clone(),
+                });
+            }
+        }
+        if changed {
+            self.dirty.insert(device.clone());
+        }
+    }
+
+    pub(super) fn send_rotation(&mut self, device: &DeviceId) {
+        if self.meta.rotation.is_empty() {
+            return;
+        }
+        if let Some(rec) = self.records.get_mut(device) {
+            rec.rotation_epoch_sent = self.meta.key_epoch;
+            self.dirty.insert(device.clone());
+        }
+        Metrics::inc(&self.metrics.rotations_sent);
+        self.step.publish.push(Publish {
+            topic: topics::instr(device),
+            payload: self.meta.rotation.clone(),
+        });
+    }
+}

@@ -1,0 +1,239 @@
+use super::*;
+
+impl Core {
+    /// One MQTT message from the broker.
+    pub fn on_message(&mut self, now_ms: u64, topic: &str, payload: &[u8]) {
+        let Some((device, kind)) = topics::parse(topic) else {
+            self.metrics.dropped(Kind::Report, Drop::UnknownTopic);
+            return;
+        };
+        match kind {
+            TopicKind::Report => self.on_report(now_ms, device, payload),
+            TopicKind::Ack => self.on_ack(now_ms, device, payload),
+            TopicKind::Status => self.on_status(now_ms, device, payload),
+            // Our own instructions echoed back (not subscribed; harmless).
+            TopicKind::Instr => {}
+            TopicKind::Enroll => self.on_enroll_message(now_ms, topic, payload),
+        }
+    }
+
+    /// Opens a device-signed envelope with the device's enrolled key.
+    pub(super) fn verify<T: serde::de::DeserializeOwned>(
+        &mut self,
+        now_ms: u64,
+        kind: Kind,
+        domain: Domain,
+        device: &DeviceId,
+        payload: &[u8],
+    ) -> Option<T> {
+        let public = self.records.get(device).map(|r| r.public_key);
+        match verify_signed(
+            &self.metrics,
+            self.cfg.max_payload,
+            kind,
+            domain,
+            device,
+            public,
+            payload,
+        ) {
+            Verified::Ok(obj) => Some(obj),
+            Verified::BadSignature => {
+                self.compliance(now_ms, device, ComplianceKind::BadReportSignature);
+                None
+            }
+            Verified::Dropped => None,
+        }
+    }
+
+    /// A message a verifier thread already checked (see [`verify_signed`]).
+    pub fn on_verified(&mut self, now_ms: u64, msg: VerifiedMsg) {
+        match msg {
+            VerifiedMsg::Report(device, report) => self.apply_report(now_ms, device, report),
+            VerifiedMsg::Ack(device, ack) => self.apply_ack(now_ms, device, ack),
+            VerifiedMsg::BadSignature(device) => {
+                if self.records.contains_key(&device) {
+                    self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
+                }
+            }
+        }
+    }
+
+    pub(super) fn compliance(&mut self, now_ms: u64, device: &DeviceId, kind: ComplianceKind) {
+        Metrics::inc(&self.metrics.compliance_events);
+        self.feed(
+            now_ms,
+            Event::ComplianceEvent {
+                device: device.clone(),
+                kind,
+            },
+        );
+    }
+
+    pub(super) fn on_report(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        Metrics::inc(&self.metrics.reports_received);
+        let Some(report) =
+            self.verify::<QosReport>(now_ms, Kind::Report, Domain::Report, &device, payload)
+        else {
+            return;
+        };
+        self.apply_report(now_ms, device, report);
+    }
+
+    pub(super) fn apply_report(&mut self, now_ms: u64, device: DeviceId, report: QosReport) {
+        if report.device != device {
+            self.metrics.dropped(Kind::Report, Drop::WrongDevice);
+            self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
+            return;
+        }
+        let Some(rec) = self.records.get_mut(&device) else {
+            return;
+        };
+        if report.seq == rec.last_report_seq {
+            // An MQTT redelivery: not the device's fault.
+            self.metrics.dropped(Kind::Report, Drop::Duplicate);
+            return;
+        }
+        if report.seq < rec.last_report_seq {
+            self.metrics.dropped(Kind::Report, Drop::Stale);
+            self.compliance(now_ms, &device, ComplianceKind::ReplayedReport);
+            return;
+        }
+        rec.last_report_seq = report.seq;
+        rec.last_report_ms = Some(now_ms);
+        self.mark_applied(&device, report.applied_instruction_seq);
+        self.seq_dirty.insert(device.clone());
+        Metrics::inc(&self.metrics.reports_accepted);
+        self.feed(now_ms, Event::Report(report));
+    }
+
+    /// The device (signed) says it applied everything up to `seq`.
+    pub(super) fn mark_applied(&mut self, device: &DeviceId, seq: u64) {
+        let Some(rec) = self.records.get_mut(device) else {
+            return;
+        };
+        if seq <= rec.applied_seq && rec.pending.iter().all(|p| p.seq > seq) {
+            return;
+        }
+        rec.applied_seq = rec.applied_seq.max(seq);
+        let before = rec.pending.len();
+        rec.pending.retain(|p| p.seq > seq);
+        let done = (before - rec.pending.len()) as u64;
+        rec.instructions_applied += done;
+        self.metrics
+            .instructions_applied
+            .fetch_add(done, Ordering::Relaxed);
+        self.dirty.insert(device.clone());
+    }
+
+    pub(super) fn on_ack(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        let Some(ack) =
+            self.verify::<InstructionAck>(now_ms, Kind::Ack, Domain::Ack, &device, payload)
+        else {
+            return;
+        };
+        self.apply_ack(now_ms, device, ack);
+    }
+
+    pub(super) fn apply_ack(&mut self, now_ms: u64, device: DeviceId, ack: InstructionAck) {
+        if ack.device != device {
+            self.metrics.dropped(Kind::Ack, Drop::WrongDevice);
+            return;
+        }
+        Metrics::inc(&self.metrics.acks_accepted);
+        match &ack.outcome {
+            AckOutcome::Applied | AckOutcome::Duplicate => {
+                self.mark_applied(&device, ack.instruction_seq)
+            }
+            AckOutcome::Rejected(RejectReason::UnknownKey) if self.meta.key_epoch > 0 => {
+                // The device missed the key rotation: send it, then the
+                // instruction again (it stays pending).
+                self.send_rotation(&device);
+                self.resend_pending(now_ms, &device, 0, true);
+            }
+            AckOutcome::Rejected(_) | AckOutcome::Failed { .. } => {
+                if let Some(rec) = self.records.get_mut(&device) {
+                    let before = rec.pending.len();
+                    rec.pending.retain(|p| p.seq != ack.instruction_seq);
+                    if rec.pending.len() != before {
+                        rec.instructions_rejected += 1;
+                        let c = if matches!(ack.outcome, AckOutcome::Failed { .. }) {
+                            &self.metrics.instructions_failed
+                        } else {
+                            &self.metrics.instructions_rejected
+                        };
+                        Metrics::inc(c);
+                        self.dirty.insert(device.clone());
+                    }
+                }
+                tracing::info!(%device, seq = ack.instruction_seq, outcome = ?ack.outcome, "instruction not applied");
+            }
+        }
+        self.feed(
+            now_ms,
+            Event::Ack {
+                device,
+                seq: ack.instruction_seq,
+                outcome: ack.outcome,
+            },
+        );
+    }
+
+    pub(super) fn on_status(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
+        Metrics::inc(&self.metrics.statuses);
+        if payload.is_empty() {
+            // A cleared retained message.
+            return;
+        }
+        let status = match codec::decode_capped::<DeviceStatus>(payload, self.cfg.max_payload) {
+            Ok(s) if s.device == device => s,
+            Ok(_) => {
+                self.metrics.dropped(Kind::Status, Drop::WrongDevice);
+                return;
+            }
+            Err(codec::DecodeError::Oversize { .. }) => {
+                self.metrics.dropped(Kind::Status, Drop::Oversize);
+                return;
+            }
+            Err(_) => {
+                self.metrics.dropped(Kind::Status, Drop::Garbage);
+                return;
+            }
+        };
+        if !self.records.contains_key(&device) {
+            self.metrics.dropped(Kind::Status, Drop::UnknownDevice);
+            return;
+        }
+        self.presence.insert(device.clone(), status.presence);
+        // Every instance sees statuses; only the leader answers them, so a
+        // reconnecting device gets its pending instructions once.
+        if status.presence == Presence::Online && self.leader {
+            // Unsigned, so it only ever triggers sending, never forgets anything.
+            let rotation_due = self
+                .records
+                .get(&device)
+                .is_some_and(|r| r.rotation_epoch_sent < self.meta.key_epoch);
+            if rotation_due {
+                self.send_rotation(&device);
+            }
+            self.resend_pending(now_ms, &device, status.applied_instruction_seq, true);
+        }
+    }
+
+    /// Re-sends everything pending (after the MQTT link (re)connected).
+    pub fn on_connected(&mut self, now_ms: u64) {
+        if !self.leader {
+            return;
+        }
+        let devices: Vec<DeviceId> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !r.pending.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in devices {
+            self.resend_pending(now_ms, &device, 0, true);
+        }
+    }
+
+    // ------------------------------------------------------------ engine
+}

@@ -1,0 +1,278 @@
+//! The service core: ingest, verification, dedupe, dispatch and resend around
+//! the policy engine. Single-threaded and free of I/O: the runner feeds it
+//! inbound MQTT messages, ticks and operator commands with `now`, then takes
+//! a [`Step`] (a store [`Batch`] and the publishes it allows) and carries it
+//! out: commit first, publish after.
+//!
+//! Invariants kept here:
+//! - A report or ack is used only if its signature verifies under the key the
+//!   device was enrolled with and it names the device of its topic; anything
+//!   else is counted and dropped, and for an enrolled device a bad signature is
+//!   a compliance event.
+//! - A report sequence at or below the last accepted one is dropped.
+//! - Every instruction gets a fresh per-device sequence number from the
+//!   device record (reserved ahead in blocks); the record is in the same batch
+//!   as the publish, which the runner commits before publishing.
+//! - An instruction stays pending until the device (signed) reports it applied
+//!   or rejected it, or it expires; pending ones are re-sent on reconnect and
+//!   after `resend_after_ms`. A rejected or failed one is dropped and never
+//!   holds back those after it.
+
+pub mod counters;
+
+mod coherence;
+mod commands;
+mod dispatch;
+mod enroll;
+mod ingest;
+mod lazy;
+mod tick;
+mod verify;
+
+pub use coherence::SharedState;
+pub use commands::{
+    Command, CommandError, DeviceDetail, DeviceRow, OperatorOp, Reply, TierRow, TokenCreated,
+};
+pub use verify::{
+    finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
+    verify_signed, KeyDirectory, Prepared, Refused, ToVerify, Verified, VerifiedMsg,
+    VerifierOutput,
+};
+
+use self::counters::{Drop, Kind, Metrics};
+use self::enroll::token_hash;
+use self::lazy::LazyQueue;
+use crate::policy::{self, Action, ComplianceKind, DeviceView, Engine, Event};
+use crate::records::{Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use shardline_shared::codec;
+use shardline_shared::ids::{DeviceId, KeyId};
+use shardline_shared::msg::MAX_ENROLL_BYTES;
+use shardline_shared::msg::{
+    AckOutcome, DeviceStatus, Instruction, InstructionAck, KeyRotation, KeySet, Presence,
+    QosReport, RejectReason,
+};
+use shardline_shared::sign::{self, Domain, KeyPair};
+use shardline_shared::topics::{self, TopicKind};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// One MQTT publish to make (always QoS 1, never retained).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What the runner must do after feeding the core: commit, then publish.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub batch: Batch,
+    pub publish: Vec<Publish>,
+}
+
+/// What the store held at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub meta: Meta,
+    pub records: Vec<DeviceRecord>,
+    pub tokens: Vec<(String, TokenRecord)>,
+}
+
+/// Tunables the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub max_payload: usize,
+    pub resend_after_ms: u64,
+    pub checkpoint_ms: u64,
+    /// Engine state changed by reports and ticks alone is written this often.
+    pub engine_flush_ms: u64,
+    /// Other instances write the same store: records are checked and
+    /// reloaded by the runner, and the start does not rewrite every record.
+    pub shared_store: bool,
+}
+
+/// The core state. See the module docs for its invariants.
+#[derive(Debug)]
+pub struct Core {
+    engine: Engine,
+    key: KeyPair,
+    meta: Meta,
+    records: HashMap<DeviceId, DeviceRecord>,
+    presence: HashMap<DeviceId, Presence>,
+    tokens: HashMap<String, TokenRecord>,
+    cfg: CoreConfig,
+    metrics: Arc<Metrics>,
+    dirty: BTreeSet<DeviceId>,
+    /// Engine state changed without an action: written within `engine_flush_ms`,
+    /// a few records per step (see [`Core::pace_lazy_writes`]).
+    lazy: LazyQueue,
+    /// Fractional records owed to the store by the lazy pacing.
+    lazy_credit: f64,
+    /// Only the report sequence floor changed.
+    seq_dirty: BTreeSet<DeviceId>,
+    last_lazy_ms: u64,
+    keydir: KeyDirectory,
+    step: Step,
+    last_checkpoint_ms: u64,
+    last_tick_ms: u64,
+    accepted_at_last_tick: u64,
+    /// Whether this instance does the fleet-wide periodic work (engine
+    /// ticks, re-sends, checkpoints). Always true with an embedded store;
+    /// with a shared store exactly one live instance leads.
+    leader: bool,
+}
+
+fn hex_key_id(public: &[u8; 32]) -> String {
+    KeyId::of_public_key(public).to_string()
+}
+
+impl Core {
+    /// Builds the core from what the store holds. Records are resumed above
+    /// their reserved sequence blocks; engine state is restored or, when
+    /// missing or unreadable, the device is enrolled afresh in the engine.
+    pub fn new(
+        mut engine: Engine,
+        key: KeyPair,
+        loaded: Loaded,
+        cfg: CoreConfig,
+        metrics: Arc<Metrics>,
+        now_ms: u64,
+    ) -> Self {
+        let Loaded {
+            meta,
+            records,
+            tokens,
+        } = loaded;
+        let mut map = HashMap::with_capacity(records.len());
+        let mut fresh = Vec::new();
+        for mut rec in records {
+            rec.resume_after_restart();
+            match postcard::from_bytes::<policy::DeviceState>(&rec.engine_state) {
+                Ok(state) if !rec.engine_state.is_empty() => {
+                    engine.restore_device(rec.device.clone(), state)
+                }
+                _ => fresh.push(rec.device.clone()),
+            }
+            map.insert(rec.device.clone(), rec);
+        }
+        let mut core = Self {
+            engine,
+            key,
+            meta,
+            records: map,
+            presence: HashMap::new(),
+            tokens: tokens.into_iter().collect(),
+            cfg,
+            metrics,
+            dirty: BTreeSet::new(),
+            lazy: LazyQueue::default(),
+            lazy_credit: 0.0,
+            seq_dirty: BTreeSet::new(),
+            last_lazy_ms: now_ms,
+            keydir: KeyDirectory::default(),
+            step: Step::default(),
+            last_checkpoint_ms: now_ms,
+            last_tick_ms: now_ms,
+            accepted_at_last_tick: 0,
+            leader: true,
+        };
+        for rec in core.records.values() {
+            core.publish_key(&rec.device, Some(rec.public_key));
+        }
+        for device in fresh {
+            let (tier, tenant) = {
+                let r = &core.records[&device];
+                (r.tier.clone(), r.tenant.clone())
+            };
+            core.feed(
+                now_ms,
+                Event::Enrolled {
+                    device,
+                    tier,
+                    tenant,
+                },
+            );
+        }
+        // Every record is written once at start: the resumed sequence
+        // numbering must be on disk before any instruction leaves. Not so
+        // with a shared store, where other instances are writing these
+        // records now: there every instruction's record (with its raised
+        // reservation) is committed before the instruction leaves anyway.
+        if !core.cfg.shared_store {
+            core.dirty.extend(core.records.keys().cloned());
+        }
+        core
+    }
+
+    // ------------------------------------------------- shared-store upkeep
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.key.id()
+    }
+
+    pub fn record(&self, device: &DeviceId) -> Option<&DeviceRecord> {
+        self.records.get(device)
+    }
+
+    /// Everything to commit and publish since the last call.
+    pub fn take_step(&mut self) -> Step {
+        // Engine state that changed without any action (forecast updates,
+        // reputation decay) is written lazily, within `engine_flush_ms`.
+        for device in self.engine.take_dirty() {
+            if !self.dirty.contains(&device) {
+                self.lazy.insert(device, self.last_lazy_ms);
+            }
+        }
+        let mut step = std::mem::take(&mut self.step);
+        for device in std::mem::take(&mut self.seq_dirty) {
+            if self.dirty.contains(&device) {
+                continue;
+            }
+            if let Some(rec) = self.records.get_mut(&device) {
+                rec.version += 1;
+                step.batch.report_seqs.push(ReportSeq {
+                    device,
+                    seq: rec.last_report_seq,
+                    version: rec.version,
+                });
+            }
+        }
+        for device in std::mem::take(&mut self.dirty) {
+            self.lazy.remove(&device);
+            if let Some(rec) = self.records.get_mut(&device) {
+                if let Some(state) = self.engine.device_state(&device) {
+                    rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
+                }
+                rec.version += 1;
+                step.batch.put_devices.push(rec.clone());
+            }
+        }
+        step
+    }
+
+    // ------------------------------------------------------------ inbound
+
+    /// The enrolled public keys, shared read-only with verifier threads.
+    pub fn key_directory(&self) -> KeyDirectory {
+        self.keydir.clone()
+    }
+
+    pub(super) fn publish_key(&self, device: &DeviceId, key: Option<[u8; 32]>) {
+        if let Ok(mut dir) = self.keydir.write() {
+            match key {
+                Some(k) => dir.insert(device.clone(), k),
+                None => dir.remove(device),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

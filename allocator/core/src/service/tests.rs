@@ -1,0 +1,376 @@
+use super::*;
+use crate::policy::{Agreements, Catalog, PolicyConfig};
+use shardline_shared::msg::*;
+
+fn engine() -> Engine {
+    use crate::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
+    let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml").unwrap();
+    let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).unwrap();
+    Engine::new(catalog, agreements, PolicyConfig::default())
+}
+
+fn core_with(records: Vec<DeviceRecord>) -> Core {
+    Core::new(
+        engine(),
+        KeyPair::from_seed(&[1; 32]),
+        Loaded {
+            records,
+            ..Loaded::default()
+        },
+        CoreConfig {
+            max_payload: 65536,
+            resend_after_ms: 1000,
+            checkpoint_ms: 60_000,
+            engine_flush_ms: 5_000,
+            shared_store: false,
+        },
+        Arc::new(Metrics::default()),
+        1_000_000,
+    )
+}
+
+fn dev_key() -> KeyPair {
+    KeyPair::from_seed(&[2; 32])
+}
+
+fn report(device: &DeviceId, seq: u64) -> QosReport {
+    QosReport {
+        device: device.clone(),
+        seq,
+        window_start_ms: 990_000,
+        window_ms: 10_000,
+        classes: vec![ClassStats {
+            class: TrafficClass::Sensitive,
+            bytes: 1_000_000,
+            packets: 1000,
+            rate_bps: 800_000,
+            rtt_p50_us: None,
+            rtt_p95_us: None,
+            jitter_us: None,
+            loss_permille: 0,
+            active_flows: 2,
+            need: QosNeed {
+                latency_sensitive: true,
+                bandwidth_heavy: false,
+                needs_encryption: true,
+            },
+        }],
+        resources: DeviceResources {
+            cpu_cores: 4,
+            cpu_load_permille: 50,
+            mem_total_kib: 4 << 20,
+            mem_available_kib: 3 << 20,
+            aes_hw: true,
+            arch: "x86_64".into(),
+        },
+        shards: vec![],
+        applied_instruction_seq: 0,
+        rejections: RejectionCounters::default(),
+    }
+}
+
+fn enrolled() -> (Core, DeviceId) {
+    let d = DeviceId::new("d1").unwrap();
+    let mut core = core_with(vec![]);
+    let r = core.on_command(
+        1_000_000,
+        Command::Enroll {
+            device: d.clone(),
+            public_key: dev_key().public_key(),
+            tier: "standard".into(),
+            tenant: None,
+        },
+    );
+    assert!(matches!(r, Reply::Enrolled(_)), "{r:?}");
+    core.take_step();
+    (core, d)
+}
+
+fn instr_seq(p: &Publish) -> u64 {
+    let env = sign::parse_envelope(&p.payload, 1 << 20).unwrap();
+    codec::decode::<Instruction>(&env.payload).unwrap().seq
+}
+
+#[test]
+fn an_instruction_leaves_only_with_its_reserved_sequence_in_the_same_batch() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let step = core.take_step();
+    assert_eq!(step.publish.len(), 1, "one instruction");
+    let seq = instr_seq(&step.publish[0]);
+    let rec = step
+        .batch
+        .put_devices
+        .iter()
+        .find(|r| r.device == d)
+        .expect("the record is in the batch that precedes the publish");
+    assert!(rec.seq_reserved_until >= seq);
+    assert!(rec.next_instruction_seq > seq);
+    assert_eq!(rec.pending.len(), 1);
+    assert!(!rec.engine_state.is_empty(), "engine state persisted");
+    // The persisted engine state restores.
+    let restored = core_with(vec![rec.clone()]);
+    assert!(restored.engine().device_state(&d).is_some());
+    assert!(restored.record(&d).unwrap().next_instruction_seq > rec.seq_reserved_until);
+}
+
+#[test]
+fn lazy_engine_state_is_written_a_few_records_per_step_and_each_within_the_flush_period() {
+    let mut core = core_with(vec![]);
+    let key = dev_key();
+    let devices: Vec<DeviceId> = (0..200)
+        .map(|i| DeviceId::new(format!("d{i}")).unwrap())
+        .collect();
+    for d in &devices {
+        core.on_command(
+            1_000_000,
+            Command::Enroll {
+                device: d.clone(),
+                public_key: key.public_key(),
+                tier: "standard".into(),
+                tenant: None,
+            },
+        );
+    }
+    // First reports: instructions, written at once with their records.
+    for d in &devices {
+        let bytes = sign::seal(Domain::Report, &report(d, 1), &[&key]);
+        core.on_message(1_000_000, &topics::report(d), &bytes);
+    }
+    core.pace_lazy_writes(1_000_000);
+    assert_eq!(core.take_step().batch.put_devices.len(), 200);
+    // Second reports change only engine state (forecasts): lazy.
+    for d in &devices {
+        let bytes = sign::seal(Domain::Report, &report(d, 2), &[&key]);
+        core.on_message(1_000_010, &topics::report(d), &bytes);
+    }
+    let mut written = std::collections::BTreeSet::new();
+    let mut largest = 0;
+    let mut now = 1_000_010;
+    while now <= 1_000_010 + 5_000 {
+        core.pace_lazy_writes(now);
+        let puts = core.take_step().batch.put_devices;
+        largest = largest.max(puts.len());
+        written.extend(puts.into_iter().map(|r| r.device));
+        now += 50;
+    }
+    assert_eq!(
+        written.len(),
+        200,
+        "every lazy record is written within the period"
+    );
+    assert!(
+        largest <= 10,
+        "no step carries more than a few lazy records, largest {largest}"
+    );
+}
+
+#[test]
+fn every_write_carries_the_next_version_and_a_reload_drops_uncommitted_changes() {
+    let (mut core, d) = enrolled();
+    assert_eq!(
+        core.version_of(&d),
+        Some(1),
+        "the enrolment wrote version 1"
+    );
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let step = core.take_step();
+    let rec = step
+        .batch
+        .put_devices
+        .iter()
+        .find(|r| r.device == d)
+        .unwrap();
+    assert_eq!(rec.version, 2);
+    // Another instance committed version 2 first (say, it handled the
+    // same report): the copy here is replaced, and the instruction this
+    // instance decided is gone from its memory too.
+    let mut theirs = rec.clone();
+    theirs.pending.clear();
+    theirs.next_instruction_seq = 40;
+    core.install_records(1_000_200, vec![theirs]);
+    let mine = core.record(&d).unwrap();
+    assert_eq!((mine.version, mine.next_instruction_seq), (2, 40));
+    assert!(mine.pending.is_empty());
+    assert!(core.engine().device_state(&d).is_some());
+    assert!(
+        core.take_step().batch.is_empty(),
+        "nothing stale is written"
+    );
+    // A report floor write moves the version as well.
+    let bytes = sign::seal(Domain::Report, &report(&d, 2), &[&dev_key()]);
+    core.on_message(1_000_300, &topics::report(&d), &bytes);
+    let step = core.take_step();
+    let v = step
+        .batch
+        .put_devices
+        .iter()
+        .map(|r| r.version)
+        .chain(step.batch.report_seqs.iter().map(|w| w.version))
+        .max();
+    assert_eq!(v, Some(3));
+    // Unenrolled elsewhere: forgotten here, its key withdrawn.
+    core.forget_devices(std::slice::from_ref(&d));
+    assert!(core.record(&d).is_none());
+    assert!(core.key_directory().read().unwrap().get(&d).is_none());
+}
+
+#[test]
+fn only_the_leader_resends_on_status_and_ticks() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    assert_eq!(core.take_step().publish.len(), 1);
+    let online = codec::encode(&DeviceStatus {
+        device: d.clone(),
+        presence: Presence::Online,
+        applied_instruction_seq: 0,
+        agent_version: "t".into(),
+        at_ms: 1_000_200,
+    });
+    core.set_leader(false);
+    core.on_message(1_000_200, &topics::status(&d), &online);
+    core.on_tick(1_100_000);
+    core.on_connected(1_100_001);
+    assert!(
+        core.take_step().publish.is_empty(),
+        "a follower leaves re-sends to the leader"
+    );
+    core.set_leader(true);
+    core.on_message(1_100_100, &topics::status(&d), &online);
+    assert_eq!(core.take_step().publish.len(), 1, "the leader re-sends");
+}
+
+#[test]
+fn a_rejected_instruction_is_dropped_and_a_reconnect_resends_the_rest() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let first = instr_seq(&core.take_step().publish[0]);
+    // An operator drain makes a second instruction while the first is pending.
+    core.on_command(
+        1_000_200,
+        Command::Operator {
+            device: d.clone(),
+            op: OperatorOp::Drain,
+            shard: None,
+        },
+    );
+    let step = core.take_step();
+    let second = step.publish.iter().map(instr_seq).max().unwrap_or(first);
+    // The device rejects the first: it is dropped, the second stays.
+    let ack = InstructionAck {
+        device: d.clone(),
+        instruction_seq: first,
+        outcome: AckOutcome::Rejected(RejectReason::Expired),
+        at_ms: 1_000_300,
+    };
+    core.on_message(
+        1_000_300,
+        &topics::ack(&d),
+        &sign::seal(Domain::Ack, &ack, &[&dev_key()]),
+    );
+    core.take_step();
+    let pending: Vec<u64> = core
+        .record(&d)
+        .unwrap()
+        .pending
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert!(!pending.contains(&first));
+    if second > first {
+        assert!(pending.contains(&second), "{pending:?}");
+    }
+    // The device reconnects having applied nothing: everything pending is re-sent.
+    let status = DeviceStatus {
+        device: d.clone(),
+        presence: Presence::Online,
+        applied_instruction_seq: 0,
+        agent_version: "t".into(),
+        at_ms: 1_000_400,
+    };
+    core.on_message(1_000_400, &topics::status(&d), &codec::encode(&status));
+    let resent: Vec<u64> = core.take_step().publish.iter().map(instr_seq).collect();
+    let mut all = core
+        .record(&d)
+        .unwrap()
+        .pending
+        .iter()
+        .map(|p| p.seq)
+        .collect::<Vec<_>>();
+    all.sort_unstable();
+    let mut resent_sorted = resent.clone();
+    resent_sorted.sort_unstable();
+    assert_eq!(resent_sorted, all);
+    // A signed report saying it applied them clears them.
+    let mut r = report(&d, 2);
+    r.applied_instruction_seq = all.iter().copied().max().unwrap_or(0);
+    core.on_message(
+        1_000_500,
+        &topics::report(&d),
+        &sign::seal(Domain::Report, &r, &[&dev_key()]),
+    );
+    assert!(core
+        .record(&d)
+        .unwrap()
+        .pending
+        .iter()
+        .all(|p| p.seq > r.applied_instruction_seq));
+}
+
+#[test]
+fn unsigned_or_forged_messages_never_clear_pending_instructions() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let seq = instr_seq(&core.take_step().publish[0]);
+    let forged = InstructionAck {
+        device: d.clone(),
+        instruction_seq: seq,
+        outcome: AckOutcome::Applied,
+        at_ms: 1_000_200,
+    };
+    let other = KeyPair::from_seed(&[9; 32]);
+    core.on_message(
+        1_000_200,
+        &topics::ack(&d),
+        &sign::seal(Domain::Ack, &forged, &[&other]),
+    );
+    // A status claiming it applied everything only triggers re-sending.
+    let status = DeviceStatus {
+        device: d.clone(),
+        presence: Presence::Online,
+        applied_instruction_seq: seq,
+        agent_version: "t".into(),
+        at_ms: 1_000_300,
+    };
+    core.on_message(1_000_300, &topics::status(&d), &codec::encode(&status));
+    assert!(core
+        .record(&d)
+        .unwrap()
+        .pending
+        .iter()
+        .any(|p| p.seq == seq));
+    assert_eq!(core.record(&d).unwrap().applied_seq, 0);
+    assert_eq!(core.metrics.dropped_count(Kind::Ack, Drop::BadSignature), 1);
+}
+
+#[test]
+fn expired_pending_instructions_are_dropped_on_tick() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    core.take_step();
+    let exp = core.record(&d).unwrap().pending[0].expires_at_ms;
+    core.on_tick(exp + 1);
+    assert!(core
+        .record(&d)
+        .unwrap()
+        .pending
+        .iter()
+        .all(|p| p.expires_at_ms > exp + 1));
+    assert!(core.metrics.instructions_expired.load(Ordering::Relaxed) >= 1);
+}

@@ -1,0 +1,96 @@
+use super::*;
+
+impl Core {
+    /// Periodic work: the engine's tick, re-sends, gauges, checkpoints.
+    pub fn on_tick(&mut self, now_ms: u64) {
+        if !self.leader {
+            self.refresh_gauges(now_ms);
+            return;
+        }
+        // The engine marks every device it ticked as changed (reputation
+        // decays continuously); writing the whole fleet every tick would
+        // dominate the store. Devices the tick acted on are written now (their
+        // records are marked by `feed`); the rest at the next checkpoint.
+        self.feed(now_ms, Event::Tick);
+        let devices: Vec<DeviceId> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !r.pending.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in devices {
+            if self.presence.get(&device) != Some(&Presence::Offline) {
+                self.resend_pending(now_ms, &device, 0, false);
+            } else {
+                // Still drop the expired ones of offline devices.
+                let Some(rec) = self.records.get_mut(&device) else {
+                    continue;
+                };
+                let before = rec.pending.len();
+                rec.pending.retain(|p| p.expires_at_ms > now_ms);
+                if rec.pending.len() != before {
+                    self.metrics
+                        .instructions_expired
+                        .fetch_add((before - rec.pending.len()) as u64, Ordering::Relaxed);
+                    self.dirty.insert(device);
+                }
+            }
+        }
+        if now_ms.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_ms {
+            self.last_checkpoint_ms = now_ms;
+            // Paced like any lazy write: a whole-fleet commit would stall
+            // every report behind it.
+            // Queued as if spread over the last period, so they fall due
+            // one by one rather than all at the same moment.
+            let all: Vec<DeviceId> = self.records.keys().cloned().collect();
+            let (n, period) = (all.len().max(1) as u64, self.cfg.engine_flush_ms);
+            for (i, device) in all.into_iter().enumerate() {
+                if !self.dirty.contains(&device) {
+                    let at = now_ms.saturating_sub(period) + period * i as u64 / n;
+                    self.lazy.insert(device, at);
+                }
+            }
+        }
+        self.refresh_gauges(now_ms);
+    }
+
+    pub(super) fn refresh_gauges(&mut self, now_ms: u64) {
+        let accepted = self.metrics.reports_accepted.load(Ordering::Relaxed);
+        let dt = now_ms.saturating_sub(self.last_tick_ms);
+        let rate = if dt > 0 {
+            (accepted - self.accepted_at_last_tick.min(accepted)) as f64 * 1000.0 / dt as f64
+        } else {
+            0.0
+        };
+        self.last_tick_ms = now_ms;
+        self.accepted_at_last_tick = accepted;
+        let mut buckets = [0u64; 10];
+        for d in self.engine.devices() {
+            let b = ((d.reputation / 10.0).floor().max(0.0) as usize).min(9);
+            buckets[b] += 1;
+        }
+        let tiers = self
+            .engine
+            .units_by_tier()
+            .into_iter()
+            .map(|(t, u)| {
+                (
+                    t,
+                    u.devices,
+                    u.compute_units_used,
+                    u.data_units_used,
+                    u.compute_units_budget,
+                    u.data_units_budget,
+                )
+            })
+            .collect();
+        self.metrics.set_gauges(counters::Gauges {
+            devices: self.records.len() as u64,
+            pending_instructions: self.records.values().map(|r| r.pending.len() as u64).sum(),
+            reputation_buckets: buckets,
+            tiers,
+            reports_per_second: rate,
+            key_epoch: self.meta.key_epoch,
+        });
+    }
+}

@@ -1,0 +1,166 @@
+//! The `Store` contract as a check every implementation's tests run on a
+//! fresh, empty store: the embedded redb store (`store_redb.rs`) and
+//! PostgreSQL (`store_pg.rs`). It is test code and is compiled only into
+//! those tests.
+
+use shardline_allocator::service::store::{
+    Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord,
+};
+use shardline_shared::ids::DeviceId;
+use std::collections::BTreeMap;
+
+fn rec(id: &str, version: u64) -> DeviceRecord {
+    let mut r = DeviceRecord::new(
+        DeviceId::new(id).expect("valid id"),
+        [9; 32],
+        "basic".into(),
+        None,
+        5,
+    );
+    r.version = version;
+    r
+}
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).expect("valid id")
+}
+
+/// Panics (it is for tests) with what broke the contract.
+pub fn check(store: &dyn Store) {
+    // Create two devices, a token and metadata in one commit.
+    let mut a = rec("contract-a", 1);
+    a.take_seq();
+    let token = TokenRecord {
+        tier: "basic".into(),
+        tenant: Some("t".into()),
+        created_ms: 1,
+        expires_at_ms: 2,
+        uses_left: 1,
+    };
+    store
+        .commit(&Batch {
+            put_devices: vec![a.clone(), rec("contract-b", 1)],
+            tokens: vec![("h".into(), Some(token.clone()))],
+            meta: Some(Meta {
+                key_epoch: 3,
+                ..Meta::default()
+            }),
+            ..Batch::default()
+        })
+        .expect("first commit");
+    let mut loaded = store.load_devices().expect("load");
+    loaded.sort_by(|x, y| x.device.cmp(&y.device));
+    assert_eq!(loaded.len(), 2);
+    assert_eq!(loaded[0], a, "a record reloads exactly, version included");
+    assert_eq!(
+        store.load_tokens().expect("tokens"),
+        vec![("h".into(), token)]
+    );
+    assert_eq!(store.load_meta().expect("meta").key_epoch, 3);
+
+    // A floor write moves the version and the loaded floor.
+    store
+        .commit(&Batch {
+            report_seqs: vec![ReportSeq {
+                device: id("contract-a"),
+                seq: 77,
+                version: 2,
+            }],
+            ..Batch::default()
+        })
+        .expect("floor write");
+    let got = store
+        .load_device_records(&[id("contract-a"), id("contract-missing")])
+        .expect("load by id");
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].last_report_seq, got[0].version), (77, 2));
+
+    // A writer that read version 1 of `a` is refused, and nothing of its
+    // commit lands, not even its write of `b` that was in order.
+    let stale_a = rec("contract-a", 2);
+    let mut b = rec("contract-b", 2);
+    b.tier = "changed".into();
+    match store.commit_all(&[
+        Batch {
+            put_devices: vec![b.clone()],
+            ..Batch::default()
+        },
+        Batch {
+            put_devices: vec![stale_a],
+            tokens: vec![("h".into(), None)],
+            ..Batch::default()
+        },
+    ]) {
+        Err(StoreError::Conflict { devices }) => {
+            assert_eq!(devices, vec![id("contract-a")])
+        }
+        other => panic!("a stale write must conflict, got {other:?}"),
+    }
+    let versions: BTreeMap<DeviceId, u64> = store
+        .device_versions(None)
+        .expect("versions")
+        .into_iter()
+        .collect();
+    assert_eq!(versions.get(&id("contract-a")), Some(&2));
+    assert_eq!(versions.get(&id("contract-b")), Some(&1));
+    assert_eq!(store.load_tokens().expect("tokens").len(), 1);
+
+    // Creating a device that exists is a conflict too (another instance
+    // enrolled it first).
+    assert!(matches!(
+        store.commit(&Batch {
+            put_devices: vec![rec("contract-b", 1)],
+            ..Batch::default()
+        }),
+        Err(StoreError::Conflict { .. })
+    ));
+
+    // Chained writes of one device in one group commit.
+    let mut b3 = b.clone();
+    b3.version = 3;
+    store
+        .commit_all(&[
+            Batch {
+                put_devices: vec![b.clone()],
+                ..Batch::default()
+            },
+            Batch {
+                report_seqs: vec![ReportSeq {
+                    device: id("contract-b"),
+                    seq: 5,
+                    version: 3,
+                }],
+                ..Batch::default()
+            },
+            Batch {
+                put_devices: vec![{
+                    b3.version = 4;
+                    b3.clone()
+                }],
+                ..Batch::default()
+            },
+        ])
+        .expect("chained writes");
+    assert_eq!(
+        store
+            .device_versions(Some(&[id("contract-b"), id("contract-none")]))
+            .expect("versions"),
+        vec![(id("contract-b"), 4)]
+    );
+
+    // Delete is unconditional; a later re-creation starts at version 1.
+    store
+        .commit(&Batch {
+            delete_devices: vec![id("contract-b")],
+            ..Batch::default()
+        })
+        .expect("delete");
+    assert_eq!(store.load_devices().expect("load").len(), 1);
+    store
+        .commit(&Batch {
+            put_devices: vec![rec("contract-b", 1)],
+            ..Batch::default()
+        })
+        .expect("re-create");
+    assert_eq!(store.load_devices().expect("load").len(), 2);
+}
