@@ -3,6 +3,7 @@
 
 use super::config::Config;
 use super::run::StartError;
+use shardline_support::secret_file::{self, SecretFileError};
 use std::path::PathBuf;
 
 /// Reads (or creates with mode 0600) the admin API bearer token.
@@ -11,25 +12,12 @@ pub fn read_or_create(path: &std::path::Path) -> Result<String, StartError> {
         path: path.to_owned(),
         source,
     };
-    match std::fs::read_to_string(path) {
-        Ok(t) => {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path).map_err(terr)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                return Err(terr(std::io::Error::other(format!(
-                    "mode {:04o} lets group or others read the token; chmod 600 it",
-                    mode & 0o777
-                ))));
-            }
-            let t = t.trim().to_owned();
-            if t.is_empty() {
-                return Err(terr(std::io::Error::other("the token file is empty")));
-            }
-            Ok(t)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+    match secret_file::read_text(path, MAX_TOKEN_FILE) {
+        Ok(t) if t.is_empty() => Err(terr(std::io::Error::other("the token file is empty"))),
+        Ok(t) => Ok(t),
+        Err(SecretFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             let mut seed = [0u8; 24];
             getrandom::getrandom(&mut seed)
                 .map_err(|e| terr(std::io::Error::other(e.to_string())))?;
@@ -37,19 +25,18 @@ pub fn read_or_create(path: &std::path::Path) -> Result<String, StartError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(terr)?;
             }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(terr)?;
-            writeln!(f, "{token}").map_err(terr)?;
+            secret_file::create(path, format!("{token}\n").as_bytes())
+                .map_err(|e| terr(std::io::Error::other(e.to_string())))?;
             tracing::info!(path = %path.display(), "created the admin API token");
             Ok(token)
         }
-        Err(e) => Err(terr(e)),
+        Err(SecretFileError::Io { source, .. }) => Err(terr(source)),
+        Err(e) => Err(terr(std::io::Error::other(e.to_string()))),
     }
 }
+
+/// Bearer tokens are short; a token file of more than this is not one.
+pub const MAX_TOKEN_FILE: usize = 4096;
 
 /// The token file used when the config names none: beside the store.
 pub fn default_token_file(config: &Config) -> PathBuf {

@@ -159,7 +159,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("stopping");
-        super::notify::notify("STOPPING=1");
+        shardline_support::notify::Notifier::from_env().stopping();
         // The core commits what it holds before it stops; the embedded broker
         // has no graceful shutdown and ends with the process.
         let _ = handle.tx.send(super::inbound::Inbound::Shutdown).await;
@@ -198,8 +198,8 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
         .api_token_file
         .clone()
         .unwrap_or_else(|| super::api_token::default_token_file(&config));
-    let token = std::fs::read_to_string(&token_file)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
+    let token =
+        shardline_support::secret_file::read_text(&token_file, super::api_token::MAX_TOKEN_FILE)?;
     let abs = std::fs::canonicalize(&args.new_key)?;
     let body = serde_json::json!({ "key_file": abs.display().to_string() });
     let r = super::http::request(&api, "POST", "/v1/rotate", Some(token.trim()), Some(&body))?;

@@ -6,8 +6,9 @@
 //! allocator. Unknown fields are errors; every error names the file, the
 //! line and the field, so an operator can fix it from the message alone.
 
-use crate::policy::PolicyConfig;
 use serde::Deserialize;
+use shardline_allocator_core::policy::PolicyConfig;
+use shardline_support::toml_diag;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -39,31 +40,13 @@ pub enum BrokerUrl {
 }
 
 impl BrokerUrl {
-    /// Parses `mqtt://host:port` or `mqtts://host:port`.
+    /// Parses `mqtt://host:port` or `mqtts://host:port` (the port is
+    /// required here: the allocator names its broker explicitly).
     pub fn parse(url: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(format!(
-                "{url:?} is not mqtt://host:port or mqtts://host:port"
-            ));
-        };
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{url:?} lacks a port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{url:?}: bad port {port:?}"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        if host.is_empty() {
-            return Err(format!("{url:?} lacks a host"));
-        }
-        Ok(if tls {
+        let u = shardline_support::broker_url::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+        let port = u.port.ok_or_else(|| format!("{url:?} lacks a port"))?;
+        let host = u.host;
+        Ok(if u.tls {
             BrokerUrl::Tls { host, port }
         } else {
             BrokerUrl::Tcp { host, port }
@@ -314,8 +297,8 @@ fn check_store_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("not a PostgreSQL connection url: {e}"))
 }
 
-/// Like [`invalid_at_key`], but the line of `key` inside `[section]` (a key
-/// name such as `url` appears in several sections).
+/// An error at `key` inside `[section]` (a key such as `url` appears in
+/// several sections).
 fn invalid_in_section(
     text: &str,
     path: &str,
@@ -323,81 +306,31 @@ fn invalid_in_section(
     key: &str,
     message: String,
 ) -> ConfigError {
-    let header = format!("[{section}]");
-    let mut inside = false;
-    let line = text
-        .lines()
-        .position(|l| {
-            let t = l.trim();
-            if t.starts_with('[') {
-                inside = t == header;
-                return false;
-            }
-            inside
-                && t.split_once('=')
-                    .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
-        })
-        .map_or(0, |i| i + 1);
     ConfigError::Invalid {
         path: path.to_owned(),
-        line,
+        line: toml_diag::line_of_key(text, Some(section), key),
         field: key.to_owned(),
         message,
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
+/// An error at the first `key = …` line.
 fn invalid_at_key(text: &str, path: &str, key: &str, message: String) -> ConfigError {
-    let line = text
-        .lines()
-        .position(|l| {
-            l.split_once('=')
-                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
-        })
-        .map_or(0, |i| i + 1);
     ConfigError::Invalid {
         path: path.to_owned(),
-        line,
+        line: toml_diag::line_of_key(text, None, key),
         field: key.to_owned(),
         message,
     }
 }
 
-/// Turns a toml/serde error into file:line:field. The field comes from the
-/// message (serde names it for unknown and missing fields) or from the
-/// `key = value` line the error's span points at.
 fn parse_error(text: &str, path: &str, e: toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_owned();
-    let (line, from_line) = match e.span() {
-        Some(span) => {
-            let line = line_of(text, span.start);
-            let key = text
-                .lines()
-                .nth(line - 1)
-                .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim().trim_matches('"').to_owned())
-                .filter(|k| !k.is_empty() && !k.starts_with('['));
-            (line, key)
-        }
-        None => (0, None),
-    };
-    let from_message = message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.contains("field"))
-        .map(str::to_owned);
+    let at = toml_diag::parse_error(text, &e);
     ConfigError::Invalid {
         path: path.to_owned(),
-        line,
-        field: from_message.or(from_line).unwrap_or_else(|| "?".into()),
-        message,
+        line: at.line,
+        field: at.field,
+        message: at.message,
     }
 }
 

@@ -7,8 +7,7 @@
 //! fleet's signing key.
 
 use shardline_shared::sign::KeyPair;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use shardline_support::secret_file::{self, SecretFileError};
 use std::path::{Path, PathBuf};
 
 /// Why a key could not be made, read or parsed.
@@ -39,44 +38,36 @@ pub fn generate() -> Result<KeyPair, KeyError> {
 
 /// Writes `key`'s seed to a new file with mode 0600; fails if the file exists.
 pub fn write_secret(path: &Path, key: &KeyPair) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    // The umask may only remove bits, but be explicit in case the file system ignores `mode`.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    writeln!(file, "{}", hex::encode(key.seed())).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    Ok(())
+    let text = format!("{}\n", hex::encode(key.seed()));
+    secret_file::create(path, text.as_bytes()).map_err(|e| key_error(path, e))
 }
 
 /// Reads a secret key file, refusing one that group or others may read.
 pub fn read_secret(path: &Path) -> Result<KeyPair, KeyError> {
-    let io = |source| KeyError::Io {
+    let text = secret_file::read_text(path, MAX_KEY_FILE).map_err(|e| key_error(path, e))?;
+    let seed = parse_hex32(&text).ok_or_else(|| KeyError::Format {
         path: path.to_owned(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
+    })?;
+    Ok(KeyPair::from_seed(&seed))
+}
+
+/// A key file is 64 hex digits and a newline; anything much larger is not one.
+const MAX_KEY_FILE: usize = 4096;
+
+fn key_error(path: &Path, e: SecretFileError) -> KeyError {
+    match e {
+        SecretFileError::TooOpen { mode, .. } => KeyError::Permissions {
             path: path.to_owned(),
             mode,
-        });
+        },
+        SecretFileError::Io { source, .. } => KeyError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        SecretFileError::NotRegular { .. } | SecretFileError::TooLarge { .. } => KeyError::Format {
+            path: path.to_owned(),
+        },
     }
-    let text = std::fs::read_to_string(path).map_err(io)?;
-    let format = || KeyError::Format {
-        path: path.to_owned(),
-    };
-    let seed = parse_hex32(text.trim_end_matches('\n')).ok_or_else(format)?;
-    Ok(KeyPair::from_seed(&seed))
 }
 
 /// Parses a public key written as 64 lowercase hex characters.
@@ -109,6 +100,7 @@ pub fn public_from_arg(arg: &str) -> Result<[u8; 32], KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sl-keys-{tag}-{}", std::process::id()));

@@ -12,7 +12,7 @@
 //!   text of the core's counters.
 //! - [`broker`] / [`tls`]: embedded rumqttd and TLS termination (ring).
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
-//! - [`cli`], [`shardctl`]: the command lines; [`notify`]: sd_notify.
+//! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
 pub mod api_token;
@@ -26,7 +26,6 @@ pub mod inbound;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
-pub mod notify;
 pub mod run;
 pub mod shardctl;
 pub mod store;

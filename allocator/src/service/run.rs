@@ -16,10 +16,11 @@ use super::config::{BrokerUrl, Config};
 use super::core::{self, Core, CoreConfig};
 use super::inbound::{now_ms, Inbound};
 use super::store::{RedbStore, Store};
-use super::{api_token, broker, core_loop, keys, mqtt, notify, tls, verifiers};
+use super::{api_token, broker, core_loop, keys, mqtt, tls, verifiers};
 use rumqttc::{AsyncClient, MqttOptions};
 use shardline_allocator_core::policy::Engine;
 use shardline_allocator_core::service::counters::Metrics;
+use shardline_support::notify::Notifier;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -258,8 +259,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     tracing::info!(%api_addr, "admin API up");
 
     // systemd.
-    notify::notify("READY=1");
-    if let Some(every) = notify::watchdog_interval() {
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.ready();
+    if let Some(every) = notifier.watchdog_interval() {
+        let notifier = notifier.clone();
         let heartbeat = heartbeat.clone();
         tokio::spawn(async move {
             loop {
@@ -267,7 +270,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 // Only vouch for a core that made progress recently.
                 let age = now_ms().saturating_sub(heartbeat.load(Ordering::Relaxed));
                 if age < every.as_millis() as u64 * 2 {
-                    notify::notify("WATCHDOG=1");
+                    notifier.watchdog();
                 } else {
                     tracing::error!(
                         age_ms = age,

@@ -4,8 +4,10 @@
 //! `SHARDCTL_API` / `SHARDCTL_TOKEN` environment variables); the defaults
 //! match an allocator started with the default configuration.
 
+use super::api_token::MAX_TOKEN_FILE;
 use super::http;
 use clap::{Parser, Subcommand};
+use shardline_support::secret_file;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,10 +113,8 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
     };
     let token = match &cli.token {
         Some(t) => t.clone(),
-        None => std::fs::read_to_string(&cli.token_file)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (pass --token-file)", cli.token_file.display()))?
-            .trim()
-            .to_owned(),
+        None => secret_file::read_text(&cli.token_file, MAX_TOKEN_FILE)
+            .map_err(|e| anyhow::anyhow!("{e} (pass --token-file)"))?,
     };
     let (method, path, body) = match &cli.command {
         Cmd::Devices => ("GET", "/v1/devices".to_owned(), None),

@@ -1,5 +1,5 @@
-//! The shard catalog and the service agreements (tiers) as data, loaded from
-//! TOML. Every error names the file, the line and the field, because an
+//! The shard catalog and the service agreements (tiers) as data, parsed from
+//! TOML (the service reads the files). Every error names the file, the line and the field, because an
 //! operator edits these files by hand and a bad one must be fixable from the
 //! message alone.
 //!
@@ -9,19 +9,13 @@
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::ShardRef;
 use shardline_shared::msg::{QosNeed, ShardKind};
+use shardline_support::toml_diag;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use toml::Spanned;
 
 /// Why a catalog or agreements file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{path}:{line}: field `{field}`: {message}")]
     Invalid {
         path: String,
@@ -250,64 +244,32 @@ struct RawTier {
     borrowing: bool,
 }
 
-/// Maps byte offsets to 1-based lines and turns parser errors into [`CatalogError`].
+/// The text being parsed, so errors can name its file, line and field.
 struct Source<'a> {
     path: &'a str,
     text: &'a str,
 }
 
 impl Source<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
     fn err(
         &self,
         span: std::ops::Range<usize>,
         field: &str,
         message: impl Into<String>,
     ) -> CatalogError {
-        CatalogError::Invalid {
-            path: self.path.to_owned(),
-            line: self.line_of(span.start),
-            field: field.to_owned(),
-            message: message.into(),
-        }
+        self.invalid(toml_diag::at_span(self.text, span, field, message))
     }
 
-    /// A toml/serde error: the line from its span; the field from the message
-    /// (`missing field `x``) or from the `key = value` line the span points at.
     fn parse_err(&self, e: toml::de::Error) -> CatalogError {
-        let message = e.message().trim().to_owned();
-        let (line, field_from_line) = match e.span() {
-            Some(span) => {
-                let line = self.line_of(span.start);
-                let text = self.text.lines().nth(line - 1).unwrap_or("");
-                let key = text
-                    .split_once('=')
-                    .map(|(k, _)| k.trim().trim_matches('"').to_owned())
-                    .filter(|k| !k.is_empty() && !k.starts_with('['));
-                (line, key)
-            }
-            None => (0, None),
-        };
-        let field_from_msg = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.contains("field"))
-            .map(str::to_owned);
+        self.invalid(toml_diag::parse_error(self.text, &e))
+    }
+
+    fn invalid(&self, at: toml_diag::Located) -> CatalogError {
         CatalogError::Invalid {
             path: self.path.to_owned(),
-            line,
-            field: field_from_msg
-                .or(field_from_line)
-                .unwrap_or_else(|| "?".to_owned()),
-            message,
+            line: at.line,
+            field: at.field,
+            message: at.message,
         }
     }
 }
@@ -317,18 +279,7 @@ fn parse_sha256(s: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
-fn read(path: &Path) -> Result<String, CatalogError> {
-    std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
 impl Catalog {
-    pub fn load(path: &Path) -> Result<Self, CatalogError> {
-        Self::from_toml_str(&read(path)?, &path.display().to_string())
-    }
-
     /// Parses and validates a catalog; `path` is only used in error messages.
     pub fn from_toml_str(text: &str, path: &str) -> Result<Self, CatalogError> {
         let src = Source { path, text };
@@ -485,10 +436,6 @@ impl Catalog {
 }
 
 impl Agreements {
-    pub fn load(path: &Path, catalog: &Catalog) -> Result<Self, CatalogError> {
-        Self::from_toml_str(&read(path)?, &path.display().to_string(), catalog)
-    }
-
     /// Parses and validates the tiers against `catalog` (capabilities must exist).
     pub fn from_toml_str(text: &str, path: &str, catalog: &Catalog) -> Result<Self, CatalogError> {
         let src = Source { path, text };
