@@ -5,20 +5,28 @@
 //!    agent stops hosts), install the fatal-signal reporter;
 //! 2. wait for [`HostSetup`] (the agent sends it after placing this process
 //!    in its cgroup) and apply rlimits and niceness;
-//! 3. verify *every* library (no symlink, owner, mode, SHA-256) — one refusal
-//!    and nothing is loaded at all — then load them and check each descriptor
-//!    names the expected `id@version` and capability;
-//! 4. initialise every shard, drop every capability (`capset` to zero,
-//!    `no_new_privs`), report `Running`, run the event loop: poll each
-//!    shard, sleep in `poll(2)` on their descriptors and the IPC socket, send
-//!    a heartbeat with per-shard stats every `heartbeat_ms`.
+//! 3. verify *every* library (no symlink, not a FIFO or device, owner, mode,
+//!    SHA-256) — one refusal and nothing is loaded at all;
+//! 4. enter the sandbox ([`super::sandbox`]): `no_new_privs`, no
+//!    capabilities, its own uid or user namespace, Landlock, seccomp. A
+//!    declared TUN device (`tun = NAME` in a shard's config) is handed to the
+//!    sandbox uid first, while the host is still privileged;
+//! 5. load the libraries (their constructors run here, sandboxed) and check
+//!    each descriptor names the expected `id@version` and capability;
+//! 6. initialise every shard, report `Running`, run the event loop: poll
+//!    each shard, sleep in `poll(2)` on their descriptors and the IPC
+//!    socket, send a heartbeat with per-shard stats every `heartbeat_ms`.
 //!
-//! A watchdog thread reports `Stuck{shard}` when the loop stops making
-//! progress inside a shard (it cannot heartbeat for it: heartbeats come only
-//! from the loop, so a hung shard stops them and the agent kills the host).
+//! Heartbeats come only from the loop thread, after a full round of polls,
+//! so a shard hung in `poll` stops them whatever its other threads do. A
+//! watchdog thread (host code, started before any shard runs) watches the
+//! loop's progress counter and reports `Stuck{shard}` after three heartbeat
+//! periods without progress inside a shard; the agent kills the host on it,
+//! even if a shard thread forges heartbeat datagrams meanwhile.
 //!
 //! Exit codes: 0 stop requested, 3 load refused, 4 init failed, 101 a shard
-//! panicked (caught at the boundary), 5 setup/IPC failure.
+//! panicked (caught at the boundary), 5 setup/IPC/sandbox failure.
+#![forbid(unsafe_code)]
 
 use super::ipc::{self, FromHost, HostSetup, StatsWire, ToHost};
 use super::loader::{self, HostServices, LoadedShard};
@@ -139,6 +147,12 @@ pub fn run(ipc: OwnedFd) -> u8 {
             }
         }
     }
+    // 4. The sandbox, before anything of a shard is mapped.
+    if let Err(reason) = enter_sandbox(&setup) {
+        tracing::error!(capability = %setup.capability, %reason, "shard host sandbox failed; nothing loaded");
+        send(&FromHost::SandboxFailed { reason });
+        return EXIT_SETUP;
+    }
     let mut shards = Vec::new();
     for (i, (v, s)) in verified.into_iter().zip(&setup.shards).enumerate() {
         CURRENT_SHARD.store(i as u32, Ordering::Relaxed);
@@ -201,10 +215,6 @@ pub fn run(ipc: OwnedFd) -> u8 {
             };
         }
     }
-    // Shards have what they need from privilege (TUN attached, sockets bound): drop it.
-    if let Err(e) = super::sys::drop_privileges() {
-        tracing::warn!(error = %e, "could not drop capabilities");
-    }
     send(&FromHost::Running);
 
     let code = event_loop(&setup, &services, ipc.as_fd(), &mut buf);
@@ -212,6 +222,46 @@ pub fn run(ipc: OwnedFd) -> u8 {
     drop(services);
     drop(api);
     code
+}
+
+/// Devices a shard declares in its configuration (`tun = NAME`): handed to
+/// the host's sandbox identity while the host is privileged.
+fn declared_tun(config: &[u8]) -> Option<String> {
+    let kv = shardline_shard_sdk::config::KeyValues::parse(config).ok()?;
+    kv.get("tun").map(str::to_owned)
+}
+
+/// Builds this host's sandbox plan, delegates declared devices, enters it.
+fn enter_sandbox(setup: &HostSetup) -> Result<(), String> {
+    let dir = setup
+        .shard_dir
+        .canonicalize()
+        .map_err(|e| format!("shard dir {}: {e}", setup.shard_dir.display()))?;
+    let mut plan = super::sandbox::SandboxPlan::for_shard_dir(&dir, setup.sandbox_slot);
+    let tuns: Vec<String> = setup
+        .shards
+        .iter()
+        .filter_map(|s| declared_tun(&s.config))
+        .collect();
+    if !tuns.is_empty() {
+        plan.devices.push("/dev/net/tun".into());
+        if nix::unistd::geteuid().is_root() {
+            let id = plan.dedicated_id();
+            for name in &tuns {
+                super::sys::delegate_tun(name, id, id)
+                    .map_err(|e| format!("handing TUN device {name:?} to the host: {e}"))?;
+            }
+        }
+    }
+    let report = super::sandbox::enter(&plan).map_err(|e| e.to_string())?;
+    tracing::info!(
+        capability = %setup.capability,
+        identity = ?report.identity,
+        landlock = ?report.landlock,
+        seccomp = report.seccomp,
+        "shard host sandboxed"
+    );
+    Ok(())
 }
 
 fn wait_setup(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Option<HostSetup> {
