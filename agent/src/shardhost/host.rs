@@ -9,8 +9,8 @@
 //!    SHA-256) — one refusal and nothing is loaded at all;
 //! 4. enter the sandbox ([`super::sandbox`]): `no_new_privs`, no
 //!    capabilities, its own uid or user namespace, Landlock, seccomp. A
-//!    declared TUN device (`tun = NAME` in a shard's config) is handed to the
-//!    sandbox uid first, while the host is still privileged;
+//!    declared TUN device (`tun = NAME` in a shard's config) is opened first,
+//!    while the host is still privileged, and passed in as a descriptor;
 //! 5. load the libraries (their constructors run here, sandboxed) and check
 //!    each descriptor names the expected `id@version` and capability;
 //! 6. initialise every shard, report `Running`, run the event loop: poll
@@ -120,7 +120,7 @@ pub fn run(ipc: OwnedFd) -> u8 {
     }
 
     let mut buf = vec![0u8; ipc::MAX_DATAGRAM];
-    let setup = match wait_setup(ipc.as_fd(), &mut buf) {
+    let mut setup = match wait_setup(ipc.as_fd(), &mut buf) {
         Some(s) => s,
         None => return EXIT_SETUP,
     };
@@ -148,7 +148,7 @@ pub fn run(ipc: OwnedFd) -> u8 {
         }
     }
     // 4. The sandbox, before anything of a shard is mapped.
-    if let Err(reason) = enter_sandbox(&setup) {
+    if let Err(reason) = enter_sandbox(&mut setup) {
         tracing::error!(capability = %setup.capability, %reason, "shard host sandbox failed; nothing loaded");
         send(&FromHost::SandboxFailed { reason });
         return EXIT_SETUP;
@@ -231,27 +231,35 @@ fn declared_tun(config: &[u8]) -> Option<String> {
     kv.get("tun").map(str::to_owned)
 }
 
-/// Builds this host's sandbox plan, delegates declared devices, enters it.
-fn enter_sandbox(setup: &HostSetup) -> Result<(), String> {
+/// Opens the privileged resources the shards declared, enters the sandbox.
+///
+/// A shard declaring `tun = NAME` gets the device opened and attached here,
+/// while the host still has the agent's privileges, and finds the descriptor
+/// number under `tun_fd` (`shardline_shard_sdk::config::PASSED_TUN_FD`) in
+/// its configuration: inside the sandbox it could not open `/dev/net/tun`.
+fn enter_sandbox(setup: &mut HostSetup) -> Result<(), String> {
     let dir = setup
         .shard_dir
         .canonicalize()
         .map_err(|e| format!("shard dir {}: {e}", setup.shard_dir.display()))?;
-    let mut plan = super::sandbox::SandboxPlan::for_shard_dir(&dir, setup.sandbox_slot);
-    let tuns: Vec<String> = setup
-        .shards
-        .iter()
-        .filter_map(|s| declared_tun(&s.config))
-        .collect();
-    if !tuns.is_empty() {
-        plan.devices.push("/dev/net/tun".into());
-        if nix::unistd::geteuid().is_root() {
-            let id = plan.dedicated_id();
-            for name in &tuns {
-                super::sys::delegate_tun(name, id, id)
-                    .map_err(|e| format!("handing TUN device {name:?} to the host: {e}"))?;
-            }
+    let plan = super::sandbox::SandboxPlan::for_shard_dir(&dir, setup.sandbox_slot);
+    for shard in &mut setup.shards {
+        let Some(name) = declared_tun(&shard.config) else {
+            continue;
+        };
+        let fd = super::sys::open_tun(&name)
+            .map_err(|e| format!("opening TUN device {name:?} for {}: {e}", shard.shard))?;
+        // The shard owns the descriptor from its init on; the host never closes it.
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        let mut config = shard.config.clone();
+        if !config.is_empty() && !config.ends_with(b"\n") {
+            config.push(b'\n');
         }
+        config.extend_from_slice(
+            format!("{} = {raw}\n", shardline_shard_sdk::config::PASSED_TUN_FD).as_bytes(),
+        );
+        shard.config = config;
+        tracing::info!(shard = %shard.shard, tun = %name, fd = raw, "TUN device passed in as a descriptor");
     }
     let report = super::sandbox::enter(&plan).map_err(|e| e.to_string())?;
     tracing::info!(

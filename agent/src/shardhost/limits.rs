@@ -460,3 +460,90 @@ impl HostCgroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cgroup v2 code paths on a directory tree laid out like a delegated
+    //! v2 subtree (this machine's v2 mount has no controllers to delegate):
+    //! which files are written with which values. The v1 paths and the kill
+    //! of real processes are tested on the real kernel in `tests/shard_limits.rs`.
+    use super::*;
+
+    fn limits() -> ResourceLimits {
+        ResourceLimits {
+            cpu_quota_permille: 250,
+            cpu_weight: 50,
+            memory_max_bytes: 32 << 20,
+            nice: 0,
+        }
+    }
+
+    #[test]
+    fn v2_creates_memory_cpu_and_pids_limits_when_delegated() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("cgroup.subtree_control"),
+            "cpu memory pids",
+        )
+        .unwrap();
+        let backend = CgroupBackend::V2 {
+            parent: root.path().to_owned(),
+        };
+        let cg = backend
+            .create("shardline-x-1-1", &limits())
+            .unwrap()
+            .unwrap();
+        let read = |f: &str| std::fs::read_to_string(cg.paths()[0].join(f)).unwrap();
+        assert_eq!(read("memory.max"), (32u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("cpu.max"), "25000 100000");
+        assert_eq!(read("cpu.weight"), "50");
+        assert_eq!(read("pids.max"), PIDS_MAX.to_string());
+    }
+
+    #[test]
+    fn v2_without_delegated_pids_writes_no_pids_max() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "cpu memory").unwrap();
+        let backend = CgroupBackend::V2 {
+            parent: root.path().to_owned(),
+        };
+        let cg = backend
+            .create("shardline-x-1-2", &limits())
+            .unwrap()
+            .unwrap();
+        assert!(!cg.paths()[0].join("pids.max").exists());
+    }
+
+    #[test]
+    fn v2_kill_all_writes_cgroup_kill() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("shardline-x-1-3");
+        std::fs::create_dir(&dir).unwrap();
+        let cg = HostCgroup {
+            dirs: vec![dir.clone()],
+            v2: true,
+        };
+        assert_eq!(cg.kill_all(), 0);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.kill")).unwrap(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn v2_prepare_moves_the_agent_to_a_leaf_and_enables_controllers() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids io").unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        assert_eq!(prepare_v2(root.path()), Some(root.path().to_owned()));
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("supervisor/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        // Without memory and cpu there is no v2 backend at all.
+        let bare = tempfile::tempdir().unwrap();
+        std::fs::write(bare.path().join("cgroup.controllers"), "pids").unwrap();
+        assert_eq!(prepare_v2(bare.path()), None);
+    }
+}

@@ -16,9 +16,10 @@
 //! 4. **Landlock**: reads only beneath the shard directory and the system
 //!    library directories the dynamic loader needs (plus `/etc/ld.so.cache`
 //!    and name-resolution files), writes nowhere (so no `/dev/shm`, no
-//!    `/tmp`, no `state.json`), read-write-ioctl only on devices the shard
-//!    declared (`/dev/net/tun`); scoped so no signal reaches a process
-//!    outside the host's domain (Landlock ABI 6);
+//!    `/tmp`, no `state.json`), read-write-ioctl only on device files the
+//!    plan names (none today: a TUN device is opened by the host before the
+//!    sandbox and passed in as a descriptor); scoped so no signal reaches a
+//!    process outside the host's domain (Landlock ABI 6);
 //! 5. **seccomp** deny-list (x86-64 and aarch64): no process creation
 //!    (`fork`, `vfork`, `clone` without `CLONE_THREAD`; `clone3` answers
 //!    `ENOSYS` so libc falls back to `clone` for threads), no `execve`, no
@@ -78,7 +79,8 @@ pub struct SandboxPlan {
     pub slot: u32,
     /// Directories and files readable (besides the system libraries).
     pub read: Vec<PathBuf>,
-    /// Device files the shards declared (opened read-write with ioctls).
+    /// Device files the shards may open read-write with ioctls (none today:
+    /// privileged devices are passed in as descriptors instead).
     pub devices: Vec<PathBuf>,
 }
 

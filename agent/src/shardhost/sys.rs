@@ -1,7 +1,7 @@
 //! Kernel-boundary helpers of the shard host process: the fatal-signal
 //! reporter, niceness, the capability calls nix does not wrap (`capset`,
-//! the ambient and bounding sets) and handing a TUN device to a sandboxed
-//! host. The only other `unsafe` in `shardhost` is `loader`.
+//! the ambient and bounding sets) and opening a TUN device for a sandboxed
+//! shard. The only other `unsafe` in `shardhost` is `loader`.
 //!
 //! The fatal-signal reporter lets the agent attribute a crash to the shard
 //! that was executing: the host loop stores the index of the shard it is
@@ -191,14 +191,12 @@ pub fn drop_bounding_set() -> std::io::Result<()> {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
-/// Hands the existing TUN device `name` to `uid`/`gid` (the host's sandbox
-/// identity), while this process is still privileged: the shard can then
-/// attach to it from inside the sandbox without `CAP_NET_ADMIN`, and to no
-/// other device. Flags match the shards' (`IFF_TUN | IFF_NO_PI`, single queue).
-pub fn delegate_tun(name: &str, uid: u32, gid: u32) -> std::io::Result<()> {
+/// Opens `/dev/net/tun` and attaches it to the existing or new TUN device
+/// `name` (`IFF_TUN | IFF_NO_PI`, non-blocking), while this host is still
+/// privileged: the descriptor is then passed to the sandboxed shard, which
+/// could open neither the device node nor attach without `CAP_NET_ADMIN`.
+pub fn open_tun(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
@@ -207,7 +205,7 @@ pub fn delegate_tun(name: &str, uid: u32, gid: u32) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open("/dev/net/tun")?;
     // SAFETY: all-zero bytes are a valid `struct ifreq`.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -219,13 +217,5 @@ pub fn delegate_tun(name: &str, uid: u32, gid: u32) -> std::io::Result<()> {
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut ifr) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: TUNSETOWNER/TUNSETGROUP take an integer argument on the attached descriptor.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOWNER as _, uid as libc::c_ulong) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETGROUP as _, gid as libc::c_ulong) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(file.into())
 }
