@@ -313,3 +313,58 @@ fn shards_list_runs_constructors_only_inside_the_sandbox() {
         marker.display()
     );
 }
+
+#[test]
+fn a_hung_host_ends_itself_in_under_a_second_even_if_the_agent_polls_rarely() {
+    if !is_root() {
+        eprintln!("SKIP: shard libraries must be root-owned to load; run as root");
+        return;
+    }
+    // The daemon polls its supervisor once a second; the host's own watchdog
+    // must not depend on that.
+    let dir = shard_dir();
+    let mut sup = Supervisor::new(supervisor_config(dir.path()));
+    let s = spec(
+        dir.path(),
+        "fixture",
+        "fixture-misbehave",
+        "mode = hang\nafter_polls = 2\nforge_heartbeat = 1",
+        LIMITS,
+    );
+    sup.activate("fixture", vec![s], Instant::now())
+        .expect("activate");
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(5), started);
+    assert!(at.is_some(), "{events:?}");
+    let t0 = Instant::now();
+    let host = sup.host_pid("fixture").expect("host pid");
+    // No supervisor poll from here until the host is dead (a zombie: nobody reaped it yet).
+    let dead = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    while !dead(host) && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = t0.elapsed();
+    println!("hung host ended itself {took:?} after start, without an agent poll");
+    assert!(dead(host), "hung host still alive after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "hung host ended after {took:?}"
+    );
+    let (events, at) = wait_for(&mut sup, Duration::from_secs(2), |e| {
+        matches!(e, HostEvent::Failed { .. })
+    });
+    assert!(at.is_some(), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            HostEvent::Failed {
+                failure: ShardFailure::Hung,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}

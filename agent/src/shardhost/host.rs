@@ -21,8 +21,10 @@
 //! so a shard hung in `poll` stops them whatever its other threads do. A
 //! watchdog thread (host code, started before any shard runs) watches the
 //! loop's progress counter and reports `Stuck{shard}` after three heartbeat
-//! periods without progress inside a shard; the agent kills the host on it,
-//! even if a shard thread forges heartbeat datagrams meanwhile.
+//! periods without progress inside a shard and then kills its own process,
+//! so a hung host ends within ~350 ms whatever the agent's poll rate, and
+//! even if a shard thread forges heartbeat datagrams meanwhile (the agent
+//! also kills the host when it reads `Stuck`).
 //!
 //! Exit codes: 0 stop requested, 3 load refused, 4 init failed, 101 a shard
 //! panicked (caught at the boundary), 5 setup/IPC/sandbox failure.
@@ -386,6 +388,14 @@ fn spawn_watchdog(ipc_fd: BorrowedFd<'_>, progress: Arc<AtomicU64>, start: Insta
                     if !reported {
                         let _ = ipc::send(fd.as_fd(), &FromHost::Stuck { index: cur });
                         reported = true;
+                        // Do not wait for the agent's next poll (the daemon polls once
+                        // a second): a hung host ends itself, the agent reports `Hung`.
+                        tracing::error!(
+                            shard = cur,
+                            stalled_ms = stalled,
+                            "host loop stuck in a shard; exiting"
+                        );
+                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
                     }
                 } else {
                     reported = false;

@@ -481,6 +481,9 @@ impl Supervisor {
             (ShardFailure::LoadRefused { reason }, Some(idx))
         } else if let Some(f) = host.killed_for.clone() {
             (f, host.stuck_shard.or(host.fatal_shard))
+        } else if let Some(idx) = host.stuck_shard {
+            // The host's watchdog reported the stall and ended the host itself.
+            (ShardFailure::Hung, Some(idx))
         } else if let Some(sig) = status.signal() {
             if sig == nix::sys::signal::Signal::SIGKILL as i32 && oom {
                 (
