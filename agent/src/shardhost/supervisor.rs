@@ -790,6 +790,7 @@ fn stop_host(mut host: RunningHost) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_host(
     cfg: &SupervisorConfig,
     backend: &CgroupBackend,
