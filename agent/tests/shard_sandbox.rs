@@ -368,3 +368,97 @@ fn a_hung_host_ends_itself_in_under_a_second_even_if_the_agent_polls_rarely() {
         "{events:?}"
     );
 }
+
+#[test]
+fn an_unprivileged_agents_host_gets_a_user_namespace_and_the_attacks_still_fail() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to run the agent as another (unprivileged) user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let installed = shard_dir();
+    // A shard dir and a secret the unprivileged "agent" can reach: the secret is
+    // the agent user's own 0600 file, so only Landlock keeps the host from it.
+    let base = tempfile::Builder::new()
+        .prefix("sl-unpriv-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shards = base.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    std::fs::set_permissions(&shards, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = shards.join("fixture-misbehave@0.1.0.so");
+    std::fs::copy(lib_path(installed.path(), "fixture-misbehave"), &lib).unwrap();
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = base.path().join("device.key");
+    std::fs::write(&key, b"SECRET").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(NOBODY)), None).unwrap();
+    // A directory the agent user may write: the host must not.
+    let writable = base.path().join("state");
+    std::fs::create_dir(&writable).unwrap();
+    nix::unistd::chown(&writable, Some(nix::unistd::Uid::from_raw(NOBODY)), None).unwrap();
+    let escape = writable.join("state.json");
+    let config = base.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "shard_dir = \"{}\"\n[[shard]]\nref = \"fixture-misbehave@0.1.0\"\nsha256 = \"{}\"\n\
+             [shard.config]\nmode = \"ok\"\nprivs = \"1\"\nread = \"{}\"\nwrite = \"{}\"\n\
+             kill_parent = \"1\"\nfork = \"1\"\npacket = \"1\"\n",
+            shards.display(),
+            hex::encode(sha256_file(&lib)),
+            key.display(),
+            escape.display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args([
+            "shards",
+            "run",
+            "fixture",
+            "--no-cgroups",
+            "--duration",
+            "1.5",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .uid(NOBODY)
+        // std drops supplementary groups itself when a root parent sets the uid.
+        .gid(NOBODY)
+        .output()
+        .expect("run the agent as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The "agent" (this `shards run` process) survived the kill attempt and saw no failure.
+    assert!(
+        out.status.success(),
+        "agent exit {}:\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("UserNamespace"),
+        "host not in a user namespace:\n{stderr}"
+    );
+    let stats = stdout
+        .lines()
+        .rev()
+        .find(|l| l.contains("stats shard[0]"))
+        .unwrap_or_else(|| panic!("no stats:\n{stdout}"));
+    assert!(
+        stats.contains("errors: 0"),
+        "an attack succeeded: {stats}\n{stderr}"
+    );
+    assert!(
+        stats.contains("dropped: 6"),
+        "not every attack was tried: {stats}"
+    );
+    assert!(
+        !escape.exists(),
+        "the host wrote into the agent's state dir"
+    );
+    assert!(processes_named("sl-escapee").is_empty());
+}
