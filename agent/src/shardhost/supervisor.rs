@@ -569,7 +569,12 @@ impl Supervisor {
                         limits,
                         shards,
                         now,
-                        self.spawned as u32,
+                        // Distinct per host, and (mixing in the pid) unlikely to be shared
+                        // with a host of another agent process on the same machine.
+                        std::process::id()
+                            .wrapping_mul(131)
+                            .wrapping_add(self.spawned as u32)
+                            % crate::shardhost::sandbox::PROBE_SLOT,
                     ) {
                         Ok(host) => {
                             cap.enforcement = host.enforcement;
