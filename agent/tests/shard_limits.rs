@@ -92,3 +92,75 @@ fn stale_host_cgroups_of_a_dead_agent_are_removed() {
         assert!(!p.exists(), "{} not removed", p.display());
     }
 }
+
+#[test]
+fn a_host_cgroup_has_a_pids_limit_and_kill_all_ends_every_process_in_it() {
+    use shardline_agent::shardhost::limits::PIDS_MAX;
+    let backend = CgroupBackend::detect();
+    let has_pids = match &backend {
+        CgroupBackend::V1 { pids, .. } => pids.is_some(),
+        CgroupBackend::V2 { .. } => true,
+        CgroupBackend::None => false,
+    };
+    if !has_pids {
+        println!("SKIP: no writable cgroup with a pids controller here ({backend:?})");
+        return;
+    }
+    let limits = ResourceLimits {
+        cpu_quota_permille: 0,
+        cpu_weight: 100,
+        memory_max_bytes: 64 << 20,
+        nice: 0,
+    };
+    let name = format!("shardline-killall-test-{}", std::process::id());
+    let cg = backend
+        .create(&name, &limits)
+        .expect("create")
+        .expect("a cgroup");
+    // A process that forks two grandchildren after it is in the cgroup and then
+    // waits: a stand-in for a host whose shard forked children that would outlive it.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "sleep 0.3; sleep 60 & sleep 60 & wait"])
+        .spawn()
+        .expect("spawn sh");
+    cg.attach(child.id()).expect("attach");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while cg.pids().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pids = cg.pids();
+    assert!(pids.len() >= 3, "expected sh and two sleeps, got {pids:?}");
+    let pids_max = cg
+        .paths()
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
+    match &backend {
+        CgroupBackend::V2 { parent }
+            if !std::fs::read_to_string(parent.join("cgroup.subtree_control"))
+                .unwrap_or_default()
+                .contains("pids") =>
+        {
+            println!("pids controller not delegated on this v2 tree; pids.max not checked");
+        }
+        _ => assert_eq!(
+            pids_max.as_deref().map(str::trim),
+            Some(PIDS_MAX.to_string().as_str())
+        ),
+    }
+    let killed = cg.kill_all();
+    assert!(
+        killed >= 3 || backend.enforcement() == Enforcement::CgroupV2,
+        "killed {killed}"
+    );
+    let _ = child.wait();
+    for pid in &pids {
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "pid {pid} survived kill_all");
+    }
+    let dirs: Vec<_> = cg.paths().to_vec();
+    cg.remove();
+    for d in dirs {
+        assert!(!d.exists(), "{} not removed", d.display());
+    }
+}

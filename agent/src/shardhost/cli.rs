@@ -1,4 +1,11 @@
 //! `shardline-agent shards list|run|install` and the hidden `host` mode.
+//!
+//! `shards list` never maps a library in its own process: each file is
+//! probed by a child (`host --describe`) that opens and hashes it, then
+//! enters the same sandbox as a capability host (own uid or user namespace,
+//! Landlock, seccomp) before `dlopen`, so a library's ELF constructors never
+//! run with the caller's privileges.
+#![forbid(unsafe_code)]
 use super::config::RunConfig;
 use super::loader::{self, ShardInfo};
 use super::supervisor::{HostEvent, Supervisor, SupervisorConfig};
@@ -285,6 +292,19 @@ fn describe(path: &Path, dir: &Path) -> anyhow::Result<ExitCode> {
         },
         Ok(v) => {
             let sha = hex::encode(v.sha256());
+            // Constructors run at load: only inside the sandbox.
+            let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+            let plan =
+                super::sandbox::SandboxPlan::for_shard_dir(&canonical, super::sandbox::PROBE_SLOT);
+            if let Err(e) = super::sandbox::enter(&plan) {
+                let probe = Probe {
+                    sha256: Some(sha),
+                    info: None,
+                    error: Some(format!("not probed: sandbox failed: {e}")),
+                };
+                println!("{}", serde_json::to_string(&probe)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             match loader::load(v) {
                 Ok(l) => Probe {
                     sha256: Some(sha),

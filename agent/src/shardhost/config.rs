@@ -13,6 +13,7 @@
 //! ref = "crypto-aes256gcm@0.1.0"
 //! sha256 = "…"
 //! ```
+#![forbid(unsafe_code)]
 
 use super::supervisor::ShardSpec;
 use serde::Deserialize;

@@ -2,6 +2,7 @@
 //! carry-less multiply) instructions, ChaCha20-Poly1305 where it has not. The
 //! daemon reports [`aes_hw`] in `DeviceResources::aes_hw`; the allocator
 //! picks the primary and keeps the other as the alternative.
+#![forbid(unsafe_code)]
 
 /// The CPU has AES instructions usable by AES-GCM.
 pub fn aes_hw() -> bool {

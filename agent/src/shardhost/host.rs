@@ -5,20 +5,30 @@
 //!    agent stops hosts), install the fatal-signal reporter;
 //! 2. wait for [`HostSetup`] (the agent sends it after placing this process
 //!    in its cgroup) and apply rlimits and niceness;
-//! 3. verify *every* library (no symlink, owner, mode, SHA-256) — one refusal
-//!    and nothing is loaded at all — then load them and check each descriptor
-//!    names the expected `id@version` and capability;
-//! 4. initialise every shard, drop every capability (`capset` to zero,
-//!    `no_new_privs`), report `Running`, run the event loop: poll each
-//!    shard, sleep in `poll(2)` on their descriptors and the IPC socket, send
-//!    a heartbeat with per-shard stats every `heartbeat_ms`.
+//! 3. verify *every* library (no symlink, not a FIFO or device, owner, mode,
+//!    SHA-256) — one refusal and nothing is loaded at all;
+//! 4. enter the sandbox ([`super::sandbox`]): `no_new_privs`, no
+//!    capabilities, its own uid or user namespace, Landlock, seccomp. A
+//!    declared TUN device (`tun = NAME` in a shard's config) is opened first,
+//!    while the host is still privileged, and passed in as a descriptor;
+//! 5. load the libraries (their constructors run here, sandboxed) and check
+//!    each descriptor names the expected `id@version` and capability;
+//! 6. initialise every shard, report `Running`, run the event loop: poll
+//!    each shard, sleep in `poll(2)` on their descriptors and the IPC
+//!    socket, send a heartbeat with per-shard stats every `heartbeat_ms`.
 //!
-//! A watchdog thread reports `Stuck{shard}` when the loop stops making
-//! progress inside a shard (it cannot heartbeat for it: heartbeats come only
-//! from the loop, so a hung shard stops them and the agent kills the host).
+//! Heartbeats come only from the loop thread, after a full round of polls,
+//! so a shard hung in `poll` stops them whatever its other threads do. A
+//! watchdog thread (host code, started before any shard runs) watches the
+//! loop's progress counter and reports `Stuck{shard}` after three heartbeat
+//! periods without progress inside a shard and then kills its own process,
+//! so a hung host ends within ~350 ms whatever the agent's poll rate, and
+//! even if a shard thread forges heartbeat datagrams meanwhile (the agent
+//! also kills the host when it reads `Stuck`).
 //!
 //! Exit codes: 0 stop requested, 3 load refused, 4 init failed, 101 a shard
-//! panicked (caught at the boundary), 5 setup/IPC failure.
+//! panicked (caught at the boundary), 5 setup/IPC/sandbox failure.
+#![forbid(unsafe_code)]
 
 use super::ipc::{self, FromHost, HostSetup, StatsWire, ToHost};
 use super::loader::{self, HostServices, LoadedShard};
@@ -112,7 +122,7 @@ pub fn run(ipc: OwnedFd) -> u8 {
     }
 
     let mut buf = vec![0u8; ipc::MAX_DATAGRAM];
-    let setup = match wait_setup(ipc.as_fd(), &mut buf) {
+    let mut setup = match wait_setup(ipc.as_fd(), &mut buf) {
         Some(s) => s,
         None => return EXIT_SETUP,
     };
@@ -138,6 +148,12 @@ pub fn run(ipc: OwnedFd) -> u8 {
                 return EXIT_LOAD_REFUSED;
             }
         }
+    }
+    // 4. The sandbox, before anything of a shard is mapped.
+    if let Err(reason) = enter_sandbox(&mut setup) {
+        tracing::error!(capability = %setup.capability, %reason, "shard host sandbox failed; nothing loaded");
+        send(&FromHost::SandboxFailed { reason });
+        return EXIT_SETUP;
     }
     let mut shards = Vec::new();
     for (i, (v, s)) in verified.into_iter().zip(&setup.shards).enumerate() {
@@ -201,10 +217,6 @@ pub fn run(ipc: OwnedFd) -> u8 {
             };
         }
     }
-    // Shards have what they need from privilege (TUN attached, sockets bound): drop it.
-    if let Err(e) = super::sys::drop_privileges() {
-        tracing::warn!(error = %e, "could not drop capabilities");
-    }
     send(&FromHost::Running);
 
     let code = event_loop(&setup, &services, ipc.as_fd(), &mut buf);
@@ -212,6 +224,54 @@ pub fn run(ipc: OwnedFd) -> u8 {
     drop(services);
     drop(api);
     code
+}
+
+/// Devices a shard declares in its configuration (`tun = NAME`): handed to
+/// the host's sandbox identity while the host is privileged.
+fn declared_tun(config: &[u8]) -> Option<String> {
+    let kv = shardline_shard_sdk::config::KeyValues::parse(config).ok()?;
+    kv.get("tun").map(str::to_owned)
+}
+
+/// Opens the privileged resources the shards declared, enters the sandbox.
+///
+/// A shard declaring `tun = NAME` gets the device opened and attached here,
+/// while the host still has the agent's privileges, and finds the descriptor
+/// number under `tun_fd` (`shardline_shard_sdk::config::PASSED_TUN_FD`) in
+/// its configuration: inside the sandbox it could not open `/dev/net/tun`.
+fn enter_sandbox(setup: &mut HostSetup) -> Result<(), String> {
+    let dir = setup
+        .shard_dir
+        .canonicalize()
+        .map_err(|e| format!("shard dir {}: {e}", setup.shard_dir.display()))?;
+    let plan = super::sandbox::SandboxPlan::for_shard_dir(&dir, setup.sandbox_slot);
+    for shard in &mut setup.shards {
+        let Some(name) = declared_tun(&shard.config) else {
+            continue;
+        };
+        let fd = super::sys::open_tun(&name)
+            .map_err(|e| format!("opening TUN device {name:?} for {}: {e}", shard.shard))?;
+        // The shard owns the descriptor from its init on; the host never closes it.
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        let mut config = shard.config.clone();
+        if !config.is_empty() && !config.ends_with(b"\n") {
+            config.push(b'\n');
+        }
+        config.extend_from_slice(
+            format!("{} = {raw}\n", shardline_shard_sdk::config::PASSED_TUN_FD).as_bytes(),
+        );
+        shard.config = config;
+        tracing::info!(shard = %shard.shard, tun = %name, fd = raw, "TUN device passed in as a descriptor");
+    }
+    let report = super::sandbox::enter(&plan).map_err(|e| e.to_string())?;
+    tracing::info!(
+        capability = %setup.capability,
+        identity = ?report.identity,
+        landlock = ?report.landlock,
+        seccomp = report.seccomp,
+        "shard host sandboxed"
+    );
+    Ok(())
 }
 
 fn wait_setup(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Option<HostSetup> {
@@ -328,6 +388,14 @@ fn spawn_watchdog(ipc_fd: BorrowedFd<'_>, progress: Arc<AtomicU64>, start: Insta
                     if !reported {
                         let _ = ipc::send(fd.as_fd(), &FromHost::Stuck { index: cur });
                         reported = true;
+                        // Do not wait for the agent's next poll (the daemon polls once
+                        // a second): a hung host ends itself, the agent reports `Hung`.
+                        tracing::error!(
+                            shard = cur,
+                            stalled_ms = stalled,
+                            "host loop stuck in a shard; exiting"
+                        );
+                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
                     }
                 } else {
                     reported = false;

@@ -1,6 +1,7 @@
 //! Installs built shard libraries into a shard directory under the names the
 //! agent loads (`{id}@{version}.so`), root-owned (when run as root) and mode
 //! 0644, written to a temporary name and renamed into place.
+#![forbid(unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 //! fatal-signal datagram written from a signal handler (see `sys`). Decoding
 //! never panics: a malformed datagram is an error the agent counts against
 //! the host, never trusts.
+#![forbid(unsafe_code)]
 
 use super::loader::ShardInfo;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,8 @@ pub struct HostSetup {
     pub shard_dir: PathBuf,
     /// uid besides root allowed to own shard libraries (the agent's).
     pub agent_uid: u32,
+    /// Which per-host sandbox identity to take (see `sandbox::SandboxPlan`).
+    pub sandbox_slot: u32,
     pub shards: Vec<HostShard>,
 }
 
@@ -94,6 +97,8 @@ pub enum FromHost {
     ShardFailed { index: u32, status: i32 },
     /// Raw datagram from the fatal-signal handler (decoded, never sent as postcard).
     Fatal { index: Option<u32>, signal: i32 },
+    /// The sandbox could not be set up; nothing was loaded and the host exits.
+    SandboxFailed { reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,10 +8,16 @@
 //!   controllers delegated (systemd `Delegate=yes`): the agent moves itself
 //!   into a `supervisor` leaf, enables the controllers for its subtree and
 //!   creates `shard-…` children with `memory.max`, `memory.swap.max`,
-//!   `cpu.max`, `cpu.weight`. Else cgroup v1 `memory` and `cpu` hierarchies
-//!   when writable (hybrid systems). Else rlimits only. [`Enforcement`] says
-//!   which is in force, and every cgroup created is removed when its host is
-//!   gone.
+//!   `cpu.max`, `cpu.weight`, and `pids.max` when `pids` is delegated too.
+//!   Else cgroup v1 `memory` and `cpu` hierarchies when writable (hybrid
+//!   systems), plus the v1 `pids` hierarchy when present. Else rlimits only.
+//!   [`Enforcement`] says which is in force.
+//! - Ending a host ends everything in its cgroup: [`HostCgroup::kill_all`]
+//!   writes `cgroup.kill` (v2) or sends SIGKILL to every pid listed until
+//!   none is left (v1; the pids limit bounds how many can appear), so the
+//!   `rmdir` in [`HostCgroup::remove`] succeeds and nothing a shard started
+//!   outlives its host, not even across an agent crash ([`CgroupBackend::remove_stale`]).
+#![forbid(unsafe_code)]
 
 use shardline_shared::msg::{Enforcement, ResourceLimits};
 use std::path::{Path, PathBuf};
@@ -23,6 +29,8 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// agent's RSS watchdog is the precise cap (and reports `OverLimit`); the
 /// rlimit is the backstop when neither is fast enough.
 pub const RLIMIT_DATA_HEADROOM: u64 = 64 << 20;
+/// `pids.max` of a host cgroup: tasks (threads included) a host may have.
+pub const PIDS_MAX: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
@@ -76,8 +84,15 @@ fn write(path: &Path, value: &str) -> Result<(), LimitError> {
 /// Where the agent can create host cgroups, decided once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupBackend {
-    V2 { parent: PathBuf },
-    V1 { memory: PathBuf, cpu: PathBuf },
+    V2 {
+        parent: PathBuf,
+    },
+    V1 {
+        memory: PathBuf,
+        cpu: PathBuf,
+        /// The v1 `pids` hierarchy, when mounted and writable.
+        pids: Option<PathBuf>,
+    },
     None,
 }
 
@@ -141,7 +156,11 @@ impl CgroupBackend {
             Some(dir)
         };
         match (v1_dir("memory"), v1_dir("cpu")) {
-            (Some(memory), Some(cpu)) => Self::V1 { memory, cpu },
+            (Some(memory), Some(cpu)) => Self::V1 {
+                memory,
+                cpu,
+                pids: v1_dir("pids"),
+            },
             _ => Self::None,
         }
     }
@@ -152,7 +171,11 @@ impl CgroupBackend {
     pub fn remove_stale(&self) {
         let parents: Vec<&Path> = match self {
             Self::V2 { parent } => vec![parent],
-            Self::V1 { memory, cpu } => vec![memory, cpu],
+            Self::V1 { memory, cpu, pids } => {
+                let mut v: Vec<&Path> = vec![memory, cpu];
+                v.extend(pids.as_deref());
+                v
+            }
             Self::None => vec![],
         };
         for parent in parents {
@@ -172,11 +195,16 @@ impl CgroupBackend {
                 let Some(pid) = pid else {
                     continue;
                 };
-                if pid != std::process::id()
-                    && !Path::new(&format!("/proc/{pid}")).exists()
-                    && std::fs::remove_dir(e.path()).is_ok()
-                {
-                    tracing::info!(path = %e.path().display(), "removed a stale host cgroup");
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    // Whatever a host of the dead agent left running dies now.
+                    let stale = HostCgroup {
+                        dirs: vec![e.path()],
+                        v2: matches!(self, Self::V2 { .. }),
+                    };
+                    let killed = stale.kill_all();
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        tracing::info!(path = %e.path().display(), killed, "removed a stale host cgroup");
+                    }
                 }
             }
         }
@@ -233,9 +261,12 @@ impl CgroupBackend {
                     &dir.join("cpu.weight"),
                     &limits.cpu_weight.clamp(1, 10000).to_string(),
                 )?;
+                if controller_enabled(parent, "pids") {
+                    write(&dir.join("pids.max"), &PIDS_MAX.to_string())?;
+                }
                 Ok(Some(cg))
             }
-            Self::V1 { memory, cpu } => {
+            Self::V1 { memory, cpu, pids } => {
                 let mdir = memory.join(name);
                 let cdir = cpu.join(name);
                 mk(&mdir)?;
@@ -262,15 +293,29 @@ impl CgroupBackend {
                 }
                 let shares = u64::from(limits.cpu_weight.clamp(1, 10000)) * 1024 / 100;
                 write(&cdir.join("cpu.shares"), &shares.max(2).to_string())?;
+                if let Some(pids) = pids {
+                    let pdir = pids.join(name);
+                    mk(&pdir)?;
+                    cg.dirs.push(pdir.clone());
+                    write(&pdir.join("pids.max"), &PIDS_MAX.to_string())?;
+                }
                 Ok(Some(cg))
             }
         }
     }
 }
 
-/// Enables `memory` and `cpu` for children of the agent's v2 cgroup, moving
-/// the agent into a `supervisor` leaf first (no processes in inner nodes).
-fn prepare_v2(dir: &Path) -> Option<PathBuf> {
+/// Whether `controller` is enabled for the children of v2 cgroup `parent`.
+fn controller_enabled(parent: &Path, controller: &str) -> bool {
+    std::fs::read_to_string(parent.join("cgroup.subtree_control"))
+        .map(|s| s.split_whitespace().any(|c| c == controller))
+        .unwrap_or(false)
+}
+
+/// Enables `memory` and `cpu` (and `pids` when delegated) for children of
+/// the agent's v2 cgroup, moving the agent into a `supervisor` leaf first
+/// (no processes in inner nodes).
+pub(crate) fn prepare_v2(dir: &Path) -> Option<PathBuf> {
     let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).ok()?;
     let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
     if !has("memory") || !has("cpu") {
@@ -285,6 +330,12 @@ fn prepare_v2(dir: &Path) -> Option<PathBuf> {
         }
         std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()).ok()?;
         std::fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu").ok()?;
+    }
+    if has("pids") && !on("pids") {
+        // Optional: without it the host still has RLIMIT_NPROC and seccomp's fork ban.
+        if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), "+pids") {
+            tracing::warn!(error = %e, "cannot enable the pids controller for shard hosts");
+        }
     }
     Some(dir.to_owned())
 }
@@ -337,9 +388,62 @@ impl HostCgroup {
         &self.dirs
     }
 
-    /// Removes the directories (the host must be gone). Retries briefly,
-    /// because the kernel frees the last task asynchronously after reaping.
+    /// Pids in the cgroup (all its directories; unreadable ones count as empty).
+    pub fn pids(&self) -> Vec<i32> {
+        let mut out: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Kills every process in the cgroup — the host and whatever it started —
+    /// and waits (up to 1 s) until none is left. v2 uses `cgroup.kill`; v1
+    /// sends SIGKILL to each listed pid and looks again, since a process may
+    /// have forked between the read and the kill (a killed process cannot
+    /// fork any more, and the pids limit bounds the rest). Returns how many
+    /// pids were signalled.
+    pub fn kill_all(&self) -> usize {
+        use nix::sys::signal::{kill, Signal};
+        let mut signalled = 0usize;
+        if self.v2 {
+            if let Some(d) = self.dirs.first() {
+                let _ = std::fs::write(d.join("cgroup.kill"), "1");
+            }
+        }
+        let me = std::process::id() as i32;
+        for _ in 0..500 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return signalled;
+            }
+            for pid in pids.into_iter().filter(|&p| p > 1 && p != me) {
+                if kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                    signalled += 1;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        tracing::warn!(paths = ?self.dirs, "processes still in a host cgroup after 1 s of SIGKILL");
+        signalled
+    }
+
+    /// Kills what is left in the cgroup, then removes the directories.
+    /// Retries briefly, because the kernel frees the last task
+    /// asynchronously after it exits.
     pub fn remove(self) {
+        let killed = self.kill_all();
+        if killed > 0 {
+            tracing::info!(paths = ?self.dirs, killed, "killed processes left in a host cgroup");
+        }
         for d in &self.dirs {
             for attempt in 0..50 {
                 match std::fs::remove_dir(d) {
@@ -354,5 +458,92 @@ impl HostCgroup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cgroup v2 code paths on a directory tree laid out like a delegated
+    //! v2 subtree (this machine's v2 mount has no controllers to delegate):
+    //! which files are written with which values. The v1 paths and the kill
+    //! of real processes are tested on the real kernel in `tests/shard_limits.rs`.
+    use super::*;
+
+    fn limits() -> ResourceLimits {
+        ResourceLimits {
+            cpu_quota_permille: 250,
+            cpu_weight: 50,
+            memory_max_bytes: 32 << 20,
+            nice: 0,
+        }
+    }
+
+    #[test]
+    fn v2_creates_memory_cpu_and_pids_limits_when_delegated() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("cgroup.subtree_control"),
+            "cpu memory pids",
+        )
+        .unwrap();
+        let backend = CgroupBackend::V2 {
+            parent: root.path().to_owned(),
+        };
+        let cg = backend
+            .create("shardline-x-1-1", &limits())
+            .unwrap()
+            .unwrap();
+        let read = |f: &str| std::fs::read_to_string(cg.paths()[0].join(f)).unwrap();
+        assert_eq!(read("memory.max"), (32u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("cpu.max"), "25000 100000");
+        assert_eq!(read("cpu.weight"), "50");
+        assert_eq!(read("pids.max"), PIDS_MAX.to_string());
+    }
+
+    #[test]
+    fn v2_without_delegated_pids_writes_no_pids_max() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "cpu memory").unwrap();
+        let backend = CgroupBackend::V2 {
+            parent: root.path().to_owned(),
+        };
+        let cg = backend
+            .create("shardline-x-1-2", &limits())
+            .unwrap()
+            .unwrap();
+        assert!(!cg.paths()[0].join("pids.max").exists());
+    }
+
+    #[test]
+    fn v2_kill_all_writes_cgroup_kill() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("shardline-x-1-3");
+        std::fs::create_dir(&dir).unwrap();
+        let cg = HostCgroup {
+            dirs: vec![dir.clone()],
+            v2: true,
+        };
+        assert_eq!(cg.kill_all(), 0);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.kill")).unwrap(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn v2_prepare_moves_the_agent_to_a_leaf_and_enables_controllers() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids io").unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        assert_eq!(prepare_v2(root.path()), Some(root.path().to_owned()));
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("supervisor/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        // Without memory and cpu there is no v2 backend at all.
+        let bare = tempfile::tempdir().unwrap();
+        std::fs::write(bare.path().join("cgroup.controllers"), "pids").unwrap();
+        assert_eq!(prepare_v2(bare.path()), None);
     }
 }

@@ -147,7 +147,9 @@ pub fn open_verified(
     let full = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
+        // O_NONBLOCK: opening a FIFO (or a device) planted at a shard path must not
+        // block the host until the agent declares it hung; fstat below refuses it.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
         .open(&full)
         .map_err(|source| {
             if source.raw_os_error() == Some(libc::ELOOP) {

@@ -8,7 +8,11 @@
 //!   verify, load, init, event loop with heartbeats.
 //! - [`loader`]: the FFI boundary (open once with `O_NOFOLLOW`, owner/mode
 //!   checks, SHA-256 from the descriptor, `dlopen` of `/proc/self/fd/N`).
-//! - [`limits`]: rlimits, niceness and cgroup v2/v1 creation and cleanup.
+//! - [`sandbox`]: what a host does to itself before it maps a library:
+//!   `no_new_privs` and no capabilities, its own uid (or user namespace),
+//!   Landlock, seccomp.
+//! - [`limits`]: rlimits, niceness and cgroup v2/v1 creation (memory, cpu,
+//!   pids), killing everything in a host's cgroup, cleanup.
 //! - [`ipc`]: the agent ⇄ host seqpacket protocol (postcard).
 //! - [`config`]: the TOML file of `shardline-agent shards run`.
 //! - [`install`]: copying built shard libraries into a shard directory.
@@ -18,7 +22,9 @@
 //! Invariants: the agent never loads a shard library itself (only host
 //! processes do, and `shards list` probes in a child); a library is loaded
 //! only through the descriptor that was checked and hashed; a host gets its
-//! limits before it loads anything; every cgroup created is removed.
+//! limits and its sandbox before it loads anything (so no shard code, not
+//! even a constructor, runs with the agent's identity); everything a host
+//! started dies with it; every cgroup created is removed.
 
 pub mod cli;
 pub mod config;
@@ -29,6 +35,7 @@ pub mod ipc;
 pub mod limits;
 pub mod loader;
 pub mod policy;
+pub mod sandbox;
 pub mod supervisor;
 mod sys;
 

@@ -15,6 +15,7 @@
 //!   activated again.
 //! - Otherwise the host restarts after `base · 2^(n−1)` ms, capped at `max`.
 //! - After `stable_after_ms` of running, the failure counts reset.
+#![forbid(unsafe_code)]
 
 use shardline_shared::msg::ShardFailure;
 

@@ -20,9 +20,15 @@
 //!   (graceful `Stop`, then SIGKILL) and remove their cgroups; dropping the
 //!   supervisor does the same.
 //!
+//! A host and everything it may have started are killed together: the
+//! host's cgroup is emptied (`cgroup.kill`, or SIGKILL to every pid in it,
+//! repeated until empty) before it is removed, on stop, on failure and for
+//! stale cgroups of a dead agent; its `pids` limit bounds what it can start.
+//!
 //! Hosts die with the agent through `PR_SET_PDEATHSIG`, which fires when the
 //! *thread* that spawned them exits: drive the supervisor from a long-lived
 //! thread (not a short-lived blocking-pool thread).
+#![forbid(unsafe_code)]
 
 use super::ipc::{self, FromHost, HostSetup, HostShard, StatsWire, ToHost};
 use super::limits::{CgroupBackend, HostCgroup};
@@ -140,7 +146,11 @@ struct RunningHost {
     sock: OwnedFd,
     cgroup: Option<HostCgroup>,
     enforcement: Enforcement,
+    /// Last sign of life: a valid heartbeat (or start-up progress). Other
+    /// messages do not count, so nothing but the host loop keeps a host alive.
     last_msg: Instant,
+    /// Sequence number of the last heartbeat accepted (they must increase).
+    last_seq: u64,
     running: bool,
     stats: Vec<StatsWire>,
     errors: Vec<u32>,
@@ -405,25 +415,22 @@ impl Supervisor {
         // Bounded per poll: a host flooding its socket cannot stall the agent.
         for _ in 0..256 {
             match ipc::recv(host.sock.as_fd(), &mut buf, true) {
-                Ok(Some(n)) => {
-                    host.last_msg = now;
-                    match ipc::decode_from_host(&buf[..n]) {
-                        Ok(msg) => handle_msg(
-                            name,
-                            host,
-                            msg,
-                            &mut cap.policy,
-                            now,
-                            epoch,
-                            events,
-                            &cap.specs,
-                        ),
-                        Err(e) => {
-                            tracing::warn!(capability = name, error = %e, "malformed message from host");
-                            cap.errors += 1;
-                        }
+                Ok(Some(n)) => match ipc::decode_from_host(&buf[..n]) {
+                    Ok(msg) => handle_msg(
+                        name,
+                        host,
+                        msg,
+                        &mut cap.policy,
+                        now,
+                        epoch,
+                        events,
+                        &cap.specs,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(capability = name, error = %e, "malformed message from host");
+                        cap.errors += 1;
                     }
-                }
+                },
                 Ok(None) => break,
                 Err(_) => {
                     closed = true;
@@ -474,6 +481,9 @@ impl Supervisor {
             (ShardFailure::LoadRefused { reason }, Some(idx))
         } else if let Some(f) = host.killed_for.clone() {
             (f, host.stuck_shard.or(host.fatal_shard))
+        } else if let Some(idx) = host.stuck_shard {
+            // The host's watchdog reported the stall and ended the host itself.
+            (ShardFailure::Hung, Some(idx))
         } else if let Some(sig) = status.signal() {
             if sig == nix::sys::signal::Signal::SIGKILL as i32 && oom {
                 (
@@ -559,6 +569,12 @@ impl Supervisor {
                         limits,
                         shards,
                         now,
+                        // Distinct per host, and (mixing in the pid) unlikely to be shared
+                        // with a host of another agent process on the same machine.
+                        std::process::id()
+                            .wrapping_mul(131)
+                            .wrapping_add(self.spawned as u32)
+                            % crate::shardhost::sandbox::PROBE_SLOT,
                     ) {
                         Ok(host) => {
                             cap.enforcement = host.enforcement;
@@ -672,7 +688,12 @@ fn handle_msg(
 ) {
     match msg {
         FromHost::Loaded { index, info } => {
+            host.last_msg = now;
             tracing::debug!(capability = name, index, id = %info.id, "shard loaded");
+        }
+        FromHost::SandboxFailed { reason } => {
+            tracing::error!(capability = name, %reason, "shard host sandbox failed");
+            host.refused = Some((u32::MAX, format!("sandbox: {reason}")));
         }
         FromHost::LoadRefused { index, reason } => {
             tracing::warn!(capability = name, index, %reason, "shard load refused");
@@ -683,6 +704,7 @@ fn handle_msg(
             host.failed_shard = Some(index);
         }
         FromHost::Running => {
+            host.last_msg = now;
             host.running = true;
             policy.on_running(now.saturating_duration_since(epoch).as_millis() as u64);
             let sel = policy.selection();
@@ -709,11 +731,32 @@ fn handle_msg(
                 enforcement: host.enforcement,
             });
         }
-        FromHost::Heartbeat { stats, errors, .. } => {
-            host.stats = stats;
-            host.errors = errors;
+        FromHost::Heartbeat { seq, stats, errors } => {
+            // The loop sends one stats entry per shard and numbers its
+            // heartbeats; anything else (a replay, a datagram forged by a
+            // shard thread with the wrong shape) is no sign of life.
+            if seq > host.last_seq && stats.len() == specs.len() {
+                host.last_seq = seq;
+                host.last_msg = now;
+                host.stats = stats;
+                host.errors = errors;
+            } else {
+                tracing::debug!(capability = name, seq, "heartbeat ignored");
+            }
         }
-        FromHost::Stuck { index } => host.stuck_shard = Some(index),
+        FromHost::Stuck { index } => {
+            // The host's own watchdog saw the loop stall inside a shard: that
+            // is a hang now, whatever heartbeats arrive meanwhile.
+            tracing::warn!(
+                capability = name,
+                index,
+                "host loop stuck in a shard; killing"
+            );
+            host.stuck_shard = Some(index);
+            if host.killed_for.is_none() {
+                kill(host, ShardFailure::Hung);
+            }
+        }
         FromHost::ShardFailed { index, .. } => host.failed_shard = Some(index),
         FromHost::Fatal { index, signal } => {
             tracing::warn!(
@@ -752,6 +795,7 @@ fn stop_host(mut host: RunningHost) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_host(
     cfg: &SupervisorConfig,
     backend: &CgroupBackend,
@@ -760,6 +804,7 @@ fn spawn_host(
     limits: ResourceLimits,
     shards: Vec<HostShard>,
     now: Instant,
+    sandbox_slot: u32,
 ) -> Result<RunningHost, String> {
     let (agent_end, host_end) = ipc::socketpair().map_err(|e| format!("socketpair: {e}"))?;
     let mut cmd = Command::new(&cfg.agent_exe);
@@ -798,6 +843,7 @@ fn spawn_host(
         heartbeat_ms: cfg.heartbeat.as_millis().clamp(10, 5_000) as u32,
         shard_dir: cfg.shard_dir.clone(),
         agent_uid: nix::unistd::geteuid().as_raw(),
+        sandbox_slot,
         shards,
     };
     if let Err(e) = ipc::send(agent_end.as_fd(), &ToHost::Setup(setup)) {
@@ -820,6 +866,7 @@ fn spawn_host(
         cgroup,
         enforcement,
         last_msg: now,
+        last_seq: 0,
         running: false,
         stats: Vec::new(),
         errors: Vec::new(),

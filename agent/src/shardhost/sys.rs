@@ -1,5 +1,7 @@
 //! Kernel-boundary helpers of the shard host process: the fatal-signal
-//! reporter and niceness. The only other `unsafe` in `shardhost` is `loader`.
+//! reporter, niceness, the capability calls nix does not wrap (`capset`,
+//! the ambient and bounding sets) and opening a TUN device for a sandboxed
+//! shard. The only other `unsafe` in `shardhost` is `loader`.
 //!
 //! The fatal-signal reporter lets the agent attribute a crash to the shard
 //! that was executing: the host loop stores the index of the shard it is
@@ -147,4 +149,73 @@ pub fn drop_privileges() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Clears the ambient capability set (the systemd unit gives the agent
+/// `CAP_NET_RAW` as ambient, which a re-executed host would otherwise keep).
+pub fn clear_ambient_caps() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) takes integers only.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // EINVAL: a kernel without ambient capabilities has none to clear.
+    if rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Empties the capability bounding set (needs `CAP_SETPCAP`, so call it
+/// while still root): nothing this process or a descendant executes can
+/// ever regain a capability.
+pub fn drop_bounding_set() -> std::io::Result<()> {
+    for cap in 0..64 {
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) takes integers only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc != 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // Past the kernel's last capability: done.
+                Some(libc::EINVAL) => break,
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+    }
+    Ok(())
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// Opens `/dev/net/tun` and attaches it to the existing or new TUN device
+/// `name` (`IFF_TUN | IFF_NO_PI`, non-blocking), while this host is still
+/// privileged: the descriptor is then passed to the sandboxed shard, which
+/// could open neither the device node nor attach without `CAP_NET_ADMIN`.
+pub fn open_tun(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open("/dev/net/tun")?;
+    // SAFETY: all-zero bytes are a valid `struct ifreq`.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq` on a descriptor we own.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file.into())
 }

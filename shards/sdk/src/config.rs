@@ -65,7 +65,32 @@ impl KeyValues {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
+
+    /// Takes ownership of a descriptor the host opened for this shard before
+    /// sandboxing it (see [`PASSED_TUN_FD`]); `None` when the key is absent.
+    ///
+    /// Shards run sandboxed (no capabilities, no device nodes): a privileged
+    /// resource such as a TUN device is opened by the host and passed in as a
+    /// descriptor number under a `…_fd` key. Call this at most once per key:
+    /// the returned descriptor is the shard's and is closed when dropped.
+    pub fn take_fd(&self, key: &str) -> Result<Option<std::os::fd::OwnedFd>, ShardError> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        let fd: i32 = raw.parse().ok().filter(|&fd| fd > 2).ok_or_else(|| {
+            ShardError::invalid(format!("config: {key} = {raw:?} is no descriptor"))
+        })?;
+        // SAFETY: the host passes, under this key, a descriptor it opened for this shard
+        // alone and never closes or uses itself; ownership moves to the shard here.
+        Ok(Some(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
 }
+
+/// Config key under which the host passes the TUN device a shard declared
+/// with `tun = NAME` (already attached, non-blocking, `IFF_TUN | IFF_NO_PI`).
+pub const PASSED_TUN_FD: &str = "tun_fd";
 
 /// Decodes lower-case or upper-case hex (for keys in config).
 pub fn decode_hex(s: &str) -> Result<Vec<u8>, ShardError> {

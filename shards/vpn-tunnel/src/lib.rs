@@ -289,7 +289,11 @@ impl Shard for Tunnel {
         outer
             .set_nonblocking(true)
             .map_err(|e| io_err("nonblocking", e))?;
-        let inner = if let Some(name) = kv.get("tun") {
+        // Sandboxed hosts open the TUN device themselves and pass it in: a
+        // shard has no capability and no access to /dev/net/tun.
+        let inner = if let Some(fd) = kv.take_fd(shardline_shard_sdk::config::PASSED_TUN_FD)? {
+            Inner::Tun(std::fs::File::from(fd))
+        } else if let Some(name) = kv.get("tun") {
             Inner::Tun(tun::open(name).map_err(|e| io_err("open tun", e))?)
         } else {
             let listen = parse_addr(&kv, "inner_listen")?.ok_or_else(|| {
