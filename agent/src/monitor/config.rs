@@ -158,46 +158,16 @@ impl MonitorConfig {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
+use shardline_support::toml_diag::line_of;
 
 /// Turn a TOML/serde error into one naming file, line and field.
 fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
-    let (line, mut field) = match e.span() {
-        Some(span) => {
-            let line = line_of(text, span.start);
-            // The key on that line, if the line is `key = value`.
-            let l = text.lines().nth(line - 1).unwrap_or("");
-            let key = l
-                .split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches(|c| c == '[' || c == ']')
-                .to_string();
-            (line, key)
-        }
-        None => (0, String::new()),
-    };
-    // "missing field `x`" / "unknown field `x`" name the field themselves.
-    if let Some(start) = message.find('`') {
-        if message.contains("field") {
-            if let Some(len) = message[start + 1..].find('`') {
-                field = message[start + 1..start + 1 + len].to_string();
-            }
-        }
-    }
+    let at = shardline_support::toml_diag::parse_error(text, e);
     ConfigError::Invalid {
         file: file.to_string(),
-        line,
-        field,
-        message,
+        line: at.line,
+        field: at.field,
+        message: at.message,
     }
 }
 

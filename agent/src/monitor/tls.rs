@@ -63,30 +63,7 @@ pub fn client_hello_sni(payload: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
 
-    /// A minimal ClientHello with one SNI (also used by the integration tests' writer).
-    fn hello(name: &str) -> Vec<u8> {
-        let mut ext = Vec::new();
-        let n = name.as_bytes();
-        ext.extend_from_slice(&[0, 0]);
-        ext.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
-        ext.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        ext.extend_from_slice(n);
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[7; 32]);
-        body.push(0);
-        body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut hs = vec![1, 0];
-        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        hs.extend_from_slice(&body);
-        let mut rec = vec![22, 3, 1];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        rec
-    }
+    use xtask::kit::pcap::client_hello as hello;
 
     #[test]
     fn sni_found_and_truncation_safe() {

@@ -158,31 +158,8 @@ pub fn ethertype_of(ip: &[u8]) -> u16 {
     }
 }
 
-/// A TLS ClientHello carrying `sni`.
-pub fn client_hello(sni: &str) -> Vec<u8> {
-    let n = sni.as_bytes();
-    let mut ext = vec![0xff, 0x01, 0, 1, 0]; // renegotiation_info first, so SNI is not at offset 0
-    ext.extend_from_slice(&[0, 0]);
-    ext.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(n.len() as u16).to_be_bytes());
-    ext.extend_from_slice(n);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[0x5a; 32]);
-    body.push(32);
-    body.extend_from_slice(&[0x11; 32]);
-    body.extend_from_slice(&[0, 4, 0x13, 0x01, 0x13, 0x02, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1, 0];
-    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    hs.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
-}
+/// A TLS ClientHello carrying `sni` (the test kit's, one builder for every test).
+pub use xtask::kit::pcap::client_hello;
 
 fn qname(name: &str) -> Vec<u8> {
     let mut q = Vec::new();

@@ -13,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use aead::{AeadInPlace, KeyInit};
-use shardline_shard_sdk::{services::aead as svc, status, ShardError, ShardStatsV1};
+use shardline_shard_sdk::{services::aead as svc, status, Host, Shard, ShardError, ShardStatsV1};
 
 const TAG_LEN: usize = 16;
 const WINDOW: u64 = 64;
@@ -184,6 +184,53 @@ impl<C: AeadInPlace<NonceSize = aead::consts::U12> + KeyInit> Session<C> {
         self.stats.packets_out += 1;
         self.stats.bytes_out += out.len() as u64;
         Ok(())
+    }
+}
+
+/// A cipher a crypto shard can be built around: the crypto shard crates
+/// differ only in this (their type, their name in `CIPHER` answers and logs).
+pub trait Cipher: 'static {
+    type Aead: AeadInPlace<NonceSize = aead::consts::U12> + KeyInit;
+    /// What the shard answers to `aead::CIPHER`, e.g. `aes256gcm`.
+    const NAME: &'static str;
+}
+
+/// The whole body of a crypto shard: one AEAD session with `C`'s cipher.
+/// Each crypto shard crate is this type plus its `export_shard!`.
+pub struct CryptoShard<C: Cipher> {
+    session: Session<C::Aead>,
+}
+
+impl<C: Cipher> std::fmt::Debug for CryptoShard<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptoShard")
+            .field("cipher", &C::NAME)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl<C: Cipher> Shard for CryptoShard<C> {
+    fn init(host: Host, _config: &[u8]) -> Result<Self, ShardError> {
+        host.log(
+            shardline_shard_sdk::level::INFO,
+            &format!("{} ready; waiting for session keys", C::NAME),
+        );
+        Ok(Self {
+            session: Session::default(),
+        })
+    }
+
+    fn call(&mut self, method: u32, input: &[u8], out: &mut Vec<u8>) -> Result<(), ShardError> {
+        if method == svc::CIPHER {
+            out.extend_from_slice(C::NAME.as_bytes());
+            return Ok(());
+        }
+        self.session.call(method, input, out)
+    }
+
+    fn stats(&self) -> ShardStatsV1 {
+        self.session.stats
     }
 }
 

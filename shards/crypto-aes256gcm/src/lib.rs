@@ -1,44 +1,24 @@
 //! The `crypto-aes256gcm` shard of the `vpn` capability: AES-256-GCM (fast with AES instructions).
 //! Provides the `aead` service (see `shard_aead_session` for the nonce and
-//! replay rules); its alternative provides the same service with another
-//! cipher, so the tunnel keeps working when the allocator swaps them.
+//! replay rules, and for the body every crypto shard shares); its
+//! alternative provides the same service with another cipher, so the tunnel
+//! keeps working when the allocator swaps them.
 #![deny(unsafe_code)]
 
-use aes_gcm::Aes256Gcm;
-use shard_aead_session::Session;
-use shardline_shard_sdk::{
-    export_shard, kind, Host, ResourceCostV1, Shard, ShardError, ShardStatsV1,
-};
+use shard_aead_session::{Cipher, CryptoShard};
+use shardline_shard_sdk::{export_shard, kind, ResourceCostV1};
+
+/// This shard's cipher.
+#[derive(Debug)]
+pub struct Aes256GcmCipher;
+
+impl Cipher for Aes256GcmCipher {
+    type Aead = aes_gcm::Aes256Gcm;
+    const NAME: &'static str = "aes256gcm";
+}
 
 /// The shard: one AEAD session.
-#[derive(Debug)]
-pub struct Crypto {
-    session: Session<Aes256Gcm>,
-}
-
-impl Shard for Crypto {
-    fn init(host: Host, _config: &[u8]) -> Result<Self, ShardError> {
-        host.log(
-            shardline_shard_sdk::level::INFO,
-            "aes256gcm ready; waiting for session keys",
-        );
-        Ok(Self {
-            session: Session::default(),
-        })
-    }
-
-    fn call(&mut self, method: u32, input: &[u8], out: &mut Vec<u8>) -> Result<(), ShardError> {
-        if method == shardline_shard_sdk::services::aead::CIPHER {
-            out.extend_from_slice(b"aes256gcm");
-            return Ok(());
-        }
-        self.session.call(method, input, out)
-    }
-
-    fn stats(&self) -> ShardStatsV1 {
-        self.session.stats
-    }
-}
+pub type Crypto = CryptoShard<Aes256GcmCipher>;
 
 export_shard! {
     shard: Crypto,
@@ -54,6 +34,6 @@ export_shard! {
 mod tests {
     #[test]
     fn seals_opens_and_refuses_tamper_and_replay() {
-        shard_aead_session::self_test::<super::Aes256Gcm>();
+        shard_aead_session::self_test::<aes_gcm::Aes256Gcm>();
     }
 }
