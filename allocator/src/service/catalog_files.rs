@@ -41,3 +41,22 @@ pub fn load_agreements(path: &Path, catalog: &Catalog) -> Result<Agreements, Cat
         catalog,
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_file_is_named() {
+        let err = load_catalog(Path::new("/nonexistent/cat.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cat.toml"), "{err}");
+        assert!(matches!(err, CatalogFileError::Read { .. }));
+    }
+
+    #[test]
+    fn the_shipped_files_load_from_disk() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
+        let catalog = load_catalog(&dir.join("catalog.toml")).unwrap();
+        load_agreements(&dir.join("tiers.toml"), &catalog).unwrap();
+    }
+}

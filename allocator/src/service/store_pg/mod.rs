@@ -33,70 +33,17 @@
 
 use super::store::{dec, enc, Batch, DeviceRecord, Meta, Store, StoreError, TokenRecord};
 use postgres::error::SqlState;
-use postgres::{Client, GenericClient, NoTls, Statement};
+use postgres::{Client, Statement};
 use shardline_shared::ids::DeviceId;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-/// Advisory lock key of the fleet-wide lead ("SHLNLEAD").
-const LEAD_LOCK_KEY: i64 = 0x5348_4c4e_4c45_4144;
-/// Advisory lock key serialising schema migrations ("SHLNSCHM").
-const SCHEMA_LOCK_KEY: i64 = 0x5348_4c4e_5343_484d;
+mod conn;
+mod sql;
 
-/// Schema migrations, in order; `MIGRATIONS[i]` takes version `i` to `i + 1`.
-/// Append only: deployed databases have run the earlier ones.
-const MIGRATIONS: &[&str] = &[
-    // 1: the first schema. `COLLATE "C"`: ids compare and sort by bytes,
-    // like the embedded store's keys.
-    r#"
-    CREATE TABLE devices (
-        id text COLLATE "C" PRIMARY KEY,
-        version bigint NOT NULL,
-        last_report_seq bigint NOT NULL,
-        body bytea NOT NULL
-    );
-    CREATE TABLE tokens (
-        hash text COLLATE "C" PRIMARY KEY,
-        body bytea NOT NULL
-    );
-    CREATE TABLE meta (
-        key text COLLATE "C" PRIMARY KEY,
-        body bytea NOT NULL
-    );
-    "#,
-];
-
-/// The schema version this build creates and understands.
-const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
-
-const SQL_CREATE: &str = "INSERT INTO devices (id, version, last_report_seq, body) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
-     ON CONFLICT (id) DO NOTHING RETURNING id";
-const SQL_PUT: &str = "UPDATE devices AS d \
-     SET version = u.version, last_report_seq = u.seq, body = u.body \
-     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[]) \
-       AS u(id, prev, version, seq, body) \
-     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
-const SQL_FLOOR: &str = "UPDATE devices AS d \
-     SET version = u.version, last_report_seq = u.seq \
-     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
-       AS u(id, prev, version, seq) \
-     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
-const SQL_DELETE: &str = "DELETE FROM devices WHERE id = ANY($1::text[])";
-const SQL_TOKEN_PUT: &str = "INSERT INTO tokens (hash, body) \
-     SELECT * FROM unnest($1::text[], $2::bytea[]) \
-     ON CONFLICT (hash) DO UPDATE SET body = EXCLUDED.body";
-const SQL_TOKEN_DELETE: &str = "DELETE FROM tokens WHERE hash = ANY($1::text[])";
-const SQL_META_PUT: &str = "INSERT INTO meta (key, body) VALUES ('meta', $1) \
-     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
-const SQL_LOAD_ALL: &str = "SELECT id, version, last_report_seq, body FROM devices ORDER BY id";
-const SQL_LOAD_SOME: &str =
-    "SELECT id, version, last_report_seq, body FROM devices WHERE id = ANY($1::text[])";
-const SQL_VERSIONS_ALL: &str = "SELECT id, version FROM devices ORDER BY id";
-const SQL_VERSIONS_SOME: &str = "SELECT id, version FROM devices WHERE id = ANY($1::text[])";
-const SQL_TOKENS: &str = "SELECT hash, body FROM tokens ORDER BY hash";
-const SQL_META: &str = "SELECT body FROM meta WHERE key = 'meta'";
+use conn::{lock, off_runtime, prepared, Conn, Link};
+use sql::*;
 
 /// `u64` ⇒ `bigint`, bit for bit (reversed by [`from_sql`]).
 fn to_sql(v: u64) -> i64 {
@@ -135,124 +82,6 @@ fn is_retryable(e: &postgres::Error) -> bool {
         e.code(),
         Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a connection leaves at worst an open
-    // transaction, which the next use of the connection rolls back.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Runs `f` where the synchronous client may block: inline, or on a scoped
-/// thread when the caller is inside a tokio runtime (whose threads must not
-/// start another runtime's `block_on`).
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return f();
-    }
-    std::thread::scope(|s| match s.spawn(f).join() {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
-}
-
-/// One open session with its prepared statements.
-struct Conn {
-    client: Client,
-    statements: HashMap<&'static str, Statement>,
-}
-
-/// Prepares `sql` once per session.
-fn prepared(
-    client: &mut impl GenericClient,
-    statements: &mut HashMap<&'static str, Statement>,
-    sql: &'static str,
-) -> Result<Statement, postgres::Error> {
-    if let Some(s) = statements.get(sql) {
-        return Ok(s.clone());
-    }
-    let s = client.prepare(sql)?;
-    statements.insert(sql, s.clone());
-    Ok(s)
-}
-
-impl Conn {
-    fn stmt(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
-        prepared(&mut self.client, &mut self.statements, sql)
-    }
-}
-
-/// One of the store's connections, reopened when it breaks.
-struct Link {
-    /// Which connection (for logs): `commit`, `read` or `lead`.
-    role: &'static str,
-    config: postgres::Config,
-    conn: Option<Conn>,
-}
-
-impl Link {
-    fn open(role: &'static str, config: &postgres::Config) -> Result<Link, StoreError> {
-        let mut link = Link {
-            role,
-            config: config.clone(),
-            conn: None,
-        };
-        link.conn()?;
-        Ok(link)
-    }
-
-    /// The open session, connecting first if there is none (or it closed).
-    fn conn(&mut self) -> Result<&mut Conn, StoreError> {
-        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
-            self.conn = None;
-        }
-        let conn = match self.conn.take() {
-            Some(c) => c,
-            None => {
-                let mut client = self
-                    .config
-                    .connect(NoTls)
-                    .map_err(|e| pg_err(format!("connecting ({})", self.role), e))?;
-                // Server-side keepalives for this session: a peer that
-                // vanished (and, on the lead connection, its advisory
-                // lock) is dropped in seconds rather than the OS default
-                // of hours. Settable by any user; ignored over a Unix socket.
-                if let Err(e) = client.batch_execute(
-                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 2; \
-                     SET tcp_keepalives_count = 3",
-                ) {
-                    tracing::debug!(role = self.role, error = %e, "server keepalives not set");
-                }
-                tracing::debug!(role = self.role, "PostgreSQL connection opened");
-                Conn {
-                    client,
-                    statements: HashMap::new(),
-                }
-            }
-        };
-        Ok(self.conn.insert(conn))
-    }
-
-    /// Runs the idempotent `f`, reopening a broken connection and trying
-    /// once more.
-    fn retry<T>(
-        &mut self,
-        what: &str,
-        mut f: impl FnMut(&mut Conn) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let first = {
-            let conn = self.conn()?;
-            match f(conn) {
-                Err(StoreError::Pg { what, source }) if is_broken(&source, &conn.client) => {
-                    StoreError::Pg { what, source }
-                }
-                other => return other,
-            }
-        };
-        tracing::warn!(role = self.role, op = what, error = %first, "PostgreSQL connection lost; reconnecting");
-        self.conn = None;
-        f(self.conn()?)
-    }
 }
 
 /// The lead connection and whether its session holds the lead lock.

@@ -1,0 +1,62 @@
+//! The PostgreSQL store's schema migrations, lock keys and statements.
+
+/// Advisory lock key of the fleet-wide lead ("SHLNLEAD").
+pub(super) const LEAD_LOCK_KEY: i64 = 0x5348_4c4e_4c45_4144;
+/// Advisory lock key serialising schema migrations ("SHLNSCHM").
+pub(super) const SCHEMA_LOCK_KEY: i64 = 0x5348_4c4e_5343_484d;
+
+/// Schema migrations, in order; `MIGRATIONS[i]` takes version `i` to `i + 1`.
+/// Append only: deployed databases have run the earlier ones.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: the first schema. `COLLATE "C"`: ids compare and sort by bytes,
+    // like the embedded store's keys.
+    r#"
+    CREATE TABLE devices (
+        id text COLLATE "C" PRIMARY KEY,
+        version bigint NOT NULL,
+        last_report_seq bigint NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE TABLE tokens (
+        hash text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE meta (
+        key text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build creates and understands.
+pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+pub(super) const SQL_CREATE: &str = "INSERT INTO devices (id, version, last_report_seq, body) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
+     ON CONFLICT (id) DO NOTHING RETURNING id";
+pub(super) const SQL_PUT: &str = "UPDATE devices AS d \
+     SET version = u.version, last_report_seq = u.seq, body = u.body \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[]) \
+       AS u(id, prev, version, seq, body) \
+     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
+pub(super) const SQL_FLOOR: &str = "UPDATE devices AS d \
+     SET version = u.version, last_report_seq = u.seq \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+       AS u(id, prev, version, seq) \
+     WHERE d.id = u.id AND d.version = u.prev RETURNING d.id";
+pub(super) const SQL_DELETE: &str = "DELETE FROM devices WHERE id = ANY($1::text[])";
+pub(super) const SQL_TOKEN_PUT: &str = "INSERT INTO tokens (hash, body) \
+     SELECT * FROM unnest($1::text[], $2::bytea[]) \
+     ON CONFLICT (hash) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_TOKEN_DELETE: &str = "DELETE FROM tokens WHERE hash = ANY($1::text[])";
+pub(super) const SQL_META_PUT: &str = "INSERT INTO meta (key, body) VALUES ('meta', $1) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_LOAD_ALL: &str =
+    "SELECT id, version, last_report_seq, body FROM devices ORDER BY id";
+pub(super) const SQL_LOAD_SOME: &str =
+    "SELECT id, version, last_report_seq, body FROM devices WHERE id = ANY($1::text[])";
+pub(super) const SQL_VERSIONS_ALL: &str = "SELECT id, version FROM devices ORDER BY id";
+pub(super) const SQL_VERSIONS_SOME: &str =
+    "SELECT id, version FROM devices WHERE id = ANY($1::text[])";
+pub(super) const SQL_TOKENS: &str = "SELECT hash, body FROM tokens ORDER BY hash";
+pub(super) const SQL_META: &str = "SELECT body FROM meta WHERE key = 'meta'";
