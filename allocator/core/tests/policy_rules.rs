@@ -385,22 +385,6 @@ fn every_negative_signal_lowers_reputation_and_is_announced() {
                 },
             )
         }),
-        ("tampered_instruction", |e, d| {
-            e.handle(
-                2 * MIN,
-                Event::Ack {
-                    device: d.clone(),
-                    seq: 1,
-                    outcome: AckOutcome::Rejected(RejectReason::BadSignature),
-                },
-            )
-        }),
-        ("tampered_instruction", |e, d| {
-            let s = healthy_statuses(e, d);
-            let mut r = report(d, 2, vec![secure(100_000)], s, true);
-            r.rejections.bad_signature = 3;
-            e.handle(2 * MIN, Event::Report(r))
-        }),
         ("shard_outside_profile", |e, d| {
             let mut s = healthy_statuses(e, d);
             let mut extra = s[0].clone();
@@ -433,6 +417,52 @@ fn every_negative_signal_lowers_reputation_and_is_announced() {
         let announced = out.iter().any(|a| matches!(a, Action::ReputationChanged { reason: r, new, .. } if r == reason && *new == after));
         assert!(announced, "{reason}: {out:?}");
     }
+}
+
+/// Instructions that fail the device's signature check were published by
+/// someone else (issue 14: anyone can publish on a device's topic): the
+/// device's refusals, counted in its report or acked one by one, alert the
+/// operator but never lower its reputation.
+#[test]
+fn refusing_forged_instructions_never_lowers_reputation() {
+    let mut e = engine();
+    let d = dev("victim");
+    enroll(&mut e, 0, &d, "roomy", None);
+    send(&mut e, 0, &d, 1, vec![secure(100_000)]);
+    e.handle(
+        MIN,
+        Event::Ack {
+            device: d.clone(),
+            seq: 1,
+            outcome: AckOutcome::Applied,
+        },
+    );
+    let before = rep(&e, &d);
+    let s = healthy_statuses(&e, &d);
+    let mut r = report(&d, 2, vec![secure(100_000)], s, true);
+    r.rejections.bad_signature = 3;
+    let out = e.handle(2 * MIN, Event::Report(r));
+    assert!(rep(&e, &d) >= before, "{before} -> {}", rep(&e, &d));
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::Alert { message, .. } if message.contains("3 instruction(s)"))
+        ),
+        "{out:?}"
+    );
+    let out = e.handle(
+        3 * MIN,
+        Event::Ack {
+            device: d.clone(),
+            seq: 99,
+            outcome: AckOutcome::Rejected(shardline_shared::msg::RejectReason::BadSignature),
+        },
+    );
+    assert!(rep(&e, &d) >= before, "{before} -> {}", rep(&e, &d));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::ReputationChanged { new, old, .. } if new < old)),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -25,10 +25,13 @@ pub enum Drop {
     Stale,
     /// A topic this service does not handle.
     UnknownTopic,
+    /// An ack refusing an instruction this service never sent (a forgery
+    /// someone else published on the device's instruction topic).
+    NotOurs,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 8] = [
+    pub const ALL: [Drop; 9] = [
         Drop::Garbage,
         Drop::Oversize,
         Drop::UnknownDevice,
@@ -37,6 +40,7 @@ impl Drop {
         Drop::Duplicate,
         Drop::Stale,
         Drop::UnknownTopic,
+        Drop::NotOurs,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +53,7 @@ impl Drop {
             Drop::Duplicate => "duplicate",
             Drop::Stale => "stale",
             Drop::UnknownTopic => "unknown_topic",
+            Drop::NotOurs => "not_ours",
         }
     }
 
@@ -101,7 +106,7 @@ pub struct Metrics {
     pub reports_accepted: AtomicU64,
     pub acks_accepted: AtomicU64,
     pub statuses: AtomicU64,
-    dropped: [[AtomicU64; 8]; 4],
+    dropped: [[AtomicU64; 9]; 4],
     pub decisions: AtomicU64,
     pub instructions_sent: AtomicU64,
     pub instructions_resent: AtomicU64,

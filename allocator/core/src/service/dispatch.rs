@@ -1,5 +1,18 @@
 use super::*;
 
+/// A forced re-send of one instruction happens at most this often: forged
+/// "online" statuses make at most ten publishes a second per pending
+/// instruction.
+pub(super) const FORCED_RESEND_MIN_MS: u64 = 100;
+/// Re-send intervals double per attempt up to this many doublings.
+const RESEND_MAX_DOUBLINGS: u32 = 5;
+
+/// How long after its last send an instruction sent `attempts` times is
+/// re-sent: `base`, then doubling per attempt, at most 32 × `base`.
+pub(super) fn resend_backoff(base: u64, attempts: u32) -> u64 {
+    base.saturating_mul(1 << attempts.saturating_sub(1).min(RESEND_MAX_DOUBLINGS))
+}
+
 impl Core {
     /// Feeds the engine and carries out its actions (instructions get their
     /// sequence number here; `Sent` goes back to the engine).
@@ -106,7 +119,16 @@ impl Core {
             if p.seq <= above {
                 continue;
             }
-            if force || p.last_sent_ms + resend_after <= now_ms {
+            // Forced (the device just came online or asked) at most once
+            // per `FORCED_RESEND_MIN_MS`, so forged "online" statuses cannot
+            // make this service flood a device; otherwise with exponential
+            // backoff, so a device that never answers costs little.
+            let due = if force {
+                p.last_sent_ms + FORCED_RESEND_MIN_MS <= now_ms
+            } else {
+                p.last_sent_ms + resend_backoff(resend_after, p.attempts) <= now_ms
+            };
+            if due {
                 p.last_sent_ms = now_ms;
                 p.attempts += 1;
                 changed = true;

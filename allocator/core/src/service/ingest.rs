@@ -20,7 +20,6 @@ impl Core {
     /// Opens a device-signed envelope with the device's enrolled key.
     pub(super) fn verify<T: serde::de::DeserializeOwned>(
         &mut self,
-        now_ms: u64,
         kind: Kind,
         domain: Domain,
         device: &DeviceId,
@@ -37,10 +36,10 @@ impl Core {
             payload,
         ) {
             Verified::Ok(obj) => Some(obj),
-            Verified::BadSignature => {
-                self.compliance(now_ms, device, ComplianceKind::BadReportSignature);
-                None
-            }
+            // Anyone who can publish can send bytes that do not verify:
+            // counted (by `verify_signed`) against an unknown source, never
+            // charged to the device whose topic they used.
+            Verified::BadSignature => None,
             Verified::Dropped => None,
         }
     }
@@ -50,11 +49,8 @@ impl Core {
         match msg {
             VerifiedMsg::Report(device, report) => self.apply_report(now_ms, device, report),
             VerifiedMsg::Ack(device, ack) => self.apply_ack(now_ms, device, ack),
-            VerifiedMsg::BadSignature(device) => {
-                if self.records.contains_key(&device) {
-                    self.compliance(now_ms, &device, ComplianceKind::BadReportSignature);
-                }
-            }
+            // Counted by the verifier; not the device's doing (see `verify`).
+            VerifiedMsg::BadSignature(_) => {}
         }
     }
 
@@ -71,8 +67,7 @@ impl Core {
 
     pub(super) fn on_report(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
         Metrics::inc(&self.metrics.reports_received);
-        let Some(report) =
-            self.verify::<QosReport>(now_ms, Kind::Report, Domain::Report, &device, payload)
+        let Some(report) = self.verify::<QosReport>(Kind::Report, Domain::Report, &device, payload)
         else {
             return;
         };
@@ -94,14 +89,18 @@ impl Core {
             return;
         }
         if report.seq < rec.last_report_seq {
+            // A replay: anyone who saw the report on the broker can send it
+            // again, so it is counted and dropped, never charged to the device.
             self.metrics.dropped(Kind::Report, Drop::Stale);
-            self.compliance(now_ms, &device, ComplianceKind::ReplayedReport);
             return;
         }
         rec.last_report_seq = report.seq;
         rec.last_report_ms = Some(now_ms);
         self.mark_applied(&device, report.applied_instruction_seq);
         self.seq_dirty.insert(device.clone());
+        // A new report the device signed is proof it is online, whatever
+        // an (unsigned) status says.
+        self.presence.insert(device.clone(), Presence::Online);
         Metrics::inc(&self.metrics.reports_accepted);
         self.feed(now_ms, Event::Report(report));
     }
@@ -126,8 +125,7 @@ impl Core {
     }
 
     pub(super) fn on_ack(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
-        let Some(ack) =
-            self.verify::<InstructionAck>(now_ms, Kind::Ack, Domain::Ack, &device, payload)
+        let Some(ack) = self.verify::<InstructionAck>(Kind::Ack, Domain::Ack, &device, payload)
         else {
             return;
         };
@@ -140,6 +138,24 @@ impl Core {
             return;
         }
         Metrics::inc(&self.metrics.acks_accepted);
+        let sent_by_us = self.records.get(&device).is_some_and(|r| {
+            r.pending.iter().any(|p| p.seq == ack.instruction_seq)
+                || ack.instruction_seq <= r.applied_seq
+        });
+        if !sent_by_us
+            && matches!(
+                ack.outcome,
+                AckOutcome::Rejected(_) | AckOutcome::Failed { .. }
+            )
+        {
+            // The device refused an instruction this service never sent (or
+            // one already settled): a forgery someone published on its
+            // instruction topic, or a redelivery. Its honest refusal is
+            // counted, and neither moves its reputation nor re-plans it.
+            self.metrics.dropped(Kind::Ack, Drop::NotOurs);
+            tracing::debug!(%device, seq = ack.instruction_seq, outcome = ?ack.outcome, "refusal of an instruction this service did not send");
+            return;
+        }
         match &ack.outcome {
             AckOutcome::Applied | AckOutcome::Duplicate => {
                 self.mark_applied(&device, ack.instruction_seq)
@@ -203,9 +219,13 @@ impl Core {
             self.metrics.dropped(Kind::Status, Drop::UnknownDevice);
             return;
         }
+        // Shown to operators only: a status is unsigned (the broker publishes
+        // the last will), so it never suppresses a re-send.
         self.presence.insert(device.clone(), status.presence);
         // Every instance sees statuses; only the leader answers them, so a
-        // reconnecting device gets its pending instructions once.
+        // reconnecting device gets its pending instructions once. Anyone
+        // can publish "online", so the forced re-send it triggers is rate
+        // limited per device (`resend_pending`).
         if status.presence == Presence::Online && self.leader {
             // Unsigned, so it only ever triggers sending, never forgets anything.
             let rotation_due = self

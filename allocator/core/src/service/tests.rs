@@ -374,3 +374,106 @@ fn expired_pending_instructions_are_dropped_on_tick() {
         .all(|p| p.expires_at_ms > exp + 1));
     assert!(core.metrics.instructions_expired.load(Ordering::Relaxed) >= 1);
 }
+
+fn reputation(core: &Core, d: &DeviceId) -> f64 {
+    core.engine().device(d).unwrap().reputation
+}
+
+/// Issue 14: what a broker neighbour publishes on a device's topics moves
+/// neither its reputation nor what the service sends it.
+#[test]
+fn forged_replayed_and_unsigned_messages_never_move_the_victims_reputation() {
+    let (mut core, d) = enrolled();
+    let first = sign::seal(Domain::Report, &report(&d, 5), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &first);
+    let sent = instr_seq(&core.take_step().publish[0]);
+    let before = reputation(&core, &d);
+    let attacker = KeyPair::from_seed(&[66; 32]);
+    // A well-formed report signed by someone else, five times.
+    for seq in 6..11 {
+        let forged = sign::seal(Domain::Report, &report(&d, seq), &[&attacker]);
+        core.on_message(1_000_200, &topics::report(&d), &forged);
+    }
+    // The device's own old report, replayed.
+    let old = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_300, &topics::report(&d), &old);
+    core.on_message(1_000_301, &topics::report(&d), &first);
+    // The device's honest refusal of an instruction someone else forged on
+    // its topic (a number this service never used).
+    let refusal = InstructionAck {
+        device: d.clone(),
+        instruction_seq: sent + 1000,
+        outcome: AckOutcome::Rejected(RejectReason::BadSignature),
+        at_ms: 1_000_400,
+    };
+    core.on_message(
+        1_000_400,
+        &topics::ack(&d),
+        &sign::seal(Domain::Ack, &refusal, &[&dev_key()]),
+    );
+    // An ack with a forged signature.
+    let forged_ack = InstructionAck {
+        outcome: AckOutcome::Failed { reason: "x".into() },
+        instruction_seq: sent,
+        ..refusal.clone()
+    };
+    core.on_message(
+        1_000_500,
+        &topics::ack(&d),
+        &sign::seal(Domain::Ack, &forged_ack, &[&attacker]),
+    );
+    assert_eq!(reputation(&core, &d), before);
+    assert_eq!(
+        core.record(&d).unwrap().pending.len(),
+        1,
+        "the real instruction is still pending"
+    );
+    assert!(
+        core.take_step().publish.is_empty(),
+        "no instruction was planned from forged input"
+    );
+    let m = &core.metrics;
+    assert_eq!(m.dropped_count(Kind::Report, Drop::BadSignature), 5);
+    assert_eq!(m.dropped_count(Kind::Report, Drop::Stale), 1);
+    assert_eq!(m.dropped_count(Kind::Report, Drop::Duplicate), 1);
+    assert_eq!(m.dropped_count(Kind::Ack, Drop::NotOurs), 1);
+    assert_eq!(m.dropped_count(Kind::Ack, Drop::BadSignature), 1);
+    assert_eq!(m.compliance_events.load(Ordering::Relaxed), 0);
+}
+
+/// An unsigned "offline" status (anyone can publish one, retained) does not
+/// stop re-sends; re-sends back off per attempt.
+#[test]
+fn a_forged_offline_status_does_not_stop_resends_and_resends_back_off() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    assert_eq!(core.take_step().publish.len(), 1);
+    let offline = codec::encode(&DeviceStatus {
+        device: d.clone(),
+        presence: Presence::Offline,
+        applied_instruction_seq: 0,
+        agent_version: "forged".into(),
+        at_ms: 1_000_150,
+    });
+    core.on_message(1_000_150, &topics::status(&d), &offline);
+    // resend_after_ms is 1 s: attempt 1 → re-sent 1 s later, then 2 s, 4 s.
+    let mut resent_at = Vec::new();
+    let mut now = 1_000_100;
+    while now < 1_009_000 {
+        now += 250;
+        core.on_tick(now);
+        if !core.take_step().publish.is_empty() {
+            resent_at.push(now - 1_000_100);
+        }
+    }
+    assert!(
+        resent_at.len() >= 3,
+        "re-sent while 'offline': {resent_at:?}"
+    );
+    let gaps: Vec<u64> = resent_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.windows(2).all(|g| g[1] >= g[0] * 2 - 250),
+        "each gap about doubles: {resent_at:?}"
+    );
+}

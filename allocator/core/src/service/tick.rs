@@ -18,23 +18,11 @@ impl Core {
             .filter(|(_, r)| !r.pending.is_empty())
             .map(|(d, _)| d.clone())
             .collect();
+        // Whatever its (unsigned) status says: a forged "offline" must not
+        // stop re-sends. The backoff in `resend_pending` keeps devices that
+        // really are offline cheap.
         for device in devices {
-            if self.presence.get(&device) != Some(&Presence::Offline) {
-                self.resend_pending(now_ms, &device, 0, false);
-            } else {
-                // Still drop the expired ones of offline devices.
-                let Some(rec) = self.records.get_mut(&device) else {
-                    continue;
-                };
-                let before = rec.pending.len();
-                rec.pending.retain(|p| p.expires_at_ms > now_ms);
-                if rec.pending.len() != before {
-                    self.metrics
-                        .instructions_expired
-                        .fetch_add((before - rec.pending.len()) as u64, Ordering::Relaxed);
-                    self.dirty.insert(device);
-                }
-            }
+            self.resend_pending(now_ms, &device, 0, false);
         }
         if now_ms.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_ms {
             self.last_checkpoint_ms = now_ms;

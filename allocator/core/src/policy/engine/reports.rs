@@ -124,17 +124,22 @@ impl Engine {
                 running.push(s.shard);
             }
         }
+        // Instructions that failed the device's signature check were forged
+        // or corrupted by someone else (anyone can publish on its topic):
+        // the device did right to refuse them, so its reputation does not
+        // move. The rise is an alert for the operator.
         let bad_sig = report.rejections.bad_signature;
-        if bad_sig > st.rejections_seen {
-            st.reputation.apply(
-                rcfg,
-                now,
-                rcfg.tampered_instruction,
-                ComplianceKind::TamperedInstruction.as_str(),
-            );
-            penalized = true;
-        }
+        let forged_seen = bad_sig.saturating_sub(st.rejections_seen);
         st.rejections_seen = bad_sig;
+        if forged_seen > 0 {
+            out.push(Action::Alert {
+                device: report.device.clone(),
+                message: format!(
+                    "{forged_seen} instruction(s) on the device's topic failed its signature \
+                     check: forged or corrupted by another publisher (not charged to the device)"
+                ),
+            });
+        }
         if !penalized {
             let gain = rcfg.healthy_per_hour * window_ms as f64 / 3_600_000.0;
             st.reputation.apply(rcfg, now, gain, "healthy");
@@ -243,9 +248,6 @@ impl Engine {
                     device: device.clone(),
                     message: format!("instruction {seq} rejected: {reason:?}"),
                 });
-                if reason == shardline_shared::msg::RejectReason::BadSignature {
-                    self.penalize_compliance(now, device, ComplianceKind::TamperedInstruction);
-                }
                 self.resync(device);
                 self.reconcile(now, device, out);
             }
