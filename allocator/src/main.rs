@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Run the allocator service (embedded broker and store by default).
     Run(shardline_allocator::service::cli::RunArgs),
+    /// Check the configuration (file and flags, catalog, tiers, signing key,
+    /// TLS files) without starting anything; exit 78 when it is invalid.
+    CheckConfig(shardline_allocator::service::cli::RunArgs),
     /// Generate an instruction-signing key.
     Keygen(shardline_allocator::service::cli::KeygenArgs),
     /// Rotate the instruction-signing key and send the rotation to every device.
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => shardline_allocator::service::cli::run(args),
+        Command::CheckConfig(args) => shardline_allocator::service::cli::check_config(args),
         Command::Keygen(args) => shardline_allocator::service::cli::keygen(args),
         Command::Rotate(args) => shardline_allocator::service::cli::rotate(args),
         Command::Simulate(args) => shardline_allocator::simulate::run_cli(args),
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("shardline-allocator: error: {err:#}");
-            ExitCode::from(1)
+            ExitCode::from(shardline_allocator::service::cli::exit_code(&err))
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Hostile input over real MQTT: garbage, oversize, wrongly signed, replayed,
 //! stale, misaddressed and unknown-device reports, garbage acks and statuses.
-//! Each is counted under its reason in /metrics, a bad signature from an
-//! enrolled device costs it reputation, nothing crashes the allocator and a
-//! valid report right after all of it is still accepted.
+//! Each is counted under its reason in /metrics; only what the device itself
+//! signed (a report naming another device) costs it reputation; nothing
+//! crashes the allocator and a valid report right after all of it is still
+//! accepted.
 
 mod service_common;
 
@@ -154,8 +155,10 @@ async fn bad_reports_are_counted_dropped_and_never_stall_ingest() {
 
     // Every accepted report was exactly the valid ones.
     assert_eq!(alloc.metric("shardline_reports_accepted_total"), 2.0);
-    // Bad signatures from an enrolled device are compliance events: reputation fell.
-    assert!(alloc.metric("shardline_compliance_events_total") >= 3.0);
+    // Forged signatures and replays are not the device's doing (anyone can
+    // publish on its topics, issue 14): only the report it signed itself
+    // naming another device is a compliance event.
+    assert_eq!(alloc.metric("shardline_compliance_events_total"), 1.0);
     let rep1 = alloc.api("GET", "/v1/devices/victim", None).1["policy"]["reputation"]
         .as_f64()
         .unwrap();

@@ -222,6 +222,13 @@ pub fn signature_check(
     })
 }
 
+/// Whether `public_key` can ever verify a signature: a point on the curve
+/// that is not of small order (`verify_strict` refuses those, so a device
+/// enrolled with one could never be heard). Checked at enrolment.
+pub fn usable_public_key(public_key: &[u8; 32]) -> bool {
+    VerifyingKey::from_bytes(public_key).is_ok_and(|k| !k.is_weak())
+}
+
 /// Verifies many signatures at once, one result per check in order.
 ///
 /// Two or more are tried as one Ed25519 batch (about half the CPU per

@@ -3,7 +3,8 @@
 //! Every request becomes a [`Command`] for the core; the answer comes back
 //! after the core committed the batch it was in, so a 200 means "on disk".
 //!
-//! Routes (all under a bearer token except `/metrics` when public):
+//! Routes (all under a bearer token, checked before anything else about the
+//! request, except `/v1/health` and `/metrics` when public):
 //! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
 //! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`.
@@ -32,6 +33,9 @@ pub struct ApiState {
     pub token: Arc<String>,
     pub metrics: Arc<Metrics>,
     pub metrics_public: bool,
+    /// The only directory `POST /v1/rotate` takes a new key file from (the
+    /// signing key's own), so the API cannot be used to probe other files.
+    pub key_dir: std::path::PathBuf,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -44,7 +48,33 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tiers", get(tiers))
         .route("/v1/tokens", post(create_token))
         .route("/v1/rotate", post(rotate))
+        .fallback(not_found)
+        // Last, so it runs first: nothing about a request (its route, its
+        // body, its ids) is looked at before its token is.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            token_first,
+        ))
         .with_state(state)
+}
+
+/// Refuses every request without the bearer token before any other check,
+/// except the health probe and (when configured public) `/metrics`.
+async fn token_first(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let open = path == "/v1/health" || (path == "/metrics" && state.metrics_public);
+    if !open && !authorized(&state, request.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    next.run(request).await
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -102,7 +132,9 @@ async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Repl
 fn command_error(e: CommandError) -> Response {
     let status = match e {
         CommandError::UnknownDevice(_) => StatusCode::NOT_FOUND,
-        CommandError::KeyConflict(_) | CommandError::Concurrent(_) => StatusCode::CONFLICT,
+        CommandError::KeyConflict(_) | CommandError::KeyInUse(_) | CommandError::Concurrent(_) => {
+            StatusCode::CONFLICT
+        }
         CommandError::UnknownTier(_) | CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
     };
     error(status, e.to_string())
@@ -302,9 +334,31 @@ async fn rotate(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let new_key = match super::keys::read_secret(std::path::Path::new(&body.key_file)) {
+    let refused = || {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "key_file must be a secret key file (mode 0600) in {}; \
+                 `shardline-allocator rotate` checks it locally and says why",
+                state.key_dir.display()
+            ),
+        )
+    };
+    // The answer never says whether, or why, another file could not be
+    // read: only files beside the signing key are looked at.
+    let path = std::path::Path::new(&body.key_file);
+    let in_key_dir = path.is_absolute()
+        && path.parent() == Some(state.key_dir.as_path())
+        && path.file_name().is_some();
+    if !in_key_dir {
+        return refused();
+    }
+    let new_key = match super::keys::read_secret(path) {
         Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "rotation refused: the new key file is unusable");
+            return refused();
+        }
     };
     let cmd = Command::Rotate {
         new_key,

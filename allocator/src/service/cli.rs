@@ -107,7 +107,10 @@ pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     let required = args.config != Path::new(config::DEFAULT_PATH);
     let mut c = Config::load(&args.config, required)?;
     if let Some(b) = &args.broker {
-        config::BrokerUrl::parse(b).map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+        config::BrokerUrl::parse(b).map_err(|message| config::ConfigError::Flag {
+            flag: "--broker",
+            message,
+        })?;
         c.broker.url = b.clone();
     }
     macro_rules! set {
@@ -139,7 +142,11 @@ pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     set!(args.resend_after_ms, c.dispatch.resend_after_ms);
     if c.broker.tls_listen.is_some() && (c.broker.tls_cert.is_none() || c.broker.tls_key.is_none())
     {
-        anyhow::bail!("--tls-listen needs --tls-cert and --tls-key");
+        return Err(config::ConfigError::Flag {
+            flag: "--tls-listen",
+            message: "needs --tls-cert and --tls-key".into(),
+        }
+        .into());
     }
     Ok(c)
 }
@@ -167,6 +174,73 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config`: everything `run` reads before it starts (the file with
+/// the flags applied, the catalog and tiers, the signing key, TLS files),
+/// checked without starting anything. Exit 0, or 78 (EX_CONFIG) with the
+/// reason.
+pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = effective_config(&args)?;
+    let catalog = super::catalog_files::load_catalog(&config.policy.catalog)?;
+    let agreements = super::catalog_files::load_agreements(&config.policy.agreements, &catalog)?;
+    let key = keys::read_secret(&config.signer.key_file)?;
+    for (field, file) in [
+        ("broker.tls_cert", &config.broker.tls_cert),
+        ("broker.tls_key", &config.broker.tls_key),
+        ("broker.tls_client_ca", &config.broker.tls_client_ca),
+        ("broker.ca_file", &config.broker.ca_file),
+    ] {
+        if let Some(f) = file {
+            std::fs::metadata(f).map_err(|e| config::ConfigError::Flag {
+                flag: field,
+                message: format!("{}: {e}", f.display()),
+            })?;
+        }
+    }
+    println!(
+        "ok: {} capabilities, {} tiers, signing key {}, broker {}",
+        catalog.capabilities.len(),
+        agreements.tiers.len(),
+        key.id(),
+        if config.broker.url.is_empty() {
+            format!("embedded on {}", config.broker.listen)
+        } else {
+            config.broker.url.clone()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The process exit code for an error that ended a command: 78 (EX_CONFIG)
+/// when the configuration, a catalog or tiers file, or a key or TLS file is
+/// what is wrong (the unit's `RestartPreventExitStatus=78` then stops
+/// systemd from restarting into the same error), 69 (EX_UNAVAILABLE) when an
+/// address could not be bound, else 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use super::run::StartError;
+    const EX_CONFIG: u8 = 78;
+    const EX_UNAVAILABLE: u8 = 69;
+    for cause in err.chain() {
+        if cause.is::<config::ConfigError>()
+            || cause.is::<super::catalog_files::CatalogFileError>()
+            || cause.is::<keys::KeyError>()
+            || cause.is::<super::tls::TlsError>()
+        {
+            return EX_CONFIG;
+        }
+        if let Some(e) = cause.downcast_ref::<StartError>() {
+            return match e {
+                StartError::Catalog(_)
+                | StartError::Key(_)
+                | StartError::Tls(_)
+                | StartError::Token { .. } => EX_CONFIG,
+                StartError::Api { .. } | StartError::Broker(_) => EX_UNAVAILABLE,
+                StartError::Store(_) | StartError::Thread(_) => 1,
+            };
+        }
+    }
+    1
 }
 
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<ExitCode> {

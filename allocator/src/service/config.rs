@@ -23,6 +23,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// A command-line flag that overrides the file is invalid.
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
     #[error("{path}:{line}: field `{field}`: {message}")]
     Invalid {
         path: String,
@@ -261,6 +264,14 @@ impl Config {
         if let Some(url) = &config.store.url {
             check_store_url(url)
                 .map_err(|message| invalid_in_section(text, path, "store", "url", message))?;
+        }
+        if let Err((field, message)) = config.policy.engine.check() {
+            let section = if matches!(field, "initial" | "half_life_ms") {
+                "policy.engine.reputation"
+            } else {
+                "policy.engine"
+            };
+            return Err(invalid_in_section(text, path, section, field, message));
         }
         if config.policy.tick_ms == 0 {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));

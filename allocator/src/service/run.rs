@@ -250,6 +250,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         token: Arc::new(token),
         metrics: metrics.clone(),
         metrics_public: config.api.metrics_public,
+        key_dir: key_dir(&config),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -286,4 +287,20 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         api_addr,
         core_thread,
     })
+}
+
+/// The signing key's directory, as `POST /v1/rotate` compares it (absolute,
+/// symlinks resolved where it exists).
+fn key_dir(config: &Config) -> PathBuf {
+    let parent = config
+        .signer
+        .key_file
+        .parent()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let parent = if parent.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        parent
+    };
+    std::fs::canonicalize(&parent).unwrap_or(parent)
 }

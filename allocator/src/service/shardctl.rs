@@ -7,6 +7,7 @@
 use super::api_token::MAX_TOKEN_FILE;
 use super::http;
 use clap::{Parser, Subcommand};
+use shardline_shared::DeviceId;
 use shardline_support::secret_file;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -37,11 +38,13 @@ enum Cmd {
     Devices,
     /// One device: profile (leases), reputation history, last QoS, instructions.
     Device {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
     },
     /// Enrol a device with its public key (hex).
     Enroll {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
         public_key: String,
         #[arg(long)]
         tier: String,
@@ -50,34 +53,41 @@ enum Cmd {
     },
     /// Remove a device.
     Unenroll {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
     },
     /// Tiers (service agreements) and their units in use.
     Tiers,
     /// Keep a shard active on a device.
     Pin {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
         shard: String,
     },
     Unpin {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
         shard: String,
     },
     /// End a shard's lease on a device now and never grant it until unrevoked.
     Revoke {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
         shard: String,
     },
     Unrevoke {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
         shard: String,
     },
     /// Deactivate everything on a device and grant nothing until resumed.
     Drain {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
     },
     Resume {
-        device: String,
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
     },
     /// Bootstrap tokens for devices that enrol themselves.
     Token {
@@ -180,7 +190,7 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
 }
 
 fn op(
-    device: &str,
+    device: &DeviceId,
     op: &str,
     shard: Option<&String>,
 ) -> (&'static str, String, Option<serde_json::Value>) {
@@ -212,4 +222,11 @@ fn print_devices(rows: &[serde_json::Value]) {
             n("pending_instructions")
         );
     }
+}
+
+/// Device ids are checked here as the allocator checks them (they end up
+/// in URL paths, topics and file names), so a malformed one is refused
+/// before any request.
+fn parse_device(s: &str) -> Result<DeviceId, String> {
+    DeviceId::new(s).map_err(|e| e.to_string())
 }

@@ -316,6 +316,41 @@ impl Default for PolicyConfig {
     }
 }
 
+impl PolicyConfig {
+    /// Values the engine cannot work with, as (field, what is wrong): a zero
+    /// instruction lifetime would make every instruction expire on arrival,
+    /// a zero interval would spin.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("instruction_ttl_ms", self.instruction_ttl_ms),
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("min_lease_ms", self.min_lease_ms),
+            ("shift_interval_ms", self.shift_interval_ms),
+            ("borrow_ms", self.borrow_ms),
+            ("shift_ms", self.shift_ms),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err((field, "must be > 0".into()));
+            }
+        }
+        if !(self.capacity_headroom > 0.0 && self.capacity_headroom <= 1.0) {
+            return Err((
+                "capacity_headroom",
+                format!("must be in (0, 1], found {}", self.capacity_headroom),
+            ));
+        }
+        let r = &self.reputation;
+        if !(0.0..=100.0).contains(&r.initial) {
+            return Err(("initial", format!("must be 0-100, found {}", r.initial)));
+        }
+        if r.half_life_ms == 0 {
+            return Err(("half_life_ms", "must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
 // ------------------------------------------------------------ device state
 
 /// One granted lease (an active shard) as the engine believes the device runs it.

@@ -9,6 +9,10 @@ pub enum CommandError {
     UnknownTier(String),
     #[error("device {0} is already enrolled with another key")]
     KeyConflict(String),
+    /// The public key is already enrolled for another device: one key, one
+    /// device (else one device could sign as two).
+    #[error("this public key is already enrolled for device {0}")]
+    KeyInUse(String),
     #[error("{0}")]
     Invalid(String),
     /// Another allocator instance changed the device at the same moment;
@@ -141,6 +145,17 @@ impl Command {
             | Self::Operator { device, .. } => Some(device),
             _ => None,
         }
+    }
+}
+
+/// `text` as it may appear in an answer: at most 64 characters (an
+/// unknown name is echoed so the operator sees the typo, but a caller
+/// cannot make an error reply as large as its request).
+fn shown(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
     }
 }
 
@@ -317,7 +332,8 @@ impl Core {
                         };
                         if self.engine.catalog().shard(&shard).is_none() {
                             return Reply::Error(CommandError::Invalid(format!(
-                                "unknown shard {shard:?}"
+                                "unknown shard {:?}",
+                                shown(&shard)
                             )));
                         }
                         match op {

@@ -82,6 +82,19 @@ impl Core {
         if !self.engine.agreements().tiers.contains_key(&tier) {
             return Err(CommandError::UnknownTier(tier));
         }
+        if !sign::usable_public_key(&public_key) {
+            return Err(CommandError::Invalid(
+                "the public key is not a usable Ed25519 key (not a curve point, or of small order)"
+                    .into(),
+            ));
+        }
+        if let Some(other) = self
+            .records
+            .values()
+            .find(|r| r.public_key == public_key && r.device != device)
+        {
+            return Err(CommandError::KeyInUse(other.device.to_string()));
+        }
         if let Some(rec) = self.records.get_mut(&device) {
             if rec.public_key != public_key {
                 return Err(CommandError::KeyConflict(device.to_string()));
