@@ -160,9 +160,18 @@ impl Core {
             AckOutcome::Applied | AckOutcome::Duplicate => {
                 self.mark_applied(&device, ack.instruction_seq)
             }
-            AckOutcome::Rejected(RejectReason::UnknownKey) if self.meta.key_epoch > 0 => {
+            AckOutcome::Rejected(RejectReason::UnknownKey)
+                if self.meta.key_epoch > 0
+                    && self
+                        .records
+                        .get(&device)
+                        .is_some_and(|r| r.rotation_epoch_sent < self.meta.key_epoch) =>
+            {
                 // The device missed the key rotation: send it, then the
-                // instruction again (it stays pending).
+                // instruction again (it stays pending). Once per epoch: a
+                // device that refuses the rotation itself (say it was
+                // enrolled after it, pinning the new key) must not be sent
+                // it again and again.
                 self.send_rotation(&device);
                 self.resend_pending(now_ms, &device, 0, true);
             }

@@ -118,11 +118,18 @@ fn an_instruction_leaves_only_with_its_reserved_sequence_in_the_same_batch() {
 #[test]
 fn lazy_engine_state_is_written_a_few_records_per_step_and_each_within_the_flush_period() {
     let mut core = core_with(vec![]);
-    let key = dev_key();
+    // One key per device: a key enrolls one device only.
+    let key_of = |i: usize| {
+        KeyPair::from_seed(&[
+            i as u8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+            7, 7, 7, 7, 7,
+        ])
+    };
     let devices: Vec<DeviceId> = (0..200)
         .map(|i| DeviceId::new(format!("d{i}")).unwrap())
         .collect();
-    for d in &devices {
+    for (i, d) in devices.iter().enumerate() {
+        let key = key_of(i);
         core.on_command(
             1_000_000,
             Command::Enroll {
@@ -134,15 +141,15 @@ fn lazy_engine_state_is_written_a_few_records_per_step_and_each_within_the_flush
         );
     }
     // First reports: instructions, written at once with their records.
-    for d in &devices {
-        let bytes = sign::seal(Domain::Report, &report(d, 1), &[&key]);
+    for (i, d) in devices.iter().enumerate() {
+        let bytes = sign::seal(Domain::Report, &report(d, 1), &[&key_of(i)]);
         core.on_message(1_000_000, &topics::report(d), &bytes);
     }
     core.pace_lazy_writes(1_000_000);
     assert_eq!(core.take_step().batch.put_devices.len(), 200);
     // Second reports change only engine state (forecasts): lazy.
-    for d in &devices {
-        let bytes = sign::seal(Domain::Report, &report(d, 2), &[&key]);
+    for (i, d) in devices.iter().enumerate() {
+        let bytes = sign::seal(Domain::Report, &report(d, 2), &[&key_of(i)]);
         core.on_message(1_000_010, &topics::report(d), &bytes);
     }
     let mut written = std::collections::BTreeSet::new();
@@ -476,4 +483,37 @@ fn a_forged_offline_status_does_not_stop_resends_and_resends_back_off() {
         gaps.windows(2).all(|g| g[1] >= g[0] * 2 - 250),
         "each gap about doubles: {resent_at:?}"
     );
+}
+
+/// Issue 15: a device that refuses the rotation object (enrolled after the
+/// rotation, it pins the new key) is sent it once, not in a loop.
+#[test]
+fn a_refused_rotation_is_not_resent_in_a_loop() {
+    let (mut core, d) = enrolled();
+    let r = core.on_command(
+        1_000_050,
+        Command::Rotate {
+            new_key: KeyPair::from_seed(&[9; 32]),
+            key_file: "/k2".into(),
+        },
+    );
+    assert!(matches!(r, Reply::Rotated { epoch: 1, .. }), "{r:?}");
+    core.take_step();
+    let sent_before = core.metrics.rotations_sent.load(Ordering::Relaxed);
+    for i in 0..20u64 {
+        let refusal = InstructionAck {
+            device: d.clone(),
+            instruction_seq: 0,
+            outcome: AckOutcome::Rejected(RejectReason::UnknownKey),
+            at_ms: 1_000_100 + i,
+        };
+        core.on_message(
+            1_000_100 + i * 100,
+            &topics::ack(&d),
+            &sign::seal(Domain::Ack, &refusal, &[&dev_key()]),
+        );
+        core.take_step();
+    }
+    let sent = core.metrics.rotations_sent.load(Ordering::Relaxed) - sent_before;
+    assert!(sent <= 1, "rotation sent {sent} times");
 }
