@@ -4,7 +4,7 @@
 //! serialized state size). Writes its rows into the "Policy engine" section
 //! of BENCHMARKS.md (between the policy-bench markers).
 //!
-//! Run: `cargo bench -p shardline-allocator --bench policy`
+//! Run: `cargo bench -p shardline-allocator-core --bench policy`
 //! (`POLICY_BENCH_DEVICES`, `POLICY_BENCH_RUNS` override the defaults;
 //! `POLICY_BENCH_NO_WRITE=1` only prints).
 
@@ -245,7 +245,7 @@ fn main() {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into());
-    let cmd = "`cargo bench -p shardline-allocator --bench policy`";
+    let cmd = "`cargo bench -p shardline-allocator-core --bench policy`";
     let verdict = if rate >= 200_000.0 { "meets" } else { "misses" };
     let rows = format!(
         "| reports through `Engine::handle`, 1 core, {devices} devices in memory | {:.0} k reports/s per CPU-second (median of {runs}: {rate_runs} k; wall clock {:.0} k/s) | {machine} | {cmd} | {verdict} ≥ 200 k/s/core; CPU time of the benchmark thread (/proc/thread-self/schedstat) because the 2-core machine is shared (load ≈ {load}); 2–3 classes per report, ~10 % of devices change needs each round ({instructs} instructions over the runs), `take_dirty` after every report ({dirty} states to persist), release build |\n\
@@ -276,7 +276,7 @@ fn write_section(rows: &str) {
     let new = match (text.find(begin), text.find(end)) {
         (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
         _ => format!(
-            "{}\n## Policy engine\n\nWritten by `cargo bench -p shardline-allocator --bench policy` (allocator/benches/policy.rs).\n\n{block}\n",
+            "{}\n## Policy engine\n\nWritten by `cargo bench -p shardline-allocator-core --bench policy` (allocator/core/benches/policy.rs).\n\n{block}\n",
             text.trim_end()
         ),
     };

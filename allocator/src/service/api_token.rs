@@ -2,13 +2,21 @@
 //! others can read), or create it with a fresh random token, mode 0600.
 
 use super::config::Config;
-use super::run::StartError;
 use shardline_support::secret_file::{self, SecretFileError};
 use std::path::PathBuf;
 
+/// Why the API token file could not be read or created.
+#[derive(Debug, thiserror::Error)]
+#[error("API token file {path}: {source}")]
+pub struct ApiTokenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Reads (or creates with mode 0600) the admin API bearer token.
-pub fn read_or_create(path: &std::path::Path) -> Result<String, StartError> {
-    let terr = |source| StartError::Token {
+pub fn read_or_create(path: &std::path::Path) -> Result<String, ApiTokenError> {
+    let terr = |source| ApiTokenError {
         path: path.to_owned(),
         source,
     };

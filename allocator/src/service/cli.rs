@@ -234,7 +234,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 StartError::Catalog(_)
                 | StartError::Key(_)
                 | StartError::Tls(_)
-                | StartError::Token { .. } => EX_CONFIG,
+                | StartError::Token(_) => EX_CONFIG,
                 StartError::Api { .. } | StartError::Broker(_) => EX_UNAVAILABLE,
                 StartError::Store(_) | StartError::Thread(_) => 1,
             };

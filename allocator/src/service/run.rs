@@ -47,13 +47,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("API token file {path}: {source}")]
-    Token {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("core thread: {0}")]
+    #[error(transparent)]
+    Token(#[from] api_token::ApiTokenError),
+    #[error("cannot start a service thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -190,7 +186,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics.clone(),
         config.broker.max_payload,
         store.is_shared(),
-    )?;
+    )
+    .map_err(StartError::Thread)?;
     tokio::spawn(mqtt::run(
         eventloop,
         client.clone(),

@@ -7,7 +7,6 @@
 
 use super::core::{self, KeyDirectory, ToVerify, VerifierOutput};
 use super::inbound::Inbound;
-use super::run::StartError;
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::DeviceId;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     max_payload: usize,
     shared_store: bool,
-) -> Result<Vec<VerifierTx>, StartError> {
+) -> std::io::Result<Vec<VerifierTx>> {
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
@@ -82,8 +81,7 @@ pub fn start(
                         }
                     }
                 }
-            })
-            .map_err(StartError::Thread)?;
+            })?;
         senders.push(vtx);
     }
     Ok(senders)
