@@ -727,6 +727,48 @@ mod tests {
     }
 
     #[test]
+    fn broker_login_username_defaults_to_the_device_and_the_password_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = parse(&minimal()).unwrap();
+        assert_eq!((c.broker.username, c.broker.password_file), (None, None));
+
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("mqtt-password");
+        std::fs::write(&pw, "s3cret-s3cret-s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = minimal() + "password_file = \"mqtt-password\"\n";
+        let c = Config::parse(&dir.path().join("agent.toml"), &with).unwrap();
+        assert_eq!(c.broker.username.as_deref(), Some("r1"), "the device id");
+        assert_eq!(c.broker.password_file, Some(pw.clone()));
+        assert_eq!(
+            super::super::link::read_password(&pw).unwrap(),
+            "s3cret-s3cret-s3cret"
+        );
+        let named = with.clone() + "username = \"gw-17\"\n";
+        let c = Config::parse(&dir.path().join("agent.toml"), &named).unwrap();
+        assert_eq!(c.broker.username.as_deref(), Some("gw-17"));
+
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Config::parse(&dir.path().join("agent.toml"), &with).unwrap_err();
+        match err {
+            ConfigError::Invalid {
+                line,
+                field,
+                message,
+                ..
+            } => {
+                assert_eq!((line, field.as_str()), (9, "broker.password_file"));
+                assert!(message.contains("mode 640"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = minimal() + "password_file = \"nope\"\n";
+        expect_invalid(&missing, 9, "broker.password_file");
+        let wild = minimal() + "username = \"gw/+\"\n";
+        expect_invalid(&wild, 9, "broker.username");
+    }
+
+    #[test]
     fn no_pinned_key_is_an_error() {
         let none = minimal().replace(&format!("keys = [\"{KEY}\"]"), "keys = []");
         expect_invalid(&none, 4, "allocator.keys");

@@ -47,6 +47,11 @@ pub const BROKER_MAX_PACKET: usize = 1 << 20;
 /// costing the connection.
 pub const MAX_INCOMING_PACKET: usize = BROKER_MAX_PACKET + 4096;
 
+// Checked at compile time: the client reads whatever the broker cap lets
+// through (with room for a long topic), and our own reports pass the cap.
+const _: () = assert!(MAX_INCOMING_PACKET >= BROKER_MAX_PACKET + 256);
+const _: () = assert!(MAX_PACKET <= BROKER_MAX_PACKET);
+
 /// A connection that lasted this long resets the reconnect backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -492,6 +497,26 @@ mod tests {
             c.handed_out(Sent::Outbox(id));
         }
         assert!(c.to_send(1..=1000).is_empty());
+    }
+
+    #[test]
+    fn a_password_file_must_be_private_and_hold_one_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "\n  one-secret-line  \n\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_password(&p).unwrap(), "one-secret-line");
+        std::fs::write(&p, "a\nb\n").unwrap();
+        assert!(matches!(
+            read_password(&p),
+            Err(PasswordFileError::Malformed { .. })
+        ));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(matches!(
+            read_password(&p),
+            Err(PasswordFileError::TooOpen { mode: 0o604, .. })
+        ));
     }
 
     #[test]
