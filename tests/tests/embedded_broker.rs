@@ -10,7 +10,7 @@
 //! later rumqttd closes that gap, this test fails and the document must
 //! change with it.
 
-use rumqttc::{Client, Connection, ConnectionError, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
 use shardline_allocator::service::broker;
 use shardline_allocator::service::config::BrokerConfig;
 use shardline_tests::kit::proc::free_tcp_port;
@@ -50,13 +50,13 @@ impl Peer {
     }
 
     /// Events until `window` passes or the connection ends (then `Err`).
-    fn events(&mut self, window: Duration) -> Result<Vec<Event>, (Vec<Event>, ConnectionError)> {
+    fn events(&mut self, window: Duration) -> Result<Vec<Event>, (Vec<Event>, String)> {
         let deadline = Instant::now() + window;
         let mut out = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.conn.recv_timeout(left) {
                 Ok(Ok(ev)) => out.push(ev),
-                Ok(Err(e)) => return Err((out, e)),
+                Ok(Err(e)) => return Err((out, e.to_string())),
                 Err(_) => break,
             }
         }

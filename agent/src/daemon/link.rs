@@ -245,6 +245,15 @@ pub async fn drive(
                 {
                     attempt = 0;
                 }
+                if let ConnectionError::ConnectionRefused(code) = &err {
+                    // At most once per backoff period, and worth a warning:
+                    // the device stays offline until an operator acts.
+                    tracing::warn!(
+                        ?code,
+                        "the broker refused the connection (check broker.username and \
+                         broker.password_file against the broker's password file)"
+                    );
+                }
                 if is_oversize(&err) {
                     tracing::error!(
                         limit = MAX_INCOMING_PACKET,

@@ -156,6 +156,17 @@ impl Credentials {
         Ok(c)
     }
 
+    /// Adds an allocator login (e.g. a random one the service makes for its
+    /// own in-process client at start, so the operator need not write it in
+    /// the file). Refused when the name is taken.
+    pub fn add_allocator(&mut self, name: &str, password: &str) -> bool {
+        if self.devices.contains_key(name) || self.allocators.contains_key(name) {
+            return false;
+        }
+        self.allocators.insert(name.to_owned(), password.to_owned());
+        true
+    }
+
     /// Whether a CONNECT with these client id, username and password is let
     /// in. A device must use its own client id; nobody else may use a
     /// device's client id.
@@ -253,10 +264,17 @@ pub fn start_embedded_with(
     cfg: &BrokerConfig,
     credentials_file: Option<&Path>,
 ) -> Result<(), BrokerError> {
-    let credentials = credentials_file
-        .map(Credentials::load)
-        .transpose()?
-        .map(Arc::new);
+    let credentials = credentials_file.map(Credentials::load).transpose()?;
+    start_embedded_with_credentials(cfg, credentials)
+}
+
+/// Like [`start_embedded_with`], with credentials already loaded (and
+/// perhaps extended with [`Credentials::add_allocator`]).
+pub fn start_embedded_with_credentials(
+    cfg: &BrokerConfig,
+    credentials: Option<Credentials>,
+) -> Result<(), BrokerError> {
+    let credentials = credentials.map(Arc::new);
     if let Some(c) = &credentials {
         tracing::info!(
             devices = c.devices.len(),
@@ -425,6 +443,13 @@ mod tests {
             !format!("{c:?}").contains("0123456789"),
             "Debug hides passwords"
         );
+        let mut c = c;
+        assert!(
+            !c.add_allocator("gw-1", "xxxxxxxxxxxxxxxxxxxx"),
+            "a device's name"
+        );
+        assert!(c.add_allocator("self", "yyyyyyyyyyyyyyyyyyyy"));
+        assert!(c.admit("shardline-allocator-1", "self", "yyyyyyyyyyyyyyyyyyyy"));
     }
 
     #[test]
