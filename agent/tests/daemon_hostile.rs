@@ -459,3 +459,50 @@ fn a_password_file_others_can_read_is_refused_with_file_line_and_field() {
         "{err}"
     );
 }
+
+/// Against a broker *without* the shipped cap the agent cannot read a 2 MiB
+/// packet without losing the connection, and its persistent session hands
+/// the packet over again after every reconnect. What the agent can do is
+/// not reconnect at full speed: only a connection that stayed up resets its
+/// backoff (it used to reconnect ~25 times a second, forever).
+#[test]
+fn without_the_broker_cap_an_oversize_packet_only_slows_reconnects_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(tmp.path()) else {
+        return;
+    };
+    // reconnect_min_ms = 50, reconnect_max_ms = 400 (daemon_support).
+    let mut agent = Agent::new(tmp.path(), "gw-a", &broker.url(), 100, "");
+    let cloud = Cloud::connect(broker.port, &agent.device);
+    agent.start(&[]);
+    cloud
+        .recv_kind("/report", Duration::from_secs(10))
+        .expect("agent reports");
+    let a = agent.device.clone();
+    let evil = Peer::connect(broker.port, "evil", None).unwrap();
+    evil.publish(
+        &topics::instr(&a),
+        vec![0x05; 2 << 20],
+        QoS::AtLeastOnce,
+        false,
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            (status_counter(&agent, "link_drops") >= 1).then_some(())
+        })
+        .is_some(),
+        "the uncapped broker forwards the packet and the agent drops the link"
+    );
+    let drops_before = status_counter(&agent, "link_drops");
+    std::thread::sleep(Duration::from_secs(4));
+    let drops = status_counter(&agent, "link_drops") - drops_before;
+    eprintln!("uncapped broker: {drops} link drops in 4 s");
+    // Backoff 50 ms doubling to 400 ms (× 0.5–1.0 jitter), never reset:
+    // at most ~16 attempts in 4 s; a tight loop makes about 100.
+    assert!(drops <= 20, "{drops} reconnects in 4 s: a reconnect loop");
+    assert!(
+        agent.log().contains("must cap packets"),
+        "the agent says what is wrong"
+    );
+    agent.sigterm();
+}
