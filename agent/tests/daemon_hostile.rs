@@ -506,3 +506,55 @@ fn without_the_broker_cap_an_oversize_packet_only_slows_reconnects_down() {
     );
     agent.sigterm();
 }
+
+/// A leaked credential is rotated: the operator sets a new password on the
+/// broker and in the device's password file, and a SIGHUP to the agent logs
+/// it in again with the new one; no report is lost on the way and the old
+/// password no longer opens a connection.
+#[test]
+fn a_rotated_password_takes_effect_on_reload_without_losing_a_report() {
+    const PW_NEW: &str = "gw-a-rotated-password-42";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start_shipped(tmp.path(), &users(), "") else {
+        return;
+    };
+    let mut agent = agent_a(tmp.path(), &broker, 100);
+    let a = agent.device.clone();
+    let cloud = Cloud::connect_as(broker.port, &a, Some(("shardline-allocator", PW_ALLOC)));
+    agent.start(&[]);
+    let mut seqs = vec![
+        agent
+            .open_report(&cloud.recv_kind("/report", Duration::from_secs(10)).unwrap())
+            .seq,
+    ];
+
+    broker.set_password("gw-a", PW_NEW);
+    broker.reload();
+    let pw = tmp.path().join("mqtt-password");
+    std::fs::write(&pw, format!("{PW_NEW}\n")).unwrap();
+    agent.sighup();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (status_counter(&agent, "connects") >= 2).then_some(())
+        })
+        .is_some(),
+        "the agent logged in again after the reload"
+    );
+    for (topic, payload) in cloud.drain(Duration::from_secs(2)) {
+        if topic.ends_with("/report") {
+            seqs.push(agent.open_report(&payload).seq);
+        }
+    }
+    assert!(seqs.len() > 5, "reports keep coming: {seqs:?}");
+    assert_no_gap(&seqs);
+    assert_eq!(
+        status_counter(&agent, "connects"),
+        2,
+        "one new login, no loop"
+    );
+    assert!(
+        Peer::connect(broker.port, "x", Some(("gw-a", PW_A))).is_err(),
+        "the old password is refused"
+    );
+    agent.sigterm();
+}

@@ -655,9 +655,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// SIGHUP: re-reads the configuration. Broker settings, window, outbox cap
-    /// and pinned keys take effect; a changed device id or state directory
-    /// needs a restart and is refused. Returns the new window length.
+    /// SIGHUP: re-reads the configuration. Broker settings (and the MQTT
+    /// password file), window, outbox cap and pinned keys take effect; a
+    /// changed device id or state directory needs a restart and is refused.
+    /// Returns the new window length.
     fn reload(&mut self) -> Result<Option<u32>, DaemonError> {
         self.notifier.reloading();
         let new = match Config::load(&self.cfg.path) {
@@ -682,8 +683,13 @@ impl Daemon {
         let actions = self.manager.repin(pinned_key_set(&self.cfg.allocator_keys));
         self.execute(actions, None)?;
         self.outbox.set_cap(self.cfg.outbox_cap);
-        if old.broker != self.cfg.broker {
-            tracing::info!("broker settings changed; reconnecting");
+        // A password file may have been rewritten in place (a rotated
+        // credential) with the configuration unchanged: log in again.
+        if old.broker != self.cfg.broker || self.cfg.broker.password_file.is_some() {
+            tracing::info!(
+                changed = old.broker != self.cfg.broker,
+                "reconnecting with the reloaded broker settings"
+            );
             self.restart_link()?;
         }
         let window = (old.monitor.window_ms != self.cfg.monitor.window_ms).then(|| {

@@ -168,6 +168,33 @@ impl Broker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGHUP: mosquitto re-reads its password and ACL files.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
+    /// Sets a user's password in the password file of [`Broker::start_shipped`]
+    /// (takes effect with [`Broker::reload`]).
+    pub fn set_password(&self, user: &str, password: &str) {
+        let passwd = self
+            .conf
+            .parent()
+            .unwrap()
+            .join("etc-mosquitto/shardline.passwd");
+        let st = Command::new(MOSQUITTO_PASSWD)
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mosquitto_passwd {user}");
+    }
+
     /// (Re)starts the broker on the same port and waits until it accepts.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "broker already running");
@@ -321,6 +348,11 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
