@@ -190,6 +190,11 @@ for arch in "${arches[@]}"; do
     catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" >"$s/etc/shardline/catalog.toml"
     install -m 0644 "$repo/allocator/catalog/tiers.toml" "$s/etc/shardline/agreements.toml"
     install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
+    # The fleet broker's settings (size cap, logins, ACL), for operators
+    # running mosquitto instead of the embedded broker: SECURITY.md.
+    for f in shardline.conf shardline.acl listener.conf.example; do
+        install -D -m 0644 "$here/mosquitto/$f" "$s/usr/share/doc/shardline-allocator/mosquitto/$f"
+    done
     build_pkg shardline-allocator "$arch" "$s" "passwd" \
         "Shardline allocator (fleet policy, signed instructions)" \
 " The Shardline allocator runs in the cloud for an operator's fleet: it

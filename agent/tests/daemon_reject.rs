@@ -1,8 +1,11 @@
 //! Hostile instructions sent through a real broker by a plain MQTT client:
 //! forged (unknown key), tampered (bad signature), replayed (an older
 //! instruction again), expired, and addressed to another device. Each is
-//! acked as Rejected with its reason, counted in the next report's
-//! RejectionCounters, and the running profile stays as it was.
+//! counted in the next report's RejectionCounters and the running profile
+//! stays as it was. Only refusals of genuinely signed instructions (the
+//! replay, the expired one) are acked with their reason: what fails at or
+//! before the signature check could come from anyone on the broker and
+//! costs the device no write and no signature (issue 14).
 
 mod daemon_support;
 
@@ -84,18 +87,26 @@ fn forged_replayed_expired_and_wrong_device_instructions_are_rejected() {
         &[&key],
     );
     let cases = [
-        (forged, 0, RejectReason::UnknownKey),
-        (tampered, 0, RejectReason::BadSignature),
-        (first, 4, RejectReason::Rollback),
-        (expired, 8, RejectReason::Expired),
-        (wrong_device, 9, RejectReason::WrongDevice),
+        (forged, None),
+        (tampered, None),
+        (first, Some((4, RejectReason::Rollback))),
+        (expired, Some((8, RejectReason::Expired))),
+        (wrong_device, None),
     ];
-    for (bytes, seq, reason) in cases {
+    for (bytes, acked) in cases {
         cloud.send_instruction(&me, bytes);
-        let ack = agent.open_ack(&cloud.recv_kind("/ack", Duration::from_secs(10)).unwrap());
-        assert_eq!(ack.instruction_seq, seq, "{reason:?}");
-        assert_eq!(ack.outcome, AckOutcome::Rejected(reason));
+        if let Some((seq, reason)) = acked {
+            let ack = agent.open_ack(&cloud.recv_kind("/ack", Duration::from_secs(10)).unwrap());
+            assert_eq!(ack.instruction_seq, seq, "{reason:?}");
+            assert_eq!(ack.outcome, AckOutcome::Rejected(reason));
+        }
     }
+    let late = cloud.recv_kind("/ack", Duration::from_secs(1));
+    assert!(
+        late.is_none(),
+        "no ack for unauthenticated bytes: {:?}",
+        late.map(|b| agent.open_ack(&b))
+    );
     assert_eq!(agent.applied_seq(), 5);
     assert_eq!(
         agent.state()["profile"],

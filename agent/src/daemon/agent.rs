@@ -19,7 +19,7 @@ use super::enroll::{self, BootstrapToken, EnrollPolicy, Enroller, Marker, Phase}
 use super::link::{self, LinkCore, LinkEvent, Sent};
 use super::manager::{Action, CapabilityManager, PersistedState};
 use super::notify::Notifier;
-use super::outbox::Outbox;
+use super::outbox::{Kind, Outbox};
 use super::persist;
 use super::resources::ResourceSampler;
 use super::runtime::{QosSource, ShardRuntime};
@@ -142,6 +142,11 @@ pub struct Daemon {
     /// (`None` when not configured or not needed).
     enroller: Enroller,
     enroll_token: Option<BootstrapToken>,
+    /// CONNACKs received and connections lost since start (status.json):
+    /// how an operator, and the hostile-publisher tests, see a link that
+    /// cannot stay up.
+    connects: u64,
+    link_drops: u64,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -240,6 +245,8 @@ impl Daemon {
             status_dirty: true,
             enroller,
             enroll_token,
+            connects: 0,
+            link_drops: 0,
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -326,7 +333,8 @@ impl Daemon {
                 dropped_unsent,
             } => {
                 if self.core.is_connected() {
-                    tracing::warn!(%error, "broker connection lost");
+                    self.link_drops += 1;
+                    tracing::warn!(%error, drops = self.link_drops, "broker connection lost");
                 } else {
                     tracing::debug!(%error, "broker not reachable");
                 }
@@ -335,8 +343,10 @@ impl Daemon {
                 self.status_dirty = true;
             }
             LinkEvent::Mqtt(Event::Incoming(Packet::ConnAck(ack))) => {
+                self.connects += 1;
                 tracing::info!(
                     session_present = ack.session_present,
+                    connects = self.connects,
                     "connected to the broker"
                 );
                 self.core.on_connected();
@@ -433,7 +443,8 @@ impl Daemon {
                         at_ms: now,
                     };
                     let bytes = sign::seal(Domain::Ack, &ack, &[&self.key]);
-                    self.outbox.push(&topics::ack(&self.cfg.device), &bytes)?;
+                    self.outbox
+                        .push(Kind::Ack, &topics::ack(&self.cfg.device), &bytes)?;
                     self.flush();
                     self.status_dirty = true;
                 }
@@ -485,7 +496,7 @@ impl Daemon {
         };
         let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
         self.outbox
-            .push(&topics::report(&self.cfg.device), &bytes)?;
+            .push(Kind::Report, &topics::report(&self.cfg.device), &bytes)?;
         self.last_report_seq = seq;
         self.flush();
         Ok(())
@@ -624,6 +635,9 @@ impl Daemon {
             "outbox_len": self.outbox.len(),
             "outbox_dropped": self.outbox.dropped(),
             "outbox_unacked": self.core.unacked(),
+            "acks_withheld": self.manager.acks_withheld(),
+            "connects": self.connects,
+            "link_drops": self.link_drops,
         });
         // Not fsynced: it is a view, rebuilt every second.
         let tmp = self.status_path.with_extension("json.tmp");
@@ -641,9 +655,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// SIGHUP: re-reads the configuration. Broker settings, window, outbox cap
-    /// and pinned keys take effect; a changed device id or state directory
-    /// needs a restart and is refused. Returns the new window length.
+    /// SIGHUP: re-reads the configuration. Broker settings (and the MQTT
+    /// password file), window, outbox cap and pinned keys take effect; a
+    /// changed device id or state directory needs a restart and is refused.
+    /// Returns the new window length.
     fn reload(&mut self) -> Result<Option<u32>, DaemonError> {
         self.notifier.reloading();
         let new = match Config::load(&self.cfg.path) {
@@ -668,8 +683,13 @@ impl Daemon {
         let actions = self.manager.repin(pinned_key_set(&self.cfg.allocator_keys));
         self.execute(actions, None)?;
         self.outbox.set_cap(self.cfg.outbox_cap);
-        if old.broker != self.cfg.broker {
-            tracing::info!("broker settings changed; reconnecting");
+        // A password file may have been rewritten in place (a rotated
+        // credential) with the configuration unchanged: log in again.
+        if old.broker != self.cfg.broker || self.cfg.broker.password_file.is_some() {
+            tracing::info!(
+                changed = old.broker != self.cfg.broker,
+                "reconnecting with the reloaded broker settings"
+            );
             self.restart_link()?;
         }
         let window = (old.monitor.window_ms != self.cfg.monitor.window_ms).then(|| {

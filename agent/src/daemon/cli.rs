@@ -108,9 +108,9 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    if cfg.broker.tls {
-        // Loads the CA and the client certificate now, so a bad file is
-        // found here and not at the first connection attempt.
+    if cfg.broker.tls || cfg.broker.password_file.is_some() {
+        // Loads the CA, the client certificate and the MQTT password now, so
+        // a bad file is found here and not at the first connection attempt.
         if let Err(e) = super::link::mqtt_options(&cfg.broker, String::from("check"), Vec::new()) {
             eprintln!("shardline-agent: {}: broker: {e}", cfg.path.display());
             return Ok(ExitCode::from(EXIT_CONFIG));
@@ -130,6 +130,14 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
         cfg.broker.port,
         cfg.broker.client_id
     );
+    match (&cfg.broker.username, &cfg.broker.password_file) {
+        (Some(user), Some(file)) => println!(
+            "  broker login:    {user} (password from {})",
+            file.display()
+        ),
+        (Some(user), None) => println!("  broker login:    {user} (no password)"),
+        _ => println!("  broker login:    none (anonymous)"),
+    }
     println!("  pinned keys:     {}", cfg.allocator_keys.len());
     println!("  state dir:       {}", cfg.state_dir.display());
     println!("  shard dir:       {}", cfg.shard_dir.display());

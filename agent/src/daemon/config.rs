@@ -69,6 +69,13 @@ pub struct BrokerConfig {
     pub keep_alive_s: u16,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// MQTT username (the broker identity of this device). Defaults to the
+    /// device id when `password_file` is set, which is what the shipped
+    /// mosquitto ACL (`pattern … dev/%u/…`) expects.
+    pub username: Option<String>,
+    /// File holding the MQTT password (mode 0600 or stricter, one line);
+    /// read when the link starts, never kept in this struct.
+    pub password_file: Option<PathBuf>,
 }
 
 /// What traffic to watch.
@@ -140,6 +147,8 @@ struct RawBroker {
     reconnect_min_ms: Spanned<u64>,
     #[serde(default = "default_reconnect_max")]
     reconnect_max_ms: Spanned<u64>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<PathBuf>>,
 }
 
 fn default_keep_alive() -> Spanned<u16> {
@@ -399,6 +408,34 @@ impl Config {
                 format!("must be at least 1 and not above reconnect_max_ms ({rmax})"),
             ));
         }
+        if let Some(u) = &b.username {
+            let v = u.get_ref();
+            if v.is_empty() || v.len() > 128 || v.contains(['+', '#', '/']) {
+                return Err(invalid(
+                    u.span(),
+                    "broker.username",
+                    "must be 1 to 128 characters without '+', '#' or '/' \
+                     (it stands for the device in broker ACL patterns)"
+                        .into(),
+                ));
+            }
+        }
+        let password_file = match &b.password_file {
+            Some(f) => {
+                let p = resolve(path, f.get_ref());
+                // Checked here too (and again when read at link start), so
+                // `check-config` names the line of a world-readable file.
+                super::link::check_password_file_mode(&p)
+                    .map_err(|e| invalid(f.span(), "broker.password_file", e.to_string()))?;
+                Some(p)
+            }
+            None => None,
+        };
+        let username = match (&b.username, &password_file) {
+            (Some(u), _) => Some(u.get_ref().clone()),
+            (None, Some(_)) => Some(raw.device.id.to_string()),
+            (None, None) => None,
+        };
         let client_id = match &b.client_id {
             Some(id) => {
                 let v = id.get_ref();
@@ -503,6 +540,8 @@ impl Config {
                 keep_alive_s: *b.keep_alive_s.get_ref(),
                 reconnect_min_ms: rmin,
                 reconnect_max_ms: rmax,
+                username,
+                password_file,
             },
             monitor: MonitorConfig {
                 interfaces: m.interfaces.into_iter().map(|i| i.into_inner()).collect(),
@@ -685,6 +724,48 @@ mod tests {
             c.broker.cert_file,
             Some(PathBuf::from("/etc/shardline/c.pem"))
         );
+    }
+
+    #[test]
+    fn broker_login_username_defaults_to_the_device_and_the_password_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = parse(&minimal()).unwrap();
+        assert_eq!((c.broker.username, c.broker.password_file), (None, None));
+
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("mqtt-password");
+        std::fs::write(&pw, "s3cret-s3cret-s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = minimal() + "password_file = \"mqtt-password\"\n";
+        let c = Config::parse(&dir.path().join("agent.toml"), &with).unwrap();
+        assert_eq!(c.broker.username.as_deref(), Some("r1"), "the device id");
+        assert_eq!(c.broker.password_file, Some(pw.clone()));
+        assert_eq!(
+            super::super::link::read_password(&pw).unwrap(),
+            "s3cret-s3cret-s3cret"
+        );
+        let named = with.clone() + "username = \"gw-17\"\n";
+        let c = Config::parse(&dir.path().join("agent.toml"), &named).unwrap();
+        assert_eq!(c.broker.username.as_deref(), Some("gw-17"));
+
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Config::parse(&dir.path().join("agent.toml"), &with).unwrap_err();
+        match err {
+            ConfigError::Invalid {
+                line,
+                field,
+                message,
+                ..
+            } => {
+                assert_eq!((line, field.as_str()), (9, "broker.password_file"));
+                assert!(message.contains("mode 640"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = minimal() + "password_file = \"nope\"\n";
+        expect_invalid(&missing, 9, "broker.password_file");
+        let wild = minimal() + "username = \"gw/+\"\n";
+        expect_invalid(&wild, 9, "broker.username");
     }
 
     #[test]

@@ -12,6 +12,16 @@
 //! switched off (the driver clears `EventLoop::pending`): the outbox is the
 //! single source of retransmission, so nothing is sent twice by two layers
 //! and nothing is forgotten by either.
+//!
+//! Size and reconnect discipline (issue 14, hostile publishers): both
+//! shipped broker setups cap an MQTT packet at [`BROKER_MAX_PACKET`], and
+//! the client accepts anything up to [`MAX_INCOMING_PACKET`] (above that
+//! cap), so an oversize instruction reaches the acceptance code, which counts
+//! and drops it. rumqttc can only answer a packet above its own limit by
+//! dropping the connection, and a persistent session would hand the same
+//! packet over again: against a broker without the cap that is a loop, so
+//! the reconnect backoff is reset only after a connection stayed up for
+//! [`STABLE_AFTER`], never by a bare CONNACK.
 
 use super::config::BrokerConfig;
 use rumqttc::{
@@ -23,9 +33,27 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Largest MQTT packet accepted or sent (instructions are capped at 64 KiB
-/// by acceptance, reports at the codec's 256 KiB).
+/// Largest MQTT packet sent (reports are capped at the codec's 256 KiB).
 pub const MAX_PACKET: usize = 300 * 1024;
+
+/// The packet cap both shipped broker setups enforce (`max_packet_size` in
+/// `packaging/mosquitto/shardline.conf`, `max_payload_size` of the embedded
+/// rumqttd in `allocator/src/service/broker.rs`): 1 MiB.
+pub const BROKER_MAX_PACKET: usize = 1 << 20;
+
+/// Largest MQTT packet accepted: above the broker cap (plus room for the
+/// topic and header), so whatever a capped broker forwards is received and
+/// judged by acceptance (instructions are capped at 64 KiB there) instead of
+/// costing the connection.
+pub const MAX_INCOMING_PACKET: usize = BROKER_MAX_PACKET + 4096;
+
+// Checked at compile time: the client reads whatever the broker cap lets
+// through (with room for a long topic), and our own reports pass the cap.
+const _: () = assert!(MAX_INCOMING_PACKET >= BROKER_MAX_PACKET + 256);
+const _: () = assert!(MAX_PACKET <= BROKER_MAX_PACKET);
+
+/// A connection that lasted this long resets the reconnect backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Trust store used for mqtts when `broker.ca_file` is not set.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -40,6 +68,60 @@ pub enum LinkSetupError {
     TlsFile { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error(transparent)]
+    PasswordFile(#[from] PasswordFileError),
+}
+
+/// Why the MQTT password file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    #[error("broker.password_file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "broker.password_file {path}: mode {mode:o} lets others read the password; \
+         expected 0600 or stricter"
+    )]
+    TooOpen { path: String, mode: u32 },
+    #[error("broker.password_file {path}: expected one line holding the password")]
+    Malformed { path: String },
+}
+
+/// Checks that the password file is private (mode 0600 or stricter): the
+/// password is the device's broker identity.
+pub fn check_password_file_mode(path: &std::path::Path) -> Result<(), PasswordFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| PasswordFileError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PasswordFileError::TooOpen {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the MQTT password: mode 0600 or stricter, one non-empty line.
+pub fn read_password(path: &std::path::Path) -> Result<String, PasswordFileError> {
+    check_password_file_mode(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    match (lines.next(), lines.next()) {
+        (Some(pw), None) => Ok(pw.trim().to_owned()),
+        _ => Err(PasswordFileError::Malformed {
+            path: path.display().to_string(),
+        }),
+    }
 }
 
 /// Builds the rumqttc options: persistent session under a stable client id,
@@ -55,7 +137,7 @@ pub fn mqtt_options(
         .set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)))
         .set_manual_acks(true)
         .set_inflight(256)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_PACKET)
         .set_request_channel_capacity(4 * SEND_WINDOW)
         .set_last_will(LastWill::new(
             will_topic,
@@ -63,6 +145,12 @@ pub fn mqtt_options(
             QoS::AtLeastOnce,
             true,
         ));
+    if let Some(path) = &cfg.password_file {
+        let user = cfg.username.clone().unwrap_or_default();
+        o.set_credentials(user, read_password(path)?);
+    } else if let Some(user) = &cfg.username {
+        o.set_credentials(user.clone(), String::new());
+    }
     if cfg.tls {
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls_config(cfg)?),
@@ -137,16 +225,42 @@ pub async fn drive(
     reconnect_max_ms: u64,
 ) {
     let mut attempt: u32 = 0;
+    let mut connected_at: Option<tokio::time::Instant> = None;
     loop {
         let event = eventloop.poll().await;
         let sent = match event {
             Ok(ev) => {
                 if matches!(ev, Event::Incoming(rumqttc::Packet::ConnAck(_))) {
-                    attempt = 0;
+                    connected_at = Some(tokio::time::Instant::now());
                 }
                 tx.send(LinkEvent::Mqtt(ev))
             }
             Err(err) => {
+                // Only a connection that stayed up resets the backoff: one
+                // that a poisoned session drops right after its CONNACK
+                // must not reconnect at full speed (see the module docs).
+                if connected_at
+                    .take()
+                    .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
+                {
+                    attempt = 0;
+                }
+                if let ConnectionError::ConnectionRefused(code) = &err {
+                    // At most once per backoff period, and worth a warning:
+                    // the device stays offline until an operator acts.
+                    tracing::warn!(
+                        ?code,
+                        "the broker refused the connection (check broker.username and \
+                         broker.password_file against the broker's password file)"
+                    );
+                }
+                if is_oversize(&err) {
+                    tracing::error!(
+                        limit = MAX_INCOMING_PACKET,
+                        "the broker forwarded a packet above the agent's limit; the broker \
+                         must cap packets at {BROKER_MAX_PACKET} bytes (see SECURITY.md)"
+                    );
+                }
                 // rumqttc moved in-flight publishes (pkid set) and the
                 // requests still in its channel (pkid 0) to `pending` to
                 // replay them; the outbox replays instead.
@@ -184,6 +298,17 @@ pub async fn drive(
 
 fn describe(err: &ConnectionError) -> String {
     err.to_string()
+}
+
+/// Whether the connection dropped because an incoming packet was above
+/// [`MAX_INCOMING_PACKET`].
+fn is_oversize(err: &ConnectionError) -> bool {
+    matches!(
+        err,
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+        ))
+    )
 }
 
 /// What a publish handed to the client was.
@@ -381,6 +506,26 @@ mod tests {
             c.handed_out(Sent::Outbox(id));
         }
         assert!(c.to_send(1..=1000).is_empty());
+    }
+
+    #[test]
+    fn a_password_file_must_be_private_and_hold_one_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "\n  one-secret-line  \n\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_password(&p).unwrap(), "one-secret-line");
+        std::fs::write(&p, "a\nb\n").unwrap();
+        assert!(matches!(
+            read_password(&p),
+            Err(PasswordFileError::Malformed { .. })
+        ));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(matches!(
+            read_password(&p),
+            Err(PasswordFileError::TooOpen { mode: 0o604, .. })
+        ));
     }
 
     #[test]

@@ -17,7 +17,15 @@
 //! - renewing a lease (same shard, hash, config, limits) does not restart its
 //!   host: only a changed capability spec produces `Start`;
 //! - report sequence numbers only grow, across restarts, because they are
-//!   handed out from a block reserved on disk first.
+//!   handed out from a block reserved on disk first;
+//! - what anyone with publish rights on the broker can produce costs no disk
+//!   write and no signature (issue 14): bytes that fail before or at the
+//!   signature check (undecodable, unknown key, bad signature, another
+//!   device's) are only counted (the next report carries the counters), and
+//!   acks of other refusals and of duplicates (replays of genuinely signed
+//!   instructions) come from a token bucket ([`ACK_BURST`], [`ACK_PER_S`]);
+//!   beyond it they are counted only. Applied instructions and rotations are
+//!   always acked.
 
 use serde::{Deserialize, Serialize};
 use shardline_shared::accept::{
@@ -83,10 +91,62 @@ pub struct CapabilityManager {
     /// reported for [`EXPIRED_REPORT_MS`] (or until re-activated), so a cloud
     /// that missed a report while it reconnected still learns of it.
     expired: Vec<(ShardStatus, u64)>,
+    ack_budget: AckBudget,
+    /// Refusals and duplicates that got no ack (unauthenticated, or over
+    /// the ack budget), since start.
+    acks_withheld: u64,
 }
 
 /// How long an expired shard keeps appearing in reports.
 pub const EXPIRED_REPORT_MS: u64 = 60_000;
+
+/// Refusal and duplicate acks that may be sent back to back.
+pub const ACK_BURST: u32 = 10;
+/// Refusal and duplicate acks per second once the burst is spent.
+pub const ACK_PER_S: u32 = 2;
+
+/// Whether a refusal happened at or before the signature check: then the
+/// bytes need not come from the allocator at all, and answering them would
+/// let any publisher make the device write and sign.
+pub fn is_unauthenticated(reason: RejectReason) -> bool {
+    matches!(
+        reason,
+        RejectReason::Malformed
+            | RejectReason::BadSignature
+            | RejectReason::UnknownKey
+            | RejectReason::WrongDevice
+    )
+}
+
+/// Token bucket for refusal/duplicate acks, on the caller's clock.
+#[derive(Debug, Clone)]
+struct AckBudget {
+    tokens_milli: u64,
+    at_ms: u64,
+}
+
+impl AckBudget {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            tokens_milli: u64::from(ACK_BURST) * 1000,
+            at_ms: now_ms,
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.at_ms);
+        self.at_ms = self.at_ms.max(now_ms);
+        self.tokens_milli =
+            (self.tokens_milli + elapsed * u64::from(ACK_PER_S)).min(u64::from(ACK_BURST) * 1000);
+        if self.tokens_milli >= 1000 {
+            self.tokens_milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 impl CapabilityManager {
     /// Restores from the persisted state (if any) at boot: re-pins `pinned`
@@ -128,6 +188,8 @@ impl CapabilityManager {
             next_report_seq: state.report_seq_reserved + 1,
             rejections: RejectionCounters::default(),
             expired: Vec::new(),
+            ack_budget: AckBudget::new(now_ms),
+            acks_withheld: 0,
         };
         changed |= mgr.expire(now_ms);
         let mut actions = Vec::new();
@@ -169,16 +231,14 @@ impl CapabilityManager {
                 });
                 actions
             }
-            Verdict::Ignore { seq } => vec![Action::Ack {
-                seq,
-                outcome: AckOutcome::Duplicate,
-            }],
+            Verdict::Ignore { seq } => self.budgeted_ack(seq, AckOutcome::Duplicate, now_ms),
             Verdict::Reject { seq, reason } => {
                 self.rejections.count(reason);
-                vec![Action::Ack {
-                    seq: seq.unwrap_or(0),
-                    outcome: AckOutcome::Rejected(reason),
-                }]
+                if is_unauthenticated(reason) {
+                    self.acks_withheld += 1;
+                    return Vec::new();
+                }
+                self.budgeted_ack(seq.unwrap_or(0), AckOutcome::Rejected(reason), now_ms)
             }
             Verdict::Rotated { .. } => {
                 self.acceptance = state;
@@ -194,12 +254,28 @@ impl CapabilityManager {
             Verdict::RotationRefused(err) => {
                 let reason = rotation_reason(&err);
                 self.rejections.count(reason);
-                vec![Action::Ack {
-                    seq: 0,
-                    outcome: AckOutcome::Rejected(reason),
-                }]
+                if is_unauthenticated(reason) {
+                    self.acks_withheld += 1;
+                    return Vec::new();
+                }
+                self.budgeted_ack(0, AckOutcome::Rejected(reason), now_ms)
             }
         }
+    }
+
+    /// An ack from the budget, or nothing (counted) when it is spent.
+    fn budgeted_ack(&mut self, seq: u64, outcome: AckOutcome, now_ms: u64) -> Vec<Action> {
+        if self.ack_budget.take(now_ms) {
+            vec![Action::Ack { seq, outcome }]
+        } else {
+            self.acks_withheld += 1;
+            Vec::new()
+        }
+    }
+
+    /// Refusals and duplicates that got no ack since start.
+    pub fn acks_withheld(&self) -> u64 {
+        self.acks_withheld
     }
 
     /// Stops every shard whose lease ran out by `now`.
@@ -640,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn rejections_are_counted_and_acked_and_leave_the_profile() {
+    fn rejections_are_counted_and_only_authenticated_ones_are_acked() {
         let mut m = boot(T0);
         m.on_instruction(
             &instr(
@@ -691,20 +767,25 @@ mod tests {
             &[&alloc_key()],
         );
         let replayed_older = instr(3, T0, vec![]);
-        for (bytes, reason) in [
-            (forged, RejectReason::UnknownKey),
-            (wrong_device, RejectReason::WrongDevice),
-            (expired, RejectReason::Expired),
-            (replayed_older, RejectReason::Rollback),
-            (b"garbage".to_vec(), RejectReason::Malformed),
+        for (bytes, reason, acked) in [
+            (forged, RejectReason::UnknownKey, false),
+            (wrong_device, RejectReason::WrongDevice, false),
+            (expired, RejectReason::Expired, true),
+            (replayed_older, RejectReason::Rollback, true),
+            (b"garbage".to_vec(), RejectReason::Malformed, false),
         ] {
             let a = m.on_instruction(&bytes, T0 + 10);
-            assert_eq!(a.len(), 1, "{a:?}");
-            assert!(matches!(
-                &a[0],
-                Action::Ack { outcome: AckOutcome::Rejected(r), .. } if *r == reason
-            ));
+            if acked {
+                assert_eq!(a.len(), 1, "{a:?}");
+                assert!(matches!(
+                    &a[0],
+                    Action::Ack { outcome: AckOutcome::Rejected(r), .. } if *r == reason
+                ));
+            } else {
+                assert!(a.is_empty(), "{reason:?} costs no write: {a:?}");
+            }
         }
+        assert_eq!(m.acks_withheld(), 3);
         let c = m.rejections();
         assert_eq!(
             (
@@ -735,13 +816,8 @@ mod tests {
         let a = m.on_instruction(&rot, T0);
         assert_eq!(last_persist(&a).acceptance.keys.epoch, 1);
         let old = m.on_instruction(&instr(1, T0, vec![]), T0);
-        assert!(matches!(
-            old[0],
-            Action::Ack {
-                outcome: AckOutcome::Rejected(RejectReason::UnknownKey),
-                ..
-            }
-        ));
+        assert!(old.is_empty(), "unknown key: counted, not acked");
+        assert_eq!(m.rejections().unknown_key, 1);
         // A reboot with the old pinned key in the config keeps the rotated set.
         let (m2, _) = CapabilityManager::restore(
             me(),
@@ -751,6 +827,28 @@ mod tests {
             T0,
         );
         assert_eq!(m2.acceptance().keys.epoch, 1);
+    }
+
+    #[test]
+    fn refusal_acks_of_a_replay_flood_are_rate_limited() {
+        let mut m = boot(T0);
+        m.on_instruction(&instr(5, T0, vec![]), T0);
+        let replay = instr(3, T0, vec![]);
+        let acks = |a: Vec<Action>| a.iter().filter(|a| matches!(a, Action::Ack { .. })).count();
+        let burst: usize = (0..1000)
+            .map(|_| acks(m.on_instruction(&replay, T0 + 1)))
+            .sum();
+        assert_eq!(burst, ACK_BURST as usize);
+        assert_eq!(m.rejections().rollback, 1000, "every one is counted");
+        assert_eq!(m.acks_withheld(), 1000 - u64::from(ACK_BURST));
+        // One second later the bucket has refilled by ACK_PER_S.
+        let later: usize = (0..100)
+            .map(|_| acks(m.on_instruction(&replay, T0 + 1001)))
+            .sum();
+        assert_eq!(later, ACK_PER_S as usize);
+        // A genuine new instruction is always acked.
+        let a = m.on_instruction(&instr(6, T0 + 1001, vec![]), T0 + 1001);
+        assert_eq!(acks(a), 1);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Shared fixtures of the daemon integration tests: a real mosquitto broker
 //! on a free loopback port (persistence on, killable with SIGKILL and
-//! restartable on the same port), the real agent binary as a child process,
-//! and a "cloud" side that is a plain rumqttc client sealing instructions
-//! with a test allocator key.
+//! restartable on the same port; or with the shipped fleet settings of
+//! `packaging/mosquitto/`: logins, ACL, size cap), the real agent binary as
+//! a child process, and a "cloud" side that is a plain rumqttc client
+//! sealing instructions with a test allocator key.
 #![allow(dead_code)]
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -17,6 +18,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+pub const MOSQUITTO_PASSWD: &str = "/usr/bin/mosquitto_passwd";
+
+/// The shipped mosquitto settings (`packaging/mosquitto/`).
+pub fn shipped_mosquitto_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/mosquitto")
+        .join(name)
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -85,6 +94,107 @@ impl Broker {
         Some(b)
     }
 
+    /// Starts mosquitto with the shipped fleet settings
+    /// (`packaging/mosquitto/shardline.conf` and `shardline.acl`, their
+    /// `/etc/mosquitto/` paths moved into `dir`, and the per-listener lines
+    /// of `listener.conf.example` on a plain loopback listener) and a
+    /// password file holding `users` (made with the real `mosquitto_passwd`).
+    /// `acl_extra` is appended to the ACL (e.g. a second allocator-like user).
+    pub fn start_shipped(dir: &Path, users: &[(&str, &str)], acl_extra: &str) -> Option<Broker> {
+        for bin in [MOSQUITTO, MOSQUITTO_PASSWD] {
+            if !Path::new(bin).exists() {
+                eprintln!("SKIP: {bin} is not installed (apt-get install mosquitto)");
+                return None;
+            }
+        }
+        let etc = dir.join("etc-mosquitto");
+        std::fs::create_dir_all(&etc).unwrap();
+        let passwd = etc.join("shardline.passwd");
+        std::fs::write(&passwd, "").unwrap();
+        for (user, password) in users {
+            let st = Command::new(MOSQUITTO_PASSWD)
+                .arg("-b")
+                .arg(&passwd)
+                .args([user, password])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mosquitto_passwd {user}");
+        }
+        let acl = std::fs::read_to_string(shipped_mosquitto_file("shardline.acl")).unwrap();
+        std::fs::write(etc.join("shardline.acl"), format!("{acl}\n{acl_extra}\n")).unwrap();
+        let conf = std::fs::read_to_string(shipped_mosquitto_file("shardline.conf"))
+            .unwrap()
+            .replace("/etc/mosquitto/", &format!("{}/", etc.display()));
+        // The listener-level settings of the example (not its TLS files).
+        let listener: String =
+            std::fs::read_to_string(shipped_mosquitto_file("listener.conf.example"))
+                .unwrap()
+                .lines()
+                .filter(|l| {
+                    let l = l.trim();
+                    !l.is_empty()
+                        && !l.starts_with('#')
+                        && !["listener ", "certfile ", "keyfile "]
+                            .iter()
+                            .any(|k| l.starts_with(k))
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+        assert!(listener.contains("use_username_as_clientid true"));
+        let port = free_port();
+        let data = dir.join("mosquitto");
+        std::fs::create_dir_all(&data).unwrap();
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf_path,
+            format!(
+                "{conf}\nlistener {port} 127.0.0.1\n{listener}\npersistence true\n\
+                 persistence_location {}/\nuser root\nlog_dest stderr\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            child: None,
+            port,
+            conf: conf_path,
+            log: dir.join("mosquitto.log"),
+        };
+        b.restart();
+        Some(b)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGHUP: mosquitto re-reads its password and ACL files.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
+    /// Sets a user's password in the password file of [`Broker::start_shipped`]
+    /// (takes effect with [`Broker::reload`]).
+    pub fn set_password(&self, user: &str, password: &str) {
+        let passwd = self
+            .conf
+            .parent()
+            .unwrap()
+            .join("etc-mosquitto/shardline.passwd");
+        let st = Command::new(MOSQUITTO_PASSWD)
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mosquitto_passwd {user}");
+    }
+
     /// (Re)starts the broker on the same port and waits until it accepts.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "broker already running");
@@ -141,6 +251,19 @@ impl Agent {
     /// Writes the agent's config (and extra TOML appended verbatim) and
     /// creates its device key through the real `check-config --print-pubkey`.
     pub fn new(dir: &Path, device: &str, broker_url: &str, window_ms: u32, extra: &str) -> Agent {
+        Self::new_with_broker(dir, device, broker_url, window_ms, "", extra)
+    }
+
+    /// Like [`Agent::new`], with extra lines in the `[broker]` table (e.g.
+    /// `password_file`).
+    pub fn new_with_broker(
+        dir: &Path,
+        device: &str,
+        broker_url: &str,
+        window_ms: u32,
+        broker_extra: &str,
+        extra: &str,
+    ) -> Agent {
         let state = dir.join("state");
         let config = dir.join("agent.toml");
         std::fs::write(
@@ -149,7 +272,7 @@ impl Agent {
                 "[device]\nid = \"{device}\"\nkey_file = \"{}\"\n\n\
                  [allocator]\nkeys = [\"{}\"]\n\n\
                  [broker]\nurl = \"{broker_url}\"\nkeep_alive_s = 5\n\
-                 reconnect_min_ms = 50\nreconnect_max_ms = 400\n\n\
+                 reconnect_min_ms = 50\nreconnect_max_ms = 400\n{broker_extra}\n\
                  [monitor]\nwindow_ms = {window_ms}\n\n\
                  [shards]\ndir = \"{}\"\n\n\
                  [state]\ndir = \"{}\"\n{extra}",
@@ -225,6 +348,11 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
@@ -307,6 +435,11 @@ impl Cloud {
     /// Connects with a persistent session and subscribes (QoS 1) to the
     /// device's report, ack and status topics; waits for the SUBACK.
     pub fn connect(port: u16, device: &DeviceId) -> Cloud {
+        Self::connect_as(port, device, None)
+    }
+
+    /// Like [`Cloud::connect`], logged in as `(username, password)`.
+    pub fn connect_as(port: u16, device: &DeviceId, login: Option<(&str, &str)>) -> Cloud {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -319,7 +452,10 @@ impl Cloud {
         );
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(4 << 20, 4 << 20);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, rx) = mpsc::channel();
         let (sub_tx, sub_rx) = mpsc::channel();
@@ -517,4 +653,136 @@ fn checksum(b: &[u8]) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     !(s as u16)
+}
+
+/// What a [`Peer`]'s connection did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    Connected,
+    /// The broker refused the CONNECT, or the connection ended; the text is
+    /// rumqttc's error. A peer never reconnects, so this is its last event.
+    Down(String),
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// Another client on the broker (an attacker, a neighbour, a stand-in for
+/// the allocator): connects once, never reconnects, reports everything.
+pub struct Peer {
+    pub client: AsyncClient,
+    rx: mpsc::Receiver<PeerEvent>,
+    rt: tokio::runtime::Runtime,
+    down: Option<String>,
+}
+
+impl Peer {
+    /// Connects with a clean session; `Err` with the reason when the broker
+    /// refuses (or nothing answers within 5 s).
+    pub fn connect(
+        port: u16,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<Peer, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(4 << 20, 4 << 20)
+            .set_inflight(1000);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 20_000);
+        let (tx, rx) = mpsc::channel();
+        rt.spawn(async move {
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => PeerEvent::Connected,
+                    Ok(Event::Incoming(Packet::SubAck(s))) => PeerEvent::SubAck(s.return_codes),
+                    Ok(Event::Incoming(Packet::Publish(p))) => PeerEvent::Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    },
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(PeerEvent::Down(e.to_string()));
+                        return;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(PeerEvent::Connected) => Ok(Peer {
+                client,
+                rx,
+                rt,
+                down: None,
+            }),
+            Ok(PeerEvent::Down(e)) => Err(e),
+            Ok(other) => Err(format!("unexpected first event {other:?}")),
+            Err(_) => Err("no CONNACK within 5 s".into()),
+        }
+    }
+
+    /// Queues a publish (does not wait for the broker).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, qos: QoS, retain: bool) {
+        self.rt
+            .block_on(self.client.publish(topic, qos, retain, payload))
+            .unwrap();
+    }
+
+    /// Subscribes and returns the SUBACK's codes.
+    pub fn subscribe(&mut self, filter: &str) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.rt
+            .block_on(self.client.subscribe(filter, QoS::AtLeastOnce))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect("SUBACK");
+            match self.rx.recv_timeout(left).expect("SUBACK") {
+                PeerEvent::SubAck(codes) => return codes,
+                PeerEvent::Down(e) => panic!("connection ended before the SUBACK: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Messages received within `window` (and notes a lost connection).
+    pub fn drain(&mut self, window: Duration) -> Vec<(String, Vec<u8>)> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(PeerEvent::Message { topic, payload }) => out.push((topic, payload)),
+                Ok(PeerEvent::Down(e)) => self.down = Some(e),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Waits up to `timeout` for the connection to end; its error, if it did.
+    pub fn wait_down(&mut self, timeout: Duration) -> Option<String> {
+        if self.down.is_none() {
+            self.drain(timeout);
+        }
+        self.down.clone()
+    }
+}
+
+/// The agent's `status.json` counter `field` (0 when absent).
+pub fn status_counter(agent: &Agent, field: &str) -> u64 {
+    agent.status().and_then(|s| s[field].as_u64()).unwrap_or(0)
 }
