@@ -18,7 +18,6 @@ use super::config::Config;
 use super::enroll::{self, BootstrapToken, EnrollPolicy, Enroller, Marker, Phase};
 use super::link::{self, LinkCore, LinkEvent, Sent};
 use super::manager::{Action, CapabilityManager, PersistedState};
-use super::notify::Notifier;
 use super::outbox::{Kind, Outbox};
 use super::persist;
 use super::resources::ResourceSampler;
@@ -32,6 +31,7 @@ use shardline_shared::msg::{
 };
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{topics, KeyId};
+use shardline_support::notify::Notifier;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};

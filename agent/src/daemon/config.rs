@@ -211,7 +211,8 @@ pub fn parse_hex_key(s: &str) -> Result<[u8; 32], String> {
         .map_err(|b: Vec<u8>| format!("a public key is 32 bytes (64 hex digits), got {}", b.len()))
 }
 
-/// `mqtt://host[:port]` or `mqtts://host[:port]`.
+/// `mqtt://host[:port]` or `mqtts://host[:port]` (`support::broker_url`,
+/// the allocator's parser too).
 struct BrokerUrl {
     tls: bool,
     host: String,
@@ -226,81 +227,15 @@ impl<'de> Deserialize<'de> for BrokerUrl {
 }
 
 fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
-    let (tls, rest) = if let Some(rest) = s.strip_prefix("mqtts://") {
-        (true, rest)
-    } else if let Some(rest) = s.strip_prefix("mqtt://") {
-        (false, rest)
-    } else {
-        return Err(format!(
-            "{s:?} is not a broker URL (mqtt://host[:port] or mqtts://host[:port])"
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let default_port = if tls { 8883 } else { 1883 };
-    // Bracketed IPv6 literal: [::1]:1883
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?}: unterminated '[' in host"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err(format!("{s:?}: unexpected {after:?} after host")),
-        };
-        (host.to_owned(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (rest.to_owned(), None),
-        }
-    };
-    if host.is_empty() || host.contains('/') || host.contains('@') {
-        return Err(format!("{s:?}: missing or invalid host"));
-    }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("{s:?}: port {p:?} is not 1-65535"))?,
-        None => default_port,
-    };
-    Ok(BrokerUrl { tls, host, port })
+    let u = shardline_support::broker_url::BrokerUrl::parse(s).map_err(|e| e.to_string())?;
+    Ok(BrokerUrl {
+        tls: u.tls,
+        port: u.port_or_default(),
+        host: u.host,
+    })
 }
 
-/// 1-based line of a byte offset.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// Best effort `table.key` for a byte offset: the key on that line, prefixed
-/// by the nearest table header above it.
-fn field_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    let key = line.split_once('=').map(|(k, _)| k.trim().to_owned());
-    let table = text[..line_start].lines().rev().find_map(|l| {
-        let l = l.trim();
-        l.strip_prefix('[')
-            .and_then(|l| l.strip_suffix(']'))
-            .map(|t| t.trim_matches(['[', ']']).trim().to_owned())
-    });
-    match (table, key) {
-        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
-        (None, Some(k)) => Some(k),
-        // The span covers a whole table (e.g. a missing field).
-        (_, None) => line
-            .trim()
-            .strip_prefix('[')
-            .and_then(|l| l.strip_suffix(']'))
-            .map(|t| t.trim_matches(['[', ']']).trim().to_owned()),
-    }
-}
+use shardline_support::toml_diag::{field_at, line_of, missing_field};
 
 impl Config {
     /// Reads and validates `path`.
@@ -565,10 +500,6 @@ impl Config {
 }
 
 /// `missing field `x`` → `x`.
-fn missing_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("missing field `")?;
-    Some(rest.split('`').next()?.to_owned())
-}
 
 /// Relative paths in the file are relative to the file's directory, so a demo
 /// config can sit next to its keys.

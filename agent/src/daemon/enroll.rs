@@ -27,7 +27,7 @@
 
 use super::persist;
 use shardline_shared::msg::{AckOutcome, MAX_ENROLL_TOKEN_LEN};
-use std::os::unix::fs::PermissionsExt;
+use shardline_support::secret_file::{self, SecretFileError};
 use std::path::{Path, PathBuf};
 
 /// Retry schedule of enrolment requests.
@@ -224,20 +224,26 @@ pub fn read_token(path: &Path) -> Result<BootstrapToken, EnrollTokenError> {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(EnrollTokenError::TooOpen {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(io)?;
-    let token = text.trim();
     let malformed = |reason: String| EnrollTokenError::Malformed {
         path: path.to_owned(),
         reason,
     };
+    // Read a little more than a token can be, so an oversize one is told
+    // apart from a file that is not a token at all.
+    let text = match secret_file::read_text(path, MAX_ENROLL_TOKEN_LEN + 256) {
+        Ok(t) => t,
+        Err(SecretFileError::TooOpen { mode, .. }) => {
+            return Err(EnrollTokenError::TooOpen {
+                path: path.to_owned(),
+                mode,
+            })
+        }
+        Err(SecretFileError::Io { source, .. }) => return Err(io(source)),
+        Err(e @ (SecretFileError::NotRegular { .. } | SecretFileError::TooLarge { .. })) => {
+            return Err(malformed(e.to_string()))
+        }
+    };
+    let token = text.trim();
     if token.is_empty() || token.len() > MAX_ENROLL_TOKEN_LEN {
         return Err(malformed(format!(
             "the token must be 1 to {MAX_ENROLL_TOKEN_LEN} characters, found {}",
@@ -287,6 +293,7 @@ impl Marker {
 mod tests {
     use super::*;
     use shardline_shared::msg::RejectReason;
+    use std::os::unix::fs::PermissionsExt;
 
     fn policy() -> EnrollPolicy {
         EnrollPolicy {

@@ -4,7 +4,7 @@
 
 use super::persist;
 use shardline_shared::sign::KeyPair;
-use std::os::unix::fs::PermissionsExt;
+use shardline_support::secret_file::{self, SecretFileError};
 use std::path::{Path, PathBuf};
 
 /// Why the device key could not be loaded or created.
@@ -33,16 +33,9 @@ pub fn load_or_create(path: &Path) -> Result<(KeyPair, bool), DeviceKeyError> {
         path: path.to_owned(),
         source,
     };
-    match std::fs::read_to_string(path) {
+    match secret_file::read_text(path, MAX_KEY_FILE) {
         Ok(text) => {
-            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(DeviceKeyError::TooOpen {
-                    path: path.to_owned(),
-                    mode,
-                });
-            }
-            let seed: [u8; 32] = hex::decode(text.trim())
+            let seed: [u8; 32] = hex::decode(&text)
                 .ok()
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| DeviceKeyError::Malformed {
@@ -50,7 +43,16 @@ pub fn load_or_create(path: &Path) -> Result<(KeyPair, bool), DeviceKeyError> {
                 })?;
             Ok((KeyPair::from_seed(&seed), false))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(SecretFileError::TooOpen { mode, .. }) => Err(DeviceKeyError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        }),
+        Err(SecretFileError::NotRegular { .. } | SecretFileError::TooLarge { .. }) => {
+            Err(DeviceKeyError::Malformed {
+                path: path.to_owned(),
+            })
+        }
+        Err(SecretFileError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom::getrandom(&mut seed).map_err(|e| DeviceKeyError::Random {
                 path: path.to_owned(),
@@ -63,13 +65,17 @@ pub fn load_or_create(path: &Path) -> Result<(KeyPair, bool), DeviceKeyError> {
                 .map_err(io)?;
             Ok((KeyPair::from_seed(&seed), true))
         }
-        Err(e) => Err(io(e)),
+        Err(SecretFileError::Io { source, .. }) => Err(io(source)),
     }
 }
+
+/// A key file is 64 hex digits and a newline; anything much larger is not one.
+const MAX_KEY_FILE: usize = 4096;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn created_once_then_reloaded() {

@@ -93,34 +93,36 @@ pub enum PasswordFileError {
 /// Checks that the password file is private (mode 0600 or stricter): the
 /// password is the device's broker identity.
 pub fn check_password_file_mode(path: &std::path::Path) -> Result<(), PasswordFileError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|source| PasswordFileError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(PasswordFileError::TooOpen {
-            path: path.display().to_string(),
-            mode,
-        });
-    }
-    Ok(())
+    read_password(path).map(|_| ())
 }
 
-/// Reads the MQTT password: mode 0600 or stricter, one non-empty line.
+/// A password file is one short line; anything larger is not one.
+const MAX_PASSWORD_FILE: usize = 4096;
+
+/// Reads the MQTT password: a regular file of mode 0600 or stricter, one
+/// non-empty line.
 pub fn read_password(path: &std::path::Path) -> Result<String, PasswordFileError> {
-    check_password_file_mode(path)?;
-    let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Io {
-        path: path.display().to_string(),
-        source,
+    use shardline_support::secret_file::{self, SecretFileError};
+    let shown = || path.display().to_string();
+    let bytes = secret_file::read(path, MAX_PASSWORD_FILE).map_err(|e| match e {
+        SecretFileError::Io { source, .. } => PasswordFileError::Io {
+            path: shown(),
+            source,
+        },
+        SecretFileError::TooOpen { mode, .. } => PasswordFileError::TooOpen {
+            path: shown(),
+            mode,
+        },
+        SecretFileError::NotRegular { .. } | SecretFileError::TooLarge { .. } => {
+            PasswordFileError::Malformed { path: shown() }
+        }
     })?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| PasswordFileError::Malformed { path: shown() })?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     match (lines.next(), lines.next()) {
         (Some(pw), None) => Ok(pw.trim().to_owned()),
-        _ => Err(PasswordFileError::Malformed {
-            path: path.display().to_string(),
-        }),
+        _ => Err(PasswordFileError::Malformed { path: shown() }),
     }
 }
 

@@ -14,8 +14,8 @@
 //! - [`runtime`]: the traits the daemon needs from shard hosting and capture;
 //!   [`hosting`] and [`capture`] implement them over `shardhost::Supervisor`
 //!   and `monitor::Pipeline`.
-//! - [`resources`], [`notify`], [`limits`]: device resources, systemd
-//!   notifications, the agent's own rlimits.
+//! - [`resources`], [`limits`]: device resources, the agent's own rlimits
+//!   (systemd notifications come from `shardline_support::notify`).
 //! - [`agent`]: the event loop that executes all of it.
 //! - [`cli`]: `run` and `check-config`.
 #![forbid(unsafe_code)]
@@ -30,7 +30,6 @@ pub mod keys;
 pub mod limits;
 pub mod link;
 pub mod manager;
-pub mod notify;
 pub mod outbox;
 pub mod persist;
 pub mod resources;

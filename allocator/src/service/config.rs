@@ -83,6 +83,10 @@ pub struct BrokerConfig {
     pub max_payload: usize,
     /// Embedded broker connection limit.
     pub max_connections: usize,
+    /// Embedded broker: every client must log in as one of this file's
+    /// entries (mode 0600; see `packaging/INSTALL.md`, "Broker identities").
+    /// Without it anonymous clients are let in (a warning at start).
+    pub credentials_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -102,6 +106,7 @@ impl Default for BrokerConfig {
             client_id: format!("shardline-allocator-{}", std::process::id()),
             max_payload: 64 * 1024,
             max_connections: 20_000,
+            credentials_file: None,
         }
     }
 }
@@ -250,6 +255,14 @@ impl Config {
         if !config.broker.url.is_empty() {
             BrokerUrl::parse(&config.broker.url)
                 .map_err(|message| invalid_at_key(text, path, "url", message))?;
+        }
+        if config.broker.credentials_file.is_some() && !config.broker.url.is_empty() {
+            return Err(invalid_at_key(
+                text,
+                path,
+                "credentials_file",
+                "applies to the embedded broker only; an external broker has its own logins".into(),
+            ));
         }
         if config.broker.tls_listen.is_some()
             && (config.broker.tls_cert.is_none() || config.broker.tls_key.is_none())

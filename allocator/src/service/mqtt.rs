@@ -12,6 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// First reconnect delay, doubled per failed attempt up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
 /// reports, acks and enrolments through the allocators' shared subscription.
 pub async fn run(
@@ -37,6 +43,8 @@ pub async fn run(
     } else {
         topics::ALL_ENROLL.to_owned()
     };
+    let mut backoff = BACKOFF_MIN;
+    let mut connected_at: Option<std::time::Instant> = None;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -65,6 +73,7 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected_at = Some(std::time::Instant::now());
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
                 // Statuses are never shared: retained ones are not delivered
@@ -89,8 +98,26 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A connection that drops right after it was made (a broker
+                // without the packet cap replaying an oversize retained
+                // message, say) must not become a reconnect loop: back off,
+                // and start again from the minimum only after a connection
+                // that lasted.
+                if connected_at.take().is_some_and(|t| t.elapsed() >= STABLE) {
+                    backoff = BACKOFF_MIN;
+                }
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+                    ))
+                ) {
+                    tracing::error!(error = %e, "the broker sent a packet over this client's limit: the broker must cap packets at 1 MiB (max_packet_size)");
+                } else {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

@@ -28,6 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// The user name the service logs in to its own embedded broker with.
+const SELF_LOGIN: &str = "shardline-allocator-self";
+
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -105,6 +108,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let token = api_token::read_or_create(&api_token::default_token_file(&config))?;
 
     let external = config.broker_url();
+    // The embedded broker's login for this process, when it requires logins.
+    let mut self_login: Option<String> = None;
     let (host, port, client_tls) = match &external {
         Some(BrokerUrl::Tcp { host, port }) => (host.clone(), *port, None),
         Some(BrokerUrl::Tls { host, port }) => {
@@ -124,7 +129,24 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             (host.clone(), *port, Some(tls::client_config(ca, client)?))
         }
         None => {
-            broker::start_embedded(&config.broker)?;
+            let mut credentials = config
+                .broker
+                .credentials_file
+                .as_deref()
+                .map(broker::Credentials::load)
+                .transpose()
+                .map_err(broker::BrokerError::from)?;
+            if let Some(c) = credentials.as_mut() {
+                // The service's own client logs in like everyone else, with a
+                // password made for this process only.
+                let mut secret = [0u8; 24];
+                getrandom::getrandom(&mut secret)
+                    .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))?;
+                let password = hex::encode(secret);
+                c.add_allocator(SELF_LOGIN, &password);
+                self_login = Some(password);
+            }
+            broker::start_embedded_with_credentials(&config.broker, credentials)?;
             if let Some(tls_listen) = config.broker.tls_listen {
                 let (Some(cert), Some(key)) = (&config.broker.tls_cert, &config.broker.tls_key)
                 else {
@@ -165,7 +187,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
-    let max_in = config.broker.max_payload.saturating_mul(4).max(1 << 20) + 1024;
+    // At least the broker's packet cap: a larger retained message would
+    // otherwise cut this client off on every reconnect (issue 14).
+    let max_in =
+        (broker::MAX_PACKET + 4096).max(config.broker.max_payload.saturating_mul(4) + 1024);
     opts.set_max_packet_size(max_in, max_in);
     opts.set_inflight(1000);
     opts.set_request_channel_capacity(20_000);
@@ -174,7 +199,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             rumqttc::TlsConfiguration::Rustls(tls),
         ));
     }
-    if let (Some(u), Some(p)) = (&config.broker.username, &config.broker.password) {
+    if let Some(p) = self_login {
+        opts.set_credentials(SELF_LOGIN, p);
+    } else if let (Some(u), Some(p)) = (&config.broker.username, &config.broker.password) {
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
