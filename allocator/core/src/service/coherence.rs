@@ -111,7 +111,7 @@ impl Core {
                 self.dirty.remove(device);
                 self.lazy.remove(device);
                 self.seq_dirty.remove(device);
-                self.presence.remove(device);
+                self.signed_seen.remove(device);
                 self.engine.evict_device(device);
                 self.publish_key(device, None);
             }

@@ -159,16 +159,26 @@ fn shown(text: &str) -> String {
     }
 }
 
-fn presence_str(p: Option<&Presence>) -> String {
-    match p {
-        Some(Presence::Online) => "online",
-        Some(Presence::Offline) => "offline",
-        None => "unknown",
-    }
-    .into()
-}
-
 impl Core {
+    /// "online" while the device's signed reports keep coming (one within
+    /// three of its report windows, at least 30 s), "offline" once they
+    /// stopped, "unknown" before this instance saw one. Statuses are
+    /// unsigned (anyone can publish one), so they never decide it.
+    pub(super) fn presence_of(&self, device: &DeviceId) -> String {
+        match self.signed_seen.get(device) {
+            Some(&(at, window)) => {
+                let timeout = window.saturating_mul(3).max(30_000);
+                if self.last_tick_ms.max(at).saturating_sub(at) <= timeout {
+                    "online"
+                } else {
+                    "offline"
+                }
+            }
+            None => "unknown",
+        }
+        .into()
+    }
+
     pub(super) fn row(&self, device: &DeviceId) -> Option<DeviceRow> {
         let rec = self.records.get(device)?;
         let summary = self
@@ -193,7 +203,7 @@ impl Core {
             data_units: s.map_or(0, |s| s.data_units),
             active_shards: s.map_or(0, |s| s.active_shards),
             last_report_ms: rec.last_report_ms,
-            presence: presence_str(self.presence.get(&rec.device)),
+            presence: self.presence_of(&rec.device),
             drained: s.is_some_and(|s| s.drained),
             pending_instructions: rec.pending.len(),
         }
@@ -215,7 +225,7 @@ impl Core {
                 if self.records.remove(&device).is_none() {
                     return Reply::Error(CommandError::UnknownDevice(device.to_string()));
                 }
-                self.presence.remove(&device);
+                self.signed_seen.remove(&device);
                 self.dirty.remove(&device);
                 self.publish_key(&device, None);
                 self.feed(
@@ -284,7 +294,7 @@ impl Core {
                     key_id: hex_key_id(&rec.public_key),
                     tier: rec.tier.clone(),
                     enrolled_at_ms: rec.enrolled_at_ms,
-                    presence: presence_str(self.presence.get(&device)),
+                    presence: self.presence_of(&device),
                     last_report_seq: rec.last_report_seq,
                     last_report_ms: rec.last_report_ms,
                     next_instruction_seq: rec.next_instruction_seq,

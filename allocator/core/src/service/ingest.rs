@@ -100,7 +100,8 @@ impl Core {
         self.seq_dirty.insert(device.clone());
         // A new report the device signed is proof it is online, whatever
         // an (unsigned) status says.
-        self.presence.insert(device.clone(), Presence::Online);
+        self.signed_seen
+            .insert(device.clone(), (now_ms, u64::from(report.window_ms)));
         Metrics::inc(&self.metrics.reports_accepted);
         self.feed(now_ms, Event::Report(report));
     }
@@ -228,9 +229,9 @@ impl Core {
             self.metrics.dropped(Kind::Status, Drop::UnknownDevice);
             return;
         }
-        // Shown to operators only: a status is unsigned (the broker publishes
-        // the last will), so it never suppresses a re-send.
-        self.presence.insert(device.clone(), status.presence);
+        // A status is unsigned (the broker publishes the last will, and
+        // anyone may publish one): it never sets presence nor suppresses a
+        // re-send; "online" only makes the leader re-send sooner.
         // Every instance sees statuses; only the leader answers them, so a
         // reconnecting device gets its pending instructions once. Anyone
         // can publish "online", so the forced re-send it triggers is rate

@@ -101,7 +101,9 @@ pub struct Core {
     key: KeyPair,
     meta: Meta,
     records: HashMap<DeviceId, DeviceRecord>,
-    presence: HashMap<DeviceId, Presence>,
+    /// When each device last sent a report it signed, and that report's
+    /// window: presence comes from these (an unsigned status never sets it).
+    signed_seen: HashMap<DeviceId, (u64, u64)>,
     tokens: HashMap<String, TokenRecord>,
     cfg: CoreConfig,
     metrics: Arc<Metrics>,
@@ -163,7 +165,7 @@ impl Core {
             key,
             meta,
             records: map,
-            presence: HashMap::new(),
+            signed_seen: HashMap::new(),
             tokens: tokens.into_iter().collect(),
             cfg,
             metrics,

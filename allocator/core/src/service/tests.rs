@@ -517,3 +517,31 @@ fn a_refused_rotation_is_not_resent_in_a_loop() {
     let sent = core.metrics.rotations_sent.load(Ordering::Relaxed) - sent_before;
     assert!(sent <= 1, "rotation sent {sent} times");
 }
+
+/// Presence comes from what the device signed: a forged "offline" status
+/// does not make it offline, and silence does.
+#[test]
+fn presence_follows_signed_reports_not_statuses() {
+    let (mut core, d) = enrolled();
+    let presence =
+        |core: &mut Core, now| match core.on_command(now, Command::Device { device: d.clone() }) {
+            Reply::Device(v) => v.presence.clone(),
+            other => panic!("{other:?}"),
+        };
+    assert_eq!(presence(&mut core, 1_000_050), "unknown");
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let offline = codec::encode(&DeviceStatus {
+        device: d.clone(),
+        presence: Presence::Offline,
+        applied_instruction_seq: 0,
+        agent_version: "forged".into(),
+        at_ms: 1_000_150,
+    });
+    core.on_message(1_000_150, &topics::status(&d), &offline);
+    core.on_tick(1_001_000);
+    assert_eq!(presence(&mut core, 1_001_000), "online");
+    // Three 10 s windows (and 30 s) without a signed report: offline.
+    core.on_tick(1_031_200);
+    assert_eq!(presence(&mut core, 1_031_200), "offline");
+}
