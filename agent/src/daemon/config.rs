@@ -499,8 +499,6 @@ impl Config {
     }
 }
 
-/// `missing field `x`` → `x`.
-
 /// Relative paths in the file are relative to the file's directory, so a demo
 /// config can sit next to its keys.
 fn resolve(config_path: &Path, p: &Path) -> PathBuf {
