@@ -194,3 +194,65 @@ fn a_broken_configuration_exits_78_and_check_config_finds_it() {
         "{out:?}"
     );
 }
+
+/// `[broker] credentials_file`: the embedded broker refuses anonymous and
+/// wrong logins, the service logs in to it by itself, and a device with its
+/// password is served (reports accepted, instructions delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_logins_from_the_credentials_file() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+    let dir = TempDir::new("broker-logins");
+    let creds = dir.0.join("broker-credentials");
+    std::fs::write(&creds, "device login-dev s3cret-device-password\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let alloc = Allocator::start(
+        &dir.0,
+        BrokerMode::Embedded,
+        &format!("credentials_file = \"{}\"\n", creds.display()),
+    );
+    // Anonymous, and the right user with a wrong password: refused.
+    for (user, pass) in [(None, ""), (Some("login-dev"), "wrong")] {
+        let mut o = MqttOptions::new("shardline-agent-login-dev", "127.0.0.1", alloc.mqtt_port);
+        if let Some(u) = user {
+            o.set_credentials(u, pass);
+        }
+        let (_c, mut ev) = AsyncClient::new(o, 10);
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                        return a.code != rumqttc::ConnectReturnCode::Success
+                    }
+                    Ok(_) => {}
+                    Err(_) => return true,
+                }
+            }
+        })
+        .await
+        .expect("an answer to CONNECT");
+        assert!(refused, "login {user:?}/{pass:?} was let in");
+    }
+    // The service itself got in: with the device's login, it is served.
+    let k = device_key(8);
+    let (st, _) = alloc.api(
+        "POST",
+        "/v1/devices",
+        Some(serde_json::json!({"device": "login-dev", "public_key": hex::encode(k.public_key()), "tier": "standard"})),
+    );
+    assert_eq!(st, 200);
+    let mut dev =
+        Device::connect_with_login("login-dev", k, alloc.mqtt_port, "s3cret-device-password").await;
+    dev.send_report().await;
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        1.0,
+        std::time::Duration::from_secs(10),
+    );
+    assert!(
+        dev.next_instruction(&alloc.public_key, std::time::Duration::from_secs(10))
+            .await
+            .is_some(),
+        "an instruction reaches the logged-in device"
+    );
+}

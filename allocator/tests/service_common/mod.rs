@@ -368,8 +368,25 @@ pub fn device_key(n: u8) -> KeyPair {
 impl Device {
     /// Connects (clean session, last will Offline) and subscribes to its instr topic.
     pub async fn connect(id: &str, key: KeyPair, port: u16) -> Self {
+        Self::connect_as(id, key, port, None).await
+    }
+
+    /// Like [`Device::connect`], logging in to a broker that requires it
+    /// (the client id the embedded broker binds to a device's login).
+    pub async fn connect_with_login(id: &str, key: KeyPair, port: u16, password: &str) -> Self {
+        Self::connect_as(id, key, port, Some(password)).await
+    }
+
+    async fn connect_as(id: &str, key: KeyPair, port: u16, password: Option<&str>) -> Self {
         let id = DeviceId::new(id).unwrap();
-        let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", port);
+        let client_id = match password {
+            Some(_) => format!("shardline-agent-{id}"),
+            None => format!("dev-{id}"),
+        };
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some(p) = password {
+            opts.set_credentials(id.to_string(), p);
+        }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(2 << 20, 2 << 20);
         opts.set_last_will(LastWill::new(
