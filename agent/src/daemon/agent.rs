@@ -1,9 +1,9 @@
 //! The daemon's event loop: the I/O edge around the sans-IO pieces.
 //!
 //! One single-threaded tokio runtime waits on: MQTT link events, the QoS
-//! window timer, the next lease deadline, a one-second housekeeping tick
-//! (shard host supervision, systemd watchdog, time floor), SIGTERM and
-//! SIGHUP. Every decision is the [`CapabilityManager`]'s; this file only
+//! window timer, the next lease deadline, a 200 ms shard-host poll (exits,
+//! hangs, restarts), a one-second housekeeping tick (leases, enrolment,
+//! systemd watchdog, time floor, status file), SIGTERM and SIGHUP. Every decision is the [`CapabilityManager`]'s; this file only
 //! executes its [`Action`]s in order and moves bytes.
 //!
 //! Crash test hook: `SHARDLINE_TEST_CRASH_AT=<point>` makes the process abort
@@ -263,6 +263,10 @@ impl Daemon {
         let mut window = window_interval(self.cfg.monitor.window_ms);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Shard hosts are polled more often than the rest is kept: a hung
+        // or dead host must be seen (and answered) well within a second.
+        let mut shard_poll = tokio::time::interval(SHARD_POLL);
+        shard_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let watchdog_every = self.notifier.watchdog_interval();
         let mut last_watchdog = tokio::time::Instant::now();
         let mut last_floor = tokio::time::Instant::now();
@@ -292,11 +296,18 @@ impl Daemon {
                     let actions = self.manager.on_tick(now_ms());
                     self.execute(actions, None)?;
                 }
+                _ = shard_poll.tick() => {
+                    let now = now_ms();
+                    let events = self.runtime.poll(now);
+                    if !events.is_empty() {
+                        for line in events {
+                            tracing::info!(event = %line, "shard host");
+                        }
+                        self.write_status(now);
+                    }
+                }
                 _ = housekeeping.tick() => {
                     let now = now_ms();
-                    for line in self.runtime.poll(now) {
-                        tracing::info!(event = %line, "shard host");
-                    }
                     let actions = self.manager.on_tick(now);
                     self.execute(actions, None)?;
                     self.poll_enroll(now);
@@ -788,6 +799,9 @@ fn enrolment(
         Err(e) => Err(e.into()),
     }
 }
+
+/// How often shard hosts are polled (exits, hangs, restarts due).
+const SHARD_POLL: Duration = Duration::from_millis(200);
 
 fn window_interval(ms: u32) -> tokio::time::Interval {
     // Tick several times per window so the source closes it close to on time.
