@@ -18,11 +18,13 @@
 //!   notifications, the agent's own rlimits.
 //! - [`agent`]: the event loop that executes all of it.
 //! - [`cli`]: `run` and `check-config`.
+//! - [`clock`]: when the local clock may raise the persisted time floor.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod hosting;
