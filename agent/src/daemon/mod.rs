@@ -17,7 +17,8 @@
 //! - [`resources`], [`notify`], [`limits`]: device resources, systemd
 //!   notifications, the agent's own rlimits.
 //! - [`agent`]: the event loop that executes all of it.
-//! - [`cli`]: `run` and `check-config`.
+//! - [`cli`]: `run` and `check-config` (and their exit codes);
+//!   [`preflight`]: what the configuration names must exist on the device.
 //! - [`clock`]: when the local clock may raise the persisted time floor.
 #![forbid(unsafe_code)]
 
@@ -35,5 +36,6 @@ pub mod manager;
 pub mod notify;
 pub mod outbox;
 pub mod persist;
+pub mod preflight;
 pub mod resources;
 pub mod runtime;

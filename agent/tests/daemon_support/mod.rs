@@ -143,6 +143,8 @@ impl Agent {
     pub fn new(dir: &Path, device: &str, broker_url: &str, window_ms: u32, extra: &str) -> Agent {
         let state = dir.join("state");
         let config = dir.join("agent.toml");
+        // `run` refuses a configuration whose shard directory is missing.
+        std::fs::create_dir_all(dir.join("shards")).unwrap();
         std::fs::write(
             &config,
             format!(
