@@ -355,3 +355,92 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    fn io(kind: ErrorKind) -> Error {
+        Error::new(kind, "test")
+    }
+
+    #[test]
+    fn faults_a_restart_cannot_fix_get_codes_the_unit_does_not_restart() {
+        let path = PathBuf::from("/x");
+        let key = |e| StartError::Key(e);
+        assert_eq!(
+            key(DeviceKeyError::Malformed { path: path.clone() }).exit_code(),
+            EXIT_CONFIG
+        );
+        assert_eq!(
+            key(DeviceKeyError::TooOpen {
+                path: path.clone(),
+                mode: 0o644
+            })
+            .exit_code(),
+            EXIT_CONFIG
+        );
+        assert_eq!(
+            key(DeviceKeyError::Io {
+                path: path.clone(),
+                source: io(ErrorKind::PermissionDenied)
+            })
+            .exit_code(),
+            EXIT_NOPERM
+        );
+        assert_eq!(
+            StartError::Daemon(DaemonError::StateCorrupt {
+                path: path.clone(),
+                reason: "torn".into()
+            })
+            .exit_code(),
+            EXIT_DATAERR
+        );
+        assert_eq!(
+            StartError::Daemon(DaemonError::Outbox(OutboxError::Corrupt {
+                path: path.clone()
+            }))
+            .exit_code(),
+            EXIT_DATAERR
+        );
+        // The configuration names a token file that is not there.
+        assert_eq!(
+            StartError::EnrollToken(EnrollTokenError::Io {
+                path: path.clone(),
+                source: io(ErrorKind::NotFound)
+            })
+            .exit_code(),
+            EXIT_CONFIG
+        );
+    }
+
+    #[test]
+    fn passing_faults_get_codes_the_unit_restarts() {
+        let path = PathBuf::from("/x");
+        assert_eq!(
+            StartError::StateDir {
+                path: path.clone(),
+                source: io(ErrorKind::Other)
+            }
+            .exit_code(),
+            EXIT_IOERR
+        );
+        assert_eq!(
+            StartError::Key(DeviceKeyError::Random {
+                path: path.clone(),
+                reason: "no entropy".into()
+            })
+            .exit_code(),
+            EXIT_OSERR
+        );
+        assert_eq!(
+            StartError::AsyncRuntime(io(ErrorKind::OutOfMemory)).exit_code(),
+            EXIT_OSERR
+        );
+        assert_eq!(
+            StartError::Daemon(DaemonError::Signal(io(ErrorKind::Other))).exit_code(),
+            EXIT_OSERR
+        );
+    }
+}
