@@ -1,7 +1,10 @@
 //! The agent binary's edges: `check-config` (errors naming file, line and
-//! field, exit 78; the device public key for enrolment), and the systemd
-//! contract of `run`: READY=1, WATCHDOG=1, SIGHUP reload (RELOADING=1, the
-//! new QoS window takes effect), SIGTERM (STOPPING=1, clean exit 0).
+//! field, exit 78; what the file names must exist on the device; the device
+//! public key for enrolment), `run`'s start checks and exit codes (every
+//! configuration, key and state fault is found before capture starts, with a
+//! sysexits code), and the systemd contract of `run`: READY=1, WATCHDOG=1,
+//! SIGHUP reload (RELOADING=1, the new QoS window takes effect), SIGTERM
+//! (STOPPING=1, clean exit 0).
 
 mod daemon_support;
 
@@ -42,6 +45,186 @@ fn check_config_names_file_line_and_field_and_exits_78() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+}
+
+const PINNED: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+
+/// A config in `dir` for a device without a broker (nothing here connects):
+/// `monitor` and `shards` are the given TOML lines.
+fn write_config(dir: &std::path::Path, monitor: &str, shards: &str) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[device]\nid = \"env-1\"\nkey_file = \"device.key\"\n\n\
+             [allocator]\nkeys = [\"{PINNED}\"]\n\n\
+             [broker]\nurl = \"mqtt://127.0.0.1:1\"\n\n\
+             [monitor]\n{monitor}\n\n\
+             [shards]\n{shards}\n\n\
+             [state]\ndir = \"state\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn agent(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    Command::new(AGENT)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("SHARDLINE_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_refuses_a_missing_interface_and_shard_dir_naming_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    // Line 12: the interfaces; line 15: the shard directory.
+    let path = write_config(dir.path(), "interfaces = [\"nosuch0\"]", "dir = \"shards\"");
+    let out = agent(&["check-config"], &path);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    assert!(
+        err.contains(&format!(
+            "{p}:12: field `monitor.interfaces`: no network interface \"nosuch0\""
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{p}:15: field `shards.dir`: shard directory ")),
+        "{err}"
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(out.stdout.is_empty(), "not called valid");
+
+    // A file where the directory should be.
+    std::fs::write(dir.path().join("shards"), b"not a dir").unwrap();
+    let out = agent(&["check-config"], &path);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+
+    // Both in place (the loopback interface exists on every Linux device).
+    std::fs::remove_file(dir.path().join("shards")).unwrap();
+    std::fs::create_dir(dir.path().join("shards")).unwrap();
+    let path = write_config(dir.path(), "interfaces = [\"lo\"]", "dir = \"shards\"");
+    let out = agent(&["check-config"], &path);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("configuration is valid"), "{text}");
+    assert!(text.contains("capture:         lo"), "{text}");
+}
+
+#[test]
+fn check_config_names_a_defaulted_shard_dir_and_a_missing_capture_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "pcap = \"gone.pcap\"", "");
+    let out = agent(&["check-config"], &path);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    assert!(
+        err.contains(&format!("{p}:12: field `monitor.pcap`: capture file ")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{p}: field `shards.dir` (not set; the default applies): shard directory {}",
+            dir.path().join("state/shards").display()
+        )),
+        "{err}"
+    );
+    // Enrolment works before the device is cabled: --print-pubkey checks
+    // the file, not the machine.
+    let out = agent(&["check-config", "--print-pubkey"], &path);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 64);
+}
+
+#[test]
+fn run_refuses_a_missing_interface_with_78_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("shards")).unwrap();
+    let path = write_config(dir.path(), "interfaces = [\"nosuch0\"]", "dir = \"shards\"");
+    let out = agent(&["run"], &path);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no network interface \"nosuch0\""), "{err}");
+    // Nothing was set up: no state directory, no device key.
+    assert!(!dir.path().join("state").exists());
+    assert!(!dir.path().join("device.key").exists());
+}
+
+#[test]
+fn run_refuses_a_bad_device_key_with_78_before_capture_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("shards")).unwrap();
+    // A live interface: the old start order began capturing on it before
+    // the key was read, then exited 1.
+    let path = write_config(dir.path(), "interfaces = [\"lo\"]", "dir = \"shards\"");
+    let key = dir.path().join("device.key");
+    std::fs::write(&key, "not hex\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = agent(&["run"], &path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("not 64 hex digits"), "{err}");
+    assert!(!err.contains("capturing"), "capture started: {err}");
+    assert!(!dir.path().join("state/state.json").exists());
+
+    // A readable-by-others key is a configuration fault too.
+    std::fs::write(&key, format!("{}\n", "11".repeat(32))).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = agent(&["run"], &path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("lets others read the secret"), "{err}");
+    assert!(!err.contains("capturing"), "capture started: {err}");
+}
+
+#[test]
+fn run_exits_65_on_a_corrupt_state_file_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("shards")).unwrap();
+    let path = write_config(dir.path(), "", "dir = \"shards\"");
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/state.json"), b"{ torn").unwrap();
+    let out = agent(&["run"], &path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("state.json is not valid"), "{err}");
+    // Refused before the outbox, the link or capture were set up.
+    assert!(!dir.path().join("state/outbox").exists(), "{err}");
+}
+
+#[test]
+fn the_units_do_not_restart_what_a_restart_cannot_fix() {
+    // The codes `run` documents as needing the operator are exactly those
+    // the agent's unit refuses to restart on.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/shardline-agent.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find(|l| l.starts_with("RestartPreventExitStatus="))
+        .expect("RestartPreventExitStatus");
+    let mut codes: Vec<u8> = line["RestartPreventExitStatus=".len()..]
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    codes.sort();
+    use shardline_agent::daemon::cli::{EXIT_CONFIG, EXIT_DATAERR, EXIT_NOPERM};
+    assert_eq!(codes, vec![EXIT_DATAERR, EXIT_NOPERM, EXIT_CONFIG]);
 }
 
 #[test]

@@ -5,9 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardline_shared::accept::{handle_incoming, AcceptancePolicy, AcceptanceState, Verdict};
+use shardline_shared::accept::{
+    handle_incoming, AcceptancePolicy, AcceptanceState, Verdict, LIMIT_RANGES,
+};
 use shardline_shared::codec;
-use shardline_shared::msg::{KeySet, RejectReason};
+use shardline_shared::msg::{KeySet, Operation, RejectReason};
 use shardline_shared::sign::{Domain, KeyPair, SignedEnvelope};
 use shardline_shared::DeviceId;
 
@@ -47,6 +49,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(instr.seq > 10 && instr.expires_at_ms > now);
             assert!(instr.issued_at_ms <= now + policy.max_clock_skew_ms);
             assert!(now + policy.max_clock_skew_ms >= state.time_floor_ms);
+            // The floor follows the signed issue time, never the clock.
+            assert_eq!(
+                decision.state.time_floor_ms,
+                state.time_floor_ms.max(instr.issued_at_ms)
+            );
+            for op in &instr.ops {
+                if let Operation::Activate(a) = op {
+                    assert!(LIMIT_RANGES.admits(&a.limits), "applied {:?}", a.limits);
+                }
+            }
         }
         Verdict::Reject { reason, .. } => {
             assert_ne!(reason, RejectReason::BadSignature, "own signature refused");

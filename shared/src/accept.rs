@@ -13,13 +13,25 @@
 //! not issued further ahead than the allowed skew; the clock not behind the
 //! persisted time floor; the signed payload in its one canonical encoding
 //! (so that "identical" means the same bytes), with capability names that
-//! are safe as directory names. A key rotation must be signed
+//! are safe as directory names, and resource limits inside the ranges a
+//! shard host can run under. A key rotation must be signed
 //! by the current set and by the new set, applies in epoch order, and resets
 //! the sequence floor.
+//!
+//! The time floor rises only from *signed* issue times of what was accepted
+//! (and, at the agent's edge, from a clock known to be NTP-synchronised),
+//! never from the raw local clock: a device whose clock once jumps ahead
+//! would otherwise carry that jump in its floor and refuse every instruction
+//! ("clock behind floor") once the clock is put right. An issue time is
+//! accepted only within the skew of the device clock, so the floor can run
+//! ahead of real time only when the allocator's and the device's clocks are
+//! both wrong.
 
 use crate::codec::{self, DecodeError};
 use crate::ids::{self, DeviceId, KeyId};
-use crate::msg::{Instruction, KeyRotation, KeySet, Operation, RejectReason, RejectionCounters};
+use crate::msg::{
+    Instruction, KeyRotation, KeySet, Operation, RejectReason, RejectionCounters, ResourceLimits,
+};
 use crate::sign::{self, Domain, OpenError, SignedEnvelope};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -55,7 +67,8 @@ pub struct AcceptanceState {
     /// SHA-256 of the last applied instruction's signed payload.
     pub last_applied_digest: Option<[u8; 32]>,
     /// The device clock must not be behind this (minus skew): it only moves
-    /// forward, from `now` and from accepted issue times.
+    /// forward, from accepted (signed) issue times and from a clock the edge
+    /// knows to be synchronised ([`AcceptanceState::advance_floor`]).
     pub time_floor_ms: u64,
 }
 
@@ -70,10 +83,53 @@ impl AcceptanceState {
         }
     }
 
-    /// Raises the time floor to `now` (the agent calls this periodically so a
-    /// reboot into a 1970 clock cannot revive expired instructions).
-    pub fn advance_floor(&mut self, now_ms: u64) {
-        self.time_floor_ms = self.time_floor_ms.max(now_ms);
+    /// Raises the time floor to `trusted_ms`, a time known to be right: the
+    /// clock while NTP says it is synchronised, or a signed issue time. Never
+    /// the raw local clock: a one-off jump ahead would stay in the floor and
+    /// lock the device out once the clock is corrected.
+    pub fn advance_floor(&mut self, trusted_ms: u64) {
+        self.time_floor_ms = self.time_floor_ms.max(trusted_ms);
+    }
+}
+
+/// The ranges resource limits in an activation must lie in; outside them the
+/// instruction is refused with [`RejectReason::LimitsOutOfRange`] instead of
+/// being clamped on the device (a clamped limit is not the limit the
+/// allocator budgeted, and the allocator would never learn of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitRanges {
+    /// `cpu_quota_permille`: 0 means "no quota"; above this is more CPU than
+    /// any device has (256 cores).
+    pub max_cpu_quota_permille: u32,
+    /// `cpu_weight`: cgroup v2 `cpu.weight` accepts 1–10000.
+    pub cpu_weight: std::ops::RangeInclusive<u16>,
+    /// `memory_max_bytes`: 0 means "no cap"; otherwise at least this (below
+    /// it a shard host cannot even map its own code)…
+    pub min_memory_bytes: u64,
+    /// …and at most this (1 TiB).
+    pub max_memory_bytes: u64,
+    /// `nice`: what `setpriority` accepts.
+    pub nice: std::ops::RangeInclusive<i8>,
+}
+
+/// The ranges every agent checks (see [`LimitRanges`]).
+pub const LIMIT_RANGES: LimitRanges = LimitRanges {
+    max_cpu_quota_permille: 256_000,
+    cpu_weight: 1..=10_000,
+    min_memory_bytes: 1 << 20,
+    max_memory_bytes: 1 << 40,
+    nice: -20..=19,
+};
+
+impl LimitRanges {
+    /// Whether `limits` lie inside these ranges.
+    pub fn admits(&self, limits: &ResourceLimits) -> bool {
+        limits.cpu_quota_permille <= self.max_cpu_quota_permille
+            && self.cpu_weight.contains(&limits.cpu_weight)
+            && (limits.memory_max_bytes == 0
+                || (self.min_memory_bytes..=self.max_memory_bytes)
+                    .contains(&limits.memory_max_bytes))
+            && self.nice.contains(&limits.nice)
     }
 }
 
@@ -237,10 +293,18 @@ fn handle_instruction_envelope(
     if instr.issued_at_ms > now_ms.saturating_add(policy.max_clock_skew_ms) {
         return refuse(state, seq, RejectReason::FromFuture);
     }
+    let limits_ok = instr.ops.iter().all(|op| match op {
+        Operation::Activate(a) => LIMIT_RANGES.admits(&a.limits),
+        Operation::Deactivate { .. } => true,
+    });
+    if !limits_ok {
+        return refuse(state, seq, RejectReason::LimitsOutOfRange);
+    }
     let mut next = state.clone();
     next.last_applied_seq = instr.seq;
     next.last_applied_digest = Some(digest);
-    next.time_floor_ms = next.time_floor_ms.max(now_ms).max(instr.issued_at_ms);
+    // The signed issue time, not `now`: see the module docs.
+    next.time_floor_ms = next.time_floor_ms.max(instr.issued_at_ms);
     Decision {
         verdict: Verdict::Apply(instr),
         state: next,
@@ -305,7 +369,7 @@ fn handle_rotation_envelope(
         // set starts afresh, and old-key instructions no longer verify.
         last_applied_seq: 0,
         last_applied_digest: None,
-        time_floor_ms: state.time_floor_ms.max(now_ms).max(rotation.issued_at_ms),
+        time_floor_ms: state.time_floor_ms.max(rotation.issued_at_ms),
     };
     Decision {
         verdict: Verdict::Rotated {
@@ -328,6 +392,10 @@ impl RejectionCounters {
             RejectReason::Expired => &mut self.expired,
             RejectReason::FromFuture => &mut self.from_future,
             RejectReason::ClockBehindFloor => &mut self.clock_behind_floor,
+            // The report's counters keep their wire layout (a new field
+            // would break every older decoder); the ack names the exact
+            // reason, and the allocator reads compliance from acks.
+            RejectReason::LimitsOutOfRange => &mut self.malformed,
         };
         *slot += 1;
     }

@@ -28,6 +28,10 @@ pub enum DecodeError {
     Malformed(String),
     #[error("{0} trailing bytes after the message")]
     TrailingBytes(usize),
+    /// A signed envelope with more signatures than any signer makes
+    /// (`sign::MAX_SIGNATURES`): refused before any is verified.
+    #[error("{count} signatures on one envelope; at most {max} are accepted")]
+    TooManySignatures { count: usize, max: usize },
 }
 
 /// Encodes `msg` as `[FORMAT_VERSION] ++ postcard(msg)`.

@@ -218,6 +218,11 @@ pub enum RejectReason {
     FromFuture,
     /// The device clock is behind its persisted time floor.
     ClockBehindFloor,
+    /// An activation's resource limits are outside the ranges a shard host
+    /// can run under (`accept::LIMIT_RANGES`): an operator fault in the
+    /// catalog or the signer, not device misbehaviour. Added at the end: the
+    /// variants before it keep their wire bytes.
+    LimitsOutOfRange,
 }
 
 /// The outcome of one instruction on the device.

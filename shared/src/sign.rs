@@ -50,13 +50,88 @@ pub struct SignatureEntry {
     pub signature: Vec<u8>,
 }
 
+/// Most signatures an envelope may carry. A device signs with one key, an
+/// instruction with one allocator key, a key rotation with one key of the
+/// current set and one of the new set; 4 leaves room for a rotation that
+/// overlaps two keys of each set. More is refused on decoding: every
+/// signature costs the receiver an Ed25519 verification, so an unbounded
+/// list would let a broker neighbour buy CPU on the device for the price of
+/// bytes.
+pub const MAX_SIGNATURES: usize = 4;
+
 /// The signed container every signed object travels in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedEnvelope {
     pub domain: Domain,
     /// `codec::encode` of the signed object.
     pub payload: Vec<u8>,
+    /// At most [`MAX_SIGNATURES`]: any decoder of this type refuses more
+    /// (and [`parse_envelope`] says how many there were).
+    #[serde(deserialize_with = "signatures_at_most_max")]
     pub signatures: Vec<SignatureEntry>,
+}
+
+/// The signature list as read off the wire: the first [`MAX_SIGNATURES`]
+/// entries and how many there were in all. Reading goes on past the cap
+/// (bounded by the byte cap checked before decoding) so that the caller can
+/// name the count; nothing past the cap is kept.
+struct CountedSignatures {
+    kept: Vec<SignatureEntry>,
+    total: usize,
+}
+
+impl<'de> Deserialize<'de> for CountedSignatures {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CountedSignatures;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of signature entries")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                // Never trust the length prefix for an allocation.
+                let mut kept = Vec::with_capacity(MAX_SIGNATURES);
+                let mut total = 0usize;
+                while let Some(entry) = seq.next_element::<SignatureEntry>()? {
+                    total += 1;
+                    if kept.len() < MAX_SIGNATURES {
+                        kept.push(entry);
+                    }
+                }
+                Ok(CountedSignatures { kept, total })
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
+fn signatures_at_most_max<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<SignatureEntry>, D::Error> {
+    let counted = CountedSignatures::deserialize(d)?;
+    if counted.total > MAX_SIGNATURES {
+        return Err(serde::de::Error::custom(too_many(counted.total)));
+    }
+    Ok(counted.kept)
+}
+
+fn too_many(count: usize) -> DecodeError {
+    DecodeError::TooManySignatures {
+        count,
+        max: MAX_SIGNATURES,
+    }
+}
+
+/// [`SignedEnvelope`]'s wire layout with the signature list counted instead
+/// of refused, so [`parse_envelope`] can report the count.
+#[derive(Deserialize)]
+struct EnvelopeWire {
+    domain: Domain,
+    payload: Vec<u8>,
+    signatures: CountedSignatures,
 }
 
 /// Why a signed envelope was not accepted.
@@ -134,7 +209,8 @@ fn signed_bytes(domain: Domain, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Encodes `object` and signs it with every key in `signers`; returns the
-/// framed envelope ready to publish.
+/// framed envelope ready to publish. Receivers refuse an envelope with more
+/// than [`MAX_SIGNATURES`] signers.
 pub fn seal<T: Serialize>(domain: Domain, object: &T, signers: &[&KeyPair]) -> Vec<u8> {
     let payload = codec::encode(object);
     let signatures = signers
@@ -149,8 +225,26 @@ pub fn seal<T: Serialize>(domain: Domain, object: &T, signers: &[&KeyPair]) -> V
 }
 
 /// Decodes the envelope only (no verification): for dispatch by domain.
+/// More than [`MAX_SIGNATURES`] signatures is
+/// `OpenError::Envelope(DecodeError::TooManySignatures { .. })`.
 pub fn parse_envelope(bytes: &[u8], cap: usize) -> Result<SignedEnvelope, OpenError> {
-    codec::decode_capped(bytes, cap).map_err(OpenError::Envelope)
+    let wire: EnvelopeWire = codec::decode_capped(bytes, cap).map_err(OpenError::Envelope)?;
+    if wire.signatures.total > MAX_SIGNATURES {
+        return Err(OpenError::Envelope(too_many(wire.signatures.total)));
+    }
+    Ok(SignedEnvelope {
+        domain: wire.domain,
+        payload: wire.payload,
+        signatures: wire.signatures.kept,
+    })
+}
+
+/// Envelopes built in memory never went through the decoder's cap.
+fn check_signature_count(envelope: &SignedEnvelope) -> Result<(), OpenError> {
+    if envelope.signatures.len() > MAX_SIGNATURES {
+        return Err(OpenError::Envelope(too_many(envelope.signatures.len())));
+    }
+    Ok(())
 }
 
 /// Verifies one signature entry against a public key.
@@ -272,6 +366,7 @@ pub fn open_envelope<T: DeserializeOwned>(
             found: envelope.domain,
         });
     }
+    check_signature_count(envelope)?;
     if envelope.signatures.is_empty() {
         return Err(OpenError::NoSignature);
     }

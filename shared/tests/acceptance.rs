@@ -141,10 +141,11 @@ fn valid_instruction_applies_and_records_seq_digest_and_floor() {
     let s = fresh();
     let i = instr(7);
     let d = run(&s, &sealed(&i, &[&key(1)]), T0 + 1_000);
-    assert_eq!(d.verdict, Verdict::Apply(i));
+    assert_eq!(d.verdict, Verdict::Apply(i.clone()));
     assert_eq!(d.state.last_applied_seq, 7);
     assert!(d.state.last_applied_digest.is_some());
-    assert_eq!(d.state.time_floor_ms, T0 + 1_000);
+    // The floor moves to the signed issue time, not to the device clock.
+    assert_eq!(d.state.time_floor_ms, i.issued_at_ms);
     assert_eq!(d.state.keys, s.keys);
 }
 
@@ -419,7 +420,187 @@ fn applying_raises_the_floor_to_the_issue_time() {
     assert_eq!(s.time_floor_ms, T0 + 20_000);
 }
 
+// ------------------------------------------------- the time floor on simulated time
+
+#[test]
+fn a_one_off_clock_jump_ahead_does_not_lock_the_device_out() {
+    // The router's clock jumps a day ahead (a bad RTC read, a wrong manual
+    // `date`) while it keeps taking instructions the allocator issues at
+    // real time T0 with a two-day validity.
+    let day = 24 * 60 * MINUTE;
+    let mut long = instr(1);
+    long.expires_at_ms = T0 + 2 * day;
+    let jumped = T0 + day;
+    let s = apply(&fresh(), &sealed(&long, &[&key(1)]), jumped);
+    // The floor took the signed issue time, not the jumped clock.
+    assert_eq!(s.time_floor_ms, T0);
+    // The clock is put right: the next instruction applies at once. (Had the
+    // floor followed the clock, it would be a day ahead and every
+    // instruction would be "clock behind floor" for a day.)
+    let mut next = instr(2);
+    next.issued_at_ms = T0 + 2_000;
+    let s = apply(&s, &sealed(&next, &[&key(1)]), T0 + 2_000);
+    assert_eq!(s.time_floor_ms, T0 + 2_000);
+}
+
+#[test]
+fn a_clock_jump_ahead_sees_short_instructions_expired_and_recovers_when_corrected() {
+    // While the clock is a year ahead, five-minute instructions look
+    // expired: refused without a trace, so nothing is lost once it is fixed.
+    let year = 365 * 24 * 60 * MINUTE;
+    let s = fresh();
+    let bytes = sealed(&instr(1), &[&key(1)]);
+    assert_rejected(&s, &bytes, T0 + year, Some(1), RejectReason::Expired);
+    let s = apply(&s, &bytes, T0 + 1_000);
+    assert_eq!(s.time_floor_ms, T0);
+}
+
+#[test]
+fn the_floor_still_refuses_a_clock_reset_to_1970_after_instructions() {
+    // The floor that only signed issue times raised is still a floor: the
+    // router applies an instruction, reboots without RTC at 1970, and a
+    // captured old instruction (expired in 2021) is refused.
+    let s = apply(&fresh(), &sealed(&instr(1), &[&key(1)]), T0 + 1_000);
+    assert_eq!(s.time_floor_ms, T0);
+    let mut old = instr(2);
+    old.issued_at_ms = 1_577_836_800_000; // 2020-01-01
+    old.expires_at_ms = 1_609_459_200_000; // 2021-01-01
+    assert_rejected(
+        &s,
+        &sealed(&old, &[&key(1)]),
+        0,
+        Some(2),
+        RejectReason::ClockBehindFloor,
+    );
+}
+
+#[test]
+fn a_rotation_raises_the_floor_to_its_issue_time_not_the_clock() {
+    let s = rotate(
+        &fresh(),
+        &rotation(2, &[&key(2)], &[&key(1), &key(2)]),
+        T0 + 20 * MINUTE,
+        2,
+    );
+    assert_eq!(s.time_floor_ms, T0);
+}
+
+#[test]
+fn advance_floor_only_raises() {
+    let mut s = fresh();
+    s.advance_floor(T0);
+    s.advance_floor(T0 - MINUTE);
+    assert_eq!(s.time_floor_ms, T0);
+}
+
+// --------------------------------------------------------- resource limit ranges
+
+/// `instr(seq)` with its activation's limits changed by `f`.
+fn instr_with_limits(seq: u64, f: impl Fn(&mut ResourceLimits)) -> Instruction {
+    let mut i = instr(seq);
+    for op in &mut i.ops {
+        if let Operation::Activate(a) = op {
+            f(&mut a.limits);
+        }
+    }
+    i
+}
+
+#[test]
+fn limits_out_of_range_are_rejected_with_their_own_reason() {
+    type Change = fn(&mut ResourceLimits);
+    let out_of_range: [(&str, Change); 8] = [
+        ("cpu_weight 0", |l| l.cpu_weight = 0),
+        ("cpu_weight 10001", |l| l.cpu_weight = 10_001),
+        ("nice -21", |l| l.nice = -21),
+        ("nice 20", |l| l.nice = 20),
+        ("nice i8::MAX", |l| l.nice = i8::MAX),
+        ("memory 1 byte", |l| l.memory_max_bytes = 1),
+        ("memory over 1 TiB", |l| l.memory_max_bytes = (1 << 40) + 1),
+        ("cpu quota 256001 permille", |l| {
+            l.cpu_quota_permille = 256_001
+        }),
+    ];
+    let s = fresh();
+    for (what, change) in out_of_range {
+        let i = instr_with_limits(4, change);
+        let d = run(&s, &sealed(&i, &[&key(1)]), T0);
+        assert_eq!(
+            d.verdict,
+            Verdict::Reject {
+                seq: Some(4),
+                reason: RejectReason::LimitsOutOfRange
+            },
+            "{what}"
+        );
+        assert_eq!(d.state, s, "{what}: a refusal must not change the state");
+    }
+    // The refusal left no trace: the same sequence with good limits applies.
+    apply(&s, &sealed(&instr(4), &[&key(1)]), T0);
+}
+
+#[test]
+fn limits_at_the_edges_of_their_ranges_apply() {
+    type Change = fn(&mut ResourceLimits);
+    let edges: [(&str, Change); 8] = [
+        ("no cpu quota", |l| l.cpu_quota_permille = 0),
+        ("cpu quota 256 cores", |l| l.cpu_quota_permille = 256_000),
+        ("cpu_weight 1", |l| l.cpu_weight = 1),
+        ("cpu_weight 10000", |l| l.cpu_weight = 10_000),
+        ("nice -20 and no memory cap", |l| {
+            l.nice = -20;
+            l.memory_max_bytes = 0;
+        }),
+        ("nice 19", |l| l.nice = 19),
+        ("memory 1 MiB", |l| l.memory_max_bytes = 1 << 20),
+        ("memory 1 TiB", |l| l.memory_max_bytes = 1 << 40),
+    ];
+    for (what, change) in edges {
+        let i = instr_with_limits(4, change);
+        let d = run(&fresh(), &sealed(&i, &[&key(1)]), T0);
+        assert_eq!(d.verdict, Verdict::Apply(i), "{what}");
+    }
+}
+
+#[test]
+fn limits_are_checked_in_every_activation_of_an_instruction() {
+    // One good activation does not carry a bad one.
+    let mut i = instr(4);
+    let mut bad = activation(Vec::new());
+    bad.shard = ShardRef::new("crypto-chacha", "1.0.0").unwrap();
+    bad.limits.cpu_weight = 0;
+    i.ops.push(Operation::Activate(bad));
+    assert_rejected(
+        &fresh(),
+        &sealed(&i, &[&key(1)]),
+        T0,
+        Some(4),
+        RejectReason::LimitsOutOfRange,
+    );
+}
+
 // ------------------------------------------------------------ framing
+
+#[test]
+fn more_signatures_than_the_cap_are_refused_before_any_is_checked() {
+    // Five valid signatures by five pinned keys: still refused, because the
+    // count alone is over the cap (each one would cost a verification).
+    let keys = [key(1), key(2), key(3), key(4), key(5)];
+    let refs: Vec<&KeyPair> = keys.iter().collect();
+    let mut s = AcceptanceState::new(KeySet::of(1, &refs));
+    s.advance_floor(T0 - 10 * MINUTE);
+    let five = sealed(&instr(1), &refs);
+    assert_eq!(
+        sign::parse_envelope(&five, MAX_PAYLOAD),
+        Err(OpenError::Envelope(codec::DecodeError::TooManySignatures {
+            count: 5,
+            max: sign::MAX_SIGNATURES
+        }))
+    );
+    assert_rejected(&s, &five, T0, None, RejectReason::Malformed);
+    // Four is within the cap and applies.
+    apply(&s, &sealed(&instr(1), &refs[..4]), T0);
+}
 
 #[test]
 fn oversize_input_is_rejected_before_decoding() {
@@ -988,6 +1169,7 @@ fn rejection_counters_count_covers_every_reject_reason() {
             RejectReason::Expired => 6,
             RejectReason::FromFuture => 7,
             RejectReason::ClockBehindFloor => 8,
+            RejectReason::LimitsOutOfRange => 9,
         }
     }
     let all = [
@@ -1000,6 +1182,7 @@ fn rejection_counters_count_covers_every_reject_reason() {
         RejectReason::Expired,
         RejectReason::FromFuture,
         RejectReason::ClockBehindFloor,
+        RejectReason::LimitsOutOfRange,
     ];
     for (i, r) in all.iter().enumerate() {
         assert_eq!(listed(*r), i);
@@ -1012,7 +1195,9 @@ fn rejection_counters_count_covers_every_reject_reason() {
         assert_eq!(c.total(), n as u64 + 1, "{r:?} not counted in total");
         assert_ne!(c, before, "{r:?} changed no counter");
     }
-    // Each reason landed in its own counter: every counter is exactly 1. The
+    // Each reason landed in its own counter: every counter is exactly 1,
+    // except `malformed`, which also counts LimitsOutOfRange (the report's
+    // counters keep their wire layout; the ack names the exact reason). The
     // destructuring has no `..`, so a new counter field must be added here.
     let RejectionCounters {
         bad_signature,
@@ -1037,6 +1222,6 @@ fn rejection_counters_count_covers_every_reject_reason() {
             clock_behind_floor,
             malformed
         ],
-        [1; 9]
+        [1, 1, 1, 1, 1, 1, 1, 1, 2]
     );
 }

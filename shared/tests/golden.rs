@@ -14,6 +14,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use shardline_shared::accept::AcceptanceState;
+use shardline_shared::codec::DecodeError;
 use shardline_shared::msg::EnrollRequest;
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
@@ -272,6 +273,8 @@ fn golden_reject_reason_every_variant() {
         (RejectReason::Expired, "0106"),
         (RejectReason::FromFuture, "0107"),
         (RejectReason::ClockBehindFloor, "0108"),
+        // Grown at the end: the bytes above did not move.
+        (RejectReason::LimitsOutOfRange, "0109"),
     ];
     for (v, g) in cases {
         check(&format!("RejectReason::{v:?}"), &v, g);
@@ -556,6 +559,83 @@ fn golden_signed_envelope_of_a_rotation_with_two_signatures() {
             "53610b5747c393b9b34d5983c5e0b15d250f2b3deb62620705a48554047f1d58",
             "7bdf069be85008",
         ),
+    );
+}
+
+/// An instruction envelope carrying `n` signatures (by keys 1..=n), built by
+/// hand: `seal` would make it too, but receivers must refuse it.
+fn envelope_with_signatures(n: u8) -> Vec<u8> {
+    let payload = encode(&instruction());
+    encode(&SignedEnvelope {
+        domain: Domain::Instruction,
+        signatures: (1..=n)
+            .map(|i| key(i).sign_entry(Domain::Instruction, &payload))
+            .collect(),
+        payload,
+    })
+}
+
+#[test]
+fn golden_signature_count_cap_four_decode_five_refused() {
+    assert_eq!(sign::MAX_SIGNATURES, 4);
+    // The count is the varint right before the first entry: the wire layout
+    // is unchanged by the cap, only what a decoder accepts.
+    let four = envelope_with_signatures(4);
+    let payload_len = encode(&instruction()).len();
+    let count_at = 1 + 1 + 1 + payload_len; // version, domain, len varint, payload
+    assert!(
+        payload_len < 128,
+        "the payload length takes one varint byte"
+    );
+    assert_eq!(four[count_at], 4);
+    let env = sign::parse_envelope(&four, shardline_shared::codec::MAX_PAYLOAD).unwrap();
+    assert_eq!(env.signatures.len(), 4);
+    let back: SignedEnvelope = decode(&four).unwrap();
+    assert_eq!(back, env);
+
+    let five = envelope_with_signatures(5);
+    assert_eq!(five[count_at], 5);
+    assert_eq!(
+        sign::parse_envelope(&five, shardline_shared::codec::MAX_PAYLOAD),
+        Err(sign::OpenError::Envelope(DecodeError::TooManySignatures {
+            count: 5,
+            max: 4
+        }))
+    );
+    assert_eq!(
+        sign::parse_envelope(&five, shardline_shared::codec::MAX_PAYLOAD)
+            .unwrap_err()
+            .to_string(),
+        "envelope: 5 signatures on one envelope; at most 4 are accepted"
+    );
+    // Any other decoder of the type refuses it too.
+    assert!(decode::<SignedEnvelope>(&five).is_err());
+    // A length prefix claiming a huge count over a short body is an error,
+    // not an allocation of that many entries.
+    let mut lying = four[..count_at].to_vec();
+    lying.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    assert!(sign::parse_envelope(&lying, shardline_shared::codec::MAX_PAYLOAD).is_err());
+}
+
+#[test]
+fn an_in_memory_envelope_over_the_cap_does_not_open() {
+    let five = envelope_with_signatures(5);
+    let payload = encode(&instruction());
+    let env = SignedEnvelope {
+        domain: Domain::Instruction,
+        signatures: (1..=5u8)
+            .map(|i| key(i).sign_entry(Domain::Instruction, &payload))
+            .collect(),
+        payload,
+    };
+    assert_eq!(encode(&env), five);
+    let all = KeySet::of(1, &[&key(1), &key(2), &key(3), &key(4), &key(5)]);
+    assert_eq!(
+        sign::open_envelope::<Instruction>(&env, Domain::Instruction, |id| all.public_key(id)),
+        Err(sign::OpenError::Envelope(DecodeError::TooManySignatures {
+            count: 5,
+            max: 4
+        }))
     );
 }
 

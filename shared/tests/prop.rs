@@ -217,6 +217,7 @@ fn reject_reason() -> impl Strategy<Value = RejectReason> {
         RejectReason::Expired,
         RejectReason::FromFuture,
         RejectReason::ClockBehindFloor,
+        RejectReason::LimitsOutOfRange,
     ])
 }
 
@@ -257,13 +258,34 @@ fn device_status() -> impl Strategy<Value = DeviceStatus> {
         })
 }
 
+/// Limits anywhere in their types, and (as often) in or at the edges of the
+/// ranges the device accepts, so both sides of every bound are drawn.
 fn resource_limits() -> impl Strategy<Value = ResourceLimits> {
-    any::<(u32, u16, u64, i8)>().prop_map(|(q, w, m, n)| ResourceLimits {
+    let quota = prop_oneof![any::<u32>(), 0u32..=256_001, Just(256_000), Just(256_001)];
+    let weight = prop_oneof![any::<u16>(), Just(0u16), 1u16..=10_001];
+    let memory = prop_oneof![
+        any::<u64>(),
+        Just(0u64),
+        (1u64 << 20) - 1..=(1u64 << 20),
+        1u64 << 20..=1u64 << 40,
+        Just((1u64 << 40) + 1),
+    ];
+    let nice = prop_oneof![any::<i8>(), -21i8..=20];
+    (quota, weight, memory, nice).prop_map(|(q, w, m, n)| ResourceLimits {
         cpu_quota_permille: q,
         cpu_weight: w,
         memory_max_bytes: m,
         nice: n,
     })
+}
+
+/// The accepted ranges, written out independently of `accept::LIMIT_RANGES`
+/// so the property checks the rule, not the code against itself.
+fn limits_in_range(l: &ResourceLimits) -> bool {
+    l.cpu_quota_permille <= 256_000
+        && (1..=10_000).contains(&l.cpu_weight)
+        && (l.memory_max_bytes == 0 || (1 << 20..=1 << 40).contains(&l.memory_max_bytes))
+        && (-20..=19).contains(&l.nice)
 }
 
 fn activation() -> impl Strategy<Value = Activation> {
@@ -596,6 +618,38 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any number of signatures encodes; a decoder keeps at most
+    /// `MAX_SIGNATURES` and refuses more with the count named.
+    #[test]
+    fn envelopes_over_the_signature_cap_never_decode(
+        mut env in signed_envelope(),
+        extra in vec(signature_entry(), 0..8),
+    ) {
+        env.signatures.extend(extra);
+        let n = env.signatures.len();
+        let bytes = encode(&env);
+        let parsed = sign::parse_envelope(&bytes, codec::MAX_PAYLOAD);
+        if n <= sign::MAX_SIGNATURES {
+            prop_assert_eq!(parsed, Ok(env.clone()));
+            prop_assert_eq!(decode::<SignedEnvelope>(&bytes), Ok(env));
+        } else {
+            prop_assert_eq!(
+                parsed,
+                Err(sign::OpenError::Envelope(codec::DecodeError::TooManySignatures {
+                    count: n,
+                    max: sign::MAX_SIGNATURES,
+                }))
+            );
+            prop_assert!(decode::<SignedEnvelope>(&bytes).is_err());
+            let d = handle_incoming(&device_state(), &me(), &bytes, T0, &AcceptancePolicy::default());
+            prop_assert_eq!(d.verdict, Verdict::Reject { seq: None, reason: RejectReason::Malformed });
+        }
+    }
+}
+
 // ------------------------------------------------------------ acceptance rules
 
 /// Instructions for this device or another, with times and sequence numbers
@@ -645,14 +699,24 @@ proptest! {
         let clock_ok = now + skew >= state.time_floor_ms;
         let fresh = instr.expires_at_ms > now && instr.issued_at_ms <= now + skew;
         let ours = instr.device == me();
+        let limits_ok = instr.ops.iter().all(|op| match op {
+            Operation::Activate(a) => limits_in_range(&a.limits),
+            Operation::Deactivate { .. } => true,
+        });
         match &d.verdict {
             Verdict::Apply(applied) => {
                 prop_assert_eq!(applied, &instr);
-                prop_assert!(ours && clock_ok && fresh);
+                prop_assert!(ours && clock_ok && fresh && limits_ok);
                 prop_assert!(instr.seq > state.last_applied_seq);
                 prop_assert_eq!(d.state.last_applied_seq, instr.seq);
                 prop_assert_eq!(d.state.last_applied_digest, Some(digest));
-                prop_assert!(d.state.time_floor_ms >= state.time_floor_ms.max(now));
+                // The floor moves to the signed issue time, never to the
+                // device clock: it stays within skew of the clock that
+                // accepted it and carries no jump of that clock.
+                prop_assert_eq!(
+                    d.state.time_floor_ms,
+                    state.time_floor_ms.max(instr.issued_at_ms)
+                );
                 prop_assert_eq!(&d.state.keys, &state.keys);
             }
             Verdict::Ignore { seq } => {
@@ -673,6 +737,7 @@ proptest! {
                     }
                     RejectReason::Expired => instr.expires_at_ms <= now,
                     RejectReason::FromFuture => instr.issued_at_ms > now + skew,
+                    RejectReason::LimitsOutOfRange => !limits_ok,
                     other => return Err(TestCaseError::fail(format!("unexpected {other:?}"))),
                 };
                 prop_assert!(why, "{reason:?} without its cause");
@@ -680,7 +745,7 @@ proptest! {
             other => return Err(TestCaseError::fail(format!("unexpected {other:?}"))),
         }
         // Completeness: when every rule holds, it is applied.
-        if ours && clock_ok && fresh && instr.seq > state.last_applied_seq {
+        if ours && clock_ok && fresh && limits_ok && instr.seq > state.last_applied_seq {
             prop_assert!(matches!(d.verdict, Verdict::Apply(_)), "{:?}", d.verdict);
         }
     }

@@ -313,7 +313,7 @@ impl Daemon {
                     self.poll_enroll(now);
                     if last_floor.elapsed() >= FLOOR_EVERY {
                         last_floor = tokio::time::Instant::now();
-                        let actions = self.manager.advance_floor(now);
+                        let actions = self.manager.advance_floor(super::clock::trusted_now(now));
                         self.execute(actions, None)?;
                     }
                     if let Some(every) = watchdog_every {

@@ -450,10 +450,14 @@ impl Config {
             }
         }
 
-        let state_dir = raw
-            .state
-            .dir
-            .unwrap_or_else(|| PathBuf::from("/var/lib/shardline"));
+        // Resolved before the defaults below derive from it: a relative
+        // state dir is relative to the file, for the key and shards too.
+        let state_dir = resolve(
+            path,
+            &raw.state
+                .dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/shardline")),
+        );
         Ok(Config {
             path: path.to_owned(),
             device_key_file: raw
@@ -489,7 +493,7 @@ impl Config {
                 .dir
                 .map(|p| resolve(path, &p))
                 .unwrap_or_else(|| state_dir.join("shards")),
-            state_dir: resolve(path, &state_dir),
+            state_dir,
             outbox_cap,
             limits: AgentLimits {
                 memory_max_mib: l.memory_max_mib.map(|v| v.into_inner()),
@@ -737,6 +741,17 @@ mod tests {
             "enroll_token = \"abc\"",
         );
         expect_invalid(&inline, 6, "allocator.enroll_token");
+    }
+
+    #[test]
+    fn defaults_under_a_relative_state_dir_are_relative_to_the_file() {
+        let c = parse(&format!("{}\n[state]\ndir = \"state\"\n", minimal())).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/etc/shardline/state"));
+        assert_eq!(c.shard_dir, PathBuf::from("/etc/shardline/state/shards"));
+        assert_eq!(
+            c.device_key_file,
+            PathBuf::from("/etc/shardline/state/device.key")
+        );
     }
 
     #[test]

@@ -289,12 +289,18 @@ impl CapabilityManager {
     }
 
     /// Raises the persisted time floor (so a clock reset cannot revive
-    /// expired instructions); returns the persist action when it moved.
-    pub fn advance_floor(&mut self, now_ms: u64) -> Vec<Action> {
-        if now_ms <= self.acceptance.time_floor_ms {
+    /// expired instructions) to `trusted_ms`, a time known to be right (see
+    /// `daemon::clock`: the clock while NTP says it is synchronised); `None`
+    /// (an unsynchronised clock) leaves it to the signed issue times of
+    /// accepted instructions. Returns the persist action when it moved.
+    pub fn advance_floor(&mut self, trusted_ms: Option<u64>) -> Vec<Action> {
+        let Some(t) = trusted_ms else {
+            return Vec::new();
+        };
+        if t <= self.acceptance.time_floor_ms {
             return Vec::new();
         }
-        self.acceptance.advance_floor(now_ms);
+        self.acceptance.advance_floor(t);
         vec![self.persist()]
     }
 
@@ -525,6 +531,40 @@ mod tests {
         );
         assert!(matches!(actions.as_slice(), [Action::Persist(_)]));
         m
+    }
+
+    #[test]
+    fn the_floor_moves_only_to_trusted_times_and_survives_a_clock_jump() {
+        let mut m = boot(T0);
+        // An unsynchronised clock a day ahead raises nothing.
+        let day = 86_400_000;
+        assert!(m.advance_floor(None).is_empty());
+        assert_eq!(m.acceptance().time_floor_ms, 0);
+        // An instruction applied while the clock is a day ahead raises the
+        // floor to its signed issue time (T0), not to the clock.
+        let long = seal(
+            Domain::Instruction,
+            &Instruction {
+                device: me(),
+                seq: 1,
+                issued_at_ms: T0,
+                expires_at_ms: T0 + 2 * day,
+                ops: vec![],
+            },
+            &[&alloc_key()],
+        );
+        let a = m.on_instruction(&long, T0 + day);
+        assert!(matches!(a.first(), Some(Action::Persist(_))), "{a:?}");
+        assert_eq!(m.acceptance().time_floor_ms, T0);
+        // The clock is put right: the next instruction applies.
+        let a = m.on_instruction(&instr(2, T0 + 1_000, vec![]), T0 + 1_000);
+        assert!(matches!(a.first(), Some(Action::Persist(_))), "{a:?}");
+        assert_eq!(m.applied_seq(), 2);
+        // A synchronised clock raises it, and the move is persisted.
+        let a = m.advance_floor(Some(T0 + 5_000));
+        assert!(matches!(a.as_slice(), [Action::Persist(_)]), "{a:?}");
+        assert_eq!(m.acceptance().time_floor_ms, T0 + 5_000);
+        assert!(m.advance_floor(Some(T0)).is_empty(), "never lowered");
     }
 
     fn starts(actions: &[Action]) -> Vec<(String, usize)> {

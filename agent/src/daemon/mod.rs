@@ -17,12 +17,15 @@
 //! - [`resources`], [`limits`]: device resources, the agent's own rlimits
 //!   (systemd notifications come from `shardline_support::notify`).
 //! - [`agent`]: the event loop that executes all of it.
-//! - [`cli`]: `run` and `check-config`.
+//! - [`cli`]: `run` and `check-config` (and their exit codes);
+//!   [`preflight`]: what the configuration names must exist on the device.
+//! - [`clock`]: when the local clock may raise the persisted time floor.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod hosting;
@@ -32,5 +35,6 @@ pub mod link;
 pub mod manager;
 pub mod outbox;
 pub mod persist;
+pub mod preflight;
 pub mod resources;
 pub mod runtime;

@@ -266,6 +266,8 @@ impl Agent {
     ) -> Agent {
         let state = dir.join("state");
         let config = dir.join("agent.toml");
+        // `run` refuses a configuration whose shard directory is missing.
+        std::fs::create_dir_all(dir.join("shards")).unwrap();
         std::fs::write(
             &config,
             format!(
