@@ -1077,3 +1077,32 @@ fn device_state_round_trips_and_a_fresh_engine_continues_identically() {
     assert!(!deactivated(&ops_for(&out, &d)).is_empty());
     assert!(a.device(&d).is_none());
 }
+
+/// Costs whose limits every device would refuse (issue 14: devices range-
+/// check limits) are refused when the catalog is read, naming the field.
+#[test]
+fn costs_devices_would_refuse_are_catalog_errors() {
+    // The first shard's `key = value`, replaced by `key = value_now`.
+    let with = |key: &str, value: &str| {
+        let shard = CATALOG.find("[[shard]]").expect("a shard");
+        let at = shard
+            + CATALOG[shard..]
+                .find(&format!("{key} = "))
+                .expect("the key");
+        let end = at + CATALOG[at..].find('\n').unwrap();
+        format!("{}{key} = {value}{}", &CATALOG[..at], &CATALOG[end..])
+    };
+    match Catalog::from_toml_str(&with("memory_kib", "1"), "catalog.toml") {
+        Err(CatalogError::Invalid { field, message, .. }) => {
+            assert_eq!(field, "memory_kib", "{message}");
+            assert!(message.contains("1 KiB"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match Catalog::from_toml_str(&with("cpu_permille", "300000"), "catalog.toml") {
+        Err(CatalogError::Invalid { field, .. }) => assert_eq!(field, "cpu_permille"),
+        other => panic!("{other:?}"),
+    }
+    // No memory cap at all (0) is a limit devices accept.
+    assert!(Catalog::from_toml_str(&with("memory_kib", "0"), "catalog.toml").is_ok());
+}

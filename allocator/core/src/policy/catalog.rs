@@ -304,6 +304,36 @@ impl Catalog {
             if r.capability.get_ref().is_empty() {
                 return Err(src.err(r.capability.span(), "capability", "must not be empty"));
             }
+            // The limits an activation carries come from these costs; the
+            // device refuses limits outside `LIMIT_RANGES`, so a catalog
+            // with such a cost could never run anywhere (and each refusal
+            // would be re-planned): refuse it here, where the operator reads.
+            let ranges = &shardline_shared::accept::LIMIT_RANGES;
+            if r.cpu_permille > ranges.max_cpu_quota_permille {
+                return Err(src.err(
+                    s.span(),
+                    "cpu_permille",
+                    format!(
+                        "{} is more than devices accept (at most {})",
+                        r.cpu_permille, ranges.max_cpu_quota_permille
+                    ),
+                ));
+            }
+            let memory_bytes = r.memory_kib.saturating_mul(1024);
+            if memory_bytes != 0
+                && !(ranges.min_memory_bytes..=ranges.max_memory_bytes).contains(&memory_bytes)
+            {
+                return Err(src.err(
+                    s.span(),
+                    "memory_kib",
+                    format!(
+                        "{} KiB is outside what devices accept ({} KiB to {} KiB, or 0 for no cap)",
+                        r.memory_kib,
+                        ranges.min_memory_bytes / 1024,
+                        ranges.max_memory_bytes / 1024
+                    ),
+                ));
+            }
             let cost = ResourceCost {
                 cpu_permille: r.cpu_permille,
                 memory_kib: r.memory_kib,
