@@ -203,7 +203,11 @@ async fn embedded_broker_logins_from_the_credentials_file() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
     let dir = TempDir::new("broker-logins");
     let creds = dir.0.join("broker-credentials");
-    std::fs::write(&creds, "device login-dev s3cret-device-password\n").unwrap();
+    std::fs::write(
+        &creds,
+        "device login-dev s3cret-device-password\ndevice nosy-dev n0sy-device-password\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
     let alloc = Allocator::start(
@@ -254,5 +258,59 @@ async fn embedded_broker_logins_from_the_credentials_file() {
             .await
             .is_some(),
         "an instruction reaches the logged-in device"
+    );
+
+    // Another device, logged in as itself, touching login-dev's topics: cut
+    // off at its first such packet (rumqttd alone would let it through).
+    // (what, topic, publish rather than subscribe)
+    let attempts = [
+        (
+            "publish on another's report",
+            "shardline/v1/dev/login-dev/report",
+            true,
+        ),
+        (
+            "subscribe to another's instructions",
+            "shardline/v1/dev/login-dev/instr",
+            false,
+        ),
+        ("subscribe to everything", "shardline/v1/#", false),
+    ];
+    for (what, topic, publish) in attempts {
+        let mut o = MqttOptions::new("shardline-agent-nosy-dev", "127.0.0.1", alloc.mqtt_port);
+        o.set_credentials("nosy-dev", "n0sy-device-password");
+        let (c, mut ev) = AsyncClient::new(o, 10);
+        let mut connected = false;
+        let cut = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                        assert_eq!(a.code, rumqttc::ConnectReturnCode::Success, "{what}");
+                        connected = true;
+                        let c = c.clone();
+                        tokio::spawn(async move {
+                            let q = rumqttc::QoS::AtLeastOnce;
+                            let _ = if publish {
+                                c.publish(topic, q, false, vec![1, 2, 3]).await
+                            } else {
+                                c.subscribe(topic, q).await
+                            };
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => return true,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        assert!(connected && cut, "{what}: not cut off");
+    }
+    // login-dev is still served.
+    dev.send_report().await;
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        2.0,
+        std::time::Duration::from_secs(10),
     );
 }

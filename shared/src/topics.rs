@@ -87,6 +87,23 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
     Some((DeviceId::new(device).ok()?, kind))
 }
 
+/// Topic authorization for a device's broker login (DESIGN.md: "each
+/// client may touch only its own topics"): a device may publish only its own
+/// report, ack, status and enrolment request.
+pub fn device_may_publish(device: &DeviceId, topic: &str) -> bool {
+    matches!(
+        parse(topic),
+        Some((d, TopicKind::Report | TopicKind::Ack | TopicKind::Status | TopicKind::Enroll))
+            if &d == device
+    )
+}
+
+/// … and subscribe only to its own instruction topic (exactly: no
+/// wildcards, which could reach other devices' topics).
+pub fn device_may_subscribe(device: &DeviceId, filter: &str) -> bool {
+    filter == instr(device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +135,31 @@ mod tests {
         assert_eq!(parse("shardline/v1/dev/r1/other"), None);
         assert_eq!(parse("shardline/v1/dev/a+b/report"), None);
         assert_eq!(parse("elsewhere/dev/r1/report"), None);
+    }
+
+    #[test]
+    fn a_device_may_touch_only_its_own_topics() {
+        let d = DeviceId::new("r1").unwrap();
+        let other = DeviceId::new("r2").unwrap();
+        for t in [report(&d), ack(&d), status(&d), enroll(&d)] {
+            assert!(device_may_publish(&d, &t), "{t}");
+            assert!(!device_may_publish(&other, &t), "{t}");
+        }
+        assert!(
+            !device_may_publish(&d, &instr(&d)),
+            "instructions come from the cloud"
+        );
+        assert!(!device_may_publish(&d, "shardline/v1/dev/r1/report/x"));
+        assert!(!device_may_publish(&d, "other/topic"));
+        assert!(device_may_subscribe(&d, &instr(&d)));
+        for f in [
+            instr(&other),
+            report(&d),
+            "shardline/v1/dev/+/instr".to_owned(),
+            "shardline/v1/#".to_owned(),
+            "#".to_owned(),
+        ] {
+            assert!(!device_may_subscribe(&d, &f), "{f}");
+        }
     }
 }

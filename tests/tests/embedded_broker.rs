@@ -4,11 +4,11 @@
 //! logging in with its password file. rumqttd runs in this test process on
 //! its own thread (it has no shutdown; the process ending stops it).
 //!
-//! The last check documents a limit rather than a defence: rumqttd 0.20 has
-//! no topic authorization, so a logged-in device can publish on another
-//! device's topics (SECURITY.md says so and points at mosquitto's ACL). If a
-//! later rumqttd closes that gap, this test fails and the document must
-//! change with it.
+//! The last check documents why the service puts `broker_acl` in front of
+//! rumqttd: rumqttd 0.20 alone has no topic authorization, so a logged-in
+//! device can publish on another device's topics (the front's own test is
+//! `allocator/tests/service_hardening.rs`). If a later rumqttd closes that
+//! gap, this test fails and SECURITY.md must change with it.
 
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
 use shardline_allocator::service::broker;

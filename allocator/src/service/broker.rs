@@ -159,6 +159,11 @@ impl Credentials {
     /// Adds an allocator login (e.g. a random one the service makes for its
     /// own in-process client at start, so the operator need not write it in
     /// the file). Refused when the name is taken.
+    /// The device logins (their topics are restricted by `broker_acl`).
+    pub fn device_logins(&self) -> std::collections::HashSet<String> {
+        self.devices.keys().cloned().collect()
+    }
+
     pub fn add_allocator(&mut self, name: &str, password: &str) -> bool {
         if self.devices.contains_key(name) || self.allocators.contains_key(name) {
             return false;

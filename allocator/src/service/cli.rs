@@ -185,6 +185,9 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let catalog = super::catalog_files::load_catalog(&config.policy.catalog)?;
     let agreements = super::catalog_files::load_agreements(&config.policy.agreements, &catalog)?;
     let key = keys::read_secret(&config.signer.key_file)?;
+    if let Some(f) = &config.broker.credentials_file {
+        super::broker::Credentials::load(f).map_err(super::broker::BrokerError::from)?;
+    }
     for (field, file) in [
         ("broker.tls_cert", &config.broker.tls_cert),
         ("broker.tls_key", &config.broker.tls_key),
@@ -223,6 +226,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     const EX_UNAVAILABLE: u8 = 69;
     for cause in err.chain() {
         if cause.is::<config::ConfigError>()
+            || cause.is::<super::broker::CredentialsError>()
             || cause.is::<super::catalog_files::CatalogFileError>()
             || cause.is::<keys::KeyError>()
             || cause.is::<super::tls::TlsError>()
@@ -235,6 +239,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 | StartError::Key(_)
                 | StartError::Tls(_)
                 | StartError::Token(_) => EX_CONFIG,
+                StartError::Broker(super::broker::BrokerError::Credentials(_)) => EX_CONFIG,
                 StartError::Api { .. } | StartError::Broker(_) => EX_UNAVAILABLE,
                 StartError::Store(_) | StartError::Thread(_) => 1,
             };

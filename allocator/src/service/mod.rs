@@ -10,13 +10,15 @@
 //! - [`api`] / [`http`]: the admin HTTP API and the small client `shardctl`
 //!   uses; [`api_token`]: its bearer token file; [`metrics`]: the Prometheus
 //!   text of the core's counters.
-//! - [`broker`] / [`tls`]: embedded rumqttd and TLS termination (ring).
+//! - [`broker`] / [`broker_acl`] / [`tls`]: embedded rumqttd, the topic
+//!   authorization in front of it, and TLS termination (ring).
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
 pub mod api_token;
 pub mod broker;
+pub mod broker_acl;
 pub mod catalog_files;
 pub mod cli;
 pub mod config;

@@ -16,7 +16,7 @@ use super::config::{BrokerUrl, Config};
 use super::core::{self, Core, CoreConfig};
 use super::inbound::{now_ms, Inbound};
 use super::store::{RedbStore, Store};
-use super::{api_token, broker, core_loop, keys, mqtt, tls, verifiers};
+use super::{api_token, broker, broker_acl, core_loop, keys, mqtt, tls, verifiers};
 use rumqttc::{AsyncClient, MqttOptions};
 use shardline_allocator_core::policy::Engine;
 use shardline_allocator_core::service::counters::Metrics;
@@ -146,7 +146,34 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 c.add_allocator(SELF_LOGIN, &password);
                 self_login = Some(password);
             }
-            broker::start_embedded_with_credentials(&config.broker, credentials)?;
+            match credentials {
+                // rumqttd checks logins but not topics: it listens on a
+                // private loopback port behind a front that does.
+                Some(c) => {
+                    let devices = Arc::new(c.device_logins());
+                    let inner = std::net::TcpListener::bind(("127.0.0.1", 0))
+                        .and_then(|l| l.local_addr())
+                        .map_err(|source| broker::BrokerError::Bind {
+                            addr: config.broker.listen,
+                            source,
+                        })?;
+                    let mut private = config.broker.clone();
+                    private.listen = inner;
+                    broker::start_embedded_with_credentials(&private, Some(c))?;
+                    broker_acl::front(
+                        config.broker.listen,
+                        inner,
+                        devices,
+                        broker::MAX_PACKET + 4096,
+                    )
+                    .await
+                    .map_err(|source| broker::BrokerError::Bind {
+                        addr: config.broker.listen,
+                        source,
+                    })?;
+                }
+                None => broker::start_embedded_with_credentials(&config.broker, None)?,
+            }
             if let Some(tls_listen) = config.broker.tls_listen {
                 let (Some(cert), Some(key)) = (&config.broker.tls_cert, &config.broker.tls_key)
                 else {
