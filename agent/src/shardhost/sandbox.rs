@@ -415,7 +415,20 @@ fn install_seccomp() -> Result<bool, SandboxError> {
     )
     .map_err(|e| err(&e))?;
     let prog3: BpfProgram = clone3.try_into().map_err(|e| err(&e))?;
-    apply_filter(&prog3).map_err(|e| err(&e))?;
+    match apply_filter(&prog3) {
+        Ok(()) => {}
+        // A kernel built without seccomp filters, or an emulator that cannot
+        // let the emulated process filter the syscalls it makes itself
+        // (qemu-user answers ENOSYS/EINVAL): the same as an architecture
+        // without a filter, said loudly, not a reason to run nothing.
+        Err(seccompiler::Error::Seccomp(e) | seccompiler::Error::Prctl(e))
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) =>
+        {
+            tracing::warn!(error = %e, "this kernel (or emulator) does not take seccomp filters; the shard host relies on its uid, Landlock, no_new_privs and the pids limit");
+            return Ok(false);
+        }
+        Err(e) => return Err(err(&e)),
+    }
     apply_filter(&prog).map_err(|e| err(&e))?;
     Ok(true)
 }
