@@ -414,7 +414,12 @@ fn an_unprivileged_agents_host_gets_a_user_namespace_and_the_attacks_still_fail(
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(AGENT)
+    // The build directory may be one nobody cannot enter (CI keeps it under
+    // /root/.cache): run a copy of the agent from the shared directory.
+    let agent = base.path().join("shardline-agent");
+    std::fs::copy(AGENT, &agent).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&agent)
         .args([
             "shards",
             "run",
