@@ -12,30 +12,6 @@ use shardline_shared::msg::{ResourceLimits, ShardFailure, ShardState};
 use std::time::{Duration, Instant};
 
 /// Polls until `pred` matches an event or `timeout`; returns all events seen and the match time.
-fn wait_for(
-    sup: &mut Supervisor,
-    timeout: Duration,
-    mut pred: impl FnMut(&HostEvent) -> bool,
-) -> (Vec<HostEvent>, Option<Instant>) {
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        for e in sup.poll(Instant::now()) {
-            let hit = pred(&e);
-            seen.push(e);
-            if hit {
-                return (seen, Some(Instant::now()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (seen, None)
-}
-
-fn started(e: &HostEvent) -> bool {
-    matches!(e, HostEvent::Started { .. })
-}
-
 /// Starts `fixture-misbehave` with `config`; waits for the first failure after it started.
 fn run_fixture(
     config: &str,

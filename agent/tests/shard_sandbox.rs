@@ -22,30 +22,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn wait_for(
-    sup: &mut Supervisor,
-    timeout: Duration,
-    mut pred: impl FnMut(&HostEvent) -> bool,
-) -> (Vec<HostEvent>, Option<Instant>) {
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        for e in sup.poll(Instant::now()) {
-            let hit = pred(&e);
-            seen.push(e);
-            if hit {
-                return (seen, Some(Instant::now()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (seen, None)
-}
-
-fn started(e: &HostEvent) -> bool {
-    matches!(e, HostEvent::Started { .. })
-}
-
 /// Pids of processes whose name (`comm`) is `name`.
 fn processes_named(name: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")

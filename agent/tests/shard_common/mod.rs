@@ -4,11 +4,13 @@
 #![allow(dead_code)]
 
 use shardline_agent::shardhost::install::{self, CATALOG, FIXTURES};
-use shardline_agent::shardhost::{PolicyConfig, ShardSpec, SupervisorConfig};
+use shardline_agent::shardhost::{
+    HostEvent, PolicyConfig, ShardSpec, Supervisor, SupervisorConfig,
+};
 use shardline_shared::msg::{Activation, ResourceLimits, ShardKind};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_shardline-agent");
 
@@ -137,4 +139,31 @@ pub fn own_rss_kib() -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("rss");
     pages * 4
+}
+
+/// Polls the supervisor until an event satisfies `pred` (or `timeout`):
+/// every event seen, and when the matching one came.
+pub fn wait_for(
+    sup: &mut Supervisor,
+    timeout: Duration,
+    mut pred: impl FnMut(&HostEvent) -> bool,
+) -> (Vec<HostEvent>, Option<Instant>) {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        for e in sup.poll(Instant::now()) {
+            let hit = pred(&e);
+            seen.push(e);
+            if hit {
+                return (seen, Some(Instant::now()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (seen, None)
+}
+
+/// A host came up.
+pub fn started(e: &HostEvent) -> bool {
+    matches!(e, HostEvent::Started { .. })
 }

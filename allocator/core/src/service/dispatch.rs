@@ -96,6 +96,15 @@ impl Core {
     /// Re-publishes pending instructions above `above` (all of them when
     /// `force`, else only those not sent for `resend_after_ms`). Expired ones
     /// are dropped instead.
+    /// Devices with instructions not yet known to be applied.
+    pub(super) fn devices_with_pending(&self) -> Vec<DeviceId> {
+        self.records
+            .iter()
+            .filter(|(_, r)| !r.pending.is_empty())
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
     pub(super) fn resend_pending(
         &mut self,
         now_ms: u64,

@@ -254,13 +254,7 @@ impl Core {
         if !self.leader {
             return;
         }
-        let devices: Vec<DeviceId> = self
-            .records
-            .iter()
-            .filter(|(_, r)| !r.pending.is_empty())
-            .map(|(d, _)| d.clone())
-            .collect();
-        for device in devices {
+        for device in self.devices_with_pending() {
             self.resend_pending(now_ms, &device, 0, true);
         }
     }

@@ -12,16 +12,10 @@ impl Core {
         // dominate the store. Devices the tick acted on are written now (their
         // records are marked by `feed`); the rest at the next checkpoint.
         self.feed(now_ms, Event::Tick);
-        let devices: Vec<DeviceId> = self
-            .records
-            .iter()
-            .filter(|(_, r)| !r.pending.is_empty())
-            .map(|(d, _)| d.clone())
-            .collect();
         // Whatever its (unsigned) status says: a forged "offline" must not
         // stop re-sends. The backoff in `resend_pending` keeps devices that
         // really are offline cheap.
-        for device in devices {
+        for device in self.devices_with_pending() {
             self.resend_pending(now_ms, &device, 0, false);
         }
         if now_ms.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_ms {
