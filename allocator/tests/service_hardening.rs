@@ -172,6 +172,18 @@ fn a_broken_configuration_exits_78_and_check_config_finds_it() {
             "{cmd}: {err}"
         );
     }
+    // The embedded broker on port 0 would bind nothing anyone is told of.
+    std::fs::write(&cfg, &good).unwrap();
+    let out = allocator_bin()
+        .args(["check-config", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--listen: port 0"),
+        "{out:?}"
+    );
     // A missing catalog and a world-readable key are configuration errors too.
     std::fs::write(&cfg, good.replace("catalog.toml", "nope.toml")).unwrap();
     let out = allocator_bin()

@@ -140,6 +140,19 @@ pub fn effective_config(args: &RunArgs) -> anyhow::Result<Config> {
     set!(args.agreements, c.policy.agreements);
     set!(args.tick_ms, c.policy.tick_ms);
     set!(args.resend_after_ms, c.dispatch.resend_after_ms);
+    if c.broker.url.is_empty() {
+        if let Some(addr) = c.broker.zero_port() {
+            return Err(config::ConfigError::Flag {
+                flag: if addr == c.broker.listen {
+                    "--listen"
+                } else {
+                    "--tls-listen"
+                },
+                message: config::ZERO_PORT.into(),
+            }
+            .into());
+        }
+    }
     if c.broker.tls_listen.is_some() && (c.broker.tls_cert.is_none() || c.broker.tls_key.is_none())
     {
         return Err(config::ConfigError::Flag {

@@ -89,6 +89,19 @@ pub struct BrokerConfig {
     pub credentials_file: Option<PathBuf>,
 }
 
+/// Why the embedded broker may not listen on port 0.
+pub const ZERO_PORT: &str =
+    "port 0 would bind a random port that neither devices nor this service's own client are told; give a fixed port";
+
+impl BrokerConfig {
+    /// The embedded broker's listener that asks for port 0, if any.
+    pub fn zero_port(&self) -> Option<SocketAddr> {
+        std::iter::once(self.listen)
+            .chain(self.tls_listen)
+            .find(|a| a.port() == 0)
+    }
+}
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
@@ -255,6 +268,21 @@ impl Config {
         if !config.broker.url.is_empty() {
             BrokerUrl::parse(&config.broker.url)
                 .map_err(|message| invalid_at_key(text, path, "url", message))?;
+        }
+        if config.broker.url.is_empty() {
+            if let Some(addr) = config.broker.zero_port() {
+                return Err(invalid_in_section(
+                    text,
+                    path,
+                    "broker",
+                    if addr == config.broker.listen {
+                        "listen"
+                    } else {
+                        "tls_listen"
+                    },
+                    ZERO_PORT.into(),
+                ));
+            }
         }
         if config.broker.credentials_file.is_some() && !config.broker.url.is_empty() {
             return Err(invalid_at_key(
