@@ -182,6 +182,8 @@ fn embedded_broker_caps_packets_and_requires_logins() {
     let pw = dir.join("mqtt-password");
     std::fs::write(&pw, format!("{PW_A}\n")).unwrap();
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The agent refuses to start without its shard directory (even empty).
+    std::fs::create_dir_all(dir.join("shards")).unwrap();
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
