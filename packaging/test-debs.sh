@@ -140,6 +140,9 @@ test_arch() {
         echo "  SKIP: running the arm64 binaries: qemu-aarch64-static is not installed"
     fi
     base=$(mktemp -d "${TMPDIR:-/tmp}/shardline-debroot.XXXXXX")
+    # Like a real root file system, traversable by every user: shard hosts
+    # drop to their own uid before they load a library (SECURITY.md).
+    chmod 755 "$base"
     r="$base/root"
     mkdir "$r"
     make_root "$r" "$arch"
@@ -228,6 +231,10 @@ $shards
 ./usr/share/doc/shardline-allocator
 ./usr/share/doc/shardline-allocator/INSTALL.md
 ./usr/share/doc/shardline-allocator/copyright
+./usr/share/doc/shardline-allocator/mosquitto
+./usr/share/doc/shardline-allocator/mosquitto/listener.conf.example
+./usr/share/doc/shardline-allocator/mosquitto/shardline.acl
+./usr/share/doc/shardline-allocator/mosquitto/shardline.conf
 ./var/lib/shardline-allocator" "shardline-allocator"
     check_user "$r" shardline-allocator /var/lib/shardline-allocator
     expect "$r" /usr/bin/shardline-allocator "regular file" 755 root root
