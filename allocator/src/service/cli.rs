@@ -254,7 +254,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 | StartError::Token(_) => EX_CONFIG,
                 StartError::Broker(super::broker::BrokerError::Credentials(_)) => EX_CONFIG,
                 StartError::Api { .. } | StartError::Broker(_) => EX_UNAVAILABLE,
-                StartError::Store(_) | StartError::Thread(_) => 1,
+                StartError::Store(_) | StartError::Thread(_) | StartError::Random(_) => 1,
             };
         }
     }

@@ -52,6 +52,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Token(#[from] api_token::ApiTokenError),
+    #[error("the OS random number generator failed: {0}")]
+    Random(String),
     #[error("cannot start a service thread: {0}")]
     Thread(std::io::Error),
 }
@@ -140,8 +142,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 // The service's own client logs in like everyone else, with a
                 // password made for this process only.
                 let mut secret = [0u8; 24];
-                getrandom::getrandom(&mut secret)
-                    .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))?;
+                getrandom::getrandom(&mut secret).map_err(|e| StartError::Random(e.to_string()))?;
                 let password = hex::encode(secret);
                 c.add_allocator(SELF_LOGIN, &password);
                 self_login = Some(password);

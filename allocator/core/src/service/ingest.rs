@@ -139,16 +139,17 @@ impl Core {
             return;
         }
         Metrics::inc(&self.metrics.acks_accepted);
-        let sent_by_us = self.records.get(&device).is_some_and(|r| {
-            r.pending.iter().any(|p| p.seq == ack.instruction_seq)
-                || ack.instruction_seq <= r.applied_seq
-        });
-        if !sent_by_us
-            && matches!(
-                ack.outcome,
-                AckOutcome::Rejected(_) | AckOutcome::Failed { .. }
-            )
-        {
+        let refusal = matches!(
+            ack.outcome,
+            AckOutcome::Rejected(_) | AckOutcome::Failed { .. }
+        );
+        let sent_by_us = || {
+            self.records.get(&device).is_some_and(|r| {
+                r.pending.iter().any(|p| p.seq == ack.instruction_seq)
+                    || ack.instruction_seq <= r.applied_seq
+            })
+        };
+        if refusal && !sent_by_us() {
             // The device refused an instruction this service never sent (or
             // one already settled): a forgery someone published on its
             // instruction topic, or a redelivery. Its honest refusal is
