@@ -258,8 +258,13 @@ fn handle_instruction_envelope(
     let seq = Some(instr.seq);
     // Capability names become cgroup directory names on the device; one that
     // could leave its directory ("../x", "a/b") is refused like bad framing.
+    // More alternatives than any catalog needs is refused the same way.
     let unsafe_name = instr.ops.iter().any(|op| match op {
         Operation::Activate(a) => ids::check_capability(&a.capability).is_err(),
+        Operation::ActivateShard(a) => {
+            ids::check_capability(&a.capability).is_err()
+                || a.alternatives.len() > crate::msg::MAX_ALTERNATIVES
+        }
         Operation::Deactivate { .. } => false,
     });
     if unsafe_name {
@@ -295,6 +300,7 @@ fn handle_instruction_envelope(
     }
     let limits_ok = instr.ops.iter().all(|op| match op {
         Operation::Activate(a) => LIMIT_RANGES.admits(&a.limits),
+        Operation::ActivateShard(a) => a.variants().all(|v| LIMIT_RANGES.admits(&v.limits)),
         Operation::Deactivate { .. } => true,
     });
     if !limits_ok {

@@ -10,6 +10,7 @@
 //! - [`ids`]: validated identifiers (device ids, key ids, shard references).
 //! - [`msg`]: the message types (QoS report, ack, status, instruction, rotation,
 //!   enrolment request).
+//! - [`seal`]: secret shard configuration sealed to one device's key.
 //! - [`sign`]: Ed25519 keys, key sets and the signed envelope with domain tags.
 //! - [`accept`]: the sans-IO state machine that decides whether a device applies
 //!   an instruction or a key rotation.
@@ -20,6 +21,7 @@ pub mod accept;
 pub mod codec;
 pub mod ids;
 pub mod msg;
+pub mod seal;
 pub mod sign;
 pub mod topics;
 

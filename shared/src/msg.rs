@@ -145,6 +145,10 @@ pub enum ShardFailure {
     OverLimit,
     /// The library could not be verified or loaded; nothing was run.
     LoadRefused { reason: String },
+    /// The library loaded but its `init` refused the configuration it was
+    /// given (a missing or malformed key): an operator fault, not the
+    /// device's. Added at the end: the variants before it keep their bytes.
+    InitFailed { reason: String },
 }
 
 /// One shard's status as reported with every QoS window.
@@ -302,11 +306,64 @@ pub struct Activation {
     pub lease_expires_at_ms: u64,
 }
 
+/// Most alternatives one [`ShardActivation`] may carry; the catalog never
+/// needs more, and the cap keeps a hostile instruction from making the agent
+/// walk a long list.
+pub const MAX_ALTERNATIVES: usize = 4;
+
+/// One runnable variant of a shard for this device: the library (with the
+/// digest for the device's architecture), its configuration and its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardVariant {
+    pub shard: ShardRef,
+    /// SHA-256 of the shared library built for the device's architecture.
+    pub sha256: [u8; 32],
+    /// Configuration in clear (`key = value` lines): nothing secret.
+    pub config: Vec<u8>,
+    /// Secret configuration (`key = value` lines) sealed to the device with
+    /// [`crate::seal`]; empty when the shard has no secret. The agent opens
+    /// it with its device key and appends it to `config`.
+    pub sealed_config: Vec<u8>,
+    pub limits: ResourceLimits,
+    /// Bandwidth the catalog declares for the shard, kbit/s; the device
+    /// enforces it. 0 = none declared (no cap).
+    pub bandwidth_kbps: u64,
+}
+
+/// Start (or update) one shard under a lease, with the alternatives the
+/// device may fail over to on its own, in order, when the shard cannot run
+/// (it reports what it did in its next report). Supersedes [`Activation`],
+/// which stays decodable so an old instruction is still understood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardActivation {
+    pub primary: ShardVariant,
+    /// At most [`MAX_ALTERNATIVES`]; same capability and kind as the primary.
+    pub alternatives: Vec<ShardVariant>,
+    /// Capability the shard belongs to (e.g. `vpn`).
+    pub capability: String,
+    pub kind: ShardKind,
+    pub priority: u8,
+    /// The shard (or the alternative running in its place) stops at this
+    /// time unless a later instruction renews it.
+    pub lease_expires_at_ms: u64,
+}
+
+impl ShardActivation {
+    /// The primary first, then the alternatives in order.
+    pub fn variants(&self) -> impl Iterator<Item = &ShardVariant> {
+        std::iter::once(&self.primary).chain(self.alternatives.iter())
+    }
+}
+
 /// One change to a device's running profile.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operation {
     Activate(Activation),
-    Deactivate { shard: ShardRef },
+    Deactivate {
+        shard: ShardRef,
+    },
+    /// Added at the end, so the variants before it keep their bytes.
+    ActivateShard(ShardActivation),
 }
 
 /// A signed instruction's content (signed under [`crate::sign::Domain::Instruction`]).

@@ -185,6 +185,13 @@ impl KeyPair {
         self.key.verifying_key().to_bytes()
     }
 
+    /// The X25519 form of this key, for opening configuration sealed to it
+    /// ([`crate::seal`]): the clamped scalar libsodium's
+    /// `crypto_sign_ed25519_sk_to_curve25519` derives.
+    pub(crate) fn box_secret_key(&self) -> crypto_box::SecretKey {
+        crypto_box::SecretKey::from_bytes(self.key.to_scalar_bytes())
+    }
+
     pub fn public_entry(&self) -> PublicKeyEntry {
         PublicKeyEntry {
             key_id: self.id,

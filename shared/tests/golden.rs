@@ -19,9 +19,10 @@ use shardline_shared::msg::EnrollRequest;
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
     InstructionAck, KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport, RejectReason,
-    RejectionCounters, ResourceLimits, ShardFailure, ShardKind, ShardState, ShardStatus,
-    TrafficClass,
+    RejectionCounters, ResourceLimits, ShardActivation, ShardFailure, ShardKind, ShardState,
+    ShardStatus, ShardVariant, TrafficClass,
 };
+use shardline_shared::seal::SealedConfigBody;
 use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
 use shardline_shared::{decode, encode, DeviceId, ShardRef};
 use std::fmt::Debug;
@@ -255,6 +256,12 @@ fn golden_shard_failure_every_variant() {
             },
             "010406736861323536",
         ),
+        (
+            ShardFailure::InitFailed {
+                reason: "psk".into(),
+            },
+            "01050370736b",
+        ),
     ];
     for (v, g) in cases {
         check(&format!("ShardFailure::{v:?}"), &v, g);
@@ -451,6 +458,64 @@ fn golden_instruction_with_activate_and_deactivate() {
             "76706e01abababababababababababababababababababababababababababab",
             "abababab03010203f4036480808020fb09c0dfb682e733010361657303302e31",
         ),
+    );
+}
+
+fn shard_activation() -> ShardActivation {
+    let variant = |id: &str, byte: u8| ShardVariant {
+        shard: ShardRef::new(id, "1.2").unwrap(),
+        sha256: [byte; 32],
+        config: b"a=1".to_vec(),
+        sealed_config: vec![0x5e, 0x11],
+        limits: limits(),
+        bandwidth_kbps: 40_000,
+    };
+    ShardActivation {
+        primary: variant("aes", 0xab),
+        alternatives: vec![variant("chacha", 0xcd)],
+        capability: "vpn".into(),
+        kind: ShardKind::Compute,
+        priority: 70,
+        lease_expires_at_ms: T0 + 60_000,
+    }
+}
+
+#[test]
+fn golden_shard_activation_with_an_alternative() {
+    check(
+        "ShardActivation",
+        &shard_activation(),
+        concat!(
+            "010361657303312e32ababababababababababababababababababababababab",
+            "ababababababababab03613d31025e11f4036480808020fbc0b8020106636861",
+            "63686103312e32cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            "cdcdcdcdcdcdcd03613d31025e11f4036480808020fbc0b8020376706e0046e0",
+            "e49582e733",
+        ),
+    );
+    check(
+        "Operation::ActivateShard",
+        &Operation::ActivateShard(shard_activation()),
+        concat!(
+            "01020361657303312e32abababababababababababababababababababababab",
+            "abababababababababab03613d31025e11f4036480808020fbc0b80201066368",
+            "6163686103312e32cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            "cdcdcdcdcdcdcdcd03613d31025e11f4036480808020fbc0b8020376706e0046",
+            "e0e49582e733",
+        ),
+    );
+}
+
+#[test]
+fn golden_sealed_config_body() {
+    check(
+        "SealedConfigBody",
+        &SealedConfigBody {
+            device: device(),
+            shard: shard(),
+            secret_config: b"psk=00".to_vec(),
+        },
+        "01057274722d310374756e03312e320670736b3d3030",
     );
 }
 

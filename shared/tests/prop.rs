@@ -23,8 +23,8 @@ use shardline_shared::accept::{
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
     InstructionAck, KeyRotation, KeySet, Operation, Presence, PublicKeyEntry, QosNeed, QosReport,
-    RejectReason, RejectionCounters, ResourceLimits, ShardFailure, ShardKind, ShardState,
-    ShardStatus, TrafficClass,
+    RejectReason, RejectionCounters, ResourceLimits, ShardActivation, ShardFailure, ShardKind,
+    ShardState, ShardStatus, ShardVariant, TrafficClass,
 };
 use shardline_shared::msg::{EnrollRequest, MAX_ENROLL_TOKEN_LEN};
 use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
@@ -134,6 +134,7 @@ fn shard_failure() -> impl Strategy<Value = ShardFailure> {
         Just(ShardFailure::Hung),
         Just(ShardFailure::OverLimit),
         ".{0,12}".prop_map(|reason| ShardFailure::LoadRefused { reason }),
+        ".{0,12}".prop_map(|reason| ShardFailure::InitFailed { reason }),
     ]
 }
 
@@ -312,10 +313,45 @@ fn activation() -> impl Strategy<Value = Activation> {
         )
 }
 
+fn shard_variant() -> impl Strategy<Value = ShardVariant> {
+    (
+        shard_ref(),
+        any::<[u8; 32]>(),
+        vec(any::<u8>(), 0..16),
+        vec(any::<u8>(), 0..16),
+        resource_limits(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(shard, sha256, config, sealed_config, limits, bandwidth_kbps)| ShardVariant {
+                shard,
+                sha256,
+                config,
+                sealed_config,
+                limits,
+                bandwidth_kbps,
+            },
+        )
+}
+
+fn shard_activation() -> impl Strategy<Value = ShardActivation> {
+    (shard_variant(), vec(shard_variant(), 0..3), activation()).prop_map(
+        |(primary, alternatives, a)| ShardActivation {
+            primary,
+            alternatives,
+            capability: a.capability,
+            kind: a.kind,
+            priority: a.priority,
+            lease_expires_at_ms: a.lease_expires_at_ms,
+        },
+    )
+}
+
 fn operation() -> impl Strategy<Value = Operation> {
     prop_oneof![
         activation().prop_map(Operation::Activate),
         shard_ref().prop_map(|shard| Operation::Deactivate { shard }),
+        shard_activation().prop_map(Operation::ActivateShard),
     ]
 }
 
@@ -701,6 +737,7 @@ proptest! {
         let ours = instr.device == me();
         let limits_ok = instr.ops.iter().all(|op| match op {
             Operation::Activate(a) => limits_in_range(&a.limits),
+            Operation::ActivateShard(a) => a.variants().all(|v| limits_in_range(&v.limits)),
             Operation::Deactivate { .. } => true,
         });
         match &d.verdict {

@@ -221,6 +221,26 @@ impl CapabilityManager {
                         Operation::Deactivate { shard } => {
                             self.profile.remove(&shard);
                         }
+                        // Until the manager runs alternatives and sealed
+                        // configuration, the primary runs with its clear config.
+                        Operation::ActivateShard(a) => {
+                            let a = Activation {
+                                shard: a.primary.shard,
+                                capability: a.capability,
+                                kind: a.kind,
+                                sha256: a.primary.sha256,
+                                config: a.primary.config,
+                                limits: a.primary.limits,
+                                priority: a.priority,
+                                lease_expires_at_ms: a.lease_expires_at_ms,
+                            };
+                            if a.lease_expires_at_ms <= now_ms {
+                                self.expired.push((expired_status(&a), now_ms));
+                                self.profile.remove(&a.shard);
+                            } else {
+                                self.profile.insert(a.shard.clone(), a);
+                            }
+                        }
                     }
                 }
                 let mut actions = vec![self.persist()];

@@ -235,23 +235,51 @@ impl SimDevice {
                 }
                 Operation::Activate(a) => {
                     activations += 1;
-                    let units = catalog.shard(a.shard.id()).map_or(1, |s| s.units);
-                    let restarts = self.running.get(a.shard.id()).map_or(0, |s| s.restarts);
-                    self.running.insert(
-                        a.shard.id().to_owned(),
-                        SimShard {
-                            shard: a.shard.clone(),
-                            capability: a.capability.clone(),
-                            units,
-                            limits: a.limits,
-                            lease_expires_at_ms: a.lease_expires_at_ms,
-                            restarts,
-                        },
+                    self.start(
+                        catalog,
+                        &a.shard,
+                        &a.capability,
+                        a.limits,
+                        a.lease_expires_at_ms,
+                    );
+                }
+                Operation::ActivateShard(a) => {
+                    activations += 1;
+                    let p = &a.primary;
+                    self.start(
+                        catalog,
+                        &p.shard,
+                        &a.capability,
+                        p.limits,
+                        a.lease_expires_at_ms,
                     );
                 }
             }
         }
         activations
+    }
+
+    fn start(
+        &mut self,
+        catalog: &Catalog,
+        shard: &ShardRef,
+        capability: &str,
+        limits: ResourceLimits,
+        lease_expires_at_ms: u64,
+    ) {
+        let units = catalog.shard(shard.id()).map_or(1, |s| s.units);
+        let restarts = self.running.get(shard.id()).map_or(0, |s| s.restarts);
+        self.running.insert(
+            shard.id().to_owned(),
+            SimShard {
+                shard: shard.clone(),
+                capability: capability.to_owned(),
+                units,
+                limits,
+                lease_expires_at_ms,
+                restarts,
+            },
+        );
     }
 
     fn expire(&mut self, now: u64) {
