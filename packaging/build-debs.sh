@@ -2,12 +2,17 @@
 # packaging/build-debs.sh: build the Debian packages shardline-agent and
 # shardline-allocator with dpkg-deb (no debhelper, no cargo-deb).
 #
-#   packaging/build-debs.sh [--debug] [--no-build] [amd64|arm64]...
+#   packaging/build-debs.sh [--debug] [--no-build] [amd64|arm64|armhf]...
 #
 # Default: release binaries for amd64. --debug packages the debug build (the
 # CI uses it: same layout, already compiled by the test step). --no-build
 # packages what cross/build.sh left in $DIST. The .debs are written to
 # $DEB_OUT (default $CARGO_TARGET_DIR/debs) and their paths printed.
+#
+# The shards are built for all three architectures whatever is packaged:
+# the allocator's catalog names one digest per architecture (a fleet mixes
+# x86-64, arm64 and armhf routers), and a device is offered only the shards
+# built for its own. A missing architecture is a warning with --no-build.
 #
 # shardline-agent:     /usr/bin/shardline-agent, the shards in
 #                      /usr/lib/shardline/shards/<id>@<version>.so,
@@ -16,7 +21,7 @@
 # shardline-allocator: /usr/bin/shardline-allocator, /usr/bin/shardctl,
 #                      /etc/shardline/{allocator,catalog,agreements}.toml
 #                      (conffiles; the catalog carries the digests of this
-#                      build's shards for the same architecture), the unit,
+#                      build's shards for x86_64, aarch64 and arm), the unit,
 #                      the system user `shardline-allocator` (postinst),
 #                      /var/lib/shardline-allocator.
 set -euo pipefail
@@ -35,8 +40,8 @@ for arg in "$@"; do
     case "$arg" in
         --debug) profile=debug ;;
         --no-build) build=0 ;;
-        amd64 | arm64) arches+=("$arg") ;;
-        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+        amd64 | arm64 | armhf) arches+=("$arg") ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "packaging/build-debs.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +54,17 @@ rust_target() {
     case "$1" in
         amd64) echo x86_64-unknown-linux-gnu ;;
         arm64) echo aarch64-unknown-linux-gnu ;;
+        armhf) echo armv7-unknown-linux-gnueabihf ;;
+    esac
+}
+
+# The architecture name an agent reports (Rust's std::env::consts::ARCH),
+# which keys the catalog's digests.
+agent_arch() {
+    case "$1" in
+        amd64) echo x86_64 ;;
+        arm64) echo aarch64 ;;
+        armhf) echo arm ;;
     esac
 }
 
@@ -56,6 +72,7 @@ objdump_for() {
     case "$1" in
         amd64) echo objdump ;;
         arm64) echo aarch64-linux-gnu-objdump ;;
+        armhf) echo arm-linux-gnueabihf-objdump ;;
     esac
 }
 
@@ -79,23 +96,35 @@ elf_depends() {
     echo "$dep"
 }
 
-# catalog_with_digests CATALOG SHARD_DIR: the catalog with each [[shard]]'s
-# sha256 replaced by the digest of SHARD_DIR/<id>@<version>.so (kept as it
-# is, with a warning, when the file is not there).
+# catalog_with_digests CATALOG: the catalog with each [[shard]]'s `sha256`
+# line replaced by an inline table of the digests of
+# $DIST/<target>/$profile/shards/<id>@<version>.so for every architecture
+# built, keyed by the name the agent reports (x86_64, aarch64, arm). A
+# shard built for no architecture keeps its placeholder, with a warning.
 catalog_with_digests() {
-    local catalog=$1 dir=$2 f sums=""
-    for f in "$dir"/*.so; do
-        [ -f "$f" ] || continue
-        sums+="$(basename "$f" .so) $(sha256sum "$f" | cut -d' ' -f1)"$'\n'
+    local catalog=$1 sums="" deb_arch target f
+    for deb_arch in amd64 arm64 armhf; do
+        target=$(rust_target "$deb_arch")
+        for f in "$DIST/$target/$profile/shards"/*.so; do
+            [ -f "$f" ] || continue
+            sums+="$(basename "$f" .so) $(agent_arch "$deb_arch") $(sha256sum "$f" | cut -d' ' -f1)"$'\n'
+        done
     done
     SUMS="$sums" awk '
-        BEGIN { n = split(ENVIRON["SUMS"], lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, " "); if (kv[1] != "") d[kv[1]] = kv[2] } }
+        BEGIN {
+            n = split(ENVIRON["SUMS"], lines, "\n")
+            for (i = 1; i <= n; i++) {
+                split(lines[i], f, " ")
+                if (f[1] == "") continue
+                d[f[1]] = d[f[1]] (f[1] in d ? ", " : "") f[2] " = \"" f[3] "\""
+            }
+        }
         /^\[\[shard\]\]/ { id = ""; ver = "" }
         /^id *= *"/ { id = $0; sub(/^id *= *"/, "", id); sub(/".*/, "", id) }
         /^version *= *"/ { ver = $0; sub(/^version *= *"/, "", ver); sub(/".*/, "", ver) }
-        /^sha256 *= *"/ {
+        /^sha256 *= */ {
             key = id "@" ver
-            if (key in d) { print "sha256 = \"" d[key] "\""; next }
+            if (key in d) { print "sha256 = { " d[key] " }"; next }
             print "packaging/build-debs.sh: warning: no shard file for " key ", its catalog digest stays a placeholder" > "/dev/stderr"
         }
         { print }' "$catalog"
@@ -142,13 +171,18 @@ CONTROL
     echo "$deb"
 }
 
+if [ "$build" -eq 1 ]; then
+    flag=()
+    [ "$profile" = release ] && flag=(--release)
+    "$repo/cross/build.sh" "${flag[@]}" $(for a in amd64 arm64 armhf; do rust_target "$a"; done) >&2
+fi
+for a in amd64 arm64 armhf; do
+    compgen -G "$DIST/$(rust_target "$a")/$profile/shards/*.so" >/dev/null ||
+        echo "packaging/build-debs.sh: warning: no $a shards in $DIST: the catalog has no $(agent_arch "$a") digests" >&2
+done
+
 for arch in "${arches[@]}"; do
     target=$(rust_target "$arch")
-    if [ "$build" -eq 1 ]; then
-        flag=()
-        [ "$profile" = release ] && flag=(--release)
-        "$repo/cross/build.sh" "${flag[@]}" "$target" >&2
-    fi
     src="$DIST/$target/$profile"
     for b in shardline-agent shardline-allocator shardctl; do
         [ -x "$src/bin/$b" ] || { echo "packaging/build-debs.sh: $src/bin/$b is missing (run cross/build.sh)" >&2; exit 1; }
@@ -184,10 +218,10 @@ for arch in "${arches[@]}"; do
     install -D -m 0755 "$src/bin/shardline-allocator" "$s/usr/bin/shardline-allocator"
     install -D -m 0755 "$src/bin/shardctl" "$s/usr/bin/shardctl"
     install -D -m 0644 "$here/config/allocator.toml" "$s/etc/shardline/allocator.toml"
-    # The shard catalog with the SHA-256 of the shards in this build's agent
-    # package (same architecture): a device refuses a shard whose digest
-    # differs from the one in the signed instruction.
-    catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" >"$s/etc/shardline/catalog.toml"
+    # The shard catalog with the SHA-256 of the shards in the agent packages
+    # of every architecture: a device refuses a shard whose digest differs
+    # from the one in the signed instruction.
+    catalog_with_digests "$repo/allocator/catalog/catalog.toml" >"$s/etc/shardline/catalog.toml"
     install -m 0644 "$repo/allocator/catalog/tiers.toml" "$s/etc/shardline/agreements.toml"
     install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
     # The fleet broker's settings (size cap, logins, ACL), for operators

@@ -2,7 +2,7 @@
 # packaging/test-debs.sh: install and purge the Shardline packages in a clean
 # root and check that they leave the expected files and nothing else.
 #
-#   packaging/test-debs.sh [amd64|arm64]...   (default: amd64 arm64)
+#   packaging/test-debs.sh [amd64|arm64|armhf]...   (default: all three)
 #
 # Builds the packages with `packaging/build-debs.sh --debug` (the layout does
 # not depend on the profile, and the CI has the debug builds already), unless
@@ -16,7 +16,8 @@
 # Steps per architecture:
 #   1. install shardline-agent: exactly the expected files, owners and modes;
 #      the user `shardline` (system, nologin); the state directory 0700;
-#      the binary runs (under qemu-user for arm64) and lists the shards.
+#      the binary runs (under qemu-user for arm64 and armhf) and lists the
+#      shards.
 #   2. install shardline-allocator next to it: the same checks.
 #   3. purge shardline-agent: its files, state and enablement are gone, the
 #      allocator's are untouched.
@@ -37,7 +38,7 @@ for tool in dpkg dpkg-deb useradd; do
 done
 
 arches=("$@")
-[ ${#arches[@]} -gt 0 ] || arches=(amd64 arm64)
+[ ${#arches[@]} -gt 0 ] || arches=(amd64 arm64 armhf)
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
 
 failures=0
@@ -125,6 +126,7 @@ run_in_root() {
     case "$arch" in
         amd64) "$r$1" "${@:2}" ;;
         arm64) qemu-aarch64-static -L /usr/aarch64-linux-gnu "$r$1" "${@:2}" ;;
+        armhf) qemu-arm-static -L /usr/arm-linux-gnueabihf "$r$1" "${@:2}" ;;
     esac
 }
 
@@ -138,6 +140,9 @@ test_arch() {
     done
     if [ "$arch" = arm64 ] && ! command -v qemu-aarch64-static >/dev/null; then
         echo "  SKIP: running the arm64 binaries: qemu-aarch64-static is not installed"
+    fi
+    if [ "$arch" = armhf ] && ! command -v qemu-arm-static >/dev/null; then
+        echo "  SKIP: running the armhf binaries: qemu-arm-static is not installed"
     fi
     base=$(mktemp -d "${TMPDIR:-/tmp}/shardline-debroot.XXXXXX")
     # Like a real root file system, traversable by every user: shard hosts
@@ -191,10 +196,10 @@ $shards
     else
         fail "installed agent does not run: $out"
     fi
-    # amd64: the operator's command. arm64 under qemu: `shards list` probes
-    # each file in a child process, an aarch64 exec that fails without
+    # amd64: the operator's command. ARM under qemu: `shards list` probes
+    # each file in a child process, an ARM exec that fails without
     # binfmt_misc, so the probe itself (`host --describe`) is run per file.
-    if [ "$arch" = arm64 ]; then
+    if [ "$arch" != amd64 ]; then
         out=""
         for p in $shards; do
             out+="$(basename "$p") $(basename "$p" .so | sed 's/@.*//') describe "
@@ -202,7 +207,7 @@ $shards
                 grep -q '"error":null' && echo ok || echo failed)"$'\n'
         done
     fi
-    if [ "$arch" = arm64 ] || out=$(run_in_root "$r" "$arch" /usr/bin/shardline-agent shards list "$r/usr/lib/shardline/shards" 2>&1); then
+    if [ "$arch" != amd64 ] || out=$(run_in_root "$r" "$arch" /usr/bin/shardline-agent shards list "$r/usr/lib/shardline/shards" 2>&1); then
         local n=0 id
         for p in $shards; do
             id=$(basename "$p" .so)
@@ -242,16 +247,23 @@ $shards
     expect "$r" /etc/shardline/allocator.toml "regular file" 640 root shardline-allocator
     expect "$r" /etc/shardline/catalog.toml "regular file" 644 root root
     expect "$r" /etc/shardline/agreements.toml "regular file" 644 root root
-    # The catalog's digests are those of the agent package's shards.
-    local so want
+    # The catalog names, for each shard, the digest of this agent package's
+    # file under this architecture's name (and those of the other two).
+    local so want agent_arch
+    case "$arch" in amd64) agent_arch=x86_64 ;; arm64) agent_arch=aarch64 ;; armhf) agent_arch=arm ;; esac
     for so in $shards; do
         want=$(sha256sum "$r${so#.}" | cut -d' ' -f1)
-        if grep -q "sha256 = \"$want\"" "$r/etc/shardline/catalog.toml"; then
-            ok "catalog carries the digest of $(basename "$so")"
+        if grep -qE "^sha256 = \{.*\b$agent_arch = \"$want\"" "$r/etc/shardline/catalog.toml"; then
+            ok "catalog carries the $agent_arch digest of $(basename "$so")"
         else
-            fail "catalog lacks the digest $want of $(basename "$so")"
+            fail "catalog lacks the $agent_arch digest $want of $(basename "$so")"
         fi
     done
+    if grep -E '^sha256 = ' "$r/etc/shardline/catalog.toml" | grep -vqE 'x86_64 = .*aarch64 = .*arm = '; then
+        fail "a catalog entry lacks a digest for one of x86_64, aarch64, arm"
+    else
+        ok "every catalog entry has digests for x86_64, aarch64 and arm"
+    fi
     expect "$r" /usr/lib/systemd/system/shardline-allocator.service "regular file" 644 root root
     expect "$r" /var/lib/shardline-allocator directory 700 shardline-allocator shardline-allocator
     for b in shardline-allocator shardctl; do
