@@ -178,12 +178,12 @@ if shardctl devices >/dev/null 2>&1; then ok "allocator up, API answers"; else
 fi
 
 # --- 4. devices ------------------------------------------------------------------
-# start_device NS ID AGENT_BIN SHARD_DIR [ENV...]: the agent's own
+# start_device NS ID SHARD_DIR [ENV...]: the agent $AGENT_BIN with its own
 # /etc/shardline and /var/lib/shardline (copies of what the package
 # installed), configured as INSTALL.md §2, enrolling with a token (§3).
 D_USER=$(unit_user shardline-agent)
 start_device() {
-    local ns=$1 id=$2 bin=$3 shard_dir=$4; shift 4
+    local ns=$1 id=$2 shard_dir=$3; shift 3
     local d="$work/$id" token
     mkdir -p "$d"
     cp -a /etc/shardline "$d/etc"

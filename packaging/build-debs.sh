@@ -116,7 +116,8 @@ catalog_with_digests() {
             for (i = 1; i <= n; i++) {
                 split(lines[i], f, " ")
                 if (f[1] == "") continue
-                d[f[1]] = d[f[1]] (f[1] in d ? ", " : "") f[2] " = \"" f[3] "\""
+                sep = (f[1] in d) ? ", " : ""
+                d[f[1]] = d[f[1]] sep f[2] " = \"" f[3] "\""
             }
         }
         /^\[\[shard\]\]/ { id = ""; ver = "" }

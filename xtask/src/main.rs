@@ -37,6 +37,9 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ),
     ("qemu-user-static", "/usr/bin/qemu-aarch64-static"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // The packaged acceptance test (packaging/acceptance.sh).
+    ("python3", "/usr/bin/python3"),
+    ("util-linux", "/usr/bin/setpriv"),
 ];
 
 fn usage() -> ExitCode {
@@ -209,6 +212,23 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
             run(Step::new("bash").arg(deb_check).cwd(root))?;
         } else {
             skips.add("package install/purge test: needs root and dpkg-deb");
+        }
+    }
+
+    // 5. A new operator's fleet from those packages, as INSTALL.md says
+    //    (reuses the packages step 4 built).
+    let acceptance = root.join("packaging/acceptance.sh");
+    if acceptance.exists() && !quick {
+        if is_root() && Path::new("/usr/bin/dpkg-deb").exists() {
+            let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            run(Step::new("bash")
+                .arg(acceptance)
+                .env("DEB_DIR", target_dir.join("debs-test"))
+                .cwd(root))?;
+        } else {
+            skips.add("packaged acceptance test: needs root and dpkg-deb");
         }
     }
 
