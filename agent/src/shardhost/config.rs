@@ -67,6 +67,9 @@ struct ShardDoc {
     priority: Option<u8>,
     #[serde(default)]
     limits: Option<LimitsDoc>,
+    /// Declared bandwidth, kbit/s (0 or absent: none).
+    #[serde(default)]
+    bandwidth_kbps: u64,
     #[serde(default)]
     config: BTreeMap<String, toml::Value>,
     #[serde(default, rename = "alternative")]
@@ -183,6 +186,8 @@ fn spec(
             lease_expires_at_ms: u64::MAX,
         },
         path: d.path.clone(),
+        sealed_config: Vec::new(),
+        bandwidth_kbps: d.bandwidth_kbps,
         alternatives,
     })
 }
