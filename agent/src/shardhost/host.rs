@@ -26,6 +26,11 @@
 //! even if a shard thread forges heartbeat datagrams meanwhile (the agent
 //! also kills the host when it reads `Stuck`).
 //!
+//! Secret configuration lines (opened by the agent from a sealed box; the
+//! setup names their keys) are redacted from everything a shard logs through
+//! the host and from the reason of an `InitFailed` (the shard's last warning
+//! during `init`), so they reach neither the journal nor a report.
+//!
 //! Exit codes: 0 stop requested, 3 load refused, 4 init failed, 101 a shard
 //! panicked (caught at the boundary), 5 setup/IPC/sandbox failure.
 #![forbid(unsafe_code)]
@@ -458,4 +463,26 @@ fn spawn_watchdog(ipc_fd: BorrowedFd<'_>, progress: Arc<AtomicU64>, start: Insta
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_are_redacted_from_what_a_shard_says() {
+        let config = b"bind = 127.0.0.1:1\npsk = 5a5a5a5a5a\nx = ab\n";
+        let keys = vec!["psk".to_owned(), "x".to_owned(), "missing".to_owned()];
+        let secrets = secret_values(config, &keys);
+        assert_eq!(
+            secrets,
+            vec!["5a5a5a5a5a".to_owned()],
+            "short values skipped"
+        );
+        assert_eq!(
+            redact(&secrets, "bad psk 5a5a5a5a5a on 127.0.0.1:1"),
+            "bad psk [redacted] on 127.0.0.1:1"
+        );
+        assert!(secret_values(b"\xff\xfe garbage", &keys).is_empty());
+    }
 }

@@ -358,14 +358,50 @@ pub struct Supervisor {
     bandwidth: Option<Enforcer>,
 }
 
-fn same_except_lease(a: &[ShardSpec], b: &[ShardSpec]) -> bool {
-    fn strip(s: &ShardSpec) -> ShardSpec {
-        let mut s = s.clone();
-        s.activation.lease_expires_at_ms = 0;
-        s.alternatives = s.alternatives.iter().map(strip).collect();
-        s
+/// Whether `b` only renews `a` (same shards, configs and limits; other
+/// leases). A sealed box is compared by what it holds, not its bytes: the
+/// allocator may seal the same secret again for every renewal (a sealed box
+/// has a fresh ephemeral key each time), and that must not restart a host.
+fn same_except_lease(key: Option<&SealKey>, a: &[ShardSpec], b: &[ShardSpec]) -> bool {
+    fn strip(key: Option<&SealKey>, s: &ShardSpec) -> ShardSpec {
+        let mut out = s.clone();
+        out.activation.lease_expires_at_ms = 0;
+        out.sealed_config = sealed_fingerprint(key, s).to_vec();
+        out.alternatives = s.alternatives.iter().map(|a| strip(key, a)).collect();
+        out
     }
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| strip(x) == strip(y))
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| strip(key, x) == strip(key, y))
+}
+
+/// SHA-256 of the opened secret lines (of the raw box when it does not
+/// open, so two different unopenable boxes differ); empty box ⇒ zeros.
+fn sealed_fingerprint(key: Option<&SealKey>, s: &ShardSpec) -> [u8; 32] {
+    use sha2::Digest;
+    if s.sealed_config.is_empty() {
+        return [0; 32];
+    }
+    let opened = key.and_then(|k| {
+        shardline_shared::seal::open_config(
+            &k.key,
+            &k.device,
+            &s.activation.shard,
+            &s.sealed_config,
+        )
+        .ok()
+        .map(zeroize::Zeroizing::new)
+    });
+    match opened {
+        Some(secret) => sha2::Sha256::new()
+            .chain_update(b"opened\0")
+            .chain_update(&*secret)
+            .finalize()
+            .into(),
+        None => sha2::Sha256::new()
+            .chain_update(b"sealed\0")
+            .chain_update(&s.sealed_config)
+            .finalize()
+            .into(),
+    }
 }
 
 /// Limits of the host of a set of shards: sums of memory and CPU, the most
@@ -435,7 +471,7 @@ impl Supervisor {
         }
         // A renewal (same shards, new lease) must not restart a running host.
         if let Some(cap) = self.caps.get_mut(capability) {
-            if same_except_lease(&cap.specs, &shards) {
+            if same_except_lease(self.cfg.seal_key.as_ref(), &cap.specs, &shards) {
                 cap.specs = shards;
                 return Ok(Vec::new());
             }
@@ -1168,4 +1204,69 @@ fn spawn_host(
         rss_kib: 0,
         cpu_permille: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardline_shared::msg::ShardKind;
+
+    fn spec_with(sealed: Vec<u8>, lease: u64) -> ShardSpec {
+        ShardSpec {
+            sealed_config: sealed,
+            ..ShardSpec::new(Activation {
+                shard: "auth-psk@0.1.0".parse().unwrap(),
+                capability: "vpn".into(),
+                kind: ShardKind::Compute,
+                sha256: [3; 32],
+                config: b"max_skew_ms = 1000\n".to_vec(),
+                limits: super::super::config::DEFAULT_LIMITS,
+                priority: 1,
+                lease_expires_at_ms: lease,
+            })
+        }
+    }
+
+    #[test]
+    fn a_resealed_identical_secret_is_a_renewal_and_a_new_secret_is_not() {
+        let key = SealKey {
+            device: DeviceId::new("gw-1").unwrap(),
+            key: Arc::new(KeyPair::from_seed(&[5; 32])),
+        };
+        let shard: ShardRef = "auth-psk@0.1.0".parse().unwrap();
+        let seal = |secret: &[u8]| {
+            shardline_shared::seal::seal_config(
+                &mut crypto_box::aead::OsRng,
+                &key.key.public_key(),
+                &key.device,
+                &shard,
+                secret,
+            )
+            .unwrap()
+        };
+        let a = spec_with(seal(b"psk = 0011\n"), 10);
+        let b = spec_with(seal(b"psk = 0011\n"), 20);
+        assert_ne!(a.sealed_config, b.sealed_config, "fresh ephemeral keys");
+        assert!(same_except_lease(Some(&key), &[a.clone()], &[b]));
+        let c = spec_with(seal(b"psk = 9999\n"), 20);
+        assert!(!same_except_lease(Some(&key), &[a.clone()], &[c]));
+        // Without the key, different boxes are different.
+        let d = spec_with(seal(b"psk = 0011\n"), 20);
+        assert!(!same_except_lease(None, &[a], &[d]));
+        // The key never shows in Debug output.
+        assert!(!format!("{key:?}").contains(&hex::encode(key.key.seed())));
+    }
+
+    #[test]
+    fn a_host_shard_debug_shows_no_configuration() {
+        let h = ipc::HostShard {
+            shard: "auth-psk@0.1.0".parse().unwrap(),
+            path: PathBuf::from("/x.so"),
+            sha256: [0; 32],
+            config: b"psk = SECRETVALUE\n".to_vec(),
+            secret_keys: vec!["psk".into()],
+        };
+        let d = format!("{h:?}");
+        assert!(!d.contains("SECRETVALUE") && d.contains("bytes"), "{d}");
+    }
 }
