@@ -1247,9 +1247,17 @@ mod tests {
         let a = spec_with(seal(b"psk = 0011\n"), 10);
         let b = spec_with(seal(b"psk = 0011\n"), 20);
         assert_ne!(a.sealed_config, b.sealed_config, "fresh ephemeral keys");
-        assert!(same_except_lease(Some(&key), &[a.clone()], &[b]));
+        assert!(same_except_lease(
+            Some(&key),
+            std::slice::from_ref(&a),
+            &[b]
+        ));
         let c = spec_with(seal(b"psk = 9999\n"), 20);
-        assert!(!same_except_lease(Some(&key), &[a.clone()], &[c]));
+        assert!(!same_except_lease(
+            Some(&key),
+            std::slice::from_ref(&a),
+            &[c]
+        ));
         // Without the key, different boxes are different.
         let d = spec_with(seal(b"psk = 0011\n"), 20);
         assert!(!same_except_lease(None, &[a], &[d]));
