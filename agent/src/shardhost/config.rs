@@ -8,6 +8,7 @@
 //! ref = "crypto-chacha20poly1305@0.1.0"
 //! sha256 = "…64 hex digits…"
 //! limits = { memory_max_bytes = 67108864, cpu_quota_permille = 500, nice = 5 }
+//! bandwidth_kbps = 2000              # optional: kernel-enforced cap (see `bandwidth`)
 //! config = { key = "value" }          # handed to the shard as `key = value` lines
 //! [[shard.alternative]]               # same fields; used after the primary is quarantined
 //! ref = "crypto-aes256gcm@0.1.0"
