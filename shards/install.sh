@@ -10,7 +10,7 @@ profile=debug release=() fixtures=()
 for a in "$@"; do
   case "$a" in
     --release) profile=release release=(--release) ;;
-    --fixtures) fixtures=(--fixtures -p shard-fixture-misbehave -p shard-fixture-abi-v2) ;;
+    --fixtures) fixtures=(--fixtures -p shard-fixture-misbehave -p shard-fixture-qos-misbehave -p shard-fixture-abi-v2) ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done

@@ -91,14 +91,22 @@ pub fn pinned_key_set(keys: &[[u8; 32]]) -> KeySet {
 /// Reads `state.json`; `None` on a first start.
 pub fn load_state(path: &std::path::Path) -> Result<Option<PersistedState>, DaemonError> {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| DaemonError::StateCorrupt {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })
-        }
+        Ok(bytes) => match PersistedState::from_json(&bytes) {
+            Ok((state, migrated)) => {
+                if migrated {
+                    tracing::info!(
+                        path = %path.display(),
+                        activations = state.profile.len(),
+                        "state.json of format 1 migrated: its activations run without alternatives until the cloud renews them"
+                    );
+                }
+                Ok(Some(state))
+            }
+            Err(e) => Err(DaemonError::StateCorrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DaemonError::State {
             path: path.to_owned(),
@@ -198,6 +206,9 @@ impl Daemon {
         };
         persist::ensure_private_dir(&cfg.state_dir).map_err(state_io)?;
         let (key, created) = super::keys::load_or_create(&cfg.device_key_file)?;
+        let mut runtime = runtime;
+        // Before the restored profile starts: its sealed configs need it.
+        runtime.set_device_key(&cfg.device, &key);
         if created {
             tracing::info!(
                 path = %cfg.device_key_file.display(),
@@ -627,7 +638,8 @@ impl Daemon {
             .profile()
             .map(|a| {
                 serde_json::json!({
-                    "shard": a.shard.to_string(),
+                    "shard": a.primary.shard.to_string(),
+                    "alternatives": a.alternatives.iter().map(|v| v.shard.to_string()).collect::<Vec<_>>(),
                     "capability": a.capability,
                     "lease_expires_at_ms": a.lease_expires_at_ms,
                 })

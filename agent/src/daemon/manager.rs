@@ -10,6 +10,15 @@
 //! starts with [`Action::Persist`], so the new state is on disk before any
 //! shard is started or stopped and before anything is acknowledged.
 //!
+//! The profile holds [`ShardActivation`]s: each with its primary variant,
+//! the alternatives the device may fail over to on its own (the
+//! supervisor's policy decides when, on simulated time in its tests), and
+//! secret configuration still **sealed** (opened only by the supervisor when
+//! it starts a host, never persisted or logged in clear). The old
+//! `Operation::Activate` is the same thing without alternatives, seal or
+//! bandwidth. A `state.json` of format 1 (a profile of `Activation`s) is
+//! migrated when read ([`PersistedState::from_json`]).
+//!
 //! Invariants:
 //! - a shard whose lease is at or before `now` is never in the profile after
 //!   [`CapabilityManager::on_tick`]; [`CapabilityManager::next_deadline`] says
@@ -33,7 +42,7 @@ use shardline_shared::accept::{
 };
 use shardline_shared::msg::{
     AckOutcome, Activation, Enforcement, KeySet, Operation, RejectReason, RejectionCounters,
-    ShardState, ShardStatus,
+    ShardActivation, ShardState, ShardStatus, ShardVariant,
 };
 use shardline_shared::sign::OpenError;
 use shardline_shared::{DeviceId, ShardRef};
@@ -44,7 +53,8 @@ use std::collections::BTreeMap;
 pub const SEQ_BLOCK: u64 = 1024;
 
 /// Format of [`PersistedState`]; bumped on incompatible changes.
-pub const STATE_FORMAT: u32 = 1;
+/// 2: the profile holds `ShardActivation`s (1 held `Activation`s).
+pub const STATE_FORMAT: u32 = 2;
 
 /// Everything the device must remember across restarts (`state.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,10 +62,77 @@ pub struct PersistedState {
     pub format: u32,
     pub acceptance: AcceptanceState,
     /// The last-known-good profile: activations of the applied instructions
-    /// whose leases had not run out, ordered by shard.
-    pub profile: Vec<Activation>,
+    /// whose leases had not run out, ordered by primary shard, with their
+    /// alternatives; secret configuration stays sealed.
+    pub profile: Vec<ShardActivation>,
     /// Report sequence numbers up to this one may have been used.
     pub report_seq_reserved: u64,
+}
+
+/// `state.json` as format 1 wrote it.
+#[derive(Deserialize)]
+struct StateV1 {
+    acceptance: AcceptanceState,
+    profile: Vec<Activation>,
+    report_seq_reserved: u64,
+}
+
+/// Why `state.json` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFormatError {
+    #[error("not JSON of a known shape: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown state format {0} (this agent reads 1 and {STATE_FORMAT})")]
+    UnknownFormat(u64),
+}
+
+impl PersistedState {
+    /// Parses `state.json`, migrating format 1 (whose profile entries become
+    /// activations without alternatives, seal or bandwidth: exactly what
+    /// they meant). Pure: the caller reads the file and logs the migration
+    /// (`migrated` is true then; the next persist writes format 2).
+    pub fn from_json(bytes: &[u8]) -> Result<(Self, bool), StateFormatError> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: u64,
+        }
+        let head: Head = serde_json::from_slice(bytes)?;
+        match head.format {
+            1 => {
+                let old: StateV1 = serde_json::from_slice(bytes)?;
+                Ok((
+                    Self {
+                        format: STATE_FORMAT,
+                        acceptance: old.acceptance,
+                        profile: old.profile.into_iter().map(from_activation).collect(),
+                        report_seq_reserved: old.report_seq_reserved,
+                    },
+                    true,
+                ))
+            }
+            f if f == u64::from(STATE_FORMAT) => Ok((serde_json::from_slice(bytes)?, false)),
+            f => Err(StateFormatError::UnknownFormat(f)),
+        }
+    }
+}
+
+/// The old single-variant activation as a `ShardActivation`.
+pub fn from_activation(a: Activation) -> ShardActivation {
+    ShardActivation {
+        primary: ShardVariant {
+            shard: a.shard,
+            sha256: a.sha256,
+            config: a.config,
+            sealed_config: Vec::new(),
+            limits: a.limits,
+            bandwidth_kbps: 0,
+        },
+        alternatives: Vec::new(),
+        capability: a.capability,
+        kind: a.kind,
+        priority: a.priority,
+        lease_expires_at_ms: a.lease_expires_at_ms,
+    }
 }
 
 /// What the daemon must do, in this order.
@@ -66,7 +143,7 @@ pub enum Action {
     /// (Re)start the capability's host with exactly these shards.
     Start {
         capability: String,
-        shards: Vec<Activation>,
+        shards: Vec<ShardActivation>,
     },
     /// Stop the capability's host.
     Stop { capability: String },
@@ -81,9 +158,10 @@ pub struct CapabilityManager {
     device: DeviceId,
     policy: AcceptancePolicy,
     acceptance: AcceptanceState,
-    profile: BTreeMap<ShardRef, Activation>,
+    /// Keyed by the primary variant's shard.
+    profile: BTreeMap<ShardRef, ShardActivation>,
     /// What the runtime was last told to run, per capability, leases blanked.
-    running: BTreeMap<String, Vec<Activation>>,
+    running: BTreeMap<String, Vec<ShardActivation>>,
     report_seq_reserved: u64,
     next_report_seq: u64,
     rejections: RejectionCounters,
@@ -181,7 +259,7 @@ impl CapabilityManager {
             profile: state
                 .profile
                 .into_iter()
-                .map(|a| (a.shard.clone(), a))
+                .map(|a| (a.primary.shard.clone(), a))
                 .collect(),
             running: BTreeMap::new(),
             report_seq_reserved: state.report_seq_reserved,
@@ -209,37 +287,13 @@ impl CapabilityManager {
                 self.acceptance = state;
                 for op in instr.ops {
                     match op {
-                        Operation::Activate(a) => {
-                            if a.lease_expires_at_ms <= now_ms {
-                                // Already over: never start it, but say so.
-                                self.expired.push((expired_status(&a), now_ms));
-                                self.profile.remove(&a.shard);
-                            } else {
-                                self.profile.insert(a.shard.clone(), a);
-                            }
-                        }
+                        Operation::Activate(a) => self.activate(from_activation(a), now_ms),
+                        Operation::ActivateShard(a) => self.activate(a, now_ms),
                         Operation::Deactivate { shard } => {
-                            self.profile.remove(&shard);
-                        }
-                        // Until the manager runs alternatives and sealed
-                        // configuration, the primary runs with its clear config.
-                        Operation::ActivateShard(a) => {
-                            let a = Activation {
-                                shard: a.primary.shard,
-                                capability: a.capability,
-                                kind: a.kind,
-                                sha256: a.primary.sha256,
-                                config: a.primary.config,
-                                limits: a.primary.limits,
-                                priority: a.priority,
-                                lease_expires_at_ms: a.lease_expires_at_ms,
-                            };
-                            if a.lease_expires_at_ms <= now_ms {
-                                self.expired.push((expired_status(&a), now_ms));
-                                self.profile.remove(&a.shard);
-                            } else {
-                                self.profile.insert(a.shard.clone(), a);
-                            }
+                            // By the primary the cloud activated, or by the
+                            // alternative the device reported running.
+                            self.profile
+                                .retain(|_, a| a.variants().all(|v| v.shard != shard));
                         }
                     }
                 }
@@ -280,6 +334,16 @@ impl CapabilityManager {
                 }
                 self.budgeted_ack(0, AckOutcome::Rejected(reason), now_ms)
             }
+        }
+    }
+
+    fn activate(&mut self, a: ShardActivation, now_ms: u64) {
+        if a.lease_expires_at_ms <= now_ms {
+            // Already over: never start it, but say so.
+            self.expired.push((expired_status(&a), now_ms));
+            self.profile.remove(&a.primary.shard);
+        } else {
+            self.profile.insert(a.primary.shard.clone(), a);
         }
     }
 
@@ -355,8 +419,8 @@ impl CapabilityManager {
         &self.acceptance
     }
 
-    /// The active profile, ordered by shard.
-    pub fn profile(&self) -> impl Iterator<Item = &Activation> {
+    /// The active profile, ordered by primary shard.
+    pub fn profile(&self) -> impl Iterator<Item = &ShardActivation> {
         self.profile.values()
     }
 
@@ -369,9 +433,15 @@ impl CapabilityManager {
         mut runtime: Vec<ShardStatus>,
         now_ms: u64,
     ) -> Vec<ShardStatus> {
+        // A running alternative holds the lease of its activation.
+        let leases: BTreeMap<&ShardRef, u64> = self
+            .profile
+            .values()
+            .flat_map(|a| a.variants().map(|v| (&v.shard, a.lease_expires_at_ms)))
+            .collect();
         for s in &mut runtime {
-            if let Some(a) = self.profile.get(&s.shard) {
-                s.lease_expires_at_ms = a.lease_expires_at_ms;
+            if let Some(&lease) = leases.get(&s.shard) {
+                s.lease_expires_at_ms = lease;
             }
         }
         let profile = &self.profile;
@@ -398,7 +468,7 @@ impl CapabilityManager {
             .profile
             .values()
             .filter(|a| a.lease_expires_at_ms <= now_ms)
-            .map(|a| a.shard.clone())
+            .map(|a| a.primary.shard.clone())
             .collect();
         for shard in &gone {
             if let Some(a) = self.profile.remove(shard) {
@@ -420,7 +490,7 @@ impl CapabilityManager {
     /// Brings the runtime in line with the profile: stops first (frees
     /// resources), then starts capabilities whose spec changed.
     fn reconcile(&mut self) -> Vec<Action> {
-        let mut desired: BTreeMap<String, Vec<Activation>> = BTreeMap::new();
+        let mut desired: BTreeMap<String, Vec<ShardActivation>> = BTreeMap::new();
         for a in self.profile.values() {
             desired
                 .entry(a.capability.clone())
@@ -437,7 +507,7 @@ impl CapabilityManager {
         }
         let mut running = BTreeMap::new();
         for (cap, shards) in desired {
-            let spec: Vec<Activation> = shards.iter().map(without_lease).collect();
+            let spec: Vec<ShardActivation> = shards.iter().map(without_lease).collect();
             if self.running.get(&cap) != Some(&spec) {
                 actions.push(Action::Start {
                     capability: cap.clone(),
@@ -451,16 +521,16 @@ impl CapabilityManager {
     }
 }
 
-fn without_lease(a: &Activation) -> Activation {
-    Activation {
+fn without_lease(a: &ShardActivation) -> ShardActivation {
+    ShardActivation {
         lease_expires_at_ms: 0,
         ..a.clone()
     }
 }
 
-fn expired_status(a: &Activation) -> ShardStatus {
+fn expired_status(a: &ShardActivation) -> ShardStatus {
     ShardStatus {
-        shard: a.shard.clone(),
+        shard: a.primary.shard.clone(),
         capability: a.capability.clone(),
         state: ShardState::Expired,
         cpu_permille: 0,
@@ -950,5 +1020,131 @@ mod tests {
         // Still reported a while later, gone after the retention.
         assert_eq!(m.report_statuses(vec![], T0 + 1_000).len(), 1);
         assert!(m.report_statuses(vec![], T0 + EXPIRED_REPORT_MS).is_empty());
+    }
+
+    fn variant(shard: &str, sealed: &[u8], kbps: u64) -> ShardVariant {
+        ShardVariant {
+            shard: shard.parse().unwrap(),
+            sha256: [7; 32],
+            config: b"mode = x\n".to_vec(),
+            sealed_config: sealed.to_vec(),
+            limits: ResourceLimits {
+                cpu_quota_permille: 200,
+                cpu_weight: 100,
+                memory_max_bytes: 32 << 20,
+                nice: 5,
+            },
+            bandwidth_kbps: kbps,
+        }
+    }
+
+    fn shard_activation(lease: u64) -> ShardActivation {
+        ShardActivation {
+            primary: variant("crypto-aes256gcm@0.1.0", b"SEALED-BYTES", 0),
+            alternatives: vec![variant("crypto-chacha20poly1305@0.1.0", b"", 2_000)],
+            capability: "vpn".into(),
+            kind: ShardKind::Compute,
+            priority: 3,
+            lease_expires_at_ms: lease,
+        }
+    }
+
+    #[test]
+    fn a_shard_activation_reaches_the_runtime_with_its_alternatives_and_stays_sealed() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![Operation::ActivateShard(shard_activation(T0 + 10_000))],
+            ),
+            T0,
+        );
+        let started: Vec<&ShardActivation> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { shards, .. } => Some(shards.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(started, vec![&shard_activation(T0 + 10_000)]);
+        let saved = last_persist(&a);
+        assert_eq!(saved.format, STATE_FORMAT);
+        assert_eq!(saved.profile, vec![shard_activation(T0 + 10_000)]);
+        // On disk the secret is the sealed box, byte for byte.
+        let json = serde_json::to_string(&saved).unwrap();
+        let back = PersistedState::from_json(json.as_bytes()).unwrap();
+        assert_eq!(back, (saved.clone(), false));
+
+        // Offline reboot from the last-known-good profile: the runtime gets
+        // the alternatives again, so it can fail over without the cloud.
+        let (mut m2, actions) = CapabilityManager::restore(
+            me(),
+            AcceptancePolicy::default(),
+            Some(saved),
+            KeySet::of(0, &[&alloc_key()]),
+            T0 + 1_000,
+        );
+        assert!(actions.iter().any(|a| matches!(a,
+            Action::Start { shards, .. } if shards[0].alternatives.len() == 1)));
+        // The alternative running in the primary's place carries the
+        // activation's lease in the report.
+        let running_alt = ShardStatus {
+            shard: "crypto-chacha20poly1305@0.1.0".parse().unwrap(),
+            ..expired_status(&shard_activation(0))
+        };
+        let st = m2.report_statuses(vec![running_alt], T0 + 1_000);
+        assert_eq!(st[0].lease_expires_at_ms, T0 + 10_000);
+        // Deactivating by the alternative the device reported stops it too.
+        let d = m2.on_instruction(
+            &instr(
+                2,
+                T0 + 1_000,
+                vec![Operation::Deactivate {
+                    shard: "crypto-chacha20poly1305@0.1.0".parse().unwrap(),
+                }],
+            ),
+            T0 + 1_000,
+        );
+        assert_eq!(stops(&d), vec!["vpn".to_string()]);
+    }
+
+    #[test]
+    fn a_format_1_state_is_migrated_and_garbage_is_an_error_not_a_panic() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![Operation::Activate(activation(
+                    "tunnel@1",
+                    "vpn",
+                    T0 + 10_000,
+                ))],
+            ),
+            T0,
+        );
+        let saved = last_persist(&a);
+        // What format 1 wrote: the same state with a profile of Activations.
+        let v1 = serde_json::json!({
+            "format": 1,
+            "acceptance": saved.acceptance,
+            "profile": [activation("tunnel@1", "vpn", T0 + 10_000)],
+            "report_seq_reserved": saved.report_seq_reserved,
+        });
+        let (migrated, was_old) =
+            PersistedState::from_json(v1.to_string().as_bytes()).expect("migrates");
+        assert!(was_old);
+        assert_eq!(migrated, saved, "format 1 means exactly the same profile");
+        for bad in [
+            &b"{}"[..],
+            b"{\"format\": 9}",
+            b"{\"format\": 1, \"profile\": 3}",
+            b"\xff\xfe",
+            b"",
+        ] {
+            assert!(PersistedState::from_json(bad).is_err(), "{bad:?}");
+        }
     }
 }

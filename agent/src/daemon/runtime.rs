@@ -11,8 +11,10 @@
 //! so in the reported status, they never pretend.
 
 use shardline_shared::msg::{
-    Activation, ClassStats, Enforcement, ShardFailure, ShardState, ShardStatus,
+    ClassStats, Enforcement, ShardActivation, ShardFailure, ShardState, ShardStatus,
 };
+use shardline_shared::sign::KeyPair;
+use shardline_shared::DeviceId;
 use std::collections::BTreeMap;
 
 /// Why a capability could not be started.
@@ -23,12 +25,18 @@ pub struct RuntimeError(pub String);
 /// One host process per capability, started with exactly the given shards.
 pub trait ShardRuntime {
     /// (Re)starts `capability` with `shards` (replacing what it ran before).
+    /// Each activation brings its alternatives: the runtime fails over to
+    /// them on its own and says so in [`ShardRuntime::statuses`].
     fn activate(
         &mut self,
         capability: &str,
-        shards: &[Activation],
+        shards: &[ShardActivation],
         now_ms: u64,
     ) -> Result<(), RuntimeError>;
+    /// The device identity that opens sealed shard configuration; given
+    /// once, before the first `activate`. A runtime that runs nothing
+    /// ignores it.
+    fn set_device_key(&mut self, _device: &DeviceId, _key: &KeyPair) {}
     /// Stops `capability`'s host; stopping an unknown capability is a no-op.
     fn deactivate(&mut self, capability: &str, now_ms: u64);
     /// Drives restarts, backoff and health checks; returns notable events
@@ -96,14 +104,14 @@ impl QosSource for NoCapture {
 /// such, so the allocator sees failures instead of a fake "running".
 #[derive(Debug, Default)]
 pub struct Unhosted {
-    refused: BTreeMap<String, Vec<Activation>>,
+    refused: BTreeMap<String, Vec<ShardActivation>>,
 }
 
 impl ShardRuntime for Unhosted {
     fn activate(
         &mut self,
         capability: &str,
-        shards: &[Activation],
+        shards: &[ShardActivation],
         _now_ms: u64,
     ) -> Result<(), RuntimeError> {
         self.refused.insert(capability.to_owned(), shards.to_vec());
@@ -125,7 +133,7 @@ impl ShardRuntime for Unhosted {
             .values()
             .flatten()
             .map(|a| ShardStatus {
-                shard: a.shard.clone(),
+                shard: a.primary.shard.clone(),
                 capability: a.capability.clone(),
                 state: ShardState::Stopped,
                 cpu_permille: 0,

@@ -8,6 +8,7 @@
 //! ref = "crypto-chacha20poly1305@0.1.0"
 //! sha256 = "…64 hex digits…"
 //! limits = { memory_max_bytes = 67108864, cpu_quota_permille = 500, nice = 5 }
+//! bandwidth_kbps = 2000              # optional: kernel-enforced cap (see `bandwidth`)
 //! config = { key = "value" }          # handed to the shard as `key = value` lines
 //! [[shard.alternative]]               # same fields; used after the primary is quarantined
 //! ref = "crypto-aes256gcm@0.1.0"
@@ -67,6 +68,9 @@ struct ShardDoc {
     priority: Option<u8>,
     #[serde(default)]
     limits: Option<LimitsDoc>,
+    /// Declared bandwidth, kbit/s (0 or absent: none).
+    #[serde(default)]
+    bandwidth_kbps: u64,
     #[serde(default)]
     config: BTreeMap<String, toml::Value>,
     #[serde(default, rename = "alternative")]
@@ -183,6 +187,8 @@ fn spec(
             lease_expires_at_ms: u64::MAX,
         },
         path: d.path.clone(),
+        sealed_config: Vec::new(),
+        bandwidth_kbps: d.bandwidth_kbps,
         alternatives,
     })
 }

@@ -26,6 +26,11 @@
 //! even if a shard thread forges heartbeat datagrams meanwhile (the agent
 //! also kills the host when it reads `Stuck`).
 //!
+//! Secret configuration lines (opened by the agent from a sealed box; the
+//! setup names their keys) are redacted from everything a shard logs through
+//! the host and from the reason of an `InitFailed` (the shard's last warning
+//! during `init`), so they reach neither the journal nor a report.
+//!
 //! Exit codes: 0 stop requested, 3 load refused, 4 init failed, 101 a shard
 //! panicked (caught at the boundary), 5 setup/IPC/sandbox failure.
 #![forbid(unsafe_code)]
@@ -52,6 +57,36 @@ struct Services {
     shards: Vec<RefCell<LoadedShard>>,
     names: Vec<String>,
     errors: Vec<std::cell::Cell<u32>>,
+    /// Values of secret configuration lines: never logged or reported.
+    secrets: Vec<String>,
+    /// The last warning or error each shard logged (redacted): why its
+    /// `init` refused, for the agent's report.
+    last_complaint: Vec<RefCell<Option<String>>>,
+}
+
+/// Longest shard message carried into a failure reason.
+const MAX_REASON: usize = 300;
+
+/// Replaces every secret value in `msg` (a shard may echo its config).
+fn redact(secrets: &[String], msg: &str) -> String {
+    let mut out = msg.to_owned();
+    for s in secrets {
+        out = out.replace(s.as_str(), "[redacted]");
+    }
+    out
+}
+
+/// Values of the secret lines of `config` (keys named by the agent); very
+/// short values are skipped, they would redact ordinary words.
+fn secret_values(config: &[u8], keys: &[String]) -> Vec<String> {
+    let Ok(kv) = shardline_shard_sdk::config::KeyValues::parse(config) else {
+        return Vec::new();
+    };
+    keys.iter()
+        .filter_map(|k| kv.get(k))
+        .filter(|v| v.len() >= 4)
+        .map(str::to_owned)
+        .collect()
 }
 
 impl HostServices for Services {
@@ -62,6 +97,21 @@ impl HostServices for Services {
             .get(idx as usize)
             .map(String::as_str)
             .unwrap_or("-");
+        let msg = redact(&self.secrets, msg);
+        if lvl <= level::WARN {
+            if let Some(slot) = self.last_complaint.get(idx as usize) {
+                let mut m = msg.clone();
+                if m.len() > MAX_REASON {
+                    let mut cut = MAX_REASON;
+                    while !m.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    m.truncate(cut);
+                }
+                *slot.borrow_mut() = Some(m);
+            }
+        }
+        let msg = msg.as_str();
         match lvl {
             level::ERROR => tracing::error!(shard, "{msg}"),
             level::WARN => tracing::warn!(shard, "{msg}"),
@@ -198,6 +248,12 @@ pub fn run(ipc: OwnedFd) -> u8 {
     let services = Box::new(Services {
         names: setup.shards.iter().map(|s| s.shard.to_string()).collect(),
         errors: (0..shards.len()).map(|_| std::cell::Cell::new(0)).collect(),
+        secrets: setup
+            .shards
+            .iter()
+            .flat_map(|s| secret_values(&s.config, &s.secret_keys))
+            .collect(),
+        last_complaint: (0..shards.len()).map(|_| RefCell::new(None)).collect(),
         shards,
     });
     let api = Box::new(loader::host_api(&*services));
@@ -206,9 +262,14 @@ pub fn run(ipc: OwnedFd) -> u8 {
         let rc = services.shards[i].borrow_mut().init(&api, &s.config);
         CURRENT_SHARD.store(NO_SHARD, Ordering::Relaxed);
         if rc < 0 {
+            let said = services.last_complaint[i]
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| "no reason given".to_owned());
             send(&FromHost::InitFailed {
                 index: i as u32,
                 status: rc,
+                reason: format!("{}: init refused its configuration: {said}", s.shard),
             });
             return if rc == status::PANICKED {
                 EXIT_SHARD_PANICKED
@@ -402,4 +463,26 @@ fn spawn_watchdog(ipc_fd: BorrowedFd<'_>, progress: Arc<AtomicU64>, start: Insta
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_are_redacted_from_what_a_shard_says() {
+        let config = b"bind = 127.0.0.1:1\npsk = 5a5a5a5a5a\nx = ab\n";
+        let keys = vec!["psk".to_owned(), "x".to_owned(), "missing".to_owned()];
+        let secrets = secret_values(config, &keys);
+        assert_eq!(
+            secrets,
+            vec!["5a5a5a5a5a".to_owned()],
+            "short values skipped"
+        );
+        assert_eq!(
+            redact(&secrets, "bad psk 5a5a5a5a5a on 127.0.0.1:1"),
+            "bad psk [redacted] on 127.0.0.1:1"
+        );
+        assert!(secret_values(b"\xff\xfe garbage", &keys).is_empty());
+    }
 }

@@ -22,6 +22,7 @@ pub const CATALOG: &[(&str, &str)] = &[
 /// Test fixtures (installed only on request).
 pub const FIXTURES: &[(&str, &str)] = &[
     ("fixture-misbehave", "shard_fixture_misbehave"),
+    ("fixture-qos-misbehave", "shard_fixture_qos_misbehave"),
     ("fixture-abi-v2", "shard_fixture_abi_v2"),
 ];
 

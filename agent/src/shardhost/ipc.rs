@@ -35,13 +35,35 @@ pub struct HostSetup {
     pub shards: Vec<HostShard>,
 }
 
-/// One shard to verify, load and initialise.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One shard to verify, load and initialise. `config` may hold secret lines
+/// (opened from the sealed configuration): `Debug` leaves it out, and it is
+/// zeroed when dropped.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostShard {
     pub shard: ShardRef,
     pub path: PathBuf,
     pub sha256: [u8; 32],
     pub config: Vec<u8>,
+    /// Keys of the secret lines in `config`: the host redacts their values
+    /// from whatever a shard logs or reports.
+    pub secret_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for HostShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostShard")
+            .field("shard", &self.shard)
+            .field("path", &self.path)
+            .field("config", &format_args!("[{} bytes]", self.config.len()))
+            .field("secret_keys", &self.secret_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HostShard {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.config);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,8 +103,14 @@ pub enum FromHost {
     Loaded { index: u32, info: ShardInfo },
     /// Shard `index` was refused; nothing of the capability runs.
     LoadRefused { index: u32, reason: String },
-    /// Shard `index`'s `init` returned `status`; the host exits.
-    InitFailed { index: u32, status: i32 },
+    /// Shard `index`'s `init` returned `status` (refused its
+    /// configuration); `reason` is what the shard said (secret values
+    /// redacted); the host exits.
+    InitFailed {
+        index: u32,
+        status: i32,
+        reason: String,
+    },
     /// All shards are initialised; the loop runs.
     Running,
     Heartbeat {
@@ -135,12 +163,15 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
 }
 
 pub fn send<T: Serialize>(fd: BorrowedFd<'_>, msg: &T) -> Result<(), IpcError> {
-    let bytes = encode(msg)?;
-    nix::sys::socket::send(
+    let mut bytes = encode(msg)?;
+    let sent = nix::sys::socket::send(
         fd.as_raw_fd(),
         &bytes,
         nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-    )?;
+    );
+    // The setup carries opened secrets: no copy of it outlives the send.
+    zeroize::Zeroize::zeroize(&mut bytes);
+    sent?;
     Ok(())
 }
 

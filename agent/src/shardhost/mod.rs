@@ -13,6 +13,8 @@
 //!   Landlock, seccomp.
 //! - [`limits`]: rlimits, niceness and cgroup v2/v1 creation (memory, cpu,
 //!   pids), killing everything in a host's cgroup, cleanup.
+//! - [`bandwidth`]: declared bandwidth as an nftables rate cap on the
+//!   host's dedicated uid (kernel-enforced).
 //! - [`ipc`]: the agent ⇄ host seqpacket protocol (postcard).
 //! - [`config`]: the TOML file of `shardline-agent shards run`.
 //! - [`install`]: copying built shard libraries into a shard directory.
@@ -26,6 +28,7 @@
 //! even a constructor, runs with the agent's identity); everything a host
 //! started dies with it; every cgroup created is removed.
 
+pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod cpu;
@@ -40,4 +43,6 @@ pub mod supervisor;
 mod sys;
 
 pub use policy::{CapabilityPolicy, PolicyConfig};
-pub use supervisor::{HostEvent, ShardSpec, Supervisor, SupervisorConfig, SupervisorError};
+pub use supervisor::{
+    HostEvent, SealKey, ShardSpec, Supervisor, SupervisorConfig, SupervisorError,
+};

@@ -389,10 +389,16 @@ impl Agent {
             .unwrap()
             .iter()
             .map(|a| {
+                // Format 2 keeps ShardActivations (the primary's ref).
+                let shard = if a["primary"].is_object() {
+                    &a["primary"]["shard"]
+                } else {
+                    &a["shard"]
+                };
                 format!(
                     "{}@{}",
-                    a["shard"]["id"].as_str().unwrap(),
-                    a["shard"]["version"].as_str().unwrap()
+                    shard["id"].as_str().unwrap(),
+                    shard["version"].as_str().unwrap()
                 )
             })
             .collect()

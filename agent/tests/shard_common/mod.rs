@@ -43,6 +43,7 @@ pub fn build_shards() -> PathBuf {
             }
             for p in [
                 "shard-fixture-misbehave",
+                "shard-fixture-qos-misbehave",
                 "shard-fixture-abi-v2",
                 "shard-crypto-chacha20poly1305",
                 "shard-crypto-aes256gcm",
