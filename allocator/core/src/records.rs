@@ -8,8 +8,8 @@
 //! instruction number *n* for a device, but only one can commit it, and
 //! nothing is published before its commit.
 
-use serde::{Deserialize, Serialize};
 pub use crate::policy::Tombstone;
+use serde::{Deserialize, Serialize};
 use shardline_shared::ids::DeviceId;
 
 /// How far ahead of use instruction sequence numbers are reserved (persisted).

@@ -310,9 +310,9 @@ pub fn device_text(d: &serde_json::Value) -> String {
     if let Some(leases) = p.get("leases").and_then(|v| v.as_array()) {
         let _ = writeln!(o, "active shards ({}):", leases.len());
         for l in leases {
-            let shard = l.get("shard").map(|s| {
-                format!("{}@{}", text(s, "id"), text(s, "version"))
-            });
+            let shard = l
+                .get("shard")
+                .map(|s| format!("{}@{}", text(s, "id"), text(s, "version")));
             let _ = writeln!(
                 o,
                 "  {:<28} {:<10} {:?} units {}",

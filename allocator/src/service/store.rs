@@ -322,7 +322,9 @@ impl Store for RedbStore {
     fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(META).map_err(db_err)?;
-        Ok(t.get(HEALTH_KEY).map_err(db_err)?.map(|v| v.value().to_vec()))
+        Ok(t.get(HEALTH_KEY)
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()))
     }
 
     fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {

@@ -7,13 +7,14 @@
 //!   digest for another architecture), `InitFailed` (the shard refused its
 //!   config), a `LimitsOutOfRange` rejection, and a crash, exit, hang or
 //!   over-limit kill of a shard that had not yet run fine — fewer than
-//!   [`FaultConfig::min_healthy_reports`] consecutive healthy reports since
-//!   its last failure, or within [`FaultConfig::start_grace_ms`] of its grant.
+//!   [`FaultConfig::min_healthy_reports`] healthy reports since its grant,
+//!   or within [`FaultConfig::start_grace_ms`] of its grant.
 //!   They say the catalog entry (config, limits, digest) does not suit the
 //!   device: an operator fault. Reputation does not move; the shard is
 //!   avoided on that device with a doubling backoff ([`StartFailure`]), its
 //!   alternative planned meanwhile, and the refusal names the failure.
-//! - runtime failures: the shard ran fine, then crashed or was killed. They
+//! - runtime failures: the shard ran fine, then crashed or was killed (a
+//!   crash loop after it ran fine stays a runtime failure). They
 //!   may count against the device (`crash`, `over_limit`) — unless the entry
 //!   is marked failing on the device's architecture, which says the fault
 //!   is the entry's.
@@ -21,7 +22,8 @@
 //! **Failing entries** ([`CatalogHealth`]). Start failures are tracked per
 //! catalog shard and architecture. When [`FaultConfig::failing_min_devices`]
 //! distinct devices reported one within [`FaultConfig::failing_window_ms`],
-//! the entry is marked failing for that architecture: the planner stops
+//! and they outnumber the devices the entry runs fine on there, the entry
+//! is marked failing for that architecture: the planner stops
 //! using it (alternatives first, a [`Refusal::CatalogFailing`] otherwise) and
 //! the operator is told ([`Action::CatalogEntryFailing`]). One device alone
 //! never marks an entry: a lying device cannot disable it fleet-wide. A mark
@@ -63,7 +65,7 @@ use std::collections::BTreeMap;
 pub struct FaultConfig {
     /// A failure within this long of the lease's grant is a start failure.
     pub start_grace_ms: u64,
-    /// Consecutive healthy reports after which a shard "ran fine".
+    /// Healthy reports (since its grant) after which a shard "ran fine".
     pub min_healthy_reports: u32,
     /// Distinct devices whose start failures mark an entry failing.
     pub failing_min_devices: u32,
@@ -194,6 +196,11 @@ pub struct CatalogHealth {
     pub recent: BTreeMap<String, BTreeMap<String, BTreeMap<DeviceId, (u64, String)>>>,
     /// Shard ⇒ architecture ⇒ start failures seen (a counter for metrics).
     pub start_failures_total: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Shard ⇒ architecture ⇒ device ⇒ when it last ran fine there. Not
+    /// persisted (it refills within minutes of reports, and writing it
+    /// would make every healthy report a store write).
+    #[serde(skip)]
+    pub running_fine: BTreeMap<String, BTreeMap<String, BTreeMap<DeviceId, u64>>>,
 }
 
 impl CatalogHealth {
@@ -229,8 +236,23 @@ impl CatalogHealth {
         per_dev.insert(device.clone(), (now, reason.to_owned()));
         per_dev.retain(|_, (t, _)| now.saturating_sub(*t) < cfg.failing_window_ms);
         let devices: Vec<DeviceId> = per_dev.keys().cloned().collect();
+        // Devices where it runs fine (and that did not fail it since).
+        let fine = self
+            .running_fine
+            .get_mut(shard)
+            .and_then(|m| m.get_mut(arch))
+            .map_or(0, |m| {
+                m.retain(|d, t| {
+                    now.saturating_sub(*t) < cfg.failing_window_ms && !devices.contains(d)
+                });
+                m.len()
+            });
+        // A few devices (misbehaving, or lying) must not disable an entry
+        // that runs fine elsewhere: failures must come from enough
+        // devices *and* outnumber the devices it runs fine on.
         if self.failing_on(shard, arch).is_some()
             || (devices.len() as u64) < u64::from(cfg.failing_min_devices.max(1))
+            || devices.len() <= fine
         {
             return None;
         }
@@ -247,6 +269,16 @@ impl CatalogHealth {
             .or_default()
             .insert(arch.to_owned(), mark.clone());
         Some(mark)
+    }
+
+    /// `shard` ran fine on `device` (counts against marking it failing).
+    pub fn record_running_fine(&mut self, shard: &str, arch: &str, device: &DeviceId, now: u64) {
+        self.running_fine
+            .entry(shard.to_owned())
+            .or_default()
+            .entry(arch.to_owned())
+            .or_default()
+            .insert(device.clone(), now);
     }
 
     /// Forgets everything about `shard`; whether there was a mark.

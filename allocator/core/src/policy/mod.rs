@@ -407,9 +407,9 @@ pub struct Lease {
     /// Last restart/error counters the device reported for it.
     pub restarts_seen: u32,
     pub errors_seen: u32,
-    /// Consecutive reports that showed it running without a new restart
-    /// since its last failure: a failure counts as a runtime failure (and
-    /// may be charged) only after it ran fine (see [`faults::classify`]).
+    /// Reports that showed it running without a new restart since its
+    /// grant: a failure counts as a runtime failure (and may be charged)
+    /// only once it ran fine here (see [`faults::classify`]).
     #[serde(default)]
     pub healthy_reports: u32,
 }

@@ -441,7 +441,9 @@ impl Core {
                         .get(id)
                         .map(|m| {
                             m.iter()
-                                .map(|(a, d)| (a.clone(), d.keys().map(|x| x.to_string()).collect()))
+                                .map(|(a, d)| {
+                                    (a.clone(), d.keys().map(|x| x.to_string()).collect())
+                                })
                                 .collect()
                         })
                         .unwrap_or_default(),

@@ -161,7 +161,9 @@ impl Core {
             match postcard::from_bytes::<policy::CatalogHealth>(&bytes) {
                 Ok(h) => engine.restore_catalog_health(h),
                 // Marks are advice to the planner: losing them re-learns them.
-                Err(e) => tracing::warn!(error = %e, "stored catalog health unreadable; starting without failing marks"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored catalog health unreadable; starting without failing marks")
+                }
             }
         }
         let mut map = HashMap::with_capacity(records.len());

@@ -68,7 +68,8 @@ pub(super) const SQL_VERSIONS_SOME: &str =
     "SELECT id, version FROM devices WHERE id = ANY($1::text[])";
 pub(super) const SQL_TOKENS: &str = "SELECT hash, body FROM tokens ORDER BY hash";
 pub(super) const SQL_META: &str = "SELECT body FROM meta WHERE key = 'meta'";
-pub(super) const SQL_HEALTH_PUT: &str = "INSERT INTO meta (key, body) VALUES ('catalog_health', $1) \
+pub(super) const SQL_HEALTH_PUT: &str =
+    "INSERT INTO meta (key, body) VALUES ('catalog_health', $1) \
      ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
 pub(super) const SQL_HEALTH: &str = "SELECT body FROM meta WHERE key = 'catalog_health'";
 pub(super) const SQL_TOMB_PUT: &str = "INSERT INTO tombstones (id, body) \

@@ -104,6 +104,7 @@ impl Engine {
             e.1 = e.1.saturating_add(l.limits.memory_max_bytes);
         }
         let mut over_limit_hosts: BTreeSet<String> = BTreeSet::new();
+        let mut host_use: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for s in std::mem::take(&mut report.shards) {
             let id = s.shard.id();
             let alive = matches!(
@@ -111,8 +112,12 @@ impl Engine {
                 ShardState::Running | ShardState::Starting | ShardState::Backoff
             );
             if alive {
-                own_cpu += u64::from(s.cpu_permille);
-                own_rss += s.rss_kib;
+                // Every shard of a host reports the host's use: counted
+                // once per host (capability), or our own load would be
+                // counted several times and the other load look smaller.
+                let e = host_use.entry(s.capability.clone()).or_default();
+                e.0 = e.0.max(u64::from(s.cpu_permille));
+                e.1 = e.1.max(s.rss_kib);
             }
             match st.leases.get_mut(id) {
                 Some(lease) if lease.shard == s.shard => {
@@ -129,9 +134,11 @@ impl Engine {
                         lease.restarts_seen = s.restarts;
                         // Operator faults (config, limits, digest) show as
                         // start failures: never the device's doing.
+                        // `healthy_reports` is not reset: once a lease ran
+                        // fine here, a crash loop is the device's runtime
+                        // failure, not the entry's start failure.
                         let class =
                             faults::classify(&cfg.faults, s.last_failure.as_ref(), lease, now);
-                        lease.healthy_reports = 0;
                         let entry_failing = health.failing_on(id, &arch).is_some();
                         match class {
                             faults::FailureClass::Start => {
@@ -171,15 +178,19 @@ impl Engine {
                         // once per grant.
                         lease.clean = false;
                         unhealthy = true;
-                        start_failed.push((
-                            id.to_owned(),
-                            faults::failure_text(s.last_failure.as_ref()),
-                        ));
+                        start_failed
+                            .push((id.to_owned(), faults::failure_text(s.last_failure.as_ref())));
                     } else if s.state == ShardState::Running {
                         lease.healthy_reports = lease.healthy_reports.saturating_add(1);
-                        if lease.healthy_reports >= cfg.faults.min_healthy_reports {
+                        let min = cfg.faults.min_healthy_reports.max(1);
+                        if lease.healthy_reports >= min {
                             // It runs fine here now: the backoff starts over.
                             st.start_failures.remove(id);
+                            // Refreshed now and then, not every report: it
+                            // only has to stay within the failing window.
+                            if (lease.healthy_reports - min) % 16 == 0 {
+                                health.record_running_fine(id, &arch, &device, now);
+                            }
                         }
                     }
                     let new_errors = s.errors.saturating_sub(lease.errors_seen);
@@ -238,6 +249,10 @@ impl Engine {
             if alive {
                 running.push(s.shard);
             }
+        }
+        for (cpu, rss) in host_use.values() {
+            own_cpu = own_cpu.saturating_add(*cpu);
+            own_rss = own_rss.saturating_add(*rss);
         }
         // Instructions that failed the device's signature check were forged
         // or corrupted by someone else (anyone can publish on its topic):
@@ -395,8 +410,8 @@ impl Engine {
     }
 
     /// A failed or `LimitsOutOfRange` ack: a start failure of the shards
-    /// the pending instruction activated (those `text` names, when it names
-    /// any). Never charged to the device.
+    /// the pending instruction activated (of a failed one, those its `text`
+    /// names). Never charged to the device.
     fn ack_start_failure(
         &mut self,
         now: u64,
@@ -430,7 +445,15 @@ impl Engine {
             .filter(|k| text.is_some_and(|t| t.contains(k.as_str())))
             .cloned()
             .collect();
-        let blamed = if named.is_empty() { started } else { named };
+        // `LimitsOutOfRange` refuses the whole instruction: every shard it
+        // started. A failed one is blamed only on the shards its text
+        // names: blaming a whole capability for one member would mark
+        // healthy entries failing; the reports' `last_failure` attributes
+        // the rest.
+        let blamed = match text {
+            None => started,
+            Some(_) => named,
+        };
         let arch = st
             .resources
             .as_ref()
@@ -439,7 +462,9 @@ impl Engine {
             if let Some(l) = st.leases.get_mut(&id) {
                 l.clean = false;
             }
-            note_start_failure(cfg, catalog, health, st, device, &arch, &id, reason, now, out);
+            note_start_failure(
+                cfg, catalog, health, st, device, &arch, &id, reason, now, out,
+            );
             *health_dirty = true;
         }
     }
