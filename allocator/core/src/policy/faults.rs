@@ -170,6 +170,9 @@ impl StartFailure {
     }
 }
 
+/// Shard ⇒ architecture ⇒ value.
+pub type PerEntry<T> = BTreeMap<String, BTreeMap<String, T>>;
+
 /// A catalog entry marked failing on one architecture.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailingEntry {
@@ -191,16 +194,16 @@ pub struct FailingEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogHealth {
     /// Shard ⇒ architecture ⇒ mark.
-    pub failing: BTreeMap<String, BTreeMap<String, FailingEntry>>,
+    pub failing: PerEntry<FailingEntry>,
     /// Shard ⇒ architecture ⇒ device ⇒ (when, reason) of its latest start failure.
-    pub recent: BTreeMap<String, BTreeMap<String, BTreeMap<DeviceId, (u64, String)>>>,
+    pub recent: PerEntry<BTreeMap<DeviceId, (u64, String)>>,
     /// Shard ⇒ architecture ⇒ start failures seen (a counter for metrics).
-    pub start_failures_total: BTreeMap<String, BTreeMap<String, u64>>,
+    pub start_failures_total: PerEntry<u64>,
     /// Shard ⇒ architecture ⇒ device ⇒ when it last ran fine there. Not
     /// persisted (it refills within minutes of reports, and writing it
     /// would make every healthy report a store write).
     #[serde(skip)]
-    pub running_fine: BTreeMap<String, BTreeMap<String, BTreeMap<DeviceId, u64>>>,
+    pub running_fine: PerEntry<BTreeMap<DeviceId, u64>>,
 }
 
 impl CatalogHealth {

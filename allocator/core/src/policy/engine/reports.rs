@@ -169,10 +169,10 @@ impl Engine {
                         }
                     } else if load_or_init
                         && s.state != ShardState::Running
-                        && !st
+                        && st
                             .start_failures
                             .get(id)
-                            .is_some_and(|f| f.last_ms >= lease.granted_at_ms)
+                            .is_none_or(|f| f.last_ms < lease.granted_at_ms)
                     {
                         // Refused at load or init without a restart count:
                         // once per grant.
