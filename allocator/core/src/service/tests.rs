@@ -633,5 +633,9 @@ fn a_good_reputation_is_capped_at_the_initial_one_on_reenrolment() {
     assert_eq!(r.score, cfg.initial);
     prior.score = 10.0;
     let r = policy::Tombstone::restored(&prior, &cfg, 1000);
-    assert!(r.score < 11.0 && r.score > 10.0, "decayed a little: {}", r.score);
+    assert!(
+        r.score < 11.0 && r.score > 10.0,
+        "decayed a little: {}",
+        r.score
+    );
 }
