@@ -404,3 +404,34 @@ fn a_seq_signed_twice_with_different_content_is_evidence() {
     let flag = e.device(&d).unwrap().duplicate.expect("flagged");
     assert!(flag.reason.contains("signed twice"), "{flag:?}");
 }
+
+#[test]
+fn failing_marks_persist_and_clear_when_the_entry_changes() {
+    let mut e = engine();
+    for name in ["pa", "pb"] {
+        let d = dev(name);
+        with_vpn(&mut e, &d);
+        let s = failing(&e, &d, "crypto-aes256gcm", init_failed(), true);
+        e.handle(
+            MIN,
+            Event::Report(report(&d, 2, vec![secure(100_000)], s, true)),
+        );
+    }
+    assert!(e.take_health_dirty(), "the new mark is to be persisted");
+    let bytes = postcard::to_stdvec(e.catalog_health()).unwrap();
+    // Another engine (a restart) with the same catalog keeps the mark.
+    let mut again = engine();
+    again.restore_catalog_health(postcard::from_bytes(&bytes).unwrap());
+    assert!(again
+        .catalog_health()
+        .failing_on("crypto-aes256gcm", "x86_64")
+        .is_some());
+    // The operator fixes the entry's config: the mark is cleared.
+    let mut fixed = again.catalog().clone();
+    if let Some(s) = fixed.shards.get_mut("crypto-aes256gcm") {
+        s.config = b"psk_file = \"/etc/psk\"".to_vec();
+    }
+    again.replace_catalog(fixed);
+    assert!(again.catalog_health().failing.is_empty());
+    assert!(again.take_health_dirty());
+}
