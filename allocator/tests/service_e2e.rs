@@ -64,7 +64,11 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
     // shardctl shows the same device.
     let shown = alloc.shardctl(&["device", "router-1"]);
     assert!(shown.status.success());
-    assert!(String::from_utf8_lossy(&shown.stdout).contains("reputation_history"));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("device router-1") && text.contains("reputation"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,7 +300,7 @@ fn watch(
         }
         for (cap, why) in &view.refusals {
             if prev.refusals.get(cap) != Some(why) {
-                let hint = if why == "capacity" {
+                let hint = if why.starts_with("capacity") {
                     " (the device reports too little free CPU or memory; waiting for it to free up)"
                 } else {
                     ""
@@ -356,8 +356,18 @@ fn watch(
                 .filter(|(c, s)| !seen.contains(&(c.to_string(), *s)))
                 .map(|(c, s)| format!("{c} {}", format!("{s:?}").to_lowercase()))
                 .collect();
+            // Say why, in the allocator's words, not only what is missing.
+            let reasons = match stack.device() {
+                Ok(v) if !v.refusals.is_empty() => v
+                    .refusals
+                    .iter()
+                    .map(|(cap, why)| format!("\n  {cap}: {why}"))
+                    .collect::<String>(),
+                Ok(_) => "\n  (the allocator refuses nothing: the device has not reported the need, or has not applied the instruction yet)".to_owned(),
+                Err(e) => format!("\n  (could not read the device's refusals: {e})"),
+            };
             return Err(format!(
-                "missing after {}s: {}",
+                "missing after {}s: {}; the allocator's current refusals for {device}:{reasons}",
                 total.as_secs(),
                 missing.join(", ")
             ));

@@ -8,6 +8,7 @@
 //! instruction number *n* for a device, but only one can commit it, and
 //! nothing is published before its commit.
 
+pub use crate::policy::Tombstone;
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::DeviceId;
 
@@ -142,6 +143,12 @@ pub struct Batch {
     /// Report sequence floors written without the whole record (every
     /// accepted report moves one; replay protection must survive a crash).
     pub report_seqs: Vec<ReportSeq>,
+    /// What is kept of unenrolled devices (`None` deletes; written
+    /// unconditionally, like deletes).
+    pub tombstones: Vec<(DeviceId, Option<Tombstone>)>,
+    /// `postcard` of the engine's fleet-wide catalog health (failing
+    /// entries), when it changed.
+    pub catalog_health: Option<Vec<u8>>,
 }
 
 /// A report sequence floor write. Like a whole-record write it moves the
@@ -161,6 +168,8 @@ impl Batch {
             && self.tokens.is_empty()
             && self.meta.is_none()
             && self.report_seqs.is_empty()
+            && self.tombstones.is_empty()
+            && self.catalog_health.is_none()
     }
 }
 

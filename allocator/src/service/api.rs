@@ -46,6 +46,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{id}", get(device).delete(unenroll))
         .route("/v1/devices/{id}/{op}", post(operator))
         .route("/v1/tiers", get(tiers))
+        .route("/v1/catalog", get(catalog))
+        .route("/v1/catalog/{shard}/retry", post(catalog_retry))
         .route("/v1/tokens", post(create_token))
         .route("/v1/rotate", post(rotate))
         .fallback(not_found)
@@ -155,6 +157,7 @@ fn reply_json(r: Reply) -> Response {
         Reply::Rotated { epoch, key_id } => {
             Json(serde_json::json!({ "epoch": epoch, "key_id": key_id })).into_response()
         }
+        Reply::Catalog(rows) => Json(rows).into_response(),
         Reply::Error(e) => command_error(e),
     }
 }
@@ -278,6 +281,20 @@ async fn operator(
 
 async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     answer(&state, &headers, Command::Tiers).await
+}
+
+/// The catalog's shards with their failing marks (per architecture) and
+/// start failures: operator faults, shown to the operator.
+async fn catalog(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    answer(&state, &headers, Command::Catalog).await
+}
+
+async fn catalog_retry(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(shard): Path<String>,
+) -> Response {
+    answer(&state, &headers, Command::RetryCatalogEntry { shard }).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -87,6 +87,16 @@ pub fn render(metrics: &Metrics) -> String {
         get(&metrics.alerts),
     );
     counter(
+        "shardline_catalog_entries_failed_total",
+        "Catalog entries marked failing on an architecture (operator faults).",
+        get(&metrics.catalog_entries_failed),
+    );
+    counter(
+        "shardline_duplicate_device_flags_total",
+        "Devices flagged as probably cloned (two agents with one identity).",
+        get(&metrics.duplicate_flags),
+    );
+    counter(
         "shardline_enrolments_total",
         "Devices enrolled (operator or token).",
         get(&metrics.enrolments),
@@ -190,5 +200,31 @@ pub fn render(metrics: &Metrics) -> String {
             "shardline_tier_units{{tier=\"{tier}\",kind=\"data\",what=\"budget\"}} {db}"
         );
     }
+    let _ = writeln!(out, "# HELP shardline_catalog_entry_failing Catalog entries marked failing, by shard and architecture (1 = not planned there).\n# TYPE shardline_catalog_entry_failing gauge");
+    for (shard, arch) in &g.catalog_failing {
+        let _ = writeln!(
+            out,
+            "shardline_catalog_entry_failing{{shard=\"{}\",arch=\"{}\"}} 1",
+            label(shard),
+            label(arch)
+        );
+    }
+    let _ = writeln!(out, "# HELP shardline_shard_start_failures_total Shard start failures (operator faults, never charged to the device), by shard and architecture.\n# TYPE shardline_shard_start_failures_total counter");
+    for (shard, arch, n) in &g.start_failures {
+        let _ = writeln!(
+            out,
+            "shardline_shard_start_failures_total{{shard=\"{}\",arch=\"{}\"}} {n}",
+            label(shard),
+            label(arch)
+        );
+    }
+    let _ = writeln!(out, "# HELP shardline_duplicate_devices Devices flagged now as probably cloned (two agents with one identity).\n# TYPE shardline_duplicate_devices gauge\nshardline_duplicate_devices {}", g.duplicate_devices);
     out
+}
+
+/// A label value in the exposition format (the architecture is device-supplied).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -208,6 +208,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         meta,
         records,
         tokens,
+        tombstones: store.load_tombstones()?,
+        catalog_health: store.load_catalog_health()?,
     };
     let core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
 

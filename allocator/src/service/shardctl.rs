@@ -94,6 +94,17 @@ enum Cmd {
         #[command(subcommand)]
         command: TokenCmd,
     },
+    /// Catalog shards, with the entries marked failing per architecture.
+    Catalog {
+        #[command(subcommand)]
+        command: Option<CatalogCmd>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogCmd {
+    /// Clear a shard's failing marks and start failures: try it again everywhere.
+    Retry { shard: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +154,15 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
         ),
         Cmd::Unenroll { device } => ("DELETE", format!("/v1/devices/{device}"), None),
         Cmd::Tiers => ("GET", "/v1/tiers".to_owned(), None),
+        Cmd::Catalog { command: None } => ("GET", "/v1/catalog".to_owned(), None),
+        Cmd::Catalog {
+            command: Some(CatalogCmd::Retry { shard }),
+        } => {
+            if shard.is_empty() || shard.contains('/') {
+                anyhow::bail!("bad shard id {shard:?}");
+            }
+            ("POST", format!("/v1/catalog/{shard}/retry"), None)
+        }
         Cmd::Pin { device, shard } => op(device, "pin", Some(shard)),
         Cmd::Unpin { device, shard } => op(device, "unpin", Some(shard)),
         Cmd::Revoke { device, shard } => op(device, "revoke", Some(shard)),
@@ -180,9 +200,24 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
         return Ok(ExitCode::from(1));
     }
     if !cli.json {
-        if let (Cmd::Devices, Some(rows)) = (&cli.command, value.as_array()) {
-            print_devices(rows);
-            return Ok(ExitCode::SUCCESS);
+        match &cli.command {
+            Cmd::Devices => {
+                if let Some(rows) = value.as_array() {
+                    print_devices(rows);
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            Cmd::Device { .. } => {
+                print!("{}", device_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Catalog { command: None } => {
+                if let Some(rows) = value.as_array() {
+                    print!("{}", catalog_text(rows));
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            _ => {}
         }
     }
     println!("{}", serde_json::to_string_pretty(&value)?);
@@ -222,6 +257,154 @@ fn print_devices(rows: &[serde_json::Value]) {
             n("pending_instructions")
         );
     }
+}
+
+fn text(v: &serde_json::Value, k: &str) -> String {
+    match v.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_owned(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// `shardctl device` for people: identity, reputation, profile, and every
+/// refusal with its reason (the raw JSON is `--json`).
+pub fn device_text(d: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let p = d.get("policy").cloned().unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "device {}  tier {}  presence {}  key {}",
+        text(d, "device"),
+        text(d, "tier"),
+        text(d, "presence"),
+        text(d, "key_id")
+    );
+    let rep = p.get("reputation").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let _ = writeln!(
+        o,
+        "reputation {rep:.1}  budget compute {} data {}  flaps {}",
+        text(&p, "budget_compute_units"),
+        text(&p, "budget_data_units"),
+        text(&p, "flaps")
+    );
+    let _ = writeln!(
+        o,
+        "reports up to seq {}  instructions next {} applied {} pending {}",
+        text(d, "last_report_seq"),
+        text(d, "next_instruction_seq"),
+        text(d, "applied_instruction_seq"),
+        d.get("pending_instructions")
+            .and_then(|v| v.as_array())
+            .map_or(0, Vec::len)
+    );
+    if let Some(f) = p.get("duplicate").filter(|f| !f.is_null()) {
+        let _ = writeln!(
+            o,
+            "DUPLICATE: probably two agents with this id and key ({}; evidence {}); replayed_report not charged while flagged",
+            text(f, "reason"),
+            text(f, "evidence")
+        );
+    }
+    if let Some(leases) = p.get("leases").and_then(|v| v.as_array()) {
+        let _ = writeln!(o, "active shards ({}):", leases.len());
+        for l in leases {
+            let shard = l
+                .get("shard")
+                .map(|s| format!("{}@{}", text(s, "id"), text(s, "version")));
+            let _ = writeln!(
+                o,
+                "  {:<28} {:<10} {:?} units {}",
+                shard.unwrap_or_default(),
+                text(l, "capability"),
+                text(l, "kind"),
+                text(l, "units")
+            );
+        }
+    }
+    let reasons = p.get("refusal_reasons").and_then(|v| v.as_object());
+    match reasons {
+        Some(r) if !r.is_empty() => {
+            let _ = writeln!(o, "refused ({}):", r.len());
+            for (cap, why) in r {
+                let _ = writeln!(o, "  {cap:<12} {}", why.as_str().unwrap_or_default());
+            }
+        }
+        _ => {
+            let _ = writeln!(o, "refused: none");
+        }
+    }
+    if let Some(sf) = p
+        .get("start_failures")
+        .and_then(|v| v.as_object())
+        .filter(|m| !m.is_empty())
+    {
+        let _ = writeln!(o, "start failures (operator faults, not charged):");
+        for (shard, f) in sf {
+            let _ = writeln!(
+                o,
+                "  {shard:<24} {} (x{})",
+                text(f, "reason"),
+                text(f, "count")
+            );
+        }
+    }
+    if let Some(h) = p.get("reputation_history").and_then(|v| v.as_array()) {
+        if !h.is_empty() {
+            let _ = writeln!(o, "reputation history:");
+            for e in h {
+                let old = e.get("old").and_then(|v| v.as_f64()).unwrap_or(0.0);
+                let new = e.get("new").and_then(|v| v.as_f64()).unwrap_or(0.0);
+                let _ = writeln!(
+                    o,
+                    "  at {:>14} ms  {old:5.1} → {new:5.1}  {}",
+                    text(e, "at_ms"),
+                    text(e, "reason")
+                );
+            }
+        }
+    }
+    o
+}
+
+/// `shardctl catalog` for people.
+fn catalog_text(rows: &[serde_json::Value]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<24} {:<10} STATUS", "SHARD", "CAPABILITY");
+    for r in rows {
+        let failing = r
+            .get("failing")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let status = if failing.is_empty() {
+            "ok".to_owned()
+        } else {
+            failing
+                .iter()
+                .map(|f| {
+                    format!(
+                        "FAILING on {}: {} ({} devices)",
+                        text(f, "arch"),
+                        text(f, "reason"),
+                        f.get("devices")
+                            .and_then(|v| v.as_array())
+                            .map_or(0, Vec::len)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let _ = writeln!(
+            o,
+            "{:<24} {:<10} {status}",
+            text(r, "shard"),
+            text(r, "capability")
+        );
+    }
+    o
 }
 
 /// Device ids are checked here as the allocator checks them (they end up

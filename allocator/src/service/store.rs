@@ -22,7 +22,7 @@
 
 use serde::Serialize;
 pub use shardline_allocator_core::records::{
-    Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord, SEQ_BLOCK,
+    Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord, Tombstone, SEQ_BLOCK,
 };
 use shardline_shared::ids::DeviceId;
 use std::path::Path;
@@ -67,6 +67,10 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
 ///   with every such device. Deletes are unconditional.
 /// - Loaded records carry their stored `version`, and the report floor is
 ///   the higher of the record's and the last floor write.
+/// - Tombstones (`Batch::tombstones`) are written unconditionally, the last
+///   write of an id in a commit wins, `None` deletes; they survive the
+///   deletion of the device record. The catalog health is one blob, the
+///   last one committed is the one loaded.
 pub trait Store: Send + Sync + 'static {
     fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     /// These devices' records (absent ones are left out).
@@ -78,6 +82,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(DeviceId, u64)>, StoreError>;
     fn load_tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError>;
     fn load_meta(&self) -> Result<Meta, StoreError>;
+    /// What is kept of unenrolled devices, by id order.
+    fn load_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
+    /// The engine's catalog health blob, if one was ever committed.
+    fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError>;
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         self.commit_all(std::slice::from_ref(batch))
     }
@@ -101,6 +109,9 @@ const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::ne
 const META: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("meta");
 const REPORT_SEQ: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("report_seq");
 const VERSIONS: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("device_version");
+const TOMBSTONES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tombstones");
+/// Key of the catalog health blob in `META` (stored raw: the engine encodes it).
+const HEALTH_KEY: &str = "catalog_health";
 
 /// Record encoding version, first byte of every stored value.
 const RECORD_VERSION: u8 = 1;
@@ -152,7 +163,7 @@ impl RedbStore {
         }
         let db = redb::Database::create(path).map_err(|e| open_err(e.into()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
-        for table in [DEVICES, TOKENS, META] {
+        for table in [DEVICES, TOKENS, META, TOMBSTONES] {
             txn.open_table(table).map_err(|e| open_err(e.into()))?;
         }
         for table in [REPORT_SEQ, VERSIONS] {
@@ -292,12 +303,28 @@ impl Store for RedbStore {
     }
 
     fn load_meta(&self) -> Result<Meta, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        match t.get("meta").map_err(db_err)? {
+            Some(v) => dec("meta", v.value()),
+            None => Ok(Meta::default()),
+        }
+    }
+
+    fn load_tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
         Ok(self
-            .load_table::<Meta>(META)?
+            .load_table::<Tombstone>(TOMBSTONES)?
             .into_iter()
-            .find(|(k, _)| k == "meta")
-            .map(|(_, m)| m)
-            .unwrap_or_default())
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        Ok(t.get(HEALTH_KEY)
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()))
     }
 
     fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
@@ -343,6 +370,23 @@ impl Store for RedbStore {
             if let Some(meta) = &batch.meta {
                 let mut t = txn.open_table(META).map_err(db_err)?;
                 t.insert("meta", enc(meta).as_slice()).map_err(db_err)?;
+            }
+            if let Some(h) = &batch.catalog_health {
+                let mut t = txn.open_table(META).map_err(db_err)?;
+                t.insert(HEALTH_KEY, h.as_slice()).map_err(db_err)?;
+            }
+            let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;
+            for (id, t) in &batch.tombstones {
+                match t {
+                    Some(t) => {
+                        tombs
+                            .insert(id.as_str(), enc(t).as_slice())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        tombs.remove(id.as_str()).map_err(db_err)?;
+                    }
+                }
             }
         }
         if !conflicts.is_empty() {

@@ -4,7 +4,7 @@
 //! those tests.
 
 use shardline_allocator::service::store::{
-    Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord,
+    Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord, Tombstone,
 };
 use shardline_shared::ids::DeviceId;
 use std::collections::BTreeMap;
@@ -163,4 +163,65 @@ pub fn check(store: &dyn Store) {
         })
         .expect("re-create");
     assert_eq!(store.load_devices().expect("load").len(), 2);
+    check_tombstones_and_health(store);
+}
+
+fn tomb(device: &str, last_instruction_seq: u64) -> Tombstone {
+    Tombstone {
+        device: id(device),
+        public_key: [7; 32],
+        unenrolled_at_ms: 11,
+        last_report_seq: 42,
+        last_instruction_seq,
+        reputation: None,
+    }
+}
+
+/// Issue 15: tombstones of unenrolled devices survive the deletion of
+/// their record (written with it, in one commit), the last write of an id
+/// in a commit wins, `None` deletes; the catalog health blob is the last
+/// one committed.
+fn check_tombstones_and_health(store: &dyn Store) {
+    assert_eq!(store.load_catalog_health().expect("health"), None);
+    store
+        .commit(&Batch {
+            delete_devices: vec![id("contract-b")],
+            tombstones: vec![
+                (id("contract-b"), Some(tomb("contract-b", 1))),
+                (id("contract-b"), Some(tomb("contract-b", 64))),
+                (id("contract-t"), Some(tomb("contract-t", 3))),
+            ],
+            catalog_health: Some(vec![1, 2, 3]),
+            ..Batch::default()
+        })
+        .expect("unenrol with tombstones");
+    assert_eq!(store.load_devices().expect("load").len(), 1);
+    assert_eq!(
+        store.load_tombstones().expect("tombstones"),
+        vec![tomb("contract-b", 64), tomb("contract-t", 3)]
+    );
+    store
+        .commit(&Batch {
+            put_devices: vec![rec("contract-b", 1)],
+            tombstones: vec![(id("contract-b"), None)],
+            catalog_health: Some(vec![4]),
+            ..Batch::default()
+        })
+        .expect("re-enrol");
+    assert_eq!(
+        store.load_tombstones().expect("tombstones"),
+        vec![tomb("contract-t", 3)]
+    );
+    assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
+    // A conflicting commit writes no tombstone either.
+    let err = store
+        .commit(&Batch {
+            put_devices: vec![rec("contract-b", 7)],
+            tombstones: vec![(id("contract-u"), Some(tomb("contract-u", 1)))],
+            ..Batch::default()
+        })
+        .expect_err("stale version");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(store.load_tombstones().expect("tombstones").len(), 1);
+    assert_eq!(store.load_meta().expect("meta").key_epoch, 3);
 }

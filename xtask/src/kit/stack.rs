@@ -662,6 +662,15 @@ impl DeviceView {
                 v.classes.push(name.to_owned());
             }
         }
+        // The allocator's words for each refusal (with its numbers) when it
+        // gives them; the bare variant otherwise.
+        if let Json::Obj(m) = policy.get("refusal_reasons") {
+            for (cap, why) in m {
+                if let Json::Str(s) = why {
+                    v.refusals.insert(cap.clone(), s.clone());
+                }
+            }
+        }
         if let Json::Obj(m) = policy.get("refusals") {
             for (cap, why) in m {
                 let why = match why {
@@ -669,7 +678,7 @@ impl DeviceView {
                     Json::Obj(o) => o.keys().cloned().collect::<Vec<_>>().join(","),
                     other => format!("{other:?}"),
                 };
-                v.refusals.insert(cap.clone(), why);
+                v.refusals.entry(cap.clone()).or_insert(why);
             }
         }
         for s in v.leases.values_mut().chain(v.running.values_mut()) {
@@ -741,5 +750,15 @@ mod tests {
         assert_eq!(v.classes, vec!["Gaming"]);
         assert_eq!(v.refusals["vpn"], "capacity");
         assert_eq!((v.applied_instruction_seq, v.pending), (2, 0));
+        let json = Json::parse(
+            r#"{"policy":{"refusals":{"vpn":{"capacity":{}}},
+               "refusal_reasons":{"vpn":"capacity: cpu needs 150‰, free 40‰ (other load 93 %)"}}}"#,
+        )
+        .unwrap();
+        let v = DeviceView::from_json(&json, &caps);
+        assert_eq!(
+            v.refusals["vpn"],
+            "capacity: cpu needs 150‰, free 40‰ (other load 93 %)"
+        );
     }
 }

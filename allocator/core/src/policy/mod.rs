@@ -14,6 +14,7 @@
 
 pub mod catalog;
 mod engine;
+pub mod faults;
 pub mod forecast;
 mod plan;
 pub mod prng;
@@ -22,6 +23,9 @@ pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
 pub use engine::Engine;
+pub use faults::{
+    CatalogHealth, CloneWatch, DuplicateFlag, FailingEntry, FaultConfig, StartFailure, Tombstone,
+};
 
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::{DeviceId, ShardRef};
@@ -95,6 +99,23 @@ pub enum Event {
     Resume {
         device: DeviceId,
     },
+    /// A verified report whose sequence number is at or below the last
+    /// accepted one (the service dropped it as a redelivery or replay). The
+    /// engine only looks at it for signs of two agents sharing one identity
+    /// ([`faults`]); it never moves reputation by itself.
+    StaleReport(QosReport),
+    /// A device enrolled again after an unenrolment: its reputation is
+    /// restored from the tombstone, never better than a fresh one's (see
+    /// [`faults::Tombstone`]). Sent right after its `Enrolled`.
+    Readmitted {
+        device: DeviceId,
+        prior: ReputationState,
+    },
+    /// Operator: forget the failing marks and start failures of a catalog
+    /// shard (every architecture, every device) and try it again.
+    RetryCatalogEntry {
+        shard: String,
+    },
 }
 
 /// Compliance signals (all lower reputation).
@@ -143,6 +164,20 @@ pub enum Action {
     Alert {
         device: DeviceId,
         message: String,
+    },
+    /// A catalog entry was marked failing on one architecture: start
+    /// failures from `devices` distinct devices. An operator fault, for the
+    /// operator (warn log, metric); no device's reputation moved.
+    CatalogEntryFailing {
+        shard: String,
+        arch: String,
+        reason: String,
+        devices: u32,
+    },
+    /// Two agents probably share this device's identity (see [`faults`]).
+    DuplicateSuspected {
+        device: DeviceId,
+        reason: String,
     },
 }
 
@@ -265,6 +300,8 @@ pub struct PolicyConfig {
     /// Grace after a deactivation before a still-running shard is "outside its profile".
     pub outside_profile_grace_ms: u64,
     pub forecast: forecast::ForecastConfig,
+    /// Operator faults and duplicate identities (see [`faults`]).
+    pub faults: FaultConfig,
     /// Pre-activate when the upper bound crosses a need threshold this far ahead.
     pub prediction_horizon_ms: u64,
     /// Floor of the need threshold for predictions: the interval of a class
@@ -301,6 +338,7 @@ impl Default for PolicyConfig {
             active_rate_bps: 8_000,
             outside_profile_grace_ms: 180_000,
             forecast: forecast::ForecastConfig::default(),
+            faults: FaultConfig::default(),
             prediction_horizon_ms: 30 * 60_000,
             prediction_min_rate_bps: 64_000,
             borrow_min_reputation: 55.0,
@@ -369,6 +407,11 @@ pub struct Lease {
     /// Last restart/error counters the device reported for it.
     pub restarts_seen: u32,
     pub errors_seen: u32,
+    /// Reports that showed it running without a new restart since its
+    /// grant: a failure counts as a runtime failure (and may be charged)
+    /// only once it ran fine here (see [`faults::classify`]).
+    #[serde(default)]
+    pub healthy_reports: u32,
 }
 
 /// Units lent from one device to another, for a bounded time.
@@ -450,12 +493,33 @@ pub enum Refusal {
     NotAllowed,
     /// Over the device's budget (tier × reputation quota ± loans) for this kind.
     Budget { kind: ShardKind, missing_units: u32 },
-    /// Over the device's reported free CPU or memory.
-    Capacity,
+    /// Over the device's reported free CPU or memory. CPU in per mille of
+    /// one core, memory in KiB; `other_load_permille` is the load of
+    /// software other than our shards, per mille of the whole device.
+    Capacity {
+        cpu_needed_permille: u64,
+        cpu_free_permille: u64,
+        memory_needed_kib: u64,
+        memory_free_kib: u64,
+        other_load_permille: u64,
+    },
     /// Every option of a member shard is revoked or avoided.
     Unavailable { shard: String },
     /// The device is drained by the operator.
     Drained,
+    /// The shard failed to start on this device (an operator fault: its
+    /// config, limits or digest); it is avoided here until `until_ms`.
+    StartFailed {
+        shard: String,
+        reason: String,
+        until_ms: u64,
+    },
+    /// The catalog entry is marked failing for the device's architecture.
+    CatalogFailing {
+        shard: String,
+        arch: String,
+        reason: String,
+    },
     /// Over budget, and borrowing the missing units was refused.
     BorrowRefused {
         reason: BorrowRefusal,
@@ -518,6 +582,13 @@ pub struct DeviceState {
     /// it until then. 0 = at the next tick.
     #[serde(default)]
     pub wake_at_ms: u64,
+    /// Shard id ⇒ its latest start failure on this device (operator
+    /// faults: avoided with a backoff, never charged).
+    #[serde(default)]
+    pub start_failures: BTreeMap<String, StartFailure>,
+    /// Signs of two agents sharing this device's identity.
+    #[serde(default)]
+    pub clone_watch: CloneWatch,
 }
 
 // ----------------------------------------------------------------- queries
@@ -554,6 +625,12 @@ pub struct DeviceView {
     pub revoked: Vec<String>,
     pub drained: bool,
     pub refusals: BTreeMap<String, Refusal>,
+    /// Capability ⇒ why it is refused, in words (see [`Refusal::explain`]).
+    pub refusal_reasons: BTreeMap<String, String>,
+    /// Shards that failed to start here (avoided for a while, not charged).
+    pub start_failures: BTreeMap<String, StartFailure>,
+    /// Set while two agents probably share this device's identity.
+    pub duplicate: Option<DuplicateFlag>,
     pub last_qos: Option<QosSummary>,
     pub flaps: u64,
 }

@@ -27,16 +27,24 @@ pub(crate) struct Plan<'c> {
     pub refusals: BTreeMap<String, Refusal>,
 }
 
-/// Free CPU (per mille of one core) and memory (KiB) shards may use.
+/// Free CPU (per mille of one core) and memory (KiB) shards may use, and
+/// the load of other software (per mille of the whole device) for refusals.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Capacity {
     pub cpu_permille: u64,
     pub memory_kib: u64,
+    pub other_load_permille: u64,
 }
 
 impl Capacity {
     /// From the last report: everything not used by other software, times the
     /// headroom. Our own shards' use is added back since we are re-planning it.
+    ///
+    /// Units: the device reports its load per mille of *all* cores; shard
+    /// costs and the hosts' CPU are per mille of *one* core. The load is
+    /// converted to one-core units (× cores) before our hosts' share is
+    /// taken out; `own_cpu_permille` must count each host once (a host runs
+    /// a whole capability, and each of its shards reports the host's use).
     pub fn from_report(
         res: &DeviceResources,
         own_cpu_permille: u64,
@@ -48,9 +56,14 @@ impl Capacity {
         let load = cores * u64::from(res.cpu_load_permille.min(1000));
         let other = load.saturating_sub(own_cpu_permille);
         let headroom = headroom.clamp(0.0, 1.0);
+        let memory = res
+            .mem_available_kib
+            .saturating_add(own_rss_kib)
+            .min(res.mem_total_kib.max(res.mem_available_kib));
         Self {
             cpu_permille: (total.saturating_sub(other) as f64 * headroom) as u64,
-            memory_kib: ((res.mem_available_kib + own_rss_kib) as f64 * headroom) as u64,
+            memory_kib: (memory as f64 * headroom) as u64,
+            other_load_permille: other / cores,
         }
     }
 }
@@ -64,6 +77,10 @@ pub(crate) struct PlanInput<'a, 'c> {
     pub capacity: Option<Capacity>,
     /// Demanded capabilities (pinned ones are added by the planner).
     pub demanded: &'a [&'c str],
+    /// Shard id ⇒ why it must not be planned on this device now (catalog
+    /// entries failing on its architecture): skipped like an avoided
+    /// shard, with this refusal when no option is left.
+    pub unusable: &'a BTreeMap<String, Refusal>,
 }
 
 fn has_feature(res: Option<&DeviceResources>, f: DeviceFeature) -> bool {
@@ -139,6 +156,17 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
                 let id = opt.shard.id();
                 let avoided = state.avoid_until.get(id).is_some_and(|&t| t > input.now_ms);
                 if state.revoked.contains(id) || avoided {
+                    if let Some(f) = state.start_failures.get(id).filter(|_| avoided) {
+                        first_failure.get_or_insert(Refusal::StartFailed {
+                            shard: id.to_owned(),
+                            reason: f.reason.clone(),
+                            until_ms: f.until_ms,
+                        });
+                    }
+                    continue;
+                }
+                if let Some(r) = input.unusable.get(id) {
+                    first_failure.get_or_insert(r.clone());
                     continue;
                 }
                 // The option plus its dependencies not chosen yet.
@@ -185,7 +213,13 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
                 }
                 if let Some(c) = input.capacity {
                     if n_cpu > c.cpu_permille || n_mem > c.memory_kib {
-                        first_failure.get_or_insert(Refusal::Capacity);
+                        first_failure.get_or_insert(Refusal::Capacity {
+                            cpu_needed_permille: n_cpu,
+                            cpu_free_permille: c.cpu_permille,
+                            memory_needed_kib: n_mem,
+                            memory_free_kib: c.memory_kib,
+                            other_load_permille: c.other_load_permille,
+                        });
                         continue;
                     }
                 }

@@ -1,6 +1,18 @@
 //! Reputation arithmetic: a 0–100 score per device that decays toward neutral
 //! with a half-life, moves by configured deltas, and maps to a quota of the
 //! tier budget and to a lease length through piecewise-linear curves.
+//!
+//! What moves it (issue 15): only what the device is responsible for.
+//! Operator faults — a shard that failed to *start* (load refused, init
+//! refused its config, limits out of range, a crash or over-limit kill
+//! before it ran fine) — never do (see [`super::faults`]). A *runtime*
+//! failure (the shard ran fine on this device, then crashed or was killed)
+//! costs `crash` / `over_limit`, unless its catalog entry is marked failing
+//! on the device's architecture (then it is the entry's fault). Forged or
+//! replayed messages anyone on the broker can send never do either, and
+//! `replayed_report` is not charged while the device is flagged as a
+//! probable duplicate identity. Re-enrolment restores the score from the
+//! tombstone, never better than the initial one.
 
 use super::{ReputationConfig, ReputationEntry, ReputationState};
 

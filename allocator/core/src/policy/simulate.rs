@@ -205,7 +205,14 @@ struct SimShard {
     limits: ResourceLimits,
     lease_expires_at_ms: u64,
     restarts: u32,
+    /// Reports it ran fine in: a crash-misbehaving device crashes shards
+    /// that ran fine (a crash at start is an operator fault, see
+    /// `policy::faults`, and is not what this models).
+    ok_reports: u32,
 }
+
+/// Healthy reports after which a shard has run fine (the engine's default).
+const RAN_FINE: u32 = 2;
 
 /// A simulated agent: applies instructions, expires leases, reports.
 #[derive(Debug)]
@@ -269,6 +276,7 @@ impl SimDevice {
     ) {
         let units = catalog.shard(shard.id()).map_or(1, |s| s.units);
         let restarts = self.running.get(shard.id()).map_or(0, |s| s.restarts);
+        let ok_reports = self.running.get(shard.id()).map_or(0, |s| s.ok_reports);
         self.running.insert(
             shard.id().to_owned(),
             SimShard {
@@ -278,8 +286,17 @@ impl SimDevice {
                 limits,
                 lease_expires_at_ms,
                 restarts,
+                ok_reports,
             },
         );
+    }
+
+    /// Whether a report now can carry this device's misbehaviour.
+    fn can_misbehave(&self) -> bool {
+        match self.misbehaviour {
+            Misbehaviour::Crash => self.running.values().any(|s| s.ok_reports >= RAN_FINE),
+            _ => !self.running.is_empty(),
+        }
     }
 
     fn expire(&mut self, now: u64) {
@@ -371,6 +388,7 @@ impl SimDevice {
             };
             if misbehaving {
                 match self.misbehaviour {
+                    Misbehaviour::Crash if s.ok_reports < RAN_FINE => s.ok_reports += 1,
                     Misbehaviour::Crash => {
                         s.restarts += 1;
                         status.restarts = s.restarts;
@@ -389,6 +407,8 @@ impl SimDevice {
                     }
                     Misbehaviour::None => {}
                 }
+            } else {
+                s.ok_reports = s.ok_reports.saturating_add(1);
             }
             shards.push(status);
         }
@@ -619,7 +639,7 @@ pub fn run_variant(
                         .all(|c| running_caps.contains(c))
                 };
                 let bad = misbehaving_now && d.misbehaviour != Misbehaviour::None;
-                if bad && !d.running.is_empty() {
+                if bad && d.can_misbehave() {
                     bad_since.entry(i).or_insert(t);
                     *bad_reports.entry(i).or_insert(0) += 1;
                 }

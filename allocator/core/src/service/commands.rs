@@ -120,6 +120,27 @@ pub enum Command {
         new_key: KeyPair,
         key_file: String,
     },
+    /// The catalog's health: failing entries per architecture and recent
+    /// start failures.
+    Catalog,
+    /// Forget a shard's failing marks and start failures; try it again.
+    RetryCatalogEntry {
+        shard: String,
+    },
+}
+
+/// One catalog shard for `GET /v1/catalog`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CatalogRow {
+    pub shard: String,
+    pub capability: String,
+    pub alternatives: Vec<String>,
+    /// Architectures it is marked failing on, with why.
+    pub failing: Vec<policy::FailingEntry>,
+    /// Architecture ⇒ start failures seen (operator faults, never charged).
+    pub start_failures: BTreeMap<String, u64>,
+    /// Architecture ⇒ devices with a recent start failure.
+    pub failing_devices: BTreeMap<String, Vec<String>>,
 }
 
 /// The answer to a [`Command`].
@@ -132,6 +153,7 @@ pub enum Reply {
     Device(Box<DeviceDetail>),
     Tiers(Vec<TierRow>),
     Rotated { epoch: u64, key_id: String },
+    Catalog(Vec<CatalogRow>),
     Error(CommandError),
 }
 
@@ -222,9 +244,29 @@ impl Core {
                 Err(e) => Reply::Error(e),
             },
             Command::Unenroll { device } => {
-                if self.records.remove(&device).is_none() {
+                let Some(rec) = self.records.remove(&device) else {
                     return Reply::Error(CommandError::UnknownDevice(device.to_string()));
-                }
+                };
+                // A tombstone, so that enrolling the id again neither
+                // launders its reputation nor rewinds its sequences.
+                let tomb = policy::Tombstone {
+                    device: device.clone(),
+                    public_key: rec.public_key,
+                    unenrolled_at_ms: now_ms,
+                    last_report_seq: rec.last_report_seq,
+                    last_instruction_seq: rec
+                        .seq_reserved_until
+                        .max(rec.next_instruction_seq.saturating_sub(1)),
+                    reputation: self
+                        .engine
+                        .device_state(&device)
+                        .map(|s| s.reputation.clone()),
+                };
+                self.step
+                    .batch
+                    .tombstones
+                    .push((device.clone(), Some(tomb.clone())));
+                self.tombstones.insert(device.clone(), tomb);
                 self.signed_seen.remove(&device);
                 self.dirty.remove(&device);
                 self.publish_key(&device, None);
@@ -303,7 +345,7 @@ impl Core {
                     instructions_sent: rec.instructions_sent,
                     instructions_applied: rec.instructions_applied,
                     instructions_rejected: rec.instructions_rejected,
-                    policy: self.engine.device(&device),
+                    policy: self.engine.device_at(&device, now_ms),
                 }))
             }
             Command::Tiers => {
@@ -358,7 +400,56 @@ impl Core {
                 Reply::Ok
             }
             Command::Rotate { new_key, key_file } => self.rotate(now_ms, new_key, key_file),
+            Command::Catalog => Reply::Catalog(self.catalog_rows()),
+            Command::RetryCatalogEntry { shard } => {
+                if self.engine.catalog().shard(&shard).is_none() {
+                    return Reply::Error(CommandError::Invalid(format!(
+                        "unknown shard {:?}",
+                        shown(&shard)
+                    )));
+                }
+                self.feed(now_ms, Event::RetryCatalogEntry { shard });
+                Reply::Ok
+            }
         }
+    }
+
+    fn catalog_rows(&self) -> Vec<CatalogRow> {
+        let health = self.engine.catalog_health();
+        self.engine
+            .catalog()
+            .shards
+            .values()
+            .map(|spec| {
+                let id = spec.shard.id();
+                CatalogRow {
+                    shard: id.to_owned(),
+                    capability: spec.capability.clone(),
+                    alternatives: spec.alternatives.clone(),
+                    failing: health
+                        .failing
+                        .get(id)
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default(),
+                    start_failures: health
+                        .start_failures_total
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_default(),
+                    failing_devices: health
+                        .recent
+                        .get(id)
+                        .map(|m| {
+                            m.iter()
+                                .map(|(a, d)| {
+                                    (a.clone(), d.keys().map(|x| x.to_string()).collect())
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     pub(super) fn rotate(&mut self, now_ms: u64, new_key: KeyPair, key_file: String) -> Reply {

@@ -97,6 +97,12 @@ pub struct Gauges {
     pub tiers: Vec<(String, u64, u64, u64, u64, u64)>,
     pub reports_per_second: f64,
     pub key_epoch: u64,
+    /// (shard, arch) of every catalog entry marked failing.
+    pub catalog_failing: Vec<(String, String)>,
+    /// (shard, arch, start failures seen): operator faults, never charged.
+    pub start_failures: Vec<(String, String, u64)>,
+    /// Devices flagged as probably cloned (two agents, one identity).
+    pub duplicate_devices: u64,
 }
 
 /// All counters.
@@ -117,6 +123,10 @@ pub struct Metrics {
     pub compliance_events: AtomicU64,
     pub reputation_changes: AtomicU64,
     pub alerts: AtomicU64,
+    /// Catalog entries marked failing (per architecture), since start.
+    pub catalog_entries_failed: AtomicU64,
+    /// Devices newly flagged as probable duplicates, since start.
+    pub duplicate_flags: AtomicU64,
     pub enrolments: AtomicU64,
     pub rotations_sent: AtomicU64,
     pub store_commits: AtomicU64,

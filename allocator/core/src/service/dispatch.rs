@@ -47,6 +47,20 @@ impl Core {
                     Metrics::inc(&self.metrics.alerts);
                     tracing::warn!(%device, %message, "policy alert");
                 }
+                Action::CatalogEntryFailing {
+                    shard,
+                    arch,
+                    reason,
+                    devices,
+                } => {
+                    Metrics::inc(&self.metrics.catalog_entries_failed);
+                    tracing::warn!(%shard, %arch, %reason, devices, "catalog entry failing on this architecture: no longer planned there (an operator fault: fix the entry or `shardctl catalog retry`)");
+                }
+                Action::DuplicateSuspected { device, reason } => {
+                    Metrics::inc(&self.metrics.duplicate_flags);
+                    self.dirty.insert(device.clone());
+                    tracing::warn!(%device, %reason, "probable duplicate device");
+                }
             }
         }
     }

@@ -95,6 +95,7 @@ impl Core {
         {
             return Err(CommandError::KeyInUse(other.device.to_string()));
         }
+        let mut readmit = None;
         if let Some(rec) = self.records.get_mut(&device) {
             if rec.public_key != public_key {
                 return Err(CommandError::KeyConflict(device.to_string()));
@@ -103,16 +104,29 @@ impl Core {
             rec.tier = tier.clone();
             rec.tenant = tenant.clone();
         } else {
-            self.records.insert(
+            let mut rec = DeviceRecord::new(
                 device.clone(),
-                DeviceRecord::new(
-                    device.clone(),
-                    public_key,
-                    tier.clone(),
-                    tenant.clone(),
-                    now_ms,
-                ),
+                public_key,
+                tier.clone(),
+                tenant.clone(),
+                now_ms,
             );
+            let tomb = self.tombstones.remove(&device);
+            if let Some(t) = &tomb {
+                // Numbering continues above anything the old enrolment may
+                // have used: a device that kept its state is not refused
+                // with Rollback. The report floor only with the same key:
+                // its old signed reports would verify again.
+                rec.seq_reserved_until = t.last_instruction_seq;
+                rec.next_instruction_seq = t.last_instruction_seq.saturating_add(1);
+                if t.public_key == public_key {
+                    rec.last_report_seq = t.last_report_seq;
+                }
+                self.step.batch.tombstones.push((device.clone(), None));
+                tracing::info!(%device, last_instruction_seq = t.last_instruction_seq, "re-enrolment: restored from the tombstone");
+            }
+            self.records.insert(device.clone(), rec);
+            readmit = tomb.and_then(|t| t.reputation);
             Metrics::inc(&self.metrics.enrolments);
         }
         self.dirty.insert(device.clone());
@@ -125,6 +139,16 @@ impl Core {
                 tenant,
             },
         );
+        if let Some(prior) = readmit {
+            // Never better than before: a bad score is not laundered.
+            self.feed(
+                now_ms,
+                Event::Readmitted {
+                    device: device.clone(),
+                    prior,
+                },
+            );
+        }
         tracing::info!(%device, key_id = %hex_key_id(&public_key), "device enrolled");
         self.row(&device)
             .ok_or(CommandError::UnknownDevice(device.to_string()))

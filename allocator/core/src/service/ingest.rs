@@ -83,15 +83,19 @@ impl Core {
         let Some(rec) = self.records.get_mut(&device) else {
             return;
         };
-        if report.seq == rec.last_report_seq {
-            // An MQTT redelivery: not the device's fault.
-            self.metrics.dropped(Kind::Report, Drop::Duplicate);
-            return;
-        }
-        if report.seq < rec.last_report_seq {
-            // A replay: anyone who saw the report on the broker can send it
-            // again, so it is counted and dropped, never charged to the device.
-            self.metrics.dropped(Kind::Report, Drop::Stale);
+        if report.seq <= rec.last_report_seq {
+            // An MQTT redelivery (equal) or a replay (below): anyone who saw
+            // the report on the broker can send it again, so it is counted
+            // and dropped, never charged to the device. The engine still
+            // looks at it: a stale report only the key holder could have
+            // made is evidence of two agents sharing the identity.
+            let why = if report.seq == rec.last_report_seq {
+                Drop::Duplicate
+            } else {
+                Drop::Stale
+            };
+            self.metrics.dropped(Kind::Report, why);
+            self.feed(now_ms, Event::StaleReport(report));
             return;
         }
         rec.last_report_seq = report.seq;

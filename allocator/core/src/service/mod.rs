@@ -31,7 +31,8 @@ mod verify;
 
 pub use coherence::SharedState;
 pub use commands::{
-    Command, CommandError, DeviceDetail, DeviceRow, OperatorOp, Reply, TierRow, TokenCreated,
+    CatalogRow, Command, CommandError, DeviceDetail, DeviceRow, OperatorOp, Reply, TierRow,
+    TokenCreated,
 };
 pub use verify::{
     finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
@@ -79,6 +80,10 @@ pub struct Loaded {
     pub meta: Meta,
     pub records: Vec<DeviceRecord>,
     pub tokens: Vec<(String, TokenRecord)>,
+    /// What is kept of unenrolled devices (see [`policy::Tombstone`]).
+    pub tombstones: Vec<policy::Tombstone>,
+    /// The engine's persisted catalog health (`postcard`), if any.
+    pub catalog_health: Option<Vec<u8>>,
 }
 
 /// Tunables the core needs.
@@ -117,6 +122,8 @@ pub struct Core {
     seq_dirty: BTreeSet<DeviceId>,
     last_lazy_ms: u64,
     keydir: KeyDirectory,
+    /// Unenrolled devices, by id: re-enrolment restores from them.
+    tombstones: HashMap<DeviceId, policy::Tombstone>,
     step: Step,
     last_checkpoint_ms: u64,
     last_tick_ms: u64,
@@ -147,7 +154,18 @@ impl Core {
             meta,
             records,
             tokens,
+            tombstones,
+            catalog_health,
         } = loaded;
+        if let Some(bytes) = catalog_health {
+            match postcard::from_bytes::<policy::CatalogHealth>(&bytes) {
+                Ok(h) => engine.restore_catalog_health(h),
+                // Marks are advice to the planner: losing them re-learns them.
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored catalog health unreadable; starting without failing marks")
+                }
+            }
+        }
         let mut map = HashMap::with_capacity(records.len());
         let mut fresh = Vec::new();
         for mut rec in records {
@@ -175,6 +193,10 @@ impl Core {
             seq_dirty: BTreeSet::new(),
             last_lazy_ms: now_ms,
             keydir: KeyDirectory::default(),
+            tombstones: tombstones
+                .into_iter()
+                .map(|t| (t.device.clone(), t))
+                .collect(),
             step: Step::default(),
             last_checkpoint_ms: now_ms,
             last_tick_ms: now_ms,
@@ -233,6 +255,10 @@ impl Core {
             }
         }
         let mut step = std::mem::take(&mut self.step);
+        if self.engine.take_health_dirty() {
+            step.batch.catalog_health =
+                Some(postcard::to_stdvec(self.engine.catalog_health()).unwrap_or_default());
+        }
         for device in std::mem::take(&mut self.seq_dirty) {
             if self.dirty.contains(&device) {
                 continue;

@@ -545,3 +545,97 @@ fn presence_follows_signed_reports_not_statuses() {
     core.on_tick(1_031_200);
     assert_eq!(presence(&mut core, 1_031_200), "offline");
 }
+
+/// Issue 15: unenrol + enrol is not a loophole. The tombstone keeps the
+/// (bad) reputation and the sequence numbers; instruction numbering
+/// continues above the old one.
+#[test]
+fn unenrol_then_enrol_restores_reputation_and_keeps_sequences_monotonic() {
+    let (mut core, d) = enrolled();
+    let first = sign::seal(Domain::Report, &report(&d, 5), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &first);
+    let sent = instr_seq(&core.take_step().publish[0]);
+    for _ in 0..3 {
+        core.compliance(1_000_200, &d, ComplianceKind::BadReportSignature);
+    }
+    let bad = reputation(&core, &d);
+    assert!(bad < 30.0, "{bad}");
+    let reserved = core.record(&d).unwrap().seq_reserved_until;
+    assert!(matches!(
+        core.on_command(1_000_300, Command::Unenroll { device: d.clone() }),
+        Reply::Ok
+    ));
+    let step = core.take_step();
+    let tomb = step
+        .batch
+        .tombstones
+        .iter()
+        .find(|(id, _)| id == &d)
+        .and_then(|(_, t)| t.clone())
+        .expect("a tombstone is written with the delete");
+    assert_eq!(tomb.last_report_seq, 5);
+    assert!(tomb.last_instruction_seq >= sent);
+    // A restart in between: the tombstone comes back from the store.
+    let mut core = Core::new(
+        engine(),
+        KeyPair::from_seed(&[1; 32]),
+        Loaded {
+            tombstones: vec![tomb],
+            ..Loaded::default()
+        },
+        CoreConfig {
+            max_payload: 65536,
+            resend_after_ms: 1000,
+            checkpoint_ms: 60_000,
+            engine_flush_ms: 5_000,
+            shared_store: false,
+        },
+        Arc::new(Metrics::default()),
+        1_000_400,
+    );
+    let r = core.on_command(
+        1_000_500,
+        Command::Enroll {
+            device: d.clone(),
+            public_key: dev_key().public_key(),
+            tier: "standard".into(),
+            tenant: None,
+        },
+    );
+    assert!(matches!(r, Reply::Enrolled(_)), "{r:?}");
+    let again = reputation(&core, &d);
+    assert!(again <= bad + 0.1, "laundered: {bad} -> {again}");
+    let rec = core.record(&d).unwrap();
+    assert!(rec.next_instruction_seq > reserved.max(sent));
+    assert_eq!(rec.last_report_seq, 5, "same key: the report floor is kept");
+    let step = core.take_step();
+    assert!(step
+        .batch
+        .tombstones
+        .iter()
+        .any(|(id, t)| id == &d && t.is_none()));
+    // A new instruction gets a number above everything used before.
+    let next = sign::seal(Domain::Report, &report(&d, 6), &[&dev_key()]);
+    core.on_message(1_000_600, &topics::report(&d), &next);
+    let step = core.take_step();
+    if let Some(p) = step.publish.first() {
+        assert!(instr_seq(p) > reserved);
+    }
+}
+
+/// A good score is capped at the initial one on re-enrolment.
+#[test]
+fn a_good_reputation_is_capped_at_the_initial_one_on_reenrolment() {
+    let cfg = policy::PolicyConfig::default().reputation;
+    let mut prior = policy::ReputationState::new(&cfg, 0);
+    prior.score = 90.0;
+    let r = policy::Tombstone::restored(&prior, &cfg, 1000);
+    assert_eq!(r.score, cfg.initial);
+    prior.score = 10.0;
+    let r = policy::Tombstone::restored(&prior, &cfg, 1000);
+    assert!(
+        r.score < 11.0 && r.score > 10.0,
+        "decayed a little: {}",
+        r.score
+    );
+}

@@ -66,6 +66,7 @@ impl Core {
                 )
             })
             .collect();
+        let health = self.engine.catalog_health();
         self.metrics.set_gauges(counters::Gauges {
             devices: self.records.len() as u64,
             pending_instructions: self.records.values().map(|r| r.pending.len() as u64).sum(),
@@ -73,6 +74,16 @@ impl Core {
             tiers,
             reports_per_second: rate,
             key_epoch: self.meta.key_epoch,
+            catalog_failing: health
+                .marks()
+                .map(|m| (m.shard.clone(), m.arch.clone()))
+                .collect(),
+            start_failures: health
+                .start_failures_total
+                .iter()
+                .flat_map(|(s, m)| m.iter().map(move |(a, n)| (s.clone(), a.clone(), *n)))
+                .collect(),
+            duplicate_devices: self.engine.duplicate_devices(now_ms) as u64,
         });
     }
 }

@@ -31,7 +31,9 @@
 //! thread instead. No TLS to the database yet: use a local socket, a
 //! loopback/VPN link or a TLS-terminating proxy.
 
-use super::store::{dec, enc, Batch, DeviceRecord, Meta, Store, StoreError, TokenRecord};
+use super::store::{
+    dec, enc, Batch, DeviceRecord, Meta, Store, StoreError, TokenRecord, Tombstone,
+};
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
 use shardline_shared::ids::DeviceId;
@@ -162,6 +164,9 @@ struct Plan {
     token_put: (Vec<String>, Vec<Vec<u8>>),
     token_delete: Vec<String>,
     meta: Option<Vec<u8>>,
+    tomb_put: (Vec<String>, Vec<Vec<u8>>),
+    tomb_delete: Vec<String>,
+    health: Option<Vec<u8>>,
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -181,8 +186,24 @@ impl Plan {
             token_put: (Vec::new(), Vec::new()),
             token_delete: Vec::new(),
             meta: batch.meta.as_ref().map(enc),
+            tomb_put: (Vec::new(), Vec::new()),
+            tomb_delete: Vec::new(),
+            health: batch.catalog_health.clone(),
             invalid: Vec::new(),
         };
+        let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
+        for (id, t) in &batch.tombstones {
+            tombs.insert(id.as_str(), t.as_ref());
+        }
+        for (id, t) in tombs {
+            match t {
+                Some(t) => {
+                    plan.tomb_put.0.push(id.to_owned());
+                    plan.tomb_put.1.push(enc(t));
+                }
+                None => plan.tomb_delete.push(id.to_owned()),
+            }
+        }
         for rec in &batch.put_devices {
             match rec.version {
                 0 => plan.invalid.push(rec.device.clone()),
@@ -319,6 +340,15 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
         }
         if let Some(meta) = &plan.meta {
             exec(SQL_META_PUT, &[meta])?;
+        }
+        if !plan.tomb_put.0.is_empty() {
+            exec(SQL_TOMB_PUT, &[&plan.tomb_put.0, &plan.tomb_put.1])?;
+        }
+        if !plan.tomb_delete.is_empty() {
+            exec(SQL_TOMB_DELETE, &[&plan.tomb_delete])?;
+        }
+        if let Some(h) = &plan.health {
+            exec(SQL_HEALTH_PUT, &[h])?;
         }
     }
     if !conflicts.is_empty() {
@@ -627,6 +657,38 @@ impl Store for PgStore {
                 Some(row) => dec("meta", &row.get::<_, Vec<u8>>(0)),
                 None => Ok(Meta::default()),
             }
+        })
+    }
+
+    fn load_tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
+        self.read("load_tombstones", |conn| {
+            let stmt = conn
+                .stmt(SQL_TOMBS)
+                .map_err(|e| pg_err("preparing load_tombstones", e))?;
+            let rows = conn
+                .client
+                .query(&stmt, &[])
+                .map_err(|e| pg_err("loading tombstones", e))?;
+            rows.iter()
+                .map(|r| {
+                    let id: String = r.get(0);
+                    let body: Vec<u8> = r.get(1);
+                    dec(&id, &body)
+                })
+                .collect()
+        })
+    }
+
+    fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("load_catalog_health", |conn| {
+            let stmt = conn
+                .stmt(SQL_HEALTH)
+                .map_err(|e| pg_err("preparing load_catalog_health", e))?;
+            Ok(conn
+                .client
+                .query_opt(&stmt, &[])
+                .map_err(|e| pg_err("loading catalog health", e))?
+                .map(|row| row.get::<_, Vec<u8>>(0)))
         })
     }
 

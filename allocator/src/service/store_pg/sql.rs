@@ -26,6 +26,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
         body bytea NOT NULL
     );
     "#,
+    // 2: tombstones of unenrolled devices (issue 15); the engine's catalog
+    // health lives in `meta` under its own key.
+    r#"
+    CREATE TABLE tombstones (
+        id text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build creates and understands.
@@ -60,3 +68,12 @@ pub(super) const SQL_VERSIONS_SOME: &str =
     "SELECT id, version FROM devices WHERE id = ANY($1::text[])";
 pub(super) const SQL_TOKENS: &str = "SELECT hash, body FROM tokens ORDER BY hash";
 pub(super) const SQL_META: &str = "SELECT body FROM meta WHERE key = 'meta'";
+pub(super) const SQL_HEALTH_PUT: &str =
+    "INSERT INTO meta (key, body) VALUES ('catalog_health', $1) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_HEALTH: &str = "SELECT body FROM meta WHERE key = 'catalog_health'";
+pub(super) const SQL_TOMB_PUT: &str = "INSERT INTO tombstones (id, body) \
+     SELECT * FROM unnest($1::text[], $2::bytea[]) \
+     ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_TOMB_DELETE: &str = "DELETE FROM tombstones WHERE id = ANY($1::text[])";
+pub(super) const SQL_TOMBS: &str = "SELECT id, body FROM tombstones ORDER BY id";

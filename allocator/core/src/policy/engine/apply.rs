@@ -85,6 +85,7 @@ impl Engine {
                             clean: true,
                             restarts_seen: 0,
                             errors_seen: 0,
+                            healthy_reports: 0,
                         },
                     );
                     acts.push(activation(expires));

@@ -1,4 +1,6 @@
-//! Enrolment, unenrolment, operator overrides (pin, revoke, drain) and compliance penalties.
+//! Enrolment, unenrolment (and re-admission from a tombstone), operator
+//! overrides (pin, revoke, drain, retry of a failing catalog entry),
+//! compliance penalties and duplicate-identity evidence.
 
 use super::*;
 
@@ -59,6 +61,8 @@ impl Engine {
                 stabilize_until_ms: 0,
                 rollbacks: 0,
                 wake_at_ms: 0,
+                start_failures: BTreeMap::new(),
+                clone_watch: CloneWatch::default(),
             },
         };
         self.restore_device(device.clone(), state);
@@ -132,8 +136,96 @@ impl Engine {
             ComplianceKind::ReplayedReport => r.replayed_report,
         };
         if let Some(st) = self.devices.get_mut(device) {
+            if kind == ComplianceKind::ReplayedReport && st.clone_watch.flagged(now) {
+                // Two agents share the identity (an operator's cloning
+                // mistake): their interleaved sequences are not replays.
+                return;
+            }
             st.reputation.apply(r, now, delta, kind.as_str());
             self.dirty.mark(device);
+        }
+    }
+
+    /// A verified report the service dropped as stale: evidence of a
+    /// duplicate identity or nothing (see `faults::CloneWatch`).
+    pub(super) fn on_stale_report(&mut self, now: u64, report: QosReport, out: &mut Vec<Action>) {
+        let device = report.device.clone();
+        let cfg = &self.config.faults;
+        let Some(st) = self.devices.get_mut(&device) else {
+            return;
+        };
+        let was = st.clone_watch.clone();
+        if let Some(reason) = st.clone_watch.stale(cfg, &report, now) {
+            tracing::warn!(%device, reason = %reason, "probable duplicate device: two agents with one identity");
+            out.push(Action::DuplicateSuspected {
+                device: device.clone(),
+                reason: reason.clone(),
+            });
+            out.push(Action::Alert {
+                device: device.clone(),
+                message: format!(
+                    "probable duplicate device (two agents with this id and key): {reason}; \
+                     replayed_report is not charged while flagged"
+                ),
+            });
+        }
+        if st.clone_watch != was {
+            self.dirty.mark(&device);
+        }
+    }
+
+    /// Re-admission after an unenrolment: the reputation is restored from
+    /// the tombstone, never better than a fresh device's.
+    pub(super) fn readmit(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        prior: ReputationState,
+        out: &mut Vec<Action>,
+    ) {
+        let rcfg = &self.config.reputation;
+        let Some(st) = self.devices.get_mut(device) else {
+            return;
+        };
+        let restored = faults::Tombstone::restored(&prior, rcfg, now);
+        if restored.score < st.reputation.score {
+            let old = st.reputation.score;
+            st.reputation = restored;
+            st.reputation.history.push(ReputationEntry {
+                at_ms: now,
+                old,
+                new: st.reputation.score,
+                reason: "restored_after_reenrolment".to_owned(),
+            });
+            if st.reputation.history.len() > rcfg.history_len {
+                let excess = st.reputation.history.len() - rcfg.history_len;
+                st.reputation.history.drain(..excess);
+            }
+            self.dirty.mark(device);
+            self.reconcile(now, device, out);
+        }
+    }
+
+    /// Operator: the failing catalog entry `shard` is to be tried again,
+    /// everywhere.
+    pub(super) fn retry_entry(&mut self, now: u64, shard: &str, out: &mut Vec<Action>) {
+        let had_mark = self.health.retry(shard);
+        self.health_dirty = true;
+        tracing::info!(shard, had_mark, "catalog entry retried by the operator");
+        let ids: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, st)| st.start_failures.contains_key(shard) || had_mark)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            if let Some(st) = self.devices.get_mut(id) {
+                if st.start_failures.remove(shard).is_some() {
+                    st.avoid_until.remove(shard);
+                }
+                self.dirty.mark(id);
+            }
+            self.reconcile(now, id, out);
         }
     }
 }

@@ -145,6 +145,10 @@ pub struct Engine {
     last_shift_ms: Option<u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
+    /// Failing catalog entries and the start failures behind them.
+    health: CatalogHealth,
+    /// `health` changed since the last `take_health_dirty`.
+    health_dirty: bool,
 }
 
 impl Engine {
@@ -157,7 +161,49 @@ impl Engine {
             pools: BTreeMap::new(),
             last_shift_ms: None,
             dirty: DirtySet::default(),
+            health: CatalogHealth::default(),
+            health_dirty: false,
         }
+    }
+
+    /// Failing catalog entries and recent start failures.
+    pub fn catalog_health(&self) -> &CatalogHealth {
+        &self.health
+    }
+
+    /// Loads persisted catalog health; marks of entries the current catalog
+    /// changed (or dropped) are cleared: the operator fixed them.
+    pub fn restore_catalog_health(&mut self, mut health: CatalogHealth) {
+        for shard in health.reconcile_catalog(&self.catalog) {
+            tracing::info!(%shard, "failing mark cleared: the catalog entry changed");
+            self.health_dirty = true;
+        }
+        self.health = health;
+    }
+
+    /// Replaces the catalog (a reload): failing marks of changed entries are
+    /// cleared and every device is re-planned at the next tick.
+    pub fn replace_catalog(&mut self, catalog: Catalog) {
+        self.catalog = Arc::new(catalog);
+        if !self.health.reconcile_catalog(&self.catalog).is_empty() {
+            self.health_dirty = true;
+        }
+        for st in self.devices.values_mut() {
+            st.wake_at_ms = 0;
+        }
+    }
+
+    /// Whether catalog health changed since the last call (to persist it).
+    pub fn take_health_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.health_dirty)
+    }
+
+    /// Devices flagged as probably cloned at `now`.
+    pub fn duplicate_devices(&self, now: u64) -> usize {
+        self.devices
+            .values()
+            .filter(|st| st.clone_watch.flagged(now))
+            .count()
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -224,6 +270,9 @@ impl Engine {
                     st.revoked.remove(s);
                 })
             }
+            Event::StaleReport(report) => self.on_stale_report(now_ms, report, &mut out),
+            Event::Readmitted { device, prior } => self.readmit(now_ms, &device, prior, &mut out),
+            Event::RetryCatalogEntry { shard } => self.retry_entry(now_ms, &shard, &mut out),
             Event::Drain { device } => {
                 self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = true)
             }
@@ -305,13 +354,25 @@ impl Engine {
     }
 
     pub fn device(&self, device: &DeviceId) -> Option<DeviceView> {
+        self.device_at(device, st_now(self.devices.get(device)?))
+    }
+
+    /// The device view with refusal texts as of `now` (backoff remaining).
+    pub fn device_at(&self, device: &DeviceId, now: u64) -> Option<DeviceView> {
         let st = self.devices.get(device)?;
-        let budget = self
-            .agreements
-            .tiers
-            .get(&st.tier)
+        let tier = self.agreements.tiers.get(&st.tier);
+        let budget = tier
             .map(|t| effective_budget(&self.config, t, st))
             .unwrap_or([0, 0]);
+        let quota = tier
+            .map(|t| quota_budget(&self.config, t, st))
+            .unwrap_or([0, 0]);
+        let ctx = faults::explain_ctx(&self.config, quota, st, now);
+        let refusal_reasons = st
+            .refusals
+            .iter()
+            .map(|(c, r)| (c.clone(), r.explain(&ctx)))
+            .collect();
         Some(DeviceView {
             device: device.clone(),
             tier: st.tier.clone(),
@@ -327,6 +388,9 @@ impl Engine {
             revoked: st.revoked.iter().cloned().collect(),
             drained: st.drained,
             refusals: st.refusals.clone(),
+            refusal_reasons,
+            start_failures: st.start_failures.clone(),
+            duplicate: st.clone_watch.flag.clone().filter(|f| f.until_ms > now),
             last_qos: st.last_report.clone(),
             flaps: st.flaps,
         })
@@ -355,13 +419,40 @@ impl Engine {
     // ---------------------------------------------------------------- events
 }
 
+/// The time a device's state was last brought up to (for views without a clock).
+fn st_now(st: &DeviceState) -> u64 {
+    st.reputation.updated_ms
+}
+
+/// Shards the planner must skip on this device: entries failing on its
+/// architecture (unknown before its first report: nothing is skipped).
+fn unusable_for(health: &CatalogHealth, st: &DeviceState) -> BTreeMap<String, Refusal> {
+    let mut out = BTreeMap::new();
+    let Some(arch) = st.resources.as_ref().map(|r| r.arch.as_str()) else {
+        return out;
+    };
+    for m in health.marks().filter(|m| m.arch == arch) {
+        out.insert(
+            m.shard.clone(),
+            Refusal::CatalogFailing {
+                shard: m.shard.clone(),
+                arch: m.arch.clone(),
+                reason: m.reason.clone(),
+            },
+        );
+    }
+    out
+}
+
 fn plan_for<'c>(
     catalog: &'c Catalog,
     tier: &Tier,
     cfg: &PolicyConfig,
     now: u64,
     st: &DeviceState,
+    health: &CatalogHealth,
 ) -> Plan<'c> {
+    let unusable = unusable_for(health, st);
     let demanded = demanded(catalog, tier, cfg, st, now);
     let capacity = st.resources.as_ref().map(|r| {
         let (cpu, rss) = st
@@ -378,6 +469,7 @@ fn plan_for<'c>(
         budget: effective_budget(cfg, tier, st),
         capacity,
         demanded: &demanded,
+        unusable: &unusable,
     })
 }
 

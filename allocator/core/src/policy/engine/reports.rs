@@ -1,6 +1,59 @@
 //! What a device says: QoS reports (needs, resource use, shard failures, reputation signals) and instruction acks.
+//!
+//! Failures are classified first (`faults::classify`): start failures are
+//! operator faults — the shard is avoided on the device with a backoff and
+//! counted toward marking its catalog entry failing, reputation untouched;
+//! only runtime failures of a shard that ran fine, of an entry not failing
+//! on the device's architecture, cost reputation.
 
 use super::*;
+use shardline_shared::msg::RejectReason;
+
+/// One start failure of shard `id` on a device: avoided there with a
+/// doubling backoff, counted toward the entry's failing mark (and the
+/// operator told when this one marks it).
+#[allow(clippy::too_many_arguments)]
+fn note_start_failure(
+    cfg: &PolicyConfig,
+    catalog: &Catalog,
+    health: &mut CatalogHealth,
+    st: &mut DeviceState,
+    device: &DeviceId,
+    arch: &str,
+    id: &str,
+    reason: &str,
+    now: u64,
+    out: &mut Vec<Action>,
+) {
+    let f = st
+        .start_failures
+        .entry(id.to_owned())
+        .or_insert(StartFailure {
+            reason: String::new(),
+            count: 0,
+            last_ms: 0,
+            until_ms: 0,
+        });
+    f.count = f.count.saturating_add(1);
+    reason.clone_into(&mut f.reason);
+    f.last_ms = now;
+    f.until_ms = now.saturating_add(StartFailure::backoff(&cfg.faults, f.count));
+    let until = f.until_ms;
+    let avoid = st.avoid_until.entry(id.to_owned()).or_insert(until);
+    *avoid = (*avoid).max(until);
+    tracing::info!(%device, shard = id, arch, reason, until_ms = until, "shard failed to start: avoided on the device, not charged");
+    let Some(spec) = catalog.shards.get(id) else {
+        return;
+    };
+    if let Some(mark) = health.record_start_failure(&cfg.faults, spec, arch, device, reason, now) {
+        out.push(Action::CatalogEntryFailing {
+            shard: mark.shard,
+            arch: mark.arch,
+            reason: mark.reason,
+            devices: mark.devices.len() as u32,
+        });
+    }
+}
 
 impl Engine {
     pub(super) fn on_report(&mut self, now: u64, report: QosReport, out: &mut Vec<Action>) {
@@ -9,6 +62,8 @@ impl Engine {
             catalog,
             config: cfg,
             devices,
+            health,
+            health_dirty,
             ..
         } = self;
         let Some(st) = devices.get_mut(&device) else {
@@ -23,6 +78,15 @@ impl Engine {
         }
         let rcfg = &cfg.reputation;
         st.reputation.decay_to(rcfg, now);
+        st.clone_watch.accepted(&report, now);
+        // Device-supplied: bounded before it becomes a map key and a label.
+        let arch = faults::clip(&report.resources.arch)
+            .chars()
+            .take(32)
+            .collect::<String>();
+        // Start failures seen in this report: (shard id, reason).
+        let mut start_failed: Vec<(String, String)> = Vec::new();
+        let mut unhealthy = false;
         let window_ms = u64::from(report.window_ms).clamp(1, 3_600_000);
         let mut penalized = false;
         let mut outside: Vec<String> = Vec::new();
@@ -40,6 +104,7 @@ impl Engine {
             e.1 = e.1.saturating_add(l.limits.memory_max_bytes);
         }
         let mut over_limit_hosts: BTreeSet<String> = BTreeSet::new();
+        let mut host_use: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for s in std::mem::take(&mut report.shards) {
             let id = s.shard.id();
             let alive = matches!(
@@ -47,8 +112,12 @@ impl Engine {
                 ShardState::Running | ShardState::Starting | ShardState::Backoff
             );
             if alive {
-                own_cpu += u64::from(s.cpu_permille);
-                own_rss += s.rss_kib;
+                // Every shard of a host reports the host's use: counted
+                // once per host (capability), or our own load would be
+                // counted several times and the other load look smaller.
+                let e = host_use.entry(s.capability.clone()).or_default();
+                e.0 = e.0.max(u64::from(s.cpu_permille));
+                e.1 = e.1.max(s.rss_kib);
             }
             match st.leases.get_mut(id) {
                 Some(lease) if lease.shard == s.shard => {
@@ -56,16 +125,73 @@ impl Engine {
                     if s.restarts < lease.restarts_seen {
                         lease.restarts_seen = s.restarts; // the agent restarted
                     }
+                    let load_or_init = matches!(
+                        s.last_failure,
+                        Some(ShardFailure::LoadRefused { .. } | ShardFailure::InitFailed { .. })
+                    );
                     if new_restarts > 0 {
                         lease.clean = false;
                         lease.restarts_seen = s.restarts;
-                        let (delta, why) = match s.last_failure {
-                            Some(ShardFailure::OverLimit) => (rcfg.over_limit, "over_limit_kill"),
-                            _ => (rcfg.crash, "shard_crash"),
-                        };
-                        st.reputation
-                            .apply(rcfg, now, delta * f64::from(new_restarts.min(3)), why);
-                        penalized = true;
+                        // Operator faults (config, limits, digest) show as
+                        // start failures: never the device's doing.
+                        // `healthy_reports` is not reset: once a lease ran
+                        // fine here, a crash loop is the device's runtime
+                        // failure, not the entry's start failure.
+                        let class =
+                            faults::classify(&cfg.faults, s.last_failure.as_ref(), lease, now);
+                        let entry_failing = health.failing_on(id, &arch).is_some();
+                        match class {
+                            faults::FailureClass::Start => {
+                                unhealthy = true;
+                                start_failed.push((
+                                    id.to_owned(),
+                                    faults::failure_text(s.last_failure.as_ref()),
+                                ));
+                            }
+                            // The entry fails fleet-wide on this architecture:
+                            // its fault, not this device's.
+                            faults::FailureClass::Runtime if entry_failing => unhealthy = true,
+                            faults::FailureClass::Runtime => {
+                                let (delta, why) = match s.last_failure {
+                                    Some(ShardFailure::OverLimit) => {
+                                        (rcfg.over_limit, "over_limit_kill")
+                                    }
+                                    _ => (rcfg.crash, "shard_crash"),
+                                };
+                                st.reputation.apply(
+                                    rcfg,
+                                    now,
+                                    delta * f64::from(new_restarts.min(3)),
+                                    why,
+                                );
+                                penalized = true;
+                            }
+                        }
+                    } else if load_or_init
+                        && s.state != ShardState::Running
+                        && st
+                            .start_failures
+                            .get(id)
+                            .is_none_or(|f| f.last_ms < lease.granted_at_ms)
+                    {
+                        // Refused at load or init without a restart count:
+                        // once per grant.
+                        lease.clean = false;
+                        unhealthy = true;
+                        start_failed
+                            .push((id.to_owned(), faults::failure_text(s.last_failure.as_ref())));
+                    } else if s.state == ShardState::Running {
+                        lease.healthy_reports = lease.healthy_reports.saturating_add(1);
+                        let min = cfg.faults.min_healthy_reports.max(1);
+                        if lease.healthy_reports >= min {
+                            // It runs fine here now: the backoff starts over.
+                            st.start_failures.remove(id);
+                            // Refreshed now and then, not every report: it
+                            // only has to stay within the failing window.
+                            if (lease.healthy_reports - min) % 16 == 0 {
+                                health.record_running_fine(id, &arch, &device, now);
+                            }
+                        }
                     }
                     let new_errors = s.errors.saturating_sub(lease.errors_seen);
                     lease.errors_seen = s.errors;
@@ -124,6 +250,10 @@ impl Engine {
                 running.push(s.shard);
             }
         }
+        for (cpu, rss) in host_use.values() {
+            own_cpu = own_cpu.saturating_add(*cpu);
+            own_rss = own_rss.saturating_add(*rss);
+        }
         // Instructions that failed the device's signature check were forged
         // or corrupted by someone else (anyone can publish on its topic):
         // the device did right to refuse them, so its reputation does not
@@ -140,7 +270,15 @@ impl Engine {
                 ),
             });
         }
-        if !penalized {
+        for (id, reason) in start_failed {
+            note_start_failure(
+                cfg, catalog, health, st, &device, &arch, &id, &reason, now, out,
+            );
+            *health_dirty = true;
+        }
+        // A duplicate identity earns nothing while flagged (see `faults`):
+        // two streams must not farm reputation under the exemption.
+        if !penalized && !unhealthy && !st.clone_watch.flagged(now) {
             let gain = rcfg.healthy_per_hour * window_ms as f64 / 3_600_000.0;
             st.reputation.apply(rcfg, now, gain, "healthy");
         }
@@ -243,6 +381,23 @@ impl Engine {
                 st.pending_since_ms = None;
                 st.pending_seq = None;
             }
+            AckOutcome::Rejected(RejectReason::LimitsOutOfRange) => {
+                // The catalog's limits do not suit the device: an operator
+                // fault, attributed to the shards this instruction started.
+                self.ack_start_failure(now, device, "LimitsOutOfRange", None, out);
+                self.resync(device);
+                self.reconcile(now, device, out);
+            }
+            AckOutcome::Failed { reason } => {
+                let reason = faults::clip(&reason);
+                out.push(Action::Alert {
+                    device: device.clone(),
+                    message: format!("instruction {seq} failed on the device: {reason}"),
+                });
+                self.ack_start_failure(now, device, &reason, Some(&reason), out);
+                self.resync(device);
+                self.reconcile(now, device, out);
+            }
             AckOutcome::Rejected(reason) => {
                 out.push(Action::Alert {
                     device: device.clone(),
@@ -251,14 +406,66 @@ impl Engine {
                 self.resync(device);
                 self.reconcile(now, device, out);
             }
-            AckOutcome::Failed { reason } => {
-                out.push(Action::Alert {
-                    device: device.clone(),
-                    message: format!("instruction {seq} failed on the device: {reason}"),
-                });
-                self.resync(device);
-                self.reconcile(now, device, out);
+        }
+    }
+
+    /// A failed or `LimitsOutOfRange` ack: a start failure of the shards
+    /// the pending instruction activated (of a failed one, those its `text`
+    /// names). Never charged to the device.
+    fn ack_start_failure(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        reason: &str,
+        text: Option<&str>,
+        out: &mut Vec<Action>,
+    ) {
+        let Engine {
+            catalog,
+            config: cfg,
+            devices,
+            health,
+            health_dirty,
+            ..
+        } = self;
+        let Some(st) = devices.get_mut(device) else {
+            return;
+        };
+        let Some(since) = st.pending_since_ms else {
+            return;
+        };
+        let started: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.granted_at_ms >= since)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let named: Vec<String> = started
+            .iter()
+            .filter(|k| text.is_some_and(|t| t.contains(k.as_str())))
+            .cloned()
+            .collect();
+        // `LimitsOutOfRange` refuses the whole instruction: every shard it
+        // started. A failed one is blamed only on the shards its text
+        // names: blaming a whole capability for one member would mark
+        // healthy entries failing; the reports' `last_failure` attributes
+        // the rest.
+        let blamed = match text {
+            None => started,
+            Some(_) => named,
+        };
+        let arch = st
+            .resources
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), |r| faults::clip(&r.arch));
+        for id in blamed {
+            if let Some(l) = st.leases.get_mut(&id) {
+                l.clean = false;
             }
+            note_start_failure(
+                cfg, catalog, health, st, device, &arch, &id, reason, now, out,
+            );
+            *health_dirty = true;
         }
     }
 
