@@ -37,6 +37,8 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ),
     ("qemu-user-static", "/usr/bin/qemu-aarch64-static"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // The agent caps a shard host's declared bandwidth with an nftables rule.
+    ("nftables", "/usr/sbin/nft"),
     // The packaged acceptance test (packaging/acceptance.sh).
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),
