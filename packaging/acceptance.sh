@@ -41,12 +41,14 @@ version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$
 me="packaging/acceptance.sh"
 
 skip() { echo "$me: SKIP: $*"; exit 0; }
+cleanup_only=0
+[ "${1:-}" = --cleanup ] && cleanup_only=1
 [ "$(id -u)" -eq 0 ] || skip "needs root (packages, network namespaces)"
 for tool in dpkg apt-get ip python3 setpriv unshare; do
     command -v "$tool" >/dev/null || skip "$tool is not installed"
 done
 for p in shardline-agent shardline-allocator; do
-    if dpkg -s "$p" >/dev/null 2>&1; then
+    if [ "$cleanup_only" -eq 0 ] && dpkg -s "$p" >/dev/null 2>&1; then
         skip "$p is installed on this host; the test installs and purges its own copy and will not touch an existing one"
     fi
 done
@@ -62,17 +64,19 @@ ok() { echo "  ok: $*"; }
 step() { echo "== $me: $*"; }
 
 debs="${DEB_DIR:-}"
-if [ -z "$debs" ]; then
+if [ -z "$debs" ] && [ "$cleanup_only" -eq 0 ]; then
     debs="$CARGO_TARGET_DIR/debs-acceptance"
     DEB_OUT="$debs" "$repo/packaging/build-debs.sh" --debug amd64 arm64 >/dev/null
 fi
 agent_deb="$debs/shardline-agent_${version}_amd64.deb"
 alloc_deb="$debs/shardline-allocator_${version}_amd64.deb"
 arm_deb="$debs/shardline-agent_${version}_arm64.deb"
-for d in "$agent_deb" "$alloc_deb"; do
-    [ -f "$d" ] || { echo "$me: $d was not built"; exit 1; }
-done
-[ "$with_arm64" -eq 0 ] || [ -f "$arm_deb" ] || { echo "$me: $arm_deb was not built"; exit 1; }
+if [ "$cleanup_only" -eq 0 ]; then
+    for d in "$agent_deb" "$alloc_deb"; do
+        [ -f "$d" ] || { echo "$me: $d was not built"; exit 1; }
+    done
+    [ "$with_arm64" -eq 0 ] || [ -f "$arm_deb" ] || { echo "$me: $arm_deb was not built"; exit 1; }
+fi
 
 work=$(mktemp -d /tmp/shardline-acceptance.XXXXXX)
 chmod 755 "$work"
@@ -82,6 +86,10 @@ binfmt_mounted=0
 
 cleanup() {
     set +e
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "$me: KEEP=1: everything left running in $work (netns sl-*); run '$0 --cleanup' to remove it"
+        return
+    fi
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
     sleep 1
     for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
@@ -89,13 +97,19 @@ cleanup() {
     ip link del sl-br0 2>/dev/null
     if [ "$binfmt_registered" -eq 1 ]; then echo -1 >/proc/sys/fs/binfmt_misc/qemu-aarch64; fi
     if [ "$binfmt_mounted" -eq 1 ]; then umount /proc/sys/fs/binfmt_misc; fi
-    if [ "${KEEP:-0}" != 1 ]; then
-        apt-get purge -y -qq shardline-agent shardline-allocator >/dev/null 2>&1
-        rm -rf "$work"
-    else
-        echo "$me: KEEP=1: left $work and the packages installed"
-    fi
+    apt-get purge -y -qq shardline-agent shardline-allocator >/dev/null 2>&1
+    rm -rf "$work"
 }
+if [ "$cleanup_only" -eq 1 ]; then
+    # What a KEEP=1 run left behind.
+    pkill -f '^/usr/bin/shardline-allocator run' ; pkill -f 'shardline-agent run --config'
+    rm -rf "$work"
+    work=$(ls -d /tmp/shardline-acceptance.* 2>/dev/null | head -n1); work=${work:-/nonexistent}
+    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && binfmt_registered=1
+    mountpoint -q /proc/sys/fs/binfmt_misc && binfmt_mounted=1
+    KEEP=0 cleanup
+    exit 0
+fi
 trap cleanup EXIT
 
 # --- 1. install --------------------------------------------------------------
@@ -232,5 +246,177 @@ for id in "${devices[@]}"; do
     fi
 done
 
-echo "$me: $failures failure(s) so far"
-[ "$failures" -eq 0 ] || exit 1
+# --- 5. capabilities from the shipped catalog, carrying traffic ------------------
+cat >"$work/traffic.py" <<'PY'
+"""The acceptance test's traffic: UDP senders and receivers, and a sniffer."""
+import select, socket, struct, sys, time
+
+def recv(port, want, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+    s.bind(("127.0.0.1", port))
+    got, tos = 0, set()
+    end = time.time() + timeout
+    print("ready", flush=True)
+    while got < want and time.time() < end:
+        if not select.select([s], [], [], 0.2)[0]:
+            continue
+        data, anc, _, _ = s.recvmsg(65535, 64)
+        got += 1
+        for level, kind, value in anc:
+            if level == socket.IPPROTO_IP and kind == socket.IP_TOS:
+                tos.add(value[0] >> 2)
+    print(f"received {got} dscp {sorted(tos)}", flush=True)
+
+def send(port, count, marker):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(count):
+        s.sendto(f"{marker}-{i:04d}".encode() + b"." * 100, ("127.0.0.1", port))
+        time.sleep(0.02)
+
+def sniff(iface, seconds, marker, port):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.bind((iface, 0))
+    s.settimeout(0.2)
+    tunnel, clear = 0, 0
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            frame = s.recv(65535)
+        except socket.timeout:
+            continue
+        if marker.encode() in frame:
+            clear += 1
+        if len(frame) > 37 and frame[12:14] == b"\x08\x00" and frame[23] == 17:
+            ihl = (frame[14] & 0x0F) * 4
+            sport, dport = struct.unpack("!HH", frame[14 + ihl:18 + ihl])
+            if port in (sport, dport):
+                tunnel += 1
+    print(f"tunnel {tunnel} clear {clear}", flush=True)
+
+mode = sys.argv[1]
+if mode == "recv":
+    recv(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+elif mode == "send":
+    send(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+elif mode == "sniff":
+    sniff(sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+PY
+
+# running ID SHARD: the device's last signed report shows SHARD running.
+running() {
+    shardctl --json device "$1" 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+sys.exit(0 if sys.argv[1] in d["policy"]["last_qos"]["running_shards"] else 1)' "$2"
+}
+wait_running() {
+    local id=$1 shard=$2 secs=$3
+    for _ in $(seq 1 "$secs"); do running "$id" "$shard" && return 0; sleep 1; done
+    return 1
+}
+reputation() { shardctl --json device "$1" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["policy"]["reputation"], 1))'; }
+
+step "per-device shard configuration (INSTALL.md §5)"
+# One tunnel between gw-a and gw-b: the allocator makes the pair's secret
+# and seals it to each device; the plaintext side of the tunnel is UDP on
+# each device's loopback.
+if shardctl vpn pair gw-a gw-b --a-endpoint 10.77.0.11:51820 --b-endpoint 10.77.0.12:51820 >"$work/pair.out" 2>&1; then
+    ok "vpn pair gw-a gw-b: $(head -c 200 "$work/pair.out")"
+else
+    fail "shardctl vpn pair: $(cat "$work/pair.out")"
+fi
+for id in gw-a gw-b; do
+    shardctl config set "$id" vpn-tunnel inner_listen=127.0.0.1:7000 inner_forward=127.0.0.1:7001 >/dev/null ||
+        fail "config set $id vpn-tunnel"
+done
+for id in "${devices[@]}"; do
+    shardctl config set "$id" qos-shaper listen=127.0.0.1:7100 forward=127.0.0.1:7101 >/dev/null ||
+        fail "config set $id qos-shaper"
+done
+if shardctl config show gw-a >"$work/config.out" 2>&1 && grep -q psk "$work/config.out"; then
+    if grep -qE 'psk *[=:] *"?[0-9a-f]{16,}' "$work/config.out"; then
+        fail "shardctl config show prints the psk's value"
+    else
+        ok "config show names the secret psk without its value"
+    fi
+else
+    fail "config show gw-a: $(cat "$work/config.out")"
+fi
+
+step "vpn and qos pinned: they run from the shipped catalog"
+for id in gw-a gw-b; do shardctl pin "$id" vpn-tunnel >/dev/null || fail "pin $id vpn-tunnel"; done
+for id in "${devices[@]}"; do shardctl pin "$id" qos-shaper >/dev/null || fail "pin $id qos-shaper"; done
+for id in gw-a gw-b; do
+    for shard in vpn-tunnel auth-psk qos-shaper qos-dscp; do
+        if wait_running "$id" "$shard" 90; then ok "$id runs $shard"; else
+            fail "$id does not run $shard after 90 s"
+            shardctl device "$id" | tail -n 15
+        fi
+    done
+done
+if [ "$with_arm64" -eq 1 ]; then
+    # Under qemu-user everything is slower; the same catalog, aarch64 digests.
+    for shard in qos-shaper qos-dscp; do
+        if wait_running gw-c "$shard" 180; then ok "gw-c (aarch64 under qemu) runs $shard"; else
+            fail "gw-c does not run $shard after 180 s"
+            shardctl device gw-c | tail -n 15
+        fi
+    done
+fi
+
+step "the vpn tunnel carries traffic between gw-a and gw-b, encrypted"
+ip netns exec sl-dev-b python3 "$work/traffic.py" recv 7001 50 30 >"$work/vpn-recv.out" &
+recv_pid=$!
+python3 "$work/traffic.py" sniff sl-v1 12 SHARDLINE-CLEAR 51820 >"$work/vpn-sniff.out" &
+sniff_pid=$!
+sleep 1
+ip netns exec sl-dev-a python3 "$work/traffic.py" send 7000 50 SHARDLINE-CLEAR
+wait "$recv_pid" "$sniff_pid" || true
+got=$(grep -oE 'received [0-9]+' "$work/vpn-recv.out" | grep -oE '[0-9]+' || echo 0)
+if [ "${got:-0}" -ge 45 ]; then ok "vpn: $got of 50 datagrams crossed the tunnel"; else
+    fail "vpn: $got of 50 datagrams crossed the tunnel"
+fi
+read -r _ tunnel _ clear < "$work/vpn-sniff.out" || true
+if [ "${tunnel:-0}" -ge 45 ] && [ "${clear:-1}" -eq 0 ]; then
+    ok "on the wire: $tunnel tunnel packets, none with the payload in clear"
+else
+    fail "on the wire: ${tunnel:-0} tunnel packets, ${clear:-?} with the payload in clear"
+fi
+
+step "the qos shaper forwards and marks traffic on every device"
+for i in "${!devices[@]}"; do
+    id=${devices[$i]}
+    ns=(sl-dev-a sl-dev-b sl-dev-c); ns=${ns[$i]}
+    ip netns exec "$ns" python3 "$work/traffic.py" recv 7101 40 30 >"$work/qos-$id.out" &
+    rp=$!
+    sleep 1
+    ip netns exec "$ns" python3 "$work/traffic.py" send 7100 40 QOS
+    wait "$rp" || true
+    line=$(cat "$work/qos-$id.out" | tail -n1)
+    got=$(grep -oE 'received [0-9]+' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+    if [ "${got:-0}" -ge 36 ] && grep -q 'dscp \[46\]' <<<"$line"; then
+        ok "$id: qos-shaper forwarded $got of 40, marked DSCP 46 (EF) by qos-dscp"
+    else
+        fail "$id: qos: $line"
+    fi
+done
+
+step "no device was charged for anything"
+for id in "${devices[@]}"; do
+    rep=$(reputation "$id")
+    if python3 -c "import sys; sys.exit(0 if $rep >= 50 else 1)"; then ok "$id reputation $rep"; else
+        fail "$id reputation fell to $rep"
+        shardctl device "$id" | grep -i -A5 reputation | head -n 12
+    fi
+done
+
+# --- 6. purge (the cleanup trap stops everything and purges both packages) -----
+if [ "$failures" -ne 0 ]; then
+    for f in allocator gw-a gw-b gw-c; do
+        [ -f "$work/$f.log" ] && { echo "--- last lines of $f.log"; tail -n 15 "$work/$f.log"; }
+    done
+    echo "$me: $failures check(s) FAILED"
+    exit 1
+fi
+echo "$me: all checks passed (${devices[*]})"
