@@ -95,6 +95,17 @@ pub enum Event {
     Resume {
         device: DeviceId,
     },
+    /// Operator: the device's per-device shard configuration changed (the
+    /// whole of it); the device is re-planned, so a capability refused for
+    /// a missing key is granted and a changed value is re-sent.
+    DeviceConfig {
+        device: DeviceId,
+        config: DeviceConfigView,
+        /// Shards whose configuration (clear or secret values) changed: their
+        /// running activation is re-sent with the new values. The engine
+        /// cannot see secret values, so the service says which changed.
+        changed: BTreeSet<String>,
+    },
 }
 
 /// Compliance signals (all lower reputation).
@@ -462,7 +473,48 @@ pub enum Refusal {
         kind: ShardKind,
         missing_units: u32,
     },
+    /// The catalog has no build of this shard for the device's architecture
+    /// (nor does any alternative).
+    NoBuild { shard: String, arch: String },
+    /// The device lacks a per-device configuration key the shard requires
+    /// (`device_config`, or `secret_config` when `secret`).
+    MissingDeviceConfig {
+        shard: String,
+        key: String,
+        secret: bool,
+    },
 }
+
+impl Refusal {
+    /// An operator-facing explanation of the refusals that need operator
+    /// action on the catalog or the device's configuration (`None` for the
+    /// others, whose variant says it all).
+    pub fn operator_hint(&self, capability: &str, device: &str) -> Option<String> {
+        match self {
+            Refusal::NoBuild { shard, arch } => Some(format!(
+                "{capability} needs a build of {shard} for {arch} (catalog [shard.sha256] has none)"
+            )),
+            Refusal::MissingDeviceConfig { shard, key, secret } => Some(format!(
+                "{capability} needs device config {shard}:{key} — shardctl config set {device} {shard} {}{key}=…",
+                if *secret { "--secret " } else { "" }
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// One shard's per-device configuration as the engine sees it: the clear
+/// keys with their values (they go into the activation) and only the
+/// *names* of the secret keys (the values stay in the service record and
+/// are sealed to the device at its edge; the engine never holds them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardConfigView {
+    pub clear: BTreeMap<String, String>,
+    pub secret_keys: BTreeSet<String>,
+}
+
+/// Shard id ⇒ that shard's per-device configuration.
+pub type DeviceConfigView = BTreeMap<String, ShardConfigView>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -150,7 +150,14 @@ impl Engine {
         loop {
             attempts += 1;
             let st = &self.devices[device];
-            let mut plan = plan_for(&catalog, tier, &self.config, now, st);
+            let mut plan = plan_for(
+                &catalog,
+                tier,
+                &self.config,
+                now,
+                st,
+                self.device_config.get(device),
+            );
             let wants_more = plan.refusals.iter().find_map(|(c, r)| match r {
                 Refusal::Budget {
                     kind,

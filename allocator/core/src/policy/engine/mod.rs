@@ -10,7 +10,7 @@ use super::forecast::ClassForecast;
 use super::plan::{self, Capacity, Plan, PlanInput};
 use super::reputation::{lease_factor, quota_factor};
 use super::*;
-use shardline_shared::msg::{Activation, ShardFailure, ShardState};
+use shardline_shared::msg::{ShardFailure, ShardState};
 use std::sync::Arc;
 
 mod apply;
@@ -145,6 +145,10 @@ pub struct Engine {
     last_shift_ms: Option<u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
+    /// Per-device shard configuration (clear values, secret key *names*).
+    /// Not part of [`DeviceState`]: the service's device record is where it
+    /// lives; the service hands it over on restore and on every change.
+    device_config: BTreeMap<DeviceId, DeviceConfigView>,
 }
 
 impl Engine {
@@ -157,6 +161,7 @@ impl Engine {
             pools: BTreeMap::new(),
             last_shift_ms: None,
             dirty: DirtySet::default(),
+            device_config: BTreeMap::new(),
         }
     }
 
@@ -230,8 +235,28 @@ impl Engine {
             Event::Resume { device } => {
                 self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = false)
             }
+            Event::DeviceConfig {
+                device,
+                config,
+                changed,
+            } => self.on_device_config(now_ms, &device, config, &changed, &mut out),
         }
         out
+    }
+
+    /// Installs a device's per-device configuration without re-planning
+    /// (the service restoring what its record holds).
+    pub fn restore_device_config(&mut self, device: DeviceId, config: DeviceConfigView) {
+        if config.is_empty() {
+            self.device_config.remove(&device);
+        } else {
+            self.device_config.insert(device, config);
+        }
+    }
+
+    /// The device's per-device configuration as the engine holds it.
+    pub fn device_config(&self, device: &DeviceId) -> Option<&DeviceConfigView> {
+        self.device_config.get(device)
     }
 
     // ------------------------------------------------------------ state API
@@ -261,6 +286,7 @@ impl Engine {
 
     /// Drops a device from memory without any effect on it (cache eviction).
     pub fn evict_device(&mut self, device: &DeviceId) -> Option<DeviceState> {
+        self.device_config.remove(device);
         let st = self.devices.remove(device)?;
         if let Some(t) = &st.tenant {
             if let Some(p) = self.pools.get_mut(t) {
@@ -361,6 +387,7 @@ fn plan_for<'c>(
     cfg: &PolicyConfig,
     now: u64,
     st: &DeviceState,
+    device_config: Option<&DeviceConfigView>,
 ) -> Plan<'c> {
     let demanded = demanded(catalog, tier, cfg, st, now);
     let capacity = st.resources.as_ref().map(|r| {
@@ -378,6 +405,7 @@ fn plan_for<'c>(
         budget: effective_budget(cfg, tier, st),
         capacity,
         demanded: &demanded,
+        device_config,
     })
 }
 
