@@ -195,8 +195,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// reason.
 pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = effective_config(&args)?;
-    let catalog = super::catalog_files::load_catalog(&config.policy.catalog)?;
-    let agreements = super::catalog_files::load_agreements(&config.policy.agreements, &catalog)?;
+    let files = super::catalog_files::load_policy_files(&config.policy)?;
+    let (catalog, agreements) = (&files.catalog, &files.agreements);
+    println!("catalog: {}", files.catalog_source);
+    println!("tiers: {}", files.agreements_source);
+    for (shard, arch) in super::catalog_files::not_built(catalog) {
+        println!(
+            "warning: catalog shard {shard}: sha256 for {arch} is all zero (not built; devices refuse it)"
+        );
+    }
     let key = keys::read_secret(&config.signer.key_file)?;
     if let Some(f) = &config.broker.credentials_file {
         super::broker::Credentials::load(f).map_err(super::broker::BrokerError::from)?;

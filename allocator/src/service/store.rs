@@ -121,9 +121,14 @@ pub(crate) fn dec<T: serde::de::DeserializeOwned>(
         message,
     };
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))
-        }
+        Some((&RECORD_VERSION, body)) => postcard::from_bytes(body).or_else(|e| {
+            // A device record written before `shard_config` (its last
+            // field) existed ends one field early: an empty map is one
+            // zero byte in postcard, so append it and decode again.
+            let mut padded = body.to_vec();
+            padded.push(0);
+            postcard::from_bytes(&padded).map_err(|_| corrupt(e.to_string()))
+        }),
         Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
         None => Err(corrupt("empty record".into())),
     }

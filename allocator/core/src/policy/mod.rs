@@ -21,6 +21,7 @@ pub mod reputation;
 pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
+
 pub use engine::Engine;
 
 use serde::{Deserialize, Serialize};

@@ -120,6 +120,18 @@ pub enum Command {
         new_key: KeyPair,
         key_file: String,
     },
+    /// Sets (or unsets) keys of the device's own configuration of a shard.
+    SetDeviceConfig {
+        device: DeviceId,
+        shard: String,
+        change: super::ConfigChange,
+    },
+    /// Shows the device's configuration (secret key names only).
+    DeviceConfig {
+        device: DeviceId,
+    },
+    /// Configures both ends of a tunnel with one fresh pre-shared key.
+    VpnPair(super::VpnPair),
 }
 
 /// The answer to a [`Command`].
@@ -132,6 +144,7 @@ pub enum Reply {
     Device(Box<DeviceDetail>),
     Tiers(Vec<TierRow>),
     Rotated { epoch: u64, key_id: String },
+    DeviceConfig(super::DeviceConfigShown),
     Error(CommandError),
 }
 
@@ -142,7 +155,10 @@ impl Command {
             Self::Enroll { device, .. }
             | Self::Unenroll { device }
             | Self::Device { device }
-            | Self::Operator { device, .. } => Some(device),
+            | Self::Operator { device, .. }
+            | Self::SetDeviceConfig { device, .. }
+            | Self::DeviceConfig { device } => Some(device),
+            Self::VpnPair(p) => Some(&p.a),
             _ => None,
         }
     }
@@ -151,7 +167,7 @@ impl Command {
 /// `text` as it may appear in an answer: at most 64 characters (an
 /// unknown name is echoed so the operator sees the typo, but a caller
 /// cannot make an error reply as large as its request).
-fn shown(text: &str) -> String {
+pub(super) fn shown(text: &str) -> String {
     const MAX: usize = 64;
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
@@ -358,6 +374,22 @@ impl Core {
                 Reply::Ok
             }
             Command::Rotate { new_key, key_file } => self.rotate(now_ms, new_key, key_file),
+            Command::SetDeviceConfig {
+                device,
+                shard,
+                change,
+            } => match self.set_device_config(now_ms, &device, &shard, change) {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            },
+            Command::DeviceConfig { device } => match self.device_config_shown(&device) {
+                Ok(shown) => Reply::DeviceConfig(shown),
+                Err(e) => Reply::Error(e),
+            },
+            Command::VpnPair(pair) => match self.vpn_pair(now_ms, pair) {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            },
         }
     }
 
