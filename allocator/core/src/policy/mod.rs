@@ -315,7 +315,11 @@ impl Default for PolicyConfig {
             forecast: forecast::ForecastConfig::default(),
             prediction_horizon_ms: 30 * 60_000,
             prediction_min_rate_bps: 64_000,
-            borrow_min_reputation: 55.0,
+            // Equal to the starting reputation: a device nobody has
+            // penalised may borrow from its tenant's pool at once; any
+            // penalty takes it below (issue 15: 55 was above the start,
+            // so no fresh fleet could borrow).
+            borrow_min_reputation: 50.0,
             borrow_ms: 30 * 60_000,
             max_borrow_units: 4,
             shift_interval_ms: 5 * 60_000,
