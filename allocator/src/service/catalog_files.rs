@@ -126,6 +126,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_built_in_files_stand_in_only_for_an_absent_default_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("catalog.toml");
+        let (text, source) = text_of(&default, &default, BUILTIN_CATALOG).unwrap();
+        assert_eq!(text, BUILTIN_CATALOG);
+        assert!(matches!(source, Source::BuiltIn { .. }));
+        assert!(source.to_string().starts_with("built-in ("), "{source}");
+        // An explicitly configured path must exist.
+        let other = dir.path().join("mine.toml");
+        assert!(matches!(
+            text_of(&other, &default, BUILTIN_CATALOG),
+            Err(CatalogFileError::Read { .. })
+        ));
+        // A default path that exists is read.
+        std::fs::write(&default, "[units]\n").unwrap();
+        let (text, source) = text_of(&default, &default, BUILTIN_CATALOG).unwrap();
+        assert_eq!((text.as_str(), source), ("[units]\n", Source::File(default)));
+        // The built-in pair loads, and its placeholders are listed.
+        let catalog = Catalog::from_toml_str(BUILTIN_CATALOG, "built-in").unwrap();
+        Agreements::from_toml_str(BUILTIN_TIERS, "built-in", &catalog).unwrap();
+        assert!(not_built(&catalog).iter().any(|(s, a)| s == "auth-psk" && a == "arm"));
+    }
+
+    #[test]
     fn an_unreadable_file_is_named() {
         let err = load_catalog(Path::new("/nonexistent/cat.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/cat.toml"), "{err}");
