@@ -79,23 +79,26 @@ elf_depends() {
     echo "$dep"
 }
 
-# catalog_with_digests CATALOG SHARD_DIR: the catalog with each [[shard]]'s
-# sha256 replaced by the digest of SHARD_DIR/<id>@<version>.so (kept as it
-# is, with a warning, when the file is not there).
+# catalog_with_digests CATALOG SHARD_DIR RUST_ARCH: the catalog with each
+# [[shard]]'s sha256 (a string or an inline per-architecture table) replaced
+# by `{ RUST_ARCH = "<digest of SHARD_DIR/<id>@<version>.so>" }`: these
+# libraries are for that architecture only, so devices of another one are
+# refused the shard (by name) instead of being sent a library they cannot
+# load (kept as it is, with a warning, when the file is not there).
 catalog_with_digests() {
-    local catalog=$1 dir=$2 f sums=""
+    local catalog=$1 dir=$2 rarch=$3 f sums=""
     for f in "$dir"/*.so; do
         [ -f "$f" ] || continue
         sums+="$(basename "$f" .so) $(sha256sum "$f" | cut -d' ' -f1)"$'\n'
     done
-    SUMS="$sums" awk '
+    SUMS="$sums" RARCH="$rarch" awk '
         BEGIN { n = split(ENVIRON["SUMS"], lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, " "); if (kv[1] != "") d[kv[1]] = kv[2] } }
         /^\[\[shard\]\]/ { id = ""; ver = "" }
         /^id *= *"/ { id = $0; sub(/^id *= *"/, "", id); sub(/".*/, "", id) }
         /^version *= *"/ { ver = $0; sub(/^version *= *"/, "", ver); sub(/".*/, "", ver) }
-        /^sha256 *= *"/ {
+        /^sha256 *= */ {
             key = id "@" ver
-            if (key in d) { print "sha256 = \"" d[key] "\""; next }
+            if (key in d) { print "sha256 = { " ENVIRON["RARCH"] " = \"" d[key] "\" }"; next }
             print "packaging/build-debs.sh: warning: no shard file for " key ", its catalog digest stays a placeholder" > "/dev/stderr"
         }
         { print }' "$catalog"
@@ -187,7 +190,7 @@ for arch in "${arches[@]}"; do
     # The shard catalog with the SHA-256 of the shards in this build's agent
     # package (same architecture): a device refuses a shard whose digest
     # differs from the one in the signed instruction.
-    catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" >"$s/etc/shardline/catalog.toml"
+    catalog_with_digests "$repo/allocator/catalog/catalog.toml" "$src/shards" "$(rust_target "$arch" | cut -d- -f1)" >"$s/etc/shardline/catalog.toml"
     install -m 0644 "$repo/allocator/catalog/tiers.toml" "$s/etc/shardline/agreements.toml"
     install -D -m 0644 "$repo/systemd/shardline-allocator.service" "$s/usr/lib/systemd/system/shardline-allocator.service"
     # The fleet broker's settings (size cap, logins, ACL), for operators

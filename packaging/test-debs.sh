@@ -246,7 +246,8 @@ $shards
     local so want
     for so in $shards; do
         want=$(sha256sum "$r${so#.}" | cut -d' ' -f1)
-        if grep -q "sha256 = \"$want\"" "$r/etc/shardline/catalog.toml"; then
+        # Per architecture: `sha256 = { x86_64 = "<digest>" }`.
+        if grep -q "= \"$want\" }" "$r/etc/shardline/catalog.toml"; then
             ok "catalog carries the digest of $(basename "$so")"
         else
             fail "catalog lacks the digest $want of $(basename "$so")"
