@@ -180,3 +180,63 @@ fn http_get_metrics(alloc: &Allocator) -> String {
     let (_, v) = alloc.api("GET", "/metrics", None);
     v.to_string()
 }
+
+#[test]
+fn an_api_listener_on_port_zero_says_which_port_it_got() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("api-port-0");
+    let key = dir.0.join("signing.key");
+    keygen(&key);
+    let cat = manifest_dir().join("catalog");
+    let cfg = dir.0.join("allocator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[broker]\nlisten = \"127.0.0.1:{mqtt}\"\n[store]\npath = \"{d}/a.redb\"\n[signer]\nkey_file = \"{k}\"\n\
+             [api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{d}/api-token\"\n\
+             [policy]\ncatalog = \"{c}/catalog.toml\"\nagreements = \"{c}/tiers.toml\"\n",
+            mqtt = free_port(),
+            d = dir.0.display(),
+            k = key.display(),
+            c = cat.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        if let Some(addr) = line.strip_prefix("admin API listening on ") {
+            got = Some(addr.parse::<std::net::SocketAddr>().unwrap());
+            break;
+        }
+    }
+    let addr = got.expect("the bound API address is printed");
+    assert_ne!(addr.port(), 0);
+    let r = shardline_allocator::service::http::request(
+        &format!("http://{addr}"),
+        "GET",
+        "/v1/health",
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "the printed port answers");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

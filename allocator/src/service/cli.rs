@@ -197,11 +197,16 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = effective_config(&args)?;
     let files = super::catalog_files::load_policy_files(&config.policy)?;
     let (catalog, agreements) = (&files.catalog, &files.agreements);
-    println!("catalog: {}", files.catalog_source);
-    println!("tiers: {}", files.agreements_source);
+    // Placeholders are allowed (the example catalog is all placeholders)
+    // but an operator must know: a device refuses a library with them.
+    let mut not_built: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (shard, arch) in super::catalog_files::not_built(catalog) {
-        println!(
-            "warning: catalog shard {shard}: sha256 for {arch} is all zero (not built; devices refuse it)"
+        not_built.entry(shard).or_default().push(arch);
+    }
+    for (shard, arches) in &not_built {
+        eprintln!(
+            "warning: catalog shard {shard}: all-zero sha256 (not built) for {}; devices refuse it",
+            arches.join(", ")
         );
     }
     let key = keys::read_secret(&config.signer.key_file)?;
@@ -222,7 +227,7 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "ok: {} capabilities, {} tiers, signing key {}, broker {}",
+        "ok: {} capabilities, {} tiers, signing key {}, broker {}\ncatalog: {}\ntiers: {}",
         catalog.capabilities.len(),
         agreements.tiers.len(),
         key.id(),
@@ -230,7 +235,9 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
             format!("embedded on {}", config.broker.listen)
         } else {
             config.broker.url.clone()
-        }
+        },
+        files.catalog_source,
+        files.agreements_source,
     );
     Ok(ExitCode::SUCCESS)
 }
