@@ -73,7 +73,10 @@ async fn vpn_pair_seals_one_key_to_each_device_and_never_shows_it() {
     let out = alloc.shardctl(&["--json", "config", "show", "gw-a"]);
     assert!(out.status.success(), "{out:?}");
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(shown["shards"]["auth-psk"]["missing"], serde_json::json!(["psk"]));
+    assert_eq!(
+        shown["shards"]["auth-psk"]["missing"],
+        serde_json::json!(["psk"])
+    );
 
     let mut a = Device::connect("gw-a", device_key(11), alloc.mqtt_port).await;
     let mut b = Device::connect("gw-b", device_key(12), alloc.mqtt_port).await;
@@ -81,7 +84,11 @@ async fn vpn_pair_seals_one_key_to_each_device_and_never_shows_it() {
         d.publish_status(Presence::Online).await;
         d.send_report().await;
     }
-    alloc.wait_metric("shardline_reports_accepted_total", 2.0, Duration::from_secs(10));
+    alloc.wait_metric(
+        "shardline_reports_accepted_total",
+        2.0,
+        Duration::from_secs(10),
+    );
     // The refusal is visible with the missing key.
     let (status, detail) = alloc.api("GET", "/v1/devices/gw-a", None);
     assert_eq!(status, 200);
@@ -116,27 +123,59 @@ async fn vpn_pair_seals_one_key_to_each_device_and_never_shows_it() {
     let auth_b = until_activated(&mut b, &alloc, "auth-psk", &mut raw).await;
     let ca = String::from_utf8(ta.primary.config.clone()).unwrap();
     let cb = String::from_utf8(tb.primary.config.clone()).unwrap();
-    assert!(ca.contains("role = initiator") && ca.contains("bind = 127.0.0.1:41001") && ca.contains("peer = 127.0.0.1:41002"), "{ca}");
-    assert!(cb.contains("role = responder") && cb.contains("bind = 127.0.0.1:41002") && cb.contains("peer = 127.0.0.1:41001"), "{cb}");
-    let sa = open_config(&device_key(11), &a.id, &auth_a.primary.shard, &auth_a.primary.sealed_config)
-        .expect("gw-a opens its box");
-    let sb = open_config(&device_key(12), &b.id, &auth_b.primary.shard, &auth_b.primary.sealed_config)
-        .expect("gw-b opens its box");
+    assert!(
+        ca.contains("role = initiator")
+            && ca.contains("bind = 127.0.0.1:41001")
+            && ca.contains("peer = 127.0.0.1:41002"),
+        "{ca}"
+    );
+    assert!(
+        cb.contains("role = responder")
+            && cb.contains("bind = 127.0.0.1:41002")
+            && cb.contains("peer = 127.0.0.1:41001"),
+        "{cb}"
+    );
+    let sa = open_config(
+        &device_key(11),
+        &a.id,
+        &auth_a.primary.shard,
+        &auth_a.primary.sealed_config,
+    )
+    .expect("gw-a opens its box");
+    let sb = open_config(
+        &device_key(12),
+        &b.id,
+        &auth_b.primary.shard,
+        &auth_b.primary.sealed_config,
+    )
+    .expect("gw-b opens its box");
     assert_eq!(sa, sb, "one key for the pair");
     assert_ne!(auth_a.primary.sealed_config, auth_b.primary.sealed_config);
-    assert!(open_config(&device_key(11), &b.id, &auth_b.primary.shard, &auth_b.primary.sealed_config).is_err());
+    assert!(open_config(
+        &device_key(11),
+        &b.id,
+        &auth_b.primary.shard,
+        &auth_b.primary.sealed_config
+    )
+    .is_err());
     let line = String::from_utf8(sa).unwrap();
     let psk = line.strip_prefix("psk = ").unwrap().trim().to_owned();
     assert_eq!(psk.len(), 64, "a fresh 32-byte key");
 
     // Nowhere in clear.
     for p in &raw {
-        assert!(!contains(p, psk.as_bytes()), "the key is on the broker in clear");
+        assert!(
+            !contains(p, psk.as_bytes()),
+            "the key is on the broker in clear"
+        );
     }
     let out = alloc.shardctl(&["config", "show", "gw-b"]);
     assert!(out.status.success());
     assert!(!contains(&out.stdout, psk.as_bytes()));
-    assert!(contains(&out.stdout, b"\"psk\""), "the secret's name is shown");
+    assert!(
+        contains(&out.stdout, b"\"psk\""),
+        "the secret's name is shown"
+    );
     let (status, body) = alloc.api("GET", "/v1/devices/gw-a/config", None);
     assert_eq!(status, 200);
     assert!(!body.to_string().contains(&psk));
@@ -154,7 +193,10 @@ async fn vpn_pair_seals_one_key_to_each_device_and_never_shows_it() {
     );
     assert_eq!(status, 200);
     let (_, body) = alloc.api("GET", "/v1/devices/gw-a/config", None);
-    assert_eq!(body["shards"]["auth-psk"]["secret_keys"], serde_json::json!(["psk"]));
+    assert_eq!(
+        body["shards"]["auth-psk"]["secret_keys"],
+        serde_json::json!(["psk"])
+    );
     assert!(!body.to_string().contains(&"ab".repeat(32)));
     // A malformed body with a secret is refused without echoing it.
     let (status, body) = alloc.api(

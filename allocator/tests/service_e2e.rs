@@ -45,7 +45,10 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
         "--secret",
         &format!("psk={}", "5d".repeat(32)),
     ]);
-    assert!(out.status.success(), "shardctl config set --secret: {out:?}");
+    assert!(
+        out.status.success(),
+        "shardctl config set --secret: {out:?}"
+    );
 
     let mut dev = Device::connect("router-1", key, broker_port).await;
     dev.publish_status(Presence::Online).await;

@@ -158,9 +158,8 @@ fn main() {
                 tenant: Some(format!("tenant-{}", i % 100)),
             },
         );
-        let config = shardline_allocator_core::policy::simulate::placeholder_device_config(
-            engine.catalog(),
-        );
+        let config =
+            shardline_allocator_core::policy::simulate::placeholder_device_config(engine.catalog());
         engine.handle(
             now,
             Event::DeviceConfig {

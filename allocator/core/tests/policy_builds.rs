@@ -155,7 +155,11 @@ fn digests_parse_per_architecture_or_for_every_one() {
     assert_eq!(tunnel.for_arch(Some("x86_64")), Some([0x11; 32]));
     assert_eq!(tunnel.for_arch(Some("aarch64")), Some([0x22; 32]));
     assert_eq!(tunnel.for_arch(Some("arm")), None);
-    assert_eq!(tunnel.for_arch(None), None, "unknown arch: only a universal digest fits");
+    assert_eq!(
+        tunnel.for_arch(None),
+        None,
+        "unknown arch: only a universal digest fits"
+    );
     let portable = &c.shards["portable"].builds;
     assert_eq!(portable, &Builds::universal([0x90; 32]));
     assert_eq!(portable.for_arch(Some("arm")), Some([0x90; 32]));
@@ -201,9 +205,15 @@ fn bad_digests_architectures_and_secrets_in_clear_are_refused_with_line_and_fiel
     let want = text.lines().position(|l| l.starts_with("psk = ")).unwrap() + 1;
     assert_eq!((line, field.as_str()), (want, "config"));
     assert!(message.contains("\"psk\" is secret"), "{message}");
-    assert!(!message.contains("5d5d"), "the message repeats the secret: {message}");
+    assert!(
+        !message.contains("5d5d"),
+        "the message repeats the secret: {message}"
+    );
 
-    let text = catalog_text(BOTH).replace("device_config = [\"peer\"]", "device_config = [\"Peer Addr\"]");
+    let text = catalog_text(BOTH).replace(
+        "device_config = [\"peer\"]",
+        "device_config = [\"Peer Addr\"]",
+    );
     let (_, field, _) = err(&text);
     assert_eq!(field, "device_config");
 }
@@ -233,9 +243,15 @@ fn a_device_gets_the_builds_of_its_architecture_and_the_alternative_where_none()
     assert_eq!(tunnel.primary.bandwidth_kbps, 10_000);
     // The device's value replaces the catalog's line.
     let cfg = String::from_utf8(tunnel.primary.config.clone()).unwrap();
-    assert!(cfg.contains("retry_ms = 1000") && cfg.contains("peer = sim"), "{cfg}");
+    assert!(
+        cfg.contains("retry_ms = 1000") && cfg.contains("peer = sim"),
+        "{cfg}"
+    );
     assert!(!cfg.contains("198.51.100.1"), "{cfg}");
-    assert!(find(&acts, "auth").primary.sealed_config.is_empty(), "the engine never seals");
+    assert!(
+        find(&acts, "auth").primary.sealed_config.is_empty(),
+        "the engine never seals"
+    );
 
     // aarch64: no build of `fast`, so `portable` runs, with no alternative.
     let out = e.handle(0, Event::Report(vpn_report(&a, 1, "aarch64")));
@@ -291,7 +307,13 @@ fn a_missing_device_key_refuses_the_capability_until_set() {
     // Setting it grants the capability at once.
     configure(&mut e, 1, &d);
     let out = e.handle(2, Event::Tick);
-    let granted: Vec<String> = e.device(&d).unwrap().leases.iter().map(|l| l.shard.id().to_owned()).collect();
+    let granted: Vec<String> = e
+        .device(&d)
+        .unwrap()
+        .leases
+        .iter()
+        .map(|l| l.shard.id().to_owned())
+        .collect();
     assert!(granted.contains(&"auth".to_owned()), "{granted:?} {out:?}");
 }
 

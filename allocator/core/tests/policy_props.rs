@@ -249,12 +249,18 @@ fn check_all(e: &Engine, now: u64, out: &[Action]) {
                     assert!(act.priority <= tier.max_priority);
                     let spec = &e.catalog().shards[act.primary.shard.id()];
                     // Test devices report x86_64.
-                    assert_eq!(Some(act.primary.sha256), spec.builds.for_arch(Some("x86_64")));
+                    assert_eq!(
+                        Some(act.primary.sha256),
+                        spec.builds.for_arch(Some("x86_64"))
+                    );
                     assert!(act.alternatives.len() <= shardline_shared::msg::MAX_ALTERNATIVES);
                     for alt in &act.alternatives {
                         let a = &e.catalog().shards[alt.shard.id()];
                         assert_eq!(a.capability, act.capability);
-                        assert!(a.units <= spec.units, "a failover may not exceed the budget");
+                        assert!(
+                            a.units <= spec.units,
+                            "a failover may not exceed the budget"
+                        );
                     }
                 }
             }

@@ -46,7 +46,8 @@ fn catalog_errors_name_file_line_and_field() {
     let good = CATALOG;
     // A bad digest on the crypto shard: its line, field `sha256`.
     let zero = "0".repeat(64);
-    let digests = format!("sha256 = {{ x86_64 = \"{zero}\", aarch64 = \"{zero}\", arm = \"{zero}\" }}");
+    let digests =
+        format!("sha256 = {{ x86_64 = \"{zero}\", aarch64 = \"{zero}\", arm = \"{zero}\" }}");
     let bad = good.replacen(
         &format!("{digests}\ncapability = \"vpn\"\nkind = \"compute\"\ncpu_permille = 150"),
         "sha256 = \"xyz\"\ncapability = \"vpn\"\nkind = \"compute\"\ncpu_permille = 150",

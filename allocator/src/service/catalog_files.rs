@@ -42,7 +42,9 @@ pub const BUILTIN_TIERS: &str = include_str!("../../catalog/tiers.toml");
 pub enum Source {
     File(std::path::PathBuf),
     /// The built-in copy; the default path it stands in for was absent.
-    BuiltIn { absent: std::path::PathBuf },
+    BuiltIn {
+        absent: std::path::PathBuf,
+    },
 }
 
 impl std::fmt::Display for Source {
@@ -63,7 +65,11 @@ pub struct PolicyFiles {
     pub agreements_source: Source,
 }
 
-fn text_of(path: &Path, default: &Path, builtin: &str) -> Result<(String, Source), CatalogFileError> {
+fn text_of(
+    path: &Path,
+    default: &Path,
+    builtin: &str,
+) -> Result<(String, Source), CatalogFileError> {
     if path == default && !path.exists() {
         return Ok((
             builtin.to_owned(),
@@ -142,11 +148,16 @@ mod tests {
         // A default path that exists is read.
         std::fs::write(&default, "[units]\n").unwrap();
         let (text, source) = text_of(&default, &default, BUILTIN_CATALOG).unwrap();
-        assert_eq!((text.as_str(), source), ("[units]\n", Source::File(default)));
+        assert_eq!(
+            (text.as_str(), source),
+            ("[units]\n", Source::File(default))
+        );
         // The built-in pair loads, and its placeholders are listed.
         let catalog = Catalog::from_toml_str(BUILTIN_CATALOG, "built-in").unwrap();
         Agreements::from_toml_str(BUILTIN_TIERS, "built-in", &catalog).unwrap();
-        assert!(not_built(&catalog).iter().any(|(s, a)| s == "auth-psk" && a == "arm"));
+        assert!(not_built(&catalog)
+            .iter()
+            .any(|(s, a)| s == "auth-psk" && a == "arm"));
     }
 
     #[test]

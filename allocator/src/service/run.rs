@@ -106,7 +106,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     for (shard, arch) in catalog_files::not_built(&files.catalog) {
         tracing::warn!(%shard, %arch, "catalog digest is all zero (not built): devices will refuse it");
     }
-    let engine = Engine::new(files.catalog, files.agreements, config.policy.engine.clone());
+    let engine = Engine::new(
+        files.catalog,
+        files.agreements,
+        config.policy.engine.clone(),
+    );
     let records = store.load_devices()?;
     let tokens = store.load_tokens()?;
     tracing::info!(

@@ -351,12 +351,26 @@ fn parse_sha256(s: &str) -> Option<[u8; 32]> {
 /// Architecture names as agents report them (`std::env::consts::ARCH`);
 /// a typo here would silently leave a device without a build.
 const KNOWN_ARCHES: &[&str] = &[
-    "x86_64", "x86", "aarch64", "arm", "riscv64", "mips", "mips64", "powerpc64", "s390x",
+    "x86_64",
+    "x86",
+    "aarch64",
+    "arm",
+    "riscv64",
+    "mips",
+    "mips64",
+    "powerpc64",
+    "s390x",
     "loongarch64",
 ];
 
 fn parse_builds(src: &Source<'_>, v: &Spanned<toml::Value>) -> Result<Builds, CatalogError> {
-    let bad = |what: &str| src.err(v.span(), "sha256", format!("{what}: must be 64 hexadecimal characters"));
+    let bad = |what: &str| {
+        src.err(
+            v.span(),
+            "sha256",
+            format!("{what}: must be 64 hexadecimal characters"),
+        )
+    };
     match v.get_ref() {
         toml::Value::String(s) => parse_sha256(s)
             .map(Builds::universal)
@@ -386,7 +400,10 @@ fn parse_builds(src: &Source<'_>, v: &Spanned<toml::Value>) -> Result<Builds, Ca
             if per_arch.is_empty() {
                 return Err(src.err(v.span(), "sha256", "names no architecture"));
             }
-            Ok(Builds { any: None, per_arch })
+            Ok(Builds {
+                any: None,
+                per_arch,
+            })
         }
         _ => Err(bad("a string or a table `arch = \"hex\"`")),
     }
@@ -397,8 +414,7 @@ fn parse_builds(src: &Source<'_>, v: &Spanned<toml::Value>) -> Result<Builds, Ca
 pub fn valid_config_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 64
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 

@@ -25,7 +25,10 @@ impl RngCore for TestRng {
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), crypto_box::aead::rand_core::Error> {
+    fn try_fill_bytes(
+        &mut self,
+        dest: &mut [u8],
+    ) -> Result<(), crypto_box::aead::rand_core::Error> {
         self.fill_bytes(dest);
         Ok(())
     }
@@ -141,7 +144,13 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-fn set(core: &mut Core, d: &DeviceId, shard: &str, clear: &[(&str, &str)], secret: &[(&str, &str)]) -> Reply {
+fn set(
+    core: &mut Core,
+    d: &DeviceId,
+    shard: &str,
+    clear: &[(&str, &str)],
+    secret: &[(&str, &str)],
+) -> Reply {
     let map = |kv: &[(&str, &str)]| {
         kv.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -180,7 +189,10 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
         "vpn needs device config auth-psk:psk — shardctl config set gw-a auth-psk --secret psk=…"
     );
     assert_eq!(view.budget_data_units, 3);
-    assert!(view.leases.is_empty(), "a refused capability is not charged");
+    assert!(
+        view.leases.is_empty(),
+        "a refused capability is not charged"
+    );
 
     // A secret given as clear is refused, naming the key, not its value.
     let r = set(&mut core, &d, "auth-psk", &[("psk", PSK)], &[]);
@@ -190,38 +202,69 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(set(&mut core, &d, "auth-psk", &[], &[("psk", PSK)]), Reply::Ok));
+    assert!(matches!(
+        set(&mut core, &d, "auth-psk", &[], &[("psk", PSK)]),
+        Reply::Ok
+    ));
     let step = core.take_step();
-    assert!(activations(&instructions(&step, &d)).is_empty(), "role, bind, peer still missing");
+    assert!(
+        activations(&instructions(&step, &d)).is_empty(),
+        "role, bind, peer still missing"
+    );
     assert!(matches!(
         core.engine().device(&d).unwrap().refusals["vpn"],
         policy::Refusal::MissingDeviceConfig { ref key, secret: false, .. } if key == "role"
     ));
     assert!(matches!(
-        set(&mut core, &d, "vpn-tunnel", &[("role", "initiator"), ("bind", "10.0.0.1:5000"), ("peer", "10.0.0.2:5000")], &[]),
+        set(
+            &mut core,
+            &d,
+            "vpn-tunnel",
+            &[
+                ("role", "initiator"),
+                ("bind", "10.0.0.1:5000"),
+                ("peer", "10.0.0.2:5000")
+            ],
+            &[]
+        ),
         Reply::Ok
     ));
     let step = core.take_step();
     // The record is written with the change; its Debug never shows the secret.
-    let rec = step.batch.put_devices.iter().find(|r| r.device == d).unwrap();
+    let rec = step
+        .batch
+        .put_devices
+        .iter()
+        .find(|r| r.device == d)
+        .unwrap();
     assert_eq!(rec.shard_config["auth-psk"].secret["psk"], PSK);
     assert!(!format!("{rec:?}").contains(PSK));
     let instrs = instructions(&step, &d);
     let acts = activations(&instrs);
     let ids: Vec<&str> = acts.iter().map(|a| a.primary.shard.id()).collect();
-    assert!(ids.contains(&"vpn-tunnel") && ids.contains(&"auth-psk"), "{ids:?}");
+    assert!(
+        ids.contains(&"vpn-tunnel") && ids.contains(&"auth-psk"),
+        "{ids:?}"
+    );
     for p in step.publish.iter().filter(|p| p.topic == topics::instr(&d)) {
-        assert!(!contains(&p.payload, PSK.as_bytes()), "the secret is on the wire in clear");
+        assert!(
+            !contains(&p.payload, PSK.as_bytes()),
+            "the secret is on the wire in clear"
+        );
     }
     let catalog = core.engine().catalog();
     for a in &acts {
         // The digest is the device's architecture's (aarch64).
         let spec = &catalog.shards[a.primary.shard.id()];
-        assert_eq!(Some(a.primary.sha256), spec.builds.for_arch(Some("aarch64")));
+        assert_eq!(
+            Some(a.primary.sha256),
+            spec.builds.for_arch(Some("aarch64"))
+        );
         assert!(a.alternatives.len() <= MAX_ALTERNATIVES);
         assert_eq!(a.primary.bandwidth_kbps, spec.cost.bandwidth_kbps);
         if a.primary.shard.id() == "auth-psk" {
-            let secret = open_config(&key(2), &d, &a.primary.shard, &a.primary.sealed_config).unwrap();
+            let secret =
+                open_config(&key(2), &d, &a.primary.shard, &a.primary.sealed_config).unwrap();
             assert_eq!(String::from_utf8(secret).unwrap(), format!("psk = {PSK}\n"));
             assert!(!contains(&a.primary.config, b"psk"));
         } else {
@@ -229,7 +272,10 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
         }
         if a.primary.shard.id() == "vpn-tunnel" {
             let c = String::from_utf8(a.primary.config.clone()).unwrap();
-            assert!(c.contains("role = initiator") && c.contains("peer = 10.0.0.2:5000"), "{c}");
+            assert!(
+                c.contains("role = initiator") && c.contains("peer = 10.0.0.2:5000"),
+                "{c}"
+            );
         }
         if a.primary.shard.id() == "crypto-aes256gcm" {
             let alts: Vec<&str> = a.alternatives.iter().map(|v| v.shard.id()).collect();
@@ -237,8 +283,17 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
         }
     }
     // Another device's key does not open it.
-    let auth = acts.iter().find(|a| a.primary.shard.id() == "auth-psk").unwrap();
-    assert!(open_config(&key(9), &d, &auth.primary.shard, &auth.primary.sealed_config).is_err());
+    let auth = acts
+        .iter()
+        .find(|a| a.primary.shard.id() == "auth-psk")
+        .unwrap();
+    assert!(open_config(
+        &key(9),
+        &d,
+        &auth.primary.shard,
+        &auth.primary.sealed_config
+    )
+    .is_err());
 
     // The operator's view names the secret key, never its value.
     match core.on_command(1_000_200, Command::DeviceConfig { device: d.clone() }) {
@@ -252,11 +307,23 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
     }
 
     // A changed secret re-sends the activation, sealed again.
-    assert!(matches!(set(&mut core, &d, "auth-psk", &[], &[("psk", &"ab".repeat(32))]), Reply::Ok));
+    assert!(matches!(
+        set(&mut core, &d, "auth-psk", &[], &[("psk", &"ab".repeat(32))]),
+        Reply::Ok
+    ));
     let step = core.take_step();
     let acts = activations(&instructions(&step, &d));
-    let auth = acts.iter().find(|a| a.primary.shard.id() == "auth-psk").expect("re-sent");
-    let secret = open_config(&key(2), &d, &auth.primary.shard, &auth.primary.sealed_config).unwrap();
+    let auth = acts
+        .iter()
+        .find(|a| a.primary.shard.id() == "auth-psk")
+        .expect("re-sent");
+    let secret = open_config(
+        &key(2),
+        &d,
+        &auth.primary.shard,
+        &auth.primary.sealed_config,
+    )
+    .unwrap();
     assert_eq!(secret, format!("psk = {}\n", "ab".repeat(32)).into_bytes());
 }
 
@@ -284,16 +351,29 @@ fn vpn_pair_configures_both_ends_with_one_key_sealed_to_each() {
     assert!(matches!(r, Reply::Ok), "{r:?}");
     let step = core.take_step();
     let mut sealed = Vec::new();
-    for (d, k, role, peer) in [(&a, 2, "initiator", "192.0.2.2:51820"), (&b, 3, "responder", "192.0.2.1:51820")] {
+    for (d, k, role, peer) in [
+        (&a, 2, "initiator", "192.0.2.2:51820"),
+        (&b, 3, "responder", "192.0.2.1:51820"),
+    ] {
         for p in step.publish.iter().filter(|p| p.topic == topics::instr(d)) {
             assert!(!contains(&p.payload, hex::encode(psk).as_bytes()));
         }
         let acts = activations(&instructions(&step, d));
-        let tunnel = acts.iter().find(|x| x.primary.shard.id() == "vpn-tunnel").expect("tunnel");
+        let tunnel = acts
+            .iter()
+            .find(|x| x.primary.shard.id() == "vpn-tunnel")
+            .expect("tunnel");
         let c = String::from_utf8(tunnel.primary.config.clone()).unwrap();
-        assert!(c.contains(&format!("role = {role}")) && c.contains(&format!("peer = {peer}")), "{c}");
-        let auth = acts.iter().find(|x| x.primary.shard.id() == "auth-psk").expect("auth");
-        let secret = open_config(&key(k), d, &auth.primary.shard, &auth.primary.sealed_config).unwrap();
+        assert!(
+            c.contains(&format!("role = {role}")) && c.contains(&format!("peer = {peer}")),
+            "{c}"
+        );
+        let auth = acts
+            .iter()
+            .find(|x| x.primary.shard.id() == "auth-psk")
+            .expect("auth");
+        let secret =
+            open_config(&key(k), d, &auth.primary.shard, &auth.primary.sealed_config).unwrap();
         assert_eq!(secret, format!("psk = {}\n", hex::encode(psk)).into_bytes());
         sealed.push(auth.primary.sealed_config.clone());
     }
@@ -308,7 +388,17 @@ fn without_randomness_an_activation_with_a_secret_is_not_sent() {
     let mut core = core();
     core.seal_rng = None;
     let d = enroll(&mut core, "gw-a", 2);
-    set(&mut core, &d, "vpn-tunnel", &[("role", "initiator"), ("bind", "10.0.0.1:5000"), ("peer", "10.0.0.2:5000")], &[]);
+    set(
+        &mut core,
+        &d,
+        "vpn-tunnel",
+        &[
+            ("role", "initiator"),
+            ("bind", "10.0.0.1:5000"),
+            ("peer", "10.0.0.2:5000"),
+        ],
+        &[],
+    );
     set(&mut core, &d, "auth-psk", &[], &[("psk", PSK)]);
     let bytes = sign::seal(Domain::Report, &vpn_report(&d, 1), &[&key(2)]);
     core.on_message(1_000_100, &topics::report(&d), &bytes);

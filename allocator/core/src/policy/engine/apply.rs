@@ -45,8 +45,8 @@ pub(crate) fn merged_config(spec: &ShardSpec, device: Option<&ShardConfigView>) 
 /// member then its alternatives), `id` itself left out.
 pub(crate) fn siblings<'c>(catalog: &'c Catalog, id: &str) -> Vec<&'c ShardSpec> {
     for spec in catalog.shards.values() {
-        let options = std::iter::once(spec.shard.id())
-            .chain(spec.alternatives.iter().map(String::as_str));
+        let options =
+            std::iter::once(spec.shard.id()).chain(spec.alternatives.iter().map(String::as_str));
         if spec.alternatives.is_empty() || !options.clone().any(|o| o == id) {
             continue;
         }
@@ -74,13 +74,13 @@ fn variant(
     })
 }
 
-/// The activation of `spec` on a device in state `st`.
+/// The activation of `spec` on a device in state `st` (its lease end is
+/// filled in by the caller).
 fn shard_activation(
     catalog: &Catalog,
     spec: &ShardSpec,
     capability: &str,
     priority: u8,
-    expires: u64,
     st: &DeviceState,
     config: Option<&DeviceConfigView>,
     now: u64,
@@ -91,7 +91,7 @@ fn shard_activation(
         .into_iter()
         .filter(|a| a.kind == spec.kind && a.units <= spec.units)
         .filter(|a| !st.revoked.contains(a.shard.id()))
-        .filter(|a| !st.avoid_until.get(a.shard.id()).is_some_and(|&t| t > now))
+        .filter(|a| st.avoid_until.get(a.shard.id()).is_none_or(|&t| t <= now))
         .filter(|a| unusable(a, arch, config).is_none())
         .filter_map(|a| variant(a, arch, config, priority))
         .take(MAX_ALTERNATIVES)
@@ -102,7 +102,7 @@ fn shard_activation(
         capability: capability.to_owned(),
         kind: spec.kind,
         priority,
-        lease_expires_at_ms: expires,
+        lease_expires_at_ms: 0,
     })
 }
 
@@ -202,7 +202,7 @@ impl Engine {
             let limits = limits_of(spec, *priority);
             // The planner chose only shards with a build for this device.
             let Some(probe) =
-                shard_activation(catalog, spec, ch.capability, *priority, 0, st, dcfg, now)
+                shard_activation(catalog, spec, ch.capability, *priority, st, dcfg, now)
             else {
                 continue;
             };
