@@ -254,7 +254,13 @@ fn a_device_gets_the_builds_of_its_architecture_and_the_alternative_where_none()
     );
 
     // aarch64: no build of `fast`, so `portable` runs, with no alternative.
+    assert_eq!(e.device(&a).unwrap().arch, None, "no report yet");
     let out = e.handle(0, Event::Report(vpn_report(&a, 1, "aarch64")));
+    assert_eq!(
+        e.device(&a).unwrap().arch.as_deref(),
+        Some("aarch64"),
+        "learnt from the signed report"
+    );
     let acts = activations(&out);
     assert_eq!(find(&acts, "tunnel").primary.sha256, [0x22; 32]);
     let portable = find(&acts, "portable");

@@ -613,6 +613,10 @@ pub struct DeviceView {
     pub refusals: BTreeMap<String, Refusal>,
     pub last_qos: Option<QosSummary>,
     pub flaps: u64,
+    /// The architecture the device's signed reports give (`None` before
+    /// the first): which builds of a shard it can be sent.
+    #[serde(default)]
+    pub arch: Option<String>,
 }
 
 /// Units in use per tier.

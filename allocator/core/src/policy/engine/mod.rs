@@ -355,6 +355,7 @@ impl Engine {
             refusals: st.refusals.clone(),
             last_qos: st.last_report.clone(),
             flaps: st.flaps,
+            arch: plan::device_arch(st).map(str::to_owned),
         })
     }
 
