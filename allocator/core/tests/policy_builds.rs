@@ -348,5 +348,32 @@ fn a_changed_value_re_sends_the_activation() {
     let cfg = String::from_utf8(acts[0].primary.config.clone()).unwrap();
     assert!(cfg.contains("peer = 203.0.113.9:7"), "{cfg}");
     // No deactivation: the new activation replaces the running one.
-    assert!(!out.iter().any(|a| matches!(a, Action::Instruct { ops, .. } if ops.iter().any(|o| matches!(o, Operation::Deactivate { .. })))));
+    let deactivated = |out: &[Action]| -> Vec<String> {
+        out.iter()
+            .flat_map(|a| match a {
+                Action::Instruct { ops, .. } => ops.clone(),
+                _ => vec![],
+            })
+            .filter_map(|o| match o {
+                Operation::Deactivate { shard } => Some(shard.id().to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(deactivated(&out).is_empty(), "{out:?}");
+    // A required key removed: the capability is released, deactivated.
+    let mut config = e.device_config(&d).cloned().unwrap();
+    config.get_mut("tunnel").unwrap().clear.remove("peer");
+    let out = e.handle(
+        20,
+        Event::DeviceConfig {
+            device: d.clone(),
+            config,
+            changed: ["tunnel".to_owned()].into(),
+        },
+    );
+    let mut gone = deactivated(&out);
+    gone.sort();
+    assert_eq!(gone, ["auth", "fast", "tunnel"], "{out:?}");
+    assert!(e.device(&d).unwrap().leases.is_empty());
 }

@@ -108,7 +108,7 @@ fn shard_activation(
 
 impl Engine {
     /// The operator changed the device's per-device configuration: keep
-    /// it, re-grant the leases of shards whose values changed (so their
+    /// it, make the leases of shards whose values changed due (so their
     /// activation is re-sent with the new configuration) and re-plan.
     pub(super) fn on_device_config(
         &mut self,
@@ -125,21 +125,17 @@ impl Engine {
         let catalog = Arc::clone(&self.catalog);
         if let Some(st) = self.devices.get_mut(device) {
             // A lease whose shard (or an alternative it carries) changed is
-            // dropped without a deactivation: the plan grants it again at
-            // once, and the new activation replaces the running one.
-            let stale: Vec<String> = st
-                .leases
-                .keys()
-                .filter(|id| {
-                    changed.contains(id.as_str())
-                        || siblings(&catalog, id)
-                            .iter()
-                            .any(|s| changed.contains(s.shard.id()))
-                })
-                .cloned()
-                .collect();
-            for id in stale {
-                st.leases.remove(&id);
+            // made due for renewal: the plan re-sends its activation with
+            // the new values (which replaces the running one), or, when a
+            // key it needs is gone, releases it with a deactivation.
+            for (id, lease) in st.leases.iter_mut() {
+                let touched = changed.contains(id.as_str())
+                    || siblings(&catalog, id)
+                        .iter()
+                        .any(|s| changed.contains(s.shard.id()));
+                if touched {
+                    lease.expires_at_ms = lease.expires_at_ms.min(now);
+                }
             }
             st.wake_at_ms = 0;
         }
