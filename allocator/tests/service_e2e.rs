@@ -26,6 +26,30 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
     let listed = alloc.shardctl(&["devices"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("router-1"));
 
+    // Its vpn ends and key, per device (the vpn shards require them).
+    let out = alloc.shardctl(&[
+        "config",
+        "set",
+        "router-1",
+        "vpn-tunnel",
+        "role=initiator",
+        "bind=127.0.0.1:41001",
+        "peer=127.0.0.1:41002",
+    ]);
+    assert!(out.status.success(), "shardctl config set: {out:?}");
+    let out = alloc.shardctl(&[
+        "config",
+        "set",
+        "router-1",
+        "auth-psk",
+        "--secret",
+        &format!("psk={}", "5d".repeat(32)),
+    ]);
+    assert!(
+        out.status.success(),
+        "shardctl config set --secret: {out:?}"
+    );
+
     let mut dev = Device::connect("router-1", key, broker_port).await;
     dev.publish_status(Presence::Online).await;
     let seq = dev.send_report().await;
@@ -45,7 +69,7 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
         instr
             .ops
             .iter()
-            .any(|op| matches!(op, Operation::Activate(a) if a.capability == "vpn")),
+            .any(|op| matches!(op, Operation::ActivateShard(a) if a.capability == "vpn")),
         "the vpn capability is activated: {instr:?}"
     );
     dev.ack(instr.seq, AckOutcome::Applied).await;

@@ -158,6 +158,16 @@ fn main() {
                 tenant: Some(format!("tenant-{}", i % 100)),
             },
         );
+        let config =
+            shardline_allocator_core::policy::simulate::placeholder_device_config(engine.catalog());
+        engine.handle(
+            now,
+            Event::DeviceConfig {
+                device: id.clone(),
+                config,
+                changed: Default::default(),
+            },
+        );
     }
     let mut rng = SplitMix64::new(42);
     let mut seq = 1;

@@ -11,6 +11,39 @@
 pub use crate::policy::Tombstone;
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::DeviceId;
+use std::collections::BTreeMap;
+
+/// One shard's per-device configuration: clear `key = value`s (sent in the
+/// activation) and secret ones (sealed to the device at the service edge;
+/// never logged, never shown: [`Debug`] prints their names only).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceShardConfig {
+    pub clear: BTreeMap<String, String>,
+    pub secret: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for DeviceShardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceShardConfig")
+            .field("clear", &self.clear)
+            .field("secret_keys", &self.secret.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl DeviceShardConfig {
+    /// The secret lines as the shard reads them, to be sealed.
+    pub fn secret_lines(&self) -> Vec<u8> {
+        let mut out = String::new();
+        for (k, v) in &self.secret {
+            out.push_str(k);
+            out.push_str(" = ");
+            out.push_str(v);
+            out.push('\n');
+        }
+        out.into_bytes()
+    }
+}
 
 /// How far ahead of use instruction sequence numbers are reserved (persisted).
 pub const SEQ_BLOCK: u64 = 64;
@@ -56,6 +89,10 @@ pub struct DeviceRecord {
     /// `postcard` of the policy engine's per-device state (profile, leases,
     /// reputation, forecasts), or empty before the engine first saw the device.
     pub engine_state: Vec<u8>,
+    /// Shard id ⇒ this device's own configuration of it (set by the
+    /// operator). Last field, so a record written before it existed decodes
+    /// with an empty map (the stores append the empty map's byte).
+    pub shard_config: BTreeMap<String, DeviceShardConfig>,
     /// Write version: how many times this record was committed since it was
     /// created. Kept by the store beside the body (not encoded in it); a
     /// batch carries the version the record will have after the commit.
@@ -88,6 +125,7 @@ impl DeviceRecord {
             instructions_applied: 0,
             instructions_rejected: 0,
             engine_state: Vec::new(),
+            shard_config: BTreeMap::new(),
             version: 0,
         }
     }
@@ -102,6 +140,23 @@ impl DeviceRecord {
         }
         self.next_instruction_seq = seq + 1;
         seq
+    }
+
+    /// What the engine may know of the device's configuration: clear values
+    /// and the names of secret keys.
+    pub fn config_view(&self) -> crate::policy::DeviceConfigView {
+        self.shard_config
+            .iter()
+            .map(|(shard, c)| {
+                (
+                    shard.clone(),
+                    crate::policy::ShardConfigView {
+                        clear: c.clear.clone(),
+                        secret_keys: c.secret.keys().cloned().collect(),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Called on a record loaded from disk: resume numbering above every

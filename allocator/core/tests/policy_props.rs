@@ -85,6 +85,20 @@ fn run(steps: &[Step], check: bool) -> Vec<(u64, Vec<Action>)> {
             check_all(&e, now, &out);
         }
         log.push((now, out));
+        let config =
+            shardline_allocator_core::policy::simulate::placeholder_device_config(e.catalog());
+        let out = e.handle(
+            now,
+            Event::DeviceConfig {
+                device: ids[i].clone(),
+                config,
+                changed: Default::default(),
+            },
+        );
+        if check {
+            check_all(&e, now, &out);
+        }
+        log.push((now, out));
     }
     for s in steps {
         let event = match s.clone() {
@@ -221,7 +235,7 @@ fn check_all(e: &Engine, now: u64, out: &[Action]) {
                 .map(|v| v.tier)
                 .unwrap_or_else(|| "tight".into())];
             for op in ops {
-                if let Operation::Activate(act) = op {
+                if let Operation::ActivateShard(act) = op {
                     assert!(
                         tier.capabilities.contains(&act.capability),
                         "activated {} outside the agreement",
@@ -233,8 +247,21 @@ fn check_all(e: &Engine, now: u64, out: &[Action]) {
                         "lease over the tier cap"
                     );
                     assert!(act.priority <= tier.max_priority);
-                    let spec = &e.catalog().shards[act.shard.id()];
-                    assert_eq!(act.sha256, spec.sha256);
+                    let spec = &e.catalog().shards[act.primary.shard.id()];
+                    // Test devices report x86_64.
+                    assert_eq!(
+                        Some(act.primary.sha256),
+                        spec.builds.for_arch(Some("x86_64"))
+                    );
+                    assert!(act.alternatives.len() <= shardline_shared::msg::MAX_ALTERNATIVES);
+                    for alt in &act.alternatives {
+                        let a = &e.catalog().shards[alt.shard.id()];
+                        assert_eq!(a.capability, act.capability);
+                        assert!(
+                            a.units <= spec.units,
+                            "a failover may not exceed the budget"
+                        );
+                    }
                 }
             }
         }

@@ -45,8 +45,11 @@ fn catalog_err(text: &str) -> (usize, String, String) {
 fn catalog_errors_name_file_line_and_field() {
     let good = CATALOG;
     // A bad digest on the crypto shard: its line, field `sha256`.
+    let zero = "0".repeat(64);
+    let digests =
+        format!("sha256 = {{ x86_64 = \"{zero}\", aarch64 = \"{zero}\", arm = \"{zero}\" }}");
     let bad = good.replacen(
-        "sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\ncapability = \"vpn\"\nkind = \"compute\"\ncpu_permille = 150",
+        &format!("{digests}\ncapability = \"vpn\"\nkind = \"compute\"\ncpu_permille = 150"),
         "sha256 = \"xyz\"\ncapability = \"vpn\"\nkind = \"compute\"\ncpu_permille = 150",
         1,
     );
@@ -293,7 +296,7 @@ fn drain_releases_everything_and_pin_keeps_a_shard_without_demand() {
     let ops = ops_for(&out, &d);
     assert_eq!(activated(&ops), strs(&QOS));
     let pri = ops.iter().find_map(|o| match o {
-        Operation::Activate(a) if a.shard.id() == "qos-shaper" => Some(a.priority),
+        Operation::ActivateShard(a) if a.primary.shard.id() == "qos-shaper" => Some(a.priority),
         _ => None,
     });
     assert_eq!(pri, Some(100));
@@ -835,11 +838,19 @@ fn borrowing_refusals() {
             ..
         }
     ));
-    // Below the reputation threshold.
+    // Below the reputation threshold (the starting reputation: one penalty
+    // takes a fresh device under it).
     let mut e = engine();
     let (l, b) = (dev("l"), dev("b"));
     enroll(&mut e, 0, &l, "tight", Some("t"));
     enroll(&mut e, 0, &b, "tight", Some("t"));
+    e.handle(
+        0,
+        Event::ComplianceEvent {
+            device: b.clone(),
+            kind: ComplianceKind::ReplayedReport,
+        },
+    );
     send(&mut e, 0, &l, 1, vec![secure(100_000)]);
     send(&mut e, 0, &b, 1, vec![secure(100_000), calls(100_000)]);
     assert!(matches!(
@@ -1085,6 +1096,9 @@ fn device_state_round_trips_and_a_fresh_engine_continues_identically() {
     assert_eq!(&from_postcard, a.device_state(&d).unwrap());
     let mut b = engine();
     b.restore_device(d.clone(), restored);
+    // The per-device configuration lives in the service's record, which
+    // hands it over on restore.
+    b.restore_device_config(d.clone(), a.device_config(&d).cloned().unwrap_or_default());
     assert!(b.take_dirty().is_empty());
     for (i, now) in [(2u64, 10 * MIN), (3, 40 * MIN), (4, 70 * MIN)] {
         let ra = send(&mut a, now, &d, i, vec![calls(100_000)]);

@@ -7,7 +7,13 @@
 //! request, except `/v1/health` and `/metrics` when public):
 //! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
-//! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`.
+//! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`,
+//! `GET /v1/devices/{id}/config` (secret key *names* only),
+//! `PUT /v1/devices/{id}/config/{shard}` (`{"clear": {k: v}, "secret": {k: v},
+//! "unset": [k]}`), `POST /v1/vpn/pair` (`{"a", "b", "a_endpoint",
+//! "b_endpoint"}`; the pair's pre-shared key is generated here and never
+//! returned). Secret values are never echoed: a malformed body with secrets
+//! is refused without repeating it.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -17,7 +23,7 @@ use super::inbound::Inbound;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use shardline_allocator_core::service::counters::Metrics;
@@ -45,6 +51,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices", get(list_devices).post(enroll))
         .route("/v1/devices/{id}", get(device).delete(unenroll))
         .route("/v1/devices/{id}/{op}", post(operator))
+        .route("/v1/devices/{id}/config", get(device_config))
+        .route("/v1/devices/{id}/config/{shard}", put(set_device_config))
+        .route("/v1/vpn/pair", post(vpn_pair))
         .route("/v1/tiers", get(tiers))
         .route("/v1/catalog", get(catalog))
         .route("/v1/catalog/{shard}/retry", post(catalog_retry))
@@ -158,8 +167,121 @@ fn reply_json(r: Reply) -> Response {
             Json(serde_json::json!({ "epoch": epoch, "key_id": key_id })).into_response()
         }
         Reply::Catalog(rows) => Json(rows).into_response(),
+        Reply::DeviceConfig(c) => Json(c).into_response(),
         Reply::Error(e) => command_error(e),
     }
+}
+
+async fn device_config(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let device = match device_id(&id) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    answer(&state, &headers, Command::DeviceConfig { device }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBody {
+    #[serde(default)]
+    clear: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    secret: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    unset: Vec<String>,
+}
+
+/// The body of a request that may carry secrets: a parse error names only
+/// where it failed, never the text (serde quotes offending values).
+fn secret_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Response> {
+    body.map(|Json(b)| b).map_err(|e| {
+        let status = e.status();
+        let hint = match &e {
+            axum::extract::rejection::JsonRejection::JsonDataError(_) => {
+                "a body of the expected shape (see the API docs)"
+            }
+            axum::extract::rejection::JsonRejection::MissingJsonContentType(_) => {
+                "Content-Type: application/json"
+            }
+            _ => "a JSON body",
+        };
+        error(status, format!("the request needs {hint}"))
+    })
+}
+
+async fn set_device_config(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, shard)): Path<(String, String)>,
+    body: Result<Json<ConfigBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let device = match device_id(&id) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    let body = match secret_body(body) {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    let change = super::core::ConfigChange {
+        clear: body.clear,
+        secret: body.secret,
+        unset: body.unset,
+    };
+    answer(
+        &state,
+        &headers,
+        Command::SetDeviceConfig {
+            device,
+            shard,
+            change,
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairBody {
+    a: String,
+    b: String,
+    a_endpoint: std::net::SocketAddr,
+    b_endpoint: std::net::SocketAddr,
+}
+
+async fn vpn_pair(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<PairBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (a, b) = match (device_id(&body.a), device_id(&body.b)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    // One fresh key per pair, from the OS; it leaves this process only
+    // sealed to each of the two devices.
+    let mut psk = [0u8; 32];
+    if let Err(e) = getrandom::getrandom(&mut psk) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let pair = super::core::VpnPair {
+        a,
+        b,
+        a_endpoint: body.a_endpoint,
+        b_endpoint: body.b_endpoint,
+        psk,
+    };
+    answer(&state, &headers, Command::VpnPair(pair)).await
 }
 
 async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {

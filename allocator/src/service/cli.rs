@@ -195,8 +195,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// reason.
 pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = effective_config(&args)?;
-    let catalog = super::catalog_files::load_catalog(&config.policy.catalog)?;
-    let agreements = super::catalog_files::load_agreements(&config.policy.agreements, &catalog)?;
+    let files = super::catalog_files::load_policy_files(&config.policy)?;
+    let (catalog, agreements) = (&files.catalog, &files.agreements);
+    // Placeholders are allowed (the example catalog is all placeholders)
+    // but an operator must know: a device refuses a library with them.
+    let mut not_built: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (shard, arch) in super::catalog_files::not_built(catalog) {
+        not_built.entry(shard).or_default().push(arch);
+    }
+    for (shard, arches) in &not_built {
+        eprintln!(
+            "warning: catalog shard {shard}: all-zero sha256 (not built) for {}; devices refuse it",
+            arches.join(", ")
+        );
+    }
     let key = keys::read_secret(&config.signer.key_file)?;
     if let Some(f) = &config.broker.credentials_file {
         super::broker::Credentials::load(f).map_err(super::broker::BrokerError::from)?;
@@ -215,7 +227,7 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "ok: {} capabilities, {} tiers, signing key {}, broker {}",
+        "ok: {} capabilities, {} tiers, signing key {}, broker {}\ncatalog: {}\ntiers: {}",
         catalog.capabilities.len(),
         agreements.tiers.len(),
         key.id(),
@@ -223,7 +235,9 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
             format!("embedded on {}", config.broker.listen)
         } else {
             config.broker.url.clone()
-        }
+        },
+        files.catalog_source,
+        files.agreements_source,
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -97,9 +97,20 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         .map_or_else(|| config.signer.key_file.clone(), PathBuf::from);
     let key = keys::read_secret(&key_file)?;
     tracing::info!(key_id = %key.id(), key_file = %key_file.display(), epoch = meta.key_epoch, "signing key loaded");
-    let catalog = catalog_files::load_catalog(&config.policy.catalog)?;
-    let agreements = catalog_files::load_agreements(&config.policy.agreements, &catalog)?;
-    let engine = Engine::new(catalog, agreements, config.policy.engine.clone());
+    let files = catalog_files::load_policy_files(&config.policy)?;
+    tracing::info!(
+        catalog = %files.catalog_source,
+        tiers = %files.agreements_source,
+        "policy files"
+    );
+    for (shard, arch) in catalog_files::not_built(&files.catalog) {
+        tracing::warn!(%shard, %arch, "catalog digest is all zero (not built): devices will refuse it");
+    }
+    let engine = Engine::new(
+        files.catalog,
+        files.agreements,
+        config.policy.engine.clone(),
+    );
     let records = store.load_devices()?;
     let tokens = store.load_tokens()?;
     tracing::info!(
@@ -211,7 +222,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tombstones: store.load_tombstones()?,
         catalog_health: store.load_catalog_health()?,
     };
-    let core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
+    let mut core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
+    // Secrets are sealed to devices with fresh ephemeral keys from the OS.
+    core.set_seal_rng(core::SealRng(Box::new(crypto_box::aead::OsRng)));
 
     // MQTT link.
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
@@ -312,6 +325,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         }
     });
     tracing::info!(%api_addr, "admin API up");
+    if config.api.listen.port() == 0 {
+        // Port 0 asked the system for a port: say which, or nobody can reach it.
+        println!("admin API listening on {api_addr}");
+    }
 
     // systemd.
     let notifier = Arc::new(Notifier::from_env());

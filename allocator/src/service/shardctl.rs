@@ -99,12 +99,78 @@ enum Cmd {
         #[command(subcommand)]
         command: Option<CatalogCmd>,
     },
+    /// A device's own shard configuration (per-device keys, secrets).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// VPN tunnels between devices.
+    Vpn {
+        #[command(subcommand)]
+        command: VpnCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum CatalogCmd {
     /// Clear a shard's failing marks and start failures: try it again everywhere.
     Retry { shard: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Set keys of DEVICE's configuration of SHARD: `key=value` in clear,
+    /// `--secret key=value` sealed to the device (never shown again).
+    Set {
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
+        shard: String,
+        /// Clear `key=value` pairs.
+        #[arg(value_parser = parse_pair)]
+        pairs: Vec<(String, String)>,
+        /// A secret `key=value` (visible in the process list while this
+        /// runs; prefer --secret-file on shared machines).
+        #[arg(long = "secret", value_parser = parse_pair)]
+        secret: Vec<(String, String)>,
+        /// A secret `key=PATH`: the value is the file's first line (mode
+        /// 0600 or stricter).
+        #[arg(long = "secret-file", value_parser = parse_pair)]
+        secret_file: Vec<(String, String)>,
+        /// Keys to remove.
+        #[arg(long)]
+        unset: Vec<String>,
+    },
+    /// Show DEVICE's configuration (secret key names only, and missing keys).
+    Show {
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VpnCmd {
+    /// Configure a tunnel between DEV_A (initiator) and DEV_B (responder)
+    /// with one fresh pre-shared key the allocator generates (never shown).
+    Pair {
+        #[arg(value_parser = parse_device)]
+        dev_a: DeviceId,
+        #[arg(value_parser = parse_device)]
+        dev_b: DeviceId,
+        /// DEV_A's tunnel address (IP:PORT), where DEV_B reaches it.
+        #[arg(long)]
+        a_endpoint: std::net::SocketAddr,
+        /// DEV_B's tunnel address (IP:PORT), where DEV_A reaches it.
+        #[arg(long)]
+        b_endpoint: std::net::SocketAddr,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        // The argument is not echoed: it may be a secret.
+        _ => Err("expected key=value".into()),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +249,56 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             Some(
                 serde_json::json!({ "tier": tier, "tenant": tenant, "ttl_s": ttl_s, "uses": uses }),
             ),
+        ),
+        Cmd::Config {
+            command:
+                ConfigCmd::Set {
+                    device,
+                    shard,
+                    pairs,
+                    secret,
+                    secret_file,
+                    unset,
+                },
+        } => {
+            let mut secrets: serde_json::Map<String, serde_json::Value> = secret
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            for (k, path) in secret_file {
+                let text = secret_file::read_text(std::path::Path::new(path), 4096)
+                    .map_err(|e| anyhow::anyhow!("--secret-file {k}: {e}"))?;
+                let value = text.lines().next().unwrap_or("").trim().to_owned();
+                secrets.insert(k.clone(), serde_json::Value::String(value));
+            }
+            let clear: serde_json::Map<String, serde_json::Value> = pairs
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            (
+                "PUT",
+                format!("/v1/devices/{device}/config/{shard}"),
+                Some(serde_json::json!({ "clear": clear, "secret": secrets, "unset": unset })),
+            )
+        }
+        Cmd::Config {
+            command: ConfigCmd::Show { device },
+        } => ("GET", format!("/v1/devices/{device}/config"), None),
+        Cmd::Vpn {
+            command:
+                VpnCmd::Pair {
+                    dev_a,
+                    dev_b,
+                    a_endpoint,
+                    b_endpoint,
+                },
+        } => (
+            "POST",
+            "/v1/vpn/pair".to_owned(),
+            Some(serde_json::json!({
+                "a": dev_a, "b": dev_b,
+                "a_endpoint": a_endpoint.to_string(), "b_endpoint": b_endpoint.to_string(),
+            })),
         ),
     };
     if path.contains("//") || path.ends_with('/') {

@@ -132,9 +132,14 @@ pub(crate) fn dec<T: serde::de::DeserializeOwned>(
         message,
     };
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))
-        }
+        Some((&RECORD_VERSION, body)) => postcard::from_bytes(body).or_else(|e| {
+            // A device record written before `shard_config` (its last
+            // field) existed ends one field early: an empty map is one
+            // zero byte in postcard, so append it and decode again.
+            let mut padded = body.to_vec();
+            padded.push(0);
+            postcard::from_bytes(&padded).map_err(|_| corrupt(e.to_string()))
+        }),
         Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
         None => Err(corrupt("empty record".into())),
     }
@@ -395,5 +400,61 @@ impl Store for RedbStore {
         }
         txn.commit().map_err(db_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_written_before_device_configuration_existed_still_decodes() {
+        // The record layout before `shard_config` was added (issue 15).
+        #[derive(Serialize)]
+        struct Before {
+            device: DeviceId,
+            public_key: [u8; 32],
+            tier: String,
+            tenant: Option<String>,
+            enrolled_at_ms: u64,
+            last_report_seq: u64,
+            last_report_ms: Option<u64>,
+            next_instruction_seq: u64,
+            seq_reserved_until: u64,
+            applied_seq: u64,
+            pending: Vec<PendingInstruction>,
+            rotation_epoch_sent: u64,
+            instructions_sent: u64,
+            instructions_applied: u64,
+            instructions_rejected: u64,
+            engine_state: Vec<u8>,
+        }
+        let id = DeviceId::new("old").unwrap();
+        let bytes = enc(&Before {
+            device: id.clone(),
+            public_key: [3; 32],
+            tier: "basic".into(),
+            tenant: Some("t".into()),
+            enrolled_at_ms: 9,
+            last_report_seq: 4,
+            last_report_ms: Some(8),
+            next_instruction_seq: 2,
+            seq_reserved_until: 64,
+            applied_seq: 1,
+            pending: vec![],
+            rotation_epoch_sent: 0,
+            instructions_sent: 1,
+            instructions_applied: 1,
+            instructions_rejected: 0,
+            engine_state: vec![1, 2, 3],
+        });
+        let rec: DeviceRecord = dec("old", &bytes).unwrap();
+        assert_eq!(rec.device, id);
+        assert_eq!(rec.engine_state, [1, 2, 3]);
+        assert!(rec.shard_config.is_empty());
+        // And a current record round-trips.
+        let mut now = rec.clone();
+        now.shard_config.insert("x".into(), Default::default());
+        assert_eq!(dec::<DeviceRecord>("new", &enc(&now)).unwrap(), now);
     }
 }

@@ -6,6 +6,7 @@
 use shardline_allocator::service::store::{
     Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord, Tombstone,
 };
+use shardline_allocator_core::records::DeviceShardConfig;
 use shardline_shared::ids::DeviceId;
 use std::collections::BTreeMap;
 
@@ -30,6 +31,21 @@ pub fn check(store: &dyn Store) {
     // Create two devices, a token and metadata in one commit.
     let mut a = rec("contract-a", 1);
     a.take_seq();
+    // Per-device shard configuration, clear and secret, is part of the record.
+    a.shard_config.insert(
+        "vpn-tunnel".into(),
+        DeviceShardConfig {
+            clear: [("peer".to_owned(), "192.0.2.1:51820".to_owned())].into(),
+            secret: BTreeMap::new(),
+        },
+    );
+    a.shard_config.insert(
+        "auth-psk".into(),
+        DeviceShardConfig {
+            clear: BTreeMap::new(),
+            secret: [("psk".to_owned(), "5d".repeat(32))].into(),
+        },
+    );
     let token = TokenRecord {
         tier: "basic".into(),
         tenant: Some("t".into()),
@@ -52,6 +68,12 @@ pub fn check(store: &dyn Store) {
     loaded.sort_by(|x, y| x.device.cmp(&y.device));
     assert_eq!(loaded.len(), 2);
     assert_eq!(loaded[0], a, "a record reloads exactly, version included");
+    assert_eq!(
+        loaded[0].shard_config["auth-psk"].secret["psk"],
+        "5d".repeat(32),
+        "the device's configuration reloads"
+    );
+    assert!(loaded[1].shard_config.is_empty());
     assert_eq!(
         store.load_tokens().expect("tokens"),
         vec![("h".into(), token)]

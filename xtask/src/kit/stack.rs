@@ -117,22 +117,32 @@ impl ShardPorts {
         }
     }
 
-    /// Shard configuration bytes per shard id.
+    /// The loop device's own configuration of the vpn shards, as
+    /// `shardctl config set` arguments: (shard, clear `k=v`s, secret `k=v`s).
+    /// Per device, not in the catalog: the catalog declares these keys
+    /// `device_config` / `secret_config` and refuses a secret in clear.
+    pub fn device_configs(&self) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+        vec![
+            (
+                "vpn-tunnel",
+                vec![
+                    "role=initiator".into(),
+                    format!("bind=127.0.0.1:{}", self.tunnel_bind),
+                    format!("peer=127.0.0.1:{}", self.tunnel_peer),
+                    format!("inner_listen=127.0.0.1:{}", self.tunnel_inner_listen),
+                    format!("inner_forward=127.0.0.1:{}", self.tunnel_inner_forward),
+                    "retry_ms=1000".into(),
+                ],
+                vec![],
+            ),
+            // A demo key, sealed to the device by the allocator.
+            ("auth-psk", vec![], vec![format!("psk={}", "5d".repeat(32))]),
+        ]
+    }
+
+    /// Fleet-wide shard configuration bytes per shard id (in the catalog).
     fn configs(&self) -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();
-        m.insert(
-            "vpn-tunnel",
-            format!(
-                "role = initiator\nbind = 127.0.0.1:{}\npeer = 127.0.0.1:{}\n\
-                 inner_listen = 127.0.0.1:{}\ninner_forward = 127.0.0.1:{}\nretry_ms = 1000\n",
-                self.tunnel_bind,
-                self.tunnel_peer,
-                self.tunnel_inner_listen,
-                self.tunnel_inner_forward
-            ),
-        );
-        // A demo key; a real deployment provisions one per tunnel.
-        m.insert("auth-psk", format!("psk = {}\n", "5d".repeat(32)));
         m.insert(
             "qos-shaper",
             format!(
@@ -521,8 +531,37 @@ impl Stack {
         );
         if !stack.cfg.enroll_with_token {
             stack.enrolled = stack.shardctl(&["enroll", &device, &key, "--tier", &tier])?;
+            stack.configure_device()?;
         }
         Ok(stack)
+    }
+
+    /// Sets the loop device's own vpn configuration (see
+    /// [`ShardPorts::device_configs`]); the device must be enrolled. The
+    /// secret goes through a 0600 file, as an operator's would.
+    pub fn configure_device(&self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        for (shard, clear, secret) in self.ports.device_configs() {
+            let mut args: Vec<String> = vec![
+                "config".into(),
+                "set".into(),
+                self.cfg.device.clone(),
+                shard.into(),
+            ];
+            args.extend(clear);
+            for (i, kv) in secret.iter().enumerate() {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                let file = self.dir.join(format!("secret-{shard}-{i}"));
+                write(&file, v)?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                args.push("--secret-file".into());
+                args.push(format!("{k}={}", file.display()));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.shardctl(&args)?;
+        }
+        Ok(())
     }
 
     pub fn agent_config(&self) -> PathBuf {

@@ -91,13 +91,60 @@ impl UnitSize {
     }
 }
 
+/// The builds of one shard library: one SHA-256 per architecture the
+/// agents report (`DeviceResources::arch`, i.e. Rust's
+/// `std::env::consts::ARCH`: `x86_64`, `aarch64`, `arm`), or one digest for
+/// every architecture (the plain `sha256 = "…"` form).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Builds {
+    /// The digest for every architecture (plain string form).
+    pub any: Option<[u8; 32]>,
+    /// Architecture ⇒ digest (table form).
+    pub per_arch: BTreeMap<String, [u8; 32]>,
+}
+
+impl Builds {
+    /// One digest for every architecture.
+    pub fn universal(sha256: [u8; 32]) -> Self {
+        Self {
+            any: Some(sha256),
+            per_arch: BTreeMap::new(),
+        }
+    }
+
+    /// The digest of the library built for `arch` (`None` = the device has
+    /// not reported its architecture yet; only a universal digest fits then).
+    pub fn for_arch(&self, arch: Option<&str>) -> Option<[u8; 32]> {
+        arch.and_then(|a| self.per_arch.get(a).copied())
+            .or(self.any)
+    }
+
+    /// Entries whose digest is all zero: placeholders for a library not
+    /// built yet (`check-config` warns). The planner does not skip them:
+    /// the device refuses a library whose digest does not match, and the
+    /// example catalog's placeholders must still plan in simulations.
+    pub fn not_built(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.any == Some([0; 32]) {
+            out.push("*".to_owned());
+        }
+        for (arch, d) in &self.per_arch {
+            if *d == [0; 32] {
+                out.push(arch.clone());
+            }
+        }
+        out
+    }
+}
+
 /// One shard of the catalog.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardSpec {
     pub shard: ShardRef,
     pub capability: String,
     pub kind: ShardKind,
-    pub sha256: [u8; 32],
+    /// The library's SHA-256 per architecture.
+    pub builds: Builds,
     pub cost: ResourceCost,
     /// Resource units (see [`UnitSize`]), precomputed at load.
     pub units: u32,
@@ -108,8 +155,25 @@ pub struct ShardSpec {
     pub priority: u8,
     /// When set and the device lacks the feature, the alternatives go first.
     pub prefer_when: Option<DeviceFeature>,
-    /// Opaque configuration bytes handed to the shard (UTF-8 in the file).
+    /// Configuration shared by every device (`key = value` lines, UTF-8 in
+    /// the file); never holds a key of `secret_config`.
     pub config: Vec<u8>,
+    /// Keys each device must have set (per-device configuration) before
+    /// the shard is activated there.
+    pub device_config: Vec<String>,
+    /// Keys that only ever travel sealed to the device (never in `config`,
+    /// never in clear on the broker); each is required per device.
+    pub secret_config: Vec<String>,
+}
+
+impl ShardSpec {
+    /// Every key the device must have set: `device_config` then `secret_config`.
+    pub fn required_keys(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.device_config
+            .iter()
+            .map(|k| (k.as_str(), false))
+            .chain(self.secret_config.iter().map(|k| (k.as_str(), true)))
+    }
 }
 
 /// A capability: the member shards that together provide it (alternatives are
@@ -188,7 +252,8 @@ struct RawCatalog {
 struct RawShard {
     id: Spanned<String>,
     version: Spanned<String>,
-    sha256: Spanned<String>,
+    /// A hex string (every architecture) or a table `arch = "hex"`.
+    sha256: Spanned<toml::Value>,
     capability: Spanned<String>,
     kind: ShardKind2,
     cpu_permille: u32,
@@ -203,7 +268,11 @@ struct RawShard {
     #[serde(default)]
     prefer_when: Option<DeviceFeature>,
     #[serde(default)]
-    config: String,
+    config: Option<Spanned<String>>,
+    #[serde(default)]
+    device_config: Vec<Spanned<String>>,
+    #[serde(default)]
+    secret_config: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -279,6 +348,116 @@ fn parse_sha256(s: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// Architecture names as agents report them (`std::env::consts::ARCH`);
+/// a typo here would silently leave a device without a build.
+const KNOWN_ARCHES: &[&str] = &[
+    "x86_64",
+    "x86",
+    "aarch64",
+    "arm",
+    "riscv64",
+    "mips",
+    "mips64",
+    "powerpc64",
+    "s390x",
+    "loongarch64",
+];
+
+fn parse_builds(src: &Source<'_>, v: &Spanned<toml::Value>) -> Result<Builds, CatalogError> {
+    let bad = |what: &str| {
+        src.err(
+            v.span(),
+            "sha256",
+            format!("{what}: must be 64 hexadecimal characters"),
+        )
+    };
+    match v.get_ref() {
+        toml::Value::String(s) => parse_sha256(s)
+            .map(Builds::universal)
+            .ok_or_else(|| bad("the digest")),
+        toml::Value::Table(t) => {
+            let mut per_arch = BTreeMap::new();
+            for (arch, d) in t {
+                if !KNOWN_ARCHES.contains(&arch.as_str()) {
+                    return Err(src.err(
+                        v.span(),
+                        &format!("sha256.{arch}"),
+                        format!(
+                            "unknown architecture {arch:?} (agents report one of {})",
+                            KNOWN_ARCHES.join(", ")
+                        ),
+                    ));
+                }
+                let digest = d.as_str().and_then(parse_sha256).ok_or_else(|| {
+                    src.err(
+                        v.span(),
+                        &format!("sha256.{arch}"),
+                        "must be 64 hexadecimal characters",
+                    )
+                })?;
+                per_arch.insert(arch.clone(), digest);
+            }
+            if per_arch.is_empty() {
+                return Err(src.err(v.span(), "sha256", "names no architecture"));
+            }
+            Ok(Builds {
+                any: None,
+                per_arch,
+            })
+        }
+        _ => Err(bad("a string or a table `arch = \"hex\"`")),
+    }
+}
+
+/// A configuration key name: what the shards' `KeyValues` parser accepts
+/// and what can be named on a command line.
+pub fn valid_config_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 64
+        && k.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// `key = value` lines of a configuration text: (byte offset of the line, key).
+pub fn config_keys(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if !t.is_empty() && !t.starts_with('#') {
+            if let Some((k, _)) = t.split_once('=') {
+                out.push((offset, k.trim()));
+            }
+        }
+        offset += line.len();
+    }
+    out
+}
+
+fn parse_key_list(
+    src: &Source<'_>,
+    field: &str,
+    keys: &[Spanned<String>],
+) -> Result<Vec<String>, CatalogError> {
+    let mut out: Vec<String> = Vec::new();
+    for k in keys {
+        if !valid_config_key(k.get_ref()) {
+            return Err(src.err(
+                k.span(),
+                field,
+                format!(
+                    "{:?} is not a configuration key (lowercase letters, digits, `_`, `-`)",
+                    k.get_ref()
+                ),
+            ));
+        }
+        if !out.contains(k.get_ref()) {
+            out.push(k.get_ref().clone());
+        }
+    }
+    Ok(out)
+}
+
 impl Catalog {
     /// Parses and validates a catalog; `path` is only used in error messages.
     pub fn from_toml_str(text: &str, path: &str) -> Result<Self, CatalogError> {
@@ -294,13 +473,42 @@ impl Catalog {
             let r = s.get_ref();
             let shard = ShardRef::new(r.id.get_ref().clone(), r.version.get_ref().clone())
                 .map_err(|e| src.err(r.id.span(), "id", e.to_string()))?;
-            let sha256 = parse_sha256(r.sha256.get_ref()).ok_or_else(|| {
-                src.err(
-                    r.sha256.span(),
-                    "sha256",
-                    "must be 64 hexadecimal characters",
-                )
-            })?;
+            let builds = parse_builds(&src, &r.sha256)?;
+            let device_config = parse_key_list(&src, "device_config", &r.device_config)?;
+            let secret_config = parse_key_list(&src, "secret_config", &r.secret_config)?;
+            if let Some(k) = secret_config.iter().find(|k| device_config.contains(k)) {
+                return Err(src.err(
+                    s.span(),
+                    "secret_config",
+                    format!("{k:?} is in both device_config and secret_config"),
+                ));
+            }
+            // A secret in the fleet-wide configuration would travel in clear
+            // in every instruction: refuse it here, pointing at its line.
+            let config_text = r.config.as_ref().map_or("", |c| c.get_ref().as_str());
+            let config_span = r.config.as_ref().map_or(s.span(), |c| c.span());
+            for (offset, key) in config_keys(config_text) {
+                if secret_config.iter().any(|k| k == key) {
+                    // The value starts after its opening quote(s).
+                    let span = config_span.clone();
+                    let quote = text
+                        .get(span.clone())
+                        .map_or(0, |t| t.len() - t.trim_start_matches(['\'', '"']).len());
+                    let skip_newline = text
+                        .get(span.start + quote..)
+                        .is_some_and(|t| t.starts_with('\n'));
+                    let at = span.start + quote + usize::from(skip_newline) + offset;
+                    return Err(src.err(
+                        at..at,
+                        "config",
+                        format!(
+                            "key {key:?} is secret (secret_config): it is never sent in clear; \
+                             set it per device: shardctl config set DEVICE {} --secret {key}=…",
+                            r.id.get_ref()
+                        ),
+                    ));
+                }
+            }
             if r.capability.get_ref().is_empty() {
                 return Err(src.err(r.capability.span(), "capability", "must not be empty"));
             }
@@ -346,14 +554,16 @@ impl Catalog {
                     ShardKind2::Compute => ShardKind::Compute,
                     ShardKind2::Data => ShardKind::Data,
                 },
-                sha256,
+                builds,
                 units: units.units_of(&cost),
                 cost,
                 alternatives: r.alternatives.iter().map(|a| a.get_ref().clone()).collect(),
                 depends_on: r.depends_on.iter().map(|a| a.get_ref().clone()).collect(),
                 priority: r.priority,
                 prefer_when: r.prefer_when,
-                config: r.config.clone().into_bytes(),
+                config: config_text.as_bytes().to_vec(),
+                device_config,
+                secret_config,
             };
             let id = r.id.get_ref().clone();
             if shards.insert(id.clone(), spec).is_some() {

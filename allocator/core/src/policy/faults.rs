@@ -557,6 +557,15 @@ impl Refusal {
                 arch,
                 reason,
             } => format!("failing catalog entry {shard} on {arch}: {reason}"),
+            // The device view prefers `operator_hint`, which names the
+            // capability and device; these are its shorter forms.
+            Refusal::NoBuild { shard, arch } => {
+                format!("no build of {shard} for {arch} in the catalog")
+            }
+            Refusal::MissingDeviceConfig { shard, key, secret } => format!(
+                "needs device config {shard}:{key}{}",
+                if *secret { " (secret)" } else { "" }
+            ),
         }
     }
 }

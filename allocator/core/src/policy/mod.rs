@@ -22,6 +22,7 @@ pub mod reputation;
 pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
+
 pub use engine::Engine;
 pub use faults::{
     CatalogHealth, CloneWatch, DuplicateFlag, FailingEntry, FaultConfig, StartFailure, Tombstone,
@@ -115,6 +116,17 @@ pub enum Event {
     /// shard (every architecture, every device) and try it again.
     RetryCatalogEntry {
         shard: String,
+    },
+    /// Operator: the device's per-device shard configuration changed (the
+    /// whole of it); the device is re-planned, so a capability refused for
+    /// a missing key is granted and a changed value is re-sent.
+    DeviceConfig {
+        device: DeviceId,
+        config: DeviceConfigView,
+        /// Shards whose configuration (clear or secret values) changed: their
+        /// running activation is re-sent with the new values. The engine
+        /// cannot see secret values, so the service says which changed.
+        changed: BTreeSet<String>,
     },
 }
 
@@ -341,7 +353,11 @@ impl Default for PolicyConfig {
             faults: FaultConfig::default(),
             prediction_horizon_ms: 30 * 60_000,
             prediction_min_rate_bps: 64_000,
-            borrow_min_reputation: 55.0,
+            // Equal to the starting reputation: a device nobody has
+            // penalised may borrow from its tenant's pool at once; any
+            // penalty takes it below (issue 15: 55 was above the start,
+            // so no fresh fleet could borrow).
+            borrow_min_reputation: 50.0,
             borrow_ms: 30 * 60_000,
             max_borrow_units: 4,
             shift_interval_ms: 5 * 60_000,
@@ -526,7 +542,48 @@ pub enum Refusal {
         kind: ShardKind,
         missing_units: u32,
     },
+    /// The catalog has no build of this shard for the device's architecture
+    /// (nor does any alternative).
+    NoBuild { shard: String, arch: String },
+    /// The device lacks a per-device configuration key the shard requires
+    /// (`device_config`, or `secret_config` when `secret`).
+    MissingDeviceConfig {
+        shard: String,
+        key: String,
+        secret: bool,
+    },
 }
+
+impl Refusal {
+    /// An operator-facing explanation of the refusals that need operator
+    /// action on the catalog or the device's configuration (`None` for the
+    /// others, whose variant says it all).
+    pub fn operator_hint(&self, capability: &str, device: &str) -> Option<String> {
+        match self {
+            Refusal::NoBuild { shard, arch } => Some(format!(
+                "{capability} needs a build of {shard} for {arch} (catalog [shard.sha256] has none)"
+            )),
+            Refusal::MissingDeviceConfig { shard, key, secret } => Some(format!(
+                "{capability} needs device config {shard}:{key} — shardctl config set {device} {shard} {}{key}=…",
+                if *secret { "--secret " } else { "" }
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// One shard's per-device configuration as the engine sees it: the clear
+/// keys with their values (they go into the activation) and only the
+/// *names* of the secret keys (the values stay in the service record and
+/// are sealed to the device at its edge; the engine never holds them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardConfigView {
+    pub clear: BTreeMap<String, String>,
+    pub secret_keys: BTreeSet<String>,
+}
+
+/// Shard id ⇒ that shard's per-device configuration.
+pub type DeviceConfigView = BTreeMap<String, ShardConfigView>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -633,6 +690,10 @@ pub struct DeviceView {
     pub duplicate: Option<DuplicateFlag>,
     pub last_qos: Option<QosSummary>,
     pub flaps: u64,
+    /// The architecture the device's signed reports give (`None` before
+    /// the first): which builds of a shard it can be sent.
+    #[serde(default)]
+    pub arch: Option<String>,
 }
 
 /// Units in use per tier.

@@ -5,9 +5,16 @@
 //! then its alternatives (alternatives first when the device lacks the
 //! feature the member is preferred under). A capability is all or nothing: a
 //! tunnel without its crypto is useless.
+//!
+//! An option (with its dependencies) is usable on a device only if the
+//! catalog has a build of it for the device's architecture and the device
+//! has every per-device key it requires (`device_config`, `secret_config`);
+//! otherwise the next option is tried, and the capability's refusal names
+//! the missing build or key. Neither is charged: a refused capability uses
+//! no units.
 
 use super::catalog::{Catalog, DeviceFeature, ShardSpec, Tier};
-use super::{kind_index, DeviceState, Refusal};
+use super::{kind_index, DeviceConfigView, DeviceState, Refusal};
 use shardline_shared::msg::DeviceResources;
 use std::collections::BTreeMap;
 
@@ -81,6 +88,51 @@ pub(crate) struct PlanInput<'a, 'c> {
     /// entries failing on its architecture): skipped like an avoided
     /// shard, with this refusal when no option is left.
     pub unusable: &'a BTreeMap<String, Refusal>,
+    /// The device's per-device shard configuration (keys only matter here).
+    pub device_config: Option<&'a DeviceConfigView>,
+}
+
+/// The device's architecture as its last report gave it.
+pub(crate) fn device_arch(state: &DeviceState) -> Option<&str> {
+    state
+        .resources
+        .as_ref()
+        .map(|r| r.arch.as_str())
+        .filter(|a| !a.is_empty())
+}
+
+/// Why `spec` cannot run on this device whatever the budget: no build for
+/// its architecture, or a per-device key it requires is not set.
+pub(crate) fn unusable(
+    spec: &ShardSpec,
+    arch: Option<&str>,
+    config: Option<&DeviceConfigView>,
+) -> Option<Refusal> {
+    if spec.builds.for_arch(arch).is_none() {
+        return Some(Refusal::NoBuild {
+            shard: spec.shard.id().to_owned(),
+            arch: arch.unwrap_or("unknown (no report yet)").to_owned(),
+        });
+    }
+    for (key, secret) in spec.required_keys() {
+        let set = config
+            .and_then(|c| c.get(spec.shard.id()))
+            .is_some_and(|s| {
+                if secret {
+                    s.secret_keys.contains(key)
+                } else {
+                    s.clear.contains_key(key)
+                }
+            });
+        if !set {
+            return Some(Refusal::MissingDeviceConfig {
+                shard: spec.shard.id().to_owned(),
+                key: key.to_owned(),
+                secret,
+            });
+        }
+    }
+    None
 }
 
 fn has_feature(res: Option<&DeviceResources>, f: DeviceFeature) -> bool {
@@ -120,6 +172,7 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
     let mut cpu_used: u64 = 0;
     let mut mem_used: u64 = 0;
     let res = state.resources.as_ref();
+    let arch = device_arch(state);
     for (pinned, _, cap_name) in caps {
         if !input.tier.capabilities.contains(cap_name) {
             out.refusals
@@ -189,6 +242,13 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
                     i += 1;
                 }
                 if dep_blocked {
+                    continue;
+                }
+                if let Some(r) = bundle
+                    .iter()
+                    .find_map(|b| unusable(b, arch, input.device_config))
+                {
+                    first_failure.get_or_insert(r);
                     continue;
                 }
                 let mut n_used = t_used;

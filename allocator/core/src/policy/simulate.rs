@@ -18,7 +18,7 @@ use shardline_shared::msg::{
     AckOutcome, ClassStats, DeviceResources, Enforcement, Operation, QosNeed, QosReport,
     RejectionCounters, ResourceLimits, ShardFailure, ShardState, ShardStatus, TrafficClass,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The shipped example catalog and tiers (the simulation's default fleet setup).
 pub const EXAMPLE_CATALOG: &str = include_str!("../../../catalog/catalog.toml");
@@ -229,6 +229,25 @@ struct SimDevice {
     /// Current spike: (class index, until ms).
     spike: Option<(usize, u64)>,
     rng: SplitMix64,
+}
+
+/// A per-device configuration that sets every key the catalog requires
+/// (`device_config` values and `secret_config` names) to a placeholder:
+/// simulated devices (and tests of allocation rather than configuration)
+/// are configured devices.
+pub fn placeholder_device_config(catalog: &Catalog) -> super::DeviceConfigView {
+    let mut out = super::DeviceConfigView::new();
+    for (id, spec) in &catalog.shards {
+        if spec.device_config.is_empty() && spec.secret_config.is_empty() {
+            continue;
+        }
+        let view = out.entry(id.clone()).or_default();
+        for k in &spec.device_config {
+            view.clear.insert(k.clone(), "sim".to_owned());
+        }
+        view.secret_keys.extend(spec.secret_config.iter().cloned());
+    }
+    out
 }
 
 impl SimDevice {
@@ -606,6 +625,15 @@ pub fn run_variant(
             },
         );
         res.events += 1;
+        let _ = out;
+        let out = engine.handle(
+            start,
+            Event::DeviceConfig {
+                device: d.id.clone(),
+                config: placeholder_device_config(&catalog),
+                changed: BTreeSet::new(),
+            },
+        );
         let _ = out;
     }
     let ticks = u64::from(params.hours) * 3_600_000 / tick;

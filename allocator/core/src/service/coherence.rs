@@ -89,6 +89,8 @@ impl Core {
                 .flatten();
             let (tier, tenant) = (rec.tier.clone(), rec.tenant.clone());
             Metrics::inc(&self.metrics.store_reloads);
+            self.engine
+                .restore_device_config(device.clone(), rec.config_view());
             self.records.insert(device.clone(), rec);
             match state {
                 Some(state) => self.engine.restore_device(device, state),

@@ -127,6 +127,18 @@ pub enum Command {
     RetryCatalogEntry {
         shard: String,
     },
+    /// Sets (or unsets) keys of the device's own configuration of a shard.
+    SetDeviceConfig {
+        device: DeviceId,
+        shard: String,
+        change: super::ConfigChange,
+    },
+    /// Shows the device's configuration (secret key names only).
+    DeviceConfig {
+        device: DeviceId,
+    },
+    /// Configures both ends of a tunnel with one fresh pre-shared key.
+    VpnPair(super::VpnPair),
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -154,6 +166,7 @@ pub enum Reply {
     Tiers(Vec<TierRow>),
     Rotated { epoch: u64, key_id: String },
     Catalog(Vec<CatalogRow>),
+    DeviceConfig(super::DeviceConfigShown),
     Error(CommandError),
 }
 
@@ -164,7 +177,10 @@ impl Command {
             Self::Enroll { device, .. }
             | Self::Unenroll { device }
             | Self::Device { device }
-            | Self::Operator { device, .. } => Some(device),
+            | Self::Operator { device, .. }
+            | Self::SetDeviceConfig { device, .. }
+            | Self::DeviceConfig { device } => Some(device),
+            Self::VpnPair(p) => Some(&p.a),
             _ => None,
         }
     }
@@ -173,7 +189,7 @@ impl Command {
 /// `text` as it may appear in an answer: at most 64 characters (an
 /// unknown name is echoed so the operator sees the typo, but a caller
 /// cannot make an error reply as large as its request).
-fn shown(text: &str) -> String {
+pub(super) fn shown(text: &str) -> String {
     const MAX: usize = 64;
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
@@ -411,6 +427,22 @@ impl Core {
                 self.feed(now_ms, Event::RetryCatalogEntry { shard });
                 Reply::Ok
             }
+            Command::SetDeviceConfig {
+                device,
+                shard,
+                change,
+            } => match self.set_device_config(now_ms, &device, &shard, change) {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            },
+            Command::DeviceConfig { device } => match self.device_config_shown(&device) {
+                Ok(shown) => Reply::DeviceConfig(shown),
+                Err(e) => Reply::Error(e),
+            },
+            Command::VpnPair(pair) => match self.vpn_pair(now_ms, pair) {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            },
         }
     }
 

@@ -69,9 +69,15 @@ impl Core {
         &mut self,
         now_ms: u64,
         device: &DeviceId,
-        ops: Vec<shardline_shared::msg::Operation>,
+        mut ops: Vec<shardline_shared::msg::Operation>,
         expires_at_ms: u64,
     ) -> Option<u64> {
+        // Secrets are sealed to the device here, the last step before the
+        // signature: the engine's actions never hold them.
+        self.seal_secrets(device, &mut ops);
+        if ops.is_empty() {
+            return None;
+        }
         let Some(rec) = self.records.get_mut(device) else {
             tracing::warn!(%device, "engine instructed a device the service does not know");
             return None;

@@ -22,6 +22,7 @@ pub mod counters;
 
 mod coherence;
 mod commands;
+mod device_config;
 mod dispatch;
 mod enroll;
 mod ingest;
@@ -33,6 +34,10 @@ pub use coherence::SharedState;
 pub use commands::{
     CatalogRow, Command, CommandError, DeviceDetail, DeviceRow, OperatorOp, Reply, TierRow,
     TokenCreated,
+};
+pub use device_config::{
+    ConfigChange, DeviceConfigShown, SealRng, ShardConfigShown, VpnPair, MAX_CONFIG_KEYS,
+    MAX_CONFIG_VALUE, MAX_SECRET_BYTES,
 };
 pub use verify::{
     finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
@@ -132,6 +137,8 @@ pub struct Core {
     /// ticks, re-sends, checkpoints). Always true with an embedded store;
     /// with a shared store exactly one live instance leads.
     leader: bool,
+    /// Randomness for sealing secrets to devices (from the runner).
+    seal_rng: Option<SealRng>,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -202,7 +209,12 @@ impl Core {
             last_tick_ms: now_ms,
             accepted_at_last_tick: 0,
             leader: true,
+            seal_rng: None,
         };
+        for rec in core.records.values() {
+            core.engine
+                .restore_device_config(rec.device.clone(), rec.config_view());
+        }
         for rec in core.records.values() {
             core.publish_key(&rec.device, Some(rec.public_key));
         }
@@ -304,3 +316,5 @@ impl Core {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_config;

@@ -202,6 +202,22 @@ pub fn enroll(engine: &mut Engine, now: u64, device: &DeviceId, tier: &str, tena
         !out.iter().any(|a| matches!(a, Action::Alert { .. })),
         "enrolment alerted: {out:?}"
     );
+    configure(engine, now, device);
+}
+
+/// Gives the device every per-device key the catalog requires (the vpn
+/// tunnel's ends, the pair's key name), as an operator would.
+pub fn configure(engine: &mut Engine, now: u64, device: &DeviceId) {
+    let config =
+        shardline_allocator_core::policy::simulate::placeholder_device_config(engine.catalog());
+    engine.handle(
+        now,
+        Event::DeviceConfig {
+            device: device.clone(),
+            config,
+            changed: Default::default(),
+        },
+    );
 }
 
 /// All operations instructed to `device`.
@@ -220,7 +236,7 @@ pub fn activated(ops: &[Operation]) -> Vec<String> {
     let mut v: Vec<String> = ops
         .iter()
         .filter_map(|o| match o {
-            Operation::Activate(a) => Some(a.shard.id().to_owned()),
+            Operation::ActivateShard(a) => Some(a.primary.shard.id().to_owned()),
             _ => None,
         })
         .collect();

@@ -1,8 +1,148 @@
 //! Turning a plan into leases and instructions: activations, deactivations, priorities and limits.
+//!
+//! An activation is an [`Operation::ActivateShard`]: the chosen shard and,
+//! for the device to fail over to on its own, the catalog alternatives it
+//! could run too (a build for its architecture, every per-device key set,
+//! same kind, no more units than the chosen one so a failover never takes
+//! the device over its budget; at most [`MAX_ALTERNATIVES`]). Each variant
+//! carries the digest of its build for the device's architecture, its
+//! limits, the catalog's declared bandwidth and its configuration: the
+//! catalog's lines with the device's clear values over them. Secret values
+//! are not the engine's: `sealed_config` stays empty here and the service
+//! seals the device's secrets into it just before signing.
 
 use super::*;
+use crate::policy::catalog::ShardSpec;
+use crate::policy::plan::{device_arch, unusable};
+use shardline_shared::msg::{ShardActivation, ShardVariant, MAX_ALTERNATIVES};
+
+/// The catalog's configuration with the device's clear values over it
+/// (a device key replaces the catalog line with the same key).
+pub(crate) fn merged_config(spec: &ShardSpec, device: Option<&ShardConfigView>) -> Vec<u8> {
+    let catalog = String::from_utf8_lossy(&spec.config);
+    let mut out = String::new();
+    let overridden = |k: &str| device.is_some_and(|d| d.clear.contains_key(k));
+    for line in catalog.lines() {
+        let key = line.split_once('=').map(|(k, _)| k.trim());
+        if key.is_some_and(overridden) && !line.trim_start().starts_with('#') {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some(d) = device {
+        for (k, v) in &d.clear {
+            out.push_str(k);
+            out.push_str(" = ");
+            out.push_str(v);
+            out.push('\n');
+        }
+    }
+    out.into_bytes()
+}
+
+/// The catalog options of the member whose options include `id` (the
+/// member then its alternatives), `id` itself left out.
+pub(crate) fn siblings<'c>(catalog: &'c Catalog, id: &str) -> Vec<&'c ShardSpec> {
+    for spec in catalog.shards.values() {
+        let options =
+            std::iter::once(spec.shard.id()).chain(spec.alternatives.iter().map(String::as_str));
+        if spec.alternatives.is_empty() || !options.clone().any(|o| o == id) {
+            continue;
+        }
+        return options
+            .filter(|o| *o != id)
+            .filter_map(|o| catalog.shards.get(o))
+            .collect();
+    }
+    Vec::new()
+}
+
+fn variant(
+    spec: &ShardSpec,
+    arch: Option<&str>,
+    config: Option<&DeviceConfigView>,
+    priority: u8,
+) -> Option<ShardVariant> {
+    Some(ShardVariant {
+        shard: spec.shard.clone(),
+        sha256: spec.builds.for_arch(arch)?,
+        config: merged_config(spec, config.and_then(|c| c.get(spec.shard.id()))),
+        sealed_config: Vec::new(),
+        limits: limits_of(spec, priority),
+        bandwidth_kbps: spec.cost.bandwidth_kbps,
+    })
+}
+
+/// The activation of `spec` on a device in state `st` (its lease end is
+/// filled in by the caller).
+fn shard_activation(
+    catalog: &Catalog,
+    spec: &ShardSpec,
+    capability: &str,
+    priority: u8,
+    st: &DeviceState,
+    config: Option<&DeviceConfigView>,
+    now: u64,
+) -> Option<ShardActivation> {
+    let arch = device_arch(st);
+    let primary = variant(spec, arch, config, priority)?;
+    let alternatives = siblings(catalog, spec.shard.id())
+        .into_iter()
+        .filter(|a| a.kind == spec.kind && a.units <= spec.units)
+        .filter(|a| !st.revoked.contains(a.shard.id()))
+        .filter(|a| st.avoid_until.get(a.shard.id()).is_none_or(|&t| t <= now))
+        .filter(|a| unusable(a, arch, config).is_none())
+        .filter_map(|a| variant(a, arch, config, priority))
+        .take(MAX_ALTERNATIVES)
+        .collect();
+    Some(ShardActivation {
+        primary,
+        alternatives,
+        capability: capability.to_owned(),
+        kind: spec.kind,
+        priority,
+        lease_expires_at_ms: 0,
+    })
+}
 
 impl Engine {
+    /// The operator changed the device's per-device configuration: keep
+    /// it, make the leases of shards whose values changed due (so their
+    /// activation is re-sent with the new configuration) and re-plan.
+    pub(super) fn on_device_config(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        config: DeviceConfigView,
+        changed: &BTreeSet<String>,
+        out: &mut Vec<Action>,
+    ) {
+        if !self.devices.contains_key(device) {
+            return;
+        }
+        self.restore_device_config(device.clone(), config);
+        let catalog = Arc::clone(&self.catalog);
+        if let Some(st) = self.devices.get_mut(device) {
+            // A lease whose shard (or an alternative it carries) changed is
+            // made due for renewal: the plan re-sends its activation with
+            // the new values (which replaces the running one), or, when a
+            // key it needs is gone, releases it with a deactivation.
+            for (id, lease) in st.leases.iter_mut() {
+                let touched = changed.contains(id.as_str())
+                    || siblings(&catalog, id)
+                        .iter()
+                        .any(|s| changed.contains(s.shard.id()));
+                if touched {
+                    lease.expires_at_ms = lease.expires_at_ms.min(now);
+                }
+            }
+            st.wake_at_ms = 0;
+        }
+        self.dirty.mark(device);
+        self.reconcile(now, device, out);
+    }
+
     /// Turns a plan into leases and the minimal instruction.
     pub(super) fn apply_plan(
         &mut self,
@@ -16,8 +156,11 @@ impl Engine {
             config: cfg,
             devices,
             dirty,
+            catalog,
+            device_config,
             ..
         } = self;
+        let dcfg = device_config.get(device);
         let Some(st) = devices.get_mut(device) else {
             return;
         };
@@ -30,7 +173,7 @@ impl Engine {
         let lease_ms = lease_len(cfg, tier, st.reputation.score, device, now);
         let renew_before = (lease_ms / 3).max(cfg.renew_margin_ms);
         let mut deacts: Vec<ShardRef> = Vec::new();
-        let mut acts: Vec<Activation> = Vec::new();
+        let mut acts: Vec<ShardActivation> = Vec::new();
         let mut changed = st.refusals != refusals;
         // Releases: leases no longer in the plan.
         let gone: Vec<String> = st
@@ -53,15 +196,15 @@ impl Engine {
             let spec = ch.spec;
             let priority = &ch.priority;
             let limits = limits_of(spec, *priority);
-            let activation = |expires: u64| Activation {
-                shard: spec.shard.clone(),
-                capability: ch.capability.to_owned(),
-                kind: spec.kind,
-                sha256: spec.sha256,
-                config: spec.config.clone(),
-                limits,
-                priority: *priority,
+            // The planner chose only shards with a build for this device.
+            let Some(probe) =
+                shard_activation(catalog, spec, ch.capability, *priority, st, dcfg, now)
+            else {
+                continue;
+            };
+            let activation = |expires: u64| ShardActivation {
                 lease_expires_at_ms: expires,
+                ..probe.clone()
             };
             match st.leases.get_mut(id) {
                 None => {
@@ -112,7 +255,14 @@ impl Engine {
         if st.pending_since_ms.is_none() {
             if let Some(r) = &st.last_report {
                 for s in &r.running_shards {
-                    let ours = st.leases.get(s.id()).is_some_and(|l| &l.shard == s);
+                    // An alternative the device failed over to, in place of
+                    // a shard it holds a lease for, is ours too.
+                    let ours = st.leases.get(s.id()).is_some_and(|l| &l.shard == s)
+                        || st.leases.values().any(|l| {
+                            siblings(catalog, l.shard.id())
+                                .iter()
+                                .any(|a| &a.shard == s)
+                        });
                     if !ours && !deacts.contains(s) {
                         let in_grace = st.ended_at.get(s.id()).is_some_and(|&(t, _)| {
                             now.saturating_sub(t) < cfg.outside_profile_grace_ms
@@ -151,7 +301,7 @@ impl Engine {
                 .into_iter()
                 .map(|shard| Operation::Deactivate { shard })
                 .collect();
-            ops.extend(acts.into_iter().map(Operation::Activate));
+            ops.extend(acts.into_iter().map(Operation::ActivateShard));
             st.pending_since_ms = Some(now);
             st.pending_seq = None;
             out.push(Action::Instruct {

@@ -150,7 +150,15 @@ impl Engine {
         loop {
             attempts += 1;
             let st = &self.devices[device];
-            let mut plan = plan_for(&catalog, tier, &self.config, now, st, &self.health);
+            let mut plan = plan_for(
+                &catalog,
+                tier,
+                &self.config,
+                now,
+                st,
+                &self.health,
+                self.device_config.get(device),
+            );
             let wants_more = plan.refusals.iter().find_map(|(c, r)| match r {
                 Refusal::Budget {
                     kind,

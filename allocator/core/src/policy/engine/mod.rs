@@ -10,7 +10,7 @@ use super::forecast::ClassForecast;
 use super::plan::{self, Capacity, Plan, PlanInput};
 use super::reputation::{lease_factor, quota_factor};
 use super::*;
-use shardline_shared::msg::{Activation, ShardFailure, ShardState};
+use shardline_shared::msg::{ShardFailure, ShardState};
 use std::sync::Arc;
 
 mod apply;
@@ -149,6 +149,10 @@ pub struct Engine {
     health: CatalogHealth,
     /// `health` changed since the last `take_health_dirty`.
     health_dirty: bool,
+    /// Per-device shard configuration (clear values, secret key *names*).
+    /// Not part of [`DeviceState`]: the service's device record is where it
+    /// lives; the service hands it over on restore and on every change.
+    device_config: BTreeMap<DeviceId, DeviceConfigView>,
 }
 
 impl Engine {
@@ -163,6 +167,7 @@ impl Engine {
             dirty: DirtySet::default(),
             health: CatalogHealth::default(),
             health_dirty: false,
+            device_config: BTreeMap::new(),
         }
     }
 
@@ -279,8 +284,28 @@ impl Engine {
             Event::Resume { device } => {
                 self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = false)
             }
+            Event::DeviceConfig {
+                device,
+                config,
+                changed,
+            } => self.on_device_config(now_ms, &device, config, &changed, &mut out),
         }
         out
+    }
+
+    /// Installs a device's per-device configuration without re-planning
+    /// (the service restoring what its record holds).
+    pub fn restore_device_config(&mut self, device: DeviceId, config: DeviceConfigView) {
+        if config.is_empty() {
+            self.device_config.remove(&device);
+        } else {
+            self.device_config.insert(device, config);
+        }
+    }
+
+    /// The device's per-device configuration as the engine holds it.
+    pub fn device_config(&self, device: &DeviceId) -> Option<&DeviceConfigView> {
+        self.device_config.get(device)
     }
 
     // ------------------------------------------------------------ state API
@@ -310,6 +335,7 @@ impl Engine {
 
     /// Drops a device from memory without any effect on it (cache eviction).
     pub fn evict_device(&mut self, device: &DeviceId) -> Option<DeviceState> {
+        self.device_config.remove(device);
         let st = self.devices.remove(device)?;
         if let Some(t) = &st.tenant {
             if let Some(p) = self.pools.get_mut(t) {
@@ -371,7 +397,12 @@ impl Engine {
         let refusal_reasons = st
             .refusals
             .iter()
-            .map(|(c, r)| (c.clone(), r.explain(&ctx)))
+            .map(|(c, r)| {
+                let words = r
+                    .operator_hint(c, device.as_str())
+                    .unwrap_or_else(|| r.explain(&ctx));
+                (c.clone(), words)
+            })
             .collect();
         Some(DeviceView {
             device: device.clone(),
@@ -393,6 +424,7 @@ impl Engine {
             duplicate: st.clone_watch.flag.clone().filter(|f| f.until_ms > now),
             last_qos: st.last_report.clone(),
             flaps: st.flaps,
+            arch: plan::device_arch(st).map(str::to_owned),
         })
     }
 
@@ -451,6 +483,7 @@ fn plan_for<'c>(
     now: u64,
     st: &DeviceState,
     health: &CatalogHealth,
+    device_config: Option<&DeviceConfigView>,
 ) -> Plan<'c> {
     let unusable = unusable_for(health, st);
     let demanded = demanded(catalog, tier, cfg, st, now);
@@ -470,6 +503,7 @@ fn plan_for<'c>(
         capacity,
         demanded: &demanded,
         unusable: &unusable,
+        device_config,
     })
 }
 
