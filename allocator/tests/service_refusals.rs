@@ -22,6 +22,35 @@ async fn a_refusal_is_visible_with_its_reason_through_the_api_and_shardctl() {
         "standard",
     ]);
     assert!(out.status.success(), "shardctl enroll: {out:?}");
+    // Configured, so that capacity is what refuses it.
+    for args in [
+        &["config", "set", "busy-1", "vpn-tunnel", "role=initiator"][..],
+        &[
+            "config",
+            "set",
+            "busy-1",
+            "vpn-tunnel",
+            "bind=127.0.0.1:41001",
+        ],
+        &[
+            "config",
+            "set",
+            "busy-1",
+            "vpn-tunnel",
+            "peer=127.0.0.1:41002",
+        ],
+        &[
+            "config",
+            "set",
+            "busy-1",
+            "auth-psk",
+            "--secret",
+            "psk=5d5d5d5d5d5d5d5d5d5d5d5d5d5d5d5d",
+        ],
+    ] {
+        let out = alloc.shardctl(args);
+        assert!(out.status.success(), "shardctl {args:?}: {out:?}");
+    }
     let mut dev = Device::connect("busy-1", key, alloc.mqtt_port).await;
     dev.publish_status(Presence::Online).await;
     // One core, 98 % busy with other software.

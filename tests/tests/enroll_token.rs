@@ -153,6 +153,9 @@ fn an_agent_enrols_itself_with_a_bootstrap_token_and_bad_tokens_are_refused() {
     // An instruction for it is the agent's evidence: it writes its marker
     // and stops sending the request. The operator pins a shard so that one
     // is sent whatever the replayed traffic earns.
+    // The qos shaper needs the device's own addresses (as an operator sets
+    // them once the device exists).
+    st.configure_device().expect("shardctl config set");
     st.shardctl(&["pin", "tok-router", "qos-dscp"])
         .expect("shardctl pin");
     let marker = st.dir.join("agent-state/enrolled.json");

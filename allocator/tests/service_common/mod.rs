@@ -191,7 +191,26 @@ impl Allocator {
     }
 
     pub fn config_text(&self) -> String {
-        let cat = manifest_dir().join("catalog");
+        let shipped = manifest_dir().join("catalog");
+        let cat = self.dir.join("catalog");
+        std::fs::create_dir_all(&cat).expect("catalog dir");
+        std::fs::copy(shipped.join("tiers.toml"), cat.join("tiers.toml")).expect("tiers");
+        // The shipped catalog asks each device for the qos shaper's own
+        // addresses; these tests enrol devices that never run a shard, so
+        // the shaper gets fleet-wide placeholders instead (the per-device
+        // configuration path has tests of its own).
+        let text = std::fs::read_to_string(shipped.join("catalog.toml")).expect("catalog");
+        let per_device =
+            "config = \"rate_bps = 20000000\"\ndevice_config = [\"listen\", \"forward\"]";
+        assert!(
+            text.contains(per_device),
+            "the shipped catalog's qos-shaper configuration changed: update service_common"
+        );
+        let text = text.replace(
+            per_device,
+            r#"config = "rate_bps = 20000000\nlisten = 127.0.0.1:9\nforward = 127.0.0.1:9""#,
+        );
+        std::fs::write(cat.join("catalog.toml"), text).expect("write catalog");
         let url = match &self.mode {
             BrokerMode::Embedded => String::new(),
             BrokerMode::External(u) => u.clone(),

@@ -117,7 +117,7 @@ impl ShardPorts {
         }
     }
 
-    /// The loop device's own configuration of the vpn shards, as
+    /// The loop device's own configuration of the vpn and qos shards, as
     /// `shardctl config set` arguments: (shard, clear `k=v`s, secret `k=v`s).
     /// Per device, not in the catalog: the catalog declares these keys
     /// `device_config` / `secret_config` and refuses a secret in clear.
@@ -137,19 +137,22 @@ impl ShardPorts {
             ),
             // A demo key, sealed to the device by the allocator.
             ("auth-psk", vec![], vec![format!("psk={}", "5d".repeat(32))]),
+            // The catalog sets the rate; where traffic comes from and goes
+            // to is the device's own.
+            (
+                "qos-shaper",
+                vec![
+                    format!("listen=127.0.0.1:{}", self.shaper_listen),
+                    format!("forward=127.0.0.1:{}", self.shaper_forward),
+                ],
+                vec![],
+            ),
         ]
     }
 
     /// Fleet-wide shard configuration bytes per shard id (in the catalog).
     fn configs(&self) -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();
-        m.insert(
-            "qos-shaper",
-            format!(
-                "listen = 127.0.0.1:{}\nforward = 127.0.0.1:{}\nrate_bps = 20000000\n",
-                self.shaper_listen, self.shaper_forward
-            ),
-        );
         m.insert(
             "qos-dscp",
             "small_bytes = 256\nsmall_dscp = 46\nbulk_dscp = 10\n".into(),

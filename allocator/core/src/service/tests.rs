@@ -4,7 +4,19 @@ use shardline_shared::msg::*;
 
 fn engine() -> Engine {
     use crate::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
-    let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml").unwrap();
+    // These tests are about instructions, not per-device configuration
+    // (tests_config.rs): the qos shaper gets fleet-wide placeholder
+    // addresses so that a latency-sensitive report is answered at once.
+    let per_device = "config = \"rate_bps = 20000000\"\ndevice_config = [\"listen\", \"forward\"]";
+    assert!(
+        EXAMPLE_CATALOG.contains(per_device),
+        "shipped qos-shaper config changed"
+    );
+    let text = EXAMPLE_CATALOG.replace(
+        per_device,
+        r#"config = "rate_bps = 20000000\nlisten = 127.0.0.1:9\nforward = 127.0.0.1:9""#,
+    );
+    let catalog = Catalog::from_toml_str(&text, "catalog.toml").unwrap();
     let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).unwrap();
     Engine::new(catalog, agreements, PolicyConfig::default())
 }
