@@ -102,7 +102,8 @@ cleanup() {
 }
 if [ "$cleanup_only" -eq 1 ]; then
     # What a KEEP=1 run left behind.
-    pkill -f '^/usr/bin/shardline-allocator run' ; pkill -f 'shardline-agent run --config'
+    pkill -f '^/usr/bin/shardline-allocator run' || true
+    pkill -f 'shardline-agent run --config' || true
     rm -rf "$work"
     work=$(ls -d /tmp/shardline-acceptance.* 2>/dev/null | head -n1); work=${work:-/nonexistent}
     [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && binfmt_registered=1
@@ -308,7 +309,9 @@ running() {
     shardctl --json device "$1" 2>/dev/null | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
-sys.exit(0 if sys.argv[1] in d["policy"]["last_qos"]["running_shards"] else 1)' "$2"
+running = [s["id"] if isinstance(s, dict) else str(s).split("@")[0]
+           for s in d["policy"]["last_qos"]["running_shards"]]
+sys.exit(0 if sys.argv[1] in running else 1)' "$2"
 }
 wait_running() {
     local id=$1 shard=$2 secs=$3

@@ -211,6 +211,30 @@ fn a_device_without_capacity_gets_nothing_that_does_not_fit() {
 }
 
 #[test]
+fn a_pinned_capability_stays_on_a_busy_device() {
+    let mut e = engine();
+    let d = dev("busy-pinned");
+    enroll(&mut e, 0, &d, "roomy", None);
+    e.handle(
+        0,
+        Event::Pin {
+            device: d.clone(),
+            shard: "vpn-tunnel".into(),
+        },
+    );
+    let mut r = report(&d, 1, vec![secure(100_000)], vec![], true);
+    r.resources.cpu_cores = 1;
+    r.resources.cpu_load_permille = 980; // no capacity left for anything
+    e.handle(0, Event::Report(r));
+    assert_eq!(
+        profile(&e, &d),
+        strs(&VPN_AES),
+        "the pinned vpn runs whatever the other load"
+    );
+    assert!(!e.device(&d).unwrap().refusals.contains_key("vpn"));
+}
+
+#[test]
 fn revoked_shard_falls_back_to_its_alternative_and_both_revoked_is_unavailable() {
     let mut e = engine();
     let d = dev("rv");

@@ -6,6 +6,11 @@
 //! feature the member is preferred under). A capability is all or nothing: a
 //! tunnel without its crypto is useless.
 //!
+//! A pinned capability is fitted under the budget but not under the reported
+//! free capacity: the pin is the operator's decision, and dropping it on
+//! every busy spell of the device's other software would restart its host
+//! each time.
+//!
 //! An option (with its dependencies) is usable on a device only if the
 //! catalog has a build of it for the device's architecture and the device
 //! has every per-device key it requires (`device_config`, `secret_config`);
@@ -271,7 +276,11 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
                     });
                     continue;
                 }
-                if let Some(c) = input.capacity {
+                // A pin is the operator's decision for this device: it
+                // yields to the tier budget, not to the device's other load
+                // (which would otherwise start and stop it with every busy
+                // spell, each time a restart of its host).
+                if let Some(c) = input.capacity.filter(|_| !pinned) {
                     if n_cpu > c.cpu_permille || n_mem > c.memory_kib {
                         first_failure.get_or_insert(Refusal::Capacity {
                             cpu_needed_permille: n_cpu,
