@@ -27,7 +27,8 @@
 //! Who may install the rules ([`can_manage_rules`]): the agent runs `nft`,
 //! so the *child* needs `CAP_NET_ADMIN`: root, or a non-root agent holding
 //! it as an ambient capability (the packaged unit's `AmbientCapabilities=`),
-//! which `nft` — a binary without file capabilities — inherits.
+//! which `nft` — a binary without file capabilities — inherits (only that
+//! one: the others are lowered in the child before it executes `nft`).
 //! The cap is per host: the sum of the declared rates of its shards (shards
 //! declaring 0 add nothing and share their siblings' budget).
 //!
@@ -138,8 +139,15 @@ impl Drop for Enforcer {
     }
 }
 
+/// `nft` with only `CAP_NET_ADMIN` of the agent's ambient capabilities.
+fn nft() -> Command {
+    let mut cmd = Command::new("nft");
+    super::sys::keep_only_ambient(&mut cmd, super::sys::CAP_NET_ADMIN);
+    cmd
+}
+
 fn run_nft(script: &str) -> Result<(), BandwidthError> {
-    let mut child = Command::new("nft")
+    let mut child = nft()
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -163,7 +171,7 @@ fn run_nft(script: &str) -> Result<(), BandwidthError> {
 
 /// Deletes tables of agent processes that are gone (a crashed agent).
 fn remove_stale_tables() {
-    let Ok(out) = Command::new("nft")
+    let Ok(out) = nft()
         .args(["list", "tables", "inet"])
         .stderr(Stdio::null())
         .output()

@@ -203,6 +203,32 @@ pub fn ambient_has(cap: u32) -> bool {
     rc == 1
 }
 
+/// Makes `cmd`'s child keep only `cap` of the ambient set it inherits
+/// (least privilege for `nft`, which needs `CAP_NET_ADMIN` and nothing else
+/// of what the packaged unit gives the agent). Lowering an ambient
+/// capability needs no privilege; what this process keeps is unchanged.
+pub fn keep_only_ambient(cmd: &mut std::process::Command, cap: u32) {
+    use std::os::unix::process::CommandExt;
+    let keep = libc::c_ulong::from(cap);
+    // SAFETY: the closure runs in the forked child before execve and calls only
+    // prctl(2), which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for c in 0..64 {
+                if c == keep {
+                    continue;
+                }
+                // EINVAL past the kernel's last capability (or without ambient
+                // capabilities at all): nothing more to lower.
+                if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_LOWER, c, 0, 0) != 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    };
+}
+
 /// Clears the ambient capability set (the systemd unit gives the agent its
 /// capabilities as ambient ones, which a re-executed host would otherwise
 /// keep).
