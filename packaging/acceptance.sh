@@ -166,6 +166,12 @@ sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
 # The unit's ExecStart= and User= (what systemd would run).
 unit_exec() { sed -n 's/^ExecStart=//p' "/usr/lib/systemd/system/$1.service"; }
 unit_user() { sed -n 's/^User=//p' "/usr/lib/systemd/system/$1.service"; }
+# The unit's AmbientCapabilities= (every such line) as setpriv's list
+# ("+net_raw,+net_admin,..."), so the agent below gets exactly the unit's.
+unit_caps() {
+    sed -n 's/^AmbientCapabilities=//p' "/usr/lib/systemd/system/$1.service" \
+        | tr -s ' \t' '\n\n' | sed -n 's/^CAP_\(..*\)$/+\1/p' | tr 'A-Z' 'a-z' | paste -sd, -
+}
 
 # --- 3. the allocator ------------------------------------------------------------
 step "allocator: key, configuration, check-config, start (as INSTALL.md §1)"
@@ -197,6 +203,8 @@ fi
 # /etc/shardline and /var/lib/shardline (copies of what the package
 # installed), configured as INSTALL.md §2, enrolling with a token (§3).
 D_USER=$(unit_user shardline-agent)
+D_CAPS=$(unit_caps shardline-agent)
+[ -n "$D_CAPS" ] || { echo "$me: no AmbientCapabilities= in the installed shardline-agent.service"; exit 1; }
 start_device() {
     local ns=$1 id=$2 shard_dir=$3; shift 3
     local d="$work/$id" token
@@ -218,14 +226,15 @@ s = re.sub(r'(?m)^dir = "/usr/lib/shardline/shards"', f'dir = "{shard_dir}"', s)
 s = re.sub(r'(?m)^\[allocator\]', '[allocator]\nenroll_token_file = "/etc/shardline/enroll-token"', s, count=1)
 open(path, "w").write(s)
 PY
-    # The unit: User=shardline, AmbientCapabilities=CAP_NET_RAW.
+    # The unit: User=, and AmbientCapabilities= as ambient, inheritable and
+    # bounding set (read from the installed unit, see unit_caps).
     # shellcheck disable=SC2016
     ip netns exec "$ns" unshare --mount --propagation private sh -c '
         mount --bind "$1/etc" /etc/shardline && mount --bind "$1/state" /var/lib/shardline || exit 1
-        shift; user=$1; shift
+        shift; user=$1; caps=$2; shift 2
         exec env "$@" setpriv --reuid "$user" --regid "$user" --init-groups \
-            --inh-caps +net_raw --ambient-caps +net_raw --bounding-set -all,+net_raw "$AGENT_BIN" run --config /etc/shardline/agent.toml
-    ' sh "$d" "$D_USER" "$@" >"$work/$id.log" 2>&1 &
+            --inh-caps "$caps" --ambient-caps "$caps" --bounding-set "-all,$caps" "$AGENT_BIN" run --config /etc/shardline/agent.toml
+    ' sh "$d" "$D_USER" "$D_CAPS" "$@" >"$work/$id.log" 2>&1 &
     pids+=($!)
 }
 export AGENT_BIN=/usr/bin/shardline-agent

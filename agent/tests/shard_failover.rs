@@ -11,7 +11,7 @@ use crypto_box::aead::OsRng;
 use shard_common::*;
 use shardline_agent::daemon::hosting::SupervisedRuntime;
 use shardline_agent::daemon::runtime::ShardRuntime;
-use shardline_agent::shardhost::{HostEvent, ShardSpec, Supervisor};
+use shardline_agent::shardhost::{HostEvent, Supervisor};
 use shardline_shared::msg::{
     ShardActivation, ShardFailure, ShardKind, ShardState, ShardStatus, ShardVariant,
 };
@@ -179,14 +179,6 @@ fn a_primary_that_cannot_run_fails_over_locally_and_the_report_says_why() {
         "exactly one restart (the failover): {st:#?}"
     );
     rt.shutdown();
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// A vpn host (tunnel + chacha + auth-psk, psk sealed to the device).
@@ -427,92 +419,17 @@ fn a_crashing_qos_shard_is_isolated_and_its_sibling_keeps_forwarding() {
     );
 }
 
-/// Throughput (bit/s of UDP payload) arriving at the receiver while a
-/// flood of `offered_bps` goes into the shaper, measured over `secs`
-/// after a 1 s warm-up.
+/// Throughput through a shaper capped at `bandwidth_kbps` (see
+/// [`shard_common::flood_through_shaper_in`]), in a fresh shard directory.
 fn flood_through_shaper(bandwidth_kbps: u64, offered_bps: u64, secs: u64) -> (u64, u64) {
     let dir = shard_dir();
-    let mut sup = Supervisor::new(supervisor_config(dir.path()));
-    let (listen, forward) = (free_port(), free_port());
-    let rx = UdpSocket::bind(("127.0.0.1", forward)).expect("bind receiver");
-    rx.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut shaper: ShardSpec = spec(
+    flood_through_shaper_in(
+        supervisor_config(dir.path()),
         dir.path(),
-        "qos",
-        "qos-shaper",
-        // The shaper itself would pass 500 Mbit/s: only the cap limits.
-        &format!("listen = 127.0.0.1:{listen}\nforward = 127.0.0.1:{forward}\nrate_bps = 500000000\nqueue_packets = 4096\n"),
-        LIMITS,
-    );
-    shaper.bandwidth_kbps = bandwidth_kbps;
-    sup.activate("qos", vec![shaper], Instant::now())
-        .expect("activate");
-    let (ev, at) = wait_for(&mut sup, Duration::from_secs(5), |e| {
-        matches!(e, HostEvent::Started { .. })
-    });
-    assert!(at.is_some(), "{ev:?}");
-    let stop = Arc::new(AtomicBool::new(false));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let counter = {
-        let (bytes, stop) = (bytes.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok(n) = rx.recv(&mut buf) {
-                    bytes.fetch_add(n as u64, Ordering::SeqCst);
-                }
-            }
-        })
-    };
-    let sent = Arc::new(AtomicU64::new(0));
-    let flood = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        std::thread::spawn(move || {
-            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-            let payload = [0x42u8; 1000];
-            let start = Instant::now();
-            let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                // Paced to `offered_bps`.
-                let due = start + Duration::from_secs_f64((n * 8000) as f64 / offered_bps as f64);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                if tx.send_to(&payload, ("127.0.0.1", listen)).is_ok() {
-                    sent.fetch_add(1000, Ordering::SeqCst);
-                }
-                n += 1;
-            }
-        })
-    };
-    let warm = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < warm {
-        sup.poll(Instant::now());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (b0, s0, t0) = (
-        bytes.load(Ordering::SeqCst),
-        sent.load(Ordering::SeqCst),
-        Instant::now(),
-    );
-    while t0.elapsed() < Duration::from_secs(secs) {
-        let ev = sup.poll(Instant::now());
-        assert!(
-            !ev.iter().any(|e| matches!(e, HostEvent::Failed { .. })),
-            "{ev:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let el = t0.elapsed().as_secs_f64();
-    let (b1, s1) = (bytes.load(Ordering::SeqCst), sent.load(Ordering::SeqCst));
-    stop.store(true, Ordering::SeqCst);
-    flood.join().unwrap();
-    counter.join().unwrap();
-    sup.shutdown();
-    (
-        ((b1 - b0) as f64 * 8.0 / el) as u64,
-        ((s1 - s0) as f64 * 8.0 / el) as u64,
+        bandwidth_kbps,
+        offered_bps,
+        secs,
+        |_| {},
     )
 }
 

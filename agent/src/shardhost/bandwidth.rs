@@ -4,7 +4,8 @@
 //! skuid`) with a byte-rate token bucket (`limit rate over … drop`).
 //!
 //! Why this mechanism (issue 15): a host runs as its own unprivileged uid
-//! when the agent is root (see `sandbox`), without capabilities and under a
+//! when the agent is root or holds `CAP_SETUID` + `CAP_SETGID` (the
+//! packaged systemd unit; see `sandbox`), without capabilities and under a
 //! seccomp filter, so a hostile shard can neither change its uid, nor touch
 //! nftables (`CAP_NET_ADMIN`), nor open packet/raw sockets around the rule.
 //! The alternatives were weaker: `SO_MAX_PACING_RATE` is set by the socket's
@@ -20,7 +21,14 @@
 //! `EPERM`); a burst of up to [`burst_bytes`] passes first. Not covered:
 //! what the host writes into a TUN descriptor (that enters the stack as
 //! received traffic, not as output of the host's socket), what it receives,
-//! and hosts run without a dedicated uid (agent not root: no cap, logged).
+//! and hosts run without a dedicated uid (agent neither root nor holding
+//! `CAP_SETUID` + `CAP_SETGID`: no cap, logged).
+//!
+//! Who may install the rules ([`can_manage_rules`]): the agent runs `nft`,
+//! so the *child* needs `CAP_NET_ADMIN`: root, or a non-root agent holding
+//! it as an ambient capability (the packaged unit's `AmbientCapabilities=`),
+//! which `nft` — a binary without file capabilities — inherits (only that
+//! one: the others are lowered in the child before it executes `nft`).
 //! The cap is per host: the sum of the declared rates of its shards (shards
 //! declaring 0 add nothing and share their siblings' budget).
 //!
@@ -40,6 +48,12 @@ pub enum BandwidthError {
     Spawn(std::io::Error),
     #[error("nft refused the rules: {0}")]
     Refused(String),
+}
+
+/// Whether `nft` run by this process can change nftables: root, or
+/// `CAP_NET_ADMIN` in the ambient set (see the module docs).
+pub fn can_manage_rules() -> bool {
+    nix::unistd::geteuid().is_root() || super::sys::ambient_has(super::sys::CAP_NET_ADMIN)
 }
 
 /// Name of this agent process's table (`inet`).
@@ -125,8 +139,15 @@ impl Drop for Enforcer {
     }
 }
 
+/// `nft` with only `CAP_NET_ADMIN` of the agent's ambient capabilities.
+fn nft() -> Command {
+    let mut cmd = Command::new("nft");
+    super::sys::keep_only_ambient(&mut cmd, super::sys::CAP_NET_ADMIN);
+    cmd
+}
+
 fn run_nft(script: &str) -> Result<(), BandwidthError> {
-    let mut child = Command::new("nft")
+    let mut child = nft()
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -150,7 +171,7 @@ fn run_nft(script: &str) -> Result<(), BandwidthError> {
 
 /// Deletes tables of agent processes that are gone (a crashed agent).
 fn remove_stale_tables() {
-    let Ok(out) = Command::new("nft")
+    let Ok(out) = nft()
         .args(["list", "tables", "inet"])
         .stderr(Stdio::null())
         .output()

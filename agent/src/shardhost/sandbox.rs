@@ -5,13 +5,17 @@
 //!
 //! Order (each step before the next; [`enter`]):
 //! 1. `no_new_privs`, then every capability dropped: the ambient set
-//!    cleared, the bounding set emptied (root only), `capset` to zero;
-//! 2. identity: when the agent is root, a **dedicated unprivileged uid/gid**
-//!    per host ([`SANDBOX_UID_BASE`] + n, no supplementary groups), so a
-//!    shard can neither read root-owned `0600` files (`device.key`) nor
-//!    signal the agent or another host; when the agent is unprivileged, an
-//!    unshared **user namespace** (its capabilities there mean nothing on
-//!    the host's resources, including the agent's ambient `CAP_NET_RAW`);
+//!    cleared, the bounding set emptied (root, or `CAP_SETPCAP`), `capset`
+//!    to zero after step 2;
+//! 2. identity: when the host may change ids — the agent is root, or (the
+//!    packaged systemd unit, issue 15) it holds `CAP_SETUID` and
+//!    `CAP_SETGID`, which a re-executed host inherits as ambient
+//!    capabilities — a **dedicated unprivileged uid/gid** per host
+//!    ([`SANDBOX_UID_BASE`] + n, no supplementary groups), so a shard can
+//!    neither read the agent's `0600` files (`device.key`) nor signal the
+//!    agent or another host, and its sent packets can be rate-capped by uid
+//!    (`bandwidth`); otherwise an unshared **user namespace** (its
+//!    capabilities there mean nothing on the host's resources);
 //! 3. `RLIMIT_NPROC` for the dedicated uid (threads count against it);
 //! 4. **Landlock**: reads only beneath the shard directory and the system
 //!    library directories the dynamic loader needs (plus `/etc/ld.so.cache`
@@ -40,7 +44,8 @@ use landlock::{
 };
 use std::path::{Path, PathBuf};
 
-/// First uid/gid of the per-host identities used when the agent is root.
+/// First uid/gid of the per-host identities (agent root, or holding
+/// `CAP_SETUID` + `CAP_SETGID`).
 /// Far above any distribution's user ranges and below the 32-bit limit
 /// (`0x5348_0000` = 1 397 227 520); host `n` runs as `BASE + n % 65536`.
 pub const SANDBOX_UID_BASE: u32 = 0x5348_0000;
@@ -75,7 +80,7 @@ const READ_FILES: &[&str] = &[
 /// What one host is allowed, decided by the host from its setup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPlan {
-    /// Which per-host identity to take when the agent is root (`BASE + slot`).
+    /// Which per-host identity to take when the host may (`BASE + slot`).
     pub slot: u32,
     /// Directories and files readable (besides the system libraries).
     pub read: Vec<PathBuf>,
@@ -94,7 +99,7 @@ impl SandboxPlan {
         }
     }
 
-    /// The uid/gid a host with this plan runs as when the agent is root.
+    /// The uid/gid a host with this plan runs as when it may change ids.
     pub fn dedicated_id(&self) -> u32 {
         SANDBOX_UID_BASE + (self.slot % 0x1_0000)
     }
@@ -103,11 +108,13 @@ impl SandboxPlan {
 /// Who the host is after [`enter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity {
-    /// The agent was root: the host runs as this unprivileged uid (= gid).
+    /// The agent was root or held `CAP_SETUID` + `CAP_SETGID`: the host runs
+    /// as this unprivileged uid (= gid).
     DedicatedUid(u32),
-    /// The agent was unprivileged: the host is in a user namespace of its own.
+    /// The agent could not change ids: the host is in a user namespace of its own.
     UserNamespace,
-    /// Neither was possible (unprivileged and user namespaces disabled).
+    /// Neither was possible (no id-changing capability and user namespaces
+    /// disabled, e.g. systemd's `RestrictNamespaces=yes`).
     Unchanged,
 }
 
@@ -146,25 +153,61 @@ pub enum SandboxError {
     Seccomp(String),
 }
 
+/// Whether hosts this agent spawns will get a dedicated uid (checked by the
+/// agent, so it knows whether a per-uid bandwidth cap means anything): root,
+/// or `CAP_SETUID` and `CAP_SETGID` as *ambient* capabilities — a host is a
+/// re-execution of the agent's binary, which carries no file capabilities,
+/// so only ambient ones survive the `execve` for a non-root agent.
+pub fn hosts_get_dedicated_uid() -> bool {
+    use super::sys::{ambient_has, CAP_SETGID, CAP_SETUID};
+    nix::unistd::geteuid().is_root() || (ambient_has(CAP_SETUID) && ambient_has(CAP_SETGID))
+}
+
 /// Confines the calling process (see the module docs for the order). Call
 /// it once, in a process that has opened what it needs and loaded nothing.
 pub fn enter(plan: &SandboxPlan) -> Result<SandboxReport, SandboxError> {
+    use super::sys::{CAP_SETGID, CAP_SETPCAP, CAP_SETUID};
     // 1. no_new_privs first: nothing exec'd later can gain privilege, and it is
     //    what lets an unprivileged process install Landlock and seccomp.
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
     let root = nix::unistd::geteuid().is_root();
-    if root {
-        // Needs CAP_SETPCAP, so before the identity change drops it.
+    // What this host holds: root's capabilities are not asked for (the root
+    // path is decided by uid 0, as before); a non-root host has what the
+    // agent had as ambient capabilities (the packaged unit's).
+    let caps = if root {
+        u64::MAX
+    } else {
+        super::sys::effective_caps().map_err(SandboxError::Capabilities)?
+    };
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    let may_switch = root || (has(CAP_SETUID) && has(CAP_SETGID));
+    if root || has(CAP_SETPCAP) {
+        // Needs CAP_SETPCAP, so before the identity change and capset drop it.
         super::sys::drop_bounding_set().map_err(SandboxError::Capabilities)?;
+    } else if may_switch {
+        // Why this is still safe: with no_new_privs (set above) and empty
+        // permitted, effective, inheritable and ambient sets (below), nothing
+        // this process or a descendant runs can ever raise a capability, so
+        // the bounding set only limits what can no longer happen anyway. The
+        // packaged unit grants CAP_SETPCAP so that the set is empty too.
+        tracing::warn!("no CAP_SETPCAP: the shard host keeps its capability bounding set (unusable: no_new_privs and every other set empty)");
     }
     super::sys::clear_ambient_caps().map_err(SandboxError::Capabilities)?;
 
     // 2. Identity.
-    let identity = if root {
+    let identity = if may_switch {
         let id = plan.dedicated_id();
         switch_identity(id).map_err(|source| SandboxError::Identity { uid: id, source })?;
-        // 3. Threads of this uid: only this host runs as it.
-        let n = libc::rlim_t::try_from(NPROC_LIMIT).unwrap_or(libc::rlim_t::MAX);
+        // 3. Threads of this uid: only this host runs as it. A non-root host
+        //    cannot raise its hard limit (no CAP_SYS_RESOURCE): never above it.
+        let mut n = libc::rlim_t::try_from(NPROC_LIMIT).unwrap_or(libc::rlim_t::MAX);
+        if !root {
+            if let Ok((_, hard)) =
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NPROC)
+            {
+                n = n.min(hard);
+            }
+        }
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NPROC, n, n)
             .map_err(SandboxError::Nproc)?;
         Identity::DedicatedUid(id)
@@ -178,12 +221,14 @@ pub fn enter(plan: &SandboxPlan) -> Result<SandboxReport, SandboxError> {
         }
     };
     // Whatever is left (the user namespace's full set, a root host's
-    // inheritable bits): zero, so nothing privileged happens from here on.
+    // inheritable bits, and — for a non-root host — the permitted and
+    // effective sets, which a change between non-zero uids does not clear):
+    // zero, so nothing privileged happens from here on.
     super::sys::drop_privileges().map_err(SandboxError::Capabilities)?;
     // After a uid change the kernel marks the process non-dumpable, which makes
     // /proc/self/fd (how the loader maps a checked descriptor) root-only. The uid
     // is this host's alone and ptrace is filtered, so dumpable exposes nothing.
-    if root {
+    if matches!(identity, Identity::DedicatedUid(_)) {
         let _ = nix::sys::prctl::set_dumpable(true);
     }
 
@@ -205,8 +250,9 @@ fn switch_identity(id: u32) -> nix::Result<()> {
     let gid = Gid::from_raw(id);
     setgroups(&[gid])?;
     setresgid(gid, gid, gid)?;
-    // With every uid non-zero the kernel clears the permitted and effective
-    // capability sets (no SECBIT_KEEP_CAPS is set).
+    // From root, with every uid non-zero the kernel clears the permitted and
+    // effective capability sets (no SECBIT_KEEP_CAPS is set); from a non-root
+    // uid it does not, which is why `enter` capsets to zero afterwards.
     setresuid(Uid::from_raw(id), Uid::from_raw(id), Uid::from_raw(id))
 }
 

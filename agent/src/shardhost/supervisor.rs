@@ -427,11 +427,21 @@ impl Supervisor {
             CgroupBackend::None
         };
         backend.remove_stale();
-        // Rate caps need the host's dedicated uid, which it has only when
-        // the agent is root (else a user namespace with the agent's uid).
-        let bandwidth = (cfg.enforce_bandwidth && nix::unistd::geteuid().is_root())
+        // Rate caps need the host's dedicated uid (agent root, or ambient
+        // CAP_SETUID + CAP_SETGID; else a user namespace with the agent's uid)
+        // and an `nft` that may change rules (root, or ambient CAP_NET_ADMIN).
+        // Decided by capability, not by uid 0 (issue 15).
+        let dedicated_uids = crate::shardhost::sandbox::hosts_get_dedicated_uid();
+        let nft_allowed = super::bandwidth::can_manage_rules();
+        let bandwidth = (cfg.enforce_bandwidth && dedicated_uids && nft_allowed)
             .then(|| Enforcer::new(INSTANCES.fetch_add(1, Ordering::Relaxed)));
-        tracing::info!(enforcement = ?backend.enforcement(), bandwidth_caps = bandwidth.is_some(), "shard supervisor ready");
+        tracing::info!(
+            enforcement = ?backend.enforcement(),
+            dedicated_uids,
+            nft_allowed,
+            bandwidth_caps = bandwidth.is_some(),
+            "shard supervisor ready"
+        );
         Self {
             cfg,
             epoch: Instant::now(),
@@ -830,7 +840,7 @@ impl Supervisor {
                             }
                         }
                     } else {
-                        tracing::warn!(capability = name, bandwidth_kbps, "declared bandwidth NOT enforced: hosts have no dedicated uid (agent not root)");
+                        tracing::warn!(capability = name, bandwidth_kbps, "declared bandwidth NOT enforced: hosts have no dedicated uid or nft may not change rules (agent neither root nor holding CAP_SETUID + CAP_SETGID + CAP_NET_ADMIN)");
                         None
                     };
                     match spawn_host(

@@ -1,6 +1,6 @@
 //! Kernel-boundary helpers of the shard host process: the fatal-signal
-//! reporter, niceness, the capability calls nix does not wrap (`capset`,
-//! the ambient and bounding sets) and opening a TUN device for a sandboxed
+//! reporter, niceness, the capability calls nix does not wrap (`capget`,
+//! `capset`, the ambient and bounding sets) and opening a TUN device for a sandboxed
 //! shard. The only other `unsafe` in `shardhost` is `loader`.
 //!
 //! The fatal-signal reporter lets the agent attribute a crash to the shard
@@ -151,8 +151,87 @@ pub fn drop_privileges() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Clears the ambient capability set (the systemd unit gives the agent
-/// `CAP_NET_RAW` as ambient, which a re-executed host would otherwise keep).
+/// `CAP_SETGID` (capability.h): change gids and supplementary groups.
+pub const CAP_SETGID: u32 = 6;
+/// `CAP_SETUID`: change uids.
+pub const CAP_SETUID: u32 = 7;
+/// `CAP_SETPCAP`: drop capabilities from the bounding set.
+pub const CAP_SETPCAP: u32 = 8;
+/// `CAP_NET_ADMIN`: nftables.
+pub const CAP_NET_ADMIN: u32 = 12;
+
+/// The calling thread's effective capability set (bit `n` = capability `n`).
+pub fn effective_caps() -> std::io::Result<u64> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget(2) reads the header and, for version 3, writes two data structs; both
+    // are valid, writable #[repr(C)] values matching the kernel's layout during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+}
+
+/// Whether `cap` is in the calling thread's ambient set, i.e. whether a
+/// program it executes (a shard host, `nft`) starts with it although the
+/// caller is not root. False where the kernel has no ambient set.
+pub fn ambient_has(cap: u32) -> bool {
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0) takes integers only.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_IS_SET,
+            libc::c_ulong::from(cap),
+            0,
+            0,
+        )
+    };
+    rc == 1
+}
+
+/// Makes `cmd`'s child keep only `cap` of the ambient set it inherits
+/// (least privilege for `nft`, which needs `CAP_NET_ADMIN` and nothing else
+/// of what the packaged unit gives the agent). Lowering an ambient
+/// capability needs no privilege; what this process keeps is unchanged.
+pub fn keep_only_ambient(cmd: &mut std::process::Command, cap: u32) {
+    use std::os::unix::process::CommandExt;
+    let keep = libc::c_ulong::from(cap);
+    // SAFETY: the closure runs in the forked child before execve and calls only
+    // prctl(2), which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for c in 0..64 {
+                if c == keep {
+                    continue;
+                }
+                // EINVAL past the kernel's last capability (or without ambient
+                // capabilities at all): nothing more to lower.
+                if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_LOWER, c, 0, 0) != 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    };
+}
+
+/// Clears the ambient capability set (the systemd unit gives the agent its
+/// capabilities as ambient ones, which a re-executed host would otherwise
+/// keep).
 pub fn clear_ambient_caps() -> std::io::Result<()> {
     // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) takes integers only.
     let rc = unsafe {
@@ -173,7 +252,7 @@ pub fn clear_ambient_caps() -> std::io::Result<()> {
 }
 
 /// Empties the capability bounding set (needs `CAP_SETPCAP`, so call it
-/// while still root): nothing this process or a descendant executes can
+/// before the identity change and the `capset` that drop it): nothing this process or a descendant executes can
 /// ever regain a capability.
 pub fn drop_bounding_set() -> std::io::Result<()> {
     for cap in 0..64 {

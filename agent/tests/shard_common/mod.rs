@@ -8,8 +8,10 @@ use shardline_agent::shardhost::{
     HostEvent, PolicyConfig, ShardSpec, Supervisor, SupervisorConfig,
 };
 use shardline_shared::msg::{Activation, ResourceLimits, ShardKind};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_shardline-agent");
@@ -167,4 +169,119 @@ pub fn wait_for(
 /// A host came up.
 pub fn started(e: &HostEvent) -> bool {
     matches!(e, HostEvent::Started { .. })
+}
+
+/// A UDP port free on the loopback right now.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Throughput (bit/s of UDP payload) arriving at the receiver while a
+/// flood of `offered_bps` goes into the shaper, measured over `secs`
+/// after a 1 s warm-up (then `during` gets the host's pid, while the flood
+/// runs: what a test wants to see of the running host). Returns (forwarded,
+/// offered) and leaves the supervisor shut down and dropped.
+pub fn flood_through_shaper_in(
+    cfg: SupervisorConfig,
+    dir: &Path,
+    bandwidth_kbps: u64,
+    offered_bps: u64,
+    secs: u64,
+    during: impl FnOnce(u32),
+) -> (u64, u64) {
+    let mut sup = Supervisor::new(cfg);
+    let (listen, forward) = (free_port(), free_port());
+    let rx = UdpSocket::bind(("127.0.0.1", forward)).expect("bind receiver");
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut shaper: ShardSpec = spec(
+        dir,
+        "qos",
+        "qos-shaper",
+        // The shaper itself would pass 500 Mbit/s: only the cap limits.
+        &format!("listen = 127.0.0.1:{listen}\nforward = 127.0.0.1:{forward}\nrate_bps = 500000000\nqueue_packets = 4096\n"),
+        LIMITS,
+    );
+    shaper.bandwidth_kbps = bandwidth_kbps;
+    sup.activate("qos", vec![shaper], Instant::now())
+        .expect("activate");
+    let (ev, at) = wait_for(&mut sup, Duration::from_secs(5), |e| {
+        matches!(e, HostEvent::Started { .. })
+    });
+    assert!(at.is_some(), "{ev:?}");
+    let host_pid = ev
+        .iter()
+        .find_map(|e| match e {
+            HostEvent::Started { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .expect("a started host");
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let (bytes, stop) = (bytes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(n) = rx.recv(&mut buf) {
+                    bytes.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let payload = [0x42u8; 1000];
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                // Paced to `offered_bps`.
+                let due = start + Duration::from_secs_f64((n * 8000) as f64 / offered_bps as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.send_to(&payload, ("127.0.0.1", listen)).is_ok() {
+                    sent.fetch_add(1000, Ordering::SeqCst);
+                }
+                n += 1;
+            }
+        })
+    };
+    let warm = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < warm {
+        sup.poll(Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    during(host_pid);
+    let (b0, s0, t0) = (
+        bytes.load(Ordering::SeqCst),
+        sent.load(Ordering::SeqCst),
+        Instant::now(),
+    );
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let ev = sup.poll(Instant::now());
+        assert!(
+            !ev.iter().any(|e| matches!(e, HostEvent::Failed { .. })),
+            "{ev:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let (b1, s1) = (bytes.load(Ordering::SeqCst), sent.load(Ordering::SeqCst));
+    stop.store(true, Ordering::SeqCst);
+    flood.join().unwrap();
+    counter.join().unwrap();
+    sup.shutdown();
+    drop(sup);
+    (
+        ((b1 - b0) as f64 * 8.0 / el) as u64,
+        ((s1 - s0) as f64 * 8.0 / el) as u64,
+    )
 }
