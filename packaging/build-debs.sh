@@ -202,8 +202,9 @@ for arch in "${arches[@]}"; do
     fi
     install -D -m 0644 "$here/config/agent.toml" "$s/etc/shardline/agent.toml"
     install -D -m 0644 "$repo/systemd/shardline-agent.service" "$s/usr/lib/systemd/system/shardline-agent.service"
-    # passwd: useradd in postinst; procps: /bin/kill for ExecReload.
-    build_pkg shardline-agent "$arch" "$s" "passwd, procps" \
+    # passwd: useradd in postinst; procps: /bin/kill for ExecReload;
+    # nftables: the kernel-side cap on a shard host's declared bandwidth.
+    build_pkg shardline-agent "$arch" "$s" "passwd, procps, nftables" \
         "Shardline device agent (QoS telemetry, capability shards)" \
 " The Shardline agent runs on a router or gateway: it watches traffic at
  packet level, reports the quality of service it needs to the fleet's
