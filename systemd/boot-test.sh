@@ -133,7 +133,7 @@ devpub=$(runuser -u shardline -- shardline-agent check-config --print-pubkey 2>/
 [ -n "$devpub" ] && echo "INFO device public key $devpub" >>"$res"
 # NET_RAW 13, NET_ADMIN 12, SETPCAP 8, SETUID 7, SETGID 6 (issue 15: shard
 # hosts take a dedicated uid, nft caps their bandwidth).
-check_unit shardline-agent.service shardline 00000000000031c0
+check_unit shardline-agent.service shardline 00000000000031e0
 if systemctl reload shardline-agent.service 2>reload.err && sleep 2 &&
     [ "$(systemctl show -p ActiveState -p NRestarts shardline-agent.service | sort | tr '\n' ' ')" = "ActiveState=active NRestarts=0 " ] &&
     journalctl -b -u shardline-agent --no-pager -o cat | grep -q 'configuration reloaded'; then

@@ -157,16 +157,19 @@ pub enum SandboxError {
 /// agent, so it knows whether a per-uid bandwidth cap means anything): root,
 /// or `CAP_SETUID` and `CAP_SETGID` as *ambient* capabilities — a host is a
 /// re-execution of the agent's binary, which carries no file capabilities,
-/// so only ambient ones survive the `execve` for a non-root agent.
+/// so only ambient ones survive the `execve` for a non-root agent — and
+/// `CAP_KILL`, without which the agent could not kill a host that runs as
+/// another uid (a hung or over-limit host would outlive the agent's verdict).
 pub fn hosts_get_dedicated_uid() -> bool {
-    use super::sys::{ambient_has, CAP_SETGID, CAP_SETUID};
-    nix::unistd::geteuid().is_root() || (ambient_has(CAP_SETUID) && ambient_has(CAP_SETGID))
+    use super::sys::{ambient_has, CAP_KILL, CAP_SETGID, CAP_SETUID};
+    nix::unistd::geteuid().is_root()
+        || (ambient_has(CAP_SETUID) && ambient_has(CAP_SETGID) && ambient_has(CAP_KILL))
 }
 
 /// Confines the calling process (see the module docs for the order). Call
 /// it once, in a process that has opened what it needs and loaded nothing.
 pub fn enter(plan: &SandboxPlan) -> Result<SandboxReport, SandboxError> {
-    use super::sys::{CAP_SETGID, CAP_SETPCAP, CAP_SETUID};
+    use super::sys::{CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID};
     // 1. no_new_privs first: nothing exec'd later can gain privilege, and it is
     //    what lets an unprivileged process install Landlock and seccomp.
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
@@ -180,7 +183,9 @@ pub fn enter(plan: &SandboxPlan) -> Result<SandboxReport, SandboxError> {
         super::sys::effective_caps().map_err(SandboxError::Capabilities)?
     };
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    let may_switch = root || (has(CAP_SETUID) && has(CAP_SETGID));
+    // Without CAP_KILL in the agent (whose ambient set this host inherited)
+    // a host under another uid could not be killed by it: stay its uid.
+    let may_switch = root || (has(CAP_SETUID) && has(CAP_SETGID) && has(CAP_KILL));
     if root || has(CAP_SETPCAP) {
         // Needs CAP_SETPCAP, so before the identity change and capset drop it.
         super::sys::drop_bounding_set().map_err(SandboxError::Capabilities)?;

@@ -1104,7 +1104,11 @@ fn handle_msg(
 
 fn kill(host: &mut RunningHost, why: ShardFailure) {
     host.killed_for = Some(why);
-    let _ = host.child.kill();
+    if let Err(e) = host.child.kill() {
+        // A host the agent may not signal (it runs as another uid and the
+        // agent lacks CAP_KILL) would outlive the verdict: say so loudly.
+        tracing::error!(pid = host.child.id(), error = %e, "could not kill a shard host");
+    }
 }
 
 fn stop_host(mut host: RunningHost) {
@@ -1116,8 +1120,18 @@ fn stop_host(mut host: RunningHost) {
             Ok(Some(_)) => break,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             _ => {
-                let _ = host.child.kill();
-                let _ = host.child.wait();
+                if let Err(e) = host.child.kill() {
+                    tracing::error!(pid = host.child.id(), error = %e, "could not kill a shard host that ignored Stop");
+                }
+                // Bounded: a host that cannot be killed must not hang the
+                // agent in wait(); it is left to its parent-death signal.
+                let reap_by = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < reap_by {
+                    if !matches!(host.child.try_wait(), Ok(None)) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 break;
             }
         }

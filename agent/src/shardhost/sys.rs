@@ -151,7 +151,10 @@ pub fn drop_privileges() -> std::io::Result<()> {
     Ok(())
 }
 
-/// `CAP_SETGID` (capability.h): change gids and supplementary groups.
+/// `CAP_KILL` (capability.h): signal processes of other uids (the agent's
+/// hosts, once they run as their own uid).
+pub const CAP_KILL: u32 = 5;
+/// `CAP_SETGID`: change gids and supplementary groups.
 pub const CAP_SETGID: u32 = 6;
 /// `CAP_SETUID`: change uids.
 pub const CAP_SETUID: u32 = 7;
