@@ -193,13 +193,26 @@ impl Engine {
                             }
                         }
                     }
+                    // Errors and excess use that come with a start failure
+                    // of this lease (an operator fault: config, limits below
+                    // the host's need) belong to it: the lease is unclean,
+                    // nothing is charged. A shard that errs while it starts
+                    // without failing is still the device's.
+                    let still_starting = start_failed.iter().any(|(f, _)| f == id)
+                        || st
+                            .start_failures
+                            .get(id)
+                            .is_some_and(|f| f.last_ms >= lease.granted_at_ms)
+                        || health.failing_on(id, &arch).is_some();
                     let new_errors = s.errors.saturating_sub(lease.errors_seen);
                     lease.errors_seen = s.errors;
                     let per_min = f64::from(new_errors) * 60_000.0 / window_ms as f64;
                     if per_min > rcfg.error_rate_per_min {
                         lease.clean = false;
-                        st.reputation.apply(rcfg, now, rcfg.errors, "error_rate");
-                        penalized = true;
+                        if !still_starting {
+                            st.reputation.apply(rcfg, now, rcfg.errors, "error_rate");
+                            penalized = true;
+                        }
                     }
                     let (cpu_lim, mem_lim) =
                         host_limits.get(&lease.capability).copied().unwrap_or((
@@ -210,7 +223,7 @@ impl Engine {
                     let mem_over = s.rss_kib.saturating_mul(1024) > mem_lim;
                     if alive && (cpu_over || mem_over) {
                         lease.clean = false;
-                        if over_limit_hosts.insert(lease.capability.clone()) {
+                        if !still_starting && over_limit_hosts.insert(lease.capability.clone()) {
                             st.reputation
                                 .apply(rcfg, now, rcfg.over_limit, "over_limit_use");
                             penalized = true;
