@@ -20,6 +20,11 @@ use std::process::Command;
 
 /// Where the parent hands the shard directory to the re-executed child.
 const CHILD_SHARD_DIR: &str = "SHARDLINE_TEST_PACKAGED_SHARD_DIR";
+/// A copy of the agent binary where other users can reach it: a host runs
+/// as its own uid and re-executes the agent, and cargo's target directory
+/// may sit below a private one (the CI's is under /root, mode 0700), as a
+/// packaged /usr/bin never does.
+const CHILD_AGENT_EXE: &str = "SHARDLINE_TEST_PACKAGED_AGENT_EXE";
 /// The unprivileged user the child runs as (`nobody`; the unit's
 /// `shardline` user need not exist here).
 const UNPRIVILEGED: u32 = 65_534;
@@ -69,6 +74,19 @@ fn the_packaged_units_capabilities_give_hosts_their_own_uid_and_a_bandwidth_cap(
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod shard dir");
+    let exe_dir = tempfile::TempDir::new().expect("agent copy dir");
+    std::fs::set_permissions(
+        exe_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod agent copy dir");
+    let agent_copy = exe_dir.path().join("shardline-agent");
+    std::fs::copy(AGENT, &agent_copy).expect("copy the agent binary");
+    std::fs::set_permissions(
+        &agent_copy,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod agent copy");
     let caps = unit_capabilities();
     let list = caps.iter().map(|c| format!(",+{c}")).collect::<String>();
     let me = std::env::current_exe().expect("test binary");
@@ -90,6 +108,7 @@ fn the_packaged_units_capabilities_give_hosts_their_own_uid_and_a_bandwidth_cap(
             "--test-threads=1",
         ])
         .env(CHILD_SHARD_DIR, dir.path())
+        .env(CHILD_AGENT_EXE, &agent_copy)
         .output()
         .expect("run setpriv");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -143,6 +162,9 @@ fn as_the_packaged_agent() {
         "the child must hold the unit's ambient capabilities"
     );
     let mut cfg = supervisor_config(dir);
+    if let Some(exe) = std::env::var_os(CHILD_AGENT_EXE) {
+        cfg.agent_exe = std::path::PathBuf::from(exe);
+    }
     // cgroups are not what this test is about (nobody owns no subtree here).
     cfg.use_cgroups = false;
     let mut checked = false;
