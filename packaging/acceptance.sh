@@ -320,8 +320,7 @@ running() {
     shardctl --json device "$1" 2>/dev/null | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
-running = [s["id"] if isinstance(s, dict) else str(s).split("@")[0]
-           for s in d["policy"]["last_qos"]["running_shards"]]
+running = [s["id"] for s in d["policy"]["last_qos"]["running_shards"]]
 sys.exit(0 if sys.argv[1] in running else 1)' "$2"
 }
 wait_running() {

@@ -485,8 +485,8 @@ fn units(n: u32) -> &'static str {
 }
 
 impl Refusal {
-    /// The refusal in words, for the operator.
-    pub fn explain(&self, ctx: &ExplainCtx) -> String {
+    /// The refusal of `capability` on `device` in words, for the operator.
+    pub fn explain(&self, capability: &str, device: &str, ctx: &ExplainCtx) -> String {
         match self {
             Refusal::NotAllowed => "not allowed: the tier does not include it".to_owned(),
             Refusal::Budget {
@@ -557,14 +557,13 @@ impl Refusal {
                 arch,
                 reason,
             } => format!("failing catalog entry {shard} on {arch}: {reason}"),
-            // The device view prefers `operator_hint`, which names the
-            // capability and device; these are its shorter forms.
-            Refusal::NoBuild { shard, arch } => {
-                format!("no build of {shard} for {arch} in the catalog")
-            }
+            // These two need the operator to act: say what to change.
+            Refusal::NoBuild { shard, arch } => format!(
+                "{capability} needs a build of {shard} for {arch} (catalog [shard.sha256] has none)"
+            ),
             Refusal::MissingDeviceConfig { shard, key, secret } => format!(
-                "needs device config {shard}:{key}{}",
-                if *secret { " (secret)" } else { "" }
+                "{capability} needs device config {shard}:{key} — shardctl config set {device} {shard} {}{key}=…",
+                if *secret { "--secret " } else { "" }
             ),
         }
     }

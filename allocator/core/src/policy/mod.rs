@@ -554,24 +554,6 @@ pub enum Refusal {
     },
 }
 
-impl Refusal {
-    /// An operator-facing explanation of the refusals that need operator
-    /// action on the catalog or the device's configuration (`None` for the
-    /// others, whose variant says it all).
-    pub fn operator_hint(&self, capability: &str, device: &str) -> Option<String> {
-        match self {
-            Refusal::NoBuild { shard, arch } => Some(format!(
-                "{capability} needs a build of {shard} for {arch} (catalog [shard.sha256] has none)"
-            )),
-            Refusal::MissingDeviceConfig { shard, key, secret } => Some(format!(
-                "{capability} needs device config {shard}:{key} — shardctl config set {device} {shard} {}{key}=…",
-                if *secret { "--secret " } else { "" }
-            )),
-            _ => None,
-        }
-    }
-}
-
 /// One shard's per-device configuration as the engine sees it: the clear
 /// keys with their values (they go into the activation) and only the
 /// *names* of the secret keys (the values stay in the service record and

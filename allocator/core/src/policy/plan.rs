@@ -108,7 +108,7 @@ pub(crate) fn device_arch(state: &DeviceState) -> Option<&str> {
 
 /// Why `spec` cannot run on this device whatever the budget: no build for
 /// its architecture, or a per-device key it requires is not set.
-pub(crate) fn unusable(
+pub(crate) fn missing_build_or_key(
     spec: &ShardSpec,
     arch: Option<&str>,
     config: Option<&DeviceConfigView>,
@@ -251,7 +251,7 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
                 }
                 if let Some(r) = bundle
                     .iter()
-                    .find_map(|b| unusable(b, arch, input.device_config))
+                    .find_map(|b| missing_build_or_key(b, arch, input.device_config))
                 {
                     first_failure.get_or_insert(r);
                     continue;

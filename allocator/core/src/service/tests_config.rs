@@ -182,8 +182,7 @@ fn a_missing_key_refuses_vpn_and_a_set_secret_travels_sealed_only() {
         "vpn is not activated without its device configuration"
     );
     let view = core.engine().device(&d).unwrap();
-    let refusal = &view.refusals["vpn"];
-    let hint = refusal.operator_hint("vpn", d.as_str()).unwrap();
+    let hint = &view.refusal_reasons["vpn"];
     assert_eq!(
         hint,
         "vpn needs device config auth-psk:psk — shardctl config set gw-a auth-psk --secret psk=…"

@@ -13,7 +13,7 @@
 
 use super::*;
 use crate::policy::catalog::ShardSpec;
-use crate::policy::plan::{device_arch, unusable};
+use crate::policy::plan::{device_arch, missing_build_or_key};
 use shardline_shared::msg::{ShardActivation, ShardVariant, MAX_ALTERNATIVES};
 
 /// The catalog's configuration with the device's clear values over it
@@ -92,7 +92,7 @@ fn shard_activation(
         .filter(|a| a.kind == spec.kind && a.units <= spec.units)
         .filter(|a| !st.revoked.contains(a.shard.id()))
         .filter(|a| st.avoid_until.get(a.shard.id()).is_none_or(|&t| t <= now))
-        .filter(|a| unusable(a, arch, config).is_none())
+        .filter(|a| missing_build_or_key(a, arch, config).is_none())
         .filter_map(|a| variant(a, arch, config, priority))
         .take(MAX_ALTERNATIVES)
         .collect();

@@ -397,12 +397,7 @@ impl Engine {
         let refusal_reasons = st
             .refusals
             .iter()
-            .map(|(c, r)| {
-                let words = r
-                    .operator_hint(c, device.as_str())
-                    .unwrap_or_else(|| r.explain(&ctx));
-                (c.clone(), words)
-            })
+            .map(|(c, r)| (c.clone(), r.explain(c, device.as_str(), &ctx)))
             .collect();
         Some(DeviceView {
             device: device.clone(),
