@@ -22,7 +22,7 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 targets=(envelope_decode_verify wire_decode signed_instruction_accept
-         monitor_frames agent_config allocator_config catalog)
+         monitor_frames agent_config allocator_config catalog request_open)
 
 # Valid signed messages and near misses, so mutations reach the deep paths.
 cargo run --quiet --example seed_corpus

@@ -12,8 +12,9 @@ use shardline_shared::msg::{
     KeyRotation, KeySet, Operation, Presence, QosNeed, QosReport, RejectionCounters,
     ResourceLimits, ShardKind, TrafficClass,
 };
+use shardline_shared::request::{self, Answer, AppRequest, Grant, RequestAnswer, RequestOp};
 use shardline_shared::sign::{self, Domain, KeyPair};
-use shardline_shared::{DeviceId, ShardRef};
+use shardline_shared::{AppName, DeviceId, ShardRef};
 use std::path::{Path, PathBuf};
 
 /// Must match the targets' clock.
@@ -173,5 +174,51 @@ fn main() {
         bytes.extend(codec::encode(&i));
         write(&signed_dir, name, &bytes);
     }
+
+    // request_open: a request signed by the device key (3) and an answer
+    // signed by the pinned allocator key (1), each also under the wrong key.
+    let req_dir = root.join("request_open");
+    std::fs::create_dir_all(&req_dir).expect("create corpus dir");
+    let k3 = key(3);
+    let req = AppRequest {
+        device: DeviceId::new("router-1").expect("valid"),
+        seq: 4,
+        app: AppName::new("cam").expect("valid"),
+        instance: AppName::new("w1").expect("valid"),
+        at_ms: NOW,
+        op: RequestOp::Acquire {
+            kind: ShardKind::Compute,
+            units: 2,
+            duration_ms: 30_000,
+            priority: 1,
+        },
+    };
+    let answer = RequestAnswer {
+        device: req.device.clone(),
+        app: req.app.clone(),
+        instance: req.instance.clone(),
+        request_seq: 4,
+        issued_at_ms: NOW,
+        answer: Answer::Granted(Grant {
+            grant: 1,
+            kind: ShardKind::Compute,
+            units: 2,
+            expires_at_ms: NOW + 30_000,
+        }),
+    };
+    write(&req_dir, "request", &request::seal_request(&req, &k3));
+    write(
+        &req_dir,
+        "request-wrong-key",
+        &request::seal_request(&req, &k9),
+    );
+    write(&req_dir, "answer", &request::seal_answer(&answer, &[&k1]));
+    write(
+        &req_dir,
+        "answer-wrong-key",
+        &request::seal_answer(&answer, &[&k9]),
+    );
+    write(&wire_dir, "app-request", &codec::encode(&req));
+    write(&wire_dir, "request-answer", &codec::encode(&answer));
     println!("seed corpus written under {}", root.display());
 }

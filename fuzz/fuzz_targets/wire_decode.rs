@@ -9,6 +9,7 @@ use shardline_shared::msg::{
     DeviceStatus, EnrollRequest, Instruction, InstructionAck, KeyRotation, KeySet, Operation,
     QosReport, RejectionCounters, ShardStatus,
 };
+use shardline_shared::request::{AppRequest, RequestAnswer};
 use shardline_shared::sign::SignedEnvelope;
 use shardline_shared::{decode, encode, DeviceId, ShardRef};
 use std::fmt::Debug;
@@ -39,6 +40,8 @@ fuzz_target!(|data: &[u8]| {
     check::<DeviceId>(data);
     check::<ShardRef>(data);
     check::<EnrollRequest>(data);
+    check::<AppRequest>(data);
+    check::<RequestAnswer>(data);
     // Opening a sealed enrolment request never panics either.
     let _ = shardline_shared::sign::open_enroll(data);
 });

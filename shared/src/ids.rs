@@ -169,6 +169,82 @@ impl<'de> Deserialize<'de> for ShardRef {
     }
 }
 
+/// The name of a local application or of one of its instances, as the
+/// agent's configuration declares it and an explicit request carries it:
+/// 1–32 characters of `[A-Za-z0-9._-]`, not starting with '.'.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct AppName(String);
+
+impl AppName {
+    pub const MAX_LEN: usize = 32;
+
+    pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+        let value = value.into();
+        check_token("application name", &value, Self::MAX_LEN)?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for AppName {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AppName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One application instance anywhere in the fleet: the unit the allocator
+/// keeps an explicit-request reputation for. Written
+/// `device:app:instance` (':' is outside every part's alphabet, so the
+/// form parses back without ambiguity and fits in a URL path segment).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InstanceRef {
+    pub device: DeviceId,
+    pub app: AppName,
+    pub instance: AppName,
+}
+
+impl fmt::Display for InstanceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.device, self.app, self.instance)
+    }
+}
+
+impl std::str::FromStr for InstanceRef {
+    type Err = IdError;
+    /// Parses `device:app:instance`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(device), Some(app), Some(instance)) => Ok(Self {
+                device: DeviceId::new(device)?,
+                app: AppName::new(app)?,
+                instance: AppName::new(instance)?,
+            }),
+            _ => Err(IdError::Alphabet {
+                what: "application instance (device:app:instance)",
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +263,17 @@ mod tests {
         assert_eq!((r.id(), r.version()), ("crypto-chacha", "1.0.0"));
         assert!("nover".parse::<ShardRef>().is_err());
         assert!("../x@1".parse::<ShardRef>().is_err());
+    }
+
+    #[test]
+    fn instance_refs_parse_back_and_refuse_strangers() {
+        let r: InstanceRef = "gw-a:cam:worker-1".parse().unwrap();
+        assert_eq!(r.to_string(), "gw-a:cam:worker-1");
+        assert_eq!(r.app.as_str(), "cam");
+        for bad in ["gw-a:cam", "gw-a:cam:a:b", "gw-a::x", "a/b:c:d", ":c:d"] {
+            assert!(bad.parse::<InstanceRef>().is_err(), "{bad:?} accepted");
+        }
+        assert!(AppName::new("x".repeat(33)).is_err());
     }
 
     #[test]

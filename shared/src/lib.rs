@@ -10,6 +10,8 @@
 //! - [`ids`]: validated identifiers (device ids, key ids, shard references).
 //! - [`msg`]: the message types (QoS report, ack, status, instruction, rotation,
 //!   enrolment request).
+//! - [`request`]: explicit shard requests from applications on a device and
+//!   the allocator's signed answers (grant, queue position, refusal).
 //! - [`seal`]: secret shard configuration sealed to one device's key.
 //! - [`sign`]: Ed25519 keys, key sets and the signed envelope with domain tags.
 //! - [`accept`]: the sans-IO state machine that decides whether a device applies
@@ -21,9 +23,10 @@ pub mod accept;
 pub mod codec;
 pub mod ids;
 pub mod msg;
+pub mod request;
 pub mod seal;
 pub mod sign;
 pub mod topics;
 
 pub use codec::{decode, encode, DecodeError, FORMAT_VERSION};
-pub use ids::{DeviceId, IdError, KeyId, ShardRef};
+pub use ids::{AppName, DeviceId, IdError, InstanceRef, KeyId, ShardRef};

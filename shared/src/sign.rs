@@ -27,6 +27,12 @@ pub enum Domain {
     /// A device's self-enrolment request, signed by the key it enrols.
     /// Added at the end: the variants before it keep their wire bytes.
     Enroll,
+    /// An explicit request from an application on the device, signed by
+    /// the device key ([`crate::request`]). Added at the end.
+    AppRequest,
+    /// The allocator's answer to such a request (a grant, a queue position
+    /// or a refusal), signed by an instruction key. Added at the end.
+    RequestAnswer,
 }
 
 impl Domain {
@@ -37,6 +43,8 @@ impl Domain {
             Domain::Rotation => b"shardline/v1/sig/rotation\0",
             Domain::Ack => b"shardline/v1/sig/ack\0",
             Domain::Enroll => b"shardline/v1/sig/enroll\0",
+            Domain::AppRequest => b"shardline/v1/sig/app-request\0",
+            Domain::RequestAnswer => b"shardline/v1/sig/request-answer\0",
         }
     }
 }

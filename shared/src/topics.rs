@@ -45,12 +45,26 @@ pub fn enroll_device(topic: &str) -> Option<DeviceId> {
     }
 }
 
+/// agent → cloud, QoS 1: an explicit request from a local application
+/// ([`crate::request::AppRequest`], signed by the device key).
+pub fn request(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/request")
+}
+
+/// cloud → agent, QoS 1: the allocator's signed answers to the device's
+/// explicit requests ([`crate::request::RequestAnswer`]).
+pub fn answer(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/answer")
+}
+
 /// Subscription filters for an allocator: all devices' reports, acks, statuses.
 pub const ALL_REPORTS: &str = "shardline/v1/dev/+/report";
 pub const ALL_ACKS: &str = "shardline/v1/dev/+/ack";
 pub const ALL_STATUS: &str = "shardline/v1/dev/+/status";
 /// All devices' enrolment requests.
 pub const ALL_ENROLL: &str = "shardline/v1/dev/+/enroll";
+/// All devices' explicit requests (read through [`shared`] when scaled out).
+pub const ALL_REQUESTS: &str = "shardline/v1/dev/+/request";
 
 /// Shared-subscription group through which scaled-out allocators split reports.
 pub const SHARED_GROUP: &str = "allocators";
@@ -69,6 +83,10 @@ pub enum TopicKind {
     Instr,
     /// `dev/{device}/enroll`: a bootstrap-token enrolment request.
     Enroll,
+    /// `dev/{device}/request`: an explicit request from a local application.
+    Request,
+    /// `dev/{device}/answer`: the allocator's answer to one.
+    Answer,
 }
 
 /// Splits `shardline/v1/dev/{device}/{kind}` into its device and kind.
@@ -82,6 +100,8 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
         "ack" => TopicKind::Ack,
         "instr" => TopicKind::Instr,
         ENROLL_SUFFIX => TopicKind::Enroll,
+        "request" => TopicKind::Request,
+        "answer" => TopicKind::Answer,
         _ => return None,
     };
     Some((DeviceId::new(device).ok()?, kind))
@@ -89,19 +109,25 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
 
 /// Topic authorization for a device's broker login (DESIGN.md: "each
 /// client may touch only its own topics"): a device may publish only its own
-/// report, ack, status and enrolment request.
+/// report, ack, status, enrolment request and explicit requests.
 pub fn device_may_publish(device: &DeviceId, topic: &str) -> bool {
     matches!(
         parse(topic),
-        Some((d, TopicKind::Report | TopicKind::Ack | TopicKind::Status | TopicKind::Enroll))
-            if &d == device
+        Some((
+            d,
+            TopicKind::Report
+                | TopicKind::Ack
+                | TopicKind::Status
+                | TopicKind::Enroll
+                | TopicKind::Request
+        )) if &d == device
     )
 }
 
-/// … and subscribe only to its own instruction topic (exactly: no
-/// wildcards, which could reach other devices' topics).
+/// … and subscribe only to its own instruction and answer topics (exactly:
+/// no wildcards, which could reach other devices' topics).
 pub fn device_may_subscribe(device: &DeviceId, filter: &str) -> bool {
-    filter == instr(device)
+    filter == instr(device) || filter == answer(device)
 }
 
 #[cfg(test)]
@@ -116,6 +142,9 @@ mod tests {
         assert_eq!(ack(&d), "shardline/v1/dev/r1/ack");
         assert_eq!(instr(&d), "shardline/v1/dev/r1/instr");
         assert_eq!(enroll(&d), "shardline/v1/dev/r1/enroll");
+        assert_eq!(request(&d), "shardline/v1/dev/r1/request");
+        assert_eq!(answer(&d), "shardline/v1/dev/r1/answer");
+        assert_eq!(ALL_REQUESTS, "shardline/v1/dev/+/request");
         assert_eq!(ALL_ENROLL, format!("{PREFIX}/dev/+/{ENROLL_SUFFIX}"));
         assert_eq!(
             shared(ALL_REPORTS),
@@ -141,7 +170,7 @@ mod tests {
     fn a_device_may_touch_only_its_own_topics() {
         let d = DeviceId::new("r1").unwrap();
         let other = DeviceId::new("r2").unwrap();
-        for t in [report(&d), ack(&d), status(&d), enroll(&d)] {
+        for t in [report(&d), ack(&d), status(&d), enroll(&d), request(&d)] {
             assert!(device_may_publish(&d, &t), "{t}");
             assert!(!device_may_publish(&other, &t), "{t}");
         }
@@ -151,7 +180,13 @@ mod tests {
         );
         assert!(!device_may_publish(&d, "shardline/v1/dev/r1/report/x"));
         assert!(!device_may_publish(&d, "other/topic"));
+        assert!(
+            !device_may_publish(&d, &answer(&d)),
+            "answers come from the cloud"
+        );
         assert!(device_may_subscribe(&d, &instr(&d)));
+        assert!(device_may_subscribe(&d, &answer(&d)));
+        assert!(!device_may_subscribe(&d, &answer(&other)));
         for f in [
             instr(&other),
             report(&d),

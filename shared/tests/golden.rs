@@ -22,8 +22,13 @@ use shardline_shared::msg::{
     RejectionCounters, ResourceLimits, ShardActivation, ShardFailure, ShardKind, ShardState,
     ShardStatus, ShardVariant, TrafficClass,
 };
+use shardline_shared::request::{
+    self, Answer, AppRequest, Grant, GrantOutcome, InstanceStanding, RequestAnswer, RequestOp,
+    RequestRefusal,
+};
 use shardline_shared::seal::SealedConfigBody;
 use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
+use shardline_shared::AppName;
 use shardline_shared::{decode, encode, DeviceId, ShardRef};
 use std::fmt::Debug;
 
@@ -300,6 +305,8 @@ fn golden_presence_shard_kind_domain_every_variant() {
     check("Domain::Ack", &Domain::Ack, "0103");
     // Added after the others, at the end: their bytes above are unchanged.
     check("Domain::Enroll", &Domain::Enroll, "0104");
+    check("Domain::AppRequest", &Domain::AppRequest, "0105");
+    check("Domain::RequestAnswer", &Domain::RequestAnswer, "0106");
 }
 
 #[test]
@@ -310,6 +317,11 @@ fn golden_domain_tags() {
     assert_eq!(Domain::Rotation.tag(), b"shardline/v1/sig/rotation\0");
     assert_eq!(Domain::Ack.tag(), b"shardline/v1/sig/ack\0");
     assert_eq!(Domain::Enroll.tag(), b"shardline/v1/sig/enroll\0");
+    assert_eq!(Domain::AppRequest.tag(), b"shardline/v1/sig/app-request\0");
+    assert_eq!(
+        Domain::RequestAnswer.tag(),
+        b"shardline/v1/sig/request-answer\0"
+    );
 }
 
 // ------------------------------------------------------------ reports
@@ -744,6 +756,203 @@ fn golden_signed_envelope_of_an_enroll_request() {
     assert_eq!(encode(&env), bytes);
     // The pinned bytes still open: signed by the key the request names.
     assert_eq!(sign::open_enroll(&bytes), Ok(enroll_request()));
+}
+
+// ------------------------------------------------------------ explicit requests
+
+fn app_request(op: RequestOp) -> AppRequest {
+    AppRequest {
+        device: device(),
+        seq: 300,
+        app: AppName::new("cam").unwrap(),
+        instance: AppName::new("w1").unwrap(),
+        at_ms: T0,
+        op,
+    }
+}
+
+#[test]
+fn golden_app_request_every_op() {
+    check(
+        "AppRequest(Acquire)",
+        &app_request(RequestOp::Acquire {
+            kind: ShardKind::Data,
+            units: 2,
+            duration_ms: 30_000,
+            priority: 5,
+        }),
+        "01057274722d31ac020363616d02773180909282e733000102b0ea0105",
+    );
+    check(
+        "AppRequest(Renew)",
+        &app_request(RequestOp::Renew {
+            grant: 9,
+            duration_ms: 10_000,
+        }),
+        "01057274722d31ac020363616d02773180909282e7330109904e",
+    );
+    check(
+        "AppRequest(Release)",
+        &app_request(RequestOp::Release {
+            grant: 9,
+            outcome: GrantOutcome::OverLimit,
+        }),
+        "01057274722d31ac020363616d02773180909282e733020903",
+    );
+    check(
+        "AppRequest(Query)",
+        &app_request(RequestOp::Query),
+        "01057274722d31ac020363616d02773180909282e73303",
+    );
+}
+
+#[test]
+fn golden_grant_outcome_every_variant() {
+    check("GrantOutcome::Completed", &GrantOutcome::Completed, "0100");
+    check("GrantOutcome::Unused", &GrantOutcome::Unused, "0101");
+    check("GrantOutcome::Errored", &GrantOutcome::Errored, "0102");
+    check("GrantOutcome::OverLimit", &GrantOutcome::OverLimit, "0103");
+}
+
+fn answer(answer: Answer) -> RequestAnswer {
+    RequestAnswer {
+        device: device(),
+        app: AppName::new("cam").unwrap(),
+        instance: AppName::new("w1").unwrap(),
+        request_seq: 300,
+        issued_at_ms: T0,
+        answer,
+    }
+}
+
+fn grant() -> Grant {
+    Grant {
+        grant: 9,
+        kind: ShardKind::Compute,
+        units: 2,
+        expires_at_ms: T0 + 30_000,
+    }
+}
+
+#[test]
+fn golden_request_answer_every_variant() {
+    check(
+        "Answer::Granted",
+        &answer(Answer::Granted(grant())),
+        "01057274722d310363616d027731ac0280909282e73300090002b0fa9382e733",
+    );
+    check(
+        "Answer::Queued",
+        &answer(Answer::Queued {
+            ticket: 10,
+            position: 1,
+            expected_wait_ms: 4_000,
+        }),
+        "01057274722d310363616d027731ac0280909282e733010a01a01f",
+    );
+    check(
+        "Answer::Released",
+        &answer(Answer::Released { grant: 9, units: 2 }),
+        "01057274722d310363616d027731ac0280909282e733030902",
+    );
+    check(
+        "Answer::Standing",
+        &answer(Answer::Standing(InstanceStanding {
+            reputation_tenths: 625,
+            device_reputation_tenths: 500,
+            compute_quota_units: 3,
+            data_quota_units: 1,
+            compute_in_use: 2,
+            data_in_use: 0,
+            queued: 1,
+        })),
+        "01057274722d310363616d027731ac0280909282e73304f104f4030301020001",
+    );
+    check(
+        "Answer::Renewed",
+        &answer(Answer::Renewed(grant())),
+        "01057274722d310363616d027731ac0280909282e73305090002b0fa9382e733",
+    );
+}
+
+#[test]
+fn golden_request_refusal_every_variant() {
+    let cases = [
+        (
+            RequestRefusal::InsufficientQuota {
+                kind: ShardKind::Compute,
+                asked: 4,
+                quota: 3,
+                in_use: 1,
+            },
+            "010000040301",
+        ),
+        (
+            RequestRefusal::KindNotAllowed {
+                kind: ShardKind::Data,
+            },
+            "010101",
+        ),
+        (RequestRefusal::QueueFull { limit: 64 }, "010240"),
+        (
+            RequestRefusal::RateLimited {
+                retry_after_ms: 500,
+            },
+            "0103f403",
+        ),
+        (RequestRefusal::UnknownGrant { grant: 9 }, "010409"),
+        (
+            RequestRefusal::OutOfRange {
+                max_units: 64,
+                max_duration_ms: 600_000,
+            },
+            "010540c0cf24",
+        ),
+        (RequestRefusal::Drained, "0106"),
+        (RequestRefusal::QueueTimeout, "0107"),
+    ];
+    for (refusal, golden) in cases {
+        check(&format!("{refusal:?}"), &refusal, golden);
+    }
+}
+
+#[test]
+fn golden_signed_envelope_of_a_request_and_an_answer() {
+    let req = app_request(RequestOp::Query);
+    let bytes = request::seal_request(&req, &key(3));
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope(request)",
+        &env,
+        concat!(
+            "01051701057274722d31ac020363616d02773180909282e7330301b62e867fa2",
+            "f33afe40f53f2897cdc4716cfecfccebb4cbe8458176732cc2db925c7ae3557a",
+            "4efd122235857811c6bcbdbdc7cdb090eeae81d0034f4eab6280de1fd4091a10",
+            "8d2f3a0d",
+        ),
+    );
+    assert_eq!(env.domain, Domain::AppRequest);
+    assert_eq!(
+        request::open_request(&bytes, &device(), &key(3).public_key()),
+        Ok(req)
+    );
+    let ans = answer(Answer::Granted(grant()));
+    let bytes = request::seal_answer(&ans, &[&key(1)]);
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope(answer)",
+        &env,
+        concat!(
+            "01062001057274722d310363616d027731ac0280909282e73300090002b0fa93",
+            "82e7330134750f98bd59fcfc404acc34ed0cdf9e4c36341f2fac50f7107ae123",
+            "2978758b9905a152d84c0a82bf73ded60130c9fc63c32febf22a6969633519ea",
+            "70f0c5822c5e668502a91f6704",
+        ),
+    );
+    assert_eq!(env.domain, Domain::RequestAnswer);
+    let k1 = key(1);
+    let lookup = |id| (id == k1.id()).then_some(k1.public_key());
+    assert_eq!(request::open_answer(&bytes, lookup), Ok(ans));
 }
 
 // ------------------------------------------------------------ persisted state

@@ -27,7 +27,12 @@ use shardline_shared::msg::{
     ShardState, ShardStatus, ShardVariant, TrafficClass,
 };
 use shardline_shared::msg::{EnrollRequest, MAX_ENROLL_TOKEN_LEN};
+use shardline_shared::request::{
+    self, Answer, AppRequest, Grant, GrantOutcome, InstanceStanding, RequestAnswer, RequestOp,
+    RequestRefusal,
+};
 use shardline_shared::sign::{self, Domain, KeyPair, SignatureEntry, SignedEnvelope};
+use shardline_shared::AppName;
 use shardline_shared::{codec, decode, encode, DeviceId, KeyId, ShardRef};
 use std::fmt::Debug;
 
@@ -439,6 +444,144 @@ fn acceptance_state() -> impl Strategy<Value = AcceptanceState> {
         })
 }
 
+fn app_name() -> impl Strategy<Value = AppName> {
+    "[A-Za-z0-9_-][A-Za-z0-9._-]{0,15}".prop_map(|s| AppName::new(s).expect("valid"))
+}
+
+fn shard_kind() -> impl Strategy<Value = ShardKind> {
+    select(vec![ShardKind::Compute, ShardKind::Data])
+}
+
+fn grant_outcome() -> impl Strategy<Value = GrantOutcome> {
+    select(vec![
+        GrantOutcome::Completed,
+        GrantOutcome::Unused,
+        GrantOutcome::Errored,
+        GrantOutcome::OverLimit,
+    ])
+}
+
+fn request_op() -> impl Strategy<Value = RequestOp> {
+    prop_oneof![
+        (shard_kind(), any::<u32>(), any::<u32>(), any::<u8>()).prop_map(
+            |(kind, units, duration_ms, priority)| RequestOp::Acquire {
+                kind,
+                units,
+                duration_ms,
+                priority
+            }
+        ),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(grant, duration_ms)| RequestOp::Renew { grant, duration_ms }),
+        (any::<u64>(), grant_outcome())
+            .prop_map(|(grant, outcome)| RequestOp::Release { grant, outcome }),
+        Just(RequestOp::Query),
+    ]
+}
+
+fn app_request() -> impl Strategy<Value = AppRequest> {
+    (
+        device_id(),
+        any::<u64>(),
+        app_name(),
+        app_name(),
+        any::<u64>(),
+        request_op(),
+    )
+        .prop_map(|(device, seq, app, instance, at_ms, op)| AppRequest {
+            device,
+            seq,
+            app,
+            instance,
+            at_ms,
+            op,
+        })
+}
+
+fn grant() -> impl Strategy<Value = Grant> {
+    (any::<u64>(), shard_kind(), any::<u32>(), any::<u64>()).prop_map(
+        |(grant, kind, units, expires_at_ms)| Grant {
+            grant,
+            kind,
+            units,
+            expires_at_ms,
+        },
+    )
+}
+
+fn request_refusal() -> impl Strategy<Value = RequestRefusal> {
+    prop_oneof![
+        (shard_kind(), any::<(u32, u32, u32)>()).prop_map(|(kind, (asked, quota, in_use))| {
+            RequestRefusal::InsufficientQuota {
+                kind,
+                asked,
+                quota,
+                in_use,
+            }
+        }),
+        shard_kind().prop_map(|kind| RequestRefusal::KindNotAllowed { kind }),
+        any::<u32>().prop_map(|limit| RequestRefusal::QueueFull { limit }),
+        any::<u32>().prop_map(|retry_after_ms| RequestRefusal::RateLimited { retry_after_ms }),
+        any::<u64>().prop_map(|grant| RequestRefusal::UnknownGrant { grant }),
+        any::<(u32, u32)>().prop_map(|(max_units, max_duration_ms)| {
+            RequestRefusal::OutOfRange {
+                max_units,
+                max_duration_ms,
+            }
+        }),
+        Just(RequestRefusal::Drained),
+        Just(RequestRefusal::QueueTimeout),
+    ]
+}
+
+fn answer_body() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        grant().prop_map(Answer::Granted),
+        any::<(u64, u32, u64)>().prop_map(|(ticket, position, expected_wait_ms)| {
+            Answer::Queued {
+                ticket,
+                position,
+                expected_wait_ms,
+            }
+        }),
+        request_refusal().prop_map(Answer::Refused),
+        any::<(u64, u32)>().prop_map(|(grant, units)| Answer::Released { grant, units }),
+        any::<(u16, u16, u32, u32, u32, u32, u32)>().prop_map(|t| {
+            Answer::Standing(InstanceStanding {
+                reputation_tenths: t.0,
+                device_reputation_tenths: t.1,
+                compute_quota_units: t.2,
+                data_quota_units: t.3,
+                compute_in_use: t.4,
+                data_in_use: t.5,
+                queued: t.6,
+            })
+        }),
+        grant().prop_map(Answer::Renewed),
+    ]
+}
+
+fn request_answer() -> impl Strategy<Value = RequestAnswer> {
+    (
+        device_id(),
+        app_name(),
+        app_name(),
+        any::<u64>(),
+        any::<u64>(),
+        answer_body(),
+    )
+        .prop_map(
+            |(device, app, instance, request_seq, issued_at_ms, answer)| RequestAnswer {
+                device,
+                app,
+                instance,
+                request_seq,
+                issued_at_ms,
+                answer,
+            },
+        )
+}
+
 // ------------------------------------------------------------ round trips
 
 /// Encode → decode gives the value back; one trailing byte, or any strict
@@ -464,6 +607,40 @@ proptest! {
     #[test]
     fn round_trip_qos_report(v in qos_report(), cut in any::<prop::sample::Index>()) {
         round_trip(&v, cut)?;
+    }
+
+    #[test]
+    fn round_trip_app_request(v in app_request(), cut in any::<prop::sample::Index>()) {
+        round_trip(&v, cut)?;
+    }
+
+    #[test]
+    fn round_trip_request_answer(v in request_answer(), cut in any::<prop::sample::Index>()) {
+        round_trip(&v, cut)?;
+    }
+
+    #[test]
+    fn a_sealed_request_opens_only_as_sent_and_never_as_an_answer(
+        v in app_request(),
+        flip in any::<prop::sample::Index>(),
+    ) {
+        let key = KeyPair::from_seed(&[9; 32]);
+        let sealed = request::seal_request(&v, &key);
+        if sealed.len() <= request::MAX_REQUEST_BYTES {
+            prop_assert_eq!(
+                request::open_request(&sealed, &v.device, &key.public_key()),
+                Ok(v.clone())
+            );
+        }
+        prop_assert!(request::open_answer(&sealed, |_| Some(key.public_key())).is_err());
+        // Any single changed byte: refused, or (a byte outside what is
+        // signed, e.g. the domain) still the very same request.
+        let mut bad = sealed.clone();
+        let i = flip.index(bad.len());
+        bad[i] ^= 0x01;
+        if let Ok(r) = request::open_request(&bad, &v.device, &key.public_key()) {
+            prop_assert_eq!(r, v);
+        }
     }
 
     #[test]
@@ -599,6 +776,8 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<TrafficClass>(bytes);
     let _ = decode::<Domain>(bytes);
     let _ = decode::<EnrollRequest>(bytes);
+    let _ = decode::<AppRequest>(bytes);
+    let _ = decode::<RequestAnswer>(bytes);
 }
 
 proptest! {
@@ -618,6 +797,9 @@ proptest! {
             let _ = sign::parse_envelope(bytes, codec::MAX_PAYLOAD);
             // Random bytes never make a request signed by the key it names.
             prop_assert!(sign::open_enroll(bytes).is_err());
+            let k1 = KeyPair::from_seed(&[1; 32]);
+            prop_assert!(request::open_request(bytes, &me(), &k1.public_key()).is_err());
+            prop_assert!(request::open_answer(bytes, |_| Some(k1.public_key())).is_err());
             let d = handle_incoming(&state, &me(), bytes, now, &AcceptancePolicy::default());
             // Random bytes are never a valid signature by key 1.
             prop_assert!(
