@@ -323,6 +323,9 @@ pub struct LoopConfig {
     /// with the bootstrap token in [`Stack::enroll_token_file`] (which the
     /// caller writes, mode 0600, before starting the agent).
     pub enroll_with_token: bool,
+    /// Appended to the agent's configuration as is (extra sections, e.g.
+    /// the local request API and its applications).
+    pub agent_extra: String,
 }
 
 impl LoopConfig {
@@ -337,6 +340,7 @@ impl LoopConfig {
             tick_ms: 100,
             hysteresis_ms: 3_000,
             enroll_with_token: false,
+            agent_extra: String::new(),
         }
     }
 }
@@ -514,7 +518,8 @@ impl Stack {
                  [broker]\nurl = \"{broker}\"\nkeep_alive_s = 5\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n\
                  [monitor]\n{monitor}window_ms = {win}\n\n\
                  [shards]\ndir = \"{d}/shards\"\n\n\
-                 [state]\ndir = \"{d}/agent-state\"\n",
+                 [state]\ndir = \"{d}/agent-state\"\n{extra}",
+                extra = stack.cfg.agent_extra,
                 dev = stack.cfg.device,
                 d = dir.display(),
                 win = stack.cfg.window_ms,
