@@ -626,3 +626,221 @@ fn full_flow_table_evicts_oldest_and_counts_every_flow_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A few flows of every kind (TCP with options over IPv4, UDP over IPv6,
+/// ICMP) framed with `link`.
+fn small_mix(link: Link) -> Capture {
+    let mut c = Capture::default();
+    let mut t = T0;
+    c.flow("web", "10.0.0.2:40000", "192.0.2.10:443", "tcp", "web");
+    c.flow(
+        "dns6",
+        "[2001:db8::2]:5353",
+        "[2001:db8::53]:53",
+        "udp",
+        "dns",
+    );
+    c.flow(
+        "game",
+        "10.0.0.2:50000",
+        "198.51.100.7:27015",
+        "udp",
+        "gaming",
+    );
+    for i in 0..6u32 {
+        let up = i % 2 == 0;
+        c.packet(t, link, "web", up, 0, |s, d| {
+            tcp(s, d, 1000 + i, 2000 + i, ACK, Some((i, i)), &[b'w'; 300])
+        });
+        c.packet(t, link, "dns6", up, 0, |s, d| udp(s, d, &[0x35; 40]));
+        c.packet(t, link, "game", up, 46, |s, d| udp(s, d, &[7; 90]));
+        t += 20 * MS;
+    }
+    c
+}
+
+fn run_on_pcap(name: &str, bytes: Vec<u8>) -> Value {
+    let dir = std::env::temp_dir().join(format!("sl-monitor-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{name}.pcap"));
+    std::fs::write(&file, bytes).unwrap();
+    let (_, t) = run_monitor(&file, &["--top", "50"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    t
+}
+
+fn assert_flows_exact(c: &Capture, t: &Value, what: &str) {
+    assert_eq!(t["packets"], c.total_packets(), "{what}: packets");
+    assert_eq!(t["bytes"], c.total_bytes(), "{what}: bytes");
+    assert_eq!(t["flows"], c.flows.len() as u64, "{what}: flows");
+    assert_eq!(t["malformed"], 0, "{what}: malformed");
+    assert_eq!(t["non_ip"], 0, "{what}: non-IP");
+    assert_eq!(t["unsupported_link"], 0, "{what}: unsupported link");
+    for (name, f) in &c.flows {
+        let v = find_flow(t, f);
+        assert_eq!(v["packets"], f.packets, "{what}: {name} packets");
+        assert_eq!(v["bytes"], f.bytes, "{what}: {name} bytes");
+        assert_eq!(v["proto"], f.proto, "{what}: {name} proto");
+    }
+}
+
+#[test]
+fn ppp_pppoe_hdlc_wifi_ppi_fabricpath_and_mpls_count_exactly() {
+    // Link types real captures come in that the monitor used to drop
+    // silently (PPP, Cisco HDLC, PPI) or count as non-IP (PPPoE,
+    // FabricPath), each with TCP/IPv4, UDP/IPv6 and DSCP-marked UDP.
+    for link in [
+        Link::Ppp,
+        Link::PppCompressed,
+        Link::Pppoe,
+        Link::CiscoHdlc,
+        Link::Wifi,
+        Link::Radiotap,
+        Link::Ppi,
+        Link::FabricPath,
+        Link::Mpls,
+    ] {
+        let c = small_mix(link);
+        let t = run_on_pcap("links", write_pcap(&c.frames, 65535));
+        assert_flows_exact(&c, &t, &format!("{link:?}"));
+        assert_eq!(find_flow(&t, &c.flows["game"])["dscp"], 46, "{link:?}");
+    }
+}
+
+#[test]
+fn a_file_of_an_unreadable_link_type_fails_loudly() {
+    // LINKTYPE_USB_LINUX (189): nothing the monitor can read. It must say
+    // so on stderr and exit non-zero, not print empty totals and exit 0.
+    let mut bytes = write_pcap(&small_mix(Link::Eth).frames, 65535);
+    bytes[20..24].copy_from_slice(&189u32.to_le_bytes());
+    let dir = std::env::temp_dir().join(format!("sl-monitor-usb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("usb.pcap");
+    std::fs::write(&file, bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardline-agent"))
+        .args(["monitor", "--json", "--pcap"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0 on a file it cannot read");
+    assert!(
+        stderr.contains("18 frames of unsupported link types skipped"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("none of its 18 frames"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_64_byte_snapshot_length_keeps_every_packet_and_byte() {
+    // 64 bytes hold Ethernet + IPv4 + the first 30 bytes of TCP: the TCP
+    // options (and for IPv6, the UDP header's second half) are cut. Every
+    // packet still counts in its flow with its IP length.
+    for snaplen in [64, 58] {
+        let c = small_mix(Link::Eth);
+        let t = run_on_pcap("snap64", write_pcap(&c.frames, snaplen));
+        assert_flows_exact(&c, &t, &format!("snaplen {snaplen}"));
+    }
+    // The whole scenario too (VLAN tags, IPv6 behind two tags, whose TCP
+    // ports fall beyond 64 bytes: it still counts, as a flow of its
+    // addresses); its malformed frames stay malformed.
+    let c = scenario(false);
+    let t = run_on_pcap("snap64-mix", write_pcap(&c.frames, 64));
+    assert_eq!(t["packets"], c.total_packets());
+    assert_eq!(t["bytes"], c.total_bytes());
+    assert_eq!(t["flows"], c.flows.len() as u64);
+    assert_eq!(t["malformed"], c.malformed);
+}
+
+/// Fragments of one UDP datagram of `payload` bytes, `mtu`-sized IP packets.
+fn ipv4_fragments(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    id: u16,
+    udp_datagram: &[u8],
+    per_fragment: usize,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let chunks: Vec<&[u8]> = udp_datagram.chunks(per_fragment).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut p = ip(src.into(), dst.into(), UDP, 0, chunk);
+        let offset = (i * per_fragment / 8) as u16;
+        let more = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6..8].copy_from_slice(&(offset | more).to_be_bytes());
+        out.push(p);
+    }
+    out
+}
+
+fn ipv6_fragments(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    id: u32,
+    udp_datagram: &[u8],
+    per_fragment: usize,
+) -> Vec<Vec<u8>> {
+    const FRAGMENT_HEADER: u8 = 44;
+    let chunks: Vec<&[u8]> = udp_datagram.chunks(per_fragment).collect();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let offset = (i * per_fragment) as u16;
+        let more = u16::from(i + 1 < chunks.len());
+        let mut l = vec![UDP, 0];
+        l.extend_from_slice(&(offset | more).to_be_bytes());
+        l.extend_from_slice(&id.to_be_bytes());
+        l.extend_from_slice(chunk);
+        out.push(ip(src.into(), dst.into(), FRAGMENT_HEADER, 0, &l));
+    }
+    out
+}
+
+#[test]
+fn later_fragments_count_in_the_flow_of_their_first() {
+    // A large UDP datagram in three IPv4 fragments and one in three IPv6
+    // fragments: each belongs to one UDP flow with its ports, not to a
+    // port-0 flow of its own.
+    let mut c = Capture::default();
+    c.flow("v4", "10.0.0.2:40000", "10.0.0.9:4000", "udp", "other");
+    c.flow(
+        "v6",
+        "[2001:db8::2]:40001",
+        "[2001:db8::9]:4001",
+        "udp",
+        "other",
+    );
+    let mut t = T0;
+    let v4 = ipv4_fragments(
+        "10.0.0.2".parse().unwrap(),
+        "10.0.0.9".parse().unwrap(),
+        0x4242,
+        &udp(40000, 4000, &[3; 3000]),
+        1480,
+    );
+    let v6 = ipv6_fragments(
+        "2001:db8::2".parse().unwrap(),
+        "2001:db8::9".parse().unwrap(),
+        0x0102_0304,
+        &udp(40001, 4001, &[4; 3000]),
+        1448,
+    );
+    for (name, packets) in [("v4", v4), ("v6", v6)] {
+        for p in packets {
+            let f = c.flows.get_mut(name).unwrap();
+            f.packets += 1;
+            f.bytes += p.len() as u64;
+            c.frames
+                .push((t, Link::Eth, frame(Link::Eth, ethertype_of(&p), &p)));
+            t += MS;
+        }
+    }
+    let t = run_on_pcap("frag", write_pcap(&c.frames, 65535));
+    assert_eq!(t["flows"], 2, "one flow per datagram, no port-0 flows: {t}");
+    for (name, f) in &c.flows {
+        let v = find_flow(&t, f);
+        assert_eq!(v["packets"], 3, "{name}");
+        assert_eq!(v["bytes"], f.bytes, "{name}");
+        assert_eq!(v["proto"], "udp", "{name}");
+    }
+}

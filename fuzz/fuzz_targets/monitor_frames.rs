@@ -5,7 +5,7 @@
 //! headers are.
 //!
 //! Input layout: a sequence of records, each
-//! `[link selector: 1 byte][time step ms: 1 byte][length: 2 bytes LE][frame]`
+//! `[link selector (top bit: cut by the capture): 1 byte][time step ms: 1 byte][length: 2 bytes LE][frame]`
 //! (a short last record takes what is left). Several frames per input let
 //! the flow table, the DNS/SNI caches and the window logic see related
 //! packets (a TCP handshake, a DNS answer then a flow to that address).
@@ -16,13 +16,7 @@ use shardline_agent::monitor::parse::{self, LinkType};
 use shardline_agent::monitor::{MonitorConfig, Pipeline, Timestamp};
 use std::sync::OnceLock;
 
-const LINKS: [LinkType; 5] = [
-    LinkType::Ethernet,
-    LinkType::LinuxSll,
-    LinkType::LinuxSll2,
-    LinkType::RawIp,
-    LinkType::Null,
-];
+const LINKS: [LinkType; 11] = LinkType::ALL;
 
 /// 2026-05-28 in nanoseconds, the capture clock at the first frame.
 const START_NS: u64 = 1_780_000_000_000_000_000;
@@ -46,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
     let mut now = START_NS;
     let mut rest = data;
     while rest.len() >= 4 {
-        let link = LINKS[usize::from(rest[0]) % LINKS.len()];
+        let selector = rest[0];
+        let link = LINKS[usize::from(selector & 0x7f) % LINKS.len()];
         now = now.saturating_add(u64::from(rest[1]) * 1_000_000);
         let len = usize::from(u16::from_le_bytes([rest[2], rest[3]]));
         let body = &rest[4..];
@@ -55,9 +50,16 @@ fuzz_target!(|data: &[u8]| {
 
         // The parser alone, then the whole per-frame path (flow table,
         // DNS/SNI/name caches, classification, RTT samples).
+        // The selector's top bit says the capture cut the frame (snaplen).
+        let cut = selector & 0x80 != 0;
         let _ = parse::parse(link, frame);
+        let _ = parse::parse_cut(link, frame);
         let ts = Timestamp::from_nanos(now);
-        pipeline.handle_frame(ts, link, frame);
+        if cut {
+            pipeline.handle_frame_of_len(ts, link, frame, frame.len() as u32 + 1);
+        } else {
+            pipeline.handle_frame(ts, link, frame);
+        }
         let _ = pipeline.poll_window(ts);
     }
     let _ = pipeline.flush_window(Timestamp::from_nanos(now.saturating_add(1)));

@@ -129,6 +129,7 @@ fn totals_json(t: &Totals, kernel: Option<(u64, u64)>, read_error: Option<String
         "flows": t.flows,
         "malformed": t.malformed,
         "non_ip": t.non_ip,
+        "unsupported_link": t.unsupported_link,
         "evicted": t.evicted,
         "expired": t.expired,
         "classes": classes,
@@ -243,12 +244,13 @@ fn print_totals(
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "totals: {} packets, {} bytes, {} flows, {} malformed, {} non-IP, {} evicted{}",
+        "totals: {} packets, {} bytes, {} flows, {} malformed, {} non-IP, {} unsupported link, {} evicted{}",
         t.packets,
         t.bytes,
         t.flows,
         t.malformed,
         t.non_ip,
+        t.unsupported_link,
         t.evicted,
         kernel.map_or(String::new(), |(p, d)| format!(
             ", kernel {p} packets / {d} drops"
@@ -381,7 +383,9 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "capture file damaged; stopping there");
+                    // `monitor` is a command-line tool without a log
+                    // subscriber: warnings go to stderr directly.
+                    eprintln!("monitor: warning: capture file damaged; stopping there: {e}");
                     read_error = Some(e.to_string());
                     break;
                 }
@@ -397,18 +401,29 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
             while let Some(w) = pipeline.poll_window(frame.ts) {
                 out.window(&w, None)?;
             }
-            pipeline.handle_frame(frame.ts, frame.link, frame.data);
+            pipeline.handle_frame_of_len(frame.ts, frame.link, frame.data, frame.orig_len);
         }
         if let Some(w) = pipeline.flush_window(last) {
             out.window(&w, None)?;
         }
+        let mut totals = pipeline.totals();
+        totals.unsupported_link = reader.unsupported_link;
+        out.totals(&totals, None, read_error)?;
         if reader.unsupported_link > 0 {
-            tracing::warn!(
-                frames = reader.unsupported_link,
-                "frames of unsupported link types skipped"
+            eprintln!(
+                "monitor: warning: {} frames of unsupported link types skipped (supported: \
+                 Ethernet, Linux cooked v1/v2, raw IP, BSD loopback, PPP, PPPoE, Cisco HDLC, \
+                 802.11, radiotap, PPI)",
+                reader.unsupported_link
             );
+            if totals.packets + totals.malformed + totals.non_ip == 0 {
+                anyhow::bail!(
+                    "{}: none of its {} frames has a link type the monitor reads",
+                    path.display(),
+                    reader.unsupported_link
+                );
+            }
         }
-        out.totals(&pipeline.totals(), None, read_error)?;
         return Ok(ExitCode::SUCCESS);
     }
     let iface = args

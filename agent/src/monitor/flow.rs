@@ -742,6 +742,8 @@ mod tests {
             dscp: 0,
             tcp: None,
             payload: &[],
+            fragment: None,
+            transport_truncated: false,
         }
     }
 

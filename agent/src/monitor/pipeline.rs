@@ -11,7 +11,7 @@ use super::config::{MonitorConfig, Rules};
 use super::dns;
 use super::flow::{ClassSource, Flow, FlowKey, FlowTable, Removal, F_INSPECTED};
 use super::names::{DnsCache, NameTable};
-use super::parse::{parse, LinkType, Proto};
+use super::parse::{parse, parse_cut, LinkType, Proto};
 use super::tls;
 use super::Timestamp;
 use shardline_shared::msg::{ClassStats, QosNeed, TrafficClass};
@@ -93,6 +93,9 @@ pub struct Totals {
     pub malformed: u64,
     /// Frames that are not IP (ARP, LLDP, …).
     pub non_ip: u64,
+    /// Frames of link types the parser does not read (set by the capture
+    /// reader's user; the pipeline never sees them).
+    pub unsupported_link: u64,
     /// Flows removed because the table was full (overflow).
     pub evicted: u64,
     /// Flows removed after their idle timeout.
@@ -150,6 +153,67 @@ pub struct Pipeline {
     next_expire: u64,
     closed: Closed,
     rng: u64,
+    fragments: FragmentPorts,
+}
+
+/// The ports of recent fragmented datagrams, so that later fragments (which
+/// carry no transport header) count in the flow of their first fragment
+/// instead of a port-0 flow of their own. Direct-mapped and fixed in size:
+/// no allocation per packet, and a flood of fragments only overwrites slots.
+#[derive(Debug, Clone)]
+struct FragmentPorts {
+    slots: Box<[FragmentSlot; FRAGMENT_SLOTS]>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct FragmentSlot {
+    /// Hash of (addresses, id, protocol); 0 = empty.
+    tag: u64,
+    sport: u16,
+    dport: u16,
+    seen_ns: u64,
+}
+
+const FRAGMENT_SLOTS: usize = 256;
+/// A datagram's fragments arrive within this of each other (Linux's
+/// reassembly timeout is 30 s).
+const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+
+impl FragmentPorts {
+    fn new() -> Self {
+        Self {
+            slots: Box::new([FragmentSlot::default(); FRAGMENT_SLOTS]),
+        }
+    }
+
+    fn tag(p: &super::parse::Packet<'_>, f: &super::parse::Fragment) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (p.src, p.dst, f.id, f.proto).hash(&mut h);
+        h.finish() | 1
+    }
+
+    /// Remembers a first fragment's ports; gives a later fragment the ports
+    /// (and transport protocol) of its first, when that was seen recently.
+    fn attribute(&mut self, now: u64, p: &mut super::parse::Packet<'_>) {
+        let Some(f) = p.fragment else { return };
+        let tag = Self::tag(p, &f);
+        let slot = &mut self.slots[(tag % FRAGMENT_SLOTS as u64) as usize];
+        if f.first {
+            *slot = FragmentSlot {
+                tag,
+                sport: p.sport,
+                dport: p.dport,
+                seen_ns: now,
+            };
+        } else if slot.tag == tag && now.saturating_sub(slot.seen_ns) <= FRAGMENT_TIMEOUT_NS {
+            p.proto = Proto::from_number(f.proto);
+            p.sport = slot.sport;
+            p.dport = slot.dport;
+            // Mid-datagram bytes: nothing a payload inspector may read as a header.
+            p.payload = &[];
+        }
+    }
 }
 
 fn summary(flow: &Flow, class: TrafficClass, names: &NameTable) -> FlowSummary {
@@ -258,6 +322,7 @@ impl Pipeline {
             next_expire: 0,
             closed: Closed::default(),
             rng: 0x2545_f491_4f6c_dd1d,
+            fragments: FragmentPorts::new(),
         }
     }
 
@@ -265,13 +330,35 @@ impl Pipeline {
         &self.cfg
     }
 
-    /// Account one captured frame. Never panics on any input.
+    /// Account one complete captured frame. Never panics on any input.
     pub fn handle_frame(&mut self, ts: Timestamp, link: LinkType, frame: &[u8]) {
+        self.account(ts, link, frame, false);
+    }
+
+    /// Account one captured frame that was `wire_len` bytes on the wire:
+    /// when the capture cut it (snapshot length), a transport header cut
+    /// after its ports still counts in its flow. Never panics on any input.
+    pub fn handle_frame_of_len(
+        &mut self,
+        ts: Timestamp,
+        link: LinkType,
+        frame: &[u8],
+        wire_len: u32,
+    ) {
+        self.account(ts, link, frame, wire_len as usize > frame.len());
+    }
+
+    fn account(&mut self, ts: Timestamp, link: LinkType, frame: &[u8], cut: bool) {
         let now = ts.as_nanos();
         if self.win_start.is_none() {
             self.win_start = Some(now);
         }
-        let p = match parse(link, frame) {
+        let parsed = if cut {
+            parse_cut(link, frame)
+        } else {
+            parse(link, frame)
+        };
+        let mut p = match parsed {
             Ok(p) => p,
             Err(e) if e.is_malformed() => {
                 self.malformed += 1;
@@ -289,6 +376,7 @@ impl Pipeline {
         }
         self.packets += 1;
         self.bytes += u64::from(p.ip_len);
+        self.fragments.attribute(now, &mut p);
         let (key, a_to_b) = FlowKey::of(&p);
         let closed = &mut self.closed;
         let names = &self.names;
@@ -569,6 +657,7 @@ impl Pipeline {
             flows: self.flows,
             malformed: self.malformed,
             non_ip: self.non_ip,
+            unsupported_link: 0,
             evicted: self.evicted,
             expired: self.expired,
             classes: TrafficClass::ALL

@@ -24,6 +24,24 @@ pub enum Link {
     QinQ(u16, u16),
     Sll,
     Sll2,
+    /// PPP with address and control bytes (`LINKTYPE_PPP`).
+    Ppp,
+    /// PPP without them and with a compressed one-byte protocol (`LINKTYPE_PPP_HDLC`
+    /// carries the same framing; ACFC + PFC as negotiated links send it).
+    PppCompressed,
+    /// PPPoE session inside Ethernet.
+    Pppoe,
+    CiscoHdlc,
+    /// 802.11 QoS data frame with LLC/SNAP.
+    Wifi,
+    /// Radiotap header, then 802.11.
+    Radiotap,
+    /// PPI header naming Ethernet, then Ethernet.
+    Ppi,
+    /// Cisco FabricPath: outer Ethernet (0x8903), FTag/TTL, inner Ethernet.
+    FabricPath,
+    /// Two MPLS labels inside Ethernet.
+    Mpls,
 }
 
 fn csum_fold(mut s: u32) -> u16 {
@@ -141,13 +159,73 @@ pub fn frame(link: Link, ethertype: u16, payload: &[u8]) -> Vec<u8> {
             f.extend_from_slice(&ethertype.to_be_bytes());
             f.extend_from_slice(&[0, 0, 0, 0, 0, 2, 0, 1, 0, 6, 0x02, 0, 0, 0, 0, 1, 0, 0]);
         }
+        Link::Ppp => {
+            f.extend_from_slice(&[0xff, 0x03]);
+            f.extend_from_slice(&ppp_protocol(ethertype).to_be_bytes());
+        }
+        Link::PppCompressed => f.push(ppp_protocol(ethertype) as u8),
+        Link::Pppoe => {
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x88, 0x64]);
+            f.extend_from_slice(&[0x11, 0x00, 0x12, 0x34]);
+            f.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+            f.extend_from_slice(&ppp_protocol(ethertype).to_be_bytes());
+        }
+        Link::CiscoHdlc => {
+            f.extend_from_slice(&[0x0f, 0x00]);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+        }
+        Link::Wifi | Link::Radiotap => {
+            if link == Link::Radiotap {
+                // Version 0, pad, length 12, present flags (TSFT absent), 4 bytes of fields.
+                f.extend_from_slice(&[0, 0, 12, 0, 0x02, 0, 0, 0, 0x10, 0x02, 0x6c, 0x09]);
+            }
+            // QoS data (subtype 8), to the AP (ToDS).
+            f.extend_from_slice(&[0x88, 0x01, 0x2c, 0x00]);
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 9]);
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+            f.extend_from_slice(&[0x10, 0x00]);
+            f.extend_from_slice(&[0x00, 0x00]);
+            f.extend_from_slice(&[0xaa, 0xaa, 0x03, 0, 0, 0]);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+        }
+        Link::Ppi => {
+            // Version 0, flags 0, length 8, DLT 1 (Ethernet), little endian.
+            f.extend_from_slice(&[0, 0, 8, 0, 1, 0, 0, 0]);
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1]);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+        }
+        Link::FabricPath => {
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 8, 0x02, 0, 0, 0, 0, 7, 0x89, 0x03]);
+            f.extend_from_slice(&[0x00, 0x3f]);
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1]);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+        }
+        Link::Mpls => {
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x88, 0x47]);
+            f.extend_from_slice(&[0x00, 0x01, 0x00, 0x40]);
+            f.extend_from_slice(&[0x00, 0x02, 0x01, 0x40]);
+        }
     }
     f.extend_from_slice(payload);
     // Ethernet minimum frame size: padding must not be counted as IP bytes.
-    if matches!(link, Link::Eth | Link::Vlan(_) | Link::QinQ(..)) && f.len() < 60 {
+    let ethernet = matches!(
+        link,
+        Link::Eth | Link::Vlan(_) | Link::QinQ(..) | Link::Pppoe | Link::FabricPath | Link::Mpls
+    );
+    if ethernet && f.len() < 60 {
         f.resize(60, 0);
     }
     f
+}
+
+/// PPP protocol number of an IP Ethernet type.
+fn ppp_protocol(ethertype: u16) -> u16 {
+    match ethertype {
+        0x0800 => 0x0021,
+        0x86dd => 0x0057,
+        other => panic!("no PPP protocol for ethertype {other:#06x} in the tests"),
+    }
 }
 
 pub fn ethertype_of(ip: &[u8]) -> u16 {
@@ -291,9 +369,20 @@ impl Capture {
 
 fn linktype(link: Link) -> u32 {
     match link {
-        Link::Eth | Link::Vlan(_) | Link::QinQ(..) => 1,
+        Link::Eth
+        | Link::Vlan(_)
+        | Link::QinQ(..)
+        | Link::Pppoe
+        | Link::FabricPath
+        | Link::Mpls => 1,
         Link::Sll => 113,
         Link::Sll2 => 276,
+        Link::Ppp => 9,
+        Link::PppCompressed => 50,
+        Link::CiscoHdlc => 104,
+        Link::Wifi => 105,
+        Link::Radiotap => 127,
+        Link::Ppi => 192,
     }
 }
 
