@@ -33,7 +33,8 @@
 //!   skipped; payload parsers (TLS SNI, DNS) read only captured bytes.
 //! - Byte counts are IP bytes from the IP length fields, never captured lengths.
 //! - The per-packet path does not allocate (except when a new host name is
-//!   interned from an SNI or DNS answer).
+//!   interned from an SNI or DNS answer, and when the first client packet
+//!   of a QUIC flow is decrypted to read its SNI: once per flow).
 
 pub mod cli;
 pub mod config;
@@ -43,6 +44,7 @@ pub mod names;
 pub mod parse;
 pub mod pcap;
 pub mod pipeline;
+pub mod quic;
 pub mod source;
 pub mod tls;
 

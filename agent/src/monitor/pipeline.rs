@@ -12,8 +12,8 @@ use super::dns;
 use super::flow::{ClassSource, Flow, FlowKey, FlowTable, Removal, F_INSPECTED};
 use super::names::{DnsCache, NameTable};
 use super::parse::{parse, parse_cut, LinkType, Proto};
-use super::tls;
 use super::Timestamp;
+use super::{quic, tls};
 use shardline_shared::msg::{ClassStats, QosNeed, TrafficClass};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -405,6 +405,24 @@ impl Pipeline {
                         flow.name = id_name;
                         flow.flags |= F_SNI;
                         if let Some(c) = self.cfg.rules.name_class(sni) {
+                            flow.class = c;
+                            flow.class_src = ClassSource::Name;
+                        }
+                    }
+                }
+                // The first client datagram of a QUIC connection: its
+                // Initial packet names the server like a TLS ClientHello.
+                Proto::Udp
+                    if d == 0
+                        && flow.flags & F_INSPECTED == 0
+                        && quic::looks_like_initial(p.payload) =>
+                {
+                    flow.flags |= F_INSPECTED;
+                    if let Some(sni) = quic::initial_sni(p.payload) {
+                        let id_name = self.names.intern(&sni);
+                        flow.name = id_name;
+                        flow.flags |= F_SNI;
+                        if let Some(c) = self.cfg.rules.name_class(&sni) {
                             flow.class = c;
                             flow.class_src = ClassSource::Name;
                         }

@@ -9,13 +9,22 @@ fn be16(b: &[u8], at: usize) -> Option<usize> {
     ])))
 }
 
-/// The SNI host name of a ClientHello at the start of `payload`, if any.
+/// The SNI host name of a ClientHello record at the start of `payload`, if any.
 pub fn client_hello_sni(payload: &[u8]) -> Option<&str> {
     // TLS record: handshake (22), version 3.x.
-    if payload.len() < 9 || payload[0] != 22 || payload[1] != 3 || payload[5] != 1 {
+    if payload.len() < 9 || payload[0] != 22 || payload[1] != 3 {
         return None;
     }
-    let mut at = 9; // record header (5) + handshake header (4)
+    handshake_sni(&payload[5..])
+}
+
+/// The SNI of a ClientHello handshake message (no record header: QUIC
+/// carries the handshake in CRYPTO frames) at the start of `payload`.
+pub fn handshake_sni(payload: &[u8]) -> Option<&str> {
+    if payload.first() != Some(&1) {
+        return None;
+    }
+    let mut at = 4; // handshake type + 3-byte length
     at += 2 + 32; // client version + random
     let sid = usize::from(*payload.get(at)?);
     at += 1 + sid;

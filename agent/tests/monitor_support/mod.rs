@@ -237,6 +237,7 @@ pub fn ethertype_of(ip: &[u8]) -> u16 {
 }
 
 /// A TLS ClientHello carrying `sni` (the test kit's, one builder for every test).
+#[allow(unused_imports)] // not every test file builds ClientHellos
 pub use xtask::kit::pcap::client_hello;
 
 fn qname(name: &str) -> Vec<u8> {
