@@ -844,3 +844,94 @@ fn later_fragments_count_in_the_flow_of_their_first() {
         assert_eq!(v["proto"], "udp", "{name}");
     }
 }
+
+/// Bytes per class summed over every window the monitor printed.
+fn window_class_bytes(windows: &[Value]) -> BTreeMap<String, u64> {
+    let mut sums = BTreeMap::new();
+    for w in windows {
+        for c in w["window"]["classes"].as_array().into_iter().flatten() {
+            *sums
+                .entry(c["class"].as_str().unwrap().to_owned())
+                .or_default() += c["bytes"].as_u64().unwrap();
+        }
+    }
+    sums
+}
+
+#[test]
+fn classes_do_not_depend_on_the_window_length() {
+    // A call on ports no rule names (50 packets/s each way, 20 ms audio
+    // frames) and a game (64 small packets/s up, 30 larger down). Behaviour
+    // rules used to run on in-progress flows at each window close, the
+    // first match sticking: with short windows the call was caught with
+    // 30-49 packets and became gaming for good.
+    let mut c = Capture::default();
+    c.flow(
+        "call",
+        "10.0.0.2:41000",
+        "198.51.100.9:42000",
+        "udp",
+        "calls",
+    );
+    c.flow(
+        "game",
+        "10.0.0.2:41001",
+        "203.0.113.4:40500",
+        "udp",
+        "gaming",
+    );
+    let start = T0;
+    for i in 0..1000u64 {
+        let t = start + i * 20 * MS;
+        c.packet(t, Link::Eth, "call", true, 46, |s, d| udp(s, d, &[1; 160]));
+        c.packet(t + 3 * MS, Link::Eth, "call", false, 46, |s, d| {
+            udp(s, d, &[2; 160])
+        });
+    }
+    for i in 0..1250u64 {
+        let t = start + i * 15_625_000;
+        c.packet(t + MS, Link::Eth, "game", true, 0, |s, d| {
+            udp(s, d, &[3; 60])
+        });
+        if i % 2 == 0 {
+            c.packet(t + 2 * MS, Link::Eth, "game", false, 0, |s, d| {
+                udp(s, d, &[4; 140])
+            });
+        }
+    }
+    c.frames.sort_by_key(|f| f.0);
+    let dir = std::env::temp_dir().join(format!("sl-monitor-win-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("win.pcap");
+    std::fs::write(&file, write_pcap(&c.frames, 65535)).unwrap();
+    let mut seen = Vec::new();
+    for window_ms in ["100", "350", "1000", "7000"] {
+        let (windows, t) = run_monitor(&file, &["--window-ms", window_ms, "--top", "10"]);
+        let sums = window_class_bytes(&windows);
+        let call = find_flow(&t, &c.flows["call"]);
+        let game = find_flow(&t, &c.flows["game"]);
+        assert_eq!(call["class"], "calls", "window {window_ms} ms: {call}");
+        assert_eq!(game["class"], "gaming", "window {window_ms} ms: {game}");
+        // Reported per window (what the agent sends), the call is
+        // overwhelmingly calls and the game gaming, at every window length.
+        let (calls, gaming) = (sums["calls"], sums["gaming"]);
+        assert!(
+            calls * 10 > c.flows["call"].bytes * 9,
+            "window {window_ms} ms: calls {calls} of {}: {sums:?}",
+            c.flows["call"].bytes
+        );
+        assert!(
+            gaming * 10 > c.flows["game"].bytes * 9,
+            "window {window_ms} ms: gaming {gaming}: {sums:?}"
+        );
+        seen.push((window_ms, sums));
+    }
+    for pair in seen.windows(2) {
+        assert_eq!(
+            pair[0].1, pair[1].1,
+            "bytes per class differ between {} ms and {} ms windows",
+            pair[0].0, pair[1].0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

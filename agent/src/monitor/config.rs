@@ -199,6 +199,14 @@ pub struct BehaviourRule {
     pub min_ratio: f64,
     pub max_ratio: f64,
     pub max_rate_bps: f64,
+    /// Packets of the busier direction ÷ packets of the other: a call sends
+    /// a frame each way per packet time (≈ 1), a game's client ticks
+    /// faster than its server answers.
+    pub max_pps_ratio: f64,
+    /// Mean packet size of the direction with the larger packets ÷ that of
+    /// the other: audio frames are alike both ways, game inputs are small
+    /// and state updates large.
+    pub max_size_ratio: f64,
 }
 
 /// Compiled classification rules: O(1) port lookups, name suffixes, behaviour bounds.
@@ -279,6 +287,8 @@ struct BehaviourFile {
     min_ratio: Option<f64>,
     max_ratio: Option<f64>,
     max_rate_bps: Option<f64>,
+    max_pps_ratio: Option<f64>,
+    max_size_ratio: Option<f64>,
 }
 
 struct Ctx<'a> {
@@ -444,6 +454,8 @@ impl Rules {
                     min_ratio: b.min_ratio.unwrap_or(0.0),
                     max_ratio: b.max_ratio.unwrap_or(f64::INFINITY),
                     max_rate_bps: b.max_rate_bps.unwrap_or(f64::INFINITY),
+                    max_pps_ratio: b.max_pps_ratio.unwrap_or(f64::INFINITY),
+                    max_size_ratio: b.max_size_ratio.unwrap_or(f64::INFINITY),
                 });
             }
             bs.append(&mut r.behaviours);

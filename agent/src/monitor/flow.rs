@@ -186,6 +186,10 @@ pub struct Flow {
     /// Name id (SNI or DNS), see `NameTable`; `NIL` = none.
     pub name: u32,
     pub class: TrafficClass,
+    /// The class from the flow's ports or name, before any behaviour rule:
+    /// what a behaviour rule's `from` refers to, so that re-evaluating the
+    /// rules later in the flow's life starts from the same place each time.
+    pub base_class: TrafficClass,
     pub class_src: ClassSource,
     pub dscp: u8,
     pub(crate) flags: u16,
@@ -225,10 +229,18 @@ impl Flow {
             out_of_order: 0,
             name: NIL,
             class: TrafficClass::Other,
+            base_class: TrafficClass::Other,
             class_src: ClassSource::None,
             dscp: 0,
             flags: if initiator_is_a { F_INIT_IS_A } else { 0 },
         }
+    }
+
+    /// Sets the class found from the flow's ports or name.
+    pub fn set_base_class(&mut self, class: TrafficClass, src: ClassSource) {
+        self.class = class;
+        self.base_class = class;
+        self.class_src = src;
     }
 
     /// Direction of a packet going from endpoint a to b (`a_to_b`).

@@ -243,6 +243,12 @@ fn summary(flow: &Flow, class: TrafficClass, names: &NameTable) -> FlowSummary {
 }
 
 /// The class behaviour rules give a flow now (or its current class).
+/// The first packet count at which behaviour rules look at a flow; then at
+/// every doubling.
+const BEHAVIOUR_FIRST_LOOK: u64 = 16;
+
+/// The class the behaviour rules give the flow from its whole life so far,
+/// starting from its port or name class (`base_class`).
 fn behaviour_class(rules: &Rules, f: &Flow) -> Option<TrafficClass> {
     if f.class_src == ClassSource::Name {
         return None;
@@ -258,8 +264,12 @@ fn behaviour_class(rules: &Rules, f: &Flow) -> Option<TrafficClass> {
     let (hi, lo) = (f.bytes[0].max(f.bytes[1]), f.bytes[0].min(f.bytes[1]));
     let ratio = hi as f64 / (lo as f64 + 1.0);
     let rate = bytes as f64 * 8.0 / dur;
+    let [p0, p1] = f.packets.map(|p| p as f64);
+    let pps_ratio = p0.max(p1) / p0.min(p1).max(1.0);
+    let size = |d: usize| f.bytes[d] as f64 / (f.packets[d] as f64).max(1.0);
+    let size_ratio = size(0).max(size(1)) / size(0).min(size(1)).max(1.0);
     rules.behaviours().iter().find_map(|b| {
-        let ok = b.from.contains(&f.class)
+        let ok = b.from.contains(&f.base_class)
             && b.proto.is_none_or(|p| p == f.key.proto().number())
             && pk >= b.min_packets
             && bytes >= b.min_bytes
@@ -269,7 +279,9 @@ fn behaviour_class(rules: &Rules, f: &Flow) -> Option<TrafficClass> {
             && avg <= b.max_avg_size
             && ratio >= b.min_ratio
             && ratio <= b.max_ratio
-            && rate <= b.max_rate_bps;
+            && rate <= b.max_rate_bps
+            && pps_ratio <= b.max_pps_ratio
+            && size_ratio <= b.max_size_ratio;
         ok.then_some(b.class)
     })
 }
@@ -405,8 +417,7 @@ impl Pipeline {
                         flow.name = id_name;
                         flow.flags |= F_SNI;
                         if let Some(c) = self.cfg.rules.name_class(sni) {
-                            flow.class = c;
-                            flow.class_src = ClassSource::Name;
+                            flow.set_base_class(c, ClassSource::Name);
                         }
                     }
                 }
@@ -423,8 +434,7 @@ impl Pipeline {
                         flow.name = id_name;
                         flow.flags |= F_SNI;
                         if let Some(c) = self.cfg.rules.name_class(&sni) {
-                            flow.class = c;
-                            flow.class_src = ClassSource::Name;
+                            flow.set_base_class(c, ClassSource::Name);
                         }
                     }
                 }
@@ -443,6 +453,16 @@ impl Pipeline {
                     }
                 }
                 _ => {}
+            }
+        }
+        // Behaviour rules look at a flow at fixed points of its own life
+        // (its 16th, 32nd, 64th, … packet), never at window boundaries: the
+        // class a flow gets must not depend on the window length.
+        let seen = flow.total_packets();
+        if seen >= BEHAVIOUR_FIRST_LOOK && seen.is_power_of_two() {
+            if let Some(c) = behaviour_class(&self.cfg.rules, flow) {
+                flow.class = c;
+                flow.class_src = ClassSource::Behaviour;
             }
         }
         let w = &mut self.win[flow.class as usize];
@@ -475,14 +495,12 @@ impl Pipeline {
         let named = self.dns.get(&p.dst).or_else(|| self.dns.get(&p.src));
         let flow = self.table.get_mut(id);
         if let Some(c) = port_class {
-            flow.class = c;
-            flow.class_src = ClassSource::Port;
+            flow.set_base_class(c, ClassSource::Port);
         }
         if let Some((name, class)) = named {
             flow.name = name;
             if let Some(c) = class {
-                flow.class = c;
-                flow.class_src = ClassSource::Name;
+                flow.set_base_class(c, ClassSource::Name);
             }
         }
     }
@@ -567,10 +585,6 @@ impl Pipeline {
         let names = &self.names;
         let top_n = self.cfg.top_flows;
         self.table.for_each_active(start, |f| {
-            if let Some(c) = behaviour_class(rules, f) {
-                f.class = c;
-                f.class_src = ClassSource::Behaviour;
-            }
             let c = f.class as usize;
             active[c] += 1;
             if let Some(j) = f.jitter_us() {
