@@ -208,10 +208,10 @@ fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, 
         let mut idle_after_stop = 0;
         loop {
             match cap.next_frame().map_err(|e| e.to_string())? {
-                Some((ts, f)) => {
+                Some(f) => {
                     n += 1;
-                    while p.poll_window(ts).is_some() {}
-                    p.handle_frame(ts, link, f);
+                    while p.poll_window(f.ts).is_some() {}
+                    p.handle_frame_of_len(f.ts, link, f.data, f.wire_len);
                 }
                 None if st.load(Ordering::SeqCst) => {
                     idle_after_stop += 1;
@@ -291,13 +291,13 @@ fn live_drain(s_ns: &str, c_ns: &str, count: u64) -> Result<(u64, f64, u64), Str
         go_rx.recv().map_err(|e| e.to_string())?;
         let link = cap.link_type();
         let (mut n, mut first, mut last) = (0u64, None, Instant::now());
-        while let Some((ts, f)) = cap.next_frame().map_err(|e| e.to_string())? {
+        while let Some(f) = cap.next_frame().map_err(|e| e.to_string())? {
             n += 1;
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
-            while p.poll_window(ts).is_some() {}
-            p.handle_frame(ts, link, f);
+            while p.poll_window(f.ts).is_some() {}
+            p.handle_frame_of_len(f.ts, link, f.data, f.wire_len);
         }
         let k = cap.kernel_stats().map_err(|e| e.to_string())?;
         let secs = first.map_or(0.0, |f| (last - f).as_secs_f64());

@@ -53,14 +53,22 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn feed(shared: &Mutex<Shared>, ts: Timestamp, link: crate::monitor::LinkType, frame: &[u8]) {
+/// One frame into the pipeline; `wire_len` above `frame.len()` means the
+/// capture cut it (its headers may be cut too).
+fn feed(
+    shared: &Mutex<Shared>,
+    ts: Timestamp,
+    link: crate::monitor::LinkType,
+    frame: &[u8],
+    wire_len: u32,
+) {
     let mut s = lock(shared);
     if let Some(w) = s.pipeline.poll_window(ts) {
         if s.queued.len() < MAX_QUEUED {
             s.queued.push_back(w);
         }
     }
-    s.pipeline.handle_frame(ts, link, frame);
+    s.pipeline.handle_frame_of_len(ts, link, frame, wire_len);
 }
 
 impl CaptureSource {
@@ -117,7 +125,7 @@ fn live(iface: &str, shared: &Mutex<Shared>, stop: &AtomicBool) {
     let link = cap.link_type();
     while !stop.load(Ordering::Relaxed) {
         match cap.next_frame() {
-            Ok(Some((ts, frame))) => feed(shared, ts, link, frame),
+            Ok(Some(f)) => feed(shared, f.ts, link, f.data, f.wire_len),
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(iface, error = %e, "capture failed; stopped capturing on this interface");
@@ -174,6 +182,7 @@ fn replay(path: &std::path::Path, shared: &Mutex<Shared>, stop: &AtomicBool) {
                 Timestamp::from_nanos(shifted),
                 frame.link,
                 frame.data,
+                frame.orig_len,
             );
         }
         if first.is_none() {

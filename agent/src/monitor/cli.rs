@@ -436,7 +436,14 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     };
     let mut cap = LiveCapture::open(iface, &opts)?;
     // Tells a supervising script (and the tests) that frames are being taken from now on.
-    eprintln!("monitor: capturing on {iface}");
+    eprintln!(
+        "monitor: capturing on {iface} ({})",
+        if cap.uses_ring() {
+            "TPACKET_V3 ring"
+        } else {
+            "one read per frame"
+        }
+    );
     out.clear = !args.json && std::io::stdout().is_terminal();
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;
@@ -461,12 +468,12 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         match cap.next_frame()? {
-            Some((ts, data)) => {
-                while let Some(w) = pipeline.poll_window(ts) {
+            Some(f) => {
+                while let Some(w) = pipeline.poll_window(f.ts) {
                     closed.push(w);
                 }
                 n += 1;
-                pipeline.handle_frame(ts, link, data);
+                pipeline.handle_frame_of_len(f.ts, link, f.data, f.wire_len);
             }
             None => {
                 while let Some(w) = pipeline.poll_window(Timestamp::now()) {

@@ -1,16 +1,22 @@
-//! Frame sources for the pipeline: a live interface through pnet's datalink
-//! channel (`AF_PACKET`), and capture files (see [`super::pcap`]).
+//! Frame sources for the pipeline: a live interface (`AF_PACKET`), and
+//! capture files (see [`super::pcap`]).
 //!
 //! Live capture notes:
-//! - The socket is created in [`super::packet_socket`] and handed to pnet, so
-//!   the kernel drop counter (`PACKET_STATISTICS`) stays readable
+//! - The capture reads a `TPACKET_V3` ring ([`super::packet_socket::Ring`]):
+//!   the kernel fills blocks of frames, the source reads them in place with
+//!   no system call per frame, and a block not yet full is handed over after
+//!   `ring_retire_ms` so a quiet link adds at most that delay. Timestamps
+//!   are the kernel's (the NIC's where the driver stamps in hardware).
+//! - Where the ring cannot be set up (an old kernel, qemu-user, which does
+//!   not translate `PACKET_RX_RING`), it falls back to pnet's datalink
+//!   channel on a socket created in [`super::packet_socket`] (one `recvfrom`
+//!   per frame, user-space timestamps), and says so in the log.
+//! - The kernel drop counter (`PACKET_STATISTICS`) is readable either way
 //!   ([`LiveCapture::kernel_stats`]).
 //! - On a loopback interface every packet passes twice (out and in); the
 //!   source sets `PACKET_IGNORE_OUTGOING` there so each is seen once.
 //! - pnet's default 4 KiB read buffer truncates GRO/TSO super-packets; the
 //!   default here is 256 KiB (byte counts use the IP length anyway).
-//! - Timestamps are taken in user space when a frame is read (pnet does not
-//!   expose kernel timestamps), so they include scheduling delay.
 //! - `promiscuous` is off by default (a router sees what it forwards without
 //!   it, and qemu-user cannot set it).
 
@@ -32,6 +38,14 @@ pub struct LiveOptions {
     pub socket_buffer: usize,
     /// Ignore frames this host sends; `None` = only on loopback interfaces.
     pub ignore_outgoing: Option<bool>,
+    /// Read a `TPACKET_V3` ring (off: pnet's channel, one read per frame).
+    pub ring: bool,
+    /// Ring block size (a power of two, at least a page) and count. The
+    /// whole ring is mapped into the process and counts in its RSS.
+    pub ring_block_size: usize,
+    pub ring_blocks: usize,
+    /// A block not yet full is handed over after this long.
+    pub ring_retire_ms: u32,
 }
 
 impl Default for LiveOptions {
@@ -42,6 +56,10 @@ impl Default for LiveOptions {
             read_buffer: 256 * 1024,
             socket_buffer: 8 * 1024 * 1024,
             ignore_outgoing: None,
+            ring: true,
+            ring_block_size: 256 * 1024,
+            ring_blocks: 4,
+            ring_retire_ms: 20,
         }
     }
 }
@@ -68,12 +86,33 @@ pub enum CaptureError {
     Read { iface: String, source: io::Error },
 }
 
+/// One frame of a live capture, valid until the next read.
+#[derive(Debug)]
+pub struct LiveFrame<'a> {
+    pub ts: Timestamp,
+    pub data: &'a [u8],
+    /// Length on the wire (above `data.len()` when the capture cut it).
+    pub wire_len: u32,
+    /// `ts` is the NIC's hardware timestamp (else the kernel's or, in the
+    /// fallback, user space's).
+    pub hardware_ts: bool,
+}
+
+/// How frames are read.
+enum Backend {
+    Ring(packet_socket::Ring),
+    Pnet {
+        rx: Box<dyn DataLinkReceiver>,
+        _tx: Box<dyn DataLinkSender>,
+        fd: RawFd,
+    },
+}
+
 /// A live capture on one interface.
 pub struct LiveCapture {
     iface: String,
-    rx: Box<dyn DataLinkReceiver>,
-    _tx: Box<dyn DataLinkSender>,
-    fd: RawFd,
+    backend: Backend,
+    read_timeout: Duration,
     link: LinkType,
     stats: KernelStats,
 }
@@ -98,9 +137,55 @@ impl LiveCapture {
             iface: iface.to_string(),
             source,
         };
+        // Interfaces without a hardware address (tun, wireguard) carry bare IP.
+        let link = if ni.mac.is_none() && !ni.is_loopback() {
+            LinkType::RawIp
+        } else {
+            LinkType::Ethernet
+        };
+        let ignore_outgoing = opts.ignore_outgoing.unwrap_or(ni.is_loopback());
+        if opts.ring {
+            let spec = packet_socket::RingSpec {
+                block_size: opts.ring_block_size,
+                blocks: opts.ring_blocks.max(1),
+                retire_ms: opts.ring_retire_ms,
+            };
+            match packet_socket::Ring::open(
+                ni.index as i32,
+                spec,
+                opts.promiscuous,
+                ignore_outgoing,
+            ) {
+                Ok(ring) => {
+                    tracing::info!(
+                        iface,
+                        ?link,
+                        promiscuous = opts.promiscuous,
+                        ring_bytes = spec.block_size * spec.blocks,
+                        "live capture opened (TPACKET_V3 ring)"
+                    );
+                    // Discard counters from before we started reading.
+                    let _ = ring.take_stats();
+                    return Ok(LiveCapture {
+                        iface: iface.to_string(),
+                        backend: Backend::Ring(ring),
+                        read_timeout: opts.read_timeout,
+                        link,
+                        stats: KernelStats::default(),
+                    });
+                }
+                // No permission is no permission either way: say so now.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(open_err(e)),
+                Err(e) => tracing::warn!(
+                    iface,
+                    error = %e,
+                    "no TPACKET_V3 ring here; capturing with one read per frame"
+                ),
+            }
+        }
         let fd = packet_socket::open_raw().map_err(open_err)?;
         let setup = (|| {
-            if opts.ignore_outgoing.unwrap_or(ni.is_loopback()) {
+            if ignore_outgoing {
                 packet_socket::ignore_outgoing(fd)?;
             }
             if opts.socket_buffer > 0 {
@@ -126,25 +211,18 @@ impl LiveCapture {
             Ok(_) => return Err(CaptureError::UnsupportedChannel(iface.to_string())),
             Err(e) => return Err(open_err(e)),
         };
-        // Interfaces without a hardware address (tun, wireguard) carry bare IP.
-        let link = if ni.mac.is_none() && !ni.is_loopback() {
-            LinkType::RawIp
-        } else {
-            LinkType::Ethernet
-        };
         tracing::info!(
             iface,
             ?link,
             promiscuous = opts.promiscuous,
-            "live capture opened"
+            "live capture opened (one read per frame)"
         );
         // Discard counters from before we started reading.
         let _ = packet_socket::take_stats(fd);
         Ok(LiveCapture {
             iface: iface.to_string(),
-            rx,
-            _tx: tx,
-            fd,
+            backend: Backend::Pnet { rx, _tx: tx, fd },
+            read_timeout: opts.read_timeout,
             link,
             stats: KernelStats::default(),
         })
@@ -155,11 +233,40 @@ impl LiveCapture {
         self.link
     }
 
-    /// The next frame with its (user-space) receive time; `Ok(None)` when
-    /// the read timeout passed without a frame.
-    pub fn next_frame(&mut self) -> Result<Option<(Timestamp, &[u8])>, CaptureError> {
-        match self.rx.next() {
-            Ok(frame) => Ok(Some((Timestamp::now(), frame))),
+    /// Whether frames come from a `TPACKET_V3` ring (else one read each).
+    pub fn uses_ring(&self) -> bool {
+        matches!(self.backend, Backend::Ring(_))
+    }
+
+    /// The next frame with its receive time (kernel or hardware from the
+    /// ring, user space from the fallback); `Ok(None)` when the read
+    /// timeout passed without a frame.
+    pub fn next_frame(&mut self) -> Result<Option<LiveFrame<'_>>, CaptureError> {
+        let rx = match &mut self.backend {
+            Backend::Ring(ring) => {
+                return match ring.next(self.read_timeout) {
+                    Ok(Some(f)) => Ok(Some(LiveFrame {
+                        ts: Timestamp::from_nanos(f.ts_ns),
+                        data: f.data,
+                        wire_len: f.wire_len,
+                        hardware_ts: f.hardware_ts,
+                    })),
+                    Ok(None) => Ok(None),
+                    Err(source) => Err(CaptureError::Read {
+                        iface: self.iface.clone(),
+                        source,
+                    }),
+                };
+            }
+            Backend::Pnet { rx, .. } => rx,
+        };
+        match rx.next() {
+            Ok(frame) => Ok(Some(LiveFrame {
+                ts: Timestamp::now(),
+                data: frame,
+                wire_len: frame.len() as u32,
+                hardware_ts: false,
+            })),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -180,7 +287,10 @@ impl LiveCapture {
     /// Cumulative kernel counters (`PACKET_STATISTICS`, which resets on each
     /// read, accumulated here).
     pub fn kernel_stats(&mut self) -> io::Result<KernelStats> {
-        let (p, d) = packet_socket::take_stats(self.fd)?;
+        let (p, d) = match &self.backend {
+            Backend::Ring(ring) => ring.take_stats()?,
+            Backend::Pnet { fd, .. } => packet_socket::take_stats(*fd)?,
+        };
         self.stats.packets += u64::from(p);
         self.stats.drops += u64::from(d);
         Ok(self.stats)
