@@ -5,9 +5,13 @@
 //!    classification and RTT on), on one core; median of 5 runs.
 //! 2. Flow state: bytes per flow (entry + index + free list), from the table.
 //! 3. Live (root only): a veth pair between two network namespaces, UDP sent
-//!    at increasing rates from one end, `LiveCapture` (pnet) + the pipeline on
-//!    the other; the highest offered rate with zero kernel drops
+//!    at increasing rates from one end, `LiveCapture` (TPACKET_V3 ring) + the
+//!    pipeline on the other; the highest offered rate with zero kernel drops
 //!    (`PACKET_STATISTICS`); median of 3 runs.
+//! 4. Beside tcpdump (root only): the same veth and senders at 100k, 200k,
+//!    300k packets/s and flat out, `shardline-agent monitor --iface` and
+//!    `tcpdump -w /dev/null` one after the other; CPU per packet of each
+//!    process, kernel drops, and the rate the senders reached beside each.
 //!
 //! Writes the "Monitoring" section of BENCHMARKS.md (replacing an older one).
 
@@ -229,6 +233,153 @@ fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, 
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| "capture did not start".to_string())?;
     // Two paced senders (one syscall per datagram is the sender's limit).
+    let achieved = send_paced(s_ns, rate, secs)?;
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (n, drops) = cap_thread.join().map_err(|_| "capture panicked")??;
+    Ok((achieved, n, drops))
+}
+
+/// What one capture tool did while a paced sender offered `rate` packets/s.
+#[derive(Debug, Clone, Copy)]
+struct ToolRun {
+    /// Packets/s the senders achieved while this tool captured.
+    achieved: f64,
+    /// Frames the kernel handed to the tool's socket (or ring) and dropped.
+    captured: u64,
+    drops: u64,
+    /// CPU time of the tool's process (user + system), seconds.
+    cpu_s: f64,
+}
+
+impl ToolRun {
+    fn us_per_packet(&self) -> f64 {
+        self.cpu_s * 1e6 / self.captured.max(1) as f64
+    }
+}
+
+/// Which capture process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    /// `shardline-agent monitor --iface cb --json`: capture + the whole pipeline.
+    Agent,
+    /// `tcpdump -i cb -w /dev/null`: libpcap's TPACKET_V3 capture, no analysis.
+    Tcpdump,
+}
+
+fn children_cpu_s() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
+/// Runs `tool` as its own process in the capture namespace while two paced
+/// senders offer `rate` packets/s for `secs`, then stops it with SIGINT (as
+/// Ctrl-C) and reads its counters; the CPU time is the process's own, from
+/// `RUSAGE_CHILDREN` around its wait.
+fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<ToolRun, String> {
+    use std::io::{BufRead, BufReader, Read};
+    let sink_ns = c_ns.to_string();
+    // Something listens, so the receiver sends no ICMP errors back.
+    let sink = std::thread::spawn(move || -> Result<UdpSocket, String> {
+        enter(&sink_ns)?;
+        UdpSocket::bind(("10.78.0.2", 9000)).map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "sink thread panicked")??;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", c_ns]);
+    match tool {
+        Tool::Agent => cmd
+            .arg(env!("CARGO_BIN_EXE_shardline-agent"))
+            .args(["monitor", "--iface", "cb", "--json"]),
+        Tool::Tcpdump => cmd.args(["tcpdump", "-i", "cb", "-n", "-w", "/dev/null"]),
+    };
+    let cpu_before = children_cpu_s();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{tool:?}: {e}"))?;
+    let mut err = BufReader::new(child.stderr.take().ok_or("no stderr")?);
+    let ready = match tool {
+        Tool::Agent => "capturing on cb",
+        Tool::Tcpdump => "listening on cb",
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err(format!("{tool:?} exited before capturing"));
+        }
+        if line.contains(ready) {
+            break;
+        }
+    }
+    let err_rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let out_rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let achieved = send_paced(s_ns, rate, secs)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).map_err(|e| e.to_string())?;
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let cpu_s = children_cpu_s() - cpu_before;
+    let stderr = err_rest.join().unwrap_or_default();
+    let stdout = out_rest.join().unwrap_or_default();
+    drop(sink);
+    let (captured, drops) = match tool {
+        Tool::Agent => {
+            if !status.success() {
+                return Err(format!("agent monitor: {status}: {stderr}"));
+            }
+            let totals: serde_json::Value = stdout
+                .lines()
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .ok_or_else(|| format!("agent monitor printed no totals: {stderr}"))?;
+            let k = &totals["totals"]["kernel"];
+            (
+                k["packets"].as_u64().unwrap_or(0),
+                k["drops"].as_u64().unwrap_or(0),
+            )
+        }
+        Tool::Tcpdump => {
+            // "N packets received by filter" / "M packets dropped by kernel".
+            let count = |what: &str| {
+                stderr
+                    .lines()
+                    .find(|l| l.contains(what))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            let received = count("received by filter")
+                .ok_or_else(|| format!("tcpdump printed no counters: {stderr}"))?;
+            let dropped = count("dropped by kernel").unwrap_or(0);
+            (received, dropped)
+        }
+    };
+    Ok(ToolRun {
+        achieved,
+        captured,
+        drops,
+        cpu_s,
+    })
+}
+
+/// Two paced senders offering `rate` packets/s for `secs` (0 = as fast as
+/// they go, for `secs`); returns the packets/s they achieved.
+fn send_paced(s_ns: &str, rate: u64, secs: f64) -> Result<f64, String> {
     let senders: Vec<_> = (0..2)
         .map(|_| {
             let s_ns2 = s_ns.to_string();
@@ -239,9 +390,17 @@ fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, 
                 u.connect(("10.78.0.2", 9000)).map_err(|e| e.to_string())?;
                 let payload = [0u8; 64];
                 let start = Instant::now();
-                let total = (rate as f64 * secs) as u64;
                 let mut sent = 0u64;
-                // Paced in 0.5 ms ticks: send what is due, then sleep.
+                if rate == 0 {
+                    while start.elapsed().as_secs_f64() < secs {
+                        for _ in 0..64 {
+                            let _ = u.send(&payload);
+                        }
+                        sent += 64;
+                    }
+                    return Ok((sent, start.elapsed().as_secs_f64()));
+                }
+                let total = (rate as f64 * secs) as u64;
                 while sent < total {
                     let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
                     while sent < due {
@@ -261,74 +420,19 @@ fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, 
         sent += n;
         took = took.max(t);
     }
-    let achieved = sent as f64 / took;
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    let (n, drops) = cap_thread.join().map_err(|_| "capture panicked")??;
-    Ok((achieved, n, drops))
+    Ok(sent as f64 / took)
 }
 
-/// Capture drain rate: the sender queues `count` datagrams while the capture
-/// is not reading (a large socket buffer holds them), then the capture reads
-/// and processes them as fast as it can. Measures the capture side alone
-/// (pnet's channel + the pipeline), which the paced test cannot reach when
-/// the sender is the slower side. Returns (frames read, packets/s, kernel drops).
-fn live_drain(s_ns: &str, c_ns: &str, count: u64) -> Result<(u64, f64, u64), String> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let c_ns2 = c_ns.to_string();
-    let cap_thread = std::thread::spawn(move || -> Result<(u64, f64, u64), String> {
-        enter(&c_ns2)?;
-        let _sink = UdpSocket::bind(("10.78.0.2", 9001)).map_err(|e| e.to_string())?;
-        let opts = LiveOptions {
-            read_timeout: Duration::from_millis(100),
-            socket_buffer: 512 * 1024 * 1024,
-            ..LiveOptions::default()
-        };
-        let mut cap = LiveCapture::open("cb", &opts).map_err(|e| e.to_string())?;
-        let mut p = Pipeline::new(MonitorConfig::default());
-        let _ = ready_tx.send(());
-        go_rx.recv().map_err(|e| e.to_string())?;
-        let link = cap.link_type();
-        let (mut n, mut first, mut last) = (0u64, None, Instant::now());
-        while let Some(f) = cap.next_frame().map_err(|e| e.to_string())? {
-            n += 1;
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            while p.poll_window(f.ts).is_some() {}
-            p.handle_frame_of_len(f.ts, link, f.data, f.wire_len);
-        }
-        let k = cap.kernel_stats().map_err(|e| e.to_string())?;
-        let secs = first.map_or(0.0, |f| (last - f).as_secs_f64());
-        Ok((n, if secs > 0.0 { n as f64 / secs } else { 0.0 }, k.drops))
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| "capture did not start".to_string())?;
-    let s_ns2 = s_ns.to_string();
-    std::thread::spawn(move || -> Result<(), String> {
-        enter(&s_ns2)?;
-        let u = UdpSocket::bind(("10.78.0.1", 0)).map_err(|e| e.to_string())?;
-        u.connect(("10.78.0.2", 9001)).map_err(|e| e.to_string())?;
-        for _ in 0..count {
-            let _ = u.send(&[0u8; 64]);
-        }
-        Ok(())
-    })
-    .join()
-    .map_err(|_| "sender panicked")??;
-    std::thread::sleep(Duration::from_millis(100));
-    let _ = go_tx.send(());
-    cap_thread.join().map_err(|_| "capture panicked")?
-}
-
-/// Per run: (best zero-drop achieved rate, frames captured at it).
 type PacedRuns = Vec<(f64, u64)>;
 /// Per run: (frames read, packets/s, kernel drops).
-type DrainRuns = Vec<(u64, f64, u64)>;
+/// Per offered rate (0 = flat out): the runs of (agent, tcpdump), one after
+/// the other on the same interface and sender.
+type SideBySide = Vec<(u64, Vec<(ToolRun, ToolRun)>)>;
 
-fn live(runs: usize) -> Result<(PacedRuns, DrainRuns), String> {
+/// Offered rates of the side-by-side comparison; 0 = flat out.
+const SIDE_BY_SIDE_RATES: [u64; 4] = [100_000, 200_000, 300_000, 0];
+
+fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
     let pid = std::process::id();
     let s_ns = format!("sl-monb-{pid}-s");
     let c_ns = format!("sl-monb-{pid}-c");
@@ -384,17 +488,24 @@ fn live(runs: usize) -> Result<(PacedRuns, DrainRuns), String> {
         }
         best.push(best_ok);
     }
-    let mut drains = Vec::new();
-    for run in 0..runs {
-        let d = live_drain(&s_ns, &c_ns, 100_000)?;
-        println!(
-            "drain run {run}: read {} frames at {:.0} packets/s, kernel drops {}",
-            d.0, d.1, d.2
-        );
-        drains.push(d);
+    let mut side = Vec::new();
+    for rate in SIDE_BY_SIDE_RATES {
+        let mut pairs = Vec::new();
+        for run in 0..runs {
+            let agent = tool_step(Tool::Agent, &s_ns, &c_ns, rate, 2.0)?;
+            let tcpdump = tool_step(Tool::Tcpdump, &s_ns, &c_ns, rate, 2.0)?;
+            println!(
+                "side by side, offered {} run {run}: agent {:.2} us/packet ({} captured, {} drops, sender {:.0} pps) | tcpdump {:.2} us/packet ({} captured, {} drops, sender {:.0} pps)",
+                if rate == 0 { "flat out".to_string() } else { format!("{rate} pps") },
+                agent.us_per_packet(), agent.captured, agent.drops, agent.achieved,
+                tcpdump.us_per_packet(), tcpdump.captured, tcpdump.drops, tcpdump.achieved,
+            );
+            pairs.push((agent, tcpdump));
+        }
+        side.push((rate, pairs));
     }
     drop(guard);
-    Ok((best, drains))
+    Ok((best, side))
 }
 
 fn write_section(rows: &[String]) {
@@ -461,22 +572,42 @@ fn main() {
         ));
     } else {
         match live(3) {
-            Ok((best, drains)) => {
+            Ok((best, side)) => {
                 let rates: Vec<f64> = best.iter().map(|b| b.0).collect();
                 let med = median(rates.clone());
                 rows.push(format!(
-                    "| live capture, pnet AF_PACKET on veth | {:.0} packets/s with 0 kernel drops (median of 3: {}) | {machine} | {cmd} | 64-byte UDP, paced sender in another namespace on the same machine; capture + pipeline on one thread; PACKET_STATISTICS drops read after each 1 s step; rates 25k…800k pps, stops at the first step with drops or when the two senders fall short of the offered rate (then the figure is sender-bound: the capture kept up with all of it) |",
+                    "| live capture, TPACKET_V3 ring on veth | {:.0} packets/s with 0 kernel drops (median of 3: {}) | {machine} | {cmd} | 64-byte UDP, paced sender in another namespace on the same machine; capture + pipeline on one thread; PACKET_STATISTICS drops read after each 1 s step; rates 25k…800k pps, stops at the first step with drops or when the two senders fall short of the offered rate (then the figure is sender-bound: the capture kept up with all of it) |",
                     med,
                     rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
                 ));
-                let dr: Vec<f64> = drains.iter().map(|d| d.1).collect();
-                rows.push(format!(
-                    "| live capture drain rate, pnet AF_PACKET on veth | {:.0} packets/s (median of 3: {}; frames read {}; kernel drops {}) | {machine} | {cmd} | capture side alone: 100 000 64-byte datagrams queued in a 512 MiB socket buffer while the capture waits, then read + pipeline on one thread as fast as it goes (pnet: one poll + one recvfrom per frame) |",
-                    median(dr.clone()),
-                    dr.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", "),
-                    drains.iter().map(|d| d.0.to_string()).collect::<Vec<_>>().join("/"),
-                    drains.iter().map(|d| d.2.to_string()).collect::<Vec<_>>().join("/"),
-                ));
+                for (rate, pairs) in &side {
+                    let med = |f: &dyn Fn(&(ToolRun, ToolRun)) -> f64| {
+                        median(pairs.iter().map(f).collect())
+                    };
+                    let agent_us = med(&|p| p.0.us_per_packet());
+                    let tcpdump_us = med(&|p| p.1.us_per_packet());
+                    let ratio = agent_us / tcpdump_us.max(1e-9);
+                    let drops = |pick: &dyn Fn(&(ToolRun, ToolRun)) -> u64| {
+                        pairs
+                            .iter()
+                            .map(|p| pick(p).to_string())
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    };
+                    let agent_drops = pairs.iter().any(|p| p.0.drops > 0);
+                    let tcpdump_drops = pairs.iter().any(|p| p.1.drops > 0);
+                    let met = ratio <= 4.0 && (!agent_drops || tcpdump_drops);
+                    rows.push(format!(
+                        "| live capture beside tcpdump, offered {} | agent {agent_us:.2} µs CPU per packet, tcpdump {tcpdump_us:.2} (ratio {ratio:.1}; median of {}); kernel drops agent {} / tcpdump {}; sender reached {:.0} / {:.0} packets/s | {machine} | {cmd} | {}; 64-byte UDP from two paced senders in another namespace, 2 s per run, the agent (`shardline-agent monitor --iface`, TPACKET_V3 ring + the whole pipeline, release build) and `tcpdump -w /dev/null` (libpcap's TPACKET_V3 ring, no analysis) run one after the other on the same veth; CPU = the process's user + system time (RUSAGE_CHILDREN) over the packets the kernel gave it |",
+                        if *rate == 0 { "flat out".to_string() } else { format!("{rate} packets/s") },
+                        pairs.len(),
+                        drops(&|p| p.0.drops),
+                        drops(&|p| p.1.drops),
+                        med(&|p| p.0.achieved),
+                        med(&|p| p.1.achieved),
+                        if met { "target met (no drops where tcpdump has none, CPU ≤ 4× tcpdump's)" } else { "target MISSED (no drops where tcpdump has none, CPU ≤ 4× tcpdump's)" },
+                    ));
+                }
             }
             Err(e) => {
                 println!("live capture failed: {e}");

@@ -42,6 +42,8 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     // The packaged acceptance test (packaging/acceptance.sh).
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),
+    // The peer the live-capture bench measures the agent against.
+    ("tcpdump", "/usr/bin/tcpdump"),
 ];
 
 fn usage() -> ExitCode {
@@ -259,6 +261,9 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     if args.first().is_some_and(|a| a == "e2e") {
         return bench_e2e::run(root, &args[1..]);
     }
+    // The benches compare with peers (tcpdump, mosquitto) installed here;
+    // what cannot be installed is printed as a skip.
+    setup(root)?;
     let wanted: Vec<&str> = args.iter().map(String::as_str).collect();
     for (name, package, target) in BENCHES {
         if !wanted.is_empty() && !wanted.contains(&name) {
