@@ -58,7 +58,7 @@ impl Default for LiveOptions {
             ignore_outgoing: None,
             ring: true,
             ring_block_size: 256 * 1024,
-            ring_blocks: 4,
+            ring_blocks: 8,
             ring_retire_ms: 20,
         }
     }
