@@ -626,14 +626,6 @@ fn requests_config(
                 "must name a socket path".into(),
             ))
         }
-        // sun_path holds 108 bytes with its terminating NUL.
-        Some(s) if resolve(path, s.get_ref()).as_os_str().len() > 107 => {
-            return Err(invalid(
-                s.span(),
-                "requests.socket",
-                "a Unix socket path is at most 107 bytes".into(),
-            ))
-        }
         Some(s) => resolve(path, s.get_ref()),
         None => PathBuf::from(DEFAULT_REQUEST_SOCKET),
     };

@@ -514,7 +514,8 @@ impl Stack {
                  [broker]\nurl = \"{broker}\"\nkeep_alive_s = 5\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n\
                  [monitor]\n{monitor}window_ms = {win}\n\n\
                  [shards]\ndir = \"{d}/shards\"\n\n\
-                 [state]\ndir = \"{d}/agent-state\"\n",
+                 [state]\ndir = \"{d}/agent-state\"\n\n\
+                 [requests]\nsocket = \"{d}/agent.sock\"\n",
                 dev = stack.cfg.device,
                 d = dir.display(),
                 win = stack.cfg.window_ms,
