@@ -346,6 +346,16 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  QoS window:      {} ms", cfg.monitor.window_ms);
     println!("  outbox cap:      {}", cfg.outbox_cap);
+    println!(
+        "  request socket:  {} ({} apps declared{})",
+        cfg.requests.socket.display(),
+        cfg.requests.apps.len(),
+        if cfg.requests.apps.is_empty() {
+            ": every request is refused"
+        } else {
+            ""
+        }
+    );
     match std::fs::metadata(&cfg.device_key_file) {
         Ok(_) => match super::keys::load_or_create(&cfg.device_key_file) {
             Ok((key, _)) => println!(

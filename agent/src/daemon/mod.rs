@@ -23,7 +23,8 @@
 //! - [`requests`]: explicit shard requests of local applications, the
 //!   sans-IO core (credentials → application, rate limits, sequence
 //!   reservation, pending requests and answer matching);
-//!   [`local_api`]: its Unix socket (the I/O edge).
+//!   [`local_api`]: its Unix socket (the I/O edge); [`request_cli`]:
+//!   `shardline-agent request`, a client of that socket.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -41,6 +42,7 @@ pub mod manager;
 pub mod outbox;
 pub mod persist;
 pub mod preflight;
+pub mod request_cli;
 pub mod requests;
 pub mod resources;
 pub mod runtime;

@@ -272,7 +272,10 @@ impl Agent {
         let requests = if extra.contains("[requests]") {
             String::new()
         } else {
-            format!("\n[requests]\nsocket = \"{}\"\n", dir.join("agent.sock").display())
+            format!(
+                "\n[requests]\nsocket = \"{}\"\n",
+                dir.join("agent.sock").display()
+            )
         };
         // `run` refuses a configuration whose shard directory is missing.
         std::fs::create_dir_all(dir.join("shards")).unwrap();
