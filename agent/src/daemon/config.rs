@@ -636,7 +636,7 @@ fn requests_config(
             return Err(invalid(
                 app.name.span(),
                 "apps.name",
-                format!("application {name:?} is declared twice"),
+                format!("application \"{name}\" is declared twice"),
             ));
         }
         if app.uids.is_empty() && app.gids.is_empty() {
@@ -644,7 +644,7 @@ fn requests_config(
                 app.name.span(),
                 "apps.uids",
                 format!(
-                    "application {name:?} needs at least one of uids or gids \
+                    "application \"{name}\" needs at least one of uids or gids \
                      (the users allowed to act as it)"
                 ),
             ));

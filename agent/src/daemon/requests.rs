@@ -317,14 +317,14 @@ impl RequestCore {
         }
         let Some(rule) = self.apps.iter().find(|r| &r.name == app) else {
             return Err(format!(
-                "application {app:?} is not declared in the agent's [[apps]]"
+                "application \"{app}\" is not declared in the agent's [[apps]]"
             ));
         };
         if caller.uid == 0 || rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid) {
             Ok(())
         } else {
             Err(format!(
-                "uid {} (gid {}) may not act as application {app:?}: neither is among \
+                "uid {} (gid {}) may not act as application \"{app}\": neither is among \
                  its uids or gids in [[apps]]",
                 caller.uid, caller.gid
             ))
