@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | 0 | | stopped cleanly (SIGTERM) | |
 //! | 1 | | failed while running, after start | restarted |
-//! | 65 | `EX_DATAERR` | persisted state (`state.json`, an outbox message) is corrupt | not restarted |
+//! | 65 | `EX_DATAERR` | persisted state (`state.json`, `request_seq.json`, an outbox message) is corrupt | not restarted |
 //! | 71 | `EX_OSERR` | the OS refused a start resource (async runtime, signal handler, RNG) | restarted |
 //! | 74 | `EX_IOERR` | I/O error on the state directory, device key or outbox | restarted |
 //! | 77 | `EX_NOPERM` | the agent's user may not read or write a file it needs | not restarted |
