@@ -47,12 +47,13 @@ const PW_ALLOC: &str = "allocator-password-abcdef";
 const CAM_UID: u32 = 4242;
 const NAS_UID: u32 = 4243;
 const ANSWER_TIMEOUT_MS: u64 = 1500;
+const MAX_CONNECTIONS: usize = 3;
 
 /// The `[requests]` and `[[apps]]` of every test agent.
 fn requests_toml(dir: &Path, max_per_second: u32, burst: u32) -> String {
     format!(
         "\n[requests]\nsocket = \"{}\"\nanswer_timeout_ms = {ANSWER_TIMEOUT_MS}\n\
-         max_per_second = {max_per_second}\nburst = {burst}\n\n\
+         max_per_second = {max_per_second}\nburst = {burst}\nmax_connections = {MAX_CONNECTIONS}\n\n\
          [[apps]]\nname = \"cam\"\nuids = [{CAM_UID}]\n\n\
          [[apps]]\nname = \"nas\"\nuids = [{NAS_UID}]\n",
         dir.join("agent.sock").display()
@@ -689,4 +690,82 @@ fn the_request_sequence_keeps_increasing_across_a_restart() {
     assert!(seqs.iter().all(|s| *s <= ceiling), "{seqs:?} ≤ {ceiling}");
     // The restart resumed above the first run's whole reservation.
     assert!(seqs[3] > 1024, "{seqs:?}");
+}
+
+#[test]
+fn the_socket_bounds_lines_and_connections_and_survives_garbage() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    let Some(r) = rig(50, 100) else { return };
+    let read_line = |s: &UnixStream| {
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    };
+    // Garbage gets an error line; the connection stays usable.
+    let mut s = UnixStream::connect(&r.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for junk in [
+        "not json\n",
+        "{\"op\":\"acquire\"}\n",
+        "\u{0}\u{1}\u{ff}\n",
+        "[]\n",
+    ] {
+        s.write_all(junk.as_bytes()).unwrap();
+        let a: LocalAnswer = serde_json::from_str(&read_line(&s)).unwrap();
+        assert!(
+            matches!(&a, LocalAnswer::Error { error } if error.starts_with("not a request")),
+            "{junk:?}: {a:?}"
+        );
+    }
+    s.write_all(b"{\"op\":\"query\",\"app\":\"../etc\"}\n")
+        .unwrap();
+    let a: LocalAnswer = serde_json::from_str(&read_line(&s)).unwrap();
+    assert!(matches!(a, LocalAnswer::Error { .. }), "{a:?}");
+    // A line above 4 KiB: an error line, then the agent closes.
+    let long = format!("{{\"op\":\"query\",\"app\":\"{}\"}}\n", "x".repeat(5000));
+    let _ = s.write_all(long.as_bytes());
+    let a: LocalAnswer = serde_json::from_str(&read_line(&s)).unwrap();
+    assert_eq!(
+        a,
+        LocalAnswer::Error {
+            error: "request line longer than 4096 bytes".into()
+        }
+    );
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let after: String = String::from_utf8_lossy(&rest).into_owned();
+    assert!(after.is_empty(), "closed after the error: {after:?}");
+    drop(s);
+
+    // At most MAX_CONNECTIONS at once: one more gets an error and is closed.
+    std::thread::sleep(Duration::from_millis(200)); // the closed one is released
+    let held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&r.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let extra = UnixStream::connect(&r.socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let a: LocalAnswer = serde_json::from_str(&read_line(&extra)).unwrap();
+    assert!(
+        matches!(&a, LocalAnswer::Error { error } if error.contains("3 request connections open")),
+        "{a:?}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    // Slots come back when connections close, and the agent still answers.
+    let _alloc = Allocator::start(
+        r.broker.port,
+        &r.agent.device,
+        r.agent.public_key,
+        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
+    );
+    let mut c = Client::connect(&r.socket).unwrap();
+    assert!(matches!(
+        c.query("cam", "w1").unwrap(),
+        LocalAnswer::Standing { .. }
+    ));
+    assert!(r.agent.log().contains("request line refused"));
 }

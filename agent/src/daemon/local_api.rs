@@ -304,3 +304,33 @@ async fn connection(
     }
     let _ = tx.send(ApiEvent::Closed { conn });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_live_socket_is_never_stolen_and_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/agent.sock");
+        let api = LocalApi::open(&path, 4).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, SOCKET_MODE);
+        assert!(matches!(
+            LocalApi::open(&path, 4),
+            Err(SocketError::InUse { .. })
+        ));
+        // A socket file nobody answers on (a killed agent's) is replaced.
+        api.accept.abort();
+        tokio::task::yield_now().await;
+        let api = LocalApi::open(&path, 4).unwrap();
+        api.close();
+        assert!(!path.exists(), "close removes the file");
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(matches!(
+            LocalApi::open(&path, 4),
+            Err(SocketError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket", "left alone");
+    }
+}
