@@ -676,6 +676,9 @@ fn the_request_sequence_keeps_increasing_across_a_restart() {
         if round == 0 {
             assert!(r.agent.sigterm().success());
             assert!(!r.socket.exists(), "the socket file goes with the agent");
+            // The stopped agent's last status said "connected": wait for
+            // the new one's own word.
+            std::fs::remove_file(r.agent.dir.join("state/status.json")).unwrap();
             r.agent.start(&[]);
             wait_connected(&r.agent, true);
             wait_for(Duration::from_secs(5), || r.socket.exists().then_some(()))
