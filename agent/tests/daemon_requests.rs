@@ -21,7 +21,12 @@
 //! - broker down: an immediate, clear error and nothing sent later;
 //! - a flooding instance is refused locally (`rate_limited`), another
 //!   instance is not;
-//! - the request sequence keeps increasing across an agent restart.
+//! - the request sequence keeps increasing across an agent restart;
+//! - renew and release from the CLI reach the allocator as asked, and an
+//!   out-of-range acquire is refused by the agent without being sent;
+//! - the socket answers garbage and invalid names with errors, closes a
+//!   connection after a line above 4 KiB, and bounds open connections;
+//! - a reload (SIGHUP) applies new `[[apps]]` to the next request.
 
 mod daemon_support;
 
@@ -771,4 +776,109 @@ fn the_socket_bounds_lines_and_connections_and_survives_garbage() {
         LocalAnswer::Standing { .. }
     ));
     assert!(r.agent.log().contains("request line refused"));
+}
+
+#[test]
+fn renew_and_release_through_the_cli_reach_the_allocator_as_asked() {
+    let Some(r) = rig(50, 100) else { return };
+    let alloc = Allocator::start(
+        r.broker.port,
+        &r.agent.device,
+        r.agent.public_key,
+        Box::new(|req| {
+            let a = match req.op {
+                RequestOp::Renew { grant, duration_ms } => Answer::Renewed(Grant {
+                    grant,
+                    kind: ShardKind::Data,
+                    units: 2,
+                    expires_at_ms: now_ms() + u64::from(duration_ms),
+                }),
+                RequestOp::Release { grant, .. } => Answer::Released { grant, units: 2 },
+                _ => Answer::Refused(RequestRefusal::UnknownGrant { grant: 0 }),
+            };
+            vec![(Duration::ZERO, answer(req, a, &allocator_key()))]
+        }),
+    );
+    let base = ["--app", "cam", "--instance", "w7"];
+    let renew = cli(
+        &agent_bin(),
+        &r.socket,
+        None,
+        &[&base[..], &["--renew", "5", "--for", "2m"]].concat(),
+    );
+    let shown = String::from_utf8_lossy(&renew.stdout).into_owned();
+    assert_eq!(renew.status.code(), Some(0), "{shown}");
+    assert!(
+        shown.starts_with("renewed: grant 5, 2 data units until "),
+        "{shown}"
+    );
+    let req = alloc.next(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        req.op,
+        RequestOp::Renew {
+            grant: 5,
+            duration_ms: 120_000
+        }
+    );
+    assert_eq!(req.instance.as_str(), "w7");
+
+    let release = cli(
+        &agent_bin(),
+        &r.socket,
+        None,
+        &[&base[..], &["--release", "5", "--outcome", "over_limit"]].concat(),
+    );
+    let shown = String::from_utf8_lossy(&release.stdout).into_owned();
+    assert_eq!(release.status.code(), Some(0), "{shown}");
+    assert_eq!(shown.trim(), "released: grant 5 (2 units returned)");
+    assert_eq!(
+        alloc.next(Duration::from_secs(5)).unwrap().op,
+        RequestOp::Release {
+            grant: 5,
+            outcome: request::GrantOutcome::OverLimit
+        }
+    );
+    // Out of range is refused by the agent, before anything is sent.
+    let big = cli(
+        &agent_bin(),
+        &r.socket,
+        None,
+        &[
+            &base[..],
+            &["--type", "compute", "--units", "65", "--for", "1s"],
+        ]
+        .concat(),
+    );
+    assert_eq!(big.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&big.stdout).contains("refused (out_of_range)"));
+    assert!(alloc.all_within(Duration::from_millis(300)).is_empty());
+}
+
+#[test]
+fn a_reload_applies_new_apps_to_the_next_request() {
+    let Some(r) = rig(50, 100) else { return };
+    let _alloc = Allocator::start(
+        r.broker.port,
+        &r.agent.device,
+        r.agent.public_key,
+        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
+    );
+    let mut c = Client::connect(&r.socket).unwrap();
+    let a = c.query("late", "w1").unwrap();
+    assert!(
+        matches!(&a, LocalAnswer::Refused { reason, .. } if reason == "not_authorized"),
+        "{a:?}"
+    );
+    let mut text = std::fs::read_to_string(&r.agent.config).unwrap();
+    text.push_str("\n[[apps]]\nname = \"late\"\nuids = [4300]\n");
+    std::fs::write(&r.agent.config, text).unwrap();
+    r.agent.sighup();
+    let ok = wait_for(Duration::from_secs(5), || {
+        matches!(c.query("late", "w1").ok()?, LocalAnswer::Standing { .. }).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "the reloaded [[apps]] apply\n{}",
+        r.agent.log()
+    );
 }
