@@ -625,12 +625,32 @@ impl Daemon {
                     request_seq,
                     detail,
                 } => {
-                    tracing::warn!(
-                        reason = reason.as_str(),
-                        request_seq,
-                        %detail,
-                        "answer from the broker dropped"
-                    );
+                    // Anyone able to publish on the answer topic could fill
+                    // the journal: warn at the 1st, 2nd, 4th, 8th … drop of
+                    // a kind, the rest at debug (status.json counts them all).
+                    let c = self.requests.counters();
+                    let n = match reason {
+                        requests::DropReason::Unverified => c.answers_unverified,
+                        requests::DropReason::OtherDevice => c.answers_other_device,
+                        requests::DropReason::Unmatched => c.answers_unmatched,
+                    };
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            reason = reason.as_str(),
+                            request_seq,
+                            %detail,
+                            dropped = n,
+                            "answer from the broker dropped"
+                        );
+                    } else {
+                        tracing::debug!(
+                            reason = reason.as_str(),
+                            request_seq,
+                            %detail,
+                            dropped = n,
+                            "answer from the broker dropped"
+                        );
+                    }
                     self.status_dirty = true;
                 }
             }
