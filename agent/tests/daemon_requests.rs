@@ -775,7 +775,6 @@ fn the_socket_bounds_lines_and_connections_and_survives_garbage() {
         c.query("cam", "w1").unwrap(),
         LocalAnswer::Standing { .. }
     ));
-    assert!(r.agent.log().contains("request line refused"));
 }
 
 #[test]

@@ -555,7 +555,7 @@ impl Daemon {
                 caller,
                 error,
             }) => {
-                tracing::info!(conn, pid = caller.pid, uid = caller.uid, %error, "request line refused");
+                tracing::debug!(conn, pid = caller.pid, uid = caller.uid, %error, "request line refused");
             }
             None => {
                 // The accept task ended (it never does on its own): say so
@@ -614,7 +614,9 @@ impl Daemon {
                     }
                 }
                 requests::Action::Reply { conn, answer, last } => {
-                    tracing::info!(conn, last, answer = %answer.describe(), "answer to a local application");
+                    // Debug: local refusals come as fast as a caller sends (what is
+                    // sent is logged at info, bounded by the rate limit).
+                    tracing::debug!(conn, last, answer = %answer.describe(), "answer to a local application");
                     if let Some(tx) = self.api_conns.get(&conn) {
                         // A closed connection's receiver is gone: nothing to do.
                         let _ = tx.send(Reply { answer, last });
