@@ -201,6 +201,8 @@ for arch in "${arches[@]}"; do
         echo "packaging/build-debs.sh: warning: no shards in $src/shards" >&2
     fi
     install -D -m 0644 "$here/config/agent.toml" "$s/etc/shardline/agent.toml"
+    # The local request socket's protocol, which applications are written against.
+    install -D -m 0644 "$repo/agent/REQUESTS.md" "$s/usr/share/doc/shardline-agent/REQUESTS.md"
     install -D -m 0644 "$repo/systemd/shardline-agent.service" "$s/usr/lib/systemd/system/shardline-agent.service"
     # passwd: useradd in postinst; procps: /bin/kill for ExecReload;
     # nftables: the kernel-side cap on a shard host's declared bandwidth.

@@ -175,6 +175,7 @@ $shards
 ./usr/lib/systemd/system/shardline-agent.service
 ./usr/share/doc/shardline-agent
 ./usr/share/doc/shardline-agent/INSTALL.md
+./usr/share/doc/shardline-agent/REQUESTS.md
 ./usr/share/doc/shardline-agent/copyright
 ./usr
 ./usr/bin

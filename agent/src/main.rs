@@ -18,6 +18,10 @@ enum Command {
     Run(shardline_agent::daemon::cli::RunArgs),
     /// Validate the configuration file and exit.
     CheckConfig(shardline_agent::daemon::cli::CheckConfigArgs),
+    /// Ask the running agent for shard units (acquire, renew, release, query)
+    /// as a local application. Exit codes: 0 answered, 1 no answer or error,
+    /// 2 usage, 3 refused, 4 left queued.
+    Request(shardline_agent::daemon::request_cli::RequestArgs),
     /// Watch traffic and print QoS per class (live interface or capture file).
     Monitor(shardline_agent::monitor::cli::MonitorArgs),
     /// Inspect and run capability shards locally.
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => shardline_agent::daemon::cli::run(args),
         Command::CheckConfig(args) => shardline_agent::daemon::cli::check_config(args),
+        Command::Request(args) => shardline_agent::daemon::request_cli::request(args),
         Command::Monitor(args) => shardline_agent::monitor::cli::run(args),
         Command::Shards(args) => shardline_agent::shardhost::cli::shards(args),
         Command::Host(args) => shardline_agent::shardhost::cli::host(args),

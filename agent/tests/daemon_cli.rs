@@ -61,7 +61,7 @@ fn write_config(dir: &std::path::Path, monitor: &str, shards: &str) -> std::path
              [broker]\nurl = \"mqtt://127.0.0.1:1\"\n\n\
              [monitor]\n{monitor}\n\n\
              [shards]\n{shards}\n\n\
-             [state]\ndir = \"state\"\n"
+             [state]\ndir = \"state\"\n\n[requests]\nsocket = \"agent.sock\"\n"
         ),
     )
     .unwrap();

@@ -436,11 +436,12 @@ fn a_password_file_others_can_read_is_refused_with_file_line_and_field() {
         format!(
             "[device]\nid = \"gw-a\"\nkey_file = \"{}\"\n\n[allocator]\nkeys = [\"{}\"]\n\n\
              [broker]\nurl = \"mqtt://127.0.0.1:1\"\npassword_file = \"{}\"\n\n\
-             [state]\ndir = \"{}\"\n",
+             [state]\ndir = \"{}\"\n\n[requests]\nsocket = \"{}\"\n",
             tmp.path().join("device.key").display(),
             hex::encode(allocator_key().public_key()),
             pw.display(),
             tmp.path().join("state").display(),
+            tmp.path().join("agent.sock").display(),
         ),
     )
     .unwrap();

@@ -191,12 +191,14 @@ fn embedded_broker_caps_packets_and_requires_logins() {
             "[device]\nid = \"gw-a\"\nkey_file = \"{}\"\n\n[allocator]\nkeys = [\"{}\"]\n\n\
              [broker]\nurl = \"mqtt://127.0.0.1:{port}\"\npassword_file = \"{}\"\n\
              keep_alive_s = 5\nreconnect_min_ms = 50\nreconnect_max_ms = 400\n\n\
-             [monitor]\nwindow_ms = 100\n\n[shards]\ndir = \"{}\"\n\n[state]\ndir = \"{}\"\n",
+             [monitor]\nwindow_ms = 100\n\n[shards]\ndir = \"{}\"\n\n[state]\ndir = \"{}\"\n\n\
+             [requests]\nsocket = \"{}\"\n",
             dir.join("device.key").display(),
             "11".repeat(32),
             pw.display(),
             dir.join("shards").display(),
             dir.join("state").display(),
+            dir.join("agent.sock").display(),
         ),
     )
     .unwrap();

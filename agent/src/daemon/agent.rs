@@ -3,7 +3,9 @@
 //! One single-threaded tokio runtime waits on: MQTT link events, the QoS
 //! window timer, the next lease deadline, a 200 ms shard-host poll (exits,
 //! hangs, restarts), a one-second housekeeping tick (leases, enrolment,
-//! systemd watchdog, time floor, status file), SIGTERM and SIGHUP. Every decision is the [`CapabilityManager`]'s; this file only
+//! systemd watchdog, time floor, status file), the request socket's
+//! connections and the next request deadline ([`RequestCore`]), SIGTERM
+//! and SIGHUP. Every decision is the [`CapabilityManager`]'s; this file only
 //! executes its [`Action`]s in order and moves bytes.
 //!
 //! Crash test hook: `SHARDLINE_TEST_CRASH_AT=<point>` makes the process abort
@@ -17,9 +19,11 @@
 use super::config::Config;
 use super::enroll::{self, BootstrapToken, EnrollPolicy, Enroller, Marker, Phase};
 use super::link::{self, LinkCore, LinkEvent, Sent};
+use super::local_api::{ApiEvent, LocalApi, Reply};
 use super::manager::{Action, CapabilityManager, PersistedState};
 use super::outbox::{Kind, Outbox};
 use super::persist;
+use super::requests::{self, ConnId, RequestCore, SeqReservation};
 use super::resources::ResourceSampler;
 use super::runtime::{QosSource, ShardRuntime};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
@@ -32,10 +36,11 @@ use shardline_shared::msg::{
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{topics, KeyId};
 use shardline_support::notify::Notifier;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 /// The environment variable of the crash test hook (see the module docs).
@@ -155,6 +160,14 @@ pub struct Daemon {
     /// cannot stay up.
     connects: u64,
     link_drops: u64,
+    /// Explicit requests of local applications: the sans-IO core, its
+    /// socket (`None` when it could not be opened: logged, the rest of the
+    /// agent runs), and the reply channel of each connection with a request
+    /// in progress.
+    requests: RequestCore,
+    api: Option<LocalApi>,
+    api_conns: HashMap<ConnId, UnboundedSender<Reply>>,
+    seq_path: PathBuf,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -236,6 +249,14 @@ impl Daemon {
         if !outbox.is_empty() {
             tracing::info!(messages = outbox.len(), "resending what the outbox kept");
         }
+        let seq_path = cfg.state_dir.join(SEQ_FILE);
+        let requests = RequestCore::new(
+            cfg.device.clone(),
+            cfg.requests.apps.clone(),
+            cfg.requests.policy,
+            SeqReservation::resume(load_seq_ceiling(&seq_path)?),
+        );
+        let api = open_api(&cfg);
         let link = start_link(&cfg)?;
         let mut d = Self {
             status_path: cfg.state_dir.join("status.json"),
@@ -258,6 +279,10 @@ impl Daemon {
             enroll_token,
             connects: 0,
             link_drops: 0,
+            requests,
+            api,
+            api_conns: HashMap::new(),
+            seq_path,
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -294,7 +319,16 @@ impl Daemon {
                 .manager
                 .next_deadline()
                 .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+            let request_wait = self
+                .requests
+                .next_deadline()
+                .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
+                ev = api_event(&mut self.api) => self.on_api_event(ev)?,
+                _ = tokio::time::sleep(request_wait.unwrap_or(Duration::MAX)), if request_wait.is_some() => {
+                    let actions = self.requests.on_tick(now_ms());
+                    self.execute_requests(actions);
+                }
                 ev = self.link.events.recv() => match ev {
                     Some(ev) => self.on_link_event(ev)?,
                     None => {
@@ -376,6 +410,10 @@ impl Daemon {
                 if let Err(e) = self.link.client.try_subscribe(instr, QoS::AtLeastOnce) {
                     tracing::warn!(error = %e, "subscribe request failed");
                 }
+                let answer = topics::answer(&self.cfg.device);
+                if let Err(e) = self.link.client.try_subscribe(answer, QoS::AtLeastOnce) {
+                    tracing::warn!(error = %e, "subscribe request (answers) failed");
+                }
                 self.publish_online();
                 // Before the outbox: the allocator should know the key
                 // before the first report signed with it arrives.
@@ -403,6 +441,13 @@ impl Daemon {
             let actions = self.manager.on_instruction(&p.payload, now);
             self.execute(actions, Some(now))?;
             crash_point(&self.crash_at, "before-broker-ack");
+        } else if p.topic == topics::answer(&self.cfg.device) {
+            // Answers are not persisted: a redelivery after a restart
+            // matches no pending request and is dropped.
+            let actions =
+                self.requests
+                    .on_answer(now_ms(), &p.payload, &self.manager.acceptance().keys);
+            self.execute_requests(actions);
         } else {
             tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
         }
@@ -476,6 +521,142 @@ impl Daemon {
             self.write_status(now);
         }
         Ok(())
+    }
+
+    fn on_api_event(&mut self, ev: Option<ApiEvent>) -> Result<(), DaemonError> {
+        match ev {
+            Some(ApiEvent::Request {
+                conn,
+                caller,
+                request,
+                reply,
+            }) => {
+                tracing::debug!(
+                    conn,
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    app = request.app(),
+                    instance = request.instance(),
+                    "request from a local application"
+                );
+                self.api_conns.insert(conn, reply);
+                let connected = self.core.is_connected();
+                let actions = self
+                    .requests
+                    .on_request(now_ms(), conn, caller, request, connected);
+                self.execute_requests(actions);
+            }
+            Some(ApiEvent::Closed { conn }) => {
+                self.api_conns.remove(&conn);
+                self.requests.on_closed(conn);
+            }
+            Some(ApiEvent::BadLine {
+                conn,
+                caller,
+                error,
+            }) => {
+                tracing::debug!(conn, pid = caller.pid, uid = caller.uid, %error, "request line refused");
+            }
+            None => {
+                // The accept task ended (it never does on its own): say so
+                // once, and stop polling it.
+                tracing::error!("request socket stopped; explicit requests are unavailable");
+                if let Some(api) = self.api.take() {
+                    api.close();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes the request core's actions in order.
+    fn execute_requests(&mut self, actions: Vec<requests::Action>) {
+        let mut queue: std::collections::VecDeque<_> = actions.into();
+        // Set when a ceiling write failed: the publish after it must not go.
+        let mut ceiling_failed: Option<String> = None;
+        while let Some(action) = queue.pop_front() {
+            match action {
+                requests::Action::PersistSeqCeiling(ceiling) => {
+                    let bytes = serde_json::to_vec(&SeqFile {
+                        reserved_through: ceiling,
+                    })
+                    .unwrap_or_default();
+                    if let Err(e) = persist::write_atomic(&self.seq_path, &bytes, 0o600) {
+                        tracing::error!(path = %self.seq_path.display(), error = %e, "could not reserve request sequence numbers");
+                        ceiling_failed =
+                            Some(format!("could not write {}: {e}", self.seq_path.display()));
+                    }
+                }
+                requests::Action::Publish(req) => {
+                    let seq = req.seq;
+                    let failed = match ceiling_failed.take() {
+                        Some(why) => Some((true, why)),
+                        None => {
+                            let sealed = shardline_shared::request::seal_request(&req, &self.key);
+                            let topic = topics::request(&self.cfg.device);
+                            if link::try_publish(&self.link.client, &topic, sealed, false) {
+                                self.core.handed_out(Sent::Other);
+                                tracing::info!(
+                                    seq,
+                                    app = %req.app,
+                                    instance = %req.instance,
+                                    op = ?req.op,
+                                    "request sent to the allocator"
+                                );
+                                None
+                            } else {
+                                Some((false, "the MQTT client is busy".to_owned()))
+                            }
+                        }
+                    };
+                    if let Some((ceiling, why)) = failed {
+                        queue.extend(self.requests.on_send_failed(seq, ceiling, &why));
+                    }
+                }
+                requests::Action::Reply { conn, answer, last } => {
+                    // Debug: local refusals come as fast as a caller sends (what is
+                    // sent is logged at info, bounded by the rate limit).
+                    tracing::debug!(conn, last, answer = %answer.describe(), "answer to a local application");
+                    if let Some(tx) = self.api_conns.get(&conn) {
+                        // A closed connection's receiver is gone: nothing to do.
+                        let _ = tx.send(Reply { answer, last });
+                    }
+                }
+                requests::Action::Dropped {
+                    reason,
+                    request_seq,
+                    detail,
+                } => {
+                    // Anyone able to publish on the answer topic could fill
+                    // the journal: warn at the 1st, 2nd, 4th, 8th … drop of
+                    // a kind, the rest at debug (status.json counts them all).
+                    let c = self.requests.counters();
+                    let n = match reason {
+                        requests::DropReason::Unverified => c.answers_unverified,
+                        requests::DropReason::OtherDevice => c.answers_other_device,
+                        requests::DropReason::Unmatched => c.answers_unmatched,
+                    };
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            reason = reason.as_str(),
+                            request_seq,
+                            %detail,
+                            dropped = n,
+                            "answer from the broker dropped"
+                        );
+                    } else {
+                        tracing::debug!(
+                            reason = reason.as_str(),
+                            request_seq,
+                            %detail,
+                            dropped = n,
+                            "answer from the broker dropped"
+                        );
+                    }
+                    self.status_dirty = true;
+                }
+            }
+        }
     }
 
     fn save(&self, state: &PersistedState) -> Result<(), DaemonError> {
@@ -661,6 +842,12 @@ impl Daemon {
             "acks_withheld": self.manager.acks_withheld(),
             "connects": self.connects,
             "link_drops": self.link_drops,
+            "requests": {
+                "socket": self.api.as_ref().map(|a| a.path.display().to_string()),
+                "pending": self.requests.pending(),
+                "next_seq": self.requests.next_seq(),
+                "counters": self.requests.counters(),
+            },
         });
         // Not fsynced: it is a view, rebuilt every second.
         let tmp = self.status_path.with_extension("json.tmp");
@@ -705,6 +892,13 @@ impl Daemon {
         let old = std::mem::replace(&mut self.cfg, new);
         let actions = self.manager.repin(pinned_key_set(&self.cfg.allocator_keys));
         self.execute(actions, None)?;
+        self.requests
+            .reconfigure(self.cfg.requests.apps.clone(), self.cfg.requests.policy);
+        if old.requests.socket != self.cfg.requests.socket
+            || old.requests.max_connections != self.cfg.requests.max_connections
+        {
+            tracing::warn!("request socket path and max_connections change at the next restart");
+        }
         self.outbox.set_cap(self.cfg.outbox_cap);
         // A password file may have been rewritten in place (a rotated
         // credential) with the configuration unchanged: log in again.
@@ -764,6 +958,9 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_millis(200), self.link.events.recv()).await;
         }
         self.link.driver.abort();
+        if let Some(api) = self.api.take() {
+            api.close();
+        }
         tracing::info!(outbox = self.outbox.len(), "stopped");
     }
 }
@@ -809,6 +1006,65 @@ fn enrolment(
             Ok((Enroller::new(policy, true), None))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The request sequence ceiling in the state directory (see
+/// [`requests::SeqReservation`]).
+pub const SEQ_FILE: &str = "request_seq.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SeqFile {
+    reserved_through: u64,
+}
+
+/// Reads the request sequence ceiling; `None` on a first start.
+fn load_seq_ceiling(path: &Path) -> Result<Option<u64>, DaemonError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice::<SeqFile>(&bytes)
+            .map(|f| Some(f.reserved_through))
+            .map_err(|e| DaemonError::StateCorrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DaemonError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Opens the request socket; a failure is logged and leaves the agent
+/// without one (its main work, QoS reports and shards, goes on).
+fn open_api(cfg: &Config) -> Option<LocalApi> {
+    let r = &cfg.requests;
+    match LocalApi::open(&r.socket, r.max_connections) {
+        Ok(api) => {
+            tracing::info!(
+                socket = %r.socket.display(),
+                apps = r.apps.len(),
+                max_per_second = r.policy.max_per_second,
+                burst = r.policy.burst,
+                "request socket open"
+            );
+            if r.apps.is_empty() {
+                tracing::warn!("no [[apps]] declared: every request on the socket is refused");
+            }
+            Some(api)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "explicit requests are unavailable");
+            None
+        }
+    }
+}
+
+/// The next event of the request socket; pends forever without one.
+async fn api_event(api: &mut Option<LocalApi>) -> Option<ApiEvent> {
+    match api {
+        Some(a) => a.events.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | 0 | | stopped cleanly (SIGTERM) | |
 //! | 1 | | failed while running, after start | restarted |
-//! | 65 | `EX_DATAERR` | persisted state (`state.json`, an outbox message) is corrupt | not restarted |
+//! | 65 | `EX_DATAERR` | persisted state (`state.json`, `request_seq.json`, an outbox message) is corrupt | not restarted |
 //! | 71 | `EX_OSERR` | the OS refused a start resource (async runtime, signal handler, RNG) | restarted |
 //! | 74 | `EX_IOERR` | I/O error on the state directory, device key or outbox | restarted |
 //! | 77 | `EX_NOPERM` | the agent's user may not read or write a file it needs | not restarted |
@@ -346,6 +346,16 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  QoS window:      {} ms", cfg.monitor.window_ms);
     println!("  outbox cap:      {}", cfg.outbox_cap);
+    println!(
+        "  request socket:  {} ({} apps declared{})",
+        cfg.requests.socket.display(),
+        cfg.requests.apps.len(),
+        if cfg.requests.apps.is_empty() {
+            ": every request is refused"
+        } else {
+            ""
+        }
+    );
     match std::fs::metadata(&cfg.device_key_file) {
         Ok(_) => match super::keys::load_or_create(&cfg.device_key_file) {
             Ok((key, _)) => println!(

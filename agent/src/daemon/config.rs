@@ -6,8 +6,9 @@
 //! Validation that needs more than one field runs after deserialization on
 //! `toml::Spanned` values, so those errors carry a line as well.
 
+use super::requests::{AppRule, RequestPolicy};
 use serde::Deserialize;
-use shardline_shared::DeviceId;
+use shardline_shared::{AppName, DeviceId};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -53,7 +54,27 @@ pub struct Config {
     /// Most reports and acks kept on disk while the broker is unreachable.
     pub outbox_cap: usize,
     pub limits: AgentLimits,
+    /// The local request socket (`[requests]`) and who may use it (`[[apps]]`).
+    pub requests: RequestsConfig,
 }
+
+/// Where the socket for explicit shard requests of local applications
+/// listens, its bounds, and the applications it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestsConfig {
+    /// Unix socket path (default [`DEFAULT_REQUEST_SOCKET`]).
+    pub socket: PathBuf,
+    /// Rate limit, answer timeout and pending bound.
+    pub policy: RequestPolicy,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// `[[apps]]`: no entry ⇒ every request is refused.
+    pub apps: Vec<AppRule>,
+}
+
+/// The request socket when `[requests] socket` is not given (the unit's
+/// `RuntimeDirectory=shardline` makes its directory).
+pub const DEFAULT_REQUEST_SOCKET: &str = "/run/shardline/agent.sock";
 
 /// How to reach the MQTT broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +136,31 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    requests: RawRequests,
+    #[serde(default)]
+    apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRequests {
+    socket: Option<Spanned<PathBuf>>,
+    max_per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+    answer_timeout_ms: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<usize>>,
+    max_pending_per_instance: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<AppName>,
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -450,6 +496,8 @@ impl Config {
             }
         }
 
+        let requests = requests_config(path, raw.requests, raw.apps, &invalid)?;
+
         // Resolved before the defaults below derive from it: a relative
         // state dir is relative to the file, for the key and shards too.
         let state_dir = resolve(
@@ -499,8 +547,125 @@ impl Config {
                 memory_max_mib: l.memory_max_mib.map(|v| v.into_inner()),
                 nofile: l.nofile.map(|v| v.into_inner()),
             },
+            requests,
         })
     }
+}
+
+/// Validates `[requests]` and `[[apps]]`.
+fn requests_config(
+    path: &Path,
+    r: RawRequests,
+    apps: Vec<RawApp>,
+    invalid: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<RequestsConfig, ConfigError> {
+    let defaults = RequestPolicy::default();
+    fn at_least<T: Copy + PartialOrd + std::fmt::Display>(
+        v: &Option<Spanned<T>>,
+        min: T,
+        max: T,
+        default: T,
+        field: &str,
+        invalid: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
+    ) -> Result<T, ConfigError> {
+        match v {
+            Some(s) if *s.get_ref() < min || *s.get_ref() > max => Err(invalid(
+                s.span(),
+                field,
+                format!("must be between {min} and {max}"),
+            )),
+            Some(s) => Ok(*s.get_ref()),
+            None => Ok(default),
+        }
+    }
+    let max_per_second = at_least(
+        &r.max_per_second,
+        1,
+        100_000,
+        defaults.max_per_second,
+        "requests.max_per_second",
+        invalid,
+    )?;
+    let burst = at_least(
+        &r.burst,
+        1,
+        100_000,
+        defaults.burst,
+        "requests.burst",
+        invalid,
+    )?;
+    let answer_timeout_ms = at_least(
+        &r.answer_timeout_ms,
+        100,
+        600_000,
+        defaults.answer_timeout_ms,
+        "requests.answer_timeout_ms",
+        invalid,
+    )?;
+    let max_connections = at_least(
+        &r.max_connections,
+        1,
+        4096,
+        64,
+        "requests.max_connections",
+        invalid,
+    )?;
+    let max_pending_per_instance = at_least(
+        &r.max_pending_per_instance,
+        1,
+        1024,
+        defaults.max_pending_per_instance,
+        "requests.max_pending_per_instance",
+        invalid,
+    )?;
+    let socket = match &r.socket {
+        Some(s) if s.get_ref().as_os_str().is_empty() => {
+            return Err(invalid(
+                s.span(),
+                "requests.socket",
+                "must name a socket path".into(),
+            ))
+        }
+        Some(s) => resolve(path, s.get_ref()),
+        None => PathBuf::from(DEFAULT_REQUEST_SOCKET),
+    };
+    let mut rules: Vec<AppRule> = Vec::with_capacity(apps.len());
+    for app in apps {
+        let name = app.name.get_ref().clone();
+        if rules.iter().any(|r| r.name == name) {
+            return Err(invalid(
+                app.name.span(),
+                "apps.name",
+                format!("application \"{name}\" is declared twice"),
+            ));
+        }
+        if app.uids.is_empty() && app.gids.is_empty() {
+            return Err(invalid(
+                app.name.span(),
+                "apps.uids",
+                format!(
+                    "application \"{name}\" needs at least one of uids or gids \
+                     (the users allowed to act as it)"
+                ),
+            ));
+        }
+        rules.push(AppRule {
+            name,
+            uids: app.uids,
+            gids: app.gids,
+        });
+    }
+    Ok(RequestsConfig {
+        socket,
+        policy: RequestPolicy {
+            max_per_second,
+            burst,
+            answer_timeout_ms,
+            max_pending_per_instance,
+        },
+        max_connections,
+        apps: rules,
+    })
 }
 
 /// Relative paths in the file are relative to the file's directory, so a demo
@@ -752,6 +917,45 @@ mod tests {
             c.device_key_file,
             PathBuf::from("/etc/shardline/state/device.key")
         );
+    }
+
+    #[test]
+    fn requests_and_apps_get_defaults_and_errors_name_their_line() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!(c.requests.socket, PathBuf::from(DEFAULT_REQUEST_SOCKET));
+        assert_eq!(c.requests.policy, RequestPolicy::default());
+        assert!(c.requests.apps.is_empty());
+        let with = format!(
+            "{}\n[requests]\nsocket = \"run/agent.sock\"\nmax_per_second = 5\nburst = 7\n\
+             answer_timeout_ms = 2000\n\n[[apps]]\nname = \"cam\"\nuids = [1000, 1001]\n\n\
+             [[apps]]\nname = \"nas\"\ngids = [2000]\n",
+            minimal()
+        );
+        let c = parse(&with).unwrap();
+        assert_eq!(
+            c.requests.socket,
+            PathBuf::from("/etc/shardline/run/agent.sock")
+        );
+        assert_eq!(
+            (c.requests.policy.max_per_second, c.requests.policy.burst),
+            (5, 7)
+        );
+        assert_eq!(c.requests.policy.answer_timeout_ms, 2000);
+        assert_eq!(c.requests.apps.len(), 2);
+        assert_eq!(c.requests.apps[0].uids, vec![1000, 1001]);
+        assert_eq!(c.requests.apps[1].gids, vec![2000]);
+
+        let zero = with.replace("max_per_second = 5", "max_per_second = 0");
+        expect_invalid(&zero, 12, "requests.max_per_second");
+        let bad_name = with.replace("name = \"cam\"", "name = \"c/m\"");
+        let msg = expect_invalid(&bad_name, 17, "apps.name");
+        assert!(msg.contains("application name"), "{msg}");
+        let twice = with.replace("name = \"nas\"", "name = \"cam\"");
+        expect_invalid(&twice, 21, "apps.name");
+        let nobody = with.replace("gids = [2000]\n", "");
+        expect_invalid(&nobody, 21, "apps.uids");
+        let typo = with.replace("uids = [1000, 1001]", "users = [1000]");
+        expect_invalid(&typo, 18, "apps.users");
     }
 
     #[test]

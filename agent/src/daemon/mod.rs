@@ -20,6 +20,11 @@
 //! - [`cli`]: `run` and `check-config` (and their exit codes);
 //!   [`preflight`]: what the configuration names must exist on the device.
 //! - [`clock`]: when the local clock may raise the persisted time floor.
+//! - [`requests`]: explicit shard requests of local applications, the
+//!   sans-IO core (credentials → application, rate limits, sequence
+//!   reservation, pending requests and answer matching);
+//!   [`local_api`]: its Unix socket (the I/O edge); [`request_cli`]:
+//!   `shardline-agent request`, a client of that socket.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -32,9 +37,12 @@ pub mod hosting;
 pub mod keys;
 pub mod limits;
 pub mod link;
+pub mod local_api;
 pub mod manager;
 pub mod outbox;
 pub mod persist;
 pub mod preflight;
+pub mod request_cli;
+pub mod requests;
 pub mod resources;
 pub mod runtime;

@@ -266,6 +266,17 @@ impl Agent {
     ) -> Agent {
         let state = dir.join("state");
         let config = dir.join("agent.toml");
+        // Every test agent gets a request socket of its own (the default
+        // under /run is one per machine); a test that configures requests
+        // names the socket itself.
+        let requests = if extra.contains("[requests]") {
+            String::new()
+        } else {
+            format!(
+                "\n[requests]\nsocket = \"{}\"\n",
+                dir.join("agent.sock").display()
+            )
+        };
         // `run` refuses a configuration whose shard directory is missing.
         std::fs::create_dir_all(dir.join("shards")).unwrap();
         std::fs::write(
@@ -277,7 +288,7 @@ impl Agent {
                  reconnect_min_ms = 50\nreconnect_max_ms = 400\n{broker_extra}\n\
                  [monitor]\nwindow_ms = {window_ms}\n\n\
                  [shards]\ndir = \"{}\"\n\n\
-                 [state]\ndir = \"{}\"\n{extra}",
+                 [state]\ndir = \"{}\"\n{extra}{requests}",
                 dir.join("device.key").display(),
                 hex::encode(allocator_key().public_key()),
                 dir.join("shards").display(),

@@ -323,8 +323,10 @@ pub struct LoopConfig {
     /// with the bootstrap token in [`Stack::enroll_token_file`] (which the
     /// caller writes, mode 0600, before starting the agent).
     pub enroll_with_token: bool,
-    /// Appended to the agent's configuration as is (extra sections, e.g.
-    /// the local request API and its applications).
+    /// Appended to the agent's configuration as is, right after the
+    /// `[requests]` section's `socket` line (`<dir>/agent.sock`): its first
+    /// lines may set more request options, then come further sections (the
+    /// applications, `[[apps]]`).
     pub agent_extra: String,
 }
 
@@ -518,7 +520,8 @@ impl Stack {
                  [broker]\nurl = \"{broker}\"\nkeep_alive_s = 5\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n\
                  [monitor]\n{monitor}window_ms = {win}\n\n\
                  [shards]\ndir = \"{d}/shards\"\n\n\
-                 [state]\ndir = \"{d}/agent-state\"\n{extra}",
+                 [state]\ndir = \"{d}/agent-state\"\n\n\
+                 [requests]\nsocket = \"{d}/agent.sock\"\n{extra}",
                 extra = stack.cfg.agent_extra,
                 dev = stack.cfg.device,
                 d = dir.display(),
