@@ -99,6 +99,8 @@ cleanup() {
     if [ "$binfmt_mounted" -eq 1 ]; then umount /proc/sys/fs/binfmt_misc; fi
     apt-get purge -y -qq shardline-agent shardline-allocator >/dev/null 2>&1
     rm -rf "$work"
+    # The mount point of the devices' private runtime directories (empty).
+    rmdir /run/shardline 2>/dev/null
 }
 if [ "$cleanup_only" -eq 1 ]; then
     # What a KEEP=1 run left behind.
@@ -212,6 +214,8 @@ start_device() {
     cp -a /etc/shardline "$d/etc"
     rm -f "$d/etc/allocator.toml" "$d/etc/catalog.toml" "$d/etc/agreements.toml"
     install -d -m 0700 -o "$D_USER" -g "$D_USER" "$d/state"
+    # The unit's RuntimeDirectory=shardline (the local request socket).
+    install -d -m 0755 -o "$D_USER" -g "$D_USER" "$d/run"
     token=$(shardctl token create --tier "$TIER" --tenant acme | grep -oE '[0-9a-f]{64}' | head -n1)
     [ -n "$token" ] || { fail "$id: no bootstrap token"; return 1; }
     echo "$token" | install -m 0600 -o "$D_USER" /dev/stdin "$d/etc/enroll-token"
@@ -230,7 +234,9 @@ PY
     # bounding set (read from the installed unit, see unit_caps).
     # shellcheck disable=SC2016
     ip netns exec "$ns" unshare --mount --propagation private sh -c '
-        mount --bind "$1/etc" /etc/shardline && mount --bind "$1/state" /var/lib/shardline || exit 1
+        mkdir -p /run/shardline &&
+        mount --bind "$1/etc" /etc/shardline && mount --bind "$1/state" /var/lib/shardline &&
+        mount --bind "$1/run" /run/shardline || exit 1
         shift; user=$1; caps=$2; shift 2
         exec env "$@" setpriv --reuid "$user" --regid "$user" --init-groups \
             --inh-caps "$caps" --ambient-caps "$caps" --bounding-set "-all,$caps" "$AGENT_BIN" run --config /etc/shardline/agent.toml
