@@ -128,8 +128,11 @@ impl RequestConfig {
         if self.burst < 1.0 || !self.burst.is_finite() {
             return Err(("requests.burst", "must be >= 1".into()));
         }
-        if self.max_grant_ms == 0 || self.max_instances == 0 {
+        if self.max_grant_ms == 0 {
             return Err(("requests.max_grant_ms", "must be > 0".into()));
+        }
+        if self.max_instances == 0 {
+            return Err(("requests.max_instances", "must be > 0".into()));
         }
         Ok(())
     }
@@ -263,6 +266,10 @@ pub(crate) struct DeviceBudget {
     pub drained: bool,
     pub device_score: f64,
 }
+
+/// Fair serving order of a queue entry: its instance's last service
+/// (least recent first), its priority (highest first), its ticket (oldest first).
+type ServeRank = (u64, std::cmp::Reverse<u8>, u64);
 
 /// Answers produced by one decision, with the request sequence each
 /// answers, for the engine to wrap into [`RequestAnswer`]s.
@@ -571,7 +578,7 @@ impl AppRequests {
         }
         while !self.queue.is_empty() {
             let pool = self.pool(b);
-            let mut best: Option<(usize, (u64, std::cmp::Reverse<u8>, u64))> = None;
+            let mut best: Option<(usize, ServeRank)> = None;
             for (idx, q) in self.queue.iter().enumerate() {
                 let k = kind_index(q.kind);
                 if q.units > pool[k] {
