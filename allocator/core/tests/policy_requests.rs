@@ -743,3 +743,59 @@ proptest! {
         prop_assert_eq!(run(&steps), run(&steps));
     }
 }
+
+#[test]
+fn units_the_pushed_plan_gives_back_serve_the_queue_at_once() {
+    let mut cfg = PolicyConfig::default();
+    cfg.hysteresis_ms = 1_000;
+    cfg.requests.max_wait_ms = 600_000;
+    let mut engine = engine_apps(cfg);
+    let d = dev("gw");
+    enroll(&mut engine, 0, &d, "tight", None);
+    for who in ["gw:cam:big", "gw:cam:q"] {
+        engine.handle(
+            0,
+            Event::AdjustInstanceReputation {
+                instance: who.parse().unwrap(),
+                change: ScoreChange::Set(100.0),
+                reason: "whole budget".into(),
+                actor: "test".into(),
+            },
+        );
+    }
+    send(
+        &mut engine,
+        0,
+        &d,
+        1,
+        vec![class(
+            shardline_shared::msg::TrafficClass::Bulk,
+            2_000_000,
+            enc(),
+        )],
+    );
+    let (pushed, _, budget) = engine.units_held(&d).unwrap();
+    let k = if pushed[0] > 0 { 0 } else { 1 };
+    assert!(pushed[k] > 0, "the vpn is pushed: {pushed:?}");
+    let kind = [ShardKind::Compute, ShardKind::Data][k];
+    let service = |engine: &mut Engine, who: &str, units| {
+        answers(&engine.handle(
+            10,
+            Event::ServiceRequest {
+                instance: who.parse().unwrap(),
+                op: acquire(kind, units, 600_000),
+            },
+        ))
+    };
+    if budget[k] > pushed[k] {
+        granted(&service(&mut engine, "gw:cam:big", budget[k] - pushed[k])[0].answer);
+    }
+    let q = service(&mut engine, "gw:cam:q", 1);
+    assert!(matches!(q[0].answer, Answer::Queued { .. }), "{q:?}");
+    // The need is gone: the next report re-plans without the vpn, and the
+    // units it gave back go to the queued request in the same call.
+    let out = answers(&send(&mut engine, 5_000, &d, 2, vec![]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].instance.as_str(), "q");
+    granted(&out[0].answer);
+}

@@ -233,6 +233,22 @@ impl Engine {
     /// Handles one event at `now_ms` and returns what the service must do.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
+        // Events that may re-plan one device can free units its queued
+        // requests wait for: serve them right after.
+        let serve_queue_of = match &event {
+            Event::Report(QosReport { device, .. })
+            | Event::Ack { device, .. }
+            | Event::ComplianceEvent { device, .. }
+            | Event::Unpin { device, .. }
+            | Event::Revoke { device, .. }
+            | Event::Resume { device }
+            | Event::DeviceConfig { device, .. } => self
+                .devices
+                .get(device)
+                .filter(|st| !st.apps.queue.is_empty())
+                .map(|_| device.clone()),
+            _ => None,
+        };
         match event {
             Event::Enrolled {
                 device,
@@ -306,6 +322,9 @@ impl Engine {
                 reason,
                 actor,
             } => self.adjust_instance(now_ms, instance, change, reason, actor, &mut out),
+        }
+        if let Some(device) = serve_queue_of {
+            self.tick_apps(now_ms, &device, &mut out);
         }
         out
     }

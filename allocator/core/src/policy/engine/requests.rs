@@ -114,12 +114,14 @@ impl Engine {
         }
         let b = budget_of(cfg, agreements, st);
         let mut answers: Answers = Vec::new();
-        st.apps.expire(&cfg.requests, &b, now, &mut answers);
+        let expired = st.apps.expire(&cfg.requests, &b, now, &mut answers);
         st.apps.serve_queue(&cfg.requests, &b, now, &mut answers);
         if let Some(t) = st.apps.next_due() {
             st.wake_at_ms = st.wake_at_ms.min(t);
         }
-        dirty.mark(device);
+        if expired || !answers.is_empty() {
+            dirty.mark(device);
+        }
         out.extend(to_wire(device, now, answers).map(Action::Answer));
     }
 
