@@ -746,8 +746,10 @@ proptest! {
 
 #[test]
 fn units_the_pushed_plan_gives_back_serve_the_queue_at_once() {
-    let mut cfg = PolicyConfig::default();
-    cfg.hysteresis_ms = 1_000;
+    let mut cfg = PolicyConfig {
+        hysteresis_ms: 1_000,
+        ..PolicyConfig::default()
+    };
     cfg.requests.max_wait_ms = 600_000;
     let mut engine = engine_apps(cfg);
     let d = dev("gw");
