@@ -480,6 +480,9 @@ fn machine(load_at_start: &str) -> String {
     format!("{cpu}, {cores} cores; load average {load_at_start} when the bench started")
 }
 
+/// How to read the row.
+const NOTE: &str = "Reading: per request, the signature is checked on the core thread (requests are far fewer than reports, so they skip the verifier threads), then the engine decides and the device's record is group-committed (redb, fsync) before the signed answer is published: as for reports, the p50 is mostly that commit. Nothing queued or was refused here: each instance holds at most one unit at a time, within its quota (half of the `standard` tier's 3 + 3 units at the starting score) and the device's pool. The 2-core machine is shared with another engineer's builds; the load average at start is above.";
+
 fn section(row: &str, load: &str, runs: usize) -> String {
     format!(
         "## Explicit requests\n\n\
@@ -495,7 +498,7 @@ fn section(row: &str, load: &str, runs: usize) -> String {
          Command: `cargo bench -p shardline-allocator --bench request_e2e`\n\n\
          | broker | devices × instances | duration | acquisitions/s | requests/s (with releases) | p50 ms | p99 ms | queued (max) | refused (max) | missing | target |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n\
-         {row}\n",
+         {row}\n\n{NOTE}\n",
         machine(load)
     )
 }
