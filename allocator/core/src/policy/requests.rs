@@ -918,6 +918,12 @@ impl AppRequests {
         reason: String,
         now: u64,
     ) -> Option<(f64, f64)> {
+        let value = match change {
+            ScoreChange::Delta(v) | ScoreChange::Set(v) => v,
+        };
+        if !value.is_finite() {
+            return None; // a NaN would stick: clamping keeps it
+        }
         let inst = self.instance_mut(cfg, who, now)?;
         inst.decay_to(cfg, now);
         let new = match change {
