@@ -14,6 +14,14 @@
 //! "b_endpoint"}`; the pair's pre-shared key is generated here and never
 //! returned). Secret values are never echoed: a malformed body with secrets
 //! is refused without repeating it.
+//! Explicit requests (issue 18): `POST /v1/shard/request` (`{"instance":
+//! "device:app:instance", "op": "acquire"|"renew"|"release"|"query",
+//! "kind": "compute"|"data", "units", "duration_ms", "priority", "grant",
+//! "outcome": "completed"|"unused"|"errored"|"over_limit"}`; answers with
+//! the JSON of the `RequestAnswer`, which is also sent signed to the
+//! device), `GET /v1/reputation/{instance}` (standing and history) and
+//! `POST /v1/reputation/{instance}` (`{"delta": -10}` or `{"set": 70}`,
+//! `"reason"` required, `"actor"` optional): an audited adjustment.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -26,8 +34,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
+use shardline_allocator_core::policy::ScoreChange;
 use shardline_allocator_core::service::counters::Metrics;
-use shardline_shared::ids::DeviceId;
+use shardline_shared::ids::{DeviceId, InstanceRef};
+use shardline_shared::msg::ShardKind;
+use shardline_shared::request::{GrantOutcome, RequestOp};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -59,6 +70,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/catalog/{shard}/retry", post(catalog_retry))
         .route("/v1/tokens", post(create_token))
         .route("/v1/rotate", post(rotate))
+        .route("/v1/shard/request", post(shard_request))
+        .route(
+            "/v1/reputation/{instance}",
+            get(instance_reputation).post(adjust_reputation),
+        )
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is.
@@ -168,6 +184,8 @@ fn reply_json(r: Reply) -> Response {
         }
         Reply::Catalog(rows) => Json(rows).into_response(),
         Reply::DeviceConfig(c) => Json(c).into_response(),
+        Reply::Answer(a) => Json(a).into_response(),
+        Reply::Instance(v) => Json(v).into_response(),
         Reply::Error(e) => command_error(e),
     }
 }
@@ -502,6 +520,150 @@ async fn rotate(
     let cmd = Command::Rotate {
         new_key,
         key_file: body.key_file,
+    };
+    answer(&state, &headers, cmd).await
+}
+
+fn instance_ref(text: &str) -> Result<InstanceRef, Response> {
+    text.parse()
+        .map_err(|e: shardline_shared::ids::IdError| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// `POST /v1/shard/request`: the wire request's fields, flat.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardRequestBody {
+    instance: String,
+    op: String,
+    #[serde(default, alias = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    units: Option<u32>,
+    #[serde(default)]
+    duration_ms: Option<u32>,
+    #[serde(default)]
+    priority: Option<u8>,
+    #[serde(default)]
+    grant: Option<u64>,
+    #[serde(default)]
+    outcome: Option<String>,
+}
+
+fn request_op(b: &ShardRequestBody) -> Result<RequestOp, String> {
+    let need = |v: Option<u32>, what: &str| v.ok_or_else(|| format!("{what} is required"));
+    let grant = || b.grant.ok_or_else(|| "grant is required".to_owned());
+    Ok(match b.op.as_str() {
+        "acquire" => RequestOp::Acquire {
+            kind: match b.kind.as_deref() {
+                Some("compute") => ShardKind::Compute,
+                Some("data") => ShardKind::Data,
+                _ => return Err("kind must be compute or data".into()),
+            },
+            units: need(b.units, "units")?,
+            duration_ms: need(b.duration_ms, "duration_ms")?,
+            priority: b.priority.unwrap_or(0),
+        },
+        "renew" => RequestOp::Renew {
+            grant: grant()?,
+            duration_ms: need(b.duration_ms, "duration_ms")?,
+        },
+        "release" => RequestOp::Release {
+            grant: grant()?,
+            outcome: match b.outcome.as_deref() {
+                None => GrantOutcome::Completed,
+                Some(o) => GrantOutcome::from_name(o).ok_or_else(|| {
+                    "outcome must be completed, unused, errored or over_limit".to_owned()
+                })?,
+            },
+        },
+        "query" => RequestOp::Query,
+        _ => return Err("op must be acquire, renew, release or query".into()),
+    })
+}
+
+async fn shard_request(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<ShardRequestBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let instance = match instance_ref(&body.instance) {
+        Ok(i) => i,
+        Err(e) => return e,
+    };
+    let op = match request_op(&body) {
+        Ok(op) => op,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    answer(&state, &headers, Command::ShardRequest { instance, op }).await
+}
+
+async fn instance_reputation(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(instance): Path<String>,
+) -> Response {
+    let instance = match instance_ref(&instance) {
+        Ok(i) => i,
+        Err(e) => return e,
+    };
+    answer(&state, &headers, Command::InstanceReputation { instance }).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustBody {
+    #[serde(default)]
+    delta: Option<f64>,
+    #[serde(default)]
+    set: Option<f64>,
+    reason: String,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+async fn adjust_reputation(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(instance): Path<String>,
+    body: Result<Json<AdjustBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let instance = match instance_ref(&instance) {
+        Ok(i) => i,
+        Err(e) => return e,
+    };
+    let change = match (body.delta, body.set) {
+        (Some(d), None) => ScoreChange::Delta(d),
+        (None, Some(s)) => ScoreChange::Set(s),
+        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of delta or set"),
+    };
+    // The API has one bearer token: the actor is what the caller says it
+    // is (shardctl sends the local user), logged beside the change.
+    let actor: String = body
+        .actor
+        .unwrap_or_else(|| "api".into())
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    let reason: String = body
+        .reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    let cmd = Command::AdjustInstanceReputation {
+        instance,
+        change,
+        reason,
+        actor,
     };
     answer(&state, &headers, cmd).await
 }

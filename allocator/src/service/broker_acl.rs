@@ -409,4 +409,29 @@ mod tests {
         )
         .is_none());
     }
+
+    #[test]
+    fn explicit_requests_go_up_from_the_device_and_answers_down_from_the_allocator() {
+        let devices: HashSet<String> = ["r1".to_owned(), "r2".to_owned()].into();
+        let may = |login: &str, r: Request| refusal(&devices, Some(login), &r).is_none();
+        let publish = |t: &str| Request::Publish { topic: t.into() };
+        let subscribe = |t: &str| Request::Subscribe {
+            filters: vec![t.into()],
+        };
+        assert!(may("r1", publish("shardline/v1/dev/r1/request")));
+        assert!(may("r1", subscribe("shardline/v1/dev/r1/answer")));
+        assert!(!may("r1", publish("shardline/v1/dev/r2/request")));
+        assert!(
+            !may("r1", publish("shardline/v1/dev/r1/answer")),
+            "answers come from the cloud"
+        );
+        assert!(!may("r1", subscribe("shardline/v1/dev/r2/answer")));
+        // The allocator reads every request (shared or not) and writes answers.
+        assert!(may(
+            "allocator",
+            subscribe("$share/allocators/shardline/v1/dev/+/request")
+        ));
+        assert!(may("allocator", subscribe("shardline/v1/dev/+/request")));
+        assert!(may("allocator", publish("shardline/v1/dev/r1/answer")));
+    }
 }

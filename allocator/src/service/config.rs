@@ -307,10 +307,12 @@ impl Config {
                 .map_err(|message| invalid_in_section(text, path, "store", "url", message))?;
         }
         if let Err((field, message)) = config.policy.engine.check() {
-            let section = if matches!(field, "initial" | "half_life_ms") {
-                "policy.engine.reputation"
+            let (section, field) = if let Some(f) = field.strip_prefix("requests.") {
+                ("policy.engine.requests", f)
+            } else if matches!(field, "initial" | "half_life_ms") {
+                ("policy.engine.reputation", field)
             } else {
-                "policy.engine"
+                ("policy.engine", field)
             };
             return Err(invalid_in_section(text, path, section, field, message));
         }

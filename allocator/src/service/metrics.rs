@@ -2,7 +2,7 @@
 //! (`GET /metrics`). The counters themselves live in the core crate
 //! (`shardline_allocator_core::service::counters`); a scrape only reads them.
 
-use shardline_allocator_core::service::counters::{Drop, Kind, Metrics};
+use shardline_allocator_core::service::counters::{Drop, Kind, Metrics, REFUSAL_REASONS};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -80,6 +80,41 @@ pub fn render(metrics: &Metrics) -> String {
         "shardline_reputation_changes_total",
         "Reputation changes announced by the engine.",
         get(&metrics.reputation_changes),
+    );
+    counter(
+        "shardline_requests_received_total",
+        "Explicit requests received from devices (before verification).",
+        get(&metrics.requests_received),
+    );
+    counter(
+        "shardline_requests_granted_total",
+        "Explicit requests granted (at once or from the queue).",
+        get(&metrics.requests_granted),
+    );
+    counter(
+        "shardline_requests_queued_total",
+        "Explicit requests queued for units.",
+        get(&metrics.requests_queued),
+    );
+    counter(
+        "shardline_requests_released_total",
+        "Grants released (or queued requests withdrawn).",
+        get(&metrics.requests_released),
+    );
+    counter(
+        "shardline_requests_renewed_total",
+        "Grants renewed.",
+        get(&metrics.requests_renewed),
+    );
+    counter(
+        "shardline_requests_rate_limited_total",
+        "Explicit requests refused by an instance's rate limit.",
+        metrics.refused_counts()[3],
+    );
+    counter(
+        "shardline_instance_reputation_adjustments_total",
+        "Operator adjustments of an application instance's reputation.",
+        get(&metrics.instance_adjustments),
     );
     counter(
         "shardline_alerts_total",
@@ -166,6 +201,13 @@ pub fn render(metrics: &Metrics) -> String {
                 why.as_str()
             );
         }
+    }
+    let _ = writeln!(out, "# HELP shardline_requests_refused_total Explicit requests refused, by reason.\n# TYPE shardline_requests_refused_total counter");
+    for (reason, v) in REFUSAL_REASONS.iter().zip(metrics.refused_counts()) {
+        let _ = writeln!(
+            out,
+            "shardline_requests_refused_total{{reason=\"{reason}\"}} {v}"
+        );
     }
     let g = metrics.gauges.lock().map(|g| g.clone()).unwrap_or_default();
     let _ = writeln!(out, "# HELP shardline_devices Enrolled devices.\n# TYPE shardline_devices gauge\nshardline_devices {}", g.devices);

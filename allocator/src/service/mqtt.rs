@@ -19,7 +19,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(10);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
-/// reports, acks and enrolments through the allocators' shared subscription.
+/// reports, acks, enrolments and explicit requests through the allocators' shared subscription.
 pub async fn run(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
@@ -42,6 +42,11 @@ pub async fn run(
         topics::shared(topics::ALL_ENROLL)
     } else {
         topics::ALL_ENROLL.to_owned()
+    };
+    let request_filter = if shared {
+        topics::shared(topics::ALL_REQUESTS)
+    } else {
+        topics::ALL_REQUESTS.to_owned()
     };
     let mut backoff = BACKOFF_MIN;
     let mut connected_at: Option<std::time::Instant> = None;
@@ -82,6 +87,7 @@ pub async fn run(
                     report_filter.clone(),
                     ack_filter.clone(),
                     enroll_filter.clone(),
+                    request_filter.clone(),
                     topics::ALL_STATUS.to_owned(),
                 ];
                 let client = client.clone();

@@ -58,6 +58,32 @@ enum Cmd {
     },
     /// Tiers (service agreements) and their units in use.
     Tiers,
+    /// Ask units for an application instance (`device:app:instance`), as
+    /// the instance would; a grant is also sent signed to the device.
+    Request {
+        instance: String,
+        /// compute or data.
+        #[arg(long = "type", value_parser = ["compute", "data"])]
+        kind: String,
+        #[arg(long)]
+        units: u32,
+        /// How long, e.g. 30s, 500ms, 2m.
+        #[arg(long = "for", value_parser = parse_duration_ms)]
+        duration: u32,
+        #[arg(long, default_value_t = 0)]
+        priority: u8,
+    },
+    /// An application instance's reputation and history; with --set or
+    /// --delta (and --reason), an audited change of it.
+    Reputation {
+        instance: String,
+        #[arg(long, conflicts_with = "delta", requires = "reason")]
+        set: Option<f64>,
+        #[arg(long, allow_hyphen_values = true, requires = "reason")]
+        delta: Option<f64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Keep a shard active on a device.
     Pin {
         #[arg(value_parser = parse_device)]
@@ -220,6 +246,41 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
         ),
         Cmd::Unenroll { device } => ("DELETE", format!("/v1/devices/{device}"), None),
         Cmd::Tiers => ("GET", "/v1/tiers".to_owned(), None),
+        Cmd::Request {
+            instance,
+            kind,
+            units,
+            duration,
+            priority,
+        } => (
+            "POST",
+            "/v1/shard/request".to_owned(),
+            Some(serde_json::json!({
+                "instance": instance, "op": "acquire", "kind": kind,
+                "units": units, "duration_ms": duration, "priority": priority,
+            })),
+        ),
+        Cmd::Reputation {
+            instance,
+            set: None,
+            delta: None,
+            ..
+        } => ("GET", format!("/v1/reputation/{instance}"), None),
+        Cmd::Reputation {
+            instance,
+            set,
+            delta,
+            reason,
+        } => {
+            let actor = std::env::var("USER").unwrap_or_else(|_| "shardctl".into());
+            (
+                "POST",
+                format!("/v1/reputation/{instance}"),
+                Some(serde_json::json!({
+                    "set": set, "delta": delta, "reason": reason, "actor": actor,
+                })),
+            )
+        }
         Cmd::Catalog { command: None } => ("GET", "/v1/catalog".to_owned(), None),
         Cmd::Catalog {
             command: Some(CatalogCmd::Retry { shard }),
@@ -332,6 +393,14 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
                     print!("{}", catalog_text(rows));
                     return Ok(ExitCode::SUCCESS);
                 }
+            }
+            Cmd::Request { .. } => {
+                println!("{}", answer_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Reputation { .. } => {
+                print!("{}", instance_text(&value));
+                return Ok(ExitCode::SUCCESS);
             }
             _ => {}
         }
@@ -466,6 +535,24 @@ pub fn device_text(d: &serde_json::Value) -> String {
             );
         }
     }
+    if let Some(apps) = p
+        .get("app_instances")
+        .and_then(|v| v.as_array())
+        .filter(|a| !a.is_empty())
+    {
+        let _ = writeln!(o, "application instances ({}):", apps.len());
+        for a in apps {
+            let rep = a.get("reputation").and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let _ = writeln!(
+                o,
+                "  {:<40} rep {rep:5.1}  compute {} data {}  queued {}",
+                text(a, "instance"),
+                text(a, "compute_in_use"),
+                text(a, "data_in_use"),
+                text(a, "queued")
+            );
+        }
+    }
     if let Some(h) = p.get("reputation_history").and_then(|v| v.as_array()) {
         if !h.is_empty() {
             let _ = writeln!(o, "reputation history:");
@@ -482,6 +569,89 @@ pub fn device_text(d: &serde_json::Value) -> String {
         }
     }
     o
+}
+
+/// A request's answer in one line (`shardctl request`).
+pub fn answer_text(a: &serde_json::Value) -> String {
+    let who = format!(
+        "{}:{}:{}",
+        text(a, "device"),
+        text(a, "app"),
+        text(a, "instance")
+    );
+    let Some((what, body)) = a
+        .get("answer")
+        .and_then(|v| v.as_object())
+        .and_then(|m| m.iter().next())
+    else {
+        return format!("{who}: {}", text(a, "answer"));
+    };
+    match what.as_str() {
+        "Granted" | "Renewed" => format!(
+            "{who}: {} grant {}: {} {} units until {} ms",
+            what.to_lowercase(),
+            text(body, "grant"),
+            text(body, "units"),
+            text(body, "kind").to_lowercase(),
+            text(body, "expires_at_ms")
+        ),
+        "Queued" => format!(
+            "{who}: queued, ticket {} position {} expected wait {} ms",
+            text(body, "ticket"),
+            text(body, "position"),
+            text(body, "expected_wait_ms")
+        ),
+        "Refused" => format!("{who}: refused: {body}"),
+        _ => format!("{who}: {what} {body}"),
+    }
+}
+
+/// `shardctl reputation` for people.
+pub fn instance_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let rep = v.get("reputation").and_then(|x| x.as_f64()).unwrap_or(0.0);
+    let s = v.get("standing").cloned().unwrap_or_default();
+    let _ = writeln!(o, "instance {}  reputation {rep:.1}", text(v, "instance"));
+    let _ = writeln!(
+        o,
+        "quota compute {} data {}  in use compute {} data {}  queued {}  rate-limited {}",
+        text(&s, "compute_quota_units"),
+        text(&s, "data_quota_units"),
+        text(&s, "compute_in_use"),
+        text(&s, "data_in_use"),
+        text(&s, "queued"),
+        text(v, "rate_limited")
+    );
+    if let Some(h) = v.get("history").and_then(|x| x.as_array()) {
+        let _ = writeln!(o, "history ({}):", h.len());
+        for e in h {
+            let old = e.get("old").and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let new = e.get("new").and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let _ = writeln!(
+                o,
+                "  at {:>14} ms  {old:5.1} → {new:5.1}  {}",
+                text(e, "at_ms"),
+                text(e, "reason")
+            );
+        }
+    }
+    o
+}
+
+/// `30s`, `500ms`, `2m` or plain milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u32, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let ms = match unit {
+        "" | "ms" => n,
+        "s" => n.saturating_mul(1_000),
+        "m" => n.saturating_mul(60_000),
+        _ => return Err(format!("unknown unit in {s:?} (ms, s or m)")),
+    };
+    u32::try_from(ms).map_err(|_| format!("too long: {s:?}"))
 }
 
 /// `shardctl catalog` for people.

@@ -19,6 +19,7 @@ pub mod forecast;
 mod plan;
 pub mod prng;
 pub mod reputation;
+pub mod requests;
 pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
@@ -27,13 +28,15 @@ pub use engine::Engine;
 pub use faults::{
     CatalogHealth, CloneWatch, DuplicateFlag, FailingEntry, FaultConfig, StartFailure, Tombstone,
 };
+pub use requests::{AppRequests, InstanceSummary, InstanceView, RequestConfig, ScoreChange};
 
 use serde::{Deserialize, Serialize};
-use shardline_shared::ids::{DeviceId, ShardRef};
+use shardline_shared::ids::{DeviceId, InstanceRef, ShardRef};
 use shardline_shared::msg::{
     AckOutcome, DeviceResources, Operation, QosNeed, QosReport, ResourceLimits, ShardKind,
     TrafficClass,
 };
+use shardline_shared::request::{AppRequest, RequestAnswer, RequestOp};
 use std::collections::{BTreeMap, BTreeSet};
 
 // ------------------------------------------------------------------ events
@@ -128,6 +131,28 @@ pub enum Event {
         /// cannot see secret values, so the service says which changed.
         changed: BTreeSet<String>,
     },
+    /// An explicit request an application instance made through its
+    /// device's agent, whose device signature the service has verified
+    /// (see [`requests`]). At or below the device's last accepted request
+    /// sequence it is dropped without an answer.
+    AppRequest {
+        request: AppRequest,
+    },
+    /// An operator or service acting for an instance (`POST
+    /// /v1/shard/request`): decided like the instance's own request, with
+    /// no sequence check and no rate limit; answered with `request_seq` 0.
+    ServiceRequest {
+        instance: InstanceRef,
+        op: RequestOp,
+    },
+    /// Operator: an audited change of an instance's explicit-request
+    /// reputation (recorded in its history with the reason).
+    AdjustInstanceReputation {
+        instance: InstanceRef,
+        change: ScoreChange,
+        reason: String,
+        actor: String,
+    },
 }
 
 /// Compliance signals (all lower reputation).
@@ -190,6 +215,16 @@ pub enum Action {
     DuplicateSuspected {
         device: DeviceId,
         reason: String,
+    },
+    /// Sign and send this answer to the device's answer topic.
+    Answer(RequestAnswer),
+    /// An operator changed an instance's reputation (for the audit log).
+    InstanceReputationAdjusted {
+        instance: InstanceRef,
+        old: f64,
+        new: f64,
+        reason: String,
+        actor: String,
     },
 }
 
@@ -331,6 +366,8 @@ pub struct PolicyConfig {
     pub shift_ms: u64,
     /// Roll back when the recipient's QoS score (0–1000) fell by more than this.
     pub rollback_margin: f64,
+    /// Explicit requests of application instances (see [`requests`]).
+    pub requests: RequestConfig,
 }
 
 impl Default for PolicyConfig {
@@ -366,6 +403,7 @@ impl Default for PolicyConfig {
             shift_min_reputation: 50.0,
             shift_ms: 60 * 60_000,
             rollback_margin: 20.0,
+            requests: RequestConfig::default(),
         }
     }
 }
@@ -401,7 +439,7 @@ impl PolicyConfig {
         if r.half_life_ms == 0 {
             return Err(("half_life_ms", "must be > 0".into()));
         }
-        Ok(())
+        self.requests.check()
     }
 }
 
@@ -628,6 +666,23 @@ pub struct DeviceState {
     /// Signs of two agents sharing this device's identity.
     #[serde(default)]
     pub clone_watch: CloneWatch,
+    /// Explicit requests: instances, grants, queue. Must stay the last
+    /// field: state written before it existed decodes through
+    /// [`decode_device_state`], which supplies it empty.
+    #[serde(default)]
+    pub apps: AppRequests,
+}
+
+/// Decodes a persisted [`DeviceState`] (postcard). State written before
+/// [`DeviceState::apps`] existed ends one field early; postcard is not
+/// self-describing, so the empty value's bytes are appended and it is
+/// decoded again — an upgrade keeps every device's reputation.
+pub fn decode_device_state(bytes: &[u8]) -> Result<DeviceState, postcard::Error> {
+    postcard::from_bytes(bytes).or_else(|e| {
+        let mut padded = bytes.to_vec();
+        padded.extend(postcard::to_stdvec(&AppRequests::default())?);
+        postcard::from_bytes(&padded).map_err(|_| e)
+    })
 }
 
 // ----------------------------------------------------------------- queries
@@ -676,6 +731,9 @@ pub struct DeviceView {
     /// the first): which builds of a shard it can be sent.
     #[serde(default)]
     pub arch: Option<String>,
+    /// Application instances with explicit-request state on the device.
+    #[serde(default)]
+    pub app_instances: Vec<InstanceSummary>,
 }
 
 /// Units in use per tier.

@@ -85,7 +85,7 @@ impl Core {
             self.seq_dirty.remove(&device);
             self.publish_key(&device, Some(rec.public_key));
             let state = (!rec.engine_state.is_empty())
-                .then(|| postcard::from_bytes::<policy::DeviceState>(&rec.engine_state).ok())
+                .then(|| policy::decode_device_state(&rec.engine_state).ok())
                 .flatten();
             let (tier, tenant) = (rec.tier.clone(), rec.tenant.clone());
             Metrics::inc(&self.metrics.store_reloads);

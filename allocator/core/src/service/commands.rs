@@ -139,6 +139,22 @@ pub enum Command {
     },
     /// Configures both ends of a tunnel with one fresh pre-shared key.
     VpnPair(super::VpnPair),
+    /// An explicit request made for an instance (`POST /v1/shard/request`).
+    ShardRequest {
+        instance: shardline_shared::ids::InstanceRef,
+        op: shardline_shared::request::RequestOp,
+    },
+    /// An instance's standing and history.
+    InstanceReputation {
+        instance: shardline_shared::ids::InstanceRef,
+    },
+    /// An audited operator change of an instance's reputation.
+    AdjustInstanceReputation {
+        instance: shardline_shared::ids::InstanceRef,
+        change: policy::ScoreChange,
+        reason: String,
+        actor: String,
+    },
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -167,6 +183,8 @@ pub enum Reply {
     Rotated { epoch: u64, key_id: String },
     Catalog(Vec<CatalogRow>),
     DeviceConfig(super::DeviceConfigShown),
+    Answer(Box<shardline_shared::request::RequestAnswer>),
+    Instance(Box<policy::InstanceView>),
     Error(CommandError),
 }
 
@@ -181,6 +199,9 @@ impl Command {
             | Self::SetDeviceConfig { device, .. }
             | Self::DeviceConfig { device } => Some(device),
             Self::VpnPair(p) => Some(&p.a),
+            Self::ShardRequest { instance, .. }
+            | Self::InstanceReputation { instance }
+            | Self::AdjustInstanceReputation { instance, .. } => Some(&instance.device),
             _ => None,
         }
     }
@@ -250,6 +271,26 @@ impl Core {
     /// Handles one operator command.
     pub fn on_command(&mut self, now_ms: u64, cmd: Command) -> Reply {
         match cmd {
+            Command::ShardRequest { instance, op } => {
+                match self.service_request(now_ms, instance, op) {
+                    Ok(a) => Reply::Answer(Box::new(a)),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            Command::InstanceReputation { instance } => match self.instance_view(now_ms, &instance)
+            {
+                Ok(v) => Reply::Instance(Box::new(v)),
+                Err(e) => Reply::Error(e),
+            },
+            Command::AdjustInstanceReputation {
+                instance,
+                change,
+                reason,
+                actor,
+            } => match self.adjust_instance(now_ms, instance, change, reason, actor) {
+                Ok(v) => Reply::Instance(Box::new(v)),
+                Err(e) => Reply::Error(e),
+            },
             Command::Enroll {
                 device,
                 public_key,

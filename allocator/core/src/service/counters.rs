@@ -69,16 +69,25 @@ pub enum Kind {
     Ack,
     Status,
     Enroll,
+    /// An explicit request of a device's application.
+    Request,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Report, Kind::Ack, Kind::Status, Kind::Enroll];
+    pub const ALL: [Kind; 5] = [
+        Kind::Report,
+        Kind::Ack,
+        Kind::Status,
+        Kind::Enroll,
+        Kind::Request,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Report => "report",
             Kind::Ack => "ack",
             Kind::Status => "status",
             Kind::Enroll => "enroll",
+            Kind::Request => "request",
         }
     }
     fn index(self) -> usize {
@@ -112,7 +121,7 @@ pub struct Metrics {
     pub reports_accepted: AtomicU64,
     pub acks_accepted: AtomicU64,
     pub statuses: AtomicU64,
-    dropped: [[AtomicU64; 9]; 4],
+    dropped: [[AtomicU64; 9]; 5],
     pub decisions: AtomicU64,
     pub instructions_sent: AtomicU64,
     pub instructions_resent: AtomicU64,
@@ -144,6 +153,18 @@ pub struct Metrics {
     pub signatures_checked: AtomicU64,
     pub signature_batches: AtomicU64,
     pub publish_errors: AtomicU64,
+    /// Explicit requests: received (before verification), and answers by
+    /// what they say.
+    pub requests_received: AtomicU64,
+    pub requests_granted: AtomicU64,
+    pub requests_queued: AtomicU64,
+    pub requests_released: AtomicU64,
+    pub requests_renewed: AtomicU64,
+    pub requests_standing: AtomicU64,
+    /// Refusals by [`REFUSAL_REASONS`] index (rate-limited ones included).
+    requests_refused: [AtomicU64; 8],
+    /// Operator changes of an instance's reputation.
+    pub instance_adjustments: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub gauges: Mutex<Gauges>,
 }
@@ -165,9 +186,44 @@ impl Metrics {
         self.dropped[kind.index()][why.index()].load(Ordering::Relaxed)
     }
 
+    pub fn refused(&self, reason: &shardline_shared::request::RequestRefusal) {
+        add(&self.requests_refused[refusal_index(reason)], 1);
+    }
+
+    /// Refused requests by reason, in [`REFUSAL_REASONS`] order.
+    pub fn refused_counts(&self) -> [u64; 8] {
+        std::array::from_fn(|i| self.requests_refused[i].load(Ordering::Relaxed))
+    }
+
     pub fn set_gauges(&self, g: Gauges) {
         if let Ok(mut slot) = self.gauges.lock() {
             *slot = g;
         }
+    }
+}
+
+/// Label values of refused explicit requests, by reason.
+pub const REFUSAL_REASONS: [&str; 8] = [
+    "insufficient_quota",
+    "kind_not_allowed",
+    "queue_full",
+    "rate_limited",
+    "unknown_grant",
+    "out_of_range",
+    "drained",
+    "queue_timeout",
+];
+
+fn refusal_index(r: &shardline_shared::request::RequestRefusal) -> usize {
+    use shardline_shared::request::RequestRefusal as R;
+    match r {
+        R::InsufficientQuota { .. } => 0,
+        R::KindNotAllowed { .. } => 1,
+        R::QueueFull { .. } => 2,
+        R::RateLimited { .. } => 3,
+        R::UnknownGrant { .. } => 4,
+        R::OutOfRange { .. } => 5,
+        R::Drained => 6,
+        R::QueueTimeout => 7,
     }
 }

@@ -56,6 +56,18 @@ impl Core {
                     Metrics::inc(&self.metrics.catalog_entries_failed);
                     tracing::warn!(%shard, %arch, %reason, devices, "catalog entry failing on this architecture: no longer planned there (an operator fault: fix the entry or `shardctl catalog retry`)");
                 }
+                Action::Answer(answer) => self.send_answer(answer),
+                Action::InstanceReputationAdjusted {
+                    instance,
+                    old,
+                    new,
+                    reason,
+                    actor,
+                } => {
+                    Metrics::inc(&self.metrics.instance_adjustments);
+                    self.dirty.insert(instance.device.clone());
+                    tracing::info!(target: "audit", %actor, %instance, old, new, %reason, "instance reputation adjusted by an operator");
+                }
                 Action::DuplicateSuspected { device, reason } => {
                     Metrics::inc(&self.metrics.duplicate_flags);
                     self.dirty.insert(device.clone());

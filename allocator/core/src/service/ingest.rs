@@ -14,9 +14,9 @@ impl Core {
             // Our own instructions echoed back (not subscribed; harmless).
             TopicKind::Instr => {}
             TopicKind::Enroll => self.on_enroll_message(now_ms, topic, payload),
-            // Explicit requests: not handled yet (issue 18 in progress);
-            // answers are ours, echoed back.
-            TopicKind::Request | TopicKind::Answer => {}
+            TopicKind::Request => self.on_app_request(now_ms, device, payload),
+            // Our own answers echoed back (not subscribed; harmless).
+            TopicKind::Answer => {}
         }
     }
 

@@ -27,6 +27,7 @@ mod dispatch;
 mod enroll;
 mod ingest;
 mod lazy;
+mod requests;
 mod tick;
 mod verify;
 
@@ -139,6 +140,8 @@ pub struct Core {
     leader: bool,
     /// Randomness for sealing secrets to devices (from the runner).
     seal_rng: Option<SealRng>,
+    /// Answers sent while an operator command runs (its reply).
+    answers_seen: Option<Vec<shardline_shared::request::RequestAnswer>>,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -177,7 +180,7 @@ impl Core {
         let mut fresh = Vec::new();
         for mut rec in records {
             rec.resume_after_restart();
-            match postcard::from_bytes::<policy::DeviceState>(&rec.engine_state) {
+            match policy::decode_device_state(&rec.engine_state) {
                 Ok(state) if !rec.engine_state.is_empty() => {
                     engine.restore_device(rec.device.clone(), state)
                 }
@@ -210,6 +213,7 @@ impl Core {
             accepted_at_last_tick: 0,
             leader: true,
             seal_rng: None,
+            answers_seen: None,
         };
         for rec in core.records.values() {
             core.engine

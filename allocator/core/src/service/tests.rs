@@ -651,3 +651,98 @@ fn a_good_reputation_is_capped_at_the_initial_one_on_reenrolment() {
         r.score
     );
 }
+
+fn app_request(d: &DeviceId, seq: u64, op: shardline_shared::request::RequestOp) -> Vec<u8> {
+    use shardline_shared::ids::AppName;
+    let req = shardline_shared::request::AppRequest {
+        device: d.clone(),
+        seq,
+        app: AppName::new("cam").unwrap(),
+        instance: AppName::new("1").unwrap(),
+        at_ms: 1_000_000,
+        op,
+    };
+    shardline_shared::request::seal_request(&req, &dev_key())
+}
+
+#[test]
+fn an_answer_leaves_signed_in_the_step_that_persists_the_device() {
+    use shardline_shared::request::{open_answer, Answer, RequestOp};
+    let (mut core, d) = enrolled();
+    let acquire = RequestOp::Acquire {
+        kind: ShardKind::Compute,
+        units: 1,
+        duration_ms: 10_000,
+        priority: 0,
+    };
+    core.on_message(
+        1_000_100,
+        &topics::request(&d),
+        &app_request(&d, 1, acquire.clone()),
+    );
+    let step = core.take_step();
+    assert_eq!(step.publish.len(), 1);
+    assert_eq!(step.publish[0].topic, topics::answer(&d));
+    let key = KeyPair::from_seed(&[1; 32]);
+    let a = open_answer(&step.publish[0].payload, |k| {
+        (k == key.id()).then_some(key.public_key())
+    })
+    .expect("signed with the instruction key");
+    assert!(matches!(a.answer, Answer::Granted(_)), "{a:?}");
+    let rec = step
+        .batch
+        .put_devices
+        .iter()
+        .find(|r| r.device == d)
+        .expect("the device's record is in the batch before the answer leaves");
+    // The persisted state holds the grant and the request floor.
+    let st = policy::decode_device_state(&rec.engine_state).unwrap();
+    assert_eq!((st.apps.last_seq, st.apps.grants.len()), (1, 1));
+    // A replay: dropped and counted, no answer.
+    core.on_message(
+        1_000_200,
+        &topics::request(&d),
+        &app_request(&d, 1, acquire),
+    );
+    assert!(core.take_step().publish.is_empty());
+    assert_eq!(
+        core.metrics.dropped_count(Kind::Request, Drop::Duplicate),
+        1
+    );
+}
+
+#[test]
+fn a_forged_request_is_counted_and_never_charged() {
+    use shardline_shared::request::RequestOp;
+    let (mut core, d) = enrolled();
+    let before = reputation(&core, &d);
+    let forged = shardline_shared::request::seal_request(
+        &shardline_shared::request::AppRequest {
+            device: d.clone(),
+            seq: 5,
+            app: shardline_shared::ids::AppName::new("cam").unwrap(),
+            instance: shardline_shared::ids::AppName::new("1").unwrap(),
+            at_ms: 0,
+            op: RequestOp::Query,
+        },
+        &KeyPair::from_seed(&[9; 32]),
+    );
+    core.on_message(1_000_100, &topics::request(&d), &forged);
+    core.on_message(1_000_100, &topics::request(&d), b"garbage");
+    let step = core.take_step();
+    assert!(step.publish.is_empty());
+    assert_eq!(
+        core.metrics
+            .dropped_count(Kind::Request, Drop::BadSignature),
+        1
+    );
+    assert_eq!(core.metrics.dropped_count(Kind::Request, Drop::Garbage), 1);
+    assert_eq!(reputation(&core, &d), before);
+    // The forged sequence did not raise the floor: the device's own seq 1 is answered.
+    core.on_message(
+        1_000_200,
+        &topics::request(&d),
+        &app_request(&d, 1, RequestOp::Query),
+    );
+    assert_eq!(core.take_step().publish.len(), 1);
+}

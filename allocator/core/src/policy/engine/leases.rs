@@ -72,6 +72,8 @@ impl Engine {
             self.resync(id);
         }
         self.reconcile(now, id, out);
+        // After the plan: what it freed may serve queued requests.
+        self.tick_apps(now, id, out);
     }
 
     // ------------------------------------------------------------ reconcile

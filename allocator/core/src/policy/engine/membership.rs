@@ -63,6 +63,7 @@ impl Engine {
                 wake_at_ms: 0,
                 start_failures: BTreeMap::new(),
                 clone_watch: CloneWatch::default(),
+                apps: AppRequests::default(),
             },
         };
         self.restore_device(device.clone(), state);

@@ -18,6 +18,7 @@ mod leases;
 mod loans;
 mod membership;
 mod reports;
+mod requests;
 mod shift;
 
 /// Devices touched since the last `take_dirty`, in touch order with
@@ -69,11 +70,17 @@ fn effective_budget(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 
     [0, 1].map(|k| q[k].saturating_add(b[k]).saturating_sub(l[k]))
 }
 
-/// Units a device can lend now without dropping below its own current need.
+/// Units a device can lend now without dropping below its own current need
+/// (what it granted to its applications included).
 fn spare(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 2] {
     let q = quota_budget(cfg, tier, st);
     let l = sum_units(&st.lent);
-    [0, 1].map(|k| q[k].saturating_sub(l[k]).saturating_sub(st.need_units[k]))
+    let g = st.apps.granted_units();
+    [0, 1].map(|k| {
+        q[k].saturating_sub(l[k])
+            .saturating_sub(st.need_units[k])
+            .saturating_sub(g[k])
+    })
 }
 
 fn limits_of(spec: &catalog::ShardSpec, priority: u8) -> ResourceLimits {
@@ -226,6 +233,22 @@ impl Engine {
     /// Handles one event at `now_ms` and returns what the service must do.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
+        // Events that may re-plan one device can free units its queued
+        // requests wait for: serve them right after.
+        let serve_queue_of = match &event {
+            Event::Report(QosReport { device, .. })
+            | Event::Ack { device, .. }
+            | Event::ComplianceEvent { device, .. }
+            | Event::Unpin { device, .. }
+            | Event::Revoke { device, .. }
+            | Event::Resume { device }
+            | Event::DeviceConfig { device, .. } => self
+                .devices
+                .get(device)
+                .filter(|st| !st.apps.queue.is_empty())
+                .map(|_| device.clone()),
+            _ => None,
+        };
         match event {
             Event::Enrolled {
                 device,
@@ -289,6 +312,19 @@ impl Engine {
                 config,
                 changed,
             } => self.on_device_config(now_ms, &device, config, &changed, &mut out),
+            Event::AppRequest { request } => self.on_app_request(now_ms, request, &mut out),
+            Event::ServiceRequest { instance, op } => {
+                self.on_service_request(now_ms, instance, op, &mut out)
+            }
+            Event::AdjustInstanceReputation {
+                instance,
+                change,
+                reason,
+                actor,
+            } => self.adjust_instance(now_ms, instance, change, reason, actor, &mut out),
+        }
+        if let Some(device) = serve_queue_of {
+            self.tick_apps(now_ms, &device, &mut out);
         }
         out
     }
@@ -420,6 +456,7 @@ impl Engine {
             last_qos: st.last_report.clone(),
             flaps: st.flaps,
             arch: plan::device_arch(st).map(str::to_owned),
+            app_instances: st.apps.summaries(&self.config.requests, device, now),
         })
     }
 
@@ -489,12 +526,16 @@ fn plan_for<'c>(
             .map_or((0, 0), |l| (l.shard_cpu_permille, l.shard_rss_kib));
         Capacity::from_report(r, cpu, rss, cfg.capacity_headroom)
     });
+    // Units granted to applications are not the plan's to use: pushed
+    // shards and explicit grants never over-commit the budget together.
+    let budget = effective_budget(cfg, tier, st);
+    let granted = st.apps.granted_units();
     plan::plan(&PlanInput {
         catalog,
         tier,
         state: st,
         now_ms: now,
-        budget: effective_budget(cfg, tier, st),
+        budget: [0, 1].map(|k| budget[k].saturating_sub(granted[k])),
         capacity,
         demanded: &demanded,
         unusable: &unusable,
@@ -524,6 +565,9 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
     }
     if let Some(p) = st.pending_since_ms {
         at(p.saturating_add(cfg.ack_timeout_ms));
+    }
+    if let Some(t) = st.apps.next_due() {
+        at(t);
     }
     if cfg.features.prediction && !st.forecasts.is_empty() {
         let slot = cfg.forecast.slot_ms.max(1);
