@@ -228,6 +228,8 @@ s = re.sub(r'(?m)^keys = \[.*\]', f'keys = ["{key}"]', s)
 s = re.sub(r'(?m)^url = ".*"', 'url = "mqtt://10.77.0.1:1883"', s)
 s = re.sub(r'(?m)^dir = "/usr/lib/shardline/shards"', f'dir = "{shard_dir}"', s)
 s = re.sub(r'(?m)^\[allocator\]', '[allocator]\nenroll_token_file = "/etc/shardline/enroll-token"', s, count=1)
+# A local application that may ask for shards (agent/REQUESTS.md); root acts for it here.
+s += '\n[[apps]]\nname = "acceptance"\nuids = [0]\n'
 open(path, "w").write(s)
 PY
     # The unit: User=, and AmbientCapabilities= as ambient, inheritable and
@@ -441,6 +443,26 @@ for i in "${!devices[@]}"; do
         fail "$id: qos: $line"
     fi
 done
+
+step "an application on gw-a asks for a shard (agent/REQUESTS.md)"
+# Through the packaged agent's socket in gw-a's runtime directory, as root
+# (any declared application); premium holds 4 compute units, vpn takes 2.
+req=(/usr/bin/shardline-agent request --socket "$work/gw-a/run/agent.sock" --app acceptance --instance a1)
+if out=$("${req[@]}" --type compute --units 1 --for 20s 2>&1) && [[ $out == granted* ]]; then
+    ok "gw-a: $out"
+    grant=$(echo "$out" | grep -oE 'grant [0-9]+' | head -n1 | cut -d' ' -f2)
+    if out=$("${req[@]}" --release "$grant" --outcome completed 2>&1) && [[ $out == released* ]]; then
+        ok "gw-a: $out"
+    else
+        fail "gw-a: release: $out"
+    fi
+else
+    fail "gw-a: request: $out"
+fi
+inst=$(shardctl reputation gw-a:acceptance:a1 2>&1)
+if echo "$inst" | grep -q "reputation 5[0-9]"; then ok "gw-a:acceptance:a1 $(echo "$inst" | head -n1)"; else
+    fail "gw-a:acceptance:a1 standing: $inst"
+fi
 
 step "no device was charged for anything"
 for id in "${devices[@]}"; do

@@ -201,10 +201,7 @@ pub enum RequestRefusal {
 
 impl std::fmt::Display for RequestRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = |k: &ShardKind| match k {
-            ShardKind::Compute => "compute",
-            ShardKind::Data => "data",
-        };
+        let kind = |k: &ShardKind| kind_name(*k);
         match self {
             RequestRefusal::InsufficientQuota {
                 kind: k,
@@ -237,6 +234,58 @@ impl std::fmt::Display for RequestRefusal {
             RequestRefusal::QueueTimeout => {
                 f.write_str("waited in the queue until its deadline; no units freed up")
             }
+        }
+    }
+}
+
+fn kind_name(kind: ShardKind) -> &'static str {
+    match kind {
+        ShardKind::Compute => "compute",
+        ShardKind::Data => "data",
+    }
+}
+
+impl std::fmt::Display for Answer {
+    /// The answer in words, for operators (`shardctl`, the API's
+    /// `explanation`) and logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Granted(g) | Answer::Renewed(g) => write!(
+                f,
+                "{} grant {}: {} {} units until {} (Unix ms)",
+                if matches!(self, Answer::Granted(_)) {
+                    "granted"
+                } else {
+                    "renewed"
+                },
+                g.grant,
+                g.units,
+                kind_name(g.kind),
+                g.expires_at_ms
+            ),
+            Answer::Queued {
+                ticket,
+                position,
+                expected_wait_ms,
+            } => write!(
+                f,
+                "queued: ticket {ticket}, position {position}, expected wait {expected_wait_ms} ms"
+            ),
+            Answer::Refused(r) => write!(f, "refused: {r}"),
+            Answer::Released { grant, units } => {
+                write!(f, "released grant {grant}: {units} units returned")
+            }
+            Answer::Standing(s) => write!(
+                f,
+                "reputation {:.1} (device {:.1}); compute {}/{} units, data {}/{} units; {} queued",
+                f64::from(s.reputation_tenths) / 10.0,
+                f64::from(s.device_reputation_tenths) / 10.0,
+                s.compute_in_use,
+                s.compute_quota_units,
+                s.data_in_use,
+                s.data_quota_units,
+                s.queued
+            ),
         }
     }
 }

@@ -63,12 +63,18 @@ fn granted(a: &Answer, st: &Stack) -> u64 {
     }
 }
 
-/// `shardctl --json reputation DEVICE:APP:INSTANCE`, parsed.
-fn reputation(st: &Stack, app: &str, instance: &str) -> Json {
+/// `shardctl --json reputation DEVICE:APP:INSTANCE`: parsed, and as printed.
+fn reputation(st: &Stack, app: &str, instance: &str) -> (Json, String) {
     let text = st
-        .shardctl(&["--json", "reputation", &format!("{DEVICE}:{app}:{instance}")])
+        .shardctl(&[
+            "--json",
+            "reputation",
+            &format!("{DEVICE}:{app}:{instance}"),
+        ])
         .unwrap_or_else(|e| panic!("shardctl reputation: {e}"));
-    Json::parse(&text).unwrap_or_else(|e| panic!("shardctl reputation output: {e}: {text}"))
+    let json =
+        Json::parse(&text).unwrap_or_else(|e| panic!("shardctl reputation output: {e}: {text}"));
+    (json, text)
 }
 
 fn standing(st: &Stack, app: &str, instance: &str) -> (f64, u32) {
@@ -88,6 +94,7 @@ fn device_reputation(st: &Stack) -> f64 {
         .expect("shardctl device");
     Json::parse(&text)
         .expect("device JSON")
+        .get("policy")
         .get("reputation")
         .as_f64()
         .expect("a device reputation")
@@ -127,7 +134,11 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
         let mut c = Client::connect(socket(&st)).ok()?;
         matches!(c.query("cam", "w1"), Ok(Answer::Standing { .. })).then_some(())
     });
-    assert!(online.is_some(), "the agent never got an answer\n{}", logs(&st));
+    assert!(
+        online.is_some(),
+        "the agent never got an answer\n{}",
+        logs(&st)
+    );
 
     // 1. A grant: 2 compute units for cam:w1.
     let g1 = granted(&acquire(&st, "cam", "w1", 2, 30), &st);
@@ -165,8 +176,9 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
     });
     let queued = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         let (_, in_use) = standing(&st, "nvr", "b");
-        let r = reputation(&st, "nvr", "b");
-        (in_use == 0 && r.get("queued").as_u64().unwrap_or(0) == 1).then_some(())
+        let (r, _) = reputation(&st, "nvr", "b");
+        let queued = r.get("standing").get("queued").as_u64().unwrap_or(0);
+        (in_use == 0 && queued == 1).then_some(())
     });
     assert!(queued.is_some(), "nvr:b never queued\n{}", logs(&st));
     let released = client(&st)
@@ -182,8 +194,13 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
         "first answer: {seen:?}"
     );
     let g3 = match last {
-        Ok(Answer::Granted { grant, units: 1, .. }) => grant,
-        other => panic!("the queued request was not granted: {other:?}\n{}", logs(&st)),
+        Ok(Answer::Granted {
+            grant, units: 1, ..
+        }) => grant,
+        other => panic!(
+            "the queued request was not granted: {other:?}\n{}",
+            logs(&st)
+        ),
     };
 
     // 4. Reputation moves with outcomes: a completed grant raises cam:w1's.
@@ -196,23 +213,34 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
     let returned = wait_until(Duration::from_secs(15), Duration::from_millis(250), || {
         (standing(&st, "cam", "w2").1 == 0).then_some(())
     });
-    assert!(returned.is_some(), "cam:w2's expired grant kept its units\n{}", logs(&st));
+    assert!(
+        returned.is_some(),
+        "cam:w2's expired grant kept its units\n{}",
+        logs(&st)
+    );
     let (rep_w2, _) = standing(&st, "cam", "w2");
     assert!(rep_w2 < 50.0, "an expired, unused grant: {rep_w2}");
 
     // 6. A flooding instance is rate-limited at its own cost only.
     let before_device = device_reputation(&st);
     let (before_nvr, _) = standing(&st, "nvr", "a");
-    let mut limited = 0;
-    let mut c = client(&st);
-    for _ in 0..150 {
-        if let Ok(Answer::Refused { reason, .. }) = c.query("cam", "flood") {
-            if reason == "rate_limited" {
-                limited += 1;
-            }
-        }
-    }
-    assert!(limited > 0, "150 queries at once were never rate limited");
+    // Ten connections at once, 30 queries each.
+    let floods: Vec<_> = (0..10)
+        .map(|_| {
+            let sock = socket(&st);
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock).expect("connect");
+                (0..30)
+                    .filter(|_| {
+                        matches!(c.query("cam", "flood"),
+                            Ok(Answer::Refused { reason, .. }) if reason == "rate_limited")
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let limited: usize = floods.into_iter().map(|t| t.join().expect("flood")).sum();
+    assert!(limited > 0, "300 queries at once were never rate limited");
     let (after_flood, _) = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
         // Its next query may itself still be limited: retry until answered.
         match client(&st).query("cam", "flood") {
@@ -221,13 +249,21 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
         }
     })
     .expect("cam:flood answered again");
-    assert!(after_flood < 50.0, "the flood cost cam:flood nothing: {after_flood}");
+    assert!(
+        after_flood < 50.0,
+        "the flood cost cam:flood nothing: {after_flood}"
+    );
+    // (Healthy reports keep nudging the device's score up meanwhile; a
+    // flood charged to it would take points off.)
     let (after_nvr, _) = standing(&st, "nvr", "a");
-    assert_eq!(after_nvr, before_nvr, "the flood moved nvr:a's reputation");
-    assert_eq!(
-        device_reputation(&st),
-        before_device,
-        "the flood moved the device's reputation"
+    assert!(
+        after_nvr >= before_nvr - 0.05,
+        "the flood cost nvr:a: {before_nvr} -> {after_nvr}"
+    );
+    let after_device = device_reputation(&st);
+    assert!(
+        after_device >= before_device - 0.05,
+        "the flood cost the device: {before_device} -> {after_device}"
     );
 
     // 7. The operator's endpoints: a request on behalf of an instance and an
@@ -254,15 +290,15 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
         "abuse report 42",
     ])
     .unwrap_or_else(|e| panic!("shardctl reputation --delta: {e}"));
-    let r = reputation(&st, "cam", "w1");
+    let (r, text) = reputation(&st, "cam", "w1");
     let now = r.get("reputation").as_f64().expect("reputation");
     assert!(
         (now - (rep_w1 - 20.0)).abs() < 1.0,
         "adjusted {rep_w1} by -20, now {now}"
     );
     assert!(
-        r.to_string().contains("abuse report 42"),
-        "the adjustment's reason is not in the history: {r}"
+        text.contains("abuse report 42"),
+        "the adjustment's reason is not in the history: {text}"
     );
     let _ = (g2, g3);
 
@@ -272,9 +308,8 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
     let down = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
         let started = Instant::now();
         match client(&st).query("cam", "w1") {
-            Ok(Answer::Error { error }) if error.contains("not connected") => {
-                Some(started.elapsed())
-            }
+            // An `error` line comes back as the client's `Agent` error.
+            Err(e) if e.to_string().contains("not connected") => Some(started.elapsed()),
             _ => None,
         }
     });

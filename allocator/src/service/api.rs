@@ -184,7 +184,14 @@ fn reply_json(r: Reply) -> Response {
         }
         Reply::Catalog(rows) => Json(rows).into_response(),
         Reply::DeviceConfig(c) => Json(c).into_response(),
-        Reply::Answer(a) => Json(a).into_response(),
+        // The answer as sent to the device, and in words for operators.
+        Reply::Answer(a) => {
+            let mut v = serde_json::to_value(&*a).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.insert("explanation".into(), a.answer.to_string().into());
+            }
+            Json(v).into_response()
+        }
         Reply::Instance(v) => Json(v).into_response(),
         Reply::Error(e) => command_error(e),
     }

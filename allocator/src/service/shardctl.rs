@@ -579,6 +579,9 @@ pub fn answer_text(a: &serde_json::Value) -> String {
         text(a, "app"),
         text(a, "instance")
     );
+    if let Some(words) = a.get("explanation").and_then(|e| e.as_str()) {
+        return format!("{who}: {words}");
+    }
     let Some((what, body)) = a
         .get("answer")
         .and_then(|v| v.as_object())
