@@ -508,11 +508,17 @@ fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
     Ok((best, side))
 }
 
-fn write_section(rows: &[String]) {
+fn write_section(rows: &[String], load_at_start: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
     let mut section = String::from("## Monitoring\n\n");
-    section.push_str("Written by `cargo bench -p shardline-agent --bench monitor` (agent/benches/monitor.rs).\n\n");
+    section.push_str(
+        "Written by `cargo bench -p shardline-agent --bench monitor` (agent/benches/monitor.rs).\n",
+    );
+    section.push_str(&format!(
+        "Load average when the bench started: {load_at_start} (2 cores); commit {}.\n\n",
+        commit()
+    ));
     section.push_str("| what | result | machine | command | notes |\n|---|---|---|---|---|\n");
     for r in rows {
         section.push_str(r);
@@ -531,8 +537,31 @@ fn write_section(rows: &[String]) {
     println!("wrote {}", path.display());
 }
 
+/// The commit measured (with `+changes` when the tree differs from it).
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    if dirty {
+        format!("{head}+changes (not the project's figure)")
+    } else {
+        head
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; anything else is ignored.
+    let load_at_start = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
     let machine = machine();
     let cmd = "`cargo bench -p shardline-agent --bench monitor`";
     println!("generating {PACKETS} packets over {FLOWS} flows …");
@@ -617,5 +646,5 @@ fn main() {
             }
         }
     }
-    write_section(&rows);
+    write_section(&rows, &load_at_start);
 }
