@@ -250,12 +250,13 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself:
     // (name on the command line, package, bench target).
-    const BENCHES: [(&str, &str, &str); 5] = [
+    const BENCHES: [(&str, &str, &str); 6] = [
         ("monitor", "shardline-agent", "monitor"),
         ("shards", "shardline-agent", "shard_bench"),
         ("daemon", "shardline-agent", "daemon_rss"),
         ("policy", "shardline-allocator-core", "policy"),
         ("service", "shardline-allocator", "service_e2e"),
+        ("requests", "shardline-allocator", "request_e2e"),
     ];
     // `bench e2e [options]`: only the end-to-end latency bench, with its options.
     if args.first().is_some_and(|a| a == "e2e") {
