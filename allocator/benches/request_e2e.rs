@@ -14,6 +14,9 @@
 //! override the defaults; `SL_REQ_NO_WRITE=1` only prints). Writes the
 //! medians into the "Explicit requests" section of BENCHMARKS.md.
 
+mod common;
+use common::{device_key, env_or, free_port, machine, median, metric, now_ms, Killed};
+
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shardline_allocator::service::http;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
@@ -24,57 +27,12 @@ use shardline_shared::sign::{self, KeyPair};
 use shardline_shared::{topics, DeviceId, KeyId};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const INSTANCES: usize = 4;
 const HOLD_MS: u64 = 200;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn device_key(i: usize) -> KeyPair {
-    let mut seed = [11u8; 32];
-    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    KeyPair::from_seed(&seed)
-}
-
-fn metric(api: &str, name: &str) -> f64 {
-    let r = http::request(api, "GET", "/metrics", None, None).expect("metrics");
-    r.body
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[derive(Debug, Default)]
 struct Outcome {
@@ -113,7 +71,7 @@ async fn one_run(bin: &Path, devices: usize, rate: usize, seconds: usize) -> Out
     let key = shardline_allocator::service::keys::generate().unwrap();
     shardline_allocator::service::keys::write_secret(&dir.join("signing.key"), &key).unwrap();
     let allocator_public = key.public_key();
-    let keys: Vec<KeyPair> = (0..devices).map(device_key).collect();
+    let keys: Vec<KeyPair> = (0..devices).map(|i| device_key(11, i)).collect();
     let ids: Vec<DeviceId> = (0..devices)
         .map(|i| DeviceId::new(format!("req-{i:05}")).unwrap())
         .collect();
@@ -397,14 +355,6 @@ async fn one_run(bin: &Path, devices: usize, rate: usize, seconds: usize) -> Out
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
 fn main() {
     let devices = env_or("SL_REQ_DEVICES", 200);
     let rate = env_or("SL_REQ_RATE", 1_000);
@@ -465,23 +415,8 @@ fn main() {
     }
 }
 
-fn machine(load_at_start: &str) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cpu}, {cores} cores; load average {load_at_start} when the bench started")
-}
-
 /// How to read the row.
-const NOTE: &str = "Reading: per request, the signature is checked on the core thread (requests are far fewer than reports, so they skip the verifier threads), then the engine decides and the device's record is group-committed (redb, fsync) before the signed answer is published: as for reports, the p50 is mostly that commit. Nothing queued or was refused here: each instance holds at most one unit at a time, within its quota (half of the `standard` tier's 3 + 3 units at the starting score) and the device's pool. The 2-core machine is shared with another engineer's builds; the load average at start is above.";
+const NOTE: &str = "Reading: per request, the signature is checked on the core thread (requests are far fewer than reports, so they skip the verifier threads), then the engine decides and the device's record is group-committed (redb, fsync) before the signed answer is published: as for reports, the p50 is mostly that commit. Nothing queued or was refused here: each instance holds at most one unit at a time, within its quota (half of the `standard` tier's 3 + 3 units at the starting score) and the device's pool. The load average at start is above: on this 2-core machine, load from other work shows in the tail first.";
 
 fn section(row: &str, load: &str, runs: usize) -> String {
     format!(

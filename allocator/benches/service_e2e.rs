@@ -22,6 +22,9 @@
 //! `cargo bench -p shardline-allocator --bench service_e2e`
 //! (`SL_BENCH_DEVICES`, `SL_BENCH_ROUNDS`, `SL_BENCH_RUNS` override the sizes).
 
+mod common;
+use common::{device_key, env_or, free_port, machine, median, metric, now_ms, Killed};
+
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shardline_allocator::service::http;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
@@ -29,45 +32,9 @@ use shardline_shared::msg::*;
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{topics, DeviceId};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn device_key(i: usize) -> KeyPair {
-    let mut seed = [7u8; 32];
-    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    KeyPair::from_seed(&seed)
-}
 
 fn report(id: &DeviceId, seq: u64, needs_encryption: bool) -> QosReport {
     let now = now_ms();
@@ -156,21 +123,12 @@ fn encrypts_in(i: usize, r: usize) -> bool {
     r >= warmup() && i % 10 <= r - warmup()
 }
 
-fn metric(api: &str, name: &str) -> f64 {
-    let r = http::request(api, "GET", "/metrics", None, None).expect("metrics");
-    r.body
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn one_run(bin: &Path, external: Option<u16>, devices: usize, rounds: usize) -> Outcome {
     let dir = std::env::temp_dir().join(format!("sl-bench-{}-{}", std::process::id(), now_ms()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = shardline_allocator::service::keys::generate().unwrap();
     shardline_allocator::service::keys::write_secret(&dir.join("signing.key"), &key).unwrap();
-    let keys: Vec<KeyPair> = (0..devices).map(device_key).collect();
+    let keys: Vec<KeyPair> = (0..devices).map(|i| device_key(7, i)).collect();
     let ids: Vec<DeviceId> = (0..devices)
         .map(|i| DeviceId::new(format!("bench-{i:05}")).unwrap())
         .collect();
@@ -455,14 +413,6 @@ async fn one_run(bin: &Path, external: Option<u16>, devices: usize, rounds: usiz
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
 fn start_mosquitto(dir: &Path) -> Option<(Killed, u16)> {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
@@ -576,21 +526,6 @@ fn main() {
 
 /// How to read the rows (the bench cannot know the machine's other load).
 const NOTE: &str = "Reading: the target is about the sustained columns: 10,000 reports/s keep arriving while a tenth of the devices per second change their needs, and the latency is from publishing a changing report to receiving the instruction it caused. The cold-start columns are the thundering herd of the whole fleet's first reports in one second (10,000 plans, signed instructions, commits and acks at once, about 40 us of core time each), on the same 2 cores as the broker and the simulator; that backlog drains in the following seconds and has no target. Per-report work: signature check on verifier threads (checked in batches, mean about 35 here: a thread that finds fewer than 16 messages waits 1 ms for more), engine, then one group-committed store transaction (fsync) per queued batch before anything is published; lazily kept engine state is written a few records per commit, paced so each is on disk within `engine_flush_ms`.";
-
-fn machine(load_at_start: &str) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cpu}, {cores} cores; load average {load_at_start} when the bench started")
-}
 
 fn write_section(rows: &[String], devices: usize, rounds: usize, runs: usize, load: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
