@@ -300,6 +300,11 @@ fn applications_ask_for_shards_and_get_grants_queues_and_refusals() {
         text.contains("abuse report 42"),
         "the adjustment's reason is not in the history: {text}"
     );
+    // What the allocator knows of the instance: its app and name from the
+    // requests, its tier (and tenant) from the device's enrolment.
+    assert_eq!(r.get("app").as_str(), Some("cam"), "{text}");
+    assert_eq!(r.get("instance_name").as_str(), Some("w1"), "{text}");
+    assert_eq!(r.get("tier").as_str(), Some("premium"), "{text}");
     let _ = (g2, g3);
 
     // 8. The broker down (the allocator holds the embedded broker): a

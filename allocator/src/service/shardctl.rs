@@ -618,6 +618,14 @@ pub fn instance_text(v: &serde_json::Value) -> String {
     let _ = writeln!(o, "instance {}  reputation {rep:.1}", text(v, "instance"));
     let _ = writeln!(
         o,
+        "app {}  tenant {}  tier {}  last active at {} ms",
+        text(v, "app"),
+        v.get("tenant").and_then(|t| t.as_str()).unwrap_or("(none)"),
+        text(v, "tier"),
+        text(v, "last_active_ms")
+    );
+    let _ = writeln!(
+        o,
         "quota compute {} data {}  in use compute {} data {}  queued {}  rate-limited {}",
         text(&s, "compute_quota_units"),
         text(&s, "data_quota_units"),

@@ -236,6 +236,16 @@ pub enum ScoreChange {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceView {
     pub instance: String,
+    /// From the request: the application (declared in the agent's
+    /// configuration) and the instance name it gave.
+    pub app: String,
+    pub instance_name: String,
+    /// From the device's enrolment: its tenant (the account the instance
+    /// belongs to) and tier.
+    pub tenant: Option<String>,
+    pub tier: String,
+    /// When the instance last asked for anything.
+    pub last_active_ms: u64,
     pub reputation: f64,
     pub standing: InstanceStanding,
     pub history: Vec<ReputationEntry>,
@@ -945,6 +955,12 @@ impl AppRequests {
         let inst = self.instances.get(&key)?;
         Some(InstanceView {
             instance: who.to_string(),
+            app: who.app.to_string(),
+            instance_name: who.instance.to_string(),
+            // Filled in by the engine, which holds the device's enrolment.
+            tenant: None,
+            tier: String::new(),
+            last_active_ms: inst.last_active_ms,
             reputation: inst.score_at(cfg, now),
             standing: self.standing(cfg, b, &key, now),
             history: inst.history.clone(),

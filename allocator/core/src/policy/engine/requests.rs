@@ -168,7 +168,10 @@ impl Engine {
         let st = self.devices.get(&instance.device)?;
         let b = budget_of(&self.config, &self.agreements, st);
         let now = now.unwrap_or_else(|| st_now(st));
-        st.apps.view(&self.config.requests, &b, instance, now)
+        let mut view = st.apps.view(&self.config.requests, &b, instance, now)?;
+        view.tenant = st.tenant.clone();
+        view.tier = st.tier.clone();
+        Some(view)
     }
 
     /// The device's application instances.
