@@ -1072,8 +1072,10 @@ async fn api_event(api: &mut Option<LocalApi>) -> Option<ApiEvent> {
 const SHARD_POLL: Duration = Duration::from_millis(200);
 
 fn window_interval(ms: u32) -> tokio::time::Interval {
-    // Tick several times per window so the source closes it close to on time.
-    let mut i = tokio::time::interval(Duration::from_millis(u64::from((ms / 4).clamp(2, 250))));
+    // Tick several times per window so the source closes it close to on
+    // time, and at least every 25 ms so a new need is reported within that
+    // of being seen (a lock and two comparisons per tick).
+    let mut i = tokio::time::interval(Duration::from_millis(u64::from((ms / 4).clamp(2, 25))));
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
 }

@@ -8,6 +8,12 @@
 //! The pipeline's own window length is set to twice the daemon's, so it
 //! only closes a window by itself when the daemon's timer is more than a
 //! whole window late; such windows are queued and reported, not lost.
+//!
+//! A new need does not wait for the window's end: when the pipeline sees
+//! the first packet of a latency-sensitive or encrypted class that the last
+//! window did not carry (`Pipeline::take_onset`), the window closes at the
+//! next poll and a short one ([`ONSET_WINDOW_MS`]) follows, so the report
+//! that carries the new class leaves within about a tenth of a second.
 
 use super::runtime::{QosSource, QosWindow};
 use crate::monitor::pcap::CaptureReader;
@@ -22,6 +28,13 @@ use std::time::Duration;
 
 /// Queued windows beyond this are dropped (the daemon is far behind).
 const MAX_QUEUED: usize = 16;
+
+/// A new need (a latency-sensitive or encrypted class that the last window
+/// did not carry) closes the window at once, and the next one this long
+/// after: long enough to hold a few of the new class's packets, so its
+/// rate in the report is its real rate, short enough that the allocator
+/// hears of it within a fraction of a window.
+pub const ONSET_WINDOW_MS: u64 = 100;
 
 #[derive(Debug)]
 struct Shared {
@@ -45,6 +58,8 @@ pub struct CaptureSource {
     threads: Vec<JoinHandle<()>>,
     window_ms: u32,
     last_close_ms: Option<u64>,
+    /// The short window after an onset closes at this time.
+    onset_due_ms: Option<u64>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -100,6 +115,7 @@ impl CaptureSource {
             threads,
             window_ms,
             last_close_ms: None,
+            onset_due_ms: None,
         }
     }
 
@@ -208,9 +224,24 @@ impl QosSource for CaptureSource {
             return Some(to_window(w));
         }
         let start = *self.last_close_ms.get_or_insert(now_ms);
-        if now_ms < start + u64::from(self.window_ms) {
+        if s.pipeline.take_onset().is_some() && self.onset_due_ms.is_none() {
+            // Report what came before now, and the new class's own short
+            // window right after it.
+            self.onset_due_ms = Some(now_ms + ONSET_WINDOW_MS);
+            if now_ms > start {
+                self.last_close_ms = Some(now_ms);
+                let now = Timestamp::from_nanos(now_ms.saturating_mul(1_000_000));
+                if let Some(w) = s.pipeline.flush_window(now) {
+                    return Some(to_window(w));
+                }
+            }
+        }
+        let full = start + u64::from(self.window_ms);
+        let due = self.onset_due_ms.map_or(full, |o| o.min(full));
+        if now_ms < due {
             return None;
         }
+        self.onset_due_ms = None;
         self.last_close_ms = Some(now_ms);
         let now = Timestamp::from_nanos(now_ms.saturating_mul(1_000_000));
         match s.pipeline.flush_window(now) {

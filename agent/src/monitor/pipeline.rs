@@ -154,6 +154,12 @@ pub struct Pipeline {
     closed: Closed,
     rng: u64,
     fragments: FragmentPorts,
+    /// Classes that carried traffic in the window closed last.
+    was_active: [bool; NCLASS],
+    /// When a class with a need (latency, encryption) first showed up in a
+    /// window after a window without it: the caller may report it at once
+    /// rather than at the window's end (see [`Pipeline::take_onset`]).
+    onset: Option<u64>,
 }
 
 /// The ports of recent fragmented datagrams, so that later fragments (which
@@ -335,6 +341,8 @@ impl Pipeline {
             closed: Closed::default(),
             rng: 0x2545_f491_4f6c_dd1d,
             fragments: FragmentPorts::new(),
+            was_active: [false; NCLASS],
+            onset: None,
         }
     }
 
@@ -465,7 +473,14 @@ impl Pipeline {
                 flow.class_src = ClassSource::Behaviour;
             }
         }
-        let w = &mut self.win[flow.class as usize];
+        let class = flow.class;
+        let w = &mut self.win[class as usize];
+        if w.packets == 0 && !self.was_active[class as usize] && self.onset.is_none() {
+            let need = self.cfg.rules.need(class);
+            if need.latency_sensitive || need.needs_encryption {
+                self.onset = Some(now);
+            }
+        }
         w.bytes += u64::from(p.ip_len);
         w.packets += 1;
         w.loss += u64::from(ev.loss_events);
@@ -561,6 +576,15 @@ impl Pipeline {
         Some(s)
     }
 
+    /// The capture time of the first packet of a class with a need
+    /// (latency-sensitive or needing encryption) that the previous window
+    /// did not carry, once: a new need, which the caller may report without
+    /// waiting for the window to end. Taken, it is not returned again until
+    /// another such class starts.
+    pub fn take_onset(&mut self) -> Option<Timestamp> {
+        self.onset.take().map(Timestamp::from_nanos)
+    }
+
     /// Close the current (possibly partial) window now, e.g. at the end of a
     /// capture file. `None` if nothing was seen since the last window.
     pub fn flush_window(&mut self, now: Timestamp) -> Option<WindowSummary> {
@@ -651,6 +675,9 @@ impl Pipeline {
                 },
             });
         }
+        for (was, w) in self.was_active.iter_mut().zip(&self.win) {
+            *was = w.packets > 0;
+        }
         self.win = [ClassWindow::default(); NCLASS];
         let malformed = std::mem::take(&mut self.win_malformed);
         WindowSummary {
@@ -710,5 +737,49 @@ impl Pipeline {
     /// Entries in the DNS name cache.
     pub fn dns_cache_len(&self) -> usize {
         self.dns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use xtask::kit::pcap::{ethernet, ipv4, udp};
+
+    const MS: u64 = 1_000_000;
+
+    fn frame(dport: u16) -> Vec<u8> {
+        let ip = ipv4(
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(192, 0, 2, 9),
+            17,
+            &udp(40_000, dport, &[0; 80]),
+        );
+        ethernet([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 0x0800, &ip)
+    }
+
+    #[test]
+    fn a_new_need_is_flagged_once_at_its_first_packet() {
+        let mut p = Pipeline::new(MonitorConfig::default());
+        let t0 = 1_700_000_000_000 * MS;
+        let at = |ms: u64| Timestamp::from_nanos(t0 + ms * MS);
+        // Web traffic needs nothing: no onset.
+        p.handle_frame(at(0), LinkType::Ethernet, &frame(443));
+        assert_eq!(p.take_onset(), None);
+        // The first game datagram (port 27015 ⇒ gaming ⇒ latency) is one.
+        p.handle_frame(at(40), LinkType::Ethernet, &frame(27015));
+        p.handle_frame(at(60), LinkType::Ethernet, &frame(27015));
+        assert_eq!(p.take_onset(), Some(at(40)));
+        assert_eq!(p.take_onset(), None, "taken once");
+        // Still gaming in the next window: not new.
+        assert!(p.flush_window(at(100)).is_some());
+        p.handle_frame(at(120), LinkType::Ethernet, &frame(27015));
+        assert_eq!(p.take_onset(), None);
+        // A window without it, then it comes back: new again.
+        assert!(p.flush_window(at(200)).is_some());
+        p.handle_frame(at(250), LinkType::Ethernet, &frame(443));
+        assert!(p.flush_window(at(300)).is_some());
+        p.handle_frame(at(350), LinkType::Ethernet, &frame(27015));
+        assert_eq!(p.take_onset(), Some(at(350)));
     }
 }
