@@ -591,6 +591,8 @@ impl Pipeline {
         let start = self.win_start?;
         let quiet = self.win.iter().all(|w| w.packets == 0) && self.win_malformed == 0;
         if quiet {
+            // A window that carried nothing: whatever starts next is new.
+            self.was_active = [false; NCLASS];
             return None;
         }
         let len = now.as_nanos().saturating_sub(start).max(1);
@@ -775,8 +777,13 @@ mod tests {
         assert!(p.flush_window(at(100)).is_some());
         p.handle_frame(at(120), LinkType::Ethernet, &frame(27015));
         assert_eq!(p.take_onset(), None);
-        // A window without it, then it comes back: new again.
+        // A quiet window (nothing to report), then it comes back: new again.
         assert!(p.flush_window(at(200)).is_some());
+        assert!(p.flush_window(at(220)).is_none());
+        p.handle_frame(at(230), LinkType::Ethernet, &frame(27015));
+        assert_eq!(p.take_onset(), Some(at(230)));
+        // A window without it (but with other traffic), then it comes back.
+        assert!(p.flush_window(at(240)).is_some());
         p.handle_frame(at(250), LinkType::Ethernet, &frame(443));
         assert!(p.flush_window(at(300)).is_some());
         p.handle_frame(at(350), LinkType::Ethernet, &frame(27015));
