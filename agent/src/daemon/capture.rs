@@ -10,8 +10,8 @@
 //! whole window late; such windows are queued and reported, not lost.
 //!
 //! A new need does not wait for the window's end: when the pipeline sees
-//! the first packet of a latency-sensitive or encrypted class that the last
-//! window did not carry (`Pipeline::take_onset`), the window closes at the
+//! the first packet of a latency-sensitive or encrypted class after a second
+//! or more without one (`Pipeline::take_onset`), the window closes at the
 //! next poll and a short one ([`ONSET_WINDOW_MS`]) follows, so the report
 //! that carries the new class leaves within about a tenth of a second.
 
@@ -29,8 +29,8 @@ use std::time::Duration;
 /// Queued windows beyond this are dropped (the daemon is far behind).
 const MAX_QUEUED: usize = 16;
 
-/// A new need (a latency-sensitive or encrypted class that the last window
-/// did not carry) closes the window at once, and the next one this long
+/// A new need (a latency-sensitive or encrypted class after a pause)
+/// closes the window at once, and the next one this long
 /// after: long enough to hold a few of the new class's packets, so its
 /// rate in the report is its real rate, short enough that the allocator
 /// hears of it within a fraction of a window.

@@ -154,11 +154,11 @@ pub struct Pipeline {
     closed: Closed,
     rng: u64,
     fragments: FragmentPorts,
-    /// Classes that carried traffic in the window closed last.
-    was_active: [bool; NCLASS],
-    /// When a class with a need (latency, encryption) first showed up in a
-    /// window after a window without it: the caller may report it at once
-    /// rather than at the window's end (see [`Pipeline::take_onset`]).
+    /// When each class last carried a packet (0 = never).
+    last_seen: [u64; NCLASS],
+    /// When a class with a need (latency, encryption) showed up after more
+    /// than [`ONSET_QUIET_NS`] without a packet: the caller may report it at
+    /// once rather than at the window's end (see [`Pipeline::take_onset`]).
     onset: Option<u64>,
 }
 
@@ -249,6 +249,11 @@ fn summary(flow: &Flow, class: TrafficClass, names: &NameTable) -> FlowSummary {
 }
 
 /// The class behaviour rules give a flow now (or its current class).
+/// A class unseen for longer than this is new when it shows up again: time
+/// by the class's own packets, not by windows, so a need is new after a
+/// pause whatever the window boundaries.
+const ONSET_QUIET_NS: u64 = 1_000_000_000;
+
 /// The first packet count at which behaviour rules look at a flow; then at
 /// every doubling.
 const BEHAVIOUR_FIRST_LOOK: u64 = 16;
@@ -341,7 +346,7 @@ impl Pipeline {
             closed: Closed::default(),
             rng: 0x2545_f491_4f6c_dd1d,
             fragments: FragmentPorts::new(),
-            was_active: [false; NCLASS],
+            last_seen: [0; NCLASS],
             onset: None,
         }
     }
@@ -474,13 +479,14 @@ impl Pipeline {
             }
         }
         let class = flow.class;
-        let w = &mut self.win[class as usize];
-        if w.packets == 0 && !self.was_active[class as usize] && self.onset.is_none() {
+        let last = std::mem::replace(&mut self.last_seen[class as usize], now);
+        if self.onset.is_none() && (last == 0 || now.saturating_sub(last) > ONSET_QUIET_NS) {
             let need = self.cfg.rules.need(class);
             if need.latency_sensitive || need.needs_encryption {
                 self.onset = Some(now);
             }
         }
+        let w = &mut self.win[class as usize];
         w.bytes += u64::from(p.ip_len);
         w.packets += 1;
         w.loss += u64::from(ev.loss_events);
@@ -577,10 +583,10 @@ impl Pipeline {
     }
 
     /// The capture time of the first packet of a class with a need
-    /// (latency-sensitive or needing encryption) that the previous window
-    /// did not carry, once: a new need, which the caller may report without
+    /// (latency-sensitive or needing encryption) after a second or more
+    /// without one, once: a new need, which the caller may report without
     /// waiting for the window to end. Taken, it is not returned again until
-    /// another such class starts.
+    /// another such class starts (or this one after a pause).
     pub fn take_onset(&mut self) -> Option<Timestamp> {
         self.onset.take().map(Timestamp::from_nanos)
     }
@@ -591,8 +597,6 @@ impl Pipeline {
         let start = self.win_start?;
         let quiet = self.win.iter().all(|w| w.packets == 0) && self.win_malformed == 0;
         if quiet {
-            // A window that carried nothing: whatever starts next is new.
-            self.was_active = [false; NCLASS];
             return None;
         }
         let len = now.as_nanos().saturating_sub(start).max(1);
@@ -676,9 +680,6 @@ impl Pipeline {
                     needs_encryption: need.needs_encryption,
                 },
             });
-        }
-        for (was, w) in self.was_active.iter_mut().zip(&self.win) {
-            *was = w.packets > 0;
         }
         self.win = [ClassWindow::default(); NCLASS];
         let malformed = std::mem::take(&mut self.win_malformed);
@@ -773,20 +774,16 @@ mod tests {
         p.handle_frame(at(60), LinkType::Ethernet, &frame(27015));
         assert_eq!(p.take_onset(), Some(at(40)));
         assert_eq!(p.take_onset(), None, "taken once");
-        // Still gaming in the next window: not new.
+        // Across a window boundary, without a pause: not new.
         assert!(p.flush_window(at(100)).is_some());
-        p.handle_frame(at(120), LinkType::Ethernet, &frame(27015));
+        p.handle_frame(at(900), LinkType::Ethernet, &frame(27015));
         assert_eq!(p.take_onset(), None);
-        // A quiet window (nothing to report), then it comes back: new again.
-        assert!(p.flush_window(at(200)).is_some());
-        assert!(p.flush_window(at(220)).is_none());
-        p.handle_frame(at(230), LinkType::Ethernet, &frame(27015));
-        assert_eq!(p.take_onset(), Some(at(230)));
-        // A window without it (but with other traffic), then it comes back.
-        assert!(p.flush_window(at(240)).is_some());
-        p.handle_frame(at(250), LinkType::Ethernet, &frame(443));
-        assert!(p.flush_window(at(300)).is_some());
-        p.handle_frame(at(350), LinkType::Ethernet, &frame(27015));
-        assert_eq!(p.take_onset(), Some(at(350)));
+        // After more than a second without it, whatever the windows did
+        // meanwhile: new again.
+        assert!(p.flush_window(at(1000)).is_some());
+        p.handle_frame(at(1500), LinkType::Ethernet, &frame(443));
+        assert!(p.flush_window(at(1800)).is_some());
+        p.handle_frame(at(2000), LinkType::Ethernet, &frame(27015));
+        assert_eq!(p.take_onset(), Some(at(2000)));
     }
 }
