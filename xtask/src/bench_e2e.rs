@@ -13,8 +13,8 @@
 //! the first probe comes through. Then the traffic stops and the run waits
 //! until the capability is released again before the next one.
 //!
-//! The figure is bounded below by the QoS window (a need is reported when
-//! its window closes), so the target is p99 ≤ window + 100 ms. Needs root
+//! A new need is reported when the agent sees it, not when its QoS window
+//! closes, so the target is p99 ≤ 300 ms whatever the window. Needs root
 //! (network namespace, live capture); rows go to BENCHMARKS.md, section
 //! "End to end".
 
@@ -74,13 +74,30 @@ pub fn run(root: &Path, args: &[String]) -> Result<(), String> {
     sorted.sort_by(f64::total_cmp);
     let pct = |p: f64| sorted[((sorted.len() as f64 - 1.0) * p).round() as usize];
     let (p50, p99, max) = (pct(0.5), pct(0.99), sorted[sorted.len() - 1]);
-    let target = f64::from(window_ms) + 100.0;
+    // Issue 16: a new class's onset is reported when it is seen, not when
+    // its window closes, so the target no longer depends on the window.
+    let target = TARGET_P99_MS;
     println!(
         "e2e: {} runs, first packet -> qos shard forwarding: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms (target p99 <= {target:.0} ms)",
         sorted.len()
     );
     if write {
-        write_rows(root, window_ms, runs, p50, p99, max, sorted[0], target)?;
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        let runs_line = sorted
+            .iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        write_rows(
+            root,
+            window_ms,
+            runs,
+            (p50, p99, max, sorted[0]),
+            target,
+            &format!("Runs (ms, sorted): {runs_line}. Load average at the end: {load}."),
+        )?;
     }
     Ok(())
 }
@@ -212,16 +229,16 @@ fn machine() -> String {
     format!("{model}, {cores} cores, {}", std::env::consts::ARCH)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Target of the first-packet-to-shard-active latency (issue 16).
+const TARGET_P99_MS: f64 = 300.0;
+
 fn write_rows(
     root: &Path,
     window_ms: u32,
     runs: usize,
-    p50: f64,
-    p99: f64,
-    max: f64,
-    min: f64,
+    (p50, p99, max, min): (f64, f64, f64, f64),
     target: f64,
+    runs_line: &str,
 ) -> Result<(), String> {
     let path = root.join("BENCHMARKS.md");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -233,12 +250,12 @@ fn write_rows(
          with its embedded broker and store. Each run starts game traffic (UDP to port 27015) from quiet; \
          latency is from the first datagram leaving the socket to the `qos-shaper` shard forwarding a probe \
          datagram (the capability's shard host started by a signed instruction, verified, loaded and running). \
-         The QoS window is a floor: a need is reported when its window closes, and a class counts as \
-         active only above 8 kbit/s in a window, so a flow that starts in the last ~150 ms of a window \
-         waits for the next one.\n\n\
+         A new need is reported when it is seen: the agent closes its window at the first packet of a \
+         latency-sensitive or encrypted class after a second without one, and reports the class's own \
+         100 ms window right after (so its rate in the report is its real rate).\n\n\
          | what | result | target | machine | command | runs |\n\
          |---|---|---|---|---|---|\n\
-         | first packet of a new class → its shard active on the device, {window_ms} ms QoS window | p50 {p50:.0} ms, p99 {p99:.0} ms (min {min:.0}, max {max:.0}) | p99 ≤ window + 100 ms = {target:.0} ms ({verdict}) | {m} | `cargo xtask bench e2e --runs {runs}` | {runs} |\n",
+         | first packet of a new class → its shard active on the device, {window_ms} ms QoS window | p50 {p50:.0} ms, p99 {p99:.0} ms (min {min:.0}, max {max:.0}) | p99 ≤ {target:.0} ms ({verdict}) | {m} | `cargo xtask bench e2e --runs {runs}` | {runs} |\n\n{runs_line}\n",
         m = machine(),
     );
     let new = match text.find("## End to end") {
