@@ -227,6 +227,23 @@ fn rig(max_per_second: u32, burst: u32) -> Option<Rig> {
     })
 }
 
+impl Rig {
+    /// The test's allocator for this rig's device, answering with `policy`.
+    fn allocator(&self, policy: Policy) -> Allocator {
+        Allocator::start(
+            self.broker.port,
+            &self.agent.device,
+            self.agent.public_key,
+            policy,
+        )
+    }
+}
+
+/// A policy that answers every request with the instance's standing.
+fn answers_standing() -> Policy {
+    Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))])
+}
+
 fn wait_connected(agent: &Agent, want: bool) {
     wait_for(Duration::from_secs(15), || {
         (agent.status()?["connected"].as_bool()? == want).then_some(())
@@ -270,18 +287,13 @@ fn agent_bin() -> PathBuf {
 #[test]
 fn a_grant_reaches_the_application_and_the_request_is_signed_by_the_device() {
     let Some(r) = rig(50, 100) else { return };
-    let alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| {
-            let a = match req.op {
-                RequestOp::Query => standing(),
-                _ => grant_for(req, 5),
-            };
-            vec![(Duration::ZERO, answer(req, a, &allocator_key()))]
-        }),
-    );
+    let alloc = r.allocator(Box::new(|req| {
+        let a = match req.op {
+            RequestOp::Query => standing(),
+            _ => grant_for(req, 5),
+        };
+        vec![(Duration::ZERO, answer(req, a, &allocator_key()))]
+    }));
     let mut c = Client::connect(&r.socket).unwrap();
     let a = c
         .acquire(
@@ -345,34 +357,29 @@ fn status_counter_nested(agent: &Agent, field: &str) -> u64 {
 #[test]
 fn a_queued_acquire_that_waits_gets_its_grant_on_the_same_connection() {
     let Some(r) = rig(50, 100) else { return };
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| {
-            let key = allocator_key();
-            vec![
-                (
-                    Duration::ZERO,
-                    answer(
-                        req,
-                        Answer::Queued {
-                            ticket: 9,
-                            position: 1,
-                            expected_wait_ms: 400,
-                        },
-                        &key,
-                    ),
+    let _alloc = r.allocator(Box::new(|req| {
+        let key = allocator_key();
+        vec![
+            (
+                Duration::ZERO,
+                answer(
+                    req,
+                    Answer::Queued {
+                        ticket: 9,
+                        position: 1,
+                        expected_wait_ms: 400,
+                    },
+                    &key,
                 ),
-                // Later than the answer timeout: waiting is the caller's
-                // wait_ms, not the first answer's deadline.
-                (
-                    Duration::from_millis(ANSWER_TIMEOUT_MS + 500),
-                    answer(req, grant_for(req, 9), &key),
-                ),
-            ]
-        }),
-    );
+            ),
+            // Later than the answer timeout: waiting is the caller's
+            // wait_ms, not the first answer's deadline.
+            (
+                Duration::from_millis(ANSWER_TIMEOUT_MS + 500),
+                answer(req, grant_for(req, 9), &key),
+            ),
+        ]
+    }));
     let mut c = Client::connect(&r.socket).unwrap();
     let mut progress = Vec::new();
     let a = c
@@ -402,23 +409,18 @@ fn a_queued_acquire_that_waits_gets_its_grant_on_the_same_connection() {
 #[test]
 fn a_refusal_reaches_the_cli_in_words_with_exit_code_3() {
     let Some(r) = rig(50, 100) else { return };
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| {
-            let refusal = RequestRefusal::InsufficientQuota {
-                kind: ShardKind::Data,
-                asked: 8,
-                quota: 4,
-                in_use: 2,
-            };
-            vec![(
-                Duration::ZERO,
-                answer(req, Answer::Refused(refusal), &allocator_key()),
-            )]
-        }),
-    );
+    let _alloc = r.allocator(Box::new(|req| {
+        let refusal = RequestRefusal::InsufficientQuota {
+            kind: ShardKind::Data,
+            asked: 8,
+            quota: 4,
+            in_use: 2,
+        };
+        vec![(
+            Duration::ZERO,
+            answer(req, Answer::Refused(refusal), &allocator_key()),
+        )]
+    }));
     let out = cli(
         &agent_bin(),
         &r.socket,
@@ -471,12 +473,9 @@ fn a_refusal_reaches_the_cli_in_words_with_exit_code_3() {
 fn an_answer_signed_by_an_unknown_key_is_ignored_and_the_caller_times_out() {
     let Some(r) = rig(50, 100) else { return };
     let stranger = KeyPair::from_seed(&[7; 32]);
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(move |req| vec![(Duration::ZERO, answer(req, grant_for(req, 1), &stranger))]),
-    );
+    let _alloc = r.allocator(Box::new(move |req| {
+        vec![(Duration::ZERO, answer(req, grant_for(req, 1), &stranger))]
+    }));
     let mut c = Client::connect(&r.socket).unwrap();
     let started = Instant::now();
     let e = c
@@ -509,12 +508,7 @@ fn an_answer_signed_by_an_unknown_key_is_ignored_and_the_caller_times_out() {
 #[test]
 fn peer_credentials_decide_which_application_a_caller_may_act_as() {
     let Some(r) = rig(50, 100) else { return };
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
-    );
+    let _alloc = r.allocator(answers_standing());
     // Other uids must reach the socket and run the binary: a copy in a
     // directory everyone may enter (the target directory may be private).
     std::fs::set_permissions(r.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -613,12 +607,7 @@ fn with_the_broker_down_a_request_gets_an_immediate_clear_error() {
 fn a_flooding_instance_is_rate_limited_alone() {
     // One request per second after a burst of 4.
     let Some(r) = rig(1, 4) else { return };
-    let alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
-    );
+    let alloc = r.allocator(answers_standing());
     let mut c = Client::connect(&r.socket).unwrap();
     let (mut answered, mut limited) = (0, 0);
     let started = Instant::now();
@@ -662,12 +651,7 @@ fn the_request_sequence_keeps_increasing_across_a_restart() {
     let Some(mut r) = rig(50, 100) else { return };
     let mut seqs = Vec::new();
     for round in 0..2 {
-        let alloc = Allocator::start(
-            r.broker.port,
-            &r.agent.device,
-            r.agent.public_key,
-            Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
-        );
+        let alloc = r.allocator(answers_standing());
         let mut c = Client::connect(&r.socket).unwrap();
         for _ in 0..3 {
             assert!(matches!(
@@ -764,12 +748,7 @@ fn the_socket_bounds_lines_and_connections_and_survives_garbage() {
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     // Slots come back when connections close, and the agent still answers.
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
-    );
+    let _alloc = r.allocator(answers_standing());
     let mut c = Client::connect(&r.socket).unwrap();
     assert!(matches!(
         c.query("cam", "w1").unwrap(),
@@ -780,24 +759,19 @@ fn the_socket_bounds_lines_and_connections_and_survives_garbage() {
 #[test]
 fn renew_and_release_through_the_cli_reach_the_allocator_as_asked() {
     let Some(r) = rig(50, 100) else { return };
-    let alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| {
-            let a = match req.op {
-                RequestOp::Renew { grant, duration_ms } => Answer::Renewed(Grant {
-                    grant,
-                    kind: ShardKind::Data,
-                    units: 2,
-                    expires_at_ms: now_ms() + u64::from(duration_ms),
-                }),
-                RequestOp::Release { grant, .. } => Answer::Released { grant, units: 2 },
-                _ => Answer::Refused(RequestRefusal::UnknownGrant { grant: 0 }),
-            };
-            vec![(Duration::ZERO, answer(req, a, &allocator_key()))]
-        }),
-    );
+    let alloc = r.allocator(Box::new(|req| {
+        let a = match req.op {
+            RequestOp::Renew { grant, duration_ms } => Answer::Renewed(Grant {
+                grant,
+                kind: ShardKind::Data,
+                units: 2,
+                expires_at_ms: now_ms() + u64::from(duration_ms),
+            }),
+            RequestOp::Release { grant, .. } => Answer::Released { grant, units: 2 },
+            _ => Answer::Refused(RequestRefusal::UnknownGrant { grant: 0 }),
+        };
+        vec![(Duration::ZERO, answer(req, a, &allocator_key()))]
+    }));
     let base = ["--app", "cam", "--instance", "w7"];
     let renew = cli(
         &agent_bin(),
@@ -856,12 +830,7 @@ fn renew_and_release_through_the_cli_reach_the_allocator_as_asked() {
 #[test]
 fn a_reload_applies_new_apps_to_the_next_request() {
     let Some(r) = rig(50, 100) else { return };
-    let _alloc = Allocator::start(
-        r.broker.port,
-        &r.agent.device,
-        r.agent.public_key,
-        Box::new(|req| vec![(Duration::ZERO, answer(req, standing(), &allocator_key()))]),
-    );
+    let _alloc = r.allocator(answers_standing());
     let mut c = Client::connect(&r.socket).unwrap();
     let a = c.query("late", "w1").unwrap();
     assert!(

@@ -15,10 +15,9 @@
 //! medians into the "Explicit requests" section of BENCHMARKS.md.
 
 mod common;
-use common::{device_key, env_or, free_port, machine, median, metric, now_ms, Killed};
+use common::{device_key, env_or, free_port, machine, median, metric, now_ms, start_allocator};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use shardline_allocator::service::http;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
 use shardline_shared::ids::AppName;
 use shardline_shared::msg::ShardKind;
@@ -27,7 +26,7 @@ use shardline_shared::sign::{self, KeyPair};
 use shardline_shared::{topics, DeviceId, KeyId};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,41 +98,7 @@ async fn one_run(bin: &Path, devices: usize, rate: usize, seconds: usize) -> Out
     }
     let mqtt_port = free_port();
     let api_port = free_port();
-    let cat = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
-    std::fs::write(
-        dir.join("allocator.toml"),
-        format!(
-            "[broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\nclient_id = \"bench-allocator\"\n\
-             [store]\npath = \"{d}/allocator.redb\"\n[signer]\nkey_file = \"{d}/signing.key\"\n\
-             [api]\nlisten = \"127.0.0.1:{api_port}\"\ntoken_file = \"{d}/api-token\"\n\
-             [policy]\ncatalog = \"{c}/catalog.toml\"\nagreements = \"{c}/tiers.toml\"\ntick_ms = 1000\n",
-            d = dir.display(),
-            c = cat.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("allocator.log")).unwrap();
-    let _alloc = Killed(
-        Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(dir.join("allocator.toml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let api = format!("http://127.0.0.1:{api_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http::request(&api, "GET", "/v1/health", None, None)
-        .map(|r| r.status)
-        .ok()
-        != Some(200)
-    {
-        assert!(Instant::now() < deadline, "allocator did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_alloc, api) = start_allocator(bin, &dir, "", mqtt_port, api_port).await;
 
     let t0 = Instant::now();
     let shared: Arc<Mutex<Shared>> = Arc::default();

@@ -23,10 +23,11 @@
 //! (`SL_BENCH_DEVICES`, `SL_BENCH_ROUNDS`, `SL_BENCH_RUNS` override the sizes).
 
 mod common;
-use common::{device_key, env_or, free_port, machine, median, metric, now_ms, Killed};
+use common::{
+    device_key, env_or, free_port, machine, median, metric, now_ms, start_allocator, Killed,
+};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use shardline_allocator::service::http;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
 use shardline_shared::msg::*;
 use shardline_shared::sign::{self, Domain, KeyPair};
@@ -158,44 +159,10 @@ async fn one_run(bin: &Path, external: Option<u16>, devices: usize, rounds: usiz
     }
     let mqtt_port = external.unwrap_or_else(free_port);
     let api_port = free_port();
-    let cat = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
     let url = external
         .map(|p| format!("mqtt://127.0.0.1:{p}"))
         .unwrap_or_default();
-    std::fs::write(
-        dir.join("allocator.toml"),
-        format!(
-            "[broker]\nurl = \"{url}\"\nlisten = \"127.0.0.1:{mqtt_port}\"\nclient_id = \"bench-allocator\"\n\
-             [store]\npath = \"{d}/allocator.redb\"\n[signer]\nkey_file = \"{d}/signing.key\"\n\
-             [api]\nlisten = \"127.0.0.1:{api_port}\"\ntoken_file = \"{d}/api-token\"\n\
-             [policy]\ncatalog = \"{c}/catalog.toml\"\nagreements = \"{c}/tiers.toml\"\ntick_ms = 1000\n",
-            d = dir.display(),
-            c = cat.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("allocator.log")).unwrap();
-    let _alloc = Killed(
-        Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(dir.join("allocator.toml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let api = format!("http://127.0.0.1:{api_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http::request(&api, "GET", "/v1/health", None, None)
-        .map(|r| r.status)
-        .ok()
-        != Some(200)
-    {
-        assert!(Instant::now() < deadline, "allocator did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_alloc, api) = start_allocator(bin, &dir, &url, mqtt_port, api_port).await;
 
     // Pre-sign every report so the simulator's CPU goes to MQTT, not Ed25519.
     let sealed: Arc<Vec<Vec<Vec<u8>>>> = Arc::new(

@@ -5,7 +5,9 @@
 
 use shardline_allocator::service::http;
 use shardline_shared::sign::KeyPair;
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -76,4 +78,53 @@ pub fn machine(load_at_start: &str) -> String {
         .map(|n| n.get())
         .unwrap_or(0);
     format!("{cpu}, {cores} cores; load average {load_at_start} when the bench started")
+}
+
+/// Writes the allocator's configuration into `dir` (broker `url`, empty for
+/// the embedded one listening on `mqtt_port`; the shipped catalog and
+/// tiers), starts the binary `bin` and waits for its API. Returns the
+/// process and the API's base URL.
+pub async fn start_allocator(
+    bin: &Path,
+    dir: &Path,
+    url: &str,
+    mqtt_port: u16,
+    api_port: u16,
+) -> (Killed, String) {
+    let cat = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
+    std::fs::write(
+        dir.join("allocator.toml"),
+        format!(
+            "[broker]\nurl = \"{url}\"\nlisten = \"127.0.0.1:{mqtt_port}\"\nclient_id = \"bench-allocator\"\n\
+             [store]\npath = \"{d}/allocator.redb\"\n[signer]\nkey_file = \"{d}/signing.key\"\n\
+             [api]\nlisten = \"127.0.0.1:{api_port}\"\ntoken_file = \"{d}/api-token\"\n\
+             [policy]\ncatalog = \"{c}/catalog.toml\"\nagreements = \"{c}/tiers.toml\"\ntick_ms = 1000\n",
+            d = dir.display(),
+            c = cat.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("allocator.log")).unwrap();
+    let alloc = Killed(
+        Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("allocator.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let api = format!("http://127.0.0.1:{api_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http::request(&api, "GET", "/v1/health", None, None)
+        .map(|r| r.status)
+        .ok()
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "allocator did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (alloc, api)
 }
