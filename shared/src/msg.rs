@@ -289,6 +289,16 @@ pub enum ShardKind {
     Data,
 }
 
+impl ShardKind {
+    /// Lower-case name used in configuration, JSON, metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardKind::Compute => "compute",
+            ShardKind::Data => "data",
+        }
+    }
+}
+
 /// Start (or update) one shard under a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Activation {

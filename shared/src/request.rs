@@ -199,9 +199,43 @@ pub enum RequestRefusal {
     QueueTimeout,
 }
 
+impl RequestRefusal {
+    /// Every refusal's reason word, in variant order.
+    pub const REASONS: [&'static str; 8] = [
+        "insufficient_quota",
+        "kind_not_allowed",
+        "queue_full",
+        "rate_limited",
+        "unknown_grant",
+        "out_of_range",
+        "drained",
+        "queue_timeout",
+    ];
+
+    /// The position of this refusal's reason in [`RequestRefusal::REASONS`].
+    pub fn index(&self) -> usize {
+        match self {
+            RequestRefusal::InsufficientQuota { .. } => 0,
+            RequestRefusal::KindNotAllowed { .. } => 1,
+            RequestRefusal::QueueFull { .. } => 2,
+            RequestRefusal::RateLimited { .. } => 3,
+            RequestRefusal::UnknownGrant { .. } => 4,
+            RequestRefusal::OutOfRange { .. } => 5,
+            RequestRefusal::Drained => 6,
+            RequestRefusal::QueueTimeout => 7,
+        }
+    }
+
+    /// A stable snake_case word for the reason (the local socket's
+    /// `reason`, metric labels).
+    pub fn reason(&self) -> &'static str {
+        Self::REASONS[self.index()]
+    }
+}
+
 impl std::fmt::Display for RequestRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = |k: &ShardKind| kind_name(*k);
+        let kind = |k: &ShardKind| k.as_str();
         match self {
             RequestRefusal::InsufficientQuota {
                 kind: k,
@@ -238,13 +272,6 @@ impl std::fmt::Display for RequestRefusal {
     }
 }
 
-fn kind_name(kind: ShardKind) -> &'static str {
-    match kind {
-        ShardKind::Compute => "compute",
-        ShardKind::Data => "data",
-    }
-}
-
 impl std::fmt::Display for Answer {
     /// The answer in words, for operators (`shardctl`, the API's
     /// `explanation`) and logs.
@@ -260,7 +287,7 @@ impl std::fmt::Display for Answer {
                 },
                 g.grant,
                 g.units,
-                kind_name(g.kind),
+                g.kind.as_str(),
                 g.expires_at_ms
             ),
             Answer::Queued {
@@ -379,6 +406,37 @@ mod tests {
         assert!(open_request(&sealed, &gw_b, &key.public_key()).is_err());
         // A request is not an answer, nor a report.
         assert!(open_answer(&sealed, |_| Some(key.public_key())).is_err());
+    }
+
+    #[test]
+    fn every_refusal_has_its_own_reason_word() {
+        let all = [
+            RequestRefusal::InsufficientQuota {
+                kind: ShardKind::Compute,
+                asked: 1,
+                quota: 0,
+                in_use: 0,
+            },
+            RequestRefusal::KindNotAllowed {
+                kind: ShardKind::Data,
+            },
+            RequestRefusal::QueueFull { limit: 1 },
+            RequestRefusal::RateLimited { retry_after_ms: 1 },
+            RequestRefusal::UnknownGrant { grant: 1 },
+            RequestRefusal::OutOfRange {
+                max_units: 1,
+                max_duration_ms: 1,
+            },
+            RequestRefusal::Drained,
+            RequestRefusal::QueueTimeout,
+        ];
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+        assert_eq!(all[0].reason(), "insufficient_quota");
+        let mut words = RequestRefusal::REASONS.to_vec();
+        words.dedup();
+        assert_eq!(words.len(), all.len());
     }
 
     #[test]

@@ -386,11 +386,7 @@ impl RequestCore {
         if let Err(retry_after_ms) = self.take_token(now, &app, &instance) {
             self.counters.refused_rate_limited += 1;
             let r = RequestRefusal::RateLimited { retry_after_ms };
-            return vec![refused(
-                conn,
-                refusal_word(&r),
-                format!("{r} (by the agent)"),
-            )];
+            return vec![refused(conn, r.reason(), format!("{r} (by the agent)"))];
         }
         let wait_ms = req.wait_ms();
         let op = to_op(req);
@@ -408,7 +404,7 @@ impl RequestCore {
                 max_units: MAX_REQUEST_UNITS,
                 max_duration_ms: MAX_REQUEST_DURATION_MS,
             };
-            return vec![refused(conn, refusal_word(&r), r.to_string())];
+            return vec![refused(conn, r.reason(), r.to_string())];
         }
         if !connected {
             self.counters.local_errors += 1;
@@ -634,20 +630,6 @@ fn to_op(req: LocalRequest) -> RequestOp {
     }
 }
 
-/// The stable snake_case word of a refusal on the socket.
-pub fn refusal_word(r: &RequestRefusal) -> &'static str {
-    match r {
-        RequestRefusal::InsufficientQuota { .. } => "insufficient_quota",
-        RequestRefusal::KindNotAllowed { .. } => "kind_not_allowed",
-        RequestRefusal::QueueFull { .. } => "queue_full",
-        RequestRefusal::RateLimited { .. } => "rate_limited",
-        RequestRefusal::UnknownGrant { .. } => "unknown_grant",
-        RequestRefusal::OutOfRange { .. } => "out_of_range",
-        RequestRefusal::Drained => "drained",
-        RequestRefusal::QueueTimeout => "queue_timeout",
-    }
-}
-
 /// The allocator's answer as a socket answer line.
 pub fn to_local(a: &Answer) -> LocalAnswer {
     match a {
@@ -673,7 +655,7 @@ pub fn to_local(a: &Answer) -> LocalAnswer {
             expected_wait_ms: *expected_wait_ms,
         },
         Answer::Refused(r) => LocalAnswer::Refused {
-            reason: refusal_word(r).to_owned(),
+            reason: r.reason().to_owned(),
             detail: r.to_string(),
         },
         Answer::Released { grant, units } => LocalAnswer::Released {

@@ -56,7 +56,7 @@ use super::{
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use shardline_shared::ids::DeviceId;
-use shardline_shared::msg::{QosReport, ShardFailure, ShardKind};
+use shardline_shared::msg::{QosReport, ShardFailure};
 use std::collections::BTreeMap;
 
 /// Parameters of fault classification and duplicate detection.
@@ -469,13 +469,6 @@ pub struct ExplainCtx {
     pub now_ms: u64,
 }
 
-fn kind_name(kind: ShardKind) -> &'static str {
-    match kind {
-        ShardKind::Compute => "compute",
-        ShardKind::Data => "data",
-    }
-}
-
 fn units(n: u32) -> &'static str {
     if n == 1 {
         "unit"
@@ -494,7 +487,7 @@ impl Refusal {
                 missing_units,
             } => format!(
                 "budget: {} {missing_units} {} short (reputation {:.0} → quota {})",
-                kind_name(*kind),
+                kind.as_str(),
                 units(*missing_units),
                 ctx.reputation,
                 ctx.quota[kind_index(*kind)]
@@ -540,7 +533,7 @@ impl Refusal {
                 };
                 format!(
                     "borrow refused: {why} ({} {missing_units} {} short)",
-                    kind_name(*kind),
+                    kind.as_str(),
                     units(*missing_units)
                 )
             }

@@ -187,7 +187,7 @@ impl Metrics {
     }
 
     pub fn refused(&self, reason: &shardline_shared::request::RequestRefusal) {
-        add(&self.requests_refused[refusal_index(reason)], 1);
+        add(&self.requests_refused[reason.index()], 1);
     }
 
     /// Refused requests by reason, in [`REFUSAL_REASONS`] order.
@@ -203,27 +203,4 @@ impl Metrics {
 }
 
 /// Label values of refused explicit requests, by reason.
-pub const REFUSAL_REASONS: [&str; 8] = [
-    "insufficient_quota",
-    "kind_not_allowed",
-    "queue_full",
-    "rate_limited",
-    "unknown_grant",
-    "out_of_range",
-    "drained",
-    "queue_timeout",
-];
-
-fn refusal_index(r: &shardline_shared::request::RequestRefusal) -> usize {
-    use shardline_shared::request::RequestRefusal as R;
-    match r {
-        R::InsufficientQuota { .. } => 0,
-        R::KindNotAllowed { .. } => 1,
-        R::QueueFull { .. } => 2,
-        R::RateLimited { .. } => 3,
-        R::UnknownGrant { .. } => 4,
-        R::OutOfRange { .. } => 5,
-        R::Drained => 6,
-        R::QueueTimeout => 7,
-    }
-}
+pub const REFUSAL_REASONS: [&str; 8] = shardline_shared::request::RequestRefusal::REASONS;
