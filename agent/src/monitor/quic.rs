@@ -121,21 +121,23 @@ fn gather_crypto(frames: &[u8]) -> Option<Vec<u8>> {
         match frame_type {
             0x00 | 0x01 => {} // PADDING, PING
             0x02 | 0x03 => {
-                // ACK: largest, delay, range count, first range, ranges (, ECN).
-                let mut fields = 4;
-                let mut count = 0;
-                for i in 0..fields {
+                // ACK: largest, delay, range count, first range; then two
+                // varints per further range (and three ECN counts for 0x03).
+                let mut ranges = 0;
+                for field in 0..4 {
                     let (v, n) = varint(frames.get(at..)?)?;
                     at += n;
-                    if i == 2 {
-                        count = v;
+                    if field == 2 {
+                        ranges = v;
                     }
                 }
-                fields = usize::try_from(count).ok()?.checked_mul(2)?;
+                // A client's first packet acknowledges nothing: a long list
+                // is not an Initial we can read.
+                let mut rest = usize::try_from(ranges).ok().filter(|&r| r <= 64)? * 2;
                 if frame_type == 0x03 {
-                    fields = fields.checked_add(3)?;
+                    rest += 3;
                 }
-                for _ in 0..fields.min(256) {
+                for _ in 0..rest {
                     let (_, n) = varint(frames.get(at..)?)?;
                     at += n;
                 }
