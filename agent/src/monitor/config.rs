@@ -213,12 +213,38 @@ pub struct BehaviourRule {
     pub max_pauses: u32,
 }
 
-/// A name rule: a suffix on a label boundary, for one protocol or any.
+/// A name rule, for one protocol or any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NameRule {
-    suffix: String,
+    pattern: NamePattern,
     class: TrafficClass,
     proto: Option<u8>,
+}
+
+/// How a name rule matches (lower case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamePattern {
+    /// The name ends with this on a label boundary.
+    Suffix(String),
+    /// The name contains this anywhere ("bank" in online.lloydsbank.co.uk).
+    Contains(String),
+}
+
+impl NamePattern {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Suffix(suffix) => {
+                name.len() >= suffix.len()
+                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && (name.len() == suffix.len()
+                        || name.as_bytes()[name.len() - suffix.len() - 1] == b'.')
+            }
+            NamePattern::Contains(word) => name
+                .as_bytes()
+                .windows(word.len())
+                .any(|w| w.eq_ignore_ascii_case(word.as_bytes())),
+        }
+    }
 }
 
 /// Compiled classification rules: O(1) port lookups, name suffixes, behaviour bounds.
@@ -282,7 +308,10 @@ struct PortFile {
 struct NameFile {
     class: Spanned<String>,
     proto: Option<Spanned<String>>,
+    #[serde(default)]
     suffixes: Vec<String>,
+    #[serde(default)]
+    contains: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,7 +468,21 @@ impl Rules {
                 };
                 for s in &n.suffixes {
                     names.push(NameRule {
-                        suffix: s.trim_matches('.').to_ascii_lowercase(),
+                        pattern: NamePattern::Suffix(s.trim_matches('.').to_ascii_lowercase()),
+                        class,
+                        proto,
+                    });
+                }
+                for w in &n.contains {
+                    if w.get_ref().is_empty() {
+                        return Err(cx.err(
+                            w.span(),
+                            "name.contains",
+                            "an empty word would match every name".into(),
+                        ));
+                    }
+                    names.push(NameRule {
+                        pattern: NamePattern::Contains(w.get_ref().to_ascii_lowercase()),
                         class,
                         proto,
                     });
@@ -504,17 +547,12 @@ impl Rules {
         }
     }
 
-    /// Class of the first name rule for IP protocol `proto` whose suffix
-    /// matches `name` on a label boundary.
+    /// Class of the first name rule for IP protocol `proto` that matches
+    /// `name` (a suffix on a label boundary, or a word anywhere).
     pub fn name_class(&self, name: &str, proto: u8) -> Option<TrafficClass> {
         let name = name.trim_end_matches('.');
         self.names.iter().find_map(|rule| {
-            let suffix = &rule.suffix;
-            let hit = rule.proto.is_none_or(|p| p == proto)
-                && name.len() >= suffix.len()
-                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && (name.len() == suffix.len()
-                    || name.as_bytes()[name.len() - suffix.len() - 1] == b'.');
+            let hit = rule.proto.is_none_or(|p| p == proto) && rule.pattern.matches(name);
             hit.then_some(rule.class)
         })
     }
@@ -543,7 +581,12 @@ mod tests {
             r.name_class("online.BANK.example", 6),
             Some(TrafficClass::Sensitive)
         );
-        assert_eq!(r.name_class("notbank.example", 6), None);
+        assert_eq!(
+            r.name_class("online.lloydsbank.co.uk", 6),
+            Some(TrafficClass::Sensitive),
+            "a word anywhere in the name"
+        );
+        assert_eq!(r.name_class("www.example.org", 6), None);
         // Calls' names hold for their media (UDP) only: a chat app's file
         // downloads over HTTPS come from the same domains.
         assert_eq!(r.name_class("mmg.whatsapp.net", 6), None);
@@ -559,6 +602,10 @@ mod tests {
         let extra = "[[port]]\nclass = \"gaming\"\nproto = \"tcp\"\nports = [22]\n";
         let r = Rules::compile(&[(DEFAULT_RULES, "d"), (extra, "x.toml")]).expect("compiles");
         assert_eq!(r.port_class(6, 22), Some(TrafficClass::Gaming));
+        let e = Rules::compile(&[("[[name]]\nclass = \"web\"\ncontains = [\"\"]\n", "n.toml")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("n.toml:3: field `name.contains`"), "{e}");
         let bad = "[[port]]\nclass = \"gamin\"\nproto = \"tcp\"\n";
         let e = Rules::compile(&[(bad, "bad.toml")])
             .unwrap_err()
