@@ -195,6 +195,8 @@ pub struct Flow {
     /// rules later in the flow's life starts from the same place each time.
     pub base_class: TrafficClass,
     pub class_src: ClassSource,
+    /// Where `base_class` came from.
+    pub base_src: ClassSource,
     pub dscp: u8,
     pub(crate) flags: u16,
     /// Payload evidence seen so far (`EV_*` bits).
@@ -252,6 +254,7 @@ impl Flow {
             class: TrafficClass::Other,
             base_class: TrafficClass::Other,
             class_src: ClassSource::None,
+            base_src: ClassSource::None,
             dscp: 0,
             flags: if initiator_is_a { F_INIT_IS_A } else { 0 },
             evidence: 0,
@@ -263,7 +266,7 @@ impl Flow {
     /// Sets the class found from stronger evidence than the flow's class has
     /// now (a name beats payload evidence, which beats a port).
     pub fn raise_class(&mut self, class: TrafficClass, src: ClassSource) {
-        if src >= self.class_src {
+        if src >= self.base_src {
             self.set_base_class(class, src);
         }
     }
@@ -273,6 +276,7 @@ impl Flow {
         self.class = class;
         self.base_class = class;
         self.class_src = src;
+        self.base_src = src;
     }
 
     /// Direction of a packet going from endpoint a to b (`a_to_b`).

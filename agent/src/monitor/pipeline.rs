@@ -332,7 +332,10 @@ fn payload_class(f: &Flow) -> Option<TrafficClass> {
         _ => return None,
     };
     let (mine, other) = (f.packets[d], f.packets[1 - d]);
-    if u64::from(mine) < BEHAVIOUR_FIRST_LOOK {
+    // A port rule knows better than the guess that one-way media is a
+    // stream (a cloud game's video is one-way RTP too), and so does an
+    // endpoint tied to a call. The guess is made once, at the first look.
+    if u64::from(mine) < BEHAVIOUR_FIRST_LOOK || f.base_src >= ClassSource::Port {
         return None;
     }
     Some(if other.saturating_mul(ONE_WAY_SHARE) <= mine {
