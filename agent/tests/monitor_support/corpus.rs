@@ -483,6 +483,10 @@ struct Tcp {
     mss: usize,
     /// Segments received since the last ACK, per direction (delayed ACK).
     unacked: [u32; 2],
+    /// TCP timestamp clock offset of each side and the last TSval each
+    /// side sent (RFC 7323: TSecr echoes the peer's latest TSval).
+    ts_base: [u32; 2],
+    last_ts: [u32; 2],
 }
 
 /// A capture being generated.
@@ -684,19 +688,24 @@ impl Cap {
         self.emit(t, src, dst, UDP, l4, 8 + len);
     }
 
-    fn tcp_seg(&mut self, t: u64, f: &Tcp, up: bool, flags: u8, body: Vec<u8>, len: usize) {
+    fn tcp_seg(&mut self, t: u64, f: &mut Tcp, up: bool, flags: u8, body: Vec<u8>, len: usize) {
         let (s, d, seq, ack) = if up {
             (f.c, f.s, f.cseq, f.sseq)
         } else {
             (f.s, f.c, f.sseq, f.cseq)
         };
+        let side = usize::from(!up);
+        // Linux ticks TSval in milliseconds from a random per-connection base.
+        let tsval = f.ts_base[side].wrapping_add((t / MS) as u32);
+        let tsecr = if flags == SYN { 0 } else { f.last_ts[1 - side] };
+        f.last_ts[side] = tsval;
         let l4 = tcp(
             s.port(),
             d.port(),
             seq,
             ack,
             flags,
-            Some((t as u32 / 1000, 0)),
+            Some((tsval, tsecr)),
             &body,
         );
         self.emit(t, s, d, TCP, l4, 32 + len);
@@ -711,12 +720,14 @@ impl Cap {
             sseq: self.rng.next() as u32,
             mss: if c.is_ipv4() { 1448 } else { 1428 },
             unacked: [0, 0],
+            ts_base: [self.rng.next() as u32, self.rng.next() as u32],
+            last_ts: [0, 0],
         };
-        self.tcp_seg(t, &f, true, SYN, vec![], 0);
+        self.tcp_seg(t, &mut f, true, SYN, vec![], 0);
         f.cseq = f.cseq.wrapping_add(1);
-        self.tcp_seg(t + rtt, &f, false, SYN | ACK, vec![], 0);
+        self.tcp_seg(t + rtt, &mut f, false, SYN | ACK, vec![], 0);
         f.sseq = f.sseq.wrapping_add(1);
-        self.tcp_seg(t + rtt + rtt / 20, &f, true, ACK, vec![], 0);
+        self.tcp_seg(t + rtt + rtt / 20, &mut f, true, ACK, vec![], 0);
         (f, t + rtt + rtt / 20 + 100_000)
     }
 
@@ -3030,4 +3041,34 @@ pub fn report(captures: &[Labelled], results: &[Vec<ClassBytes>]) -> Report {
         window_dependent,
         table,
     }
+}
+
+/// The same capture with every record stored at its full wire length (the
+/// part past the stored prefix filled with pseudo-random bytes), for tools
+/// that skip truncated packets (ndpiReader ignores a packet whose IP length
+/// exceeds the bytes captured).
+pub fn expand_to_wire(pcap: &[u8]) -> Vec<u8> {
+    let mut rng = Rng::new(0x5eed);
+    let pattern = rng.bytes(65_536);
+    let mut out = Vec::with_capacity(pcap.len() * 4);
+    out.extend_from_slice(&pcap[..24]);
+    let mut i = 24;
+    let mut k = 0usize;
+    while i + 16 <= pcap.len() {
+        let cap = u32::from_le_bytes(pcap[i + 8..i + 12].try_into().unwrap()) as usize;
+        let wire = u32::from_le_bytes(pcap[i + 12..i + 16].try_into().unwrap()) as usize;
+        out.extend_from_slice(&pcap[i..i + 8]);
+        out.extend_from_slice(&(wire as u32).to_le_bytes());
+        out.extend_from_slice(&(wire as u32).to_le_bytes());
+        out.extend_from_slice(&pcap[i + 16..i + 16 + cap]);
+        let pad = wire - cap;
+        let off = (k * 7919) % (65_536 - 1600);
+        out.extend_from_slice(&pattern[off..off + pad.min(1600)]);
+        if pad > 1600 {
+            out.resize(out.len() + pad - 1600, 0);
+        }
+        i += 16 + cap;
+        k += 1;
+    }
+    out
 }
