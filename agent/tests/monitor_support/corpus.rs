@@ -503,6 +503,8 @@ pub struct Cap {
     resolver: IpAddr,
     next_port: u16,
     dns_id: u16,
+    /// A call's media relayed over TLS/TCP (see `media_send`).
+    media_tcp: Option<Tcp>,
 }
 
 impl Cap {
@@ -543,6 +545,7 @@ impl Cap {
             resolver,
             next_port,
             dns_id: 1,
+            media_tcp: None,
         }
     }
 
@@ -1006,6 +1009,8 @@ impl Cap {
         let ptime = 20 * MS;
         let audio_bytes = self.rng.usize(60, 160);
         let end = t + dur;
+        // (time, up, stored bytes, wire length), sent in time order at the end.
+        let mut ev: Vec<(u64, bool, Vec<u8>, usize)> = Vec::new();
         // Audio both ways; remote audio streams beyond the first are mixed
         // by the server in most SFUs, so one down audio stream.
         let mut ta = t;
@@ -1016,7 +1021,9 @@ impl Cap {
             let p = rtp(111, false, seqs[0], n.wrapping_mul(960), ssrc_up_a, &body);
             seqs[0] = seqs[0].wrapping_add(1);
             let pl = p.len();
-            self.udp_exact(ta, a, b, wrap(p, pl));
+            let w = wrap(p, pl);
+            let l = w.len();
+            ev.push((ta, true, w, l));
             let bl = self.rng.jitter(audio_bytes as u64, 0.3) as usize + 12;
             let body = self.rng.bytes(bl);
             let p = rtp(
@@ -1030,18 +1037,24 @@ impl Cap {
             seqs[1] = seqs[1].wrapping_add(1);
             let jitter = self.rng.range(20, 60) * MS / 10;
             let pl = p.len();
-            self.udp_exact(ta + jitter, b, a, wrap(p, pl));
+            let w = wrap(p, pl);
+            let l = w.len();
+            ev.push((ta + jitter, false, w, l));
             if n % 250 == 0 {
                 let bl = self.rng.usize(30, 80);
                 let body = self.rng.bytes(bl);
                 let p = rtcp_sr(ssrc_up_a, &body);
                 let pl = p.len();
-                self.udp_exact(ta + 1, a, b, wrap(p, pl));
+                let w = wrap(p, pl);
+                let l = w.len();
+                ev.push((ta + 1, true, w, l));
                 let bl = self.rng.usize(30, 80);
                 let body = self.rng.bytes(bl);
                 let p = rtcp_sr(downs[0].0, &body);
                 let pl = p.len();
-                self.udp_exact(ta + jitter + 1, b, a, wrap(p, pl));
+                let w = wrap(p, pl);
+                let l = w.len();
+                ev.push((ta + jitter + 1, false, w, l));
             }
             n += 1;
             ta += ptime;
@@ -1077,7 +1090,7 @@ impl Cap {
                     p.extend_from_slice(&body);
                     let w = wrap(p, len + 12);
                     let full = len + 12 + (w.len() - body.len() - 12);
-                    self.udp(tv + i as u64 * 300_000, a, b, w, full);
+                    ev.push((tv + i as u64 * 300_000, true, w, full));
                 }
                 for (j, d) in downs.iter().enumerate() {
                     let pk = if key {
@@ -1099,12 +1112,33 @@ impl Cap {
                         p.extend_from_slice(&body);
                         let w = wrap(p, len + 12);
                         let full = len + 12 + (w.len() - body.len() - 12);
-                        self.udp(tv + off + i as u64 * 300_000, b, a, w, full);
+                        ev.push((tv + off + i as u64 * 300_000, false, w, full));
                     }
                 }
                 k += 1;
                 tv += frame_gap;
             }
+        }
+        ev.sort_by_key(|e| e.0);
+        for (t, up, w, full) in ev {
+            let (x, y) = if up { (a, b) } else { (b, a) };
+            self.media_send(t, x, y, w, full);
+        }
+    }
+
+    /// One media packet: a UDP datagram, or, when the call goes through a
+    /// TURN server over TLS on TCP 443 (the fallback when UDP is blocked),
+    /// a TLS record carrying it as ChannelData in that connection.
+    fn media_send(&mut self, t: u64, src: SocketAddr, dst: SocketAddr, head: Vec<u8>, full: usize) {
+        if let Some(mut f) = self.media_tcp.take() {
+            let up = src == f.c;
+            let n = 5 + 4 + full + 16;
+            let mut h = vec![23, 3, 3];
+            h.extend_from_slice(&((n - 5) as u16).to_be_bytes());
+            self.tcp_send(&mut f, t, up, h, n, 1e9);
+            self.media_tcp = Some(f);
+        } else {
+            self.udp(t, src, dst, head, full);
         }
     }
 
@@ -1210,29 +1244,86 @@ impl Cap {
         let t = self.rng.range(1, 5) * SEC;
         self.signalling(t, dur - t, "meet.google.com", 443);
         let v6 = self.rng.chance(0.3);
-        let a = self.me(v6);
-        let b = self.remote_in(v6, 19302, 19309);
         let rtt = self.rng.range(15, 60) * MS;
-        self.stun_check(t + SEC, a, b, rtt);
-        let t2 = self.dtls(t + SEC + 2 * rtt, a, b, rtt);
         let n = self.rng.usize(3, 6);
         let video = Some((self.rng.range(24, 30), 2, self.rng.usize(1000, 1200)));
-        self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+        if self.rng.chance(0.25) {
+            // UDP blocked (a corporate network): TURN over TLS on TCP 443.
+            let (a, b, t2) = self.turn_tls(t + SEC, "turn.l.google.com", v6, rtt);
+            self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+            self.turn_tls_end(dur, rtt);
+        } else {
+            let a = self.me(v6);
+            let b = self.remote_in(v6, 19302, 19309);
+            self.stun_check(t + SEC, a, b, rtt);
+            let t2 = self.dtls(t + SEC + 2 * rtt, a, b, rtt);
+            self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+        }
+    }
+
+    /// A TURN-over-TLS connection to a relay on TCP 443 (RFC 8656 §3.1),
+    /// which carries the call's media until `turn_tls_end`.
+    fn turn_tls(
+        &mut self,
+        t: u64,
+        name: &str,
+        v6: bool,
+        rtt: u64,
+    ) -> (SocketAddr, SocketAddr, u64) {
+        let s = self.resolve(t, name, v6, 443);
+        let c = self.me(v6);
+        let (mut f, mut tt) = self.tcp_open(t + 30 * MS, c, s, rtt);
+        let ch = tls_client_hello(name, &[]);
+        let n = ch.len();
+        tt = self.tcp_send(&mut f, tt, true, ch, n, 20e6);
+        let flight = self.rng.usize(2500, 5000);
+        tt = self.tcp_send(&mut f, tt + rtt, false, vec![22, 3, 3], flight, 20e6);
+        tt = self.tcp_send(
+            &mut f,
+            tt,
+            true,
+            vec![20, 3, 3, 0, 1, 1, 23, 3, 3],
+            64,
+            20e6,
+        );
+        // Allocate, CreatePermission, ChannelBind inside TLS.
+        for _ in 0..3 {
+            let (q, r) = (self.rng.usize(120, 200), self.rng.usize(100, 180));
+            tt = self.tcp_send(&mut f, tt + MS, true, vec![23, 3, 3], q, 20e6);
+            tt = self.tcp_send(&mut f, tt + rtt, false, vec![23, 3, 3], r, 20e6);
+        }
+        self.media_tcp = Some(f);
+        (c, s, tt + MS)
+    }
+
+    fn turn_tls_end(&mut self, t: u64, rtt: u64) {
+        if let Some(mut f) = self.media_tcp.take() {
+            self.tcp_close(&mut f, t, rtt);
+        }
     }
 
     /// Microsoft Teams: media to a Teams transport relay on UDP 3478–3481
-    /// (ICE/TURN), audio + video (+ screen share frames) SRTP.
+    /// (ICE/TURN), audio + video (+ screen share frames) SRTP; or through
+    /// a relay on TCP 443 (TURN over TLS) where UDP is blocked.
     fn teams_call(&mut self, dur: u64) {
         let t = self.rng.range(1, 5) * SEC;
         self.signalling(t, dur - t, "teams.microsoft.com", 443);
-        let a = self.me(false);
-        let b = self.remote_in(false, 3478, 3481);
         let rtt = self.rng.range(15, 80) * MS;
-        self.stun_check(t + SEC, a, b, rtt);
-        let t2 = self.dtls(t + SEC + 2 * rtt, a, b, rtt);
         let n = self.rng.usize(1, 3);
         let video = Some((self.rng.range(15, 30), 3, self.rng.usize(1000, 1200)));
-        self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+        if self.rng.chance(0.3) {
+            // Teams falls back to its relays on TCP 443 when UDP 3478–3481 is blocked.
+            let (a, b, t2) =
+                self.turn_tls(t + SEC, "worldaz.relay.teams.microsoft.com", false, rtt);
+            self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+            self.turn_tls_end(dur, rtt);
+        } else {
+            let a = self.me(false);
+            let b = self.remote_in(false, 3478, 3481);
+            self.stun_check(t + SEC, a, b, rtt);
+            let t2 = self.dtls(t + SEC + 2 * rtt, a, b, rtt);
+            self.media(t2, dur - t2, a, b, video, n, &|p, _| p);
+        }
     }
 
     /// Zoom: signalling to zoom.us, media to a Zoom multimedia router on
