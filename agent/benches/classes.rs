@@ -119,7 +119,6 @@ fn ndpi_classes(file: &Path) -> Result<ClassBytes, String> {
         };
         // The flow (addresses) once: undetected flows are listed twice.
         let key = line[..p]
-            .trim()
             .split_whitespace()
             .skip(1)
             .collect::<Vec<_>>()

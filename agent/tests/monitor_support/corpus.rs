@@ -117,7 +117,8 @@ pub fn corpus(seed: u64) -> Vec<Labelled> {
 
 /// One scenario's capture for `seed`.
 pub fn generate(scenario: &'static str, expected: &'static str, seed: u64, salt: u64) -> Labelled {
-    let mut c = Cap::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (salt + 1) * 0x1234_5678_9abc);
+    let mut c =
+        Cap::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((salt + 1) * 0x1234_5678_9abc));
     let dur = c.rng.range(60, 180) * SEC;
     let light = matches!(
         scenario,
@@ -1026,14 +1027,7 @@ impl Cap {
             ev.push((ta, true, w, l));
             let bl = self.rng.jitter(audio_bytes as u64, 0.3) as usize + 12;
             let body = self.rng.bytes(bl);
-            let p = rtp(
-                111,
-                false,
-                seqs[1],
-                (n as u32).wrapping_mul(960),
-                downs[0].0,
-                &body,
-            );
+            let p = rtp(111, false, seqs[1], n.wrapping_mul(960), downs[0].0, &body);
             seqs[1] = seqs[1].wrapping_add(1);
             let jitter = self.rng.range(20, 60) * MS / 10;
             let pl = p.len();
@@ -1508,7 +1502,7 @@ impl Cap {
         disc[1] = 2;
         self.udp_exact(t + SEC + 40 * MS, b, a, disc);
         let n = self.rng.usize(1, 4);
-        let video = self.rng.chance(0.4).then(|| (30, 4, 1100));
+        let video = self.rng.chance(0.4).then_some((30, 4, 1100));
         self.media(
             t + SEC + 100 * MS,
             dur - t - 2 * SEC,
