@@ -114,7 +114,9 @@ fn ndpi_classes(file: &Path) -> Result<ClassBytes, String> {
     let mut seen = HashSet::new();
     let mut classes = ClassBytes::new();
     for line in text.lines() {
-        let (Some(p), Some(c)) = (line.find("[proto: "), line.find("[cat: ")) else {
+        // Detected flows carry a category; undetected ones (listed apart,
+        // under "Undetected flows") carry none and count as "other".
+        let Some(p) = line.find("[proto: ") else {
             continue;
         };
         // The flow (addresses) once: undetected flows are listed twice.
@@ -128,7 +130,10 @@ fn ndpi_classes(file: &Path) -> Result<ClassBytes, String> {
         }
         let proto = line[p + 8..].split(']').next().unwrap_or("");
         let proto = proto.split('/').nth(1).unwrap_or("Unknown");
-        let cat = line[c + 6..].split('/').next().unwrap_or("");
+        let cat = line
+            .find("[cat: ")
+            .and_then(|c| line[c + 6..].split('/').next())
+            .unwrap_or("");
         let bytes: u64 = line
             .split(" bytes")
             .filter_map(|s| s.rsplit('/').next()?.parse::<u64>().ok())
