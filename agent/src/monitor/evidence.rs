@@ -18,8 +18,8 @@
 //! (the media after the STUN binding, the uTP peers of a DHT node) start in
 //! that class from their first packet.
 
+use super::names::BoundedMap;
 use shardline_shared::msg::TrafficClass;
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 /// What one datagram or first TCP segment looks like.
@@ -166,41 +166,26 @@ pub const ENDPOINT_TTL_NS: u64 = 300_000_000_000;
 /// oldest is forgotten first) and in time ([`ENDPOINT_TTL_NS`]).
 #[derive(Debug)]
 pub struct EndpointMemory {
-    map: HashMap<SocketAddr, (TrafficClass, u64)>,
-    order: VecDeque<SocketAddr>,
-    cap: usize,
+    map: BoundedMap<SocketAddr, (TrafficClass, u64)>,
 }
 
 impl EndpointMemory {
     pub fn new(cap: usize) -> Self {
         EndpointMemory {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap,
+            map: BoundedMap::new(cap),
         }
     }
 
     /// Tie `endpoint` to `class` as of `now_ns`.
     pub fn remember(&mut self, endpoint: SocketAddr, class: TrafficClass, now_ns: u64) {
-        if self.cap == 0 || endpoint.port() == 0 {
-            return;
-        }
-        if self.map.insert(endpoint, (class, now_ns)).is_none() {
-            self.order.push_back(endpoint);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
-            }
+        if endpoint.port() != 0 {
+            self.map.insert(endpoint, (class, now_ns));
         }
     }
 
     /// The class `endpoint` was tied to, if that is recent enough.
     pub fn class_of(&self, ip: IpAddr, port: u16, now_ns: u64) -> Option<TrafficClass> {
-        if self.map.is_empty() {
-            return None;
-        }
-        let (class, at) = *self.map.get(&SocketAddr::new(ip, port))?;
+        let (class, at) = self.map.get(&SocketAddr::new(ip, port))?;
         (now_ns.saturating_sub(at) <= ENDPOINT_TTL_NS).then_some(class)
     }
 

@@ -1,7 +1,8 @@
 //! Bounded name storage: an interning table for host names (SNI, DNS) that
 //! flows refer to by a 32-bit id, and the DNS cache (address → name) through
 //! which later flows to an address inherit the name it was resolved from.
-//! Both have a fixed capacity and overwrite their oldest entries.
+//! Both have a fixed capacity and overwrite their oldest entries; the
+//! DNS cache is a [`BoundedMap`], which other caches of the pipeline share.
 
 use shardline_shared::msg::TrafficClass;
 use std::collections::{HashMap, VecDeque};
@@ -88,28 +89,35 @@ impl NameClasses {
 }
 
 /// Address → (name id, classes of the name rules) for names seen in DNS answers.
+pub type DnsCache = BoundedMap<IpAddr, (u32, NameClasses)>;
+
+/// A map of at most `cap` entries that forgets the oldest inserted key
+/// first: the caches the per-packet path fills from what hosts send, which
+/// must not grow with it.
 #[derive(Debug)]
-pub struct DnsCache {
-    map: HashMap<IpAddr, (u32, NameClasses)>,
-    order: VecDeque<IpAddr>,
+pub struct BoundedMap<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
     cap: usize,
 }
 
-impl DnsCache {
+impl<K: Copy + Eq + std::hash::Hash, V: Copy> BoundedMap<K, V> {
     pub fn new(cap: usize) -> Self {
-        DnsCache {
+        BoundedMap {
             map: HashMap::new(),
             order: VecDeque::new(),
             cap,
         }
     }
 
-    pub fn insert(&mut self, addr: IpAddr, name: u32, class: NameClasses) {
+    /// Insert or update `key`; a new key beyond the capacity pushes out the
+    /// oldest one.
+    pub fn insert(&mut self, key: K, value: V) {
         if self.cap == 0 {
             return;
         }
-        if self.map.insert(addr, (name, class)).is_none() {
-            self.order.push_back(addr);
+        if self.map.insert(key, value).is_none() {
+            self.order.push_back(key);
             while self.order.len() > self.cap {
                 if let Some(old) = self.order.pop_front() {
                     self.map.remove(&old);
@@ -118,11 +126,11 @@ impl DnsCache {
         }
     }
 
-    pub fn get(&self, addr: &IpAddr) -> Option<(u32, NameClasses)> {
+    pub fn get(&self, key: &K) -> Option<V> {
         if self.map.is_empty() {
             return None;
         }
-        self.map.get(addr).copied()
+        self.map.get(key).copied()
     }
 
     pub fn len(&self) -> usize {
@@ -152,8 +160,7 @@ mod tests {
         for i in 0..5u8 {
             c.insert(
                 IpAddr::from([10, 0, 0, i]),
-                u32::from(i),
-                NameClasses::default(),
+                (u32::from(i), NameClasses::default()),
             );
         }
         assert_eq!(c.len(), 2);

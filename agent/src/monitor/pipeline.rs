@@ -561,7 +561,7 @@ impl Pipeline {
                             other: rules.name_class(ans.name(), 0),
                         };
                         for a in ans.addrs() {
-                            self.dns.insert(*a, name_id, classes);
+                            self.dns.insert(*a, (name_id, classes));
                         }
                     }
                 }
