@@ -101,7 +101,7 @@ fn device_build() -> std::path::PathBuf {
         ])
         .current_dir(manifest)
         .status()
-        .expect("run cargo build --profile device");
+        .expect("run cargo build");
     assert!(status.success(), "cargo build --profile device failed");
     // The bench binary sits in <target>/release/deps/.
     let exe = std::env::current_exe().expect("bench path");
