@@ -1,14 +1,13 @@
-//! Resident memory of the agent daemon (`shardline-agent run`, the release
-//! binary): idle (connected to a real mosquitto, reporting, no capture) and
+//! Resident memory of the agent daemon (`shardline-agent run`): idle (connected to a real mosquitto, reporting, no capture) and
 //! with 10,000 active flows (a generated capture file of 10,000 UDP flows
 //! replayed in real time and looped, so every flow stays active). The flow
 //! count is read back from the device's own signed reports (sum of
 //! `active_flows`), so the row says what was really measured.
 //!
-//! Both builds are measured: the `release` profile (what `cargo build
-//! --release` gives) and the `device` profile (size-optimised, what
-//! `cross/build.sh --release` and the packages ship), which this bench
-//! builds first with `cargo build --profile device`.
+//! Both builds are measured, each made by this bench with `cargo build
+//! --profile P -p shardline-agent --bin shardline-agent` (the binary alone,
+//! without the features the tests add): `release` and `device`
+//! (size-optimised, what `cross/build.sh --release` and the packages ship).
 //!
 //! Writes the "Agent daemon" section of BENCHMARKS.md (replacing an older
 //! one): `cargo bench -p shardline-agent --bench daemon_rss`.
@@ -86,14 +85,14 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
 }
 
-/// Build the agent with the `device` profile; its path.
-fn device_build() -> std::path::PathBuf {
+/// Build the agent binary alone with cargo profile `profile`; its path.
+fn build(profile: &str) -> std::path::PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
         .args([
             "build",
             "--profile",
-            "device",
+            profile,
             "-p",
             "shardline-agent",
             "--bin",
@@ -102,14 +101,14 @@ fn device_build() -> std::path::PathBuf {
         .current_dir(manifest)
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "cargo build --profile device failed");
+    assert!(status.success(), "cargo build --profile {profile} failed");
     // The bench binary sits in <target>/release/deps/.
     let exe = std::env::current_exe().expect("bench path");
     let target = exe
         .ancestors()
         .nth(3)
         .expect("target directory above release/deps");
-    target.join("device/shardline-agent")
+    target.join(profile).join("shardline-agent")
 }
 
 fn main() {
@@ -117,16 +116,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let device = device_build();
     let mut rows = Vec::new();
-    for (build, binary) in [
-        (
-            "release",
-            std::path::PathBuf::from(env!("CARGO_BIN_EXE_shardline-agent")),
-        ),
-        ("device", device),
-    ] {
-        match measure(build, &binary) {
+    for profile in ["release", "device"] {
+        let binary = build(profile);
+        match measure(profile, &binary) {
             Some(r) => rows.extend(r),
             None => {
                 eprintln!("SKIP: mosquitto is not installed");
