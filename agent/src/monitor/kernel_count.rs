@@ -100,36 +100,40 @@ impl Default for KernelCountOptions {
     }
 }
 
-/// Loading or running the in-kernel flow counter failed.
+/// Loading or running the in-kernel flow counter failed. Each message
+/// carries aya's whole cause chain (the OS error is at its end), so the
+/// variants hold no `source()` of their own.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelCountError {
     #[error("loading the BPF flow counter (needs CAP_BPF or CAP_SYS_ADMIN, a kernel with BPF and enough locked memory): {}", chain(.0))]
-    Load(#[source] aya::EbpfError),
+    Load(aya::EbpfError),
     #[error("the BPF object has no {0}")]
     Missing(&'static str),
     #[error("loading the flow counter's socket filter into the kernel: {}", chain(.0))]
-    Program(#[source] aya::programs::ProgramError),
+    Program(aya::programs::ProgramError),
     #[error("attaching the flow counter to the capture socket: {}", chain(.0))]
-    Attach(#[source] aya::programs::ProgramError),
-    #[error("the flow counter's map `{name}`: {}", chain(.source))]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
+    Attach(aya::programs::ProgramError),
+    #[error("the flow counter's map `{name}`: {}", chain(.error))]
+    Map { name: &'static str, error: MapError },
     #[error("the in-kernel flow counter needs the TPACKET_V3 ring, which is not available here")]
     NoRing,
     #[error("the in-kernel flow counter reads Ethernet or raw IP, not {0:?}")]
     Link(LinkType),
 }
 
-/// An error with its sources, `a: b: c` (aya puts the OS error in a source).
+/// An error with its sources, `a: b: c` (aya puts the OS error in a
+/// source; a level that repeats the one above it is left out).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
+    let mut last = s.clone();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if text != last {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        last = text;
         cur = c.source();
     }
     s
@@ -311,7 +315,7 @@ impl KernelCounter {
             .map_max_entries("flows", opts.max_flows.max(1))
             .load(OBJECT)
             .map_err(KernelCountError::Load)?;
-        let map_err = |name| move |source| KernelCountError::Map { name, source };
+        let map_err = |name| move |error| KernelCountError::Map { name, error };
         let mut config: Array<MapData, ConfigRaw> = ebpf
             .take_map("config")
             .ok_or(KernelCountError::Missing("map `config`"))?
@@ -498,10 +502,10 @@ impl KernelCounter {
         for k in idle_keys {
             match self.flows.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
+                Err(error) => {
                     return Err(KernelCountError::Map {
                         name: "flows",
-                        source,
+                        error,
                     })
                 }
             }
@@ -517,9 +521,9 @@ impl KernelCounter {
             let v = self
                 .stats_map
                 .get(&i, 0)
-                .map_err(|source| KernelCountError::Map {
+                .map_err(|error| KernelCountError::Map {
                     name: "stats",
-                    source,
+                    error,
                 })?;
             Ok(v.iter().sum())
         };

@@ -134,10 +134,11 @@ pub enum CaptureError {
     UnsupportedChannel(String),
     #[error("reading from `{iface}`: {source}")]
     Read { iface: String, source: io::Error },
-    #[error("in-kernel flow counting on `{iface}`: {source}")]
+    /// (`error` carries its causes in its message.)
+    #[error("in-kernel flow counting on `{iface}`: {error}")]
     KernelCount {
         iface: String,
-        source: KernelCountError,
+        error: KernelCountError,
     },
 }
 
@@ -236,10 +237,10 @@ impl LiveCapture {
                                 );
                                 (Some(k), None)
                             }
-                            Err(source) if mode == CaptureMode::Kernel => {
+                            Err(error) if mode == CaptureMode::Kernel => {
                                 return Err(CaptureError::KernelCount {
                                     iface: iface.to_string(),
-                                    source,
+                                    error,
                                 })
                             }
                             Err(e) => {
@@ -279,7 +280,7 @@ impl LiveCapture {
             CaptureMode::Kernel => {
                 return Err(CaptureError::KernelCount {
                     iface: iface.to_string(),
-                    source: KernelCountError::NoRing,
+                    error: KernelCountError::NoRing,
                 })
             }
             CaptureMode::Auto => Some(KernelCountError::NoRing.to_string()),
@@ -380,9 +381,9 @@ impl LiveCapture {
             return Ok(());
         };
         k.apply(pipeline, now, force)
-            .map_err(|source| CaptureError::KernelCount {
+            .map_err(|error| CaptureError::KernelCount {
                 iface: self.iface.clone(),
-                source,
+                error,
             })
     }
 
