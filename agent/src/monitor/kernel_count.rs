@@ -552,6 +552,135 @@ mod tests {
         assert_eq!(std::mem::size_of::<ConfigRaw>(), 16);
     }
 
+    /// Frames 0..64 of each flow as frames, the rest as kernel counts: the
+    /// same totals as every frame (sans-IO, no kernel needed).
+    #[test]
+    fn counts_instead_of_frames_give_the_same_totals() {
+        use crate::monitor::{MonitorConfig, Pipeline};
+        use std::net::SocketAddrV4;
+        use xtask::kit::pcap::{ethernet, ipv4, udp};
+        const MS: u64 = 1_000_000;
+        let t0 = 1_700_000_000_000 * MS;
+        let (c, s) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(192, 0, 2, 9));
+        // (flow, up?, size) for 300 packets of a game flow and 40 of a web one.
+        let mut pkts = Vec::new();
+        for i in 0..300u64 {
+            pkts.push((27015u16, i % 3 != 0, 60 + (i % 7) as usize * 10));
+        }
+        for i in 0..40u64 {
+            pkts.insert((i * 7) as usize, (443, i % 2 == 0, 1200));
+        }
+        let frame = |dport: u16, up: bool, size: usize| {
+            let ip = if up {
+                ipv4(c, s, 17, &udp(40_000, dport, &vec![0; size]))
+            } else {
+                ipv4(s, c, 17, &udp(dport, 40_000, &vec![0; size]))
+            };
+            (
+                ethernet([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 0x0800, &ip),
+                ip.len() as u64,
+            )
+        };
+        let mut cfg = MonitorConfig::default();
+        cfg.top_flows = 10;
+        let mut all = Pipeline::new(cfg.clone());
+        let mut counted = Pipeline::new(cfg);
+        let mut seen = std::collections::HashMap::new();
+        let mut skipped: std::collections::HashMap<u16, ([u64; 2], [u64; 2], u64)> =
+            Default::default();
+        for (i, &(port, up, size)) in pkts.iter().enumerate() {
+            let ts = Timestamp::from_nanos(t0 + i as u64 * MS);
+            let (f, ip_len) = frame(port, up, size);
+            all.handle_frame(ts, LinkType::Ethernet, &f);
+            let n = seen.entry(port).or_insert(0u32);
+            *n += 1;
+            if *n <= 64 {
+                counted.handle_frame(ts, LinkType::Ethernet, &f);
+            } else {
+                let e = skipped.entry(port).or_default();
+                e.0[usize::from(!up)] += 1;
+                e.1[usize::from(!up)] += ip_len;
+                e.2 = ts.as_nanos();
+            }
+        }
+        let end = Timestamp::from_nanos(t0 + 400 * MS);
+        for (port, (packets, bytes, last)) in skipped {
+            let counts = KernelCounts {
+                src: SocketAddr::V4(SocketAddrV4::new(c, 40_000)),
+                dst: SocketAddr::V4(SocketAddrV4::new(s, port)),
+                proto: 17,
+                packets,
+                bytes,
+                first_seen: Timestamp::from_nanos(t0),
+                last_seen: Timestamp::from_nanos(last),
+            };
+            assert_eq!(
+                counted.handle_kernel_counts(end, &counts, false),
+                KernelCountsApplied::Added
+            );
+        }
+        let (a, b) = (all.totals(), counted.totals());
+        assert_eq!((a.packets, a.bytes, a.flows), (b.packets, b.bytes, b.flows));
+        assert_eq!(a.classes, b.classes);
+        let key = |t: &crate::monitor::Totals| {
+            let mut v: Vec<_> = t
+                .top_flows
+                .iter()
+                .map(|f| {
+                    (
+                        f.src,
+                        f.dst,
+                        f.class,
+                        f.packets,
+                        f.bytes,
+                        f.bytes_up,
+                        f.bytes_down,
+                        f.last_seen,
+                    )
+                })
+                .collect();
+            v.sort_by_key(|r| r.0);
+            v
+        };
+        assert_eq!(key(&a), key(&b));
+        // The window holds the same packets and bytes per class (kernel
+        // counts carry no RTT or jitter samples of their own).
+        let per_class = |p: &mut Pipeline| {
+            p.flush_window(end).map(|w| {
+                w.classes
+                    .iter()
+                    .map(|c| (c.class, c.packets, c.bytes))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(per_class(&mut all), per_class(&mut counted), "window");
+
+        // A flow the pipeline does not have: left alone unless `create`.
+        let unknown = KernelCounts {
+            src: "10.9.9.9:5000".parse().unwrap(),
+            dst: "10.9.9.8:53".parse().unwrap(),
+            proto: 17,
+            packets: [3, 1],
+            bytes: [300, 100],
+            first_seen: end,
+            last_seen: end,
+        };
+        assert_eq!(
+            counted.handle_kernel_counts(end, &unknown, false),
+            KernelCountsApplied::NotInTable
+        );
+        assert_eq!(counted.totals().packets, b.packets);
+        assert_eq!(
+            counted.handle_kernel_counts(end, &unknown, true),
+            KernelCountsApplied::Created
+        );
+        let t = counted.totals();
+        assert_eq!(
+            (t.packets, t.bytes, t.flows),
+            (b.packets + 4, b.bytes + 400, b.flows + 1)
+        );
+    }
+
     #[test]
     fn the_embedded_object_parses() {
         let obj = aya_obj_names();
