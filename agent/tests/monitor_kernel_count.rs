@@ -147,8 +147,10 @@ fn capture(
                 return None;
             }
         };
-        let mut cfg = MonitorConfig::default();
-        cfg.top_flows = 100;
+        let cfg = MonitorConfig {
+            top_flows: 100,
+            ..MonitorConfig::default()
+        };
         let mut p = Pipeline::new(cfg);
         let link = cap.link_type();
         let _ = ready.send(Ok(()));

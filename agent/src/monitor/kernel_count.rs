@@ -312,7 +312,7 @@ impl KernelCounter {
             nix::sys::resource::RLIM_INFINITY,
         );
         let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries("flows", opts.max_flows.max(1))
+            .set_max_entries("flows", opts.max_flows.max(1))
             .load(OBJECT)
             .map_err(KernelCountError::Load)?;
         let map_err = |name| move |error| KernelCountError::Map { name, error };
@@ -581,8 +581,10 @@ mod tests {
                 ip.len() as u64,
             )
         };
-        let mut cfg = MonitorConfig::default();
-        cfg.top_flows = 10;
+        let cfg = MonitorConfig {
+            top_flows: 10,
+            ..MonitorConfig::default()
+        };
         let mut all = Pipeline::new(cfg.clone());
         let mut counted = Pipeline::new(cfg);
         let mut seen = std::collections::HashMap::new();

@@ -134,11 +134,11 @@ pub enum CaptureError {
     UnsupportedChannel(String),
     #[error("reading from `{iface}`: {source}")]
     Read { iface: String, source: io::Error },
-    /// (`error` carries its causes in its message.)
+    /// (`error` carries its causes in its message; boxed, it is large.)
     #[error("in-kernel flow counting on `{iface}`: {error}")]
     KernelCount {
         iface: String,
-        error: KernelCountError,
+        error: Box<KernelCountError>,
     },
 }
 
@@ -240,7 +240,7 @@ impl LiveCapture {
                             Err(error) if mode == CaptureMode::Kernel => {
                                 return Err(CaptureError::KernelCount {
                                     iface: iface.to_string(),
-                                    error,
+                                    error: Box::new(error),
                                 })
                             }
                             Err(e) => {
@@ -280,7 +280,7 @@ impl LiveCapture {
             CaptureMode::Kernel => {
                 return Err(CaptureError::KernelCount {
                     iface: iface.to_string(),
-                    error: KernelCountError::NoRing,
+                    error: Box::new(KernelCountError::NoRing),
                 })
             }
             CaptureMode::Auto => Some(KernelCountError::NoRing.to_string()),
@@ -383,7 +383,7 @@ impl LiveCapture {
         k.apply(pipeline, now, force)
             .map_err(|error| CaptureError::KernelCount {
                 iface: self.iface.clone(),
-                error,
+                error: Box::new(error),
             })
     }
 
