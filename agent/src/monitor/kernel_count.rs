@@ -311,7 +311,11 @@ impl KernelCounter {
             nix::sys::resource::RLIM_INFINITY,
             nix::sys::resource::RLIM_INFINITY,
         );
+        // The program has no CO-RE relocations: it needs none of the
+        // kernel's BTF (aya 0.13's loader still parses it once when created,
+        // ~10 ms of CPU at start).
         let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
             .set_max_entries("flows", opts.max_flows.max(1))
             .load(OBJECT)
             .map_err(KernelCountError::Load)?;
