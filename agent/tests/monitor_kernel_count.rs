@@ -523,3 +523,65 @@ fn lru_pressure_is_counted_and_never_double_counts() {
         assert!(f.packets <= same.packets, "{f:?} vs {same:?}");
     }
 }
+
+/// The daemon's capture source (`[monitor] capture = "kernel"`) feeds the
+/// kernel's counts into its pipeline: a long UDP flow, of which user space
+/// receives 64 frames, shows up whole in the reported windows.
+#[test]
+fn the_daemons_capture_source_reports_kernel_counted_packets() {
+    use shardline_agent::daemon::capture::{CaptureInput, CaptureSource};
+    use shardline_agent::daemon::runtime::QosSource;
+    let name = "the_daemons_capture_source_reports_kernel_counted_packets";
+    if skip_unless_root(name) {
+        return;
+    }
+    let (_guard, s, c) = setup("dm").expect("namespaces");
+    const SENT: u64 = 2000;
+    let c2 = c.clone();
+    let s2 = s.clone();
+    let result = std::thread::spawn(move || {
+        enter(&c2);
+        let _sink = UdpSocket::bind((C_IP, 5002)).expect("udp sink");
+        let mut src = CaptureSource::start_with(
+            CaptureInput::Interfaces(vec!["cb".into()]),
+            MonitorConfig::default(),
+            300,
+            CaptureMode::Kernel,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        std::thread::spawn(move || {
+            enter(&s2);
+            let u = UdpSocket::bind((S_IP, 0)).expect("udp");
+            for i in 0..SENT {
+                u.send_to(&[i as u8; 100], (C_IP, 5002)).expect("send");
+                if i % 100 == 99 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+        .join()
+        .expect("sender");
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let mut udp = 0u64;
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if let Some(w) = src.poll_window(now_ms()) {
+                udp += w.classes.iter().map(|c| c.packets).sum::<u64>();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        udp
+    })
+    .join()
+    .expect("capture thread");
+    // Everything sent (and whatever else crossed cb: ARP, IPv6 noise).
+    assert!(
+        (SENT..SENT + 20).contains(&result),
+        "reported {result} packets of {SENT} sent"
+    );
+}
