@@ -11,6 +11,10 @@
 #                                   a static binary cannot dlopen shards)
 #   x86_64-unknown-linux-gnu        native, same set as the gnu ARM targets
 #
+# With --release the agent is built with the size-optimised `device` profile
+# (Cargo.toml: on a small box its idle memory is mostly code), the
+# allocator, shardctl and the shards with `release`.
+#
 # Output: $DIST/<target>/<profile>/{bin/<binaries>, shards/<id>@<version>.so}
 # stripped, with DIST defaulting to $CARGO_TARGET_DIR/dist (or target/dist).
 # The unstripped originals stay in cargo's target directory. Each target's
@@ -107,6 +111,12 @@ build_target() {
     local kind=first
     if compgen -G "$dir/deps/libtokio-*.rlib" >/dev/null; then kind=incremental; fi
     cargo build "${cargo_profile[@]}" "${target_args[@]}" "${packages[@]}"
+    # The shipped agent: size over speed.
+    local agent_dir=$dir
+    if [ "$profile" = release ]; then
+        cargo build --profile device "${target_args[@]}" -p shardline-agent --bin shardline-agent
+        agent_dir=${dir%/release}/device
+    fi
     t1=$(date +%s)
 
     out="$DIST/$target/$profile"
@@ -115,7 +125,9 @@ build_target() {
     local b strip
     strip=$(strip_tool "$target")
     for b in "${bins[@]}"; do
-        install -m 0755 "$dir/$b" "$out/bin/$b"
+        local from=$dir
+        [ "$b" = shardline-agent ] && from=$agent_dir
+        install -m 0755 "$from/$b" "$out/bin/$b"
         "$strip" "$out/bin/$b"
     done
     if [ ${#shards[@]} -gt 0 ]; then

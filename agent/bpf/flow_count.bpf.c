@@ -9,8 +9,9 @@
 // one entry) in an LRU hash map, and lets the frame through to the ring only
 // while the flow still needs it for classification: its first
 // `first_packets` packets, TCP packets with a flag in `tcp_flags`, DNS
-// (port 53/5353) and, if `sample_every` is not 0, one packet in
-// `sample_every`. A frame it does not let through is counted in the map's
+// (port 53/5353), the first packet after a pause of `gap_ns` (the
+// pipeline counts pauses: a video player's, not a download's) and, if
+// `sample_every` is not 0, one packet in `sample_every`. A frame it does not let through is counted in the map's
 // "skipped" counters, which user space adds to its pipeline, so the totals
 // stay exact. Frames it does not read completely (not IPv4/IPv6 TCP/UDP,
 // fragments, extension headers, truncated or odd headers) always go through
@@ -84,6 +85,7 @@ struct config {
     __u32 sample_every; // 0 = no sampling
     __u32 tcp_flags;    // TCP flag bits that always go through
     __u32 link;         // 0 Ethernet, 1 raw IP
+    __u64 gap_ns;       // a packet after a pause this long goes through (0 = never)
 };
 
 // Indexes of `stats` (per CPU), must match kernel_count.rs.
@@ -267,6 +269,7 @@ int flow_count(struct __sk_buff *skb)
     __u64 seen = v->packets[0] + v->packets[1];
     int deliver = seen < cfg->first_packets || (tcp_flags & cfg->tcp_flags) != 0 ||
                   sport == 53 || dport == 53 || sport == 5353 || dport == 5353 ||
+                  (cfg->gap_ns != 0 && now - v->last_ns >= cfg->gap_ns) ||
                   (cfg->sample_every != 0 && seen % cfg->sample_every == 0);
     v->last_ns = now;
     __sync_fetch_and_add(&v->packets[d], 1);

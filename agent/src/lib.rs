@@ -13,5 +13,6 @@
 #![deny(unsafe_code)]
 
 pub mod daemon;
+pub mod logging;
 pub mod monitor;
 pub mod shardhost;

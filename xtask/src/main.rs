@@ -44,6 +44,9 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     // The peer the live-capture bench measures the agent against.
     ("tcpdump", "/usr/bin/tcpdump"),
+    // The peer the classification bench (agent/benches/classes.rs) scores
+    // the agent against: nDPI's reader.
+    ("libndpi-bin", "/usr/bin/ndpiReader"),
     // Rebuilds the agent's BPF object to check the committed one is current
     // (agent/tests/bpf_object.rs; `cargo xtask bpf`).
     ("clang-14", "/usr/bin/clang-14"),
@@ -255,8 +258,9 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself:
     // (name on the command line, package, bench target).
-    const BENCHES: [(&str, &str, &str); 6] = [
+    const BENCHES: [(&str, &str, &str); 7] = [
         ("monitor", "shardline-agent", "monitor"),
+        ("classes", "shardline-agent", "classes"),
         ("shards", "shardline-agent", "shard_bench"),
         ("daemon", "shardline-agent", "daemon_rss"),
         ("policy", "shardline-allocator-core", "policy"),

@@ -148,13 +148,7 @@ pub struct CheckConfigArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    crate::logging::init("SHARDLINE_LOG", "info", false);
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

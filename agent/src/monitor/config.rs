@@ -207,6 +207,44 @@ pub struct BehaviourRule {
     /// the other: audio frames are alike both ways, game inputs are small
     /// and state updates large.
     pub max_size_ratio: f64,
+    /// Pauses of a second or more in the flow (see `flow::PAUSE_NS`): a
+    /// player fetching segments pauses, a download does not.
+    pub min_pauses: u32,
+    pub max_pauses: u32,
+}
+
+/// A name rule, for one protocol or any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NameRule {
+    pattern: NamePattern,
+    class: TrafficClass,
+    proto: Option<u8>,
+}
+
+/// How a name rule matches (lower case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamePattern {
+    /// The name ends with this on a label boundary.
+    Suffix(String),
+    /// The name contains this anywhere ("bank" in online.lloydsbank.co.uk).
+    Contains(String),
+}
+
+impl NamePattern {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Suffix(suffix) => {
+                name.len() >= suffix.len()
+                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && (name.len() == suffix.len()
+                        || name.as_bytes()[name.len() - suffix.len() - 1] == b'.')
+            }
+            NamePattern::Contains(word) => name
+                .as_bytes()
+                .windows(word.len())
+                .any(|w| w.eq_ignore_ascii_case(word.as_bytes())),
+        }
+    }
 }
 
 /// Compiled classification rules: O(1) port lookups, name suffixes, behaviour bounds.
@@ -215,8 +253,8 @@ pub struct Rules {
     /// Class index + 1 per TCP / UDP port; 0 = no rule.
     tcp_ports: Box<[u8]>,
     udp_ports: Box<[u8]>,
-    /// (suffix, class), operator's first.
-    names: Vec<(String, TrafficClass)>,
+    /// Operator's first.
+    names: Vec<NameRule>,
     behaviours: Vec<BehaviourRule>,
     needs: [ClassNeed; 9],
 }
@@ -269,7 +307,11 @@ struct PortFile {
 #[serde(deny_unknown_fields)]
 struct NameFile {
     class: Spanned<String>,
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
     suffixes: Vec<String>,
+    #[serde(default)]
+    contains: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +331,8 @@ struct BehaviourFile {
     max_rate_bps: Option<f64>,
     max_pps_ratio: Option<f64>,
     max_size_ratio: Option<f64>,
+    min_pauses: Option<u32>,
+    max_pauses: Option<u32>,
 }
 
 struct Ctx<'a> {
@@ -418,8 +462,30 @@ impl Rules {
             let mut names = Vec::new();
             for n in &parsed.name {
                 let class = cx.class(&n.class, "name.class")?;
+                let proto = match &n.proto {
+                    Some(p) => cx.proto(p)?,
+                    None => None,
+                };
                 for s in &n.suffixes {
-                    names.push((s.trim_matches('.').to_ascii_lowercase(), class));
+                    names.push(NameRule {
+                        pattern: NamePattern::Suffix(s.trim_matches('.').to_ascii_lowercase()),
+                        class,
+                        proto,
+                    });
+                }
+                for w in &n.contains {
+                    if w.get_ref().is_empty() {
+                        return Err(cx.err(
+                            w.span(),
+                            "name.contains",
+                            "an empty word would match every name".into(),
+                        ));
+                    }
+                    names.push(NameRule {
+                        pattern: NamePattern::Contains(w.get_ref().to_ascii_lowercase()),
+                        class,
+                        proto,
+                    });
                 }
             }
             names.append(&mut r.names);
@@ -456,6 +522,8 @@ impl Rules {
                     max_rate_bps: b.max_rate_bps.unwrap_or(f64::INFINITY),
                     max_pps_ratio: b.max_pps_ratio.unwrap_or(f64::INFINITY),
                     max_size_ratio: b.max_size_ratio.unwrap_or(f64::INFINITY),
+                    min_pauses: b.min_pauses.unwrap_or(0),
+                    max_pauses: b.max_pauses.unwrap_or(u32::MAX),
                 });
             }
             bs.append(&mut r.behaviours);
@@ -479,15 +547,13 @@ impl Rules {
         }
     }
 
-    /// Class of the first name rule whose suffix matches `name` on a label boundary.
-    pub fn name_class(&self, name: &str) -> Option<TrafficClass> {
+    /// Class of the first name rule for IP protocol `proto` that matches
+    /// `name` (a suffix on a label boundary, or a word anywhere).
+    pub fn name_class(&self, name: &str, proto: u8) -> Option<TrafficClass> {
         let name = name.trim_end_matches('.');
-        self.names.iter().find_map(|(suffix, class)| {
-            let hit = name.len() >= suffix.len()
-                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && (name.len() == suffix.len()
-                    || name.as_bytes()[name.len() - suffix.len() - 1] == b'.');
-            hit.then_some(*class)
+        self.names.iter().find_map(|rule| {
+            let hit = rule.proto.is_none_or(|p| p == proto) && rule.pattern.matches(name);
+            hit.then_some(rule.class)
         })
     }
 
@@ -512,10 +578,22 @@ mod tests {
         assert_eq!(r.port_class(17, 27015), Some(TrafficClass::Gaming));
         assert_eq!(r.port_class(6, 53_999), None);
         assert_eq!(
-            r.name_class("online.BANK.example"),
+            r.name_class("online.BANK.example", 6),
             Some(TrafficClass::Sensitive)
         );
-        assert_eq!(r.name_class("notbank.example"), None);
+        assert_eq!(
+            r.name_class("online.lloydsbank.co.uk", 6),
+            Some(TrafficClass::Sensitive),
+            "a word anywhere in the name"
+        );
+        assert_eq!(r.name_class("www.example.org", 6), None);
+        // Calls' names hold for their media (UDP) only: a chat app's file
+        // downloads over HTTPS come from the same domains.
+        assert_eq!(r.name_class("mmg.whatsapp.net", 6), None);
+        assert_eq!(
+            r.name_class("g.whatsapp.net", 17),
+            Some(TrafficClass::Calls)
+        );
         assert!(r.need(TrafficClass::Calls).latency_sensitive);
     }
 
@@ -524,6 +602,10 @@ mod tests {
         let extra = "[[port]]\nclass = \"gaming\"\nproto = \"tcp\"\nports = [22]\n";
         let r = Rules::compile(&[(DEFAULT_RULES, "d"), (extra, "x.toml")]).expect("compiles");
         assert_eq!(r.port_class(6, 22), Some(TrafficClass::Gaming));
+        let e = Rules::compile(&[("[[name]]\nclass = \"web\"\ncontains = [\"\"]\n", "n.toml")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("n.toml:3: field `name.contains`"), "{e}");
         let bad = "[[port]]\nclass = \"gamin\"\nproto = \"tcp\"\n";
         let e = Rules::compile(&[(bad, "bad.toml")])
             .unwrap_err()

@@ -11,6 +11,7 @@
 //! Times inside an entry are microseconds truncated to `u32`; differences are
 //! taken with wrapping arithmetic, valid for intervals below ~71 minutes.
 
+use super::evidence::RtpTrack;
 use super::parse::{tcp_flags, Packet, Proto};
 use shardline_shared::msg::TrafficClass;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -127,7 +128,10 @@ pub enum ClassSource {
     None = 0,
     Behaviour = 1,
     Port = 2,
-    Name = 3,
+    /// What the payload carries (STUN, RTP, BitTorrent, SSH; see `evidence`),
+    /// or an endpoint that such evidence tied to a class.
+    Payload = 3,
+    Name = 4,
 }
 
 // flag bits
@@ -191,9 +195,28 @@ pub struct Flow {
     /// rules later in the flow's life starts from the same place each time.
     pub base_class: TrafficClass,
     pub class_src: ClassSource,
+    /// Where `base_class` came from.
+    pub base_src: ClassSource,
     pub dscp: u8,
     pub(crate) flags: u16,
+    /// Payload evidence seen so far (`EV_*` bits).
+    pub evidence: u8,
+    /// Gaps of at least [`PAUSE_NS`] between packets: a video player fetches
+    /// a segment and then waits, a download does not.
+    pub pauses: u16,
+    /// UDP: the RTP stream of each direction, while the flow is young.
+    pub rtp: [RtpTrack; 2],
 }
+
+/// A gap between two packets of a flow that counts as a pause.
+pub const PAUSE_NS: u64 = 1_000_000_000;
+
+/// Payload evidence bits of [`Flow::evidence`].
+pub const EV_STUN: u8 = 1 << 0;
+pub const EV_RTP0: u8 = 1 << 1;
+pub const EV_RTP1: u8 = 1 << 2;
+pub const EV_BITTORRENT: u8 = 1 << 3;
+pub const EV_SSH: u8 = 1 << 4;
 
 /// What one packet contributed to the loss and RTT signals of its flow.
 #[derive(Debug, Clone, Copy, Default)]
@@ -231,8 +254,20 @@ impl Flow {
             class: TrafficClass::Other,
             base_class: TrafficClass::Other,
             class_src: ClassSource::None,
+            base_src: ClassSource::None,
             dscp: 0,
             flags: if initiator_is_a { F_INIT_IS_A } else { 0 },
+            evidence: 0,
+            pauses: 0,
+            rtp: [RtpTrack::default(); 2],
+        }
+    }
+
+    /// Sets the class found from stronger evidence than the flow's class has
+    /// now (a name beats payload evidence, which beats a port).
+    pub fn raise_class(&mut self, class: TrafficClass, src: ClassSource) {
+        if src >= self.base_src {
+            self.set_base_class(class, src);
         }
     }
 
@@ -241,6 +276,7 @@ impl Flow {
         self.class = class;
         self.base_class = class;
         self.class_src = src;
+        self.base_src = src;
     }
 
     /// Direction of a packet going from endpoint a to b (`a_to_b`).
@@ -320,6 +356,9 @@ impl Flow {
     #[inline]
     pub fn update(&mut self, p: &Packet<'_>, d: usize, now_ns: u64) -> PacketEvents {
         let mut ev = PacketEvents::default();
+        if now_ns.saturating_sub(self.last_ns) >= PAUSE_NS {
+            self.pauses = self.pauses.saturating_add(1);
+        }
         self.last_ns = now_ns;
         self.bytes[d] += u64::from(p.ip_len);
         self.packets[d] = self.packets[d].saturating_add(1);

@@ -9,8 +9,10 @@
 //! LRU hash entry) and lets the frame into the ring only while the flow
 //! needs it: its first [`KernelCountOptions::first_packets`] packets (the
 //! payload inspectors and the behaviour rules' first looks), TCP packets
-//! with one of [`KernelCountOptions::tcp_flags`], DNS (the name cache) and,
-//! optionally, one packet in [`KernelCountOptions::sample_every`]. Every
+//! with one of [`KernelCountOptions::tcp_flags`], DNS (the name cache), the
+//! first packet after a pause ([`KernelCountOptions::deliver_after_gap`]:
+//! the pipeline counts pauses) and, optionally, one packet in
+//! [`KernelCountOptions::sample_every`]. Every
 //! other frame (non-IP, fragments, extension headers, anything it does not
 //! read completely) goes through uncounted, so the pipeline counts it as
 //! before.
@@ -82,6 +84,10 @@ pub struct KernelCountOptions {
     /// default (a new connection on a reused 5-tuple); FIN and RST are not:
     /// the pipeline does nothing with them yet.
     pub tcp_flags: u8,
+    /// The first packet of a flow after a pause this long is delivered:
+    /// the pipeline counts a flow's pauses (a player fetching segments
+    /// pauses, a download does not; [`super::flow::PAUSE_NS`]). Zero: never.
+    pub deliver_after_gap: Duration,
     /// Entries of the kernel's LRU flow map.
     pub max_flows: u32,
     /// How often the map is read.
@@ -94,6 +100,7 @@ impl Default for KernelCountOptions {
             first_packets: 64,
             sample_every: 0,
             tcp_flags: tcp_flag::SYN,
+            deliver_after_gap: Duration::from_nanos(super::flow::PAUSE_NS),
             max_flows: 65_536,
             read_interval: Duration::from_millis(100),
         }
@@ -202,10 +209,11 @@ struct ConfigRaw {
     sample_every: u32,
     tcp_flags: u32,
     link: u32,
+    gap_ns: u64,
 }
 
 // SAFETY: plain `#[repr(C)]` structs of integers and byte arrays with no
-// implicit padding (sizes 40, 88 and 16 bytes, checked in the tests below):
+// implicit padding (sizes 40, 88 and 24 bytes, checked in the tests below):
 // every bit pattern is a valid value, which is what `Pod` requires.
 unsafe impl aya::Pod for FlowKeyRaw {}
 // SAFETY: as above.
@@ -333,6 +341,7 @@ impl KernelCounter {
                     sample_every: opts.sample_every,
                     tcp_flags: u32::from(opts.tcp_flags),
                     link,
+                    gap_ns: opts.deliver_after_gap.as_nanos().min(u128::from(u64::MAX)) as u64,
                 },
                 0,
             )
@@ -553,7 +562,7 @@ mod tests {
         // struct flow_key, struct flow_value, struct config.
         assert_eq!(std::mem::size_of::<FlowKeyRaw>(), 40);
         assert_eq!(std::mem::size_of::<FlowValueRaw>(), 88);
-        assert_eq!(std::mem::size_of::<ConfigRaw>(), 16);
+        assert_eq!(std::mem::size_of::<ConfigRaw>(), 24);
     }
 
     /// Frames 0..64 of each flow as frames, the rest as kernel counts: the

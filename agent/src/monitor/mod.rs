@@ -32,7 +32,7 @@
 //! - Memory is bounded: at most `max_flows` flows (oldest evicted and counted),
 //!   bounded name and DNS caches, bounded RTT sample reservoirs.
 //! - No input panics or stalls the pipeline: malformed frames are counted and
-//!   skipped; payload parsers (TLS SNI, DNS) read only captured bytes.
+//!   skipped; payload parsers (TLS SNI, QUIC, DNS, the `evidence` detectors) read only captured bytes.
 //! - Byte counts are IP bytes from the IP length fields, never captured lengths.
 //! - The per-packet path does not allocate (except when a new host name is
 //!   interned from an SNI or DNS answer, and when the first client packet
@@ -41,6 +41,7 @@
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod evidence;
 pub mod flow;
 pub mod kernel_count;
 pub mod names;

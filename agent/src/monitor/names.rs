@@ -67,10 +67,30 @@ impl NameTable {
     }
 }
 
-/// Address → (name id, class of a name rule) for names seen in DNS answers.
+/// The class name rules give a name, per transport: a name rule may hold
+/// for one protocol only (a call service's media is UDP, its downloads TCP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameClasses {
+    pub tcp: Option<TrafficClass>,
+    pub udp: Option<TrafficClass>,
+    /// Any other IP protocol.
+    pub other: Option<TrafficClass>,
+}
+
+impl NameClasses {
+    pub fn for_proto(&self, proto: u8) -> Option<TrafficClass> {
+        match proto {
+            6 => self.tcp,
+            17 => self.udp,
+            _ => self.other,
+        }
+    }
+}
+
+/// Address → (name id, classes of the name rules) for names seen in DNS answers.
 #[derive(Debug)]
 pub struct DnsCache {
-    map: HashMap<IpAddr, (u32, Option<TrafficClass>)>,
+    map: HashMap<IpAddr, (u32, NameClasses)>,
     order: VecDeque<IpAddr>,
     cap: usize,
 }
@@ -84,7 +104,7 @@ impl DnsCache {
         }
     }
 
-    pub fn insert(&mut self, addr: IpAddr, name: u32, class: Option<TrafficClass>) {
+    pub fn insert(&mut self, addr: IpAddr, name: u32, class: NameClasses) {
         if self.cap == 0 {
             return;
         }
@@ -98,7 +118,7 @@ impl DnsCache {
         }
     }
 
-    pub fn get(&self, addr: &IpAddr) -> Option<(u32, Option<TrafficClass>)> {
+    pub fn get(&self, addr: &IpAddr) -> Option<(u32, NameClasses)> {
         if self.map.is_empty() {
             return None;
         }
@@ -130,7 +150,11 @@ mod tests {
         assert_eq!(t.get(a), None, "slot reused: old id must not resolve");
         let mut c = DnsCache::new(2);
         for i in 0..5u8 {
-            c.insert(IpAddr::from([10, 0, 0, i]), u32::from(i), None);
+            c.insert(
+                IpAddr::from([10, 0, 0, i]),
+                u32::from(i),
+                NameClasses::default(),
+            );
         }
         assert_eq!(c.len(), 2);
         assert!(c.get(&IpAddr::from([10, 0, 0, 4])).is_some());

@@ -9,8 +9,12 @@
 
 use super::config::{MonitorConfig, Rules};
 use super::dns;
-use super::flow::{ClassSource, Flow, FlowKey, FlowTable, Removal, F_INSPECTED};
-use super::names::{DnsCache, NameTable};
+use super::evidence::{self, EndpointMemory, Evidence};
+use super::flow::{
+    ClassSource, Flow, FlowKey, FlowTable, Removal, EV_BITTORRENT, EV_RTP0, EV_RTP1, EV_SSH,
+    EV_STUN, F_INSPECTED,
+};
+use super::names::{DnsCache, NameClasses, NameTable};
 use super::parse::{parse, parse_cut, LinkType, Proto};
 use super::Timestamp;
 use super::{quic, tls};
@@ -140,6 +144,8 @@ pub struct Pipeline {
     table: FlowTable,
     names: NameTable,
     dns: DnsCache,
+    /// Endpoints that payload evidence tied to a class (ICE agents, DHT nodes).
+    endpoints: EndpointMemory,
     packets: u64,
     bytes: u64,
     flows: u64,
@@ -292,9 +298,96 @@ fn behaviour_class(rules: &Rules, f: &Flow) -> Option<TrafficClass> {
             && ratio <= b.max_ratio
             && rate <= b.max_rate_bps
             && pps_ratio <= b.max_pps_ratio
-            && size_ratio <= b.max_size_ratio;
+            && size_ratio <= b.max_size_ratio
+            && u32::from(f.pauses) >= b.min_pauses
+            && u32::from(f.pauses) <= b.max_pauses;
         ok.then_some(b.class)
     })
+}
+
+/// How many packets of a UDP flow are looked at for payload evidence: media
+/// and peer-to-peer protocols show themselves from their first packets.
+const EVIDENCE_PACKETS: u64 = 64;
+
+/// One-way RTP is a stream (a camera, IPTV) when the other direction sends
+/// at most this share of the packets (receiver reports); a call's media
+/// flows both ways.
+const ONE_WAY_SHARE: u32 = 10;
+
+/// The class the payload evidence gives a flow so far.
+fn payload_class(f: &Flow) -> Option<TrafficClass> {
+    let ev = f.evidence;
+    if ev & EV_BITTORRENT != 0 {
+        return Some(TrafficClass::Bulk);
+    }
+    if ev & EV_SSH != 0 {
+        return Some(TrafficClass::Interactive);
+    }
+    if ev & EV_STUN != 0 || ev & (EV_RTP0 | EV_RTP1) == EV_RTP0 | EV_RTP1 {
+        return Some(TrafficClass::Calls);
+    }
+    let d = match ev & (EV_RTP0 | EV_RTP1) {
+        EV_RTP0 => 0,
+        EV_RTP1 => 1,
+        _ => return None,
+    };
+    let (mine, other) = (f.packets[d], f.packets[1 - d]);
+    // A port rule knows better than the guess that one-way media is a
+    // stream (a cloud game's video is one-way RTP too), and so does an
+    // endpoint tied to a call. The guess is made once, at the first look.
+    if u64::from(mine) < BEHAVIOUR_FIRST_LOOK || f.base_src >= ClassSource::Port {
+        return None;
+    }
+    Some(if other.saturating_mul(ONE_WAY_SHARE) <= mine {
+        TrafficClass::Streaming
+    } else {
+        TrafficClass::Calls
+    })
+}
+
+/// Fold one payload's evidence into its flow; an ICE agent's or a DHT
+/// node's endpoint is remembered so its later flows start in its class.
+/// Returns whether the flow learnt something new.
+fn note_evidence(
+    flow: &mut Flow,
+    endpoints: &mut EndpointMemory,
+    p: &super::parse::Packet<'_>,
+    d: usize,
+    now: u64,
+) -> bool {
+    let before = flow.evidence;
+    let found = match p.proto {
+        Proto::Udp => evidence::udp(p.payload),
+        Proto::Tcp => evidence::tcp(p.payload),
+        _ => None,
+    };
+    match found {
+        Some(Evidence::Stun { request }) => {
+            flow.evidence |= EV_STUN;
+            if request {
+                endpoints.remember(SocketAddr::new(p.src, p.sport), TrafficClass::Calls, now);
+            }
+        }
+        Some(Evidence::Rtp { ssrc, seq }) => {
+            if flow.rtp[d].add(ssrc, seq) {
+                flow.evidence |= if d == 0 { EV_RTP0 } else { EV_RTP1 };
+            }
+        }
+        Some(Evidence::BitTorrent) => {
+            flow.evidence |= EV_BITTORRENT;
+            // A DHT node's port also carries its uTP peers; a TCP peer's
+            // listening port is the one it answers on.
+            let listener = if p.proto == Proto::Udp || d == 1 {
+                SocketAddr::new(p.src, p.sport)
+            } else {
+                SocketAddr::new(p.dst, p.dport)
+            };
+            endpoints.remember(listener, TrafficClass::Bulk, now);
+        }
+        Some(Evidence::Ssh) => flow.evidence |= EV_SSH,
+        Some(Evidence::Rtcp) | None => {}
+    }
+    flow.evidence != before
 }
 
 fn offer_top(top: &mut Vec<FlowSummary>, n: usize, s: FlowSummary) {
@@ -327,11 +420,13 @@ impl Pipeline {
         let table = FlowTable::new(cfg.max_flows, idle);
         let names = NameTable::new((cfg.dns_cache as usize).saturating_mul(2).max(1024));
         let dns = DnsCache::new(cfg.dns_cache as usize);
+        let endpoints = EndpointMemory::new(cfg.dns_cache as usize);
         Pipeline {
             cfg,
             table,
             names,
             dns,
+            endpoints,
             packets: 0,
             bytes: 0,
             flows: 0,
@@ -416,7 +511,7 @@ impl Pipeline {
                 });
         if new {
             self.flows += 1;
-            self.classify_new(id, &p);
+            self.classify_new(id, &p, now);
         }
         let flow = self.table.get_mut(id);
         let d = flow.dir(a_to_b);
@@ -429,7 +524,7 @@ impl Pipeline {
                         let id_name = self.names.intern(sni);
                         flow.name = id_name;
                         flow.flags |= F_SNI;
-                        if let Some(c) = self.cfg.rules.name_class(sni) {
+                        if let Some(c) = self.cfg.rules.name_class(sni, 6) {
                             flow.set_base_class(c, ClassSource::Name);
                         }
                     }
@@ -446,7 +541,7 @@ impl Pipeline {
                         let id_name = self.names.intern(&sni);
                         flow.name = id_name;
                         flow.flags |= F_SNI;
-                        if let Some(c) = self.cfg.rules.name_class(&sni) {
+                        if let Some(c) = self.cfg.rules.name_class(&sni, 17) {
                             flow.set_base_class(c, ClassSource::Name);
                         }
                     }
@@ -459,20 +554,39 @@ impl Pipeline {
                     };
                     if let Some(ans) = dns::parse_response(payload) {
                         let name_id = self.names.intern(ans.name());
-                        let class = self.cfg.rules.name_class(ans.name());
+                        let rules = &self.cfg.rules;
+                        let classes = NameClasses {
+                            tcp: rules.name_class(ans.name(), 6),
+                            udp: rules.name_class(ans.name(), 17),
+                            other: rules.name_class(ans.name(), 0),
+                        };
                         for a in ans.addrs() {
-                            self.dns.insert(*a, name_id, class);
+                            self.dns.insert(*a, name_id, classes);
                         }
                     }
                 }
                 _ => {}
             }
         }
+        let seen = flow.total_packets();
+        let young = match p.proto {
+            Proto::Udp => seen <= EVIDENCE_PACKETS,
+            // The first payload of each side comes within a few packets.
+            Proto::Tcp => seen <= 8 && flow.evidence == 0,
+            _ => false,
+        };
+        let learnt =
+            young && !p.payload.is_empty() && note_evidence(flow, &mut self.endpoints, &p, d, now);
         // Behaviour rules look at a flow at fixed points of its own life
         // (its 16th, 32nd, 64th, … packet), never at window boundaries: the
         // class a flow gets must not depend on the window length.
-        let seen = flow.total_packets();
-        if seen >= BEHAVIOUR_FIRST_LOOK && seen.is_power_of_two() {
+        let look = seen >= BEHAVIOUR_FIRST_LOOK && seen.is_power_of_two();
+        if learnt || (look && flow.evidence != 0) {
+            if let Some(c) = payload_class(flow) {
+                flow.raise_class(c, ClassSource::Payload);
+            }
+        }
+        if look {
             if let Some(c) = behaviour_class(&self.cfg.rules, flow) {
                 flow.class = c;
                 flow.class_src = ClassSource::Behaviour;
@@ -507,20 +621,27 @@ impl Pipeline {
         }
     }
 
-    fn classify_new(&mut self, id: u32, p: &super::parse::Packet<'_>) {
+    fn classify_new(&mut self, id: u32, p: &super::parse::Packet<'_>, now: u64) {
         let rules = &self.cfg.rules;
         let proto = p.proto.number();
         let port_class = rules
             .port_class(proto, p.dport)
             .or_else(|| rules.port_class(proto, p.sport));
+        let endpoint_class = self
+            .endpoints
+            .class_of(p.src, p.sport, now)
+            .or_else(|| self.endpoints.class_of(p.dst, p.dport, now));
         let named = self.dns.get(&p.dst).or_else(|| self.dns.get(&p.src));
         let flow = self.table.get_mut(id);
         if let Some(c) = port_class {
             flow.set_base_class(c, ClassSource::Port);
         }
-        if let Some((name, class)) = named {
+        if let Some(c) = endpoint_class {
+            flow.set_base_class(c, ClassSource::Payload);
+        }
+        if let Some((name, classes)) = named {
             flow.name = name;
-            if let Some(c) = class {
+            if let Some(c) = classes.for_proto(proto) {
                 flow.set_base_class(c, ClassSource::Name);
             }
         }
@@ -835,7 +956,7 @@ impl Pipeline {
                 });
         if new {
             self.flows += 1;
-            self.classify_new(id, &p);
+            self.classify_new(id, &p, now);
         }
         let flow = self.table.get_mut(id);
         let before = flow.total_packets();
@@ -848,6 +969,11 @@ impl Pipeline {
         let next_look = before.max(BEHAVIOUR_FIRST_LOOK - 1).saturating_add(1);
         let next_look = next_look.checked_next_power_of_two().unwrap_or(u64::MAX);
         if after >= next_look {
+            if flow.evidence != 0 {
+                if let Some(c) = payload_class(flow) {
+                    flow.raise_class(c, ClassSource::Payload);
+                }
+            }
             if let Some(c) = behaviour_class(&self.cfg.rules, flow) {
                 flow.class = c;
                 flow.class_src = ClassSource::Behaviour;

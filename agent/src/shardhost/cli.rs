@@ -70,12 +70,7 @@ struct Probe {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init("RUST_LOG", default, true);
 }
 
 pub fn shards(args: ShardsArgs) -> anyhow::Result<ExitCode> {

@@ -245,6 +245,9 @@ pub struct Agent {
     pub public_key: [u8; 32],
     child: Option<Child>,
     log: PathBuf,
+    /// The binary `start` runs: cargo's build for this profile unless a
+    /// bench points it at another build.
+    pub binary: PathBuf,
 }
 
 impl Agent {
@@ -315,6 +318,7 @@ impl Agent {
             public_key,
             child: None,
             log: dir.join("agent.log"),
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_shardline-agent")),
         }
     }
 
@@ -325,7 +329,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardline-agent"));
+        let mut cmd = Command::new(&self.binary);
         cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("SHARDLINE_LOG", "info")
