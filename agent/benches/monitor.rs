@@ -9,8 +9,11 @@
 //!    pipeline on the other; the highest offered rate with zero kernel drops
 //!    (`PACKET_STATISTICS`); median of 3 runs.
 //! 4. Beside tcpdump (root only): the same veth and senders at 100k, 200k,
-//!    300k packets/s and flat out, `shardline-agent monitor --iface` and
-//!    `tcpdump -w /dev/null` one after the other; CPU per packet of each
+//!    300k packets/s and flat out, `shardline-agent monitor --iface` with
+//!    the ring (`--capture ring`), the same with the in-kernel flow counter
+//!    (`--capture kernel`: a BPF socket filter that delivers only each
+//!    flow's first 64 packets and counts the rest) and `tcpdump -w
+//!    /dev/null`, one after the other; CPU per packet on the wire of each
 //!    process, kernel drops, and the rate the senders reached beside each.
 //!
 //! Writes the "Monitoring" section of BENCHMARKS.md (replacing an older one).
@@ -18,7 +21,7 @@
 #[path = "../tests/monitor_support/mod.rs"]
 mod support;
 
-use shardline_agent::monitor::source::{LiveCapture, LiveOptions};
+use shardline_agent::monitor::source::{CaptureMode, LiveCapture, LiveOptions};
 use shardline_agent::monitor::{LinkType, MonitorConfig, Pipeline, Timestamp};
 use std::net::UdpSocket;
 use std::process::Command;
@@ -202,6 +205,7 @@ fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, 
         let _sink = UdpSocket::bind(("10.78.0.2", 9000)).map_err(|e| e.to_string())?;
         let opts = LiveOptions {
             read_timeout: Duration::from_millis(50),
+            capture: CaptureMode::Ring,
             ..LiveOptions::default()
         };
         let mut cap = LiveCapture::open("cb", &opts).map_err(|e| e.to_string())?;
@@ -250,19 +254,28 @@ struct ToolRun {
     drops: u64,
     /// CPU time of the tool's process (user + system), seconds.
     cpu_s: f64,
+    /// Packets on the wire the tool accounted for: what it captured, or
+    /// with the kernel flow counter, frames plus packets counted in the
+    /// kernel (the pipeline's packets and non-IP frames).
+    accounted: u64,
 }
 
 impl ToolRun {
+    /// CPU per packet on the wire.
     fn us_per_packet(&self) -> f64 {
-        self.cpu_s * 1e6 / self.captured.max(1) as f64
+        self.cpu_s * 1e6 / self.accounted.max(1) as f64
     }
 }
 
 /// Which capture process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
-    /// `shardline-agent monitor --iface cb --json`: capture + the whole pipeline.
+    /// `shardline-agent monitor --iface cb --json --capture ring`: capture
+    /// + the whole pipeline.
     Agent,
+    /// The same with `--capture kernel`: the BPF flow counter delivers
+    /// only each flow's first packets; the pipeline adds the rest as counts.
+    AgentKernel,
     /// `tcpdump -i cb -w /dev/null`: libpcap's TPACKET_V3 capture, no analysis.
     Tcpdump,
 }
@@ -292,9 +305,14 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", c_ns]);
     match tool {
-        Tool::Agent => cmd
+        Tool::Agent | Tool::AgentKernel => cmd
             .arg(env!("CARGO_BIN_EXE_shardline-agent"))
-            .args(["monitor", "--iface", "cb", "--json"]),
+            .args(["monitor", "--iface", "cb", "--json", "--capture"])
+            .arg(if tool == Tool::Agent {
+                "ring"
+            } else {
+                "kernel"
+            }),
         Tool::Tcpdump => cmd.args(["tcpdump", "-i", "cb", "-n", "-w", "/dev/null"]),
     };
     let cpu_before = children_cpu_s();
@@ -305,7 +323,7 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
         .map_err(|e| format!("{tool:?}: {e}"))?;
     let mut err = BufReader::new(child.stderr.take().ok_or("no stderr")?);
     let ready = match tool {
-        Tool::Agent => "capturing on cb",
+        Tool::Agent | Tool::AgentKernel => "capturing on cb",
         Tool::Tcpdump => "listening on cb",
     };
     let mut line = String::new();
@@ -338,8 +356,8 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
     let stderr = err_rest.join().unwrap_or_default();
     let stdout = out_rest.join().unwrap_or_default();
     drop(sink);
-    let (captured, drops) = match tool {
-        Tool::Agent => {
+    let (captured, drops, accounted) = match tool {
+        Tool::Agent | Tool::AgentKernel => {
             if !status.success() {
                 return Err(format!("agent monitor: {status}: {stderr}"));
             }
@@ -348,11 +366,22 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
                 .last()
                 .and_then(|l| serde_json::from_str(l).ok())
                 .ok_or_else(|| format!("agent monitor printed no totals: {stderr}"))?;
-            let k = &totals["totals"]["kernel"];
-            (
-                k["packets"].as_u64().unwrap_or(0),
-                k["drops"].as_u64().unwrap_or(0),
-            )
+            let t = &totals["totals"];
+            if tool == Tool::AgentKernel && t["kernel_count"].is_null() {
+                return Err(format!(
+                    "agent monitor ran without the kernel counter: {stderr}"
+                ));
+            }
+            let k = &t["kernel"];
+            let captured = k["packets"].as_u64().unwrap_or(0);
+            let accounted = if tool == Tool::AgentKernel {
+                t["packets"].as_u64().unwrap_or(0)
+                    + t["non_ip"].as_u64().unwrap_or(0)
+                    + t["malformed"].as_u64().unwrap_or(0)
+            } else {
+                captured
+            };
+            (captured, k["drops"].as_u64().unwrap_or(0), accounted)
         }
         Tool::Tcpdump => {
             // "N packets received by filter" / "M packets dropped by kernel".
@@ -366,7 +395,7 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
             let received = count("received by filter")
                 .ok_or_else(|| format!("tcpdump printed no counters: {stderr}"))?;
             let dropped = count("dropped by kernel").unwrap_or(0);
-            (received, dropped)
+            (received, dropped, received)
         }
     };
     Ok(ToolRun {
@@ -374,6 +403,7 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
         captured,
         drops,
         cpu_s,
+        accounted,
     })
 }
 
@@ -425,9 +455,10 @@ fn send_paced(s_ns: &str, rate: u64, secs: f64) -> Result<f64, String> {
 
 type PacedRuns = Vec<(f64, u64)>;
 /// Per run: (frames read, packets/s, kernel drops).
-/// Per offered rate (0 = flat out): the runs of (agent, tcpdump), one after
-/// the other on the same interface and sender.
-type SideBySide = Vec<(u64, Vec<(ToolRun, ToolRun)>)>;
+/// Per offered rate (0 = flat out): the runs of (agent with the ring,
+/// tcpdump, agent with the kernel flow counter), one after the other on the
+/// same interface and sender.
+type SideBySide = Vec<(u64, Vec<(ToolRun, ToolRun, ToolRun)>)>;
 
 /// Offered rates of the side-by-side comparison; 0 = flat out.
 const SIDE_BY_SIDE_RATES: [u64; 4] = [100_000, 200_000, 300_000, 0];
@@ -494,13 +525,19 @@ fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
         for run in 0..runs {
             let agent = tool_step(Tool::Agent, &s_ns, &c_ns, rate, 2.0)?;
             let tcpdump = tool_step(Tool::Tcpdump, &s_ns, &c_ns, rate, 2.0)?;
+            let kernel = tool_step(Tool::AgentKernel, &s_ns, &c_ns, rate, 2.0)?;
+            println!(
+                "side by side, offered {} run {run}: agent with the kernel flow counter {:.2} us/packet ({} packets accounted, {} frames delivered, {} drops, sender {:.0} pps)",
+                if rate == 0 { "flat out".to_string() } else { format!("{rate} pps") },
+                kernel.us_per_packet(), kernel.accounted, kernel.captured, kernel.drops, kernel.achieved,
+            );
             println!(
                 "side by side, offered {} run {run}: agent {:.2} us/packet ({} captured, {} drops, sender {:.0} pps) | tcpdump {:.2} us/packet ({} captured, {} drops, sender {:.0} pps)",
                 if rate == 0 { "flat out".to_string() } else { format!("{rate} pps") },
                 agent.us_per_packet(), agent.captured, agent.drops, agent.achieved,
                 tcpdump.us_per_packet(), tcpdump.captured, tcpdump.drops, tcpdump.achieved,
             );
-            pairs.push((agent, tcpdump));
+            pairs.push((agent, tcpdump, kernel));
         }
         side.push((rate, pairs));
     }
@@ -610,13 +647,13 @@ fn main() {
                     rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
                 ));
                 for (rate, pairs) in &side {
-                    let med = |f: &dyn Fn(&(ToolRun, ToolRun)) -> f64| {
+                    let med = |f: &dyn Fn(&(ToolRun, ToolRun, ToolRun)) -> f64| {
                         median(pairs.iter().map(f).collect())
                     };
                     let agent_us = med(&|p| p.0.us_per_packet());
                     let tcpdump_us = med(&|p| p.1.us_per_packet());
                     let ratio = agent_us / tcpdump_us.max(1e-9);
-                    let drops = |pick: &dyn Fn(&(ToolRun, ToolRun)) -> u64| {
+                    let drops = |pick: &dyn Fn(&(ToolRun, ToolRun, ToolRun)) -> u64| {
                         pairs
                             .iter()
                             .map(|p| pick(p).to_string())
@@ -635,6 +672,19 @@ fn main() {
                         med(&|p| p.0.achieved),
                         med(&|p| p.1.achieved),
                         if met { "target met (no drops where tcpdump has none, CPU ≤ 4× tcpdump's)" } else { "target MISSED (no drops where tcpdump has none, CPU ≤ 4× tcpdump's)" },
+                    ));
+                    let kernel_us = med(&|p| p.2.us_per_packet());
+                    let delivered = med(&|p| p.2.captured as f64);
+                    let accounted = med(&|p| p.2.accounted as f64);
+                    rows.push(format!(
+                        "| live capture with the in-kernel flow counter, offered {} | agent `--capture kernel` {kernel_us:.2} µs CPU per packet on the wire (ring {agent_us:.2}, tcpdump {tcpdump_us:.2}; {:.2}× tcpdump's; median of {}); {delivered:.0} frames delivered to user space of {accounted:.0} packets accounted; kernel drops {} (ring {}, tcpdump {}); sender reached {:.0} packets/s | {machine} | {cmd} | same run, veth and senders as the rows beside tcpdump, run right after them; BPF socket filter on the agent's AF_PACKET socket in front of its TPACKET_V3 ring, first 64 packets of each flow delivered, the rest counted per flow in an LRU map read every 100 ms; CPU = the process's user + system time over every packet on the wire (frames + packets counted in the kernel), so the filter's own cost, paid in the kernel on the softirq, is not in it (nor is libpcap's or the ring's copy, for the other two); it includes the agent's one-time start-up with BPF (aya parses the kernel's BTF and the map is created: ~20 ms of CPU, most of the figure at low rates); two long UDP flows: the best case (a mix of short flows gains less) |",
+                        if *rate == 0 { "flat out".to_string() } else { format!("{rate} packets/s") },
+                        kernel_us / tcpdump_us.max(1e-9),
+                        pairs.len(),
+                        drops(&|p| p.2.drops),
+                        drops(&|p| p.0.drops),
+                        drops(&|p| p.1.drops),
+                        med(&|p| p.2.achieved),
                     ));
                 }
             }

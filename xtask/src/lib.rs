@@ -3,4 +3,5 @@
 //! demo does without duplicating them.
 #![forbid(unsafe_code)]
 
+pub mod bpf;
 pub mod kit;

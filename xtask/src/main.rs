@@ -47,6 +47,9 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     // The peer the classification bench (agent/benches/classes.rs) scores
     // the agent against: nDPI's reader.
     ("libndpi-bin", "/usr/bin/ndpiReader"),
+    // Rebuilds the agent's BPF object to check the committed one is current
+    // (agent/tests/bpf_object.rs; `cargo xtask bpf`).
+    ("clang-14", "/usr/bin/clang-14"),
 ];
 
 fn usage() -> ExitCode {
@@ -57,7 +60,8 @@ fn usage() -> ExitCode {
          test    install test prerequisites (as root) and run every test\n  \
          bench   run the benchmarks and write BENCHMARKS.md rows\n          \
                  (`bench e2e [--runs N] [--no-netns]`: first packet to shard active)\n  \
-         setup   only install the test prerequisites (as root)"
+         setup   only install the test prerequisites (as root)\n  \
+         bpf     rebuild the agent's BPF object (agent/bpf/flow_count.bpf.o) with clang-14"
     );
     ExitCode::from(2)
 }
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Some("test") => test(&root, &args[1..]),
         Some("bench") => bench(&root, &args[1..]),
         Some("setup") => setup(&root).map(|_| ()),
+        Some("bpf") => xtask::bpf::rebuild(&root).map(|p| println!("wrote {}", p.display())),
         _ => return usage(),
     };
     match result {

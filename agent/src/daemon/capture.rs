@@ -17,7 +17,7 @@
 
 use super::runtime::{QosSource, QosWindow};
 use crate::monitor::pcap::CaptureReader;
-use crate::monitor::source::{LiveCapture, LiveOptions};
+use crate::monitor::source::{CaptureMode, LiveCapture, LiveOptions};
 use crate::monitor::{MonitorConfig, Pipeline, Timestamp, WindowSummary};
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -89,7 +89,17 @@ fn feed(
 impl CaptureSource {
     /// Starts the capture threads. `tuning` is the monitor's own settings
     /// (flow table size, idle timeouts, rules); its window is overridden.
-    pub fn start(input: CaptureInput, mut tuning: MonitorConfig, window_ms: u32) -> Self {
+    pub fn start(input: CaptureInput, tuning: MonitorConfig, window_ms: u32) -> Self {
+        Self::start_with(input, tuning, window_ms, CaptureMode::Auto)
+    }
+
+    /// [`CaptureSource::start`] with the way live interfaces are captured.
+    pub fn start_with(
+        input: CaptureInput,
+        mut tuning: MonitorConfig,
+        window_ms: u32,
+        capture: CaptureMode,
+    ) -> Self {
         tuning.window = Duration::from_millis(u64::from(window_ms) * 2);
         let shared = Arc::new(Mutex::new(Shared {
             pipeline: Pipeline::new(tuning),
@@ -101,7 +111,9 @@ impl CaptureSource {
             CaptureInput::Interfaces(ifaces) => {
                 for iface in ifaces {
                     let (shared, stop) = (shared.clone(), stop.clone());
-                    threads.push(std::thread::spawn(move || live(&iface, &shared, &stop)));
+                    threads.push(std::thread::spawn(move || {
+                        live(&iface, &shared, &stop, capture)
+                    }));
                 }
             }
             CaptureInput::Replay(path) => {
@@ -125,9 +137,10 @@ impl CaptureSource {
     }
 }
 
-fn live(iface: &str, shared: &Mutex<Shared>, stop: &AtomicBool) {
+fn live(iface: &str, shared: &Mutex<Shared>, stop: &AtomicBool, capture: CaptureMode) {
     let opts = LiveOptions {
         read_timeout: Duration::from_millis(200),
+        capture,
         ..LiveOptions::default()
     };
     let mut cap = match LiveCapture::open(iface, &opts) {
@@ -137,7 +150,7 @@ fn live(iface: &str, shared: &Mutex<Shared>, stop: &AtomicBool) {
             return;
         }
     };
-    tracing::info!(iface, "capturing");
+    tracing::info!(iface, capture = cap.describe(), "capturing");
     let link = cap.link_type();
     while !stop.load(Ordering::Relaxed) {
         match cap.next_frame() {
@@ -145,6 +158,20 @@ fn live(iface: &str, shared: &Mutex<Shared>, stop: &AtomicBool) {
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(iface, error = %e, "capture failed; stopped capturing on this interface");
+                return;
+            }
+        }
+        // What the in-kernel flow counter counted and did not deliver.
+        if cap.kernel_counts_due() {
+            let now = Timestamp::now();
+            let mut s = lock(shared);
+            if let Some(w) = s.pipeline.poll_window(now) {
+                if s.queued.len() < MAX_QUEUED {
+                    s.queued.push_back(w);
+                }
+            }
+            if let Err(e) = cap.apply_kernel_counts(&mut s.pipeline, now, false) {
+                tracing::error!(iface, error = %e, "reading the kernel's flow counts failed; stopped capturing on this interface");
                 return;
             }
         }

@@ -274,7 +274,12 @@ fn wire(cfg: &Config) -> (Box<dyn ShardRuntime>, Box<dyn QosSource>) {
                 }),
                 None => MonitorConfig::default(),
             };
-            Box::new(CaptureSource::start(input, tuning, cfg.monitor.window_ms))
+            Box::new(CaptureSource::start_with(
+                input,
+                tuning,
+                cfg.monitor.window_ms,
+                cfg.monitor.capture,
+            ))
         }
         None => {
             tracing::info!(

@@ -110,6 +110,9 @@ pub struct MonitorConfig {
     /// The monitor's own tuning file (flow table size, idle timeouts,
     /// classification rules), as used by `shardline-agent monitor`.
     pub tuning_file: Option<PathBuf>,
+    /// How live interfaces are captured (`capture = "auto" | "kernel" |
+    /// "ring"`; `auto`: flows counted in the kernel where BPF is permitted).
+    pub capture: crate::monitor::source::CaptureMode,
 }
 
 /// Limits the agent applies to itself at start (its shard hosts get theirs
@@ -215,6 +218,7 @@ struct RawMonitor {
     pcap: Option<Spanned<PathBuf>>,
     window_ms: Option<Spanned<u32>>,
     tuning_file: Option<Spanned<PathBuf>>,
+    capture: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -463,6 +467,13 @@ impl Config {
             None => 5_000,
         };
 
+        let capture = match &m.capture {
+            Some(c) => c
+                .get_ref()
+                .parse()
+                .map_err(|e: String| invalid(c.span(), "monitor.capture", e))?,
+            None => crate::monitor::source::CaptureMode::Auto,
+        };
         let tuning_file = match &m.tuning_file {
             Some(f) => {
                 let p = resolve(path, f.get_ref());
@@ -535,6 +546,7 @@ impl Config {
                 pcap: m.pcap.map(|p| resolve(path, p.get_ref())),
                 window_ms,
                 tuning_file,
+                capture,
             },
             shard_dir: raw
                 .shards

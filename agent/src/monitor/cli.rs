@@ -2,8 +2,9 @@
 //! live interface or a capture file, prints a per-window table (or one JSON
 //! object per window with `--json`) and the run's totals as the last line.
 
+use super::kernel_count::{KernelCountOptions, KernelCountStats};
 use super::pcap::CaptureReader;
-use super::source::{LiveCapture, LiveOptions};
+use super::source::{CaptureMode, LiveCapture, LiveOptions};
 use super::{FlowSummary, MonitorConfig, Pipeline, Rules, Timestamp, Totals, WindowSummary};
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -47,6 +48,18 @@ pub struct MonitorArgs {
     /// Put the interface into promiscuous mode.
     #[arg(long)]
     pub promiscuous: bool,
+    /// How a live capture takes packets: `auto` counts flows in the kernel
+    /// (a BPF socket filter; needs CAP_BPF) and falls back to the ring with
+    /// the reason when it cannot, `kernel` fails instead, `ring` takes
+    /// every frame.
+    #[arg(long, default_value = "auto")]
+    pub capture: CaptureMode,
+    /// In-kernel counting: packets of each flow still delivered to user space.
+    #[arg(long)]
+    pub kernel_first_packets: Option<u32>,
+    /// In-kernel counting: also deliver one packet in this many (0 = none).
+    #[arg(long)]
+    pub kernel_sample: Option<u32>,
 }
 
 fn ms(us: Option<u32>) -> Value {
@@ -113,6 +126,19 @@ fn window_json(w: &WindowSummary, kernel: Option<(u64, u64)>) -> Value {
         v["window"]["kernel"] = json!({"packets": p, "drops": d});
     }
     v
+}
+
+fn kernel_count_json(k: &KernelCountStats) -> Value {
+    json!({
+        "frames_delivered": k.frames_delivered(),
+        "delivered": k.delivered,
+        "skipped": k.skipped,
+        "uncounted": k.uncounted,
+        "no_entry": k.no_entry,
+        "evicted": k.evicted,
+        "deleted": k.deleted,
+        "created_from_counts": k.created_from_counts,
+    })
 }
 
 fn totals_json(t: &Totals, kernel: Option<(u64, u64)>, read_error: Option<String>) -> Value {
@@ -430,20 +456,25 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
         .iface
         .as_deref()
         .context("--iface or --pcap is required")?;
+    let mut kernel_opts = KernelCountOptions::default();
+    if let Some(n) = args.kernel_first_packets {
+        kernel_opts.first_packets = n;
+    }
+    if let Some(k) = args.kernel_sample {
+        kernel_opts.sample_every = k;
+    }
     let opts = LiveOptions {
         promiscuous: args.promiscuous,
+        capture: args.capture,
+        kernel: kernel_opts,
         ..LiveOptions::default()
     };
     let mut cap = LiveCapture::open(iface, &opts)?;
+    if let Some(reason) = cap.kernel_fallback() {
+        eprintln!("monitor: in-kernel flow counting unavailable, every frame goes through the ring: {reason}");
+    }
     // Tells a supervising script (and the tests) that frames are being taken from now on.
-    eprintln!(
-        "monitor: capturing on {iface} ({})",
-        if cap.uses_ring() {
-            "TPACKET_V3 ring"
-        } else {
-            "one read per frame"
-        }
-    );
+    eprintln!("monitor: capturing on {iface} ({})", cap.describe());
     out.clear = !args.json && std::io::stdout().is_terminal();
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;
@@ -481,6 +512,13 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if cap.kernel_counts_due() {
+            let now = Timestamp::now();
+            while let Some(w) = pipeline.poll_window(now) {
+                closed.push(w);
+            }
+            cap.apply_kernel_counts(&mut pipeline, now, false)?;
+        }
         for w in closed.drain(..) {
             if let Ok(k) = cap.kernel_stats() {
                 kernel = (k.packets, k.drops);
@@ -491,9 +529,37 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     if let Ok(k) = cap.kernel_stats() {
         kernel = (k.packets, k.drops);
     }
+    // What the kernel counted up to now, also of flows whose frames never came.
+    let now = Timestamp::now();
+    while let Some(w) = pipeline.poll_window(now) {
+        out.window(&w, Some(kernel))?;
+    }
+    cap.apply_kernel_counts(&mut pipeline, now, true)?;
     if let Some(w) = pipeline.flush_window(Timestamp::now()) {
         out.window(&w, Some(kernel))?;
     }
-    out.totals(&pipeline.totals(), Some(kernel), None)?;
+    let kernel_count = cap.kernel_count_stats();
+    if args.json {
+        let mut v = totals_json(&pipeline.totals(), Some(kernel), None);
+        v["totals"]["capture"] = json!(cap.describe());
+        if let Some(k) = &kernel_count {
+            v["totals"]["kernel_count"] = kernel_count_json(k);
+        }
+        writeln!(out.out, "{v}")?;
+        out.out.flush()?;
+    } else {
+        out.totals(&pipeline.totals(), Some(kernel), None)?;
+        if let Some(k) = &kernel_count {
+            writeln!(
+                out.out,
+                "kernel flow counter: {} frames delivered ({} counted, {} uncounted), {} packets counted in the kernel only, {} map entries dropped by the LRU",
+                k.frames_delivered(),
+                k.delivered,
+                k.uncounted + k.no_entry,
+                k.skipped,
+                k.evicted
+            )?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

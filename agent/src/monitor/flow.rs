@@ -323,6 +323,27 @@ impl Flow {
         (self.rtt_min_us != 0).then_some(self.rtt_min_us)
     }
 
+    /// Adds packets of direction `d` that were counted outside user space
+    /// (the in-kernel flow counter) and were never seen as frames: `packets`
+    /// and `bytes` (IP bytes), the last of them at `last_ns`. The sequence
+    /// and arrival trackers of that direction start over at the next frame,
+    /// so the skipped packets are not read as a gap (loss) or a long pause
+    /// (jitter).
+    pub fn add_uncaptured(&mut self, d: usize, packets: u64, bytes: u64, last_ns: u64) {
+        if packets == 0 {
+            return;
+        }
+        self.bytes[d] += bytes;
+        let add = u32::try_from(packets).unwrap_or(u32::MAX);
+        self.packets[d] = self.packets[d].saturating_add(add);
+        self.last_ns = self.last_ns.max(last_ns);
+        self.flags &= !if d == 0 {
+            F_SEQ0 | F_ARR0
+        } else {
+            F_SEQ1 | F_ARR1
+        };
+    }
+
     fn group(&self) -> Group {
         match self.key.proto {
             6 => Group::Tcp,
@@ -590,6 +611,11 @@ impl FlowTable {
             }
             i = (i + 1) & self.mask;
         }
+    }
+
+    /// The id of the flow of `key`, if it is in the table (no LRU touch).
+    pub fn find_id(&self, key: &FlowKey) -> Option<u32> {
+        self.find(key, key.hash(self.seed)).ok()
     }
 
     /// Look a packet's flow up, creating it if needed. Returns the flow id and

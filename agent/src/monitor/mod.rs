@@ -20,8 +20,10 @@
 //! # let _ = totals;
 //! ```
 //!
-//! Frames come from [`source::LiveCapture`] (pnet AF_PACKET channel, kernel
-//! drop counter via `PACKET_STATISTICS`) or [`pcap::CaptureReader`] (pcap and
+//! Frames come from [`source::LiveCapture`] (a `TPACKET_V3` ring, pnet's
+//! AF_PACKET channel as the fallback, kernel drop counter via
+//! `PACKET_STATISTICS`; where BPF is allowed, [`kernel_count`] counts flows
+//! in the kernel and delivers only the packets classification needs) or [`pcap::CaptureReader`] (pcap and
 //! pcapng files). [`MonitorConfig`] loads from TOML; classification rules are
 //! TOML data (shipped defaults in `agent/rules/default.toml`).
 //!
@@ -41,6 +43,7 @@ pub mod config;
 pub mod dns;
 pub mod evidence;
 pub mod flow;
+pub mod kernel_count;
 pub mod names;
 pub mod parse;
 pub mod pcap;
@@ -53,7 +56,9 @@ mod packet_socket;
 
 pub use config::{ConfigError, MonitorConfig, Rules};
 pub use parse::LinkType;
-pub use pipeline::{ClassTotal, FlowSummary, Pipeline, Totals, WindowSummary};
+pub use pipeline::{
+    ClassTotal, FlowSummary, KernelCounts, KernelCountsApplied, Pipeline, Totals, WindowSummary,
+};
 
 /// A capture timestamp: nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -291,6 +291,12 @@ impl Ring {
         Ok(ring)
     }
 
+    /// The ring's socket (to attach a socket filter to).
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     fn block(&self, index: usize) -> *mut u8 {
         // SAFETY: index < blocks, so the offset stays inside the mapping.
         unsafe { self.map.as_ptr().add(index * self.spec.block_size) }

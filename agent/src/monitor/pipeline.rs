@@ -864,6 +864,135 @@ impl Pipeline {
     }
 }
 
+/// Packets of one flow that the in-kernel flow counter
+/// ([`super::kernel_count`]) counted and did not hand to user space, for
+/// [`Pipeline::handle_kernel_counts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// The sender of the flow's first packet the kernel counted, and its peer.
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// IP protocol number (TCP or UDP).
+    pub proto: u8,
+    /// Packets and IP bytes not seen as frames since the last call: index 0
+    /// `src` → `dst`, 1 the reverse.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// When the kernel first and last counted a packet of the flow.
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+}
+
+/// What [`Pipeline::handle_kernel_counts`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelCountsApplied {
+    /// Added to a flow in the table.
+    Added,
+    /// The flow was not in the table and was created from the counts.
+    Created,
+    /// The flow is not in the table and `create` was false: nothing
+    /// changed (its first frames may still be on their way; try later).
+    NotInTable,
+}
+
+impl Pipeline {
+    /// Accounts packets the kernel counted for a flow but did not deliver as
+    /// frames, so that windows and totals (per class, per flow) come out as
+    /// if every packet had been seen. The counts go to the window open at
+    /// `now` (call [`Pipeline::poll_window`] with `now` first); the flow's
+    /// last-seen time moves to `last_seen`. Behaviour rules look at the flow
+    /// when its packet count passes one of their points (16, 32, 64, …)
+    /// here, as they would for frames, and at its end. Skipped packets carry
+    /// no RTT, loss or jitter samples. When the flow is not in the table it
+    /// is created (classified by its ports and known names) only if
+    /// `create`; otherwise nothing changes.
+    pub fn handle_kernel_counts(
+        &mut self,
+        now: Timestamp,
+        counts: &KernelCounts,
+        create: bool,
+    ) -> KernelCountsApplied {
+        let now = now.as_nanos();
+        let pk = counts.packets[0].saturating_add(counts.packets[1]);
+        let by = counts.bytes[0].saturating_add(counts.bytes[1]);
+        let p = super::parse::Packet {
+            src: counts.src.ip(),
+            dst: counts.dst.ip(),
+            proto: Proto::from_number(counts.proto),
+            sport: counts.src.port(),
+            dport: counts.dst.port(),
+            ip_len: 0,
+            payload_len: 0,
+            dscp: 0,
+            tcp: None,
+            payload: &[],
+            fragment: None,
+            transport_truncated: false,
+        };
+        let (key, a_to_b) = FlowKey::of(&p);
+        let known = self.table.find_id(&key).is_some();
+        if !known && !create {
+            return KernelCountsApplied::NotInTable;
+        }
+        if pk == 0 {
+            return KernelCountsApplied::Added;
+        }
+        if self.win_start.is_none() {
+            self.win_start = Some(now);
+        }
+        self.packets += pk;
+        self.bytes += by;
+        let first = counts.first_seen.as_nanos();
+        let closed = &mut self.closed;
+        let names = &self.names;
+        let rules = &self.cfg.rules;
+        let top_n = self.cfg.top_flows;
+        let evicted = &mut self.evicted;
+        let (id, new) =
+            self.table
+                .lookup_or_insert(&key, a_to_b, first, &mut |f: &Flow, _r: Removal| {
+                    *evicted += 1;
+                    Self::record_closed(closed, names, rules, top_n, f);
+                });
+        if new {
+            self.flows += 1;
+            self.classify_new(id, &p, now);
+        }
+        let flow = self.table.get_mut(id);
+        let before = flow.total_packets();
+        let d = flow.dir(a_to_b);
+        let last = counts.last_seen.as_nanos();
+        flow.add_uncaptured(d, counts.packets[0], counts.bytes[0], last);
+        flow.add_uncaptured(1 - d, counts.packets[1], counts.bytes[1], last);
+        let after = flow.total_packets();
+        // The next look of the behaviour rules (16, 32, 64, …) was passed.
+        let next_look = before.max(BEHAVIOUR_FIRST_LOOK - 1).saturating_add(1);
+        let next_look = next_look.checked_next_power_of_two().unwrap_or(u64::MAX);
+        if after >= next_look {
+            if flow.evidence != 0 {
+                if let Some(c) = payload_class(flow) {
+                    flow.raise_class(c, ClassSource::Payload);
+                }
+            }
+            if let Some(c) = behaviour_class(&self.cfg.rules, flow) {
+                flow.class = c;
+                flow.class_src = ClassSource::Behaviour;
+            }
+        }
+        let class = flow.class;
+        // The class is carrying traffic: no onset when its next frame comes.
+        self.last_seen[class as usize] = self.last_seen[class as usize].max(now);
+        let w = &mut self.win[class as usize];
+        w.bytes += by;
+        w.packets += pk;
+        if new {
+            KernelCountsApplied::Created
+        } else {
+            KernelCountsApplied::Added
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

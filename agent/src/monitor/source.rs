@@ -20,7 +20,8 @@
 //! - `promiscuous` is off by default (a router sees what it forwards without
 //!   it, and qemu-user cannot set it).
 
-use super::{packet_socket, LinkType, Timestamp};
+use super::kernel_count::{KernelCountError, KernelCountOptions, KernelCountStats, KernelCounter};
+use super::{packet_socket, LinkType, Pipeline, Timestamp};
 use pnet::datalink::{self, Channel, DataLinkReceiver, DataLinkSender};
 use std::io;
 use std::os::fd::RawFd;
@@ -46,6 +47,53 @@ pub struct LiveOptions {
     pub ring_blocks: usize,
     /// A block not yet full is handed over after this long.
     pub ring_retire_ms: u32,
+    /// Whether flows are counted in the kernel (see [`CaptureMode`]).
+    pub capture: CaptureMode,
+    /// Settings of the in-kernel flow counter.
+    pub kernel: KernelCountOptions,
+}
+
+/// How a live capture takes packets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// The in-kernel flow counter where BPF is permitted, else the ring
+    /// alone (the reason is logged).
+    #[default]
+    Auto,
+    /// The in-kernel flow counter or an error.
+    Kernel,
+    /// Every frame through the ring (or the one-read-per-frame fallback).
+    Ring,
+}
+
+impl CaptureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Auto => "auto",
+            CaptureMode::Kernel => "kernel",
+            CaptureMode::Ring => "ring",
+        }
+    }
+}
+
+impl std::str::FromStr for CaptureMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CaptureMode::Auto),
+            "kernel" => Ok(CaptureMode::Kernel),
+            "ring" => Ok(CaptureMode::Ring),
+            other => Err(format!(
+                "`{other}`: expected \"auto\", \"kernel\" or \"ring\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CaptureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Default for LiveOptions {
@@ -60,6 +108,8 @@ impl Default for LiveOptions {
             ring_block_size: 256 * 1024,
             ring_blocks: 8,
             ring_retire_ms: 20,
+            capture: CaptureMode::Auto,
+            kernel: KernelCountOptions::default(),
         }
     }
 }
@@ -84,6 +134,12 @@ pub enum CaptureError {
     UnsupportedChannel(String),
     #[error("reading from `{iface}`: {source}")]
     Read { iface: String, source: io::Error },
+    /// (`error` carries its causes in its message; boxed, it is large.)
+    #[error("in-kernel flow counting on `{iface}`: {error}")]
+    KernelCount {
+        iface: String,
+        error: Box<KernelCountError>,
+    },
 }
 
 /// One frame of a live capture, valid until the next read.
@@ -112,6 +168,10 @@ enum Backend {
 pub struct LiveCapture {
     iface: String,
     backend: Backend,
+    /// The in-kernel flow counter on the ring's socket, if attached.
+    kernel: Option<KernelCounter>,
+    /// Why `auto` capture runs without the kernel counter.
+    kernel_fallback: Option<String>,
     read_timeout: Duration,
     link: LinkType,
     stats: KernelStats,
@@ -164,11 +224,43 @@ impl LiveCapture {
                         ring_bytes = spec.block_size * spec.blocks,
                         "live capture opened (TPACKET_V3 ring)"
                     );
+                    let (kernel, kernel_fallback) = match opts.capture {
+                        CaptureMode::Ring => (None, None),
+                        mode => match KernelCounter::attach(ring.socket(), link, &opts.kernel) {
+                            Ok(k) => {
+                                tracing::info!(
+                                    iface,
+                                    first_packets = opts.kernel.first_packets,
+                                    sample_every = opts.kernel.sample_every,
+                                    max_flows = opts.kernel.max_flows,
+                                    "flows counted in the kernel (BPF socket filter on the ring)"
+                                );
+                                (Some(k), None)
+                            }
+                            Err(error) if mode == CaptureMode::Kernel => {
+                                return Err(CaptureError::KernelCount {
+                                    iface: iface.to_string(),
+                                    error: Box::new(error),
+                                })
+                            }
+                            Err(e) => {
+                                tracing::warn!(
+                                    iface,
+                                    capture = "auto",
+                                    reason = %e,
+                                    "in-kernel flow counting unavailable; every frame goes through the ring"
+                                );
+                                (None, Some(e.to_string()))
+                            }
+                        },
+                    };
                     // Discard counters from before we started reading.
                     let _ = ring.take_stats();
                     return Ok(LiveCapture {
                         iface: iface.to_string(),
                         backend: Backend::Ring(ring),
+                        kernel,
+                        kernel_fallback,
                         read_timeout: opts.read_timeout,
                         link,
                         stats: KernelStats::default(),
@@ -183,6 +275,16 @@ impl LiveCapture {
                 ),
             }
         }
+        let kernel_fallback = match opts.capture {
+            CaptureMode::Ring => None,
+            CaptureMode::Kernel => {
+                return Err(CaptureError::KernelCount {
+                    iface: iface.to_string(),
+                    error: Box::new(KernelCountError::NoRing),
+                })
+            }
+            CaptureMode::Auto => Some(KernelCountError::NoRing.to_string()),
+        };
         let fd = packet_socket::open_raw().map_err(open_err)?;
         let setup = (|| {
             if ignore_outgoing {
@@ -222,6 +324,8 @@ impl LiveCapture {
         Ok(LiveCapture {
             iface: iface.to_string(),
             backend: Backend::Pnet { rx, _tx: tx, fd },
+            kernel: None,
+            kernel_fallback,
             read_timeout: opts.read_timeout,
             link,
             stats: KernelStats::default(),
@@ -236,6 +340,56 @@ impl LiveCapture {
     /// Whether frames come from a `TPACKET_V3` ring (else one read each).
     pub fn uses_ring(&self) -> bool {
         matches!(self.backend, Backend::Ring(_))
+    }
+
+    /// Whether flows are counted in the kernel (only their first packets
+    /// come as frames; see [`LiveCapture::apply_kernel_counts`]).
+    pub fn counts_in_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// Why `auto` capture runs without the in-kernel flow counter.
+    pub fn kernel_fallback(&self) -> Option<&str> {
+        self.kernel_fallback.as_deref()
+    }
+
+    /// How frames are taken, in words (for logs and the CLI).
+    pub fn describe(&self) -> &'static str {
+        match (&self.backend, &self.kernel) {
+            (Backend::Ring(_), Some(_)) => "kernel flow counter + TPACKET_V3 ring",
+            (Backend::Ring(_), None) => "TPACKET_V3 ring",
+            (Backend::Pnet { .. }, _) => "one read per frame",
+        }
+    }
+
+    /// Whether the kernel's flow counts are due to be read.
+    pub fn kernel_counts_due(&self) -> bool {
+        self.kernel.as_ref().is_some_and(KernelCounter::due)
+    }
+
+    /// Hands `pipeline` the packets the kernel counted and did not deliver
+    /// (when a read is due, or always with `force`, e.g. before the run's
+    /// totals). The caller polls the pipeline's window with `now` first.
+    /// Nothing to do without the kernel counter.
+    pub fn apply_kernel_counts(
+        &mut self,
+        pipeline: &mut Pipeline,
+        now: Timestamp,
+        force: bool,
+    ) -> Result<(), CaptureError> {
+        let Some(k) = &mut self.kernel else {
+            return Ok(());
+        };
+        k.apply(pipeline, now, force)
+            .map_err(|error| CaptureError::KernelCount {
+                iface: self.iface.clone(),
+                error: Box::new(error),
+            })
+    }
+
+    /// The kernel flow counter's statistics, when it is attached.
+    pub fn kernel_count_stats(&self) -> Option<KernelCountStats> {
+        self.kernel.as_ref().and_then(|k| k.stats().ok())
     }
 
     /// The next frame with its receive time (kernel or hardware from the
