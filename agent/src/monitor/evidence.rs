@@ -155,6 +155,20 @@ impl RtpTrack {
     pub fn is_media(&self) -> bool {
         self.run >= RTP_RUN
     }
+
+    /// The track as two words (SSRC; sequence number and run), the form a
+    /// UDP flow keeps it in (`Flow::rtp_track`).
+    pub fn to_words(self) -> (u32, u32) {
+        (self.ssrc, u32::from(self.seq) | u32::from(self.run) << 16)
+    }
+
+    pub fn from_words(ssrc: u32, seq_run: u32) -> Self {
+        RtpTrack {
+            ssrc,
+            seq: seq_run as u16,
+            run: (seq_run >> 16) as u8,
+        }
+    }
 }
 
 /// How long an endpoint stays tied to its class without new evidence: an

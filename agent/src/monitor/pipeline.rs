@@ -369,9 +369,11 @@ fn note_evidence(
             }
         }
         Some(Evidence::Rtp { ssrc, seq }) => {
-            if flow.rtp[d].add(ssrc, seq) {
+            let mut track = flow.rtp_track(d);
+            if track.add(ssrc, seq) {
                 flow.evidence |= if d == 0 { EV_RTP0 } else { EV_RTP1 };
             }
+            flow.set_rtp_track(d, track);
         }
         Some(Evidence::BitTorrent) => {
             flow.evidence |= EV_BITTORRENT;
