@@ -19,6 +19,8 @@
 //! Writes the "Classes on the labelled corpus" section of BENCHMARKS.md
 //! (replacing an older one).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/monitor_support/corpus.rs"]
 mod corpus;
 #[path = "../tests/monitor_support/mod.rs"]
@@ -146,49 +148,14 @@ fn ndpi_classes(file: &Path) -> Result<ClassBytes, String> {
     Ok(classes)
 }
 
-fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(str::trim)
-        .unwrap_or("unknown CPU")
-        .to_string();
-    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
-    format!("{model}, {cores} cores")
-}
-
-/// The commit measured (with `+changes` when the tree differs from it).
-fn commit() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    if dirty {
-        format!("{head}+changes (not the project's figure)")
-    } else {
-        head
-    }
-}
-
 fn write_section(rows: &[String], notes: &str, load_at_start: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
     let mut section = format!("{SECTION}\n\n");
     section.push_str(
         "Written by `cargo bench -p shardline-agent --bench classes` (agent/benches/classes.rs).\n",
     );
     section.push_str(&format!(
         "Load average when the bench started: {load_at_start} (2 cores); commit {}.\n\n",
-        commit()
+        common::commit()
     ));
     section.push_str(notes);
     section.push_str(
@@ -198,24 +165,12 @@ fn write_section(rows: &[String], notes: &str, load_at_start: &str) {
         section.push_str(r);
         section.push('\n');
     }
-    section.push('\n');
-    let new = match old.find(SECTION) {
-        Some(start) => {
-            let rest = &old[start + 1..];
-            let end = rest.find("\n## ").map_or(old.len(), |e| start + 1 + e + 1);
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!("wrote {}", path.display());
+    common::replace_section(SECTION, &section);
 }
 
 fn main() {
-    let load_at_start = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    let machine = machine();
+    let load_at_start = common::load_average();
+    let machine = common::machine();
     let cmd = "`cargo bench -p shardline-agent --bench classes`";
     let agent = Path::new(env!("CARGO_BIN_EXE_shardline-agent"));
     let have_ndpi = Command::new("ndpiReader").arg("-h").output().is_ok();

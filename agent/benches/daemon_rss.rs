@@ -13,6 +13,8 @@
 //! one): `cargo bench -p shardline-agent --bench daemon_rss`.
 //! Targets (issue 16 §4): idle ≤ 5 MB, 10,000 flows ≤ 10 MB (MiB here).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/daemon_support/mod.rs"]
 mod daemon_support;
 
@@ -72,19 +74,6 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
-}
-
 /// Build the agent binary alone with cargo profile `profile`; its path.
 fn build(profile: &str) -> std::path::PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -116,6 +105,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let load_at_start = common::load_average();
     let mut rows = Vec::new();
     for profile in ["release", "device"] {
         let binary = build(profile);
@@ -130,7 +120,7 @@ fn main() {
     for r in &rows {
         println!("{r}");
     }
-    write_section(&rows);
+    write_section(&rows, &load_at_start);
 }
 
 /// Rows for one build of the agent; `None` when there is no broker.
@@ -157,7 +147,7 @@ fn measure(build: &str, binary: &Path) -> Option<Vec<String>> {
         }
     };
     let cmd = "`cargo bench -p shardline-agent --bench daemon_rss`";
-    let m = machine();
+    let m = common::machine();
     let build = format!("{build} build ({:.1} MB binary)", size as f64 / 1e6);
     Some(vec![
         format!(
@@ -171,9 +161,7 @@ fn measure(build: &str, binary: &Path) -> Option<Vec<String>> {
     ])
 }
 
-fn write_section(rows: &[String]) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+fn write_section(rows: &[String], load_at_start: &str) {
     let mut section = String::from("## Agent daemon\n\n");
     section.push_str(
         "Written by `cargo bench -p shardline-agent --bench daemon_rss` (agent/benches/daemon_rss.rs): \
@@ -183,20 +171,14 @@ fn write_section(rows: &[String]) {
          `cross/build.sh --release` and the packages ship; most of an idle agent's RSS is \
          code pages (its own and glibc's), which is what the size-optimised build cuts.\n\n",
     );
+    section.push_str(&format!(
+        "Load average when the bench started: {load_at_start} (2 cores); commit {}.\n\n",
+        common::commit()
+    ));
     section.push_str("| what | result | machine | command | notes |\n|---|---|---|---|---|\n");
     for r in rows {
         section.push_str(r);
         section.push('\n');
     }
-    section.push('\n');
-    let new = match old.find("## Agent daemon") {
-        Some(start) => {
-            let rest = &old[start + 1..];
-            let end = rest.find("\n## ").map_or(old.len(), |e| start + 1 + e + 1);
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!("wrote {}", path.display());
+    common::replace_section("## Agent daemon", &section);
 }

@@ -18,6 +18,8 @@
 //!
 //! Writes the "Monitoring" section of BENCHMARKS.md (replacing an older one).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/monitor_support/mod.rs"]
 mod support;
 
@@ -146,19 +148,6 @@ fn offline_run(m: &Mix) -> (f64, u64, usize) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(str::trim)
-        .unwrap_or("unknown CPU")
-        .to_string();
-    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
-    format!("{model}, {cores} cores")
 }
 
 // ---------------------------------------------------------------- live
@@ -546,60 +535,26 @@ fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
 }
 
 fn write_section(rows: &[String], load_at_start: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
     let mut section = String::from("## Monitoring\n\n");
     section.push_str(
         "Written by `cargo bench -p shardline-agent --bench monitor` (agent/benches/monitor.rs).\n",
     );
     section.push_str(&format!(
         "Load average when the bench started: {load_at_start} (2 cores); commit {}.\n\n",
-        commit()
+        common::commit()
     ));
     section.push_str("| what | result | machine | command | notes |\n|---|---|---|---|---|\n");
     for r in rows {
         section.push_str(r);
         section.push('\n');
     }
-    section.push('\n');
-    let new = match old.find("## Monitoring") {
-        Some(start) => {
-            let rest = &old[start + 1..];
-            let end = rest.find("\n## ").map_or(old.len(), |e| start + 1 + e + 1);
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!("wrote {}", path.display());
-}
-
-/// The commit measured (with `+changes` when the tree differs from it).
-fn commit() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    if dirty {
-        format!("{head}+changes (not the project's figure)")
-    } else {
-        head
-    }
+    common::replace_section("## Monitoring", &section);
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; anything else is ignored.
-    let load_at_start = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    let machine = machine();
+    let load_at_start = common::load_average();
+    let machine = common::machine();
     let cmd = "`cargo bench -p shardline-agent --bench monitor`";
     println!("generating {PACKETS} packets over {FLOWS} flows …");
     let m = mix();

@@ -10,6 +10,8 @@
 //! Each figure is the median of several runs; the rows replace the "Shards"
 //! section of BENCHMARKS.md.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/shard_common/mod.rs"]
 mod shard_common;
 
@@ -172,48 +174,6 @@ fn throughput(dir: &Path, crypto: &str, secs: f64) -> f64 {
     bytes as f64 * 8.0 / elapsed / 1e6
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
-}
-
-fn write_section(body: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("root")
-        .join("BENCHMARKS.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let header = "## Shards";
-    let new = match text.find(header) {
-        Some(start) => {
-            let rest = &text[start + header.len()..];
-            let end = rest
-                .find("\n## ")
-                .map(|i| start + header.len() + i + 1)
-                .unwrap_or(text.len());
-            // Keep one blank line before the next section.
-            let sep = if end < text.len() { "\n" } else { "" };
-            format!("{}{}{sep}{}", &text[..start], body, &text[end..])
-        }
-        None => format!(
-            "{}\n{}",
-            text.trim_end_matches('\n').to_owned() + "\n",
-            body
-        ),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need: run quickly then.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -240,11 +200,13 @@ fn main() {
     let mut body = format!(
         "## Shards\n\n\
          Machine: {}; AES instructions: {}; limits enforced by {enforcement:?}.\n\
-         Command: `cargo bench -p shardline-agent --bench shard_bench` (release build).\n\n\
+         Command: `cargo bench -p shardline-agent --bench shard_bench` (release build); commit {}; load average at the end: {}.\n\n\
          | what | figure | target | runs |\n|---|---|---|---|\n\
          | activate the vpn capability (spawn host, limits, verify + SHA-256, load, init of 3 shards) | p50 {p50:.2} ms, p99 {p99:.2} ms | p99 ≤ 20 ms{} | {n} |\n",
-        machine(),
+        common::machine(),
         if aes { "yes" } else { "no" },
+        common::commit(),
+        common::load_average(),
         if p99 <= 20.0 { "" } else { " (missed)" },
     );
     for (crypto, m, all) in rows {
@@ -254,6 +216,6 @@ fn main() {
             all.len()
         ));
     }
-    write_section(&body);
+    common::replace_section("## Shards", &body);
     println!("BENCHMARKS.md updated");
 }

@@ -44,7 +44,7 @@
 //! with the offset between the two clocks at each read.
 //!
 //! The only `unsafe` here: `aya::Pod` for the three `#[repr(C)]` types
-//! shared with the BPF program, and one `clock_gettime`.
+//! shared with the BPF program.
 #![allow(unsafe_code)]
 
 use super::pipeline::{KernelCounts, KernelCountsApplied};
@@ -269,18 +269,9 @@ impl std::fmt::Debug for KernelCounter {
 
 /// (wall clock − monotonic clock) now, ns.
 fn monotonic_to_wall() -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the
-    // call; CLOCK_MONOTONIC always exists on Linux.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let mono = if r == 0 {
-        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-    } else {
-        0
-    };
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
+    });
     i128::from(Timestamp::now().as_nanos()) - mono
 }
 
