@@ -500,21 +500,7 @@ impl Pipeline {
         self.bytes += u64::from(p.ip_len);
         self.fragments.attribute(now, &mut p);
         let (key, a_to_b) = FlowKey::of(&p);
-        let closed = &mut self.closed;
-        let names = &self.names;
-        let rules = &self.cfg.rules;
-        let top_n = self.cfg.top_flows;
-        let evicted = &mut self.evicted;
-        let (id, new) =
-            self.table
-                .lookup_or_insert(&key, a_to_b, now, &mut |f: &Flow, _r: Removal| {
-                    *evicted += 1;
-                    Self::record_closed(closed, names, rules, top_n, f);
-                });
-        if new {
-            self.flows += 1;
-            self.classify_new(id, &p, now);
-        }
+        let (id, _) = self.flow_of(&key, a_to_b, &p, now, now);
         let flow = self.table.get_mut(id);
         let d = flow.dir(a_to_b);
         let ev = flow.update(&p, d, now);
@@ -621,6 +607,35 @@ impl Pipeline {
             }
             w.seen = w.seen.saturating_add(1);
         }
+    }
+
+    /// The flow `key` names and whether it is new: created (first seen at
+    /// `first_ns`, classified from `p`) if need be; a flow evicted to make
+    /// room is recorded.
+    fn flow_of(
+        &mut self,
+        key: &FlowKey,
+        a_to_b: bool,
+        p: &super::parse::Packet<'_>,
+        first_ns: u64,
+        now: u64,
+    ) -> (u32, bool) {
+        let closed = &mut self.closed;
+        let names = &self.names;
+        let rules = &self.cfg.rules;
+        let top_n = self.cfg.top_flows;
+        let evicted = &mut self.evicted;
+        let (id, new) =
+            self.table
+                .lookup_or_insert(key, a_to_b, first_ns, &mut |f: &Flow, _r: Removal| {
+                    *evicted += 1;
+                    Self::record_closed(closed, names, rules, top_n, f);
+                });
+        if new {
+            self.flows += 1;
+            self.classify_new(id, p, now);
+        }
+        (id, new)
     }
 
     fn classify_new(&mut self, id: u32, p: &super::parse::Packet<'_>, now: u64) {
@@ -945,21 +960,7 @@ impl Pipeline {
         self.packets += pk;
         self.bytes += by;
         let first = counts.first_seen.as_nanos();
-        let closed = &mut self.closed;
-        let names = &self.names;
-        let rules = &self.cfg.rules;
-        let top_n = self.cfg.top_flows;
-        let evicted = &mut self.evicted;
-        let (id, new) =
-            self.table
-                .lookup_or_insert(&key, a_to_b, first, &mut |f: &Flow, _r: Removal| {
-                    *evicted += 1;
-                    Self::record_closed(closed, names, rules, top_n, f);
-                });
-        if new {
-            self.flows += 1;
-            self.classify_new(id, &p, now);
-        }
+        let (id, new) = self.flow_of(&key, a_to_b, &p, first, now);
         let flow = self.table.get_mut(id);
         let before = flow.total_packets();
         let d = flow.dir(a_to_b);
