@@ -74,32 +74,6 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-/// Build the agent binary alone with cargo profile `profile`; its path.
-fn build(profile: &str) -> std::path::PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-        .args([
-            "build",
-            "--profile",
-            profile,
-            "-p",
-            "shardline-agent",
-            "--bin",
-            "shardline-agent",
-        ])
-        .current_dir(manifest)
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build --profile {profile} failed");
-    // The bench binary sits in <target>/release/deps/.
-    let exe = std::env::current_exe().expect("bench path");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("target directory above release/deps");
-    target.join(profile).join("shardline-agent")
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs nothing heavy.
     if !std::env::args().any(|a| a == "--bench") {
@@ -108,7 +82,7 @@ fn main() {
     let load_at_start = common::load_average();
     let mut rows = Vec::new();
     for profile in ["release", "device"] {
-        let binary = build(profile);
+        let binary = common::build_agent(profile);
         match measure(profile, &binary) {
             Some(r) => rows.extend(r),
             None => {

@@ -281,6 +281,9 @@ fn children_cpu_s() -> f64 {
 /// senders offer `rate` packets/s for `secs`, then stops it with SIGINT (as
 /// Ctrl-C) and reads its counters; the CPU time is the process's own, from
 /// `RUSAGE_CHILDREN` around its wait.
+/// The agent binary the live rows run: the `device` build, as shipped.
+static AGENT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<ToolRun, String> {
     use std::io::{BufRead, BufReader, Read};
     let sink_ns = c_ns.to_string();
@@ -295,7 +298,7 @@ fn tool_step(tool: Tool, s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result
     cmd.args(["netns", "exec", c_ns]);
     match tool {
         Tool::Agent | Tool::AgentKernel => cmd
-            .arg(env!("CARGO_BIN_EXE_shardline-agent"))
+            .arg(AGENT.get().expect("agent built"))
             .args(["monitor", "--iface", "cb", "--json", "--capture"])
             .arg(if tool == Tool::Agent {
                 "ring"
@@ -453,6 +456,7 @@ type SideBySide = Vec<(u64, Vec<(ToolRun, ToolRun, ToolRun)>)>;
 const SIDE_BY_SIDE_RATES: [u64; 4] = [100_000, 200_000, 300_000, 0];
 
 fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
+    AGENT.get_or_init(|| common::build_agent("device"));
     let pid = std::process::id();
     let s_ns = format!("sl-monb-{pid}-s");
     let c_ns = format!("sl-monb-{pid}-c");
@@ -619,7 +623,7 @@ fn main() {
                     let tcpdump_drops = pairs.iter().any(|p| p.1.drops > 0);
                     let met = ratio <= 4.0 && (!agent_drops || tcpdump_drops);
                     rows.push(format!(
-                        "| live capture beside tcpdump, offered {} | agent {agent_us:.2} µs CPU per packet, tcpdump {tcpdump_us:.2} (ratio {ratio:.1}; median of {}); kernel drops agent {} / tcpdump {}; sender reached {:.0} / {:.0} packets/s | {machine} | {cmd} | {}; 64-byte UDP from two paced senders in another namespace, 2 s per run, the agent (`shardline-agent monitor --iface`, TPACKET_V3 ring + the whole pipeline, release build) and `tcpdump -w /dev/null` (libpcap's TPACKET_V3 ring, no analysis) run one after the other on the same veth; CPU = the process's user + system time (RUSAGE_CHILDREN) over the packets the kernel gave it |",
+                        "| live capture beside tcpdump, offered {} | agent {agent_us:.2} µs CPU per packet, tcpdump {tcpdump_us:.2} (ratio {ratio:.1}; median of {}); kernel drops agent {} / tcpdump {}; sender reached {:.0} / {:.0} packets/s | {machine} | {cmd} | {}; 64-byte UDP from two paced senders in another namespace, 2 s per run, the agent (`shardline-agent monitor --iface`, TPACKET_V3 ring + the whole pipeline, the device build that ships) and `tcpdump -w /dev/null` (libpcap's TPACKET_V3 ring, no analysis) run one after the other on the same veth; CPU = the process's user + system time (RUSAGE_CHILDREN) over the packets the kernel gave it |",
                         if *rate == 0 { "flat out".to_string() } else { format!("{rate} packets/s") },
                         pairs.len(),
                         drops(&|p| p.0.drops),
