@@ -141,7 +141,7 @@ fn write_section(rows: &[String], load_at_start: &str) {
         "Written by `cargo bench -p shardline-agent --bench daemon_rss` (agent/benches/daemon_rss.rs): \
          VmRSS of the `shardline-agent run` process after it settled, against a real \
          mosquitto; the flow count comes from the agent's own reports. MB here are MiB \
-         (KiB / 1024). The `device` build (opt-level z, fat LTO, one codegen unit) is the one \
+         (KiB / 1024). The `device` build (opt-level z, fat LTO, one codegen unit, panic = abort) is the one \
          `cross/build.sh --release` and the packages ship; most of an idle agent's RSS is \
          code pages (its own and glibc's), which is what the size-optimised build cuts.\n\n",
     );
