@@ -36,7 +36,9 @@ fn addr16(ip: IpAddr) -> ([u8; 16], bool) {
     }
 }
 
-fn addr_of(b: [u8; 16], v6: bool) -> IpAddr {
+/// The address a flow key (or the kernel counter's key) stores as 16 bytes,
+/// IPv4 mapped into IPv6.
+pub(crate) fn addr_of(b: [u8; 16], v6: bool) -> IpAddr {
     let a = Ipv6Addr::from(b);
     if v6 {
         IpAddr::V6(a)

@@ -52,7 +52,7 @@ use super::{LinkType, Pipeline, Timestamp};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::SocketFilter;
 use std::collections::HashMap as StdHashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
@@ -281,13 +281,7 @@ fn wall(mono_ns: u64, offset: i128) -> Timestamp {
 }
 
 fn endpoint(addr: [u8; 16], v6: bool, port: u16) -> SocketAddr {
-    let a = Ipv6Addr::from(addr);
-    let ip = if v6 {
-        IpAddr::V6(a)
-    } else {
-        IpAddr::V4(a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED))
-    };
-    SocketAddr::new(ip, port)
+    SocketAddr::new(super::flow::addr_of(addr, v6), port)
 }
 
 impl KernelCounter {
@@ -547,6 +541,7 @@ impl KernelCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn shared_layouts_match_the_bpf_source() {
