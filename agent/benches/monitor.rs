@@ -20,9 +20,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/netns_support/mod.rs"]
+mod netns_support;
 #[path = "../tests/monitor_support/mod.rs"]
 mod support;
 
+use netns_support::{enter, veth_pair};
 use shardline_agent::monitor::source::{CaptureMode, LiveCapture, LiveOptions};
 use shardline_agent::monitor::{LinkType, MonitorConfig, Pipeline, Timestamp};
 use std::net::UdpSocket;
@@ -151,37 +154,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 // ---------------------------------------------------------------- live
-
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn enter(ns: &str) -> Result<(), String> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| e.to_string())?;
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())
-}
 
 /// Offer `rate` packets/s for `secs`; returns (offered pps achieved, captured, kernel drops).
 fn live_step(s_ns: &str, c_ns: &str, rate: u64, secs: f64) -> Result<(f64, u64, u64), String> {
@@ -457,40 +429,11 @@ const SIDE_BY_SIDE_RATES: [u64; 4] = [100_000, 200_000, 300_000, 0];
 
 fn live(runs: usize) -> Result<(PacedRuns, SideBySide), String> {
     AGENT.get_or_init(|| common::build_agent("device"));
-    let pid = std::process::id();
-    let s_ns = format!("sl-monb-{pid}-s");
-    let c_ns = format!("sl-monb-{pid}-c");
-    let mut guard = Netns(Vec::new());
-    for n in [&s_ns, &c_ns] {
-        sh(&["ip", "netns", "add", n])?;
-        guard.0.push(n.clone());
-    }
-    sh(&[
-        "ip", "link", "add", "sa", "netns", &s_ns, "type", "veth", "peer", "name", "cb", "netns",
-        &c_ns,
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &s_ns,
-        "addr",
-        "add",
-        "10.78.0.1/24",
-        "dev",
-        "sa",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &c_ns,
-        "addr",
-        "add",
-        "10.78.0.2/24",
-        "dev",
-        "cb",
-    ])?;
-    sh(&["ip", "-n", &s_ns, "link", "set", "dev", "sa", "up"])?;
-    sh(&["ip", "-n", &c_ns, "link", "set", "dev", "cb", "up"])?;
+    let (guard, s_ns, c_ns) = veth_pair(
+        &format!("sl-monb-{}", std::process::id()),
+        "10.78.0.1",
+        "10.78.0.2",
+    )?;
     let mut best = Vec::new();
     for run in 0..runs {
         let mut best_ok = (0.0f64, 0u64);

@@ -16,6 +16,9 @@
 //! Needs root (network namespaces, AF_PACKET, BPF); otherwise each test
 //! prints why it skips. Namespaces are `sl-kc-<pid>-*` and always removed.
 
+mod netns_support;
+
+use netns_support::{enter, veth_pair, Netns};
 use shardline_agent::monitor::kernel_count::{KernelCountOptions, KernelCountStats};
 use shardline_agent::monitor::source::{CaptureMode, LiveCapture, LiveOptions};
 use shardline_agent::monitor::{MonitorConfig, Pipeline, Timestamp, Totals};
@@ -36,74 +39,9 @@ const TCP_BYTES: usize = 1 << 20;
 /// Packets of the long UDP flow after a pause of more than a second.
 const AFTER_PAUSE: u64 = 5;
 
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
 /// Two namespaces `…-s` (sender, `sa`) and `…-c` (capture, `cb`).
 fn setup(tag: &str) -> Result<(Netns, String, String), String> {
-    let pid = std::process::id();
-    let s = format!("sl-kc-{pid}-{tag}-s");
-    let c = format!("sl-kc-{pid}-{tag}-c");
-    let mut guard = Netns(Vec::new());
-    for n in [&s, &c] {
-        sh(&["ip", "netns", "add", n])?;
-        guard.0.push(n.clone());
-    }
-    sh(&[
-        "ip", "link", "add", "sa", "netns", &s, "type", "veth", "peer", "name", "cb", "netns", &c,
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &s,
-        "addr",
-        "add",
-        &format!("{S_IP}/24"),
-        "dev",
-        "sa",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &c,
-        "addr",
-        "add",
-        &format!("{C_IP}/24"),
-        "dev",
-        "cb",
-    ])?;
-    for (n, dev) in [(&s, "sa"), (&c, "cb"), (&s, "lo"), (&c, "lo")] {
-        sh(&["ip", "-n", n, "link", "set", "dev", dev, "up"])?;
-    }
-    Ok((guard, s, c))
-}
-
-fn enter(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    veth_pair(&format!("sl-kc-{}-{tag}", std::process::id()), S_IP, C_IP)
 }
 
 fn skip_unless_root(test: &str) -> bool {
@@ -149,7 +87,7 @@ fn capture_with(
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Option<Seen>> {
     std::thread::spawn(move || {
-        enter(&ns);
+        enter(&ns).expect("setns");
         let opts = LiveOptions {
             read_timeout: Duration::from_millis(50),
             capture: mode,
@@ -214,7 +152,7 @@ fn traffic(s: &str, c: &str) -> u16 {
     let c2 = c.to_string();
     let (tx, rx) = mpsc::channel();
     let server = std::thread::spawn(move || {
-        enter(&c2);
+        enter(&c2).expect("setns");
         let u = UdpSocket::bind((C_IP, 5002)).expect("udp sink");
         let l = TcpListener::bind((C_IP, 5001)).expect("tcp listen");
         tx.send(()).unwrap();
@@ -234,7 +172,7 @@ fn traffic(s: &str, c: &str) -> u16 {
     rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
     let s2 = s.to_string();
     let port = std::thread::spawn(move || {
-        enter(&s2);
+        enter(&s2).expect("setns");
         let u = UdpSocket::bind((S_IP, 0)).expect("udp");
         for i in 0..LONG_UDP {
             u.send_to(&[i as u8; 200], (C_IP, 5002)).expect("send");
@@ -492,7 +430,7 @@ fn lru_pressure_is_counted_and_never_double_counts() {
     // round, keep the 16-entry map under pressure.
     let s2 = s.clone();
     std::thread::spawn(move || {
-        enter(&s2);
+        enter(&s2).expect("setns");
         let hot: Vec<UdpSocket> = (0..8)
             .map(|_| UdpSocket::bind((S_IP, 0)).expect("udp"))
             .collect();
@@ -558,7 +496,7 @@ fn the_daemons_capture_source_reports_kernel_counted_packets() {
     let c2 = c.clone();
     let s2 = s.clone();
     let result = std::thread::spawn(move || {
-        enter(&c2);
+        enter(&c2).expect("setns");
         let _sink = UdpSocket::bind((C_IP, 5002)).expect("udp sink");
         let mut src = CaptureSource::start_with(
             CaptureInput::Interfaces(vec!["cb".into()]),
@@ -568,7 +506,7 @@ fn the_daemons_capture_source_reports_kernel_counted_packets() {
         );
         std::thread::sleep(Duration::from_millis(300));
         std::thread::spawn(move || {
-            enter(&s2);
+            enter(&s2).expect("setns");
             let u = UdpSocket::bind((S_IP, 0)).expect("udp");
             for i in 0..SENT {
                 u.send_to(&[i as u8; 100], (C_IP, 5002)).expect("send");
