@@ -570,8 +570,18 @@ fn device_state_written_before_explicit_requests_still_decodes() {
     let st = fx.engine.device_state(&fx.device).unwrap().clone();
     assert_eq!(st.apps, AppRequests::default());
     let bytes = postcard::to_stdvec(&st).unwrap();
-    let tail = postcard::to_stdvec(&AppRequests::default()).unwrap().len();
+    // Issue 18's layout: `apps` was the last field (issue 17 added three).
+    let tail = postcard::to_stdvec(&AppRequests::default()).unwrap().len()
+        + postcard::to_stdvec(&st.lending).unwrap().len()
+        + postcard::to_stdvec(&st.credits).unwrap().len()
+        + postcard::to_stdvec(&st.feedback).unwrap().len();
     let old = &bytes[..bytes.len() - tail];
+    let back = decode_device_state(old).expect("state before issue 18 decodes");
+    assert_eq!(back, st);
+    let issue18 = &bytes
+        [..bytes.len() - (tail - postcard::to_stdvec(&AppRequests::default()).unwrap().len())];
+    let back = decode_device_state(issue18).expect("state of issue 18 decodes");
+    assert_eq!(back, st);
     let back = decode_device_state(old).expect("old state decodes");
     assert_eq!(back, st);
     assert!(back.reputation.score < 50.0, "reputation kept");

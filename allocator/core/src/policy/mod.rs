@@ -15,7 +15,10 @@
 pub mod catalog;
 mod engine;
 pub mod faults;
+pub mod feedback;
 pub mod forecast;
+pub mod lending;
+pub mod market;
 mod plan;
 pub mod prng;
 pub mod reputation;
@@ -666,23 +669,53 @@ pub struct DeviceState {
     /// Signs of two agents sharing this device's identity.
     #[serde(default)]
     pub clone_watch: CloneWatch,
-    /// Explicit requests: instances, grants, queue. Must stay the last
-    /// field: state written before it existed decodes through
-    /// [`decode_device_state`], which supplies it empty.
+    /// Explicit requests: instances, grants, queue. State written before
+    /// it existed decodes through [`decode_device_state`], which supplies
+    /// it empty.
     #[serde(default)]
     pub apps: AppRequests,
+    /// Seed 002's loan record: how the device borrows and returns, what
+    /// its loans did to its lenders, the good-neighbour reports about it,
+    /// its consent policy as a lender (see [`lending`]).
+    #[serde(default)]
+    pub lending: lending::LendingState,
+    /// Seed 002's credits: earned by lending units, spent in the per-tick
+    /// market (see [`market`]).
+    #[serde(default)]
+    pub credits: market::CreditAccount,
+    /// What the engine learned about its own decisions on this device:
+    /// forecast error (prediction off where it does not pay) and the QoS
+    /// gain shifts brought (see [`feedback`]). The last three fields were
+    /// added together (issue 17); new fields go after them.
+    #[serde(default)]
+    pub feedback: feedback::FeedbackState,
 }
 
-/// Decodes a persisted [`DeviceState`] (postcard). State written before
-/// [`DeviceState::apps`] existed ends one field early; postcard is not
-/// self-describing, so the empty value's bytes are appended and it is
-/// decoded again — an upgrade keeps every device's reputation.
+/// Decodes a persisted [`DeviceState`] (postcard). Postcard is not
+/// self-describing: state written by an older release ends early, so the
+/// empty values of the fields it lacks are appended and it is decoded
+/// again — an upgrade keeps every device's reputation. Two older layouts
+/// exist: before [`DeviceState::apps`] (issue 18) and before the three
+/// fields of issue 17 (`lending`, `credits`, `feedback`).
 pub fn decode_device_state(bytes: &[u8]) -> Result<DeviceState, postcard::Error> {
-    postcard::from_bytes(bytes).or_else(|e| {
-        let mut padded = bytes.to_vec();
-        padded.extend(postcard::to_stdvec(&AppRequests::default())?);
-        postcard::from_bytes(&padded).map_err(|_| e)
-    })
+    let first = match postcard::from_bytes(bytes) {
+        Ok(st) => return Ok(st),
+        Err(e) => e,
+    };
+    let issue17 = [
+        postcard::to_stdvec(&lending::LendingState::default())?,
+        postcard::to_stdvec(&market::CreditAccount::default())?,
+        postcard::to_stdvec(&feedback::FeedbackState::default())?,
+    ]
+    .concat();
+    let apps = postcard::to_stdvec(&AppRequests::default())?;
+    for tail in [issue17.clone(), [apps, issue17].concat()] {
+        let padded = [bytes, &tail].concat();
+        if let Ok(st) = postcard::from_bytes(&padded) {
+            return Ok(st);
+        }
+    }
+    Err(first)
 }
 
 // ----------------------------------------------------------------- queries

@@ -64,6 +64,9 @@ impl Engine {
                 start_failures: BTreeMap::new(),
                 clone_watch: CloneWatch::default(),
                 apps: AppRequests::default(),
+                lending: Default::default(),
+                credits: Default::default(),
+                feedback: Default::default(),
             },
         };
         self.restore_device(device.clone(), state);
