@@ -4,6 +4,7 @@
 
 mod policy_common;
 use policy_common::*;
+use shardline_allocator_core::policy::feedback::DecisionKind;
 use shardline_allocator_core::policy::{
     Action, Agreements, BorrowRefusal, Catalog, CatalogError, ComplianceKind, Event, Features,
     PolicyConfig, Refusal,
@@ -1060,13 +1061,14 @@ fn the_rebalancer_respects_its_per_tick_limit() {
 
 #[test]
 fn prediction_pre_activates_before_a_daily_peak_and_reactive_does_not() {
-    let run = |features: Features| {
+    let run = |features: Features, rate_bps: u64| {
         let mut cfg = PolicyConfig::default();
         cfg.features = features;
         let mut e = engine_with(cfg);
         let d = dev("diurnal");
         enroll(&mut e, 0, &d, "roomy", None);
-        // Calls every day 09:00–12:00; 5-minute reports, ticks after each.
+        // Calls every day 09:00–12:00; 5-minute reports (each shows the
+        // traffic of the moment), ticks after each.
         let mut seq = 0;
         let mut first_active_day4 = None;
         for t in (0..4 * 24 * 60).step_by(5) {
@@ -1074,7 +1076,7 @@ fn prediction_pre_activates_before_a_daily_peak_and_reactive_does_not() {
             let h = (t / 60) % 24;
             seq += 1;
             let classes = if (9..12).contains(&h) {
-                vec![calls(300_000)]
+                vec![calls(rate_bps)]
             } else {
                 vec![]
             };
@@ -1087,17 +1089,35 @@ fn prediction_pre_activates_before_a_daily_peak_and_reactive_does_not() {
                 first_active_day4 = Some((t % (24 * 60)) as f64 / 60.0);
             }
         }
-        first_active_day4.expect("active on day 4")
+        let why = e
+            .device_state(&d)
+            .unwrap()
+            .feedback
+            .decisions
+            .iter()
+            .find(|x| x.kind == DecisionKind::Preactivate)
+            .map(|x| x.explanation.clone());
+        (first_active_day4.expect("active on day 4"), why)
     };
-    let full = run(Features::FULL);
-    let reactive = run(Features::REACTIVE);
+    let (full, why) = run(Features::FULL, 2_000_000);
+    let (reactive, none) = run(Features::REACTIVE, 2_000_000);
     assert!(
         reactive >= 9.0,
-        "reactive starts with the demand: {reactive}"
+        "reactive starts with the first report that shows the demand: {reactive}"
     );
+    assert!(none.is_none());
     assert!(
         (8.0..9.0).contains(&full),
         "prediction pre-activates before 09:00: {full}"
+    );
+    // 300 kbit/s: the one report a pre-activation saves (11 Mbit) is
+    // worth less than holding two units from before the onset's slot.
+    let (small, _) = run(Features::FULL, 300_000);
+    assert!(small >= 9.0, "not worth holding early: {small}");
+    let why = why.expect("the pre-activation is explained");
+    assert!(
+        why.contains("qos held ahead of a forecast onset of Calls") && why.contains("P(rate"),
+        "{why}"
     );
 }
 

@@ -4,6 +4,7 @@
 //! errors. Reports are averaged into their slot; the model updates once per
 //! completed slot, so its state stays small and its cost per report is O(1).
 
+use super::feedback::{ClassLearning, PredictionConfig};
 use serde::{Deserialize, Serialize};
 use shardline_shared::msg::{QosNeed, TrafficClass};
 
@@ -158,20 +159,41 @@ impl ClassForecast {
     }
 
     /// Adds one report's rate for this class at slot `slot`; a new slot
-    /// flushes the previous slot's mean into the model.
-    pub fn add(&mut self, cfg: &ForecastConfig, slot: u64, rate_kbps: f32) {
+    /// flushes the previous slot's mean into the model. `learn` gets the
+    /// report (short-term model) and each completed slot (the seasonal
+    /// model's error, the day-of-week factor).
+    pub fn add(
+        &mut self,
+        cfg: &ForecastConfig,
+        slot: u64,
+        rate_kbps: f32,
+        learn: &mut ClassLearning,
+        pcfg: &PredictionConfig,
+    ) {
         if slot != self.slot {
-            self.flush(cfg);
+            self.flush(cfg, learn, pcfg);
             self.slot = slot;
         }
+        learn.observe_report(pcfg, rate_kbps);
         self.acc_sum += rate_kbps;
         self.acc_n += 1;
     }
 
-    fn flush(&mut self, cfg: &ForecastConfig) {
+    fn flush(&mut self, cfg: &ForecastConfig, learn: &mut ClassLearning, pcfg: &PredictionConfig) {
         if self.acc_n > 0 && (self.model.n == 0 || self.slot > self.model.last_slot) {
-            self.model
-                .observe(cfg, self.slot, self.acc_sum / self.acc_n as f32);
+            let y = self.acc_sum / self.acc_n as f32;
+            let slot_start = self.slot.saturating_mul(cfg.slot_ms);
+            if self.model.warmed_up() {
+                let base = self.model.forecast(cfg, self.slot).mean;
+                learn.observe_slot(pcfg, slot_start, y, base);
+            }
+            // The daily model learns an ordinary day: the day-of-week factor
+            // is divided out (a day whose factor is near zero, a closed
+            // office's Sunday, teaches it nothing).
+            let w = learn.week_factor(slot_start);
+            if w >= 0.1 {
+                self.model.observe(cfg, self.slot, y / w);
+            }
         }
         self.acc_sum = 0.0;
         self.acc_n = 0;

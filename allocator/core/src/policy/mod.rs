@@ -350,6 +350,8 @@ pub struct PolicyConfig {
     /// Grace after a deactivation before a still-running shard is "outside its profile".
     pub outside_profile_grace_ms: u64,
     pub forecast: forecast::ForecastConfig,
+    /// When a forecast is worth acting on (see [`feedback`]).
+    pub prediction: feedback::PredictionConfig,
     /// Operator faults and duplicate identities (see [`faults`]).
     pub faults: FaultConfig,
     /// Pre-activate when the upper bound crosses a need threshold this far ahead.
@@ -390,6 +392,7 @@ impl Default for PolicyConfig {
             active_rate_bps: 8_000,
             outside_profile_grace_ms: 180_000,
             forecast: forecast::ForecastConfig::default(),
+            prediction: feedback::PredictionConfig::default(),
             faults: FaultConfig::default(),
             prediction_horizon_ms: 30 * 60_000,
             prediction_min_rate_bps: 64_000,

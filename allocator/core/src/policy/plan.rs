@@ -37,6 +37,10 @@ pub(crate) struct Plan<'c> {
     pub shards: BTreeMap<&'c str, Chosen<'c>>,
     pub used: [u32; 2],
     pub refusals: BTreeMap<String, Refusal>,
+    /// Capabilities held only by a prediction that did not fit beside
+    /// the observed demand: not refusals (nothing asked for them yet), so
+    /// they neither borrow nor attract shifts.
+    pub predictions_skipped: Vec<String>,
 }
 
 /// Free CPU (per mille of one core) and memory (KiB) shards may use, and
@@ -89,6 +93,9 @@ pub(crate) struct PlanInput<'a, 'c> {
     pub capacity: Option<Capacity>,
     /// Demanded capabilities (pinned ones are added by the planner).
     pub demanded: &'a [&'c str],
+    /// Of them, those only a prediction holds: planned after every
+    /// observed one, so a pre-activation never displaces observed demand.
+    pub predicted_only: &'a [&'c str],
     /// Shard id ⇒ why it must not be planned on this device now (catalog
     /// entries failing on its architecture): skipped like an avoided
     /// shard, with this refusal when no option is left.
@@ -156,29 +163,36 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
         }
         return out;
     }
-    // Order: pinned capabilities, then priority (high first), then name.
-    let mut caps: Vec<(bool, u8, &'c str)> = Vec::with_capacity(input.demanded.len() + 1);
+    // Order: pinned capabilities, then observed demand before predicted,
+    // then priority (high first), then name.
+    let mut caps: Vec<(bool, bool, u8, &'c str)> = Vec::with_capacity(input.demanded.len() + 1);
     for &c in input.demanded {
         if let Some(spec) = catalog.capabilities.get(c) {
-            caps.push((false, spec.priority, spec.name.as_str()));
+            let observed = !input.predicted_only.contains(&c);
+            caps.push((false, observed, spec.priority, spec.name.as_str()));
         }
     }
     for p in &state.pinned {
         if let Some(shard) = catalog.shards.get(p) {
             let spec = &catalog.capabilities[&shard.capability];
-            match caps.iter_mut().find(|c| c.2 == spec.name) {
+            match caps.iter_mut().find(|c| c.3 == spec.name) {
                 Some(c) => c.0 = true,
-                None => caps.push((true, spec.priority, spec.name.as_str())),
+                None => caps.push((true, true, spec.priority, spec.name.as_str())),
             }
         }
     }
-    caps.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    caps.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then(b.1.cmp(&a.1))
+            .then(b.2.cmp(&a.2))
+            .then(a.3.cmp(b.3))
+    });
 
     let mut cpu_used: u64 = 0;
     let mut mem_used: u64 = 0;
     let res = state.resources.as_ref();
     let arch = device_arch(state);
-    for (pinned, _, cap_name) in caps {
+    for (pinned, observed, _, cap_name) in caps {
         if !input.tier.capabilities.contains(cap_name) {
             out.refusals
                 .insert(cap_name.to_owned(), Refusal::NotAllowed);
@@ -313,6 +327,9 @@ pub(crate) fn plan<'c>(input: &PlanInput<'_, 'c>) -> Plan<'c> {
             }
         }
         match refusal {
+            Some(_) if !observed && !pinned => {
+                out.predictions_skipped.push(cap_name.to_owned());
+            }
             Some(r) => {
                 out.refusals.insert(cap_name.to_owned(), r);
             }

@@ -34,10 +34,11 @@ pub struct SimParams {
     pub misbehaving_permille: u32,
 }
 
-/// The figures of one policy variant.
+/// The figures of one policy variant over the first `hours` of the run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VariantResult {
     pub variant: String,
+    pub hours: u32,
     /// Demand that needed a capability, Mbit, whole fleet.
     pub demand_mbit: f64,
     /// Of it, Mbit carried while the capability was active.
@@ -69,6 +70,16 @@ pub struct VariantResult {
     /// Of them, on well-behaved devices (misbehaving ones lose and regain
     /// quota as their reputation is cut and decays back).
     pub flaps_well_behaved: u64,
+    /// The most times one capability of one well-behaved device went off
+    /// and on again within one stabilization period (target: at most 1).
+    pub max_flaps_per_stabilization: u32,
+    /// Demand not served, Mbit, by why (the refusal of the capability it
+    /// needed; `not_demanded_yet` = the window its class came on in, before
+    /// a report showed it).
+    pub unserved_mbit: BTreeMap<String, f64>,
+    /// Pre-activations judged, and those demand followed.
+    pub preactivations: u64,
+    pub preactivation_hits: u64,
     pub instructions: u64,
     pub activations: u64,
     pub events: u64,
@@ -78,12 +89,34 @@ pub struct VariantResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {
     pub params: SimParams,
+    /// Over the whole run.
     pub variants: Vec<VariantResult>,
+    /// Over the first 24 h, 72 h and 168 h (those within the run), then
+    /// the whole run: prediction only acts after its first day, so one
+    /// horizon alone misleads.
+    pub horizons: Vec<Vec<VariantResult>>,
+}
+
+/// Horizons reported beside the whole run, hours.
+pub const HORIZONS_H: [u32; 3] = [24, 72, 168];
+
+fn horizons_of(hours: u32) -> Vec<u32> {
+    let mut h: Vec<u32> = HORIZONS_H.iter().copied().filter(|&x| x < hours).collect();
+    h.push(hours);
+    h
 }
 
 impl SimReport {
     pub fn variant(&self, name: &str) -> Option<&VariantResult> {
         self.variants.iter().find(|v| v.variant == name)
+    }
+
+    /// The variant over the first `hours`.
+    pub fn at(&self, hours: u32, name: &str) -> Option<&VariantResult> {
+        self.horizons
+            .iter()
+            .flatten()
+            .find(|v| v.hours == hours && v.variant == name)
     }
 
     pub fn table(&self) -> String {
@@ -101,8 +134,8 @@ impl SimReport {
         );
         let _ = writeln!(
             s,
-            "{:<9} {:>12} {:>12} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>11} {:>7}",
-            "variant",
+            "{:<13} {:>12} {:>12} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>11} {:>7}",
+            "variant@h",
             "demand Mbit",
             "served Mbit",
             "served",
@@ -114,11 +147,11 @@ impl SimReport {
             "flaps all/good",
             "instr"
         );
-        for v in &self.variants {
+        for v in self.horizons.iter().flatten() {
             let _ = writeln!(
                 s,
-                "{:<9} {:>12.0} {:>12.0} {:>6.1}% {:>6.1}% {:>10.0} {:>9.0} {:>13.1} {:>8}/{:<6} {:>6}/{:<5} {:>7}",
-                v.variant,
+                "{:<13} {:>12.0} {:>12.0} {:>6.1}% {:>6.1}% {:>10.0} {:>9.0} {:>13.1} {:>8}/{:<6} {:>6}/{:<5} {:>7}",
+                format!("{}@{}h", v.variant, v.hours),
                 v.demand_mbit,
                 v.served_mbit,
                 v.served_fraction * 100.0,
@@ -144,6 +177,22 @@ impl SimReport {
                 v.misbehaving_mean_units_end
             );
         }
+        for v in &self.variants {
+            let total: f64 = v.unserved_mbit.values().sum();
+            let why: Vec<String> = v
+                .unserved_mbit
+                .iter()
+                .map(|(k, m)| format!("{k} {:.1}%", 100.0 * ratio(*m, total)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "{:<9} unserved {:.0} Mbit: {}; most flaps of one capability per stabilization period {}",
+                v.variant,
+                total,
+                why.join(", "),
+                v.max_flaps_per_stabilization
+            );
+        }
         s
     }
 }
@@ -156,11 +205,16 @@ pub fn run_all(params: &SimParams) -> Result<SimReport, CatalogError> {
         ("reactive", Features::REACTIVE),
         ("full", Features::FULL),
     ] {
-        variants.push(run_variant(params, name, features)?);
+        variants.push(run_variant_horizons(params, name, features)?);
     }
+    let n = horizons_of(params.hours).len();
+    let horizons: Vec<Vec<VariantResult>> = (0..n)
+        .map(|i| variants.iter().map(|v| v[i].clone()).collect())
+        .collect();
     Ok(SimReport {
         params: params.clone(),
-        variants,
+        variants: horizons.last().cloned().unwrap_or_default(),
+        horizons,
     })
 }
 
@@ -560,29 +614,115 @@ fn unreachable_id() -> DeviceId {
 /// When misbehaving devices start (so each has a clean record first).
 pub const MISBEHAVE_FROM_H: u64 = 6;
 
-/// Runs one variant over the fleet built from `params`.
+/// Runs one variant over the fleet built from `params` (the whole run).
 pub fn run_variant(
     params: &SimParams,
     name: &str,
     features: Features,
 ) -> Result<VariantResult, CatalogError> {
-    let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml")?;
-    let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog)?;
-    let mut engine = Engine::new(
-        catalog.clone(),
-        agreements.clone(),
-        sim_config(params, features),
-    );
-    let mut fleet = build_fleet(params);
-    let index: BTreeMap<DeviceId, usize> = fleet
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.id.clone(), i))
-        .collect();
-    let tick = params.tick_ms;
-    let start = 0u64;
-    let mut res = VariantResult {
+    let mut all = run_variant_horizons(params, name, features)?;
+    Ok(all.pop().unwrap_or_else(|| empty_result(name)))
+}
+
+/// What a run has counted so far.
+#[derive(Debug, Default)]
+struct Tally {
+    res: Option<VariantResult>,
+    demand_good: f64,
+    served_good: f64,
+    unit_ticks: u64,
+    reaction: BTreeMap<usize, u32>,
+    /// Tick of the first report that carried misbehaviour (a shard to abuse).
+    bad_since: BTreeMap<usize, u64>,
+    /// Misbehaving reports (with a shard to abuse) each device has sent.
+    bad_reports: BTreeMap<usize, u32>,
+    /// (device, capability) ⇒ when it last went off (explicitly).
+    off_at: BTreeMap<(usize, String), u64>,
+    /// (device, capability) ⇒ times it came back on within the flap window.
+    flap_times: BTreeMap<(usize, String), Vec<u64>>,
+}
+
+impl Tally {
+    fn result(
+        &self,
+        engine: &Engine,
+        fleet: &[SimDevice],
+        ticks: u64,
+        tick: u64,
+        stabilization_ms: u64,
+    ) -> VariantResult {
+        let mut res = self.res.clone().unwrap_or_else(|| empty_result(""));
+        let hours = ticks as f64 * tick as f64 / 3_600_000.0;
+        res.hours = hours.round() as u32;
+        res.unit_hours = self.unit_ticks as f64 * tick as f64 / 3_600_000.0;
+        res.mean_units = ratio(res.unit_hours, hours);
+        res.served_fraction = ratio(res.served_mbit, res.demand_mbit);
+        res.well_behaved_served_fraction = ratio(self.served_good, self.demand_good);
+        res.served_mbit_per_unit_hour = ratio(res.served_mbit, res.unit_hours);
+        let bad: Vec<usize> = (0..fleet.len())
+            .filter(|&i| fleet[i].misbehaviour != Misbehaviour::None)
+            .collect();
+        res.misbehaving_devices = bad.len() as u32;
+        res.misbehaving_active = self.bad_since.len() as u32;
+        res.misbehaving_lost_quota = self.reaction.len() as u32;
+        let mut r: Vec<u32> = self.reaction.values().copied().collect();
+        // A device that misbehaved and was never cut counts all its misbehaving reports.
+        for (i, &n) in &self.bad_reports {
+            if !self.reaction.contains_key(i) {
+                r.push(n);
+            }
+        }
+        r.sort_unstable();
+        res.reaction_ticks_median = r.get(r.len() / 2).copied().unwrap_or(0);
+        res.reaction_ticks_max = r.last().copied().unwrap_or(0);
+        res.misbehaving_mean_units_end = if bad.is_empty() {
+            0.0
+        } else {
+            bad.iter()
+                .map(|&i| f64::from(fleet[i].units()))
+                .sum::<f64>()
+                / bad.len() as f64
+        };
+        res.flaps = 0;
+        res.flaps_well_behaved = 0;
+        res.preactivations = 0;
+        res.preactivation_hits = 0;
+        for d in fleet {
+            if let Some(st) = engine.device_state(&d.id) {
+                for c in &st.feedback.classes {
+                    res.preactivations += c.total_predictions;
+                    res.preactivation_hits += c.total_hits;
+                }
+            }
+            let f = engine.device_state(&d.id).map_or(0, |s| s.flaps);
+            res.flaps += f;
+            if d.misbehaviour == Misbehaviour::None {
+                res.flaps_well_behaved += f;
+            }
+        }
+        res.max_flaps_per_stabilization = 0;
+        for ((i, _), times) in &self.flap_times {
+            if fleet[*i].misbehaviour != Misbehaviour::None {
+                continue;
+            }
+            // The most flaps within any window of one stabilization period.
+            let mut lo = 0;
+            for hi in 0..times.len() {
+                while times[hi] - times[lo] >= stabilization_ms {
+                    lo += 1;
+                }
+                res.max_flaps_per_stabilization =
+                    res.max_flaps_per_stabilization.max((hi - lo + 1) as u32);
+            }
+        }
+        res
+    }
+}
+
+fn empty_result(name: &str) -> VariantResult {
+    VariantResult {
         variant: name.to_owned(),
+        hours: 0,
         demand_mbit: 0.0,
         served_mbit: 0.0,
         served_fraction: 0.0,
@@ -598,25 +738,111 @@ pub fn run_variant(
         misbehaving_mean_units_end: 0.0,
         flaps: 0,
         flaps_well_behaved: 0,
+        max_flaps_per_stabilization: 0,
+        unserved_mbit: BTreeMap::new(),
+        preactivations: 0,
+        preactivation_hits: 0,
         instructions: 0,
         activations: 0,
         events: 0,
+    }
+}
+
+/// Why a capability a device's demand needs is not active, as a short key.
+fn unserved_reason(st: Option<&super::DeviceState>, cap: &str) -> String {
+    let Some(st) = st else {
+        return "not_enrolled".to_owned();
     };
-    let apply = |engine_out: Vec<Action>, fleet: &mut Vec<SimDevice>, res: &mut VariantResult| {
-        let mut acks = Vec::new();
-        for a in engine_out {
-            if let Action::Instruct { device, ops, .. } = a {
-                if let Some(&i) = index.get(&device) {
-                    res.instructions += 1;
-                    res.activations += fleet[i].apply(&catalog, &ops);
-                    acks.push((device, fleet[i].applied_seq));
+    use super::Refusal as R;
+    let key = match st.refusals.get(cap) {
+        Some(R::BorrowRefused { reason, .. }) => {
+            return format!("borrow_refused_{reason:?}").to_lowercase()
+        }
+        Some(R::NotAllowed) => "not_allowed",
+        Some(R::Budget { .. }) => "budget",
+        Some(R::Capacity { .. }) => "capacity",
+        Some(R::Unavailable { .. }) => "unavailable",
+        Some(R::Drained) => "drained",
+        Some(R::StartFailed { .. }) => "start_failed",
+        Some(R::CatalogFailing { .. }) => "catalog_failing",
+        Some(R::NoBuild { .. }) => "no_build",
+        Some(R::MissingDeviceConfig { .. }) => "missing_device_config",
+        None if st.demand.contains_key(cap) => "demanded_not_running",
+        None => "not_demanded_yet",
+    };
+    key.to_owned()
+}
+
+/// Runs one variant over the fleet built from `params`: its figures over
+/// each of [`HORIZONS_H`] within the run, then over the whole run.
+pub fn run_variant_horizons(
+    params: &SimParams,
+    name: &str,
+    features: Features,
+) -> Result<Vec<VariantResult>, CatalogError> {
+    let catalog = Catalog::from_toml_str(EXAMPLE_CATALOG, "catalog.toml")?;
+    let agreements = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog)?;
+    let config = sim_config(params, features);
+    let stabilization_ms = config.stabilization_ms;
+    let flap_window_ms = config.flap_window_ms;
+    let mut engine = Engine::new(catalog.clone(), agreements.clone(), config);
+    let mut fleet = build_fleet(params);
+    let index: BTreeMap<DeviceId, usize> = fleet
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.clone(), i))
+        .collect();
+    let tick = params.tick_ms;
+    let start = 0u64;
+    let mut tally = Tally {
+        res: Some(empty_result(name)),
+        ..Tally::default()
+    };
+    let apply =
+        |engine_out: Vec<Action>, now: u64, fleet: &mut Vec<SimDevice>, tally: &mut Tally| {
+            let mut acks = Vec::new();
+            for a in engine_out {
+                if let Action::Instruct { device, ops, .. } = a {
+                    if let Some(&i) = index.get(&device) {
+                        let before: BTreeSet<String> = catalog
+                            .capabilities
+                            .keys()
+                            .filter(|c| fleet[i].active_capability(&catalog, c))
+                            .cloned()
+                            .collect();
+                        let res = tally.res.get_or_insert_with(|| empty_result(""));
+                        res.instructions += 1;
+                        res.activations += fleet[i].apply(&catalog, &ops);
+                        let after: BTreeSet<String> = catalog
+                            .capabilities
+                            .keys()
+                            .filter(|c| fleet[i].active_capability(&catalog, c))
+                            .cloned()
+                            .collect();
+                        for c in before.difference(&after) {
+                            tally.off_at.insert((i, c.clone()), now);
+                        }
+                        for c in after.difference(&before) {
+                            let back_soon = tally
+                                .off_at
+                                .get(&(i, c.clone()))
+                                .is_some_and(|&t| now.saturating_sub(t) < flap_window_ms);
+                            if back_soon {
+                                tally
+                                    .flap_times
+                                    .entry((i, c.clone()))
+                                    .or_default()
+                                    .push(now);
+                            }
+                        }
+                        acks.push((device, fleet[i].applied_seq));
+                    }
                 }
             }
-        }
-        acks
-    };
+                acks
+        };
     for d in &fleet {
-        let out = engine.handle(
+        engine.handle(
             start,
             Event::Enrolled {
                 device: d.id.clone(),
@@ -624,9 +850,7 @@ pub fn run_variant(
                 tenant: Some(d.tenant.clone()),
             },
         );
-        res.events += 1;
-        let _ = out;
-        let out = engine.handle(
+        engine.handle(
             start,
             Event::DeviceConfig {
                 device: d.id.clone(),
@@ -634,19 +858,19 @@ pub fn run_variant(
                 changed: BTreeSet::new(),
             },
         );
-        let _ = out;
+        if let Some(r) = tally.res.as_mut() {
+            r.events += 1;
+        }
     }
     let ticks = u64::from(params.hours) * 3_600_000 / tick;
+    let checkpoints: Vec<u64> = horizons_of(params.hours)
+        .into_iter()
+        .map(|h| u64::from(h) * 3_600_000 / tick)
+        .collect();
+    let mut out = Vec::new();
     let misbehave_from = MISBEHAVE_FROM_H * 3_600_000;
     // Last window's class rates per device (reported at the next tick).
     let mut pending_rates: Vec<Vec<(usize, f64)>> = vec![Vec::new(); fleet.len()];
-    let mut reaction: BTreeMap<usize, u32> = BTreeMap::new();
-    // Tick of the first report that carried misbehaviour (a shard to abuse).
-    let mut bad_since: BTreeMap<usize, u64> = BTreeMap::new();
-    // Misbehaving reports (with a shard to abuse) each device has sent.
-    let mut bad_reports: BTreeMap<usize, u32> = BTreeMap::new();
-    let (mut demand_good, mut served_good) = (0.0f64, 0.0f64);
-    let mut unit_ticks: u64 = 0;
     for t in 0..=ticks {
         let now = start + t * tick;
         let misbehaving_now = now >= misbehave_from;
@@ -668,13 +892,15 @@ pub fn run_variant(
                 };
                 let bad = misbehaving_now && d.misbehaviour != Misbehaviour::None;
                 if bad && d.can_misbehave() {
-                    bad_since.entry(i).or_insert(t);
-                    *bad_reports.entry(i).or_insert(0) += 1;
+                    tally.bad_since.entry(i).or_insert(t);
+                    *tally.bad_reports.entry(i).or_insert(0) += 1;
                 }
                 let report = d.report(now - tick, tick, &rates, &served, bad);
-                let out = engine.handle(now, Event::Report(report));
-                res.events += 1;
-                for (device, seq) in apply(out, &mut fleet, &mut res) {
+                let engine_out = engine.handle(now, Event::Report(report));
+                if let Some(r) = tally.res.as_mut() {
+                    r.events += 1;
+                }
+                for (device, seq) in apply(engine_out, now, &mut fleet, &mut tally) {
                     engine.handle(
                         now,
                         Event::Ack {
@@ -683,13 +909,17 @@ pub fn run_variant(
                             outcome: AckOutcome::Applied,
                         },
                     );
-                    res.events += 1;
+                    if let Some(r) = tally.res.as_mut() {
+                        r.events += 1;
+                    }
                 }
             }
         }
-        let out = engine.handle(now, Event::Tick);
-        res.events += 1;
-        for (device, seq) in apply(out, &mut fleet, &mut res) {
+        let engine_out = engine.handle(now, Event::Tick);
+        if let Some(r) = tally.res.as_mut() {
+            r.events += 1;
+        }
+        for (device, seq) in apply(engine_out, now, &mut fleet, &mut tally) {
             engine.handle(
                 now,
                 Event::Ack {
@@ -699,13 +929,17 @@ pub fn run_variant(
                 },
             );
         }
+        if checkpoints.contains(&t) && t > 0 {
+            out.push(tally.result(&engine, &fleet, t, tick, stabilization_ms));
+        }
         if t == ticks {
             break;
         }
         // The window [now, now + tick): demand and what serves it.
         for (i, d) in fleet.iter_mut().enumerate() {
             let rates = d.rates(now, tick);
-            unit_ticks += u64::from(d.units());
+            tally.unit_ticks += u64::from(d.units());
+            let res = tally.res.get_or_insert_with(|| empty_result(""));
             for &(c, kbps) in &rates {
                 let need = d.classes[c].need;
                 let caps = caps_for(&catalog, &need);
@@ -714,72 +948,40 @@ pub fn run_variant(
                 }
                 let mbit = kbps * tick as f64 / 1_000_000.0;
                 res.demand_mbit += mbit;
-                let ok = caps.iter().all(|cap| d.active_capability(&catalog, cap));
-                if ok {
-                    res.served_mbit += mbit;
+                let missing = caps.iter().find(|cap| !d.active_capability(&catalog, cap));
+                match missing {
+                    None => res.served_mbit += mbit,
+                    Some(cap) => {
+                        let why = unserved_reason(engine.device_state(&d.id), cap);
+                        *res.unserved_mbit.entry(why).or_insert(0.0) += mbit;
+                    }
                 }
                 if d.misbehaviour == Misbehaviour::None {
-                    demand_good += mbit;
-                    if ok {
-                        served_good += mbit;
+                    tally.demand_good += mbit;
+                    if missing.is_none() {
+                        tally.served_good += mbit;
                     }
                 }
             }
             pending_rates[i] = rates;
-            if let (Some(&n), false) = (bad_reports.get(&i), reaction.contains_key(&i)) {
-                if let Some(v) = engine.device(&d.id) {
-                    let cut =
-                        super::reputation::quota_factor(&engine.config().reputation, v.reputation)
-                            < 1.0;
+            if let (Some(&n), false) = (tally.bad_reports.get(&i), tally.reaction.contains_key(&i))
+            {
+                if let Some(st) = engine.device_state(&d.id) {
+                    let cut = super::reputation::quota_factor(
+                        &engine.config().reputation,
+                        st.reputation.score,
+                    ) < 1.0;
                     if cut {
-                        reaction.insert(i, n);
+                        tally.reaction.insert(i, n);
                     }
                 }
             }
         }
     }
-    let hours = ticks as f64 * tick as f64 / 3_600_000.0;
-    res.unit_hours = unit_ticks as f64 * tick as f64 / 3_600_000.0;
-    res.mean_units = if hours > 0.0 {
-        res.unit_hours / hours
-    } else {
-        0.0
-    };
-    res.served_fraction = ratio(res.served_mbit, res.demand_mbit);
-    res.well_behaved_served_fraction = ratio(served_good, demand_good);
-    res.served_mbit_per_unit_hour = ratio(res.served_mbit, res.unit_hours);
-    let bad: Vec<usize> = (0..fleet.len())
-        .filter(|&i| fleet[i].misbehaviour != Misbehaviour::None)
-        .collect();
-    res.misbehaving_devices = bad.len() as u32;
-    res.misbehaving_active = bad_since.len() as u32;
-    res.misbehaving_lost_quota = reaction.len() as u32;
-    let mut r: Vec<u32> = reaction.values().copied().collect();
-    // A device that misbehaved and was never cut counts all its misbehaving reports.
-    for (i, &n) in &bad_reports {
-        if !reaction.contains_key(i) {
-            r.push(n);
-        }
+    if out.is_empty() {
+        out.push(tally.result(&engine, &fleet, ticks, tick, stabilization_ms));
     }
-    r.sort_unstable();
-    res.reaction_ticks_median = r.get(r.len() / 2).copied().unwrap_or(0);
-    res.reaction_ticks_max = r.last().copied().unwrap_or(0);
-    res.misbehaving_mean_units_end = if bad.is_empty() {
-        0.0
-    } else {
-        bad.iter()
-            .map(|&i| f64::from(fleet[i].units()))
-            .sum::<f64>()
-            / bad.len() as f64
-    };
-    for d in &fleet {
-        let f = engine.device_state(&d.id).map_or(0, |s| s.flaps);
-        res.flaps += f;
-        if d.misbehaviour == Misbehaviour::None {
-            res.flaps_well_behaved += f;
-        }
-    }
-    Ok(res)
+    Ok(out)
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

@@ -168,6 +168,7 @@ impl Engine {
             shards: chosen,
             used,
             refusals,
+            predictions_skipped: _,
         } = plan;
         let rcfg = &cfg.reputation;
         let lease_ms = lease_len(cfg, tier, st.reputation.score, device, now);

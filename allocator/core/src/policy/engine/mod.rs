@@ -6,6 +6,7 @@
 //! events at the same times produce the same actions.
 
 use super::catalog::{Catalog, Tier};
+use super::feedback;
 use super::forecast::ClassForecast;
 use super::plan::{self, Capacity, Plan, PlanInput};
 use super::reputation::{lease_factor, quota_factor};
@@ -106,22 +107,24 @@ fn rule_threshold(cfg: &PolicyConfig, rule: &catalog::Rule) -> u64 {
 }
 
 /// Capabilities demanded now: every allowed one in static mode; otherwise the
-/// ones a need (seen within the hysteresis window, or predicted) asks for.
+/// ones a need seen within the hysteresis window asks for, then the ones
+/// only a prediction holds (the second list: planned after the first).
 fn demanded<'c>(
     catalog: &'c Catalog,
     tier: &Tier,
     cfg: &PolicyConfig,
     st: &DeviceState,
     now: u64,
-) -> Vec<&'c str> {
+) -> (Vec<&'c str>, Vec<&'c str>) {
     let mut out: Vec<&'c str> = Vec::new();
+    let mut predicted_only: Vec<&'c str> = Vec::new();
     if !cfg.features.demand_driven {
         for c in &tier.capabilities {
             if let Some((k, _)) = catalog.capabilities.get_key_value(c) {
                 out.push(k.as_str());
             }
         }
-        return out;
+        return (out, predicted_only);
     }
     for (c, &t) in &st.demand {
         if now.saturating_sub(t) < cfg.hysteresis_ms {
@@ -134,10 +137,11 @@ fn demanded<'c>(
         if until > now && !out.iter().any(|o| o == c) {
             if let Some((k, _)) = catalog.capabilities.get_key_value(c) {
                 out.push(k.as_str());
+                predicted_only.push(k.as_str());
             }
         }
     }
-    out
+    (out, predicted_only)
 }
 
 /// The policy engine. Holds the catalog, the agreements and every device's state.
@@ -518,7 +522,7 @@ fn plan_for<'c>(
     device_config: Option<&DeviceConfigView>,
 ) -> Plan<'c> {
     let unusable = unusable_for(health, st);
-    let demanded = demanded(catalog, tier, cfg, st, now);
+    let (demanded, predicted_only) = demanded(catalog, tier, cfg, st, now);
     let capacity = st.resources.as_ref().map(|r| {
         let (cpu, rss) = st
             .last_report
@@ -538,6 +542,7 @@ fn plan_for<'c>(
         budget: [0, 1].map(|k| budget[k].saturating_sub(granted[k])),
         capacity,
         demanded: &demanded,
+        predicted_only: &predicted_only,
         unusable: &unusable,
         device_config,
     })
@@ -621,38 +626,153 @@ fn cap_demand_kbps(
     total
 }
 
-/// Pre-activation: when the upper bound of a class forecast crosses a rule's
-/// threshold within the horizon, the rule's capabilities are held as
-/// predicted until the end of the next slot.
+/// Units a capability starts (each member's first option and its
+/// dependencies): the cost side of a pre-activation.
+fn capability_units(catalog: &Catalog, cap: &str) -> u32 {
+    let Some(spec) = catalog.capabilities.get(cap) else {
+        return 0;
+    };
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    let mut todo: Vec<&str> = spec.members.iter().map(String::as_str).collect();
+    let mut units = 0u32;
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Some(s) = catalog.shards.get(id) {
+            units = units.saturating_add(s.units);
+            todo.extend(s.depends_on.iter().map(String::as_str));
+        }
+    }
+    units
+}
+
+/// Pre-activation (see [`super::feedback`]): judges the pre-activations
+/// whose hold ended, then for each class below a rule's threshold now,
+/// holds the rule's capabilities until the end of the first slot within
+/// the horizon where the expected gain outweighs the expected cost.
 fn predict(catalog: &Catalog, cfg: &PolicyConfig, st: &mut DeviceState, now: u64) {
+    let pcfg = &cfg.prediction;
+    let mut judged = Vec::new();
+    for learn in &mut st.feedback.classes {
+        if let Some(why) = learn.close(pcfg, now) {
+            judged.push((format!("{:?}", learn.class), why));
+        }
+    }
+    for (subject, why) in judged {
+        st.feedback
+            .decide(now, feedback::DecisionKind::Prediction, &subject, why);
+    }
     let slot_ms = cfg.forecast.slot_ms.max(1);
     let slot_now = now / slot_ms;
-    let horizon = cfg
-        .prediction_horizon_ms
-        .div_ceil(slot_ms)
-        .min(u64::from(cfg.forecast.season_slots));
+    let ahead = cfg.prediction_horizon_ms.div_ceil(slot_ms).max(1);
+    let lag_ms = match st.feedback.report_interval_ms {
+        0 => 60_000,
+        w => w,
+    };
+    let z = f64::from(cfg.forecast.z.max(0.1));
+    let mut holds: Vec<(TrafficClass, String, u64, String)> = Vec::new();
     for f in &st.forecasts {
         if !f.model.warmed_up() {
             continue;
         }
-        let mut upper = f32::MIN;
-        for h in 0..=horizon {
-            let slot = slot_now + h;
-            if slot <= f.model.last_slot {
+        let learn = st.feedback.class(f.class);
+        if learn.is_some_and(|l| l.off_until_ms > now) {
+            continue;
+        }
+        let observed_kbps = st.last_report.as_ref().map_or(0.0, |r| {
+            r.classes
+                .iter()
+                .find(|c| c.class == f.class)
+                .map_or(0.0, |c| c.rate_bps as f64 / 1000.0)
+        });
+        for rule in &catalog.rules {
+            if !rule.need.matches(&f.need) {
                 continue;
             }
-            upper = upper.max(f.model.forecast(&cfg.forecast, slot).upper);
-        }
-        let upper_bps = f64::from(upper) * 1000.0;
-        for rule in &catalog.rules {
-            let threshold = rule_threshold(cfg, rule).max(cfg.prediction_min_rate_bps);
-            if rule.need.matches(&f.need) && upper_bps >= threshold as f64 {
-                for cap in &rule.capabilities {
-                    let until = (slot_now + 2) * slot_ms;
-                    let e = st.predicted.entry(cap.clone()).or_insert(until);
-                    *e = (*e).max(until);
+            let threshold_kbps =
+                rule_threshold(cfg, rule).max(cfg.prediction_min_rate_bps) as f64 / 1000.0;
+            if observed_kbps >= threshold_kbps {
+                continue; // observed: the reactive part has it
+            }
+            let units: u32 = rule
+                .capabilities
+                .iter()
+                .map(|c| capability_units(catalog, c))
+                .sum();
+            for slot in slot_now..=slot_now + ahead {
+                if slot <= f.model.last_slot {
+                    continue;
+                }
+                // On earlier in this slot and off now: an end, not an onset.
+                if slot == slot_now && learn.is_some_and(|l| l.cur_slot == slot && l.cur_on) {
+                    continue;
+                }
+                let week = learn.map_or(1.0, |l| l.week_factor(slot * slot_ms));
+                let fc = f.model.forecast(&cfg.forecast, slot);
+                let (mut mean, mut sigma) = (
+                    f64::from(fc.mean * week),
+                    f64::from((fc.upper - fc.mean) * week) / z,
+                );
+                let short = learn.filter(|l| slot == slot_now && l.short_is_better());
+                if let Some(l) = short {
+                    // A mean absolute error of a normal error is 0.8 σ.
+                    mean = f64::from(l.short.forecast());
+                    sigma = f64::from(l.short_mae) * 1.25;
+                }
+                let slot_end = (slot + 1) * slot_ms;
+                let measured_p_on = learn
+                    .and_then(|l| l.p_on(slot))
+                    .map(|p| p * f64::from(week.min(1.0)));
+                let v = feedback::preactivation_value(
+                    pcfg,
+                    &feedback::PreactivationInput {
+                        mean_kbps: mean,
+                        sigma_kbps: sigma,
+                        measured_p_on,
+                        threshold_kbps,
+                        lag_ms,
+                        units,
+                        lead_ms: (slot * slot_ms).saturating_sub(now),
+                        hold_ms: slot_end.saturating_sub(now),
+                    },
+                );
+                // Started again within the flap window of an explicit
+                // stop, it would flap: the onset waits for the report.
+                let would_flap = rule.capabilities.iter().any(|c| {
+                    catalog.capabilities.get(c).is_some_and(|spec| {
+                        spec.members.iter().any(|m| {
+                            st.ended_at.get(m).is_some_and(|&(t, explicit)| {
+                                explicit && now.saturating_sub(t) < cfg.flap_window_ms
+                            })
+                        })
+                    })
+                });
+                if v.pays(pcfg) && !would_flap {
+                    for cap in &rule.capabilities {
+                        let why = format!(
+                            "{cap} held ahead of a forecast onset of {:?} ({} model): P(rate >= {threshold_kbps:.0} kbit/s) = {:.2}, expected gain {:.0} Mbit > expected cost {:.0} Mbit of {units} unit(s) held",
+                            f.class,
+                            if short.is_some() { "short-term" } else { "seasonal" },
+                            v.p_on,
+                            v.gain_mbit,
+                            v.cost_mbit
+                        );
+                        holds.push((f.class, cap.clone(), slot_end, why));
+                    }
+                    break;
                 }
             }
+        }
+    }
+    for (class, cap, until, why) in holds {
+        let fresh = st.predicted.get(&cap).is_none_or(|&t| t <= now);
+        let e = st.predicted.entry(cap.clone()).or_insert(until);
+        *e = (*e).max(until);
+        st.feedback.class_mut(class).opened(now, until);
+        if fresh {
+            st.feedback
+                .decide(now, feedback::DecisionKind::Preactivate, &cap, why);
         }
     }
 }

@@ -327,7 +327,13 @@ impl Engine {
         }
         if cfg.features.prediction {
             let fcfg = &cfg.forecast;
+            let pcfg = &cfg.prediction;
             let slot = now / fcfg.slot_ms.max(1);
+            let since_last = st
+                .last_report
+                .as_ref()
+                .map_or(0, |r| now.saturating_sub(r.at_ms));
+            st.feedback.report_interval_ms = since_last.max(window_ms).min(3_600_000);
             for c in &report.classes {
                 let relevant = catalog.rules.iter().any(|r| r.need.matches(&c.need));
                 if !relevant {
@@ -340,13 +346,32 @@ impl Engine {
                         .push(ClassForecast::new(fcfg, c.class, c.need, slot)),
                 }
             }
+            for f in &st.forecasts {
+                // A class at a rule's threshold: the pre-activation that
+                // held its capabilities (if any) was right.
+                let rate = report
+                    .classes
+                    .iter()
+                    .find(|c| c.class == f.class)
+                    .map_or(0, |c| c.rate_bps);
+                let on = catalog.rules.iter().any(|r| {
+                    r.need.matches(&f.need)
+                        && rate >= rule_threshold(cfg, r).max(cfg.prediction_min_rate_bps)
+                });
+                let learn = st.feedback.class_mut(f.class);
+                learn.observe_on(pcfg, slot, fcfg.season_slots, on);
+                if on {
+                    learn.demand_seen();
+                }
+            }
             for f in &mut st.forecasts {
                 let rate = report
                     .classes
                     .iter()
                     .find(|c| c.class == f.class)
                     .map_or(0, |c| c.rate_bps);
-                f.add(fcfg, slot, rate as f32 / 1000.0);
+                let learn = st.feedback.class_mut(f.class);
+                f.add(fcfg, slot, rate as f32 / 1000.0, learn, pcfg);
             }
         }
         st.last_report = Some(QosSummary {
