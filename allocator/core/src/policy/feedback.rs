@@ -21,7 +21,8 @@
 //!   `off_ms`, then tried again from a clean record.
 
 use serde::{Deserialize, Serialize};
-use shardline_shared::msg::TrafficClass;
+use shardline_shared::ids::DeviceId;
+use shardline_shared::msg::{ShardKind, TrafficClass};
 
 /// Prediction's own parameters (inside [`super::forecast::ForecastConfig`]'s
 /// sibling in `PolicyConfig`).
@@ -422,6 +423,83 @@ pub struct Decision {
 /// Decisions kept per device (the newest).
 pub const DECISIONS_KEPT: usize = 24;
 
+/// The QoS of the classes that have a need, from one report (byte-weighted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct QosSnapshot {
+    pub loss_permille: f64,
+    /// p95 round-trip time and jitter, ms (0 when the device measured none).
+    pub rtt_p95_ms: f64,
+    pub jitter_ms: f64,
+}
+
+impl QosSnapshot {
+    /// QoS points of a change from `before` to `self` (positive = better):
+    /// one point per ‰ of loss, per 2 ms of p95 RTT and per ms of jitter.
+    pub fn gain_over(&self, before: &QosSnapshot) -> f64 {
+        (before.loss_permille - self.loss_permille)
+            + (before.rtt_p95_ms - self.rtt_p95_ms) / 2.0
+            + (before.jitter_ms - self.jitter_ms)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "loss {:.0} ‰, p95 RTT {:.0} ms, jitter {:.1} ms",
+            self.loss_permille, self.rtt_p95_ms, self.jitter_ms
+        )
+    }
+}
+
+/// Why a shift is rolled back, if it is: QoS after it worse than before
+/// in loss (score points), p95 RTT or jitter (each beyond a ratio and a
+/// floor, so noise on a quiet link does not count). Gaming and call
+/// traffic lose no packets when they suffer: latency and jitter say it.
+pub fn shift_worse(
+    before: &QosSnapshot,
+    after: &QosSnapshot,
+    loss_margin: f64,
+    latency: (f64, f64),
+    jitter: (f64, f64),
+) -> Option<String> {
+    if after.loss_permille > before.loss_permille + loss_margin {
+        return Some(format!(
+            "loss rose from {:.0} to {:.0} ‰",
+            before.loss_permille, after.loss_permille
+        ));
+    }
+    let worse = |b: f64, a: f64, (ratio, floor): (f64, f64)| a > b + (b * ratio).max(floor);
+    if worse(before.rtt_p95_ms, after.rtt_p95_ms, latency) {
+        return Some(format!(
+            "p95 RTT rose from {:.0} to {:.0} ms",
+            before.rtt_p95_ms, after.rtt_p95_ms
+        ));
+    }
+    if worse(before.jitter_ms, after.jitter_ms, jitter) {
+        return Some(format!(
+            "jitter rose from {:.1} to {:.1} ms",
+            before.jitter_ms, after.jitter_ms
+        ));
+    }
+    None
+}
+
+/// One shift toward this device, with the QoS before and (once judged) after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShiftRecord {
+    pub from: DeviceId,
+    pub kind: ShardKind,
+    pub units: u32,
+    pub at_ms: u64,
+    /// The potential that chose it (reputation × demand × gain ÷ cost).
+    pub potential: f64,
+    pub before: QosSnapshot,
+    pub after: Option<QosSnapshot>,
+    /// "kept (+68 points)" or "rolled back: p95 RTT rose from 40 to 120 ms".
+    pub outcome: Option<String>,
+}
+
+/// Shift records kept per device.
+pub const SHIFTS_KEPT: usize = 8;
+
 /// Everything learned on one device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackState {
@@ -431,14 +509,69 @@ pub struct FeedbackState {
     /// Time between the device's reports, ms: how late a reactive policy
     /// is at an onset.
     pub report_interval_ms: u64,
-    /// QoS change (0–1000 score points) observed after this device's
-    /// recent shifts, EWMA; `None` before the first was judged.
+    /// QoS points ([`QosSnapshot::gain_over`]) observed after this
+    /// device's recent shifts, EWMA; `None` before the first was judged.
     pub shift_gain: Option<f64>,
     /// Shifts judged on this device (gain samples).
     pub shifts_judged: u32,
+    /// QoS of the latest report (the "before" of the next shift).
+    pub last_qos: Option<QosSnapshot>,
+    /// Recent shifts toward the device, newest last.
+    pub shifts: Vec<ShiftRecord>,
+    /// The hour (since the epoch) and the completed-work points given in it.
+    pub work_hour: u64,
+    pub work_points: f64,
 }
 
 impl FeedbackState {
+    /// Records a shift toward the device (bounded).
+    pub fn shift_started(&mut self, record: ShiftRecord) {
+        self.shifts.push(record);
+        if self.shifts.len() > SHIFTS_KEPT {
+            let excess = self.shifts.len() - SHIFTS_KEPT;
+            self.shifts.drain(..excess);
+        }
+    }
+
+    /// Judges the shift from `from` started at `at_ms` with the QoS now:
+    /// updates the learned gain and returns (before, after, gain).
+    pub fn shift_judged(
+        &mut self,
+        from: &DeviceId,
+        at_ms: u64,
+        outcome: String,
+    ) -> Option<(QosSnapshot, QosSnapshot, f64)> {
+        let after = self.last_qos?;
+        let rec = self
+            .shifts
+            .iter_mut()
+            .rev()
+            .find(|r| &r.from == from && r.at_ms == at_ms && r.after.is_none())?;
+        rec.after = Some(after);
+        let gain = after.gain_over(&rec.before);
+        rec.outcome = Some(outcome);
+        let before = rec.before;
+        self.shift_gain = Some(match self.shift_gain {
+            None => gain,
+            Some(g) => g + 0.3 * (gain - g),
+        });
+        self.shifts_judged = self.shifts_judged.saturating_add(1);
+        Some((before, after, gain))
+    }
+
+    /// The completed-work bonus for one more completed grant at `now`:
+    /// `per_grant`, but at most `per_hour` points in one hour.
+    pub fn work_bonus(&mut self, now: u64, per_grant: f64, per_hour: f64) -> f64 {
+        let hour = now / 3_600_000;
+        if hour != self.work_hour {
+            self.work_hour = hour;
+            self.work_points = 0.0;
+        }
+        let gain = per_grant.min(per_hour - self.work_points).max(0.0);
+        self.work_points += gain;
+        gain
+    }
+
     /// Records a decision (the same subject and text again only refreshes
     /// its time: a plan re-made every tick is one decision, not many).
     pub fn decide(&mut self, at_ms: u64, kind: DecisionKind, subject: &str, explanation: String) {

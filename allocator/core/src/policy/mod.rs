@@ -292,8 +292,25 @@ pub struct ReputationConfig {
     pub clean_lease: f64,
     /// Healthy operation, per hour of healthy report windows.
     pub healthy_per_hour: f64,
-    /// Piecewise-linear (reputation, factor) points: quota of the tier budget.
+    /// Piecewise-linear (reputation, factor) points: quota of the tier's
+    /// compute budget.
     pub quota_curve: Vec<(f64, f64)>,
+    /// The same for the data budget (seed 000's differential throttling):
+    /// data shards are throttled before compute shards, so a device
+    /// slipping below good standing loses bandwidth-heavy work first and
+    /// keeps its compute (crypto, auth) a little longer.
+    pub data_quota_curve: Vec<(f64, f64)>,
+    /// Per report in which a capability's traffic exceeded
+    /// `network_over_factor` × the bandwidth its shards declare (the
+    /// device let more through than it was granted: network I/O in the
+    /// score).
+    pub network_over_limit: f64,
+    pub network_over_factor: f64,
+    /// Per grant an application on the device released as `Completed`
+    /// (completed work, a positive signal), at most
+    /// `completed_work_per_hour` points an hour.
+    pub completed_work: f64,
+    pub completed_work_per_hour: f64,
     /// Piecewise-linear (reputation, factor) points: lease length as a fraction of the tier cap.
     pub lease_curve: Vec<(f64, f64)>,
     /// Entries kept in the per-device history.
@@ -316,6 +333,12 @@ impl Default for ReputationConfig {
             clean_lease: 1.0,
             healthy_per_hour: 2.0,
             quota_curve: vec![(0.0, 0.0), (20.0, 0.25), (45.0, 1.0), (100.0, 1.0)],
+            // Full data quota needs 48 (compute: 45); the start (50) has both.
+            data_quota_curve: vec![(0.0, 0.0), (25.0, 0.1), (48.0, 1.0), (100.0, 1.0)],
+            network_over_limit: -3.0,
+            network_over_factor: 2.0,
+            completed_work: 0.25,
+            completed_work_per_hour: 2.0,
             lease_curve: vec![(0.0, 0.1), (50.0, 0.5), (100.0, 1.0)],
             history_len: 8,
         }
@@ -371,6 +394,18 @@ pub struct PolicyConfig {
     pub shift_ms: u64,
     /// Roll back when the recipient's QoS score (0–1000) fell by more than this.
     pub rollback_margin: f64,
+    /// Roll back when the recipient's p95 RTT rose by more than this
+    /// fraction and at least `rollback_latency_min_ms` (gaming and calls
+    /// suffer in latency, not loss).
+    pub rollback_latency_ratio: f64,
+    pub rollback_latency_min_ms: f64,
+    /// The same for jitter.
+    pub rollback_jitter_ratio: f64,
+    pub rollback_jitter_min_ms: f64,
+    /// QoS points ([`feedback::QosSnapshot::gain_over`]) a shift is
+    /// expected to bring before any shift to the device was judged; after,
+    /// the gain observed after its shifts (the feedback loop).
+    pub shift_gain_prior: f64,
     /// Explicit requests of application instances (see [`requests`]).
     pub requests: RequestConfig,
 }
@@ -409,6 +444,11 @@ impl Default for PolicyConfig {
             shift_min_reputation: 50.0,
             shift_ms: 60 * 60_000,
             rollback_margin: 20.0,
+            rollback_latency_ratio: 0.2,
+            rollback_latency_min_ms: 5.0,
+            rollback_jitter_ratio: 0.25,
+            rollback_jitter_min_ms: 2.0,
+            shift_gain_prior: 50.0,
             requests: RequestConfig::default(),
         }
     }

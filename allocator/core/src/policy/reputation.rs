@@ -15,6 +15,7 @@
 //! tombstone, never better than the initial one.
 
 use super::{ReputationConfig, ReputationEntry, ReputationState};
+use shardline_shared::msg::ShardKind;
 
 impl ReputationState {
     pub fn new(cfg: &ReputationConfig, now_ms: u64) -> Self {
@@ -115,9 +116,18 @@ pub fn curve(points: &[(f64, f64)], x: f64) -> f64 {
     points[points.len() - 1].1
 }
 
-/// The fraction of the tier budget a device with this score gets.
+/// The fraction of the tier's compute budget a device with this score gets.
 pub fn quota_factor(cfg: &ReputationConfig, score: f64) -> f64 {
     curve(&cfg.quota_curve, score).clamp(0.0, 1.0)
+}
+
+/// The fraction of the tier's budget of `kind` a device with this score
+/// gets: data is throttled before compute (`data_quota_curve`).
+pub fn quota_factor_for(cfg: &ReputationConfig, kind: ShardKind, score: f64) -> f64 {
+    match kind {
+        ShardKind::Compute => quota_factor(cfg, score),
+        ShardKind::Data => curve(&cfg.data_quota_curve, score).clamp(0.0, 1.0),
+    }
 }
 
 /// The fraction of the tier's lease cap a device with this score gets.
@@ -143,6 +153,28 @@ mod tests {
         assert!((curve(&c, 10.0) - 0.125).abs() < 1e-9);
         assert_eq!(curve(&c, 50.0), 1.0);
         assert_eq!(curve(&c, 200.0), 1.0);
+    }
+
+    #[test]
+    fn data_is_throttled_before_compute() {
+        let cfg = ReputationConfig::default();
+        // (score, compute factor, data factor)
+        let table = [
+            (100.0, 1.0, 1.0),
+            (50.0, 1.0, 1.0), // a fresh device keeps both
+            (46.0, 1.0, 0.9217),
+            (45.0, 1.0, 0.8826),
+            (30.0, 0.55, 0.2957),
+            (10.0, 0.125, 0.04),
+            (0.0, 0.0, 0.0),
+        ];
+        for (score, compute, data) in table {
+            let c = quota_factor_for(&cfg, ShardKind::Compute, score);
+            let d = quota_factor_for(&cfg, ShardKind::Data, score);
+            assert!((c - compute).abs() < 1e-3, "{score}: compute {c}");
+            assert!((d - data).abs() < 1e-3, "{score}: data {d}");
+            assert!(d <= c, "{score}: data never above compute");
+        }
     }
 
     #[test]

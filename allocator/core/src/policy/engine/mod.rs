@@ -9,7 +9,7 @@ use super::catalog::{Catalog, Tier};
 use super::feedback;
 use super::forecast::ClassForecast;
 use super::plan::{self, Capacity, Plan, PlanInput};
-use super::reputation::{lease_factor, quota_factor};
+use super::reputation::{lease_factor, quota_factor, quota_factor_for};
 use super::*;
 use shardline_shared::msg::{ShardFailure, ShardState};
 use std::sync::Arc;
@@ -57,10 +57,12 @@ fn sum_units(ts: &[Transfer]) -> [u32; 2] {
     out
 }
 
-/// Tier budget × reputation quota, per kind.
+/// Tier budget × reputation quota, per kind (data throttled first).
 fn quota_budget(cfg: &PolicyConfig, tier: &Tier, st: &DeviceState) -> [u32; 2] {
-    let f = quota_factor(&cfg.reputation, st.reputation.score);
-    KINDS.map(|k| (f64::from(tier.budget(k)) * f + 1e-9).floor() as u32)
+    KINDS.map(|k| {
+        let f = quota_factor_for(&cfg.reputation, k, st.reputation.score);
+        (f64::from(tier.budget(k)) * f + 1e-9).floor() as u32
+    })
 }
 
 /// Quota + borrowed − lent, per kind.
@@ -578,7 +580,10 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
         let slot = cfg.forecast.slot_ms.max(1);
         at((now / slot + 1) * slot);
     }
-    if quota_factor(&cfg.reputation, st.reputation.score) < 1.0 || !st.refusals.is_empty() {
+    let throttled = KINDS
+        .iter()
+        .any(|&k| quota_factor_for(&cfg.reputation, k, st.reputation.score) < 1.0);
+    if throttled || !st.refusals.is_empty() {
         // Recovering reputation or unmet demand: look again soon.
         at(now.saturating_add(cfg.renew_margin_ms.max(60_000)));
     }

@@ -55,6 +55,46 @@ fn note_start_failure(
     }
 }
 
+/// The first capability (by name) whose classes' traffic in this report
+/// exceeds `network_over_factor` × the bandwidth its leased shards declare
+/// (capabilities with no declared bandwidth are not judged).
+fn network_over(
+    catalog: &Catalog,
+    cfg: &PolicyConfig,
+    st: &DeviceState,
+    report: &QosReport,
+) -> Option<String> {
+    let mut declared: BTreeMap<&str, u64> = BTreeMap::new();
+    for l in st.leases.values() {
+        let bw = catalog
+            .shards
+            .get(l.shard.id())
+            .map_or(0, |s| s.cost.bandwidth_kbps);
+        *declared.entry(l.capability.as_str()).or_default() += bw;
+    }
+    for (cap, bw_kbps) in declared {
+        if bw_kbps == 0 {
+            continue;
+        }
+        let traffic_bps: u64 = report
+            .classes
+            .iter()
+            .filter(|c| {
+                catalog
+                    .rules
+                    .iter()
+                    .any(|r| r.need.matches(&c.need) && r.capabilities.iter().any(|x| x == cap))
+            })
+            .map(|c| c.rate_bps)
+            .fold(0u64, u64::saturating_add);
+        let limit = bw_kbps as f64 * 1000.0 * cfg.reputation.network_over_factor.max(1.0);
+        if traffic_bps as f64 > limit {
+            return Some(cap.to_owned());
+        }
+    }
+    None
+}
+
 impl Engine {
     pub(super) fn on_report(&mut self, now: u64, report: QosReport, out: &mut Vec<Action>) {
         let device = report.device.clone();
@@ -289,6 +329,23 @@ impl Engine {
             );
             *health_dirty = true;
         }
+        // Network I/O: a capability whose traffic is far above the
+        // bandwidth its running shards declare was let through unshaped.
+        // Once per report, like over-limit CPU.
+        if let Some(cap) = network_over(catalog, cfg, st, &report) {
+            st.reputation
+                .apply(rcfg, now, rcfg.network_over_limit, "network_over_limit");
+            st.feedback.decide(
+                now,
+                feedback::DecisionKind::Throttle,
+                &cap,
+                format!(
+                    "{cap}: traffic above {}× the bandwidth its shards declare; reputation {:+}",
+                    rcfg.network_over_factor, rcfg.network_over_limit
+                ),
+            );
+            penalized = true;
+        }
         // A duplicate identity earns nothing while flagged (see `faults`):
         // two streams must not farm reputation under the exemption.
         if !penalized && !unhealthy && !st.clone_watch.flagged(now) {
@@ -298,6 +355,8 @@ impl Engine {
         // Needs ⇒ demanded capabilities (observed now).
         let mut classes = Vec::with_capacity(report.classes.len());
         let mut weighted_loss = 0.0f64;
+        let mut weighted_rtt = 0.0f64;
+        let mut weighted_jitter = 0.0f64;
         let mut weight = 0.0f64;
         for c in &report.classes {
             for rule in &catalog.rules {
@@ -315,6 +374,8 @@ impl Engine {
             if c.need != QosNeed::default() {
                 let w = c.bytes.max(1) as f64;
                 weighted_loss += w * f64::from(c.loss_permille.min(1000));
+                weighted_rtt += w * f64::from(c.rtt_p95_us.unwrap_or(0).min(60_000_000)) / 1000.0;
+                weighted_jitter += w * f64::from(c.jitter_us.unwrap_or(0).min(60_000_000)) / 1000.0;
                 weight += w;
             }
             classes.push(ClassSummary {
@@ -374,6 +435,12 @@ impl Engine {
                 f.add(fcfg, slot, rate as f32 / 1000.0, learn, pcfg);
             }
         }
+        // The QoS of the classes with a need: what shifts are judged by.
+        st.feedback.last_qos = (weight > 0.0).then(|| feedback::QosSnapshot {
+            loss_permille: weighted_loss / weight,
+            rtt_p95_ms: weighted_rtt / weight,
+            jitter_ms: weighted_jitter / weight,
+        });
         st.last_report = Some(QosSummary {
             at_ms: now,
             seq: report.seq,

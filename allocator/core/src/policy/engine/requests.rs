@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::policy::requests::{to_wire, Answers, DeviceBudget, InstanceKey};
+use shardline_shared::request::GrantOutcome;
 
 /// The device's budget for requests (effective budget, pushed units, tier).
 fn budget_of(cfg: &PolicyConfig, agreements: &Agreements, st: &DeviceState) -> DeviceBudget {
@@ -79,6 +80,17 @@ impl Engine {
         let mut answers: Answers = Vec::new();
         // Expiries first, so what ran out is free for this request.
         st.apps.expire(rcfg, &b, now, &mut answers);
+        let completing = match &op {
+            RequestOp::Release {
+                grant,
+                outcome: GrantOutcome::Completed,
+            } => st
+                .apps
+                .grants
+                .get(grant)
+                .is_some_and(|g| &g.holder == who),
+            _ => false,
+        };
         st.apps.decide(
             rcfg,
             &b,
@@ -89,6 +101,15 @@ impl Engine {
             now,
             &mut answers,
         );
+        if completing {
+            // Completed work is a positive signal for the device too,
+            // bounded per hour so releasing many tiny grants farms nothing.
+            let r = &cfg.reputation;
+            let gain = st.feedback.work_bonus(now, r.completed_work, r.completed_work_per_hour);
+            if gain > 0.0 {
+                st.reputation.apply(r, now, gain, "completed_work");
+            }
+        }
         if let Some(t) = st.apps.next_due() {
             st.wake_at_ms = st.wake_at_ms.min(t);
         }
