@@ -178,9 +178,7 @@ fn main() {
                 if beats_reactive { "yes" } else { "no" },
             ));
             if name == "full" {
-                let good = vs
-                    .iter()
-                    .all(|v| v.well_behaved_served_fraction >= 0.95);
+                let good = vs.iter().all(|v| v.well_behaved_served_fraction >= 0.95);
                 let units = vs
                     .iter()
                     .zip(&statics)

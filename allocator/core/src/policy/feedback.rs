@@ -63,7 +63,7 @@ impl Default for PredictionConfig {
             off_ms: 24 * 3_600_000,
             short_alpha: 0.5,
             short_beta: 0.2,
-            week_gamma: 0.3,
+            week_gamma: 0.5,
             error_weight: 0.1,
             on_weight: 0.4,
         }

@@ -810,6 +810,32 @@ pub struct DeviceView {
     /// Application instances with explicit-request state on the device.
     #[serde(default)]
     pub app_instances: Vec<InstanceSummary>,
+    /// The engine's latest decisions on the device, each explained.
+    #[serde(default)]
+    pub decisions: Vec<feedback::Decision>,
+    /// Per traffic class: how prediction fares here.
+    #[serde(default)]
+    pub prediction: Vec<PredictionView>,
+    /// Recent shifts toward the device with the QoS before and after.
+    #[serde(default)]
+    pub shifts: Vec<feedback::ShiftRecord>,
+    /// QoS points its judged shifts brought (EWMA).
+    #[serde(default)]
+    pub shift_gain: Option<f64>,
+}
+
+/// How prediction fares on one traffic class of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionView {
+    pub class: TrafficClass,
+    /// Pre-activations judged since enrolment, and those demand followed.
+    pub preactivations: u64,
+    pub hits: u64,
+    /// Prediction is off for the class until then (it did not pay).
+    pub off_until_ms: Option<u64>,
+    /// Mean absolute one-step error, kbit/s, of each model.
+    pub seasonal_mae_kbps: f32,
+    pub short_term_mae_kbps: f32,
 }
 
 /// Units in use per tier.

@@ -839,7 +839,7 @@ pub fn run_variant_horizons(
                     }
                 }
             }
-                acks
+            acks
         };
     for d in &fleet {
         engine.handle(

@@ -106,6 +106,106 @@ fn shard_activation(
     })
 }
 
+/// Records why each capability was granted, refused or released in this
+/// plan, and the quota behind the budget (see [`feedback::Decision`]).
+#[allow(clippy::too_many_arguments)]
+fn explain_plan(
+    cfg: &PolicyConfig,
+    tier: &Tier,
+    st: &mut DeviceState,
+    now: u64,
+    caps_before: &BTreeSet<String>,
+    caps_after: &BTreeSet<String>,
+    chosen: &BTreeMap<&str, plan::Chosen<'_>>,
+    refusals: &BTreeMap<String, Refusal>,
+    device: &DeviceId,
+) {
+    use feedback::DecisionKind as K;
+    let quota = quota_budget(cfg, tier, st);
+    let budget = effective_budget(cfg, tier, st);
+    let score = st.reputation.score;
+    let factors =
+        KINDS.map(|k| super::super::reputation::quota_factor_for(&cfg.reputation, k, score));
+    let budget_text = format!(
+        "budget {} compute + {} data units (tier {} {}+{} × quota {:.2}/{:.2} at reputation {score:.0}, {:+} borrowed, {:+} lent)",
+        budget[0],
+        budget[1],
+        st.tier,
+        tier.compute_units,
+        tier.data_units,
+        factors[0],
+        factors[1],
+        sum_units(&st.borrowed).iter().sum::<u32>(),
+        -(sum_units(&st.lent).iter().sum::<u32>() as i64),
+    );
+    if factors.iter().any(|f| *f < 1.0) {
+        st.feedback.decide(
+            now,
+            K::Quota,
+            "quota",
+            format!(
+                "reputation {score:.0}: quota {} of {} compute and {} of {} data units (data is throttled first: factors {:.2} and {:.2})",
+                quota[0], tier.compute_units, quota[1], tier.data_units, factors[0], factors[1]
+            ),
+        );
+    }
+    for cap in caps_after.difference(caps_before) {
+        let units: [u32; 2] =
+            chosen
+                .values()
+                .filter(|c| c.capability == cap)
+                .fold([0, 0], |mut u, c| {
+                    u[kind_index(c.spec.kind)] += c.spec.units;
+                    u
+                });
+        let why = if !cfg.features.demand_driven {
+            "every capability the tier allows (static policy)".to_owned()
+        } else if chosen
+            .values()
+            .any(|c| c.capability == cap && st.pinned.contains(c.spec.shard.id()))
+        {
+            "pinned by the operator".to_owned()
+        } else if let Some(&t) = st.demand.get(cap) {
+            format!(
+                "a reported need asks for it (last seen {} s ago)",
+                now.saturating_sub(t) / 1000
+            )
+        } else if st.predicted.get(cap).is_some_and(|&t| t > now) {
+            "held ahead of a forecast onset (see the pre-activation)".to_owned()
+        } else {
+            "requested".to_owned()
+        };
+        st.feedback.decide(
+            now,
+            K::Grant,
+            cap,
+            format!(
+                "{cap} granted: {why}; {} compute + {} data units of the {budget_text}",
+                units[0], units[1]
+            ),
+        );
+    }
+    for cap in caps_before.difference(caps_after) {
+        let why = match refusals.get(cap) {
+            Some(_) => "refused now (see the refusal)".to_owned(),
+            None if st.drained => "the device is drained".to_owned(),
+            None => format!(
+                "no reported need asked for it for {} min, and no forecast holds it",
+                cfg.hysteresis_ms / 60_000
+            ),
+        };
+        st.feedback
+            .decide(now, K::Release, cap, format!("{cap} released: {why}"));
+    }
+    let ctx = faults::explain_ctx(cfg, quota, st, now);
+    for (cap, r) in refusals {
+        if st.refusals.get(cap) != Some(r) {
+            let text = r.explain(cap, device.as_str(), &ctx);
+            st.feedback.decide(now, K::Refuse, cap, text);
+        }
+    }
+}
+
 impl Engine {
     /// The operator changed the device's per-device configuration: keep
     /// it, make the leases of shards whose values changed due (so their
@@ -171,6 +271,21 @@ impl Engine {
             predictions_skipped: _,
         } = plan;
         let rcfg = &cfg.reputation;
+        let caps_before: BTreeSet<String> =
+            st.leases.values().map(|l| l.capability.clone()).collect();
+        let caps_after: BTreeSet<String> =
+            chosen.values().map(|c| c.capability.to_owned()).collect();
+        explain_plan(
+            cfg,
+            tier,
+            st,
+            now,
+            &caps_before,
+            &caps_after,
+            &chosen,
+            &refusals,
+            device,
+        );
         let lease_ms = lease_len(cfg, tier, st.reputation.score, device, now);
         let renew_before = (lease_ms / 3).max(cfg.renew_margin_ms);
         let mut deacts: Vec<ShardRef> = Vec::new();

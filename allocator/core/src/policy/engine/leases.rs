@@ -37,6 +37,7 @@ impl Engine {
             .filter(|(_, l)| l.expires_at_ms <= now)
             .map(|(k, _)| k.clone())
             .collect();
+        let mut lapsed: BTreeSet<String> = BTreeSet::new();
         for k in expired {
             if let Some(l) = st.leases.remove(&k) {
                 if l.clean {
@@ -44,6 +45,18 @@ impl Engine {
                         .apply(rcfg, now, rcfg.clean_lease, "clean_lease");
                 }
                 st.ended_at.insert(k, (now, false));
+                lapsed.insert(l.capability);
+            }
+        }
+        for cap in lapsed {
+            if !st.leases.values().any(|l| l.capability == cap) {
+                // If the plan below grants it again, that is explained too.
+                st.feedback.decide(
+                    now,
+                    feedback::DecisionKind::Release,
+                    &cap,
+                    format!("{cap} released: its lease ran out before it was renewed (the device stops it by itself)"),
+                );
             }
         }
         st.avoid_until.retain(|_, &mut t| t > now);
@@ -69,7 +82,7 @@ impl Engine {
             self.remove_loan(t);
         }
         if timed_out {
-            self.resync(id);
+            self.resync(now, id);
         }
         self.reconcile(now, id, out);
         // After the plan: what it freed may serve queued requests.

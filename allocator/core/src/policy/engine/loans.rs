@@ -130,11 +130,36 @@ impl Engine {
     }
 
     pub(super) fn add_loan(&mut self, t: Transfer) {
+        // Shifts are explained where the rebalancer chooses them.
+        let loan = matches!(t.origin, TransferOrigin::Borrow);
+        let mins = t.expires_at_ms.saturating_sub(t.since_ms) / 60_000;
         if let Some(l) = self.devices.get_mut(&t.from) {
+            if loan {
+                l.feedback.decide(
+                    t.since_ms,
+                    feedback::DecisionKind::Loan,
+                    &format!("to {}", t.to),
+                    format!(
+                        "lent {} {:?} unit(s) to {} for {mins} min: unused here (its quota minus its own need and grants)",
+                        t.units, t.kind, t.to
+                    ),
+                );
+            }
             l.lent.push(t.clone());
             self.dirty.mark(&t.from);
         }
         if let Some(b) = self.devices.get_mut(&t.to) {
+            if loan {
+                b.feedback.decide(
+                    t.since_ms,
+                    feedback::DecisionKind::Loan,
+                    &format!("from {}", t.from),
+                    format!(
+                        "borrowed {} {:?} unit(s) from {} (same tenant) for {mins} min: over its own budget, reputation at least the borrowing threshold",
+                        t.units, t.kind, t.from
+                    ),
+                );
+            }
             self.dirty.mark(&t.to);
             b.borrowed.push(t);
         }

@@ -105,6 +105,7 @@ impl Engine {
         device: &DeviceId,
         shard: &str,
         out: &mut Vec<Action>,
+        what: &str,
         f: impl FnOnce(&mut DeviceState, &str),
     ) {
         if !shard.is_empty() && !self.catalog.shards.contains_key(shard) {
@@ -122,6 +123,12 @@ impl Engine {
             return;
         };
         f(st, shard);
+        st.feedback.decide(
+            now,
+            feedback::DecisionKind::Operator,
+            if shard.is_empty() { "device" } else { shard },
+            what.to_owned(),
+        );
         self.dirty.mark(device);
         self.reconcile(now, device, out);
     }

@@ -284,23 +284,27 @@ impl Engine {
             }
             Event::Tick => self.on_tick(now_ms, &mut out),
             Event::Pin { device, shard } => {
-                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                let what = format!("{shard} pinned by the operator: kept active whatever the demand, within the tier budget");
+                self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.pinned.insert(s.to_owned());
                 })
             }
             Event::Unpin { device, shard } => {
-                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                let what = format!("{shard} unpinned by the operator: demand decides again");
+                self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.pinned.remove(s);
                 })
             }
             Event::Revoke { device, shard } => {
-                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                let what = format!("{shard} revoked by the operator: never granted here until unrevoked (its alternative is planned)");
+                self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.revoked.insert(s.to_owned());
                     st.pinned.remove(s);
                 })
             }
             Event::Unrevoke { device, shard } => {
-                self.operator(now_ms, &device, &shard, &mut out, |st, s| {
+                let what = format!("{shard} unrevoked by the operator");
+                self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.revoked.remove(s);
                 })
             }
@@ -308,10 +312,16 @@ impl Engine {
             Event::Readmitted { device, prior } => self.readmit(now_ms, &device, prior, &mut out),
             Event::RetryCatalogEntry { shard } => self.retry_entry(now_ms, &shard, &mut out),
             Event::Drain { device } => {
-                self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = true)
+                let what = "drained by the operator: everything deactivated, nothing granted until resumed";
+                self.operator(now_ms, &device, "", &mut out, what, |st, _| {
+                    st.drained = true
+                })
             }
             Event::Resume { device } => {
-                self.operator(now_ms, &device, "", &mut out, |st, _| st.drained = false)
+                let what = "resumed by the operator";
+                self.operator(now_ms, &device, "", &mut out, what, |st, _| {
+                    st.drained = false
+                })
             }
             Event::DeviceConfig {
                 device,
@@ -463,6 +473,22 @@ impl Engine {
             flaps: st.flaps,
             arch: plan::device_arch(st).map(str::to_owned),
             app_instances: st.apps.summaries(&self.config.requests, device, now),
+            decisions: st.feedback.decisions.clone(),
+            prediction: st
+                .feedback
+                .classes
+                .iter()
+                .map(|c| PredictionView {
+                    class: c.class,
+                    preactivations: c.total_predictions,
+                    hits: c.total_hits,
+                    off_until_ms: (c.off_until_ms > now).then_some(c.off_until_ms),
+                    seasonal_mae_kbps: c.seasonal_mae,
+                    short_term_mae_kbps: c.short_mae,
+                })
+                .collect(),
+            shifts: st.feedback.shifts.clone(),
+            shift_gain: st.feedback.shift_gain,
         })
     }
 

@@ -490,7 +490,7 @@ impl Engine {
                 // The catalog's limits do not suit the device: an operator
                 // fault, attributed to the shards this instruction started.
                 self.ack_start_failure(now, device, "LimitsOutOfRange", None, out);
-                self.resync(device);
+                self.resync(now, device);
                 self.reconcile(now, device, out);
             }
             AckOutcome::Failed { reason } => {
@@ -500,7 +500,7 @@ impl Engine {
                     message: format!("instruction {seq} failed on the device: {reason}"),
                 });
                 self.ack_start_failure(now, device, &reason, Some(&reason), out);
-                self.resync(device);
+                self.resync(now, device);
                 self.reconcile(now, device, out);
             }
             AckOutcome::Rejected(reason) => {
@@ -508,7 +508,7 @@ impl Engine {
                     device: device.clone(),
                     message: format!("instruction {seq} rejected: {reason:?}"),
                 });
-                self.resync(device);
+                self.resync(now, device);
                 self.reconcile(now, device, out);
             }
         }
@@ -576,14 +576,28 @@ impl Engine {
 
     /// Forget what was not confirmed: leases whose shard the last report does
     /// not show running are dropped, so the next plan sends them again.
-    pub(super) fn resync(&mut self, device: &DeviceId) {
+    pub(super) fn resync(&mut self, now: u64, device: &DeviceId) {
         if let Some(st) = self.devices.get_mut(device) {
             let running: BTreeSet<&ShardRef> = st
                 .last_report
                 .as_ref()
                 .map(|r| r.running_shards.iter().collect())
                 .unwrap_or_default();
+            let before: BTreeSet<String> =
+                st.leases.values().map(|l| l.capability.clone()).collect();
             st.leases.retain(|_, l| running.contains(&l.shard));
+            for cap in before {
+                if !st.leases.values().any(|l| l.capability == cap) {
+                    st.feedback.decide(
+                        now,
+                        feedback::DecisionKind::Release,
+                        &cap,
+                        format!(
+                            "{cap} forgotten: the device did not confirm it (no acknowledgement, not running in its last report); planned again from scratch"
+                        ),
+                    );
+                }
+            }
             st.pending_since_ms = None;
             st.pending_seq = None;
         }

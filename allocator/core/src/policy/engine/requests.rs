@@ -84,11 +84,7 @@ impl Engine {
             RequestOp::Release {
                 grant,
                 outcome: GrantOutcome::Completed,
-            } => st
-                .apps
-                .grants
-                .get(grant)
-                .is_some_and(|g| &g.holder == who),
+            } => st.apps.grants.get(grant).is_some_and(|g| &g.holder == who),
             _ => false,
         };
         st.apps.decide(
@@ -105,7 +101,9 @@ impl Engine {
             // Completed work is a positive signal for the device too,
             // bounded per hour so releasing many tiny grants farms nothing.
             let r = &cfg.reputation;
-            let gain = st.feedback.work_bonus(now, r.completed_work, r.completed_work_per_hour);
+            let gain = st
+                .feedback
+                .work_bonus(now, r.completed_work, r.completed_work_per_hour);
             if gain > 0.0 {
                 st.reputation.apply(r, now, gain, "completed_work");
             }
