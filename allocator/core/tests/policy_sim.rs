@@ -48,11 +48,13 @@ fn one_day_of_a_thousand_devices() {
     );
     assert!(full.served_mbit > stat.served_mbit);
 
-    // Hysteresis keeps flapping rare: well under one flap per device per day.
+    // Hysteresis keeps flapping rare: well under one flap per device per
+    // day, and never twice within a stabilization period.
     assert!(
         full.flaps_well_behaved < u64::from(params.devices) / 2,
         "{full:?}"
     );
+    assert!(full.max_flaps_per_stabilization <= 1, "{full:?}");
 
     // Same seed, same figures.
     let again = run_all(&SimParams {
@@ -68,4 +70,45 @@ fn one_day_of_a_thousand_devices() {
     })
     .unwrap();
     assert_eq!(again.variants, again2.variants);
+}
+
+/// Past the first day, where prediction can act (issue 17): full serves at
+/// least what reactive serves at every horizon, with at most 70 % of the
+/// static policy's units; its pre-activations are mostly right; no
+/// capability of a well-behaved device flaps twice in a stabilization period.
+#[test]
+fn three_days_of_two_hundred_devices() {
+    let params = SimParams {
+        devices: 200,
+        hours: 72,
+        seed: 3,
+        tick_ms: 5 * 60_000,
+        misbehaving_permille: 50,
+    };
+    let report = run_all(&params).expect("simulation runs");
+    print!("{}", report.table());
+    for h in [24, 72] {
+        let full = report.at(h, "full").unwrap();
+        let reactive = report.at(h, "reactive").unwrap();
+        let stat = report.at(h, "static").unwrap();
+        assert!(
+            full.served_fraction >= reactive.served_fraction,
+            "{h} h: {full:?} vs {reactive:?}"
+        );
+        assert!(full.mean_units <= 0.7 * stat.mean_units, "{h} h: {full:?}");
+        assert!(full.max_flaps_per_stabilization <= 1, "{h} h: {full:?}");
+        assert!(full.reaction_ticks_max <= 5, "{h} h: {full:?}");
+    }
+    let full = report.at(72, "full").unwrap();
+    assert!(full.preactivations > 50, "prediction acted: {full:?}");
+    assert!(
+        full.preactivation_hits * 10 >= full.preactivations * 8,
+        "pre-activations mostly followed by demand: {full:?}"
+    );
+    // Prediction shortens the wait for a report at onsets.
+    let lag = |v: &shardline_allocator_core::policy::simulate::VariantResult| {
+        v.unserved_mbit.get("not_demanded_yet").copied().unwrap_or(0.0)
+    };
+    let reactive = report.at(72, "reactive").unwrap();
+    assert!(lag(full) < lag(reactive), "{full:?} vs {reactive:?}");
 }
