@@ -107,7 +107,10 @@ fn three_days_of_two_hundred_devices() {
     );
     // Prediction shortens the wait for a report at onsets.
     let lag = |v: &shardline_allocator_core::policy::simulate::VariantResult| {
-        v.unserved_mbit.get("not_demanded_yet").copied().unwrap_or(0.0)
+        v.unserved_mbit
+            .get("not_demanded_yet")
+            .copied()
+            .unwrap_or(0.0)
     };
     let reactive = report.at(72, "reactive").unwrap();
     assert!(lag(full) < lag(reactive), "{full:?} vs {reactive:?}");

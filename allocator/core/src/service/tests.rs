@@ -746,3 +746,40 @@ fn a_forged_request_is_counted_and_never_charged() {
     );
     assert_eq!(core.take_step().publish.len(), 1);
 }
+
+/// Issue 17: what the engine decided for a device, each with its
+/// explanation, reaches `GET /v1/devices/{id}` through the service and
+/// survives a restart from the stored record.
+#[test]
+fn decisions_reach_the_operator_view_explained_and_survive_a_restart() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    let step = core.take_step();
+    let decisions =
+        |core: &mut Core| match core.on_command(1_000_200, Command::Device { device: d.clone() }) {
+            Reply::Device(v) => v.policy.clone().expect("engine view").decisions,
+            other => panic!("{other:?}"),
+        };
+    let before = decisions(&mut core);
+    let grant = before
+        .iter()
+        .find(|x| x.kind == crate::policy::feedback::DecisionKind::Grant && x.subject == "qos")
+        .unwrap_or_else(|| panic!("qos grant explained: {before:?}"));
+    assert!(
+        grant.explanation.contains("a reported need asks for it")
+            && grant.explanation.contains("tier standard"),
+        "{}",
+        grant.explanation
+    );
+    // A fresh service from the committed record (a restart) shows the same.
+    let rec = step
+        .batch
+        .put_devices
+        .iter()
+        .find(|r| r.device == d)
+        .cloned()
+        .expect("the device was written");
+    let mut again = core_with(vec![rec]);
+    assert_eq!(decisions(&mut again), before);
+}
