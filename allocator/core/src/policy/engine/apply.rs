@@ -106,6 +106,23 @@ fn shard_activation(
     })
 }
 
+/// The budget behind a grant, in words.
+fn budget_text_of(tier: &Tier, st: &DeviceState, budget: [u32; 2], factors: [f64; 2]) -> String {
+    format!(
+        "budget {} compute + {} data units (tier {} {}+{} × quota {:.2}/{:.2} at reputation {:.0}, {:+} borrowed, {:+} lent)",
+        budget[0],
+        budget[1],
+        st.tier,
+        tier.compute_units,
+        tier.data_units,
+        factors[0],
+        factors[1],
+        st.reputation.score,
+        sum_units(&st.borrowed).iter().sum::<u32>(),
+        -(sum_units(&st.lent).iter().sum::<u32>() as i64),
+    )
+}
+
 /// Records why each capability was granted, refused or released in this
 /// plan, and the quota behind the budget (see [`feedback::Decision`]).
 #[allow(clippy::too_many_arguments)]
@@ -121,23 +138,10 @@ fn explain_plan(
     device: &DeviceId,
 ) {
     use feedback::DecisionKind as K;
-    let quota = quota_budget(cfg, tier, st);
-    let budget = effective_budget(cfg, tier, st);
     let score = st.reputation.score;
     let factors =
         KINDS.map(|k| super::super::reputation::quota_factor_for(&cfg.reputation, k, score));
-    let budget_text = format!(
-        "budget {} compute + {} data units (tier {} {}+{} × quota {:.2}/{:.2} at reputation {score:.0}, {:+} borrowed, {:+} lent)",
-        budget[0],
-        budget[1],
-        st.tier,
-        tier.compute_units,
-        tier.data_units,
-        factors[0],
-        factors[1],
-        sum_units(&st.borrowed).iter().sum::<u32>(),
-        -(sum_units(&st.lent).iter().sum::<u32>() as i64),
-    );
+    let quota = quota_budget(cfg, tier, st);
     if factors.iter().any(|f| *f < 1.0) {
         st.feedback.decide(
             now,
@@ -149,7 +153,13 @@ fn explain_plan(
             ),
         );
     }
-    for cap in caps_after.difference(caps_before) {
+    let new_caps: Vec<&String> = caps_after.difference(caps_before).collect();
+    let budget_text = if new_caps.is_empty() {
+        String::new()
+    } else {
+        budget_text_of(tier, st, effective_budget(cfg, tier, st), factors)
+    };
+    for cap in new_caps {
         let units: [u32; 2] =
             chosen
                 .values()
@@ -196,6 +206,9 @@ fn explain_plan(
         };
         st.feedback
             .decide(now, K::Release, cap, format!("{cap} released: {why}"));
+    }
+    if refusals.iter().all(|(c, r)| st.refusals.get(c) == Some(r)) {
+        return;
     }
     let ctx = faults::explain_ctx(cfg, quota, st, now);
     for (cap, r) in refusals {
