@@ -243,6 +243,8 @@ pub struct Features {
     pub prediction: bool,
     pub borrowing: bool,
     pub shifting: bool,
+    /// Seed 002's credit market (see [`market`]).
+    pub market: bool,
 }
 
 impl Default for Features {
@@ -257,18 +259,26 @@ impl Features {
         prediction: false,
         borrowing: false,
         shifting: false,
+        market: false,
     };
     pub const REACTIVE: Features = Features {
         demand_driven: true,
         prediction: false,
         borrowing: false,
         shifting: false,
+        market: false,
     };
     pub const FULL: Features = Features {
         demand_driven: true,
         prediction: true,
         borrowing: true,
         shifting: true,
+        market: false,
+    };
+    /// Everything, with the credit market.
+    pub const MARKET: Features = Features {
+        market: true,
+        ..Features::FULL
     };
 }
 
@@ -371,6 +381,8 @@ pub struct PolicyConfig {
     pub rollback_margin: f64,
     /// Explicit requests of application instances (see [`requests`]).
     pub requests: RequestConfig,
+    /// Seed 002's credit market (see [`market`]); runs with `features.market`.
+    pub market: market::MarketConfig,
 }
 
 impl Default for PolicyConfig {
@@ -407,6 +419,7 @@ impl Default for PolicyConfig {
             shift_ms: 60 * 60_000,
             rollback_margin: 20.0,
             requests: RequestConfig::default(),
+            market: market::MarketConfig::default(),
         }
     }
 }
@@ -442,6 +455,7 @@ impl PolicyConfig {
         if r.half_life_ms == 0 {
             return Err(("half_life_ms", "must be > 0".into()));
         }
+        self.market.check()?;
         self.requests.check()
     }
 }
@@ -492,6 +506,10 @@ pub enum TransferOrigin {
     Shift {
         qos_before: u32,
         evaluated: bool,
+    },
+    /// Bought in the credit market at `price_milli` per unit (see [`market`]).
+    Market {
+        price_milli: u64,
     },
 }
 
@@ -767,6 +785,9 @@ pub struct DeviceView {
     /// Application instances with explicit-request state on the device.
     #[serde(default)]
     pub app_instances: Vec<InstanceSummary>,
+    /// The device's credits and its latest market events (see [`market`]).
+    #[serde(default)]
+    pub credits: market::CreditAccount,
 }
 
 /// Units in use per tier.

@@ -7,12 +7,18 @@ impl Engine {
         if self.config.features.shifting {
             self.renew_shifts(now);
         }
+        if self.config.features.market {
+            self.renew_market(now);
+        }
         let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
         for id in &ids {
             self.tick_device(now, id, out);
         }
         if self.config.features.shifting {
             self.rebalance(now, out);
+        }
+        if self.config.features.market {
+            self.run_market(now, out);
         }
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 mod apply;
 mod leases;
 mod loans;
+mod market;
 mod membership;
 mod reports;
 mod requests;
@@ -150,6 +151,8 @@ pub struct Engine {
     /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.
     pools: BTreeMap<String, BTreeSet<DeviceId>>,
     last_shift_ms: Option<u64>,
+    /// When the credit market last ran (like `last_shift_ms`, not persisted).
+    last_market_ms: Option<u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
     /// Failing catalog entries and the start failures behind them.
@@ -171,6 +174,7 @@ impl Engine {
             devices: BTreeMap::new(),
             pools: BTreeMap::new(),
             last_shift_ms: None,
+            last_market_ms: None,
             dirty: DirtySet::default(),
             health: CatalogHealth::default(),
             health_dirty: false,
@@ -457,6 +461,7 @@ impl Engine {
             flaps: st.flaps,
             arch: plan::device_arch(st).map(str::to_owned),
             app_instances: st.apps.summaries(&self.config.requests, device, now),
+            credits: st.credits.clone(),
         })
     }
 
