@@ -8,6 +8,7 @@ impl Engine {
             self.renew_shifts(now);
         }
         if self.config.features.market {
+            self.accrue_credits(now);
             self.renew_market(now);
         }
         let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();

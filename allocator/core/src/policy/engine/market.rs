@@ -114,8 +114,8 @@ impl Engine {
     }
 
     /// End of a tick with the market on (at most every `market.interval_ms`):
-    /// accounts open, lending earns, each pool clears one auction per kind,
-    /// buyers are re-planned with their new units.
+    /// each pool clears one auction per kind, buyers are re-planned with
+    /// their new units.
     pub(super) fn run_market(&mut self, now: u64, out: &mut Vec<Action>) {
         if self
             .last_market_ms
@@ -124,7 +124,6 @@ impl Engine {
             return;
         }
         self.last_market_ms = Some(now);
-        self.accrue_credits(now);
         let pools: Vec<(String, Vec<DeviceId>)> = self
             .pools
             .iter()
@@ -141,9 +140,11 @@ impl Engine {
         }
     }
 
-    /// Opens accounts and turns unit-time lent (borrowing and shifting;
-    /// market sales are paid by their buyer) into credits.
-    fn accrue_credits(&mut self, now: u64) {
+    /// Start of a tick with the market on, before expired loans go: opens
+    /// accounts and turns unit-time lent (borrowing and shifting; market
+    /// sales are paid by their buyer) into credits. A loan recalled between
+    /// two ticks is paid up to the tick before its recall.
+    pub(super) fn accrue_credits(&mut self, now: u64) {
         let Engine {
             config,
             devices,
