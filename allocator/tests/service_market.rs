@@ -100,13 +100,19 @@ async fn a_unit_bought_in_the_market_shows_in_shardctl_and_survives_a_restart() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let (buyer, seller) = (row(&rows, "buyer-1").clone(), row(&rows, "seller-1").clone());
+    let (buyer, seller) = (
+        row(&rows, "buyer-1").clone(),
+        row(&rows, "seller-1").clone(),
+    );
     // One bid, spare units left over: the sellers' reserve, 1 credit.
     assert_eq!(buyer["balance_milli"], 19_000, "{buyer}");
     assert_eq!(seller["balance_milli"], 21_000, "{seller}");
     assert_eq!(buyer["market_units"], serde_json::json!([0, 1]));
     assert_eq!(seller["sold_units"], serde_json::json!([0, 1]));
-    let text = buyer["last"]["text"].as_str().unwrap_or_default().to_owned();
+    let text = buyer["last"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(
         text.starts_with("bought 1 data unit(s) from seller-1 at 1 credits/unit: clearing price of tenant t's pool at tick "),
         "{text}"
@@ -132,7 +138,10 @@ async fn a_unit_bought_in_the_market_shows_in_shardctl_and_survives_a_restart() 
     );
     let out = alloc.shardctl(&["device", "buyer-1"]);
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(shown.contains("credits 19  (earned 0 sold 0 bought 1)"), "{shown}");
+    assert!(
+        shown.contains("credits 19  (earned 0 sold 0 bought 1)"),
+        "{shown}"
+    );
     // Engine state is written lazily (at most `engine_flush_ms`, 5 s, after
     // a change): past that, a crash loses nothing.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -141,9 +150,15 @@ async fn a_unit_bought_in_the_market_shows_in_shardctl_and_survives_a_restart() 
     let rows = credits_of(&alloc, "t");
     assert_eq!(row(&rows, "buyer-1")["balance_milli"], 19_000, "{rows:?}");
     assert_eq!(row(&rows, "seller-1")["balance_milli"], 21_000, "{rows:?}");
-    assert_eq!(row(&rows, "buyer-1")["market_units"], serde_json::json!([0, 1]));
+    assert_eq!(
+        row(&rows, "buyer-1")["market_units"],
+        serde_json::json!([0, 1])
+    );
     assert_eq!(row(&rows, "buyer-1")["last"]["text"], text.as_str());
     let out = alloc.shardctl(&["credits"]);
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(shown.contains("seller-1") && shown.contains("21"), "{shown}");
+    assert!(
+        shown.contains("seller-1") && shown.contains("21"),
+        "{shown}"
+    );
 }

@@ -596,7 +596,7 @@ fn accounts_and_market_transfers_survive_the_state_codec() {
 
 #[test]
 fn the_market_is_off_in_full() {
-    assert!(!Features::FULL.market && Features::MARKET.market);
+    const { assert!(!Features::FULL.market && Features::MARKET.market) };
     let mut cfg = market_only();
     cfg.features.market = false;
     let (mut e, _s, bs) = market_setup(cfg, &["buyer"]);
@@ -796,4 +796,102 @@ proptest! {
         prop_assert!(active, "the buyer got its qos through the market");
         prop_assert_eq!(e.device(d).unwrap().flaps, 0);
     }
+}
+
+// ------------------------------------------------- recall, keep-running
+
+/// Two sellers with 2 spare data units each; one buyer short of one.
+fn two_sellers() -> (Engine, DeviceId, DeviceId, DeviceId) {
+    let (mut e, s1, bs) = market_setup(market_only(), &["buyer"]);
+    let s2 = dev("seller2");
+    enroll(&mut e, 0, &s2, "four", Some("t"));
+    send(&mut e, 0, &s2, 1, vec![secure(100_000)]);
+    let b = bs[0].clone();
+    want_both(&mut e, MIN, &b, 1);
+    e.handle(MIN, Event::Tick);
+    assert_eq!(
+        e.device(&b).unwrap().borrowed[0].from.as_str(),
+        "seller",
+        "equal offers: the lower device id sells"
+    );
+    (e, s1, s2, b)
+}
+
+#[test]
+fn a_seller_taking_units_back_hands_them_to_another_seller_without_a_flap() {
+    let (mut e, s1, s2, b) = two_sellers();
+    let lease = MarketConfig::default().lease_ms;
+    // Half-way through the lease, the first seller needs its units.
+    let now = MIN + lease / 2;
+    want_both(&mut e, now - MIN, &b, 2); // the buyer's demand holds
+    let out = send(&mut e, now, &s1, 2, vec![secure(100_000), calls(100_000)]);
+    assert!(
+        deactivated(&ops_for(&out, &b)).is_empty(),
+        "the buyer keeps its shards: {out:?}"
+    );
+    let v = e.device(&b).unwrap();
+    assert_eq!(v.borrowed.len(), 1);
+    assert_eq!(v.borrowed[0].from, s2, "{v:?}");
+    assert_eq!(v.borrowed[0].expires_at_ms, MIN + lease, "same expiry");
+    assert!(e.device(&s1).unwrap().lent.is_empty());
+    // The first seller passed half of the 1-credit sale to the second.
+    let init = MarketConfig::default().initial_milli;
+    assert_eq!(balance(&e, &s1), init + MILLI / 2);
+    assert_eq!(balance(&e, &s2), init + MILLI / 2);
+    assert_eq!(balance(&e, &b), init - MILLI);
+    assert!(
+        last_note(&e, &b).contains("now come from seller2"),
+        "{}",
+        last_note(&e, &b)
+    );
+}
+
+#[test]
+fn with_no_other_seller_the_buyer_is_refunded_the_rest_of_the_lease() {
+    let (mut e, s, bs) = market_setup(market_only(), &["buyer"]);
+    let b = &bs[0];
+    want_both(&mut e, MIN, b, 1);
+    e.handle(MIN, Event::Tick);
+    let lease = MarketConfig::default().lease_ms;
+    send(
+        &mut e,
+        MIN + lease / 4,
+        &s,
+        2,
+        vec![secure(100_000), calls(100_000)],
+    );
+    assert!(e.device(b).unwrap().borrowed.is_empty());
+    let init = MarketConfig::default().initial_milli;
+    assert_eq!(balance(&e, b), init - MILLI / 4, "three quarters refunded");
+    assert_eq!(balance(&e, &s), init + MILLI / 4);
+    assert!(
+        last_note(&e, b).contains("returned early"),
+        "{}",
+        last_note(&e, b)
+    );
+}
+
+#[test]
+fn a_running_capability_short_of_units_is_kept_by_buying_at_once() {
+    let (mut e, _s, bs) = market_setup(market_only(), &["buyer"]);
+    let b = &bs[0];
+    // Calls only: qos runs within the buyer's own 3 data units.
+    send(&mut e, MIN, b, 1, vec![calls(100_000)]);
+    e.handle(MIN, Event::Tick);
+    assert!(profile(&e, b).contains(&"qos-shaper".to_owned()));
+    // Encrypted traffic arrives: vpn (priority 70) outranks qos (60), so
+    // qos would stop; it buys the unit at once instead of waiting for the
+    // next run (stop now, start then: a flap).
+    let out = want_both(&mut e, 2 * MIN, b, 2);
+    let ops = ops_for(&out, b);
+    assert!(deactivated(&ops).is_empty(), "{ops:?}");
+    let v = e.device(b).unwrap();
+    assert_eq!(v.borrowed.len(), 1, "{v:?}");
+    assert!(
+        last_note(&e, b).contains("to keep qos running"),
+        "{}",
+        last_note(&e, b)
+    );
+    assert!(profile(&e, b).iter().any(|s| s.starts_with("vpn")));
+    assert_eq!(e.device(b).unwrap().flaps, 0);
 }

@@ -151,7 +151,7 @@ impl Engine {
                 }
             }
             for t in &recall {
-                self.remove_loan(t);
+                self.recall_loan(now, t);
                 work.push(t.to.clone());
             }
         }
@@ -190,12 +190,19 @@ impl Engine {
                 }
                 if !recall.is_empty() {
                     for t in &recall {
-                        self.remove_loan(t);
+                        self.recall_loan(now, t);
                         work.push(t.to.clone());
                     }
                     continue;
                 }
-                match self.try_borrow(now, device, kind, missing) {
+                let borrowed = self.try_borrow(now, device, kind, missing);
+                if borrowed.is_err()
+                    && self.config.features.market
+                    && self.buy_to_keep(now, device, &cap, kind, missing)
+                {
+                    continue;
+                }
+                match borrowed {
                     Ok(()) => continue,
                     Err(reason) => {
                         plan.refusals.insert(

@@ -17,7 +17,9 @@ impl Engine {
     /// are renewed when still used and paid for, before the tick returns them.
     pub(super) fn renew_market(&mut self, now: u64) {
         let cfg = &self.config;
-        let mut renew: Vec<(Transfer, u64)> = Vec::new();
+        let mcfg = &cfg.market;
+        // (transfer, its seller from now on, price per unit)
+        let mut renew: Vec<(Transfer, DeviceId, u64)> = Vec::new();
         let mut notes: Notes = Vec::new();
         for (id, st) in &self.devices {
             for t in &st.borrowed {
@@ -37,76 +39,93 @@ impl Engine {
                 let Some(tier_from) = self.agreements.tiers.get(&seller.tier) else {
                     continue;
                 };
-                let cost = price_milli.saturating_mul(u64::from(t.units));
                 let others = sum_units(&st.borrowed)[k].saturating_sub(t.units);
                 let short_without =
                     st.need_units[k] > quota_budget(cfg, tier_to, st)[k].saturating_add(others);
                 let q = quota_budget(cfg, tier_from, seller)[k];
                 let seller_ok =
                     q >= sum_units(&seller.lent)[k].saturating_add(seller.need_units[k]);
+                let from = if seller_ok {
+                    Some(t.from.clone())
+                } else {
+                    self.other_seller(id, &t.from, t.kind, t.units)
+                };
+                // Renewed at its price, or lower when the balance no longer
+                // covers it: the same share of the balance a new bid may
+                // commit (else the units would return, and be bought back
+                // by that new bid at once: a flap).
+                let affordable = st
+                    .credits
+                    .balance_milli
+                    .saturating_mul(mcfg.max_spend_permille.min(1000))
+                    / 1000
+                    / u64::from(t.units.max(1));
+                let price = price_milli.min(affordable);
                 let why_not = if !short_without {
                     Some("no longer needed".to_owned())
-                } else if !seller_ok {
-                    Some(format!("{} needs them", t.from))
+                } else if from.is_none() {
+                    Some(format!(
+                        "{} needs them and no other seller has them",
+                        t.from
+                    ))
                 } else if st.reputation.score < cfg.borrow_min_reputation {
                     Some(format!(
                         "reputation {:.1} below the borrowing threshold {:.1}",
                         st.reputation.score, cfg.borrow_min_reputation
                     ))
-                } else if st.credits.balance_milli < cost {
+                } else if price < mcfg.reserve_milli {
                     Some(format!(
-                        "balance {} below the {} the renewal costs",
+                        "balance {} does not cover the reserve of {} credits/unit",
                         Credits(st.credits.balance_milli),
-                        Credits(cost)
+                        Credits(mcfg.reserve_milli)
                     ))
                 } else {
                     None
                 };
-                let what = format!(
-                    "{} {} unit(s) bought from {}",
-                    t.units,
-                    market::kind_word(t.kind),
-                    t.from
-                );
-                match why_not {
-                    None => renew.push((t.clone(), cost)),
-                    Some(why) => notes.push((
+                match (why_not, from) {
+                    (None, Some(from)) => renew.push((t.clone(), from, price)),
+                    (why, _) => notes.push((
                         id.clone(),
-                        format!("{what} returned at the end of their lease: {why}"),
+                        format!(
+                            "{} {} unit(s) bought from {} returned at the end of their lease: {}",
+                            t.units,
+                            market::kind_word(t.kind),
+                            t.from,
+                            why.unwrap_or_default()
+                        ),
                     )),
                 }
             }
         }
-        for (t, cost) in renew {
-            if !self.pay(&t.to, &t.from, cost) {
+        for (t, from, price) in renew {
+            let cost = price.saturating_mul(u64::from(t.units));
+            if !self.pay(&t.to, &from, cost) {
                 continue;
             }
-            let TransferOrigin::Market { price_milli } = t.origin else {
-                continue;
-            };
             let kind = market::kind_word(t.kind);
             notes.push((
                 t.to.clone(),
                 format!(
-                    "renewed {} {kind} unit(s) from {} at {} credits/unit (their price when bought) at tick {now}",
+                    "renewed {} {kind} unit(s) from {from} at {} credits/unit (their price when bought, or what the balance allows) at tick {now}",
                     t.units,
-                    t.from,
-                    Credits(price_milli)
+                    Credits(price)
                 ),
             ));
             notes.push((
-                t.from.clone(),
+                from.clone(),
                 format!(
                     "{} renewed {} {kind} unit(s) at {} credits/unit at tick {now}",
                     t.to,
                     t.units,
-                    Credits(price_milli)
+                    Credits(price)
                 ),
             ));
             self.remove_loan(&t);
             self.add_loan(Transfer {
+                from,
                 since_ms: now,
                 expires_at_ms: now.saturating_add(self.config.market.lease_ms),
+                origin: TransferOrigin::Market { price_milli: price },
                 ..t
             });
         }
@@ -253,20 +272,7 @@ impl Engine {
                 }
                 continue;
             }
-            // Same rule as lenders: a device that borrows has nothing to
-            // spare, a suspect one's quota (and so its units) may shrink
-            // at any report.
-            if !st.borrowed.is_empty() || quota_factor(&cfg.reputation, st.reputation.score) < 1.0 {
-                continue;
-            }
-            let units = spare(cfg, tier, st)[k];
-            if units > 0 {
-                asks.push(Ask {
-                    device: id.clone(),
-                    units,
-                    reserve_milli: mcfg.reserve_milli,
-                });
-            }
+            asks.extend(self.ask_of(id, kind));
         }
         if bids.is_empty() {
             self.apply_notes(now, notes);
@@ -281,6 +287,7 @@ impl Engine {
             notes.push((device.clone(), why.explain(units, kind, tenant)));
         }
         if let Some(price) = clearing.price_milli {
+            self.market_prices.insert((tenant.to_owned(), k), price);
             let sold: u32 = clearing.fills.iter().map(|f| f.units).sum();
             tracing::debug!(
                 tenant,
@@ -330,6 +337,265 @@ impl Engine {
             }
         }
         self.apply_notes(now, notes);
+    }
+
+    /// A lender takes back units it lent (its own need rose or its quota
+    /// shrank). Units it sold in the market move to another seller of the
+    /// pool with enough spare units, at the same price and until the same
+    /// expiry, and the old seller passes on the unexpired part of the
+    /// payment: the buyer keeps its shards (returned and bought back at the
+    /// next run, they would flap). With no other seller the old one refunds
+    /// that part to the buyer.
+    pub(super) fn recall_loan(&mut self, now: u64, t: &Transfer) {
+        self.remove_loan(t);
+        let TransferOrigin::Market { price_milli } = t.origin else {
+            return;
+        };
+        let left = u128::from(t.expires_at_ms.saturating_sub(now));
+        let span = u128::from(t.expires_at_ms.saturating_sub(t.since_ms).max(1));
+        let paid = u128::from(price_milli.saturating_mul(u64::from(t.units)));
+        let owed = u64::try_from(paid * left.min(span) / span).unwrap_or(u64::MAX);
+        let owed = owed.min(
+            self.devices
+                .get(&t.from)
+                .map_or(0, |s| s.credits.balance_milli),
+        );
+        let kw = market::kind_word(t.kind);
+        let mut notes: Notes = Vec::new();
+        match self.other_seller(&t.to, &t.from, t.kind, t.units) {
+            Some(seller) => {
+                if owed > 0 {
+                    self.pay(&t.from, &seller, owed);
+                }
+                self.add_loan(Transfer {
+                    from: seller.clone(),
+                    ..t.clone()
+                });
+                notes.push((
+                    t.to.clone(),
+                    format!(
+                        "{} {kw} unit(s) bought from {} now come from {}: {} took them back for its own need (same price, same expiry)",
+                        t.units, t.from, seller, t.from
+                    ),
+                ));
+                notes.push((
+                    t.from.clone(),
+                    format!(
+                        "took back {} {kw} unit(s) sold to {}; passed {} credits of the sale to {seller}, who took over",
+                        t.units,
+                        t.to,
+                        Credits(owed)
+                    ),
+                ));
+                notes.push((
+                    seller.clone(),
+                    format!(
+                        "took over {} {kw} unit(s) {} sold to {}: {} credits for the rest of the lease",
+                        t.units,
+                        t.from,
+                        t.to,
+                        Credits(owed)
+                    ),
+                ));
+            }
+            None => {
+                if owed > 0 {
+                    self.pay(&t.from, &t.to, owed);
+                }
+                notes.push((
+                    t.to.clone(),
+                    format!(
+                        "{} {kw} unit(s) bought from {} returned early: it needs them and no other seller has them; {} credits refunded",
+                        t.units,
+                        t.from,
+                        Credits(owed)
+                    ),
+                ));
+                notes.push((
+                    t.from.clone(),
+                    format!(
+                        "took back {} {kw} unit(s) sold to {}; refunded {} credits",
+                        t.units,
+                        t.to,
+                        Credits(owed)
+                    ),
+                ));
+            }
+        }
+        self.apply_notes(now, notes);
+    }
+
+    /// A seller of the buyer's pool that can take over `units` of `kind`
+    /// (the same rule as asks: borrows nothing, full quota, enough spare;
+    /// the most spare first, then device id).
+    fn other_seller(
+        &self,
+        buyer: &DeviceId,
+        not: &DeviceId,
+        kind: ShardKind,
+        units: u32,
+    ) -> Option<DeviceId> {
+        let cfg = &self.config;
+        let tenant = self.devices.get(buyer)?.tenant.as_ref()?;
+        let k = kind_index(kind);
+        let mut best: Option<(u32, &DeviceId)> = None;
+        for peer in self.pools.get(tenant)? {
+            if peer == buyer || peer == not {
+                continue;
+            }
+            let Some(st) = self.devices.get(peer) else {
+                continue;
+            };
+            let Some(tier) = self.agreements.tiers.get(&st.tier) else {
+                continue;
+            };
+            if !st.borrowed.is_empty()
+                || quota_factor(&cfg.reputation, st.reputation.score) < 1.0
+                || !st.refusals.is_empty()
+            {
+                continue;
+            }
+            let s = spare(cfg, tier, st)[k];
+            if s >= units && best.is_none_or(|b| s > b.0) {
+                best = Some((s, peer));
+            }
+        }
+        best.map(|b| b.1.clone())
+    }
+
+    /// A seller's offer of `kind`: same rule as lenders (a device that
+    /// borrows has nothing to spare, a suspect one's quota, and so its
+    /// units, may shrink at any report), and a device short of units of
+    /// that kind buys, it does not sell.
+    fn ask_of(&self, id: &DeviceId, kind: ShardKind) -> Option<Ask> {
+        let cfg = &self.config;
+        let st = self.devices.get(id)?;
+        let tier = self.agreements.tiers.get(&st.tier)?;
+        if !st.borrowed.is_empty()
+            || quota_factor(&cfg.reputation, st.reputation.score) < 1.0
+            || unmet(&self.catalog, tier, st, kind).is_some()
+        {
+            return None;
+        }
+        let units = spare(cfg, tier, st)[kind_index(kind)];
+        (units > 0).then(|| Ask {
+            device: id.clone(),
+            units,
+            reserve_milli: cfg.market.reserve_milli,
+        })
+    }
+
+    /// Between two runs: a device about to lose a running capability for
+    /// want of `missing` units buys them at once at its pool's last
+    /// clearing price (the reserve before the first), if it could bid that
+    /// much. Without it the shards would stop now and start again when the
+    /// next run fills the bid: a flap. New demand waits for the auction.
+    pub(super) fn buy_to_keep(
+        &mut self,
+        now: u64,
+        device: &DeviceId,
+        cap: &str,
+        kind: ShardKind,
+        missing: u32,
+    ) -> bool {
+        let cfg = &self.config;
+        let mcfg = &cfg.market;
+        let Some(st) = self.devices.get(device) else {
+            return false;
+        };
+        let (Some(tier), Some(tenant)) = (self.agreements.tiers.get(&st.tier), st.tenant.clone())
+        else {
+            return false;
+        };
+        if !st.leases.values().any(|l| l.capability == cap)
+            || st.drained
+            || !tier.borrowing
+            || st.reputation.score < cfg.borrow_min_reputation
+        {
+            return false;
+        }
+        let k = kind_index(kind);
+        let held: u32 = st
+            .borrowed
+            .iter()
+            .filter(|t| t.kind == kind && matches!(t.origin, TransferOrigin::Market { .. }))
+            .map(|t| t.units)
+            .sum();
+        if held.saturating_add(missing) > mcfg.max_units_per_device {
+            return false;
+        }
+        let priority = self
+            .catalog
+            .capabilities
+            .get(cap)
+            .map_or(0, |c| c.priority)
+            .min(tier.max_priority);
+        let price = self
+            .market_prices
+            .get(&(tenant.clone(), k))
+            .copied()
+            .unwrap_or(mcfg.reserve_milli)
+            .max(mcfg.reserve_milli);
+        let Some(limit) = market::bid_limit(mcfg, priority, st.credits.balance_milli, missing)
+        else {
+            return false;
+        };
+        if limit < price {
+            return false;
+        }
+        let asks: Vec<Ask> = self
+            .pools
+            .get(&tenant)
+            .into_iter()
+            .flatten()
+            .filter(|p| *p != device)
+            .filter_map(|p| self.ask_of(p, kind))
+            .collect();
+        let bid = Bid {
+            device: device.clone(),
+            units: missing,
+            limit_milli: price,
+            priority,
+        };
+        let clearing = market::clear(&[bid], &asks, u32::MAX);
+        if clearing.fills.is_empty() {
+            return false;
+        }
+        let kw = market::kind_word(kind);
+        let mut notes: Notes = Vec::new();
+        for f in &clearing.fills {
+            if !self.pay(device, &f.seller, price.saturating_mul(u64::from(f.units))) {
+                continue;
+            }
+            self.add_loan(Transfer {
+                from: f.seller.clone(),
+                to: device.clone(),
+                kind,
+                units: f.units,
+                since_ms: now,
+                expires_at_ms: now.saturating_add(self.config.market.lease_ms),
+                origin: TransferOrigin::Market { price_milli: price },
+            });
+            notes.push((
+                device.clone(),
+                format!(
+                    "bought {} {kw} unit(s) from {} at {} credits/unit to keep {cap} running: last clearing price of tenant {tenant}'s pool, at tick {now}",
+                    f.units,
+                    f.seller,
+                    Credits(price)
+                ),
+            ));
+            notes.push((
+                f.seller.clone(),
+                format!(
+                    "sold {} {kw} unit(s) to {device} at {} credits/unit (to keep its {cap} running): last clearing price of tenant {tenant}'s pool, at tick {now}",
+                    f.units,
+                    Credits(price)
+                ),
+            ));
+        }
+        self.apply_notes(now, notes);
+        true
     }
 
     /// Moves `amount` from the buyer's account to the seller's.

@@ -153,6 +153,9 @@ pub struct Engine {
     last_shift_ms: Option<u64>,
     /// When the credit market last ran (like `last_shift_ms`, not persisted).
     last_market_ms: Option<u64>,
+    /// (tenant, kind) ⇒ the latest clearing price of its pool (in memory:
+    /// a restart starts again from the reserve).
+    market_prices: BTreeMap<(String, usize), u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
     /// Failing catalog entries and the start failures behind them.
@@ -175,6 +178,7 @@ impl Engine {
             pools: BTreeMap::new(),
             last_shift_ms: None,
             last_market_ms: None,
+            market_prices: BTreeMap::new(),
             dirty: DirtySet::default(),
             health: CatalogHealth::default(),
             health_dirty: false,
