@@ -910,3 +910,15 @@ fn a_running_capability_short_of_units_is_kept_by_buying_at_once() {
     assert!(profile(&e, b).iter().any(|s| s.starts_with("vpn")));
     assert_eq!(e.device(b).unwrap().flaps, 0);
 }
+
+#[test]
+fn a_seller_that_leaves_hands_its_sold_units_to_another_seller() {
+    let (mut e, s1, s2, b) = two_sellers();
+    want_both(&mut e, 5 * MIN, &b, 2);
+    let out = e.handle(6 * MIN, Event::Unenrolled { device: s1.clone() });
+    assert!(deactivated(&ops_for(&out, &b)).is_empty(), "{out:?}");
+    let v = e.device(&b).unwrap();
+    assert_eq!(v.borrowed.len(), 1, "{v:?}");
+    assert_eq!(v.borrowed[0].from, s2);
+    assert_eq!(e.device(&s2).unwrap().lent.len(), 1);
+}
