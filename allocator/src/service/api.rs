@@ -7,7 +7,8 @@
 //! request, except `/v1/health` and `/metrics` when public):
 //! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
-//! `GET /v1/tiers`, `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`,
+//! `GET /v1/tiers`, `GET /v1/credits[?tenant=T]` (credit accounts of the
+//! market, seed 002), `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`,
 //! `GET /v1/devices/{id}/config` (secret key *names* only),
 //! `PUT /v1/devices/{id}/config/{shard}` (`{"clear": {k: v}, "secret": {k: v},
 //! "unset": [k]}`), `POST /v1/vpn/pair` (`{"a", "b", "a_endpoint",
@@ -66,6 +67,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{id}/config/{shard}", put(set_device_config))
         .route("/v1/vpn/pair", post(vpn_pair))
         .route("/v1/tiers", get(tiers))
+        .route("/v1/credits", get(credits))
         .route("/v1/catalog", get(catalog))
         .route("/v1/catalog/{shard}/retry", post(catalog_retry))
         .route("/v1/tokens", post(create_token))
@@ -178,6 +180,7 @@ fn reply_json(r: Reply) -> Response {
         Reply::Token(t) => Json(t).into_response(),
         Reply::Devices(rows) => Json(rows).into_response(),
         Reply::Device(d) => Json(d).into_response(),
+        Reply::Credits(rows) => Json(rows).into_response(),
         Reply::Tiers(t) => Json(t).into_response(),
         Reply::Rotated { epoch, key_id } => {
             Json(serde_json::json!({ "epoch": epoch, "key_id": key_id })).into_response()
@@ -428,6 +431,26 @@ async fn operator(
 
 async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     answer(&state, &headers, Command::Tiers).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsQuery {
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// The market's credit accounts, of one tenant's pool with `?tenant=`.
+async fn credits(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<CreditsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let tenant = match query {
+        Ok(axum::extract::Query(q)) => q.tenant,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    answer(&state, &headers, Command::Credits { tenant }).await
 }
 
 /// The catalog's shards with their failing marks (per architecture) and

@@ -58,6 +58,12 @@ enum Cmd {
     },
     /// Tiers (service agreements) and their units in use.
     Tiers,
+    /// Credit balances of the market (seed 002), with each device's latest
+    /// market event.
+    Credits {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Ask units for an application instance (`device:app:instance`), as
     /// the instance would; a grant is also sent signed to the device.
     Request {
@@ -246,6 +252,19 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
         ),
         Cmd::Unenroll { device } => ("DELETE", format!("/v1/devices/{device}"), None),
         Cmd::Tiers => ("GET", "/v1/tiers".to_owned(), None),
+        Cmd::Credits { tenant: None } => ("GET", "/v1/credits".to_owned(), None),
+        Cmd::Credits {
+            tenant: Some(tenant),
+        } => {
+            if tenant.is_empty()
+                || !tenant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                anyhow::bail!("bad tenant {tenant:?}");
+            }
+            ("GET", format!("/v1/credits?tenant={tenant}"), None)
+        }
         Cmd::Request {
             instance,
             kind,
@@ -388,6 +407,12 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
                 print!("{}", device_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
+            Cmd::Credits { .. } => {
+                if let Some(rows) = value.as_array() {
+                    print!("{}", credits_text(rows));
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             Cmd::Catalog { command: None } => {
                 if let Some(rows) = value.as_array() {
                     print!("{}", catalog_text(rows));
@@ -442,6 +467,52 @@ fn print_devices(rows: &[serde_json::Value]) {
             n("pending_instructions")
         );
     }
+}
+
+/// `shardctl credits` for people: one line per account, then its latest
+/// market event in words.
+pub fn credits_text(rows: &[serde_json::Value]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:<12} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
+        "DEVICE", "TENANT", "BALANCE", "EARNED", "SOLD", "BOUGHT", "HELD", "SOLD_U"
+    );
+    let credits = |r: &serde_json::Value, k: &str| {
+        let m = r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        shardline_allocator_core::policy::market::Credits(m).to_string()
+    };
+    let units = |r: &serde_json::Value, k: &str| {
+        let u: Vec<u64> = r
+            .get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default();
+        format!(
+            "{}c{}d",
+            u.first().copied().unwrap_or(0),
+            u.get(1).copied().unwrap_or(0)
+        )
+    };
+    for r in rows {
+        let _ = writeln!(
+            o,
+            "{:<24} {:<12} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
+            text(r, "device"),
+            text(r, "tenant"),
+            credits(r, "balance_milli"),
+            credits(r, "earned_milli"),
+            credits(r, "sold_milli"),
+            credits(r, "bought_milli"),
+            units(r, "market_units"),
+            units(r, "sold_units"),
+        );
+        if let Some(last) = r.get("last").filter(|l| !l.is_null()) {
+            let _ = writeln!(o, "    at {}: {}", text(last, "at_ms"), text(last, "text"));
+        }
+    }
+    o
 }
 
 fn text(v: &serde_json::Value, k: &str) -> String {
@@ -551,6 +622,32 @@ pub fn device_text(d: &serde_json::Value) -> String {
                 text(a, "data_in_use"),
                 text(a, "queued")
             );
+        }
+    }
+    if let Some(c) = p
+        .get("credits")
+        .filter(|c| c.get("opened").and_then(|v| v.as_bool()) == Some(true))
+    {
+        let cr = |k: &str| {
+            shardline_allocator_core::policy::market::Credits(
+                c.get(k).and_then(|v| v.as_u64()).unwrap_or(0),
+            )
+        };
+        let _ = writeln!(
+            o,
+            "credits {}  (earned {} sold {} bought {})",
+            cr("balance_milli"),
+            cr("earned_milli"),
+            cr("sold_milli"),
+            cr("bought_milli")
+        );
+        for h in c
+            .get("history")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let _ = writeln!(o, "  at {}: {}", text(h, "at_ms"), text(h, "text"));
         }
     }
     if let Some(h) = p.get("reputation_history").and_then(|v| v.as_array()) {

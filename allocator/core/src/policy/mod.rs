@@ -243,6 +243,8 @@ pub struct Features {
     pub prediction: bool,
     pub borrowing: bool,
     pub shifting: bool,
+    /// Seed 002's credit market (see [`market`]).
+    pub market: bool,
 }
 
 impl Default for Features {
@@ -257,18 +259,26 @@ impl Features {
         prediction: false,
         borrowing: false,
         shifting: false,
+        market: false,
     };
     pub const REACTIVE: Features = Features {
         demand_driven: true,
         prediction: false,
         borrowing: false,
         shifting: false,
+        market: false,
     };
     pub const FULL: Features = Features {
         demand_driven: true,
         prediction: true,
         borrowing: true,
         shifting: true,
+        market: false,
+    };
+    /// Everything, with the credit market.
+    pub const MARKET: Features = Features {
+        market: true,
+        ..Features::FULL
     };
 }
 
@@ -408,6 +418,8 @@ pub struct PolicyConfig {
     pub shift_gain_prior: f64,
     /// Explicit requests of application instances (see [`requests`]).
     pub requests: RequestConfig,
+    /// Seed 002's credit market (see [`market`]); runs with `features.market`.
+    pub market: market::MarketConfig,
 }
 
 impl Default for PolicyConfig {
@@ -450,6 +462,7 @@ impl Default for PolicyConfig {
             rollback_jitter_min_ms: 2.0,
             shift_gain_prior: 50.0,
             requests: RequestConfig::default(),
+            market: market::MarketConfig::default(),
         }
     }
 }
@@ -485,6 +498,7 @@ impl PolicyConfig {
         if r.half_life_ms == 0 {
             return Err(("half_life_ms", "must be > 0".into()));
         }
+        self.market.check()?;
         self.requests.check()
     }
 }
@@ -535,6 +549,10 @@ pub enum TransferOrigin {
     Shift {
         qos_before: u32,
         evaluated: bool,
+    },
+    /// Bought in the credit market at `price_milli` per unit (see [`market`]).
+    Market {
+        price_milli: u64,
     },
 }
 
@@ -822,6 +840,9 @@ pub struct DeviceView {
     /// QoS points its judged shifts brought (EWMA).
     #[serde(default)]
     pub shift_gain: Option<f64>,
+    /// The device's credits and its latest market events (see [`market`]).
+    #[serde(default)]
+    pub credits: market::CreditAccount,
 }
 
 /// How prediction fares on one traffic class of a device.

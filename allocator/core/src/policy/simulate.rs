@@ -204,6 +204,7 @@ pub fn run_all(params: &SimParams) -> Result<SimReport, CatalogError> {
         ("static", Features::STATIC),
         ("reactive", Features::REACTIVE),
         ("full", Features::FULL),
+        ("market", Features::MARKET),
     ] {
         variants.push(run_variant_horizons(params, name, features)?);
     }

@@ -110,6 +110,10 @@ pub enum Command {
     Device {
         device: DeviceId,
     },
+    /// Credit accounts of a tenant's pool (every tenant when `None`).
+    Credits {
+        tenant: Option<String>,
+    },
     Tiers,
     Operator {
         device: DeviceId,
@@ -179,6 +183,7 @@ pub enum Reply {
     Token(TokenCreated),
     Devices(Vec<DeviceRow>),
     Device(Box<DeviceDetail>),
+    Credits(Vec<policy::market::CreditRow>),
     Tiers(Vec<TierRow>),
     Rotated { epoch: u64, key_id: String },
     Catalog(Vec<CatalogRow>),
@@ -405,6 +410,7 @@ impl Core {
                     policy: self.engine.device_at(&device, now_ms),
                 }))
             }
+            Command::Credits { tenant } => Reply::Credits(self.engine.credits(tenant.as_deref())),
             Command::Tiers => {
                 let usage = self.engine.units_by_tier();
                 Reply::Tiers(

@@ -7,12 +7,19 @@ impl Engine {
         if self.config.features.shifting {
             self.renew_shifts(now);
         }
+        if self.config.features.market {
+            self.accrue_credits(now);
+            self.renew_market(now);
+        }
         let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
         for id in &ids {
             self.tick_device(now, id, out);
         }
         if self.config.features.shifting {
             self.rebalance(now, out);
+        }
+        if self.config.features.market {
+            self.run_market(now, out);
         }
     }
 
@@ -157,7 +164,7 @@ impl Engine {
                 }
             }
             for t in &recall {
-                self.remove_loan(t);
+                self.recall_loan(now, t);
                 work.push(t.to.clone());
             }
         }
@@ -196,12 +203,19 @@ impl Engine {
                 }
                 if !recall.is_empty() {
                     for t in &recall {
-                        self.remove_loan(t);
+                        self.recall_loan(now, t);
                         work.push(t.to.clone());
                     }
                     continue;
                 }
-                match self.try_borrow(now, device, kind, missing) {
+                let borrowed = self.try_borrow(now, device, kind, missing);
+                if borrowed.is_err()
+                    && self.config.features.market
+                    && self.buy_to_keep(now, device, &cap, kind, missing)
+                {
+                    continue;
+                }
+                match borrowed {
                     Ok(()) => continue,
                     Err(reason) => {
                         plan.refusals.insert(

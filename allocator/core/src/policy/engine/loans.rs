@@ -9,20 +9,25 @@ impl Engine {
             return;
         };
         let loans: Vec<Transfer> = st.borrowed.iter().chain(st.lent.iter()).cloned().collect();
+        let now = self
+            .devices
+            .get(device)
+            .map(|s| s.reputation.updated_ms)
+            .unwrap_or(0);
         let mut others = BTreeSet::new();
         for t in &loans {
-            self.remove_loan(t);
+            if &t.from == device {
+                // Units it sold move to another seller (see `recall_loan`).
+                self.recall_loan(now, t);
+            } else {
+                self.remove_loan(t);
+            }
             others.insert(if &t.from == device {
                 t.to.clone()
             } else {
                 t.from.clone()
             });
         }
-        let now = self
-            .devices
-            .get(device)
-            .map(|s| s.reputation.updated_ms)
-            .unwrap_or(0);
         for o in others {
             self.reconcile(now, &o, out);
         }

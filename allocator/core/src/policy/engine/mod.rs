@@ -17,6 +17,7 @@ use std::sync::Arc;
 mod apply;
 mod leases;
 mod loans;
+mod market;
 mod membership;
 mod reports;
 mod requests;
@@ -156,6 +157,11 @@ pub struct Engine {
     /// Tenant ⇒ its devices (the borrowing/shifting pool); derived, rebuilt on restore.
     pools: BTreeMap<String, BTreeSet<DeviceId>>,
     last_shift_ms: Option<u64>,
+    /// When the credit market last ran (like `last_shift_ms`, not persisted).
+    last_market_ms: Option<u64>,
+    /// (tenant, kind) ⇒ the latest clearing price of its pool (in memory:
+    /// a restart starts again from the reserve).
+    market_prices: BTreeMap<(String, usize), u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
     /// Failing catalog entries and the start failures behind them.
@@ -177,6 +183,8 @@ impl Engine {
             devices: BTreeMap::new(),
             pools: BTreeMap::new(),
             last_shift_ms: None,
+            last_market_ms: None,
+            market_prices: BTreeMap::new(),
             dirty: DirtySet::default(),
             health: CatalogHealth::default(),
             health_dirty: false,
@@ -489,6 +497,7 @@ impl Engine {
                 .collect(),
             shifts: st.feedback.shifts.clone(),
             shift_gain: st.feedback.shift_gain,
+            credits: st.credits.clone(),
         })
     }
 
