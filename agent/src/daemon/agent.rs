@@ -696,6 +696,7 @@ impl Daemon {
             shards,
             applied_instruction_seq: self.manager.applied_seq(),
             rejections: self.manager.rejections().clone(),
+            lending: Default::default(),
         };
         let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
         self.outbox

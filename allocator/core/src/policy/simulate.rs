@@ -441,6 +441,7 @@ impl SimDevice {
             shards,
             applied_instruction_seq: self.applied_seq,
             rejections: RejectionCounters::default(),
+                  lending: Default::default(),
         }
     }
 

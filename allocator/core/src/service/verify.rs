@@ -109,7 +109,15 @@ pub fn finish_signed<T: serde::de::DeserializeOwned>(
         metrics.dropped(kind, Drop::BadSignature);
         return Verified::BadSignature;
     }
-    match codec::decode(&prepared.payload) {
+    // A report of an agent that predates `QosReport::lending` ends two
+    // bytes short: it is read with that field empty (the signature covers
+    // the bytes as sent, checked above).
+    let decoded = if kind == Kind::Report {
+        codec::decode_or_padded(&prepared.payload, codec::MAX_PAYLOAD, msg::REPORT_LEGACY_TAIL)
+    } else {
+        codec::decode(&prepared.payload)
+    };
+    match decoded {
         Ok(obj) => Verified::Ok(obj),
         Err(_) => {
             // Signed by the device but not decodable: garbage, not forgery.
