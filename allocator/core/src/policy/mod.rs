@@ -371,6 +371,9 @@ pub struct PolicyConfig {
     pub rollback_margin: f64,
     /// Explicit requests of application instances (see [`requests`]).
     pub requests: RequestConfig,
+    /// Seed 002: borrowing behaviour, returns, good-neighbour reports,
+    /// consent and offers (see [`lending`]).
+    pub lending: lending::LendingConfig,
 }
 
 impl Default for PolicyConfig {
@@ -407,6 +410,7 @@ impl Default for PolicyConfig {
             shift_ms: 60 * 60_000,
             rollback_margin: 20.0,
             requests: RequestConfig::default(),
+            lending: lending::LendingConfig::default(),
         }
     }
 }
@@ -442,6 +446,7 @@ impl PolicyConfig {
         if r.half_life_ms == 0 {
             return Err(("half_life_ms", "must be > 0".into()));
         }
+        self.lending.check()?;
         self.requests.check()
     }
 }
@@ -617,6 +622,11 @@ pub enum BorrowRefusal {
     LowReputation,
     NoLender,
     AtLimit,
+    /// Seed 002: more loans this hour than `lending.max_borrows_per_hour`.
+    /// Added at the end, like the next one: stored refusals keep their bytes.
+    TooFrequent,
+    /// Peers had the units spare, but their consent policies do not lend them now.
+    NoConsent,
 }
 
 /// Everything the engine keeps about one device (serde: persist it as is).
@@ -767,6 +777,10 @@ pub struct DeviceView {
     /// Application instances with explicit-request state on the device.
     #[serde(default)]
     pub app_instances: Vec<InstanceSummary>,
+    /// Seed 002's loan record: borrowing and returns, harm reports made
+    /// and received, consent, offers, and the decisions in words.
+    #[serde(default)]
+    pub lending: lending::LendingState,
 }
 
 /// Units in use per tier.

@@ -441,7 +441,7 @@ impl SimDevice {
             shards,
             applied_instruction_seq: self.applied_seq,
             rejections: RejectionCounters::default(),
-                  lending: Default::default(),
+            lending: Default::default(),
         }
     }
 

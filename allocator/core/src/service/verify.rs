@@ -113,7 +113,11 @@ pub fn finish_signed<T: serde::de::DeserializeOwned>(
     // bytes short: it is read with that field empty (the signature covers
     // the bytes as sent, checked above).
     let decoded = if kind == Kind::Report {
-        codec::decode_or_padded(&prepared.payload, codec::MAX_PAYLOAD, msg::REPORT_LEGACY_TAIL)
+        codec::decode_or_padded(
+            &prepared.payload,
+            codec::MAX_PAYLOAD,
+            shardline_shared::msg::REPORT_LEGACY_TAIL,
+        )
     } else {
         codec::decode(&prepared.payload)
     };

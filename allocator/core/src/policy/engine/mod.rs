@@ -14,6 +14,7 @@ use shardline_shared::msg::{ShardFailure, ShardState};
 use std::sync::Arc;
 
 mod apply;
+mod good_neighbour;
 mod leases;
 mod loans;
 mod membership;
@@ -457,6 +458,7 @@ impl Engine {
             flaps: st.flaps,
             arch: plan::device_arch(st).map(str::to_owned),
             app_instances: st.apps.summaries(&self.config.requests, device, now),
+            lending: st.lending.clone(),
         })
     }
 
