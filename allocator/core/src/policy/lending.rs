@@ -402,7 +402,8 @@ pub fn severity(obs: &[HarmObservation]) -> f64 {
 /// The weight of a reporter's word: 0 below `reporter_min_reputation`,
 /// score/100 at or above it.
 pub fn reporter_weight(cfg: &LendingConfig, score: f64) -> f64 {
-    if !(score >= cfg.reporter_min_reputation) {
+    // NaN carries no weight either.
+    if score.is_nan() || score < cfg.reporter_min_reputation {
         return 0.0;
     }
     (score / 100.0).clamp(0.0, 1.0)
@@ -443,7 +444,7 @@ pub fn screen(
         (Some(start), Some(now)) => start - now,
         _ => 0.0,
     };
-    if !(drop >= cfg.min_qos_drop) {
+    if drop.is_nan() || drop < cfg.min_qos_drop {
         return Err(Ignored::NotCorroborated);
     }
     let w = reporter_weight(cfg, r.score);
@@ -468,7 +469,7 @@ pub fn charge(
     now: u64,
 ) -> f64 {
     borrower.roll_harm_window(cfg, now);
-    if !(points > 0.0) {
+    if points.is_nan() || points <= 0.0 {
         return 0.0;
     }
     let known = borrower.harm_by_reporter.contains_key(reporter);
@@ -645,6 +646,21 @@ mod tests {
         }
     }
 
+    type ConsentRow = (
+        &'static str,
+        Option<LendConsent>,
+        [u32; 2],
+        [u32; 2],
+        [u32; 2],
+        bool,
+    );
+    type ScreenRow<'a> = (
+        &'static str,
+        Reporter<'a>,
+        Vec<HarmObservation>,
+        Result<Vec<(DeviceId, f64)>, Ignored>,
+    );
+
     #[test]
     fn severity_table() {
         let rows: [(&str, Vec<HarmObservation>, f64); 7] = [
@@ -735,14 +751,8 @@ mod tests {
             to_hour_utc: to,
         };
         let noon = 12 * HOUR_MS;
-        let rows: [(
-            &str,
-            Option<LendConsent>,
-            [u32; 2],
-            [u32; 2],
-            [u32; 2],
-            bool,
-        ); 6] = [
+        // (case, consent, spare, already lent, lendable, cut)
+        let rows: [ConsentRow; 6] = [
             (
                 "no consent given: any spare",
                 None,
@@ -820,12 +830,7 @@ mod tests {
             qos_now: Some(995.0),
             ..reporter(&me, 80.0, vec![(b.clone(), 1)])
         };
-        let rows: [(
-            &str,
-            Reporter<'_>,
-            Vec<HarmObservation>,
-            Result<Vec<(DeviceId, f64)>, Ignored>,
-        ); 7] = [
+        let rows: [ScreenRow<'_>; 7] = [
             (
                 "self report",
                 reporter(&me, 80.0, vec![(me.clone(), 1)]),

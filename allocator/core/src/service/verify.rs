@@ -13,7 +13,9 @@ pub type KeyDirectory = Arc<std::sync::RwLock<HashMap<DeviceId, [u8; 32]>>>;
 /// A device message after signature verification, for [`Core::on_verified`].
 #[derive(Debug)]
 pub enum VerifiedMsg {
-    Report(DeviceId, QosReport),
+    /// Boxed: a report is several times the size of the other variants
+    /// (and of the messages queued beside it).
+    Report(DeviceId, Box<QosReport>),
     Ack(DeviceId, InstructionAck),
     /// An enrolled device's message whose signature did not verify.
     BadSignature(DeviceId),
@@ -168,7 +170,7 @@ pub fn finish_device_message(
 ) -> Option<VerifiedMsg> {
     Some(if kind == TopicKind::Report {
         match finish_signed(metrics, Kind::Report, &device, prepared, signature_ok) {
-            Verified::Ok(r) => VerifiedMsg::Report(device, r),
+            Verified::Ok(r) => VerifiedMsg::Report(device, Box::new(r)),
             Verified::BadSignature => VerifiedMsg::BadSignature(device),
             Verified::Dropped => return None,
         }
