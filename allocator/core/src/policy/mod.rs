@@ -10,7 +10,9 @@
 //! Submodules: [`catalog`] (catalog + tiers as TOML data), `plan` (needs ⇒
 //! capabilities ⇒ shards under budget and capacity), [`reputation`],
 //! [`forecast`] (Holt-Winters with a daily season), `engine` (leases,
-//! borrowing, shifting, event handling), [`prng`], [`simulate`].
+//! borrowing, shifting, event handling), [`lending`] (seed 002's loan
+//! record, good-neighbour reports, consent and offers), [`prng`],
+//! [`simulate`].
 
 pub mod catalog;
 mod engine;
