@@ -701,11 +701,9 @@ impl Daemon {
             shards,
             applied_instruction_seq: self.manager.applied_seq(),
             rejections: self.manager.rejections().clone(),
-            // No consent policy is configured on the agent yet: the
-            // allocator lends whatever it finds spare.
             lending: shardline_shared::msg::LendingReport {
                 harm,
-                consent: None,
+                consent: self.cfg.lending,
             },
         };
         let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
