@@ -71,6 +71,7 @@ fn report(id: &DeviceId, seq: u64, needs_encryption: bool) -> QosReport {
         shards: vec![],
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

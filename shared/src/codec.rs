@@ -68,3 +68,21 @@ pub fn decode_capped<T: DeserializeOwned>(bytes: &[u8], cap: usize) -> Result<T,
     }
     Ok(msg)
 }
+
+/// Decodes a framed payload; if it is malformed, decodes it again with
+/// `tail` appended: the encoding of the fields a newer layout added at its
+/// end, so a message of an older peer reads with them empty. The cap
+/// applies to the bytes received; the first error is the one returned.
+pub fn decode_or_padded<T: DeserializeOwned>(
+    bytes: &[u8],
+    cap: usize,
+    tail: &[u8],
+) -> Result<T, DecodeError> {
+    match decode_capped(bytes, cap) {
+        Err(first @ DecodeError::Malformed(_)) => {
+            let padded = [bytes, tail].concat();
+            decode_capped(&padded, cap.saturating_add(tail.len())).map_err(|_| first)
+        }
+        other => other,
+    }
+}

@@ -198,6 +198,80 @@ pub struct QosReport {
     /// Sequence number of the last instruction the device applied.
     pub applied_instruction_seq: u64,
     pub rejections: RejectionCounters,
+    /// Seed 002 (issue 17): harm to the device's own QoS and its consent as
+    /// a lender. Added last: a report from an agent that predates it ends
+    /// right before it, and [`decode_report`] reads it as empty.
+    pub lending: LendingReport,
+}
+
+/// Most harm observations one report may carry (one per traffic class is
+/// all an agent makes); the allocator reads no more than these.
+pub const MAX_HARM_OBSERVATIONS: usize = 8;
+
+/// What a device says about lending its units (seed 002's good-neighbour
+/// report and consent), inside its signed [`QosReport`].
+///
+/// The device does not name a neighbour: it cannot know who borrows its
+/// units (borrowing is the allocator's bookkeeping; nothing of it runs on
+/// the lender). It says only that a class of its own traffic got worse
+/// than its own baseline; the allocator, which knows whether the device
+/// was lending during that window and to whom, attributes the harm.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LendingReport {
+    /// At most [`MAX_HARM_OBSERVATIONS`] are read.
+    pub harm: Vec<HarmObservation>,
+    /// `None`: the device lends whatever the allocator finds spare.
+    pub consent: Option<LendConsent>,
+}
+
+/// A traffic class whose loss or RTT in this report's window is worse than
+/// the device's own baseline (learnt from its earlier, unharmed windows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HarmObservation {
+    pub class: TrafficClass,
+    pub baseline_loss_permille: u16,
+    pub loss_permille: u16,
+    pub baseline_rtt_p95_us: Option<u32>,
+    pub rtt_p95_us: Option<u32>,
+}
+
+/// How much and when the device consents to lend (its owner's policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LendConsent {
+    /// Most units lent at once, per kind.
+    pub max_compute_units: u16,
+    pub max_data_units: u16,
+    /// Lends only from this UTC hour (inclusive) to that one (exclusive),
+    /// wrapping past midnight; equal hours mean all day.
+    pub from_hour_utc: u8,
+    pub to_hour_utc: u8,
+}
+
+impl LendConsent {
+    /// Whether the device lends at `now_ms` (Unix milliseconds).
+    pub fn open_at(&self, now_ms: u64) -> bool {
+        let (from, to) = (
+            u64::from(self.from_hour_utc % 24),
+            u64::from(self.to_hour_utc % 24),
+        );
+        let hour = (now_ms / 3_600_000) % 24;
+        match from.cmp(&to) {
+            std::cmp::Ordering::Equal => true,
+            std::cmp::Ordering::Less => (from..to).contains(&hour),
+            std::cmp::Ordering::Greater => hour >= from || hour < to,
+        }
+    }
+}
+
+/// The encoding of an empty [`LendingReport`]: what a report of an agent
+/// that predates the field lacks at its end.
+pub const REPORT_LEGACY_TAIL: &[u8] = &[0, 0];
+
+/// Decodes a framed [`QosReport`], this layout or the one before
+/// [`QosReport::lending`] (read as empty). The two cannot be confused: an
+/// old report always ends two bytes short of the new layout.
+pub fn decode_report(bytes: &[u8]) -> Result<QosReport, crate::codec::DecodeError> {
+    crate::codec::decode_or_padded(bytes, crate::codec::MAX_PAYLOAD, REPORT_LEGACY_TAIL)
 }
 
 /// Why a device rejected an instruction (also carried in acks).
@@ -434,4 +508,34 @@ pub struct EnrollRequest {
     pub public_key: [u8; 32],
     /// The bootstrap token as issued (the allocator stores only its hash).
     pub token: String,
+}
+
+#[cfg(test)]
+mod lending_tests {
+    use super::LendConsent;
+
+    /// One row per case of the consent window: (from, to, hour, open).
+    #[test]
+    fn consent_window_table() {
+        let rows = [
+            (0, 0, 13, true),   // equal hours: all day
+            (8, 18, 7, false),  // before the window
+            (8, 18, 8, true),   // from is inclusive
+            (8, 18, 18, false), // to is exclusive
+            (22, 6, 23, true),  // wraps past midnight
+            (22, 6, 3, true),
+            (22, 6, 12, false),
+            (30, 30, 5, true), // out of range hours fold into 0-23
+        ];
+        for (from, to, hour, open) in rows {
+            let c = LendConsent {
+                max_compute_units: 1,
+                max_data_units: 1,
+                from_hour_utc: from,
+                to_hour_utc: to,
+            };
+            let now = 5 * 86_400_000 + hour * 3_600_000 + 59_999;
+            assert_eq!(c.open_at(now), open, "from {from} to {to} at {hour}h");
+        }
+    }
 }

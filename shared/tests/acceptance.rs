@@ -757,6 +757,7 @@ fn report() -> QosReport {
         shards: vec![],
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

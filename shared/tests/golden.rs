@@ -147,6 +147,7 @@ fn report() -> QosReport {
         shards: vec![shard_status()],
         applied_instruction_seq: 17,
         rejections: counters(),
+        lending: Default::default(),
     }
 }
 
@@ -373,8 +374,63 @@ fn golden_qos_report_with_classes_resources_and_shards() {
             "df02000702010001048095f52ae0d40380c4aa22000000000100010004b60280",
             "8040808020010761617263683634010374756e03312e320376706e0278804002",
             "01010016c0dfb682e7330011010203040506070809",
+            // `lending` (issue 17): no harm, no consent.
+            "0000",
         ),
     );
+}
+
+/// A report as an agent from before `QosReport::lending` encoded it (the
+/// golden bytes above without their last two): it still decodes, with the
+/// field empty, and only through `decode_report` (plain `decode` refuses it).
+#[test]
+fn golden_qos_report_of_an_older_agent_decodes_with_lending_empty() {
+    let old = hex::decode(concat!(
+        "01057274722d312a80909282e733904e0201e0c65bb817809f4901d08c0101c8",
+        "df02000702010001048095f52ae0d40380c4aa22000000000100010004b60280",
+        "8040808020010761617263683634010374756e03312e320376706e0278804002",
+        "01010016c0dfb682e7330011010203040506070809",
+    ))
+    .unwrap();
+    assert_eq!(
+        shardline_shared::msg::decode_report(&old).unwrap(),
+        report()
+    );
+    assert!(decode::<QosReport>(&old).is_err());
+    // The new layout goes through `decode_report` too.
+    let new = encode(&report());
+    assert_eq!(
+        shardline_shared::msg::decode_report(&new).unwrap(),
+        report()
+    );
+    // Padding never turns garbage into a report.
+    assert!(shardline_shared::msg::decode_report(&old[..old.len() - 3]).is_err());
+}
+
+#[test]
+fn golden_lending_report_with_harm_and_consent() {
+    let lr = shardline_shared::msg::LendingReport {
+        harm: vec![shardline_shared::msg::HarmObservation {
+            class: TrafficClass::Bulk,
+            baseline_loss_permille: 2,
+            loss_permille: 40,
+            baseline_rtt_p95_us: Some(20_000),
+            rtt_p95_us: None,
+        }],
+        consent: Some(shardline_shared::msg::LendConsent {
+            max_compute_units: 1,
+            max_data_units: 2,
+            from_hour_utc: 22,
+            to_hour_utc: 6,
+        }),
+    };
+    check("LendingReport", &lr, "010104022801a09c01000101021606");
+}
+
+#[test]
+fn empty_lending_report_is_the_legacy_tail() {
+    let empty = encode(&shardline_shared::msg::LendingReport::default());
+    assert_eq!(&empty[1..], shardline_shared::msg::REPORT_LEGACY_TAIL);
 }
 
 // ------------------------------------------------------------ acks and status

@@ -207,6 +207,7 @@ fn qos_report() -> impl Strategy<Value = QosReport> {
                     shards,
                     applied_instruction_seq: applied,
                     rejections,
+                    lending: Default::default(),
                 }
             },
         )

@@ -168,6 +168,9 @@ pub struct Daemon {
     api: Option<LocalApi>,
     api_conns: HashMap<ConnId, UnboundedSender<Reply>>,
     seq_path: PathBuf,
+    /// Baselines of the device's own QoS per class: what its reports say
+    /// got worse (seed 002's good-neighbour observations; see `neighbour`).
+    harm: super::neighbour::HarmWatch,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -283,6 +286,7 @@ impl Daemon {
             api,
             api_conns: HashMap::new(),
             seq_path,
+            harm: super::neighbour::HarmWatch::default(),
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -686,6 +690,7 @@ impl Daemon {
         let shards = self
             .manager
             .report_statuses(self.runtime.statuses(now), now);
+        let harm = self.harm.observe(&window.classes);
         let report = QosReport {
             device: self.cfg.device.clone(),
             seq,
@@ -696,6 +701,10 @@ impl Daemon {
             shards,
             applied_instruction_seq: self.manager.applied_seq(),
             rejections: self.manager.rejections().clone(),
+            lending: shardline_shared::msg::LendingReport {
+                harm,
+                consent: self.cfg.lending,
+            },
         };
         let bytes = sign::seal(Domain::Report, &report, &[&self.key]);
         self.outbox

@@ -56,6 +56,10 @@ pub struct Config {
     pub limits: AgentLimits,
     /// The local request socket (`[requests]`) and who may use it (`[[apps]]`).
     pub requests: RequestsConfig,
+    /// `[lending]`: the owner's consent to lend the device's units (how
+    /// many, which UTC hours), sent in every report (seed 002). `None`:
+    /// the allocator lends whatever it finds spare.
+    pub lending: Option<shardline_shared::msg::LendConsent>,
 }
 
 /// Where the socket for explicit shard requests of local applications
@@ -143,6 +147,18 @@ struct RawConfig {
     requests: RawRequests,
     #[serde(default)]
     apps: Vec<RawApp>,
+    lending: Option<RawLending>,
+}
+
+/// `[lending]`: at most so many units per kind; only from one UTC hour to
+/// another (equal or absent: all day).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLending {
+    max_compute_units: u16,
+    max_data_units: u16,
+    from_hour_utc: Option<Spanned<u8>>,
+    to_hour_utc: Option<Spanned<u8>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -509,6 +525,27 @@ impl Config {
 
         let requests = requests_config(path, raw.requests, raw.apps, &invalid)?;
 
+        let lending = match raw.lending {
+            Some(l) => {
+                for (field, hour) in [
+                    ("lending.from_hour_utc", &l.from_hour_utc),
+                    ("lending.to_hour_utc", &l.to_hour_utc),
+                ] {
+                    if let Some(h) = hour.as_ref().filter(|h| *h.get_ref() > 23) {
+                        return Err(invalid(h.span(), field, "must be 0-23".into()));
+                    }
+                }
+                let hour = |h: Option<Spanned<u8>>| h.map_or(0, Spanned::into_inner);
+                Some(shardline_shared::msg::LendConsent {
+                    max_compute_units: l.max_compute_units,
+                    max_data_units: l.max_data_units,
+                    from_hour_utc: hour(l.from_hour_utc),
+                    to_hour_utc: hour(l.to_hour_utc),
+                })
+            }
+            None => None,
+        };
+
         // Resolved before the defaults below derive from it: a relative
         // state dir is relative to the file, for the key and shards too.
         let state_dir = resolve(
@@ -560,6 +597,7 @@ impl Config {
                 nofile: l.nofile.map(|v| v.into_inner()),
             },
             requests,
+            lending,
         })
     }
 }
@@ -722,6 +760,50 @@ mod tests {
         format!(
             "[device]\nid = \"r1\"\n\n[allocator]\nkeys = [\"{KEY}\"]\n\n[broker]\nurl = \"mqtt://127.0.0.1:1884\"\n"
         )
+    }
+
+    /// One row per `[lending]` case: (case, section, consent or error field).
+    #[test]
+    fn lending_consent_table() {
+        let consent = |c, d, from, to| shardline_shared::msg::LendConsent {
+            max_compute_units: c,
+            max_data_units: d,
+            from_hour_utc: from,
+            to_hour_utc: to,
+        };
+        let rows: [(&str, &str, Result<Option<shardline_shared::msg::LendConsent>, &str>); 5] = [
+            ("absent: no consent policy", "", Ok(None)),
+            (
+                "units only: all day",
+                "[lending]\nmax_compute_units = 1\nmax_data_units = 2\n",
+                Ok(Some(consent(1, 2, 0, 0))),
+            ),
+            (
+                "night hours",
+                "[lending]\nmax_compute_units = 0\nmax_data_units = 3\nfrom_hour_utc = 22\nto_hour_utc = 6\n",
+                Ok(Some(consent(0, 3, 22, 6))),
+            ),
+            (
+                "an hour past 23",
+                "[lending]\nmax_compute_units = 0\nmax_data_units = 3\nto_hour_utc = 24\n",
+                Err("lending.to_hour_utc"),
+            ),
+            (
+                "an unknown key",
+                "[lending]\nmax_compute_units = 0\nmax_data_units = 3\nmax = 1\n",
+                Err(""),
+            ),
+        ];
+        for (case, section, want) in rows {
+            let got = parse(&format!("{}\n{section}", minimal()));
+            match (got, want) {
+                (Ok(c), Ok(w)) => assert_eq!(c.lending, w, "{case}"),
+                (Err(e), Err(field)) => {
+                    assert!(e.to_string().contains(field), "{case}: {e}")
+                }
+                (got, want) => panic!("{case}: {got:?} vs {want:?}"),
+            }
+        }
     }
 
     #[test]

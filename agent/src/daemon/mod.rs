@@ -39,6 +39,7 @@ pub mod limits;
 pub mod link;
 pub mod local_api;
 pub mod manager;
+pub mod neighbour;
 pub mod outbox;
 pub mod persist;
 pub mod preflight;

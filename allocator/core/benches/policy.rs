@@ -121,6 +121,7 @@ fn round(engine: &Engine, ids: &[DeviceId], seq: u64, rng: &mut SplitMix64) -> V
                 shards,
                 applied_instruction_seq: seq,
                 rejections: RejectionCounters::default(),
+                lending: Default::default(),
             }
         })
         .collect()

@@ -113,6 +113,7 @@ fn vpn_report(device: &DeviceId, seq: u64, arch: &str) -> QosReport {
         shards: vec![],
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

@@ -588,5 +588,6 @@ pub fn report_for(id: &DeviceId, seq: u64, applied: u64) -> QosReport {
         shards: vec![],
         applied_instruction_seq: applied,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }

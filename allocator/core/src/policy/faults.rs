@@ -530,6 +530,12 @@ impl Refusal {
                     ),
                     BorrowRefusal::NoLender => "no peer has spare units".to_owned(),
                     BorrowRefusal::AtLimit => "already borrowing the maximum".to_owned(),
+                    BorrowRefusal::TooFrequent => {
+                        "too many loans this hour (see the device's lending decisions)".to_owned()
+                    }
+                    BorrowRefusal::NoConsent => {
+                        "peers have spare units but do not consent to lend them now".to_owned()
+                    }
                 };
                 format!(
                     "borrow refused: {why} ({} {missing_units} {} short)",

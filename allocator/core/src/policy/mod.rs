@@ -10,7 +10,9 @@
 //! Submodules: [`catalog`] (catalog + tiers as TOML data), `plan` (needs ⇒
 //! capabilities ⇒ shards under budget and capacity), [`reputation`],
 //! [`forecast`] (Holt-Winters with a daily season), `engine` (leases,
-//! borrowing, shifting, event handling), [`prng`], [`simulate`].
+//! borrowing, shifting, event handling), [`lending`] (seed 002's loan
+//! record, good-neighbour reports, consent and offers), [`prng`],
+//! [`simulate`].
 
 pub mod catalog;
 mod engine;
@@ -420,6 +422,9 @@ pub struct PolicyConfig {
     pub requests: RequestConfig,
     /// Seed 002's credit market (see [`market`]); runs with `features.market`.
     pub market: market::MarketConfig,
+    /// Seed 002: borrowing behaviour, returns, good-neighbour reports,
+    /// consent and offers (see [`lending`]).
+    pub lending: lending::LendingConfig,
 }
 
 impl Default for PolicyConfig {
@@ -463,6 +468,7 @@ impl Default for PolicyConfig {
             shift_gain_prior: 50.0,
             requests: RequestConfig::default(),
             market: market::MarketConfig::default(),
+            lending: lending::LendingConfig::default(),
         }
     }
 }
@@ -499,6 +505,7 @@ impl PolicyConfig {
             return Err(("half_life_ms", "must be > 0".into()));
         }
         self.market.check()?;
+        self.lending.check()?;
         self.requests.check()
     }
 }
@@ -678,6 +685,11 @@ pub enum BorrowRefusal {
     LowReputation,
     NoLender,
     AtLimit,
+    /// Seed 002: more loans this hour than `lending.max_borrows_per_hour`.
+    /// Added at the end, like the next one: stored refusals keep their bytes.
+    TooFrequent,
+    /// Peers had the units spare, but their consent policies do not lend them now.
+    NoConsent,
 }
 
 /// Everything the engine keeps about one device (serde: persist it as is).
@@ -843,6 +855,10 @@ pub struct DeviceView {
     /// The device's credits and its latest market events (see [`market`]).
     #[serde(default)]
     pub credits: market::CreditAccount,
+    /// Seed 002's loan record: borrowing and returns, harm reports made
+    /// and received, consent, offers, and the decisions in words.
+    #[serde(default)]
+    pub lending: lending::LendingState,
 }
 
 /// How prediction fares on one traffic class of a device.

@@ -423,11 +423,25 @@ impl SimDevice {
         misbehaving: bool,
     ) -> QosReport {
         self.seq += 1;
+        // Seed 002's good-neighbour observations: a simulated class's
+        // baseline is its served level (2 ‰, 40 ms), so an unserved class
+        // is reported as harmed, as an agent would after its warm-up. The
+        // engine attributes it only if the device was lending meanwhile.
+        let mut harm = Vec::new();
         let classes = rates
             .iter()
             .map(|&(i, kbps)| {
                 let c = &self.classes[i];
                 let bytes = (kbps * 1000.0 / 8.0 * tick_ms as f64 / 1000.0) as u64;
+                if !served(&c.need) && harm.len() < shardline_shared::msg::MAX_HARM_OBSERVATIONS {
+                    harm.push(shardline_shared::msg::HarmObservation {
+                        class: c.class,
+                        baseline_loss_permille: 2,
+                        loss_permille: 30,
+                        baseline_rtt_p95_us: Some(40_000),
+                        rtt_p95_us: Some(120_000),
+                    });
+                }
                 ClassStats {
                     class: c.class,
                     bytes,
@@ -496,6 +510,10 @@ impl SimDevice {
             shards,
             applied_instruction_seq: self.applied_seq,
             rejections: RejectionCounters::default(),
+            lending: shardline_shared::msg::LendingReport {
+                harm,
+                consent: None,
+            },
         }
     }
 

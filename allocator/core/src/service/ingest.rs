@@ -50,7 +50,7 @@ impl Core {
     /// A message a verifier thread already checked (see [`verify_signed`]).
     pub fn on_verified(&mut self, now_ms: u64, msg: VerifiedMsg) {
         match msg {
-            VerifiedMsg::Report(device, report) => self.apply_report(now_ms, device, report),
+            VerifiedMsg::Report(device, report) => self.apply_report(now_ms, device, *report),
             VerifiedMsg::Ack(device, ack) => self.apply_ack(now_ms, device, ack),
             // Counted by the verifier; not the device's doing (see `verify`).
             VerifiedMsg::BadSignature(_) => {}

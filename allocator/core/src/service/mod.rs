@@ -322,3 +322,5 @@ impl Core {
 mod tests;
 #[cfg(test)]
 mod tests_config;
+#[cfg(test)]
+mod tests_lending;

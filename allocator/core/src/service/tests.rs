@@ -78,6 +78,7 @@ fn report(device: &DeviceId, seq: u64) -> QosReport {
         shards: vec![],
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

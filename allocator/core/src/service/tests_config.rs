@@ -115,6 +115,7 @@ fn vpn_report(device: &DeviceId, seq: u64) -> QosReport {
         shards: vec![],
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

@@ -171,6 +171,7 @@ pub fn report(
         shards,
         applied_instruction_seq: 0,
         rejections: RejectionCounters::default(),
+        lending: Default::default(),
     }
 }
 

@@ -34,6 +34,10 @@ impl Engine {
     }
 
     pub(super) fn remove_loan(&mut self, t: &Transfer) {
+        let was_loan = self
+            .devices
+            .get(&t.to)
+            .is_some_and(|b| b.borrowed.iter().any(|x| same_loan(x, t)));
         if let Some(b) = self.devices.get_mut(&t.to) {
             b.borrowed.retain(|x| !same_loan(x, t));
             self.dirty.mark(&t.to);
@@ -42,9 +46,14 @@ impl Engine {
             l.lent.retain(|x| !same_loan(x, t));
             self.dirty.mark(&t.from);
         }
+        if was_loan && t.origin == TransferOrigin::Borrow {
+            self.loan_ended(t);
+        }
     }
 
     /// Borrows `missing` units of `kind` from peers of the device's tenant.
+    /// Every outcome is counted in the borrower's lending record with a
+    /// sentence for the operator (see [`lending`]).
     pub(super) fn try_borrow(
         &mut self,
         now: u64,
@@ -52,22 +61,120 @@ impl Engine {
         kind: ShardKind,
         missing: u32,
     ) -> Result<(), BorrowRefusal> {
+        let planned = self.plan_borrow(now, device, kind, missing);
+        let Engine {
+            config: cfg,
+            devices,
+            dirty,
+            ..
+        } = self;
+        let lcfg = &cfg.lending;
+        let Some(st) = devices.get_mut(device) else {
+            return Err(BorrowRefusal::NoLender);
+        };
+        // Refusals before a request is the device's (borrowing off, no
+        // pool) are the operator's setup: not counted as its requests.
+        let counted = !matches!(
+            planned,
+            Err((
+                BorrowRefusal::Disabled | BorrowRefusal::TierForbids | BorrowRefusal::NoTenant,
+                _
+            ))
+        );
+        // Frequency is judged once the device could borrow at all.
+        let planned = match planned {
+            Ok(loans) => match lending::frequency(lcfg, &mut st.lending, now) {
+                lending::Frequency::Allowed => Ok(loans),
+                lending::Frequency::TooFrequent { charge, text } => {
+                    if charge < 0.0 {
+                        st.reputation
+                            .apply(&cfg.reputation, now, charge, "borrow_churn");
+                    }
+                    Err((BorrowRefusal::TooFrequent, text))
+                }
+            },
+            Err(e) => Err(e),
+        };
+        dirty.mark(device);
+        let loans = match planned {
+            Ok(loans) => loans,
+            Err((reason, text)) => {
+                if counted {
+                    lending::record_request(&mut st.lending, now, false);
+                }
+                tracing::debug!(%device, ?reason, missing, "borrow refused");
+                st.lending.note(lcfg, now, text);
+                return Err(reason);
+            }
+        };
+        lending::record_request(&mut st.lending, now, true);
+        let from: Vec<String> = loans
+            .iter()
+            .map(|t| format!("{} from {}", t.units, t.from))
+            .collect();
+        st.lending.note(
+            lcfg,
+            now,
+            format!(
+                "borrowed {missing} {} unit(s) ({}) until {} ms",
+                kind.as_str(),
+                from.join(", "),
+                now.saturating_add(cfg.borrow_ms)
+            ),
+        );
+        tracing::info!(%device, kind = kind.as_str(), missing, lenders = loans.len(), "borrowed");
+        for t in &loans {
+            if let Some(l) = devices.get_mut(&t.from) {
+                let qos = l.last_report.as_ref().map(|r| r.qos_score);
+                lending::lend_started(&mut l.lending, qos);
+                l.lending.note(
+                    lcfg,
+                    now,
+                    format!("lent {} {} unit(s) to {}", t.units, kind.as_str(), device),
+                );
+            }
+        }
+        for t in loans {
+            self.add_loan(t);
+        }
+        Ok(())
+    }
+
+    /// Which peers lend what (spare units within their consent, offering
+    /// ones first, then the most spare), or why there is no loan, in words.
+    fn plan_borrow(
+        &self,
+        now: u64,
+        device: &DeviceId,
+        kind: ShardKind,
+        missing: u32,
+    ) -> Result<Vec<Transfer>, (BorrowRefusal, String)> {
         let cfg = &self.config;
         let st = &self.devices[device];
+        let refuse = |r: BorrowRefusal, text: String| Err((r, format!("borrow refused: {text}")));
         if !cfg.features.borrowing {
-            return Err(BorrowRefusal::Disabled);
+            return refuse(BorrowRefusal::Disabled, "borrowing is off".into());
         }
         let Some(tier) = self.agreements.tiers.get(&st.tier) else {
-            return Err(BorrowRefusal::TierForbids);
+            return refuse(BorrowRefusal::TierForbids, "unknown tier".into());
         };
         if !tier.borrowing {
-            return Err(BorrowRefusal::TierForbids);
+            return refuse(
+                BorrowRefusal::TierForbids,
+                format!("tier {} forbids borrowing", st.tier),
+            );
         }
         let Some(tenant) = st.tenant.as_ref() else {
-            return Err(BorrowRefusal::NoTenant);
+            return refuse(BorrowRefusal::NoTenant, "no tenant pool".into());
         };
         if st.reputation.score < cfg.borrow_min_reputation {
-            return Err(BorrowRefusal::LowReputation);
+            return refuse(
+                BorrowRefusal::LowReputation,
+                format!(
+                    "reputation {:.1} < {}",
+                    st.reputation.score, cfg.borrow_min_reputation
+                ),
+            );
         }
         let already: u32 = st
             .borrowed
@@ -76,10 +183,19 @@ impl Engine {
             .map(|t| t.units)
             .sum();
         if already.saturating_add(missing) > cfg.max_borrow_units {
-            return Err(BorrowRefusal::AtLimit);
+            return refuse(
+                BorrowRefusal::AtLimit,
+                format!(
+                    "{already} unit(s) borrowed + {missing} > {}",
+                    cfg.max_borrow_units
+                ),
+            );
         }
         let k = kind_index(kind);
-        let mut lenders: Vec<(u32, &DeviceId)> = Vec::new();
+        // (offers, spare within consent, peer)
+        let mut lenders: Vec<(bool, u32, &DeviceId)> = Vec::new();
+        let mut without_consent = 0u32;
+        let mut consent_cut: Vec<String> = Vec::new();
         if let Some(pool) = self.pools.get(tenant) {
             for peer in pool {
                 if peer == device {
@@ -99,20 +215,46 @@ impl Engine {
                 {
                     continue;
                 }
-                let s = spare(cfg, ptier, pst)[k];
-                if s > 0 {
-                    lenders.push((s, peer));
+                let spare = spare(cfg, ptier, pst);
+                without_consent = without_consent.saturating_add(spare[k]);
+                let (s, why) = lending::consented_spare(
+                    pst.lending.consent.as_ref(),
+                    spare,
+                    sum_units(&pst.lent),
+                    now,
+                );
+                if let Some(why) = why {
+                    consent_cut.push(format!("{peer} {why}"));
+                }
+                if s[k] > 0 {
+                    lenders.push((pst.lending.offer[k] > 0, s[k], peer));
                 }
             }
         }
-        lenders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-        let total: u32 = lenders.iter().map(|l| l.0).sum();
+        lenders.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+        let total: u32 = lenders.iter().map(|l| l.1).sum();
         if total < missing {
-            return Err(BorrowRefusal::NoLender);
+            if without_consent >= missing {
+                return refuse(
+                    BorrowRefusal::NoConsent,
+                    format!(
+                        "{missing} {} unit(s) short; peers have them spare but {}",
+                        kind.as_str(),
+                        consent_cut.join("; ")
+                    ),
+                );
+            }
+            return refuse(
+                BorrowRefusal::NoLender,
+                format!(
+                    "{missing} {} unit(s) short; the pool has {total} spare",
+                    kind.as_str()
+                ),
+            );
         }
         let mut left = missing;
         let mut loans = Vec::new();
-        for (s, peer) in lenders {
+        for (_, s, peer) in lenders {
             if left == 0 {
                 break;
             }
@@ -128,10 +270,7 @@ impl Engine {
                 origin: TransferOrigin::Borrow,
             });
         }
-        for t in loans {
-            self.add_loan(t);
-        }
-        Ok(())
+        Ok(loans)
     }
 
     pub(super) fn add_loan(&mut self, t: Transfer) {

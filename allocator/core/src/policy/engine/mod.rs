@@ -15,6 +15,7 @@ use shardline_shared::msg::{ShardFailure, ShardState};
 use std::sync::Arc;
 
 mod apply;
+mod good_neighbour;
 mod leases;
 mod loans;
 mod market;
@@ -498,6 +499,7 @@ impl Engine {
             shifts: st.feedback.shifts.clone(),
             shift_gain: st.feedback.shift_gain,
             credits: st.credits.clone(),
+            lending: st.lending.clone(),
         })
     }
 

@@ -133,6 +133,8 @@ impl Engine {
         let (mut own_cpu, mut own_rss) = (0u64, 0u64);
         let mut running = Vec::new();
         let mut report = report;
+        // Seed 002's part of the report, handled once the QoS summary is stored.
+        let lending_report = std::mem::take(&mut report.lending);
         // A shard's reported CPU and RSS are those of its host process, which
         // runs the whole capability under the sum of its shards' limits: the
         // use is checked against that sum, and an over-limit host costs
@@ -463,6 +465,7 @@ impl Engine {
                 message: format!("device runs shard {s} outside its profile"),
             });
         }
+        self.on_lending_report(now, &device, lending_report, window_ms, out);
         self.reconcile(now, &device, out);
     }
 
