@@ -771,7 +771,12 @@ mod tests {
             from_hour_utc: from,
             to_hour_utc: to,
         };
-        let rows: [(&str, &str, Result<Option<shardline_shared::msg::LendConsent>, &str>); 5] = [
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            Result<Option<shardline_shared::msg::LendConsent>, &'a str>,
+        );
+        let rows: [Row<'_>; 5] = [
             ("absent: no consent policy", "", Ok(None)),
             (
                 "units only: all day",
