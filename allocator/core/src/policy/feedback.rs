@@ -115,7 +115,9 @@ pub struct ClassLearning {
     /// rule's threshold) in that slot, EWMA over days. On/off traffic is
     /// not normal: the chance of an onset comes from here, the rate from
     /// the seasonal model.
-    pub on_freq: Vec<f32>,
+    /// In 1/255ths: a byte per slot (96 a day) keeps the state of a
+    /// class under 100 bytes; the estimate is coarser than that anyway.
+    pub on_freq: Vec<u8>,
     /// Slots observed (the frequencies mean something after a day).
     pub slots_seen: u32,
     /// The slot being observed and whether the class was on in it.
@@ -179,7 +181,7 @@ impl ClassLearning {
     pub fn observe_on(&mut self, cfg: &PredictionConfig, slot: u64, per_day: u32, on: bool) {
         let n = per_day.max(1) as usize;
         if self.on_freq.len() != n {
-            self.on_freq = vec![0.0; n];
+            self.on_freq = vec![0; n];
             self.slots_seen = 0;
         }
         if slot != self.cur_slot {
@@ -189,7 +191,9 @@ impl ClassLearning {
                 // in a slot (w < 0.5) never makes an onset likely; a
                 // daily one does from its second repetition (w ≥ 0.3).
                 let x = if self.cur_on { 1.0 } else { 0.0 };
-                self.on_freq[i] += cfg.on_weight * (x - self.on_freq[i]);
+                let old = f32::from(self.on_freq[i]) / 255.0;
+                let new = old + cfg.on_weight * (x - old);
+                self.on_freq[i] = (new * 255.0).round().clamp(0.0, 255.0) as u8;
                 self.slots_seen = self.slots_seen.saturating_add(1);
             }
             self.cur_slot = slot;
@@ -205,7 +209,7 @@ impl ClassLearning {
         if n == 0 || (self.slots_seen as usize) < n {
             return None;
         }
-        Some(f64::from(self.on_freq[(slot % n as u64) as usize]))
+        Some(f64::from(self.on_freq[(slot % n as u64) as usize]) / 255.0)
     }
 
     /// A report's rate for the class: the short-term model and its error.
