@@ -93,6 +93,23 @@ async fn enrol_report_instruct_ack(alloc: &Allocator, broker_port: u16) {
         text.contains("device router-1") && text.contains("reputation"),
         "{text}"
     );
+    // Issue 17: every grant is explained, in the API and in shardctl.
+    let decisions = detail["policy"]["decisions"].as_array().unwrap();
+    let granted = decisions
+        .iter()
+        .find(|d| d["kind"] == "grant")
+        .unwrap_or_else(|| panic!("a grant decision: {detail}"));
+    assert!(
+        granted["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("granted: a reported need asks for it"),
+        "{granted}"
+    );
+    assert!(
+        text.contains("decisions (newest first):") && text.contains("granted: a reported need"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -650,6 +650,90 @@ pub fn device_text(d: &serde_json::Value) -> String {
             let _ = writeln!(o, "  at {}: {}", text(h, "at_ms"), text(h, "text"));
         }
     }
+    // Prediction per class: how often a pre-activation was followed by demand.
+    if let Some(pr) = p
+        .get("prediction")
+        .and_then(|v| v.as_array())
+        .filter(|a| !a.is_empty())
+    {
+        let _ = writeln!(o, "prediction:");
+        for c in pr {
+            let off = c
+                .get("off_until_ms")
+                .and_then(|v| v.as_u64())
+                .map_or(String::new(), |t| {
+                    format!("  OFF until {t} ms (did not pay)")
+                });
+            let _ = writeln!(
+                o,
+                "  {:<12} pre-activations {} followed by demand {}{off}",
+                text(c, "class"),
+                text(c, "preactivations"),
+                text(c, "hits")
+            );
+        }
+    }
+    if let Some(sh) = p
+        .get("shifts")
+        .and_then(|v| v.as_array())
+        .filter(|a| !a.is_empty())
+    {
+        let _ = writeln!(
+            o,
+            "shifts toward it (QoS points gained: {}):",
+            text(&p, "shift_gain")
+        );
+        for r in sh {
+            let _ = writeln!(
+                o,
+                "  at {} ms  {} {} unit(s) from {}: {}",
+                text(r, "at_ms"),
+                text(r, "units"),
+                text(r, "kind").to_lowercase(),
+                text(r, "from"),
+                r.get("outcome")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("being judged")
+            );
+        }
+    }
+    // The engine's decisions, newest first, each with its reason; loans
+    // keep their own record (seed 002).
+    let mut decisions: Vec<(u64, String)> = Vec::new();
+    for d in p
+        .get("decisions")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        decisions.push((
+            d.get("at_ms").and_then(|v| v.as_u64()).unwrap_or(0),
+            format!("{:<11} {}", text(d, "kind"), text(d, "explanation")),
+        ));
+    }
+    if let Some(l) = p.get("lending") {
+        for d in l
+            .get("decisions")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let at = d.get("at_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+            let words = d
+                .get("text")
+                .or_else(|| d.get("explanation"))
+                .and_then(|v| v.as_str())
+                .map_or_else(|| d.to_string(), str::to_owned);
+            decisions.push((at, format!("{:<11} {words}", "loan")));
+        }
+    }
+    if !decisions.is_empty() {
+        decisions.sort_by(|a, b| b.0.cmp(&a.0));
+        let _ = writeln!(o, "decisions (newest first):");
+        for (at, line) in decisions.iter().take(12) {
+            let _ = writeln!(o, "  at {at:>14} ms  {line}");
+        }
+    }
     if let Some(h) = p.get("reputation_history").and_then(|v| v.as_array()) {
         if !h.is_empty() {
             let _ = writeln!(o, "reputation history:");
