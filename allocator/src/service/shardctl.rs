@@ -728,7 +728,7 @@ pub fn device_text(d: &serde_json::Value) -> String {
         }
     }
     if !decisions.is_empty() {
-        decisions.sort_by(|a, b| b.0.cmp(&a.0));
+        decisions.sort_by_key(|d| std::cmp::Reverse(d.0));
         let _ = writeln!(o, "decisions (newest first):");
         for (at, line) in decisions.iter().take(12) {
             let _ = writeln!(o, "  at {at:>14} ms  {line}");
