@@ -6,7 +6,10 @@
 //! their shards or using more than their limits) reports to one [`Engine`]
 //! every tick and applies the instructions it gets back. The same fleet runs
 //! under each policy variant (`static` = tier-only, `reactive` = demand-driven,
-//! `full` = with prediction, borrowing and shifting) and the figures say what
+//! `full` = with prediction, borrowing and shifting, `market` = `full` with
+//! seed 002's credit market in place of free borrowing: with free borrowing
+//! beside it, nobody pays for what a peer lends for nothing, and the market
+//! never trades) and the figures say what
 //! each achieves: demand served, units used, demand served per unit, how fast
 //! misbehaving devices lose quota, and shard flaps.
 
@@ -197,14 +200,20 @@ impl SimReport {
     }
 }
 
-/// Runs `static`, `reactive` and `full` over the same fleet.
+/// Runs `static`, `reactive`, `full` and `market` over the same fleet.
 pub fn run_all(params: &SimParams) -> Result<SimReport, CatalogError> {
     let mut variants = Vec::new();
     for (name, features) in [
         ("static", Features::STATIC),
         ("reactive", Features::REACTIVE),
         ("full", Features::FULL),
-        ("market", Features::MARKET),
+        (
+            "market",
+            Features {
+                borrowing: false,
+                ..Features::MARKET
+            },
+        ),
     ] {
         variants.push(run_variant_horizons(params, name, features)?);
     }
