@@ -238,31 +238,56 @@ fn shifted_pair() -> (Engine, DeviceId, DeviceId, u64) {
     (e, donor, r, MIN)
 }
 
+/// The pair after the shift, driven by 5-minute reports and ticks.
+struct Pair {
+    e: Engine,
+    donor: DeviceId,
+    r: DeviceId,
+    now: u64,
+    seq: u64,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let (e, donor, r, now) = shifted_pair();
+        Pair {
+            e,
+            donor,
+            r,
+            now,
+            seq: 2,
+        }
+    }
+
+    /// Reports (the recipient's classes at this p95 RTT and loss) and
+    /// ticks every 5 minutes up to `until`; the actions they caused.
+    fn run_until(&mut self, until: u64, rtt_ms: u32, loss: u16) -> Vec<Action> {
+        let mut out = Vec::new();
+        while self.now + 5 * MIN <= until {
+            self.now += 5 * MIN;
+            let classes = vec![
+                with_rtt(secure(2_000_000), rtt_ms, loss),
+                with_rtt(calls(300_000), rtt_ms, loss),
+            ];
+            send(&mut self.e, self.now, &self.r, self.seq, classes);
+            send(&mut self.e, self.now, &self.donor, self.seq, vec![]);
+            self.seq += 1;
+            out.extend(self.e.handle(self.now, Event::Tick));
+        }
+        out
+    }
+
+    fn judged_at(&self) -> u64 {
+        self.now + self.e.config().stabilization_ms + 5 * MIN
+    }
+}
+
 #[test]
 fn a_shift_that_made_latency_worse_is_rolled_back_and_logged() {
-    let (mut e, donor, r, t0) = shifted_pair();
+    let mut p = Pair::new();
     // Calls suffer in latency only: no loss.
-    let stab = e.config().stabilization_ms;
-    let mut seq = 2;
-    let mut now = t0;
-    let mut alerts = Vec::new();
-    while now <= t0 + stab + 5 * MIN {
-        now += 5 * MIN;
-        send(
-            &mut e,
-            now,
-            &r,
-            seq,
-            vec![
-                with_rtt(secure(2_000_000), 120, 2),
-                with_rtt(calls(300_000), 120, 2),
-            ],
-        );
-        send(&mut e, now, &donor, seq, vec![]);
-        seq += 1;
-        alerts.extend(e.handle(now, Event::Tick));
-    }
-    let v = e.device(&r).unwrap();
+    let alerts = p.run_until(p.judged_at(), 120, 2);
+    let v = p.e.device(&p.r).unwrap();
     assert!(v.borrowed.is_empty(), "rolled back: {v:?}");
     assert!(
         alerts
@@ -280,24 +305,9 @@ fn a_shift_that_made_latency_worse_is_rolled_back_and_logged() {
 
 #[test]
 fn a_shift_that_helped_is_kept_and_its_gain_learned() {
-    let (mut e, donor, r, t0) = shifted_pair();
-    let stab = e.config().stabilization_ms;
-    let mut seq = 2;
-    let mut now = t0;
-    while now <= t0 + stab + 5 * MIN {
-        now += 5 * MIN;
-        send(
-            &mut e,
-            now,
-            &r,
-            seq,
-            vec![secure(2_000_000), with_rtt(calls(300_000), 30, 1)],
-        );
-        send(&mut e, now, &donor, seq, vec![]);
-        seq += 1;
-        e.handle(now, Event::Tick);
-    }
-    let v = e.device(&r).unwrap();
+    let mut p = Pair::new();
+    p.run_until(p.judged_at(), 30, 1);
+    let v = p.e.device(&p.r).unwrap();
     assert_eq!(v.borrowed.len(), 1, "kept");
     assert!(v.shift_gain.unwrap() > 0.0);
     assert!(v.decisions.iter().any(|d| d.kind == DecisionKind::Shift
@@ -307,57 +317,22 @@ fn a_shift_that_helped_is_kept_and_its_gain_learned() {
 
 #[test]
 fn a_device_whose_shifts_brought_nothing_is_not_shifted_to_again_soon() {
-    let (mut e, donor, r, t0) = shifted_pair();
-    let stab = e.config().stabilization_ms;
-    let mut seq = 2;
-    let mut now = t0;
+    let mut p = Pair::new();
+    let t0 = p.now;
+    let stab = p.e.config().stabilization_ms;
     // Worse after the shift: rolled back, gain < 0.
-    while now <= t0 + stab + 5 * MIN {
-        now += 5 * MIN;
-        send(
-            &mut e,
-            now,
-            &r,
-            seq,
-            vec![secure(2_000_000), with_rtt(calls(300_000), 120, 2)],
-        );
-        send(&mut e, now, &donor, seq, vec![]);
-        seq += 1;
-        e.handle(now, Event::Tick);
-    }
-    assert!(e.device(&r).unwrap().borrowed.is_empty());
+    p.run_until(p.judged_at(), 120, 2);
+    assert!(p.e.device(&p.r).unwrap().borrowed.is_empty());
     // Still short of units, the stabilization period over: no new shift
-    // within four stabilization periods of the last one.
-    let until = t0 + 4 * stab;
-    while now + 5 * MIN < until {
-        now += 5 * MIN;
-        send(
-            &mut e,
-            now,
-            &r,
-            seq,
-            vec![secure(2_000_000), with_rtt(calls(300_000), 40, 2)],
-        );
-        send(&mut e, now, &donor, seq, vec![]);
-        seq += 1;
-        e.handle(now, Event::Tick);
-        assert!(e.device(&r).unwrap().borrowed.is_empty(), "at {now}");
+    // within four stabilization periods of the last one …
+    while p.now + 5 * MIN < t0 + 4 * stab {
+        let next = p.now + 5 * MIN;
+        p.run_until(next, 40, 2);
+        assert!(p.e.device(&p.r).unwrap().borrowed.is_empty(), "at {next}");
     }
-    // Then tried again at the prior.
-    for _ in 0..4 {
-        now += 5 * MIN;
-        send(
-            &mut e,
-            now,
-            &r,
-            seq,
-            vec![secure(2_000_000), with_rtt(calls(300_000), 40, 2)],
-        );
-        send(&mut e, now, &donor, seq, vec![]);
-        seq += 1;
-        e.handle(now, Event::Tick);
-    }
-    assert_eq!(e.device(&r).unwrap().borrowed.len(), 1, "retried");
+    // … then it is tried again at the prior.
+    p.run_until(p.now + 20 * MIN, 40, 2);
+    assert_eq!(p.e.device(&p.r).unwrap().borrowed.len(), 1, "retried");
 }
 
 // ------------------------------------------------------ throttling, score

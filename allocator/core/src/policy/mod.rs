@@ -663,6 +663,26 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// The units of one kind a capability lacks, when that is why it was
+    /// refused (over budget, borrowing refused or not): what borrowing,
+    /// shifting and the market can supply.
+    pub fn shortfall(&self) -> Option<(ShardKind, u32)> {
+        match self {
+            Refusal::Budget {
+                kind,
+                missing_units,
+            }
+            | Refusal::BorrowRefused {
+                kind,
+                missing_units,
+                ..
+            } => Some((*kind, *missing_units)),
+            _ => None,
+        }
+    }
+}
+
 /// One shard's per-device configuration as the engine sees it: the clear
 /// keys with their values (they go into the activation) and only the
 /// *names* of the secret keys (the values stay in the service record and

@@ -406,19 +406,8 @@ impl Engine {
         // Need = what the plan grants plus what it could not fit for lack of
         // units: a device short of units is not a lender.
         let mut need = used;
-        for r in refusals.values() {
-            if let Refusal::Budget {
-                kind,
-                missing_units,
-            }
-            | Refusal::BorrowRefused {
-                kind,
-                missing_units,
-                ..
-            } = r
-            {
-                need[kind_index(*kind)] = need[kind_index(*kind)].saturating_add(*missing_units);
-            }
+        for (kind, missing) in refusals.values().filter_map(Refusal::shortfall) {
+            need[kind_index(kind)] = need[kind_index(kind)].saturating_add(missing);
         }
         st.need_units = need;
         st.refusals = refusals;

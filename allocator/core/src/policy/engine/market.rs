@@ -680,17 +680,8 @@ fn unmet<'s>(
 ) -> Option<(&'s str, u8, u32)> {
     let mut best: Option<(&str, u8, u32)> = None;
     for (cap, r) in &st.refusals {
-        let (k, missing) = match r {
-            Refusal::Budget {
-                kind,
-                missing_units,
-            }
-            | Refusal::BorrowRefused {
-                kind,
-                missing_units,
-                ..
-            } => (*kind, *missing_units),
-            _ => continue,
+        let Some((k, missing)) = r.shortfall() else {
+            continue;
         };
         if k != kind || missing == 0 {
             continue;

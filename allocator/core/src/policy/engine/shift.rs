@@ -43,17 +43,8 @@ impl Engine {
                 continue;
             }
             for (cap, r) in &st.refusals {
-                let (kind, missing) = match r {
-                    Refusal::Budget {
-                        kind,
-                        missing_units,
-                    }
-                    | Refusal::BorrowRefused {
-                        kind,
-                        missing_units,
-                        ..
-                    } => (*kind, *missing_units),
-                    _ => continue,
+                let Some((kind, missing)) = r.shortfall() else {
+                    continue;
                 };
                 if missing == 0 {
                     continue;
