@@ -76,6 +76,9 @@ pub struct VariantResult {
     /// The most times one capability of one well-behaved device went off
     /// and on again within one stabilization period (target: at most 1).
     pub max_flaps_per_stabilization: u32,
+    /// Where that maximum happened first: "device capability at ms, ms…"
+    /// (to look the device up), empty when no capability flapped twice.
+    pub max_flaps_where: String,
     /// Demand not served, Mbit, by why (the refusal of the capability it
     /// needed; `not_demanded_yet` = the window its class came on in, before
     /// a report showed it).
@@ -189,11 +192,16 @@ impl SimReport {
                 .collect();
             let _ = writeln!(
                 s,
-                "{:<9} unserved {:.0} Mbit: {}; most flaps of one capability per stabilization period {}",
+                "{:<9} unserved {:.0} Mbit: {}; most flaps of one capability per stabilization period {}{}",
                 v.variant,
                 total,
                 why.join(", "),
-                v.max_flaps_per_stabilization
+                v.max_flaps_per_stabilization,
+                if v.max_flaps_where.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", v.max_flaps_where)
+                }
             );
         }
         s
@@ -729,7 +737,8 @@ impl Tally {
             }
         }
         res.max_flaps_per_stabilization = 0;
-        for ((i, _), times) in &self.flap_times {
+        res.max_flaps_where.clear();
+        for ((i, cap), times) in &self.flap_times {
             if fleet[*i].misbehaviour != Misbehaviour::None {
                 continue;
             }
@@ -739,8 +748,15 @@ impl Tally {
                 while times[hi] - times[lo] >= stabilization_ms {
                     lo += 1;
                 }
-                res.max_flaps_per_stabilization =
-                    res.max_flaps_per_stabilization.max((hi - lo + 1) as u32);
+                let n = (hi - lo + 1) as u32;
+                if n > res.max_flaps_per_stabilization {
+                    res.max_flaps_per_stabilization = n;
+                    res.max_flaps_where = if n > 1 {
+                        format!("{} {cap} at {:?} ms", fleet[*i].id, &times[lo..=hi])
+                    } else {
+                        String::new()
+                    };
+                }
             }
         }
         res
@@ -767,6 +783,7 @@ fn empty_result(name: &str) -> VariantResult {
         flaps: 0,
         flaps_well_behaved: 0,
         max_flaps_per_stabilization: 0,
+        max_flaps_where: String::new(),
         unserved_mbit: BTreeMap::new(),
         preactivations: 0,
         preactivation_hits: 0,
