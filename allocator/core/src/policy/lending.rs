@@ -124,8 +124,9 @@ impl Default for LendingConfig {
             harm_penalty: -1.5,
             per_reporter_cap: 2.0,
             // Below the gap between a device trusted for shifting (50) and
-            // one quota-cut (45, `quota_curve`): reports alone never cut a
-            // device's quota within one window.
+            // one quota-cut (46 for data, `data_quota_curve`; 45 for
+            // compute): reports alone never cut a device's quota within
+            // one window.
             per_borrower_cap: 4.0,
             // The reputation half-life: a window's harm has mostly decayed
             // when the next window's may add up.

@@ -345,8 +345,11 @@ impl Default for ReputationConfig {
             clean_lease: 1.0,
             healthy_per_hour: 2.0,
             quota_curve: vec![(0.0, 0.0), (20.0, 0.25), (45.0, 1.0), (100.0, 1.0)],
-            // Full data quota needs 48 (compute: 45); the start (50) has both.
-            data_quota_curve: vec![(0.0, 0.0), (25.0, 0.1), (48.0, 1.0), (100.0, 1.0)],
+            // Full data quota needs 46 (compute: 45), and below that the
+            // data factor is always the smaller. The start (50) minus the
+            // most neighbours' reports can take in one window (4,
+            // `LendingConfig::per_borrower_cap`) keeps both.
+            data_quota_curve: vec![(0.0, 0.0), (25.0, 0.1), (46.0, 1.0), (100.0, 1.0)],
             network_over_limit: -3.0,
             network_over_factor: 2.0,
             completed_work: 0.25,
