@@ -45,9 +45,17 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// Tracked files changed, BENCHMARKS.md aside (the benches' own output).
 fn dirty() -> bool {
     std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":(top)",
+            ":(top,exclude)BENCHMARKS.md",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .is_ok_and(|o| !o.stdout.is_empty())
