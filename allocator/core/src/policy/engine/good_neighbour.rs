@@ -88,7 +88,6 @@ impl Engine {
             agreements,
             config: cfg,
             devices,
-            pools,
             dirty,
             ..
         } = self;
@@ -169,23 +168,12 @@ impl Engine {
                         offer[0], offer[1], lcfg.underuse_ms
                     ),
                 );
-                // Peers short of budget look again at the next tick.
-                let tenant = st.tenant.clone();
-                let peers = tenant
-                    .and_then(|t| pools.get(&t))
-                    .cloned()
-                    .unwrap_or_default();
-                for p in peers.iter().filter(|p| *p != device) {
-                    if let Some(pst) = devices.get_mut(p) {
-                        let short = pst.refusals.values().any(|r| {
-                            matches!(r, Refusal::Budget { .. } | Refusal::BorrowRefused { .. })
-                        });
-                        if short {
-                            pst.wake_at_ms = 0;
-                            dirty.mark(p);
-                        }
-                    }
-                }
+                // Peers short of budget need no nudge: a device with a
+                // refusal is re-planned within `renew_margin_ms` anyway
+                // (`next_wake`), and borrowing picks offering lenders
+                // first. Waking them here cost a scan of the whole pool on
+                // every change of an offer (a quarter of the engine's time
+                // per report with 1,000-device pools).
             }
         }
         // ---- good-neighbour report.
