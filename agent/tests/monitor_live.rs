@@ -9,6 +9,8 @@
 //! Needs root (network namespaces, AF_PACKET); otherwise it prints why it
 //! skips. Namespaces are named `sl-mon-<pid>-{a,m,b}` and always removed.
 
+mod netns_support;
+use netns_support::{enter, sh, Netns};
 use pnet::datalink::{self, Channel, DataLinkReceiver, DataLinkSender};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,35 +29,6 @@ const UDP_PAYLOAD: usize = 1000;
 const ROUNDS: usize = 40;
 const MSG: usize = 1000;
 
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Removes the namespaces (and with them the veths) however the test ends.
-struct Netns {
-    names: Vec<String>,
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
 fn setup() -> Result<(Netns, [String; 3]), String> {
     let pid = std::process::id();
     let ns = [
@@ -63,11 +36,10 @@ fn setup() -> Result<(Netns, [String; 3]), String> {
         format!("sl-mon-{pid}-m"),
         format!("sl-mon-{pid}-b"),
     ];
-    let guard = Netns { names: Vec::new() };
-    let mut guard = guard;
+    let mut guard = Netns(Vec::new());
     for n in &ns {
         sh(&["ip", "netns", "add", n])?;
-        guard.names.push(n.clone());
+        guard.0.push(n.clone());
     }
     let [a, m, b] = &ns;
     sh(&[
@@ -126,15 +98,10 @@ fn setup() -> Result<(Netns, [String; 3]), String> {
     Ok((guard, ns))
 }
 
-fn enter(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let ns = ns.to_string();
     std::thread::spawn(move || {
-        enter(&ns);
+        enter(&ns).expect("setns");
         f()
     })
 }
