@@ -141,8 +141,8 @@ fn explain_plan(
     let score = st.reputation.score;
     let factors =
         KINDS.map(|k| super::super::reputation::quota_factor_for(&cfg.reputation, k, score));
-    let quota = quota_budget(cfg, tier, st);
     if factors.iter().any(|f| *f < 1.0) {
+        let quota = quota_budget(cfg, tier, st);
         st.feedback.decide(
             now,
             K::Quota,
@@ -210,7 +210,7 @@ fn explain_plan(
     if refusals.iter().all(|(c, r)| st.refusals.get(c) == Some(r)) {
         return;
     }
-    let ctx = faults::explain_ctx(cfg, quota, st, now);
+    let ctx = faults::explain_ctx(cfg, quota_budget(cfg, tier, st), st, now);
     for (cap, r) in refusals {
         if st.refusals.get(cap) != Some(r) {
             let text = r.explain(cap, device.as_str(), &ctx);
