@@ -9,6 +9,8 @@
 //!   signature checks, ingest, dispatch and re-sends, enrolment tokens, lazy
 //!   writes, operator commands and views, shared-store coherence.
 //! - [`records`]: the plain records the service persists.
+//! - [`history`]: what happened to each device (QoS windows, instructions,
+//!   reputation changes, decisions), as the service writes it for the operator.
 //!
 //! The boundary is in Cargo: this crate's normal dependencies contain no
 //! tokio, axum, MQTT, store, clap or anyhow crate (`.ci/check-core-deps`
@@ -16,6 +18,7 @@
 //! come in as arguments.
 #![forbid(unsafe_code)]
 
+pub mod history;
 pub mod policy;
 pub mod records;
 pub mod service;

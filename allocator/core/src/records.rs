@@ -204,6 +204,9 @@ pub struct Batch {
     /// `postcard` of the engine's fleet-wide catalog health (failing
     /// entries), when it changed.
     pub catalog_health: Option<Vec<u8>>,
+    /// Appended to the devices' history (unconditionally, like tombstones;
+    /// the stores prune it by age and count).
+    pub history: Vec<crate::history::HistoryEntry>,
 }
 
 /// A report sequence floor write. Like a whole-record write it moves the
@@ -225,6 +228,7 @@ impl Batch {
             && self.report_seqs.is_empty()
             && self.tombstones.is_empty()
             && self.catalog_health.is_none()
+            && self.history.is_empty()
     }
 }
 

@@ -23,6 +23,8 @@
 //! device), `GET /v1/reputation/{instance}` (standing and history) and
 //! `POST /v1/reputation/{instance}` (`{"delta": -10}` or `{"set": 70}`,
 //! `"reason"` required, `"actor"` optional): an audited adjustment.
+//! History (issue 20): `GET /v1/devices/{id}/history[?kind=&since_ms=&before_ms=&limit=]`
+//! (see `api_history`).
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -54,6 +56,8 @@ pub struct ApiState {
     /// The only directory `POST /v1/rotate` takes a new key file from (the
     /// signing key's own), so the API cannot be used to probe other files.
     pub key_dir: std::path::PathBuf,
+    /// Read directly by routes that must not go through the core (history).
+    pub store: Arc<dyn super::store::Store>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -77,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/reputation/{instance}",
             get(instance_reputation).post(adjust_reputation),
         )
+        .merge(super::api_history::routes())
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is.
@@ -106,7 +111,7 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 

@@ -242,6 +242,36 @@ pub struct Config {
     pub api: ApiConfig,
     pub policy: PolicySection,
     pub dispatch: DispatchConfig,
+    pub history: HistoryConfig,
+}
+
+/// `[history]`: what is kept of each device's past (QoS windows,
+/// instructions, reputation changes, decisions) for the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Entries older than this are pruned.
+    pub retention_days: u64,
+    /// At most this many entries per device; the oldest go first. The
+    /// store holds at most about devices × this × 150 bytes of history.
+    pub max_entries_per_device: usize,
+    /// Reports are summarised per traffic class over windows this long
+    /// (0 keeps no QoS history).
+    pub qos_window_s: u64,
+    /// How often the history is pruned.
+    pub prune_every_s: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let limits = shardline_allocator_core::history::HistoryLimits::default();
+        Self {
+            retention_days: limits.retention_ms / 86_400_000,
+            max_entries_per_device: limits.max_per_device,
+            qos_window_s: limits.qos_window_ms / 1000,
+            prune_every_s: 600,
+        }
+    }
 }
 
 impl Config {
@@ -315,6 +345,27 @@ impl Config {
                 ("policy.engine", field)
             };
             return Err(invalid_in_section(text, path, section, field, message));
+        }
+        let h = &config.history;
+        let history_error = match () {
+            _ if h.retention_days == 0 => Some(("retention_days", "must be at least 1")),
+            _ if h.max_entries_per_device == 0 => {
+                Some(("max_entries_per_device", "must be at least 1"))
+            }
+            _ if h.qos_window_s != 0 && h.qos_window_s < 10 => {
+                Some(("qos_window_s", "must be 0 (no QoS history) or at least 10"))
+            }
+            _ if h.prune_every_s == 0 => Some(("prune_every_s", "must be at least 1")),
+            _ => None,
+        };
+        if let Some((field, message)) = history_error {
+            return Err(invalid_in_section(
+                text,
+                path,
+                "history",
+                field,
+                message.into(),
+            ));
         }
         if config.policy.tick_ms == 0 {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
@@ -397,6 +448,26 @@ mod tests {
         let c = Config::from_toml_str("", "a.toml").unwrap();
         assert!(c.broker_url().is_none());
         assert_eq!(c.broker.listen.port(), 1883);
+    }
+
+    #[test]
+    fn a_history_bound_of_zero_is_refused_at_its_line() {
+        let text = "[history]\nretention_days = 3\nmax_entries_per_device = 0\n";
+        let err = Config::from_toml_str(text, "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("h.toml:3"), "{err}");
+        assert!(err.contains("max_entries_per_device"), "{err}");
+        let err = Config::from_toml_str("[history]\nqos_window_s = 5\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("h.toml:2") && err.contains("qos_window_s"),
+            "{err}"
+        );
+        let ok = Config::from_toml_str("[history]\nqos_window_s = 0\n", "h.toml").unwrap();
+        assert_eq!(ok.history.qos_window_s, 0);
+        assert_eq!(ok.history.max_entries_per_device, 4_000);
     }
 
     #[test]

@@ -228,6 +228,7 @@ fn flush(
                     for b in &mut batches {
                         b.put_devices.retain(|r| !devices.contains(&r.device));
                         b.report_seqs.retain(|w| !devices.contains(&w.device));
+                        b.history.retain(|h| !devices.contains(&h.device));
                     }
                     // Never block here: the core may itself be waiting for
                     // room in the flush queue this thread drains.

@@ -16,6 +16,7 @@
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
+pub mod api_history;
 pub mod api_token;
 pub mod broker;
 pub mod broker_acl;
@@ -31,6 +32,7 @@ pub mod mqtt;
 pub mod run;
 pub mod shardctl;
 pub mod store;
+mod store_history;
 pub mod store_pg;
 pub mod tls;
 pub mod verifiers;

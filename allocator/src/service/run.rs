@@ -214,6 +214,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         checkpoint_ms: config.store.checkpoint_s.saturating_mul(1000).max(1000),
         engine_flush_ms: config.store.engine_flush_ms,
         shared_store: store.is_shared(),
+        qos_history_window_ms: config.history.qos_window_s.saturating_mul(1000),
     };
     let loaded = core::Loaded {
         meta,
@@ -267,6 +268,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics.clone(),
     ));
 
+    let api_store = store.clone();
+    spawn_history_pruner(store.clone(), &config.history);
+
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
     let rt = tokio::runtime::Handle::current();
@@ -318,6 +322,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics: metrics.clone(),
         metrics_public: config.api.metrics_public,
         key_dir: key_dir(&config),
+        store: api_store,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -374,4 +379,31 @@ fn key_dir(config: &Config) -> PathBuf {
         parent
     };
     std::fs::canonicalize(&parent).unwrap_or(parent)
+}
+
+/// Prunes the device history by age and count every `prune_every_s`, on a
+/// blocking thread (a full pass reads the whole history table).
+fn spawn_history_pruner(store: Arc<dyn Store>, cfg: &super::config::HistoryConfig) {
+    let every = Duration::from_secs(cfg.prune_every_s);
+    let retention_ms = cfg.retention_days.saturating_mul(86_400_000);
+    let max = cfg.max_entries_per_device;
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(every);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            let store = store.clone();
+            let before = now_ms().saturating_sub(retention_ms);
+            let pruned =
+                tokio::task::spawn_blocking(move || store.prune_history(before, max)).await;
+            match pruned {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(entries = n, "device history pruned"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pruning the device history failed; retrying later")
+                }
+                Err(e) => tracing::warn!(error = %e, "the history pruner stopped"),
+            }
+        }
+    });
 }

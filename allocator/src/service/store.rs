@@ -21,6 +21,7 @@
 //! nothing is published before its commit.
 
 use serde::Serialize;
+pub use shardline_allocator_core::history::{HistoryEntry, HistoryQuery};
 pub use shardline_allocator_core::records::{
     Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord, Tombstone, SEQ_BLOCK,
 };
@@ -53,7 +54,7 @@ pub enum StoreError {
     },
 }
 
-fn db_err(e: impl Into<redb::Error>) -> StoreError {
+pub(super) fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
 
@@ -71,7 +72,7 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
 ///   write of an id in a commit wins, `None` deletes; they survive the
 ///   deletion of the device record. The catalog health is one blob, the
 ///   last one committed is the one loaded.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     /// These devices' records (absent ones are left out).
     fn load_device_records(&self, devices: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError>;
@@ -102,6 +103,15 @@ pub trait Store: Send + Sync + 'static {
     fn try_lead(&self) -> Result<bool, StoreError> {
         Ok(true)
     }
+    /// One device's history matching `query`, newest first.
+    fn load_history(
+        &self,
+        device: &DeviceId,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
+    /// Deletes history older than `before_ms` and, per device, beyond the
+    /// newest `max_per_device` entries; returns how many were deleted.
+    fn prune_history(&self, before_ms: u64, max_per_device: usize) -> Result<u64, StoreError>;
 }
 
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
@@ -380,6 +390,7 @@ impl Store for RedbStore {
                 let mut t = txn.open_table(META).map_err(db_err)?;
                 t.insert(HEALTH_KEY, h.as_slice()).map_err(db_err)?;
             }
+            super::store_history::append(&txn, &batch.history)?;
             let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;
             for (id, t) in &batch.tombstones {
                 match t {
@@ -400,6 +411,18 @@ impl Store for RedbStore {
         }
         txn.commit().map_err(db_err)?;
         Ok(())
+    }
+
+    fn load_history(
+        &self,
+        device: &DeviceId,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        super::store_history::load(&self.db, device, query)
+    }
+
+    fn prune_history(&self, before_ms: u64, max_per_device: usize) -> Result<u64, StoreError> {
+        super::store_history::prune(&self.db, before_ms, max_per_device)
     }
 }
 

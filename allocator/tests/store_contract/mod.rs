@@ -6,6 +6,9 @@
 use shardline_allocator::service::store::{
     Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord, Tombstone,
 };
+use shardline_allocator_core::history::{
+    HistoryEntry, HistoryEvent, HistoryKind, HistoryQuery, InstructionStatus,
+};
 use shardline_allocator_core::records::DeviceShardConfig;
 use shardline_shared::ids::DeviceId;
 use std::collections::BTreeMap;
@@ -28,6 +31,7 @@ fn id(s: &str) -> DeviceId {
 
 /// Panics (it is for tests) with what broke the contract.
 pub fn check(store: &dyn Store) {
+    check_history(store);
     // Create two devices, a token and metadata in one commit.
     let mut a = rec("contract-a", 1);
     a.take_seq();
@@ -246,4 +250,127 @@ fn check_tombstones_and_health(store: &dyn Store) {
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     assert_eq!(store.load_tombstones().expect("tombstones").len(), 1);
     assert_eq!(store.load_meta().expect("meta").key_epoch, 3);
+}
+
+fn reputation(device: &str, at_ms: u64, to: f64) -> HistoryEntry {
+    HistoryEntry {
+        device: id(device),
+        at_ms,
+        event: HistoryEvent::Reputation {
+            from: 50.0,
+            to,
+            reason: format!("r{at_ms}"),
+        },
+    }
+}
+
+fn query(
+    kind: Option<HistoryKind>,
+    since_ms: u64,
+    before_ms: Option<u64>,
+    limit: usize,
+) -> HistoryQuery {
+    HistoryQuery {
+        kind,
+        since_ms,
+        before_ms,
+        limit,
+    }
+}
+
+/// History: appended with any batch (even one that writes nothing else),
+/// read newest first per device with kind, time and limit filters, entries
+/// of equal time all kept, pruned by age and by count per device, and a
+/// refused batch appends none.
+fn check_history(store: &dyn Store) {
+    let instruction = HistoryEntry {
+        device: id("hist-a"),
+        at_ms: 20,
+        event: HistoryEvent::Instruction {
+            seq: 7,
+            ops: vec!["activate x@1".into()],
+            status: InstructionStatus::Sent,
+            reason: None,
+        },
+    };
+    store
+        .commit(&Batch {
+            history: vec![
+                reputation("hist-a", 10, 40.0),
+                instruction.clone(),
+                reputation("hist-a", 20, 30.0),
+                reputation("hist-b", 15, 45.0),
+            ],
+            ..Batch::default()
+        })
+        .expect("history commit");
+    store
+        .commit(&Batch {
+            history: vec![reputation("hist-a", 30, 20.0)],
+            ..Batch::default()
+        })
+        .expect("second history commit");
+    let all = store
+        .load_history(&id("hist-a"), &query(None, 0, None, 100))
+        .expect("load history");
+    let times: Vec<u64> = all.iter().map(|e| e.at_ms).collect();
+    assert_eq!(times, [30, 20, 20, 10], "newest first, equal times kept");
+    assert!(all.iter().all(|e| e.device == id("hist-a")));
+    assert!(all.contains(&instruction), "entries round-trip");
+    let reps = store
+        .load_history(
+            &id("hist-a"),
+            &query(Some(HistoryKind::Reputation), 0, None, 100),
+        )
+        .expect("by kind");
+    assert_eq!(reps.len(), 3);
+    let page = store
+        .load_history(&id("hist-a"), &query(None, 15, Some(30), 1))
+        .expect("window and limit");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].at_ms, 20);
+    assert!(store
+        .load_history(&id("hist-none"), &query(None, 0, None, 10))
+        .expect("unknown device")
+        .is_empty());
+
+    // A batch the store refuses (stale version) appends no history.
+    let refused = store.commit(&Batch {
+        put_devices: vec![rec("hist-stale", 5)],
+        history: vec![reputation("hist-a", 40, 10.0)],
+        ..Batch::default()
+    });
+    assert!(
+        matches!(refused, Err(StoreError::Conflict { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store
+            .load_history(&id("hist-a"), &query(None, 0, None, 100))
+            .expect("after refusal")
+            .len(),
+        4
+    );
+
+    // Older than 15 goes (hist-a's 10), then all but hist-a's newest 2.
+    let pruned = store.prune_history(15, 2).expect("prune");
+    assert_eq!(pruned, 2, "one too old, one beyond the bound");
+    let left: Vec<u64> = store
+        .load_history(&id("hist-a"), &query(None, 0, None, 100))
+        .expect("after prune")
+        .iter()
+        .map(|e| e.at_ms)
+        .collect();
+    assert_eq!(left, [30, 20]);
+    assert_eq!(
+        store
+            .load_history(&id("hist-b"), &query(None, 0, None, 100))
+            .expect("other device")
+            .len(),
+        1,
+        "another device's entries count on their own"
+    );
+    assert_eq!(store.prune_history(0, 100).expect("prune again"), 0);
+    // Leave nothing behind for the rest of the contract.
+    store.prune_history(u64::MAX, 1).expect("prune all");
 }

@@ -413,6 +413,24 @@ pub enum DecisionKind {
     Throttle,
 }
 
+impl DecisionKind {
+    /// The name the API and the history use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grant => "grant",
+            Self::Refuse => "refuse",
+            Self::Release => "release",
+            Self::Preactivate => "preactivate",
+            Self::Prediction => "prediction",
+            Self::Loan => "loan",
+            Self::Shift => "shift",
+            Self::Quota => "quota",
+            Self::Operator => "operator",
+            Self::Throttle => "throttle",
+        }
+    }
+}
+
 /// One decision of the engine about a device, with its explanation in
 /// words (for the operator's surfaces: `GET /v1/devices/{id}`, `shardctl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -525,6 +543,29 @@ pub struct FeedbackState {
     /// The hour (since the epoch) and the completed-work points given in it.
     pub work_hour: u64,
     pub work_points: f64,
+    /// Decisions made since the service last took them for the device's
+    /// history (see [`crate::history`]). Never persisted: the service
+    /// takes them into the same store step as the state that made them.
+    #[serde(skip)]
+    pub fresh: Outbox<Decision>,
+}
+
+/// Items handed from the engine to the service, not part of the state:
+/// ignored by equality (a restored state equals the one saved) and by
+/// serde.
+#[derive(Debug, Clone)]
+pub struct Outbox<T>(pub Vec<T>);
+
+impl<T> Default for Outbox<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> PartialEq for Outbox<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl FeedbackState {
@@ -591,12 +632,19 @@ impl FeedbackState {
             }
         }
         tracing::debug!(?kind, subject, %explanation, "policy decision");
-        self.decisions.push(Decision {
+        let decision = Decision {
             at_ms,
             kind,
             subject: subject.to_owned(),
             explanation,
-        });
+        };
+        // Bounded like the log: a device nobody takes history from (the
+        // simulation) keeps no more than the log does.
+        if self.fresh.0.len() >= DECISIONS_KEPT {
+            self.fresh.0.remove(0);
+        }
+        self.fresh.0.push(decision.clone());
+        self.decisions.push(decision);
         if self.decisions.len() > DECISIONS_KEPT {
             let excess = self.decisions.len() - DECISIONS_KEPT;
             self.decisions.drain(..excess);

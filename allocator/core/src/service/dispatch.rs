@@ -42,6 +42,12 @@ impl Core {
                     Metrics::inc(&self.metrics.reputation_changes);
                     self.dirty.insert(device.clone());
                     tracing::info!(%device, old, new, %reason, "reputation changed");
+                    let event = HistoryEvent::Reputation {
+                        from: old,
+                        to: new,
+                        reason,
+                    };
+                    self.history(&device, now_ms, event);
                 }
                 Action::Alert { device, message } => {
                     Metrics::inc(&self.metrics.alerts);
@@ -95,6 +101,7 @@ impl Core {
             return None;
         };
         let seq = rec.take_seq();
+        let described = ops.iter().map(crate::history::describe_operation).collect();
         let instr = Instruction {
             device: device.clone(),
             seq,
@@ -116,6 +123,13 @@ impl Core {
         Metrics::inc(&self.metrics.decisions);
         Metrics::inc(&self.metrics.instructions_sent);
         tracing::debug!(%device, seq, ops = instr.ops.len(), "instruction");
+        let event = HistoryEvent::Instruction {
+            seq,
+            ops: described,
+            status: InstructionStatus::Sent,
+            reason: None,
+        };
+        self.history(device, now_ms, event);
         self.step.publish.push(Publish {
             topic: topics::instr(device),
             payload: sealed,
@@ -148,9 +162,14 @@ impl Core {
         let Some(rec) = self.records.get_mut(device) else {
             return;
         };
-        let before = rec.pending.len();
+        let expired_seqs: Vec<u64> = rec
+            .pending
+            .iter()
+            .filter(|p| p.expires_at_ms <= now_ms)
+            .map(|p| p.seq)
+            .collect();
         rec.pending.retain(|p| p.expires_at_ms > now_ms);
-        let expired = (before - rec.pending.len()) as u64;
+        let expired = expired_seqs.len() as u64;
         let mut changed = expired > 0;
         self.metrics
             .instructions_expired
@@ -182,6 +201,10 @@ impl Core {
         }
         if changed {
             self.dirty.insert(device.clone());
+        }
+        for seq in expired_seqs {
+            let why = Some("expired before the device said it applied it".to_owned());
+            self.instruction_history(device, now_ms, seq, InstructionStatus::Expired, why);
         }
     }
 

@@ -103,18 +103,19 @@ impl Core {
         }
         rec.last_report_seq = report.seq;
         rec.last_report_ms = Some(now_ms);
-        self.mark_applied(&device, report.applied_instruction_seq);
+        self.mark_applied(now_ms, &device, report.applied_instruction_seq);
         self.seq_dirty.insert(device.clone());
         // A new report the device signed is proof it is online, whatever
         // an (unsigned) status says.
         self.signed_seen
             .insert(device.clone(), (now_ms, u64::from(report.window_ms)));
         Metrics::inc(&self.metrics.reports_accepted);
+        self.qos_history(now_ms, &report);
         self.feed(now_ms, Event::Report(report));
     }
 
     /// The device (signed) says it applied everything up to `seq`.
-    pub(super) fn mark_applied(&mut self, device: &DeviceId, seq: u64) {
+    pub(super) fn mark_applied(&mut self, now_ms: u64, device: &DeviceId, seq: u64) {
         let Some(rec) = self.records.get_mut(device) else {
             return;
         };
@@ -122,14 +123,22 @@ impl Core {
             return;
         }
         rec.applied_seq = rec.applied_seq.max(seq);
-        let before = rec.pending.len();
+        let applied: Vec<u64> = rec
+            .pending
+            .iter()
+            .filter(|p| p.seq <= seq)
+            .map(|p| p.seq)
+            .collect();
         rec.pending.retain(|p| p.seq > seq);
-        let done = (before - rec.pending.len()) as u64;
+        let done = applied.len() as u64;
         rec.instructions_applied += done;
         self.metrics
             .instructions_applied
             .fetch_add(done, Ordering::Relaxed);
         self.dirty.insert(device.clone());
+        for s in applied {
+            self.instruction_history(device, now_ms, s, InstructionStatus::Applied, None);
+        }
     }
 
     pub(super) fn on_ack(&mut self, now_ms: u64, device: DeviceId, payload: &[u8]) {
@@ -167,7 +176,7 @@ impl Core {
         }
         match &ack.outcome {
             AckOutcome::Applied | AckOutcome::Duplicate => {
-                self.mark_applied(&device, ack.instruction_seq)
+                self.mark_applied(now_ms, &device, ack.instruction_seq)
             }
             AckOutcome::Rejected(RejectReason::UnknownKey)
                 if self.meta.key_epoch > 0
@@ -190,6 +199,17 @@ impl Core {
                     rec.pending.retain(|p| p.seq != ack.instruction_seq);
                     if rec.pending.len() != before {
                         rec.instructions_rejected += 1;
+                        let (status, reason) = crate::history::ack_status(&ack.outcome);
+                        self.step.batch.history.push(HistoryEntry {
+                            device: device.clone(),
+                            at_ms: now_ms,
+                            event: HistoryEvent::Instruction {
+                                seq: ack.instruction_seq,
+                                ops: Vec::new(),
+                                status,
+                                reason,
+                            },
+                        });
                         let c = if matches!(ack.outcome, AckOutcome::Failed { .. }) {
                             &self.metrics.instructions_failed
                         } else {

@@ -49,6 +49,7 @@ pub use verify::{
 use self::counters::{Drop, Kind, Metrics};
 use self::enroll::token_hash;
 use self::lazy::LazyQueue;
+use crate::history::{HistoryEntry, HistoryEvent, InstructionStatus, QosAccumulator};
 use crate::policy::{self, Action, ComplianceKind, DeviceView, Engine, Event};
 use crate::records::{Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord};
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,9 @@ pub struct CoreConfig {
     /// Other instances write the same store: records are checked and
     /// reloaded by the runner, and the start does not rewrite every record.
     pub shared_store: bool,
+    /// Reports are summarised into the history per window this long (0:
+    /// no QoS history).
+    pub qos_history_window_ms: u64,
 }
 
 /// The core state. See the module docs for its invariants.
@@ -142,6 +146,8 @@ pub struct Core {
     seal_rng: Option<SealRng>,
     /// Answers sent while an operator command runs (its reply).
     answers_seen: Option<Vec<shardline_shared::request::RequestAnswer>>,
+    /// Each device's open QoS history window.
+    qos_windows: HashMap<DeviceId, QosAccumulator>,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -214,6 +220,7 @@ impl Core {
             leader: true,
             seal_rng: None,
             answers_seen: None,
+            qos_windows: HashMap::new(),
         };
         for rec in core.records.values() {
             core.engine
@@ -264,8 +271,11 @@ impl Core {
     /// Everything to commit and publish since the last call.
     pub fn take_step(&mut self) -> Step {
         // Engine state that changed without any action (forecast updates,
-        // reputation decay) is written lazily, within `engine_flush_ms`.
-        for device in self.engine.take_dirty() {
+        // reputation decay) is written lazily, within `engine_flush_ms`;
+        // the decisions made meanwhile go to the history now.
+        let engine_dirty = self.engine.take_dirty();
+        self.take_decisions(engine_dirty.iter().chain(self.dirty.clone().iter()));
+        for device in engine_dirty {
             if !self.dirty.contains(&device) {
                 self.lazy.insert(device, self.last_lazy_ms);
             }
@@ -299,6 +309,70 @@ impl Core {
             }
         }
         step
+    }
+
+    // ------------------------------------------------------------ history
+
+    /// Appends to a device's history in the step being built.
+    pub(super) fn history(&mut self, device: &DeviceId, at_ms: u64, event: HistoryEvent) {
+        self.step.batch.history.push(HistoryEntry {
+            device: device.clone(),
+            at_ms,
+            event,
+        });
+    }
+
+    pub(super) fn instruction_history(
+        &mut self,
+        device: &DeviceId,
+        at_ms: u64,
+        seq: u64,
+        status: InstructionStatus,
+        reason: Option<String>,
+    ) {
+        let event = HistoryEvent::Instruction {
+            seq,
+            ops: Vec::new(),
+            status,
+            reason,
+        };
+        self.history(device, at_ms, event);
+    }
+
+    /// Moves the engine's fresh decisions on these devices to the history.
+    fn take_decisions<'a>(&mut self, devices: impl Iterator<Item = &'a DeviceId>) {
+        for device in devices {
+            for d in self.engine.take_fresh_decisions(device) {
+                let event = HistoryEvent::Decision {
+                    decision: d.kind.as_str().to_owned(),
+                    capability: d.subject,
+                    reason: d.explanation,
+                };
+                self.step.batch.history.push(HistoryEntry {
+                    device: device.clone(),
+                    at_ms: d.at_ms,
+                    event,
+                });
+            }
+        }
+    }
+
+    /// Adds an accepted report to the device's QoS window; a window the
+    /// report closes goes to the history.
+    pub(super) fn qos_history(&mut self, now_ms: u64, report: &QosReport) {
+        let window_ms = self.cfg.qos_history_window_ms;
+        if window_ms == 0 {
+            return;
+        }
+        let closed = self
+            .qos_windows
+            .entry(report.device.clone())
+            .or_default()
+            .add(window_ms, now_ms, &report.classes);
+        for w in closed {
+            let at_ms = w.window_start_ms;
+            self.history(&report.device, at_ms, HistoryEvent::Qos(w));
+        }
     }
 
     // ------------------------------------------------------------ inbound

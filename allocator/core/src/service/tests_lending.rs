@@ -50,6 +50,7 @@ borrowing = true
             checkpoint_ms: 60_000,
             engine_flush_ms: 5_000,
             shared_store: false,
+            qos_history_window_ms: 60_000,
         },
         Arc::new(Metrics::default()),
         T0,

@@ -32,7 +32,8 @@
 //! loopback/VPN link or a TLS-terminating proxy.
 
 use super::store::{
-    dec, enc, Batch, DeviceRecord, Meta, Store, StoreError, TokenRecord, Tombstone,
+    dec, enc, Batch, DeviceRecord, HistoryEntry, HistoryQuery, Meta, Store, StoreError,
+    TokenRecord, Tombstone,
 };
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
@@ -42,6 +43,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 mod conn;
+mod history;
 mod sql;
 
 use conn::{lock, off_runtime, prepared, Conn, Link};
@@ -167,6 +169,7 @@ struct Plan {
     tomb_put: (Vec<String>, Vec<Vec<u8>>),
     tomb_delete: Vec<String>,
     health: Option<Vec<u8>>,
+    history: history::HistoryRows,
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -189,6 +192,7 @@ impl Plan {
             tomb_put: (Vec::new(), Vec::new()),
             tomb_delete: Vec::new(),
             health: batch.catalog_health.clone(),
+            history: history::HistoryRows::of(&batch.history),
             invalid: Vec::new(),
         };
         let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
@@ -349,6 +353,13 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
         }
         if let Some(h) = &plan.health {
             exec(SQL_HEALTH_PUT, &[h])?;
+        }
+        let h = &plan.history;
+        if !h.device.is_empty() {
+            exec(
+                history::SQL_HISTORY_PUT,
+                &[&h.device, &h.at_ms, &h.kind, &h.body],
+            )?;
         }
     }
     if !conflicts.is_empty() {
@@ -745,6 +756,22 @@ impl Store for PgStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn load_history(
+        &self,
+        device: &DeviceId,
+        query: &HistoryQuery,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.read("load_history", |conn| history::load(conn, device, query))
+    }
+
+    fn prune_history(&self, before_ms: u64, max_per_device: usize) -> Result<u64, StoreError> {
+        off_runtime(|| {
+            lock(&self.commit).retry("prune_history", |conn| {
+                history::prune(conn, before_ms, max_per_device)
+            })
+        })
     }
 
     fn try_lead(&self) -> Result<bool, StoreError> {

@@ -34,6 +34,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
         body bytea NOT NULL
     );
     "#,
+    // 3: the devices' history (issue 20), pruned by age and count.
+    r#"
+    CREATE TABLE history (
+        id bigserial PRIMARY KEY,
+        device text COLLATE "C" NOT NULL,
+        at_ms bigint NOT NULL,
+        kind text NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX history_by_device ON history (device, at_ms DESC, id DESC);
+    CREATE INDEX history_by_age ON history (at_ms);
+    "#,
 ];
 
 /// The schema version this build creates and understands.

@@ -407,6 +407,14 @@ impl Engine {
     }
 
     /// Devices whose state changed since the last call (to persist them).
+    /// The decisions made on `device` since the last call (for its history).
+    pub fn take_fresh_decisions(&mut self, device: &DeviceId) -> Vec<feedback::Decision> {
+        self.devices
+            .get_mut(device)
+            .map(|st| std::mem::take(&mut st.feedback.fresh.0))
+            .unwrap_or_default()
+    }
+
     pub fn take_dirty(&mut self) -> Vec<DeviceId> {
         let mut v = std::mem::take(&mut self.dirty.list);
         v.sort_unstable();
