@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod run;
 pub mod shardctl;
+mod shardctl_history;
 pub mod store;
 mod store_history;
 pub mod store_pg;

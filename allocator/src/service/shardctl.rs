@@ -41,6 +41,18 @@ enum Cmd {
         #[arg(value_parser = parse_device)]
         device: DeviceId,
     },
+    /// A device's history (QoS windows, instructions, reputation changes,
+    /// decisions), newest first, each with its reason.
+    History {
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
+        /// Only this kind of entry.
+        #[arg(long, value_parser = ["qos", "instruction", "reputation", "decision"])]
+        kind: Option<String>,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Enrol a device with its public key (hex).
     Enroll {
         #[arg(value_parser = parse_device)]
@@ -238,6 +250,20 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
     let (method, path, body) = match &cli.command {
         Cmd::Devices => ("GET", "/v1/devices".to_owned(), None),
         Cmd::Device { device } => ("GET", format!("/v1/devices/{device}"), None),
+        Cmd::History {
+            device,
+            kind,
+            limit,
+        } => {
+            let kind = kind
+                .as_ref()
+                .map_or(String::new(), |k| format!("&kind={k}"));
+            (
+                "GET",
+                format!("/v1/devices/{device}/history?limit={limit}{kind}"),
+                None,
+            )
+        }
         Cmd::Enroll {
             device,
             public_key,
@@ -405,6 +431,10 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::Device { .. } => {
                 print!("{}", device_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::History { .. } => {
+                print!("{}", super::shardctl_history::history_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
             Cmd::Credits { .. } => {

@@ -397,4 +397,6 @@ mod tests;
 #[cfg(test)]
 mod tests_config;
 #[cfg(test)]
+mod tests_history;
+#[cfg(test)]
 mod tests_lending;

@@ -42,11 +42,11 @@ fn core_with(records: Vec<DeviceRecord>) -> Core {
     )
 }
 
-fn dev_key() -> KeyPair {
+pub(super) fn dev_key() -> KeyPair {
     KeyPair::from_seed(&[2; 32])
 }
 
-fn report(device: &DeviceId, seq: u64) -> QosReport {
+pub(super) fn report(device: &DeviceId, seq: u64) -> QosReport {
     QosReport {
         device: device.clone(),
         seq,
@@ -83,7 +83,7 @@ fn report(device: &DeviceId, seq: u64) -> QosReport {
     }
 }
 
-fn enrolled() -> (Core, DeviceId) {
+pub(super) fn enrolled() -> (Core, DeviceId) {
     let d = DeviceId::new("d1").unwrap();
     let mut core = core_with(vec![]);
     let r = core.on_command(
@@ -100,7 +100,7 @@ fn enrolled() -> (Core, DeviceId) {
     (core, d)
 }
 
-fn instr_seq(p: &Publish) -> u64 {
+pub(super) fn instr_seq(p: &Publish) -> u64 {
     let env = sign::parse_envelope(&p.payload, 1 << 20).unwrap();
     codec::decode::<Instruction>(&env.payload).unwrap().seq
 }
