@@ -217,6 +217,13 @@ fn run_loop(
             Ok(out) => print!("{out}"),
             Err(e) => println!("shardctl devices: {e}"),
         }
+        // What the allocator decided, and why, in its own words.
+        let device = stack.cfg.device.clone();
+        println!("\n$ shardctl history {device} --kind decision --limit 12");
+        match stack.shardctl(&["history", &device, "--kind", "decision", "--limit", "12"]) {
+            Ok(out) => print!("{out}"),
+            Err(e) => println!("shardctl history: {e}"),
+        }
     }
     if result.as_ref().is_err_and(|e| e != "interrupted") {
         if let Some(a) = &stack.agent {
@@ -318,9 +325,15 @@ fn watch(
                     stamp(t0),
                     shards.join(", ")
                 );
+                if let Some(why) = view.why("grant", cap) {
+                    println!("{}   why: {why}", stamp(t0));
+                }
                 seen.insert((cap.to_owned(), Seen::Activated));
             } else {
                 println!("{} allocator released {cap} on {device}", stamp(t0));
+                if let Some(why) = view.why("release", cap) {
+                    println!("{}   why: {why}", stamp(t0));
+                }
                 if seen.contains(&(cap.to_owned(), Seen::Activated)) {
                     seen.insert((cap.to_owned(), Seen::Released));
                 }

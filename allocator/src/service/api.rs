@@ -431,7 +431,15 @@ async fn operator(
         }
     };
     let shard = body.and_then(|Json(b)| b.shard);
-    answer(&state, &headers, Command::Operator { device, op, shard }).await
+    // TODO(merge access): the authenticated actor's name.
+    let actor = "the operator".to_owned();
+    let cmd = Command::Operator {
+        device,
+        op,
+        shard,
+        actor,
+    };
+    answer(&state, &headers, cmd).await
 }
 
 async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {

@@ -69,7 +69,7 @@ pub fn history_text(answer: &Value) -> String {
                 text(e, "capability"),
                 text(e, "reason")
             ),
-            other => format!("{other}"),
+            other => other.to_owned(),
         };
         out.push_str(&format!("{at}  {line}\n"));
     }

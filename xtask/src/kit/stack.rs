@@ -668,6 +668,18 @@ pub struct DeviceView {
     pub classes: Vec<String>,
     /// capability -> why the allocator does not grant it (e.g. `capacity`).
     pub refusals: BTreeMap<String, String>,
+    /// (decision kind, capability) -> the allocator's latest explanation of
+    /// it, e.g. ("grant", "vpn") -> "vpn granted: a reported need asks …".
+    pub decisions: BTreeMap<(String, String), String>,
+}
+
+impl DeviceView {
+    /// Why the allocator last made this kind of decision on `capability`.
+    pub fn why(&self, kind: &str, capability: &str) -> Option<&str> {
+        self.decisions
+            .get(&(kind.to_owned(), capability.to_owned()))
+            .map(String::as_str)
+    }
 }
 
 fn shard_id(v: &Json) -> Option<String> {
@@ -729,6 +741,17 @@ impl DeviceView {
                     other => format!("{other:?}"),
                 };
                 v.refusals.entry(cap.clone()).or_insert(why);
+            }
+        }
+        // Oldest first: the latest explanation of each wins.
+        for d in policy.get("decisions").items() {
+            if let (Some(kind), Some(subject), Some(text)) = (
+                d.get("kind").as_str(),
+                d.get("subject").as_str(),
+                d.get("explanation").as_str(),
+            ) {
+                v.decisions
+                    .insert((kind.to_owned(), subject.to_owned()), text.to_owned());
             }
         }
         for s in v.leases.values_mut().chain(v.running.values_mut()) {

@@ -460,13 +460,15 @@ impl Tombstone {
 }
 
 /// What [`Refusal::explain`] needs besides the refusal.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExplainCtx {
     pub reputation: f64,
     /// Tier budget × reputation quota, per kind.
     pub quota: [u32; 2],
     pub borrow_min_reputation: f64,
     pub now_ms: u64,
+    /// The operator who drained the device, when known.
+    pub drained_by: Option<String>,
 }
 
 fn units(n: u32) -> &'static str {
@@ -514,7 +516,10 @@ impl Refusal {
             Refusal::Unavailable { shard } => {
                 format!("unavailable: every option of {shard} is revoked or avoided")
             }
-            Refusal::Drained => "drained by the operator".to_owned(),
+            Refusal::Drained => format!(
+                "drained by {}",
+                ctx.drained_by.as_deref().unwrap_or("the operator")
+            ),
             Refusal::BorrowRefused {
                 reason,
                 kind,
@@ -580,5 +585,6 @@ pub(crate) fn explain_ctx(
         quota,
         borrow_min_reputation: cfg.borrow_min_reputation,
         now_ms: now,
+        drained_by: st.feedback.operator_marks.get("drain").cloned(),
     }
 }

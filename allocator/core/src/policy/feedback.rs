@@ -23,6 +23,7 @@
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::DeviceId;
 use shardline_shared::msg::{ShardKind, TrafficClass};
+use std::collections::BTreeMap;
 
 /// Prediction's own parameters (inside [`super::forecast::ForecastConfig`]'s
 /// sibling in `PolicyConfig`).
@@ -548,6 +549,10 @@ pub struct FeedbackState {
     /// takes them into the same store step as the state that made them.
     #[serde(skip)]
     pub fresh: Outbox<Decision>,
+    /// Who pinned each shard (`pin:<shard>`) and who drained the device
+    /// (`drain`), for the explanations. Last field (issue 20): older
+    /// records decode with it empty (see `decode_device_state`).
+    pub operator_marks: BTreeMap<String, String>,
 }
 
 /// Items handed from the engine to the service, not part of the state:

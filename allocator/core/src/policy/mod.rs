@@ -158,6 +158,12 @@ pub enum Event {
         reason: String,
         actor: String,
     },
+    /// An operator event (pin, revoke, drain, …) made by a named operator:
+    /// the engine's explanations name them ("vpn pinned by alice").
+    ByOperator {
+        actor: String,
+        event: Box<Event>,
+    },
 }
 
 /// Compliance signals (all lower reputation).
@@ -805,7 +811,9 @@ pub fn decode_device_state(bytes: &[u8]) -> Result<DeviceState, postcard::Error>
     ]
     .concat();
     let apps = postcard::to_stdvec(&AppRequests::default())?;
-    for tail in [issue17.clone(), [apps, issue17].concat()] {
+    // Issue 20 appended `FeedbackState::operator_marks` (the last field).
+    let issue20 = postcard::to_stdvec(&BTreeMap::<String, String>::new())?;
+    for tail in [issue20, issue17.clone(), [apps, issue17].concat()] {
         let padded = [bytes, &tail].concat();
         if let Ok(st) = postcard::from_bytes(&padded) {
             return Ok(st);

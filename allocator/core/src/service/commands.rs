@@ -119,6 +119,8 @@ pub enum Command {
         device: DeviceId,
         op: OperatorOp,
         shard: Option<String>,
+        /// Who asked (named in the engine's explanations).
+        actor: String,
     },
     Rotate {
         new_key: KeyPair,
@@ -425,7 +427,12 @@ impl Core {
                         .collect(),
                 )
             }
-            Command::Operator { device, op, shard } => {
+            Command::Operator {
+                device,
+                op,
+                shard,
+                actor,
+            } => {
                 if !self.records.contains_key(&device) {
                     return Reply::Error(CommandError::UnknownDevice(device.to_string()));
                 }
@@ -458,6 +465,10 @@ impl Core {
                             _ => Event::Unrevoke { device, shard },
                         }
                     }
+                };
+                let event = Event::ByOperator {
+                    actor,
+                    event: Box::new(event),
                 };
                 self.feed(now_ms, event);
                 Reply::Ok

@@ -277,6 +277,7 @@ fn a_rejected_instruction_is_dropped_and_a_reconnect_resends_the_rest() {
             device: d.clone(),
             op: OperatorOp::Drain,
             shard: None,
+            actor: "alice".into(),
         },
     );
     let step = core.take_step();

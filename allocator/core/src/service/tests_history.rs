@@ -162,3 +162,77 @@ fn an_expired_instruction_and_an_announced_reputation_change_are_written() {
         "{expired:?}"
     );
 }
+
+#[test]
+fn the_operator_who_pinned_or_drained_is_named_in_the_explanations() {
+    let (mut core, d) = enrolled();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    core.on_message(1_000_100, &topics::report(&d), &bytes);
+    core.take_step();
+    let op = |core: &mut Core, at, op, shard: Option<&str>, actor: &str| {
+        let r = core.on_command(
+            at,
+            Command::Operator {
+                device: d.clone(),
+                op,
+                shard: shard.map(str::to_owned),
+                actor: actor.into(),
+            },
+        );
+        assert!(matches!(r, Reply::Ok), "{r:?}");
+        history_of(&core.take_step(), HistoryKind::Decision)
+    };
+    let reasons = |entries: &[HistoryEntry]| -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| match &e.event {
+                HistoryEvent::Decision { reason, .. } => reason.clone(),
+                _ => unreachable!(),
+            })
+            .collect()
+    };
+    let drained = reasons(&op(&mut core, 1_000_200, OperatorOp::Drain, None, "alice"));
+    assert!(
+        drained.iter().any(|r| r.starts_with("drained by alice")),
+        "{drained:?}"
+    );
+    assert!(
+        drained
+            .iter()
+            .any(|r| r.contains("released: the device was drained by alice")),
+        "{drained:?}"
+    );
+    op(&mut core, 1_000_300, OperatorOp::Resume, None, "bob");
+    let pinned = reasons(&op(
+        &mut core,
+        1_000_400,
+        OperatorOp::Pin,
+        Some("vpn-tunnel"),
+        "carol",
+    ));
+    assert!(
+        pinned
+            .iter()
+            .any(|r| r.starts_with("vpn-tunnel pinned by carol")),
+        "{pinned:?}"
+    );
+    // The name is kept with the device: a restart still explains it so.
+    let state = core.engine().device_state(&d).expect("state").clone();
+    assert_eq!(
+        state
+            .feedback
+            .operator_marks
+            .get("pin:vpn-tunnel")
+            .map(String::as_str),
+        Some("carol")
+    );
+    let bytes = postcard::to_stdvec(&state).unwrap();
+    assert_eq!(crate::policy::decode_device_state(&bytes).unwrap(), state);
+    // A state written before the marks existed (one byte shorter: the
+    // empty map) still decodes, with no marks.
+    let mut old = state.clone();
+    old.feedback.operator_marks.clear();
+    let bytes = postcard::to_stdvec(&old).unwrap();
+    let decoded = crate::policy::decode_device_state(&bytes[..bytes.len() - 1]).unwrap();
+    assert_eq!(decoded, old);
+}

@@ -170,11 +170,15 @@ fn explain_plan(
                 });
         let why = if !cfg.features.demand_driven {
             "every capability the tier allows (static policy)".to_owned()
-        } else if chosen
+        } else if let Some(pinned) = chosen
             .values()
-            .any(|c| c.capability == cap && st.pinned.contains(c.spec.shard.id()))
+            .find(|c| c.capability == cap && st.pinned.contains(c.spec.shard.id()))
         {
-            "pinned by the operator".to_owned()
+            let shard = pinned.spec.shard.id();
+            match st.feedback.operator_marks.get(&format!("pin:{shard}")) {
+                Some(by) => format!("{shard} pinned by {by}"),
+                None => format!("{shard} pinned by the operator"),
+            }
         } else if let Some(&t) = st.demand.get(cap) {
             format!(
                 "a reported need asks for it (last seen {} s ago)",
@@ -197,8 +201,15 @@ fn explain_plan(
     }
     for cap in caps_before.difference(caps_after) {
         let why = match refusals.get(cap) {
+            Some(Refusal::Drained) => match st.feedback.operator_marks.get("drain") {
+                Some(by) => format!("the device was drained by {by}"),
+                None => "the device is drained".to_owned(),
+            },
             Some(_) => "refused now (see the refusal)".to_owned(),
-            None if st.drained => "the device is drained".to_owned(),
+            None if st.drained => match st.feedback.operator_marks.get("drain") {
+                Some(by) => format!("the device was drained by {by}"),
+                None => "the device is drained".to_owned(),
+            },
             None => format!(
                 "no reported need asked for it for {} min, and no forecast holds it",
                 cfg.hysteresis_ms / 60_000

@@ -173,6 +173,9 @@ pub struct Engine {
     /// Not part of [`DeviceState`]: the service's device record is where it
     /// lives; the service hands it over on restore and on every change.
     device_config: BTreeMap<DeviceId, DeviceConfigView>,
+    /// The operator behind the event being handled (`Event::ByOperator`),
+    /// named in its explanations; `None` outside one.
+    acting: Option<String>,
 }
 
 impl Engine {
@@ -190,7 +193,15 @@ impl Engine {
             health: CatalogHealth::default(),
             health_dirty: false,
             device_config: BTreeMap::new(),
+            acting: None,
         }
+    }
+
+    /// Who an operator event is by, as the explanations say it.
+    fn actor(&self) -> String {
+        self.acting
+            .clone()
+            .unwrap_or_else(|| "the operator".to_owned())
     }
 
     /// Failing catalog entries and recent start failures.
@@ -293,43 +304,57 @@ impl Engine {
             }
             Event::Tick => self.on_tick(now_ms, &mut out),
             Event::Pin { device, shard } => {
-                let what = format!("{shard} pinned by the operator: kept active whatever the demand, within the tier budget");
+                let by = self.actor();
+                let what = format!("{shard} pinned by {by}: kept active whatever the demand, within the tier budget");
                 self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.pinned.insert(s.to_owned());
+                    st.feedback.operator_marks.insert(format!("pin:{s}"), by);
                 })
             }
             Event::Unpin { device, shard } => {
-                let what = format!("{shard} unpinned by the operator: demand decides again");
+                let what = format!("{shard} unpinned by {}: demand decides again", self.actor());
                 self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.pinned.remove(s);
+                    st.feedback.operator_marks.remove(&format!("pin:{s}"));
                 })
             }
             Event::Revoke { device, shard } => {
-                let what = format!("{shard} revoked by the operator: never granted here until unrevoked (its alternative is planned)");
+                let what = format!("{shard} revoked by {}: never granted here until unrevoked (its alternative is planned)", self.actor());
                 self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.revoked.insert(s.to_owned());
                     st.pinned.remove(s);
+                    st.feedback.operator_marks.remove(&format!("pin:{s}"));
                 })
             }
             Event::Unrevoke { device, shard } => {
-                let what = format!("{shard} unrevoked by the operator");
+                let what = format!("{shard} unrevoked by {}", self.actor());
                 self.operator(now_ms, &device, &shard, &mut out, &what, |st, s| {
                     st.revoked.remove(s);
                 })
+            }
+            Event::ByOperator { actor, event } => {
+                let outer = self.acting.replace(actor);
+                out.extend(self.handle(now_ms, *event));
+                self.acting = outer;
             }
             Event::StaleReport(report) => self.on_stale_report(now_ms, report, &mut out),
             Event::Readmitted { device, prior } => self.readmit(now_ms, &device, prior, &mut out),
             Event::RetryCatalogEntry { shard } => self.retry_entry(now_ms, &shard, &mut out),
             Event::Drain { device } => {
-                let what = "drained by the operator: everything deactivated, nothing granted until resumed";
-                self.operator(now_ms, &device, "", &mut out, what, |st, _| {
-                    st.drained = true
+                let by = self.actor();
+                let what = format!(
+                    "drained by {by}: everything deactivated, nothing granted until resumed"
+                );
+                self.operator(now_ms, &device, "", &mut out, &what, |st, _| {
+                    st.drained = true;
+                    st.feedback.operator_marks.insert("drain".to_owned(), by);
                 })
             }
             Event::Resume { device } => {
-                let what = "resumed by the operator";
-                self.operator(now_ms, &device, "", &mut out, what, |st, _| {
-                    st.drained = false
+                let what = format!("resumed by {}", self.actor());
+                self.operator(now_ms, &device, "", &mut out, &what, |st, _| {
+                    st.drained = false;
+                    st.feedback.operator_marks.remove("drain");
                 })
             }
             Event::DeviceConfig {
