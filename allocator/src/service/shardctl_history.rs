@@ -12,7 +12,31 @@ fn text<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("-")
 }
 
-/// The entries as lines: time (ms since the epoch), kind, what, why.
+/// Milliseconds since the epoch as `2026-12-07 04:39:28.349Z` (UTC; the
+/// civil-from-days conversion of Howard Hinnant's date algorithms).
+pub fn utc_text(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// The entries as lines: time (UTC), kind, what, why.
 pub fn history_text(answer: &Value) -> String {
     let Some(entries) = answer.get("entries").and_then(Value::as_array) else {
         return "no history\n".into();
@@ -71,7 +95,7 @@ pub fn history_text(answer: &Value) -> String {
             ),
             other => other.to_owned(),
         };
-        out.push_str(&format!("{at}  {line}\n"));
+        out.push_str(&format!("{}  {line}\n", utc_text(at)));
     }
     out
 }
@@ -79,6 +103,13 @@ pub fn history_text(answer: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_utc() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(utc_text(1_796_618_368_349), "2026-12-07 04:39:28.349Z");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29 00:00:00.000Z");
+    }
 
     #[test]
     fn each_kind_reads_as_one_line_with_its_reason() {
