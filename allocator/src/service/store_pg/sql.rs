@@ -34,6 +34,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
         body bytea NOT NULL
     );
     "#,
+    // 3: operator tokens (only their secret's hash) and the audit log
+    // (issue 20, `store_pg::access`).
+    r#"
+    CREATE TABLE operator_tokens (
+        id text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        at_ms bigint NOT NULL,
+        actor text NOT NULL,
+        target text NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX audit_at_ms ON audit (at_ms);
+    "#,
 ];
 
 /// The schema version this build creates and understands.
