@@ -56,10 +56,7 @@ pub fn check(store: &dyn Store) {
     let b = token("bbbbbbbbbbbbbbbb", Role::Admin);
     store.put_operator_token(&b).unwrap();
     store.put_operator_token(&a).unwrap();
-    assert_eq!(
-        store.load_operator_token(&a.id).unwrap().as_ref(),
-        Some(&a)
-    );
+    assert_eq!(store.load_operator_token(&a.id).unwrap().as_ref(), Some(&a));
     let mut revoked = a.clone();
     revoked.revoked_at_ms = Some(50);
     store.put_operator_token(&revoked).unwrap();
@@ -71,9 +68,13 @@ pub fn check(store: &dyn Store) {
 
     // Audit: ids grow, rewrites land in place, queries are newest first.
     assert!(store.load_audit(&all(10)).unwrap().is_empty());
-    let id1 = store.append_audit(&entry(100, "alice", "d1"), &WIDE).unwrap();
+    let id1 = store
+        .append_audit(&entry(100, "alice", "d1"), &WIDE)
+        .unwrap();
     let id2 = store.append_audit(&entry(200, "bob", "d2"), &WIDE).unwrap();
-    let id3 = store.append_audit(&entry(300, "alice", "d2"), &WIDE).unwrap();
+    let id3 = store
+        .append_audit(&entry(300, "alice", "d2"), &WIDE)
+        .unwrap();
     assert!(id1 < id2 && id2 < id3);
     let mut done = entry(200, "bob", "d2");
     done.outcome = Outcome::Refused;
@@ -103,15 +104,23 @@ pub fn check(store: &dyn Store) {
     assert_eq!(q(None, Some("d2"), None, 10), vec![id3, id2]);
     assert_eq!(q(None, None, Some(300), 10), vec![id2, id1]);
     assert_eq!(q(Some("alice"), Some("d2"), None, 10), vec![id3]);
-    assert_eq!(q(None, None, None, 2), vec![id3, id2], "a page of the newest");
+    assert_eq!(
+        q(None, None, None, 2),
+        vec![id3, id2],
+        "a page of the newest"
+    );
 
     // Bounds: at most `max_entries`, the oldest dropped first.
     let three = AuditLimits {
         min_at_ms: 0,
         max_entries: 3,
     };
-    let id4 = store.append_audit(&entry(400, "carol", "d3"), &three).unwrap();
-    let id5 = store.append_audit(&entry(500, "carol", "d3"), &three).unwrap();
+    let id4 = store
+        .append_audit(&entry(400, "carol", "d3"), &three)
+        .unwrap();
+    let id5 = store
+        .append_audit(&entry(500, "carol", "d3"), &three)
+        .unwrap();
     assert_eq!(q(None, None, None, 10), vec![id5, id4, id3]);
     // A rewrite of a dropped entry does not bring it back.
     store.put_audit(id1, &entry(100, "alice", "d1")).unwrap();
