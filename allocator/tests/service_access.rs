@@ -169,6 +169,16 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
     let (st, _) = call(&alloc, Some(&olga), "POST", "/v1/devices/ghost/drain", None);
     assert_eq!(st, 404);
 
+    // A configuration change is audited with key names, never a secret value.
+    let (st, v) = call(
+        &alloc,
+        Some(&olga),
+        "PUT",
+        "/v1/devices/d1/config/auth-psk",
+        Some(serde_json::json!({"secret": {"psk": "topsecretvalue-7f3a"}})),
+    );
+    assert_eq!(st, 200, "{v}");
+
     // shardctl with an operator token, from the environment.
     let out = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args(["--api", &alloc.api_url(), "--token-file", "/nonexistent"])
@@ -229,6 +239,14 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
         find(&entries, "olga", "unpin").is_some(),
         "shardctl's unpin"
     );
+    let config = find(&entries, "olga", "device config").expect("the config change");
+    assert!(
+        config["detail"].as_str().unwrap().contains("psk"),
+        "{config}"
+    );
+    assert!(!entries
+        .iter()
+        .any(|e| e.to_string().contains("topsecretvalue")));
     let enrol = find(&entries, "token-file", "enrol").expect("the enrolment");
     assert_eq!(
         (enrol["target"].as_str(), enrol["role"].as_str()),
@@ -351,6 +369,80 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
             "hex secret in the store"
         );
         assert!(!log.contains(hex_secret), "secret in the log");
+    }
+    assert!(
+        !log.contains("topsecretvalue"),
+        "a config secret in the log"
+    );
+}
+
+#[test]
+fn a_revocation_on_one_instance_holds_on_another_sharing_postgres() {
+    let dir = TempDir::new("access-pg");
+    if !xtask::kit::postgres::installed() {
+        println!("SKIP: PostgreSQL is not installed (`cargo xtask setup` as root installs it)");
+        return;
+    }
+    let pg = xtask::kit::postgres::TestPostgres::start(&dir.0.join("pg"))
+        .unwrap_or_else(|e| panic!("PostgreSQL is installed but did not start: {e}"));
+    let a =
+        Allocator::start_on_shared_store(&dir.0.join("a"), BrokerMode::Embedded, &pg.url(), None);
+    let b = Allocator::start_on_shared_store(
+        &dir.0.join("b"),
+        BrokerMode::Embedded,
+        &pg.url(),
+        Some(&a),
+    );
+    // Made on A, known to B at its first use.
+    let (id, token) = create(&a, "pat", "operator", None);
+    let (st, v) = call(&b, Some(&token), "GET", "/v1/devices", None);
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = call(&b, Some(&token), "POST", "/v1/devices/nobody/drain", None);
+    assert_eq!(st, 404);
+    // One audit log for both.
+    let on_a = audit(&a, "?actor=pat");
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    assert_eq!(on_a[0]["action"], "drain");
+
+    // Revoked on A: refused on B within the shared cache's lifetime.
+    let (st, _) = a.api("DELETE", &format!("/v1/operators/tokens/{id}"), None);
+    assert_eq!(st, 200);
+    let revoked_at = Instant::now();
+    loop {
+        let (st, _) = call(&b, Some(&token), "GET", "/v1/devices", None);
+        if st == 401 {
+            break;
+        }
+        assert_eq!(st, 200);
+        assert!(
+            revoked_at.elapsed()
+                < Duration::from_millis(
+                    shardline_allocator::service::access::SHARED_CACHE_MS + 500
+                ),
+            "B still accepts a token A revoked"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The rows hold no secret, raw or in hex.
+    let secret_hex = token.rsplit('_').next().unwrap().to_owned();
+    let raw = hex::decode(&secret_hex).unwrap();
+    let mut client = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let rows = client
+        .query(
+            "SELECT id::text, body FROM operator_tokens \
+             UNION ALL SELECT actor || ' ' || target, body FROM audit",
+            &[],
+        )
+        .unwrap();
+    assert!(rows.len() >= 2);
+    for row in rows {
+        let (text, body): (String, Vec<u8>) = (row.get(0), row.get(1));
+        assert!(!text.contains(&secret_hex));
+        assert!(!body.windows(raw.len()).any(|w| w == raw.as_slice()));
+        assert!(!body
+            .windows(secret_hex.len())
+            .any(|w| w == secret_hex.as_bytes()));
     }
 }
 
