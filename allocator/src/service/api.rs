@@ -23,6 +23,12 @@
 //! device), `GET /v1/reputation/{instance}` (standing and history) and
 //! `POST /v1/reputation/{instance}` (`{"delta": -10}` or `{"set": 70}`,
 //! `"reason"` required, `"actor"` optional): an audited adjustment.
+//! Access and audit (issue 20, `api_access`): `POST|GET
+//! /v1/operators/tokens`, `DELETE /v1/operators/tokens/{id}`, `GET
+//! /v1/audit?limit=&before_ms=&actor=&target=&format=json|jsonl|csv`. Every
+//! route but `/v1/health` and public `/metrics` needs a token (the token
+//! file's, admin; or an operator token with a role), checked first, then
+//! the route's role; every non-GET request is audited.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
