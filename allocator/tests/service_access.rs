@@ -188,6 +188,18 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    let vera_file = dir.0.join("vera-token");
+    std::fs::write(&vera_file, format!("{vera}\n")).unwrap();
+    std::fs::set_permissions(&vera_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--api", &alloc.api_url(), "--token-file"])
+        .arg(&vera_file)
+        .args(["devices"])
+        .env_remove("SHARDCTL_TOKEN")
+        .env_remove("SHARDLINE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a viewer token from a file: {out:?}");
     let out = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args(["--api", &alloc.api_url(), "--token", &vera, "drain", "d1"])
         .output()
@@ -496,8 +508,71 @@ fn make_pki(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
-/// The allocator process started with its own (TLS) configuration.
+/// The allocator process started with its own configuration.
 struct Child9(Child);
+
+fn start_with_config(dir: &Path, conf: &Path, log: &str) -> Child9 {
+    let log = std::fs::File::create(dir.join(log)).unwrap();
+    Child9(
+        Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+            .args(["run", "--config"])
+            .arg(conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_healthy(
+    child: &mut Child9,
+    log: &Path,
+    mut health: impl FnMut() -> Result<http::HttpResponse, http::HttpError>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if matches!(health(), Ok(r) if r.status == 200) {
+            return;
+        }
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!(
+                "allocator exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "the API did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_plain_api_beyond_loopback_is_warned_about() {
+    let dir = TempDir::new("api-open");
+    let mut alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
+    alloc.kill9();
+    let conf = dir.0.join("allocator-open.toml");
+    let text = alloc.config_text().replacen(
+        &format!("listen = \"127.0.0.1:{}\"", alloc.api_port),
+        &format!("listen = \"0.0.0.0:{}\"", alloc.api_port),
+        1,
+    );
+    assert!(text.contains("0.0.0.0"));
+    std::fs::write(&conf, text).unwrap();
+    let mut child = start_with_config(&dir.0, &conf, "open.log");
+    let url = alloc.api_url();
+    wait_healthy(&mut child, &dir.0.join("open.log"), || {
+        http::request(&url, "GET", "/v1/health", None, None)
+    });
+    let log = std::fs::read_to_string(dir.0.join("open.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("beyond loopback without TLS")),
+        "{log}"
+    );
+    // The loopback default says nothing of the kind.
+    assert!(!alloc.log().contains("without TLS"), "{}", alloc.log());
+}
 
 impl Drop for Child9 {
     fn drop(&mut self) {
@@ -525,33 +600,11 @@ fn the_api_speaks_tls_and_shardctl_checks_the_certificate() {
         1,
     );
     std::fs::write(&conf, text).unwrap();
-    let log = std::fs::File::create(dir.0.join("tls.log")).unwrap();
-    let mut child = Child9(
-        Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
-            .args(["run", "--config"])
-            .arg(&conf)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = start_with_config(&dir.0, &conf, "tls.log");
     let https = format!("https://127.0.0.1:{}", alloc.api_port);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match http::request_with_ca(&https, Some(&ca), "GET", "/v1/health", None, None) {
-            Ok(r) if r.status == 200 => break,
-            _ => {}
-        }
-        if let Some(status) = child.0.try_wait().unwrap() {
-            panic!(
-                "allocator exited with {status}: {}",
-                std::fs::read_to_string(dir.0.join("tls.log")).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "the HTTPS API did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(&mut child, &dir.0.join("tls.log"), || {
+        http::request_with_ca(&https, Some(&ca), "GET", "/v1/health", None, None)
+    });
 
     let shardctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_shardctl"))

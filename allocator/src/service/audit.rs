@@ -93,6 +93,33 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
+    /// A complete entry for an action the service took for an operator
+    /// outside the HTTP API (e.g. `actor` = `sighup` for a signal-driven
+    /// reload): role `admin` (whoever can signal the process can do anything
+    /// an admin can), no token.
+    pub fn system(
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+        outcome: Outcome,
+        message: &str,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            at_ms: now_ms,
+            actor: actor.into(),
+            role: "admin".into(),
+            token_id: "-".into(),
+            action: action.into(),
+            target: target.into(),
+            detail: detail.into(),
+            outcome,
+            status: 0,
+            message: message.into(),
+        }
+    }
+
     /// A pending entry for `actor` doing `action` on `target` now.
     pub fn new(actor: &Actor, action: &str, target: &str, now_ms: u64) -> Self {
         Self {
@@ -136,6 +163,8 @@ pub const MAX_PAGE: usize = 10_000;
 pub struct AuditLog {
     store: Arc<dyn Store>,
     config: AuditConfig,
+    /// Completed entries, for live views (`subscribe`); nobody listening is fine.
+    live: tokio::sync::broadcast::Sender<AuditEntry>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -148,7 +177,17 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     pub fn new(store: Arc<dyn Store>, config: AuditConfig) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            config,
+            live: tokio::sync::broadcast::channel(256).0,
+        }
+    }
+
+    /// Every entry completed from now on (after it is on disk); a slow
+    /// receiver misses entries (`RecvError::Lagged`), the store has them.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<AuditEntry> {
+        self.live.subscribe()
     }
 
     /// Stores `entry` (normally `pending`) before its action runs. Blocking.
@@ -161,14 +200,18 @@ impl AuditLog {
     /// Blocking.
     pub fn finish(&self, id: u64, entry: &AuditEntry) -> Result<(), StoreError> {
         journal(entry);
-        self.store.put_audit(id, entry)
+        self.store.put_audit(id, entry)?;
+        let _ = self.live.send(entry.clone());
+        Ok(())
     }
 
     /// Stores and journals an entry that is already complete (a refusal, or
     /// an action taken outside the HTTP API). Blocking.
     pub fn record(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
         journal(entry);
-        self.begin(entry)
+        let id = self.begin(entry)?;
+        let _ = self.live.send(entry.clone());
+        Ok(id)
     }
 
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError> {
@@ -280,6 +323,27 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn completed_entries_reach_live_subscribers_after_the_store() {
+        let dir = std::env::temp_dir().join(format!("sl-audit-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn Store> =
+            Arc::new(super::super::store::RedbStore::open(&dir.join("s.redb")).unwrap());
+        let log = AuditLog::new(store, AuditConfig::default());
+        let mut rx = log.subscribe();
+        let e = AuditEntry::system("sighup", "catalog reload", "", "", Outcome::Ok, "", 5);
+        let id = log.record(&e).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), e);
+        let stored = log
+            .query(&AuditQuery {
+                limit: 5,
+                ..AuditQuery::default()
+            })
+            .unwrap();
+        assert_eq!(stored, vec![StoredEntry { id, entry: e }]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn csv_quotes_what_needs_it_and_defuses_formulas() {
