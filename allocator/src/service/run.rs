@@ -267,8 +267,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics.clone(),
     ));
 
-    // The API reads and writes operator tokens and the audit log itself.
+    // The API reads and writes operator tokens and the audit log itself;
+    // anything else acting for an operator (a signal-driven reload) records
+    // through a clone of `audit_log` (`AuditLog::record`).
     let api_store = store.clone();
+    let audit_log = super::audit::AuditLog::new(store.clone(), config.audit.clone());
 
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
@@ -321,7 +324,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics_public: config.api.metrics_public,
         key_dir: key_dir(&config),
         access: Arc::new(super::access::Access::new(token, api_store.clone())),
-        audit: super::audit::AuditLog::new(api_store, config.audit.clone()),
+        audit: audit_log.clone(),
     });
     let api_tls = match (&config.api.tls_cert, &config.api.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key, None)?),
