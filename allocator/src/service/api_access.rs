@@ -403,6 +403,91 @@ pub(super) async fn audit_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::store::{RedbStore, Store};
+    use std::sync::Arc;
+
+    /// A route of its own (as any later route would be): audited by the
+    /// gate alone, its `pending` entry on disk before the handler runs, its
+    /// outcome after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_route_is_audited_pending_before_it_runs_and_with_its_outcome_after() {
+        let dir = std::env::temp_dir().join(format!("sl-gate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("s.redb")).unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let state = ApiState {
+            tx,
+            metrics: Arc::default(),
+            metrics_public: false,
+            key_dir: dir.clone(),
+            access: Arc::new(access::Access::new("admin-secret".into(), store.clone())),
+            audit: audit::AuditLog::new(store.clone(), audit::AuditConfig::default()),
+        };
+        async fn probe(
+            State(state): State<ApiState>,
+            Extension(actor): Extension<Actor>,
+        ) -> Response {
+            let log = state.audit.clone();
+            let seen = tokio::task::spawn_blocking(move || {
+                log.query(&AuditQuery {
+                    limit: 10,
+                    ..AuditQuery::default()
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            let pending = seen.len() == 1
+                && seen[0].entry.outcome == Outcome::Pending
+                && seen[0].entry.action == "probes fire"
+                && seen[0].entry.target == "p1";
+            noted(
+                error(
+                    StatusCode::CONFLICT,
+                    format!("pending seen: {pending}; actor {}", actor.name),
+                ),
+                None,
+                "extra=1".into(),
+            )
+        }
+        let app = axum::Router::new()
+            .route("/v1/probes/{id}/{op}", axum::routing::post(probe))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let ask = |token: Option<&'static str>| {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::service::http::request(&url, "POST", "/v1/probes/p1/fire", token, None)
+                    .unwrap()
+            })
+        };
+        let r = ask(None).await.unwrap();
+        assert_eq!(r.status, 401);
+        let r = ask(Some("admin-secret")).await.unwrap();
+        assert_eq!(r.status, 409, "{}", r.body);
+        assert!(
+            r.body.contains("pending seen: true; actor token-file"),
+            "{}",
+            r.body
+        );
+        let stored = store
+            .load_audit(&AuditQuery {
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .unwrap();
+        assert_eq!(stored.len(), 1, "the 401 is not stored: {stored:?}");
+        let e = &stored[0].entry;
+        assert_eq!(
+            (e.outcome, e.status, e.detail.as_str(), e.role.as_str()),
+            (Outcome::Refused, 409, "extra=1", "admin")
+        );
+        assert!(e.message.starts_with("pending seen: true"), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn p(kv: &[(&str, &str)]) -> Vec<(String, String)> {
         kv.iter()
