@@ -18,8 +18,10 @@ const SQL_OP_TOKENS: &str = "SELECT id, body FROM operator_tokens ORDER BY id";
 const SQL_AUDIT_INSERT: &str =
     "INSERT INTO audit (at_ms, actor, target, body) VALUES ($1, $2, $3, $4) RETURNING id";
 const SQL_AUDIT_PRUNE_OLD: &str = "DELETE FROM audit WHERE at_ms < $1 AND id <> $2";
-const SQL_AUDIT_PRUNE_MANY: &str = "DELETE FROM audit WHERE id <= \
-     (SELECT id FROM audit ORDER BY id DESC OFFSET $1 LIMIT 1)";
+/// Ids are unique and increasing, so the rows with an id above `new -
+/// max_entries` are at most `max_entries`; this costs the rows it deletes,
+/// not a scan of the kept ones (a rolled-back insert's gap only keeps fewer).
+const SQL_AUDIT_PRUNE_MANY: &str = "DELETE FROM audit WHERE id <= $1";
 const SQL_AUDIT_PUT: &str = "UPDATE audit SET body = $2 WHERE id = $1";
 const SQL_AUDIT_QUERY: &str = "SELECT id, body FROM audit \
      WHERE ($1::int8 IS NULL OR at_ms < $1) AND ($2::text IS NULL OR actor = $2) \
@@ -81,7 +83,7 @@ impl PgStore {
         let body = enc(entry);
         let at = to_sql(entry.at_ms);
         let min_at = to_sql(limits.min_at_ms);
-        // OFFSET is a bigint; anything above i64::MAX keeps everything.
+        // Anything above i64::MAX keeps everything.
         let keep = i64::try_from(limits.max_entries).unwrap_or(i64::MAX);
         off_runtime(|| {
             lock(&self.commit).retry("append_audit", |conn| {
@@ -101,7 +103,8 @@ impl PgStore {
                     .map_err(step)?
                     .get(0);
                 tx.execute(&old, &[&min_at, &id]).map_err(step)?;
-                tx.execute(&many, &[&keep]).map_err(step)?;
+                tx.execute(&many, &[&id.saturating_sub(keep)])
+                    .map_err(step)?;
                 tx.commit().map_err(step)?;
                 Ok(from_sql(id))
             })
