@@ -599,7 +599,27 @@ fn the_api_speaks_tls_and_shardctl_checks_the_certificate() {
         ),
         1,
     );
-    std::fs::write(&conf, text).unwrap();
+    std::fs::write(&conf, &text).unwrap();
+    // check-config loads the certificate and key as the service would.
+    let check = |conf: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_shardline-allocator"))
+            .args(["check-config", "--config"])
+            .arg(conf)
+            .output()
+            .unwrap()
+    };
+    let out = check(&conf);
+    assert!(out.status.success(), "{out:?}");
+    let bad = dir.0.join("allocator-bad-tls.toml");
+    std::fs::write(
+        &bad,
+        text.replace(&key.display().to_string(), &cert.display().to_string()),
+    )
+    .unwrap();
+    let out = check(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("api.tls_cert/api.tls_key"), "{err}");
     let mut child = start_with_config(&dir.0, &conf, "tls.log");
     let https = format!("https://127.0.0.1:{}", alloc.api_port);
     wait_healthy(&mut child, &dir.0.join("tls.log"), || {

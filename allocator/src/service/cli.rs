@@ -230,6 +230,13 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
             })?;
         }
     }
+    // The API's certificate and key are loaded as the service would.
+    if let (Some(cert), Some(key)) = (&config.api.tls_cert, &config.api.tls_key) {
+        super::tls::server_config(cert, key, None).map_err(|e| config::ConfigError::Flag {
+            flag: "api.tls_cert/api.tls_key",
+            message: e.to_string(),
+        })?;
+    }
     println!(
         "ok: {} capabilities, {} tiers, signing key {}, broker {}\ncatalog: {}\ntiers: {}",
         catalog.capabilities.len(),
