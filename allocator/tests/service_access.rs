@@ -165,6 +165,13 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
         assert_eq!(st, 403, "{path}: {v}");
         assert!(error_of(&v).contains("needs the admin role"), "{v}");
     }
+    // A bad request is refused (400) and audited with what was asked.
+    let (st, v) = alloc.api(
+        "POST",
+        "/v1/operators/tokens",
+        Some(serde_json::json!({"name": "mallory", "role": "root"})),
+    );
+    assert_eq!(st, 400, "{v}");
     // A refusal by the handler (unknown device) is audited too.
     let (st, _) = call(&alloc, Some(&olga), "POST", "/v1/devices/ghost/drain", None);
     assert_eq!(st, 404);
@@ -238,6 +245,33 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
         (refused["outcome"].as_str(), refused["status"].as_u64()),
         (Some("refused"), Some(403))
     );
+    let bad = entries
+        .iter()
+        .find(|e| e["status"] == 400)
+        .expect("the 400 is audited");
+    assert_eq!(
+        (
+            bad["actor"].as_str(),
+            bad["action"].as_str(),
+            bad["outcome"].as_str()
+        ),
+        (
+            Some("token-file"),
+            Some("operator token create"),
+            Some("refused")
+        )
+    );
+    assert!(
+        bad["detail"].as_str().unwrap().contains("role=root"),
+        "{bad}"
+    );
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap()
+            .contains("viewer, operator or admin"),
+        "{bad}"
+    );
     let ghost = find(&entries, "olga", "drain").expect("the 404 is audited");
     assert_eq!(
         (ghost["status"].as_u64(), ghost["target"].as_str()),
@@ -264,8 +298,14 @@ fn roles_tokens_and_the_audit_log_on_a_real_allocator() {
         (enrol["target"].as_str(), enrol["role"].as_str()),
         (Some("d1"), Some("admin"))
     );
-    let made = find(&entries, "token-file", "operator token create").expect("token creation");
-    assert_eq!(made["target"], olga_id);
+    let made = entries
+        .iter()
+        .find(|e| e["action"] == "operator token create" && e["target"] == olga_id)
+        .expect("olga's token creation");
+    assert_eq!(
+        (made["actor"].as_str(), made["outcome"].as_str()),
+        (Some("token-file"), Some("ok"))
+    );
     assert!(made["detail"].as_str().unwrap().contains("role=operator"));
     // Newest first, and filters.
     let at: Vec<u64> = entries
