@@ -25,17 +25,25 @@
 //! `"reason"` required, `"actor"` optional): an audited adjustment.
 //! History (issue 20): `GET /v1/devices/{id}/history[?kind=&since_ms=&before_ms=&limit=]`
 //! (see `api_history`).
+//! Access and audit (issue 20, `api_access`): `POST|GET
+//! /v1/operators/tokens`, `DELETE /v1/operators/tokens/{id}`, `GET
+//! /v1/audit?limit=&before_ms=&actor=&target=&format=json|jsonl|csv`. Every
+//! route but `/v1/health` and public `/metrics` needs a token (the token
+//! file's, admin; or an operator token with a role), checked first, then
+//! the route's role; every non-GET request is audited.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
 
+use super::access::Actor;
+use super::api_access::{self, noted};
 use super::core::{Command, CommandError, OperatorOp, Reply};
 use super::inbound::Inbound;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use shardline_allocator_core::policy::ScoreChange;
 use shardline_allocator_core::service::counters::Metrics;
@@ -50,7 +58,6 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub tx: mpsc::Sender<Inbound>,
-    pub token: Arc<String>,
     pub metrics: Arc<Metrics>,
     pub metrics_public: bool,
     /// The only directory `POST /v1/rotate` takes a new key file from (the
@@ -58,6 +65,10 @@ pub struct ApiState {
     pub key_dir: std::path::PathBuf,
     /// Read directly by routes that must not go through the core (history).
     pub store: Arc<dyn super::store::Store>,
+    /// Who may call what: the token file's token and operator tokens.
+    pub access: Arc<super::access::Access>,
+    /// Where every non-GET request is recorded (`api_access::gate`).
+    pub audit: super::audit::AuditLog,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -82,29 +93,24 @@ pub fn router(state: ApiState) -> Router {
             get(instance_reputation).post(adjust_reputation),
         )
         .merge(super::api_history::routes())
+        .route(
+            "/v1/operators/tokens",
+            get(api_access::list_operator_tokens).post(api_access::create_operator_token),
+        )
+        .route(
+            "/v1/operators/tokens/{id}",
+            axum::routing::delete(api_access::revoke_operator_token),
+        )
+        .route("/v1/audit", get(api_access::audit_log))
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
-        // body, its ids) is looked at before its token is.
+        // body, its ids) is looked at before its token is; then its role,
+        // then it is audited.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            token_first,
+            api_access::gate,
         ))
         .with_state(state)
-}
-
-/// Refuses every request without the bearer token before any other check,
-/// except the health probe and (when configured public) `/metrics`.
-async fn token_first(
-    State(state): State<ApiState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = request.uri().path();
-    let open = path == "/v1/health" || (path == "/metrics" && state.metrics_public);
-    if !open && !authorized(&state, request.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
-    next.run(request).await
 }
 
 async fn not_found() -> Response {
@@ -115,19 +121,6 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-/// Constant-time comparison of the presented bearer token.
-fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
-    let Some(presented) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let (a, b) = (presented.as_bytes(), state.token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Runs an operator command and answers with its JSON reply or its error.
 async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
     match ask(state, headers, cmd).await {
@@ -136,13 +129,8 @@ async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response
     }
 }
 
-async fn ask(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Result<Reply, Response> {
-    if !authorized(state, headers) {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        ));
-    }
+async fn ask(state: &ApiState, _headers: &HeaderMap, cmd: Command) -> Result<Reply, Response> {
+    // Authentication and the role were checked by `api_access::gate`.
     let (tx, rx) = oneshot::channel();
     state
         .tx
@@ -262,12 +250,19 @@ async fn set_device_config(
         Ok(b) => b,
         Err(e) => return e,
     };
+    // Key names only: secret values never reach the audit log.
+    let detail = format!(
+        "shard={shard} clear={:?} secret={:?} unset={:?}",
+        body.clear.keys().collect::<Vec<_>>(),
+        body.secret.keys().collect::<Vec<_>>(),
+        body.unset
+    );
     let change = super::core::ConfigChange {
         clear: body.clear,
         secret: body.secret,
         unset: body.unset,
     };
-    answer(
+    let r = answer(
         &state,
         &headers,
         Command::SetDeviceConfig {
@@ -276,7 +271,8 @@ async fn set_device_config(
             change,
         },
     )
-    .await
+    .await;
+    noted(r, None, detail)
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +303,13 @@ async fn vpn_pair(
     if let Err(e) = getrandom::getrandom(&mut psk) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
+    let (target, detail) = (
+        a.to_string(),
+        format!(
+            "with={b} a_endpoint={} b_endpoint={}",
+            body.a_endpoint, body.b_endpoint
+        ),
+    );
     let pair = super::core::VpnPair {
         a,
         b,
@@ -314,13 +317,15 @@ async fn vpn_pair(
         b_endpoint: body.b_endpoint,
         psk,
     };
-    answer(&state, &headers, Command::VpnPair(pair)).await
+    noted(
+        answer(&state, &headers, Command::VpnPair(pair)).await,
+        Some(target),
+        detail,
+    )
 }
 
-async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if !state.metrics_public && !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn metrics(State(state): State<ApiState>) -> Response {
+    // Without a token only when public: `api_access::gate` decided.
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -366,13 +371,15 @@ async fn enroll(
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let detail = format!("tier={} tenant={:?}", body.tier, body.tenant);
+    let target = device.to_string();
     let cmd = Command::Enroll {
         device,
         public_key,
         tier: body.tier,
         tenant: body.tenant,
     };
-    answer(&state, &headers, cmd).await
+    noted(answer(&state, &headers, cmd).await, Some(target), detail)
 }
 
 async fn device(
@@ -410,6 +417,7 @@ async fn operator(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path((id, op)): Path<(String, String)>,
+    caller: Option<Extension<Actor>>,
     body: Option<Json<OperatorBody>>,
 ) -> Response {
     let device = match device_id(&id) {
@@ -431,15 +439,17 @@ async fn operator(
         }
     };
     let shard = body.and_then(|Json(b)| b.shard);
-    // TODO(merge access): the authenticated actor's name.
-    let actor = "the operator".to_owned();
+    let detail = shard
+        .as_deref()
+        .map_or_else(String::new, |s| format!("shard={s}"));
+    let actor = caller.map_or_else(|| "the operator".to_owned(), |Extension(a)| a.name);
     let cmd = Command::Operator {
         device,
         op,
         shard,
         actor,
     };
-    answer(&state, &headers, cmd).await
+    noted(answer(&state, &headers, cmd).await, None, detail)
 }
 
 async fn tiers(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -505,6 +515,10 @@ async fn create_token(
     if let Err(e) = getrandom::getrandom(&mut secret) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
+    let detail = format!(
+        "tier={} tenant={:?} ttl_s={:?} uses={:?}",
+        body.tier, body.tenant, body.ttl_s, body.uses
+    );
     let cmd = Command::CreateToken {
         tier: body.tier,
         tenant: body.tenant,
@@ -512,7 +526,7 @@ async fn create_token(
         uses: body.uses.unwrap_or(1),
         secret,
     };
-    answer(&state, &headers, cmd).await
+    noted(answer(&state, &headers, cmd).await, None, detail)
 }
 
 #[derive(Debug, Deserialize)]
@@ -527,9 +541,6 @@ async fn rotate(
     headers: HeaderMap,
     body: Result<Json<RotateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
@@ -560,11 +571,12 @@ async fn rotate(
             return refused();
         }
     };
+    let detail = format!("key_file={}", body.key_file);
     let cmd = Command::Rotate {
         new_key,
         key_file: body.key_file,
     };
-    answer(&state, &headers, cmd).await
+    noted(answer(&state, &headers, cmd).await, None, detail)
 }
 
 fn instance_ref(text: &str) -> Result<InstanceRef, Response> {
@@ -671,6 +683,7 @@ struct AdjustBody {
 async fn adjust_reputation(
     State(state): State<ApiState>,
     headers: HeaderMap,
+    caller: Option<axum::Extension<Actor>>,
     Path(instance): Path<String>,
     body: Result<Json<AdjustBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -687,26 +700,31 @@ async fn adjust_reputation(
         (None, Some(s)) => ScoreChange::Set(s),
         _ => return error(StatusCode::BAD_REQUEST, "give exactly one of delta or set"),
     };
-    // The API has one bearer token: the actor is what the caller says it
-    // is (shardctl sends the local user), logged beside the change.
-    let actor: String = body
-        .actor
-        .unwrap_or_else(|| "api".into())
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    // The authenticated actor; the token file's bearer (one token for
+    // several people) may name itself (shardctl sends the local user).
+    let actor: String = match (caller, body.actor) {
+        (Some(axum::Extension(c)), Some(named)) if c.token_id == super::access::FILE_TOKEN_ID => {
+            named
+        }
+        (Some(axum::Extension(c)), _) => c.name,
+        (None, named) => named.unwrap_or_else(|| "api".into()),
+    }
+    .chars()
+    .filter(|c| !c.is_control())
+    .take(64)
+    .collect();
     let reason: String = body
         .reason
         .chars()
         .filter(|c| !c.is_control())
         .take(200)
         .collect();
+    let detail = format!("change={change:?} reason={reason:?} as={actor}");
     let cmd = Command::AdjustInstanceReputation {
         instance,
         change,
         reason,
         actor,
     };
-    answer(&state, &headers, cmd).await
+    noted(answer(&state, &headers, cmd).await, None, detail)
 }

@@ -80,6 +80,10 @@ pub struct RotateArgs {
     /// Admin API token file (default: from the configuration).
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// CA (PEM) that signed the API's certificate, when it has `[api]
+    /// tls_cert` (the API address is then https://).
+    #[arg(long)]
+    pub api_ca: Option<PathBuf>,
 }
 
 /// Logs to stderr; without colours and timestamps under systemd (the
@@ -226,6 +230,13 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
             })?;
         }
     }
+    // The API's certificate and key are loaded as the service would.
+    if let (Some(cert), Some(key)) = (&config.api.tls_cert, &config.api.tls_key) {
+        super::tls::server_config(cert, key, None).map_err(|e| config::ConfigError::Flag {
+            flag: "api.tls_cert/api.tls_key",
+            message: e.to_string(),
+        })?;
+    }
     println!(
         "ok: {} capabilities, {} tiers, signing key {}, broker {}\ncatalog: {}\ntiers: {}",
         catalog.capabilities.len(),
@@ -296,10 +307,15 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
     }
     // Check it locally too, for a clear error before asking the service.
     let key = keys::read_secret(&args.new_key)?;
+    let scheme = if config.api.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let api = args
         .api
         .clone()
-        .unwrap_or_else(|| format!("http://{}", config.api.listen));
+        .unwrap_or_else(|| format!("{scheme}://{}", config.api.listen));
     let token_file = args
         .api_token_file
         .clone()
@@ -308,7 +324,14 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
         shardline_support::secret_file::read_text(&token_file, super::api_token::MAX_TOKEN_FILE)?;
     let abs = std::fs::canonicalize(&args.new_key)?;
     let body = serde_json::json!({ "key_file": abs.display().to_string() });
-    let r = super::http::request(&api, "POST", "/v1/rotate", Some(token.trim()), Some(&body))?;
+    let r = super::http::request_with_ca(
+        &api,
+        args.api_ca.as_deref(),
+        "POST",
+        "/v1/rotate",
+        Some(token.trim()),
+        Some(&body),
+    )?;
     if r.status != 200 {
         anyhow::bail!("rotation refused ({}): {}", r.status, r.body);
     }

@@ -179,6 +179,10 @@ pub struct ApiConfig {
     pub token_file: Option<PathBuf>,
     /// /metrics needs no token (it carries no device secrets).
     pub metrics_public: bool,
+    /// PEM certificate chain: with `tls_key`, the API speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -187,6 +191,8 @@ impl Default for ApiConfig {
             listen: ([127, 0, 0, 1], 8440).into(),
             token_file: None,
             metrics_public: true,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -243,6 +249,8 @@ pub struct Config {
     pub policy: PolicySection,
     pub dispatch: DispatchConfig,
     pub history: HistoryConfig,
+    /// `[audit]`: the audit log's bounds (issue 20).
+    pub audit: super::audit::AuditConfig,
 }
 
 /// `[history]`: what is kept of each device's past (QoS windows,
@@ -365,6 +373,45 @@ impl Config {
                 "history",
                 field,
                 message.into(),
+            ));
+        }
+        match (&config.api.tls_cert, &config.api.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid_in_section(
+                    text,
+                    path,
+                    "api",
+                    "tls_cert",
+                    "needs tls_key as well".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid_in_section(
+                    text,
+                    path,
+                    "api",
+                    "tls_key",
+                    "needs tls_cert as well".into(),
+                ))
+            }
+            _ => {}
+        }
+        if config.audit.retention_days == 0 {
+            return Err(invalid_in_section(
+                text,
+                path,
+                "audit",
+                "retention_days",
+                "must be > 0".into(),
+            ));
+        }
+        if config.audit.max_entries == 0 {
+            return Err(invalid_in_section(
+                text,
+                path,
+                "audit",
+                "max_entries",
+                "must be > 0".into(),
             ));
         }
         if config.policy.tick_ms == 0 {
@@ -514,6 +561,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("b.toml:2: field `url`"), "{err}");
+    }
+
+    #[test]
+    fn api_tls_and_audit_bounds_are_checked_with_their_line() {
+        let c = Config::from_toml_str(
+            "[api]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n[audit]\nretention_days = 7\nmax_entries = 10\n",
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(c.api.tls_key.as_deref(), Some(Path::new("/k.pem")));
+        assert_eq!((c.audit.retention_days, c.audit.max_entries), (7, 10));
+        let err = Config::from_toml_str("[api]\n\ntls_cert = \"/c.pem\"\n", "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("b.toml:3: field `tls_cert`"), "{err}");
+        let err = Config::from_toml_str("[audit]\nmax_entries = 0\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2: field `max_entries`"), "{err}");
+        let err = Config::from_toml_str("[audit]\nkeep = 3\n", "d.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("d.toml:2") && err.contains("`keep`"), "{err}");
     }
 
     #[test]

@@ -1,16 +1,22 @@
 //! A minimal blocking HTTP/1.1 client for `shardctl` and `rotate`: one
 //! request per connection, JSON bodies, plain `http://` to the admin API
-//! (which listens on loopback by default).
+//! (which listens on loopback by default) or `https://` trusting the CA
+//! file given (rustls, `ring`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 /// Why a request failed before an HTTP status came back.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("API URL {0:?} must be http://host:port")]
+    #[error("API URL {0:?} must be http://host:port or https://host:port")]
     Url(String),
+    #[error("{0} is https://: give the CA that signed the API's certificate (--ca FILE)")]
+    NoCa(String),
+    #[error("TLS to the admin API at {addr} failed: {message}")]
+    Tls { addr: String, message: String },
     #[error("cannot reach the admin API at {addr}: {source}")]
     Io {
         addr: String,
@@ -36,19 +42,40 @@ pub fn request(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> Result<HttpResponse, HttpError> {
-    let addr = base
-        .strip_prefix("http://")
-        .map(|a| a.trim_end_matches('/'))
+    request_with_ca(base, None, method, path, token, body)
+}
+
+/// Sends one request to `base` (`http://host:port`, or `https://host:port`
+/// whose certificate `ca` must have signed).
+pub fn request_with_ca(
+    base: &str,
+    ca: Option<&Path>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Result<HttpResponse, HttpError> {
+    let (tls, rest) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(HttpError::Url(base.to_owned())),
+    };
+    let addr = Some(rest.trim_end_matches('/'))
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or_else(|| HttpError::Url(base.to_owned()))?;
     let io = |source| HttpError::Io {
         addr: addr.to_owned(),
         source,
     };
-    let mut stream = TcpStream::connect(addr).map_err(io)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+    let tcp = TcpStream::connect(addr).map_err(io)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io)?;
+    let mut stream: Box<dyn ReadWrite> = if tls {
+        let ca = ca.ok_or_else(|| HttpError::NoCa(base.to_owned()))?;
+        Box::new(tls_stream(addr, ca, tcp)?)
+    } else {
+        Box::new(tcp)
+    };
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
@@ -62,10 +89,61 @@ pub fn request(
     }
     req.push_str("\r\n");
     req.push_str(&body);
-    stream.write_all(req.as_bytes()).map_err(io)?;
+    let tls_err =
+        |e: std::io::Error| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t) => HttpError::Tls {
+                addr: addr.to_owned(),
+                message: tls_message(t),
+            },
+            None => io(e),
+        };
+    stream.write_all(req.as_bytes()).map_err(tls_err)?;
+    stream.flush().map_err(tls_err)?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A server that closes without TLS close_notify after a complete
+        // answer: the answer is still whole (its length is checked below).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(tls_err(e)),
+    }
     parse_response(&raw)
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A TLS client stream to `addr` (`host:port`) trusting only `ca`.
+fn tls_stream(
+    addr: &str,
+    ca: &Path,
+    tcp: TcpStream,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, HttpError> {
+    let err = |message: String| HttpError::Tls {
+        addr: addr.to_owned(),
+        message,
+    };
+    let config = super::tls::client_config(ca, None).map_err(|e| err(e.to_string()))?;
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| err(format!("{host:?} is not a server name: {e}")))?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| err(e.to_string()))?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// A TLS failure in words an operator can act on.
+fn tls_message(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(c) => format!(
+            "the API's certificate is not trusted ({c:?}): is --ca the CA that signed it, \
+             and does it name this host?"
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse, HttpError> {

@@ -12,12 +12,19 @@
 //!   text of the core's counters.
 //! - [`broker`] / [`broker_acl`] / [`tls`]: embedded rumqttd, the topic
 //!   authorization in front of it, and TLS termination (ring).
+//! - [`access`] / [`audit`] / [`api_access`]: roles and operator tokens,
+//!   the audit log, and the API middleware enforcing both; [`api_tls`]: TLS
+//!   on the API listener; [`shardctl_access`]: their `shardctl` commands.
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
+pub mod access;
 pub mod api;
+pub mod api_access;
 pub mod api_history;
+pub mod api_tls;
 pub mod api_token;
+pub mod audit;
 pub mod broker;
 pub mod broker_acl;
 pub mod catalog_files;
@@ -31,6 +38,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod run;
 pub mod shardctl;
+pub mod shardctl_access;
 mod shardctl_history;
 pub mod store;
 mod store_history;

@@ -268,7 +268,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics.clone(),
     ));
 
+    // The API reads and writes operator tokens and the audit log itself;
+    // anything else acting for an operator (a signal-driven reload) records
+    // through a clone of `audit_log` (`AuditLog::record`).
     let api_store = store.clone();
+    let audit_log = super::audit::AuditLog::new(store.clone(), config.audit.clone());
     spawn_history_pruner(store.clone(), &config.history);
 
     // Core thread.
@@ -318,18 +322,48 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })?;
     let app = super::api::router(super::api::ApiState {
         tx: tx.clone(),
-        token: Arc::new(token),
         metrics: metrics.clone(),
         metrics_public: config.api.metrics_public,
         key_dir: key_dir(&config),
-        store: api_store,
+        store: api_store.clone(),
+        access: Arc::new(super::access::Access::new(token, api_store.clone())),
+        audit: audit_log.clone(),
     });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin API stopped");
+    let api_tls = match (&config.api.tls_cert, &config.api.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key, None)?),
+        _ => None,
+    };
+    let https = api_tls.is_some();
+    if !https && !api_addr.ip().is_loopback() {
+        tracing::warn!(
+            %api_addr,
+            "the admin API listens beyond loopback without TLS: tokens cross the network in clear; set [api] tls_cert and tls_key"
+        );
+    }
+    match api_tls {
+        Some(server) => {
+            let listener =
+                super::api_tls::TlsListener::new(listener, server).map_err(|source| {
+                    StartError::Api {
+                        addr: config.api.listen,
+                        source,
+                    }
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
         }
-    });
-    tracing::info!(%api_addr, "admin API up");
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+        }
+    }
+    tracing::info!(%api_addr, https, "admin API up");
     if config.api.listen.port() == 0 {
         // Port 0 asked the system for a port: say which, or nobody can reach it.
         println!("admin API listening on {api_addr}");

@@ -1,8 +1,9 @@
 //! `shardctl`: the operator CLI over the admin API.
 //!
-//! The API address and token come from `--api` / `--token-file` (or the
-//! `SHARDCTL_API` / `SHARDCTL_TOKEN` environment variables); the defaults
-//! match an allocator started with the default configuration.
+//! The API address and token come from `--api` / `--token` / `--token-file`
+//! (or the `SHARDCTL_API` / `SHARDCTL_TOKEN` or `SHARDLINE_TOKEN` environment
+//! variables); the defaults match an allocator started with the default
+//! configuration. An `https://` API needs `--ca` (the CA's PEM file).
 
 use super::api_token::MAX_TOKEN_FILE;
 use super::http;
@@ -28,6 +29,9 @@ struct Cli {
     /// Print raw JSON.
     #[arg(long)]
     json: bool,
+    /// CA certificate (PEM) the https:// API's certificate is checked against.
+    #[arg(long, env = "SHARDCTL_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -153,6 +157,13 @@ enum Cmd {
         #[command(subcommand)]
         command: VpnCmd,
     },
+    /// Operator tokens with roles (viewer, operator, admin).
+    Operators {
+        #[command(subcommand)]
+        command: super::shardctl_access::OperatorsCmd,
+    },
+    /// The audit log of operator actions, newest first.
+    Audit(super::shardctl_access::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,9 +253,10 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             return Ok(ExitCode::from(if e.use_stderr() { 2 } else { 0 }));
         }
     };
-    let token = match &cli.token {
-        Some(t) => t.clone(),
-        None => secret_file::read_text(&cli.token_file, MAX_TOKEN_FILE)
+    let token = match (&cli.token, std::env::var("SHARDLINE_TOKEN")) {
+        (Some(t), _) => t.clone(),
+        (None, Ok(t)) if !t.is_empty() => t,
+        _ => secret_file::read_text(&cli.token_file, MAX_TOKEN_FILE)
             .map_err(|e| anyhow::anyhow!("{e} (pass --token-file)"))?,
     };
     let (method, path, body) = match &cli.command {
@@ -406,11 +418,27 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
                 "a_endpoint": a_endpoint.to_string(), "b_endpoint": b_endpoint.to_string(),
             })),
         ),
+        Cmd::Operators { command } => super::shardctl_access::operators_request(command)?,
+        Cmd::Audit(a) => ("GET", super::shardctl_access::audit_path(a), None),
     };
     if path.contains("//") || path.ends_with('/') {
         anyhow::bail!("empty device id");
     }
-    let r = http::request(&cli.api, method, &path, Some(&token), body.as_ref())?;
+    let r = http::request_with_ca(
+        &cli.api,
+        cli.ca.as_deref(),
+        method,
+        &path,
+        Some(token.trim()),
+        body.as_ref(),
+    )?;
+    if let Cmd::Audit(a) = &cli.command {
+        // Exports go out as the API wrote them.
+        if r.status == 200 && a.format.as_deref().is_some_and(|f| f != "json") {
+            print!("{}", r.body);
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let value: serde_json::Value =
         serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body.clone()));
     if r.status != 200 {
@@ -455,6 +483,16 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::Reputation { .. } => {
                 print!("{}", instance_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Operators {
+                command: super::shardctl_access::OperatorsCmd::List,
+            } => {
+                print!("{}", super::shardctl_access::operators_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Audit(a) if a.format.is_none() => {
+                print!("{}", super::shardctl_access::audit_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
             _ => {}

@@ -20,6 +20,8 @@
 //! both pick number *n* for a device, but only one of them can commit it, and
 //! nothing is published before its commit.
 
+use super::access::OperatorToken;
+use super::audit::{AuditEntry, AuditLimits, AuditQuery, StoredEntry};
 use serde::Serialize;
 pub use shardline_allocator_core::history::{HistoryEntry, HistoryQuery};
 pub use shardline_allocator_core::records::{
@@ -112,7 +114,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes history older than `before_ms` and, per device, beyond the
     /// newest `max_per_device` entries; returns how many were deleted.
     fn prune_history(&self, before_ms: u64, max_per_device: usize) -> Result<u64, StoreError>;
+    // Access and audit (issue 20): written by the API, outside the core's
+    // batches; each call is durable when it returns.
+    /// Writes an operator token (insert or overwrite by id).
+    fn put_operator_token(&self, rec: &OperatorToken) -> Result<(), StoreError>;
+    fn load_operator_token(&self, id: &str) -> Result<Option<OperatorToken>, StoreError>;
+    /// Every operator token, revoked ones included, by id order.
+    fn load_operator_tokens(&self) -> Result<Vec<OperatorToken>, StoreError>;
+    /// Appends an audit entry under a new id (greater than every earlier
+    /// one), then drops the oldest entries beyond `limits`, never the new one.
+    fn append_audit(&self, entry: &AuditEntry, limits: &AuditLimits) -> Result<u64, StoreError>;
+    /// Rewrites audit entry `id` if it is still kept.
+    fn put_audit(&self, id: u64, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Entries matching `q`, newest (highest id) first, at most `q.limit`.
+    fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError>;
 }
+
+mod access;
 
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
 const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tokens");
@@ -423,6 +441,25 @@ impl Store for RedbStore {
 
     fn prune_history(&self, before_ms: u64, max_per_device: usize) -> Result<u64, StoreError> {
         super::store_history::prune(&self.db, before_ms, max_per_device)
+    }
+
+    fn put_operator_token(&self, rec: &OperatorToken) -> Result<(), StoreError> {
+        self.put_operator_token_redb(rec)
+    }
+    fn load_operator_token(&self, id: &str) -> Result<Option<OperatorToken>, StoreError> {
+        self.load_operator_token_redb(id)
+    }
+    fn load_operator_tokens(&self) -> Result<Vec<OperatorToken>, StoreError> {
+        self.load_operator_tokens_redb()
+    }
+    fn append_audit(&self, entry: &AuditEntry, limits: &AuditLimits) -> Result<u64, StoreError> {
+        self.append_audit_redb(entry, limits)
+    }
+    fn put_audit(&self, id: u64, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.put_audit_redb(id, entry)
+    }
+    fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError> {
+        self.load_audit_redb(q)
     }
 }
 

@@ -3,6 +3,8 @@
 //! PostgreSQL (`store_pg.rs`). It is test code and is compiled only into
 //! those tests.
 
+mod access;
+
 use shardline_allocator::service::store::{
     Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord, Tombstone,
 };
@@ -250,6 +252,7 @@ fn check_tombstones_and_health(store: &dyn Store) {
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     assert_eq!(store.load_tombstones().expect("tombstones").len(), 1);
     assert_eq!(store.load_meta().expect("meta").key_epoch, 3);
+    access::check(store);
 }
 
 fn reputation(device: &str, at_ms: u64, to: f64) -> HistoryEntry {

@@ -11,6 +11,8 @@
 //!   conditional write checks, `last_report_seq` the report floor that
 //!   floor-only writes move without rewriting the body.
 //! - `tokens(hash, body)`, `meta(key, body)`.
+//! - `operator_tokens(id, body)`, `audit(id, at_ms, actor, target, body)`:
+//!   access and audit (see `access`).
 //!
 //! `u64` versions and sequence numbers are stored bit for bit in `bigint`
 //! (values above `i64::MAX` read back unchanged; SQL never orders them).
@@ -31,6 +33,8 @@
 //! thread instead. No TLS to the database yet: use a local socket, a
 //! loopback/VPN link or a TLS-terminating proxy.
 
+use super::access::OperatorToken;
+use super::audit::{AuditEntry, AuditLimits, AuditQuery, StoredEntry};
 use super::store::{
     dec, enc, Batch, DeviceRecord, HistoryEntry, HistoryQuery, Meta, Store, StoreError,
     TokenRecord, Tombstone,
@@ -42,6 +46,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+mod access;
 mod conn;
 mod history;
 mod sql;
@@ -776,5 +781,24 @@ impl Store for PgStore {
 
     fn try_lead(&self) -> Result<bool, StoreError> {
         off_runtime(|| Self::lead_now(&mut lock(&self.lead)))
+    }
+
+    fn put_operator_token(&self, rec: &OperatorToken) -> Result<(), StoreError> {
+        self.put_operator_token_pg(rec)
+    }
+    fn load_operator_token(&self, id: &str) -> Result<Option<OperatorToken>, StoreError> {
+        self.load_operator_token_pg(id)
+    }
+    fn load_operator_tokens(&self) -> Result<Vec<OperatorToken>, StoreError> {
+        self.load_operator_tokens_pg()
+    }
+    fn append_audit(&self, entry: &AuditEntry, limits: &AuditLimits) -> Result<u64, StoreError> {
+        self.append_audit_pg(entry, limits)
+    }
+    fn put_audit(&self, id: u64, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.put_audit_pg(id, entry)
+    }
+    fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError> {
+        self.load_audit_pg(q)
     }
 }

@@ -46,6 +46,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX history_by_device ON history (device, at_ms DESC, id DESC);
     CREATE INDEX history_by_age ON history (at_ms);
     "#,
+    // 4: operator tokens (only their secret's hash) and the audit log
+    // (issue 20, `store_pg::access`).
+    r#"
+    CREATE TABLE operator_tokens (
+        id text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        at_ms bigint NOT NULL,
+        actor text NOT NULL,
+        target text NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX audit_at_ms ON audit (at_ms);
+    "#,
 ];
 
 /// The schema version this build creates and understands.
