@@ -39,7 +39,7 @@ pub mod mqtt;
 pub mod run;
 pub mod shardctl;
 pub mod shardctl_access;
-mod shardctl_history;
+pub(crate) mod shardctl_history;
 pub mod store;
 mod store_history;
 pub mod store_pg;

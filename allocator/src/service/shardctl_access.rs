@@ -127,8 +127,8 @@ fn s(v: &serde_json::Value, k: &str) -> String {
 /// The token listing as a table.
 pub fn operators_text(v: &serde_json::Value) -> String {
     let mut out = format!(
-        "{:<16}  {:<20} {:<8} {:<14} {:<14} {}\n",
-        "ID", "NAME", "ROLE", "CREATED_MS", "EXPIRES_MS", "STATE"
+        "{:<16}  {:<20} {:<8} {:<24} {:<24} {}\n",
+        "ID", "NAME", "ROLE", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"
     );
     for t in v
         .get("tokens")
@@ -142,16 +142,23 @@ pub fn operators_text(v: &serde_json::Value) -> String {
             "active"
         };
         out.push_str(&format!(
-            "{:<16}  {:<20} {:<8} {:<14} {:<14} {}\n",
+            "{:<16}  {:<20} {:<8} {:<24} {:<24} {}\n",
             s(t, "id"),
             s(t, "name"),
             s(t, "role"),
-            s(t, "created_ms"),
-            s(t, "expires_at_ms"),
+            when(t, "created_ms"),
+            when(t, "expires_at_ms"),
             state
         ));
     }
     out
+}
+
+/// A time field in UTC (`-` when absent, e.g. a token that never expires).
+fn when(v: &serde_json::Value, k: &str) -> String {
+    v.get(k)
+        .and_then(|t| t.as_u64())
+        .map_or_else(|| "-".to_owned(), super::shardctl_history::utc_text)
 }
 
 /// Audit entries as a table, newest first.
@@ -169,7 +176,7 @@ pub fn audit_text(v: &serde_json::Value) -> String {
         };
         out.push_str(&format!(
             "{} {}({}) {} {} {} -> {}\n",
-            s(e, "at_ms"),
+            when(e, "at_ms"),
             s(e, "actor"),
             s(e, "role"),
             s(e, "action"),
