@@ -106,6 +106,31 @@ async fn history_is_written_read_back_and_survives_kill_9() {
     assert!(text.contains(&format!("#{} applied", instr.seq)), "{text}");
     assert!(!text.contains("decision "), "only instructions: {text}");
 
+    // An operator named by their token is named in the decision it caused.
+    let (st, created) = alloc.api(
+        "POST",
+        "/v1/operators/tokens",
+        Some(serde_json::json!({"name": "alice", "role": "operator"})),
+    );
+    assert_eq!(st, 200, "{created}");
+    let alice = created["token"].as_str().expect("token").to_owned();
+    let pinned = shardline_allocator::service::http::request(
+        &alloc.api_url(),
+        "POST",
+        "/v1/devices/hist-0/pin",
+        Some(&alice),
+        Some(&serde_json::json!({"shard": "qos-shaper"})),
+    )
+    .unwrap();
+    assert_eq!(pinned.status, 200, "{}", pinned.body);
+    let decisions = entries(&alloc, "?kind=decision");
+    assert!(
+        decisions.iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("qos-shaper pinned by alice"))),
+        "{decisions:#?}"
+    );
+
     // Acknowledged history is on disk: a kill -9 and a restart keep it.
     let before = entries(&alloc, "?limit=500");
     alloc.kill9();
