@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use shardline_shared::accept::AcceptanceState;
+use shardline_shared::assign::{self, Assignment, AssignmentState, GroupId};
 use shardline_shared::msg::{
     DeviceStatus, EnrollRequest, Instruction, InstructionAck, KeyRotation, KeySet, Operation,
     QosReport, RejectionCounters, ShardStatus,
@@ -42,6 +43,15 @@ fuzz_target!(|data: &[u8]| {
     check::<EnrollRequest>(data);
     check::<AppRequest>(data);
     check::<RequestAnswer>(data);
+    check::<Assignment>(data);
+    check::<AssignmentState>(data);
     // Opening a sealed enrolment request never panics either.
     let _ = shardline_shared::sign::open_enroll(data);
+    // Nor does a device taking the bytes as its assignment; random bytes
+    // are never signed by the pinned key, so the state never changes.
+    let key = shardline_shared::sign::KeyPair::from_seed(&[1; 32]);
+    let keys = shardline_shared::msg::KeySet::of(1, &[&key]);
+    let state = AssignmentState::bootstrap(GroupId::new("acme.eu-west.vpn").unwrap());
+    let d = assign::handle_assignment(&state, data, 1_780_000_000_000, &keys, &[]);
+    assert_eq!(d.state, state, "unsigned bytes changed the assignment state");
 });
