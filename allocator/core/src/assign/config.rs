@@ -105,7 +105,7 @@ impl Default for CostWeights {
     fn default() -> Self {
         Self {
             utilization: 1.0,
-            distance: 1.0,
+            distance: 2.0,
             health: 2.0,
             history: 1.0,
         }
@@ -206,7 +206,7 @@ impl Default for GroupForecastConfig {
             z: 1.96,
             min_sigma_frac: 0.05,
             min_sigma_abs: 1.0,
-            cold_sigma_frac: 0.5,
+            cold_sigma_frac: 0.25,
             warmup: 5,
             min_load: 1.0,
             seasonal: ForecastConfig::default(),

@@ -294,8 +294,8 @@ mod tests {
         let cfg = AssignConfig::default();
         let p = group().predict(&cfg, 0);
         assert_eq!(p.mean, 100.0);
-        assert!((p.upper - 198.0).abs() < 1e-9, "{p:?}");
-        assert_eq!(p.lower, 2.0);
+        assert!((p.upper - 149.0).abs() < 1e-9, "{p:?}");
+        assert!((p.lower - 51.0).abs() < 1e-9, "{p:?}");
         assert_eq!(p.window.end_ms, cfg.forecast.horizon_ms);
     }
 
