@@ -18,8 +18,9 @@
 //! subject to `U_s ≤ C_s` for every server (relaxed only when nothing fits:
 //! the shortfall). The quadratic term's marginal cost of one more report/s
 //! is ≈ 2·w_u·utilization, so load spreads in proportion to capacity and a
-//! fuller server costs more; a neighbour region wins once the local servers
-//! are about w_d/(2·w_u) fuller than it.
+//! fuller server costs more; a server `d` away wins once the local servers
+//! are about w_d·d/(2·w_u) fuller than it (with the defaults, w_d = 2 and a
+//! neighbour at 1: only once the local servers are close to full).
 //!
 //! ## Algorithm (incremental greedy, then bounded local search)
 //!
