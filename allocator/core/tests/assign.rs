@@ -303,6 +303,27 @@ fn a_lost_heartbeat_moves_the_groups_once_the_timeout_passes() {
 }
 
 #[test]
+fn a_server_whose_own_metrics_turn_bad_loses_its_groups_at_once() {
+    let mut sim = europe();
+    sim.take();
+    let on_w1: Vec<String> = (0..6)
+        .map(|i| format!("t{i}.eu-west.vpn"))
+        .filter(|g| sim.on(g) == "w1")
+        .collect();
+    assert!(!on_w1.is_empty());
+    // p99 ten times the target: health 0.1, below min_health (0.2).
+    sim.servers.get_mut(&sid("w1")).unwrap().p99 = 1_000.0;
+    sim.run_for(HEARTBEAT);
+    let actions = sim.take();
+    let runs = reruns(&actions);
+    assert_eq!(runs.len(), 1, "{actions:?}");
+    assert!(runs[0].reasons.contains(&RerunReason::Unhealthy(sid("w1"))));
+    for g in &on_w1 {
+        assert_ne!(sim.on(g), "w1", "{g}");
+    }
+}
+
+#[test]
 fn a_capacity_shortfall_fires_the_hook_and_groups_go_to_the_least_bad_server() {
     let mut sim = Sim::new(config());
     sim.server("w1", "eu-west", 100.0);

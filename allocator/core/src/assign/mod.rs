@@ -24,7 +24,9 @@
 //! Invariants:
 //! - A run happens at the first poll, every `period_ms`, and at the next poll
 //!   after a server goes down, is lost (heartbeat timeout), joins, becomes
-//!   overloaded, or a group's rate is anomalous or a group is added/removed.
+//!   overloaded or unhealthy (its own metrics put its health below
+//!   `min_health`), or a group's rate is anomalous or a group is
+//!   added/removed.
 //! - A group's version increases exactly when its server or endpoints change
 //!   (1 for its first assignment); an unchanged assignment is re-issued under
 //!   the same version with a later issue time and expiry (`renew_fraction`
@@ -68,6 +70,8 @@ pub enum RerunReason {
     Anomaly(GroupId),
     GroupAdded(GroupId),
     GroupRemoved(GroupId),
+    /// Its own metrics put its health below `min_health`.
+    Unhealthy(ServerId),
 }
 
 /// What changed in a published object.
@@ -181,9 +185,12 @@ impl AssignmentEngine {
         match self.servers.get_mut(&r.id) {
             Some(s) => {
                 let revived = s.down || s.lost;
+                let was_eligible = s.eligible(&self.config, now);
                 let overloaded = s.heartbeat(&self.config, &r, now, carrying);
                 if revived {
                     self.pending.push(RerunReason::ServerJoined(r.id.clone()));
+                } else if was_eligible && !s.eligible(&self.config, now) {
+                    self.pending.push(RerunReason::Unhealthy(r.id.clone()));
                 }
                 if overloaded {
                     self.out.push(AssignAction::Overloaded {
