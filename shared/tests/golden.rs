@@ -1,6 +1,7 @@
-//! Golden bytes: the exact wire encoding of every type in `msg.rs` and
-//! `sign.rs` (and the identifiers and persisted acceptance state they carry),
-//! built from fixed values and compared with hex checked into this file.
+//! Golden bytes: the exact wire encoding of every type in `msg.rs`,
+//! `sign.rs`, `request.rs` and `assign.rs` (and the identifiers and persisted
+//! acceptance and assignment state they carry), built from fixed values and
+//! compared with hex checked into this file.
 //!
 //! A field added, removed, reordered or retyped, a variant inserted anywhere
 //! but at the end, a changed domain tag or key-id derivation: each changes

@@ -8,6 +8,9 @@
 //!   stated as properties rather than as the code's own order of checks;
 //! - no single-byte change to a valid signed instruction makes the device
 //!   apply a different instruction, or apply the same one twice.
+//! - assignment objects (seed 001): junk never takes effect, a refusal never
+//!   changes the state, versions held never go down and a version once held
+//!   keeps its routing, whatever sequence of validly signed objects arrives.
 //!
 //! Case counts are kept small enough that the file runs in seconds in a
 //! debug build; the fuzz targets in `fuzz/` explore the same surface for longer.
