@@ -228,3 +228,35 @@ impl Default for AnomalyConfig {
         Self { consecutive: 3 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_reads_from_toml_with_defaults_and_refuses_typos() {
+        let cfg: AssignConfig = toml::from_str(
+            r#"
+            period_ms = 30000
+            [weights]
+            distance = 3.0
+            [regions]
+            unlisted = 5.0
+            [[regions.pairs]]
+            a = "eu-west"
+            b = "eu-central"
+            distance = 1.0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.period_ms, 30_000);
+        assert_eq!(cfg.weights.distance, 3.0);
+        assert_eq!(cfg.weights.health, CostWeights::default().health);
+        assert_eq!(cfg.ttl_ms, AssignConfig::default().ttl_ms);
+        let r = |s: &str| Region::new(s).unwrap();
+        assert_eq!(cfg.regions.distance(&r("eu-central"), &r("eu-west")), 1.0);
+        assert_eq!(cfg.regions.distance(&r("eu-west"), &r("eu-west")), 0.0);
+        assert_eq!(cfg.regions.distance(&r("eu-west"), &r("us-east")), 5.0);
+        assert!(toml::from_str::<AssignConfig>("perod_ms = 1").is_err());
+    }
+}
