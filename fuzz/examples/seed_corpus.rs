@@ -6,6 +6,7 @@
 //!
 //! Run from `fuzz/`: `cargo run --example seed_corpus` (stable toolchain).
 
+use shardline_shared::assign::{self, Assignment, GroupId, Region, ServerId};
 use shardline_shared::codec;
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Instruction, InstructionAck,
@@ -162,6 +163,28 @@ fn main() {
         &wire_dir,
         "keyset",
         &codec::encode(&KeySet::of(1, &[&k1, &k2])),
+    );
+    // Seed 001's assignment object: plain, sealed by the key the target
+    // pins (1) and by an unknown key.
+    let assignment = Assignment {
+        group: GroupId::new("acme.eu-west.vpn").expect("valid"),
+        version: 2,
+        issued_at_ms: NOW - 1_000,
+        expires_at_ms: NOW + 900_000,
+        region: Region::new("eu-west").expect("valid"),
+        server: ServerId::new("alloc-1").expect("valid"),
+        endpoints: vec!["mqtts://b1.example:8883".into(), "mqtt://[::1]:1883".into()],
+    };
+    write(&wire_dir, "assignment", &codec::encode(&assignment));
+    write(
+        &wire_dir,
+        "assignment-sealed",
+        &assign::seal_assignment(&assignment, &[&k1]),
+    );
+    write(
+        &wire_dir,
+        "assignment-unknown-key",
+        &assign::seal_assignment(&assignment, &[&k9]),
     );
 
     // signed_instruction_accept: 8-byte clock offset, then the payload.

@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use shardline_shared::accept::AcceptanceState;
+use shardline_shared::assign::{self, Assignment, AssignmentState, GroupId};
 use shardline_shared::msg::{
     DeviceStatus, EnrollRequest, Instruction, InstructionAck, KeyRotation, KeySet, Operation,
     QosReport, RejectionCounters, ShardStatus,
@@ -42,6 +43,28 @@ fuzz_target!(|data: &[u8]| {
     check::<EnrollRequest>(data);
     check::<AppRequest>(data);
     check::<RequestAnswer>(data);
+    check::<Assignment>(data);
+    check::<AssignmentState>(data);
     // Opening a sealed enrolment request never panics either.
     let _ = shardline_shared::sign::open_enroll(data);
+    // Nor does a device taking the bytes as its assignment (key 1 pinned,
+    // as in the seed corpus). Whatever it accepts, it accepts once: the
+    // same bytes again are a duplicate and change nothing.
+    let key = shardline_shared::sign::KeyPair::from_seed(&[1; 32]);
+    let keys = shardline_shared::msg::KeySet::of(1, &[&key]);
+    let now = 1_780_000_000_000;
+    let state = AssignmentState::bootstrap(GroupId::new("acme.eu-west.vpn").unwrap());
+    let d = assign::handle_assignment(&state, data, now, &keys, &[]);
+    if d.state != state {
+        assert!(matches!(
+            d.verdict,
+            assign::AssignmentVerdict::Accepted { .. }
+        ));
+        let again = assign::handle_assignment(&d.state, data, now, &keys, &[]);
+        assert!(matches!(
+            again.verdict,
+            assign::AssignmentVerdict::Duplicate { .. }
+        ));
+        assert_eq!(again.state, d.state);
+    }
 });

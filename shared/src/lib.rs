@@ -16,10 +16,13 @@
 //! - [`sign`]: Ed25519 keys, key sets and the signed envelope with domain tags.
 //! - [`accept`]: the sans-IO state machine that decides whether a device applies
 //!   an instruction or a key rotation.
+//! - [`assign`]: seed 001's signed assignment objects (a group's server,
+//!   broker endpoints and expiry) and the device-side rules for taking one.
 //! - [`topics`]: MQTT topic names.
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod assign;
 pub mod codec;
 pub mod ids;
 pub mod msg;

@@ -33,6 +33,9 @@ pub enum Domain {
     /// The allocator's answer to such a request (a grant, a queue position
     /// or a refusal), signed by an instruction key. Added at the end.
     RequestAnswer,
+    /// A group's assignment object (seed 001: server, endpoints, expiry;
+    /// [`crate::assign`]), signed by an instruction key. Added at the end.
+    Assignment,
 }
 
 impl Domain {
@@ -45,6 +48,7 @@ impl Domain {
             Domain::Enroll => b"shardline/v1/sig/enroll\0",
             Domain::AppRequest => b"shardline/v1/sig/app-request\0",
             Domain::RequestAnswer => b"shardline/v1/sig/request-answer\0",
+            Domain::Assignment => b"shardline/v1/sig/assignment\0",
         }
     }
 }
@@ -530,6 +534,7 @@ mod tests {
             Domain::Rotation,
             Domain::Ack,
             Domain::Enroll,
+            Domain::Assignment,
         ] {
             assert_eq!(
                 verify_entry(other, &payload, &entry, &k.public_key()),
@@ -546,6 +551,9 @@ mod tests {
             Domain::Rotation,
             Domain::Ack,
             Domain::Enroll,
+            Domain::AppRequest,
+            Domain::RequestAnswer,
+            Domain::Assignment,
         ];
         for a in all {
             for b in all {

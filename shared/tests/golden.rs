@@ -1,6 +1,7 @@
-//! Golden bytes: the exact wire encoding of every type in `msg.rs` and
-//! `sign.rs` (and the identifiers and persisted acceptance state they carry),
-//! built from fixed values and compared with hex checked into this file.
+//! Golden bytes: the exact wire encoding of every type in `msg.rs`,
+//! `sign.rs`, `request.rs` and `assign.rs` (and the identifiers and persisted
+//! acceptance and assignment state they carry), built from fixed values and
+//! compared with hex checked into this file.
 //!
 //! A field added, removed, reordered or retyped, a variant inserted anywhere
 //! but at the end, a changed domain tag or key-id derivation: each changes
@@ -14,6 +15,9 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use shardline_shared::accept::AcceptanceState;
+use shardline_shared::assign::{
+    self, Assignment, AssignmentState, GroupId, HeldAssignment, Region, ServerId,
+};
 use shardline_shared::codec::DecodeError;
 use shardline_shared::msg::EnrollRequest;
 use shardline_shared::msg::{
@@ -308,6 +312,7 @@ fn golden_presence_shard_kind_domain_every_variant() {
     check("Domain::Enroll", &Domain::Enroll, "0104");
     check("Domain::AppRequest", &Domain::AppRequest, "0105");
     check("Domain::RequestAnswer", &Domain::RequestAnswer, "0106");
+    check("Domain::Assignment", &Domain::Assignment, "0107");
 }
 
 #[test]
@@ -323,6 +328,7 @@ fn golden_domain_tags() {
         Domain::RequestAnswer.tag(),
         b"shardline/v1/sig/request-answer\0"
     );
+    assert_eq!(Domain::Assignment.tag(), b"shardline/v1/sig/assignment\0");
 }
 
 // ------------------------------------------------------------ reports
@@ -1031,5 +1037,106 @@ fn golden_acceptance_state() {
             "ee37a25df60f5b8fc9b394ac0201111111111111111111111111111111111111",
             "111111111111111111111111111180909282e733",
         ),
+    );
+}
+
+// ------------------------------------------------------------ assignments (seed 001)
+
+fn assignment() -> Assignment {
+    Assignment {
+        group: GroupId::new("acme.eu-west.vpn").unwrap(),
+        version: 3,
+        issued_at_ms: T0,
+        expires_at_ms: T0 + 900_000,
+        region: Region::new("eu-west").unwrap(),
+        server: ServerId::new("alloc-2").unwrap(),
+        endpoints: vec![
+            "mqtts://b1.eu.example:8883".into(),
+            "mqtt://[::1]:1883".into(),
+        ],
+    }
+}
+
+#[test]
+fn golden_assignment_ids() {
+    check(
+        "GroupId",
+        &GroupId::new("acme.eu-west.vpn").unwrap(),
+        "011061636d652e65752d776573742e76706e",
+    );
+    check(
+        "Region",
+        &Region::new("eu-west").unwrap(),
+        "010765752d77657374",
+    );
+    check(
+        "ServerId",
+        &ServerId::new("alloc-2").unwrap(),
+        "0107616c6c6f632d32",
+    );
+}
+
+#[test]
+fn golden_assignment() {
+    check(
+        "Assignment",
+        &assignment(),
+        concat!(
+            "011061636d652e65752d776573742e76706e0380909282e733a087c982e73307",
+            "65752d7765737407616c6c6f632d32021a6d717474733a2f2f62312e65752e65",
+            "78616d706c653a38383833116d7174743a2f2f5b3a3a315d3a31383833",
+        ),
+    );
+}
+
+#[test]
+fn golden_signed_envelope_of_an_assignment() {
+    let bytes = assign::seal_assignment(&assignment(), &[&key(1)]);
+    let env: SignedEnvelope = decode(&bytes).unwrap();
+    check(
+        "SignedEnvelope(assignment)",
+        &env,
+        concat!(
+            "01075d011061636d652e65752d776573742e76706e0380909282e733a087c982",
+            "e7330765752d7765737407616c6c6f632d32021a6d717474733a2f2f62312e65",
+            "752e6578616d706c653a38383833116d7174743a2f2f5b3a3a315d3a31383833",
+            "0134750f98bd59fcfc40d482bf7f4421795cfe8d812114df3a100ba7343daca2",
+            "44db8f5fd6c9e0119fb234f3fa1e8da359c288e6446c70a0bbb1638afa189ff3",
+            "ccb8502aa1436cec0008",
+        ),
+    );
+    assert_eq!(env.domain, Domain::Assignment);
+    assert_eq!(env.payload, encode(&assignment()));
+    let k1 = key(1);
+    let lookup = |id| (id == k1.id()).then_some(k1.public_key());
+    assert_eq!(assign::open_assignment(&bytes, lookup), Ok(assignment()));
+}
+
+#[test]
+fn golden_assignment_state() {
+    // Persisted by the agent (not wired yet): a format change would make an
+    // upgraded agent forget its version floor.
+    let state = AssignmentState {
+        group: GroupId::new("acme.eu-west.vpn").unwrap(),
+        current: Some(HeldAssignment {
+            assignment: assignment(),
+            digest: [0x22; 32],
+        }),
+    };
+    check(
+        "AssignmentState",
+        &state,
+        concat!(
+            "011061636d652e65752d776573742e76706e011061636d652e65752d77657374",
+            "2e76706e0380909282e733a087c982e7330765752d7765737407616c6c6f632d",
+            "32021a6d717474733a2f2f62312e65752e6578616d706c653a38383833116d71",
+            "74743a2f2f5b3a3a315d3a313838332222222222222222222222222222222222",
+            "222222222222222222222222222222",
+        ),
+    );
+    check(
+        "AssignmentState(bootstrap)",
+        &AssignmentState::bootstrap(GroupId::new("acme.eu-west.vpn").unwrap()),
+        "011061636d652e65752d776573742e76706e00",
     );
 }

@@ -8,6 +8,9 @@
 //!   stated as properties rather than as the code's own order of checks;
 //! - no single-byte change to a valid signed instruction makes the device
 //!   apply a different instruction, or apply the same one twice.
+//! - assignment objects (seed 001): junk never takes effect, a refusal never
+//!   changes the state, versions held never go down and a version once held
+//!   keeps its routing, whatever sequence of validly signed objects arrives.
 //!
 //! Case counts are kept small enough that the file runs in seconds in a
 //! debug build; the fuzz targets in `fuzz/` explore the same surface for longer.
@@ -19,6 +22,10 @@ use proptest::sample::select;
 use serde::{de::DeserializeOwned, Serialize};
 use shardline_shared::accept::{
     handle_incoming, handle_instruction, AcceptancePolicy, AcceptanceState, Verdict,
+};
+use shardline_shared::assign::{
+    self, handle_assignment, Assignment, AssignmentState, AssignmentVerdict, GroupId,
+    HeldAssignment, Region, ServerId,
 };
 use shardline_shared::msg::{
     AckOutcome, Activation, ClassStats, DeviceResources, DeviceStatus, Enforcement, Instruction,
@@ -779,6 +786,11 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<EnrollRequest>(bytes);
     let _ = decode::<AppRequest>(bytes);
     let _ = decode::<RequestAnswer>(bytes);
+    let _ = decode::<Assignment>(bytes);
+    let _ = decode::<AssignmentState>(bytes);
+    let _ = decode::<GroupId>(bytes);
+    let _ = decode::<Region>(bytes);
+    let _ = decode::<ServerId>(bytes);
 }
 
 proptest! {
@@ -801,6 +813,10 @@ proptest! {
             let k1 = KeyPair::from_seed(&[1; 32]);
             prop_assert!(request::open_request(bytes, &me(), &k1.public_key()).is_err());
             prop_assert!(request::open_answer(bytes, |_| Some(k1.public_key())).is_err());
+            let held = assignment_state();
+            let a = handle_assignment(&held, bytes, now, &KeySet::of(1, &[&k1]), &[]);
+            prop_assert!(matches!(a.verdict, AssignmentVerdict::Refused(_)), "{:?}", a.verdict);
+            prop_assert_eq!(a.state, held);
             let d = handle_incoming(&state, &me(), bytes, now, &AcceptancePolicy::default());
             // Random bytes are never a valid signature by key 1.
             prop_assert!(
@@ -1186,5 +1202,185 @@ proptest! {
         let token = if long { "a".repeat(MAX_ENROLL_TOKEN_LEN + 1) } else { String::new() };
         let req = EnrollRequest { device: me(), public_key: k.public_key(), token };
         prop_assert!(sign::open_enroll(&sign::seal_enroll(&req, &k)).is_err());
+    }
+}
+
+// ------------------------------------------------------------ assignments (seed 001)
+
+fn part() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9_-]{1,12}"
+}
+
+fn group_id() -> impl Strategy<Value = GroupId> {
+    (part(), part(), part()).prop_map(|(t, r, c)| GroupId::of(&t, &r, &c).expect("valid"))
+}
+
+fn endpoint() -> impl Strategy<Value = String> {
+    (
+        select(vec!["mqtt", "mqtts"]),
+        "[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?",
+        option::of(1u16..),
+    )
+        .prop_map(|(scheme, host, port)| match port {
+            Some(p) => format!("{scheme}://{host}:{p}"),
+            None => format!("{scheme}://{host}"),
+        })
+}
+
+fn assignment() -> impl Strategy<Value = Assignment> {
+    (
+        group_id(),
+        1u64..,
+        (0u64..u64::MAX / 2, 1u64..u64::MAX / 2),
+        part(),
+        token(),
+        vec(endpoint(), 1..=8),
+    )
+        .prop_map(
+            |(group, version, (issued, life), region, server, endpoints)| Assignment {
+                group,
+                version,
+                issued_at_ms: issued,
+                expires_at_ms: issued + life,
+                region: Region::new(region).expect("valid"),
+                server: ServerId::new(server).expect("valid"),
+                endpoints,
+            },
+        )
+}
+
+fn assign_group() -> GroupId {
+    GroupId::new("acme.eu-west.vpn").unwrap()
+}
+
+/// A device holding version 10 of its group's assignment.
+fn assignment_state() -> AssignmentState {
+    AssignmentState {
+        group: assign_group(),
+        current: Some(HeldAssignment {
+            assignment: Assignment {
+                group: assign_group(),
+                version: 10,
+                issued_at_ms: T0,
+                expires_at_ms: T0 + 900_000,
+                region: Region::new("eu-west").unwrap(),
+                server: ServerId::new("alloc-1").unwrap(),
+                endpoints: vec!["mqtt://a1:1883".into()],
+            },
+            digest: [3; 32],
+        }),
+    }
+}
+
+/// One object a (possibly confused or split-brained) allocator might send:
+/// small versions, two servers, issue times around `T0`, seen at `now`.
+fn nearby_assignment() -> impl Strategy<Value = (Assignment, u64)> {
+    (
+        1u64..6,
+        select(vec!["alloc-1", "alloc-2"]),
+        0u64..4,
+        1u64..4,
+        0u64..6,
+    )
+        .prop_map(|(version, server, issued, life, now)| {
+            let issued_at_ms = T0 + issued * 100_000;
+            (
+                Assignment {
+                    group: assign_group(),
+                    version,
+                    issued_at_ms,
+                    expires_at_ms: issued_at_ms + life * 100_000,
+                    region: Region::new("eu-west").unwrap(),
+                    server: ServerId::new(server).unwrap(),
+                    endpoints: vec![format!("mqtt://{server}:1883")],
+                },
+                T0 + now * 100_000,
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip_assignment(v in assignment(), cut in any::<prop::sample::Index>()) {
+        prop_assert_eq!(v.validate(), Ok(()));
+        round_trip(&v, cut)?;
+        prop_assert!(assign::decode_assignment(&encode(&v)).is_ok());
+    }
+
+    #[test]
+    fn round_trip_assignment_state(
+        v in option::of(assignment()), g in group_id(), digest in any::<[u8; 32]>(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let state = AssignmentState {
+            group: g,
+            current: v.map(|assignment| HeldAssignment { assignment, digest }),
+        };
+        round_trip(&state, cut)?;
+    }
+
+    #[test]
+    fn structured_assignments_with_junk_signatures_never_take_effect(
+        mut env in signed_envelope(),
+        a in assignment(),
+        use_real_payload in any::<bool>(),
+        now in any::<u64>(),
+    ) {
+        if use_real_payload {
+            env.payload = encode(&a);
+        }
+        env.domain = Domain::Assignment;
+        if let Some(first) = env.signatures.first_mut() {
+            first.key_id = key(1).id();
+        }
+        let held = assignment_state();
+        let d = handle_assignment(&held, &encode(&env), now, &KeySet::of(1, &[&key(1)]), &[]);
+        prop_assert!(matches!(d.verdict, AssignmentVerdict::Refused(_)), "{:?}", d.verdict);
+        prop_assert_eq!(d.state, held);
+    }
+
+    /// Any sequence of validly signed objects: refusals never mutate, the
+    /// held version never goes down, a version once held keeps its routing
+    /// (no equivocation gets in), and the expiry of a version only grows.
+    #[test]
+    fn validly_signed_assignments_keep_versions_monotonic(
+        seq in vec(nearby_assignment(), 1..24),
+    ) {
+        let keys = KeySet::of(1, &[&key(1)]);
+        let mut state = AssignmentState::bootstrap(assign_group());
+        let mut first_routing: std::collections::BTreeMap<u64, Assignment> = Default::default();
+        for (a, now) in seq {
+            let bytes = assign::seal_assignment(&a, &[&key(1)]);
+            let d = handle_assignment(&state, &bytes, now, &keys, &[]);
+            let before = state.current.as_ref().map(|h| h.assignment.clone());
+            match &d.verdict {
+                AssignmentVerdict::Refused(_) | AssignmentVerdict::Duplicate { .. } => {
+                    prop_assert_eq!(&d.state, &state);
+                }
+                AssignmentVerdict::Accepted { version, previous } => {
+                    prop_assert_eq!(*previous, before.as_ref().map(|b| b.version));
+                    prop_assert!(before.as_ref().is_none_or(|b| b.version < *version));
+                    prop_assert!(a.expires_at_ms > now);
+                }
+                AssignmentVerdict::Renewed { .. } => {
+                    let b = before.clone().expect("a renewal needs a held object");
+                    prop_assert!(b.same_routing(&a));
+                    prop_assert!(a.expires_at_ms > b.expires_at_ms);
+                }
+            }
+            if let Some(h) = &d.state.current {
+                let first = first_routing.entry(h.assignment.version).or_insert_with(|| h.assignment.clone());
+                prop_assert!(first.same_routing(&h.assignment), "equivocation got in");
+                if let Some(b) = &before {
+                    prop_assert!(h.assignment.version >= b.version);
+                }
+                // What routes is the held object while valid, else bootstrap.
+                let e = assign::endpoint_at(&d.state, now, &[]);
+                prop_assert_eq!(e.urls.is_empty(), now >= h.assignment.expires_at_ms);
+            }
+            state = d.state;
+        }
     }
 }

@@ -9,6 +9,10 @@
 //!   signature checks, ingest, dispatch and re-sends, enrolment tokens, lazy
 //!   writes, operator commands and views, shared-store coherence.
 //! - [`records`]: the plain records the service persists.
+//! - [`assign`]: seed 001's assignment of device groups to allocator
+//!   servers by predicted load, capacity, proximity, health and history; its
+//!   output is the versioned, expiring assignment objects (not wired to the
+//!   service yet).
 //! - [`history`]: what happened to each device (QoS windows, instructions,
 //!   reputation changes, decisions), as the service writes it for the operator.
 //!
@@ -18,6 +22,7 @@
 //! come in as arguments.
 #![forbid(unsafe_code)]
 
+pub mod assign;
 pub mod history;
 pub mod policy;
 pub mod records;
