@@ -39,6 +39,10 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("systemd", "/usr/bin/systemd-analyze"),
     // The agent caps a shard host's declared bandwidth with an nftables rule.
     ("nftables", "/usr/sbin/nft"),
+    // The dashboard's browser test and bench: headless chromium through
+    // chromedriver (see xtask::kit::webdriver).
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
     // The packaged acceptance test (packaging/acceptance.sh).
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),

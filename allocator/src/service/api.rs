@@ -5,7 +5,9 @@
 //!
 //! Routes (all under a bearer token, checked before anything else about the
 //! request, except `/v1/health` and `/metrics` when public):
-//! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
+//! `GET /v1/devices` (with `offset`, `limit`, `q`, `tier` or `tenant`: one
+//! page `{"total","offset","limit","devices"}`; without: every row),
+//! `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
 //! `GET /v1/tiers`, `GET /v1/credits[?tenant=T]` (credit accounts of the
 //! market, seed 002), `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`,
@@ -23,6 +25,12 @@
 //! device), `GET /v1/reputation/{instance}` (standing and history) and
 //! `POST /v1/reputation/{instance}` (`{"delta": -10}` or `{"set": 70}`,
 //! `"reason"` required, `"actor"` optional): an audited adjustment.
+//! Dashboard (issue 20, see `api_fleet` and `dashboard`): `GET /v1/fleet`
+//! (summary: presence, units per tier and tenant, reputation histogram,
+//! failing catalog entries), `GET /v1/events` (server-sent events `report`,
+//! `instruction`, …, each a JSON object with `device` where it applies;
+//! `?device=ID` filters), and the static page under `/ui/` (`/` redirects
+//! there), served without a token since it carries no data.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -54,13 +62,18 @@ pub struct ApiState {
     /// The only directory `POST /v1/rotate` takes a new key file from (the
     /// signing key's own), so the API cannot be used to probe other files.
     pub key_dir: std::path::PathBuf,
+    /// The dashboard's live event stream (`GET /v1/events`).
+    pub live: super::api_fleet::LiveHub,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/health", get(health))
-        .route("/v1/devices", get(list_devices).post(enroll))
+        .route(
+            "/v1/devices",
+            get(super::api_fleet::list_devices).post(enroll),
+        )
         .route("/v1/devices/{id}", get(device).delete(unenroll))
         .route("/v1/devices/{id}/{op}", post(operator))
         .route("/v1/devices/{id}/config", get(device_config))
@@ -77,6 +90,9 @@ pub fn router(state: ApiState) -> Router {
             "/v1/reputation/{instance}",
             get(instance_reputation).post(adjust_reputation),
         )
+        .route("/v1/fleet", get(super::api_fleet::fleet))
+        .route("/v1/events", get(super::api_fleet::events))
+        .merge(super::dashboard::routes())
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is.
@@ -95,7 +111,11 @@ async fn token_first(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    let open = path == "/v1/health" || (path == "/metrics" && state.metrics_public);
+    // The dashboard's static files carry no data; everything they show
+    // comes from routes behind the token.
+    let open = path == "/v1/health"
+        || (path == "/metrics" && state.metrics_public)
+        || super::dashboard::is_public(path);
     if !open && !authorized(&state, request.headers()) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
@@ -106,7 +126,7 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
@@ -124,7 +144,7 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 }
 
 /// Runs an operator command and answers with its JSON reply or its error.
-async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
+pub(super) async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
     match ask(state, headers, cmd).await {
         Ok(r) => reply_json(r),
         Err(e) => e,
@@ -197,6 +217,8 @@ fn reply_json(r: Reply) -> Response {
         }
         Reply::Instance(v) => Json(v).into_response(),
         Reply::Error(e) => command_error(e),
+        Reply::Fleet(f) => Json(f).into_response(),
+        Reply::DevicePage(p) => Json(p).into_response(),
     }
 }
 
@@ -321,17 +343,13 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::render(&state.metrics),
+        super::metrics::render(&state.metrics) + &state.live.render_metrics(),
     )
         .into_response()
 }
 
 async fn health() -> Response {
     Json(serde_json::json!({ "ok": true })).into_response()
-}
-
-async fn list_devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    answer(&state, &headers, Command::ListDevices).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,13 +9,15 @@
 //!   PostgreSQL implementations.
 //! - [`api`] / [`http`]: the admin HTTP API and the small client `shardctl`
 //!   uses; [`api_token`]: its bearer token file; [`metrics`]: the Prometheus
-//!   text of the core's counters.
+//!   text of the core's counters; [`api_fleet`]: the fleet summary, device
+//!   pages and live events for [`dashboard`], the operator page in the binary.
 //! - [`broker`] / [`broker_acl`] / [`tls`]: embedded rumqttd, the topic
 //!   authorization in front of it, and TLS termination (ring).
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
+pub mod api_fleet;
 pub mod api_token;
 pub mod broker;
 pub mod broker_acl;
@@ -23,6 +25,7 @@ pub mod catalog_files;
 pub mod cli;
 pub mod config;
 pub mod core_loop;
+pub mod dashboard;
 pub mod http;
 pub mod inbound;
 pub mod keys;

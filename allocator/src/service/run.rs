@@ -269,17 +269,19 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
 
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
+    let live = super::api_fleet::LiveHub::default();
     let rt = tokio::runtime::Handle::current();
     let core_thread = {
         let metrics = metrics.clone();
         let heartbeat = heartbeat.clone();
         let max_batch = config.dispatch.max_batch;
         let reload_tx = tx.clone();
+        let live = live.clone();
         std::thread::Builder::new()
             .name("allocator-core".into())
             .spawn(move || {
                 core_loop::run(
-                    core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch,
+                    core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch, live,
                 )
             })
             .map_err(StartError::Thread)?
@@ -318,6 +320,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics: metrics.clone(),
         metrics_public: config.api.metrics_public,
         key_dir: key_dir(&config),
+        live,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

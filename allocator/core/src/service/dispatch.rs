@@ -116,6 +116,11 @@ impl Core {
         Metrics::inc(&self.metrics.decisions);
         Metrics::inc(&self.metrics.instructions_sent);
         tracing::debug!(%device, seq, ops = instr.ops.len(), "instruction");
+        self.step.live.push(super::live::LiveNote::Instruction {
+            device: device.clone(),
+            seq,
+            at_ms: now_ms,
+        });
         self.step.publish.push(Publish {
             topic: topics::instr(device),
             payload: sealed,

@@ -110,6 +110,11 @@ impl Core {
         self.signed_seen
             .insert(device.clone(), (now_ms, u64::from(report.window_ms)));
         Metrics::inc(&self.metrics.reports_accepted);
+        self.step.live.push(super::live::LiveNote::Report {
+            device: device.clone(),
+            seq: report.seq,
+            at_ms: now_ms,
+        });
         self.feed(now_ms, Event::Report(report));
     }
 
@@ -202,6 +207,17 @@ impl Core {
                 tracing::info!(%device, seq = ack.instruction_seq, outcome = ?ack.outcome, "instruction not applied");
             }
         }
+        self.step.live.push(super::live::LiveNote::Ack {
+            device: device.clone(),
+            seq: ack.instruction_seq,
+            outcome: match &ack.outcome {
+                AckOutcome::Applied => "applied".into(),
+                AckOutcome::Duplicate => "duplicate".into(),
+                AckOutcome::Rejected(r) => format!("rejected: {r:?}"),
+                AckOutcome::Failed { reason } => format!("failed: {reason}"),
+            },
+            at_ms: now_ms,
+        });
         self.feed(
             now_ms,
             Event::Ack {
