@@ -200,8 +200,14 @@ fn the_dashboard_shows_the_fleet_a_device_the_catalog_and_the_audit_log_and_acts
     let browser = Browser::start(&tmp.path.join("chromedriver.log"), 1400, 1800)
         .unwrap_or_else(|e| panic!("starting chromium: {e}"));
     let fail = |what: &str, e: String| -> ! {
+        let page = browser
+            .eval("return document.getElementById('main').innerText;")
+            .ok()
+            .and_then(|t| t.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = browser.screenshot(&screenshots_dir().join("failure.png"));
         panic!(
-            "{what}: {e}\n---- chromedriver ----\n{}\n{}",
+            "{what}: {e}\n---- page ----\n{page}\n---- chromedriver ----\n{}\n{}",
             browser.log_tail(10),
             logs(&st, &quiet_agents)
         )

@@ -18,7 +18,7 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 pub const PACKAGES: [(&str, &str); 2] = [("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER)];
 
 /// W3C's key of an element reference in a JSON answer.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f4a25c4a20f";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Why a browser is not there to drive, in words (`None`: it is).
 pub fn missing() -> Option<String> {
@@ -338,7 +338,7 @@ impl Browser {
         let id = el
             .get(ELEMENT_KEY)
             .as_str()
-            .ok_or_else(|| format!("no element {css}"))?
+            .ok_or_else(|| format!("no element {css} (driver answered {el:?})"))?
             .to_owned();
         self.cmd("POST", &format!("/element/{id}/click"), None)
             .map(|_| ())

@@ -33,7 +33,7 @@ function setAttrs(el, attrs) {
 }
 
 function append(el, children) {
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -311,7 +311,7 @@ function fillSelect(id, names, selected) {
 }
 
 function usageBar(used, cap) {
-  const w = 140, frac = cap > 0 ? Math.min(1, used / cap) : 0;
+  const w = 70, frac = cap > 0 ? Math.min(1, used / cap) : 0;
   return s('svg', { width: w, height: 12, class: 'usage' },
     s('rect', { class: 'bar cap', x: 0, y: 0, width: w, height: 12 }),
     s('rect', { class: 'bar', x: 0, y: 0, width: Math.round(w * frac), height: 12 }));
