@@ -262,7 +262,7 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself:
     // (name on the command line, package, bench target).
-    const BENCHES: [(&str, &str, &str); 8] = [
+    const BENCHES: [(&str, &str, &str); 9] = [
         ("monitor", "shardline-agent", "monitor"),
         ("classes", "shardline-agent", "classes"),
         ("shards", "shardline-agent", "shard_bench"),
@@ -271,6 +271,7 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
         ("fleet", "shardline-allocator-core", "fleet"),
         ("service", "shardline-allocator", "service_e2e"),
         ("requests", "shardline-allocator", "request_e2e"),
+        ("dashboard", "shardline-allocator", "dashboard"),
     ];
     // `bench e2e [options]`: only the end-to-end latency bench, with its options.
     if args.first().is_some_and(|a| a == "e2e") {
