@@ -301,8 +301,7 @@ impl Browser {
     pub fn wait_for(&self, what: &str, script: &str, within: Duration) -> Result<Json, String> {
         let deadline = Instant::now() + within;
         loop {
-            let last;
-            match self.eval(script) {
+            let last = match self.eval(script) {
                 Ok(v) => {
                     let truthy = match &v {
                         Json::Null => false,
@@ -314,10 +313,10 @@ impl Browser {
                     if truthy {
                         return Ok(v);
                     }
-                    last = v;
+                    v
                 }
-                Err(e) => last = Json::Str(e),
-            }
+                Err(e) => Json::Str(e),
+            };
             if Instant::now() > deadline {
                 return Err(format!("{what}: not within {within:?} (last: {last:?})"));
             }

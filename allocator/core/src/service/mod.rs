@@ -327,4 +327,6 @@ mod tests;
 #[cfg(test)]
 mod tests_config;
 #[cfg(test)]
+mod tests_fleet;
+#[cfg(test)]
 mod tests_lending;
