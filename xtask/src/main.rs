@@ -39,6 +39,10 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("systemd", "/usr/bin/systemd-analyze"),
     // The agent caps a shard host's declared bandwidth with an nftables rule.
     ("nftables", "/usr/sbin/nft"),
+    // The dashboard's browser test and bench: headless chromium through
+    // chromedriver (see xtask::kit::webdriver).
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
     // The packaged acceptance test (packaging/acceptance.sh).
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),
@@ -258,7 +262,7 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself:
     // (name on the command line, package, bench target).
-    const BENCHES: [(&str, &str, &str); 8] = [
+    const BENCHES: [(&str, &str, &str); 9] = [
         ("monitor", "shardline-agent", "monitor"),
         ("classes", "shardline-agent", "classes"),
         ("shards", "shardline-agent", "shard_bench"),
@@ -267,6 +271,7 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
         ("fleet", "shardline-allocator-core", "fleet"),
         ("service", "shardline-allocator", "service_e2e"),
         ("requests", "shardline-allocator", "request_e2e"),
+        ("dashboard", "shardline-allocator", "dashboard"),
     ];
     // `bench e2e [options]`: only the end-to-end latency bench, with its options.
     if args.first().is_some_and(|a| a == "e2e") {

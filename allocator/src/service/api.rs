@@ -5,7 +5,9 @@
 //!
 //! Routes (all under a bearer token, checked before anything else about the
 //! request, except `/v1/health` and `/metrics` when public):
-//! `GET /v1/devices`, `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
+//! `GET /v1/devices` (with `offset`, `limit`, `q`, `tier` or `tenant`: one
+//! page `{"total","offset","limit","devices"}`; without: every row),
+//! `POST /v1/devices` (enrol), `GET|DELETE /v1/devices/{id}`,
 //! `POST /v1/devices/{id}/{pin|unpin|revoke|unrevoke|drain|resume}`,
 //! `GET /v1/tiers`, `GET /v1/credits[?tenant=T]` (credit accounts of the
 //! market, seed 002), `POST /v1/tokens`, `POST /v1/rotate`, `GET /metrics`,
@@ -31,6 +33,12 @@
 //! route but `/v1/health` and public `/metrics` needs a token (the token
 //! file's, admin; or an operator token with a role), checked first, then
 //! the route's role; every non-GET request is audited.
+//! Dashboard (issue 20, see `api_fleet` and `dashboard`): `GET /v1/fleet`
+//! (summary: presence, units per tier and tenant, reputation histogram,
+//! failing catalog entries), `GET /v1/events` (server-sent events `report`,
+//! `instruction`, …, each a JSON object with `device` where it applies;
+//! `?device=ID` filters), and the static page under `/ui/` (`/` redirects
+//! there), served without a token since it carries no data.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -69,13 +77,18 @@ pub struct ApiState {
     pub access: Arc<super::access::Access>,
     /// Where every non-GET request is recorded (`api_access::gate`).
     pub audit: super::audit::AuditLog,
+    /// The dashboard's live event stream (`GET /v1/events`).
+    pub live: super::api_fleet::LiveHub,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/health", get(health))
-        .route("/v1/devices", get(list_devices).post(enroll))
+        .route(
+            "/v1/devices",
+            get(super::api_fleet::list_devices).post(enroll),
+        )
         .route("/v1/devices/{id}", get(device).delete(unenroll))
         .route("/v1/devices/{id}/{op}", post(operator))
         .route("/v1/devices/{id}/config", get(device_config))
@@ -102,6 +115,9 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(api_access::revoke_operator_token),
         )
         .route("/v1/audit", get(api_access::audit_log))
+        .route("/v1/fleet", get(super::api_fleet::fleet))
+        .route("/v1/events", get(super::api_fleet::events))
+        .merge(super::dashboard::routes())
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is; then its role,
@@ -122,7 +138,7 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
 }
 
 /// Runs an operator command and answers with its JSON reply or its error.
-async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
+pub(super) async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
     match ask(state, headers, cmd).await {
         Ok(r) => reply_json(r),
         Err(e) => e,
@@ -190,6 +206,8 @@ fn reply_json(r: Reply) -> Response {
         }
         Reply::Instance(v) => Json(v).into_response(),
         Reply::Error(e) => command_error(e),
+        Reply::Fleet(f) => Json(f).into_response(),
+        Reply::DevicePage(p) => Json(p).into_response(),
     }
 }
 
@@ -331,17 +349,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::render(&state.metrics),
+        super::metrics::render(&state.metrics) + &state.live.render_metrics(),
     )
         .into_response()
 }
 
 async fn health() -> Response {
     Json(serde_json::json!({ "ok": true })).into_response()
-}
-
-async fn list_devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    answer(&state, &headers, Command::ListDevices).await
 }
 
 #[derive(Debug, Deserialize)]

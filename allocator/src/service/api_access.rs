@@ -70,7 +70,11 @@ pub async fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Actor
 /// See the module documentation.
 pub async fn gate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let open = path == "/v1/health" || (path == "/metrics" && state.metrics_public);
+    // The dashboard's static files carry no data; everything they show
+    // comes from routes behind a token.
+    let open = path == "/v1/health"
+        || (path == "/metrics" && state.metrics_public)
+        || super::dashboard::is_public(path);
     if open {
         return next.run(request).await;
     }
@@ -423,6 +427,7 @@ mod tests {
             access: Arc::new(access::Access::new("admin-secret".into(), store.clone())),
             audit: audit::AuditLog::new(store.clone(), audit::AuditConfig::default()),
             store: store.clone(),
+            live: crate::service::api_fleet::LiveHub::default(),
         };
         async fn probe(
             State(state): State<ApiState>,

@@ -81,6 +81,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     heartbeat: Arc<AtomicU64>,
     max_batch: usize,
+    live: super::api_fleet::LiveHub,
 ) {
     // Commits run on their own thread so the core handles the next batch
     // while the previous one is fsynced. Batches are committed, published
@@ -100,7 +101,7 @@ pub fn run(
                     while let Ok(more) = flush_rx.try_recv() {
                         group.push(more);
                     }
-                    flush(group, &*store, &client, &rt, &metrics, &reload_tx);
+                    flush(group, &*store, &client, &rt, &metrics, &reload_tx, &live);
                 }
             })
     };
@@ -196,14 +197,17 @@ fn flush(
     rt: &tokio::runtime::Handle,
     metrics: &Metrics,
     reload_tx: &mpsc::Sender<Inbound>,
+    live: &super::api_fleet::LiveHub,
 ) {
     let mut batches = Vec::with_capacity(group.len());
     let mut publish = Vec::new();
     let mut replies = Vec::new();
+    let mut notes = Vec::new();
     for f in group {
         batches.push(f.step.batch);
         publish.extend(f.step.publish);
         replies.extend(f.replies);
+        notes.extend(f.step.live);
     }
     let mut refused: std::collections::HashSet<DeviceId> = Default::default();
     if !batches.iter().all(|b| b.is_empty()) {
@@ -253,7 +257,10 @@ fn flush(
     }
     if !refused.is_empty() {
         publish.retain(|p| topics::parse(&p.topic).is_none_or(|(d, _)| !refused.contains(&d)));
+        notes.retain(|n| !refused.contains(n.device()));
     }
+    // Committed: the dashboard may see it now (never waits on a client).
+    live.publish_notes(&notes);
     let t = std::time::Instant::now();
     for p in publish {
         let sent = rt.block_on(client.publish(p.topic, QoS::AtLeastOnce, false, p.payload));

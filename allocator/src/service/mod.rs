@@ -9,7 +9,8 @@
 //!   PostgreSQL implementations.
 //! - [`api`] / [`http`]: the admin HTTP API and the small client `shardctl`
 //!   uses; [`api_token`]: its bearer token file; [`metrics`]: the Prometheus
-//!   text of the core's counters.
+//!   text of the core's counters; [`api_fleet`]: the fleet summary, device
+//!   pages and live events for [`dashboard`], the operator page in the binary.
 //! - [`broker`] / [`broker_acl`] / [`tls`]: embedded rumqttd, the topic
 //!   authorization in front of it, and TLS termination (ring).
 //! - [`access`] / [`audit`] / [`api_access`]: roles and operator tokens,
@@ -21,6 +22,7 @@
 pub mod access;
 pub mod api;
 pub mod api_access;
+pub mod api_fleet;
 pub mod api_history;
 pub mod api_tls;
 pub mod api_token;
@@ -31,6 +33,7 @@ pub mod catalog_files;
 pub mod cli;
 pub mod config;
 pub mod core_loop;
+pub mod dashboard;
 pub mod http;
 pub mod inbound;
 pub mod keys;

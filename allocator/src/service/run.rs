@@ -277,17 +277,19 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
 
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
+    let live = super::api_fleet::LiveHub::default();
     let rt = tokio::runtime::Handle::current();
     let core_thread = {
         let metrics = metrics.clone();
         let heartbeat = heartbeat.clone();
         let max_batch = config.dispatch.max_batch;
         let reload_tx = tx.clone();
+        let live = live.clone();
         std::thread::Builder::new()
             .name("allocator-core".into())
             .spawn(move || {
                 core_loop::run(
-                    core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch,
+                    core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch, live,
                 )
             })
             .map_err(StartError::Thread)?
@@ -328,6 +330,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         store: api_store.clone(),
         access: Arc::new(super::access::Access::new(token, api_store.clone())),
         audit: audit_log.clone(),
+        live,
     });
     let api_tls = match (&config.api.tls_cert, &config.api.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key, None)?),

@@ -11,3 +11,4 @@ pub mod proc;
 pub mod sha256;
 pub mod stack;
 pub mod traffic;
+pub mod webdriver;

@@ -161,6 +161,10 @@ pub enum Command {
         reason: String,
         actor: String,
     },
+    /// The fleet summary for the dashboard (`GET /v1/fleet`).
+    Fleet,
+    /// One page of the device list, filtered (`GET /v1/devices?…`).
+    DevicePage(super::fleet::DeviceQuery),
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -175,6 +179,9 @@ pub struct CatalogRow {
     pub start_failures: BTreeMap<String, u64>,
     /// Architecture ⇒ devices with a recent start failure.
     pub failing_devices: BTreeMap<String, Vec<String>>,
+    /// Architecture (`"any"` for a universal build) ⇒ the library's SHA-256 (hex).
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
 }
 
 /// The answer to a [`Command`].
@@ -193,6 +200,8 @@ pub enum Reply {
     Answer(Box<shardline_shared::request::RequestAnswer>),
     Instance(Box<policy::InstanceView>),
     Error(CommandError),
+    Fleet(Box<super::fleet::FleetSummary>),
+    DevicePage(super::fleet::DevicePage),
 }
 
 impl Command {
@@ -501,6 +510,8 @@ impl Core {
                 Ok(()) => Reply::Ok,
                 Err(e) => Reply::Error(e),
             },
+            Command::Fleet => Reply::Fleet(Box::new(self.fleet_summary(now_ms))),
+            Command::DevicePage(query) => Reply::DevicePage(self.device_page(&query)),
         }
     }
 
@@ -537,6 +548,18 @@ impl Core {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    digests: spec
+                        .builds
+                        .any
+                        .map(|d| ("any".to_owned(), hex::encode(d)))
+                        .into_iter()
+                        .chain(
+                            spec.builds
+                                .per_arch
+                                .iter()
+                                .map(|(a, d)| (a.clone(), hex::encode(d))),
+                        )
+                        .collect(),
                 }
             })
             .collect()

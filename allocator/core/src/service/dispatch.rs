@@ -130,6 +130,11 @@ impl Core {
             reason: None,
         };
         self.history(device, now_ms, event);
+        self.step.live.push(super::live::LiveNote::Instruction {
+            device: device.clone(),
+            seq,
+            at_ms: now_ms,
+        });
         self.step.publish.push(Publish {
             topic: topics::instr(device),
             payload: sealed,

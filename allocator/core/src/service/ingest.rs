@@ -111,6 +111,11 @@ impl Core {
             .insert(device.clone(), (now_ms, u64::from(report.window_ms)));
         Metrics::inc(&self.metrics.reports_accepted);
         self.qos_history(now_ms, &report);
+        self.step.live.push(super::live::LiveNote::Report {
+            device: device.clone(),
+            seq: report.seq,
+            at_ms: now_ms,
+        });
         self.feed(now_ms, Event::Report(report));
     }
 
@@ -222,6 +227,17 @@ impl Core {
                 tracing::info!(%device, seq = ack.instruction_seq, outcome = ?ack.outcome, "instruction not applied");
             }
         }
+        self.step.live.push(super::live::LiveNote::Ack {
+            device: device.clone(),
+            seq: ack.instruction_seq,
+            outcome: match &ack.outcome {
+                AckOutcome::Applied => "applied".into(),
+                AckOutcome::Duplicate => "duplicate".into(),
+                AckOutcome::Rejected(r) => format!("rejected: {r:?}"),
+                AckOutcome::Failed { reason } => format!("failed: {reason}"),
+            },
+            at_ms: now_ms,
+        });
         self.feed(
             now_ms,
             Event::Ack {

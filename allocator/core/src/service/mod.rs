@@ -25,8 +25,10 @@ mod commands;
 mod device_config;
 mod dispatch;
 mod enroll;
+pub mod fleet;
 mod ingest;
 mod lazy;
+pub mod live;
 mod requests;
 mod tick;
 mod verify;
@@ -79,6 +81,8 @@ pub struct Publish {
 pub struct Step {
     pub batch: Batch,
     pub publish: Vec<Publish>,
+    /// What was accepted or sent, for the live event stream (after commit).
+    pub live: Vec<live::LiveNote>,
 }
 
 /// What the store held at start.
@@ -396,6 +400,8 @@ impl Core {
 mod tests;
 #[cfg(test)]
 mod tests_config;
+#[cfg(test)]
+mod tests_fleet;
 #[cfg(test)]
 mod tests_history;
 #[cfg(test)]

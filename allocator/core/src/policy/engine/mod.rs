@@ -456,21 +456,14 @@ impl Engine {
     pub fn devices(&self) -> Vec<DeviceSummary> {
         self.devices
             .iter()
-            .map(|(id, st)| {
-                let used = used_units(st);
-                DeviceSummary {
-                    device: id.clone(),
-                    tier: st.tier.clone(),
-                    tenant: st.tenant.clone(),
-                    reputation: st.reputation.score,
-                    compute_units: used[0],
-                    data_units: used[1],
-                    active_shards: st.leases.len(),
-                    last_report_ms: st.last_report.as_ref().map(|r| r.at_ms),
-                    drained: st.drained,
-                }
-            })
+            .map(|(id, st)| summary_of(id, st))
             .collect()
+    }
+
+    /// One device's row (what [`Engine::devices`] gives for it), without
+    /// building every other row: the dashboard's pages ask for a few.
+    pub fn summary(&self, device: &DeviceId) -> Option<DeviceSummary> {
+        self.devices.get(device).map(|st| summary_of(device, st))
     }
 
     pub fn device(&self, device: &DeviceId) -> Option<DeviceView> {
@@ -658,6 +651,21 @@ fn next_wake(cfg: &PolicyConfig, st: &DeviceState, now: u64, renew_before: u64) 
         at(now.saturating_add(cfg.renew_margin_ms.max(60_000)));
     }
     wake
+}
+
+fn summary_of(id: &DeviceId, st: &DeviceState) -> DeviceSummary {
+    let used = used_units(st);
+    DeviceSummary {
+        device: id.clone(),
+        tier: st.tier.clone(),
+        tenant: st.tenant.clone(),
+        reputation: st.reputation.score,
+        compute_units: used[0],
+        data_units: used[1],
+        active_shards: st.leases.len(),
+        last_report_ms: st.last_report.as_ref().map(|r| r.at_ms),
+        drained: st.drained,
+    }
 }
 
 fn used_units(st: &DeviceState) -> [u32; 2] {
