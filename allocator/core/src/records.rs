@@ -204,6 +204,8 @@ pub struct Batch {
     /// `postcard` of the engine's fleet-wide catalog health (failing
     /// entries), when it changed.
     pub catalog_health: Option<Vec<u8>>,
+    /// `postcard` of the engine's staged rollouts, when they changed.
+    pub rollouts: Option<Vec<u8>>,
 }
 
 /// A report sequence floor write. Like a whole-record write it moves the
@@ -225,6 +227,7 @@ impl Batch {
             && self.report_seqs.is_empty()
             && self.tombstones.is_empty()
             && self.catalog_health.is_none()
+            && self.rollouts.is_none()
     }
 }
 

@@ -159,6 +159,22 @@ pub enum Command {
         reason: String,
         actor: String,
     },
+    /// Replace the catalog and the tiers (already parsed and checked by
+    /// the service; the core checks them against the fleet).
+    ReloadCatalog {
+        catalog: Box<policy::Catalog>,
+        agreements: Box<policy::Agreements>,
+        catalog_source: String,
+        tiers_source: String,
+    },
+    /// The staged rollouts.
+    Rollouts,
+    /// An operator promotes or rolls back a rollout.
+    RolloutDecision {
+        shard: String,
+        promote: bool,
+        actor: String,
+    },
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -191,6 +207,8 @@ pub enum Reply {
     Answer(Box<shardline_shared::request::RequestAnswer>),
     Instance(Box<policy::InstanceView>),
     Error(CommandError),
+    Reloaded(Box<super::ReloadAnswer>),
+    Rollouts(Box<super::RolloutsView>),
 }
 
 impl Command {
@@ -490,6 +508,18 @@ impl Core {
                 Ok(()) => Reply::Ok,
                 Err(e) => Reply::Error(e),
             },
+            Command::ReloadCatalog {
+                catalog,
+                agreements,
+                catalog_source,
+                tiers_source,
+            } => self.reload_catalog(now_ms, *catalog, *agreements, catalog_source, tiers_source),
+            Command::Rollouts => Reply::Rollouts(Box::new(self.rollouts_view())),
+            Command::RolloutDecision {
+                shard,
+                promote,
+                actor,
+            } => self.rollout_decision(now_ms, &shard, promote, &actor),
         }
     }
 

@@ -28,6 +28,7 @@ mod enroll;
 mod ingest;
 mod lazy;
 mod requests;
+mod rollouts;
 mod tick;
 mod verify;
 
@@ -40,6 +41,7 @@ pub use device_config::{
     ConfigChange, DeviceConfigShown, SealRng, ShardConfigShown, VpnPair, MAX_CONFIG_KEYS,
     MAX_CONFIG_VALUE, MAX_SECRET_BYTES,
 };
+pub use rollouts::{ReloadAnswer, RolloutsView};
 pub use verify::{
     finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
     verify_signed, KeyDirectory, Prepared, Refused, ToVerify, Verified, VerifiedMsg,
@@ -90,6 +92,8 @@ pub struct Loaded {
     pub tombstones: Vec<policy::Tombstone>,
     /// The engine's persisted catalog health (`postcard`), if any.
     pub catalog_health: Option<Vec<u8>>,
+    /// The engine's persisted staged rollouts (`postcard`), if any.
+    pub rollouts: Option<Vec<u8>>,
 }
 
 /// Tunables the core needs.
@@ -166,7 +170,17 @@ impl Core {
             tokens,
             tombstones,
             catalog_health,
+            rollouts,
         } = loaded;
+        if let Some(bytes) = rollouts {
+            match postcard::from_bytes::<policy::Rollouts>(&bytes) {
+                Ok(r) => engine.restore_rollouts(r),
+                // Without them the fleet runs the catalog's entries.
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored rollouts unreadable; every device gets the catalog's entries")
+                }
+            }
+        }
         if let Some(bytes) = catalog_health {
             match postcard::from_bytes::<policy::CatalogHealth>(&bytes) {
                 Ok(h) => engine.restore_catalog_health(h),
@@ -274,6 +288,10 @@ impl Core {
         if self.engine.take_health_dirty() {
             step.batch.catalog_health =
                 Some(postcard::to_stdvec(self.engine.catalog_health()).unwrap_or_default());
+        }
+        if self.engine.take_rollouts_dirty() {
+            step.batch.rollouts =
+                Some(postcard::to_stdvec(self.engine.rollouts()).unwrap_or_default());
         }
         for device in std::mem::take(&mut self.seq_dirty) {
             if self.dirty.contains(&device) {

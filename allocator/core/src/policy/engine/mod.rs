@@ -22,7 +22,10 @@ mod market;
 mod membership;
 mod reports;
 mod requests;
+mod rollouts;
 mod shift;
+
+pub use rollouts::{rollout_views, EntryChange, ReloadError, ReloadSummary, RolloutView};
 
 /// Devices touched since the last `take_dirty`, in touch order with
 /// consecutive repeats folded (one event usually touches one device several
@@ -173,6 +176,13 @@ pub struct Engine {
     /// Not part of [`DeviceState`]: the service's device record is where it
     /// lives; the service hands it over on restore and on every change.
     device_config: BTreeMap<DeviceId, DeviceConfigView>,
+    /// Staged rollouts of changed catalog entries (persisted by the service).
+    rollouts: super::rollout::Rollouts,
+    /// `rollouts` changed since the last `take_rollouts_dirty`.
+    rollouts_dirty: bool,
+    /// Catalog views of devices a rollout keeps on a previous entry, by
+    /// [`super::rollout::Rollouts::view_key`]; derived, cleared on change.
+    catalog_views: BTreeMap<Vec<bool>, Arc<Catalog>>,
 }
 
 impl Engine {
@@ -190,6 +200,9 @@ impl Engine {
             health: CatalogHealth::default(),
             health_dirty: false,
             device_config: BTreeMap::new(),
+            rollouts: super::rollout::Rollouts::default(),
+            rollouts_dirty: false,
+            catalog_views: BTreeMap::new(),
         }
     }
 
@@ -212,6 +225,7 @@ impl Engine {
     /// cleared and every device is re-planned at the next tick.
     pub fn replace_catalog(&mut self, catalog: Catalog) {
         self.catalog = Arc::new(catalog);
+        self.catalog_views.clear();
         if !self.health.reconcile_catalog(&self.catalog).is_empty() {
             self.health_dirty = true;
         }
