@@ -23,6 +23,10 @@
 //! device), `GET /v1/reputation/{instance}` (standing and history) and
 //! `POST /v1/reputation/{instance}` (`{"delta": -10}` or `{"set": 70}`,
 //! `"reason"` required, `"actor"` optional): an audited adjustment.
+//! Deployments (issue 20, `api_deploy`): `POST /v1/catalog/reload` (also
+//! SIGHUP; answers what changed, or the file/line/field of a bad file and
+//! nothing changes), `GET /v1/rollouts`,
+//! `POST /v1/rollouts/{shard}/{promote|rollback}`.
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -54,6 +58,8 @@ pub struct ApiState {
     /// The only directory `POST /v1/rotate` takes a new key file from (the
     /// signing key's own), so the API cannot be used to probe other files.
     pub key_dir: std::path::PathBuf,
+    /// The `[policy]` files a catalog reload reads (`api_deploy`).
+    pub policy: Arc<super::config::PolicySection>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -77,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/reputation/{instance}",
             get(instance_reputation).post(adjust_reputation),
         )
+        .merge(super::api_deploy::routes())
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is.
@@ -106,7 +113,7 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
@@ -124,7 +131,7 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 }
 
 /// Runs an operator command and answers with its JSON reply or its error.
-async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
+pub(super) async fn answer(state: &ApiState, headers: &HeaderMap, cmd: Command) -> Response {
     match ask(state, headers, cmd).await {
         Ok(r) => reply_json(r),
         Err(e) => e,
@@ -197,6 +204,8 @@ fn reply_json(r: Reply) -> Response {
         }
         Reply::Instance(v) => Json(v).into_response(),
         Reply::Error(e) => command_error(e),
+        Reply::Reloaded(r) => Json(r).into_response(),
+        Reply::Rollouts(r) => Json(r).into_response(),
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod api;
+pub mod api_deploy;
 pub mod api_token;
 pub mod broker;
 pub mod broker_acl;

@@ -221,6 +221,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tokens,
         tombstones: store.load_tombstones()?,
         catalog_health: store.load_catalog_health()?,
+        rollouts: store.load_rollouts()?,
     };
     let mut core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
     // Secrets are sealed to devices with fresh ephemeral keys from the OS.
@@ -318,7 +319,44 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics: metrics.clone(),
         metrics_public: config.api.metrics_public,
         key_dir: key_dir(&config),
+        policy: Arc::new(config.policy.clone()),
     });
+    // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`.
+    {
+        let tx = tx.clone();
+        let policy = config.policy.clone();
+        let metrics = metrics.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(StartError::Thread)?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let p = policy.clone();
+                let cmd = match tokio::task::spawn_blocking(move || {
+                    super::api_deploy::reload_from_files(&p)
+                })
+                .await
+                {
+                    Ok(Ok(cmd)) => cmd,
+                    Ok(Err(e)) => {
+                        Metrics::inc(&metrics.catalog_reloads_refused);
+                        tracing::warn!(error = %e, "SIGHUP: catalog reload refused: the running catalog stays");
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                if tx
+                    .send(Inbound::Command(Box::new(cmd), reply_tx))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                // The core logs what changed (or why it refused).
+                let _ = reply_rx.await;
+            }
+        });
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin API stopped");

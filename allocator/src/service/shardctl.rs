@@ -141,12 +141,28 @@ enum Cmd {
         #[command(subcommand)]
         command: VpnCmd,
     },
+    /// Staged rollouts of changed catalog entries (canaries first).
+    Rollouts {
+        #[command(subcommand)]
+        command: Option<RolloutCmd>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Give every device the new entry now.
+    Promote { shard: String },
+    /// Give the canaries the previous entry again.
+    Rollback { shard: String },
 }
 
 #[derive(Debug, Subcommand)]
 enum CatalogCmd {
     /// Clear a shard's failing marks and start failures: try it again everywhere.
     Retry { shard: String },
+    /// Read the catalog and tier files again (as SIGHUP does); changed
+    /// entries are rolled out in stages. A bad file changes nothing.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +325,24 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             ("POST", format!("/v1/catalog/{shard}/retry"), None)
         }
+        Cmd::Catalog {
+            command: Some(CatalogCmd::Reload),
+        } => ("POST", "/v1/catalog/reload".to_owned(), None),
+        Cmd::Rollouts { command: None } => ("GET", "/v1/rollouts".to_owned(), None),
+        Cmd::Rollouts {
+            command: Some(RolloutCmd::Promote { shard } | RolloutCmd::Rollback { shard }),
+        } => {
+            if shard.is_empty() || shard.contains('/') {
+                anyhow::bail!("bad shard id {shard:?}");
+            }
+            let what = match &cli.command {
+                Cmd::Rollouts {
+                    command: Some(RolloutCmd::Promote { .. }),
+                } => "promote",
+                _ => "rollback",
+            };
+            ("POST", format!("/v1/rollouts/{shard}/{what}"), None)
+        }
         Cmd::Pin { device, shard } => op(device, "pin", Some(shard)),
         Cmd::Unpin { device, shard } => op(device, "unpin", Some(shard)),
         Cmd::Revoke { device, shard } => op(device, "revoke", Some(shard)),
@@ -421,6 +455,16 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::Request { .. } => {
                 println!("{}", answer_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Catalog {
+                command: Some(CatalogCmd::Reload),
+            } => {
+                print!("{}", reload_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Rollouts { .. } => {
+                print!("{}", rollouts_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
             Cmd::Reputation { .. } => {
@@ -844,6 +888,62 @@ fn parse_duration_ms(s: &str) -> Result<u32, String> {
         _ => return Err(format!("unknown unit in {s:?} (ms, s or m)")),
     };
     u32::try_from(ms).map_err(|_| format!("too long: {s:?}"))
+}
+
+/// `shardctl catalog reload` for people.
+fn reload_text(v: &serde_json::Value) -> String {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+    let mut out = format!(
+        "reloaded catalog {} and tiers {}: {}\n",
+        s("catalog_source"),
+        s("tiers_source"),
+        s("summary")
+    );
+    for r in v["details"]["rollouts_started"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!("  {}\n", r.as_str().unwrap_or("")));
+    }
+    out
+}
+
+/// `shardctl rollouts` for people.
+fn rollouts_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let row = |r: &serde_json::Value, out: &mut String| {
+        let s = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+        let n = |k: &str| r.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        out.push_str(&format!(
+            "{:<24} {:<12} {} → {}  canaries {} ran {} failed {} ({:.0} % / {:.0} %)\n    {}\n",
+            s("shard"),
+            s("phase"),
+            s("previous_version"),
+            s("new_version"),
+            r["canaries"].as_array().map_or(0, Vec::len),
+            n("exposed"),
+            r["failures"].as_object().map_or(0, |m| m.len()),
+            n("failure_pct"),
+            n("threshold_pct"),
+            s("reason"),
+        ));
+    };
+    let active = v["active"].as_array().cloned().unwrap_or_default();
+    if active.is_empty() {
+        out.push_str("no rollout running\n");
+    }
+    for r in &active {
+        row(r, &mut out);
+    }
+    let ended = v["ended"].as_array().cloned().unwrap_or_default();
+    if !ended.is_empty() {
+        out.push_str("ended:\n");
+        for r in ended.iter().take(5) {
+            row(r, &mut out);
+        }
+    }
+    out
 }
 
 /// `shardctl catalog` for people.

@@ -86,6 +86,8 @@ pub trait Store: Send + Sync + 'static {
     fn load_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
     /// The engine's catalog health blob, if one was ever committed.
     fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The engine's staged rollouts blob, if one was ever committed.
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError>;
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         self.commit_all(std::slice::from_ref(batch))
     }
@@ -112,6 +114,8 @@ const VERSIONS: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::ne
 const TOMBSTONES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tombstones");
 /// Key of the catalog health blob in `META` (stored raw: the engine encodes it).
 const HEALTH_KEY: &str = "catalog_health";
+/// Key of the staged rollouts blob in `META` (stored raw, like the health).
+const ROLLOUTS_KEY: &str = "rollouts";
 
 /// Record encoding version, first byte of every stored value.
 const RECORD_VERSION: u8 = 1;
@@ -332,6 +336,14 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        Ok(t.get(ROLLOUTS_KEY)
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
     fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
         if batches.iter().all(Batch::is_empty) {
             return Ok(());
@@ -379,6 +391,10 @@ impl Store for RedbStore {
             if let Some(h) = &batch.catalog_health {
                 let mut t = txn.open_table(META).map_err(db_err)?;
                 t.insert(HEALTH_KEY, h.as_slice()).map_err(db_err)?;
+            }
+            if let Some(r) = &batch.rollouts {
+                let mut t = txn.open_table(META).map_err(db_err)?;
+                t.insert(ROLLOUTS_KEY, r.as_slice()).map_err(db_err)?;
             }
             let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;
             for (id, t) in &batch.tombstones {

@@ -235,6 +235,23 @@ fn check_tombstones_and_health(store: &dyn Store) {
         vec![tomb("contract-t", 3)]
     );
     assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
+    // Issue 20: the staged rollouts blob, the last one committed, apart
+    // from the health blob.
+    assert_eq!(store.load_rollouts().expect("rollouts"), None);
+    store
+        .commit(&Batch {
+            rollouts: Some(vec![7, 8]),
+            ..Batch::default()
+        })
+        .expect("rollouts");
+    store
+        .commit(&Batch {
+            rollouts: Some(vec![9]),
+            ..Batch::default()
+        })
+        .expect("rollouts again");
+    assert_eq!(store.load_rollouts().expect("rollouts"), Some(vec![9]));
+    assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
     // A conflicting commit writes no tombstone either.
     let err = store
         .commit(&Batch {

@@ -167,6 +167,7 @@ struct Plan {
     tomb_put: (Vec<String>, Vec<Vec<u8>>),
     tomb_delete: Vec<String>,
     health: Option<Vec<u8>>,
+    rollouts: Option<Vec<u8>>,
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -189,6 +190,7 @@ impl Plan {
             tomb_put: (Vec::new(), Vec::new()),
             tomb_delete: Vec::new(),
             health: batch.catalog_health.clone(),
+            rollouts: batch.rollouts.clone(),
             invalid: Vec::new(),
         };
         let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
@@ -349,6 +351,9 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
         }
         if let Some(h) = &plan.health {
             exec(SQL_HEALTH_PUT, &[h])?;
+        }
+        if let Some(r) = &plan.rollouts {
+            exec(SQL_ROLLOUTS_PUT, &[r])?;
         }
     }
     if !conflicts.is_empty() {
@@ -688,6 +693,19 @@ impl Store for PgStore {
                 .client
                 .query_opt(&stmt, &[])
                 .map_err(|e| pg_err("loading catalog health", e))?
+                .map(|row| row.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("load_rollouts", |conn| {
+            let stmt = conn
+                .stmt(SQL_ROLLOUTS)
+                .map_err(|e| pg_err("preparing load_rollouts", e))?;
+            Ok(conn
+                .client
+                .query_opt(&stmt, &[])
+                .map_err(|e| pg_err("loading rollouts", e))?
                 .map(|row| row.get::<_, Vec<u8>>(0)))
         })
     }

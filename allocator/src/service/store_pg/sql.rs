@@ -72,6 +72,9 @@ pub(super) const SQL_HEALTH_PUT: &str =
     "INSERT INTO meta (key, body) VALUES ('catalog_health', $1) \
      ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
 pub(super) const SQL_HEALTH: &str = "SELECT body FROM meta WHERE key = 'catalog_health'";
+pub(super) const SQL_ROLLOUTS_PUT: &str = "INSERT INTO meta (key, body) VALUES ('rollouts', $1) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_ROLLOUTS: &str = "SELECT body FROM meta WHERE key = 'rollouts'";
 pub(super) const SQL_TOMB_PUT: &str = "INSERT INTO tombstones (id, body) \
      SELECT * FROM unnest($1::text[], $2::bytea[]) \
      ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body";
