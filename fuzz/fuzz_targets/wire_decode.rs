@@ -42,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
     check::<EnrollRequest>(data);
     check::<AppRequest>(data);
     check::<RequestAnswer>(data);
+    check::<shardline_shared::diag::Diagnostics>(data);
+    // Opening a sealed diagnostics answer never panics (size cap first).
+    let _ = shardline_shared::diag::open(data, &[7; 32]);
     // Opening a sealed enrolment request never panics either.
     let _ = shardline_shared::sign::open_enroll(data);
 });

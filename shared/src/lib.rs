@@ -21,6 +21,7 @@
 
 pub mod accept;
 pub mod codec;
+pub mod diag;
 pub mod ids;
 pub mod msg;
 pub mod request;

@@ -33,6 +33,9 @@ pub enum Domain {
     /// The allocator's answer to such a request (a grant, a queue position
     /// or a refusal), signed by an instruction key. Added at the end.
     RequestAnswer,
+    /// A device's diagnostics answer ([`crate::diag`]), signed by the
+    /// device key. Added at the end.
+    Diagnostics,
 }
 
 impl Domain {
@@ -45,6 +48,7 @@ impl Domain {
             Domain::Enroll => b"shardline/v1/sig/enroll\0",
             Domain::AppRequest => b"shardline/v1/sig/app-request\0",
             Domain::RequestAnswer => b"shardline/v1/sig/request-answer\0",
+            Domain::Diagnostics => b"shardline/v1/sig/diagnostics\0",
         }
     }
 }
