@@ -206,6 +206,9 @@ pub struct Batch {
     pub catalog_health: Option<Vec<u8>>,
     /// `postcard` of the engine's staged rollouts, when they changed.
     pub rollouts: Option<Vec<u8>>,
+    /// The latest diagnostics answer of these devices (`postcard` of
+    /// `service::StoredDiagnostics`; one per device, replacing the last).
+    pub diagnostics: Vec<(DeviceId, Vec<u8>)>,
 }
 
 /// A report sequence floor write. Like a whole-record write it moves the
@@ -228,6 +231,7 @@ impl Batch {
             && self.tombstones.is_empty()
             && self.catalog_health.is_none()
             && self.rollouts.is_none()
+            && self.diagnostics.is_empty()
     }
 }
 

@@ -26,7 +26,9 @@
 //! Deployments (issue 20, `api_deploy`): `POST /v1/catalog/reload` (also
 //! SIGHUP; answers what changed, or the file/line/field of a bad file and
 //! nothing changes), `GET /v1/rollouts`,
-//! `POST /v1/rollouts/{shard}/{promote|rollback}`.
+//! `POST /v1/rollouts/{shard}/{promote|rollback}`. Remote diagnostics:
+//! `POST /v1/devices/{id}/diagnostics` (ask: a signed instruction),
+//! `GET /v1/devices/{id}/diagnostics` (the latest signed answer).
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -206,6 +208,10 @@ fn reply_json(r: Reply) -> Response {
         Reply::Error(e) => command_error(e),
         Reply::Reloaded(r) => Json(r).into_response(),
         Reply::Rollouts(r) => Json(r).into_response(),
+        Reply::DiagnosticsAsked { seq } => {
+            Json(serde_json::json!({ "asked": true, "instruction_seq": seq })).into_response()
+        }
+        Reply::Diagnostics(d) => Json(d).into_response(),
     }
 }
 

@@ -6,7 +6,10 @@
 //! field and nothing changes (the running catalog stays); otherwise the
 //! core checks the reload against the fleet and answers what changed.
 //! SIGHUP does the same (`reload_from_files`). `GET /v1/rollouts` (viewer),
-//! `POST /v1/rollouts/{shard}/{promote|rollback}` (operator).
+//! `POST /v1/rollouts/{shard}/{promote|rollback}` (operator). Remote
+//! diagnostics (issue 20): `POST /v1/devices/{id}/diagnostics` asks the
+//! device (operator), `GET /v1/devices/{id}/diagnostics` shows its latest
+//! signed answer (viewer).
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -20,6 +23,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
+use shardline_shared::ids::DeviceId;
 
 /// The reload command for the `[policy]` files as they are on disk now,
 /// or why they cannot be used (file, line, field).
@@ -38,6 +42,36 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/catalog/reload", post(reload))
         .route("/v1/rollouts", get(rollouts))
         .route("/v1/rollouts/{shard}/{op}", post(decide))
+        .route(
+            "/v1/devices/{id}/diagnostics",
+            get(diagnostics).post(ask_diagnostics),
+        )
+}
+
+fn device_id(id: &str) -> Result<DeviceId, Response> {
+    DeviceId::new(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn diagnostics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    match device_id(&id) {
+        Ok(device) => answer(&state, &headers, Command::Diagnostics { device }).await,
+        Err(e) => e,
+    }
+}
+
+async fn ask_diagnostics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    match device_id(&id) {
+        Ok(device) => answer(&state, &headers, Command::AskDiagnostics { device }).await,
+        Err(e) => e,
+    }
 }
 
 async fn reload(State(state): State<ApiState>, headers: HeaderMap) -> Response {

@@ -224,6 +224,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         rollouts: store.load_rollouts()?,
     };
     let mut core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
+    core.restore_diagnostics(store.load_diagnostics()?);
     // Secrets are sealed to devices with fresh ephemeral keys from the OS.
     core.set_seal_rng(core::SealRng(Box::new(crypto_box::aead::OsRng)));
 

@@ -141,6 +141,14 @@ enum Cmd {
         #[command(subcommand)]
         command: VpnCmd,
     },
+    /// A device's latest diagnostics (recent log lines and status);
+    /// `--ask` asks the device for fresh ones first and waits for them.
+    Diagnostics {
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
+        #[arg(long)]
+        ask: bool,
+    },
     /// Staged rollouts of changed catalog entries (canaries first).
     Rollouts {
         #[command(subcommand)]
@@ -329,6 +337,27 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             command: Some(CatalogCmd::Reload),
         } => ("POST", "/v1/catalog/reload".to_owned(), None),
         Cmd::Rollouts { command: None } => ("GET", "/v1/rollouts".to_owned(), None),
+        Cmd::Diagnostics { device, ask } => {
+            let path = format!("/v1/devices/{device}/diagnostics");
+            if *ask {
+                let before = http::request(&cli.api, "GET", &path, Some(&token), None)?;
+                let r = http::request(&cli.api, "POST", &path, Some(&token), None)?;
+                if r.status != 200 {
+                    eprintln!("shardctl: {} ({})", r.body, r.status);
+                    return Ok(ExitCode::from(1));
+                }
+                // Wait (up to 15 s) for an answer newer than the one before.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+                while std::time::Instant::now() < deadline {
+                    let now = http::request(&cli.api, "GET", &path, Some(&token), None)?;
+                    if now.status == 200 && now.body != before.body {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+            ("GET", path, None)
+        }
         Cmd::Rollouts {
             command: Some(RolloutCmd::Promote { shard } | RolloutCmd::Rollback { shard }),
         } => {
@@ -465,6 +494,10 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::Rollouts { .. } => {
                 print!("{}", rollouts_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Diagnostics { .. } => {
+                print!("{}", diagnostics_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
             Cmd::Reputation { .. } => {
@@ -905,6 +938,58 @@ fn reload_text(v: &serde_json::Value) -> String {
         .flatten()
     {
         out.push_str(&format!("  {}\n", r.as_str().unwrap_or("")));
+    }
+    out
+}
+
+/// `shardctl diagnostics` for people.
+fn diagnostics_text(v: &serde_json::Value) -> String {
+    let st = &v["status"];
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+    let mut out = format!(
+        "{} (answer to instruction {}, at {} ms): agent {} {} up {} s, capture {}, broker {}\n",
+        s(&v["device"]),
+        v["request_seq"],
+        v["at_ms"],
+        s(&st["agent_version"]),
+        s(&st["arch"]),
+        st["uptime_s"],
+        s(&st["capture_source"]),
+        if st["broker_connected"] == true {
+            "connected"
+        } else {
+            "disconnected"
+        },
+    );
+    for sh in st["shards"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  shard {}@{} ({}) {:?} restarts {}{}\n",
+            s(&sh["shard"]["id"]),
+            s(&sh["shard"]["version"]),
+            s(&sh["capability"]),
+            sh["state"],
+            sh["restarts"],
+            sh["last_failure"]
+                .as_str()
+                .map(|f| format!(", last failure {f}"))
+                .unwrap_or_default()
+        ));
+    }
+    for e in st["last_errors"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  error: {}\n", s(e)));
+    }
+    let lines = v["log_lines"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "last {} log lines{}:\n",
+        lines.len(),
+        if v["truncated"] == true {
+            " (older ones left out)"
+        } else {
+            ""
+        }
+    ));
+    for l in &lines {
+        out.push_str(&format!("  {}\n", s(l)));
     }
     out
 }

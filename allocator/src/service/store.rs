@@ -88,6 +88,8 @@ pub trait Store: Send + Sync + 'static {
     fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// The engine's staged rollouts blob, if one was ever committed.
     fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The latest diagnostics answer blob of every device that has one.
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError>;
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         self.commit_all(std::slice::from_ref(batch))
     }
@@ -116,6 +118,8 @@ const TOMBSTONES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition
 const HEALTH_KEY: &str = "catalog_health";
 /// Key of the staged rollouts blob in `META` (stored raw, like the health).
 const ROLLOUTS_KEY: &str = "rollouts";
+/// Prefix of a device's latest diagnostics answer in `META` (one per device).
+const DIAG_PREFIX: &str = "diag/";
 
 /// Record encoding version, first byte of every stored value.
 const RECORD_VERSION: u8 = 1;
@@ -344,6 +348,22 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.range(DIAG_PREFIX..).map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let Some(id) = k.value().strip_prefix(DIAG_PREFIX) else {
+                break; // past the prefix: keys are ordered
+            };
+            if let Ok(device) = DeviceId::new(id) {
+                out.push((device, v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
         if batches.iter().all(Batch::is_empty) {
             return Ok(());
@@ -395,6 +415,13 @@ impl Store for RedbStore {
             if let Some(r) = &batch.rollouts {
                 let mut t = txn.open_table(META).map_err(db_err)?;
                 t.insert(ROLLOUTS_KEY, r.as_slice()).map_err(db_err)?;
+            }
+            if !batch.diagnostics.is_empty() {
+                let mut t = txn.open_table(META).map_err(db_err)?;
+                for (device, d) in &batch.diagnostics {
+                    let key = format!("{DIAG_PREFIX}{device}");
+                    t.insert(key.as_str(), d.as_slice()).map_err(db_err)?;
+                }
             }
             let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;
             for (id, t) in &batch.tombstones {

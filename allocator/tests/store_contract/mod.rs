@@ -251,6 +251,24 @@ fn check_tombstones_and_health(store: &dyn Store) {
         })
         .expect("rollouts again");
     assert_eq!(store.load_rollouts().expect("rollouts"), Some(vec![9]));
+    // The latest diagnostics answer per device: the last write wins.
+    assert!(store.load_diagnostics().expect("diagnostics").is_empty());
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-t"), vec![1]), (id("contract-b"), vec![2])],
+            ..Batch::default()
+        })
+        .expect("diagnostics");
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-t"), vec![3, 4])],
+            ..Batch::default()
+        })
+        .expect("diagnostics again");
+    assert_eq!(
+        store.load_diagnostics().expect("diagnostics"),
+        vec![(id("contract-b"), vec![2]), (id("contract-t"), vec![3, 4])]
+    );
     assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
     // A conflicting commit writes no tombstone either.
     let err = store

@@ -175,6 +175,14 @@ pub enum Command {
         promote: bool,
         actor: String,
     },
+    /// Ask the device for its recent log lines and status.
+    AskDiagnostics {
+        device: DeviceId,
+    },
+    /// The device's latest diagnostics answer.
+    Diagnostics {
+        device: DeviceId,
+    },
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -201,7 +209,10 @@ pub enum Reply {
     Device(Box<DeviceDetail>),
     Credits(Vec<policy::market::CreditRow>),
     Tiers(Vec<TierRow>),
-    Rotated { epoch: u64, key_id: String },
+    Rotated {
+        epoch: u64,
+        key_id: String,
+    },
     Catalog(Vec<CatalogRow>),
     DeviceConfig(super::DeviceConfigShown),
     Answer(Box<shardline_shared::request::RequestAnswer>),
@@ -209,6 +220,11 @@ pub enum Reply {
     Error(CommandError),
     Reloaded(Box<super::ReloadAnswer>),
     Rollouts(Box<super::RolloutsView>),
+    /// The instruction number of a diagnostics ask.
+    DiagnosticsAsked {
+        seq: u64,
+    },
+    Diagnostics(Box<super::DiagnosticsView>),
 }
 
 impl Command {
@@ -220,7 +236,9 @@ impl Command {
             | Self::Device { device }
             | Self::Operator { device, .. }
             | Self::SetDeviceConfig { device, .. }
-            | Self::DeviceConfig { device } => Some(device),
+            | Self::DeviceConfig { device }
+            | Self::AskDiagnostics { device }
+            | Self::Diagnostics { device } => Some(device),
             Self::VpnPair(p) => Some(&p.a),
             Self::ShardRequest { instance, .. }
             | Self::InstanceReputation { instance }
@@ -520,6 +538,8 @@ impl Core {
                 promote,
                 actor,
             } => self.rollout_decision(now_ms, &shard, promote, &actor),
+            Command::AskDiagnostics { device } => self.ask_diagnostics(now_ms, &device),
+            Command::Diagnostics { device } => self.diagnostics_view(&device),
         }
     }
 

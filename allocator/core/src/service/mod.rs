@@ -23,6 +23,7 @@ pub mod counters;
 mod coherence;
 mod commands;
 mod device_config;
+mod diagnostics;
 mod dispatch;
 mod enroll;
 mod ingest;
@@ -41,6 +42,7 @@ pub use device_config::{
     ConfigChange, DeviceConfigShown, SealRng, ShardConfigShown, VpnPair, MAX_CONFIG_KEYS,
     MAX_CONFIG_VALUE, MAX_SECRET_BYTES,
 };
+pub use diagnostics::{DiagnosticsView, StoredDiagnostics};
 pub use rollouts::{ReloadAnswer, RolloutsView};
 pub use verify::{
     finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
@@ -146,6 +148,10 @@ pub struct Core {
     seal_rng: Option<SealRng>,
     /// Answers sent while an operator command runs (its reply).
     answers_seen: Option<Vec<shardline_shared::request::RequestAnswer>>,
+    /// The latest diagnostics answer per device (issue 20).
+    diagnostics: HashMap<DeviceId, StoredDiagnostics>,
+    /// Instruction numbers of diagnostics asks not answered yet, per device.
+    diag_asked: HashMap<DeviceId, Vec<u64>>,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -228,6 +234,8 @@ impl Core {
             leader: true,
             seal_rng: None,
             answers_seen: None,
+            diagnostics: HashMap::new(),
+            diag_asked: HashMap::new(),
         };
         for rec in core.records.values() {
             core.engine

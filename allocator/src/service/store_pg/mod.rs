@@ -168,6 +168,7 @@ struct Plan {
     tomb_delete: Vec<String>,
     health: Option<Vec<u8>>,
     rollouts: Option<Vec<u8>>,
+    diagnostics: (Vec<String>, Vec<Vec<u8>>),
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -191,6 +192,11 @@ impl Plan {
             tomb_delete: Vec::new(),
             health: batch.catalog_health.clone(),
             rollouts: batch.rollouts.clone(),
+            diagnostics: batch
+                .diagnostics
+                .iter()
+                .map(|(d, b)| (d.as_str().to_owned(), b.clone()))
+                .unzip(),
             invalid: Vec::new(),
         };
         let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
@@ -354,6 +360,9 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
         }
         if let Some(r) = &plan.rollouts {
             exec(SQL_ROLLOUTS_PUT, &[r])?;
+        }
+        if !plan.diagnostics.0.is_empty() {
+            exec(SQL_DIAG_PUT, &[&plan.diagnostics.0, &plan.diagnostics.1])?;
         }
     }
     if !conflicts.is_empty() {
@@ -707,6 +716,24 @@ impl Store for PgStore {
                 .query_opt(&stmt, &[])
                 .map_err(|e| pg_err("loading rollouts", e))?
                 .map(|row| row.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError> {
+        self.read("load_diagnostics", |conn| {
+            let stmt = conn
+                .stmt(SQL_DIAG)
+                .map_err(|e| pg_err("preparing load_diagnostics", e))?;
+            Ok(conn
+                .client
+                .query(&stmt, &[])
+                .map_err(|e| pg_err("loading diagnostics", e))?
+                .into_iter()
+                .filter_map(|row| {
+                    let id: String = row.get(0);
+                    Some((DeviceId::new(id).ok()?, row.get::<_, Vec<u8>>(1)))
+                })
+                .collect())
         })
     }
 

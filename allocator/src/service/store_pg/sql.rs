@@ -75,6 +75,11 @@ pub(super) const SQL_HEALTH: &str = "SELECT body FROM meta WHERE key = 'catalog_
 pub(super) const SQL_ROLLOUTS_PUT: &str = "INSERT INTO meta (key, body) VALUES ('rollouts', $1) \
      ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
 pub(super) const SQL_ROLLOUTS: &str = "SELECT body FROM meta WHERE key = 'rollouts'";
+pub(super) const SQL_DIAG_PUT: &str = "INSERT INTO meta (key, body) \
+     SELECT 'diag/' || d, b FROM unnest($1::text[], $2::bytea[]) AS x(d, b) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_DIAG: &str =
+    "SELECT substr(key, 6), body FROM meta WHERE key LIKE 'diag/%' ORDER BY key";
 pub(super) const SQL_TOMB_PUT: &str = "INSERT INTO tombstones (id, body) \
      SELECT * FROM unnest($1::text[], $2::bytea[]) \
      ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body";
