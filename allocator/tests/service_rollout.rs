@@ -257,3 +257,48 @@ async fn a_bad_version_rolls_back_automatically_and_a_good_one_is_promoted() {
     .await;
     assert!(alloc.metric("shardline_rollout_changes_total") >= 4.0);
 }
+
+/// SIGHUP reloads like the API: a bad file is refused (counted, the
+/// running catalog stays), a good one applied (with no device enrolled,
+/// nothing to stage: no rollout).
+#[test]
+fn sighup_reloads_the_catalog() {
+    let dir = TempDir::new("rollout-hup");
+    let alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
+    let pid = alloc.child.as_ref().unwrap().id().to_string();
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let path = alloc.dir.join("catalog/catalog.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, "[[shard]]\nid = 3\n").unwrap();
+    hup();
+    alloc.wait_metric(
+        "shardline_catalog_reloads_refused_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(alloc.metric("shardline_catalog_reloads_total"), 0.0);
+    std::fs::write(&path, &good).unwrap();
+    write_catalog(&alloc, "0.4.0");
+    hup();
+    alloc.wait_metric(
+        "shardline_catalog_reloads_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        alloc
+            .log()
+            .contains("qos-shaper: qos-shaper@0.1.0 → qos-shaper@0.4.0"),
+        "{}",
+        alloc.log()
+    );
+    let (_, v) = alloc.api("GET", "/v1/rollouts", None);
+    assert_eq!(v["active"].as_array().unwrap().len(), 0, "{v}");
+}

@@ -302,6 +302,9 @@ impl Rollouts {
                 continue;
             }
             let (canaries, groups) = select_canaries(members, cfg.canary_permille);
+            if canaries.is_empty() {
+                continue; // no device to try it on: nothing to stage
+            }
             let reason = format!(
                 "canary: {} → {} on {} of {} devices ({} ‰ of each group), soak {} s, rollback above {:.0} %",
                 label(&stable),
