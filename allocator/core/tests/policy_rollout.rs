@@ -279,3 +279,39 @@ lease_cap_s = 1800
     assert!(e.agreements().tiers.contains_key("roomy"));
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_new_digest_under_the_same_version_reaches_the_canaries_at_once() {
+    let (mut e, ids) = fleet();
+    let t = 10 * MIN;
+    let zero = "0".repeat(64);
+    let text = CATALOG.replacen(
+        &format!("sha256 = {{ x86_64 = \"{zero}\""),
+        &format!("sha256 = {{ x86_64 = \"{}\"", "1".repeat(64)),
+        1,
+    );
+    assert_ne!(text, CATALOG);
+    let c = Catalog::from_toml_str(&text, "catalog.toml").unwrap();
+    let a = tiers(&c);
+    let mut out = Vec::new();
+    let sum = e.reload(t, c, a, "tiers.toml", &mut out).unwrap();
+    assert_eq!(sum.shards_changed.len(), 1, "{sum:?}");
+    out.extend(e.handle(t, Event::Tick));
+    let canaries = e.rollouts().active["vpn-tunnel"].canaries.clone();
+    for d in &ids {
+        let digests: Vec<[u8; 32]> = ops_for(&out, d)
+            .iter()
+            .filter_map(|o| match o {
+                Operation::ActivateShard(a) if a.primary.shard.id() == "vpn-tunnel" => {
+                    Some(a.primary.sha256)
+                }
+                _ => None,
+            })
+            .collect();
+        if canaries.contains(d) {
+            assert_eq!(digests, vec![[0x11; 32]], "{d}");
+        } else {
+            assert!(digests.is_empty(), "{d}: {digests:?}");
+        }
+    }
+}

@@ -182,7 +182,30 @@ impl Engine {
         }
     }
 
-    fn rollout_actions(&mut self, events: Vec<RolloutEvent>, out: &mut Vec<Action>) {
+    /// Leases of `shard` are made due, so the next plan re-sends their
+    /// activation with the entry the device's view now has: a new digest
+    /// or configuration under the same `id@version` would otherwise wait
+    /// for the lease's renewal.
+    /// `only`: the devices whose view changed (`None`: every device).
+    fn renew_leases_of(
+        &mut self,
+        shard: &str,
+        now: u64,
+        only: Option<(&BTreeSet<DeviceId>, bool)>,
+    ) {
+        for (id, st) in self.devices.iter_mut() {
+            if let Some((set, inside)) = only {
+                if set.contains(id) != inside {
+                    continue;
+                }
+            }
+            if let Some(l) = st.leases.get_mut(shard) {
+                l.expires_at_ms = l.expires_at_ms.min(now);
+            }
+        }
+    }
+
+    fn rollout_actions(&mut self, now: u64, events: Vec<RolloutEvent>, out: &mut Vec<Action>) {
         if events.is_empty() {
             return;
         }
@@ -192,6 +215,14 @@ impl Engine {
                 RolloutEvent::Promoted { shard, reason } => (shard, "promoted", reason),
                 RolloutEvent::RolledBack { shard, reason } => (shard, "rolled_back", reason),
             };
+            // Canaries change view at the start and at a rollback, the
+            // others at the promotion.
+            let canaries = match phase {
+                "promoted" => self.rollouts.ended.first().map(|r| r.canaries.clone()),
+                _ => self.rollouts.active.get(&shard).map(|r| r.canaries.clone()),
+            }
+            .unwrap_or_default();
+            self.renew_leases_of(&shard, now, Some((&canaries, phase != "promoted")));
             out.push(Action::Rollout {
                 shard,
                 phase: phase.to_owned(),
@@ -290,7 +321,12 @@ impl Engine {
         if !self.health.reconcile_catalog(&self.catalog).is_empty() {
             self.health_dirty = true;
         }
-        self.rollout_actions(events, out);
+        self.rollout_actions(now, events, out);
+        // Changed entries not staged reach every device now.
+        for c in sum.shards_changed.iter().filter(|c| !c.staged) {
+            let shard = c.shard.clone();
+            self.renew_leases_of(&shard, now, None);
+        }
         // Every device is re-planned at the next tick (new budgets, entries).
         self.rollouts_changed();
         Ok(sum)
@@ -302,7 +338,7 @@ impl Engine {
             return;
         }
         let events = self.rollouts.poll(&self.config.rollout, now);
-        self.rollout_actions(events, out);
+        self.rollout_actions(now, events, out);
     }
 
     /// The operator promotes or rolls back `shard`'s rollout. `None`: no
@@ -326,7 +362,7 @@ impl Engine {
             | RolloutEvent::Promoted { reason, .. }
             | RolloutEvent::RolledBack { reason, .. } => reason.clone(),
         };
-        self.rollout_actions(vec![e], out);
+        self.rollout_actions(now, vec![e], out);
         Some(reason)
     }
 
