@@ -146,4 +146,18 @@ async fn a_signed_answer_is_shown_and_forged_or_oversized_ones_are_refused() {
     let (st, v) = alloc.api("GET", "/v1/devices/dg-1/diagnostics", None);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["log_lines"], serde_json::json!(lines));
+
+    // Unenrolled: its diagnostics go too (re-enrolled, it has none).
+    let (st, v) = alloc.api("DELETE", "/v1/devices/dg-1", None);
+    assert_eq!(st, 200, "{v}");
+    alloc.kill9();
+    alloc.spawn();
+    let (st, v) = alloc.api(
+        "POST",
+        "/v1/devices",
+        Some(serde_json::json!({"device": "dg-1", "public_key": hex::encode(device_key(1).public_key()), "tier": "basic"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = alloc.api("GET", "/v1/devices/dg-1/diagnostics", None);
+    assert_eq!(st, 400, "{v}");
 }

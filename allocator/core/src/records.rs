@@ -207,7 +207,8 @@ pub struct Batch {
     /// `postcard` of the engine's staged rollouts, when they changed.
     pub rollouts: Option<Vec<u8>>,
     /// The latest diagnostics answer of these devices (`postcard` of
-    /// `service::StoredDiagnostics`; one per device, replacing the last).
+    /// `service::StoredDiagnostics`; one per device, replacing the last;
+    /// empty deletes it).
     pub diagnostics: Vec<(DeviceId, Vec<u8>)>,
 }
 

@@ -420,7 +420,11 @@ impl Store for RedbStore {
                 let mut t = txn.open_table(META).map_err(db_err)?;
                 for (device, d) in &batch.diagnostics {
                     let key = format!("{DIAG_PREFIX}{device}");
-                    t.insert(key.as_str(), d.as_slice()).map_err(db_err)?;
+                    if d.is_empty() {
+                        t.remove(key.as_str()).map_err(db_err)?;
+                    } else {
+                        t.insert(key.as_str(), d.as_slice()).map_err(db_err)?;
+                    }
                 }
             }
             let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;

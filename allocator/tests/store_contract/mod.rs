@@ -269,6 +269,17 @@ fn check_tombstones_and_health(store: &dyn Store) {
         store.load_diagnostics().expect("diagnostics"),
         vec![(id("contract-b"), vec![2]), (id("contract-t"), vec![3, 4])]
     );
+    // An empty blob deletes (unenrolment).
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-b"), vec![])],
+            ..Batch::default()
+        })
+        .expect("diagnostics deleted");
+    assert_eq!(
+        store.load_diagnostics().expect("diagnostics"),
+        vec![(id("contract-t"), vec![3, 4])]
+    );
     assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
     // A conflicting commit writes no tombstone either.
     let err = store

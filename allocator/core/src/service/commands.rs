@@ -345,6 +345,7 @@ impl Core {
                 let Some(rec) = self.records.remove(&device) else {
                     return Reply::Error(CommandError::UnknownDevice(device.to_string()));
                 };
+                self.forget_diagnostics(&device);
                 // A tombstone, so that enrolling the id again neither
                 // launders its reputation nor rewinds its sequences.
                 let tomb = policy::Tombstone {

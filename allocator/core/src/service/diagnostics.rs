@@ -134,6 +134,18 @@ impl Core {
         self.diagnostics.insert(device, stored);
     }
 
+    /// An unenrolled device's diagnostics go with it (an empty blob
+    /// deletes the stored one).
+    pub(super) fn forget_diagnostics(&mut self, device: &DeviceId) {
+        self.diag_asked.remove(device);
+        if self.diagnostics.remove(device).is_some() {
+            self.step
+                .batch
+                .diagnostics
+                .push((device.clone(), Vec::new()));
+        }
+    }
+
     pub(super) fn diagnostics_view(&self, device: &DeviceId) -> Reply {
         if !self.records.contains_key(device) {
             return Reply::Error(CommandError::UnknownDevice(device.to_string()));

@@ -169,6 +169,7 @@ struct Plan {
     health: Option<Vec<u8>>,
     rollouts: Option<Vec<u8>>,
     diagnostics: (Vec<String>, Vec<Vec<u8>>),
+    diagnostics_deleted: Vec<String>,
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -195,8 +196,15 @@ impl Plan {
             diagnostics: batch
                 .diagnostics
                 .iter()
+                .filter(|(_, b)| !b.is_empty())
                 .map(|(d, b)| (d.as_str().to_owned(), b.clone()))
                 .unzip(),
+            diagnostics_deleted: batch
+                .diagnostics
+                .iter()
+                .filter(|(_, b)| b.is_empty())
+                .map(|(d, _)| d.as_str().to_owned())
+                .collect(),
             invalid: Vec::new(),
         };
         let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
@@ -363,6 +371,9 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
         }
         if !plan.diagnostics.0.is_empty() {
             exec(SQL_DIAG_PUT, &[&plan.diagnostics.0, &plan.diagnostics.1])?;
+        }
+        if !plan.diagnostics_deleted.is_empty() {
+            exec(SQL_DIAG_DELETE, &[&plan.diagnostics_deleted])?;
         }
     }
     if !conflicts.is_empty() {
