@@ -233,7 +233,8 @@ for arch in "${arches[@]}"; do
     for f in shardline.conf shardline.acl listener.conf.example; do
         install -D -m 0644 "$here/mosquitto/$f" "$s/usr/share/doc/shardline-allocator/mosquitto/$f"
     done
-    build_pkg shardline-allocator "$arch" "$s" "passwd" \
+    # procps: /bin/kill for ExecReload (catalog reload).
+    build_pkg shardline-allocator "$arch" "$s" "passwd, procps" \
         "Shardline allocator (fleet policy, signed instructions)" \
 " The Shardline allocator runs in the cloud for an operator's fleet: it
  receives QoS reports, decides per device which capability shards run with

@@ -45,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
     check::<RequestAnswer>(data);
     check::<Assignment>(data);
     check::<AssignmentState>(data);
+    check::<shardline_shared::diag::Diagnostics>(data);
+    // Opening a sealed diagnostics answer never panics (size cap first).
+    let _ = shardline_shared::diag::open(data, &[7; 32]);
     // Opening a sealed enrolment request never panics either.
     let _ = shardline_shared::sign::open_enroll(data);
     // Nor does a device taking the bytes as its assignment (key 1 pinned,

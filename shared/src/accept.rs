@@ -265,7 +265,7 @@ fn handle_instruction_envelope(
             ids::check_capability(&a.capability).is_err()
                 || a.alternatives.len() > crate::msg::MAX_ALTERNATIVES
         }
-        Operation::Deactivate { .. } => false,
+        Operation::Deactivate { .. } | Operation::RequestDiagnostics { .. } => false,
     });
     if unsafe_name {
         return refuse(state, seq, RejectReason::Malformed);
@@ -301,7 +301,7 @@ fn handle_instruction_envelope(
     let limits_ok = instr.ops.iter().all(|op| match op {
         Operation::Activate(a) => LIMIT_RANGES.admits(&a.limits),
         Operation::ActivateShard(a) => a.variants().all(|v| LIMIT_RANGES.admits(&v.limits)),
-        Operation::Deactivate { .. } => true,
+        Operation::Deactivate { .. } | Operation::RequestDiagnostics { .. } => true,
     });
     if !limits_ok {
         return refuse(state, seq, RejectReason::LimitsOutOfRange);

@@ -24,6 +24,7 @@
 pub mod accept;
 pub mod assign;
 pub mod codec;
+pub mod diag;
 pub mod ids;
 pub mod msg;
 pub mod request;

@@ -448,6 +448,12 @@ pub enum Operation {
     },
     /// Added at the end, so the variants before it keep their bytes.
     ActivateShard(ShardActivation),
+    /// An operator asks for the device's recent log lines and status
+    /// (issue 20): answered with a signed [`crate::diag::Diagnostics`] on
+    /// `dev/{device}/diag`, at most `max_lines` lines. Added at the end.
+    RequestDiagnostics {
+        max_lines: u16,
+    },
 }
 
 /// A signed instruction's content (signed under [`crate::sign::Domain::Instruction`]).

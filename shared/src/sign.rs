@@ -36,6 +36,9 @@ pub enum Domain {
     /// A group's assignment object (seed 001: server, endpoints, expiry;
     /// [`crate::assign`]), signed by an instruction key. Added at the end.
     Assignment,
+    /// A device's diagnostics answer ([`crate::diag`]), signed by the
+    /// device key. Added at the end.
+    Diagnostics,
 }
 
 impl Domain {
@@ -49,6 +52,7 @@ impl Domain {
             Domain::AppRequest => b"shardline/v1/sig/app-request\0",
             Domain::RequestAnswer => b"shardline/v1/sig/request-answer\0",
             Domain::Assignment => b"shardline/v1/sig/assignment\0",
+            Domain::Diagnostics => b"shardline/v1/sig/diagnostics\0",
         }
     }
 }

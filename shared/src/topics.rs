@@ -57,6 +57,15 @@ pub fn answer(device: &DeviceId) -> String {
     format!("{PREFIX}/dev/{device}/answer")
 }
 
+/// agent → cloud, QoS 1: the device's signed diagnostics answer
+/// ([`crate::diag::Diagnostics`]) to an operator's request.
+pub fn diagnostics(device: &DeviceId) -> String {
+    format!("{PREFIX}/dev/{device}/diag")
+}
+
+/// All devices' diagnostics answers.
+pub const ALL_DIAGNOSTICS: &str = "shardline/v1/dev/+/diag";
+
 /// Subscription filters for an allocator: all devices' reports, acks, statuses.
 pub const ALL_REPORTS: &str = "shardline/v1/dev/+/report";
 pub const ALL_ACKS: &str = "shardline/v1/dev/+/ack";
@@ -87,6 +96,8 @@ pub enum TopicKind {
     Request,
     /// `dev/{device}/answer`: the allocator's answer to one.
     Answer,
+    /// `dev/{device}/diag`: the device's diagnostics answer.
+    Diagnostics,
 }
 
 /// Splits `shardline/v1/dev/{device}/{kind}` into its device and kind.
@@ -102,6 +113,7 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
         ENROLL_SUFFIX => TopicKind::Enroll,
         "request" => TopicKind::Request,
         "answer" => TopicKind::Answer,
+        "diag" => TopicKind::Diagnostics,
         _ => return None,
     };
     Some((DeviceId::new(device).ok()?, kind))
@@ -120,6 +132,7 @@ pub fn device_may_publish(device: &DeviceId, topic: &str) -> bool {
                 | TopicKind::Status
                 | TopicKind::Enroll
                 | TopicKind::Request
+                | TopicKind::Diagnostics
         )) if &d == device
     )
 }
@@ -144,6 +157,16 @@ mod tests {
         assert_eq!(enroll(&d), "shardline/v1/dev/r1/enroll");
         assert_eq!(request(&d), "shardline/v1/dev/r1/request");
         assert_eq!(answer(&d), "shardline/v1/dev/r1/answer");
+        assert_eq!(diagnostics(&d), "shardline/v1/dev/r1/diag");
+        assert_eq!(
+            parse(&diagnostics(&d)),
+            Some((d.clone(), TopicKind::Diagnostics))
+        );
+        assert!(device_may_publish(&d, &diagnostics(&d)));
+        assert!(!device_may_publish(
+            &d,
+            &diagnostics(&DeviceId::new("r2").unwrap())
+        ));
         assert_eq!(ALL_REQUESTS, "shardline/v1/dev/+/request");
         assert_eq!(ALL_ENROLL, format!("{PREFIX}/dev/+/{ENROLL_SUFFIX}"));
         assert_eq!(

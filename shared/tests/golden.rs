@@ -1057,6 +1057,34 @@ fn assignment() -> Assignment {
     }
 }
 
+// ------------------------------------------------- remote diagnostics
+
+fn diagnostics() -> shardline_shared::diag::Diagnostics {
+    use shardline_shared::diag::{DiagShard, DiagStatus, Diagnostics};
+    Diagnostics {
+        device: device(),
+        request_seq: 7,
+        at_ms: T0,
+        status: DiagStatus {
+            agent_version: "0.1.0".into(),
+            uptime_s: 3600,
+            arch: "x86_64".into(),
+            shards: vec![DiagShard {
+                shard: shard(),
+                capability: "vpn".into(),
+                state: ShardState::Running,
+                restarts: 1,
+                last_failure: Some("crashed".into()),
+            }],
+            capture_source: "ring".into(),
+            broker_connected: true,
+            last_errors: vec!["e".into()],
+        },
+        log_lines: vec!["a".into(), "bc".into()],
+        truncated: true,
+    }
+}
+
 #[test]
 fn golden_assignment_ids() {
     check(
@@ -1139,4 +1167,23 @@ fn golden_assignment_state() {
         &AssignmentState::bootstrap(GroupId::new("acme.eu-west.vpn").unwrap()),
         "011061636d652e65752d776573742e76706e00",
     );
+}
+
+#[test]
+fn golden_diagnostics_request_and_answer() {
+    // Added at the end of `Operation` and `Domain`: the bytes of the
+    // variants before them (above) are unchanged.
+    check(
+        "Operation::RequestDiagnostics",
+        &Operation::RequestDiagnostics { max_lines: 200 },
+        "0103c801",
+    );
+    check("Domain::Diagnostics", &Domain::Diagnostics, "0108");
+    assert_eq!(Domain::Diagnostics.tag(), b"shardline/v1/sig/diagnostics\0");
+    check("Diagnostics", &diagnostics(), "01057274722d310780909282e73305302e312e30901c067838365f3634010374756e03312e320376706e01010107637261736865640472696e670101016502016102626301");
+    // Sealed with the device key (deterministic Ed25519), opened back.
+    let sealed = diagnostics().seal(&key(3));
+    assert_eq!(hex::encode(&sealed), "01084501057274722d310780909282e73305302e312e30901c067838365f3634010374756e03312e320376706e01010107637261736865640472696e67010101650201610262630101b62e867fa2f33afe401376b78a591d6589bdb07b27bb81c40770f9d0fcd215a679b54dbb10fa99a6a969f160549ccc892363aba51c11608d759f5b947e22cd07689a96b9cf4533d50c");
+    let opened = shardline_shared::diag::open(&sealed, &key(3).public_key()).unwrap();
+    assert_eq!(opened, diagnostics());
 }

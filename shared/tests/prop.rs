@@ -365,7 +365,46 @@ fn operation() -> impl Strategy<Value = Operation> {
         activation().prop_map(Operation::Activate),
         shard_ref().prop_map(|shard| Operation::Deactivate { shard }),
         shard_activation().prop_map(Operation::ActivateShard),
+        any::<u16>().prop_map(|max_lines| Operation::RequestDiagnostics { max_lines }),
     ]
+}
+
+fn diagnostics() -> impl Strategy<Value = shardline_shared::diag::Diagnostics> {
+    use shardline_shared::diag::{DiagShard, DiagStatus, Diagnostics};
+    let shard = (shard_ref(), token(), any::<u32>(), option::of(".{0,20}")).prop_map(
+        |(shard, capability, restarts, last_failure)| DiagShard {
+            shard,
+            capability,
+            state: ShardState::Running,
+            restarts,
+            last_failure,
+        },
+    );
+    (
+        device_id(),
+        any::<u64>(),
+        vec(shard, 0..3),
+        vec(".{0,40}", 0..8),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(device, request_seq, shards, log_lines, truncated)| Diagnostics {
+                device,
+                request_seq,
+                at_ms: request_seq / 2,
+                status: DiagStatus {
+                    agent_version: "0.1.0".into(),
+                    uptime_s: request_seq % 1000,
+                    arch: "x86_64".into(),
+                    shards,
+                    capture_source: "ring".into(),
+                    broker_connected: truncated,
+                    last_errors: log_lines.iter().take(2).cloned().collect(),
+                },
+                log_lines,
+                truncated,
+            },
+        )
 }
 
 fn instruction() -> impl Strategy<Value = Instruction> {
@@ -618,6 +657,19 @@ proptest! {
     }
 
     #[test]
+    fn round_trip_diagnostics_and_its_seal(v in diagnostics(), cut in any::<prop::sample::Index>()) {
+        round_trip(&v, cut)?;
+        let k = KeyPair::from_seed(&[4; 32]);
+        let sealed = v.seal(&k);
+        prop_assert_eq!(shardline_shared::diag::open(&sealed, &k.public_key()).unwrap(), v);
+        // Another key's answer, or one cut short, never opens.
+        let other = KeyPair::from_seed(&[5; 32]);
+        prop_assert!(shardline_shared::diag::open(&sealed, &other.public_key()).is_err());
+        let at = cut.index(sealed.len());
+        prop_assert!(shardline_shared::diag::open(&sealed[..at], &k.public_key()).is_err());
+    }
+
+    #[test]
     fn round_trip_app_request(v in app_request(), cut in any::<prop::sample::Index>()) {
         round_trip(&v, cut)?;
     }
@@ -791,6 +843,7 @@ fn decode_as_everything(bytes: &[u8]) {
     let _ = decode::<GroupId>(bytes);
     let _ = decode::<Region>(bytes);
     let _ = decode::<ServerId>(bytes);
+    let _ = decode::<shardline_shared::diag::Diagnostics>(bytes);
 }
 
 proptest! {
@@ -817,6 +870,7 @@ proptest! {
             let a = handle_assignment(&held, bytes, now, &KeySet::of(1, &[&k1]), &[]);
             prop_assert!(matches!(a.verdict, AssignmentVerdict::Refused(_)), "{:?}", a.verdict);
             prop_assert_eq!(a.state, held);
+            prop_assert!(shardline_shared::diag::open(bytes, &k1.public_key()).is_err());
             let d = handle_incoming(&state, &me(), bytes, now, &AcceptancePolicy::default());
             // Random bytes are never a valid signature by key 1.
             prop_assert!(
@@ -937,7 +991,7 @@ proptest! {
         let limits_ok = instr.ops.iter().all(|op| match op {
             Operation::Activate(a) => limits_in_range(&a.limits),
             Operation::ActivateShard(a) => a.variants().all(|v| limits_in_range(&v.limits)),
-            Operation::Deactivate { .. } => true,
+            Operation::Deactivate { .. } | Operation::RequestDiagnostics { .. } => true,
         });
         match &d.verdict {
             Verdict::Apply(applied) => {

@@ -519,12 +519,79 @@ impl Daemon {
                     self.flush();
                     self.status_dirty = true;
                 }
+                Action::Diagnostics { seq, max_lines } => {
+                    self.send_diagnostics(seq, max_lines, now)
+                }
             }
         }
         if self.status_dirty {
             self.write_status(now);
         }
         Ok(())
+    }
+
+    /// Answers an operator's diagnostics request (issue 20): the newest log
+    /// lines within the wire caps and the agent's status, sealed with the
+    /// device key, published once (QoS 1, not through the outbox: a stale
+    /// answer after a restart is worth nothing; the operator asks again).
+    fn send_diagnostics(&mut self, seq: u64, max_lines: u16, now: u64) {
+        use shardline_shared::diag::{self, DiagShard, DiagStatus, Diagnostics};
+        let (lines, errors) = crate::logging::recent();
+        let keep = usize::from(max_lines).min(diag::MAX_LOG_LINES);
+        let from = lines.len().saturating_sub(keep);
+        let (log_lines, cut) = diag::newest_within_caps(&lines[from..]);
+        let shards = self
+            .runtime
+            .statuses(now)
+            .into_iter()
+            .take(diag::MAX_STATUS_ITEMS)
+            .map(|s| DiagShard {
+                shard: s.shard,
+                capability: s.capability,
+                state: s.state,
+                restarts: s.restarts,
+                last_failure: s.last_failure.map(|f| diag::clip_line(&format!("{f:?}"))),
+            })
+            .collect();
+        let capture_source = match &self.cfg.monitor.pcap {
+            Some(p) => format!("pcap {}", p.display()),
+            None => format!("{:?}", self.cfg.monitor.capture).to_lowercase(),
+        };
+        let answer = Diagnostics {
+            device: self.cfg.device.clone(),
+            request_seq: seq,
+            at_ms: now,
+            status: DiagStatus {
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_s: crate::logging::uptime_s(),
+                arch: std::env::consts::ARCH.to_owned(),
+                shards,
+                capture_source: diag::clip_line(&capture_source),
+                broker_connected: self.core.is_connected(),
+                last_errors: errors
+                    .iter()
+                    .rev()
+                    .take(diag::MAX_STATUS_ITEMS)
+                    .rev()
+                    .map(|e| diag::clip_line(e))
+                    .collect(),
+            },
+            truncated: cut || from > 0,
+            log_lines,
+        };
+        let sealed = answer.seal(&self.key);
+        let topic = topics::diagnostics(&self.cfg.device);
+        if link::try_publish(&self.link.client, &topic, sealed, false) {
+            self.core.handed_out(Sent::Other);
+            tracing::info!(
+                seq,
+                lines = answer.log_lines.len(),
+                truncated = answer.truncated,
+                "diagnostics sent"
+            );
+        } else {
+            tracing::warn!(seq, "diagnostics not sent: the MQTT client is busy");
+        }
     }
 
     fn on_api_event(&mut self, ev: Option<ApiEvent>) -> Result<(), DaemonError> {

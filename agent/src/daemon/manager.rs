@@ -150,6 +150,10 @@ pub enum Action {
     /// Publish an ack. `Applied` becomes `Failed` in the daemon when a
     /// `Start` of the same action list failed.
     Ack { seq: u64, outcome: AckOutcome },
+    /// Answer the operator's diagnostics request of instruction `seq`
+    /// (issue 20): recent log lines (at most `max_lines`) and status,
+    /// signed, on the device's diagnostics topic. After the ack.
+    Diagnostics { seq: u64, max_lines: u16 },
 }
 
 /// The decision core; see the module docs.
@@ -285,8 +289,10 @@ impl CapabilityManager {
         match verdict {
             Verdict::Apply(instr) => {
                 self.acceptance = state;
+                let mut diagnostics = Vec::new();
                 for op in instr.ops {
                     match op {
+                        Operation::RequestDiagnostics { max_lines } => diagnostics.push(max_lines),
                         Operation::Activate(a) => self.activate(from_activation(a), now_ms),
                         Operation::ActivateShard(a) => self.activate(a, now_ms),
                         Operation::Deactivate { shard } => {
@@ -303,6 +309,13 @@ impl CapabilityManager {
                     seq: instr.seq,
                     outcome: AckOutcome::Applied,
                 });
+                // One answer per instruction, however many times it asked.
+                if let Some(max_lines) = diagnostics.into_iter().max() {
+                    actions.push(Action::Diagnostics {
+                        seq: instr.seq,
+                        max_lines,
+                    });
+                }
                 actions
             }
             Verdict::Ignore { seq } => self.budgeted_ack(seq, AckOutcome::Duplicate, now_ms),
@@ -686,6 +699,46 @@ mod tests {
                 _ => None,
             })
             .expect("a persist action")
+    }
+
+    #[test]
+    fn a_diagnostics_request_is_answered_once_after_the_ack() {
+        let mut m = boot(T0);
+        let a = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![
+                    Operation::RequestDiagnostics { max_lines: 50 },
+                    Operation::RequestDiagnostics { max_lines: 200 },
+                ],
+            ),
+            T0,
+        );
+        let n = a.len();
+        assert!(matches!(a[n - 2], Action::Ack { seq: 1, .. }), "{a:?}");
+        assert_eq!(
+            a[n - 1],
+            Action::Diagnostics {
+                seq: 1,
+                max_lines: 200
+            }
+        );
+        // A redelivery is a duplicate: acked, never answered again.
+        let again = m.on_instruction(
+            &instr(
+                1,
+                T0,
+                vec![
+                    Operation::RequestDiagnostics { max_lines: 50 },
+                    Operation::RequestDiagnostics { max_lines: 200 },
+                ],
+            ),
+            T0,
+        );
+        assert!(!again
+            .iter()
+            .any(|a| matches!(a, Action::Diagnostics { .. })));
     }
 
     #[test]

@@ -269,6 +269,9 @@ pub fn describe_operation(op: &Operation) -> String {
             a.lease_expires_at_ms
         ),
         Operation::Deactivate { shard } => format!("deactivate {shard}"),
+        Operation::RequestDiagnostics { max_lines } => {
+            format!("send diagnostics (at most {max_lines} log lines)")
+        }
         Operation::ActivateShard(a) => {
             let alternatives = if a.alternatives.is_empty() {
                 String::new()

@@ -207,6 +207,12 @@ pub struct Batch {
     /// Appended to the devices' history (unconditionally, like tombstones;
     /// the stores prune it by age and count).
     pub history: Vec<crate::history::HistoryEntry>,
+    /// `postcard` of the engine's staged rollouts, when they changed.
+    pub rollouts: Option<Vec<u8>>,
+    /// The latest diagnostics answer of these devices (`postcard` of
+    /// `service::StoredDiagnostics`; one per device, replacing the last;
+    /// empty deletes it).
+    pub diagnostics: Vec<(DeviceId, Vec<u8>)>,
 }
 
 /// A report sequence floor write. Like a whole-record write it moves the
@@ -229,6 +235,8 @@ impl Batch {
             && self.tombstones.is_empty()
             && self.catalog_health.is_none()
             && self.history.is_empty()
+            && self.rollouts.is_none()
+            && self.diagnostics.is_empty()
     }
 }
 

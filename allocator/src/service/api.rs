@@ -39,6 +39,12 @@
 //! `instruction`, …, each a JSON object with `device` where it applies;
 //! `?device=ID` filters), and the static page under `/ui/` (`/` redirects
 //! there), served without a token since it carries no data.
+//! Deployments (issue 20, `api_deploy`): `POST /v1/catalog/reload` (also
+//! SIGHUP; answers what changed, or the file/line/field of a bad file and
+//! nothing changes), `GET /v1/rollouts`,
+//! `POST /v1/rollouts/{shard}/{promote|rollback}`. Remote diagnostics:
+//! `POST /v1/devices/{id}/diagnostics` (ask: a signed instruction),
+//! `GET /v1/devices/{id}/diagnostics` (the latest signed answer).
 
 // Handlers answer errors with a ready `Response`; that is axum's idiom.
 #![allow(clippy::result_large_err)]
@@ -79,6 +85,8 @@ pub struct ApiState {
     pub audit: super::audit::AuditLog,
     /// The dashboard's live event stream (`GET /v1/events`).
     pub live: super::api_fleet::LiveHub,
+    /// The `[policy]` files a catalog reload reads (`api_deploy`).
+    pub policy: Arc<super::config::PolicySection>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -118,6 +126,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/fleet", get(super::api_fleet::fleet))
         .route("/v1/events", get(super::api_fleet::events))
         .merge(super::dashboard::routes())
+        .merge(super::api_deploy::routes())
         .fallback(not_found)
         // Last, so it runs first: nothing about a request (its route, its
         // body, its ids) is looked at before its token is; then its role,
@@ -208,6 +217,12 @@ fn reply_json(r: Reply) -> Response {
         Reply::Error(e) => command_error(e),
         Reply::Fleet(f) => Json(f).into_response(),
         Reply::DevicePage(p) => Json(p).into_response(),
+        Reply::Reloaded(r) => Json(r).into_response(),
+        Reply::Rollouts(r) => Json(r).into_response(),
+        Reply::DiagnosticsAsked { seq } => {
+            Json(serde_json::json!({ "asked": true, "instruction_seq": seq })).into_response()
+        }
+        Reply::Diagnostics(d) => Json(d).into_response(),
     }
 }
 

@@ -428,6 +428,7 @@ mod tests {
             audit: audit::AuditLog::new(store.clone(), audit::AuditConfig::default()),
             store: store.clone(),
             live: crate::service::api_fleet::LiveHub::default(),
+            policy: Arc::default(),
         };
         async fn probe(
             State(state): State<ApiState>,

@@ -97,9 +97,9 @@ impl LiveHub {
             return;
         }
         for note in notes {
-            let device = note.device().to_string();
+            let device = note.device().map(|d| d.to_string());
             let data = serde_json::to_value(note).unwrap_or_default();
-            self.publish(note.event(), Some(&device), &data);
+            self.publish(note.event(), device.as_deref(), &data);
         }
     }
 

@@ -347,6 +347,8 @@ impl Config {
         if let Err((field, message)) = config.policy.engine.check() {
             let (section, field) = if let Some(f) = field.strip_prefix("requests.") {
                 ("policy.engine.requests", f)
+            } else if matches!(field, "canary_permille" | "failure_threshold_pct") {
+                ("policy.engine.rollout", field)
             } else if matches!(field, "initial" | "half_life_ms") {
                 ("policy.engine.reputation", field)
             } else {

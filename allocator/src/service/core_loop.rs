@@ -257,7 +257,7 @@ fn flush(
     }
     if !refused.is_empty() {
         publish.retain(|p| topics::parse(&p.topic).is_none_or(|(d, _)| !refused.contains(&d)));
-        notes.retain(|n| !refused.contains(n.device()));
+        notes.retain(|n| n.device().is_none_or(|d| !refused.contains(d)));
     }
     // Committed: the dashboard may see it now (never waits on a client).
     live.publish_notes(&notes);

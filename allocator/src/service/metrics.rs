@@ -122,6 +122,31 @@ pub fn render(metrics: &Metrics) -> String {
         get(&metrics.alerts),
     );
     counter(
+        "shardline_catalog_reloads_total",
+        "Catalog and tier reloads applied (SIGHUP or the API).",
+        get(&metrics.catalog_reloads),
+    );
+    counter(
+        "shardline_catalog_reloads_refused_total",
+        "Catalog and tier reloads refused as invalid (nothing changed).",
+        get(&metrics.catalog_reloads_refused),
+    );
+    counter(
+        "shardline_rollout_changes_total",
+        "Staged rollouts started, promoted or rolled back.",
+        get(&metrics.rollout_changes),
+    );
+    counter(
+        "shardline_diagnostics_received_total",
+        "Signed diagnostics answers of devices stored.",
+        get(&metrics.diagnostics_received),
+    );
+    counter(
+        "shardline_diagnostics_refused_total",
+        "Diagnostics answers refused (bad signature, too large, not asked for).",
+        get(&metrics.diagnostics_refused),
+    );
+    counter(
         "shardline_catalog_entries_failed_total",
         "Catalog entries marked failing on an architecture (operator faults).",
         get(&metrics.catalog_entries_failed),

@@ -22,6 +22,7 @@
 pub mod access;
 pub mod api;
 pub mod api_access;
+pub mod api_deploy;
 pub mod api_fleet;
 pub mod api_history;
 pub mod api_tls;

@@ -48,6 +48,11 @@ pub async fn run(
     } else {
         topics::ALL_REQUESTS.to_owned()
     };
+    let diag_filter = if shared {
+        topics::shared(topics::ALL_DIAGNOSTICS)
+    } else {
+        topics::ALL_DIAGNOSTICS.to_owned()
+    };
     let mut backoff = BACKOFF_MIN;
     let mut connected_at: Option<std::time::Instant> = None;
     loop {
@@ -88,6 +93,7 @@ pub async fn run(
                     ack_filter.clone(),
                     enroll_filter.clone(),
                     request_filter.clone(),
+                    diag_filter.clone(),
                     topics::ALL_STATUS.to_owned(),
                 ];
                 let client = client.clone();

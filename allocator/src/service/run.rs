@@ -11,6 +11,7 @@
 //! dropped, and the core reloads them. Fleet-wide periodic work runs only on
 //! the instance holding the store's lead.
 
+use super::audit::{AuditEntry, AuditLog, Outcome};
 use super::catalog_files::{self, CatalogFileError};
 use super::config::{BrokerUrl, Config};
 use super::core::{self, Core, CoreConfig};
@@ -222,8 +223,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tokens,
         tombstones: store.load_tombstones()?,
         catalog_health: store.load_catalog_health()?,
+        rollouts: store.load_rollouts()?,
     };
     let mut core = Core::new(engine, key, loaded, core_cfg, metrics.clone(), now);
+    core.restore_diagnostics(store.load_diagnostics()?);
     // Secrets are sealed to devices with fresh ephemeral keys from the OS.
     core.set_seal_rng(core::SealRng(Box::new(crypto_box::aead::OsRng)));
 
@@ -278,6 +281,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // Core thread.
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
     let live = super::api_fleet::LiveHub::default();
+    spawn_audit_events(&audit_log, live.clone());
     let rt = tokio::runtime::Handle::current();
     let core_thread = {
         let metrics = metrics.clone();
@@ -331,7 +335,51 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         access: Arc::new(super::access::Access::new(token, api_store.clone())),
         audit: audit_log.clone(),
         live,
+        policy: Arc::new(config.policy.clone()),
     });
+    // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`.
+    {
+        let tx = tx.clone();
+        let policy = config.policy.clone();
+        let metrics = metrics.clone();
+        let audit = audit_log.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(StartError::Thread)?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let p = policy.clone();
+                let cmd = match tokio::task::spawn_blocking(move || {
+                    super::api_deploy::reload_from_files(&p)
+                })
+                .await
+                {
+                    Ok(Ok(cmd)) => cmd,
+                    Ok(Err(e)) => {
+                        Metrics::inc(&metrics.catalog_reloads_refused);
+                        tracing::warn!(error = %e, "SIGHUP: catalog reload refused: the running catalog stays");
+                        audit_signal_reload(&audit, Outcome::Refused, e.to_string()).await;
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                if tx
+                    .send(Inbound::Command(Box::new(cmd), reply_tx))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                // The core logs what changed (or why it refused).
+                let (outcome, message) = match reply_rx.await {
+                    Ok(core::Reply::Error(e)) => (Outcome::Refused, e.to_string()),
+                    Ok(_) => (Outcome::Ok, String::new()),
+                    Err(_) => (Outcome::Refused, "the core is stopping".to_owned()),
+                };
+                audit_signal_reload(&audit, outcome, message).await;
+            }
+        });
+    }
     let api_tls = match (&config.api.tls_cert, &config.api.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key, None)?),
         _ => None,
@@ -440,6 +488,43 @@ fn spawn_history_pruner(store: Arc<dyn Store>, cfg: &super::config::HistoryConfi
                     tracing::warn!(error = %e, "pruning the device history failed; retrying later")
                 }
                 Err(e) => tracing::warn!(error = %e, "the history pruner stopped"),
+            }
+        }
+    });
+}
+
+/// Records a SIGHUP reload in the audit log (actor `sighup`: whoever may
+/// signal the service acts as an admin).
+async fn audit_signal_reload(audit: &AuditLog, outcome: Outcome, message: String) {
+    let audit = audit.clone();
+    let entry = AuditEntry::system(
+        "sighup",
+        "catalog reload",
+        "",
+        "catalog and tiers files",
+        outcome,
+        &message,
+        now_ms(),
+    );
+    let written = tokio::task::spawn_blocking(move || audit.record(&entry)).await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::error!("the SIGHUP reload could not be written to the audit log");
+    }
+}
+
+/// Hands every finished audit entry to the dashboard's live stream.
+fn spawn_audit_events(audit: &AuditLog, live: super::api_fleet::LiveHub) {
+    let mut entries = audit.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match entries.recv().await {
+                Ok(e) => {
+                    let data = serde_json::to_value(&e).unwrap_or_default();
+                    let device = (!e.target.is_empty()).then_some(e.target.as_str());
+                    live.publish("audit", device, &data);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
     });

@@ -164,12 +164,36 @@ enum Cmd {
     },
     /// The audit log of operator actions, newest first.
     Audit(super::shardctl_access::AuditArgs),
+    /// A device's latest diagnostics (recent log lines and status);
+    /// `--ask` asks the device for fresh ones first and waits for them.
+    Diagnostics {
+        #[arg(value_parser = parse_device)]
+        device: DeviceId,
+        #[arg(long)]
+        ask: bool,
+    },
+    /// Staged rollouts of changed catalog entries (canaries first).
+    Rollouts {
+        #[command(subcommand)]
+        command: Option<RolloutCmd>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Give every device the new entry now.
+    Promote { shard: String },
+    /// Give the canaries the previous entry again.
+    Rollback { shard: String },
 }
 
 #[derive(Debug, Subcommand)]
 enum CatalogCmd {
     /// Clear a shard's failing marks and start failures: try it again everywhere.
     Retry { shard: String },
+    /// Read the catalog and tier files again (as SIGHUP does); changed
+    /// entries are rolled out in stages. A bad file changes nothing.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,6 +371,45 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             ("POST", format!("/v1/catalog/{shard}/retry"), None)
         }
+        Cmd::Catalog {
+            command: Some(CatalogCmd::Reload),
+        } => ("POST", "/v1/catalog/reload".to_owned(), None),
+        Cmd::Rollouts { command: None } => ("GET", "/v1/rollouts".to_owned(), None),
+        Cmd::Diagnostics { device, ask } => {
+            let path = format!("/v1/devices/{device}/diagnostics");
+            if *ask {
+                let before = http::request(&cli.api, "GET", &path, Some(&token), None)?;
+                let r = http::request(&cli.api, "POST", &path, Some(&token), None)?;
+                if r.status != 200 {
+                    eprintln!("shardctl: {} ({})", r.body, r.status);
+                    return Ok(ExitCode::from(1));
+                }
+                // Wait (up to 15 s) for an answer newer than the one before.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+                while std::time::Instant::now() < deadline {
+                    let now = http::request(&cli.api, "GET", &path, Some(&token), None)?;
+                    if now.status == 200 && now.body != before.body {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+            ("GET", path, None)
+        }
+        Cmd::Rollouts {
+            command: Some(RolloutCmd::Promote { shard } | RolloutCmd::Rollback { shard }),
+        } => {
+            if shard.is_empty() || shard.contains('/') {
+                anyhow::bail!("bad shard id {shard:?}");
+            }
+            let what = match &cli.command {
+                Cmd::Rollouts {
+                    command: Some(RolloutCmd::Promote { .. }),
+                } => "promote",
+                _ => "rollback",
+            };
+            ("POST", format!("/v1/rollouts/{shard}/{what}"), None)
+        }
         Cmd::Pin { device, shard } => op(device, "pin", Some(shard)),
         Cmd::Unpin { device, shard } => op(device, "unpin", Some(shard)),
         Cmd::Revoke { device, shard } => op(device, "revoke", Some(shard)),
@@ -479,6 +542,20 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::Request { .. } => {
                 println!("{}", answer_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Catalog {
+                command: Some(CatalogCmd::Reload),
+            } => {
+                print!("{}", reload_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Rollouts { .. } => {
+                print!("{}", rollouts_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Diagnostics { .. } => {
+                print!("{}", diagnostics_text(&value));
                 return Ok(ExitCode::SUCCESS);
             }
             Cmd::Reputation { .. } => {
@@ -912,6 +989,114 @@ fn parse_duration_ms(s: &str) -> Result<u32, String> {
         _ => return Err(format!("unknown unit in {s:?} (ms, s or m)")),
     };
     u32::try_from(ms).map_err(|_| format!("too long: {s:?}"))
+}
+
+/// `shardctl catalog reload` for people.
+fn reload_text(v: &serde_json::Value) -> String {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+    let mut out = format!(
+        "reloaded catalog {} and tiers {}: {}\n",
+        s("catalog_source"),
+        s("tiers_source"),
+        s("summary")
+    );
+    for r in v["details"]["rollouts_started"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!("  {}\n", r.as_str().unwrap_or("")));
+    }
+    out
+}
+
+/// `shardctl diagnostics` for people.
+fn diagnostics_text(v: &serde_json::Value) -> String {
+    let st = &v["status"];
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+    let mut out = format!(
+        "{} (answer to instruction {}, at {} ms): agent {} {} up {} s, capture {}, broker {}\n",
+        s(&v["device"]),
+        v["request_seq"],
+        v["at_ms"],
+        s(&st["agent_version"]),
+        s(&st["arch"]),
+        st["uptime_s"],
+        s(&st["capture_source"]),
+        if st["broker_connected"] == true {
+            "connected"
+        } else {
+            "disconnected"
+        },
+    );
+    for sh in st["shards"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  shard {}@{} ({}) {:?} restarts {}{}\n",
+            s(&sh["shard"]["id"]),
+            s(&sh["shard"]["version"]),
+            s(&sh["capability"]),
+            sh["state"],
+            sh["restarts"],
+            sh["last_failure"]
+                .as_str()
+                .map(|f| format!(", last failure {f}"))
+                .unwrap_or_default()
+        ));
+    }
+    for e in st["last_errors"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  error: {}\n", s(e)));
+    }
+    let lines = v["log_lines"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "last {} log lines{}:\n",
+        lines.len(),
+        if v["truncated"] == true {
+            " (older ones left out)"
+        } else {
+            ""
+        }
+    ));
+    for l in &lines {
+        out.push_str(&format!("  {}\n", s(l)));
+    }
+    out
+}
+
+/// `shardctl rollouts` for people.
+fn rollouts_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let row = |r: &serde_json::Value, out: &mut String| {
+        let s = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+        let n = |k: &str| r.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        out.push_str(&format!(
+            "{:<24} {:<12} {} → {}  canaries {} ran {} failed {} ({:.0} % / {:.0} %)\n    {}\n",
+            s("shard"),
+            s("phase"),
+            s("previous_version"),
+            s("new_version"),
+            r["canaries"].as_array().map_or(0, Vec::len),
+            n("exposed"),
+            r["failures"].as_object().map_or(0, |m| m.len()),
+            n("failure_pct"),
+            n("threshold_pct"),
+            s("reason"),
+        ));
+    };
+    let active = v["active"].as_array().cloned().unwrap_or_default();
+    if active.is_empty() {
+        out.push_str("no rollout running\n");
+    }
+    for r in &active {
+        row(r, &mut out);
+    }
+    let ended = v["ended"].as_array().cloned().unwrap_or_default();
+    if !ended.is_empty() {
+        out.push_str("ended:\n");
+        for r in ended.iter().take(5) {
+            row(r, &mut out);
+        }
+    }
+    out
 }
 
 /// `shardctl catalog` for people.

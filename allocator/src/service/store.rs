@@ -89,6 +89,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn load_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
     /// The engine's catalog health blob, if one was ever committed.
     fn load_catalog_health(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The engine's staged rollouts blob, if one was ever committed.
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The latest diagnostics answer blob of every device that has one.
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError>;
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         self.commit_all(std::slice::from_ref(batch))
     }
@@ -140,6 +144,10 @@ const VERSIONS: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::ne
 const TOMBSTONES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tombstones");
 /// Key of the catalog health blob in `META` (stored raw: the engine encodes it).
 const HEALTH_KEY: &str = "catalog_health";
+/// Key of the staged rollouts blob in `META` (stored raw, like the health).
+const ROLLOUTS_KEY: &str = "rollouts";
+/// Prefix of a device's latest diagnostics answer in `META` (one per device).
+const DIAG_PREFIX: &str = "diag/";
 
 /// Record encoding version, first byte of every stored value.
 const RECORD_VERSION: u8 = 1;
@@ -360,6 +368,30 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        Ok(t.get(ROLLOUTS_KEY)
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(META).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.range(DIAG_PREFIX..).map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let Some(id) = k.value().strip_prefix(DIAG_PREFIX) else {
+                break; // past the prefix: keys are ordered
+            };
+            if let Ok(device) = DeviceId::new(id) {
+                out.push((device, v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     fn commit_all(&self, batches: &[Batch]) -> Result<(), StoreError> {
         if batches.iter().all(Batch::is_empty) {
             return Ok(());
@@ -409,6 +441,21 @@ impl Store for RedbStore {
                 t.insert(HEALTH_KEY, h.as_slice()).map_err(db_err)?;
             }
             super::store_history::append(&txn, &batch.history)?;
+            if let Some(r) = &batch.rollouts {
+                let mut t = txn.open_table(META).map_err(db_err)?;
+                t.insert(ROLLOUTS_KEY, r.as_slice()).map_err(db_err)?;
+            }
+            if !batch.diagnostics.is_empty() {
+                let mut t = txn.open_table(META).map_err(db_err)?;
+                for (device, d) in &batch.diagnostics {
+                    let key = format!("{DIAG_PREFIX}{device}");
+                    if d.is_empty() {
+                        t.remove(key.as_str()).map_err(db_err)?;
+                    } else {
+                        t.insert(key.as_str(), d.as_slice()).map_err(db_err)?;
+                    }
+                }
+            }
             let mut tombs = txn.open_table(TOMBSTONES).map_err(db_err)?;
             for (id, t) in &batch.tombstones {
                 match t {

@@ -241,6 +241,52 @@ fn check_tombstones_and_health(store: &dyn Store) {
         vec![tomb("contract-t", 3)]
     );
     assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
+    // Issue 20: the staged rollouts blob, the last one committed, apart
+    // from the health blob.
+    assert_eq!(store.load_rollouts().expect("rollouts"), None);
+    store
+        .commit(&Batch {
+            rollouts: Some(vec![7, 8]),
+            ..Batch::default()
+        })
+        .expect("rollouts");
+    store
+        .commit(&Batch {
+            rollouts: Some(vec![9]),
+            ..Batch::default()
+        })
+        .expect("rollouts again");
+    assert_eq!(store.load_rollouts().expect("rollouts"), Some(vec![9]));
+    // The latest diagnostics answer per device: the last write wins.
+    assert!(store.load_diagnostics().expect("diagnostics").is_empty());
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-t"), vec![1]), (id("contract-b"), vec![2])],
+            ..Batch::default()
+        })
+        .expect("diagnostics");
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-t"), vec![3, 4])],
+            ..Batch::default()
+        })
+        .expect("diagnostics again");
+    assert_eq!(
+        store.load_diagnostics().expect("diagnostics"),
+        vec![(id("contract-b"), vec![2]), (id("contract-t"), vec![3, 4])]
+    );
+    // An empty blob deletes (unenrolment).
+    store
+        .commit(&Batch {
+            diagnostics: vec![(id("contract-b"), vec![])],
+            ..Batch::default()
+        })
+        .expect("diagnostics deleted");
+    assert_eq!(
+        store.load_diagnostics().expect("diagnostics"),
+        vec![(id("contract-t"), vec![3, 4])]
+    );
+    assert_eq!(store.load_catalog_health().expect("health"), Some(vec![4]));
     // A conflicting commit writes no tombstone either.
     let err = store
         .commit(&Batch {

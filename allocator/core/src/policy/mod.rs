@@ -25,15 +25,17 @@ mod plan;
 pub mod prng;
 pub mod reputation;
 pub mod requests;
+pub mod rollout;
 pub mod simulate;
 
 pub use catalog::{Agreements, Catalog, CatalogError, Tier};
 
-pub use engine::Engine;
+pub use engine::{rollout_views, Engine, EntryChange, ReloadError, ReloadSummary, RolloutView};
 pub use faults::{
     CatalogHealth, CloneWatch, DuplicateFlag, FailingEntry, FaultConfig, StartFailure, Tombstone,
 };
 pub use requests::{AppRequests, InstanceSummary, InstanceView, RequestConfig, ScoreChange};
+pub use rollout::{RolloutConfig, Rollouts};
 
 use serde::{Deserialize, Serialize};
 use shardline_shared::ids::{DeviceId, InstanceRef, ShardRef};
@@ -237,6 +239,14 @@ pub enum Action {
         reason: String,
         actor: String,
     },
+    /// A staged rollout started, was promoted or rolled back
+    /// (`phase` `canary` / `promoted` / `rolled_back`); the reason in
+    /// words and numbers.
+    Rollout {
+        shard: String,
+        phase: String,
+        reason: String,
+    },
 }
 
 // ------------------------------------------------------------------ config
@@ -434,6 +444,8 @@ pub struct PolicyConfig {
     /// Seed 002: borrowing behaviour, returns, good-neighbour reports,
     /// consent and offers (see [`lending`]).
     pub lending: lending::LendingConfig,
+    /// Staged rollouts of changed catalog entries (see [`rollout`]).
+    pub rollout: rollout::RolloutConfig,
 }
 
 impl Default for PolicyConfig {
@@ -478,6 +490,7 @@ impl Default for PolicyConfig {
             requests: RequestConfig::default(),
             market: market::MarketConfig::default(),
             lending: lending::LendingConfig::default(),
+            rollout: rollout::RolloutConfig::default(),
         }
     }
 }
@@ -515,6 +528,7 @@ impl PolicyConfig {
         }
         self.market.check()?;
         self.lending.check()?;
+        self.rollout.check()?;
         self.requests.check()
     }
 }

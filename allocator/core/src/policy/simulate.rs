@@ -331,6 +331,8 @@ impl SimDevice {
                 Operation::Deactivate { shard } => {
                     self.running.remove(shard.id());
                 }
+                // The engine never asks; an operator does, not simulated.
+                Operation::RequestDiagnostics { .. } => {}
                 Operation::Activate(a) => {
                     activations += 1;
                     self.start(

@@ -165,6 +165,30 @@ pub enum Command {
     Fleet,
     /// One page of the device list, filtered (`GET /v1/devices?…`).
     DevicePage(super::fleet::DeviceQuery),
+    /// Replace the catalog and the tiers (already parsed and checked by
+    /// the service; the core checks them against the fleet).
+    ReloadCatalog {
+        catalog: Box<policy::Catalog>,
+        agreements: Box<policy::Agreements>,
+        catalog_source: String,
+        tiers_source: String,
+    },
+    /// The staged rollouts.
+    Rollouts,
+    /// An operator promotes or rolls back a rollout.
+    RolloutDecision {
+        shard: String,
+        promote: bool,
+        actor: String,
+    },
+    /// Ask the device for its recent log lines and status.
+    AskDiagnostics {
+        device: DeviceId,
+    },
+    /// The device's latest diagnostics answer.
+    Diagnostics {
+        device: DeviceId,
+    },
 }
 
 /// One catalog shard for `GET /v1/catalog`.
@@ -194,7 +218,10 @@ pub enum Reply {
     Device(Box<DeviceDetail>),
     Credits(Vec<policy::market::CreditRow>),
     Tiers(Vec<TierRow>),
-    Rotated { epoch: u64, key_id: String },
+    Rotated {
+        epoch: u64,
+        key_id: String,
+    },
     Catalog(Vec<CatalogRow>),
     DeviceConfig(super::DeviceConfigShown),
     Answer(Box<shardline_shared::request::RequestAnswer>),
@@ -202,6 +229,13 @@ pub enum Reply {
     Error(CommandError),
     Fleet(Box<super::fleet::FleetSummary>),
     DevicePage(super::fleet::DevicePage),
+    Reloaded(Box<super::ReloadAnswer>),
+    Rollouts(Box<super::RolloutsView>),
+    /// The instruction number of a diagnostics ask.
+    DiagnosticsAsked {
+        seq: u64,
+    },
+    Diagnostics(Box<super::DiagnosticsView>),
 }
 
 impl Command {
@@ -213,7 +247,9 @@ impl Command {
             | Self::Device { device }
             | Self::Operator { device, .. }
             | Self::SetDeviceConfig { device, .. }
-            | Self::DeviceConfig { device } => Some(device),
+            | Self::DeviceConfig { device }
+            | Self::AskDiagnostics { device }
+            | Self::Diagnostics { device } => Some(device),
             Self::VpnPair(p) => Some(&p.a),
             Self::ShardRequest { instance, .. }
             | Self::InstanceReputation { instance }
@@ -320,6 +356,7 @@ impl Core {
                 let Some(rec) = self.records.remove(&device) else {
                     return Reply::Error(CommandError::UnknownDevice(device.to_string()));
                 };
+                self.forget_diagnostics(&device);
                 // A tombstone, so that enrolling the id again neither
                 // launders its reputation nor rewinds its sequences.
                 let tomb = policy::Tombstone {
@@ -512,6 +549,20 @@ impl Core {
             },
             Command::Fleet => Reply::Fleet(Box::new(self.fleet_summary(now_ms))),
             Command::DevicePage(query) => Reply::DevicePage(self.device_page(&query)),
+            Command::ReloadCatalog {
+                catalog,
+                agreements,
+                catalog_source,
+                tiers_source,
+            } => self.reload_catalog(now_ms, *catalog, *agreements, catalog_source, tiers_source),
+            Command::Rollouts => Reply::Rollouts(Box::new(self.rollouts_view())),
+            Command::RolloutDecision {
+                shard,
+                promote,
+                actor,
+            } => self.rollout_decision(now_ms, &shard, promote, &actor),
+            Command::AskDiagnostics { device } => self.ask_diagnostics(now_ms, &device),
+            Command::Diagnostics { device } => self.diagnostics_view(&device),
         }
     }
 

@@ -167,6 +167,15 @@ pub struct Metrics {
     pub instance_adjustments: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub gauges: Mutex<Gauges>,
+    /// Catalog and tier reloads applied, and refused (nothing changed).
+    pub catalog_reloads: AtomicU64,
+    pub catalog_reloads_refused: AtomicU64,
+    /// Rollouts started, promoted or rolled back.
+    pub rollout_changes: AtomicU64,
+    /// Diagnostics answers of devices stored, and refused (bad signature,
+    /// too large, unknown device, not asked for).
+    pub diagnostics_received: AtomicU64,
+    pub diagnostics_refused: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {

@@ -17,7 +17,12 @@ impl Core {
     /// Feeds the engine and carries out its actions (instructions get their
     /// sequence number here; `Sent` goes back to the engine).
     pub(super) fn feed(&mut self, now_ms: u64, event: Event) {
-        let mut queue: Vec<Action> = self.engine.handle(now_ms, event);
+        let queue: Vec<Action> = self.engine.handle(now_ms, event);
+        self.run_actions(now_ms, queue);
+    }
+
+    /// Carries out engine actions (and those they lead to) in order.
+    pub(super) fn run_actions(&mut self, now_ms: u64, mut queue: Vec<Action>) {
         queue.reverse();
         while let Some(action) = queue.pop() {
             match action {
@@ -73,6 +78,24 @@ impl Core {
                     Metrics::inc(&self.metrics.instance_adjustments);
                     self.dirty.insert(instance.device.clone());
                     tracing::info!(target: "audit", %actor, %instance, old, new, %reason, "instance reputation adjusted by an operator");
+                }
+                Action::Rollout {
+                    shard,
+                    phase,
+                    reason,
+                } => {
+                    Metrics::inc(&self.metrics.rollout_changes);
+                    if phase == "rolled_back" {
+                        tracing::warn!(%shard, %phase, %reason, "rollout rolled back");
+                    } else {
+                        tracing::info!(%shard, %phase, %reason, "rollout");
+                    }
+                    self.step.live.push(super::live::LiveNote::Rollout {
+                        shard,
+                        phase: phase.to_string(),
+                        reason,
+                        at_ms: now_ms,
+                    });
                 }
                 Action::DuplicateSuspected { device, reason } => {
                     Metrics::inc(&self.metrics.duplicate_flags);

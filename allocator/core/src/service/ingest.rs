@@ -17,6 +17,7 @@ impl Core {
             TopicKind::Request => self.on_app_request(now_ms, device, payload),
             // Our own answers echoed back (not subscribed; harmless).
             TopicKind::Answer => {}
+            TopicKind::Diagnostics => self.on_diagnostics(now_ms, device, payload),
         }
     }
 

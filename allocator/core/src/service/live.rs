@@ -31,15 +31,26 @@ pub enum LiveNote {
         outcome: String,
         at_ms: u64,
     },
+    /// A staged rollout moved (staged, promoted, rolled back), with why.
+    Rollout {
+        shard: String,
+        phase: String,
+        reason: String,
+        at_ms: u64,
+    },
+    /// A device's signed diagnostics answer was accepted and stored.
+    Diagnostics { device: DeviceId, at_ms: u64 },
 }
 
 impl LiveNote {
-    /// The device the note is about.
-    pub fn device(&self) -> &DeviceId {
+    /// The device the note is about (none for a fleet-wide rollout).
+    pub fn device(&self) -> Option<&DeviceId> {
         match self {
             LiveNote::Report { device, .. }
             | LiveNote::Instruction { device, .. }
-            | LiveNote::Ack { device, .. } => device,
+            | LiveNote::Ack { device, .. }
+            | LiveNote::Diagnostics { device, .. } => Some(device),
+            LiveNote::Rollout { .. } => None,
         }
     }
 
@@ -48,6 +59,8 @@ impl LiveNote {
         match self {
             LiveNote::Report { .. } => "report",
             LiveNote::Instruction { .. } | LiveNote::Ack { .. } => "instruction",
+            LiveNote::Rollout { .. } => "rollout",
+            LiveNote::Diagnostics { .. } => "diagnostics",
         }
     }
 }

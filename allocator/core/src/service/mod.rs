@@ -23,6 +23,7 @@ pub mod counters;
 mod coherence;
 mod commands;
 mod device_config;
+mod diagnostics;
 mod dispatch;
 mod enroll;
 pub mod fleet;
@@ -30,6 +31,7 @@ mod ingest;
 mod lazy;
 pub mod live;
 mod requests;
+mod rollouts;
 mod tick;
 mod verify;
 
@@ -42,6 +44,8 @@ pub use device_config::{
     ConfigChange, DeviceConfigShown, SealRng, ShardConfigShown, VpnPair, MAX_CONFIG_KEYS,
     MAX_CONFIG_VALUE, MAX_SECRET_BYTES,
 };
+pub use diagnostics::{DiagnosticsView, StoredDiagnostics};
+pub use rollouts::{ReloadAnswer, RolloutsView};
 pub use verify::{
     finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
     verify_signed, KeyDirectory, Prepared, Refused, ToVerify, Verified, VerifiedMsg,
@@ -95,6 +99,8 @@ pub struct Loaded {
     pub tombstones: Vec<policy::Tombstone>,
     /// The engine's persisted catalog health (`postcard`), if any.
     pub catalog_health: Option<Vec<u8>>,
+    /// The engine's persisted staged rollouts (`postcard`), if any.
+    pub rollouts: Option<Vec<u8>>,
 }
 
 /// Tunables the core needs.
@@ -152,6 +158,10 @@ pub struct Core {
     answers_seen: Option<Vec<shardline_shared::request::RequestAnswer>>,
     /// Each device's open QoS history window.
     qos_windows: HashMap<DeviceId, QosAccumulator>,
+    /// The latest diagnostics answer per device (issue 20).
+    diagnostics: HashMap<DeviceId, StoredDiagnostics>,
+    /// Instruction numbers of diagnostics asks not answered yet, per device.
+    diag_asked: HashMap<DeviceId, Vec<u64>>,
 }
 
 fn hex_key_id(public: &[u8; 32]) -> String {
@@ -176,7 +186,17 @@ impl Core {
             tokens,
             tombstones,
             catalog_health,
+            rollouts,
         } = loaded;
+        if let Some(bytes) = rollouts {
+            match postcard::from_bytes::<policy::Rollouts>(&bytes) {
+                Ok(r) => engine.restore_rollouts(r),
+                // Without them the fleet runs the catalog's entries.
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored rollouts unreadable; every device gets the catalog's entries")
+                }
+            }
+        }
         if let Some(bytes) = catalog_health {
             match postcard::from_bytes::<policy::CatalogHealth>(&bytes) {
                 Ok(h) => engine.restore_catalog_health(h),
@@ -225,6 +245,8 @@ impl Core {
             seal_rng: None,
             answers_seen: None,
             qos_windows: HashMap::new(),
+            diagnostics: HashMap::new(),
+            diag_asked: HashMap::new(),
         };
         for rec in core.records.values() {
             core.engine
@@ -288,6 +310,10 @@ impl Core {
         if self.engine.take_health_dirty() {
             step.batch.catalog_health =
                 Some(postcard::to_stdvec(self.engine.catalog_health()).unwrap_or_default());
+        }
+        if self.engine.take_rollouts_dirty() {
+            step.batch.rollouts =
+                Some(postcard::to_stdvec(self.engine.rollouts()).unwrap_or_default());
         }
         for device in std::mem::take(&mut self.seq_dirty) {
             if self.dirty.contains(&device) {

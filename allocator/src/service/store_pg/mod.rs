@@ -175,6 +175,9 @@ struct Plan {
     tomb_delete: Vec<String>,
     health: Option<Vec<u8>>,
     history: history::HistoryRows,
+    rollouts: Option<Vec<u8>>,
+    diagnostics: (Vec<String>, Vec<Vec<u8>>),
+    diagnostics_deleted: Vec<String>,
     /// Writes refused without asking the database (version 0 is never a
     /// valid written version).
     invalid: Vec<DeviceId>,
@@ -198,6 +201,19 @@ impl Plan {
             tomb_delete: Vec::new(),
             health: batch.catalog_health.clone(),
             history: history::HistoryRows::of(&batch.history),
+            rollouts: batch.rollouts.clone(),
+            diagnostics: batch
+                .diagnostics
+                .iter()
+                .filter(|(_, b)| !b.is_empty())
+                .map(|(d, b)| (d.as_str().to_owned(), b.clone()))
+                .unzip(),
+            diagnostics_deleted: batch
+                .diagnostics
+                .iter()
+                .filter(|(_, b)| b.is_empty())
+                .map(|(d, _)| d.as_str().to_owned())
+                .collect(),
             invalid: Vec::new(),
         };
         let mut tombs: HashMap<&str, Option<&Tombstone>> = HashMap::new();
@@ -365,6 +381,15 @@ fn apply(conn: &mut Conn, plans: &[Plan]) -> Result<Vec<DeviceId>, Failed> {
                 history::SQL_HISTORY_PUT,
                 &[&h.device, &h.at_ms, &h.kind, &h.body],
             )?;
+        }
+        if let Some(r) = &plan.rollouts {
+            exec(SQL_ROLLOUTS_PUT, &[r])?;
+        }
+        if !plan.diagnostics.0.is_empty() {
+            exec(SQL_DIAG_PUT, &[&plan.diagnostics.0, &plan.diagnostics.1])?;
+        }
+        if !plan.diagnostics_deleted.is_empty() {
+            exec(SQL_DIAG_DELETE, &[&plan.diagnostics_deleted])?;
         }
     }
     if !conflicts.is_empty() {
@@ -705,6 +730,37 @@ impl Store for PgStore {
                 .query_opt(&stmt, &[])
                 .map_err(|e| pg_err("loading catalog health", e))?
                 .map(|row| row.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn load_rollouts(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read("load_rollouts", |conn| {
+            let stmt = conn
+                .stmt(SQL_ROLLOUTS)
+                .map_err(|e| pg_err("preparing load_rollouts", e))?;
+            Ok(conn
+                .client
+                .query_opt(&stmt, &[])
+                .map_err(|e| pg_err("loading rollouts", e))?
+                .map(|row| row.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn load_diagnostics(&self) -> Result<Vec<(DeviceId, Vec<u8>)>, StoreError> {
+        self.read("load_diagnostics", |conn| {
+            let stmt = conn
+                .stmt(SQL_DIAG)
+                .map_err(|e| pg_err("preparing load_diagnostics", e))?;
+            Ok(conn
+                .client
+                .query(&stmt, &[])
+                .map_err(|e| pg_err("loading diagnostics", e))?
+                .into_iter()
+                .filter_map(|row| {
+                    let id: String = row.get(0);
+                    Some((DeviceId::new(id).ok()?, row.get::<_, Vec<u8>>(1)))
+                })
+                .collect())
         })
     }
 

@@ -100,6 +100,16 @@ pub(super) const SQL_HEALTH_PUT: &str =
     "INSERT INTO meta (key, body) VALUES ('catalog_health', $1) \
      ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
 pub(super) const SQL_HEALTH: &str = "SELECT body FROM meta WHERE key = 'catalog_health'";
+pub(super) const SQL_ROLLOUTS_PUT: &str = "INSERT INTO meta (key, body) VALUES ('rollouts', $1) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_ROLLOUTS: &str = "SELECT body FROM meta WHERE key = 'rollouts'";
+pub(super) const SQL_DIAG_PUT: &str = "INSERT INTO meta (key, body) \
+     SELECT 'diag/' || d, b FROM unnest($1::text[], $2::bytea[]) AS x(d, b) \
+     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
+pub(super) const SQL_DIAG_DELETE: &str =
+    "DELETE FROM meta WHERE key IN (SELECT 'diag/' || d FROM unnest($1::text[]) AS x(d))";
+pub(super) const SQL_DIAG: &str =
+    "SELECT substr(key, 6), body FROM meta WHERE key LIKE 'diag/%' ORDER BY key";
 pub(super) const SQL_TOMB_PUT: &str = "INSERT INTO tombstones (id, body) \
      SELECT * FROM unnest($1::text[], $2::bytea[]) \
      ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body";

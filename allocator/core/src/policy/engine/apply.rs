@@ -276,11 +276,13 @@ impl Engine {
         plan: Plan<'_>,
         out: &mut Vec<Action>,
     ) {
+        // The device's view: a rollout may keep it on a previous entry.
+        let view = self.catalog_for(device);
+        let catalog = &*view;
         let Engine {
             config: cfg,
             devices,
             dirty,
-            catalog,
             device_config,
             ..
         } = self;

@@ -4,6 +4,8 @@ use super::*;
 
 impl Engine {
     pub(super) fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        // First, so a promotion or rollback re-plans devices in this tick.
+        self.poll_rollouts(now, out);
         if self.config.features.shifting {
             self.renew_shifts(now);
         }
@@ -121,7 +123,7 @@ impl Engine {
     ) {
         // The catalog and tiers are shared (`Arc`) so a plan can borrow them
         // while device states change.
-        let catalog = Arc::clone(&self.catalog);
+        let catalog = self.catalog_for(device);
         let agreements = Arc::clone(&self.agreements);
         let Some(st) = self.devices.get_mut(device) else {
             return;

@@ -22,7 +22,10 @@ mod market;
 mod membership;
 mod reports;
 mod requests;
+mod rollouts;
 mod shift;
+
+pub use rollouts::{rollout_views, EntryChange, ReloadError, ReloadSummary, RolloutView};
 
 /// Devices touched since the last `take_dirty`, in touch order with
 /// consecutive repeats folded (one event usually touches one device several
@@ -176,6 +179,13 @@ pub struct Engine {
     /// The operator behind the event being handled (`Event::ByOperator`),
     /// named in its explanations; `None` outside one.
     acting: Option<String>,
+    /// Staged rollouts of changed catalog entries (persisted by the service).
+    rollouts: super::rollout::Rollouts,
+    /// `rollouts` changed since the last `take_rollouts_dirty`.
+    rollouts_dirty: bool,
+    /// Catalog views of devices a rollout keeps on a previous entry, by
+    /// [`super::rollout::Rollouts::view_key`]; derived, cleared on change.
+    catalog_views: BTreeMap<Vec<bool>, Arc<Catalog>>,
 }
 
 impl Engine {
@@ -194,6 +204,9 @@ impl Engine {
             health_dirty: false,
             device_config: BTreeMap::new(),
             acting: None,
+            rollouts: super::rollout::Rollouts::default(),
+            rollouts_dirty: false,
+            catalog_views: BTreeMap::new(),
         }
     }
 
@@ -223,6 +236,7 @@ impl Engine {
     /// cleared and every device is re-planned at the next tick.
     pub fn replace_catalog(&mut self, catalog: Catalog) {
         self.catalog = Arc::new(catalog);
+        self.catalog_views.clear();
         if !self.health.reconcile_catalog(&self.catalog).is_empty() {
             self.health_dirty = true;
         }

@@ -17,6 +17,7 @@ fn note_start_failure(
     cfg: &PolicyConfig,
     catalog: &Catalog,
     health: &mut CatalogHealth,
+    rollouts: &super::super::rollout::Rollouts,
     st: &mut DeviceState,
     device: &DeviceId,
     arch: &str,
@@ -45,6 +46,15 @@ fn note_start_failure(
     let Some(spec) = catalog.shards.get(id) else {
         return;
     };
+    // A canary failing the new entry of a rollout: the rollout judges it
+    // (and rolls it back); the entry the rest of the fleet runs is fine.
+    if st
+        .leases
+        .get(id)
+        .is_some_and(|l| rollouts.is_canary_of_next(device, &l.shard))
+    {
+        return;
+    }
     if let Some(mark) = health.record_start_failure(&cfg.faults, spec, arch, device, reason, now) {
         out.push(Action::CatalogEntryFailing {
             shard: mark.shard,
@@ -104,8 +114,10 @@ impl Engine {
             devices,
             health,
             health_dirty,
+            rollouts,
             ..
         } = self;
+        let rollouts = &*rollouts;
         let Some(st) = devices.get_mut(&device) else {
             out.push(Action::Alert {
                 device,
@@ -126,6 +138,8 @@ impl Engine {
             .collect::<String>();
         // Start failures seen in this report: (shard id, reason).
         let mut start_failed: Vec<(String, String)> = Vec::new();
+        // For staged rollouts: (shard, why it failed or `None` = runs fine).
+        let mut rollout_notes: Vec<(ShardRef, Option<String>)> = Vec::new();
         let mut unhealthy = false;
         let window_ms = u64::from(report.window_ms).clamp(1, 3_600_000);
         let mut penalized = false;
@@ -172,6 +186,10 @@ impl Engine {
                         Some(ShardFailure::LoadRefused { .. } | ShardFailure::InitFailed { .. })
                     );
                     if new_restarts > 0 {
+                        rollout_notes.push((
+                            s.shard.clone(),
+                            Some(faults::failure_text(s.last_failure.as_ref())),
+                        ));
                         lease.clean = false;
                         lease.restarts_seen = s.restarts;
                         // Operator faults (config, limits, digest) show as
@@ -218,11 +236,16 @@ impl Engine {
                     {
                         // Refused at load or init without a restart count:
                         // once per grant.
+                        rollout_notes.push((
+                            s.shard.clone(),
+                            Some(faults::failure_text(s.last_failure.as_ref())),
+                        ));
                         lease.clean = false;
                         unhealthy = true;
                         start_failed
                             .push((id.to_owned(), faults::failure_text(s.last_failure.as_ref())));
                     } else if s.state == ShardState::Running {
+                        rollout_notes.push((s.shard.clone(), None));
                         lease.healthy_reports = lease.healthy_reports.saturating_add(1);
                         let min = cfg.faults.min_healthy_reports.max(1);
                         if lease.healthy_reports >= min {
@@ -327,7 +350,7 @@ impl Engine {
         }
         for (id, reason) in start_failed {
             note_start_failure(
-                cfg, catalog, health, st, &device, &arch, &id, &reason, now, out,
+                cfg, catalog, health, rollouts, st, &device, &arch, &id, &reason, now, out,
             );
             *health_dirty = true;
         }
@@ -459,6 +482,12 @@ impl Engine {
         st.last_report_seq = report.seq;
         st.resources = Some(report.resources);
         self.dirty.mark(&device);
+        for (shard, failure) in rollout_notes {
+            match failure {
+                Some(why) => self.rollout_failed(&device, &shard, &why),
+                None => self.rollout_running(&device, &shard),
+            }
+        }
         for s in outside {
             out.push(Action::Alert {
                 device: device.clone(),
@@ -534,6 +563,8 @@ impl Engine {
             devices,
             health,
             health_dirty,
+            rollouts,
+            rollouts_dirty,
             ..
         } = self;
         let Some(st) = devices.get_mut(device) else {
@@ -569,9 +600,12 @@ impl Engine {
         for id in blamed {
             if let Some(l) = st.leases.get_mut(&id) {
                 l.clean = false;
+                if rollouts.note_failure(device, &l.shard, reason) {
+                    *rollouts_dirty = true;
+                }
             }
             note_start_failure(
-                cfg, catalog, health, st, device, &arch, &id, reason, now, out,
+                cfg, catalog, health, rollouts, st, device, &arch, &id, reason, now, out,
             );
             *health_dirty = true;
         }
