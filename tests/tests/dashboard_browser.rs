@@ -192,9 +192,24 @@ fn the_dashboard_shows_the_fleet_a_device_the_catalog_and_the_audit_log_and_acts
         "the loop did not reach a decision, QoS classes reported and every agent reporting\n{}",
         logs(&st, &quiet_agents)
     );
-    let token = std::fs::read_to_string(&st.token_file)
-        .expect("api token")
-        .trim()
+    // The page is driven by an operator of her own (role operator), so
+    // her name must reach the decisions and the audit log.
+    let created = st
+        .shardctl(&[
+            "--json",
+            "operators",
+            "create",
+            "--name",
+            "alice",
+            "--role",
+            "operator",
+        ])
+        .unwrap_or_else(|e| panic!("shardctl operators create: {e}"));
+    let token = Json::parse(&created)
+        .unwrap_or_else(|e| panic!("operators create output {created:?}: {e}"))
+        .get("token")
+        .as_str()
+        .expect("the new token is printed once")
         .to_owned();
 
     let browser = Browser::start(&tmp.path.join("chromedriver.log"), 1400, 1800)
@@ -327,7 +342,7 @@ fn the_dashboard_shows_the_fleet_a_device_the_catalog_and_the_audit_log_and_acts
             .items()
             .iter()
             .filter_map(|d| d.get("explanation").as_str())
-            .find(|e| e.contains("qos-dscp pinned"))
+            .find(|e| e.contains("qos-dscp pinned by alice"))
             .map(str::to_owned);
         why.filter(|_| qos)
     });
@@ -354,6 +369,34 @@ fn the_dashboard_shows_the_fleet_a_device_the_catalog_and_the_audit_log_and_acts
             webdriver::json_str(&explanation)
         ),
     );
+    let instructions = wait(
+        "the instruction history shows an applied instruction",
+        &format!(
+            "const t = {}; return t.includes('applied') ? t : '';",
+            text_expr("#instructions-table")
+        ),
+    );
+    assert!(
+        instructions
+            .as_str()
+            .is_some_and(|t| t.contains("activate ")),
+        "the sent entries list their operations: {instructions:?}"
+    );
+    // Remote diagnostics through the page: the agent's real log lines.
+    browser
+        .click("#diag-ask")
+        .unwrap_or_else(|e| fail("click ask for diagnostics", e));
+    let diag_log = browser
+        .wait_for(
+            "the device's own log lines on its page",
+            &format!(
+                "const t = {}; return t.includes('connected to the broker') ? t : '';",
+                text_expr("#diag-log")
+            ),
+            Duration::from_secs(40),
+        )
+        .unwrap_or_else(|e| fail("diagnostics answered", e));
+    assert!(diag_log.as_str().is_some(), "{diag_log:?}");
     shot(&browser, "device");
     browser
         .click("#act-drain")
@@ -397,22 +440,30 @@ fn the_dashboard_shows_the_fleet_a_device_the_catalog_and_the_audit_log_and_acts
         catalog.as_str().is_some_and(|t| t.contains("any: ")),
         "digests shown: {catalog:?}"
     );
-    wait(
+    let rollouts = wait(
         "the rollout panel answered",
         &loaded_text_of("#cat-rollouts"),
     );
+    assert!(
+        rollouts.as_str().is_some_and(|t| t.contains("No rollout")),
+        "no catalog change, no rollout: {rollouts:?}"
+    );
     shot(&browser, "catalog");
 
-    // 5. Audit log (a table where the route exists, "not available" before).
+    // 5. Audit log: the page's own actions, by the operator who made them.
     browser
         .goto(&format!("{}/ui/#/audit", st.api))
         .unwrap_or_else(|e| fail("open the audit page", e));
-    let audit = wait("the audit list answered", &loaded_text_of("#audit-list"));
+    let audit = wait(
+        "the audit list shows alice's drain",
+        &format!(
+            "const t = {}; return t.includes('drain') && t.includes('alice') ? t : '';",
+            text_expr("#audit-list")
+        ),
+    );
     assert!(
-        audit
-            .as_str()
-            .is_some_and(|t| t.contains("drain") || t.contains("not available")),
-        "the audit page shows the drain or says the log is not available: {audit:?}"
+        audit.as_str().is_some_and(|t| t.contains("pin")),
+        "{audit:?}"
     );
     shot(&browser, "audit");
     println!("screenshots in {}", screenshots_dir().display());

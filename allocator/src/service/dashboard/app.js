@@ -474,8 +474,13 @@ async function loadDevice(id, gen) {
     while (samples.length > 2000) samples.shift();
     liveQos.set(id, samples);
   }
+  // Stored windows (`qos_window_s` each; p95 as the latency series),
+  // then the reports this page saw after the last stored window.
+  const stored = qos.entries.map((e) => ({ ...e, latency_ms: e.rtt_p95_ms ?? e.latency_ms }));
+  const lastStored = stored.reduce((m, e) => Math.max(m, e.at_ms + (e.window_ms || 0)), 0);
   fill('dev-qos', qos.available
-    ? qosCharts(qos.entries, 'stored history')
+    ? qosCharts(stored.concat(samples.filter((x) => x.at_ms > lastStored)),
+      stored.length ? 'stored history, then reports seen live' : 'reports seen live (no history window closed yet)')
     : [na('QoS history'), qosCharts(samples, 'since this page opened')]);
   fill('dev-timeline', timeline(p, instr.entries));
   fill('dev-instr', instructions(d, instr, liveInstructions.get(id) || []));
@@ -577,9 +582,11 @@ function instructions(d, hist, seen) {
     ', rejected ' + d.instructions_rejected + '; last applied #' + d.applied_instruction_seq +
     (d.pending_instructions.length ? '; pending #' + d.pending_instructions.join(', #') : '; none pending'))];
   if (hist.available) {
-    parts.push(table(['#seq', 'when', 'action', 'shard', 'status'], hist.entries.map((e) =>
-      h('tr', null, h('td', { class: 'num' }, e.seq), h('td', null, fmtTime(e.at_ms)), h('td', null, e.action),
-        h('td', null, shardName(e.shard)), h('td', null, e.status)))));
+    // A `sent` entry lists the operations; later ones give the outcome.
+    parts.push(table(['#seq', 'when', 'status', 'operations', 'why'], hist.entries.map((e) =>
+      h('tr', { 'data-status': e.status }, h('td', { class: 'num' }, e.seq), h('td', null, fmtTime(e.at_ms)),
+        h('td', null, e.status), h('td', { class: 'wrap' }, (e.ops || []).join('; ')),
+        h('td', { class: 'wrap' }, e.reason || ''))), { id: 'instructions-table' }));
   } else {
     parts.push(na('Instruction history'));
     if (seen.length) {
@@ -621,11 +628,16 @@ function failures(p) {
 }
 
 function decisions(p, hist) {
-  const rows = (p.decisions || []).map((d) => ({ at_ms: d.at_ms, what: String(d.kind), subject: d.subject, why: d.explanation }));
-  if (hist.available) {
-    for (const e of hist.entries) {
-      rows.push({ at_ms: e.at_ms, what: e.decision, subject: e.capability, why: e.reason || '' });
-    }
+  // The stored history has every decision; the device view's latest ones
+  // fill in what history does not hold (none kept, or pruned).
+  const rows = hist.available
+    ? hist.entries.map((e) => ({ at_ms: e.at_ms, what: e.decision, subject: e.capability, why: e.reason || '' }))
+    : [];
+  const key = (r) => r.what + '\u0000' + r.subject + '\u0000' + r.why;
+  const stored = new Set(rows.map(key));
+  for (const d of p.decisions || []) {
+    const r = { at_ms: d.at_ms, what: String(d.kind), subject: d.subject, why: d.explanation };
+    if (!stored.has(key(r))) rows.push(r);
   }
   rows.sort((a, b) => b.at_ms - a.at_ms);
   if (rows.length === 0) return h('p', { class: 'muted' }, 'No decision yet.');
@@ -638,9 +650,10 @@ async function loadDiagnostics(id, gen) {
   const r = await api('/v1/devices/' + encodeURIComponent(id) + '/diagnostics');
   if (gen !== generation) return;
   if (!r.ok) {
-    fill('dev-diag', unavailable(r) ? (r.data && r.data.error && /no diagnostics/i.test(r.data.error)
-      ? h('p', { class: 'muted' }, 'No diagnostics received yet.') : na('Remote diagnostics'))
-      : h('p', { class: 'error' }, errorText(r)));
+    // No answer yet is a 400 naming it, not a failure of the page.
+    const none = r.data && r.data.error && /no diagnostics/i.test(r.data.error);
+    fill('dev-diag', none ? h('p', { class: 'muted' }, r.data.error)
+      : unavailable(r) ? na('Remote diagnostics') : h('p', { class: 'error' }, errorText(r)));
     return;
   }
   const d = r.data || {};
@@ -679,16 +692,31 @@ async function renderCatalog(gen) {
     }), { id: 'catalog-table' }));
   }
   if (!ro.ok) { fill('cat-rollouts', unavailable(ro) ? na('Staged rollouts') : h('p', { class: 'error' }, errorText(ro))); return; }
-  const list = Array.isArray(ro.data) ? ro.data : (ro.data && (ro.data.rollouts || ro.data.entries)) || [];
-  if (list.length === 0) { fill('cat-rollouts', h('p', { class: 'muted' }, 'No rollout.')); return; }
-  const keys = [...new Set(list.flatMap((x) => Object.keys(x)))].filter((k) => typeof list[0][k] !== 'object' || list[0][k] === null);
-  fill('cat-rollouts', table([...keys, ''], list.map((x) => {
-    const shard = x.shard || x.id;
-    return h('tr', null, keys.map((k) => h('td', { class: 'wrap' }, x[k] === undefined || x[k] === null ? '' : String(x[k]))),
-      h('td', null,
-        h('button', { type: 'button', onclick: () => rollout(shard, 'promote', gen) }, 'Promote'), ' ',
-        h('button', { type: 'button', class: 'danger', onclick: () => rollout(shard, 'rollback', gen) }, 'Roll back')));
-  }), { id: 'rollouts-table' }));
+  // `GET /v1/rollouts`: { active: [...], ended: [...], config } (RolloutView).
+  const active = (ro.data && ro.data.active) || [];
+  const ended = (ro.data && ro.data.ended) || [];
+  const cfg = (ro.data && ro.data.config) || {};
+  if (active.length === 0 && ended.length === 0) {
+    fill('cat-rollouts', h('p', { class: 'muted' }, 'No rollout. A changed catalog entry is rolled out to a canary share first (' +
+      ((cfg.canary_permille || 0) / 10) + ' % of each tenant × tier group).'));
+    return;
+  }
+  const row = (x, live) => {
+    const groups = Object.entries(x.groups || {}).map(([g, [n, c]]) => g + ': ' + c + ' of ' + n).join(', ');
+    const failures = Object.entries(x.failures || {}).map(([d, why]) => d + ': ' + why).join('; ');
+    return h('tr', { 'data-rollout': x.shard, 'data-phase': x.phase },
+      h('td', null, x.shard), h('td', null, x.previous_version + ' → ' + x.new_version),
+      h('td', null, x.phase), h('td', null, fmtTime(x.started_ms)),
+      h('td', { class: 'wrap' }, groups || '—'),
+      h('td', null, (x.failure_pct || 0).toFixed(0) + ' % (threshold ' + (x.threshold_pct || 0).toFixed(0) + ' %)'),
+      h('td', { class: 'wrap' + (failures ? ' error' : '') }, failures || 'none'),
+      h('td', { class: 'wrap explanation' }, x.reason || ''),
+      h('td', null, live && x.phase === 'canary' ? [
+        h('button', { type: 'button', onclick: () => rollout(x.shard, 'promote', gen) }, 'Promote'), ' ',
+        h('button', { type: 'button', class: 'danger', onclick: () => rollout(x.shard, 'rollback', gen) }, 'Roll back')] : ''));
+  };
+  fill('cat-rollouts', table(['shard', 'version', 'phase', 'started', 'canaries per group', 'failure rate', 'failures', 'why', ''],
+    [...active.map((x) => row(x, true)), ...ended.map((x) => row(x, false))], { id: 'rollouts-table' }));
 }
 
 async function rollout(shard, op, gen) {
