@@ -257,16 +257,26 @@ impl QosAccumulator {
     }
 }
 
-/// An operation in words, for the instruction history.
-pub fn describe_operation(op: &Operation) -> String {
+/// A lease's length from `now_ms`, e.g. `58 min` or `40 s`.
+fn lease_text(now_ms: u64, expires_at_ms: u64) -> String {
+    let s = expires_at_ms.saturating_sub(now_ms) / 1000;
+    if s >= 120 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// An operation sent at `now_ms`, in words, for the instruction history.
+pub fn describe_operation(now_ms: u64, op: &Operation) -> String {
     match op {
         Operation::Activate(a) => format!(
-            "activate {} ({}, cpu {} ‰, {} MiB, lease until {})",
+            "activate {} ({}, cpu {} ‰, {} MiB, lease {})",
             a.shard,
             a.capability,
             a.limits.cpu_quota_permille,
             a.limits.memory_max_bytes >> 20,
-            a.lease_expires_at_ms
+            lease_text(now_ms, a.lease_expires_at_ms)
         ),
         Operation::Deactivate { shard } => format!("deactivate {shard}"),
         Operation::RequestDiagnostics { max_lines } => {
@@ -279,12 +289,12 @@ pub fn describe_operation(op: &Operation) -> String {
                 format!(", {} alternative(s)", a.alternatives.len())
             };
             format!(
-                "activate {} ({}, cpu {} ‰, {} MiB{alternatives}, lease until {})",
+                "activate {} ({}, cpu {} ‰, {} MiB{alternatives}, lease {})",
                 a.primary.shard,
                 a.capability,
                 a.primary.limits.cpu_quota_permille,
                 a.primary.limits.memory_max_bytes >> 20,
-                a.lease_expires_at_ms
+                lease_text(now_ms, a.lease_expires_at_ms)
             )
         }
     }

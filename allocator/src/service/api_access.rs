@@ -213,13 +213,18 @@ fn action_of(method: &Method, route: &str, params: &[(String, String)]) -> (Stri
             Some(("reputation adjust".into(), param("instance")))
         }
         ("POST", "/v1/shard/request") => Some(("shard request".into(), String::new())),
+        ("POST", "/v1/devices/{id}/diagnostics") => Some(("diagnostics ask".into(), param("id"))),
+        ("POST", "/v1/catalog/reload") => Some(("catalog reload".into(), String::new())),
+        ("POST", "/v1/rollouts/{shard}/{op}") => {
+            Some((format!("rollout {}", param("op")), param("shard")))
+        }
         _ => None,
     };
     if let Some(n) = named {
         return n;
     }
     // Any other route: its literal segments and its `{op}`, e.g.
-    // `rollouts promote` for `/v1/rollouts/{shard}/{op}`; the target is
+    // `fleet reload` for a later `POST /v1/fleet/reload`; the target is
     // the other parameters.
     let mut words: Vec<String> = route
         .trim_start_matches("/v1")
@@ -518,7 +523,7 @@ mod tests {
                 "/v1/rollouts/{shard}/{op}",
                 &p(&[("shard", "vpn"), ("op", "promote")])
             ),
-            ("rollouts promote".into(), "vpn".into())
+            ("rollout promote".into(), "vpn".into())
         );
         assert_eq!(
             action_of(&Method::POST, "/v1/catalog/reload", &[]),

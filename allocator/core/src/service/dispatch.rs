@@ -124,7 +124,10 @@ impl Core {
             return None;
         };
         let seq = rec.take_seq();
-        let described = ops.iter().map(crate::history::describe_operation).collect();
+        let described = ops
+            .iter()
+            .map(|op| crate::history::describe_operation(now_ms, op))
+            .collect();
         let instr = Instruction {
             device: device.clone(),
             seq,

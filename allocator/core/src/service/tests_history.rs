@@ -68,7 +68,11 @@ fn an_instruction_is_written_when_sent_and_again_when_settled() {
         unreachable!()
     };
     assert_eq!((*s, *status), (seq, InstructionStatus::Sent));
-    assert!(ops.iter().any(|o| o.starts_with("activate ")), "{ops:?}");
+    assert!(
+        ops.iter()
+            .any(|o| o.starts_with("activate ") && o.contains(" min)")),
+        "{ops:?}"
+    );
     // The device refuses it: the refusal and its reason are written.
     let ack = InstructionAck {
         device: d.clone(),
