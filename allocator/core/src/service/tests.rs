@@ -21,6 +21,18 @@ fn engine() -> Engine {
     Engine::new(catalog, agreements, PolicyConfig::default())
 }
 
+/// The core's tunables in these tests (one-minute QoS history windows).
+pub(super) fn test_config() -> CoreConfig {
+    CoreConfig {
+        max_payload: 65536,
+        resend_after_ms: 1000,
+        checkpoint_ms: 60_000,
+        engine_flush_ms: 5_000,
+        shared_store: false,
+        qos_history_window_ms: 60_000,
+    }
+}
+
 fn core_with(records: Vec<DeviceRecord>) -> Core {
     Core::new(
         engine(),
@@ -29,14 +41,7 @@ fn core_with(records: Vec<DeviceRecord>) -> Core {
             records,
             ..Loaded::default()
         },
-        CoreConfig {
-            max_payload: 65536,
-            resend_after_ms: 1000,
-            checkpoint_ms: 60_000,
-            engine_flush_ms: 5_000,
-            shared_store: false,
-            qos_history_window_ms: 60_000,
-        },
+        test_config(),
         Arc::new(Metrics::default()),
         1_000_000,
     )
@@ -598,14 +603,7 @@ fn unenrol_then_enrol_restores_reputation_and_keeps_sequences_monotonic() {
             tombstones: vec![tomb],
             ..Loaded::default()
         },
-        CoreConfig {
-            max_payload: 65536,
-            resend_after_ms: 1000,
-            checkpoint_ms: 60_000,
-            engine_flush_ms: 5_000,
-            shared_store: false,
-            qos_history_window_ms: 60_000,
-        },
+        test_config(),
         Arc::new(Metrics::default()),
         1_000_400,
     );

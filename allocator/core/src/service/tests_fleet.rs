@@ -18,14 +18,7 @@ fn core() -> Core {
         Engine::new(catalog, agreements, PolicyConfig::default()),
         KeyPair::from_seed(&[1; 32]),
         Loaded::default(),
-        CoreConfig {
-            max_payload: 65536,
-            resend_after_ms: 1000,
-            checkpoint_ms: 60_000,
-            engine_flush_ms: 5_000,
-            shared_store: false,
-            qos_history_window_ms: 60_000,
-        },
+        super::tests::test_config(),
         Arc::new(Metrics::default()),
         T0,
     )

@@ -145,13 +145,23 @@ function initLogin() {
 
 // ----------------------------------------------------------- live events
 
-const live = { handlers: new Set(), connected: false };
+const live = { handlers: new Set(), connected: false, abort: null };
+
+// A stream left open by a page the browser keeps (reload, back-forward
+// cache) holds one of the six connections a browser allows per host: the
+// seventh reload would then wait a minute for a free one. End it when the
+// page goes.
+window.addEventListener('pagehide', () => { if (live.abort) live.abort.abort(); });
+window.addEventListener('pageshow', (e) => { if (e.persisted) location.reload(); });
 
 async function liveLoop() {
   for (;;) {
     if (!token()) { await sleep(1000); continue; }
     try {
-      const r = await fetch('/v1/events', { headers: { Authorization: 'Bearer ' + token() }, cache: 'no-store' });
+      live.abort = new AbortController();
+      const r = await fetch('/v1/events', {
+        headers: { Authorization: 'Bearer ' + token() }, cache: 'no-store', signal: live.abort.signal,
+      });
       if (!r.ok || !r.body) { await sleep(5000); continue; }
       setLive(true);
       const reader = r.body.getReader();
