@@ -16,12 +16,14 @@
 //! `SL_BENCH_NO_WRITE=1` prints the rows without writing BENCHMARKS.md).
 
 mod common;
-use common::{device_key, env_or, free_port, machine, median, now_ms, start_allocator};
+use common::{
+    device_key, env_or, free_port, machine, median, now_ms, put_section, start_allocator,
+};
 
 use shardline_allocator::service::http;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
 use shardline_shared::DeviceId;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use xtask::kit::webdriver::{self, Browser};
 
@@ -165,8 +167,6 @@ fn main() {
 }
 
 fn write_section(rows: &[String]) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let mut section = String::from(
         "## Dashboard\n\n\
          Written by `cargo bench -p shardline-allocator --bench dashboard` (allocator/benches/dashboard.rs): the \
@@ -177,20 +177,6 @@ fn write_section(rows: &[String]) {
         section.push_str(r);
         section.push('\n');
     }
-    let new = match old.find("## Dashboard") {
-        Some(start) => {
-            let rest = &old[start + 2..];
-            let end = rest
-                .find("\n## ")
-                .map(|e| start + 2 + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}\n{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!(
-        "dashboard: wrote the \"Dashboard\" section of {}",
-        path.display()
-    );
+    put_section("## Dashboard", &section, None);
+    println!("dashboard: wrote the \"Dashboard\" section of BENCHMARKS.md");
 }

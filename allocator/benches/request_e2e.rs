@@ -15,7 +15,9 @@
 //! medians into the "Explicit requests" section of BENCHMARKS.md.
 
 mod common;
-use common::{device_key, env_or, free_port, machine, median, metric, now_ms, start_allocator};
+use common::{
+    device_key, env_or, free_port, machine, median, metric, now_ms, put_section, start_allocator,
+};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
@@ -404,21 +406,5 @@ fn section(row: &str, load: &str, runs: usize) -> String {
 }
 
 fn write_section(section: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match old.find("## Explicit requests") {
-        Some(start) => {
-            let rest = &old[start + 2..];
-            let end = rest
-                .find("\n## ")
-                .map(|e| start + 2 + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}\n{}", &old[..start], section, &old[end..])
-        }
-        None => match old.find("## Policy engine") {
-            Some(at) => format!("{}{}\n{}", &old[..at], section, &old[at..]),
-            None => format!("{}\n\n{section}", old.trim_end()),
-        },
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
+    put_section("## Explicit requests", section, Some("## Policy engine"));
 }

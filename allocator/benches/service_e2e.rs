@@ -24,7 +24,8 @@
 
 mod common;
 use common::{
-    device_key, env_or, free_port, machine, median, metric, now_ms, start_allocator, Killed,
+    device_key, env_or, free_port, machine, median, metric, now_ms, put_section, start_allocator,
+    Killed,
 };
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -496,8 +497,6 @@ fn main() {
 const NOTE: &str = "Reading: the target is about the sustained columns: 10,000 reports/s keep arriving while a tenth of the devices per second change their needs, and the latency is from publishing a changing report to receiving the instruction it caused. The cold-start columns are the thundering herd of the whole fleet's first reports in one second (10,000 plans, signed instructions, commits and acks at once, about 40 us of core time each), on the same 2 cores as the broker and the simulator; that backlog drains in the following seconds and has no target. Per-report work: signature check on verifier threads (checked in batches, mean about 35 here: a thread that finds fewer than 16 messages waits 1 ms for more), engine, then one group-committed store transaction (fsync) per queued batch before anything is published; lazily kept engine state is written a few records per commit, paced so each is on disk within `engine_flush_ms`.";
 
 fn write_section(rows: &[String], devices: usize, rounds: usize, runs: usize, load: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let mut section = String::from("## Allocator service\n\n");
     section.push_str(&format!(
         "End to end over MQTT: {devices} simulated devices (own Ed25519 keys and topics, multiplexed over 4 publishing \
@@ -520,17 +519,6 @@ fn write_section(rows: &[String], devices: usize, rounds: usize, runs: usize, lo
         section.push('\n');
     }
     section.push_str(&format!("\n{NOTE}\n"));
-    let new = match old.find("## Allocator service") {
-        Some(start) => {
-            let rest = &old[start + 2..];
-            let end = rest
-                .find("\n## ")
-                .map(|e| start + 2 + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}\n{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
+    put_section("## Allocator service", &section, None);
     println!("{section}");
 }

@@ -65,6 +65,29 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Puts `section` (which starts with its own `## heading` line) into
+/// BENCHMARKS.md: in place of the section under `heading` (up to the next
+/// `## `), else right before the section under `before`, else at the end.
+pub fn put_section(heading: &str, section: &str, before: Option<&str>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match old.find(heading) {
+        Some(start) => {
+            let rest = &old[start + 2..];
+            let end = rest
+                .find("\n## ")
+                .map(|e| start + 2 + e + 1)
+                .unwrap_or(old.len());
+            format!("{}{}\n{}", &old[..start], section, &old[end..])
+        }
+        None => match before.and_then(|b| old.find(b)) {
+            Some(at) => format!("{}{}\n{}", &old[..at], section, &old[at..]),
+            None => format!("{}\n\n{section}", old.trim_end()),
+        },
+    };
+    std::fs::write(&path, new).expect("write BENCHMARKS.md");
+}
+
 pub fn machine(load_at_start: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
