@@ -59,6 +59,23 @@ pub fn veth_pair(prefix: &str, s_ip: &str, c_ip: &str) -> Result<(Netns, String,
             dev,
         ])?;
     }
+    // IPv4 only: with IPv6 on, the kernel sends its own neighbour and
+    // router solicitations and MLD reports on a new link at times of its
+    // choosing, and one landing while only one of two captures runs made
+    // their counts differ by a packet.
+    for n in [&s, &c] {
+        for key in ["all", "default"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                n,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+            ])?;
+        }
+    }
     for (n, dev) in [(&s, "sa"), (&c, "cb"), (&s, "lo"), (&c, "lo")] {
         sh(&["ip", "-n", n, "link", "set", "dev", dev, "up"])?;
     }
