@@ -211,8 +211,12 @@ fn explain_plan(
                 None => "the device is drained".to_owned(),
             },
             None => format!(
-                "no reported need asked for it for {} min, and no forecast holds it",
-                cfg.hysteresis_ms / 60_000
+                "no reported need asked for it for {}, and no forecast holds it",
+                if cfg.hysteresis_ms >= 120_000 {
+                    format!("{} min", cfg.hysteresis_ms / 60_000)
+                } else {
+                    format!("{} s", cfg.hysteresis_ms / 1000)
+                }
             ),
         };
         st.feedback
