@@ -3,6 +3,7 @@
 //! Device ids are validated ([`DeviceId`]) so they can never contain MQTT
 //! wildcards or separators; building a topic is therefore infallible.
 
+use crate::assign::GroupId;
 use crate::DeviceId;
 
 pub const PREFIX: &str = "shardline/v1";
@@ -83,6 +84,43 @@ pub fn shared(filter: &str) -> String {
     format!("$share/{SHARED_GROUP}/{filter}")
 }
 
+/// cloud → agent, QoS 1, **retained**: the group's signed assignment object
+/// ([`crate::assign::seal_assignment`]), republished at every renewal so a
+/// device that (re)subscribes on any broker node fetches the current one.
+pub fn assignment(group: &GroupId) -> String {
+    format!("{PREFIX}/assign/{group}")
+}
+
+/// All groups' assignment objects (what an allocator's API or a test reads).
+pub const ALL_ASSIGNMENTS: &str = "shardline/v1/assign/+";
+
+/// The group of an `assign/{group}` topic.
+pub fn assignment_group(topic: &str) -> Option<GroupId> {
+    let group = topic.strip_prefix(PREFIX)?.strip_prefix("/assign/")?;
+    GroupId::new(group).ok()
+}
+
+/// Group-routed uplink: `shardline/v1/g/{group}/dev/{device}/{kind}`.
+///
+/// A device that holds a valid assignment publishes its reports, acks,
+/// explicit requests and diagnostics here instead of on the plain
+/// `dev/{device}/…` topic, so the allocator server its group is assigned to
+/// (and only that one) reads them with [`group_uplink_filter`]: brokers
+/// without MQTT shared subscriptions (RabbitMQ 3.10, NATS 2.9) can then
+/// split the fleet among allocators by assignment. Without an assignment
+/// (first boot, an expired object, a region cut off) the device uses the
+/// plain topics, which the instance serving unassigned devices reads.
+/// Status (retained, with the last will) and enrolment stay plain.
+pub fn routed(group: &GroupId, device: &DeviceId, kind: TopicKind) -> String {
+    format!("{PREFIX}/g/{group}/dev/{device}/{}", kind.suffix())
+}
+
+/// What an allocator serving `group` subscribes to: every device-side
+/// uplink of the group (`g/{group}/dev/+/+`).
+pub fn group_uplink_filter(group: &GroupId) -> String {
+    format!("{PREFIX}/g/{group}/dev/+/+")
+}
+
 /// The kind of a device topic, parsed back from a full topic name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicKind {
@@ -100,23 +138,70 @@ pub enum TopicKind {
     Diagnostics,
 }
 
-/// Splits `shardline/v1/dev/{device}/{kind}` into its device and kind.
-/// Returns `None` for anything else, including an invalid device id.
+impl TopicKind {
+    /// The last level of the topic name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TopicKind::Report => "report",
+            TopicKind::Status => "status",
+            TopicKind::Ack => "ack",
+            TopicKind::Instr => "instr",
+            TopicKind::Enroll => ENROLL_SUFFIX,
+            TopicKind::Request => "request",
+            TopicKind::Answer => "answer",
+            TopicKind::Diagnostics => "diag",
+        }
+    }
+
+    /// Whether a device may send this kind on a group-routed topic
+    /// ([`routed`]): the uplinks an assigned allocator serves.
+    pub fn is_routable(self) -> bool {
+        matches!(
+            self,
+            TopicKind::Report | TopicKind::Ack | TopicKind::Request | TopicKind::Diagnostics
+        )
+    }
+
+    fn from_suffix(s: &str) -> Option<Self> {
+        Some(match s {
+            "report" => TopicKind::Report,
+            "status" => TopicKind::Status,
+            "ack" => TopicKind::Ack,
+            "instr" => TopicKind::Instr,
+            ENROLL_SUFFIX => TopicKind::Enroll,
+            "request" => TopicKind::Request,
+            "answer" => TopicKind::Answer,
+            "diag" => TopicKind::Diagnostics,
+            _ => return None,
+        })
+    }
+}
+
+/// Splits `shardline/v1/dev/{device}/{kind}`, or its group-routed form
+/// `shardline/v1/g/{group}/dev/{device}/{kind}` (routable kinds only), into
+/// its device and kind. Returns `None` for anything else, including an
+/// invalid device id or group. [`parse_routed`] also gives the group.
 pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
-    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/dev/")?;
-    let (device, kind) = rest.split_once('/')?;
-    let kind = match kind {
-        "report" => TopicKind::Report,
-        "status" => TopicKind::Status,
-        "ack" => TopicKind::Ack,
-        "instr" => TopicKind::Instr,
-        ENROLL_SUFFIX => TopicKind::Enroll,
-        "request" => TopicKind::Request,
-        "answer" => TopicKind::Answer,
-        "diag" => TopicKind::Diagnostics,
-        _ => return None,
+    parse_routed(topic).map(|(_, device, kind)| (device, kind))
+}
+
+/// As [`parse`], with the group of a group-routed topic (`None` on a plain
+/// topic).
+pub fn parse_routed(topic: &str) -> Option<(Option<GroupId>, DeviceId, TopicKind)> {
+    let rest = topic.strip_prefix(PREFIX)?;
+    let (group, rest) = if let Some(rest) = rest.strip_prefix("/g/") {
+        let (group, rest) = rest.split_once('/')?;
+        (Some(GroupId::new(group).ok()?), rest)
+    } else {
+        (None, rest.strip_prefix('/')?)
     };
-    Some((DeviceId::new(device).ok()?, kind))
+    let rest = rest.strip_prefix("dev/")?;
+    let (device, kind) = rest.split_once('/')?;
+    let kind = TopicKind::from_suffix(kind)?;
+    if group.is_some() && !kind.is_routable() {
+        return None;
+    }
+    Some((group, DeviceId::new(device).ok()?, kind))
 }
 
 /// Topic authorization for a device's broker login (DESIGN.md: "each
@@ -137,10 +222,12 @@ pub fn device_may_publish(device: &DeviceId, topic: &str) -> bool {
     )
 }
 
-/// … and subscribe only to its own instruction and answer topics (exactly:
-/// no wildcards, which could reach other devices' topics).
+/// … and subscribe only to its own instruction and answer topics and to
+/// one group's assignment object (exactly: no wildcards, which could reach
+/// other devices' topics; assignments are signed and hold no secret, so any
+/// group's may be read).
 pub fn device_may_subscribe(device: &DeviceId, filter: &str) -> bool {
-    filter == instr(device) || filter == answer(device)
+    filter == instr(device) || filter == answer(device) || assignment_group(filter).is_some()
 }
 
 #[cfg(test)]
@@ -173,6 +260,49 @@ mod tests {
             shared(ALL_REPORTS),
             "$share/allocators/shardline/v1/dev/+/report"
         );
+    }
+
+    #[test]
+    fn group_routed_topics_round_trip() {
+        let d = DeviceId::new("r1").unwrap();
+        let g = GroupId::new("acme.eu-west.vpn").unwrap();
+        assert_eq!(assignment(&g), "shardline/v1/assign/acme.eu-west.vpn");
+        assert_eq!(assignment_group(&assignment(&g)), Some(g.clone()));
+        assert_eq!(assignment_group("shardline/v1/assign/a.b"), None);
+        assert_eq!(assignment_group("shardline/v1/assign/+"), None);
+        assert_eq!(
+            routed(&g, &d, TopicKind::Report),
+            "shardline/v1/g/acme.eu-west.vpn/dev/r1/report"
+        );
+        assert_eq!(
+            group_uplink_filter(&g),
+            "shardline/v1/g/acme.eu-west.vpn/dev/+/+"
+        );
+        for kind in [
+            TopicKind::Report,
+            TopicKind::Ack,
+            TopicKind::Request,
+            TopicKind::Diagnostics,
+        ] {
+            let t = routed(&g, &d, kind);
+            assert_eq!(parse_routed(&t), Some((Some(g.clone()), d.clone(), kind)));
+            assert_eq!(parse(&t), Some((d.clone(), kind)));
+            assert!(device_may_publish(&d, &t), "{t}");
+            assert!(!device_may_publish(&DeviceId::new("r2").unwrap(), &t));
+        }
+        // Status and enrolment are never routed; instructions never go up.
+        for kind in [TopicKind::Status, TopicKind::Enroll, TopicKind::Instr] {
+            assert_eq!(parse(&routed(&g, &d, kind)), None);
+        }
+        assert_eq!(parse("shardline/v1/g/bad/dev/r1/report"), None);
+        assert_eq!(parse("shardline/v1/g/a.b.c/dev/r1/x/report"), None);
+        assert_eq!(
+            parse_routed(&report(&d)),
+            Some((None, d.clone(), TopicKind::Report))
+        );
+        assert!(device_may_subscribe(&d, &assignment(&g)));
+        assert!(!device_may_subscribe(&d, ALL_ASSIGNMENTS));
+        assert!(!device_may_subscribe(&d, "shardline/v1/assign/#"));
     }
 
     #[test]
