@@ -16,6 +16,8 @@
 //! integration tests use it to prove that a crash at each point ends in
 //! exactly one application of the instruction.
 
+use super::assignment::{RouteAction, RouteCore, SwitchReason};
+use super::assignment_io;
 use super::config::Config;
 use super::enroll::{self, BootstrapToken, EnrollPolicy, Enroller, Marker, Phase};
 use super::link::{self, LinkCore, LinkEvent, Sent};
@@ -70,6 +72,8 @@ pub enum DaemonError {
     Link(#[from] super::link::LinkSetupError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Assignment(#[from] assignment_io::AssignmentFileError),
 }
 
 /// Wall clock in ms since the Unix epoch.
@@ -171,6 +175,10 @@ pub struct Daemon {
     /// Baselines of the device's own QoS per class: what its reports say
     /// got worse (seed 002's good-neighbour observations; see `neighbour`).
     harm: super::neighbour::HarmWatch,
+    /// `[assignment]`: the routing core (`None` without a group: the
+    /// configured broker and plain topics only) and its file.
+    route: Option<RouteCore>,
+    assignment_path: PathBuf,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -181,7 +189,13 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-fn start_link(cfg: &Config) -> Result<Link, DaemonError> {
+/// Starts the link to `endpoint` (an assignment's or bootstrap URL), or to
+/// `[broker] url` when `None`.
+fn start_link(cfg: &Config, endpoint: Option<&str>) -> Result<Link, DaemonError> {
+    let broker = match endpoint.and_then(|u| assignment_io::broker_for(&cfg.broker, u)) {
+        Some(b) => b,
+        None => cfg.broker.clone(),
+    };
     let offline = codec::encode(&DeviceStatus {
         device: cfg.device.clone(),
         presence: Presence::Offline,
@@ -191,7 +205,7 @@ fn start_link(cfg: &Config) -> Result<Link, DaemonError> {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         at_ms: now_ms(),
     });
-    let options = link::mqtt_options(&cfg.broker, topics::status(&cfg.device), offline)?;
+    let options = link::mqtt_options(&broker, topics::status(&cfg.device), offline)?;
     let (client, eventloop): (AsyncClient, EventLoop) =
         AsyncClient::new(options, 4 * link::SEND_WINDOW);
     let (tx, events) = unbounded_channel();
@@ -260,7 +274,22 @@ impl Daemon {
             SeqReservation::resume(load_seq_ceiling(&seq_path)?),
         );
         let api = open_api(&cfg);
-        let link = start_link(&cfg)?;
+        let assignment_path = cfg.state_dir.join(assignment_io::FILE);
+        let route = match &cfg.assignment {
+            Some(a) => {
+                let state = assignment_io::load(&assignment_path, &a.group)?;
+                let r = RouteCore::new(state, a.bootstrap.clone(), now);
+                tracing::info!(
+                    group = %r.group(),
+                    endpoint = r.endpoint(),
+                    source = ?r.source(),
+                    "assignment restored"
+                );
+                Some(r)
+            }
+            None => None,
+        };
+        let link = start_link(&cfg, route.as_ref().map(|r| r.endpoint()))?;
         let mut d = Self {
             status_path: cfg.state_dir.join("status.json"),
             cfg,
@@ -287,6 +316,8 @@ impl Daemon {
             api_conns: HashMap::new(),
             seq_path,
             harm: super::neighbour::HarmWatch::default(),
+            route,
+            assignment_path,
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -327,6 +358,11 @@ impl Daemon {
                 .requests
                 .next_deadline()
                 .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+            let route_wait = self
+                .route
+                .as_ref()
+                .and_then(|r| r.next_deadline())
+                .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
                 ev = api_event(&mut self.api) => self.on_api_event(ev)?,
                 _ = tokio::time::sleep(request_wait.unwrap_or(Duration::MAX)), if request_wait.is_some() => {
@@ -341,6 +377,10 @@ impl Daemon {
                     }
                 },
                 _ = window.tick() => self.on_window()?,
+                _ = tokio::time::sleep(route_wait.unwrap_or(Duration::MAX)), if route_wait.is_some() => {
+                    let actions = self.route.as_mut().map(|r| r.on_tick(now_ms())).unwrap_or_default();
+                    self.execute_route(actions)?;
+                }
                 _ = tokio::time::sleep(lease_wait.unwrap_or(Duration::MAX)), if lease_wait.is_some() => {
                     let actions = self.manager.on_tick(now_ms());
                     self.execute(actions, None)?;
@@ -401,6 +441,12 @@ impl Daemon {
                 self.core.on_down(dropped_unsent);
                 self.enroller.on_disconnected();
                 self.status_dirty = true;
+                let actions = self
+                    .route
+                    .as_mut()
+                    .map(|r| r.on_down(now_ms()))
+                    .unwrap_or_default();
+                self.execute_route(actions)?;
             }
             LinkEvent::Mqtt(Event::Incoming(Packet::ConnAck(ack))) => {
                 self.connects += 1;
@@ -417,6 +463,15 @@ impl Daemon {
                 let answer = topics::answer(&self.cfg.device);
                 if let Err(e) = self.link.client.try_subscribe(answer, QoS::AtLeastOnce) {
                     tracing::warn!(error = %e, "subscribe request (answers) failed");
+                }
+                if let Some(r) = &mut self.route {
+                    r.on_connected();
+                    // Retained: the broker hands over the group's current
+                    // object on every subscribe.
+                    let t = topics::assignment(r.group());
+                    if let Err(e) = self.link.client.try_subscribe(t, QoS::AtLeastOnce) {
+                        tracing::warn!(error = %e, "subscribe request (assignment) failed");
+                    }
                 }
                 self.publish_online();
                 // Before the outbox: the allocator should know the key
@@ -445,6 +500,17 @@ impl Daemon {
             let actions = self.manager.on_instruction(&p.payload, now);
             self.execute(actions, Some(now))?;
             crash_point(&self.crash_at, "before-broker-ack");
+        } else if let Some(r) = self
+            .route
+            .as_mut()
+            .filter(|r| p.topic == topics::assignment(r.group()))
+        {
+            let now = now_ms();
+            let (verdict, actions) = r.on_object(&p.payload, now, &self.manager.acceptance().keys);
+            log_verdict(r, &verdict, p.retain);
+            // Persisted (or refused) before the PUBACK below.
+            self.execute_route(actions)?;
+            self.status_dirty = true;
         } else if p.topic == topics::answer(&self.cfg.device) {
             // Answers are not persisted: a redelivery after a restart
             // matches no pending request and is dropped.
@@ -580,7 +646,7 @@ impl Daemon {
             log_lines,
         };
         let sealed = answer.seal(&self.key);
-        let topic = topics::diagnostics(&self.cfg.device);
+        let topic = self.uplink_topic(topics::diagnostics(&self.cfg.device));
         if link::try_publish(&self.link.client, &topic, sealed, false) {
             self.core.handed_out(Sent::Other);
             tracing::info!(
@@ -664,7 +730,7 @@ impl Daemon {
                         Some(why) => Some((true, why)),
                         None => {
                             let sealed = shardline_shared::request::seal_request(&req, &self.key);
-                            let topic = topics::request(&self.cfg.device);
+                            let topic = self.uplink_topic(topics::request(&self.cfg.device));
                             if link::try_publish(&self.link.client, &topic, sealed, false) {
                                 self.core.handed_out(Sent::Other);
                                 tracing::info!(
@@ -868,7 +934,11 @@ impl Daemon {
         for id in self.core.to_send(self.outbox.ids()) {
             match self.outbox.read(id) {
                 Ok(Some(m)) => {
-                    if !link::try_publish(&self.link.client, &m.topic, m.payload, false) {
+                    // The outbox keeps the plain topic; the routing of the
+                    // moment picks the one it goes out on (a switch resends
+                    // in-flight messages on the new routing's topic).
+                    let topic = self.uplink_topic(m.topic);
+                    if !link::try_publish(&self.link.client, &topic, m.payload, false) {
                         break;
                     }
                     self.core.handed_out(Sent::Outbox(id));
@@ -918,6 +988,7 @@ impl Daemon {
             "acks_withheld": self.manager.acks_withheld(),
             "connects": self.connects,
             "link_drops": self.link_drops,
+            "assignment": self.route.as_ref().map(|r| route_status(r, now)),
             "requests": {
                 "socket": self.api.as_ref().map(|a| a.path.display().to_string()),
                 "pending": self.requests.pending(),
@@ -935,9 +1006,101 @@ impl Daemon {
     }
 
     fn restart_link(&mut self) -> Result<(), DaemonError> {
-        self.link.driver.abort();
-        self.link = start_link(&self.cfg)?;
+        self.replace_link()?.driver.abort();
+        Ok(())
+    }
+
+    /// Starts a new link to the endpoint in use and returns the old one.
+    fn replace_link(&mut self) -> Result<Link, DaemonError> {
+        let endpoint = self.route.as_ref().map(|r| r.endpoint().to_owned());
+        let old = std::mem::replace(&mut self.link, start_link(&self.cfg, endpoint.as_deref())?);
+        // Whatever was in flight on the old connection is released and
+        // sent again from the outbox on the new one.
         self.core = LinkCore::default();
+        self.enroller.on_disconnected();
+        self.status_dirty = true;
+        Ok(old)
+    }
+
+    /// The topic an uplink goes out on now: `plain` (a `dev/{id}/…` topic)
+    /// or, under a valid assignment, its group-routed form.
+    fn uplink_topic(&self, plain: String) -> String {
+        let Some(r) = &self.route else {
+            return plain;
+        };
+        match topics::parse(&plain) {
+            Some((device, kind)) => r.uplink_topic(&device, kind, now_ms()).unwrap_or(plain),
+            None => plain,
+        }
+    }
+
+    /// Executes the route core's actions in order.
+    fn execute_route(&mut self, actions: Vec<RouteAction>) -> Result<(), DaemonError> {
+        for action in actions {
+            match action {
+                RouteAction::Persist(state) => {
+                    assignment_io::save(&self.assignment_path, &state)?;
+                }
+                RouteAction::Connect { url, reason } => {
+                    let switches = self
+                        .route
+                        .as_ref()
+                        .map_or(0, |r| r.counters().endpoint_switches);
+                    match &reason {
+                        SwitchReason::Failover { from } => tracing::warn!(
+                            from = %from,
+                            to = %url,
+                            reason = reason.as_str(),
+                            switches,
+                            "broker endpoint unreachable; trying the next one"
+                        ),
+                        _ => tracing::info!(
+                            to = %url,
+                            reason = reason.as_str(),
+                            switches,
+                            "switching broker endpoint"
+                        ),
+                    }
+                    if matches!(reason, SwitchReason::Failover { .. }) {
+                        self.restart_link()?;
+                    } else {
+                        // A planned move: leave the old node cleanly (a
+                        // DISCONNECT discards the last will, so no "offline"
+                        // status races the new connection's "online").
+                        let old = self.replace_link()?;
+                        tokio::spawn(leave(old));
+                    }
+                }
+                RouteAction::Refetch => {
+                    if let Some(r) = &self.route {
+                        let t = topics::assignment(r.group());
+                        tracing::debug!(group = %r.group(), "re-fetching the assignment");
+                        let _ = self.link.client.try_unsubscribe(t.clone());
+                        if let Err(e) = self.link.client.try_subscribe(t, QoS::AtLeastOnce) {
+                            tracing::warn!(error = %e, "re-fetch of the assignment not queued");
+                        }
+                    }
+                }
+                RouteAction::Expired {
+                    version,
+                    refetch_unanswered,
+                } => {
+                    if refetch_unanswered {
+                        tracing::warn!(
+                            version,
+                            "assignment expired: no fresh object came before its expiry; \
+                             back to the bootstrap endpoints and plain topics"
+                        );
+                    } else {
+                        tracing::warn!(
+                            version,
+                            "assignment expired; back to the bootstrap endpoints and plain topics"
+                        );
+                    }
+                }
+            }
+            self.status_dirty = true;
+        }
         Ok(())
     }
 
@@ -989,6 +1152,9 @@ impl Daemon {
             self.source.set_window(self.cfg.monitor.window_ms);
             self.cfg.monitor.window_ms
         });
+        if old.assignment != self.cfg.assignment {
+            tracing::warn!("[assignment] changes take effect at the next restart");
+        }
         if old.monitor.interfaces != self.cfg.monitor.interfaces
             || old.monitor.pcap != self.cfg.monitor.pcap
         {
@@ -1154,4 +1320,86 @@ fn window_interval(ms: u32) -> tokio::time::Interval {
     let mut i = tokio::time::interval(Duration::from_millis(u64::from((ms / 4).clamp(2, 25))));
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
+}
+
+/// Logs what became of an assignment object: accepted and renewed at info,
+/// refusals at warn for the 1st, 2nd, 4th … of a reason (anyone able to
+/// publish on the topic could fill the journal; status.json counts all).
+fn log_verdict(
+    r: &RouteCore,
+    verdict: &shardline_shared::assign::AssignmentVerdict,
+    retained: bool,
+) {
+    use shardline_shared::assign::AssignmentVerdict as V;
+    let held = r.state().current.as_ref().map(|h| &h.assignment);
+    match verdict {
+        V::Accepted { version, previous } => tracing::info!(
+            group = %r.group(),
+            version,
+            previous,
+            server = held.map(|a| a.server.as_str()),
+            endpoints = ?held.map(|a| &a.endpoints),
+            expires_at_ms = held.map(|a| a.expires_at_ms),
+            "assignment accepted"
+        ),
+        V::Renewed {
+            version,
+            expires_at_ms,
+        } => tracing::info!(group = %r.group(), version, expires_at_ms, "assignment renewed"),
+        V::Duplicate { version } => {
+            tracing::debug!(group = %r.group(), version, retained, "assignment unchanged")
+        }
+        V::Refused(reason) => {
+            let name = super::assignment::refusal_name(reason);
+            let n = r.counters().refused.get(name).copied().unwrap_or(0);
+            if n.is_power_of_two() {
+                tracing::warn!(group = %r.group(), reason = name, detail = ?reason, refused = n, retained, "assignment refused");
+            } else {
+                tracing::debug!(group = %r.group(), reason = name, detail = ?reason, refused = n, retained, "assignment refused");
+            }
+        }
+    }
+}
+
+/// The `assignment` part of status.json.
+fn route_status(r: &RouteCore, now: u64) -> serde_json::Value {
+    use shardline_shared::assign::EndpointSource;
+    let held = r.state().current.as_ref().map(|h| &h.assignment);
+    let source = match r.source() {
+        EndpointSource::Assigned { .. } => "assigned",
+        EndpointSource::BootstrapNone => "bootstrap",
+        EndpointSource::BootstrapExpired { .. } => "expired",
+    };
+    serde_json::json!({
+        "group": r.group().as_str(),
+        "source": source,
+        "routed": r.routed(now),
+        "endpoint": r.endpoint(),
+        "version": held.map(|a| a.version),
+        "server": held.map(|a| a.server.as_str()),
+        "region": held.map(|a| a.region.as_str()),
+        "endpoints": held.map(|a| &a.endpoints),
+        "expires_at_ms": held.map(|a| a.expires_at_ms),
+        "counters": r.counters(),
+    })
+}
+
+/// Closes a link cleanly: DISCONNECT, then up to 500 ms for it to reach the
+/// wire, then the driver stops. What was still queued in the old client may
+/// go out first; the outbox sends it again on the new link (at least once).
+async fn leave(mut old: Link) {
+    let _ = old.client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(ev) = old.events.recv().await {
+            if matches!(
+                ev,
+                LinkEvent::Mqtt(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+                    | LinkEvent::Down { .. }
+            ) {
+                break;
+            }
+        }
+    })
+    .await;
+    old.driver.abort();
 }

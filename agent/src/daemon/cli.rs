@@ -20,6 +20,7 @@
 //! | 78 | `EX_CONFIG` | invalid configuration, or what it names is missing (interface, shard directory, capture file, TLS file, malformed or world-readable key or token file) | not restarted |
 
 use super::agent::{load_state, Daemon, DaemonError};
+use super::assignment_io::AssignmentFileError;
 use super::capture::{CaptureInput, CaptureSource};
 use super::config::{Config, ConfigError, DEFAULT_PATH};
 use super::enroll::EnrollTokenError;
@@ -124,6 +125,8 @@ impl StartError {
                 DaemonError::EnrollToken(e) => token_code(e),
                 DaemonError::Link(_) => EXIT_CONFIG,
                 DaemonError::Signal(_) => EXIT_OSERR,
+                DaemonError::Assignment(AssignmentFileError::Io { source, .. }) => io_code(source),
+                DaemonError::Assignment(AssignmentFileError::Corrupt { .. }) => EXIT_DATAERR,
             },
         }
     }

@@ -60,6 +60,20 @@ pub struct Config {
     /// many, which UTC hours), sent in every report (seed 002). `None`:
     /// the allocator lends whatever it finds spare.
     pub lending: Option<shardline_shared::msg::LendConsent>,
+    /// `[assignment]`: the device's group and its bootstrap endpoints
+    /// (issue 19; see `daemon::assignment`). `None`: no assignment, the
+    /// agent uses `[broker] url` and the plain topics only.
+    pub assignment: Option<AssignmentConfig>,
+}
+
+/// `[assignment]`: which group's signed assignment the device follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentConfig {
+    /// `tenant.region.capability`.
+    pub group: shardline_shared::assign::GroupId,
+    /// Where the device connects without a valid assignment: `[broker] url`
+    /// first, then `[assignment] bootstrap` (duplicates removed).
+    pub bootstrap: Vec<String>,
 }
 
 /// Where the socket for explicit shard requests of local applications
@@ -148,6 +162,16 @@ struct RawConfig {
     #[serde(default)]
     apps: Vec<RawApp>,
     lending: Option<RawLending>,
+    assignment: Option<RawAssignment>,
+}
+
+/// `[assignment]`: the device's group and extra bootstrap endpoints.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssignment {
+    group: shardline_shared::assign::GroupId,
+    #[serde(default)]
+    bootstrap: Vec<Spanned<String>>,
 }
 
 /// `[lending]`: at most so many units per kind; only from one UTC hour to
@@ -280,6 +304,8 @@ pub fn parse_hex_key(s: &str) -> Result<[u8; 32], String> {
 /// `mqtt://host[:port]` or `mqtts://host[:port]` (`support::broker_url`,
 /// the allocator's parser too).
 struct BrokerUrl {
+    /// As written (the first bootstrap endpoint of an assignment).
+    raw: String,
     tls: bool,
     host: String,
     port: u16,
@@ -295,6 +321,7 @@ impl<'de> Deserialize<'de> for BrokerUrl {
 fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
     let u = shardline_support::broker_url::BrokerUrl::parse(s).map_err(|e| e.to_string())?;
     Ok(BrokerUrl {
+        raw: s.to_owned(),
         tls: u.tls,
         port: u.port_or_default(),
         host: u.host,
@@ -371,6 +398,28 @@ impl Config {
                     .into(),
             });
         }
+
+        let assignment = match raw.assignment {
+            Some(a) => {
+                let mut bootstrap = vec![raw.broker.url.raw.clone()];
+                for u in a.bootstrap {
+                    // Both parsers: the assignment's strict form (what the
+                    // allocator may name) and the link's.
+                    shardline_shared::assign::check_endpoint(u.get_ref())
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| parse_broker_url(u.get_ref()).map(|_| ()))
+                        .map_err(|m| invalid(u.span(), "assignment.bootstrap", m))?;
+                    if !bootstrap.contains(u.get_ref()) {
+                        bootstrap.push(u.into_inner());
+                    }
+                }
+                Some(AssignmentConfig {
+                    group: a.group,
+                    bootstrap,
+                })
+            }
+            None => None,
+        };
 
         let b = raw.broker;
         if b.cert_file.is_some() != b.key_file.is_some() {
@@ -598,6 +647,7 @@ impl Config {
             },
             requests,
             lending,
+            assignment,
         })
     }
 }
@@ -869,6 +919,41 @@ mod tests {
         let missing = minimal().replace("url = \"mqtt://127.0.0.1:1884\"\n", "");
         let msg = expect_invalid(&missing, 7, "broker.url");
         assert!(msg.contains("missing"), "{msg}");
+    }
+
+    #[test]
+    fn assignment_group_and_bootstrap() {
+        assert_eq!(parse(&minimal()).unwrap().assignment, None);
+        let c = parse(&format!(
+            "{}\n[assignment]\ngroup = \"acme.eu-west.vpn\"\n\
+             bootstrap = [\"mqtt://b2:1883\", \"mqtt://127.0.0.1:1884\"]\n",
+            minimal()
+        ))
+        .unwrap();
+        let a = c.assignment.unwrap();
+        assert_eq!(a.group.as_str(), "acme.eu-west.vpn");
+        assert_eq!(
+            a.bootstrap,
+            vec!["mqtt://127.0.0.1:1884", "mqtt://b2:1883"],
+            "broker url first, no duplicate"
+        );
+        let only = parse(&format!("{}\n[assignment]\ngroup = \"a.b.c\"\n", minimal())).unwrap();
+        assert_eq!(
+            only.assignment.unwrap().bootstrap,
+            vec!["mqtt://127.0.0.1:1884"]
+        );
+        let bad_group = format!("{}\n[assignment]\ngroup = \"acme.eu\"\n", minimal());
+        let msg = expect_invalid(&bad_group, 11, "assignment.group");
+        assert!(msg.contains("tenant.region.capability"), "{msg}");
+        let bad_url = format!(
+            "{}\n[assignment]\ngroup = \"a.b.c\"\nbootstrap = [\"http://x\"]\n",
+            minimal()
+        );
+        expect_invalid(&bad_url, 12, "assignment.bootstrap");
+        let typo = format!("{}\n[assignment]\ngroup = \"a.b.c\"\nttl = 3\n", minimal());
+        expect_invalid(&typo, 12, "assignment.ttl");
+        let missing = format!("{}\n[assignment]\nbootstrap = []\n", minimal());
+        expect_invalid(&missing, 10, "assignment.group");
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! - [`agent`]: the event loop that executes all of it.
 //! - [`cli`]: `run` and `check-config` (and their exit codes);
 //!   [`preflight`]: what the configuration names must exist on the device.
+//! - [`assignment`]: seed 001's signed assignment on the device (which
+//!   endpoint, which topics; sans-IO); [`assignment_io`]: its file.
 //! - [`clock`]: when the local clock may raise the persisted time floor.
 //! - [`requests`]: explicit shard requests of local applications, the
 //!   sans-IO core (credentials → application, rate limits, sequence
@@ -28,6 +30,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod assignment;
+pub mod assignment_io;
 pub mod capture;
 pub mod cli;
 pub mod clock;

@@ -1,0 +1,380 @@
+//! The agent follows its group's signed assignment object (issue 19), with
+//! real parts: up to three mosquitto processes on free ports act as the
+//! broker endpoints, the real agent binary runs as a child process, and the
+//! test plays the allocator by sealing assignment objects with the key the
+//! agent pins and publishing them retained on `assign/{group}` of every
+//! broker (a cluster's nodes all hold the retained object).
+//!
+//! Asserted: the agent moves to the assigned endpoint and its reports arrive
+//! there on the group-routed topic; an older version is refused, counted,
+//! and changes nothing; a SIGKILLed broker under the agent is left for the
+//! next endpoint of the object within the stated bound (10 s) with no report
+//! lost; an expired object sends the agent back to its bootstrap endpoint
+//! and the plain topics; the version floor survives a SIGKILL of the agent
+//! (an older object replayed afterwards is refused).
+
+mod daemon_support;
+
+use daemon_support::{allocator_key, now_ms, wait_for, Agent, Broker};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shardline_shared::assign::{seal_assignment, Assignment, GroupId, Region, ServerId};
+use shardline_shared::topics;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const GROUP: &str = "acme.eu-west.vpn";
+
+/// Bound on leaving a dead endpoint (see `daemon::assignment`: at most 5 s
+/// of switch delay plus a connection attempt; the first switch is at once).
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+
+fn group() -> GroupId {
+    GroupId::new(GROUP).unwrap()
+}
+
+fn object(version: u64, issued_at_ms: u64, life_ms: u64, endpoints: &[String]) -> Vec<u8> {
+    let a = Assignment {
+        group: group(),
+        version,
+        issued_at_ms,
+        expires_at_ms: issued_at_ms + life_ms,
+        region: Region::new("eu-west").unwrap(),
+        server: ServerId::new("alloc-a").unwrap(),
+        endpoints: endpoints.to_vec(),
+    };
+    seal_assignment(&a, &[&allocator_key()])
+}
+
+/// A plain MQTT client on one broker that sees every `shardline/v1/…`
+/// message and publishes assignment objects (the allocator's part).
+struct Watcher {
+    client: AsyncClient,
+    rx: mpsc::Receiver<(String, Vec<u8>)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Watcher {
+    fn connect(port: u16, name: &str) -> Watcher {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut opts = MqttOptions::new(
+            format!("watch-{name}-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, rx) = mpsc::channel();
+        let (sub_tx, sub_rx) = mpsc::channel();
+        let c2 = client.clone();
+        rt.spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c2.subscribe("shardline/v1/#", QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        sub_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("watcher subscribed");
+        Watcher { client, rx, rt }
+    }
+
+    fn publish(&self, topic: &str, bytes: Vec<u8>, retain: bool) {
+        self.rt
+            .block_on(self.client.publish(topic, QoS::AtLeastOnce, retain, bytes))
+            .unwrap();
+    }
+
+    fn publish_object(&self, bytes: Vec<u8>, retain: bool) {
+        self.publish(&topics::assignment(&group()), bytes, retain);
+    }
+
+    /// The next report (topic, seq) within `timeout`, other messages skipped.
+    fn report(&self, agent: &Agent, timeout: Duration) -> Option<(String, u64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (topic, payload) = self.rx.recv_timeout(left).ok()?;
+            if topic.ends_with("/report") {
+                return Some((topic, agent.open_report(&payload).seq));
+            }
+        }
+    }
+
+    /// The next report on `topic` within `timeout`.
+    fn report_on(&self, agent: &Agent, topic: &str, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (t, seq) = self.report(agent, left)?;
+            if t == topic {
+                return Some(seq);
+            }
+        }
+    }
+
+    /// Report sequence numbers received within `window`, with their topics.
+    fn reports_for(&self, agent: &Agent, window: Duration) -> Vec<(String, u64)> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.report(agent, left) {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+fn broker(dir: &Path, name: &str) -> Option<Broker> {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    Broker::start(&d)
+}
+
+fn assignment_status(agent: &Agent) -> serde_json::Value {
+    agent
+        .status()
+        .map(|s| s["assignment"].clone())
+        .unwrap_or_default()
+}
+
+fn routed_report(agent: &Agent) -> String {
+    topics::routed(&group(), &agent.device, topics::TopicKind::Report)
+}
+
+fn plain_report(agent: &Agent) -> String {
+    topics::report(&agent.device)
+}
+
+#[test]
+fn the_agent_moves_to_its_assigned_endpoint_refuses_rollback_and_fails_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (Some(b0), Some(mut b1), Some(b2)) = (
+        broker(tmp.path(), "b0"),
+        broker(tmp.path(), "b1"),
+        broker(tmp.path(), "b2"),
+    ) else {
+        return;
+    };
+    let adir = tmp.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let mut agent = Agent::new(
+        &adir,
+        "asg-1",
+        &b0.url(),
+        100,
+        &format!("\n[assignment]\ngroup = \"{GROUP}\"\n"),
+    );
+    let (w0, w1, w2) = (
+        Watcher::connect(b0.port, "b0"),
+        Watcher::connect(b1.port, "b1"),
+        Watcher::connect(b2.port, "b2"),
+    );
+    agent.start(&[]);
+
+    // Bootstrap: the configured broker, plain topics.
+    w0.report_on(&agent, &plain_report(&agent), Duration::from_secs(10))
+        .expect("plain reports on the bootstrap broker");
+    assert_eq!(assignment_status(&agent)["source"], "bootstrap");
+
+    // Version 3 names b1 then b2: the agent moves to b1, reports routed.
+    let v3 = object(3, now_ms(), 120_000, &[b1.url(), b2.url()]);
+    for w in [&w0, &w1, &w2] {
+        w.publish_object(v3.clone(), true);
+    }
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
+        .expect("routed reports on the assigned endpoint");
+    let st = wait_for(Duration::from_secs(5), || {
+        let s = assignment_status(&agent);
+        (s["version"] == 3 && s["endpoint"] == b1.url().as_str()).then_some(s)
+    })
+    .expect("status shows version 3 on b1");
+    assert_eq!(st["server"], "alloc-a");
+    assert_eq!(st["source"], "assigned");
+    assert_eq!(st["routed"], true);
+
+    // An older version (naming b0) is refused, counted, changes nothing.
+    w1.publish_object(object(2, now_ms(), 120_000, &[b0.url()]), false);
+    wait_for(Duration::from_secs(5), || {
+        (assignment_status(&agent)["counters"]["refused"]["rollback"] == 1).then_some(())
+    })
+    .expect("the rollback was counted");
+    let st = assignment_status(&agent);
+    assert_eq!(
+        (st["version"].as_u64(), st["endpoint"].as_str()),
+        (Some(3), Some(b1.url().as_str()))
+    );
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(5))
+        .expect("still reporting on b1");
+    let log = agent.log();
+    assert!(
+        log.contains("assignment refused") && log.contains("rollback"),
+        "{log}"
+    );
+
+    // SIGKILL the broker under the agent: it moves to b2 within the bound,
+    // and every report sequence number arrives (on b1 before, b2 after).
+    let before = w1.reports_for(&agent, Duration::from_millis(600));
+    let mut seqs: BTreeSet<u64> = before.iter().map(|(_, s)| *s).collect();
+    let first = *seqs.first().expect("reports before the kill");
+    b1.kill9();
+    let killed_at = Instant::now();
+    // What b1 delivered to its watcher before dying.
+    seqs.extend(
+        w1.reports_for(&agent, Duration::from_millis(200))
+            .into_iter()
+            .map(|(_, s)| s),
+    );
+    let moved = w2
+        .report_on(&agent, &routed_report(&agent), FAILOVER_BOUND)
+        .expect("routed reports on b2 within the bound");
+    let took = killed_at.elapsed();
+    seqs.insert(moved);
+    eprintln!("left the killed endpoint in {took:?}");
+    assert!(took <= FAILOVER_BOUND, "{took:?}");
+    seqs.extend(
+        w2.reports_for(&agent, Duration::from_secs(2))
+            .into_iter()
+            .map(|(_, s)| s),
+    );
+    let last = *seqs.last().unwrap();
+    let missing: Vec<u64> = (first..=last).filter(|s| !seqs.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "reports lost across the switch: {missing:?}"
+    );
+    let st = assignment_status(&agent);
+    assert_eq!(st["endpoint"], b2.url().as_str());
+    assert!(
+        st["counters"]["endpoint_switches"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
+    assert!(agent.log().contains("trying the next one"));
+    agent.sigterm();
+}
+
+#[test]
+fn an_expired_object_falls_back_to_bootstrap_and_the_floor_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (Some(b0), Some(b1)) = (broker(tmp.path(), "b0"), broker(tmp.path(), "b1")) else {
+        return;
+    };
+    let adir = tmp.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let mut agent = Agent::new(
+        &adir,
+        "asg-2",
+        &b0.url(),
+        100,
+        &format!("\n[assignment]\ngroup = \"{GROUP}\"\n"),
+    );
+    let (w0, w1) = (
+        Watcher::connect(b0.port, "b0"),
+        Watcher::connect(b1.port, "b1"),
+    );
+    agent.start(&[]);
+    w0.report_on(&agent, &plain_report(&agent), Duration::from_secs(10))
+        .expect("plain reports on the bootstrap broker");
+
+    // A short-lived version 5 on b1; nobody renews it.
+    let issued = now_ms();
+    let life = 5_000;
+    let v5 = object(5, issued, life, &[b1.url()]);
+    w0.publish_object(v5.clone(), true);
+    w1.publish_object(v5, true);
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(5))
+        .expect("routed reports on b1");
+
+    // At expiry: back on b0, plain topics.
+    let back = w0
+        .report_on(
+            &agent,
+            &plain_report(&agent),
+            Duration::from_millis(life + 5_000),
+        )
+        .map(|_| now_ms())
+        .expect("plain reports on bootstrap after expiry");
+    assert!(back >= issued + life, "fell back before the expiry");
+    assert!(
+        back <= issued + life + 3_000,
+        "fell back {} ms after expiry",
+        back - issued - life
+    );
+    let st = wait_for(Duration::from_secs(3), || {
+        let s = assignment_status(&agent);
+        (s["source"] == "expired").then_some(s)
+    })
+    .expect("status shows the expiry");
+    assert_eq!(
+        (st["version"].as_u64(), st["routed"].as_bool()),
+        (Some(5), Some(false))
+    );
+    assert_eq!(st["endpoint"], b0.url().as_str());
+    assert_eq!(st["counters"]["fallbacks"], 1);
+    assert!(
+        agent
+            .log()
+            .contains("no fresh object came before its expiry"),
+        "the unanswered re-fetch is logged"
+    );
+
+    // Nothing reaches b1 any more; forget what it got before the expiry.
+    w1.reports_for(&agent, Duration::from_millis(300));
+
+    // SIGKILL the agent; replay an older (still valid) version 4 as the
+    // retained object; restart: the floor (5) is on disk, v4 is refused.
+    agent.kill9();
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adir.join("state/assignment.json")).unwrap())
+            .unwrap();
+    assert_eq!(on_disk["current"]["assignment"]["version"], 5);
+    w0.publish_object(object(4, now_ms(), 60_000, &[b1.url()]), true);
+    agent.start(&[]);
+    // Refused once or twice: queued in the agent's persistent session on b0
+    // while it was down, and again as the retained object on subscribe.
+    wait_for(Duration::from_secs(10), || {
+        let n = assignment_status(&agent)["counters"]["refused"]["rollback"].as_u64();
+        (n >= Some(1)).then_some(())
+    })
+    .expect("the replayed older object was refused after the restart");
+    let st = assignment_status(&agent);
+    assert_eq!(
+        (st["version"].as_u64(), st["source"].as_str()),
+        (Some(5), Some("expired"))
+    );
+    w0.report_on(&agent, &plain_report(&agent), Duration::from_secs(5))
+        .expect("still plain reports on bootstrap");
+    let on_b1 = w1.reports_for(&agent, Duration::from_secs(1));
+    assert!(
+        on_b1.is_empty(),
+        "the refused object moved the agent: {on_b1:?}"
+    );
+
+    // A fresh version 6 routes it again.
+    w0.publish_object(object(6, now_ms(), 60_000, &[b1.url()]), true);
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
+        .expect("routed again under version 6");
+    agent.sigterm();
+}
