@@ -15,9 +15,11 @@
 
 mod daemon_support;
 
-use daemon_support::{allocator_key, now_ms, wait_for, Agent, Broker};
+use daemon_support::{activation, allocator_key, now_ms, wait_for, Agent, Broker};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shardline_shared::assign::{seal_assignment, Assignment, GroupId, Region, ServerId};
+use shardline_shared::msg::{Instruction, Operation};
+use shardline_shared::sign::{seal, Domain};
 use shardline_shared::topics;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -199,13 +201,30 @@ fn the_agent_moves_to_its_assigned_endpoint_refuses_rollback_and_fails_over() {
         .expect("plain reports on the bootstrap broker");
     assert_eq!(assignment_status(&agent)["source"], "bootstrap");
 
-    // Version 3 names b1 then b2: the agent moves to b1, reports routed.
+    // Version 3 names b1 then b2: the agent moves to b1, reports routed;
+    // none is lost across the move (plain on b0 before, routed on b1 after).
     let v3 = object(3, now_ms(), 120_000, &[b1.url(), b2.url()]);
     for w in [&w0, &w1, &w2] {
         w.publish_object(v3.clone(), true);
     }
-    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
+    let first_routed = w1
+        .report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
         .expect("routed reports on the assigned endpoint");
+    let plain: BTreeSet<u64> = w0
+        .reports_for(&agent, Duration::from_millis(300))
+        .into_iter()
+        .filter(|(t, _)| *t == plain_report(&agent))
+        .map(|(_, s)| s)
+        .collect();
+    let last_plain = plain.last().copied().unwrap_or(first_routed);
+    let gap: Vec<u64> = (plain.first().copied().unwrap_or(first_routed)..first_routed)
+        .filter(|s| !plain.contains(s))
+        .collect();
+    assert!(gap.is_empty(), "reports lost in the move to b1: {gap:?}");
+    assert!(
+        last_plain + 1 >= first_routed,
+        "plain up to {last_plain}, routed from {first_routed}"
+    );
     let st = wait_for(Duration::from_secs(5), || {
         let s = assignment_status(&agent);
         (s["version"] == 3 && s["endpoint"] == b1.url().as_str()).then_some(s)
@@ -376,5 +395,154 @@ fn an_expired_object_falls_back_to_bootstrap_and_the_floor_survives_a_restart() 
     w0.publish_object(object(6, now_ms(), 60_000, &[b1.url()]), true);
     w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
         .expect("routed again under version 6");
+    agent.sigterm();
+}
+
+/// Issue 19's "a region cut off: its devices keep their last-known-good
+/// profile until leases expire, and reconcile when it returns", with the
+/// test playing the allocator (this branch's allocator neither publishes
+/// assignments nor reads the group-routed topics yet, and its shortest
+/// lease is two minutes). The region is cut off by SIGKILLing both brokers
+/// the device could use; it returns when the bootstrap broker restarts.
+#[test]
+fn a_region_cut_off_keeps_its_shards_until_their_leases_expire_and_reconciles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (Some(mut b0), Some(mut b1)) = (broker(tmp.path(), "b0"), broker(tmp.path(), "b1")) else {
+        return;
+    };
+    let adir = tmp.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let mut agent = Agent::new(
+        &adir,
+        "asg-3",
+        &b0.url(),
+        100,
+        &format!("\n[assignment]\ngroup = \"{GROUP}\"\n"),
+    );
+    let (w0, w1) = (
+        Watcher::connect(b0.port, "b0"),
+        Watcher::connect(b1.port, "b1"),
+    );
+    agent.start(&[]);
+    w0.report_on(&agent, &plain_report(&agent), Duration::from_secs(10))
+        .expect("plain reports on the bootstrap broker");
+
+    // Assigned to the regional broker b1 for 8 s.
+    let issued = now_ms();
+    let v1 = object(1, issued, 8_000, &[b1.url()]);
+    w0.publish_object(v1.clone(), true);
+    w1.publish_object(v1, true);
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(5))
+        .expect("routed reports on b1");
+
+    // The allocator (on b1) grants two shards: a short lease and a long one.
+    let now = now_ms();
+    let short = now + 3_000;
+    let long = now + 120_000;
+    let instr = |seq: u64, ops: Vec<Operation>| {
+        let now = now_ms();
+        seal(
+            Domain::Instruction,
+            &Instruction {
+                device: agent.device.clone(),
+                seq,
+                issued_at_ms: now,
+                expires_at_ms: now + 60_000,
+                ops,
+            },
+            &[&allocator_key()],
+        )
+    };
+    w1.publish(
+        &topics::instr(&agent.device),
+        instr(
+            1,
+            vec![
+                Operation::Activate(activation("shaper@1.0.0", "qos", short)),
+                Operation::Activate(activation("tunnel@1.0.0", "vpn", long)),
+            ],
+        ),
+        false,
+    );
+    let ack_topic = topics::routed(&group(), &agent.device, topics::TopicKind::Ack);
+    let acked = wait_for(Duration::from_secs(5), || {
+        let (t, payload) = w1.rx.recv_timeout(Duration::from_millis(100)).ok()?;
+        (t == ack_topic).then(|| agent.open_ack(&payload).instruction_seq)
+    });
+    assert_eq!(acked, Some(1), "the ack came back on the routed topic");
+    let mut shards = agent.profile_shards();
+    shards.sort();
+    assert_eq!(shards, vec!["shaper@1.0.0", "tunnel@1.0.0"]);
+
+    // The region is cut off: no broker at all.
+    b1.kill9();
+    b0.kill9();
+    assert!(now_ms() + 500 < short, "test setup too slow for the lease");
+
+    // The last-known-good profile holds until the short lease expires, and
+    // not longer; the long one stays.
+    std::thread::sleep(Duration::from_millis(short.saturating_sub(now_ms() + 500)));
+    assert_eq!(
+        agent.profile_shards().len(),
+        2,
+        "kept before its lease ran out"
+    );
+    let stopped_at = wait_for(Duration::from_secs(5), || {
+        (agent.profile_shards() == vec!["tunnel@1.0.0".to_string()]).then(now_ms)
+    })
+    .expect("the expired shard left the profile");
+    assert!(
+        stopped_at >= short && stopped_at <= short + 1_500,
+        "stopped {} ms after its lease",
+        stopped_at as i64 - short as i64
+    );
+
+    // The assignment expires during the cut: back to bootstrap.
+    let st = wait_for(Duration::from_secs(8), || {
+        let s = assignment_status(&agent);
+        (s["source"] == "expired").then_some(s)
+    })
+    .expect("the assignment fell back at its expiry");
+    assert!(now_ms() >= issued + 8_000);
+    assert_eq!(st["endpoint"], b0.url().as_str());
+    assert_eq!(
+        agent.profile_shards(),
+        vec!["tunnel@1.0.0"],
+        "the long lease holds"
+    );
+
+    // The region returns (the bootstrap broker): plain reports flow again,
+    // they say what ran out, and the allocator's instruction re-activates.
+    b0.restart();
+    let report = wait_for(Duration::from_secs(15), || {
+        let (t, payload) = w0.rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        (t == plain_report(&agent)).then(|| agent.open_report(&payload))
+    })
+    .expect("plain reports on bootstrap once the region returns");
+    assert_eq!(report.applied_instruction_seq, 1);
+    w0.publish(
+        &topics::instr(&agent.device),
+        instr(
+            2,
+            vec![Operation::Activate(activation(
+                "shaper@1.0.0",
+                "qos",
+                now_ms() + 60_000,
+            ))],
+        ),
+        false,
+    );
+    let acked = wait_for(Duration::from_secs(10), || {
+        let (t, payload) = w0.rx.recv_timeout(Duration::from_millis(100)).ok()?;
+        (t == topics::ack(&agent.device)).then(|| agent.open_ack(&payload).instruction_seq)
+    });
+    assert_eq!(
+        acked,
+        Some(2),
+        "re-activation acknowledged on the plain topic"
+    );
+    let mut shards = agent.profile_shards();
+    shards.sort();
+    assert_eq!(shards, vec!["shaper@1.0.0", "tunnel@1.0.0"], "reconciled");
     agent.sigterm();
 }
