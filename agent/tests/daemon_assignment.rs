@@ -253,6 +253,39 @@ fn the_agent_moves_to_its_assigned_endpoint_refuses_rollback_and_fails_over() {
         "{log}"
     );
 
+    // Diagnostics (asked by a signed instruction on b1) come back on the
+    // routed topic, their newest log lines naming the assignment in use.
+    let now = now_ms();
+    let ask = Instruction {
+        device: agent.device.clone(),
+        seq: 1,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        ops: vec![Operation::RequestDiagnostics { max_lines: 50 }],
+    };
+    w1.publish(
+        &topics::instr(&agent.device),
+        seal(Domain::Instruction, &ask, &[&allocator_key()]),
+        false,
+    );
+    let diag_topic = topics::routed(&group(), &agent.device, topics::TopicKind::Diagnostics);
+    let diag = wait_for(Duration::from_secs(5), || {
+        let (t, payload) = w1.rx.recv_timeout(Duration::from_millis(100)).ok()?;
+        (t == diag_topic).then(|| shardline_shared::diag::open(&payload, &agent.public_key))
+    })
+    .expect("diagnostics on the routed topic")
+    .expect("diagnostics signed by the device");
+    let line = diag
+        .log_lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("assignment status"))
+        .expect("the assignment status line");
+    assert!(
+        line.contains(GROUP) && line.contains("version=3") && line.contains(&b1.url()),
+        "{line}"
+    );
+
     // SIGKILL the broker under the agent: it moves to b2 within the bound,
     // and every report sequence number arrives (on b1 before, b2 after).
     let before = w1.reports_for(&agent, Duration::from_millis(600));

@@ -602,6 +602,21 @@ impl Daemon {
     /// answer after a restart is worth nothing; the operator asks again).
     fn send_diagnostics(&mut self, seq: u64, max_lines: u16, now: u64) {
         use shardline_shared::diag::{self, DiagShard, DiagStatus, Diagnostics};
+        if let Some(r) = &self.route {
+            // The wire status has no assignment fields: the answer's newest
+            // log line carries it (group, version, server, endpoint, expiry).
+            let held = r.state().current.as_ref().map(|h| &h.assignment);
+            tracing::info!(
+                group = %r.group(),
+                source = ?r.source(),
+                version = held.map(|a| a.version),
+                server = held.map(|a| a.server.as_str()),
+                endpoint = r.endpoint(),
+                expires_at_ms = held.map(|a| a.expires_at_ms),
+                routed = r.routed(now),
+                "assignment status"
+            );
+        }
         let (lines, errors) = crate::logging::recent();
         let keep = usize::from(max_lines).min(diag::MAX_LOG_LINES);
         let from = lines.len().saturating_sub(keep);
