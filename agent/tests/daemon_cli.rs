@@ -121,6 +121,7 @@ fn check_config_refuses_a_missing_interface_and_shard_dir_naming_file_line_and_f
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("configuration is valid"), "{text}");
     assert!(text.contains("capture:         lo"), "{text}");
+    assert!(text.contains("assignment:      none"), "{text}");
 }
 
 #[test]

@@ -338,6 +338,14 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
         (Some(user), None) => println!("  broker login:    {user} (no password)"),
         _ => println!("  broker login:    none (anonymous)"),
     }
+    match &cfg.assignment {
+        Some(a) => println!(
+            "  assignment:      group {} (bootstrap {})",
+            a.group,
+            a.bootstrap.join(", ")
+        ),
+        None => println!("  assignment:      none (the broker above, plain topics)"),
+    }
     println!("  pinned keys:     {}", cfg.allocator_keys.len());
     println!("  state dir:       {}", cfg.state_dir.display());
     println!("  shard dir:       {}", cfg.shard_dir.display());
