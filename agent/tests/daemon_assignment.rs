@@ -18,7 +18,8 @@ mod daemon_support;
 use daemon_support::{activation, allocator_key, now_ms, wait_for, Agent, Broker};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shardline_shared::assign::{seal_assignment, Assignment, GroupId, Region, ServerId};
-use shardline_shared::msg::{Instruction, Operation};
+use shardline_shared::codec;
+use shardline_shared::msg::{DeviceStatus, Instruction, Operation, Presence};
 use shardline_shared::sign::{seal, Domain};
 use shardline_shared::topics;
 use std::collections::BTreeSet;
@@ -135,6 +136,19 @@ impl Watcher {
         }
     }
 
+    /// Every message received within `window`.
+    fn drain(&self, window: Duration) -> Vec<(String, Vec<u8>)> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(m) => out.push(m),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
     /// Report sequence numbers received within `window`, with their topics.
     fn reports_for(&self, agent: &Agent, window: Duration) -> Vec<(String, u64)> {
         let deadline = Instant::now() + window;
@@ -210,12 +224,22 @@ fn the_agent_moves_to_its_assigned_endpoint_refuses_rollback_and_fails_over() {
     let first_routed = w1
         .report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
         .expect("routed reports on the assigned endpoint");
-    let plain: BTreeSet<u64> = w0
-        .reports_for(&agent, Duration::from_millis(300))
-        .into_iter()
+    let on_b0 = w0.drain(Duration::from_millis(300));
+    let plain: BTreeSet<u64> = on_b0
+        .iter()
         .filter(|(t, _)| *t == plain_report(&agent))
-        .map(|(_, s)| s)
+        .map(|(_, p)| agent.open_report(p).seq)
         .collect();
+    // The move was a clean DISCONNECT: b0 never published the last will.
+    let statuses: Vec<Presence> = on_b0
+        .iter()
+        .filter(|(t, _)| *t == topics::status(&agent.device))
+        .map(|(_, p)| codec::decode::<DeviceStatus>(p).unwrap().presence)
+        .collect();
+    assert!(
+        !statuses.contains(&Presence::Offline),
+        "the old endpoint announced the device offline: {statuses:?}"
+    );
     let last_plain = plain.last().copied().unwrap_or(first_routed);
     let gap: Vec<u64> = (plain.first().copied().unwrap_or(first_routed)..first_routed)
         .filter(|s| !plain.contains(s))
