@@ -348,6 +348,19 @@ fn the_agent_moves_to_its_assigned_endpoint_refuses_rollback_and_fails_over() {
         "{st}"
     );
     assert!(agent.log().contains("trying the next one"));
+
+    // Both endpoints dead for 3 s (the agent cycles between them, slowing
+    // down), then b1 comes back: reached within the bound again.
+    let mut b2 = b2;
+    b2.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    b1.restart();
+    let back_at = Instant::now();
+    w1.report_on(&agent, &routed_report(&agent), FAILOVER_BOUND)
+        .expect("routed reports on the returned b1 within the bound");
+    let took = back_at.elapsed();
+    eprintln!("reached the returned endpoint in {took:?}");
+    assert!(took <= FAILOVER_BOUND, "{took:?}");
     agent.sigterm();
 }
 
