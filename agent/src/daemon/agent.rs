@@ -508,9 +508,20 @@ impl Daemon {
             let now = now_ms();
             let (verdict, actions) = r.on_object(&p.payload, now, &self.manager.acceptance().keys);
             log_verdict(r, &verdict, p.retain);
-            // Persisted (or refused) before the PUBACK below.
-            self.execute_route(actions)?;
+            // Persisted (or refused) before the PUBACK, and the PUBACK goes
+            // out on the connection the object came on, before any move: a
+            // PUBACK with this packet id on the new connection would
+            // acknowledge some other message there.
+            let (moves, first): (Vec<_>, Vec<_>) = actions
+                .into_iter()
+                .partition(|a| matches!(a, RouteAction::Connect { .. }));
+            self.execute_route(first)?;
+            if let Err(e) = self.link.client.try_ack(&p) {
+                tracing::warn!(error = %e, "could not queue the PUBACK; the broker will redeliver");
+            }
+            self.execute_route(moves)?;
             self.status_dirty = true;
+            return Ok(());
         } else if p.topic == topics::answer(&self.cfg.device) {
             // Answers are not persisted: a redelivery after a restart
             // matches no pending request and is dropped.
