@@ -505,7 +505,14 @@ mod tests {
         };
         let (v, _) = c.on_object(&seal_assignment(&a, &[&other]), T0 + 3, &keys());
         assert_eq!(v, AssignmentVerdict::Refused(AssignmentRefusal::UnknownKey));
+        let elsewhere = Assignment {
+            group: GroupId::new("acme.us-east.vpn").unwrap(),
+            ..a
+        };
+        let (v, _) = c.on_object(&seal_assignment(&elsewhere, &[&key()]), T0 + 3, &keys());
+        assert_eq!(v, AssignmentVerdict::Refused(AssignmentRefusal::WrongGroup));
         assert_eq!(c.state(), &before);
+        assert_eq!(c.counters().refused.values().sum::<u64>(), 6);
     }
 
     #[test]
