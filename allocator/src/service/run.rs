@@ -254,6 +254,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
     let shared = external.is_some();
+    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    let assign = Arc::new(super::assign_driver::AssignShared::default());
     let verifiers = verifiers::start(
         core.key_directory(),
         tx.clone(),
@@ -268,8 +270,18 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tx.clone(),
         verifiers,
         shared,
+        routed,
+        assign.clone(),
         metrics.clone(),
     ));
+    spawn_assign_driver(
+        &config,
+        &key_file,
+        store.clone(),
+        client.clone(),
+        &assign,
+        &metrics,
+    )?;
 
     // The API reads and writes operator tokens and the audit log itself;
     // anything else acting for an operator (a signal-driven reload) records
@@ -336,6 +348,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         audit: audit_log.clone(),
         live,
         policy: Arc::new(config.policy.clone()),
+        assign: assign.clone(),
     });
     // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`.
     {
@@ -448,6 +461,44 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         api_addr,
         core_thread,
     })
+}
+
+/// Starts the assignment driver (issue 19) when `[assignment]` is enabled or
+/// the plain uplinks are read only while leading (`uplink = "routed"`).
+fn spawn_assign_driver(
+    config: &Config,
+    key_file: &std::path::Path,
+    store: Arc<dyn Store>,
+    client: AsyncClient,
+    assign: &Arc<super::assign_driver::AssignShared>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), StartError> {
+    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    if !config.assignment.enabled && !routed {
+        return Ok(());
+    }
+    // Checked at load: an error here cannot happen with a loaded config.
+    let instance = config.instance.check().map_err(|e| {
+        StartError::Thread(std::io::Error::other(format!(
+            "[{}] {}: {}",
+            e.section, e.field, e.message
+        )))
+    })?;
+    let driver = super::assign_driver::Driver {
+        instance,
+        section: config.assignment.clone(),
+        uplink: config.broker.uplink,
+        tick: Duration::from_millis(config.policy.tick_ms),
+        store,
+        client,
+        rt: tokio::runtime::Handle::current(),
+        // Signed like instructions, with the key this instance started with.
+        key: keys::read_secret(key_file)?,
+        metrics: metrics.clone(),
+        shared: assign.clone(),
+    };
+    driver.spawn().map_err(StartError::Thread)?;
+    Ok(())
 }
 
 /// The signing key's directory, as `POST /v1/rotate` compares it (absolute,
