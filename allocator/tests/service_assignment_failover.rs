@@ -237,8 +237,11 @@ async fn the_survivor_takes_a_killed_instances_group_within_the_bound() {
         dev.publish_status(Presence::Online).await;
         devices.push((d, d / PER_GROUP, dev));
     }
-    // Let the owners subscribe to their groups (one tick) before reporting.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Let the owners subscribe to their groups (one tick) and a former owner
+    // drop a moved group (`unsubscribe_grace_s` = 2) before reporting: during
+    // that overlap both read the group (harmless: the store's conditional
+    // writes let one commit), after it each report is read once.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let mut seen = Seen::default();
     for _ in 0..6 {
         for (_, g, dev) in devices.iter_mut() {
