@@ -664,6 +664,15 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_configuration_loads() {
+        let text = include_str!("../../../packaging/config/allocator.toml");
+        let c = Config::from_toml_str(text, "allocator.toml").unwrap();
+        assert!(!c.assignment.enabled);
+        assert_eq!(c.broker.uplink, UplinkMode::Shared);
+        assert_eq!(c.assignment.ttl_s, 300);
+    }
+
+    #[test]
     fn broker_urls_parse() {
         assert_eq!(
             BrokerUrl::parse("mqtts://broker.example:8883"),
