@@ -309,6 +309,7 @@ pub struct Driver {
     pub store: Arc<dyn Store>,
     pub client: AsyncClient,
     pub rt: tokio::runtime::Handle,
+    /// The signing key at start (see [`Driver::signing_key`]).
     pub key: KeyPair,
     pub metrics: Arc<Metrics>,
     pub shared: Arc<AssignShared>,
@@ -479,6 +480,7 @@ impl Driver {
         }
         let mut short_regions: BTreeSet<String> = BTreeSet::new();
         let mut ran = false;
+        let mut key: Option<KeyPair> = None;
         for action in l.engine.poll(now) {
             match action {
                 AssignAction::Publish { assignment, change } => {
@@ -490,7 +492,8 @@ impl Driver {
                     } else {
                         l.reasons.clone()
                     };
-                    let sealed = seal_assignment(&assignment, &[&self.key]);
+                    let key = key.get_or_insert_with(|| self.signing_key());
+                    let sealed = seal_assignment(&assignment, &[&*key]);
                     let s = StoredAssignment {
                         assignment,
                         sealed,
@@ -556,6 +559,21 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// The key instructions are signed with now: after a rotation the
+    /// store names the new key file (read at each batch of publishes, which
+    /// are rare); the key this instance started with otherwise.
+    fn signing_key(&self) -> KeyPair {
+        let rotated = self.store.load_meta().ok().and_then(|m| m.key_file);
+        match rotated.map(|f| super::keys::read_secret(std::path::Path::new(&f))) {
+            Some(Ok(k)) => k,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "assignment: the rotated key cannot be read; signing with the start-up key");
+                self.key.clone()
+            }
+            None => self.key.clone(),
+        }
     }
 
     fn publish(&self, s: &StoredAssignment) {
