@@ -211,3 +211,53 @@ async fn a_signed_assignment_is_published_retained_renewed_and_survives_a_restar
     let (_, v) = a.api("GET", "/v1/assignments", None);
     assert_eq!(v["groups"][0]["version"], 1, "{v}");
 }
+
+/// Too little capacity: the group still goes to the least-bad server, and
+/// the shortfall is a metric, in the API and in `shardctl assignment`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_short_of_capacity_is_reported() {
+    let dir = TempDir::new("assign-short");
+    let extra = EXTRA
+        .replace(
+            "capacity_reports_per_s = 500",
+            "capacity_reports_per_s = 20",
+        )
+        .replace(
+            "expected_reports_per_s = 10",
+            "expected_reports_per_s = 100",
+        );
+    let a = Allocator::start(&dir.0, BrokerMode::Embedded, &extra);
+    let short = a.wait_metric(
+        "shardline_assignment_capacity_shortfall{region=\"eu-west\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    // 100 reports/s (the interval's upper bound is higher) on 20 × 0.8 usable.
+    assert!(short >= 84.0, "shortfall {short}");
+    assert!(a.metric("shardline_assignment_capacity_shortfall_total") >= 1.0);
+    // Placed on the least-bad server (at the first run, or at the next
+    // periodic one when the start-up batch made the first heartbeat's
+    // latency look unhealthy).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let (_, v) = a.api("GET", "/v1/assignments", None);
+        if v["groups"][0]["server"] == "alloc-a" {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group goes to the least-bad server: {v}; log:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["shortfalls"][0]["region"], "eu-west", "{v}");
+    assert_eq!(v["shortfalls"][0]["groups"][0], GROUP, "{v}");
+    let out = a.shardctl(&["assignment"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NEED CAPACITY in eu-west"), "{text}");
+    assert!(
+        a.log().contains("not enough capacity in this region"),
+        "a warning is logged"
+    );
+}

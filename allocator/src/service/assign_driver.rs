@@ -49,6 +49,18 @@ pub const MAX_HISTORY_PER_GROUP: usize = 100;
 /// A region's capacity warning is logged at most this often.
 const WARN_EVERY_MS: u64 = 60_000;
 
+/// Why the lead's run stopped (its engine is rebuilt from the store at the
+/// next tick).
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+    /// A higher version of the group is stored: another instance published
+    /// as lead meanwhile; nothing was written or published.
+    #[error("group {group}: version {version} not written, a higher one is stored")]
+    Superseded { group: GroupId, version: u64 },
+}
+
 /// What the driver shares with the MQTT link and the API.
 #[derive(Debug, Default)]
 pub struct AssignShared {
@@ -438,7 +450,7 @@ impl Driver {
         now: u64,
         lead: &mut Option<Lead>,
         warn: &mut WarnLimiter,
-    ) -> Result<(), super::store::StoreError> {
+    ) -> Result<(), DriveError> {
         let beats = self.store.load_server_beats()?;
         let l = match lead {
             Some(l) => l,
@@ -508,9 +520,9 @@ impl Driver {
                     } else {
                         self.shared.publish_refused.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(group = %s.assignment.group, version = s.assignment.version, "a newer assignment is stored (another lead?); rebuilding");
-                        return Err(super::store::StoreError::Corrupt {
-                            key: s.assignment.group.to_string(),
-                            message: "a newer assignment version is stored".into(),
+                        return Err(DriveError::Superseded {
+                            group: s.assignment.group,
+                            version: s.assignment.version,
                         });
                     }
                 }
