@@ -233,7 +233,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // MQTT link.
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
+    // Issue 19: with `uplink = "routed"` (a clustered broker without shared
+    // subscriptions) the session persists, so the routed uplinks of this
+    // instance's groups queue at the broker across a reconnect; give each
+    // instance a fixed `client_id` then.
+    opts.set_clean_session(config.broker.uplink != super::config::UplinkMode::Routed);
     // At least the broker's packet cap: a larger retained message would
     // otherwise cut this client off on every reconnect (issue 14).
     let max_in =
