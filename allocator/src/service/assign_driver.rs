@@ -2,14 +2,17 @@
 //! sans-IO [`AssignmentEngine`] (decisions stay in the core crate).
 //!
 //! One thread per instance ticks every `[policy] tick_ms`:
-//! 1. it writes this instance's heartbeat ([`ServerBeat`]: capacity, load =
-//!    accepted reports/s from its own counters, mean core batch time as the
-//!    latency, store/publish errors per report as the error rate, and the
-//!    messages/s it counted on each group's routed topics) into the store;
+//! 1. it writes this instance's heartbeat ([`ServerBeat`]: capacity and
+//!    [`Figures`] over the last closed window of the engine's
+//!    `heartbeat_interval_ms`: load = accepted reports/s from its own
+//!    counters, mean core batch time as the latency, store/publish errors
+//!    per report as the error rate, and the messages/s it counted on each
+//!    group's routed topics) into the store;
 //! 2. the instance holding the store's lead feeds the engine (groups from
 //!    `[assignment]`, servers from the stored heartbeats: one older than the
 //!    engine's `heartbeat_timeout_ms` is not fed, so its server is lost and
-//!    its groups move; group rates summed over the fresh heartbeats), polls
+//!    its groups move; group rates summed over the fresh heartbeats, once a
+//!    window), polls
 //!    it, and for each `Publish` seals the object with the signing key,
 //!    persists it (`Store::put_assignment`) and only then publishes it
 //!    retained, QoS 1, on `topics::assignment(group)`. A lead that was just
@@ -282,6 +285,8 @@ struct Lead {
     fed: BTreeMap<ServerId, u64>,
     /// Reasons of the last run (stored with what it published).
     reasons: Vec<RerunReason>,
+    /// When group rates were last fed (one observation per window).
+    rates_at_ms: Option<u64>,
 }
 
 /// Feeds the heartbeats not fed yet and fresh (younger than the timeout) to
@@ -335,8 +340,45 @@ impl std::fmt::Debug for Driver {
     }
 }
 
-/// Own load figures between two beats.
-#[derive(Default, Clone, Copy)]
+/// This instance's figures over one window (`heartbeat_interval_ms`):
+/// what its heartbeats carry until the next window closes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Accepted reports/s.
+    pub load: f64,
+    /// Mean core batch time (ms), standing in for the p99 latency.
+    pub latency_ms: f64,
+    /// Store and publish errors per accepted report (0..=1).
+    pub error_rate: f64,
+    /// Messages/s counted on each group's routed uplinks.
+    pub group_rates: Vec<(GroupId, f64)>,
+}
+
+impl Figures {
+    fn of(prev: Counters, cur: Counters, counts: BTreeMap<GroupId, u64>) -> Self {
+        let secs = (cur.at_ms.saturating_sub(prev.at_ms) as f64 / 1000.0).max(0.001);
+        let reports = cur.reports.saturating_sub(prev.reports);
+        let batches = cur.batches.saturating_sub(prev.batches);
+        let latency_ms = if batches == 0 {
+            0.0
+        } else {
+            cur.micros.saturating_sub(prev.micros) as f64 / batches as f64 / 1000.0
+        };
+        let errors = cur.errors.saturating_sub(prev.errors);
+        Self {
+            load: reports as f64 / secs,
+            latency_ms,
+            error_rate: (errors as f64 / reports.max(1) as f64).clamp(0.0, 1.0),
+            group_rates: counts
+                .into_iter()
+                .map(|(g, n)| (g, n as f64 / secs))
+                .collect(),
+        }
+    }
+}
+
+/// Own load counters at one time.
+#[derive(Debug, Default, Clone, Copy)]
 struct Counters {
     at_ms: u64,
     reports: u64,
@@ -370,16 +412,25 @@ impl Driver {
         let mut lead: Option<Lead> = None;
         let mut subs = Subscriptions::default();
         let mut warn = WarnLimiter::default();
-        let mut prev = Counters::read(&self.metrics, now_ms());
-        self.shared.heartbeat_timeout_ms.store(
-            self.section.engine_config().heartbeat_timeout_ms,
-            Ordering::Relaxed,
-        );
+        let engine = self.section.engine_config();
+        let window_ms = engine
+            .heartbeat_interval_ms
+            .max(self.tick.as_millis() as u64);
+        let mut window = Counters::read(&self.metrics, now_ms());
+        let mut figures = Figures::default();
+        self.shared
+            .heartbeat_timeout_ms
+            .store(engine.heartbeat_timeout_ms, Ordering::Relaxed);
         tracing::info!(server = %self.instance.id, region = %self.instance.region, enabled = self.section.enabled, "assignment driver started");
         loop {
             std::thread::sleep(self.tick);
             let now = now_ms();
-            let cur = Counters::read(&self.metrics, now);
+            if now >= window.at_ms.saturating_add(window_ms) {
+                let cur = Counters::read(&self.metrics, now);
+                let counts = std::mem::take(&mut *lock(&self.shared.group_counts));
+                figures = Figures::of(window, cur, counts);
+                window = cur;
+            }
             let leading = match self.store.try_lead() {
                 Ok(l) => l,
                 Err(e) => {
@@ -388,10 +439,17 @@ impl Driver {
                 }
             };
             self.shared.leading.store(leading as u64, Ordering::Relaxed);
-            if let Err(e) = self.beat(now, prev, cur, leading) {
+            let beat = ServerBeat {
+                report: self
+                    .instance
+                    .report(figures.load, figures.latency_ms, figures.error_rate),
+                at_ms: now,
+                group_rates: figures.group_rates.clone(),
+                lead: leading,
+            };
+            if let Err(e) = self.store.put_server_beat(&beat) {
                 tracing::warn!(error = %e, "assignment: heartbeat not written");
             }
-            prev = cur;
             if !leading {
                 lead = None;
             } else if self.section.enabled {
@@ -412,37 +470,6 @@ impl Driver {
                 Err(e) => tracing::warn!(error = %e, "assignment: cannot read the assignments"),
             }
         }
-    }
-
-    fn beat(
-        &self,
-        now: u64,
-        prev: Counters,
-        cur: Counters,
-        leading: bool,
-    ) -> Result<(), super::store::StoreError> {
-        let secs = (cur.at_ms.saturating_sub(prev.at_ms) as f64 / 1000.0).max(0.001);
-        let reports = cur.reports.saturating_sub(prev.reports);
-        let load = reports as f64 / secs;
-        let batches = cur.batches.saturating_sub(prev.batches);
-        let latency_ms = if batches == 0 {
-            0.0
-        } else {
-            cur.micros.saturating_sub(prev.micros) as f64 / batches as f64 / 1000.0
-        };
-        let errors = cur.errors.saturating_sub(prev.errors);
-        let error_rate = (errors as f64 / reports.max(1) as f64).clamp(0.0, 1.0);
-        let counts = std::mem::take(&mut *lock(&self.shared.group_counts));
-        let group_rates = counts
-            .into_iter()
-            .map(|(g, n)| (g, n as f64 / secs))
-            .collect();
-        self.store.put_server_beat(&ServerBeat {
-            report: self.instance.report(load, latency_ms, error_rate),
-            at_ms: now,
-            group_rates,
-            lead: leading,
-        })
     }
 
     fn drive(
@@ -475,6 +502,7 @@ impl Driver {
                     engine,
                     fed: BTreeMap::new(),
                     reasons: Vec::new(),
+                    rates_at_ms: None,
                 })
             }
         };
@@ -485,9 +513,17 @@ impl Driver {
                 *rates.entry(g).or_default() += r;
             }
         }
-        for (g, r) in rates {
-            if l.engine.group(g).is_some() {
-                let _ = l.engine.handle_group_rate(now, g, r);
+        // One observation per window: the heartbeats' rates change once a
+        // window, so feeding every tick would repeat them.
+        let window_ms = l.engine.config().heartbeat_interval_ms;
+        if l.rates_at_ms
+            .is_none_or(|t| now >= t.saturating_add(window_ms))
+        {
+            l.rates_at_ms = Some(now);
+            for (g, r) in rates {
+                if l.engine.group(g).is_some() {
+                    let _ = l.engine.handle_group_rate(now, g, r);
+                }
             }
         }
         let mut short_regions: BTreeSet<String> = BTreeSet::new();
@@ -693,6 +729,33 @@ mod tests {
         // Shared mode: the plain topics stay on `$share` (the MQTT link).
         let w = wanted_filters(&me, UplinkMode::Shared, true, &stored);
         assert_eq!(w, set(&["shardline/v1/g/t.eu.a/dev/+/+"]));
+    }
+
+    #[test]
+    fn figures_are_per_second_over_the_window() {
+        let g = GroupId::new("t.eu.a").unwrap();
+        let prev = Counters {
+            at_ms: 1_000,
+            reports: 10,
+            batches: 5,
+            micros: 1_000,
+            errors: 0,
+        };
+        let cur = Counters {
+            at_ms: 3_000,
+            reports: 50,
+            batches: 9,
+            micros: 9_000,
+            errors: 2,
+        };
+        let f = Figures::of(prev, cur, [(g.clone(), 30)].into());
+        assert_eq!(f.load, 20.0);
+        assert_eq!(f.latency_ms, 2.0);
+        assert_eq!(f.error_rate, 0.05);
+        assert_eq!(f.group_rates, vec![(g, 15.0)]);
+        // Nothing happened: zeros, no division by zero.
+        let f = Figures::of(prev, prev, BTreeMap::new());
+        assert_eq!(f, Figures::default());
     }
 
     #[test]
