@@ -57,6 +57,14 @@ pub enum StartError {
     Random(String),
     #[error("cannot start a service thread: {0}")]
     Thread(std::io::Error),
+    /// `[instance]` is invalid (checked at load already; a `Config` built
+    /// in code may still carry one).
+    #[error("[{section}] {field}: {message}")]
+    Instance {
+        section: &'static str,
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// Opens the configured store: PostgreSQL shared with other instances when
@@ -481,12 +489,10 @@ fn spawn_assign_driver(
     if !config.assignment.enabled && !routed {
         return Ok(());
     }
-    // Checked at load: an error here cannot happen with a loaded config.
-    let instance = config.instance.check().map_err(|e| {
-        StartError::Thread(std::io::Error::other(format!(
-            "[{}] {}: {}",
-            e.section, e.field, e.message
-        )))
+    let instance = config.instance.check().map_err(|e| StartError::Instance {
+        section: e.section,
+        field: e.field,
+        message: e.message,
     })?;
     let driver = super::assign_driver::Driver {
         instance,
