@@ -261,3 +261,64 @@ async fn a_region_short_of_capacity_is_reported() {
         "a warning is logged"
     );
 }
+
+/// After a key rotation the stored objects are signed again with the new
+/// key and republished (same version), without waiting for a renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_republishes_the_objects_under_the_new_key() {
+    let dir = TempDir::new("assign-rotate");
+    // A long lifetime: no renewal happens during the test.
+    let extra = EXTRA.replace("ttl_s = 4", "ttl_s = 600");
+    let a = Allocator::start(&dir.0, BrokerMode::Embedded, &extra);
+    let group = GroupId::new(GROUP).unwrap();
+    let bootstrap = vec!["mqtt://127.0.0.9:1883".to_owned()];
+    let set = |pk: [u8; 32]| KeySet {
+        epoch: 1,
+        keys: vec![PublicKeyEntry {
+            key_id: KeyId::of_public_key(&pk),
+            public_key: pk,
+        }],
+    };
+    let mut rx = subscriber(a.mqtt_port, "rot").await;
+    let (_, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+    let old = handle_assignment(
+        &AssignmentState::bootstrap(group.clone()),
+        &bytes,
+        service_common::now_ms(),
+        &set(a.public_key),
+        &bootstrap,
+    );
+    assert!(matches!(
+        old.verdict,
+        AssignmentVerdict::Accepted { version: 1, .. }
+    ));
+
+    let new_pk = service_common::keygen(&dir.0.join("signing-2.key"));
+    let path = std::fs::canonicalize(dir.0.join("signing-2.key")).unwrap();
+    let (st, body) = a.api(
+        "POST",
+        "/v1/rotate",
+        Some(serde_json::json!({ "key_file": path.display().to_string() })),
+    );
+    assert_eq!(st, 200, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        let d = handle_assignment(
+            &AssignmentState::bootstrap(group.clone()),
+            &bytes,
+            service_common::now_ms(),
+            &set(new_pk),
+            &bootstrap,
+        );
+        if let AssignmentVerdict::Accepted { version, .. } = d.verdict {
+            assert_eq!(version, 1, "same version under the new key");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no object under the new key; log:\n{}",
+            a.log()
+        );
+    }
+}

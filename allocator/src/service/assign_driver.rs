@@ -287,6 +287,9 @@ struct Lead {
     reasons: Vec<RerunReason>,
     /// When group rates were last fed (one observation per window).
     rates_at_ms: Option<u64>,
+    /// The key file the store named when this lead last looked (a change
+    /// is a key rotation: the stored objects are signed again).
+    key_file: Option<String>,
 }
 
 /// Feeds the heartbeats not fed yet and fresh (younger than the timeout) to
@@ -503,9 +506,15 @@ impl Driver {
                     fed: BTreeMap::new(),
                     reasons: Vec::new(),
                     rates_at_ms: None,
+                    key_file: self.store.load_meta()?.key_file,
                 })
             }
         };
+        let key_file = self.store.load_meta()?.key_file;
+        if key_file != l.key_file {
+            l.key_file = key_file;
+            self.resign(now)?;
+        }
         let fresh = feed_beats(&mut l.engine, &mut l.fed, &beats, now);
         let mut rates: BTreeMap<&GroupId, f64> = BTreeMap::new();
         for b in &fresh {
@@ -622,6 +631,28 @@ impl Driver {
             }
             None => self.key.clone(),
         }
+    }
+
+    /// After a key rotation: every stored object signed again with the key
+    /// in force (same object, same version; a device that already took it
+    /// sees the same payload), persisted as a renewal, then republished, so
+    /// that devices which applied the rotation need not wait for a renewal.
+    fn resign(&self, now: u64) -> Result<(), DriveError> {
+        let key = self.signing_key();
+        tracing::info!(key_id = %key.id(), "assignment: signing key rotated; signing the stored objects again");
+        for s in self.store.load_assignments()? {
+            let s = StoredAssignment {
+                sealed: seal_assignment(&s.assignment, &[&key]),
+                change: shardline_allocator_core::assign::AssignmentChange::Renewed,
+                reasons: Vec::new(),
+                at_ms: now,
+                ..s
+            };
+            if self.store.put_assignment(&s, MAX_HISTORY_PER_GROUP)? {
+                self.publish(&s);
+            }
+        }
+        Ok(())
     }
 
     fn publish(&self, s: &StoredAssignment) {
