@@ -87,6 +87,8 @@ pub struct ApiState {
     pub live: super::api_fleet::LiveHub,
     /// The `[policy]` files a catalog reload reads (`api_deploy`).
     pub policy: Arc<super::config::PolicySection>,
+    /// The assignment driver's shared state (issue 19, `api_assign`).
+    pub assign: Arc<super::assign_driver::AssignShared>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -114,6 +116,7 @@ pub fn router(state: ApiState) -> Router {
             get(instance_reputation).post(adjust_reputation),
         )
         .merge(super::api_history::routes())
+        .merge(super::api_assign::routes())
         .route(
             "/v1/operators/tokens",
             get(api_access::list_operator_tokens).post(api_access::create_operator_token),
@@ -364,7 +367,9 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::render(&state.metrics) + &state.live.render_metrics(),
+        super::metrics::render(&state.metrics)
+            + &state.live.render_metrics()
+            + &state.assign.render_metrics(),
     )
         .into_response()
 }

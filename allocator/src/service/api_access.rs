@@ -434,6 +434,7 @@ mod tests {
             store: store.clone(),
             live: crate::service::api_fleet::LiveHub::default(),
             policy: Arc::default(),
+            assign: Arc::default(),
         };
         async fn probe(
             State(state): State<ApiState>,

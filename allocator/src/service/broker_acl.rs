@@ -434,4 +434,40 @@ mod tests {
         assert!(may("allocator", subscribe("shardline/v1/dev/+/request")));
         assert!(may("allocator", publish("shardline/v1/dev/r1/answer")));
     }
+
+    #[test]
+    fn devices_publish_their_routed_uplinks_and_read_assignments() {
+        // Issue 19: a device's own uplinks under its group, the assignment
+        // objects; the allocator reads routed uplinks and publishes objects.
+        let devices: HashSet<String> = ["r1".to_owned(), "r2".to_owned()].into();
+        let may = |login: &str, r: Request| refusal(&devices, Some(login), &r).is_none();
+        let publish = |t: &str| Request::Publish { topic: t.into() };
+        let subscribe = |t: &str| Request::Subscribe {
+            filters: vec![t.into()],
+        };
+        for kind in ["report", "ack", "request", "diag"] {
+            let own = format!("shardline/v1/g/acme.eu-west.vpn/dev/r1/{kind}");
+            assert!(may("r1", publish(&own)), "{own}");
+            let other = format!("shardline/v1/g/acme.eu-west.vpn/dev/r2/{kind}");
+            assert!(!may("r1", publish(&other)), "{other}");
+        }
+        assert!(!may(
+            "r1",
+            publish("shardline/v1/g/acme.eu-west.vpn/dev/r1/instr")
+        ));
+        assert!(may("r1", subscribe("shardline/v1/assign/acme.eu-west.vpn")));
+        assert!(!may("r1", publish("shardline/v1/assign/acme.eu-west.vpn")));
+        assert!(!may(
+            "r1",
+            subscribe("shardline/v1/g/acme.eu-west.vpn/dev/+/+")
+        ));
+        assert!(may(
+            "allocator",
+            subscribe("shardline/v1/g/acme.eu-west.vpn/dev/+/+")
+        ));
+        assert!(may(
+            "allocator",
+            publish("shardline/v1/assign/acme.eu-west.vpn")
+        ));
+    }
 }

@@ -276,7 +276,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 StartError::Catalog(_)
                 | StartError::Key(_)
                 | StartError::Tls(_)
-                | StartError::Token(_) => EX_CONFIG,
+                | StartError::Token(_)
+                | StartError::Instance { .. } => EX_CONFIG,
                 StartError::Broker(super::broker::BrokerError::Credentials(_)) => EX_CONFIG,
                 StartError::Api { .. } | StartError::Broker(_) => EX_UNAVAILABLE,
                 StartError::Store(_) | StartError::Thread(_) | StartError::Random(_) => 1,

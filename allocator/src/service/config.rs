@@ -87,6 +87,22 @@ pub struct BrokerConfig {
     /// entries (mode 0600; see `packaging/INSTALL.md`, "Broker identities").
     /// Without it anonymous clients are let in (a warning at start).
     pub credentials_file: Option<PathBuf>,
+    /// How this instance reads device uplinks (issue 19; see [`UplinkMode`]).
+    pub uplink: UplinkMode,
+}
+
+/// `[broker] uplink`: how the plain device uplink topics are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkMode {
+    /// Every instance reads them through `$share/allocators/…` (mosquitto,
+    /// the embedded broker), and also its assigned groups' routed filters.
+    #[default]
+    Shared,
+    /// A broker without shared subscriptions (RabbitMQ, NATS): only the
+    /// instance holding the store's lead reads them; the others read only
+    /// the group-routed topics of the groups assigned to them.
+    Routed,
 }
 
 /// Why the embedded broker may not listen on port 0.
@@ -120,6 +136,7 @@ impl Default for BrokerConfig {
             max_payload: 64 * 1024,
             max_connections: 20_000,
             credentials_file: None,
+            uplink: UplinkMode::Shared,
         }
     }
 }
@@ -251,6 +268,9 @@ pub struct Config {
     pub history: HistoryConfig,
     /// `[audit]`: the audit log's bounds (issue 20).
     pub audit: super::audit::AuditConfig,
+    /// `[instance]` and `[assignment]` (issue 19, `assign_config`).
+    pub instance: super::assign_config::InstanceConfig,
+    pub assignment: super::assign_config::AssignmentSection,
 }
 
 /// `[history]`: what is kept of each device's past (QoS windows,
@@ -419,6 +439,11 @@ impl Config {
         if config.policy.tick_ms == 0 {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
         }
+        if let Err(e) = super::assign_config::check(&config.instance, &config.assignment) {
+            return Err(invalid_in_section(
+                text, path, e.section, e.field, e.message,
+            ));
+        }
         if config.dispatch.max_batch == 0 {
             return Err(invalid_at_key(
                 text,
@@ -586,6 +611,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("d.toml:2") && err.contains("`keep`"), "{err}");
+    }
+
+    #[test]
+    fn instance_and_assignment_errors_name_their_line() {
+        let ok = "[broker]\nuplink = \"routed\"\n[instance]\nid = \"alloc-a\"\nregion = \"eu-west\"\n\
+                  endpoints = [\"mqtt://10.0.0.1:1883\"]\n[assignment]\nenabled = true\nttl_s = 60\n\
+                  [[assignment.groups]]\ntenant = \"acme\"\nregion = \"eu-west\"\ncapability = \"vpn\"\n\
+                  expected_reports_per_s = 5.0\n";
+        let c = Config::from_toml_str(ok, "a.toml").unwrap();
+        assert_eq!(c.broker.uplink, UplinkMode::Routed);
+        assert!(c.assignment.enabled);
+        assert_eq!(
+            c.assignment.group_specs()[0].id.as_str(),
+            "acme.eu-west.vpn"
+        );
+        assert_eq!(c.assignment.engine_config().ttl_ms, 60_000);
+        assert_eq!(Config::default().broker.uplink, UplinkMode::Shared);
+        let err = Config::from_toml_str("[broker]\nuplink = \"fanout\"\n", "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("b.toml:2: field `uplink`"), "{err}");
+        let err = Config::from_toml_str(
+            "[instance]\nid = \"a\"\n\nendpoints = [\"http://x:1\"]\n",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("c.toml:4: field `endpoints`"), "{err}");
+        let err = Config::from_toml_str(
+            "[assignment]\nenabled = true\n[[assignment.groups]]\ntenant = \"a\"\nregion = \"b\"\n\
+             capability = \"c\"\nexpected_reports_per_s = -1.0\n",
+            "d.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("d.toml:7: field `expected_reports_per_s`"),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[assignment]\nenabled = true\nttl_s = 1\n", "e.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("e.toml:3: field `ttl_s`"), "{err}");
+        let err = Config::from_toml_str("[assignment]\nperiod = 3\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.toml:2") && err.contains("`period`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_packaged_configuration_loads() {
+        let text = include_str!("../../../packaging/config/allocator.toml");
+        let c = Config::from_toml_str(text, "allocator.toml").unwrap();
+        assert!(!c.assignment.enabled);
+        assert_eq!(c.broker.uplink, UplinkMode::Shared);
+        assert_eq!(c.assignment.ttl_s, 300);
     }
 
     #[test]

@@ -16,17 +16,23 @@
 //! - [`access`] / [`audit`] / [`api_access`]: roles and operator tokens,
 //!   the audit log, and the API middleware enforcing both; [`api_tls`]: TLS
 //!   on the API listener; [`shardctl_access`]: their `shardctl` commands.
+//! - [`assign_config`] / [`assign_driver`]: seed 001's regional assignment
+//!   wired (issue 19): heartbeats, the lead driving the engine, publishing.
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod access;
 pub mod api;
 pub mod api_access;
+pub mod api_assign;
 pub mod api_deploy;
 pub mod api_fleet;
 pub mod api_history;
 pub mod api_tls;
 pub mod api_token;
+pub mod assign_config;
+pub mod assign_driver;
+pub mod assign_records;
 pub mod audit;
 pub mod broker;
 pub mod broker_acl;
@@ -43,6 +49,7 @@ pub mod mqtt;
 pub mod run;
 pub mod shardctl;
 pub mod shardctl_access;
+pub(crate) mod shardctl_assign;
 pub(crate) mod shardctl_history;
 pub mod store;
 mod store_history;

@@ -20,12 +20,19 @@ const STABLE: Duration = Duration::from_secs(10);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
 /// reports, acks, enrolments and explicit requests through the allocators' shared subscription.
+/// `routed` (`[broker] uplink = "routed"`, issue 19): subscribe to none of
+/// them here; the assignment driver holds them (`assign.filters`) while
+/// leading, with the routed filters of this instance's groups, and every
+/// reconnect subscribes the held set again.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     tx: mpsc::Sender<Inbound>,
     verifiers: Vec<VerifierTx>,
     shared: bool,
+    routed: bool,
+    assign: Arc<super::assign_driver::AssignShared>,
     metrics: Arc<Metrics>,
 ) {
     let report_filter = if shared {
@@ -58,6 +65,8 @@ pub async fn run(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Group rates for the assignment engine (routed uplinks).
+                assign.count_routed(&p.topic);
                 if let Some((device, kind @ (TopicKind::Report | TopicKind::Ack))) =
                     topics::parse(&p.topic)
                 {
@@ -88,14 +97,19 @@ pub async fn run(
                 tracing::info!("connected to the MQTT broker");
                 // Statuses are never shared: retained ones are not delivered
                 // through shared subscriptions, and every instance wants them.
-                let filters = [
-                    report_filter.clone(),
-                    ack_filter.clone(),
-                    enroll_filter.clone(),
-                    request_filter.clone(),
-                    diag_filter.clone(),
-                    topics::ALL_STATUS.to_owned(),
-                ];
+                let mut filters = if routed {
+                    vec![topics::ALL_STATUS.to_owned()]
+                } else {
+                    vec![
+                        report_filter.clone(),
+                        ack_filter.clone(),
+                        enroll_filter.clone(),
+                        request_filter.clone(),
+                        diag_filter.clone(),
+                        topics::ALL_STATUS.to_owned(),
+                    ]
+                };
+                filters.extend(assign.held_filters());
                 let client = client.clone();
                 tokio::spawn(async move {
                     for f in filters {

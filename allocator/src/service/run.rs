@@ -57,6 +57,14 @@ pub enum StartError {
     Random(String),
     #[error("cannot start a service thread: {0}")]
     Thread(std::io::Error),
+    /// `[instance]` is invalid (checked at load already; a `Config` built
+    /// in code may still carry one).
+    #[error("[{section}] {field}: {message}")]
+    Instance {
+        section: &'static str,
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// Opens the configured store: PostgreSQL shared with other instances when
@@ -233,7 +241,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // MQTT link.
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
+    // Issue 19: with `uplink = "routed"` (a clustered broker without shared
+    // subscriptions) the session persists, so the routed uplinks of this
+    // instance's groups queue at the broker across a reconnect; give each
+    // instance a fixed `client_id` then.
+    opts.set_clean_session(config.broker.uplink != super::config::UplinkMode::Routed);
     // At least the broker's packet cap: a larger retained message would
     // otherwise cut this client off on every reconnect (issue 14).
     let max_in =
@@ -254,6 +266,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
     let shared = external.is_some();
+    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    let assign = Arc::new(super::assign_driver::AssignShared::default());
     let verifiers = verifiers::start(
         core.key_directory(),
         tx.clone(),
@@ -268,8 +282,18 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         tx.clone(),
         verifiers,
         shared,
+        routed,
+        assign.clone(),
         metrics.clone(),
     ));
+    spawn_assign_driver(
+        &config,
+        &key_file,
+        store.clone(),
+        client.clone(),
+        &assign,
+        &metrics,
+    )?;
 
     // The API reads and writes operator tokens and the audit log itself;
     // anything else acting for an operator (a signal-driven reload) records
@@ -336,6 +360,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         audit: audit_log.clone(),
         live,
         policy: Arc::new(config.policy.clone()),
+        assign: assign.clone(),
     });
     // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`.
     {
@@ -448,6 +473,42 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         api_addr,
         core_thread,
     })
+}
+
+/// Starts the assignment driver (issue 19) when `[assignment]` is enabled or
+/// the plain uplinks are read only while leading (`uplink = "routed"`).
+fn spawn_assign_driver(
+    config: &Config,
+    key_file: &std::path::Path,
+    store: Arc<dyn Store>,
+    client: AsyncClient,
+    assign: &Arc<super::assign_driver::AssignShared>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), StartError> {
+    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    if !config.assignment.enabled && !routed {
+        return Ok(());
+    }
+    let instance = config.instance.check().map_err(|e| StartError::Instance {
+        section: e.section,
+        field: e.field,
+        message: e.message,
+    })?;
+    let driver = super::assign_driver::Driver {
+        instance,
+        section: config.assignment.clone(),
+        uplink: config.broker.uplink,
+        tick: Duration::from_millis(config.policy.tick_ms),
+        store,
+        client,
+        rt: tokio::runtime::Handle::current(),
+        // Signed like instructions, with the key this instance started with.
+        key: keys::read_secret(key_file)?,
+        metrics: metrics.clone(),
+        shared: assign.clone(),
+    };
+    driver.spawn().map_err(StartError::Thread)?;
+    Ok(())
 }
 
 /// The signing key's directory, as `POST /v1/rotate` compares it (absolute,

@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Regional assignment (issue 19): every group's assignment, the
+    /// instances and shortfalls; with GROUP that group; with `--history`
+    /// the group's published versions, newest first.
+    Assignment {
+        group: Option<String>,
+        #[arg(long, requires = "group")]
+        history: bool,
+    },
     /// Enrol a device with its public key (hex).
     Enroll {
         #[arg(value_parser = parse_device)]
@@ -285,6 +293,11 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
     };
     let (method, path, body) = match &cli.command {
         Cmd::Devices => ("GET", "/v1/devices".to_owned(), None),
+        Cmd::Assignment {
+            group: Some(g),
+            history: true,
+        } => ("GET", format!("/v1/assignments/{g}/history"), None),
+        Cmd::Assignment { .. } => ("GET", "/v1/assignments".to_owned(), None),
         Cmd::Device { device } => ("GET", format!("/v1/devices/{device}"), None),
         Cmd::History {
             device,
@@ -526,6 +539,13 @@ pub fn main_from_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Resul
             }
             Cmd::History { .. } => {
                 print!("{}", super::shardctl_history::history_text(&value));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Cmd::Assignment { group, history } => {
+                print!(
+                    "{}",
+                    super::shardctl_assign::assignment_text(&value, group.as_deref(), *history)
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             Cmd::Credits { .. } => {

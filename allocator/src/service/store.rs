@@ -21,6 +21,7 @@
 //! nothing is published before its commit.
 
 use super::access::OperatorToken;
+pub use super::assign_records::{AssignmentHistoryRow, ServerBeat, StoredAssignment};
 use super::audit::{AuditEntry, AuditLimits, AuditQuery, StoredEntry};
 use serde::Serialize;
 pub use shardline_allocator_core::history::{HistoryEntry, HistoryQuery};
@@ -132,9 +133,29 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_audit(&self, id: u64, entry: &AuditEntry) -> Result<(), StoreError>;
     /// Entries matching `q`, newest (highest id) first, at most `q.limit`.
     fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError>;
+    // Regional assignment (issue 19): written by the assignment driver, each
+    // call durable when it returns.
+    /// Writes an instance's heartbeat (overwrites its previous one).
+    fn put_server_beat(&self, beat: &ServerBeat) -> Result<(), StoreError>;
+    /// Every instance's latest heartbeat, by id order.
+    fn load_server_beats(&self) -> Result<Vec<ServerBeat>, StoreError>;
+    /// Writes a group's assignment unless a higher version is stored
+    /// (then nothing is written and the answer is `false`); a new version
+    /// (not a renewal) is appended to the group's history, of which the
+    /// newest `max_history` are kept.
+    fn put_assignment(&self, a: &StoredAssignment, max_history: usize) -> Result<bool, StoreError>;
+    /// Every group's last assignment, by group order.
+    fn load_assignments(&self) -> Result<Vec<StoredAssignment>, StoreError>;
+    /// A group's published versions, newest first, at most `limit`.
+    fn load_assignment_history(
+        &self,
+        group: &shardline_shared::assign::GroupId,
+        limit: usize,
+    ) -> Result<Vec<AssignmentHistoryRow>, StoreError>;
 }
 
 mod access;
+mod assign;
 
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
 const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tokens");
@@ -507,6 +528,25 @@ impl Store for RedbStore {
     }
     fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError> {
         self.load_audit_redb(q)
+    }
+    fn put_server_beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        self.put_server_beat_redb(beat)
+    }
+    fn load_server_beats(&self) -> Result<Vec<ServerBeat>, StoreError> {
+        self.load_server_beats_redb()
+    }
+    fn put_assignment(&self, a: &StoredAssignment, max_history: usize) -> Result<bool, StoreError> {
+        self.put_assignment_redb(a, max_history)
+    }
+    fn load_assignments(&self) -> Result<Vec<StoredAssignment>, StoreError> {
+        self.load_assignments_redb()
+    }
+    fn load_assignment_history(
+        &self,
+        group: &shardline_shared::assign::GroupId,
+        limit: usize,
+    ) -> Result<Vec<AssignmentHistoryRow>, StoreError> {
+        self.load_assignment_history_redb(group, limit)
     }
 }
 

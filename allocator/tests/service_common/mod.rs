@@ -178,6 +178,18 @@ impl Allocator {
         store_url: &str,
         peer: Option<&Allocator>,
     ) -> Self {
+        Self::start_on_shared_store_with(dir, mode, store_url, peer, "")
+    }
+
+    /// [`Allocator::start_on_shared_store`] with extra configuration
+    /// (inserted in `[broker]`; it may open sections of its own).
+    pub fn start_on_shared_store_with(
+        dir: &Path,
+        mode: BrokerMode,
+        store_url: &str,
+        peer: Option<&Allocator>,
+        extra_config: &str,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let key = dir.join("signing.key");
         let public_key = match peer {
@@ -187,7 +199,7 @@ impl Allocator {
             }
             None => keygen(&key),
         };
-        Self::spawned(dir, mode, "", Some(store_url), public_key)
+        Self::spawned(dir, mode, extra_config, Some(store_url), public_key)
     }
 
     pub fn config_text(&self) -> String {

@@ -4,6 +4,7 @@
 //! those tests.
 
 mod access;
+mod assign;
 
 use shardline_allocator::service::store::{
     Batch, DeviceRecord, Meta, ReportSeq, Store, StoreError, TokenRecord, Tombstone,
@@ -299,6 +300,7 @@ fn check_tombstones_and_health(store: &dyn Store) {
     assert_eq!(store.load_tombstones().expect("tombstones").len(), 1);
     assert_eq!(store.load_meta().expect("meta").key_epoch, 3);
     access::check(store);
+    assign::check(store);
 }
 
 fn reputation(device: &str, at_ms: u64, to: f64) -> HistoryEntry {

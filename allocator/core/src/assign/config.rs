@@ -1,6 +1,7 @@
-//! The assignment engine's tunables (`[assign]` once the service reads it;
-//! not wired yet). Every field has a default; `deny_unknown_fields` so a
-//! typo in a configuration is an error, not a silent default.
+//! The assignment engine's tunables (the service reads them from
+//! `[assignment.engine]`, its `ttl_s`, `period_s` and `regions` over these).
+//! Every field has a default; `deny_unknown_fields` so a typo in a
+//! configuration is an error, not a silent default.
 
 use crate::policy::forecast::ForecastConfig;
 use serde::{Deserialize, Serialize};

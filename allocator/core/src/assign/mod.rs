@@ -39,10 +39,11 @@
 //!   [`AssignAction::NeedCapacity`] per region with the shortfall in
 //!   reports/s, and the group goes to the least-bad server.
 //!
-//! Not wired yet (issue 19): the service does not drive this engine, sign or
-//! publish its objects, nor export the shortfall as a metric; versions must
-//! be persisted by the service and restored with
-//! [`AssignmentEngine::restore_assignment`] so they never go back.
+//! Wired by the service (`allocator/src/service/assign_driver.rs`): the
+//! instance holding the store's lead drives it, seals, persists and then
+//! publishes its objects, exports the shortfall, and restores the persisted
+//! versions with [`AssignmentEngine::restore_assignment`] when it takes the
+//! lead, so versions never go back.
 
 pub mod config;
 pub mod group;

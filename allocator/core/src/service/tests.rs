@@ -111,6 +111,29 @@ pub(super) fn instr_seq(p: &Publish) -> u64 {
 }
 
 #[test]
+fn a_report_on_its_group_routed_topic_is_handled_as_on_the_plain_one() {
+    // Issue 19: devices holding an assignment publish on
+    // `g/{group}/dev/{id}/report`; the instruction still goes to `dev/{id}/instr`.
+    let (mut core, d) = enrolled();
+    let group = shardline_shared::assign::GroupId::new("acme.eu-west.vpn").unwrap();
+    let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
+    let topic = topics::routed(&group, &d, topics::TopicKind::Report);
+    core.on_message(1_000_100, &topic, &bytes);
+    let step = core.take_step();
+    assert_eq!(step.publish.len(), 1, "one instruction");
+    assert_eq!(step.publish[0].topic, topics::instr(&d));
+    // Another device's routed topic does not carry this device's report.
+    let other = DeviceId::new("someone-else").unwrap();
+    let bytes = sign::seal(Domain::Report, &report(&d, 2), &[&dev_key()]);
+    core.on_message(
+        1_000_200,
+        &topics::routed(&group, &other, topics::TopicKind::Report),
+        &bytes,
+    );
+    assert!(core.take_step().publish.is_empty());
+}
+
+#[test]
 fn an_instruction_leaves_only_with_its_reserved_sequence_in_the_same_batch() {
     let (mut core, d) = enrolled();
     let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);

@@ -39,6 +39,7 @@ use super::store::{
     dec, enc, Batch, DeviceRecord, HistoryEntry, HistoryQuery, Meta, Store, StoreError,
     TokenRecord, Tombstone,
 };
+use super::store::{AssignmentHistoryRow, ServerBeat, StoredAssignment};
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
 use shardline_shared::ids::DeviceId;
@@ -47,6 +48,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 mod access;
+mod assign;
 mod conn;
 mod history;
 mod sql;
@@ -856,5 +858,24 @@ impl Store for PgStore {
     }
     fn load_audit(&self, q: &AuditQuery) -> Result<Vec<StoredEntry>, StoreError> {
         self.load_audit_pg(q)
+    }
+    fn put_server_beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        self.put_server_beat_pg(beat)
+    }
+    fn load_server_beats(&self) -> Result<Vec<ServerBeat>, StoreError> {
+        self.load_server_beats_pg()
+    }
+    fn put_assignment(&self, a: &StoredAssignment, max_history: usize) -> Result<bool, StoreError> {
+        self.put_assignment_pg(a, max_history)
+    }
+    fn load_assignments(&self) -> Result<Vec<StoredAssignment>, StoreError> {
+        self.load_assignments_pg()
+    }
+    fn load_assignment_history(
+        &self,
+        group: &shardline_shared::assign::GroupId,
+        limit: usize,
+    ) -> Result<Vec<AssignmentHistoryRow>, StoreError> {
+        self.load_assignment_history_pg(group, limit)
     }
 }

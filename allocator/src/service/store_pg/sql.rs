@@ -62,6 +62,26 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_at_ms ON audit (at_ms);
     "#,
+    // 5: the regional assignment (issue 19, `store_pg::assign`): each
+    // instance's heartbeat, each group's last object, its versions.
+    r#"
+    CREATE TABLE assign_servers (
+        id text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    CREATE TABLE assignments (
+        grp text COLLATE "C" PRIMARY KEY,
+        version bigint NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE TABLE assign_history (
+        id bigserial PRIMARY KEY,
+        grp text COLLATE "C" NOT NULL,
+        version bigint NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX assign_history_by_group ON assign_history (grp, id DESC);
+    "#,
 ];
 
 /// The schema version this build creates and understands.

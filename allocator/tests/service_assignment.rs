@@ -1,0 +1,324 @@
+//! The regional assignment, wired (issue 19), against a real allocator
+//! process with its embedded broker and `[assignment] enabled`: a plain MQTT
+//! subscriber on `assign/+` gets a retained object that the device's own
+//! acceptance logic (`handle_assignment`) takes under the allocator's public
+//! key; renewals keep the version and move the expiry; after a SIGKILL and
+//! a restart on the same store the version never goes back; the API and
+//! `shardctl assignment` show the group, the instance and the history.
+
+mod service_common;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use service_common::{Allocator, BrokerMode, TempDir};
+use shardline_shared::assign::{handle_assignment, AssignmentState, AssignmentVerdict, GroupId};
+use shardline_shared::msg::{KeySet, PublicKeyEntry};
+use shardline_shared::topics;
+use shardline_shared::KeyId;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const GROUP: &str = "acme.eu-west.vpn";
+
+const EXTRA: &str = r#"
+[instance]
+id = "alloc-a"
+region = "eu-west"
+capacity_reports_per_s = 500
+endpoints = ["mqtt://127.0.0.1:1883", "mqtt://127.0.0.2:1883"]
+[assignment]
+enabled = true
+ttl_s = 4
+period_s = 2
+[[assignment.groups]]
+tenant = "acme"
+region = "eu-west"
+capability = "vpn"
+expected_reports_per_s = 10
+"#;
+
+/// Subscribes to every group's assignment; yields (topic, payload, retained).
+async fn subscriber(port: u16, tag: &str) -> mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    let mut opts = MqttOptions::new(format!("assign-watch-{tag}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut ev) = AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client
+                        .subscribe(topics::ALL_ASSIGNMENTS, QoS::AtLeastOnce)
+                        .await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic, p.payload.to_vec(), p.retain)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    rx
+}
+
+async fn next(
+    rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    within: Duration,
+    a: &Allocator,
+) -> (String, Vec<u8>, bool) {
+    match tokio::time::timeout(within, rx.recv()).await {
+        Ok(Some(m)) => m,
+        _ => panic!("no assignment within {within:?}; log:\n{}", a.log()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_assignment_is_published_retained_renewed_and_survives_a_restart() {
+    let dir = TempDir::new("assign-embedded");
+    let mut a = Allocator::start(&dir.0, BrokerMode::Embedded, EXTRA);
+    let keys = KeySet {
+        epoch: 1,
+        keys: vec![PublicKeyEntry {
+            key_id: KeyId::of_public_key(&a.public_key),
+            public_key: a.public_key,
+        }],
+    };
+    let group = GroupId::new(GROUP).unwrap();
+    let bootstrap = vec!["mqtt://127.0.0.9:1883".to_owned()];
+    let now = service_common::now_ms;
+
+    // The first object: published before this subscriber connected, so it
+    // arrives as a retained message.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut rx = subscriber(a.mqtt_port, "1").await;
+    let (topic, bytes, retained) = next(&mut rx, Duration::from_secs(10), &a).await;
+    assert_eq!(topic, topics::assignment(&group));
+    assert!(retained, "the assignment is retained");
+    let d = handle_assignment(
+        &AssignmentState::bootstrap(group.clone()),
+        &bytes,
+        now(),
+        &keys,
+        &bootstrap,
+    );
+    assert_eq!(
+        d.verdict,
+        AssignmentVerdict::Accepted {
+            version: 1,
+            previous: None
+        },
+        "{:?}",
+        d
+    );
+    let first = d.state.current.clone().unwrap().assignment;
+    assert_eq!(first.server.as_str(), "alloc-a");
+    assert_eq!(first.region.as_str(), "eu-west");
+    assert_eq!(
+        first.endpoints,
+        vec!["mqtt://127.0.0.1:1883", "mqtt://127.0.0.2:1883"]
+    );
+    assert_eq!(first.expires_at_ms - first.issued_at_ms, 4_000);
+    // A key the device does not trust: refused.
+    let stranger = KeySet {
+        epoch: 1,
+        keys: vec![PublicKeyEntry {
+            key_id: KeyId::of_public_key(&[9; 32]),
+            public_key: [9; 32],
+        }],
+    };
+    let refused = handle_assignment(
+        &AssignmentState::bootstrap(group.clone()),
+        &bytes,
+        now(),
+        &stranger,
+        &bootstrap,
+    );
+    assert!(matches!(refused.verdict, AssignmentVerdict::Refused(_)));
+
+    // Renewals (at half the 4 s lifetime): same version, later expiry.
+    let mut state = d.state;
+    let mut renewals = 0;
+    while renewals < 2 {
+        let (_, bytes, _) = next(&mut rx, Duration::from_secs(6), &a).await;
+        let d = handle_assignment(&state, &bytes, now(), &keys, &bootstrap);
+        match d.verdict {
+            AssignmentVerdict::Renewed { version: 1, .. } => renewals += 1,
+            AssignmentVerdict::Duplicate { version: 1 } => {}
+            v => panic!("expected a renewal of version 1, got {v:?}"),
+        }
+        state = d.state;
+    }
+    let renewed = state.current.clone().unwrap().assignment;
+    assert!(renewed.expires_at_ms > first.expires_at_ms);
+
+    // The API and shardctl show it.
+    let (status, v) = a.api("GET", "/v1/assignments", None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["groups"][0]["group"], GROUP);
+    assert_eq!(v["groups"][0]["version"], 1);
+    assert_eq!(v["groups"][0]["server"], "alloc-a");
+    assert_eq!(v["servers"][0]["server"], "alloc-a");
+    assert_eq!(v["servers"][0]["alive"], true);
+    let out = a.shardctl(&["assignment"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains(GROUP) && text.contains("v1") && text.contains("alloc-a"),
+        "{text}"
+    );
+    assert!(
+        text.contains("servers:") && text.contains("alive"),
+        "{text}"
+    );
+    let out = a.shardctl(&["assignment", GROUP, "--history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text.lines().count(), 1, "renewals add no history: {text}");
+    assert!(text.contains("v1") && text.contains("new"), "{text}");
+    let metrics = a.metric("shardline_assignment_version{group=\"acme.eu-west.vpn\"}");
+    assert_eq!(metrics, 1.0);
+
+    // SIGKILL and restart on the same store: the version never goes back.
+    a.kill9();
+    drop(rx);
+    a.spawn();
+    let mut rx = subscriber(a.mqtt_port, "2").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = 0;
+    while std::time::Instant::now() < deadline {
+        let Ok(Some((_, bytes, _))) = tokio::time::timeout(Duration::from_secs(6), rx.recv()).await
+        else {
+            break;
+        };
+        let d = handle_assignment(&state, &bytes, now(), &keys, &bootstrap);
+        match d.verdict {
+            AssignmentVerdict::Renewed { version: 1, .. }
+            | AssignmentVerdict::Duplicate { version: 1 } => seen += 1,
+            v => panic!("after the restart: expected version 1 again, got {v:?}"),
+        }
+        state = d.state;
+        if seen >= 2 {
+            break;
+        }
+    }
+    assert!(
+        seen >= 2,
+        "republished after the restart; log:\n{}",
+        a.log()
+    );
+    let (_, v) = a.api("GET", "/v1/assignments", None);
+    assert_eq!(v["groups"][0]["version"], 1, "{v}");
+}
+
+/// Too little capacity: the group still goes to the least-bad server, and
+/// the shortfall is a metric, in the API and in `shardctl assignment`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_short_of_capacity_is_reported() {
+    let dir = TempDir::new("assign-short");
+    let extra = EXTRA
+        .replace(
+            "capacity_reports_per_s = 500",
+            "capacity_reports_per_s = 20",
+        )
+        .replace(
+            "expected_reports_per_s = 10",
+            "expected_reports_per_s = 100",
+        );
+    let a = Allocator::start(&dir.0, BrokerMode::Embedded, &extra);
+    let short = a.wait_metric(
+        "shardline_assignment_capacity_shortfall{region=\"eu-west\"}",
+        1.0,
+        Duration::from_secs(10),
+    );
+    // 100 reports/s (the interval's upper bound is higher) on 20 × 0.8 usable.
+    assert!(short >= 84.0, "shortfall {short}");
+    assert!(a.metric("shardline_assignment_capacity_shortfall_total") >= 1.0);
+    // Placed on the least-bad server (at the first run, or at the next
+    // periodic one when the start-up batch made the first heartbeat's
+    // latency look unhealthy).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let (_, v) = a.api("GET", "/v1/assignments", None);
+        if v["groups"][0]["server"] == "alloc-a" {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group goes to the least-bad server: {v}; log:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["shortfalls"][0]["region"], "eu-west", "{v}");
+    assert_eq!(v["shortfalls"][0]["groups"][0], GROUP, "{v}");
+    let out = a.shardctl(&["assignment"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NEED CAPACITY in eu-west"), "{text}");
+    assert!(
+        a.log().contains("not enough capacity in this region"),
+        "a warning is logged"
+    );
+}
+
+/// After a key rotation the stored objects are signed again with the new
+/// key and republished (same version), without waiting for a renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_republishes_the_objects_under_the_new_key() {
+    let dir = TempDir::new("assign-rotate");
+    // A long lifetime: no renewal happens during the test.
+    let extra = EXTRA.replace("ttl_s = 4", "ttl_s = 600");
+    let a = Allocator::start(&dir.0, BrokerMode::Embedded, &extra);
+    let group = GroupId::new(GROUP).unwrap();
+    let bootstrap = vec!["mqtt://127.0.0.9:1883".to_owned()];
+    let set = |pk: [u8; 32]| KeySet {
+        epoch: 1,
+        keys: vec![PublicKeyEntry {
+            key_id: KeyId::of_public_key(&pk),
+            public_key: pk,
+        }],
+    };
+    let mut rx = subscriber(a.mqtt_port, "rot").await;
+    let (_, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+    let old = handle_assignment(
+        &AssignmentState::bootstrap(group.clone()),
+        &bytes,
+        service_common::now_ms(),
+        &set(a.public_key),
+        &bootstrap,
+    );
+    assert!(matches!(
+        old.verdict,
+        AssignmentVerdict::Accepted { version: 1, .. }
+    ));
+
+    let new_pk = service_common::keygen(&dir.0.join("signing-2.key"));
+    let path = std::fs::canonicalize(dir.0.join("signing-2.key")).unwrap();
+    let (st, body) = a.api(
+        "POST",
+        "/v1/rotate",
+        Some(serde_json::json!({ "key_file": path.display().to_string() })),
+    );
+    assert_eq!(st, 200, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        let d = handle_assignment(
+            &AssignmentState::bootstrap(group.clone()),
+            &bytes,
+            service_common::now_ms(),
+            &set(new_pk),
+            &bootstrap,
+        );
+        if let AssignmentVerdict::Accepted { version, .. } = d.verdict {
+            assert_eq!(version, 1, "same version under the new key");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no object under the new key; log:\n{}",
+            a.log()
+        );
+    }
+}
