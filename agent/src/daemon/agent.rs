@@ -163,6 +163,13 @@ pub struct Daemon {
     /// how an operator, and the hostile-publisher tests, see a link that
     /// cannot stay up.
     connects: u64,
+    /// Set when the broker refused a subscription (a clustered broker's node
+    /// refuses QoS 1 subscriptions while it elects new leaders after losing
+    /// a peer): subscribe again at the next housekeeping tick, because
+    /// without its `instr` subscription the device would hear nothing until
+    /// its next reconnect.
+    resubscribe_due: bool,
+    subscriptions_refused: u64,
     link_drops: u64,
     /// Explicit requests of local applications: the sans-IO core, its
     /// socket (`None` when it could not be opened: logged, the rest of the
@@ -310,6 +317,8 @@ impl Daemon {
             enroller,
             enroll_token,
             connects: 0,
+            resubscribe_due: false,
+            subscriptions_refused: 0,
             link_drops: 0,
             requests,
             api,
@@ -396,6 +405,9 @@ impl Daemon {
                     }
                 }
                 _ = housekeeping.tick() => {
+                    if std::mem::take(&mut self.resubscribe_due) {
+                        self.subscribe_all();
+                    }
                     let now = now_ms();
                     let actions = self.manager.on_tick(now);
                     self.execute(actions, None)?;
@@ -456,23 +468,11 @@ impl Daemon {
                     "connected to the broker"
                 );
                 self.core.on_connected();
-                let instr = topics::instr(&self.cfg.device);
-                if let Err(e) = self.link.client.try_subscribe(instr, QoS::AtLeastOnce) {
-                    tracing::warn!(error = %e, "subscribe request failed");
-                }
-                let answer = topics::answer(&self.cfg.device);
-                if let Err(e) = self.link.client.try_subscribe(answer, QoS::AtLeastOnce) {
-                    tracing::warn!(error = %e, "subscribe request (answers) failed");
-                }
                 if let Some(r) = &mut self.route {
                     r.on_connected();
-                    // Retained: the broker hands over the group's current
-                    // object on every subscribe.
-                    let t = topics::assignment(r.group());
-                    if let Err(e) = self.link.client.try_subscribe(t, QoS::AtLeastOnce) {
-                        tracing::warn!(error = %e, "subscribe request (assignment) failed");
-                    }
                 }
+                self.resubscribe_due = false;
+                self.subscribe_all();
                 self.publish_online();
                 // Before the outbox: the allocator should know the key
                 // before the first report signed with it arrives.
@@ -489,9 +489,48 @@ impl Daemon {
                 self.flush();
             }
             LinkEvent::Mqtt(Event::Outgoing(out)) => self.core.on_outgoing(&out),
+            LinkEvent::Mqtt(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    self.subscriptions_refused += refused as u64;
+                    self.resubscribe_due = true;
+                    tracing::warn!(
+                        refused,
+                        total_refused = self.subscriptions_refused,
+                        "the broker refused a subscription; subscribing again within a second"
+                    );
+                }
+            }
             LinkEvent::Mqtt(Event::Incoming(_)) => {}
         }
         Ok(())
+    }
+
+    /// The device's subscriptions: its instructions, its answers and, with
+    /// an assignment group, the group's (retained) object. Subscribing again
+    /// is harmless: the broker replaces the subscription, and the retained
+    /// object comes again, a duplicate the route core ignores.
+    fn subscribe_all(&mut self) {
+        let instr = topics::instr(&self.cfg.device);
+        if let Err(e) = self.link.client.try_subscribe(instr, QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, "subscribe request failed");
+        }
+        let answer = topics::answer(&self.cfg.device);
+        if let Err(e) = self.link.client.try_subscribe(answer, QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, "subscribe request (answers) failed");
+        }
+        if let Some(r) = &self.route {
+            // Retained: the broker hands over the group's current object on
+            // every subscribe.
+            let t = topics::assignment(r.group());
+            if let Err(e) = self.link.client.try_subscribe(t, QoS::AtLeastOnce) {
+                tracing::warn!(error = %e, "subscribe request (assignment) failed");
+            }
+        }
     }
 
     fn on_publish(&mut self, p: Publish) -> Result<(), DaemonError> {
@@ -1013,6 +1052,7 @@ impl Daemon {
             "outbox_unacked": self.core.unacked(),
             "acks_withheld": self.manager.acks_withheld(),
             "connects": self.connects,
+            "subscriptions_refused": self.subscriptions_refused,
             "link_drops": self.link_drops,
             "assignment": self.route.as_ref().map(|r| route_status(r, now)),
             "requests": {
