@@ -40,22 +40,23 @@ fn publish_retained(port: u16, topic: &str) -> Result<(), String> {
 
 /// Whether a fresh subscriber on `port` receives a retained message on `topic`.
 fn sees_retained(port: u16, topic: &str) -> bool {
+    retained_topic(port, topic).as_deref() == Some(topic)
+}
+
+/// The topic a retained message matching `filter` arrives on at a fresh
+/// subscriber on `port` (a broker may rewrite it), if one arrives.
+fn retained_topic(port: u16, filter: &str) -> Option<String> {
     let (c, mut conn) = client(port, "sl-test-sub");
-    if c.subscribe(topic, QoS::AtLeastOnce).is_err() {
-        return false;
-    }
+    c.subscribe(filter, QoS::AtLeastOnce).ok()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match conn.recv_timeout(Duration::from_secs(1)) {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == topic => return true,
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                println!("asked for {topic:?}, got a message on {:?}", p.topic);
-            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Some(p.topic),
             Ok(Ok(_)) | Err(_) => {}
-            Ok(Err(_)) => return false,
+            Ok(Err(_)) => return None,
         }
     }
-    false
+    None
 }
 
 /// Whether a subscriber on `port` gets the retained message on `topic`
@@ -117,14 +118,20 @@ fn cluster_survives_kill9(kind: BrokerKind) {
 
     // The '.' fact (group ids always hold dots), on one node.
     let dotted = "shardline/v1/assign/acme.eu-west.vpn";
-    let dots = publish_retained(c.mqtt_port(0), dotted)
-        .map(|()| sees_retained_within(c.mqtt_port(0), dotted, settle));
+    let dots =
+        publish_retained(c.mqtt_port(0), dotted).map(|()| retained_topic(c.mqtt_port(0), dotted));
     println!("{}: topic with '.': {dots:?}", kind.name());
     match kind {
         // NATS 2.9 maps '/' to its subject separator '.', and refuses
         // MQTT topics holding '.' (the server closes the connection).
         BrokerKind::Nats => assert!(dots.is_err(), "NATS now carries '.' topics: {dots:?}"),
-        BrokerKind::Rabbit => assert_eq!(dots, Ok(true), "RabbitMQ lost a '.' topic"),
+        // RabbitMQ 3.10 swaps '/' and '.' into AMQP routing keys and back,
+        // but a '.' comes back as '/': the topic arrives rewritten.
+        BrokerKind::Rabbit => assert_eq!(
+            dots,
+            Ok(Some("shardline/v1/assign/acme/eu-west/vpn".to_owned())),
+            "RabbitMQ no longer rewrites '.' in topics"
+        ),
     }
 
     c.kill9(1);

@@ -294,7 +294,11 @@ impl BrokerCluster {
             .env("RABBITMQ_ENABLED_PLUGINS", "rabbitmq_mqtt")
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PLUGINS_EXPAND_DIR", dir.join("plugins-expand"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"));
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            // rabbitmqctl writes erl_crash.dump into the working directory
+            // when it cannot reach a node yet.
+            .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
+            .current_dir(dir);
     }
 
     fn start_rabbit(&mut self) -> Result<(), String> {
