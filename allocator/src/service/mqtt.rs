@@ -20,6 +20,10 @@ const STABLE: Duration = Duration::from_secs(10);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
 /// reports, acks, enrolments and explicit requests through the allocators' shared subscription.
+/// `nodes`: the client options for every node of a clustered broker
+/// (`[broker] urls`, the event loop's own first); a failed or dropped
+/// connection moves to the next node at once, and the growing backoff
+/// applies only after a whole round of nodes failed.
 pub async fn run(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
@@ -27,7 +31,11 @@ pub async fn run(
     verifiers: Vec<VerifierTx>,
     shared: bool,
     metrics: Arc<Metrics>,
+    nodes: Vec<rumqttc::MqttOptions>,
 ) {
+    let mut node = 0usize;
+    // Nodes tried since the last CONNACK.
+    let mut failed_nodes = 0usize;
     let report_filter = if shared {
         topics::shared(topics::ALL_REPORTS)
     } else {
@@ -84,6 +92,7 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(std::time::Instant::now());
+                failed_nodes = 0;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
                 // Statuses are never shared: retained ones are not delivered
@@ -128,9 +137,43 @@ pub async fn run(
                 } else {
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
                 }
+                if nodes.len() > 1 {
+                    // Unacknowledged publishes and the subscriptions (made
+                    // again on CONNACK) carry over: only the address changes.
+                    node = (node + 1) % nodes.len();
+                    eventloop.mqtt_options = nodes[node].clone();
+                    failed_nodes += 1;
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::warn!(%host, port, "moving to the next broker node");
+                    if failed_nodes < nodes.len() {
+                        tokio::time::sleep(BACKOFF_MIN).await;
+                        continue;
+                    }
+                    failed_nodes = 0;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
+}
+
+/// `opts` with another broker address: the settings the service sets
+/// (rumqttc has no setter for the address alone).
+pub fn options_for_node(
+    opts: &rumqttc::MqttOptions,
+    host: String,
+    port: u16,
+) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(opts.client_id(), host, port);
+    o.set_keep_alive(opts.keep_alive())
+        .set_clean_session(opts.clean_session())
+        .set_max_packet_size(opts.max_packet_size(), opts.max_packet_size())
+        .set_inflight(opts.inflight())
+        .set_request_channel_capacity(opts.request_channel_capacity())
+        .set_transport(opts.transport());
+    if let Some(login) = opts.credentials() {
+        o.set_credentials(login.username, login.password);
+    }
+    o
 }

@@ -251,9 +251,19 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     } else if let (Some(u), Some(p)) = (&config.broker.username, &config.broker.password) {
         opts.set_credentials(u.clone(), p.clone());
     }
+    // Every node of a clustered external broker (`[broker] urls`): the
+    // same client, another address.
+    let nodes: Vec<MqttOptions> = config
+        .broker_urls()
+        .into_iter()
+        .map(|u| {
+            let (BrokerUrl::Tcp { host, port } | BrokerUrl::Tls { host, port }) = u;
+            mqtt::options_for_node(&opts, host, port)
+        })
+        .collect();
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
-    let shared = external.is_some();
+    let shared = external.is_some() && config.broker.uplink == super::config::Uplink::Shared;
     let verifiers = verifiers::start(
         core.key_directory(),
         tx.clone(),
@@ -269,6 +279,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         verifiers,
         shared,
         metrics.clone(),
+        nodes,
     ));
 
     // The API reads and writes operator tokens and the audit log itself;
