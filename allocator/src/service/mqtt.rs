@@ -17,6 +17,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
+/// Wait before subscribing again after the broker refused a subscription.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
 /// reports, acks, enrolments and explicit requests through the allocators' shared subscription.
@@ -61,6 +63,21 @@ pub async fn run(
     } else {
         topics::ALL_DIAGNOSTICS.to_owned()
     };
+    // Statuses are never shared: retained ones are not delivered
+    // through shared subscriptions, and every instance wants them.
+    let filters = [
+        report_filter,
+        ack_filter,
+        enroll_filter,
+        request_filter,
+        diag_filter,
+        topics::ALL_STATUS.to_owned(),
+    ];
+    // One resubscription at a time after a refused SUBACK: a NATS node
+    // refuses QoS 1 subscriptions while its JetStream cluster elects new
+    // leaders (seconds after a node was lost), and without this the link
+    // would stay connected but deaf.
+    let retry_scheduled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut backoff = BACKOFF_MIN;
     let mut connected_at: Option<std::time::Instant> = None;
     loop {
@@ -95,26 +112,28 @@ pub async fn run(
                 failed_nodes = 0;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
-                // Statuses are never shared: retained ones are not delivered
-                // through shared subscriptions, and every instance wants them.
-                let filters = [
-                    report_filter.clone(),
-                    ack_filter.clone(),
-                    enroll_filter.clone(),
-                    request_filter.clone(),
-                    diag_filter.clone(),
-                    topics::ALL_STATUS.to_owned(),
-                ];
-                let client = client.clone();
-                tokio::spawn(async move {
-                    for f in filters {
-                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                            tracing::error!(filter = %f, error = %e, "subscribe failed");
-                        }
-                    }
-                });
+                tokio::spawn(subscribe_all(client.clone(), filters.clone()));
                 if tx.send(Inbound::Connected).await.is_err() {
                     return;
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused && !retry_scheduled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tracing::warn!(
+                        pkid = ack.pkid,
+                        "the broker refused a subscription; subscribing again in 1 s"
+                    );
+                    let (client, filters, flag) =
+                        (client.clone(), filters.clone(), retry_scheduled.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                        flag.store(false, std::sync::atomic::Ordering::SeqCst);
+                        subscribe_all(client, filters).await;
+                    });
                 }
             }
             Ok(_) => {}
@@ -154,6 +173,16 @@ pub async fn run(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
+        }
+    }
+}
+
+/// Subscribes (QoS 1) to every filter; subscribing again to a filter the
+/// broker already holds is harmless.
+async fn subscribe_all(client: AsyncClient, filters: [String; 6]) {
+    for f in filters {
+        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+            tracing::error!(filter = %f, error = %e, "subscribe failed");
         }
     }
 }
