@@ -17,7 +17,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
-/// Wait before subscribing again after the broker refused a subscription.
+/// First wait before subscribing again after the broker refused a
+/// subscription (doubled per refused round up to [`BACKOFF_MAX`]).
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
@@ -78,6 +79,7 @@ pub async fn run(
     // leaders (seconds after a node was lost), and without this the link
     // would stay connected but deaf.
     let retry_scheduled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut resubscribe_wait = RESUBSCRIBE_AFTER;
     let mut backoff = BACKOFF_MIN;
     let mut connected_at: Option<std::time::Instant> = None;
     loop {
@@ -110,6 +112,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(std::time::Instant::now());
                 failed_nodes = 0;
+                resubscribe_wait = RESUBSCRIBE_AFTER;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
                 tokio::spawn(subscribe_all(client.clone(), filters.clone()));
@@ -123,14 +126,18 @@ pub async fn run(
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
                 if refused && !retry_scheduled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    // Doubling per refused round, reset by a new connection.
+                    let wait = resubscribe_wait;
+                    resubscribe_wait = (resubscribe_wait * 2).min(BACKOFF_MAX);
                     tracing::warn!(
                         pkid = ack.pkid,
-                        "the broker refused a subscription; subscribing again in 1 s"
+                        wait_ms = wait.as_millis() as u64,
+                        "the broker refused a subscription; subscribing again"
                     );
                     let (client, filters, flag) =
                         (client.clone(), filters.clone(), retry_scheduled.clone());
                     tokio::spawn(async move {
-                        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                        tokio::time::sleep(wait).await;
                         flag.store(false, std::sync::atomic::Ordering::SeqCst);
                         subscribe_all(client, filters).await;
                     });
