@@ -134,6 +134,22 @@ fn cluster_survives_kill9(kind: BrokerKind) {
         ),
     }
 
+    // Shared subscriptions: two `$share/allocators/…` subscribers on
+    // nodes 0 and 2; a broker that supports them delivers each message to
+    // one of the two, one that does not to both (a plain topic filter
+    // beginning with `$share`) or to none.
+    let shared = shared_deliveries(&c, 10);
+    println!(
+        "{}: 10 messages to 2 shared subscribers delivered {shared} times",
+        kind.name()
+    );
+    assert_ne!(
+        shared,
+        10,
+        "{} splits $share/ subscriptions now",
+        kind.name()
+    );
+
     c.kill9(1);
     assert_eq!(c.rss_kib(1), 0);
     assert!(
@@ -164,6 +180,70 @@ fn cluster_survives_kill9(kind: BrokerKind) {
         elsewhere,
         "restarted node 1 and the cluster disagree on the retained message"
     );
+}
+
+/// How many deliveries `n` messages published via node 1 make to two
+/// subscribers of `$share/allocators/shardline/v1/dev/+/report` (on nodes 0 and 2).
+fn shared_deliveries(c: &BrokerCluster, n: usize) -> usize {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(3));
+    for (node, id) in [(0, "sl-share-a"), (2, "sl-share-b")] {
+        let (cl, mut conn) = client(c.mqtt_port(node), id);
+        let (count, ready) = (count.clone(), ready.clone());
+        threads.push(std::thread::spawn(move || {
+            let _ = cl.subscribe(
+                "$share/allocators/shardline/v1/dev/+/report",
+                QoS::AtLeastOnce,
+            );
+            let mut waiting = true;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                match conn.recv_timeout(Duration::from_millis(500)) {
+                    Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if waiting => {
+                        waiting = false;
+                        ready.wait();
+                    }
+                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(Err(_)) => break,
+                    _ => {}
+                }
+            }
+            if waiting {
+                // Refused (connection closed): let the publisher go on.
+                ready.wait();
+            }
+        }));
+    }
+    ready.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..n {
+        let _ = publish_qos1(c.mqtt_port(1), &format!("shardline/v1/dev/d{i}/report"));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    count.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn publish_qos1(port: u16, topic: &str) -> Result<(), String> {
+    let (c, mut conn) = client(port, "sl-test-pub1");
+    c.publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                let _ = c.disconnect();
+                return Ok(());
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    Err("no PUBACK within 10 s".into())
 }
 
 #[test]
