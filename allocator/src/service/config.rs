@@ -69,6 +69,11 @@ pub struct BrokerConfig {
     pub urls: Vec<String>,
     /// Which uplink topics this instance reads (see [`Uplink`]).
     pub uplink: Uplink,
+    /// Keep this instance's MQTT session (clean session off) across
+    /// reconnects: QoS 1 messages for it are queued while it is away, and
+    /// a NATS cluster keeps its subscriptions' consumers instead of making
+    /// them again on every reconnect. Needs a fixed `client_id`.
+    pub persistent_session: bool,
     /// Embedded broker: plain MQTT listener.
     pub listen: SocketAddr,
     /// Embedded broker: MQTT over TLS listener (needs `tls_cert`, `tls_key`).
@@ -128,6 +133,7 @@ impl Default for BrokerConfig {
             url: String::new(),
             urls: Vec::new(),
             uplink: Uplink::default(),
+            persistent_session: false,
             listen: ([127, 0, 0, 1], 1883).into(),
             tls_listen: None,
             tls_cert: None,
@@ -563,6 +569,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.broker.url, "mqtt://a:1", "the first node is the broker");
         assert_eq!(c.broker.uplink, Uplink::Plain);
+        assert!(!c.broker.persistent_session);
         let hosts: Vec<BrokerUrl> = c.broker_urls();
         assert_eq!(
             hosts,

@@ -233,7 +233,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // MQTT link.
     let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
+    opts.set_clean_session(!(external.is_some() && config.broker.persistent_session));
     // At least the broker's packet cap: a larger retained message would
     // otherwise cut this client off on every reconnect (issue 14).
     let max_in =
