@@ -426,10 +426,25 @@ impl Drop for BrokerCluster {
         if self.kind == BrokerKind::Rabbit && self.epmd_port != 0 {
             // The first node started a private port mapper (a daemon outside
             // our process groups): stop it by its port.
+            // It refuses while it still lists a node, and notices the
+            // killed nodes' closed connections only shortly after: retry.
             if let Some(epmd) = epmd_bin() {
-                let _ = Command::new(epmd)
-                    .args(["-port", &self.epmd_port.to_string(), "-kill"])
-                    .output();
+                for _ in 0..50 {
+                    let out = Command::new(&epmd)
+                        .args(["-port", &self.epmd_port.to_string(), "-kill"])
+                        .output();
+                    let Ok(o) = out else { break };
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    // Gone, or never started.
+                    if text.contains("Killed") || text.contains("Cannot connect") {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
     }
