@@ -48,6 +48,11 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     // The peer the live-capture bench measures the agent against.
     ("tcpdump", "/usr/bin/tcpdump"),
+    // Three-node clustered brokers (xtask::kit::cluster): the cluster_broker
+    // tests and the broker_cluster bench. Debian starts their services on
+    // install; the kit never uses them.
+    ("nats-server", "/usr/sbin/nats-server"),
+    ("rabbitmq-server", "/usr/lib/rabbitmq/bin/rabbitmq-server"),
     // The peer the classification bench (agent/benches/classes.rs) scores
     // the agent against: nDPI's reader.
     ("libndpi-bin", "/usr/bin/ndpiReader"),

@@ -63,6 +63,17 @@ impl BrokerUrl {
 pub struct BrokerConfig {
     /// `mqtt(s)://host:port` of an external broker; empty = run the embedded one.
     pub url: String,
+    /// More nodes of the same clustered broker, tried in order after `url`
+    /// when a connection fails or drops (see [`Config::broker_urls`]).
+    /// Alone (no `url`), its first entry is the broker.
+    pub urls: Vec<String>,
+    /// Which uplink topics this instance reads (issue 19; see [`UplinkMode`]).
+    pub uplink: UplinkMode,
+    /// Keep this instance's MQTT session (clean session off) across
+    /// reconnects: QoS 1 messages for it are queued while it is away, and
+    /// a NATS cluster keeps its subscriptions' consumers instead of making
+    /// them again on every reconnect. Needs a fixed `client_id`.
+    pub persistent_session: bool,
     /// Embedded broker: plain MQTT listener.
     pub listen: SocketAddr,
     /// Embedded broker: MQTT over TLS listener (needs `tls_cert`, `tls_key`).
@@ -87,22 +98,28 @@ pub struct BrokerConfig {
     /// entries (mode 0600; see `packaging/INSTALL.md`, "Broker identities").
     /// Without it anonymous clients are let in (a warning at start).
     pub credentials_file: Option<PathBuf>,
-    /// How this instance reads device uplinks (issue 19; see [`UplinkMode`]).
-    pub uplink: UplinkMode,
 }
 
-/// `[broker] uplink`: how the plain device uplink topics are read.
+/// `[broker] uplink`: how an allocator instance reads devices' uplinks
+/// (reports, acks, enrolments, requests, diagnostics) from an external
+/// broker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UplinkMode {
-    /// Every instance reads them through `$share/allocators/…` (mosquitto,
-    /// the embedded broker), and also its assigned groups' routed filters.
+    /// Every instance reads the plain topics through the allocators' MQTT
+    /// shared subscription (`$share/allocators/…`: mosquitto, the embedded
+    /// broker), and also its assigned groups' routed filters; several
+    /// instances split the fleet.
     #[default]
     Shared,
-    /// A broker without shared subscriptions (RabbitMQ, NATS): only the
-    /// instance holding the store's lead reads them; the others read only
-    /// the group-routed topics of the groups assigned to them.
+    /// A broker without shared subscriptions (NATS 2.9, RabbitMQ 3.10):
+    /// only the instance holding the store's lead reads the plain topics;
+    /// the others read only the group-routed topics of the groups assigned
+    /// to them. The session persists.
     Routed,
+    /// The plain topics, no `$share/`: ONE instance on a broker without
+    /// shared subscriptions.
+    Plain,
 }
 
 /// Why the embedded broker may not listen on port 0.
@@ -122,6 +139,9 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            urls: Vec::new(),
+            uplink: UplinkMode::Shared,
+            persistent_session: false,
             listen: ([127, 0, 0, 1], 1883).into(),
             tls_listen: None,
             tls_cert: None,
@@ -136,7 +156,6 @@ impl Default for BrokerConfig {
             max_payload: 64 * 1024,
             max_connections: 20_000,
             credentials_file: None,
-            uplink: UplinkMode::Shared,
         }
     }
 }
@@ -322,7 +341,14 @@ impl Config {
     }
 
     pub fn from_toml_str(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
+        check_broker_urls(&config.broker)
+            .map_err(|message| invalid_in_section(text, path, "broker", "urls", message))?;
+        if config.broker.url.is_empty() {
+            if let Some(first) = config.broker.urls.first() {
+                config.broker.url = first.clone();
+            }
+        }
         if !config.broker.url.is_empty() {
             BrokerUrl::parse(&config.broker.url)
                 .map_err(|message| invalid_at_key(text, path, "url", message))?;
@@ -455,6 +481,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Every configured node of the external broker, `url` first, without
+    /// repeats (empty: the embedded broker). The MQTT link moves to the next
+    /// one when a connection fails or drops.
+    pub fn broker_urls(&self) -> Vec<BrokerUrl> {
+        let mut seen: Vec<&str> = Vec::new();
+        std::iter::once(self.broker.url.as_str())
+            .chain(self.broker.urls.iter().map(String::as_str))
+            .filter(|u| !u.is_empty())
+            .filter(|u| {
+                let new = !seen.contains(u);
+                seen.push(u);
+                new
+            })
+            .filter_map(|u| BrokerUrl::parse(u).ok())
+            .collect()
+    }
+
     /// The external broker, if one is configured.
     pub fn broker_url(&self) -> Option<BrokerUrl> {
         if self.broker.url.is_empty() {
@@ -463,6 +506,24 @@ impl Config {
             BrokerUrl::parse(&self.broker.url).ok()
         }
     }
+}
+
+/// `[broker] urls`: each parses, and all share `url`'s scheme (one TLS
+/// configuration serves every node).
+fn check_broker_urls(b: &BrokerConfig) -> Result<(), String> {
+    // A bad `url` is reported at `url` by the caller.
+    let mut tls: Option<bool> = BrokerUrl::parse(&b.url)
+        .ok()
+        .map(|u| matches!(u, BrokerUrl::Tls { .. }));
+    for u in &b.urls {
+        let parsed = BrokerUrl::parse(u).map_err(|e| format!("{u:?}: {e}"))?;
+        let is_tls = matches!(parsed, BrokerUrl::Tls { .. });
+        if tls.is_some_and(|t| t != is_tls) {
+            return Err("mixes mqtt:// and mqtts:// nodes; use one scheme for every node".into());
+        }
+        tls = Some(is_tls);
+    }
+    Ok(())
 }
 
 /// A `[store] url`: `postgres://` or `postgresql://` that the PostgreSQL
@@ -515,6 +576,59 @@ fn parse_error(text: &str, path: &str, e: toml::de::Error) -> ConfigError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn broker_urls_list_the_nodes_url_first_and_uplink_defaults_to_shared() {
+        let c = Config::from_toml_str(
+            "[broker]\nurls = [\"mqtt://a:1\", \"mqtt://b:2\", \"mqtt://a:1\"]\nuplink = \"plain\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(c.broker.url, "mqtt://a:1", "the first node is the broker");
+        assert_eq!(c.broker.uplink, UplinkMode::Plain);
+        assert!(!c.broker.persistent_session);
+        let hosts: Vec<BrokerUrl> = c.broker_urls();
+        assert_eq!(
+            hosts,
+            vec![
+                BrokerUrl::Tcp {
+                    host: "a".into(),
+                    port: 1
+                },
+                BrokerUrl::Tcp {
+                    host: "b".into(),
+                    port: 2
+                },
+            ]
+        );
+        let c = Config::from_toml_str("[broker]\nurl = \"mqtt://a:1\"\n", "c.toml").unwrap();
+        assert_eq!(c.broker_urls().len(), 1);
+        assert_eq!(c.broker.uplink, UplinkMode::Shared);
+        assert!(Config::from_toml_str("", "c.toml")
+            .unwrap()
+            .broker_urls()
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_broker_urls_name_their_line_and_change_nothing() {
+        let err = Config::from_toml_str(
+            "[broker]\nurl = \"mqtt://a:1\"\nurls = [\"mqtts://b:2\"]\n",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("c.toml:3: field `urls`"), "{err}");
+        assert!(err.contains("mixes"), "{err}");
+        let err = Config::from_toml_str("[broker]\nurls = [\"mqtt://b\"]\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2: field `urls`"), "{err}");
+        let err = Config::from_toml_str("[broker]\nuplink = \"routd\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2"), "{err}");
+    }
+
     use super::*;
 
     #[test]

@@ -17,6 +17,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
+/// First wait before subscribing again after the broker refused a
+/// subscription (doubled per refused round up to [`BACKOFF_MAX`]).
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs the MQTT event loop until the core is gone. `shared`: subscribe to
 /// reports, acks, enrolments and explicit requests through the allocators' shared subscription.
@@ -24,6 +27,10 @@ const STABLE: Duration = Duration::from_secs(10);
 /// them here; the assignment driver holds them (`assign.filters`) while
 /// leading, with the routed filters of this instance's groups, and every
 /// reconnect subscribes the held set again.
+/// `nodes`: the client options for every node of a clustered broker
+/// (`[broker] urls`, the event loop's own first); a failed or dropped
+/// connection moves to the next node at once, and the growing backoff
+/// applies only after a whole round of nodes failed.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: rumqttc::EventLoop,
@@ -34,7 +41,11 @@ pub async fn run(
     routed: bool,
     assign: Arc<super::assign_driver::AssignShared>,
     metrics: Arc<Metrics>,
+    nodes: Vec<rumqttc::MqttOptions>,
 ) {
+    let mut node = 0usize;
+    // Nodes tried since the last CONNACK.
+    let mut failed_nodes = 0usize;
     let report_filter = if shared {
         topics::shared(topics::ALL_REPORTS)
     } else {
@@ -60,6 +71,33 @@ pub async fn run(
     } else {
         topics::ALL_DIAGNOSTICS.to_owned()
     };
+    // Statuses are never shared: retained ones are not delivered
+    // through shared subscriptions, and every instance wants them.
+    let own_filters: Vec<String> = if routed {
+        vec![topics::ALL_STATUS.to_owned()]
+    } else {
+        vec![
+            report_filter,
+            ack_filter,
+            enroll_filter,
+            request_filter,
+            diag_filter,
+            topics::ALL_STATUS.to_owned(),
+        ]
+    };
+    // What this link holds now: its own filters and the ones the
+    // assignment driver holds (read again at each (re)subscription).
+    let filters = || {
+        let mut all = own_filters.clone();
+        all.extend(assign.held_filters());
+        all
+    };
+    // One resubscription at a time after a refused SUBACK: a NATS node
+    // refuses QoS 1 subscriptions while its JetStream cluster elects new
+    // leaders (seconds after a node was lost), and without this the link
+    // would stay connected but deaf.
+    let retry_scheduled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut resubscribe_wait = RESUBSCRIBE_AFTER;
     let mut backoff = BACKOFF_MIN;
     let mut connected_at: Option<std::time::Instant> = None;
     loop {
@@ -93,33 +131,36 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(std::time::Instant::now());
+                failed_nodes = 0;
+                resubscribe_wait = RESUBSCRIBE_AFTER;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
-                // Statuses are never shared: retained ones are not delivered
-                // through shared subscriptions, and every instance wants them.
-                let mut filters = if routed {
-                    vec![topics::ALL_STATUS.to_owned()]
-                } else {
-                    vec![
-                        report_filter.clone(),
-                        ack_filter.clone(),
-                        enroll_filter.clone(),
-                        request_filter.clone(),
-                        diag_filter.clone(),
-                        topics::ALL_STATUS.to_owned(),
-                    ]
-                };
-                filters.extend(assign.held_filters());
-                let client = client.clone();
-                tokio::spawn(async move {
-                    for f in filters {
-                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                            tracing::error!(filter = %f, error = %e, "subscribe failed");
-                        }
-                    }
-                });
+                tokio::spawn(subscribe_all(client.clone(), filters()));
                 if tx.send(Inbound::Connected).await.is_err() {
                     return;
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused && !retry_scheduled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    // Doubling per refused round, reset by a new connection.
+                    let wait = resubscribe_wait;
+                    resubscribe_wait = (resubscribe_wait * 2).min(BACKOFF_MAX);
+                    tracing::warn!(
+                        pkid = ack.pkid,
+                        wait_ms = wait.as_millis() as u64,
+                        "the broker refused a subscription; subscribing again"
+                    );
+                    let (client, filters, flag) =
+                        (client.clone(), filters(), retry_scheduled.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        flag.store(false, std::sync::atomic::Ordering::SeqCst);
+                        subscribe_all(client, filters).await;
+                    });
                 }
             }
             Ok(_) => {}
@@ -142,9 +183,53 @@ pub async fn run(
                 } else {
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
                 }
+                if nodes.len() > 1 {
+                    // Unacknowledged publishes and the subscriptions (made
+                    // again on CONNACK) carry over: only the address changes.
+                    node = (node + 1) % nodes.len();
+                    eventloop.mqtt_options = nodes[node].clone();
+                    failed_nodes += 1;
+                    let (host, port) = eventloop.mqtt_options.broker_address();
+                    tracing::warn!(%host, port, "moving to the next broker node");
+                    if failed_nodes < nodes.len() {
+                        tokio::time::sleep(BACKOFF_MIN).await;
+                        continue;
+                    }
+                    failed_nodes = 0;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
+}
+
+/// Subscribes (QoS 1) to every filter; subscribing again to a filter the
+/// broker already holds is harmless.
+async fn subscribe_all(client: AsyncClient, filters: Vec<String>) {
+    for f in filters {
+        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+            tracing::error!(filter = %f, error = %e, "subscribe failed");
+        }
+    }
+}
+
+/// `opts` with another broker address: the settings the service sets
+/// (rumqttc has no setter for the address alone).
+pub fn options_for_node(
+    opts: &rumqttc::MqttOptions,
+    host: String,
+    port: u16,
+) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(opts.client_id(), host, port);
+    o.set_keep_alive(opts.keep_alive())
+        .set_clean_session(opts.clean_session())
+        .set_max_packet_size(opts.max_packet_size(), opts.max_packet_size())
+        .set_inflight(opts.inflight())
+        .set_request_channel_capacity(opts.request_channel_capacity())
+        .set_transport(opts.transport());
+    if let Some(login) = opts.credentials() {
+        o.set_credentials(login.username, login.password);
+    }
+    o
 }

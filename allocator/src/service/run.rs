@@ -245,7 +245,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     // subscriptions) the session persists, so the routed uplinks of this
     // instance's groups queue at the broker across a reconnect; give each
     // instance a fixed `client_id` then.
-    opts.set_clean_session(config.broker.uplink != super::config::UplinkMode::Routed);
+    // `persistent_session` asks for the same on one instance (`plain`).
+    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    opts.set_clean_session(!(external.is_some() && (routed || config.broker.persistent_session)));
     // At least the broker's packet cap: a larger retained message would
     // otherwise cut this client off on every reconnect (issue 14).
     let max_in =
@@ -263,10 +265,19 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     } else if let (Some(u), Some(p)) = (&config.broker.username, &config.broker.password) {
         opts.set_credentials(u.clone(), p.clone());
     }
+    // Every node of a clustered external broker (`[broker] urls`): the
+    // same client, another address.
+    let nodes: Vec<MqttOptions> = config
+        .broker_urls()
+        .into_iter()
+        .map(|u| {
+            let (BrokerUrl::Tcp { host, port } | BrokerUrl::Tls { host, port }) = u;
+            mqtt::options_for_node(&opts, host, port)
+        })
+        .collect();
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
     let (tx, rx) = mpsc::channel::<Inbound>(65_536);
-    let shared = external.is_some();
-    let routed = config.broker.uplink == super::config::UplinkMode::Routed;
+    let shared = external.is_some() && config.broker.uplink == super::config::UplinkMode::Shared;
     let assign = Arc::new(super::assign_driver::AssignShared::default());
     let verifiers = verifiers::start(
         core.key_directory(),
@@ -285,6 +296,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         routed,
         assign.clone(),
         metrics.clone(),
+        nodes,
     ));
     spawn_assign_driver(
         &config,

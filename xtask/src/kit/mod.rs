@@ -2,6 +2,7 @@
 //! `std`: shared by `cargo xtask demo`, `cargo xtask bench e2e` and the
 //! workspace integration tests (`shardline-tests`).
 
+pub mod cluster;
 pub mod interrupt;
 pub mod json;
 pub mod netns;
