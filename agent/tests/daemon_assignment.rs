@@ -2,7 +2,7 @@
 //! real parts: up to three mosquitto processes on free ports act as the
 //! broker endpoints, the real agent binary runs as a child process, and the
 //! test plays the allocator by sealing assignment objects with the key the
-//! agent pins and publishing them retained on `assign/{group}` of every
+//! agent pins and publishing them retained on `assign/{tenant}/{region}/{capability}` of every
 //! broker (a cluster's nodes all hold the retained object).
 //!
 //! Asserted: the agent moves to the assigned endpoint and its reports arrive

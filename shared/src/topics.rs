@@ -84,23 +84,52 @@ pub fn shared(filter: &str) -> String {
     format!("$share/{SHARED_GROUP}/{filter}")
 }
 
+/// A group as three topic levels, `tenant/region/capability`: never with
+/// its dots, because NATS (subject tokens are split on '.') closes the
+/// connection of a client publishing a topic with a dot, and RabbitMQ
+/// rewrites dots to '/' (measured, `allocator/benches/broker_cluster.rs`).
+/// The parts cannot hold '/', '.' or wildcards ([`GroupId`]).
+fn group_levels(group: &GroupId) -> String {
+    format!(
+        "{}/{}/{}",
+        group.tenant(),
+        group.region(),
+        group.capability()
+    )
+}
+
+/// Parses `tenant/region/capability` at the start of `rest`; returns the
+/// group and what follows its third level (with its leading '/', if any).
+fn split_group(rest: &str) -> Option<(GroupId, &str)> {
+    let mut it = rest.splitn(4, '/');
+    let (t, r, c) = (it.next()?, it.next()?, it.next()?);
+    let tail_at = t.len() + r.len() + c.len() + 2;
+    let group = GroupId::of(t, r, c).ok()?;
+    Some((group, &rest[tail_at..]))
+}
+
 /// cloud → agent, QoS 1, **retained**: the group's signed assignment object
 /// ([`crate::assign::seal_assignment`]), republished at every renewal so a
 /// device that (re)subscribes on any broker node fetches the current one.
+/// `shardline/v1/assign/{tenant}/{region}/{capability}`.
 pub fn assignment(group: &GroupId) -> String {
-    format!("{PREFIX}/assign/{group}")
+    format!("{PREFIX}/assign/{}", group_levels(group))
 }
 
 /// All groups' assignment objects (what an allocator's API or a test reads).
-pub const ALL_ASSIGNMENTS: &str = "shardline/v1/assign/+";
+pub const ALL_ASSIGNMENTS: &str = "shardline/v1/assign/+/+/+";
 
-/// The group of an `assign/{group}` topic.
+/// The group of an `assign/{tenant}/{region}/{capability}` topic.
 pub fn assignment_group(topic: &str) -> Option<GroupId> {
-    let group = topic.strip_prefix(PREFIX)?.strip_prefix("/assign/")?;
-    GroupId::new(group).ok()
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/assign/")?;
+    match split_group(rest)? {
+        (group, "") => Some(group),
+        _ => None,
+    }
 }
 
-/// Group-routed uplink: `shardline/v1/g/{group}/dev/{device}/{kind}`.
+/// Group-routed uplink:
+/// `shardline/v1/g/{tenant}/{region}/{capability}/dev/{device}/{kind}`.
 ///
 /// A device that holds a valid assignment publishes its reports, acks,
 /// explicit requests and diagnostics here instead of on the plain
@@ -112,13 +141,17 @@ pub fn assignment_group(topic: &str) -> Option<GroupId> {
 /// plain topics, which the instance serving unassigned devices reads.
 /// Status (retained, with the last will) and enrolment stay plain.
 pub fn routed(group: &GroupId, device: &DeviceId, kind: TopicKind) -> String {
-    format!("{PREFIX}/g/{group}/dev/{device}/{}", kind.suffix())
+    format!(
+        "{PREFIX}/g/{}/dev/{device}/{}",
+        group_levels(group),
+        kind.suffix()
+    )
 }
 
 /// What an allocator serving `group` subscribes to: every device-side
-/// uplink of the group (`g/{group}/dev/+/+`).
+/// uplink of the group (`g/{tenant}/{region}/{capability}/dev/+/+`).
 pub fn group_uplink_filter(group: &GroupId) -> String {
-    format!("{PREFIX}/g/{group}/dev/+/+")
+    format!("{PREFIX}/g/{}/dev/+/+", group_levels(group))
 }
 
 /// The kind of a device topic, parsed back from a full topic name.
@@ -178,7 +211,7 @@ impl TopicKind {
 }
 
 /// Splits `shardline/v1/dev/{device}/{kind}`, or its group-routed form
-/// `shardline/v1/g/{group}/dev/{device}/{kind}` (routable kinds only), into
+/// `shardline/v1/g/{tenant}/{region}/{capability}/dev/{device}/{kind}` (routable kinds only), into
 /// its device and kind. Returns `None` for anything else, including an
 /// invalid device id or group. [`parse_routed`] also gives the group.
 pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
@@ -190,8 +223,8 @@ pub fn parse(topic: &str) -> Option<(DeviceId, TopicKind)> {
 pub fn parse_routed(topic: &str) -> Option<(Option<GroupId>, DeviceId, TopicKind)> {
     let rest = topic.strip_prefix(PREFIX)?;
     let (group, rest) = if let Some(rest) = rest.strip_prefix("/g/") {
-        let (group, rest) = rest.split_once('/')?;
-        (Some(GroupId::new(group).ok()?), rest)
+        let (group, rest) = split_group(rest)?;
+        (Some(group), rest.strip_prefix('/')?)
     } else {
         (None, rest.strip_prefix('/')?)
     };
@@ -266,17 +299,22 @@ mod tests {
     fn group_routed_topics_round_trip() {
         let d = DeviceId::new("r1").unwrap();
         let g = GroupId::new("acme.eu-west.vpn").unwrap();
-        assert_eq!(assignment(&g), "shardline/v1/assign/acme.eu-west.vpn");
+        assert_eq!(assignment(&g), "shardline/v1/assign/acme/eu-west/vpn");
         assert_eq!(assignment_group(&assignment(&g)), Some(g.clone()));
-        assert_eq!(assignment_group("shardline/v1/assign/a.b"), None);
-        assert_eq!(assignment_group("shardline/v1/assign/+"), None);
+        assert_eq!(assignment_group("shardline/v1/assign/a/b"), None);
+        assert_eq!(assignment_group("shardline/v1/assign/a/b/c/d"), None);
+        assert_eq!(assignment_group("shardline/v1/assign/a.b.c"), None);
+        // No dot anywhere in a topic: NATS closes the connection for one.
+        assert!(!assignment(&g).contains('.'));
+        assert!(!routed(&g, &d, TopicKind::Report).contains('.'));
+        assert_eq!(assignment_group("shardline/v1/assign/+/+/+"), None);
         assert_eq!(
             routed(&g, &d, TopicKind::Report),
-            "shardline/v1/g/acme.eu-west.vpn/dev/r1/report"
+            "shardline/v1/g/acme/eu-west/vpn/dev/r1/report"
         );
         assert_eq!(
             group_uplink_filter(&g),
-            "shardline/v1/g/acme.eu-west.vpn/dev/+/+"
+            "shardline/v1/g/acme/eu-west/vpn/dev/+/+"
         );
         for kind in [
             TopicKind::Report,
@@ -295,7 +333,9 @@ mod tests {
             assert_eq!(parse(&routed(&g, &d, kind)), None);
         }
         assert_eq!(parse("shardline/v1/g/bad/dev/r1/report"), None);
-        assert_eq!(parse("shardline/v1/g/a.b.c/dev/r1/x/report"), None);
+        assert_eq!(parse("shardline/v1/g/a.b.c/dev/r1/report"), None);
+        assert_eq!(parse("shardline/v1/g/a/b/dev/r1/report"), None);
+        assert_eq!(parse("shardline/v1/g/a/b/c/dev/r1/x/report"), None);
         assert_eq!(
             parse_routed(&report(&d)),
             Some((None, d.clone(), TopicKind::Report))

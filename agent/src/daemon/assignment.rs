@@ -8,7 +8,7 @@
 //!
 //! States: *bootstrap* (nothing accepted yet: the bootstrap endpoints, plain
 //! `dev/{id}/…` topics), *assigned* (a valid object: its endpoints, the
-//! group-routed topics `g/{group}/dev/{id}/…`), *expired* (the object's
+//! group-routed topics `g/{tenant}/{region}/{capability}/dev/{id}/…`), *expired* (the object's
 //! expiry passed without a renewal: back to the bootstrap endpoints and plain
 //! topics; the version floor stays, so a replayed older object is refused).
 //!

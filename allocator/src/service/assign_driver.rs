@@ -753,13 +753,13 @@ mod tests {
         };
         let stored = [mk("t.eu.a", "alloc-a"), mk("t.eu.b", "alloc-b")];
         let w = wanted_filters(&me, UplinkMode::Routed, false, &stored);
-        assert_eq!(w, set(&["shardline/v1/g/t.eu.a/dev/+/+"]));
+        assert_eq!(w, set(&["shardline/v1/g/t/eu/a/dev/+/+"]));
         let w = wanted_filters(&me, UplinkMode::Routed, true, &stored);
         assert_eq!(w.len(), 1 + plain_uplink_filters().len());
         assert!(w.contains(topics::ALL_REPORTS));
         // Shared mode: the plain topics stay on `$share` (the MQTT link).
         let w = wanted_filters(&me, UplinkMode::Shared, true, &stored);
-        assert_eq!(w, set(&["shardline/v1/g/t.eu.a/dev/+/+"]));
+        assert_eq!(w, set(&["shardline/v1/g/t/eu/a/dev/+/+"]));
     }
 
     #[test]

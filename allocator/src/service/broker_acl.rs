@@ -446,28 +446,28 @@ mod tests {
             filters: vec![t.into()],
         };
         for kind in ["report", "ack", "request", "diag"] {
-            let own = format!("shardline/v1/g/acme.eu-west.vpn/dev/r1/{kind}");
+            let own = format!("shardline/v1/g/acme/eu-west/vpn/dev/r1/{kind}");
             assert!(may("r1", publish(&own)), "{own}");
-            let other = format!("shardline/v1/g/acme.eu-west.vpn/dev/r2/{kind}");
+            let other = format!("shardline/v1/g/acme/eu-west/vpn/dev/r2/{kind}");
             assert!(!may("r1", publish(&other)), "{other}");
         }
         assert!(!may(
             "r1",
-            publish("shardline/v1/g/acme.eu-west.vpn/dev/r1/instr")
+            publish("shardline/v1/g/acme/eu-west/vpn/dev/r1/instr")
         ));
-        assert!(may("r1", subscribe("shardline/v1/assign/acme.eu-west.vpn")));
-        assert!(!may("r1", publish("shardline/v1/assign/acme.eu-west.vpn")));
+        assert!(may("r1", subscribe("shardline/v1/assign/acme/eu-west/vpn")));
+        assert!(!may("r1", publish("shardline/v1/assign/acme/eu-west/vpn")));
         assert!(!may(
             "r1",
-            subscribe("shardline/v1/g/acme.eu-west.vpn/dev/+/+")
+            subscribe("shardline/v1/g/acme/eu-west/vpn/dev/+/+")
         ));
         assert!(may(
             "allocator",
-            subscribe("shardline/v1/g/acme.eu-west.vpn/dev/+/+")
+            subscribe("shardline/v1/g/acme/eu-west/vpn/dev/+/+")
         ));
         assert!(may(
             "allocator",
-            publish("shardline/v1/assign/acme.eu-west.vpn")
+            publish("shardline/v1/assign/acme/eu-west/vpn")
         ));
     }
 }

@@ -113,7 +113,7 @@ pub(super) fn instr_seq(p: &Publish) -> u64 {
 #[test]
 fn a_report_on_its_group_routed_topic_is_handled_as_on_the_plain_one() {
     // Issue 19: devices holding an assignment publish on
-    // `g/{group}/dev/{id}/report`; the instruction still goes to `dev/{id}/instr`.
+    // `g/{tenant}/{region}/{capability}/dev/{id}/report`; the instruction still goes to `dev/{id}/instr`.
     let (mut core, d) = enrolled();
     let group = shardline_shared::assign::GroupId::new("acme.eu-west.vpn").unwrap();
     let bytes = sign::seal(Domain::Report, &report(&d, 1), &[&dev_key()]);
