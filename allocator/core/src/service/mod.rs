@@ -18,6 +18,7 @@
 //!   after `resend_after_ms`. A rejected or failed one is dropped and never
 //!   holds back those after it.
 
+pub mod conflate;
 pub mod counters;
 
 mod coherence;
