@@ -62,11 +62,14 @@ pub async fn run(
                     topics::parse(&p.topic)
                 {
                     let v = &verifiers[shard_of(&device, verifiers.len())];
-                    if v.send(ToVerify {
-                        device,
-                        kind,
-                        payload: p.payload.to_vec(),
-                    })
+                    if v.send(
+                        ToVerify {
+                            device,
+                            kind,
+                            payload: p.payload.to_vec(),
+                        },
+                        &metrics,
+                    )
                     .await
                     .is_err()
                     {

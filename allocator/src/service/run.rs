@@ -252,7 +252,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
-    let (tx, rx) = mpsc::channel::<Inbound>(65_536);
+    // Short: under overload, reports wait in the verifiers' conflating
+    // inboxes (one per device, the newest), not here behind stale ones.
+    let (tx, rx) = mpsc::channel::<Inbound>(4_096);
     let shared = external.is_some();
     let verifiers = verifiers::start(
         core.key_directory(),

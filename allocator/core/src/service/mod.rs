@@ -48,9 +48,9 @@ pub use device_config::{
 pub use diagnostics::{DiagnosticsView, StoredDiagnostics};
 pub use rollouts::{ReloadAnswer, RolloutsView};
 pub use verify::{
-    finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
-    verify_signed, KeyDirectory, Prepared, Refused, ToVerify, Verified, VerifiedMsg,
-    VerifierOutput,
+    finish_device_message, finish_signed, prepare_device_message, prepare_signed,
+    prepare_signed_with, verify_batch, verify_signed, KeyDirectory, Prepared, Refused, ToVerify,
+    Verified, VerifiedMsg, VerifierOutput,
 };
 
 use self::counters::{Drop, Kind, Metrics};
@@ -416,7 +416,7 @@ impl Core {
     pub(super) fn publish_key(&self, device: &DeviceId, key: Option<[u8; 32]>) {
         if let Ok(mut dir) = self.keydir.write() {
             match key {
-                Some(k) => dir.insert(device.clone(), k),
+                Some(k) => dir.insert(device.clone(), sign::CheckKey::new(k)),
                 None => dir.remove(device),
             };
         }
