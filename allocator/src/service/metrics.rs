@@ -218,21 +218,16 @@ pub fn render(metrics: &Metrics) -> String {
     );
     counter(
         "shardline_reports_shed_total",
-        "Reports dropped because a verifier inbox held its cap of reports of other devices (overload beyond the memory bound).",
+        "Reports dropped because the core's inbox held its cap of reports of other devices (overload beyond the memory bound).",
         get(&metrics.reports_shed),
     );
-    // The overload gauges: what waits for verification, and for how long.
-    let oldest = metrics
-        .verify_oldest_at_ms
-        .iter()
-        .map(get)
-        .filter(|&at| at != 0)
-        .min()
-        .map_or(0.0, |at| {
-            super::inbound::now_ms().saturating_sub(at) as f64 / 1e3
-        });
-    let _ = writeln!(out, "# HELP shardline_verify_queue_depth Device messages waiting for signature verification (at most one report per device).\n# TYPE shardline_verify_queue_depth gauge\nshardline_verify_queue_depth {}", get(&metrics.verify_queued));
-    let _ = writeln!(out, "# HELP shardline_verify_oldest_queued_seconds How long the oldest message waiting for verification has waited.\n# TYPE shardline_verify_oldest_queued_seconds gauge\nshardline_verify_oldest_queued_seconds {oldest:.3}");
+    // The overload gauges: what waits for the core, and for how long.
+    let oldest = match get(&metrics.inbox_oldest_at_ms) {
+        0 => 0.0,
+        at => super::inbound::now_ms().saturating_sub(at) as f64 / 1e3,
+    };
+    let _ = writeln!(out, "# HELP shardline_inbox_depth Verified device messages waiting for the core (at most one report per device).\n# TYPE shardline_inbox_depth gauge\nshardline_inbox_depth {}", get(&metrics.inbox_depth));
+    let _ = writeln!(out, "# HELP shardline_inbox_oldest_seconds How long the oldest verified message waiting for the core has waited.\n# TYPE shardline_inbox_oldest_seconds gauge\nshardline_inbox_oldest_seconds {oldest:.3}");
 
     let _ = writeln!(out, "# HELP shardline_store_commit_seconds_total Time spent committing to the store.\n# TYPE shardline_store_commit_seconds_total counter\nshardline_store_commit_seconds_total {:.6}", get(&metrics.store_commit_micros) as f64 / 1e6);
     let _ = writeln!(out, "# HELP shardline_core_handle_seconds_total Time the core spent handling messages (verify excluded).\n# TYPE shardline_core_handle_seconds_total counter\nshardline_core_handle_seconds_total {:.6}", get(&metrics.core_handle_micros) as f64 / 1e6);

@@ -62,14 +62,11 @@ pub async fn run(
                     topics::parse(&p.topic)
                 {
                     let v = &verifiers[shard_of(&device, verifiers.len())];
-                    if v.send(
-                        ToVerify {
-                            device,
-                            kind,
-                            payload: p.payload.to_vec(),
-                        },
-                        &metrics,
-                    )
+                    if v.send(ToVerify {
+                        device,
+                        kind,
+                        payload: p.payload.to_vec(),
+                    })
                     .await
                     .is_err()
                     {

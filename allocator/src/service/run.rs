@@ -252,16 +252,18 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
-    // Short: under overload, reports wait in the verifiers' conflating
-    // inboxes (one per device, the newest), not here behind stale ones.
+    // Short: under overload, verified reports wait in the conflating
+    // `VerifiedInbox` (one per device, the newest), not here.
     let (tx, rx) = mpsc::channel::<Inbound>(4_096);
     let shared = external.is_some();
+    let verified = Arc::new(super::verified::VerifiedInbox::default());
     let verifiers = verifiers::start(
         core.key_directory(),
         tx.clone(),
         metrics.clone(),
         config.broker.max_payload,
         store.is_shared(),
+        verified.clone(),
     )
     .map_err(StartError::Thread)?;
     tokio::spawn(mqtt::run(
@@ -296,6 +298,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             .spawn(move || {
                 core_loop::run(
                     core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch, live,
+                    verified,
                 )
             })
             .map_err(StartError::Thread)?

@@ -1,6 +1,8 @@
-//! The conflating queue in front of signature verification: how the service
-//! degrades instead of collapsing when reports arrive faster than it can
-//! verify and handle them.
+//! The conflating queue in front of the core (the service's inbox of
+//! verified device messages): how the service degrades instead of
+//! collapsing when reports arrive faster than it can handle them. Only
+//! verified reports are conflated, so a forgery never displaces a genuine
+//! report.
 //!
 //! A device's report says everything the allocator needs about the device
 //! now (its state, not a delta), so when a newer report of a device arrives

@@ -152,14 +152,14 @@ pub struct Metrics {
     /// Signature checks run by the verifier threads, and in how many batches.
     pub signatures_checked: AtomicU64,
     pub signature_batches: AtomicU64,
-    /// Overload (the verifier inboxes): reports dropped for a newer report
-    /// of the same device, reports shed at the inbox's memory bound,
-    /// messages waiting, and per inbox when its oldest waiting message was
-    /// queued (ms since the epoch; 0 = empty).
+    /// Overload (the core's inbox of verified messages): reports dropped
+    /// for a newer verified report of the same device, reports shed at the
+    /// inbox's memory bound, messages waiting, and when the oldest waiting
+    /// one was queued (ms since the epoch; 0 = none).
     pub reports_conflated: AtomicU64,
     pub reports_shed: AtomicU64,
-    pub verify_queued: AtomicU64,
-    pub verify_oldest_at_ms: [AtomicU64; 8],
+    pub inbox_depth: AtomicU64,
+    pub inbox_oldest_at_ms: AtomicU64,
     pub publish_errors: AtomicU64,
     /// Explicit requests: received (before verification), and answers by
     /// what they say.
@@ -193,10 +193,6 @@ fn add(c: &AtomicU64, n: u64) {
 impl Metrics {
     pub fn inc(c: &AtomicU64) {
         add(c, 1);
-    }
-
-    pub fn add(c: &AtomicU64, n: u64) {
-        add(c, n);
     }
 
     pub fn dropped(&self, kind: Kind, why: Drop) {
