@@ -414,6 +414,9 @@ async fn one_run(
         "shardline_signature_batches_total",
         "shardline_reports_conflated_total",
         "shardline_reports_shed_total",
+        "shardline_decisions_total",
+        "shardline_instructions_sent_total",
+        "shardline_acks_accepted_total",
     ] {
         println!("  {m} {:.3}", metric(&api, m));
     }
