@@ -144,7 +144,10 @@ pub async fn start_allocator(
         .replace(
             vpn,
             r#"config = "role = initiator\nbind = 127.0.0.1:9\npeer = 127.0.0.1:9""#,
-        ),
+        )
+        // The tunnel pair's key is sealed per device pair (`shardctl vpn
+        // pair`); simulated devices run no tunnel, so none is asked for.
+        .replace("secret_config = [\"psk\"]", ""),
     )
     .unwrap();
     std::fs::write(
