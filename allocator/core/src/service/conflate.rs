@@ -76,6 +76,12 @@ impl<T> ConflatingQueue<T> {
             Some(&pos) => {
                 let i = (pos - self.head) as usize;
                 self.slots[i] = None;
+                // Under overload the oldest reports are the ones conflated:
+                // keep the front live, so `oldest_age_ms` is O(1).
+                while let Some(None) = self.slots.front() {
+                    self.slots.pop_front();
+                    self.head += 1;
+                }
                 Pushed::Conflated
             }
             None if self.reports.len() >= self.report_cap => return Pushed::Shed,
@@ -113,6 +119,10 @@ impl<T> ConflatingQueue<T> {
                 }
                 None => self.kept -= 1,
             }
+            while let Some(None) = self.slots.front() {
+                self.slots.pop_front();
+                self.head += 1;
+            }
             return Some(slot.item);
         }
         None
@@ -132,7 +142,8 @@ impl<T> ConflatingQueue<T> {
         self.kept
     }
 
-    /// How long the oldest queued message has waited.
+    /// How long the oldest queued message has waited (O(1): the front slot
+    /// is never a hole after a push or a pop).
     pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
         self.slots
             .iter()
