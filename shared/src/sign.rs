@@ -326,17 +326,85 @@ pub fn signature_check(
     }
     let bad = || OpenError::BadSignature(key_id);
     let sig_bytes: [u8; 64] = entry.signature.as_slice().try_into().map_err(|_| bad())?;
-    let key = VerifyingKey::from_bytes(public_key).map_err(|_| bad())?;
-    if key.is_weak() {
-        // verify_strict refuses small-order keys; so must a batch.
-        return Err(bad());
-    }
+    let key = usable_key(public_key).ok_or_else(bad)?;
     Ok(SignatureCheck {
         message: signed_bytes(expected, &envelope.payload),
         signature: ed25519_dalek::Signature::from_bytes(&sig_bytes),
         key,
         key_id,
     })
+}
+
+/// The decompressed key, if it can verify anything: `verify_strict`
+/// refuses small-order keys, so must a batch.
+fn usable_key(public_key: &[u8; 32]) -> Option<VerifyingKey> {
+    VerifyingKey::from_bytes(public_key)
+        .ok()
+        .filter(|k| !k.is_weak())
+}
+
+/// A public key made ready for signature checks once (its id hashed, its
+/// point decompressed and checked), so a device's every message does not
+/// pay for that again: with the batch check, decompression was a sizeable
+/// part of a report's verification.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckKey {
+    public: [u8; 32],
+    key_id: KeyId,
+    /// `None`: not a usable Ed25519 key (every check fails).
+    key: Option<VerifyingKey>,
+}
+
+impl CheckKey {
+    pub fn new(public: [u8; 32]) -> Self {
+        Self {
+            public,
+            key_id: KeyId::of_public_key(&public),
+            key: usable_key(&public),
+        }
+    }
+
+    pub fn public(&self) -> &[u8; 32] {
+        &self.public
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// [`signature_check`] with this key's id, without decompressing again.
+    pub fn check(
+        &self,
+        envelope: &SignedEnvelope,
+        expected: Domain,
+    ) -> Result<SignatureCheck, OpenError> {
+        match self.key {
+            // Same checks, same errors, as signature_check.
+            None => signature_check(envelope, expected, self.key_id, &self.public),
+            Some(key) => {
+                if envelope.domain != expected {
+                    return signature_check(envelope, expected, self.key_id, &self.public);
+                }
+                let [entry] = envelope.signatures.as_slice() else {
+                    return signature_check(envelope, expected, self.key_id, &self.public);
+                };
+                if entry.key_id != self.key_id {
+                    return Err(OpenError::UnknownKey(entry.key_id));
+                }
+                let sig_bytes: [u8; 64] = entry
+                    .signature
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| OpenError::BadSignature(self.key_id))?;
+                Ok(SignatureCheck {
+                    message: signed_bytes(expected, &envelope.payload),
+                    signature: ed25519_dalek::Signature::from_bytes(&sig_bytes),
+                    key,
+                    key_id: self.key_id,
+                })
+            }
+        }
+    }
 }
 
 /// Whether `public_key` can ever verify a signature: a point on the curve

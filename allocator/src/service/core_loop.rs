@@ -82,6 +82,7 @@ pub fn run(
     heartbeat: Arc<AtomicU64>,
     max_batch: usize,
     live: super::api_fleet::LiveHub,
+    verified: Arc<super::verified::VerifiedInbox>,
 ) {
     // Commits run on their own thread so the core handles the next batch
     // while the previous one is fsynced. Batches are committed, published
@@ -125,16 +126,21 @@ pub fn run(
     });
     let mut inbox: Vec<Inbound> = Vec::with_capacity(max_batch);
     while !stop {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        inbox.push(first);
+        // Verified messages waiting: take what else is there, never block.
+        if verified.is_empty() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            inbox.push(first);
+        }
         while inbox.len() < max_batch {
             match rx.try_recv() {
                 Ok(m) => inbox.push(m),
                 Err(_) => break,
             }
         }
+        inbox.retain(|m| !matches!(m, Inbound::VerifiedReady));
+        verified.take(max_batch, &mut inbox, &metrics);
         let t = std::time::Instant::now();
         if shared {
             let devices = inbox.iter().filter_map(Inbound::device).collect();
@@ -158,6 +164,8 @@ pub fn run(
                     replies.push((reply, r, device));
                 }
                 Inbound::Reload(devices) => core.reload(&SharedStore(&*store), &devices, now),
+                // Taken out above.
+                Inbound::VerifiedReady => {}
                 Inbound::Shutdown => {
                     core.flush_lazy();
                     stop = true;

@@ -24,6 +24,8 @@ pub enum Inbound {
     /// The store refused writes to these devices (another instance wrote
     /// them first): reload them.
     Reload(Vec<DeviceId>),
+    /// Messages wait in the core's [`VerifiedInbox`](super::verified::VerifiedInbox).
+    VerifiedReady,
     Shutdown,
 }
 

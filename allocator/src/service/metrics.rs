@@ -211,6 +211,23 @@ pub fn render(metrics: &Metrics) -> String {
         "Batches the core handled (one store commit each at most).",
         get(&metrics.core_batches),
     );
+    counter(
+        "shardline_reports_conflated_total",
+        "Reports dropped unhandled because a newer report of the same device arrived while they waited (overload).",
+        get(&metrics.reports_conflated),
+    );
+    counter(
+        "shardline_reports_shed_total",
+        "Reports dropped because the core's inbox held its cap of reports of other devices (overload beyond the memory bound).",
+        get(&metrics.reports_shed),
+    );
+    // The overload gauges: what waits for the core, and for how long.
+    let oldest = match get(&metrics.inbox_oldest_at_ms) {
+        0 => 0.0,
+        at => super::inbound::now_ms().saturating_sub(at) as f64 / 1e3,
+    };
+    let _ = writeln!(out, "# HELP shardline_inbox_depth Verified device messages waiting for the core (at most one report per device).\n# TYPE shardline_inbox_depth gauge\nshardline_inbox_depth {}", get(&metrics.inbox_depth));
+    let _ = writeln!(out, "# HELP shardline_inbox_oldest_seconds How long the oldest verified message waiting for the core has waited.\n# TYPE shardline_inbox_oldest_seconds gauge\nshardline_inbox_oldest_seconds {oldest:.3}");
 
     let _ = writeln!(out, "# HELP shardline_store_commit_seconds_total Time spent committing to the store.\n# TYPE shardline_store_commit_seconds_total counter\nshardline_store_commit_seconds_total {:.6}", get(&metrics.store_commit_micros) as f64 / 1e6);
     let _ = writeln!(out, "# HELP shardline_core_handle_seconds_total Time the core spent handling messages (verify excluded).\n# TYPE shardline_core_handle_seconds_total counter\nshardline_core_handle_seconds_total {:.6}", get(&metrics.core_handle_micros) as f64 / 1e6);

@@ -55,6 +55,7 @@ pub mod store;
 mod store_history;
 pub mod store_pg;
 pub mod tls;
+pub mod verified;
 pub mod verifiers;
 
 pub use shardline_allocator_core::service as core;

@@ -276,15 +276,19 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         })
         .collect();
     let (client, eventloop) = AsyncClient::new(opts, 20_000);
-    let (tx, rx) = mpsc::channel::<Inbound>(65_536);
+    // Short: under overload, verified reports wait in the conflating
+    // `VerifiedInbox` (one per device, the newest), not here.
+    let (tx, rx) = mpsc::channel::<Inbound>(4_096);
     let shared = external.is_some() && config.broker.uplink == super::config::UplinkMode::Shared;
     let assign = Arc::new(super::assign_driver::AssignShared::default());
+    let verified = Arc::new(super::verified::VerifiedInbox::default());
     let verifiers = verifiers::start(
         core.key_directory(),
         tx.clone(),
         metrics.clone(),
         config.broker.max_payload,
         store.is_shared(),
+        verified.clone(),
     )
     .map_err(StartError::Thread)?;
     tokio::spawn(mqtt::run(
@@ -330,6 +334,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
             .spawn(move || {
                 core_loop::run(
                     core, store, rx, reload_tx, client, rt, metrics, heartbeat, max_batch, live,
+                    verified,
                 )
             })
             .map_err(StartError::Thread)?

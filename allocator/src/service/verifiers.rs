@@ -3,10 +3,13 @@
 //! so its reports and acks reach the core in the order the broker delivered
 //! them. Under load a thread takes what has queued up and hands it to
 //! [`verify_batch`](super::core::verify_batch) (one Ed25519 batch); what to
-//! do with each message is decided there, not here.
+//! do with each message is decided there, not here. What comes out goes
+//! into the core's [`VerifiedInbox`], which conflates a device's verified
+//! reports under overload.
 
 use super::core::{self, KeyDirectory, ToVerify, VerifierOutput};
 use super::inbound::Inbound;
+use super::verified::VerifiedInbox;
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::DeviceId;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     max_payload: usize,
     shared_store: bool,
+    inbox: Arc<VerifiedInbox>,
 ) -> std::io::Result<Vec<VerifierTx>> {
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -37,6 +41,7 @@ pub fn start(
     for i in 0..n {
         let (vtx, mut vrx) = mpsc::channel::<ToVerify>(16_384);
         let (keys, core_tx, metrics) = (keys.clone(), core_tx.clone(), metrics.clone());
+        let inbox = inbox.clone();
         std::thread::Builder::new()
             .name(format!("verify-{i}"))
             .spawn(move || {
@@ -76,7 +81,7 @@ pub fn start(
                                 Inbound::Mqtt { topic, payload }
                             }
                         };
-                        if core_tx.blocking_send(msg).is_err() {
+                        if inbox.push(msg, &metrics, &core_tx).is_err() {
                             return;
                         }
                     }

@@ -152,6 +152,14 @@ pub struct Metrics {
     /// Signature checks run by the verifier threads, and in how many batches.
     pub signatures_checked: AtomicU64,
     pub signature_batches: AtomicU64,
+    /// Overload (the core's inbox of verified messages): reports dropped
+    /// for a newer verified report of the same device, reports shed at the
+    /// inbox's memory bound, messages waiting, and when the oldest waiting
+    /// one was queued (ms since the epoch; 0 = none).
+    pub reports_conflated: AtomicU64,
+    pub reports_shed: AtomicU64,
+    pub inbox_depth: AtomicU64,
+    pub inbox_oldest_at_ms: AtomicU64,
     pub publish_errors: AtomicU64,
     /// Explicit requests: received (before verification), and answers by
     /// what they say.

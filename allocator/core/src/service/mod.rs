@@ -18,6 +18,7 @@
 //!   after `resend_after_ms`. A rejected or failed one is dropped and never
 //!   holds back those after it.
 
+pub mod conflate;
 pub mod counters;
 
 mod coherence;
@@ -47,9 +48,9 @@ pub use device_config::{
 pub use diagnostics::{DiagnosticsView, StoredDiagnostics};
 pub use rollouts::{ReloadAnswer, RolloutsView};
 pub use verify::{
-    finish_device_message, finish_signed, prepare_device_message, prepare_signed, verify_batch,
-    verify_signed, KeyDirectory, Prepared, Refused, ToVerify, Verified, VerifiedMsg,
-    VerifierOutput,
+    finish_device_message, finish_signed, prepare_device_message, prepare_signed,
+    prepare_signed_with, verify_batch, verify_signed, KeyDirectory, Prepared, Refused, ToVerify,
+    Verified, VerifiedMsg, VerifierOutput,
 };
 
 use self::counters::{Drop, Kind, Metrics};
@@ -415,7 +416,7 @@ impl Core {
     pub(super) fn publish_key(&self, device: &DeviceId, key: Option<[u8; 32]>) {
         if let Ok(mut dir) = self.keydir.write() {
             match key {
-                Some(k) => dir.insert(device.clone(), k),
+                Some(k) => dir.insert(device.clone(), sign::CheckKey::new(k)),
                 None => dir.remove(device),
             };
         }

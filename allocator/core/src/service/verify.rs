@@ -8,7 +8,8 @@
 use super::*;
 
 /// Device public keys by id, written by the core, read by verifier threads.
-pub type KeyDirectory = Arc<std::sync::RwLock<HashMap<DeviceId, [u8; 32]>>>;
+/// Each key is decompressed once, when published ([`sign::CheckKey`]).
+pub type KeyDirectory = Arc<std::sync::RwLock<HashMap<DeviceId, sign::CheckKey>>>;
 
 /// A device message after signature verification, for [`Core::on_verified`].
 #[derive(Debug)]
@@ -67,6 +68,29 @@ pub fn prepare_signed(
     public: Option<[u8; 32]>,
     payload: &[u8],
 ) -> Result<(Prepared, sign::SignatureCheck), Refused> {
+    let key = public.map(sign::CheckKey::new);
+    prepare_signed_with(
+        metrics,
+        max_payload,
+        kind,
+        domain,
+        device,
+        key.as_ref(),
+        payload,
+    )
+}
+
+/// [`prepare_signed`] with the key already prepared (the verifier threads'
+/// key directory holds them so).
+pub fn prepare_signed_with(
+    metrics: &Metrics,
+    max_payload: usize,
+    kind: Kind,
+    domain: Domain,
+    device: &DeviceId,
+    public: Option<&sign::CheckKey>,
+    payload: &[u8],
+) -> Result<(Prepared, sign::SignatureCheck), Refused> {
     if payload.len() > max_payload {
         metrics.dropped(kind, Drop::Oversize);
         return Err(Refused::Dropped);
@@ -82,7 +106,7 @@ pub fn prepare_signed(
             return Err(Refused::Dropped);
         }
     };
-    match sign::signature_check(&envelope, domain, KeyId::of_public_key(&public), &public) {
+    match public.check(&envelope, domain) {
         Ok(check) => Ok((
             Prepared {
                 payload: envelope.payload,
@@ -139,7 +163,7 @@ pub fn prepare_device_message(
     max_payload: usize,
     kind: TopicKind,
     device: &DeviceId,
-    public: Option<[u8; 32]>,
+    public: Option<&sign::CheckKey>,
     payload: &[u8],
 ) -> Result<(Prepared, sign::SignatureCheck), Refused> {
     let (metric, domain) = if kind == TopicKind::Report {
@@ -148,7 +172,7 @@ pub fn prepare_device_message(
     } else {
         (Kind::Ack, Domain::Ack)
     };
-    prepare_signed(
+    prepare_signed_with(
         metrics,
         max_payload,
         metric,
@@ -267,7 +291,14 @@ pub fn verify_batch(
             continue;
         }
         triaged.push(
-            match prepare_device_message(metrics, max_payload, kind, &device, public, &payload) {
+            match prepare_device_message(
+                metrics,
+                max_payload,
+                kind,
+                &device,
+                public.as_ref(),
+                &payload,
+            ) {
                 Ok((prepared, check)) => {
                     checks.push(check);
                     Triage::Check(device, kind, prepared, checks.len() - 1)
