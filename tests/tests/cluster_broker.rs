@@ -116,7 +116,8 @@ fn cluster_survives_kill9(kind: BrokerKind) {
         BrokerKind::Rabbit => assert!(!elsewhere, "RabbitMQ now shares retained messages"),
     }
 
-    // The '.' fact (group ids always hold dots), on one node.
+    // The '.' fact (group ids hold dots, which is why topics carry a group
+    // as three levels: `shardline_shared::topics::assignment`), on one node.
     let dotted = "shardline/v1/assign/acme.eu-west.vpn";
     let dots =
         publish_retained(c.mqtt_port(0), dotted).map(|()| retained_topic(c.mqtt_port(0), dotted));
@@ -133,6 +134,18 @@ fn cluster_survives_kill9(kind: BrokerKind) {
             "RabbitMQ no longer rewrites '.' in topics"
         ),
     }
+    // The topic the allocator really publishes an assignment on is carried
+    // as it is by both.
+    let group = shardline_shared::assign::GroupId::new("acme.eu-west.vpn").unwrap();
+    let real = shardline_shared::topics::assignment(&group);
+    let carried =
+        publish_retained(c.mqtt_port(0), &real).map(|()| retained_topic(c.mqtt_port(0), &real));
+    assert_eq!(
+        carried,
+        Ok(Some(real.clone())),
+        "{}: the assignment topic was not carried as it is",
+        kind.name()
+    );
 
     // Shared subscriptions: two `$share/allocators/…` subscribers on
     // nodes 0 and 2; a broker that supports them delivers each message to

@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(connects(&a), vec!["mqtt://a"]);
         assert_eq!(
             c.uplink_topic(&dev, TopicKind::Report, T0 + 1).as_deref(),
-            Some("shardline/v1/g/acme.eu-west.vpn/dev/d1/report")
+            Some("shardline/v1/g/acme/eu-west/vpn/dev/d1/report")
         );
         assert_eq!(c.uplink_topic(&dev, TopicKind::Status, T0 + 1), None);
         // A new version that still holds the endpoint in use: no reconnect.
