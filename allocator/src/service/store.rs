@@ -235,13 +235,20 @@ impl RedbStore {
         Ok(Self { db })
     }
 
-    fn load_table<T: serde::de::DeserializeOwned>(
+    /// Every row of a string-keyed table, decoded; a table made lazily by
+    /// its first write (operator tokens, assignments) reads as empty until
+    /// then.
+    pub(crate) fn load_table<T: serde::de::DeserializeOwned>(
         &self,
         table: redb::TableDefinition<'_, &str, &[u8]>,
     ) -> Result<Vec<(String, T)>, StoreError> {
         use redb::ReadableTable;
         let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(table).map_err(db_err)?;
+        let t = match txn.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err(e)),
+        };
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;

@@ -44,18 +44,8 @@ impl RedbStore {
     }
 
     pub(super) fn load_operator_tokens_redb(&self) -> Result<Vec<OperatorToken>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = match txn.open_table(OPERATOR_TOKENS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db_err(e)),
-        };
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push(dec(k.value(), v.value())?);
-        }
-        Ok(out)
+        let rows = self.load_table(OPERATOR_TOKENS)?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
     pub(super) fn append_audit_redb(

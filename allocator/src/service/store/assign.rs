@@ -27,18 +27,8 @@ impl RedbStore {
     }
 
     pub(super) fn load_server_beats_redb(&self) -> Result<Vec<ServerBeat>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = match txn.open_table(SERVERS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db_err(e)),
-        };
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push(dec(k.value(), v.value())?);
-        }
-        Ok(out)
+        let rows = self.load_table(SERVERS)?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
     pub(super) fn put_assignment_redb(
@@ -85,18 +75,8 @@ impl RedbStore {
     }
 
     pub(super) fn load_assignments_redb(&self) -> Result<Vec<StoredAssignment>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = match txn.open_table(ASSIGNMENTS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db_err(e)),
-        };
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push(dec(k.value(), v.value())?);
-        }
-        Ok(out)
+        let rows = self.load_table(ASSIGNMENTS)?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
     pub(super) fn load_assignment_history_redb(
