@@ -11,7 +11,10 @@
 //! next endpoint of the object within the stated bound (10 s) with no report
 //! lost; an expired object sends the agent back to its bootstrap endpoint
 //! and the plain topics; the version floor survives a SIGKILL of the agent
-//! (an older object replayed afterwards is refused).
+//! (an older object replayed afterwards is refused). After a failover the
+//! agent probes its first endpoint and returns to it once it is back, within
+//! the stated bound, with a clean DISCONNECT and no report lost; an empty
+//! retained message (the allocator's withdrawal) keeps the held object.
 
 mod daemon_support;
 
@@ -32,6 +35,13 @@ const GROUP: &str = "acme.eu-west.vpn";
 /// Bound on leaving a dead endpoint (see `daemon::assignment`: at most 5 s
 /// of switch delay plus a connection attempt; the first switch is at once).
 const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// `[assignment] home_probe_s` in the return-home test.
+const HOME_PROBE_S: u64 = 2;
+/// Bound on returning to a first endpoint that is back (see
+/// `daemon::assignment`, "Return home"): the probe period in force (at most
+/// twice the first when the first probe found it still down) plus a probe
+/// and a connection.
+const RETURN_BOUND: Duration = Duration::from_secs(2 * HOME_PROBE_S + 6);
 
 fn group() -> GroupId {
     GroupId::new(GROUP).unwrap()
@@ -622,5 +632,119 @@ fn a_region_cut_off_keeps_its_shards_until_their_leases_expire_and_reconciles() 
     let mut shards = agent.profile_shards();
     shards.sort();
     assert_eq!(shards, vec!["shaper@1.0.0", "tunnel@1.0.0"], "reconciled");
+    agent.sigterm();
+}
+
+#[test]
+fn after_a_failover_the_agent_returns_to_its_first_endpoint_when_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (Some(b0), Some(mut b1), Some(b2)) = (
+        broker(tmp.path(), "b0"),
+        broker(tmp.path(), "b1"),
+        broker(tmp.path(), "b2"),
+    ) else {
+        return;
+    };
+    let adir = tmp.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let mut agent = Agent::new(
+        &adir,
+        "asg-home",
+        &b0.url(),
+        100,
+        &format!("\n[assignment]\ngroup = \"{GROUP}\"\nhome_probe_s = {HOME_PROBE_S}\n"),
+    );
+    let (w0, w1, w2) = (
+        Watcher::connect(b0.port, "h0"),
+        Watcher::connect(b1.port, "h1"),
+        Watcher::connect(b2.port, "h2"),
+    );
+    agent.start(&[]);
+    let v3 = object(3, now_ms(), 600_000, &[b1.url(), b2.url()]);
+    for w in [&w0, &w1, &w2] {
+        w.publish_object(v3.clone(), true);
+    }
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(10))
+        .expect("routed reports on the first endpoint");
+
+    // b1 dies: the agent fails over to b2.
+    let mut seqs: BTreeSet<u64> = w1
+        .reports_for(&agent, Duration::from_millis(500))
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let first = *seqs.first().expect("reports before the kill");
+    b1.kill9();
+    seqs.insert(
+        w2.report_on(&agent, &routed_report(&agent), FAILOVER_BOUND)
+            .expect("routed reports on b2 after the failover"),
+    );
+    // What b1 delivered to its watcher before dying.
+    seqs.extend(
+        w1.reports_for(&agent, Duration::from_millis(200))
+            .into_iter()
+            .map(|(_, s)| s),
+    );
+    // An empty retained message (a withdrawal) on b2: the held object
+    // stays, counted, not refused; routing goes on.
+    w2.publish_object(Vec::new(), true);
+    wait_for(Duration::from_secs(5), || {
+        (assignment_status(&agent)["counters"]["withdrawn"] == 1).then_some(())
+    })
+    .expect("the withdrawal was counted");
+    let st = assignment_status(&agent);
+    assert_eq!(
+        (st["version"].as_u64(), st["routed"].as_bool()),
+        (Some(3), Some(true)),
+        "{st}"
+    );
+    assert!(
+        st["counters"]["refused"]
+            .as_object()
+            .is_none_or(|r| r.is_empty()),
+        "{st}"
+    );
+
+    // b1 is back: the agent returns to it within the bound.
+    b1.restart();
+    let back_at = Instant::now();
+    let w1 = Watcher::connect(b1.port, "h1-again");
+    let home = w1
+        .report_on(&agent, &routed_report(&agent), RETURN_BOUND)
+        .expect("routed reports on the first endpoint again within the bound");
+    let took = back_at.elapsed();
+    eprintln!("returned to the first endpoint {took:?} after it came back");
+    assert!(took <= RETURN_BOUND, "{took:?}");
+    seqs.insert(home);
+    // Everything b2 got before the move, and nothing lost across it.
+    let on_b2 = w2.drain(Duration::from_millis(300));
+    seqs.extend(
+        on_b2
+            .iter()
+            .filter(|(t, _)| *t == routed_report(&agent))
+            .map(|(_, p)| agent.open_report(p).seq),
+    );
+    seqs.extend(
+        w1.reports_for(&agent, Duration::from_secs(1))
+            .into_iter()
+            .map(|(_, s)| s),
+    );
+    let last = *seqs.last().unwrap();
+    let missing: Vec<u64> = (first..=last).filter(|s| !seqs.contains(s)).collect();
+    assert!(missing.is_empty(), "reports lost: {missing:?}");
+    // A planned move: b2 never published the last will.
+    let offline = on_b2.iter().any(|(t, p)| {
+        *t == topics::status(&agent.device)
+            && codec::decode::<DeviceStatus>(p).unwrap().presence == Presence::Offline
+    });
+    assert!(!offline, "b2 announced the device offline");
+    let st = wait_for(Duration::from_secs(5), || {
+        let s = assignment_status(&agent);
+        (s["endpoint"] == b1.url().as_str()).then_some(s)
+    })
+    .expect("status shows the first endpoint");
+    assert!(st["counters"]["returns_home"].as_u64() >= Some(1), "{st}");
+    assert!(st["counters"]["home_probes"].as_u64() >= Some(1), "{st}");
+    assert!(agent.log().contains("return_home"), "{}", agent.log());
     agent.sigterm();
 }

@@ -186,6 +186,10 @@ pub struct Daemon {
     /// configured broker and plain topics only) and its file.
     route: Option<RouteCore>,
     assignment_path: PathBuf,
+    /// Outcomes of the route core's probes of its first endpoint (url,
+    /// accepted), sent by the probe tasks.
+    probe_tx: UnboundedSender<(String, bool)>,
+    probe_rx: UnboundedReceiver<(String, bool)>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -285,7 +289,8 @@ impl Daemon {
         let route = match &cfg.assignment {
             Some(a) => {
                 let state = assignment_io::load(&assignment_path, &a.group)?;
-                let r = RouteCore::new(state, a.bootstrap.clone(), now);
+                let r = RouteCore::new(state, a.bootstrap.clone(), now)
+                    .with_home_probe(a.home_probe_ms);
                 tracing::info!(
                     group = %r.group(),
                     endpoint = r.endpoint(),
@@ -297,6 +302,7 @@ impl Daemon {
             None => None,
         };
         let link = start_link(&cfg, route.as_ref().map(|r| r.endpoint()))?;
+        let (probe_tx, probe_rx) = unbounded_channel();
         let mut d = Self {
             status_path: cfg.state_dir.join("status.json"),
             cfg,
@@ -327,6 +333,8 @@ impl Daemon {
             harm: super::neighbour::HarmWatch::default(),
             route,
             assignment_path,
+            probe_tx,
+            probe_rx,
         };
         // Restore: persist what changed (leases that ran out while the agent
         // was down), then start the rest of the last-known-good profile.
@@ -386,6 +394,13 @@ impl Daemon {
                     }
                 },
                 _ = window.tick() => self.on_window()?,
+                Some((url, accepted)) = self.probe_rx.recv() => {
+                    let actions = self.route.as_mut().map(|r| r.on_probe(&url, accepted, now_ms())).unwrap_or_default();
+                    if !accepted {
+                        tracing::debug!(endpoint = %url, "first endpoint still unreachable");
+                    }
+                    self.execute_route(actions)?;
+                }
                 _ = tokio::time::sleep(route_wait.unwrap_or(Duration::MAX)), if route_wait.is_some() => {
                     let actions = self.route.as_mut().map(|r| r.on_tick(now_ms())).unwrap_or_default();
                     self.execute_route(actions)?;
@@ -469,7 +484,7 @@ impl Daemon {
                 );
                 self.core.on_connected();
                 if let Some(r) = &mut self.route {
-                    r.on_connected();
+                    r.on_connected(now_ms());
                 }
                 self.resubscribe_due = false;
                 self.subscribe_all();
@@ -544,6 +559,20 @@ impl Daemon {
             .as_mut()
             .filter(|r| p.topic == topics::assignment(r.group()))
         {
+            if RouteCore::is_withdrawal(&p.payload) {
+                r.on_withdrawn();
+                tracing::info!(
+                    group = %r.group(),
+                    retained = p.retain,
+                    held_version = r.state().current.as_ref().map(|h| h.assignment.version),
+                    "the group's assignment object was withdrawn; the held one stays in use until it expires"
+                );
+                if let Err(e) = self.link.client.try_ack(&p) {
+                    tracing::warn!(error = %e, "could not queue the PUBACK; the broker will redeliver");
+                }
+                self.status_dirty = true;
+                return Ok(());
+            }
             let now = now_ms();
             let (verdict, actions) = r.on_object(&p.payload, now, &self.manager.acceptance().keys);
             log_verdict(r, &verdict, p.retain);
@@ -1136,6 +1165,13 @@ impl Daemon {
                         let old = self.replace_link()?;
                         tokio::spawn(leave(old));
                     }
+                }
+                RouteAction::Probe { url } => {
+                    let tx = self.probe_tx.clone();
+                    tokio::spawn(async move {
+                        let accepted = assignment_io::probe(&url).await;
+                        let _ = tx.send((url, accepted));
+                    });
                 }
                 RouteAction::Refetch => {
                     if let Some(r) = &self.route {

@@ -22,6 +22,19 @@
 //! that silently stops answering is first detected by the MQTT keep-alive
 //! (1.5 × `broker.keep_alive_s`) or rumqttc's 5 s connect timeout.
 //!
+//! Return home: after a failover the link sits on a later endpoint of the
+//! list while the first (the nearest, the one the allocator prefers) may
+//! come back. While connected to a later endpoint the core asks the daemon
+//! to probe the first one ([`RouteAction::Probe`]: a TCP connection, never
+//! an MQTT session, which would take over the device's own session) after
+//! [`HOME_PROBE_FIRST_MS`] (configurable), doubling while it stays down up
+//! to [`HOME_PROBE_MAX_MS`] (5 min). When the probe is accepted the link
+//! moves back with a planned move (clean DISCONNECT, like a new version's
+//! move). Bound: a first endpoint that is back is used again within the
+//! probe period in force (30 s after the failover, at most 5 min) plus one
+//! probe and one connection. A return that then fails is an ordinary
+//! failover, and the next probe waits twice as long.
+//!
 //! Nothing acknowledged is lost across a switch: reports and acks live in
 //! the on-disk outbox until their PUBACK, and the topic of each is chosen
 //! when it is handed to the client ([`RouteCore::uplink_topic`]), so what was
@@ -45,6 +58,11 @@ pub const MAX_SWITCH_DELAY_MS: u64 = 5_000;
 /// its refresh time has come (a tenth of its lifetime in between).
 pub const MIN_REFETCH_MS: u64 = 1_000;
 pub const MAX_REFETCH_MS: u64 = 30_000;
+/// First wait before probing the first endpoint again after a failover
+/// left it (the default of `[assignment] home_probe_s`).
+pub const HOME_PROBE_FIRST_MS: u64 = 30_000;
+/// Longest wait between two probes of a first endpoint that stays down.
+pub const HOME_PROBE_MAX_MS: u64 = 300_000;
 
 /// Why the link moves to another endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +73,9 @@ pub enum SwitchReason {
     Failover { from: String },
     /// The object expired: back to the bootstrap endpoints.
     Expired { version: u64 },
+    /// The first endpoint of the list accepted a probe again: leave the
+    /// later endpoint `from` for it.
+    ReturnHome { from: String },
 }
 
 impl SwitchReason {
@@ -63,6 +84,7 @@ impl SwitchReason {
             SwitchReason::NewVersion { .. } => "new_version",
             SwitchReason::Failover { .. } => "failover",
             SwitchReason::Expired { .. } => "expired",
+            SwitchReason::ReturnHome { .. } => "return_home",
         }
     }
 }
@@ -77,6 +99,9 @@ pub enum RouteAction {
     Connect { url: String, reason: SwitchReason },
     /// Fetch the retained object again (unsubscribe, subscribe).
     Refetch,
+    /// Try a TCP connection to `url` (the first endpoint of the list) and
+    /// report the outcome with [`RouteCore::on_probe`].
+    Probe { url: String },
     /// The held object expired; `refetch_unanswered`: re-fetches were sent
     /// and no fresh object came back before the expiry (worth a warning).
     Expired {
@@ -97,6 +122,12 @@ pub struct RouteCounters {
     pub endpoint_switches: u64,
     /// Expiries that sent the device back to bootstrap.
     pub fallbacks: u64,
+    /// Probes of the first endpoint sent, and moves back to it.
+    pub home_probes: u64,
+    pub returns_home: u64,
+    /// Empty payloads on the group's topic: the allocator withdrew the
+    /// group's object (cleared the retained message).
+    pub withdrawn: u64,
 }
 
 /// A stable name for a refusal (status.json keys, log fields).
@@ -131,7 +162,20 @@ pub struct RouteCore {
     pending: Option<(u64, usize)>,
     /// When the last re-fetch went out (reset by a fresh object).
     refetched_at: Option<u64>,
+    /// The next probe of `urls[0]` while connected to a later endpoint.
+    home_probe: Option<HomeProbe>,
+    /// The wait before the next probe (doubles while home stays down).
+    home_probe_ms: u64,
+    home_probe_first_ms: u64,
     counters: RouteCounters,
+}
+
+/// A scheduled (or sent) probe of the first endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HomeProbe {
+    at: u64,
+    /// Sent, its outcome not reported yet.
+    sent: bool,
 }
 
 impl RouteCore {
@@ -149,8 +193,19 @@ impl RouteCore {
             failures: 0,
             pending: None,
             refetched_at: None,
+            home_probe: None,
+            home_probe_ms: HOME_PROBE_FIRST_MS,
+            home_probe_first_ms: HOME_PROBE_FIRST_MS,
             counters: RouteCounters::default(),
         }
+    }
+
+    /// Sets the first wait before probing the first endpoint again
+    /// (`[assignment] home_probe_s`; at least 1 ms).
+    pub fn with_home_probe(mut self, first_ms: u64) -> Self {
+        self.home_probe_first_ms = first_ms.max(1);
+        self.home_probe_ms = self.home_probe_first_ms;
+        self
     }
 
     pub fn group(&self) -> &GroupId {
@@ -194,11 +249,68 @@ impl RouteCore {
         None
     }
 
-    /// The link is up (CONNACK).
-    pub fn on_connected(&mut self) {
+    /// The link is up (CONNACK) at `now_ms`. On a later endpoint of the
+    /// list, a probe of the first is scheduled; on the first, the probe
+    /// period starts over.
+    pub fn on_connected(&mut self, now_ms: u64) {
         self.connected = true;
         self.failures = 0;
         self.pending = None;
+        if self.index == 0 {
+            self.home_probe_ms = self.home_probe_first_ms;
+        }
+        self.arm_home_probe(now_ms);
+    }
+
+    /// Schedules a probe of `urls[0]` if the link is up on a later endpoint
+    /// and none is scheduled.
+    fn arm_home_probe(&mut self, now_ms: u64) {
+        if self.connected && self.index > 0 && self.index < self.urls.len() {
+            if self.home_probe.is_none() {
+                self.home_probe = Some(HomeProbe {
+                    at: now_ms.saturating_add(self.home_probe_ms),
+                    sent: false,
+                });
+            }
+        } else {
+            self.home_probe = None;
+        }
+    }
+
+    /// The outcome of a [`RouteAction::Probe`] of `url` at `now_ms`:
+    /// accepted, the link moves back to the first endpoint (a planned move);
+    /// refused, the next probe waits twice as long (up to
+    /// [`HOME_PROBE_MAX_MS`]). An outcome that no longer applies (the list
+    /// or the endpoint changed meanwhile) is ignored.
+    pub fn on_probe(&mut self, url: &str, accepted: bool, now_ms: u64) -> Vec<RouteAction> {
+        let mut out = Vec::new();
+        let current = matches!(self.home_probe, Some(HomeProbe { sent: true, .. }));
+        if !current || self.index == 0 || self.urls.first().map(String::as_str) != Some(url) {
+            return out;
+        }
+        self.home_probe = None;
+        // Doubled either way: if the return fails (the node accepts TCP but
+        // not MQTT yet), the next probe waits longer.
+        self.home_probe_ms = self
+            .home_probe_ms
+            .saturating_mul(2)
+            .min(HOME_PROBE_MAX_MS.max(self.home_probe_first_ms));
+        if !accepted || !self.connected {
+            self.arm_home_probe(now_ms);
+            return out;
+        }
+        let from = self.endpoint().to_owned();
+        self.index = 0;
+        self.pending = None;
+        self.failures = 0;
+        self.connected = false;
+        self.counters.endpoint_switches += 1;
+        self.counters.returns_home += 1;
+        out.push(RouteAction::Connect {
+            url: self.urls[0].clone(),
+            reason: SwitchReason::ReturnHome { from },
+        });
+        out
     }
 
     /// The connection failed or dropped: schedule the next endpoint of the
@@ -206,6 +318,7 @@ impl RouteCore {
     /// link's own backoff retries it.
     pub fn on_down(&mut self, now_ms: u64) -> Vec<RouteAction> {
         self.connected = false;
+        self.home_probe = None;
         if self.urls.len() < 2 || self.pending.is_some() {
             return Vec::new();
         }
@@ -228,6 +341,9 @@ impl RouteCore {
     pub fn next_deadline(&self) -> Option<u64> {
         let mut at = self.pending.map(|(t, _)| t);
         let mut fold = |t: u64| at = Some(at.map_or(t, |a| a.min(t)));
+        if let Some(HomeProbe { at: t, sent: false }) = self.home_probe {
+            fold(t);
+        }
         if let (EndpointSource::Assigned { .. }, Some(h)) = (&self.source, &self.state.current) {
             fold(h.assignment.expires_at_ms);
             // Re-fetches need a connection; without one the next CONNACK
@@ -269,6 +385,7 @@ impl RouteCore {
                     SwitchReason::Expired { version },
                     &mut out,
                 );
+                self.arm_home_probe(now_ms);
                 return out;
             }
             if self.connected && refresh_due(&self.state, now_ms) {
@@ -294,6 +411,15 @@ impl RouteCore {
                 });
             }
         }
+        if let Some(p) = &mut self.home_probe {
+            if !p.sent && now_ms >= p.at && self.connected && self.index > 0 {
+                p.sent = true;
+                self.counters.home_probes += 1;
+                out.push(RouteAction::Probe {
+                    url: self.urls[0].clone(),
+                });
+            }
+        }
         out
     }
 
@@ -311,6 +437,8 @@ impl RouteCore {
         self.source = source;
         self.pending = None;
         self.failures = 0;
+        // A new list: a probe of the old list's first endpoint is moot.
+        self.home_probe = None;
         match urls.iter().position(|u| *u == current) {
             Some(i) => {
                 self.urls = urls;
@@ -327,6 +455,20 @@ impl RouteCore {
                 });
             }
         }
+    }
+
+    /// Whether a payload on the group's assignment topic is the allocator's
+    /// withdrawal (an empty retained message clears the broker's copy).
+    pub fn is_withdrawal(bytes: &[u8]) -> bool {
+        bytes.is_empty()
+    }
+
+    /// The group's object was withdrawn. Not a refusal, and not a reason to
+    /// drop what is held: a valid object stays in use until its expiry
+    /// (re-fetches then find nothing, and the expiry sends the device back
+    /// to its bootstrap endpoints and plain topics, the floor kept).
+    pub fn on_withdrawn(&mut self) {
+        self.counters.withdrawn += 1;
     }
 
     /// An object arrived on the group's assignment topic. Returns the
@@ -370,6 +512,7 @@ impl RouteCore {
                 SwitchReason::NewVersion { version },
                 &mut out,
             );
+            self.arm_home_probe(now_ms);
         }
         (d.verdict, out)
     }
@@ -440,7 +583,7 @@ mod tests {
         let dev = DeviceId::new("d1").unwrap();
         assert_eq!(c.endpoint(), "mqtt://boot:1883");
         assert_eq!(c.uplink_topic(&dev, TopicKind::Report, T0), None);
-        c.on_connected();
+        c.on_connected(T0);
         let (v, a) = c.on_object(
             &object(1, T0, 60_000, &["mqtt://a", "mqtt://b"]),
             T0,
@@ -455,7 +598,7 @@ mod tests {
         );
         assert_eq!(c.uplink_topic(&dev, TopicKind::Status, T0 + 1), None);
         // A new version that still holds the endpoint in use: no reconnect.
-        c.on_connected();
+        c.on_connected(T0);
         let (_, a) = c.on_object(
             &object(2, T0 + 5, 60_000, &["mqtt://c", "mqtt://a"]),
             T0 + 10,
@@ -523,7 +666,7 @@ mod tests {
             T0,
             &keys(),
         );
-        c.on_connected();
+        c.on_connected(T0);
         let mut now = T0 + 1000;
         assert_eq!(
             connects(&c.on_down(now)),
@@ -548,7 +691,7 @@ mod tests {
         assert!(waits.iter().all(|&w| w <= MAX_SWITCH_DELAY_MS));
         assert_eq!(*waits.last().unwrap(), MAX_SWITCH_DELAY_MS);
         // A connection resets the cycle: the next drop switches at once.
-        c.on_connected();
+        c.on_connected(T0);
         assert_eq!(connects(&c.on_down(now)).len(), 1);
     }
 
@@ -557,7 +700,7 @@ mod tests {
         let mut c = core();
         let dev = DeviceId::new("d1").unwrap();
         c.on_object(&object(4, T0, 30_000, &["mqtt://a"]), T0, &keys());
-        c.on_connected();
+        c.on_connected(T0);
         assert!(c.on_tick(T0 + 19_999).is_empty());
         assert_eq!(c.next_deadline(), Some(T0 + 20_000), "refresh at 2/3");
         assert_eq!(c.on_tick(T0 + 20_000), vec![RouteAction::Refetch]);
@@ -592,7 +735,7 @@ mod tests {
             AssignmentVerdict::Refused(AssignmentRefusal::Rollback { held: 4, got: 3 })
         );
         // A renewal after expiry routes again.
-        c.on_connected();
+        c.on_connected(T0);
         let (v, a) = c.on_object(
             &object(4, T0 + 32_000, 30_000, &["mqtt://a"]),
             T0 + 32_000,
@@ -609,7 +752,7 @@ mod tests {
         c.on_object(&object(1, T0, 30_000, &["mqtt://a"]), T0, &keys());
         assert_eq!(c.next_deadline(), Some(T0 + 30_000));
         assert!(c.on_tick(T0 + 25_000).is_empty());
-        c.on_connected();
+        c.on_connected(T0);
         assert_eq!(c.next_deadline(), Some(T0 + 20_000));
     }
 
@@ -617,7 +760,7 @@ mod tests {
     fn a_renewal_postpones_the_refresh_and_keeps_the_link() {
         let mut c = core();
         c.on_object(&object(1, T0, 30_000, &["mqtt://a"]), T0, &keys());
-        c.on_connected();
+        c.on_connected(T0);
         assert_eq!(c.on_tick(T0 + 20_000), vec![RouteAction::Refetch]);
         let (v, a) = c.on_object(
             &object(1, T0 + 20_001, 30_000, &["mqtt://a"]),
@@ -653,5 +796,159 @@ mod tests {
             T0 + 9_999,
         );
         assert_eq!(c3.endpoint(), "mqtt://a");
+    }
+
+    fn probes(actions: &[RouteAction]) -> Vec<&str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                RouteAction::Probe { url } => Some(url.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// On `mqtt://b` after `mqtt://a` dropped, connected at `T0 + 1000`.
+    fn failed_over() -> RouteCore {
+        let mut c = core().with_home_probe(30_000);
+        c.on_object(
+            &object(1, T0, 3_600_000, &["mqtt://a", "mqtt://b", "mqtt://c"]),
+            T0,
+            &keys(),
+        );
+        c.on_connected(T0);
+        assert_eq!(c.next_deadline(), Some(T0 + 2_400_000), "no probe at home");
+        assert_eq!(connects(&c.on_down(T0 + 1000)), vec!["mqtt://b"]);
+        c.on_connected(T0 + 1000);
+        c
+    }
+
+    #[test]
+    fn after_a_failover_the_first_endpoint_is_probed_and_the_link_returns_to_it() {
+        let mut c = failed_over();
+        assert_eq!(c.next_deadline(), Some(T0 + 31_000));
+        assert!(c.on_tick(T0 + 30_999).is_empty());
+        let a = c.on_tick(T0 + 31_000);
+        assert_eq!(probes(&a), vec!["mqtt://a"]);
+        assert!(connects(&a).is_empty(), "a probe is not a move");
+        // While the probe is out, no deadline spins on it.
+        assert_eq!(c.next_deadline(), Some(T0 + 2_400_000));
+        assert!(c.on_tick(T0 + 40_000).is_empty(), "not probed twice");
+        let a = c.on_probe("mqtt://a", true, T0 + 31_050);
+        assert_eq!(
+            a,
+            vec![RouteAction::Connect {
+                url: "mqtt://a".into(),
+                reason: SwitchReason::ReturnHome {
+                    from: "mqtt://b".into()
+                }
+            }]
+        );
+        assert_eq!(c.endpoint(), "mqtt://a");
+        assert_eq!(
+            (c.counters().returns_home, c.counters().home_probes),
+            (1, 1)
+        );
+        // Home again: nothing more to probe, and the period starts over.
+        c.on_connected(T0 + 31_100);
+        assert!(probes(&c.on_tick(T0 + 400_000)).is_empty());
+        assert_eq!(connects(&c.on_down(T0 + 400_000)), vec!["mqtt://b"]);
+        c.on_connected(T0 + 400_000);
+        assert_eq!(c.next_deadline(), Some(T0 + 430_000));
+        // Routing is untouched by the move: uplinks stay group-routed.
+        assert!(c.routed(T0 + 430_000));
+    }
+
+    #[test]
+    fn a_first_endpoint_that_stays_down_is_probed_less_often_up_to_five_minutes() {
+        let mut c = failed_over();
+        let mut now = T0 + 1000;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let due = c.next_deadline().unwrap();
+            assert_eq!(probes(&c.on_tick(due)), vec!["mqtt://a"]);
+            waits.push(due - now);
+            now = due + 100;
+            assert!(c.on_probe("mqtt://a", false, now).is_empty());
+        }
+        assert_eq!(
+            waits,
+            vec![30_000, 60_000, 120_000, 240_000, 300_000, 300_000, 300_000, 300_000]
+        );
+        assert_eq!(c.endpoint(), "mqtt://b");
+        // A stale or unasked outcome changes nothing.
+        assert!(c.on_probe("mqtt://a", true, now).is_empty());
+        assert!(c.on_probe("mqtt://b", true, now).is_empty());
+        assert_eq!(c.endpoint(), "mqtt://b");
+    }
+
+    #[test]
+    fn a_drop_or_a_new_list_cancels_the_probe_and_a_failed_return_is_a_failover() {
+        let mut c = failed_over();
+        let due = c.next_deadline().unwrap();
+        assert_eq!(probes(&c.on_tick(due)).len(), 1);
+        // The link dropped while the probe was out: its outcome is moot,
+        // the ordinary failover goes on.
+        assert_eq!(connects(&c.on_down(due + 10)), vec!["mqtt://c"]);
+        assert!(c.on_probe("mqtt://a", true, due + 20).is_empty());
+        assert_eq!(c.endpoint(), "mqtt://c");
+        c.on_connected(due + 30);
+        let due = c.next_deadline().unwrap();
+        assert_eq!(probes(&c.on_tick(due)), vec!["mqtt://a"]);
+        assert_eq!(
+            connects(&c.on_probe("mqtt://a", true, due)),
+            vec!["mqtt://a"]
+        );
+        // The return fails (TCP accepted, MQTT not): the next endpoint at
+        // once, and the next probe waits twice as long as the last.
+        assert_eq!(connects(&c.on_down(due + 5)), vec!["mqtt://b"]);
+        c.on_connected(due + 10);
+        assert_eq!(c.next_deadline(), Some(due + 10 + 60_000));
+        // A new version whose list holds the endpoint in use at a later
+        // place: the probe is for the new list's first.
+        let (_, a) = c.on_object(
+            &object(2, T0 + 5, 3_600_000, &["mqtt://z", "mqtt://b"]),
+            due + 20,
+            &keys(),
+        );
+        assert!(connects(&a).is_empty());
+        let due2 = c.next_deadline().unwrap();
+        assert_eq!(probes(&c.on_tick(due2)), vec!["mqtt://z"]);
+        // Home is the list's first: a new list that starts with the
+        // endpoint in use needs no probe.
+        let (_, a) = c.on_object(
+            &object(3, T0 + 6, 3_600_000, &["mqtt://b"]),
+            due2 + 1,
+            &keys(),
+        );
+        assert!(connects(&a).is_empty());
+        assert!(c.on_probe("mqtt://z", true, due2 + 2).is_empty());
+        assert_eq!(c.endpoint(), "mqtt://b");
+    }
+
+    #[test]
+    fn a_withdrawal_keeps_the_held_object_until_it_expires() {
+        let mut c = core();
+        c.on_object(&object(2, T0, 30_000, &["mqtt://a"]), T0, &keys());
+        c.on_connected(T0);
+        let before = c.state().clone();
+        assert!(RouteCore::is_withdrawal(b""));
+        assert!(!RouteCore::is_withdrawal(&object(
+            2,
+            T0,
+            30_000,
+            &["mqtt://a"]
+        )));
+        c.on_withdrawn();
+        assert_eq!(c.counters().withdrawn, 1);
+        assert!(c.counters().refused.is_empty(), "not a refusal");
+        assert_eq!(c.state(), &before);
+        assert!(c.routed(T0 + 29_999));
+        assert_eq!(c.endpoint(), "mqtt://a");
+        // Re-fetches go on; nothing answers; the expiry falls back.
+        assert_eq!(c.on_tick(T0 + 20_000), vec![RouteAction::Refetch]);
+        let a = c.on_tick(T0 + 30_000);
+        assert!(matches!(a[0], RouteAction::Expired { version: 2, .. }));
+        assert_eq!(connects(&a), vec!["mqtt://boot:1883"]);
     }
 }

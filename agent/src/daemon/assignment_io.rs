@@ -84,6 +84,27 @@ pub fn broker_for(base: &BrokerConfig, url: &str) -> Option<BrokerConfig> {
     Some(b)
 }
 
+/// How long a probe of the first endpoint may take.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Probes `url` for the route core's return home: whether a TCP connection
+/// to its host and port is accepted within [`PROBE_TIMEOUT`]. Deliberately
+/// not an MQTT CONNECT: one under the device's client id would take over
+/// its live session on a cluster, and another id would need its own login.
+/// A node that accepts TCP but not MQTT yet makes the return fail like any
+/// connection, and the route core backs off.
+pub async fn probe(url: &str) -> bool {
+    let Ok(u) = shardline_support::broker_url::BrokerUrl::parse(url) else {
+        return false;
+    };
+    let port = u.port_or_default();
+    let connect = tokio::net::TcpStream::connect((u.host.as_str(), port));
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+        Ok(Ok(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +125,21 @@ mod tests {
             load(&p, &g),
             Err(AssignmentFileError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_probe_is_accepted_by_a_listener_and_refused_by_a_closed_port() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            assert!(probe(&format!("mqtt://127.0.0.1:{port}")).await);
+            drop(l);
+            assert!(!probe(&format!("mqtt://127.0.0.1:{port}")).await);
+            assert!(!probe("not a url").await);
+        });
     }
 }

@@ -74,6 +74,10 @@ pub struct AssignmentConfig {
     /// Where the device connects without a valid assignment: `[broker] url`
     /// first, then `[assignment] bootstrap` (duplicates removed).
     pub bootstrap: Vec<String>,
+    /// `home_probe_s`: after a failover, the first probe of the list's first
+    /// endpoint waits this long (doubling while it stays down, up to 5 min;
+    /// see `daemon::assignment`, "Return home").
+    pub home_probe_ms: u64,
 }
 
 /// Where the socket for explicit shard requests of local applications
@@ -172,6 +176,7 @@ struct RawAssignment {
     group: shardline_shared::assign::GroupId,
     #[serde(default)]
     bootstrap: Vec<Spanned<String>>,
+    home_probe_s: Option<Spanned<u64>>,
 }
 
 /// `[lending]`: at most so many units per kind; only from one UTC hour to
@@ -413,9 +418,21 @@ impl Config {
                         bootstrap.push(u.into_inner());
                     }
                 }
+                let home_probe_ms = match a.home_probe_s {
+                    None => super::assignment::HOME_PROBE_FIRST_MS,
+                    Some(s) if *s.get_ref() == 0 || *s.get_ref() > 300 => {
+                        return Err(invalid(
+                            s.span(),
+                            "assignment.home_probe_s",
+                            "must be 1 to 300 seconds".into(),
+                        ))
+                    }
+                    Some(s) => s.into_inner() * 1000,
+                };
                 Some(AssignmentConfig {
                     group: a.group,
                     bootstrap,
+                    home_probe_ms,
                 })
             }
             None => None,
@@ -954,6 +971,29 @@ mod tests {
         expect_invalid(&typo, 12, "assignment.ttl");
         let missing = format!("{}\n[assignment]\nbootstrap = []\n", minimal());
         expect_invalid(&missing, 10, "assignment.group");
+        assert_eq!(
+            parse(&format!("{}\n[assignment]\ngroup = \"a.b.c\"\n", minimal()))
+                .unwrap()
+                .assignment
+                .unwrap()
+                .home_probe_ms,
+            30_000,
+            "probe the first endpoint 30 s after a failover by default"
+        );
+        let quick = format!(
+            "{}\n[assignment]\ngroup = \"a.b.c\"\nhome_probe_s = 2\n",
+            minimal()
+        );
+        assert_eq!(
+            parse(&quick).unwrap().assignment.unwrap().home_probe_ms,
+            2_000
+        );
+        let zero = format!(
+            "{}\n[assignment]\ngroup = \"a.b.c\"\nhome_probe_s = 0\n",
+            minimal()
+        );
+        let msg = expect_invalid(&zero, 12, "assignment.home_probe_s");
+        assert!(msg.contains("1 to 300"), "{msg}");
     }
 
     #[test]
