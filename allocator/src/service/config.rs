@@ -72,7 +72,8 @@ pub struct BrokerConfig {
     /// Keep this instance's MQTT session (clean session off) across
     /// reconnects: QoS 1 messages for it are queued while it is away, and
     /// a NATS cluster keeps its subscriptions' consumers instead of making
-    /// them again on every reconnect. Needs a fixed `client_id`.
+    /// them again on every reconnect. The client id is then fixed (see
+    /// `client_id`).
     pub persistent_session: bool,
     /// Embedded broker: plain MQTT listener.
     pub listen: SocketAddr,
@@ -88,7 +89,9 @@ pub struct BrokerConfig {
     pub client_key: Option<PathBuf>,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// MQTT client id; each instance behind a shared subscription needs its own.
+    /// MQTT client id; each instance behind a shared subscription needs its
+    /// own. Empty (the default): `shardline-allocator-{[instance] id}` when
+    /// the session persists, else one per process ([`super::client_id`]).
     pub client_id: String,
     /// Largest MQTT payload accepted (broker) and report decoded (ingest).
     pub max_payload: usize,
@@ -152,7 +155,7 @@ impl Default for BrokerConfig {
             client_key: None,
             username: None,
             password: None,
-            client_id: format!("shardline-allocator-{}", std::process::id()),
+            client_id: String::new(),
             max_payload: 64 * 1024,
             max_connections: 20_000,
             credentials_file: None,
@@ -465,6 +468,10 @@ impl Config {
         if config.policy.tick_ms == 0 {
             return Err(invalid_at_key(text, path, "tick_ms", "must be > 0".into()));
         }
+        let written = super::client_id::Written::of(text);
+        if let Err((field, message)) = super::client_id::check(&config.broker, written) {
+            return Err(invalid_in_section(text, path, "broker", field, message));
+        }
         if let Err(e) = super::assign_config::check(&config.instance, &config.assignment) {
             return Err(invalid_in_section(
                 text, path, e.section, e.field, e.message,
@@ -496,6 +503,11 @@ impl Config {
             })
             .filter_map(|u| BrokerUrl::parse(u).ok())
             .collect()
+    }
+
+    /// The MQTT client id to connect with ([`super::client_id::effective`]).
+    pub fn mqtt_client_id(&self) -> String {
+        super::client_id::effective(&self.broker, &self.instance.id)
     }
 
     /// The external broker, if one is configured.

@@ -18,7 +18,8 @@
 //!   on the API listener; [`shardctl_access`]: their `shardctl` commands.
 //! - [`assign_config`] / [`assign_driver`]: seed 001's regional assignment
 //!   wired (issue 19): heartbeats, the lead driving the engine, publishing.
-//! - [`config`], [`catalog_files`], [`keys`]: files the operator writes.
+//! - [`config`], [`catalog_files`], [`keys`]: files the operator writes;
+//!   [`client_id`]: the MQTT client id, fixed when the session persists.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
 //! - [`core`]: the core crate's service core, re-exported under its old path.
 pub mod access;
@@ -38,6 +39,7 @@ pub mod broker;
 pub mod broker_acl;
 pub mod catalog_files;
 pub mod cli;
+pub mod client_id;
 pub mod config;
 pub mod core_loop;
 pub mod dashboard;

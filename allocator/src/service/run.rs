@@ -239,15 +239,18 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     core.set_seal_rng(core::SealRng(Box::new(crypto_box::aead::OsRng)));
 
     // MQTT link.
-    let mut opts = MqttOptions::new(config.broker.client_id.clone(), host, port);
+    let client_id = config.mqtt_client_id();
+    let mut opts = MqttOptions::new(client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     // Issue 19: with `uplink = "routed"` (a clustered broker without shared
     // subscriptions) the session persists, so the routed uplinks of this
     // instance's groups queue at the broker across a reconnect; give each
-    // instance a fixed `client_id` then.
-    // `persistent_session` asks for the same on one instance (`plain`).
+    // instance a fixed client id then (`client_id.rs`: derived from
+    // `[instance] id` unless configured). `persistent_session` asks for the same on one instance (`plain`).
     let routed = config.broker.uplink == super::config::UplinkMode::Routed;
-    opts.set_clean_session(!(external.is_some() && (routed || config.broker.persistent_session)));
+    let persistent = external.is_some() && (routed || config.broker.persistent_session);
+    opts.set_clean_session(!persistent);
+    tracing::info!(%client_id, persistent_session = persistent, "MQTT client");
     // At least the broker's packet cap: a larger retained message would
     // otherwise cut this client off on every reconnect (issue 14).
     let max_in =

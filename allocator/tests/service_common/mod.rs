@@ -122,6 +122,9 @@ pub struct Allocator {
     pub extra_config: String,
     /// A shared (PostgreSQL) store instead of the embedded file.
     pub store_url: Option<String>,
+    /// Write `[broker] client_id` (true unless a test clears it to see the
+    /// id the allocator derives itself).
+    pub fixed_client_id: bool,
 }
 
 pub fn keygen(path: &Path) -> [u8; 32] {
@@ -165,6 +168,7 @@ impl Allocator {
             mode,
             extra_config: extra_config.to_owned(),
             store_url: store_url.map(str::to_owned),
+            fixed_client_id: true,
         };
         a.spawn();
         a
@@ -227,11 +231,16 @@ impl Allocator {
             BrokerMode::Embedded => String::new(),
             BrokerMode::External(u) => u.clone(),
         };
+        let client_id = if self.fixed_client_id {
+            format!("client_id = \"allocator-under-test-{}\"", self.api_port)
+        } else {
+            String::new()
+        };
         format!(
             r#"[broker]
 url = "{url}"
 listen = "127.0.0.1:{mqtt}"
-client_id = "allocator-under-test-{api}"
+{client_id}
 {broker_extra}
 [store]
 path = "{dir}/allocator.redb"
