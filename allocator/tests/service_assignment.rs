@@ -4,12 +4,16 @@
 //! acceptance logic (`handle_assignment`) takes under the allocator's public
 //! key; renewals keep the version and move the expiry; after a SIGKILL and
 //! a restart on the same store the version never goes back; the API and
-//! `shardctl assignment` show the group, the instance and the history.
+//! `shardctl assignment` show the group, the instance and the history. A
+//! region short of capacity is shown from the store, with its start kept
+//! across a restart. A group taken out of the configuration is withdrawn at
+//! the next start: recorded in its history, its retained copy cleared at a
+//! real mosquitto, not renewed.
 
 mod service_common;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use service_common::{Allocator, BrokerMode, TempDir};
+use service_common::{Allocator, BrokerMode, Mosquitto, TempDir};
 use shardline_shared::assign::{handle_assignment, AssignmentState, AssignmentVerdict, GroupId};
 use shardline_shared::msg::{KeySet, PublicKeyEntry};
 use shardline_shared::topics;
@@ -253,13 +257,114 @@ async fn a_region_short_of_capacity_is_reported() {
     };
     assert_eq!(v["shortfalls"][0]["region"], "eu-west", "{v}");
     assert_eq!(v["shortfalls"][0]["groups"][0], GROUP, "{v}");
+    let since = v["shortfalls"][0]["since_ms"].as_u64().expect("since_ms");
+    assert!(since > 0 && since <= service_common::now_ms(), "{v}");
     let out = a.shardctl(&["assignment"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("NEED CAPACITY in eu-west"), "{text}");
+    assert!(text.contains(" short since 20"), "{text}");
     assert!(
         a.log().contains("not enough capacity in this region"),
         "a warning is logged"
     );
+    // The shortfall is in the store, not only in the lead's memory: right
+    // after a SIGKILL and restart (before any run of the new process) the
+    // API shows it, and the new lead keeps its start.
+    let mut a = a;
+    a.kill9();
+    a.spawn();
+    let (_, v) = a.api("GET", "/v1/assignments", None);
+    assert_eq!(v["shortfalls"][0]["region"], "eu-west", "{v}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, v) = a.api("GET", "/v1/assignments", None);
+    assert_eq!(v["shortfalls"][0]["since_ms"], since, "{v}");
+    assert!(v["shortfalls"][0]["at_ms"].as_u64().unwrap() > since, "{v}");
+}
+
+/// A group taken out of `[assignment]` (the allocator restarted without
+/// it) is withdrawn: the withdrawal is in its history, its retained object
+/// is cleared at the broker (a fresh subscriber gets none), it is no longer
+/// listed or renewed; the group still configured is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_taken_out_of_the_configuration_is_withdrawn() {
+    let dir = TempDir::new("assign-withdraw");
+    let Some(m) = Mosquitto::start(&dir.0) else {
+        return;
+    };
+    let qos = GroupId::new("acme.eu-west.qos").unwrap();
+    let vpn = GroupId::new(GROUP).unwrap();
+    let one = EXTRA.replace("ttl_s = 4", "ttl_s = 600");
+    let two = format!(
+        "{one}[[assignment.groups]]\ntenant = \"acme\"\nregion = \"eu-west\"\n\
+         capability = \"qos\"\nexpected_reports_per_s = 10\n"
+    );
+    let url = format!("mqtt://127.0.0.1:{}", m.port);
+    let mut a = Allocator::start(&dir.0, BrokerMode::External(url), &two);
+    let mut rx = subscriber(m.port, "withdraw-1").await;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        assert!(!bytes.is_empty());
+        seen.insert(topic);
+    }
+    assert!(seen.contains(&topics::assignment(&qos)), "{seen:?}");
+
+    a.kill9();
+    a.extra_config = one.clone();
+    a.spawn();
+    // The live subscriber sees the clearing (an empty message on the topic).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        if topic == topics::assignment(&qos) && bytes.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qos not cleared; log:\n{}",
+            a.log()
+        );
+    }
+    // A fresh subscriber gets the configured group's object only.
+    let mut fresh = subscriber(m.port, "withdraw-2").await;
+    let mut retained = Vec::new();
+    while let Ok(Some((topic, bytes, _))) =
+        tokio::time::timeout(Duration::from_millis(1500), fresh.recv()).await
+    {
+        retained.push((topic, bytes.len()));
+    }
+    assert_eq!(
+        retained.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+        vec![topics::assignment(&vpn)],
+        "{retained:?}"
+    );
+    let (_, v) = a.api("GET", "/v1/assignments", None);
+    let groups: Vec<&str> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups, vec![GROUP], "{v}");
+    let (st, h) = a.api("GET", "/v1/assignments/acme.eu-west.qos/history", None);
+    assert_eq!(st, 200, "{h}");
+    assert_eq!(h["versions"][0]["change"], "withdrawn", "{h}");
+    assert_eq!(h["versions"][1]["change"], "new", "{h}");
+    assert_eq!(h["versions"][0]["version"], h["versions"][1]["version"]);
+    let out = a.shardctl(&["assignment", "acme.eu-west.qos", "--history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().next().unwrap_or("").contains("withdrawn"),
+        "{text}"
+    );
+    assert!(a.log().contains("assignment withdrawn"), "{}", a.log());
+    // Withdrawn once, not renewed: nothing more on its topic.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Ok(m) = rx.try_recv() {
+        assert_ne!(m.0, topics::assignment(&qos), "{m:?}");
+    }
+    let (_, h) = a.api("GET", "/v1/assignments/acme.eu-west.qos/history", None);
+    assert_eq!(h["versions"].as_array().unwrap().len(), 2, "{h}");
 }
 
 /// After a key rotation the stored objects are signed again with the new

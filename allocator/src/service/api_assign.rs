@@ -2,7 +2,9 @@
 //! 19, viewer): each group's current assignment (version, server, region,
 //! endpoints, issue and expiry, last change and why), the instances'
 //! heartbeats (load, capacity, latency, errors, age, alive) and the capacity
-//! shortfalls per region; a group's published versions, newest first.
+//! shortfalls per region (amount, groups, since when: written by the lead
+//! into the store); a group's published versions and withdrawals, newest
+//! first.
 //! Read from the store on a blocking thread (the lead writes it), so any
 //! instance answers the same.
 
@@ -33,6 +35,7 @@ fn change_json(c: &AssignmentChange) -> Value {
         AssignmentChange::Moved { from } => json!(format!("moved from {from}")),
         AssignmentChange::EndpointsChanged => json!("endpoints changed"),
         AssignmentChange::Renewed => json!("renewed"),
+        AssignmentChange::Withdrawn => json!("withdrawn"),
     }
 }
 
@@ -75,10 +78,14 @@ fn history_json(h: &AssignmentHistoryRow) -> Value {
 async fn assignments(State(state): State<ApiState>) -> Response {
     let store = state.store.clone();
     let read = tokio::task::spawn_blocking(move || {
-        Ok::<_, super::store::StoreError>((store.load_assignments()?, store.load_server_beats()?))
+        Ok::<_, super::store::StoreError>((
+            store.load_assignments()?,
+            store.load_server_beats()?,
+            store.load_shortfalls()?,
+        ))
     })
     .await;
-    let (stored, beats) = match read {
+    let (stored, beats, short) = match read {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -107,17 +114,14 @@ async fn assignments(State(state): State<ApiState>) -> Response {
             })
         })
         .collect();
-    let shortfalls: Vec<Value> = state
-        .assign
-        .shortfalls
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .values()
+    let shortfalls: Vec<Value> = short
+        .iter()
         .map(|s| {
             json!({
-                "region": s.region.as_str(),
+                "region": s.region,
                 "shortfall": s.shortfall,
                 "groups": s.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+                "since_ms": s.since_ms,
                 "at_ms": s.at_ms,
             })
         })

@@ -23,6 +23,12 @@
 //!    `unsubscribe_grace_s` after it saw the new owner; with `[broker]
 //!    uplink = "routed"` the plain uplink filters are held only while
 //!    leading. The MQTT link re-subscribes the held set on every reconnect.
+//!    A group of its own that vanished from the store (withdrawn) stays
+//!    subscribed until its object's expiry (`assign_upkeep::Lingering`);
+//! 4. the lead withdraws the stored objects of groups no longer configured
+//!    (store first, then an empty retained message clears the broker's
+//!    copy) and keeps the capacity shortfalls in the store
+//!    (`assign_upkeep`).
 //!
 //! The bound: a group owned by an instance that dies is republished naming
 //! a live one within `heartbeat_timeout_ms` + one tick (+ one tick for the
@@ -30,6 +36,7 @@
 //! died, add the store's lead takeover (the PostgreSQL session timeout).
 
 use super::assign_config::{AssignmentSection, Instance};
+use super::assign_upkeep::{self, Lingering, ShortfallBook};
 use super::config::UplinkMode;
 use super::inbound::now_ms;
 use super::store::{ServerBeat, Store, StoredAssignment};
@@ -290,6 +297,8 @@ struct Lead {
     /// The key file the store named when this lead last looked (a change
     /// is a key rotation: the stored objects are signed again).
     key_file: Option<String>,
+    /// The capacity shortfalls as this lead sees them (kept in the store).
+    shortfalls: ShortfallBook,
 }
 
 /// Feeds the heartbeats not fed yet and fresh (younger than the timeout) to
@@ -414,6 +423,13 @@ impl Driver {
     fn run(self) {
         let mut lead: Option<Lead> = None;
         let mut subs = Subscriptions::default();
+        let mut lingering = Lingering::default();
+        let configured: BTreeSet<GroupId> = self
+            .section
+            .group_specs()
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
         let mut warn = WarnLimiter::default();
         let engine = self.section.engine_config();
         let window_ms = engine
@@ -464,7 +480,12 @@ impl Driver {
             match self.store.load_assignments() {
                 Ok(stored) => {
                     self.gauges(&stored);
-                    let wanted = wanted_filters(&self.instance.id, self.uplink, leading, &stored);
+                    let mut wanted =
+                        wanted_filters(&self.instance.id, self.uplink, leading, &stored);
+                    wanted.extend(lingering.update(&self.instance.id, &stored, now));
+                    if leading && self.section.enabled && lead.is_some() {
+                        self.withdraw_unconfigured(now, &configured, &stored);
+                    }
                     let grace = self.section.unsubscribe_grace_s.saturating_mul(1000);
                     let changes = subs.update(now, &wanted, grace);
                     *lock(&self.shared.filters) = subs.held().cloned().collect();
@@ -493,9 +514,25 @@ impl Driver {
                 }
                 let stored = self.store.load_assignments()?;
                 for s in &stored {
+                    // An unconfigured group is not restored (the engine
+                    // knows only configured ones) nor republished: it is
+                    // withdrawn after this run.
+                    if engine.group(&s.assignment.group).is_none() {
+                        continue;
+                    }
                     engine.restore_assignment(s.assignment.clone());
                     // The broker may have lost the retained copy.
                     self.publish(s);
+                }
+                // A configured group withdrawn earlier continues from its
+                // last version (devices keep it as their floor).
+                for spec in self.section.group_specs() {
+                    if stored.iter().any(|s| s.assignment.group == spec.id) {
+                        continue;
+                    }
+                    if let Some(last) = self.store.load_assignment_history(&spec.id, 1)?.pop() {
+                        engine.restore_assignment(last.assignment);
+                    }
                 }
                 tracing::info!(
                     restored = stored.len(),
@@ -507,6 +544,7 @@ impl Driver {
                     reasons: Vec::new(),
                     rates_at_ms: None,
                     key_file: self.store.load_meta()?.key_file,
+                    shortfalls: ShortfallBook::restore(self.store.load_shortfalls()?),
                 })
             }
         };
@@ -578,6 +616,7 @@ impl Driver {
                         tracing::warn!(region = %region, shortfall = s.shortfall, groups = s.groups.len(), "assignment: not enough capacity in this region");
                     }
                     short_regions.insert(region.clone());
+                    l.shortfalls.need(&s, now);
                     lock(&self.shared.shortfalls).insert(region, s);
                 }
                 AssignAction::Rerun(summary) => {
@@ -614,8 +653,50 @@ impl Driver {
                     s.shortfall = 0.0;
                 }
             }
+            l.shortfalls.run_ended(&short_regions);
+        }
+        if let Some(records) = l.shortfalls.take_dirty() {
+            if let Err(e) = self.store.put_shortfalls(&records) {
+                tracing::warn!(error = %e, "assignment: capacity shortfalls not written; retrying next tick");
+                l.shortfalls.write_failed();
+            }
         }
         Ok(())
+    }
+
+    /// Withdraws the stored objects of groups not configured here: the
+    /// withdrawal is committed, then the retained copy is cleared (an empty
+    /// retained message); a failure is retried at the next tick.
+    fn withdraw_unconfigured(
+        &self,
+        now: u64,
+        configured: &BTreeSet<GroupId>,
+        stored: &[StoredAssignment],
+    ) {
+        for s in assign_upkeep::unconfigured(configured, stored) {
+            let row = assign_upkeep::withdrawal_row(s, now);
+            let a = &s.assignment;
+            match self.store.withdraw_assignment(&row, MAX_HISTORY_PER_GROUP) {
+                Ok(true) => {
+                    tracing::info!(group = %a.group, version = a.version, server = %a.server, expires_at_ms = a.expires_at_ms, "assignment withdrawn: the group is no longer configured");
+                    let topic = topics::assignment(&a.group);
+                    if let Err(e) = self.rt.block_on(self.client.publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        true,
+                        Vec::new(),
+                    )) {
+                        tracing::warn!(group = %a.group, error = %e, "the withdrawn object's retained copy not cleared; it expires on its own");
+                    }
+                }
+                Ok(false) => {
+                    tracing::debug!(group = %a.group, "withdrawal skipped: the stored version changed");
+                }
+                Err(e) => {
+                    tracing::warn!(group = %a.group, error = %e, "assignment withdrawal not written; retrying next tick");
+                }
+            }
+        }
     }
 
     /// The key instructions are signed with now: after a rotation the

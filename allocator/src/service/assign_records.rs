@@ -1,6 +1,7 @@
 //! What the stores keep of the regional assignment (issue 19): each
 //! instance's heartbeat, each group's last published object (sealed bytes
-//! and the decoded fields), and the versions published before.
+//! and the decoded fields), the versions published before (and withdrawals),
+//! and the current capacity shortfall per region.
 
 use serde::{Deserialize, Serialize};
 use shardline_allocator_core::assign::{AssignmentChange, RerunReason, ServerReport};
@@ -54,5 +55,21 @@ pub struct AssignmentHistoryRow {
     pub assignment: Assignment,
     pub change: AssignmentChange,
     pub reasons: Vec<RerunReason>,
+    pub at_ms: u64,
+}
+
+/// A region whose groups do not fit on its instances, as the lead last saw
+/// it: written by the lead, read by every instance's API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShortfallRecord {
+    pub region: String,
+    /// Reports/s beyond the region's usable capacity.
+    pub shortfall: f64,
+    /// The groups that did not fit.
+    pub groups: Vec<GroupId>,
+    /// Since when the region has been short without a break (the lead's
+    /// clock; kept across a change of lead).
+    pub since_ms: u64,
+    /// When the lead last saw it.
     pub at_ms: u64,
 }

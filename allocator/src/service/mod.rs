@@ -17,7 +17,9 @@
 //!   the audit log, and the API middleware enforcing both; [`api_tls`]: TLS
 //!   on the API listener; [`shardctl_access`]: their `shardctl` commands.
 //! - [`assign_config`] / [`assign_driver`]: seed 001's regional assignment
-//!   wired (issue 19): heartbeats, the lead driving the engine, publishing.
+//!   wired (issue 19): heartbeats, the lead driving the engine, publishing;
+//!   [`assign_upkeep`]: withdrawals of unconfigured groups and the stored
+//!   capacity shortfalls.
 //! - [`config`], [`catalog_files`], [`keys`]: files the operator writes;
 //!   [`client_id`]: the MQTT client id, fixed when the session persists.
 //! - [`cli`], [`shardctl`]: the command lines; systemd notifications come from `shardline_support::notify`.
@@ -34,6 +36,7 @@ pub mod api_token;
 pub mod assign_config;
 pub mod assign_driver;
 pub mod assign_records;
+pub mod assign_upkeep;
 pub mod audit;
 pub mod broker;
 pub mod broker_acl;

@@ -1,7 +1,7 @@
 //! `shardctl assignment [GROUP] [--history]` (issue 19): the answer of
 //! `GET /v1/assignments` (one line per group, then the instances and the
 //! capacity shortfalls) or of `GET /v1/assignments/{group}/history` (one
-//! line per published version, newest first), as text.
+//! line per published version or withdrawal, newest first), as text.
 
 use super::shardctl_history::utc_text;
 use serde_json::Value;
@@ -131,9 +131,10 @@ pub fn assignment_text(answer: &Value, group: Option<&str>, history: bool) -> St
     if let Some(short) = answer.get("shortfalls").and_then(Value::as_array) {
         for s in short.iter().filter(|s| f(s, "shortfall") > 0.0) {
             out.push_str(&format!(
-                "NEED CAPACITY in {}: {:.1} reports/s short ({})\n",
+                "NEED CAPACITY in {}: {:.1} reports/s short since {} ({})\n",
                 text(s, "region"),
                 f(s, "shortfall"),
+                utc_text(u(s, "since_ms")),
                 list(s, "groups"),
             ));
         }
@@ -158,14 +159,20 @@ mod tests {
             "servers": [{"server": "alloc-b", "region": "eu-west", "alive": true,
                 "load": 12.0, "capacity": 100.0, "p99_latency_ms": 2.0, "error_rate": 0.0,
                 "groups": 1, "heartbeat_age_ms": 400, "lead": true}],
-            "shortfalls": [{"region": "us-east", "shortfall": 40.0, "groups": ["acme.us-east.vpn"]},
+            "shortfalls": [{"region": "us-east", "shortfall": 40.0, "groups": ["acme.us-east.vpn"],
+                            "since_ms": 2000, "at_ms": 5000},
                            {"region": "eu-west", "shortfall": 0.0, "groups": []}],
         });
         let t = assignment_text(&answer, None, false);
         assert!(t.contains("acme.eu-west.vpn"), "{t}");
         assert!(t.contains("v3") && t.contains("moved from alloc-a"), "{t}");
         assert!(t.contains("alloc-b") && t.contains("(lead)"), "{t}");
-        assert!(t.contains("NEED CAPACITY in us-east: 40.0"), "{t}");
+        assert!(
+            t.contains(
+                "NEED CAPACITY in us-east: 40.0 reports/s short since 1970-01-01 00:00:02.000Z"
+            ),
+            "{t}"
+        );
         assert!(!t.contains("in eu-west"), "{t}");
         let t = assignment_text(&answer, Some("other.eu.x"), false);
         assert_eq!(t, "other.eu.x: not assigned\n");

@@ -21,7 +21,9 @@
 //! nothing is published before its commit.
 
 use super::access::OperatorToken;
-pub use super::assign_records::{AssignmentHistoryRow, ServerBeat, StoredAssignment};
+pub use super::assign_records::{
+    AssignmentHistoryRow, ServerBeat, ShortfallRecord, StoredAssignment,
+};
 use super::audit::{AuditEntry, AuditLimits, AuditQuery, StoredEntry};
 use serde::Serialize;
 pub use shardline_allocator_core::history::{HistoryEntry, HistoryQuery};
@@ -152,6 +154,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         group: &shardline_shared::assign::GroupId,
         limit: usize,
     ) -> Result<Vec<AssignmentHistoryRow>, StoreError>;
+    /// Withdraws `row.assignment.group`'s object in one commit: its current
+    /// assignment is removed if the stored version is `row`'s, and `row`
+    /// (change `Withdrawn`) is appended to its history (bounded as in
+    /// `put_assignment`). `false`: nothing stored for the group, or another
+    /// version (nothing changed).
+    fn withdraw_assignment(
+        &self,
+        row: &AssignmentHistoryRow,
+        max_history: usize,
+    ) -> Result<bool, StoreError>;
+    /// Replaces the current capacity shortfalls (one per region; empty:
+    /// none).
+    fn put_shortfalls(&self, s: &[ShortfallRecord]) -> Result<(), StoreError>;
+    /// The current capacity shortfalls, by region order.
+    fn load_shortfalls(&self) -> Result<Vec<ShortfallRecord>, StoreError>;
 }
 
 mod access;
@@ -554,6 +571,19 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Vec<AssignmentHistoryRow>, StoreError> {
         self.load_assignment_history_redb(group, limit)
+    }
+    fn withdraw_assignment(
+        &self,
+        row: &AssignmentHistoryRow,
+        max_history: usize,
+    ) -> Result<bool, StoreError> {
+        self.withdraw_assignment_redb(row, max_history)
+    }
+    fn put_shortfalls(&self, s: &[ShortfallRecord]) -> Result<(), StoreError> {
+        self.put_shortfalls_redb(s)
+    }
+    fn load_shortfalls(&self) -> Result<Vec<ShortfallRecord>, StoreError> {
+        self.load_shortfalls_redb()
     }
 }
 

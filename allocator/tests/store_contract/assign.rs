@@ -2,9 +2,13 @@
 //! overwrite per instance; a group's assignment never goes back to a lower
 //! version (a lower write changes nothing and says so); renewals (same
 //! version) overwrite the current object but add no history; each new
-//! version is in the history, newest first, bounded per group.
+//! version is in the history, newest first, bounded per group. A withdrawal
+//! removes the current object only at the stored version and is recorded in
+//! the history; the capacity shortfalls are replaced as a set.
 
-use shardline_allocator::service::store::{ServerBeat, Store, StoredAssignment};
+use shardline_allocator::service::store::{
+    AssignmentHistoryRow, ServerBeat, ShortfallRecord, Store, StoredAssignment,
+};
 use shardline_allocator_core::assign::{AssignmentChange, RerunReason, ServerReport};
 use shardline_shared::assign::{Assignment, GroupId, Region, ServerId};
 
@@ -109,4 +113,58 @@ pub fn check(store: &dyn Store) {
     assert!(store.put_assignment(&o1, 3).unwrap());
     assert_eq!(store.load_assignments().unwrap().len(), 2);
     assert_eq!(store.load_assignment_history(&g, 10).unwrap().len(), 3);
+
+    // Withdrawal: not at another version (nothing changes), then at the
+    // stored one: the object goes, the history says so, newest first.
+    let withdrawn = |v: u64, at: u64| AssignmentHistoryRow {
+        change: AssignmentChange::Withdrawn,
+        reasons: vec![RerunReason::GroupRemoved(g.clone())],
+        at_ms: at,
+        ..moved(v, 1500, "alloc-b").history_row()
+    };
+    assert!(!store.withdraw_assignment(&withdrawn(4, 2_000), 3).unwrap());
+    assert_eq!(store.load_assignments().unwrap().len(), 2);
+    assert!(store.withdraw_assignment(&withdrawn(5, 2_000), 3).unwrap());
+    assert_eq!(store.load_assignments().unwrap(), vec![o1.clone()]);
+    let h = store.load_assignment_history(&g, 10).unwrap();
+    assert_eq!(h.len(), 3, "bounded as before");
+    assert_eq!(h[0], withdrawn(5, 2_000));
+    assert_eq!(h[1].assignment.version, 5);
+    // Twice: nothing stored any more.
+    assert!(!store.withdraw_assignment(&withdrawn(5, 2_100), 3).unwrap());
+    assert_eq!(
+        store.load_assignment_history(&g, 10).unwrap()[0].at_ms,
+        2_000
+    );
+    // The group may come back later, at a higher version.
+    assert!(store
+        .put_assignment(&moved(6, 3_000, "alloc-a"), 3)
+        .unwrap());
+    assert_eq!(store.load_assignments().unwrap().len(), 2);
+
+    // Capacity shortfalls: a set replaced whole, by region order.
+    assert!(store.load_shortfalls().unwrap().is_empty());
+    let short = |region: &str, amount: f64, since: u64, at: u64| ShortfallRecord {
+        region: region.into(),
+        shortfall: amount,
+        groups: vec![g.clone()],
+        since_ms: since,
+        at_ms: at,
+    };
+    store
+        .put_shortfalls(&[short("us-east", 5.0, 10, 20), short("eu-west", 2.5, 1, 20)])
+        .unwrap();
+    assert_eq!(
+        store.load_shortfalls().unwrap(),
+        vec![short("eu-west", 2.5, 1, 20), short("us-east", 5.0, 10, 20)]
+    );
+    store
+        .put_shortfalls(&[short("eu-west", 3.0, 1, 30)])
+        .unwrap();
+    assert_eq!(
+        store.load_shortfalls().unwrap(),
+        vec![short("eu-west", 3.0, 1, 30)]
+    );
+    store.put_shortfalls(&[]).unwrap();
+    assert!(store.load_shortfalls().unwrap().is_empty());
 }

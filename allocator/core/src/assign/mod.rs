@@ -86,6 +86,10 @@ pub enum AssignmentChange {
     EndpointsChanged,
     /// Unchanged, re-issued with a later expiry (same version).
     Renewed,
+    /// Never emitted by the engine: the service's record that the group
+    /// was taken out of the configuration and its object withdrawn (the
+    /// retained copy cleared). Last, so stored records keep their encoding.
+    Withdrawn,
 }
 
 /// The "need more capacity" hook: groups of `region` did not fit.

@@ -39,7 +39,7 @@ use super::store::{
     dec, enc, Batch, DeviceRecord, HistoryEntry, HistoryQuery, Meta, Store, StoreError,
     TokenRecord, Tombstone,
 };
-use super::store::{AssignmentHistoryRow, ServerBeat, StoredAssignment};
+use super::store::{AssignmentHistoryRow, ServerBeat, ShortfallRecord, StoredAssignment};
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
 use shardline_shared::ids::DeviceId;
@@ -877,5 +877,18 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<AssignmentHistoryRow>, StoreError> {
         self.load_assignment_history_pg(group, limit)
+    }
+    fn withdraw_assignment(
+        &self,
+        row: &AssignmentHistoryRow,
+        max_history: usize,
+    ) -> Result<bool, StoreError> {
+        self.withdraw_assignment_pg(row, max_history)
+    }
+    fn put_shortfalls(&self, s: &[ShortfallRecord]) -> Result<(), StoreError> {
+        self.put_shortfalls_pg(s)
+    }
+    fn load_shortfalls(&self) -> Result<Vec<ShortfallRecord>, StoreError> {
+        self.load_shortfalls_pg()
     }
 }

@@ -82,6 +82,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX assign_history_by_group ON assign_history (grp, id DESC);
     "#,
+    // 6: the current capacity shortfall per region (issue 19,
+    // `store_pg::assign`), written by the lead, read by every instance.
+    r#"
+    CREATE TABLE assign_shortfalls (
+        region text COLLATE "C" PRIMARY KEY,
+        body bytea NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build creates and understands.
