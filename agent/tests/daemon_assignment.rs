@@ -685,27 +685,9 @@ fn after_a_failover_the_agent_returns_to_its_first_endpoint_when_it_is_back() {
             .into_iter()
             .map(|(_, s)| s),
     );
-    // An empty retained message (a withdrawal) on b2: the held object
-    // stays, counted, not refused; routing goes on.
-    w2.publish_object(Vec::new(), true);
-    wait_for(Duration::from_secs(5), || {
-        (assignment_status(&agent)["counters"]["withdrawn"] == 1).then_some(())
-    })
-    .expect("the withdrawal was counted");
-    let st = assignment_status(&agent);
-    assert_eq!(
-        (st["version"].as_u64(), st["routed"].as_bool()),
-        (Some(3), Some(true)),
-        "{st}"
-    );
-    assert!(
-        st["counters"]["refused"]
-            .as_object()
-            .is_none_or(|r| r.is_empty()),
-        "{st}"
-    );
-
     // b1 is back: the agent returns to it within the bound.
+    // (The watcher subscribes well before the agent's first probe, 2 s
+    // after the failover, so it sees every report the agent sends there.)
     b1.restart();
     let back_at = Instant::now();
     let w1 = Watcher::connect(b1.port, "h1-again");
@@ -746,5 +728,27 @@ fn after_a_failover_the_agent_returns_to_its_first_endpoint_when_it_is_back() {
     assert!(st["counters"]["returns_home"].as_u64() >= Some(1), "{st}");
     assert!(st["counters"]["home_probes"].as_u64() >= Some(1), "{st}");
     assert!(agent.log().contains("return_home"), "{}", agent.log());
+
+    // An empty retained message (the allocator's withdrawal) on b1: the held
+    // object stays, counted, not refused; routing goes on.
+    w1.publish_object(Vec::new(), true);
+    wait_for(Duration::from_secs(5), || {
+        (assignment_status(&agent)["counters"]["withdrawn"] == 1).then_some(())
+    })
+    .expect("the withdrawal was counted");
+    let st = assignment_status(&agent);
+    assert_eq!(
+        (st["version"].as_u64(), st["routed"].as_bool()),
+        (Some(3), Some(true)),
+        "{st}"
+    );
+    assert!(
+        st["counters"]["refused"]
+            .as_object()
+            .is_none_or(|r| r.is_empty()),
+        "{st}"
+    );
+    w1.report_on(&agent, &routed_report(&agent), Duration::from_secs(5))
+        .expect("still reporting on the routed topic");
     agent.sigterm();
 }
