@@ -7,8 +7,9 @@
 //! `shardctl assignment` show the group, the instance and the history. A
 //! region short of capacity is shown from the store, with its start kept
 //! across a restart. A group taken out of the configuration is withdrawn at
-//! the next start: recorded in its history, its retained copy cleared at a
-//! real mosquitto, not renewed.
+//! the next start, or at a SIGHUP: recorded in its history, its retained copy
+//! cleared at a real mosquitto, not renewed; added back (SIGHUP), it
+//! continues from its version.
 
 mod service_common;
 
@@ -426,4 +427,87 @@ async fn a_key_rotation_republishes_the_objects_under_the_new_key() {
             a.log()
         );
     }
+}
+
+/// The group of `topic`'s retained object as the API shows it (version).
+fn api_version(a: &Allocator, group: &str) -> Option<u64> {
+    let (_, v) = a.api("GET", "/v1/assignments", None);
+    v["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["group"] == group)
+        .and_then(|g| g["version"].as_u64())
+}
+
+fn sighup(a: &Allocator) {
+    let pid = a.child.as_ref().expect("running").id().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// SIGHUP reads `[[assignment.groups]]` again: a group taken out is
+/// withdrawn (its retained copy cleared) without a restart; put back, it is
+/// published again, never below the version the devices hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_taken_out_by_sighup_is_withdrawn_and_comes_back_at_its_version() {
+    let dir = TempDir::new("assign-sighup");
+    let Some(m) = Mosquitto::start(&dir.0) else {
+        return;
+    };
+    let qos = GroupId::new("acme.eu-west.qos").unwrap();
+    let one = EXTRA.replace("ttl_s = 4", "ttl_s = 600");
+    let two = format!(
+        "{one}[[assignment.groups]]\ntenant = \"acme\"\nregion = \"eu-west\"\n\
+         capability = \"qos\"\nexpected_reports_per_s = 10\n"
+    );
+    let url = format!("mqtt://127.0.0.1:{}", m.port);
+    let mut a = Allocator::start(&dir.0, BrokerMode::External(url), &two);
+    let mut rx = subscriber(m.port, "sighup-1").await;
+    let held = loop {
+        let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        if topic == topics::assignment(&qos) && !bytes.is_empty() {
+            break api_version(&a, "acme.eu-west.qos").expect("qos listed");
+        }
+    };
+
+    a.extra_config = one.clone();
+    std::fs::write(dir.0.join("allocator.toml"), a.config_text()).unwrap();
+    sighup(&a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        if topic == topics::assignment(&qos) && bytes.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qos not cleared after SIGHUP; log:\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(api_version(&a, "acme.eu-west.qos"), None);
+    assert!(api_version(&a, GROUP).is_some(), "the other group stays");
+    let (_, h) = a.api("GET", "/v1/assignments/acme.eu-west.qos/history", None);
+    assert_eq!(h["versions"][0]["change"], "withdrawn", "{h}");
+
+    // Back in the configuration: published again, from its version on.
+    a.extra_config = two;
+    std::fs::write(dir.0.join("allocator.toml"), a.config_text()).unwrap();
+    sighup(&a);
+    loop {
+        let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
+        if topic == topics::assignment(&qos) && !bytes.is_empty() {
+            break;
+        }
+    }
+    let back = api_version(&a, "acme.eu-west.qos").expect("qos listed again");
+    assert!(back >= held, "version {back} below the withdrawn {held}");
+    assert!(
+        a.log().contains("assignment: groups reloaded"),
+        "{}",
+        a.log()
+    );
 }

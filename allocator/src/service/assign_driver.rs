@@ -92,6 +92,33 @@ pub struct AssignShared {
     /// The engine's heartbeat timeout (for the API's "alive"); 0 = the
     /// engine default.
     pub heartbeat_timeout_ms: AtomicU64,
+    /// `[[assignment.groups]]` read again on SIGHUP ([`reload_groups`]),
+    /// taken by the driver at its next tick.
+    pub reloaded_groups: Mutex<Option<Vec<super::assign_config::GroupDecl>>>,
+}
+
+/// SIGHUP: reads `path` again and hands its `[[assignment.groups]]` to the
+/// driver (the other `[assignment]` and `[instance]` fields need a
+/// restart). A file that does not load changes nothing (logged with file,
+/// line and field).
+pub fn reload_groups(
+    path: &std::path::Path,
+    shared: &AssignShared,
+) -> Result<(), super::config::ConfigError> {
+    match super::config::Config::load(path, true) {
+        Ok(c) => {
+            tracing::info!(
+                groups = c.assignment.groups.len(),
+                "SIGHUP: assignment groups read again"
+            );
+            *lock(&shared.reloaded_groups) = Some(c.assignment.groups);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP: assignment groups not reloaded: the running ones stay");
+            Err(e)
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -420,16 +447,13 @@ impl Driver {
             .spawn(move || self.run())
     }
 
-    fn run(self) {
+    fn run(mut self) {
         let mut lead: Option<Lead> = None;
         let mut subs = Subscriptions::default();
         let mut lingering = Lingering::default();
-        let configured: BTreeSet<GroupId> = self
-            .section
-            .group_specs()
-            .into_iter()
-            .map(|g| g.id)
-            .collect();
+        let configured_ids =
+            |s: &AssignmentSection| s.group_specs().into_iter().map(|g| g.id).collect();
+        let mut configured: BTreeSet<GroupId> = configured_ids(&self.section);
         let mut warn = WarnLimiter::default();
         let engine = self.section.engine_config();
         let window_ms = engine
@@ -444,6 +468,16 @@ impl Driver {
         loop {
             std::thread::sleep(self.tick);
             let now = now_ms();
+            if let Some(groups) = lock(&self.shared.reloaded_groups).take() {
+                // The lead's engine is rebuilt from the new groups and the
+                // store (as after a change of lead): added groups are placed
+                // (a withdrawn one continues its versions), removed ones are
+                // no longer renewed and get withdrawn below.
+                self.section.groups = groups;
+                configured = configured_ids(&self.section);
+                lead = None;
+                tracing::info!(groups = configured.len(), "assignment: groups reloaded");
+            }
             if now >= window.at_ms.saturating_add(window_ms) {
                 let cur = Counters::read(&self.metrics, now);
                 let counts = std::mem::take(&mut *lock(&self.shared.group_counts));
@@ -531,7 +565,12 @@ impl Driver {
                         continue;
                     }
                     if let Some(last) = self.store.load_assignment_history(&spec.id, 1)?.pop() {
-                        engine.restore_assignment(last.assignment);
+                        // Due for renewal at once: its retained copy was
+                        // cleared, so it is published again (same version
+                        // when its placement holds, the next one if not).
+                        let mut a = last.assignment;
+                        a.expires_at_ms = a.issued_at_ms;
+                        engine.restore_assignment(a);
                     }
                 }
                 tracing::info!(

@@ -293,6 +293,10 @@ pub struct Config {
     /// `[instance]` and `[assignment]` (issue 19, `assign_config`).
     pub instance: super::assign_config::InstanceConfig,
     pub assignment: super::assign_config::AssignmentSection,
+    /// The file this was read from (`None`: defaults, no file); SIGHUP
+    /// reads it again for the assignment's groups.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[history]`: what is kept of each device's past (QoS windows,
@@ -340,7 +344,9 @@ impl Config {
                 })
             }
         };
-        Self::from_toml_str(&text, &shown)
+        let mut config = Self::from_toml_str(&text, &shown)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     pub fn from_toml_str(text: &str, path: &str) -> Result<Self, ConfigError> {

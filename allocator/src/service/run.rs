@@ -382,16 +382,32 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         policy: Arc::new(config.policy.clone()),
         assign: assign.clone(),
     });
-    // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`.
+    // SIGHUP reloads the catalog and the tiers, as `POST /v1/catalog/reload`,
+    // and the assignment's groups (`assign_driver::reload_groups`).
     {
         let tx = tx.clone();
         let policy = config.policy.clone();
         let metrics = metrics.clone();
         let audit = audit_log.clone();
+        let config_source = config
+            .assignment
+            .enabled
+            .then(|| config.source.clone())
+            .flatten();
+        let assign_shared = assign.clone();
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(StartError::Thread)?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                // The assignment's groups first: a refused catalog must not
+                // keep a group's withdrawal waiting.
+                if let Some(path) = config_source.clone() {
+                    let shared = assign_shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        super::assign_driver::reload_groups(&path, &shared)
+                    })
+                    .await;
+                }
                 let p = policy.clone();
                 let cmd = match tokio::task::spawn_blocking(move || {
                     super::api_deploy::reload_from_files(&p)
