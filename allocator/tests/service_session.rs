@@ -40,11 +40,14 @@ async fn a_restarted_allocator_resumes_its_session_under_the_derived_client_id()
     let Some(m) = Mosquitto::start(&dir.0) else {
         return;
     };
-    let extra = "uplink = \"plain\"\npersistent_session = true\n[instance]\nid = \"alloc-r\"\n";
+    let clean = "uplink = \"plain\"\n[instance]\nid = \"alloc-r\"\n";
     let url = format!("mqtt://127.0.0.1:{}", m.port);
-    let mut a = Allocator::start(&dir.0, BrokerMode::External(url), extra);
-    // From here on without a configured client id: the allocator derives it.
+    // The test helper's first start has a configured id and a clean session
+    // (so the broker keeps no session under that id); from the restart on,
+    // a persistent session and no configured id: the allocator derives it.
+    let mut a = Allocator::start(&dir.0, BrokerMode::External(url), clean);
     a.kill9();
+    a.extra_config = format!("persistent_session = true\n{clean}");
     a.fixed_client_id = false;
     a.spawn();
     assert!(
