@@ -301,7 +301,11 @@ impl Core {
         // reputation decay) is written lazily, within `engine_flush_ms`;
         // the decisions made meanwhile go to the history now.
         let engine_dirty = self.engine.take_dirty();
-        self.take_decisions(engine_dirty.iter().chain(self.dirty.clone().iter()));
+        // Taken out and put back rather than cloned: it is every device
+        // changed since the last step.
+        let dirty = std::mem::take(&mut self.dirty);
+        self.take_decisions(engine_dirty.iter().chain(dirty.iter()));
+        self.dirty = dirty;
         for device in engine_dirty {
             if !self.dirty.contains(&device) {
                 self.lazy.insert(device, self.last_lazy_ms);
@@ -395,11 +399,16 @@ impl Core {
         if window_ms == 0 {
             return;
         }
-        let closed = self
-            .qos_windows
-            .entry(report.device.clone())
-            .or_default()
-            .add(window_ms, now_ms, &report.classes);
+        // Looked up before inserting: cloning the id for `entry` on every
+        // report would allocate for a device that is nearly always there.
+        if !self.qos_windows.contains_key(&report.device) {
+            self.qos_windows
+                .insert(report.device.clone(), QosAccumulator::default());
+        }
+        let Some(acc) = self.qos_windows.get_mut(&report.device) else {
+            return;
+        };
+        let closed = acc.add(window_ms, now_ms, &report.classes);
         for w in closed {
             let at_ms = w.window_start_ms;
             self.history(&report.device, at_ms, HistoryEvent::Qos(w));

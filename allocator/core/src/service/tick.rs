@@ -46,11 +46,7 @@ impl Core {
         };
         self.last_tick_ms = now_ms;
         self.accepted_at_last_tick = accepted;
-        let mut buckets = [0u64; 10];
-        for d in self.engine.devices() {
-            let b = ((d.reputation / 10.0).floor().max(0.0) as usize).min(9);
-            buckets[b] += 1;
-        }
+        let buckets = self.engine.reputation_buckets();
         let tiers = self
             .engine
             .units_by_tier()
