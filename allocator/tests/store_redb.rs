@@ -23,7 +23,7 @@ fn the_embedded_store_keeps_the_store_contract_across_reopen() {
 /// version; the old tables are gone afterwards.
 #[test]
 fn a_store_with_separate_floor_and_version_tables_is_carried_over() {
-    use redb::{ReadableTable, TableDefinition};
+    use redb::TableDefinition;
     use shardline_allocator::service::store::{Batch, DeviceRecord, ReportSeq, StoreError};
     use shardline_shared::ids::DeviceId;
     const FLOOR: TableDefinition<'_, &str, (u64, u64)> = TableDefinition::new("device_floor");

@@ -65,19 +65,18 @@ const SHARDS: [&str; 6] = [
     "qos-dscp",
 ];
 
+/// Every event's time and the actions it gave, in order.
+type ActionLog = Vec<(u64, Vec<Action>)>;
+
 /// Runs the steps, checking the invariants after every event; returns every action.
-fn run(steps: &[Step], check: bool) -> Vec<(u64, Vec<Action>)> {
+fn run(steps: &[Step], check: bool) -> ActionLog {
     run_ticking(steps, check, false).0
 }
 
 /// [`run`], ticking either as the service does (only devices with
 /// something due) or with the reference tick that visits every device;
 /// also returns every device's final state (encoded) to compare.
-fn run_ticking(
-    steps: &[Step],
-    check: bool,
-    every_device: bool,
-) -> (Vec<(u64, Vec<Action>)>, Vec<Vec<u8>>) {
+fn run_ticking(steps: &[Step], check: bool, every_device: bool) -> (ActionLog, Vec<Vec<u8>>) {
     let mut e = engine_with(PolicyConfig::default());
     let ids: Vec<DeviceId> = FLEET.iter().map(|f| dev(f.0)).collect();
     let mut log = Vec::new();

@@ -239,7 +239,13 @@ impl RedbStore {
             txn.open_table(table).map_err(|e| open_err(e.into()))?;
         }
         txn.open_table(FLOORS).map_err(|e| open_err(e.into()))?;
-        let moved = Self::move_legacy_floors(&txn).map_err(|e| open_err(e.into()))?;
+        let moved = Self::move_legacy_floors(&txn).map_err(|e| match e {
+            StoreError::Db(source) => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })?;
         txn.commit().map_err(|e| open_err(e.into()))?;
         if moved > 0 {
             tracing::info!(
@@ -255,9 +261,13 @@ impl RedbStore {
     /// into [`FLOORS`] (in the opening transaction, so an interrupted move
     /// leaves the old tables whole) and deletes those tables. A device
     /// already in [`FLOORS`] keeps the higher of each value.
-    fn move_legacy_floors(txn: &redb::WriteTransaction) -> Result<usize, redb::Error> {
+    fn move_legacy_floors(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
         use redb::{ReadableTable, TableHandle};
-        let names: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
+        let names: Vec<String> = txn
+            .list_tables()
+            .map_err(db_err)?
+            .map(|t| t.name().to_owned())
+            .collect();
         let has = |d: &redb::TableDefinition<'_, &str, u64>| names.iter().any(|n| n == d.name());
         if !has(&LEGACY_REPORT_SEQ) && !has(&LEGACY_VERSIONS) {
             return Ok(0);
@@ -267,9 +277,9 @@ impl RedbStore {
             if !has(&table) {
                 continue;
             }
-            let t = txn.open_table(table)?;
-            for row in t.iter()? {
-                let (k, v) = row?;
+            let t = txn.open_table(table).map_err(db_err)?;
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
                 let e = rows.entry(k.value().to_owned()).or_default();
                 if at == 0 {
                     e.0 = v.value();
@@ -278,17 +288,22 @@ impl RedbStore {
                 }
             }
         }
-        let mut floors = txn.open_table(FLOORS)?;
+        let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
         for (device, (seq, version)) in &rows {
-            let (seq0, version0) = floors.get(device.as_str())?.map_or((0, 0), |v| v.value());
-            floors.insert(
-                device.as_str(),
-                ((*seq).max(seq0), (*version).max(version0)),
-            )?;
+            let (seq0, version0) = floors
+                .get(device.as_str())
+                .map_err(db_err)?
+                .map_or((0, 0), |v| v.value());
+            floors
+                .insert(
+                    device.as_str(),
+                    ((*seq).max(seq0), (*version).max(version0)),
+                )
+                .map_err(db_err)?;
         }
         drop(floors);
-        txn.delete_table(LEGACY_REPORT_SEQ)?;
-        txn.delete_table(LEGACY_VERSIONS)?;
+        txn.delete_table(LEGACY_REPORT_SEQ).map_err(db_err)?;
+        txn.delete_table(LEGACY_VERSIONS).map_err(db_err)?;
         Ok(rows.len())
     }
 

@@ -148,6 +148,8 @@ pub struct Core {
     step: Step,
     last_checkpoint_ms: u64,
     last_tick_ms: u64,
+    /// The fleet-wide gauges and when they were counted (see `tick.rs`).
+    fleet_gauges: Option<(u64, tick::FleetGauges)>,
     accepted_at_last_tick: u64,
     /// Whether this instance does the fleet-wide periodic work (engine
     /// ticks, re-sends, checkpoints). Always true with an embedded store;
@@ -241,6 +243,7 @@ impl Core {
             step: Step::default(),
             last_checkpoint_ms: now_ms,
             last_tick_ms: now_ms,
+            fleet_gauges: None,
             accepted_at_last_tick: 0,
             leader: true,
             seal_rng: None,
