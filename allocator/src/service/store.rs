@@ -184,10 +184,9 @@ const DIAG_PREFIX: &str = "diag/";
 const RECORD_VERSION: u8 = 1;
 
 pub(crate) fn enc<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
     // Store types are plain serde structs: postcard cannot fail on them.
-    out.extend(postcard::to_stdvec(value).unwrap_or_default());
-    out
+    // Encoded straight after the version byte (one buffer, no copy).
+    postcard::to_extend(value, vec![RECORD_VERSION]).unwrap_or_else(|_| vec![RECORD_VERSION])
 }
 
 pub(crate) fn dec<T: serde::de::DeserializeOwned>(

@@ -340,7 +340,11 @@ impl Core {
             self.lazy.remove(&device);
             if let Some(rec) = self.records.get_mut(&device) {
                 if let Some(state) = self.engine.device_state(&device) {
-                    rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
+                    // Into the record's previous buffer: about the same
+                    // size each time, so it is not grown byte by byte again.
+                    let mut buf = std::mem::take(&mut rec.engine_state);
+                    buf.clear();
+                    rec.engine_state = postcard::to_extend(state, buf).unwrap_or_default();
                 }
                 rec.version += 1;
                 step.batch.put_devices.push(rec.clone());
