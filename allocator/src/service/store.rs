@@ -31,6 +31,7 @@ pub use shardline_allocator_core::records::{
     Batch, DeviceRecord, Meta, PendingInstruction, ReportSeq, TokenRecord, Tombstone, SEQ_BLOCK,
 };
 use shardline_shared::ids::DeviceId;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Why the store failed.
@@ -177,8 +178,17 @@ mod assign;
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
 const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tokens");
 const META: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("meta");
-const REPORT_SEQ: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("report_seq");
-const VERSIONS: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("device_version");
+/// A device's report floor and write version, one record: a report
+/// (the commonest write) checks and moves both with one lookup and one
+/// insert. Stores written before it kept them in `report_seq` and
+/// `device_version`; [`RedbStore::open`] moves those rows here once.
+const FLOORS: redb::TableDefinition<'_, &str, (u64, u64)> =
+    redb::TableDefinition::new("device_floor");
+/// The former separate tables, read only to move them into [`FLOORS`].
+const LEGACY_REPORT_SEQ: redb::TableDefinition<'_, &str, u64> =
+    redb::TableDefinition::new("report_seq");
+const LEGACY_VERSIONS: redb::TableDefinition<'_, &str, u64> =
+    redb::TableDefinition::new("device_version");
 const TOMBSTONES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tombstones");
 /// Key of the catalog health blob in `META` (stored raw: the engine encodes it).
 const HEALTH_KEY: &str = "catalog_health";
@@ -191,10 +201,9 @@ const DIAG_PREFIX: &str = "diag/";
 const RECORD_VERSION: u8 = 1;
 
 pub(crate) fn enc<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
     // Store types are plain serde structs: postcard cannot fail on them.
-    out.extend(postcard::to_stdvec(value).unwrap_or_default());
-    out
+    // Encoded straight after the version byte (one buffer, no copy).
+    postcard::to_extend(value, vec![RECORD_VERSION]).unwrap_or_else(|_| vec![RECORD_VERSION])
 }
 
 pub(crate) fn dec<T: serde::de::DeserializeOwned>(
@@ -245,11 +254,73 @@ impl RedbStore {
         for table in [DEVICES, TOKENS, META, TOMBSTONES] {
             txn.open_table(table).map_err(|e| open_err(e.into()))?;
         }
-        for table in [REPORT_SEQ, VERSIONS] {
-            txn.open_table(table).map_err(|e| open_err(e.into()))?;
-        }
+        txn.open_table(FLOORS).map_err(|e| open_err(e.into()))?;
+        let moved = Self::move_legacy_floors(&txn).map_err(|e| match e {
+            StoreError::Db(source) => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })?;
         txn.commit().map_err(|e| open_err(e.into()))?;
+        if moved > 0 {
+            tracing::info!(
+                path = %path.display(),
+                devices = moved,
+                "moved the report floors and write versions into one record per device"
+            );
+        }
         Ok(Self { db })
+    }
+
+    /// Moves rows of the former `report_seq` and `device_version` tables
+    /// into [`FLOORS`] (in the opening transaction, so an interrupted move
+    /// leaves the old tables whole) and deletes those tables. A device
+    /// already in [`FLOORS`] keeps the higher of each value.
+    fn move_legacy_floors(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+        use redb::{ReadableTable, TableHandle};
+        let names: Vec<String> = txn
+            .list_tables()
+            .map_err(db_err)?
+            .map(|t| t.name().to_owned())
+            .collect();
+        let has = |d: &redb::TableDefinition<'_, &str, u64>| names.iter().any(|n| n == d.name());
+        if !has(&LEGACY_REPORT_SEQ) && !has(&LEGACY_VERSIONS) {
+            return Ok(0);
+        }
+        let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (table, at) in [(LEGACY_REPORT_SEQ, 0), (LEGACY_VERSIONS, 1)] {
+            if !has(&table) {
+                continue;
+            }
+            let t = txn.open_table(table).map_err(db_err)?;
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let e = rows.entry(k.value().to_owned()).or_default();
+                if at == 0 {
+                    e.0 = v.value();
+                } else {
+                    e.1 = v.value();
+                }
+            }
+        }
+        let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
+        for (device, (seq, version)) in &rows {
+            let (seq0, version0) = floors
+                .get(device.as_str())
+                .map_err(db_err)?
+                .map_or((0, 0), |v| v.value());
+            floors
+                .insert(
+                    device.as_str(),
+                    ((*seq).max(seq0), (*version).max(version0)),
+                )
+                .map_err(db_err)?;
+        }
+        drop(floors);
+        txn.delete_table(LEGACY_REPORT_SEQ).map_err(db_err)?;
+        txn.delete_table(LEGACY_VERSIONS).map_err(db_err)?;
+        Ok(rows.len())
     }
 
     /// Every row of a string-keyed table, decoded; a table made lazily by
@@ -283,43 +354,41 @@ impl RedbStore {
         txn: &redb::ReadTransaction,
         records: &mut [DeviceRecord],
     ) -> Result<(), StoreError> {
-        let seqs = txn.open_table(REPORT_SEQ).map_err(db_err)?;
-        let versions = txn.open_table(VERSIONS).map_err(db_err)?;
+        let floors = txn.open_table(FLOORS).map_err(db_err)?;
         for rec in records {
-            if let Some(seq) = seqs.get(rec.device.as_str()).map_err(db_err)? {
-                rec.last_report_seq = rec.last_report_seq.max(seq.value());
-            }
-            rec.version = versions
+            let (seq, version) = floors
                 .get(rec.device.as_str())
                 .map_err(db_err)?
-                .map_or(0, |v| v.value());
+                .map_or((0, 0), |v| v.value());
+            rec.last_report_seq = rec.last_report_seq.max(seq);
+            rec.version = version;
         }
         Ok(())
     }
 }
 
-/// Checks one conditional device write against the versions table (and
+/// Checks one conditional device write against the floors table (and
 /// moves it), recording a conflict instead of failing at once so that the
 /// error names every stale device.
 fn check_version(
-    versions: &mut redb::Table<'_, &str, u64>,
+    floors: &mut redb::Table<'_, &str, (u64, u64)>,
     device: &DeviceId,
-    new_version: u64,
+    (seq, new_version): (u64, u64),
     conflicts: &mut Vec<DeviceId>,
 ) -> Result<(), StoreError> {
     use redb::ReadableTable;
-    let stored = versions
+    let stored = floors
         .get(device.as_str())
         .map_err(db_err)?
-        .map_or(0, |v| v.value());
+        .map_or(0, |v| v.value().1);
     if stored.checked_add(1) != Some(new_version) {
         if !conflicts.contains(device) {
             conflicts.push(device.clone());
         }
         return Ok(());
     }
-    versions
-        .insert(device.as_str(), new_version)
+    floors
+        .insert(device.as_str(), (seq, new_version))
         .map_err(db_err)?;
     Ok(())
 }
@@ -356,9 +425,9 @@ impl Store for RedbStore {
         use redb::ReadableTable;
         let txn = self.db.begin_read().map_err(db_err)?;
         let recs = txn.open_table(DEVICES).map_err(db_err)?;
-        let versions = txn.open_table(VERSIONS).map_err(db_err)?;
+        let floors = txn.open_table(FLOORS).map_err(db_err)?;
         let version_of = |id: &str| -> Result<u64, StoreError> {
-            Ok(versions.get(id).map_err(db_err)?.map_or(0, |v| v.value()))
+            Ok(floors.get(id).map_err(db_err)?.map_or(0, |v| v.value().1))
         };
         let mut out = Vec::new();
         match devices {
@@ -445,24 +514,20 @@ impl Store for RedbStore {
         let mut conflicts = Vec::new();
         for batch in batches {
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
-            let mut seqs = txn.open_table(REPORT_SEQ).map_err(db_err)?;
-            let mut versions = txn.open_table(VERSIONS).map_err(db_err)?;
+            let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
             for rec in &batch.put_devices {
-                check_version(&mut versions, &rec.device, rec.version, &mut conflicts)?;
+                let floor = (rec.last_report_seq, rec.version);
+                check_version(&mut floors, &rec.device, floor, &mut conflicts)?;
                 devices
                     .insert(rec.device.as_str(), enc(rec).as_slice())
                     .map_err(db_err)?;
-                seqs.insert(rec.device.as_str(), rec.last_report_seq)
-                    .map_err(db_err)?;
             }
             for w in &batch.report_seqs {
-                check_version(&mut versions, &w.device, w.version, &mut conflicts)?;
-                seqs.insert(w.device.as_str(), w.seq).map_err(db_err)?;
+                check_version(&mut floors, &w.device, (w.seq, w.version), &mut conflicts)?;
             }
             for id in &batch.delete_devices {
                 devices.remove(id.as_str()).map_err(db_err)?;
-                seqs.remove(id.as_str()).map_err(db_err)?;
-                versions.remove(id.as_str()).map_err(db_err)?;
+                floors.remove(id.as_str()).map_err(db_err)?;
             }
             let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
             for (hash, rec) in &batch.tokens {

@@ -105,11 +105,20 @@ impl Core {
         rec.last_report_seq = report.seq;
         rec.last_report_ms = Some(now_ms);
         self.mark_applied(now_ms, &device, report.applied_instruction_seq);
-        self.seq_dirty.insert(device.clone());
+        // Per report: the id is cloned only where the device is not yet
+        // in the set or map (the common case is an update in place).
+        if !self.seq_dirty.contains(&device) {
+            self.seq_dirty.insert(device.clone());
+        }
         // A new report the device signed is proof it is online, whatever
         // an (unsigned) status says.
-        self.signed_seen
-            .insert(device.clone(), (now_ms, u64::from(report.window_ms)));
+        let seen = (now_ms, u64::from(report.window_ms));
+        match self.signed_seen.get_mut(&device) {
+            Some(s) => *s = seen,
+            None => {
+                self.signed_seen.insert(device.clone(), seen);
+            }
+        }
         Metrics::inc(&self.metrics.reports_accepted);
         self.qos_history(now_ms, &report);
         self.step.live.push(super::live::LiveNote::Report {

@@ -11,9 +11,13 @@ pub(super) struct LazyQueue {
 
 impl LazyQueue {
     pub(super) fn insert(&mut self, device: DeviceId, at_ms: u64) {
-        if self.members.insert(device.clone()) {
-            self.order.push_back((device, at_ms));
+        // Most devices are already queued (one report after another):
+        // their id is only looked up, not cloned.
+        if self.members.contains(&device) {
+            return;
         }
+        self.members.insert(device.clone());
+        self.order.push_back((device, at_ms));
         // Stale entries are bounded by the writes since the queue last
         // drained; compact if churn ever lets them pile up.
         if self.order.len() > 4 * self.members.len() + 1024 {

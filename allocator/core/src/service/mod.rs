@@ -148,6 +148,8 @@ pub struct Core {
     step: Step,
     last_checkpoint_ms: u64,
     last_tick_ms: u64,
+    /// The fleet-wide gauges and when they were counted (see `tick.rs`).
+    fleet_gauges: Option<(u64, tick::FleetGauges)>,
     accepted_at_last_tick: u64,
     /// Whether this instance does the fleet-wide periodic work (engine
     /// ticks, re-sends, checkpoints). Always true with an embedded store;
@@ -241,6 +243,7 @@ impl Core {
             step: Step::default(),
             last_checkpoint_ms: now_ms,
             last_tick_ms: now_ms,
+            fleet_gauges: None,
             accepted_at_last_tick: 0,
             leader: true,
             seal_rng: None,
@@ -301,7 +304,11 @@ impl Core {
         // reputation decay) is written lazily, within `engine_flush_ms`;
         // the decisions made meanwhile go to the history now.
         let engine_dirty = self.engine.take_dirty();
-        self.take_decisions(engine_dirty.iter().chain(self.dirty.clone().iter()));
+        // Taken out and put back rather than cloned: it is every device
+        // changed since the last step.
+        let dirty = std::mem::take(&mut self.dirty);
+        self.take_decisions(engine_dirty.iter().chain(dirty.iter()));
+        self.dirty = dirty;
         for device in engine_dirty {
             if !self.dirty.contains(&device) {
                 self.lazy.insert(device, self.last_lazy_ms);
@@ -333,7 +340,11 @@ impl Core {
             self.lazy.remove(&device);
             if let Some(rec) = self.records.get_mut(&device) {
                 if let Some(state) = self.engine.device_state(&device) {
-                    rec.engine_state = postcard::to_stdvec(state).unwrap_or_default();
+                    // Into the record's previous buffer: about the same
+                    // size each time, so it is not grown byte by byte again.
+                    let mut buf = std::mem::take(&mut rec.engine_state);
+                    buf.clear();
+                    rec.engine_state = postcard::to_extend(state, buf).unwrap_or_default();
                 }
                 rec.version += 1;
                 step.batch.put_devices.push(rec.clone());
@@ -395,11 +406,16 @@ impl Core {
         if window_ms == 0 {
             return;
         }
-        let closed = self
-            .qos_windows
-            .entry(report.device.clone())
-            .or_default()
-            .add(window_ms, now_ms, &report.classes);
+        // Looked up before inserting: cloning the id for `entry` on every
+        // report would allocate for a device that is nearly always there.
+        if !self.qos_windows.contains_key(&report.device) {
+            self.qos_windows
+                .insert(report.device.clone(), QosAccumulator::default());
+        }
+        let Some(acc) = self.qos_windows.get_mut(&report.device) else {
+            return;
+        };
+        let closed = acc.add(window_ms, now_ms, &report.classes);
         for w in closed {
             let at_ms = w.window_start_ms;
             self.history(&report.device, at_ms, HistoryEvent::Qos(w));

@@ -199,3 +199,40 @@ fn the_fleet_summary_counts_presence_units_tenants_and_reputation() {
     let f = summary(&mut core, later);
     assert_eq!((f.presence.stale, f.presence.offline), (0, 1));
 }
+
+/// The gauges that take a pass over every device are counted again only
+/// after `FLEET_GAUGES_MS`; the device count is always current.
+#[test]
+fn fleet_wide_gauges_are_recounted_at_most_every_ten_seconds() {
+    let mut core = fleet(4);
+    let tier_devices = |core: &Core| -> u64 {
+        let g = core.metrics.gauges.lock().unwrap();
+        g.tiers.iter().map(|t| t.1).sum()
+    };
+    let bucketed = |core: &Core| -> u64 {
+        core.metrics
+            .gauges
+            .lock()
+            .unwrap()
+            .reputation_buckets
+            .iter()
+            .sum()
+    };
+    core.on_tick(T0 + 1_000);
+    assert_eq!((tier_devices(&core), bucketed(&core)), (4, 4));
+    let r = core.on_command(
+        T0 + 1_500,
+        Command::Enroll {
+            device: DeviceId::new("gw-new").unwrap(),
+            public_key: KeyPair::from_seed(&[99; 32]).public_key(),
+            tier: "basic".into(),
+            tenant: Some("b".into()),
+        },
+    );
+    assert!(matches!(r, Reply::Enrolled(_)), "{r:?}");
+    core.on_tick(T0 + 2_000);
+    assert_eq!(core.metrics.gauges.lock().unwrap().devices, 5);
+    assert_eq!((tier_devices(&core), bucketed(&core)), (4, 4), "not yet");
+    core.on_tick(T0 + 1_000 + super::tick::FLEET_GAUGES_MS);
+    assert_eq!((tier_devices(&core), bucketed(&core)), (5, 5));
+}

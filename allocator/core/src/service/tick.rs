@@ -46,32 +46,13 @@ impl Core {
         };
         self.last_tick_ms = now_ms;
         self.accepted_at_last_tick = accepted;
-        let mut buckets = [0u64; 10];
-        for d in self.engine.devices() {
-            let b = ((d.reputation / 10.0).floor().max(0.0) as usize).min(9);
-            buckets[b] += 1;
-        }
-        let tiers = self
-            .engine
-            .units_by_tier()
-            .into_iter()
-            .map(|(t, u)| {
-                (
-                    t,
-                    u.devices,
-                    u.compute_units_used,
-                    u.data_units_used,
-                    u.compute_units_budget,
-                    u.data_units_budget,
-                )
-            })
-            .collect();
+        let fleet = self.fleet_gauges(now_ms);
         let health = self.engine.catalog_health();
         self.metrics.set_gauges(counters::Gauges {
             devices: self.records.len() as u64,
-            pending_instructions: self.records.values().map(|r| r.pending.len() as u64).sum(),
-            reputation_buckets: buckets,
-            tiers,
+            pending_instructions: fleet.pending_instructions,
+            reputation_buckets: fleet.reputation_buckets,
+            tiers: fleet.tiers,
             reports_per_second: rate,
             key_epoch: self.meta.key_epoch,
             catalog_failing: health
@@ -83,7 +64,56 @@ impl Core {
                 .iter()
                 .flat_map(|(s, m)| m.iter().map(move |(a, n)| (s.clone(), a.clone(), *n)))
                 .collect(),
-            duplicate_devices: self.engine.duplicate_devices(now_ms) as u64,
+            duplicate_devices: fleet.duplicate_devices,
         });
     }
+
+    /// The gauges that take a pass over every device, counted again only
+    /// when [`FLEET_GAUGES_MS`] has passed: at 30,000 devices that pass
+    /// was most of a tick's cost, once a second, for gauges scraped far
+    /// less often.
+    fn fleet_gauges(&mut self, now_ms: u64) -> FleetGauges {
+        if let Some((at, g)) = &self.fleet_gauges {
+            if now_ms.saturating_sub(*at) < FLEET_GAUGES_MS {
+                return g.clone();
+            }
+        }
+        {
+            let tiers = self
+                .engine
+                .units_by_tier()
+                .into_iter()
+                .map(|(t, u)| {
+                    (
+                        t,
+                        u.devices,
+                        u.compute_units_used,
+                        u.data_units_used,
+                        u.compute_units_budget,
+                        u.data_units_budget,
+                    )
+                })
+                .collect();
+            let g = FleetGauges {
+                pending_instructions: self.records.values().map(|r| r.pending.len() as u64).sum(),
+                reputation_buckets: self.engine.reputation_buckets(),
+                tiers,
+                duplicate_devices: self.engine.duplicate_devices(now_ms) as u64,
+            };
+            self.fleet_gauges = Some((now_ms, g.clone()));
+            g
+        }
+    }
+}
+
+/// How old the fleet-wide gauges ([`FleetGauges`]) may be.
+pub(super) const FLEET_GAUGES_MS: u64 = 10_000;
+
+/// Gauges counted over every device, kept between their refreshes.
+#[derive(Debug, Clone, Default)]
+pub(super) struct FleetGauges {
+    pending_instructions: u64,
+    reputation_buckets: [u64; 10],
+    tiers: Vec<(String, u64, u64, u64, u64, u64)>,
+    duplicate_devices: u64,
 }

@@ -4,6 +4,21 @@ use super::*;
 
 impl Engine {
     pub(super) fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.tick_with(now, out, false);
+    }
+
+    /// The tick as it was before the due scan: every device id cloned up
+    /// front and each looked up in turn. Kept only as the reference the
+    /// tests hold the due scan to (`tests/policy_props.rs`: the same
+    /// actions and states on simulated time); the service never calls it.
+    #[doc(hidden)]
+    pub fn tick_visiting_every_device(&mut self, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.tick_with(now, &mut out, true);
+        out
+    }
+
+    fn tick_with(&mut self, now: u64, out: &mut Vec<Action>, every_device: bool) {
         // First, so a promotion or rollback re-plans devices in this tick.
         self.poll_rollouts(now, out);
         if self.config.features.shifting {
@@ -13,15 +28,39 @@ impl Engine {
             self.accrue_credits(now);
             self.renew_market(now);
         }
-        let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
-        for id in &ids {
-            self.tick_device(now, id, out);
+        // Only devices with something due are ticked (most devices, most
+        // ticks, have nothing). The scan resumes after the last device
+        // ticked, in id order, so a device whose wake time an earlier
+        // device's tick moved to now (a loan's counterpart) is still ticked
+        // in this pass, as when every id was cloned up front; a due test is
+        // one integer per device, without cloning or looking ids up.
+        if every_device {
+            let ids: Vec<DeviceId> = self.devices.keys().cloned().collect();
+            for id in &ids {
+                self.tick_device(now, id, out);
+            }
+        } else {
+            let mut cursor: Option<DeviceId> = None;
+            while let Some(id) = self.next_due(now, cursor.as_ref()) {
+                self.tick_device(now, &id, out);
+                cursor = Some(id);
+            }
         }
         if self.config.features.shifting {
             self.rebalance(now, out);
         }
         if self.config.features.market {
             self.run_market(now, out);
+        }
+    }
+
+    /// The first device after `after` (in id order) whose wake time has come.
+    fn next_due(&self, now: u64, after: Option<&DeviceId>) -> Option<DeviceId> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let due = |(id, st): (&DeviceId, &DeviceState)| (st.wake_at_ms <= now).then(|| id.clone());
+        match after {
+            None => self.devices.iter().find_map(due),
+            Some(a) => self.devices.range((Excluded(a), Unbounded)).find_map(due),
         }
     }
 

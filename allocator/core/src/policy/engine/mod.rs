@@ -543,6 +543,18 @@ impl Engine {
         })
     }
 
+    /// How many devices have a reputation in each tenth of 0–100 (the
+    /// last bucket holds 90–100), for the gauges: one pass, nothing built
+    /// per device.
+    pub fn reputation_buckets(&self) -> [u64; 10] {
+        let mut buckets = [0u64; 10];
+        for st in self.devices.values() {
+            let b = ((st.reputation.score / 10.0).floor().max(0.0) as usize).min(9);
+            buckets[b] += 1;
+        }
+        buckets
+    }
+
     /// Units in use and budgeted, per tier.
     pub fn units_by_tier(&self) -> BTreeMap<String, TierUsage> {
         let mut out: BTreeMap<String, TierUsage> = BTreeMap::new();
@@ -551,7 +563,12 @@ impl Engine {
         }
         for st in self.devices.values() {
             let used = used_units(st);
-            let u = out.entry(st.tier.clone()).or_default();
+            // Runs over the fleet every tick (gauges): the tier name is
+            // cloned only for a tier the agreements no longer list.
+            let u = match out.get_mut(&st.tier) {
+                Some(u) => u,
+                None => out.entry(st.tier.clone()).or_default(),
+            };
             u.devices += 1;
             u.compute_units_used += u64::from(used[0]);
             u.data_units_used += u64::from(used[1]);
