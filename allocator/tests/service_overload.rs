@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 const DEVICES: usize = 200;
 /// Reports per device (sequence 1..=REPORTS).
-const REPORTS: usize = 300;
+const REPORTS: usize = 250;
 /// Connections the devices' traffic is multiplexed over.
 const PUBLISHERS: usize = 4;
 /// An instruction sequence the allocator never sent: the ack that refuses
@@ -86,13 +86,14 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
     // Pre-signed, round by round (every device's n-th report, then the
     // (n+1)-th), on all cores: the flood is then MQTT alone.
     let t = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let sealed: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
-        let chunks: Vec<_> = (0..2)
+        let chunks: Vec<_> = (0..threads)
             .map(|part| {
                 let (ids, keys) = (&ids, &keys);
                 s.spawn(move || {
                     (0..REPORTS)
-                        .filter(|v| v % 2 == part)
+                        .filter(|v| v % threads == part)
                         .map(|v| {
                             (0..DEVICES)
                                 .map(|i| padded_report(&ids[i], v as u64 + 1, &keys[i]))

@@ -73,10 +73,11 @@ proptest! {
         ops in proptest::collection::vec((0u8..6, 0usize..5, 1usize..40, any::<bool>()), 0..400),
         small in any::<bool>(),
         cap in 20usize..200,
+        conflate_above in 0usize..12,
     ) {
         // `small`: a byte bound that is hit; else one that never is.
         let byte_cap = if small { cap } else { 1 << 30 };
-        let mut q = UnverifiedQueue::new(PER_DEVICE, byte_cap, 8, 1 << 30);
+        let mut q = UnverifiedQueue::new(PER_DEVICE, conflate_above, byte_cap, 8, 1 << 30);
         let (mut seq, mut pushed, mut shed, mut conflated) = (0u64, 0u64, 0u64, 0u64);
         let mut acks_pushed: HashMap<usize, Vec<u64>> = HashMap::new();
         let mut last_pushed: HashMap<usize, u64> = HashMap::new();
@@ -134,7 +135,7 @@ proptest! {
 
 #[test]
 fn a_device_flooding_holds_its_bound() {
-    let mut q = UnverifiedQueue::new(4, 1 << 30, 8, 1 << 30);
+    let mut q = UnverifiedQueue::new(4, 0, 1 << 30, 8, 1 << 30);
     let mut shed = 0;
     for s in 0..100_000 {
         shed += q.push_report(dev(1), Msg::Report(1, s), 400);

@@ -36,6 +36,9 @@ const VERIFY_GATHER: Duration = Duration::from_millis(1);
 /// Unverified reports a device may have waiting: the newest and a few
 /// behind it, in case the newest is a forgery or garbled.
 pub const REPORTS_PER_DEVICE: usize = 4;
+/// Reports waiting for all verifier threads together beyond which the
+/// stage conflates (overload); below it every report is checked in order.
+pub const CONFLATE_ABOVE: usize = 4_096;
 /// Report payload waiting for all verifier threads together: the memory
 /// bound of this stage (30,000 devices × 4 reports of ~400 bytes fit).
 pub const REPORT_BYTES: usize = 64 << 20;
@@ -126,6 +129,7 @@ pub fn start(
         let shard = Arc::new(Shard {
             queue: Mutex::new(UnverifiedQueue::new(
                 REPORTS_PER_DEVICE,
+                CONFLATE_ABOVE / n,
                 REPORT_BYTES / n,
                 OTHER_COUNT / n,
                 OTHER_BYTES / n,

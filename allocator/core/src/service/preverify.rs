@@ -11,6 +11,11 @@
 //! is what matters; older ones are counted, never silently lost).
 //!
 //! Rules (per device, a "lane" in arrival order):
+//! - While fewer than `conflate_above` reports wait (the verifiers keep
+//!   up), every message is handed out in arrival order and nothing is
+//!   conflated or shed by the rules below but the byte bound: each forgery
+//!   or garbled report is checked and counted under its reason. Beyond it
+//!   (overload) the stage degrades:
 //! - Reports are conflatable, everything else (acks) is not and keeps its
 //!   place: a device's messages reach the verifier, and so the core, in the
 //!   order they arrived.
@@ -87,6 +92,7 @@ pub struct UnverifiedQueue<T> {
     lanes: HashMap<DeviceId, Lane<T>>,
     ready: VecDeque<DeviceId>,
     per_device: usize,
+    conflate_above: usize,
     report_bytes_cap: usize,
     other_bytes_cap: usize,
     other_count_cap: usize,
@@ -97,11 +103,13 @@ pub struct UnverifiedQueue<T> {
 }
 
 impl<T> UnverifiedQueue<T> {
-    /// `per_device` reports per device (at least 1); `report_bytes` of report
-    /// payload in all; non-report messages: the caller waits past
+    /// Beyond `conflate_above` waiting reports: `per_device` reports per
+    /// device (at least 1), the newest first. Always: `report_bytes` of
+    /// report payload in all; non-report messages: the caller waits past
     /// `other_count` of them or `other_bytes` of their payload.
     pub fn new(
         per_device: usize,
+        conflate_above: usize,
         report_bytes: usize,
         other_count: usize,
         other_bytes: usize,
@@ -110,6 +118,7 @@ impl<T> UnverifiedQueue<T> {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             per_device: per_device.max(1),
+            conflate_above,
             report_bytes_cap: report_bytes,
             other_bytes_cap: other_bytes,
             other_count_cap: other_count.max(1),
@@ -124,9 +133,10 @@ impl<T> UnverifiedQueue<T> {
     /// were shed for it (its own oldest waiting ones, or this one).
     pub fn push_report(&mut self, device: DeviceId, item: T, bytes: usize) -> u64 {
         let mut shed = 0;
+        let overloaded = self.reports >= self.conflate_above;
         let lane = self.lanes.entry(device.clone()).or_default();
         while lane.reports > 0
-            && (lane.reports >= self.per_device
+            && ((overloaded && lane.reports >= self.per_device)
                 || self.report_bytes + bytes > self.report_bytes_cap)
         {
             if let Some(i) = lane.items.iter().position(|e| e.report) {
@@ -212,7 +222,7 @@ impl<T> UnverifiedQueue<T> {
                     break;
                 };
                 let run = lane.items.iter().take_while(|e| e.report).count();
-                if front.report && run > 1 {
+                if front.report && run > 1 && self.reports >= self.conflate_above {
                     if took || out.iter().any(|t| t.device == device) {
                         // The candidate must be its device's only message
                         // in the caller's batch (its result is matched by
@@ -331,7 +341,7 @@ mod tests {
 
     #[test]
     fn the_newest_report_goes_first_and_a_verified_one_drops_the_older() {
-        let mut q = UnverifiedQueue::new(4, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
         for r in ["r1", "r2", "r3"] {
             assert_eq!(q.push_report(d("a"), r, 10), 0);
         }
@@ -346,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_forgery_never_displaces_an_older_report() {
-        let mut q = UnverifiedQueue::new(4, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
         q.push_report(d("a"), "genuine", 10);
         q.push_report(d("a"), "forged", 10);
         assert_eq!(take(&mut q, 64), vec![("a".into(), "forged", true)]);
@@ -356,7 +366,7 @@ mod tests {
 
     #[test]
     fn a_report_arriving_while_its_predecessor_is_checked_is_kept() {
-        let mut q = UnverifiedQueue::new(4, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
         q.push_report(d("a"), "r1", 10);
         q.push_report(d("a"), "r2", 10);
         assert_eq!(take(&mut q, 64), vec![("a".into(), "r2", true)]);
@@ -367,7 +377,7 @@ mod tests {
 
     #[test]
     fn acks_keep_their_place_and_are_never_dropped() {
-        let mut q = UnverifiedQueue::new(2, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(2, 0, 1 << 20, 100, 1 << 20);
         q.push_report(d("a"), "r1", 10);
         q.push_other(d("a"), "ack1", 10);
         q.push_report(d("a"), "r2", 10);
@@ -382,7 +392,7 @@ mod tests {
 
     #[test]
     fn the_per_device_bound_sheds_the_oldest() {
-        let mut q = UnverifiedQueue::new(2, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(2, 0, 1 << 20, 100, 1 << 20);
         assert_eq!(q.push_report(d("a"), "r1", 10), 0);
         assert_eq!(q.push_report(d("a"), "r2", 10), 0);
         assert_eq!(q.push_report(d("a"), "r3", 10), 1);
@@ -393,7 +403,7 @@ mod tests {
 
     #[test]
     fn the_byte_bound_holds_and_keeps_each_devices_newest() {
-        let mut q = UnverifiedQueue::new(4, 30, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 30, 100, 1 << 20);
         assert_eq!(q.push_report(d("a"), "a1", 10), 0);
         assert_eq!(q.push_report(d("b"), "b1", 10), 0);
         assert_eq!(q.push_report(d("c"), "c1", 10), 0);
@@ -409,7 +419,7 @@ mod tests {
 
     #[test]
     fn devices_take_turns_and_others_backpressure() {
-        let mut q = UnverifiedQueue::new(4, 1 << 20, 2, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 2, 1 << 20);
         q.push_other(d("a"), "a1", 1);
         assert!(!q.must_wait());
         q.push_other(d("a"), "a2", 1);
@@ -424,8 +434,25 @@ mod tests {
     }
 
     #[test]
+    fn below_the_threshold_everything_goes_out_in_order() {
+        let mut q = UnverifiedQueue::new(2, 3, 1 << 20, 100, 1 << 20);
+        for r in ["r1", "r2", "r3"] {
+            assert_eq!(q.push_report(d("a"), r, 10), 0);
+        }
+        // Three waiting: at the threshold the bound applies again.
+        assert_eq!(q.push_report(d("a"), "r4", 10), 2);
+        let mut q = UnverifiedQueue::new(2, 3, 1 << 20, 100, 1 << 20);
+        q.push_report(d("a"), "r1", 10);
+        q.push_report(d("a"), "r2", 10);
+        assert_eq!(
+            take(&mut q, 64),
+            vec![("a".into(), "r1", false), ("a".into(), "r2", false)]
+        );
+    }
+
+    #[test]
     fn a_candidate_is_its_devices_only_message_in_a_take() {
-        let mut q = UnverifiedQueue::new(4, 1 << 20, 100, 1 << 20);
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
         q.push_other(d("a"), "ack", 1);
         q.push_report(d("a"), "r1", 1);
         q.push_report(d("a"), "r2", 1);
