@@ -255,6 +255,9 @@ async fn relay(
     let mut scanner = Scanner::default();
     let mut login: Option<String> = None;
     let mut buf = vec![0u8; 16 * 1024];
+    // What one read brought, passed on in one write (not a write per
+    // packet: a fleet's reports are small and many).
+    let mut out: Vec<u8> = Vec::with_capacity(buf.len());
     let result = 'outer: loop {
         let n = match from_client.read(&mut buf).await {
             Ok(0) => break Ok(()),
@@ -262,13 +265,15 @@ async fn relay(
             Err(e) => break Err(e),
         };
         scanner.push(&buf[..n]);
+        let mut cut_off = false;
         loop {
             let (packet, request) = match scanner.next_packet(max_packet) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "broker front: client cut off");
-                    break 'outer Ok(());
+                    cut_off = true;
+                    break;
                 }
             };
             if let Request::Connect { username, .. } = &request {
@@ -276,19 +281,35 @@ async fn relay(
             }
             if let Some(why) = refusal(devices, login.as_deref(), &request) {
                 tracing::warn!(%peer, login = login.as_deref().unwrap_or("-"), refused = %why, "broker front: a device touched another's topics; cut off");
-                break 'outer Ok(());
+                cut_off = true;
+                break;
             }
             if let Request::Publish { topic } = &request {
                 if super::ingest_gate::counts(topic) {
                     // Held here while the MQTT link lags (rumqttd would
-                    // drop what it cannot hold, acknowledged or not).
+                    // drop what it cannot hold, acknowledged or not); what
+                    // is gathered goes first.
+                    if gate.is_shut() && !out.is_empty() {
+                        if let Err(e) = to_broker.write_all(&out).await {
+                            break 'outer Err(e);
+                        }
+                        out.clear();
+                    }
                     gate.admit(topic.len() + publish_payload_len(&packet, topic))
                         .await;
                 }
             }
-            if let Err(e) = to_broker.write_all(&packet).await {
+            out.extend_from_slice(&packet);
+        }
+        // The packets before a refused one were passed on, as always.
+        if !out.is_empty() {
+            if let Err(e) = to_broker.write_all(&out).await {
                 break 'outer Err(e);
             }
+            out.clear();
+        }
+        if cut_off {
+            break Ok(());
         }
     };
     let _ = to_broker.shutdown().await;

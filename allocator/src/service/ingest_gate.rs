@@ -118,6 +118,11 @@ impl IngestGate {
         }
     }
 
+    /// Whether [`admit`](Self::admit) would wait now.
+    pub fn is_shut(&self) -> bool {
+        self.behind.load(Ordering::Acquire) >= WINDOW_BYTES
+    }
+
     /// Bytes the link is behind the front now.
     pub fn behind(&self) -> i64 {
         self.behind.load(Ordering::Acquire)
