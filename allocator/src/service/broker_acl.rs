@@ -93,6 +93,25 @@ impl Scanner {
     }
 }
 
+/// The payload length of a whole PUBLISH packet on `topic` (its fixed
+/// header, topic, packet id if QoS > 0, then the payload).
+pub fn publish_payload_len(packet: &[u8], topic: &str) -> usize {
+    let Some(&first) = packet.first() else {
+        return 0;
+    };
+    // Fixed header: the type byte and 1–4 bytes of remaining length.
+    let len_bytes = packet
+        .iter()
+        .skip(1)
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1);
+    let packet_id = if (first >> 1) & 3 > 0 { 2 } else { 0 };
+    packet
+        .len()
+        .saturating_sub(1 + len_bytes + 2 + topic.len() + packet_id)
+}
+
 /// A length-prefixed MQTT string at `at`, and the offset after it.
 fn string(body: &[u8], at: usize) -> Result<(String, usize), ScanError> {
     let len = body
@@ -193,6 +212,7 @@ pub async fn front(
     inner: SocketAddr,
     devices: Arc<HashSet<String>>,
     max_packet: usize,
+    gate: Arc<super::ingest_gate::IngestGate>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "embedded broker: topic authorization in front");
@@ -206,9 +226,9 @@ pub async fn front(
                     continue;
                 }
             };
-            let devices = devices.clone();
+            let (devices, gate) = (devices.clone(), gate.clone());
             tokio::spawn(async move {
-                if let Err(e) = relay(client, inner, &devices, max_packet).await {
+                if let Err(e) = relay(client, inner, &devices, max_packet, &gate).await {
                     tracing::debug!(%peer, error = %e, "broker front: connection ended");
                 }
             });
@@ -222,6 +242,7 @@ async fn relay(
     inner: SocketAddr,
     devices: &HashSet<String>,
     max_packet: usize,
+    gate: &super::ingest_gate::IngestGate,
 ) -> std::io::Result<()> {
     let peer = client.peer_addr()?;
     let broker = tokio::net::TcpStream::connect(inner).await?;
@@ -234,6 +255,9 @@ async fn relay(
     let mut scanner = Scanner::default();
     let mut login: Option<String> = None;
     let mut buf = vec![0u8; 16 * 1024];
+    // What one read brought, passed on in one write (not a write per
+    // packet: a fleet's reports are small and many).
+    let mut out: Vec<u8> = Vec::with_capacity(buf.len());
     let result = 'outer: loop {
         let n = match from_client.read(&mut buf).await {
             Ok(0) => break Ok(()),
@@ -241,13 +265,15 @@ async fn relay(
             Err(e) => break Err(e),
         };
         scanner.push(&buf[..n]);
+        let mut cut_off = false;
         loop {
             let (packet, request) = match scanner.next_packet(max_packet) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "broker front: client cut off");
-                    break 'outer Ok(());
+                    cut_off = true;
+                    break;
                 }
             };
             if let Request::Connect { username, .. } = &request {
@@ -255,11 +281,35 @@ async fn relay(
             }
             if let Some(why) = refusal(devices, login.as_deref(), &request) {
                 tracing::warn!(%peer, login = login.as_deref().unwrap_or("-"), refused = %why, "broker front: a device touched another's topics; cut off");
-                break 'outer Ok(());
+                cut_off = true;
+                break;
             }
-            if let Err(e) = to_broker.write_all(&packet).await {
+            if let Request::Publish { topic } = &request {
+                if super::ingest_gate::counts(topic) {
+                    // Held here while the MQTT link lags (rumqttd would
+                    // drop what it cannot hold, acknowledged or not); what
+                    // is gathered goes first.
+                    if gate.is_shut() && !out.is_empty() {
+                        if let Err(e) = to_broker.write_all(&out).await {
+                            break 'outer Err(e);
+                        }
+                        out.clear();
+                    }
+                    gate.admit(topic.len() + publish_payload_len(&packet, topic))
+                        .await;
+                }
+            }
+            out.extend_from_slice(&packet);
+        }
+        // The packets before a refused one were passed on, as always.
+        if !out.is_empty() {
+            if let Err(e) = to_broker.write_all(&out).await {
                 break 'outer Err(e);
             }
+            out.clear();
+        }
+        if cut_off {
+            break Ok(());
         }
     };
     let _ = to_broker.shutdown().await;
@@ -270,6 +320,19 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_payload_length_of_a_publish() {
+        // QoS 1, topic "a/b", packet id 7, payload "hello".
+        let p = [
+            0x32, 12, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'e', b'l', b'l', b'o',
+        ];
+        assert_eq!(publish_payload_len(&p, "a/b"), 5);
+        // QoS 0: no packet id; a two-byte remaining length.
+        let mut q = vec![0x30, 0x85, 0x01, 0, 1, b't'];
+        q.extend(std::iter::repeat_n(0u8, 130));
+        assert_eq!(publish_payload_len(&q, "t"), 130);
+    }
 
     fn s(x: &str) -> Vec<u8> {
         let mut v = (x.len() as u16).to_be_bytes().to_vec();

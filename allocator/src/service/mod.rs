@@ -48,6 +48,7 @@ pub mod core_loop;
 pub mod dashboard;
 pub mod http;
 pub mod inbound;
+pub mod ingest_gate;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;

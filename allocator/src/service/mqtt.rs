@@ -1,10 +1,12 @@
 //! The MQTT link of the service: subscribes to the fleet's topics on every
 //! (re)connect, routes device-signed reports and acks to their verifier
-//! thread and everything else to the core.
+//! thread and everything else to the core. It hands reports on without
+//! waiting (see `verifiers.rs`): a link that falls behind the embedded broker
+//! loses messages the broker already acknowledged.
 
 use super::core::ToVerify;
 use super::inbound::Inbound;
-use super::verifiers::{shard_of, VerifierTx};
+use super::verifiers::Verifiers;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::topics::{self, TopicKind};
@@ -31,17 +33,20 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 /// (`[broker] urls`, the event loop's own first); a failed or dropped
 /// connection moves to the next node at once, and the growing backoff
 /// applies only after a whole round of nodes failed.
+/// `gate`: the embedded broker's [`IngestGate`](super::ingest_gate::IngestGate),
+/// told what came out.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     tx: mpsc::Sender<Inbound>,
-    verifiers: Vec<VerifierTx>,
+    verifiers: Verifiers,
     shared: bool,
     routed: bool,
     assign: Arc<super::assign_driver::AssignShared>,
     metrics: Arc<Metrics>,
     nodes: Vec<rumqttc::MqttOptions>,
+    gate: Option<Arc<super::ingest_gate::IngestGate>>,
 ) {
     let mut node = 0usize;
     // Nodes tried since the last CONNACK.
@@ -103,20 +108,23 @@ pub async fn run(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Out of the embedded broker: devices may send more.
+                if let Some(g) = gate.as_deref() {
+                    if super::ingest_gate::counts(&p.topic) {
+                        g.taken(p.topic.len() + p.payload.len());
+                    }
+                }
                 // Group rates for the assignment engine (routed uplinks).
                 assign.count_routed(&p.topic);
                 if let Some((device, kind @ (TopicKind::Report | TopicKind::Ack))) =
                     topics::parse(&p.topic)
                 {
-                    let v = &verifiers[shard_of(&device, verifiers.len())];
-                    if v.send(ToVerify {
+                    let msg = ToVerify {
                         device,
                         kind,
                         payload: p.payload.to_vec(),
-                    })
-                    .await
-                    .is_err()
-                    {
+                    };
+                    if verifiers.push(msg, &metrics).await.is_err() {
                         return;
                     }
                     continue;

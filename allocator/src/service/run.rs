@@ -130,6 +130,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let token = api_token::read_or_create(&api_token::default_token_file(&config))?;
 
     let external = config.broker_url();
+    // Holds devices back while the MQTT link lags the embedded broker.
+    let gate = Arc::new(super::ingest_gate::IngestGate::default());
     // The embedded broker's login for this process, when it requires logins.
     let mut self_login: Option<String> = None;
     let (host, port, client_tls) = match &external {
@@ -167,34 +169,37 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 c.add_allocator(SELF_LOGIN, &password);
                 self_login = Some(password);
             }
-            match credentials {
-                // rumqttd checks logins but not topics: it listens on a
-                // private loopback port behind a front that does.
-                Some(c) => {
-                    let devices = Arc::new(c.device_logins());
-                    let inner = std::net::TcpListener::bind(("127.0.0.1", 0))
-                        .and_then(|l| l.local_addr())
-                        .map_err(|source| broker::BrokerError::Bind {
-                            addr: config.broker.listen,
-                            source,
-                        })?;
-                    let mut private = config.broker.clone();
-                    private.listen = inner;
-                    broker::start_embedded_with_credentials(&private, Some(c))?;
-                    broker_acl::front(
-                        config.broker.listen,
-                        inner,
-                        devices,
-                        broker::MAX_PACKET + 4096,
-                    )
-                    .await
-                    .map_err(|source| broker::BrokerError::Bind {
-                        addr: config.broker.listen,
-                        source,
-                    })?;
-                }
-                None => broker::start_embedded_with_credentials(&config.broker, None)?,
-            }
+            // rumqttd checks logins but not topics, and never pushes back on
+            // publishers: it listens on a private loopback port behind a
+            // front that checks topics (with logins) and holds devices back
+            // while the MQTT link lags (`ingest_gate`), with or without logins.
+            let devices = Arc::new(
+                credentials
+                    .as_ref()
+                    .map(broker::Credentials::device_logins)
+                    .unwrap_or_default(),
+            );
+            let inner = std::net::TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|source| broker::BrokerError::Bind {
+                    addr: config.broker.listen,
+                    source,
+                })?;
+            let mut private = config.broker.clone();
+            private.listen = inner;
+            broker::start_embedded_with_credentials(&private, credentials)?;
+            broker_acl::front(
+                config.broker.listen,
+                inner,
+                devices,
+                broker::MAX_PACKET + 4096,
+                gate.clone(),
+            )
+            .await
+            .map_err(|source| broker::BrokerError::Bind {
+                addr: config.broker.listen,
+                source,
+            })?;
             if let Some(tls_listen) = config.broker.tls_listen {
                 let (Some(cert), Some(key)) = (&config.broker.tls_cert, &config.broker.tls_key)
                 else {
@@ -304,6 +309,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         assign.clone(),
         metrics.clone(),
         nodes,
+        external.is_none().then(|| gate.clone()),
     ));
     spawn_assign_driver(
         &config,

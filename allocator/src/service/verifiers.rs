@@ -6,17 +6,26 @@
 //! do with each message is decided there, not here. What comes out goes
 //! into the core's [`VerifiedInbox`], which conflates a device's verified
 //! reports under overload.
+//!
+//! In front of each thread is its [`UnverifiedQueue`] (the core crate's
+//! `service::preverify`): the MQTT link puts a report there and goes back to
+//! the broker at once, so it never falls behind the broker, whose
+//! acknowledged messages would otherwise be lost (the embedded rumqttd
+//! skips a slow subscriber ahead, see ARCHITECTURE.md). The queue keeps a
+//! few of each device's newest reports and hands out the newest first; acks
+//! are never dropped (the link waits for room for them).
 
-use super::core::{self, KeyDirectory, ToVerify, VerifierOutput};
+use super::core::{self, KeyDirectory, ToVerify, VerifiedMsg, VerifierOutput};
 use super::inbound::Inbound;
 use super::verified::VerifiedInbox;
 use shardline_allocator_core::service::counters::Metrics;
+use shardline_allocator_core::service::preverify::{Taken, UnverifiedQueue};
+use shardline_shared::topics::TopicKind;
 use shardline_shared::DeviceId;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-pub type VerifierTx = mpsc::Sender<ToVerify>;
 
 /// Most messages a verifier thread checks in one signature batch.
 const VERIFY_BATCH: usize = 64;
@@ -24,6 +33,84 @@ const VERIFY_BATCH: usize = 64;
 /// [`VERIFY_GATHER`] once for more before checking them.
 const VERIFY_GATHER_BELOW: usize = 16;
 const VERIFY_GATHER: Duration = Duration::from_millis(1);
+/// Unverified reports a device may have waiting: the newest and a few
+/// behind it, in case the newest is a forgery or garbled.
+pub const REPORTS_PER_DEVICE: usize = 4;
+/// Reports waiting for all verifier threads together beyond which the
+/// stage conflates (overload); below it every report is checked in order.
+pub const CONFLATE_ABOVE: usize = 4_096;
+/// Report payload waiting for all verifier threads together: the memory
+/// bound of this stage (30,000 devices × 4 reports of ~400 bytes fit).
+pub const REPORT_BYTES: usize = 64 << 20;
+/// Acks waiting for all verifier threads together (count and payload)
+/// before the MQTT link waits for room.
+const OTHER_COUNT: usize = 16_384;
+const OTHER_BYTES: usize = 16 << 20;
+
+/// One verifier thread's waiting messages.
+#[derive(Debug)]
+struct Shard {
+    queue: Mutex<UnverifiedQueue<ToVerify>>,
+    wake: Condvar,
+    closed: AtomicBool,
+}
+
+/// The verifier threads as the MQTT link sees them: where it hands device
+/// reports and acks. Dropping it stops the threads.
+#[derive(Debug)]
+pub struct Verifiers {
+    shards: Vec<Arc<Shard>>,
+}
+
+/// The verifier threads are gone (the core stopped).
+#[derive(Debug, thiserror::Error)]
+#[error("the verifier threads stopped")]
+pub struct VerifiersStopped;
+
+impl Verifiers {
+    /// Queues a device's report or ack for its verifier thread. A report
+    /// never waits (an older one of its device may be shed, counted in
+    /// `shardline_reports_shed_total`); an ack waits while too many wait.
+    pub async fn push(&self, msg: ToVerify, metrics: &Metrics) -> Result<(), VerifiersStopped> {
+        let shard = &self.shards[shard_of(&msg.device, self.shards.len())];
+        let bytes = msg.payload.len();
+        let mut msg = Some(msg);
+        while let Some(m) = msg.take() {
+            if shard.closed.load(Ordering::Acquire) {
+                return Err(VerifiersStopped);
+            }
+            {
+                let mut q = shard.queue.lock().map_err(|_| VerifiersStopped)?;
+                if m.kind == TopicKind::Report {
+                    let shed = q.push_report(m.device.clone(), m, bytes);
+                    if shed > 0 {
+                        metrics.reports_shed.fetch_add(shed, Ordering::Relaxed);
+                    }
+                } else if !q.must_wait() {
+                    q.push_other(m.device.clone(), m, bytes);
+                } else {
+                    msg = Some(m);
+                }
+            }
+            if msg.is_some() {
+                // Never drop an ack: wait for the verifier to take some
+                // (the link backs up for acks alone).
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        shard.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Verifiers {
+    fn drop(&mut self) {
+        for s in &self.shards {
+            s.closed.store(true, Ordering::Release);
+            s.wake.notify_all();
+        }
+    }
+}
 
 /// Starts one verifier thread per core (2–8) and returns their inboxes.
 pub fn start(
@@ -33,63 +120,133 @@ pub fn start(
     max_payload: usize,
     shared_store: bool,
     inbox: Arc<VerifiedInbox>,
-) -> std::io::Result<Vec<VerifierTx>> {
+) -> std::io::Result<Verifiers> {
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
-    let mut senders = Vec::with_capacity(n);
+    let mut shards = Vec::with_capacity(n);
     for i in 0..n {
-        let (vtx, mut vrx) = mpsc::channel::<ToVerify>(16_384);
+        let shard = Arc::new(Shard {
+            queue: Mutex::new(UnverifiedQueue::new(
+                REPORTS_PER_DEVICE,
+                CONFLATE_ABOVE / n,
+                REPORT_BYTES / n,
+                OTHER_COUNT / n,
+                OTHER_BYTES / n,
+            )),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+        });
         let (keys, core_tx, metrics) = (keys.clone(), core_tx.clone(), metrics.clone());
-        let inbox = inbox.clone();
+        let (inbox, s) = (inbox.clone(), shard.clone());
         std::thread::Builder::new()
             .name(format!("verify-{i}"))
             .spawn(move || {
-                let mut batch = Vec::with_capacity(VERIFY_BATCH);
-                let mut out = Vec::with_capacity(VERIFY_BATCH);
-                while let Some(first) = vrx.blocking_recv() {
-                    batch.push(first);
-                    for wait in [false, true] {
-                        if wait {
-                            if batch.len() >= VERIFY_GATHER_BELOW {
-                                break;
-                            }
-                            // A small batch costs nearly twice the CPU per
-                            // signature; a moment's wait lets one form when
-                            // messages are flowing, at 1 ms of latency.
-                            std::thread::sleep(VERIFY_GATHER);
-                        }
-                        while batch.len() < VERIFY_BATCH {
-                            match vrx.try_recv() {
-                                Ok(m) => batch.push(m),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    core::verify_batch(
-                        &keys,
-                        &metrics,
-                        max_payload,
-                        shared_store,
-                        batch.drain(..),
-                        &mut out,
-                    );
-                    for o in out.drain(..) {
-                        let msg = match o {
-                            VerifierOutput::Verified(m) => Inbound::Verified(m),
-                            VerifierOutput::Unverified { topic, payload } => {
-                                Inbound::Mqtt { topic, payload }
-                            }
-                        };
-                        if inbox.push(msg, &metrics, &core_tx).is_err() {
-                            return;
-                        }
-                    }
-                }
+                verifier_thread(
+                    &s,
+                    &keys,
+                    &core_tx,
+                    &metrics,
+                    max_payload,
+                    shared_store,
+                    &inbox,
+                )
             })?;
-        senders.push(vtx);
+        shards.push(shard);
     }
-    Ok(senders)
+    Ok(Verifiers { shards })
+}
+
+/// One verifier thread: take a batch, check it, settle its candidates,
+/// hand the results to the core's inbox.
+fn verifier_thread(
+    shard: &Shard,
+    keys: &KeyDirectory,
+    core_tx: &mpsc::Sender<Inbound>,
+    metrics: &Metrics,
+    max_payload: usize,
+    shared_store: bool,
+    inbox: &VerifiedInbox,
+) {
+    let mut taken: Vec<Taken<ToVerify>> = Vec::with_capacity(VERIFY_BATCH);
+    let mut out = Vec::with_capacity(VERIFY_BATCH);
+    let mut candidates: Vec<DeviceId> = Vec::new();
+    loop {
+        {
+            let Ok(mut q) = shard.queue.lock() else {
+                return;
+            };
+            while !q.has_ready() {
+                if shard.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                q = match shard.wake.wait_timeout(q, Duration::from_millis(100)) {
+                    Ok((q, _)) => q,
+                    Err(_) => return,
+                };
+            }
+            q.take(VERIFY_BATCH, &mut taken);
+        }
+        if taken.len() < VERIFY_GATHER_BELOW {
+            // A small batch costs nearly twice the CPU per signature; a
+            // moment's wait lets one form when messages are flowing, at
+            // 1 ms of latency.
+            std::thread::sleep(VERIFY_GATHER);
+            if let Ok(mut q) = shard.queue.lock() {
+                q.take(VERIFY_BATCH, &mut taken);
+            }
+        }
+        candidates.extend(
+            taken
+                .iter()
+                .filter(|t| t.candidate)
+                .map(|t| t.device.clone()),
+        );
+        core::verify_batch(
+            keys,
+            metrics,
+            max_payload,
+            shared_store,
+            taken.drain(..).map(|t| t.item),
+            &mut out,
+        );
+        if !candidates.is_empty() {
+            // A candidate is its device's only message in the batch, so a
+            // verified report of that device is the candidate itself.
+            let verified = |d: &DeviceId| {
+                out.iter().any(
+                    |o| matches!(o, VerifierOutput::Verified(VerifiedMsg::Report(v, _)) if v == d),
+                )
+            };
+            let settled: Vec<(DeviceId, bool)> = candidates
+                .drain(..)
+                .map(|d| {
+                    let ok = verified(&d);
+                    (d, ok)
+                })
+                .collect();
+            if let Ok(mut q) = shard.queue.lock() {
+                let mut conflated = 0;
+                for (d, ok) in &settled {
+                    conflated += q.finish(d, *ok);
+                }
+                if conflated > 0 {
+                    metrics
+                        .reports_conflated
+                        .fetch_add(conflated, Ordering::Relaxed);
+                }
+            }
+        }
+        for o in out.drain(..) {
+            let msg = match o {
+                VerifierOutput::Verified(m) => Inbound::Verified(m),
+                VerifierOutput::Unverified { topic, payload } => Inbound::Mqtt { topic, payload },
+            };
+            if inbox.push(msg, metrics, core_tx).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// The verifier thread a device's messages go to.

@@ -20,6 +20,7 @@
 
 pub mod conflate;
 pub mod counters;
+pub mod preverify;
 
 mod coherence;
 mod commands;

@@ -1,0 +1,462 @@
+//! The stage BEFORE signature verification: where device reports wait for a
+//! verifier thread, so the service's MQTT link never waits for one.
+//!
+//! Why it exists: a broker acknowledges a report to the device as soon as it
+//! has it, and the embedded broker (rumqttd) keeps what its subscribers have
+//! not read yet in a fixed in-memory log; a subscriber that falls further
+//! behind than the log silently skips ahead, and acknowledged reports are
+//! gone. Signature checks are the slowest step of ingest, so under overload
+//! the link must keep reading and the backlog must live here, bounded, and
+//! degrade by the same rule as the verified inbox (a device's newest report
+//! is what matters; older ones are counted, never silently lost).
+//!
+//! Rules (per device, a "lane" in arrival order):
+//! - While fewer than `conflate_above` reports wait (the verifiers keep
+//!   up), every message is handed out in arrival order and nothing is
+//!   conflated or shed by the rules below but the byte bound: each forgery
+//!   or garbled report is checked and counted under its reason. Beyond it
+//!   (overload) the stage degrades:
+//! - Reports are conflatable, everything else (acks) is not and keeps its
+//!   place: a device's messages reach the verifier, and so the core, in the
+//!   order they arrived.
+//! - Of a run of consecutive waiting reports only the NEWEST is handed out
+//!   ([`Taken::candidate`]); the older ones stay parked until its result is
+//!   known ([`UnverifiedQueue::finish`]): if its signature verified, the
+//!   older ones of the run are dropped (conflated); if not (a forgery, a
+//!   garbled report), the next newest is tried. So a bad signature never
+//!   displaces a report here.
+//! - A lane holds at most `per_device` reports, and all lanes together at
+//!   most `report_bytes` of report payload: past either bound the device's
+//!   OLDEST waiting report is dropped unverified (shed); a device with none
+//!   waiting has its new report shed when the byte bound is reached.
+//! - Non-report messages are never dropped; the caller must wait while
+//!   [`UnverifiedQueue::must_wait`] says so (the MQTT link then backs up for
+//!   them alone).
+//! - Devices are served round-robin: a busy device cannot starve the others.
+//!
+//! Sans-IO: no clock, no locking, no threads; the caller counts what the
+//! returned numbers say into its metrics.
+
+use shardline_shared::DeviceId;
+use std::collections::{HashMap, VecDeque};
+
+/// One waiting message.
+#[derive(Debug)]
+struct Entry<T> {
+    item: T,
+    bytes: usize,
+    report: bool,
+    /// Arrival number within the lane (the conflation order).
+    n: u64,
+}
+
+/// One device's waiting messages.
+#[derive(Debug)]
+struct Lane<T> {
+    items: VecDeque<Entry<T>>,
+    reports: usize,
+    next_n: u64,
+    /// The arrival number of the candidate report being verified; while set
+    /// the lane is not handed out again.
+    candidate: Option<u64>,
+    /// In the ready ring.
+    ready: bool,
+}
+
+impl<T> Default for Lane<T> {
+    fn default() -> Self {
+        Self {
+            items: VecDeque::new(),
+            reports: 0,
+            next_n: 0,
+            candidate: None,
+            ready: false,
+        }
+    }
+}
+
+/// A message handed to a verifier.
+#[derive(Debug)]
+pub struct Taken<T> {
+    pub device: DeviceId,
+    pub item: T,
+    /// The newest of several waiting reports: call
+    /// [`UnverifiedQueue::finish`] for its device once its result is known.
+    /// The only message of its device in that take.
+    pub candidate: bool,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct UnverifiedQueue<T> {
+    lanes: HashMap<DeviceId, Lane<T>>,
+    ready: VecDeque<DeviceId>,
+    per_device: usize,
+    conflate_above: usize,
+    report_bytes_cap: usize,
+    other_bytes_cap: usize,
+    other_count_cap: usize,
+    report_bytes: usize,
+    other_bytes: usize,
+    others: usize,
+    reports: usize,
+}
+
+impl<T> UnverifiedQueue<T> {
+    /// Beyond `conflate_above` waiting reports: `per_device` reports per
+    /// device (at least 1), the newest first. Always: `report_bytes` of
+    /// report payload in all; non-report messages: the caller waits past
+    /// `other_count` of them or `other_bytes` of their payload.
+    pub fn new(
+        per_device: usize,
+        conflate_above: usize,
+        report_bytes: usize,
+        other_count: usize,
+        other_bytes: usize,
+    ) -> Self {
+        Self {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            per_device: per_device.max(1),
+            conflate_above,
+            report_bytes_cap: report_bytes,
+            other_bytes_cap: other_bytes,
+            other_count_cap: other_count.max(1),
+            report_bytes: 0,
+            other_bytes: 0,
+            others: 0,
+            reports: 0,
+        }
+    }
+
+    /// Queues `device`'s report of `bytes` bytes. Returns how many reports
+    /// were shed for it (its own oldest waiting ones, or this one).
+    pub fn push_report(&mut self, device: DeviceId, item: T, bytes: usize) -> u64 {
+        let mut shed = 0;
+        let overloaded = self.reports >= self.conflate_above;
+        let lane = self.lanes.entry(device.clone()).or_default();
+        while lane.reports > 0
+            && ((overloaded && lane.reports >= self.per_device)
+                || self.report_bytes + bytes > self.report_bytes_cap)
+        {
+            if let Some(i) = lane.items.iter().position(|e| e.report) {
+                if let Some(e) = lane.items.remove(i) {
+                    lane.reports -= 1;
+                    self.reports -= 1;
+                    self.report_bytes -= e.bytes;
+                    shed += 1;
+                }
+            }
+        }
+        if self.report_bytes + bytes > self.report_bytes_cap {
+            // Nothing of this device waits and the stage is full.
+            if lane.items.is_empty() && lane.candidate.is_none() {
+                self.lanes.remove(&device);
+            }
+            return shed + 1;
+        }
+        let n = lane.next_n;
+        lane.next_n += 1;
+        lane.items.push_back(Entry {
+            item,
+            bytes,
+            report: true,
+            n,
+        });
+        lane.reports += 1;
+        self.reports += 1;
+        self.report_bytes += bytes;
+        Self::make_ready(&mut self.ready, device, lane);
+        shed
+    }
+
+    /// Whether the caller must wait before pushing a non-report message.
+    pub fn must_wait(&self) -> bool {
+        self.others >= self.other_count_cap || self.other_bytes >= self.other_bytes_cap
+    }
+
+    /// Queues a message that is never conflated or shed (an ack). The caller
+    /// checks [`must_wait`](Self::must_wait) first.
+    pub fn push_other(&mut self, device: DeviceId, item: T, bytes: usize) {
+        let lane = self.lanes.entry(device.clone()).or_default();
+        let n = lane.next_n;
+        lane.next_n += 1;
+        lane.items.push_back(Entry {
+            item,
+            bytes,
+            report: false,
+            n,
+        });
+        self.others += 1;
+        self.other_bytes += bytes;
+        Self::make_ready(&mut self.ready, device, lane);
+    }
+
+    fn make_ready(ready: &mut VecDeque<DeviceId>, device: DeviceId, lane: &mut Lane<T>) {
+        if !lane.ready && lane.candidate.is_none() && !lane.items.is_empty() {
+            lane.ready = true;
+            ready.push_back(device);
+        }
+    }
+
+    /// Hands out up to `max` messages, devices in turn, each device's in
+    /// order (see the module doc for candidates).
+    pub fn take(&mut self, max: usize, out: &mut Vec<Taken<T>>) {
+        let mut requeue = Vec::new();
+        while out.len() < max {
+            let Some(device) = self.ready.pop_front() else {
+                break;
+            };
+            // A device can be in the ring twice when its lane emptied (all
+            // shed) and came back: only a lane marked ready is served.
+            let Some(lane) = self.lanes.get_mut(&device).filter(|l| l.ready) else {
+                continue;
+            };
+            lane.ready = false;
+            let mut took = false;
+            loop {
+                if out.len() >= max {
+                    break;
+                }
+                let Some(front) = lane.items.front() else {
+                    break;
+                };
+                let run = lane.items.iter().take_while(|e| e.report).count();
+                if front.report && run > 1 && self.reports >= self.conflate_above {
+                    if took || out.iter().any(|t| t.device == device) {
+                        // The candidate must be its device's only message
+                        // in the caller's batch (its result is matched by
+                        // device).
+                        break;
+                    }
+                    if let Some(e) = lane.items.remove(run - 1) {
+                        lane.reports -= 1;
+                        self.reports -= 1;
+                        self.report_bytes -= e.bytes;
+                        lane.candidate = Some(e.n);
+                        out.push(Taken {
+                            device: device.clone(),
+                            item: e.item,
+                            candidate: true,
+                        });
+                    }
+                    break;
+                }
+                if let Some(e) = lane.items.pop_front() {
+                    if e.report {
+                        lane.reports -= 1;
+                        self.reports -= 1;
+                        self.report_bytes -= e.bytes;
+                    } else {
+                        self.others -= 1;
+                        self.other_bytes -= e.bytes;
+                    }
+                    took = true;
+                    out.push(Taken {
+                        device: device.clone(),
+                        item: e.item,
+                        candidate: false,
+                    });
+                }
+            }
+            if lane.candidate.is_none() {
+                if lane.items.is_empty() {
+                    self.lanes.remove(&device);
+                } else {
+                    // More of it waits: after the others' turn.
+                    requeue.push(device);
+                }
+            }
+        }
+        for device in requeue {
+            if let Some(lane) = self.lanes.get_mut(&device) {
+                Self::make_ready(&mut self.ready, device, lane);
+            }
+        }
+    }
+
+    /// The result of `device`'s candidate report: `verified` if its
+    /// signature checked out. Returns how many older reports it made
+    /// worthless (conflated).
+    pub fn finish(&mut self, device: &DeviceId, verified: bool) -> u64 {
+        let Some(lane) = self.lanes.get_mut(device) else {
+            return 0;
+        };
+        let Some(n) = lane.candidate.take() else {
+            return 0;
+        };
+        let mut conflated = 0;
+        if verified {
+            while lane.items.front().is_some_and(|e| e.report && e.n < n) {
+                if let Some(e) = lane.items.pop_front() {
+                    lane.reports -= 1;
+                    self.reports -= 1;
+                    self.report_bytes -= e.bytes;
+                    conflated += 1;
+                }
+            }
+        }
+        if lane.items.is_empty() {
+            self.lanes.remove(device);
+        } else {
+            Self::make_ready(&mut self.ready, device.clone(), lane);
+        }
+        conflated
+    }
+
+    /// Whether anything can be handed out now.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Messages waiting (reports, others).
+    pub fn depth(&self) -> (usize, usize) {
+        (self.reports, self.others)
+    }
+
+    /// Payload bytes waiting (reports, others).
+    pub fn bytes(&self) -> (usize, usize) {
+        (self.report_bytes, self.other_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> DeviceId {
+        DeviceId::new(s).unwrap()
+    }
+
+    fn take(
+        q: &mut UnverifiedQueue<&'static str>,
+        max: usize,
+    ) -> Vec<(String, &'static str, bool)> {
+        let mut out = Vec::new();
+        q.take(max, &mut out);
+        out.into_iter()
+            .map(|t| (t.device.to_string(), t.item, t.candidate))
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_report_goes_first_and_a_verified_one_drops_the_older() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
+        for r in ["r1", "r2", "r3"] {
+            assert_eq!(q.push_report(d("a"), r, 10), 0);
+        }
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r3", true)]);
+        // Parked while its candidate is out.
+        assert!(take(&mut q, 64).is_empty());
+        assert_eq!(q.finish(&d("a"), true), 2);
+        assert!(take(&mut q, 64).is_empty());
+        assert_eq!(q.depth(), (0, 0));
+        assert_eq!(q.bytes(), (0, 0));
+    }
+
+    #[test]
+    fn a_forgery_never_displaces_an_older_report() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
+        q.push_report(d("a"), "genuine", 10);
+        q.push_report(d("a"), "forged", 10);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "forged", true)]);
+        assert_eq!(q.finish(&d("a"), false), 0);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "genuine", false)]);
+    }
+
+    #[test]
+    fn a_report_arriving_while_its_predecessor_is_checked_is_kept() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
+        q.push_report(d("a"), "r1", 10);
+        q.push_report(d("a"), "r2", 10);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r2", true)]);
+        q.push_report(d("a"), "r3", 10);
+        assert_eq!(q.finish(&d("a"), true), 1);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r3", false)]);
+    }
+
+    #[test]
+    fn acks_keep_their_place_and_are_never_dropped() {
+        let mut q = UnverifiedQueue::new(2, 0, 1 << 20, 100, 1 << 20);
+        q.push_report(d("a"), "r1", 10);
+        q.push_other(d("a"), "ack1", 10);
+        q.push_report(d("a"), "r2", 10);
+        q.push_report(d("a"), "r3", 10);
+        // Two reports per device: r1 (the oldest) was shed for r3.
+        assert_eq!(q.depth(), (2, 1));
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "ack1", false)]);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r3", true)]);
+        assert_eq!(q.finish(&d("a"), true), 1);
+        assert_eq!(q.depth(), (0, 0));
+    }
+
+    #[test]
+    fn the_per_device_bound_sheds_the_oldest() {
+        let mut q = UnverifiedQueue::new(2, 0, 1 << 20, 100, 1 << 20);
+        assert_eq!(q.push_report(d("a"), "r1", 10), 0);
+        assert_eq!(q.push_report(d("a"), "r2", 10), 0);
+        assert_eq!(q.push_report(d("a"), "r3", 10), 1);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r3", true)]);
+        assert_eq!(q.finish(&d("a"), false), 0);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r2", false)]);
+    }
+
+    #[test]
+    fn the_byte_bound_holds_and_keeps_each_devices_newest() {
+        let mut q = UnverifiedQueue::new(4, 0, 30, 100, 1 << 20);
+        assert_eq!(q.push_report(d("a"), "a1", 10), 0);
+        assert_eq!(q.push_report(d("b"), "b1", 10), 0);
+        assert_eq!(q.push_report(d("c"), "c1", 10), 0);
+        // Full: a new device's report is shed, a waiting device's newer one
+        // takes its older one's place.
+        assert_eq!(q.push_report(d("e"), "e1", 10), 1);
+        assert_eq!(q.push_report(d("a"), "a2", 10), 1);
+        assert_eq!(q.bytes().0, 30);
+        let got = take(&mut q, 64);
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(&("a".into(), "a2", false)), "{got:?}");
+    }
+
+    #[test]
+    fn devices_take_turns_and_others_backpressure() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 2, 1 << 20);
+        q.push_other(d("a"), "a1", 1);
+        assert!(!q.must_wait());
+        q.push_other(d("a"), "a2", 1);
+        assert!(q.must_wait());
+        q.push_report(d("b"), "b1", 1);
+        assert_eq!(take(&mut q, 1), vec![("a".into(), "a1", false)]);
+        assert!(!q.must_wait());
+        // b's turn before a's second.
+        assert_eq!(take(&mut q, 1), vec![("b".into(), "b1", false)]);
+        assert_eq!(take(&mut q, 1), vec![("a".into(), "a2", false)]);
+        assert!(!q.has_ready());
+    }
+
+    #[test]
+    fn below_the_threshold_everything_goes_out_in_order() {
+        let mut q = UnverifiedQueue::new(2, 3, 1 << 20, 100, 1 << 20);
+        for r in ["r1", "r2", "r3"] {
+            assert_eq!(q.push_report(d("a"), r, 10), 0);
+        }
+        // Three waiting: at the threshold the bound applies again.
+        assert_eq!(q.push_report(d("a"), "r4", 10), 2);
+        let mut q = UnverifiedQueue::new(2, 3, 1 << 20, 100, 1 << 20);
+        q.push_report(d("a"), "r1", 10);
+        q.push_report(d("a"), "r2", 10);
+        assert_eq!(
+            take(&mut q, 64),
+            vec![("a".into(), "r1", false), ("a".into(), "r2", false)]
+        );
+    }
+
+    #[test]
+    fn a_candidate_is_its_devices_only_message_in_a_take() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 100, 1 << 20);
+        q.push_other(d("a"), "ack", 1);
+        q.push_report(d("a"), "r1", 1);
+        q.push_report(d("a"), "r2", 1);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "ack", false)]);
+        assert_eq!(take(&mut q, 64), vec![("a".into(), "r2", true)]);
+    }
+}
