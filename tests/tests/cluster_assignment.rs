@@ -26,8 +26,12 @@
 //! noticed and republished within 3.24 s, a NATS persistent session is back
 //! on a surviving node 8.4 s after its node's kill, the agent leaves a dead
 //! endpoint in < 1 s), done one after the other (12.6 s), plus one report
-//! window and one instruction round trip, doubled for the loaded 2-core
-//! machine: 30 s. No acknowledged message lost, no sequence number reused:
+//! window and one instruction round trip; but after a node's kill NATS
+//! also delays QoS 1 deliveries to the survivors' sessions while JetStream
+//! elects new leaders (the kit test has seen ~21 s, and measured here the
+//! re-grant landed 10.8–22.5 s after the kills on the loaded machine), so
+//! 3.24 + 21 + 1 + 1 + 1 s with margin: 45 s, the bound the one-allocator
+//! cluster test holds too. No acknowledged message lost, no sequence number reused:
 //! every instruction number an agent applied only grows (polled all along),
 //! the store's instruction history never gives one number two contents, the
 //! store's applied number ends equal to each agent's (every PUBACKed ack
@@ -65,9 +69,9 @@ const CENTRAL: &str = "acme.eu-central.qos";
 /// Agents per group.
 const PER_GROUP: usize = 2;
 /// Kill of a node and of the group's owner → the group's agents answered
-/// again on a surviving endpoint (module docs: 12.6 s measured parts,
-/// one report window and an instruction round trip, doubled).
-const MOVE_BOUND: Duration = Duration::from_secs(30);
+/// again on a surviving endpoint (module docs: the measured parts, with
+/// JetStream's leader election after a node loss, and margin).
+const MOVE_BOUND: Duration = Duration::from_secs(45);
 /// Generous bound for setup steps (first placement, first grants).
 const SETUP: Duration = Duration::from_secs(40);
 
