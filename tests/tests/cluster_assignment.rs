@@ -18,20 +18,19 @@
 //! the agents report (one signed report a second each), node 1 (the
 //! eu-central agents' broker) and alloc-b (the eu-central group's owner, not
 //! the lead) are killed with SIGKILL. Asserted within [`MOVE_BOUND`]: the
-//! lead publishes a new version naming itself, the eu-central agents run on
-//! one of its endpoints under that version, their reports are accepted again
-//! and an instruction the survivor issues after the kill (a re-grant after
-//! an operator drain/resume) is applied (shards running again). The bound
-//! is derived from the measured parts (ARCHITECTURE.md: the owner's loss is
+//! lead publishes a new version naming itself and the eu-central agents run
+//! on one of its surviving endpoints under that version. The bound is
+//! derived from the measured parts (ARCHITECTURE.md: the owner's loss is
 //! noticed and republished within 3.24 s, a NATS persistent session is back
 //! on a surviving node 8.4 s after its node's kill, the agent leaves a dead
-//! endpoint in < 1 s), done one after the other (12.6 s), plus one report
-//! window and one instruction round trip; but after a node's kill NATS
-//! also delays QoS 1 deliveries to the survivors' sessions while JetStream
-//! elects new leaders (the kit test has seen ~21 s, and measured here the
-//! re-grant landed 10.8–22.5 s after the kills on the loaded machine), so
-//! 3.24 + 21 + 1 + 1 + 1 s with margin: 45 s, the bound the one-allocator
-//! cluster test holds too. No acknowledged message lost, no sequence number reused:
+//! endpoint in < 1 s), one after the other 12.6 s, with margin: 20 s
+//! (measured 4.7–9.8 s). Asserted within [`ANSWER_BOUND`]: their reports
+//! are accepted again and an instruction the survivor issues after the kill
+//! (a re-grant after an operator drain/resume) is applied (shards running
+//! again). After a node's kill NATS delays QoS 1 deliveries to surviving
+//! sessions while JetStream elects new leaders (the kit test has seen
+//! ~21 s): measured 8.7–34.7 s on the loaded machine (median 10.8 s), so
+//! 60 s. No acknowledged message lost, no sequence number reused:
 //! every instruction number an agent applied only grows (polled all along),
 //! the store's instruction history never gives one number two contents, the
 //! store's applied number ends equal to each agent's (every PUBACKed ack
@@ -68,10 +67,13 @@ const WEST: &str = "acme.eu-west.qos";
 const CENTRAL: &str = "acme.eu-central.qos";
 /// Agents per group.
 const PER_GROUP: usize = 2;
-/// Kill of a node and of the group's owner → the group's agents answered
-/// again on a surviving endpoint (module docs: the measured parts, with
-/// JetStream's leader election after a node loss, and margin).
-const MOVE_BOUND: Duration = Duration::from_secs(45);
+/// Kill of a node and of the group's owner → the group's agents on a
+/// surviving endpoint under the new version (module docs: 12.6 s of
+/// measured parts, with margin).
+const MOVE_BOUND: Duration = Duration::from_secs(20);
+/// … and answered again: a report accepted, a re-grant running (module
+/// docs: JetStream's leader election after a node loss delays QoS 1).
+const ANSWER_BOUND: Duration = Duration::from_secs(60);
 /// Generous bound for setup steps (first placement, first grants).
 const SETUP: Duration = Duration::from_secs(40);
 
@@ -794,8 +796,8 @@ fn a_node_and_the_group_owner_die_under_load_and_the_devices_move() {
     let new_version = loop {
         let t = killed.elapsed();
         assert!(
-            t < MOVE_BOUND,
-            "not all central agents answered within {MOVE_BOUND:?}: republished {republished:?}, \
+            t < ANSWER_BOUND,
+            "not all central agents answered within {ANSWER_BOUND:?}: republished {republished:?}, \
              moved {moved:?}, answered {answered:?}"
         );
         let o = w.a.owners();
@@ -833,9 +835,14 @@ fn a_node_and_the_group_owner_die_under_load_and_the_devices_move() {
     let slowest = answered.values().max().copied().unwrap();
     println!(
         "after the kills (node {node}, alloc-b): v{new_version} naming alloc-a published {took_object:?}, agents moved {moved:?}, \
-         answered again {answered:?} (bound {MOVE_BOUND:?})"
+         answered again {answered:?} (bounds {MOVE_BOUND:?}, {ANSWER_BOUND:?})"
     );
-    assert!(slowest <= MOVE_BOUND);
+    assert!(slowest <= ANSWER_BOUND);
+    let slowest_move = moved.values().max().copied().unwrap();
+    assert!(
+        slowest_move <= MOVE_BOUND,
+        "moved {slowest_move:?} after the kills, bound {MOVE_BOUND:?}"
+    );
     // The west agents never lost service: still routed to alloc-a, running.
     for ag in w.agents.iter_mut().filter(|ag| ag.group == WEST) {
         ag.check_applied();
@@ -964,7 +971,7 @@ fn a_region_cut_off_keeps_its_profile_until_the_leases_expire_and_reconciles() {
     );
     for &i in &central {
         let ag = &mut w.agents[i];
-        wait(MOVE_BOUND, &format!("{} reconciled", ag.id), || {
+        wait(ANSWER_BOUND, &format!("{} reconciled", ag.id), || {
             let applied = ag.check_applied();
             let s = ag.assignment();
             (applied > applied_before[&ag.id]
