@@ -234,12 +234,18 @@ impl BrokerCluster {
             // a session survives the loss of one. `max_ack_pending` bounds
             // the unacknowledged QoS 1 messages per subscription (default
             // 1024): an allocator's subscription carries the whole fleet.
+            // NATS refuses (SUBACK failure) a session's subscription once
+            // their bounds would add up past 65,535 (MQTT packet ids): at
+            // 20,000 an allocator got its first 3 filters and none after
+            // (tests/tests/cluster_assignment.rs: the routed lead holds
+            // status, 5 plain uplinks and one filter per group). 4,096
+            // leaves room for 16.
             let conf = format!(
                 "server_name: sl{i}\n\
                  listen: 127.0.0.1:{}\n\
                  jetstream {{ store_dir: \"{}\" }}\n\
                  cluster {{ name: shardline, listen: 127.0.0.1:{}, routes: [{routes}] }}\n\
-                 mqtt {{ listen: 127.0.0.1:{}, stream_replicas: 3, max_ack_pending: 20000, ack_wait: \"30s\" }}\n",
+                 mqtt {{ listen: 127.0.0.1:{}, stream_replicas: 3, max_ack_pending: 4096, ack_wait: \"30s\" }}\n",
                 client[i],
                 dir.join("js").display(),
                 route[i],
