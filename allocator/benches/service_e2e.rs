@@ -612,8 +612,8 @@ fn write_section(
          instruction. Cold start: every device's first report (latency-sensitive) activates `qos`. Sustained: after a \
          warm-up of {w} s (the cold start's backlog drains), a tenth of the devices per round also need encryption, \
          so `vpn` replaces `qos`. Latency is from \
-         publishing the report to receiving the signed instruction it caused. Lost = reports published but not \
-         accepted; missing = instructions that never arrived. Target (issue 19): 30,000 reports/s, p99 <= 100 ms, nothing \
+         publishing the report to receiving the signed instruction it caused. Lost = reports published but neither \
+         accepted, conflated nor shed; missing = instructions that never arrived. Target (issue 19): 30,000 reports/s, p99 <= 100 ms, nothing \
          lost. Median of {runs} runs.\n\n",
         w = warmup()
     ));

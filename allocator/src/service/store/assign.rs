@@ -18,6 +18,17 @@ const HISTORY: TableDefinition<'_, (&str, u64, u64), &[u8]> =
     TableDefinition::new("assign_history");
 const SHORTFALLS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("assign_shortfalls");
 
+/// The object stored for `group`, if any (read inside a write transaction).
+fn stored_assignment(
+    t: &redb::Table<'_, &str, &[u8]>,
+    group: &str,
+) -> Result<Option<StoredAssignment>, StoreError> {
+    t.get(group)
+        .map_err(db_err)?
+        .map(|v| dec(group, v.value()))
+        .transpose()
+}
+
 /// Appends a history row and drops the group's oldest beyond `max_history`.
 fn append_history(
     txn: &redb::WriteTransaction,
@@ -70,11 +81,7 @@ impl RedbStore {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = txn.open_table(ASSIGNMENTS).map_err(db_err)?;
-            let stored: Option<StoredAssignment> = t
-                .get(group)
-                .map_err(db_err)?
-                .map(|v| dec(group, v.value()))
-                .transpose()?;
+            let stored = stored_assignment(&t, group)?;
             if stored.is_some_and(|s| s.assignment.version > a.assignment.version) {
                 // Versions never go back: a newer one is already stored.
                 return Ok(false);
@@ -97,11 +104,7 @@ impl RedbStore {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = txn.open_table(ASSIGNMENTS).map_err(db_err)?;
-            let stored: Option<StoredAssignment> = t
-                .get(group)
-                .map_err(db_err)?
-                .map(|v| dec(group, v.value()))
-                .transpose()?;
+            let stored = stored_assignment(&t, group)?;
             if stored.is_none_or(|s| s.assignment.version != row.assignment.version) {
                 return Ok(false);
             }
