@@ -12,7 +12,13 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use shardline_tests::kit::cluster::{BrokerCluster, BrokerKind};
 use std::time::{Duration, Instant};
 
+/// A client under `id` plus a number of its own: a node may still hold
+/// the session of the last client that used an id (its connection was
+/// dropped, not closed), and a second connection under it is a takeover.
 fn client(port: u16, id: &str) -> (Client, rumqttc::Connection) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let id = format!("{id}-{}", NEXT.fetch_add(1, Ordering::Relaxed));
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(10));
     Client::new(o, 100)
@@ -57,6 +63,21 @@ fn retained_topic(port: u16, filter: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Like [`retained_topic`], asking again with fresh subscribers until one
+/// arrives or `within` has passed (see [`sees_retained_within`] for why).
+fn retained_topic_within(port: u16, filter: &str, within: Duration) -> Option<String> {
+    let t = Instant::now();
+    loop {
+        if let Some(topic) = retained_topic(port, filter) {
+            return Some(topic);
+        }
+        if t.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Whether a subscriber on `port` gets the retained message on `topic`
@@ -119,8 +140,8 @@ fn cluster_survives_kill9(kind: BrokerKind) {
     // The '.' fact (group ids hold dots, which is why topics carry a group
     // as three levels: `shardline_shared::topics::assignment`), on one node.
     let dotted = "shardline/v1/assign/acme.eu-west.vpn";
-    let dots =
-        publish_retained(c.mqtt_port(0), dotted).map(|()| retained_topic(c.mqtt_port(0), dotted));
+    let dots = publish_retained(c.mqtt_port(0), dotted)
+        .map(|()| retained_topic_within(c.mqtt_port(0), dotted, settle));
     println!("{}: topic with '.': {dots:?}", kind.name());
     match kind {
         // NATS 2.9 maps '/' to its subject separator '.', and refuses
@@ -138,8 +159,8 @@ fn cluster_survives_kill9(kind: BrokerKind) {
     // as it is by both.
     let group = shardline_shared::assign::GroupId::new("acme.eu-west.vpn").unwrap();
     let real = shardline_shared::topics::assignment(&group);
-    let carried =
-        publish_retained(c.mqtt_port(0), &real).map(|()| retained_topic(c.mqtt_port(0), &real));
+    let carried = publish_retained(c.mqtt_port(0), &real)
+        .map(|()| retained_topic_within(c.mqtt_port(0), &real, settle));
     assert_eq!(
         carried,
         Ok(Some(real.clone())),
