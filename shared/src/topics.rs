@@ -186,6 +186,12 @@ impl TopicKind {
         }
     }
 
+    /// Whether a device sends this kind (everything but the allocator's
+    /// instructions and answers).
+    pub fn is_uplink(self) -> bool {
+        !matches!(self, TopicKind::Instr | TopicKind::Answer)
+    }
+
     /// Whether a device may send this kind on a group-routed topic
     /// ([`routed`]): the uplinks an assigned allocator serves.
     pub fn is_routable(self) -> bool {
@@ -241,18 +247,7 @@ pub fn parse_routed(topic: &str) -> Option<(Option<GroupId>, DeviceId, TopicKind
 /// client may touch only its own topics"): a device may publish only its own
 /// report, ack, status, enrolment request and explicit requests.
 pub fn device_may_publish(device: &DeviceId, topic: &str) -> bool {
-    matches!(
-        parse(topic),
-        Some((
-            d,
-            TopicKind::Report
-                | TopicKind::Ack
-                | TopicKind::Status
-                | TopicKind::Enroll
-                | TopicKind::Request
-                | TopicKind::Diagnostics
-        )) if &d == device
-    )
+    matches!(parse(topic), Some((d, kind)) if kind.is_uplink() && &d == device)
 }
 
 /// … and subscribe only to its own instruction and answer topics and to

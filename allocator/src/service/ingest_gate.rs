@@ -25,7 +25,7 @@
 //! opened again (logged): better a possible loss inside the broker than a
 //! fleet that cannot publish.
 
-use shardline_shared::topics::{self, TopicKind};
+use shardline_shared::topics;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -52,19 +52,7 @@ pub struct IngestGate {
 /// the plain device uplinks it subscribes to. Group-routed uplinks are not
 /// gated (an instance holds only some groups' filters).
 pub fn counts(topic: &str) -> bool {
-    matches!(
-        topics::parse_routed(topic),
-        Some((
-            None,
-            _,
-            TopicKind::Report
-                | TopicKind::Ack
-                | TopicKind::Status
-                | TopicKind::Enroll
-                | TopicKind::Request
-                | TopicKind::Diagnostics
-        ))
-    )
+    matches!(topics::parse_routed(topic), Some((None, _, kind)) if kind.is_uplink())
 }
 
 impl IngestGate {
