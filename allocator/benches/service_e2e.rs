@@ -36,6 +36,12 @@
 //! `packaging/mosquitto/shardline.conf` (its authentication lines left out:
 //! the simulated devices connect anonymously).
 //!
+//! Where the CPU goes: per run, the CPU each part used per accepted report
+//! (the simulator, the broker, the allocator's threads by name, from
+//! /proc). And the floor, first (`SL_BENCH_ONLY=floor` runs it alone): the
+//! same fleet into mosquitto with no allocator, read by a subscriber that
+//! only counts, which says how much of the machine no allocator can have.
+//!
 //! Runs against the embedded broker, then against mosquitto (skipped when it
 //! is not installed), `RUNS` times each, and writes the medians into the
 //! "Allocator service" section of BENCHMARKS.md.
@@ -45,8 +51,8 @@
 
 mod common;
 use common::{
-    device_key, env_or, free_port, machine, median, metric, now_ms, put_section, start_allocator,
-    Killed,
+    cpu_between, cpu_by_thread, device_key, env_or, free_port, machine, median, metric, now_ms,
+    put_section, start_allocator, Killed,
 };
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -112,6 +118,36 @@ struct Outcome {
     /// Sustained: devices whose change instruction arrived, of `changes`.
     sustained: Latencies,
     changes: usize,
+    /// CPU microseconds per accepted report, by part (see [`part_of`]),
+    /// from the first report published until ingest drained.
+    cpu: std::collections::BTreeMap<&'static str, f64>,
+}
+
+/// The parts whose CPU the bench accounts, in the order of the table.
+const PARTS: [&str; 7] = [
+    "simulator",
+    "broker",
+    "allocator I/O",
+    "verify",
+    "core",
+    "store",
+    "allocator other",
+];
+
+/// Which part an allocator thread belongs to, by its name. The embedded
+/// broker (rumqttd) runs on threads of its own; mosquitto is its own
+/// process, read separately.
+fn part_of(thread: &str) -> &'static str {
+    match thread {
+        t if t.starts_with("verify-") => "verify",
+        "allocator-core" => "core",
+        "allocator-store" => "store",
+        // The MQTT link, the broker's front, the API.
+        "allocator-io" => "allocator I/O",
+        "shardline-alloc" | "allocator-assig" => "allocator other",
+        // rumqttd's router and its connection runtime.
+        _ => "broker",
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -154,7 +190,7 @@ fn encrypts_in(i: usize, r: usize) -> bool {
 
 async fn one_run(
     bin: &Path,
-    external: Option<u16>,
+    external: Option<(u16, u32)>,
     devices: usize,
     rounds: usize,
     per_round: usize,
@@ -192,12 +228,31 @@ async fn one_run(
         };
         store.commit(&batch).unwrap();
     }
-    let mqtt_port = external.unwrap_or_else(free_port);
+    let mqtt_port = external.map_or_else(free_port, |(port, _)| port);
     let api_port = free_port();
     let url = external
-        .map(|p| format!("mqtt://127.0.0.1:{p}"))
+        .map(|(p, _)| format!("mqtt://127.0.0.1:{p}"))
         .unwrap_or_default();
-    let (_alloc, api) = start_allocator(bin, &dir, &url, mqtt_port, api_port).await;
+    let (alloc, api) = start_allocator(bin, &dir, &url, mqtt_port, api_port).await;
+    // Whose CPU is read: the allocator's threads, the simulator (this
+    // process) and mosquitto's process when it is the broker.
+    let readings = || {
+        let mut by_part: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        for (thread, us) in cpu_by_thread(alloc.0.id()) {
+            *by_part.entry(part_of(&thread)).or_insert(0) += us;
+        }
+        by_part.insert(
+            "simulator",
+            cpu_by_thread(std::process::id()).values().sum(),
+        );
+        if let Some((_, pid)) = external {
+            *by_part.entry("broker").or_insert(0) += cpu_by_thread(pid).values().sum::<u64>();
+        }
+        by_part
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect::<std::collections::BTreeMap<String, u64>>()
+    };
 
     // Pre-sign every report so the simulator's CPU goes to MQTT, not Ed25519.
     // `per_round` reports per device and second (overload); `v` counts them.
@@ -347,6 +402,7 @@ async fn one_run(
     let slots = 100;
     let per_slot = devices.div_ceil(slots);
     let slot_us = 1_000_000 / (slots * per_round) as u64;
+    let cpu_before = readings();
     let start = tokio::time::Instant::now();
     let mut published = 0u64;
     for v in 0..rounds * per_round {
@@ -392,6 +448,7 @@ async fn one_run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total_secs = start.elapsed().as_secs_f64();
+    let cpu_used = cpu_between(&cpu_before, &readings());
     // Wait until every expected instruction arrived (or time out).
     let changes = (0..devices)
         .filter(|&i| encrypts_in(i, rounds.saturating_sub(1)))
@@ -430,11 +487,158 @@ async fn one_run(
         cold: Latencies::of(take(&cold)),
         sustained: Latencies::of(take(&sustained)),
         changes,
+        cpu: PARTS
+            .iter()
+            .map(|&part| {
+                let us = cpu_used.get(part).copied().unwrap_or(0);
+                (part, us as f64 / accepted.max(1) as f64)
+            })
+            .collect(),
     };
     acker.abort();
     drop(pubs);
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// What the machine can do without the allocator: the same simulated
+/// fleet publishing its pre-signed reports into mosquitto (the shipped
+/// limits), read by one QoS 1 subscriber that only counts them, as the
+/// allocator's link would. Its CPU (simulator and mosquitto) is the part
+/// of the two cores no allocator can have.
+#[derive(Debug, Clone)]
+struct Floor {
+    published: u64,
+    received: u64,
+    seconds: f64,
+    /// From publishing a report to the subscriber receiving it.
+    latency: Latencies,
+    /// CPU microseconds per report received: (simulator, mosquitto).
+    cpu: (f64, f64),
+}
+
+async fn floor_run(broker: (u16, u32), devices: usize, rounds: usize) -> Floor {
+    let (port, broker_pid) = broker;
+    let keys: Vec<KeyPair> = (0..devices).map(|i| device_key(7, i)).collect();
+    let ids: Vec<DeviceId> = (0..devices)
+        .map(|i| DeviceId::new(format!("bench-{i:05}")).unwrap())
+        .collect();
+    let sealed: Vec<Vec<Vec<u8>>> = (0..rounds)
+        .map(|r| {
+            ids.iter()
+                .zip(&keys)
+                .enumerate()
+                .map(|(i, (id, k))| {
+                    sign::seal(
+                        Domain::Report,
+                        &report(id, r as u64 + 1, encrypts_in(i, r)),
+                        &[k],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let sent_at: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(
+        (0..devices)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+    );
+    let t0 = Instant::now();
+    let mut opts = MqttOptions::new("bench-floor-in", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_inflight(1000);
+    let (sub, mut sub_ev) = AsyncClient::new(opts, 20_000);
+    sub.subscribe("shardline/v1/dev/+/report", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let latencies: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let reader = {
+        let (received, latencies, sent_at) = (received.clone(), latencies.clone(), sent_at.clone());
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            loop {
+                match sub_ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let at = t0.elapsed().as_micros() as u64;
+                        received.fetch_add(1, Relaxed);
+                        let i = topics::parse(&p.topic).and_then(|(d, _)| {
+                            d.as_str().strip_prefix("bench-")?.parse::<usize>().ok()
+                        });
+                        if let (Some(i), Ok(mut l)) = (i, latencies.lock()) {
+                            l.push(at.saturating_sub(sent_at[i].load(Relaxed)));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    const PUBLISHERS: usize = 4;
+    let mut pubs = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut opts = MqttOptions::new(format!("bench-floor-out-{p}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_inflight(1000);
+        let (client, mut ev) = AsyncClient::new(opts, 20_000);
+        tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        pubs.push(client);
+    }
+    let cpu_of = || {
+        (
+            cpu_by_thread(std::process::id()).values().sum::<u64>(),
+            cpu_by_thread(broker_pid).values().sum::<u64>(),
+        )
+    };
+    let before = cpu_of();
+    let slots = 100;
+    let per_slot = devices.div_ceil(slots);
+    let start = tokio::time::Instant::now();
+    let mut published = 0u64;
+    for (r, round) in sealed.iter().enumerate() {
+        for s in 0..slots {
+            tokio::time::sleep_until(start + Duration::from_millis((r * slots + s) as u64 * 10))
+                .await;
+            for i in (s * per_slot)..((s + 1) * per_slot).min(devices) {
+                sent_at[i].store(
+                    t0.elapsed().as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                pubs[i % PUBLISHERS]
+                    .publish(
+                        topics::report(&ids[i]),
+                        QoS::AtLeastOnce,
+                        false,
+                        round[i].clone(),
+                    )
+                    .await
+                    .unwrap();
+                published += 1;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(std::sync::atomic::Ordering::Relaxed) < published
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let after = cpu_of();
+    let got = received.load(std::sync::atomic::Ordering::Relaxed);
+    reader.abort();
+    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / got.max(1) as f64;
+    Floor {
+        published,
+        received: got,
+        seconds,
+        latency: Latencies::of(latencies.lock().map(|l| l.clone()).unwrap_or_default()),
+        cpu: (per(before.0, after.0), per(before.1, after.1)),
+    }
 }
 
 fn start_mosquitto(dir: &Path) -> Option<(Killed, u16)> {
@@ -499,6 +703,42 @@ fn main() {
     let tmp = std::env::temp_dir();
     let mut rows = Vec::new();
     let mut overload_rows = Vec::new();
+    let mut cpu_rows = Vec::new();
+    let mut floor_rows = Vec::new();
+    if only.is_empty() || only == "floor" {
+        let mut floors = Vec::new();
+        for run in 0..runs {
+            let Some((mosq, port)) = start_mosquitto(&tmp) else {
+                println!("SKIP the floor: mosquitto is not installed");
+                break;
+            };
+            let f = rt.block_on(floor_run((port, mosq.0.id()), devices, rounds));
+            println!(
+                "floor run {run}: published {} received {} in {:.2} s = {:.0}/s; p50 {:.1} ms p99 {:.1} ms; CPU per report: simulator {:.1} us, mosquitto {:.1} us",
+                f.published,
+                f.received,
+                f.seconds,
+                f.received as f64 / f.seconds,
+                f.latency.p50_ms,
+                f.latency.p99_ms,
+                f.cpu.0,
+                f.cpu.1
+            );
+            floors.push(f);
+        }
+        if !floors.is_empty() {
+            let med = |f: &dyn Fn(&Floor) -> f64| median(floors.iter().map(f).collect());
+            floor_rows.push(format!(
+                "| mosquitto, no allocator | {devices} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                med(&|f| f.received as f64 / f.seconds),
+                med(&|f| f.latency.p50_ms),
+                med(&|f| f.latency.p99_ms),
+                med(&|f| f.cpu.0),
+                med(&|f| f.cpu.1),
+                med(&|f| f.cpu.0 + f.cpu.1),
+            ));
+        }
+    }
     let mut plan = vec![("embedded", 1), ("mosquitto", 1)];
     if overload > 1 {
         plan.extend([("embedded", overload), ("mosquitto", overload)]);
@@ -520,7 +760,7 @@ fn main() {
             } else {
                 None
             };
-            let port = mosq.as_ref().map(|(_, p)| *p);
+            let port = mosq.as_ref().map(|(child, p)| (*p, child.0.id()));
             let o = rt.block_on(one_run(&bin, port, devices, rounds, per_round));
             println!(
                 "{mode} x{per_round} run {run}: published {} accepted {} conflated {} shed {} delivered {} in {:.2} s = {:.0} reports/s; \
@@ -545,6 +785,18 @@ fn main() {
         if outs.is_empty() {
             continue;
         }
+        let cpu: Vec<f64> = PARTS
+            .iter()
+            .map(|part| median(outs.iter().map(|o| o.cpu[part]).collect()))
+            .collect();
+        cpu_rows.push(format!(
+            "| {mode} | {per_round} | {} | {:.1} |",
+            cpu.iter()
+                .map(|us| format!("{us:.1}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            cpu.iter().sum::<f64>(),
+        ));
         if per_round > 1 {
             let med = |f: &dyn Fn(&Outcome) -> f64| median(outs.iter().map(f).collect());
             overload_rows.push(format!(
@@ -590,20 +842,33 @@ fn main() {
             if met { "met" } else { "**missed**" }
         ));
     }
-    write_section(&rows, &overload_rows, devices, rounds, runs, &load_at_start);
+    let tables = Tables {
+        rows,
+        overload_rows,
+        cpu_rows,
+        floor_rows,
+    };
+    write_section(&tables, devices, rounds, runs, &load_at_start);
 }
 
 /// How to read the rows (the bench cannot know the machine's other load).
 const NOTE: &str = "Reading: the target is about the sustained columns: one report per device and second keeps arriving while a tenth of the devices per second change their needs, and the latency is from publishing a changing report to receiving the instruction it caused. The cold-start columns are the thundering herd of the whole fleet's first reports in one second (one plan per device, signed instructions, commits and acks at once, about 40 us of core time each), on the same 2 cores as the broker and the simulator; that backlog drains in the following seconds and has no target. Per-report work: signature check on verifier threads (checked in batches, mean about 35 here: a thread that finds fewer than 16 messages waits 1 ms for more), engine, then one group-committed store transaction (fsync) per queued batch before anything is published; lazily kept engine state is written a few records per commit, paced so each is on disk within `engine_flush_ms`.";
 
-fn write_section(
-    rows: &[String],
-    overload_rows: &[String],
-    devices: usize,
-    rounds: usize,
-    runs: usize,
-    load: &str,
-) {
+/// The rows of the section's tables, each a line of Markdown.
+struct Tables {
+    rows: Vec<String>,
+    overload_rows: Vec<String>,
+    cpu_rows: Vec<String>,
+    floor_rows: Vec<String>,
+}
+
+fn write_section(tables: &Tables, devices: usize, rounds: usize, runs: usize, load: &str) {
+    let Tables {
+        rows,
+        overload_rows,
+        cpu_rows,
+        floor_rows,
+    } = tables;
     let mut section = String::from("## Allocator service\n\n");
     section.push_str(&format!(
         "End to end over MQTT: {devices} simulated devices (own Ed25519 keys and topics, multiplexed over 4 publishing \
@@ -636,6 +901,36 @@ fn write_section(
         section.push_str("| broker | devices | reports per device and s | offered/s | accepted/s | conflated | shed | newest-report p50 ms | newest-report p99 ms | changes handled | instructions delivered |\n");
         section.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in overload_rows {
+            section.push_str(r);
+            section.push('\n');
+        }
+    }
+    if !cpu_rows.is_empty() {
+        section.push_str(&format!(
+            "\nWhere the CPU goes: microseconds of CPU (user + system, from /proc) per accepted report, by part, \
+             from the first report published until ingest drained; median of {runs} runs. Simulator = the bench \
+             process (publishing pre-signed reports, receiving instructions, signing acks); broker = rumqttd's \
+             threads inside the allocator (embedded) or the mosquitto process; allocator I/O = its tokio runtime \
+             (MQTT link, the embedded broker's front, API); verify, core and store = the allocator's threads of \
+             those names. Two cores give 66.7 us per report at 30,000 reports/s for everything together.\n\n"
+        ));
+        section.push_str("| broker | reports per device and s | simulator | broker | allocator I/O | verify | core | store | allocator other | total |\n");
+        section.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in cpu_rows {
+            section.push_str(r);
+            section.push('\n');
+        }
+    }
+    if !floor_rows.is_empty() {
+        section.push_str(&format!(
+            "\nThe floor, in the same run: the same simulator and fleet publishing the same pre-signed reports into \
+             mosquitto (the shipped limits) with no allocator, read by one QoS 1 subscriber that only counts them \
+             (the allocator's link without the allocator). What it costs is the part of the 2 cores that no \
+             allocator can have. Median of {runs} runs.\n\n"
+        ));
+        section.push_str("| broker | devices | received reports/s | p50 ms | p99 ms | simulator us/report | mosquitto us/report | together us/report |\n");
+        section.push_str("|---|---|---|---|---|---|---|---|\n");
+        for r in floor_rows {
             section.push_str(r);
             section.push('\n');
         }

@@ -186,3 +186,48 @@ pub async fn start_allocator(
     }
     (alloc, api)
 }
+
+/// CPU time (user + system, in microseconds) each thread of process `pid`
+/// has used so far, by thread name (`/proc/{pid}/task/*/stat`). Threads of
+/// one name (the runtime's workers, say) are summed.
+pub fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the name may hold spaces, so split at the
+        // last ')'; utime and stime are the 12th and 13th fields after it.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // USER_HZ is 100 in the kernel's ABI on every architecture we run.
+        *out.entry(name).or_insert(0) += (ticks(11) + ticks(12)) * 10_000;
+    }
+    out
+}
+
+/// What each named thread used between two [`cpu_by_thread`] readings.
+pub fn cpu_between(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(name, &t)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            (name.clone(), t.saturating_sub(was))
+        })
+        .collect()
+}
