@@ -6,6 +6,11 @@
 //! worthless) or shed (counted), never silently lost; each device's newest
 //! report is accepted; no ack is dropped.
 //!
+//! The same flood on group-routed topics (issue 19: `[assignment]` on, the
+//! instance serving the group): the embedded broker's ingest gate counts a
+//! group's routed uplinks while the link holds the group's filter, so none
+//! is lost inside rumqttd either.
+//!
 //! Before the pre-verification stage (`verifiers.rs`, core `preverify`) the
 //! MQTT link waited for the verifier threads, fell behind rumqttd's
 //! in-memory log, and rumqttd skipped it ahead: reports it had acknowledged
@@ -17,9 +22,11 @@ mod service_common;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use service_common::*;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
+use shardline_shared::assign::GroupId;
 use shardline_shared::msg::{AckOutcome, InstructionAck, RejectReason};
 use shardline_shared::sign::{self, Domain, KeyPair};
-use shardline_shared::{topics, DeviceId};
+use shardline_shared::topics::{self, TopicKind};
+use shardline_shared::DeviceId;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,13 +56,55 @@ fn padded_report(id: &DeviceId, seq: u64, k: &KeyPair) -> Vec<u8> {
     sign::seal(Domain::Report, &r, &[k])
 }
 
+/// `[assignment]` with one group, served by this instance.
+const ROUTED_EXTRA: &str = r#"
+[instance]
+id = "alloc-a"
+region = "eu-west"
+capacity_reports_per_s = 100000
+endpoints = ["mqtt://127.0.0.1:1883"]
+[assignment]
+enabled = true
+[[assignment.groups]]
+tenant = "acme"
+region = "eu-west"
+capability = "vpn"
+expected_reports_per_s = 10
+"#;
+const GROUP: &str = "acme.eu-west.vpn";
+
 fn sum(alloc: &Allocator, prefixes: &[&str]) -> u64 {
     prefixes.iter().map(|p| alloc.metric(p)).sum::<f64>() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
-    let dir = TempDir::new("overload-embedded");
+    flood(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_routed_report_the_embedded_broker_acknowledged_is_accounted_for() {
+    flood(true).await;
+}
+
+/// The flood, on the plain topics or (`routed`) on the group's.
+async fn flood(routed: bool) {
+    let dir = TempDir::new(if routed {
+        "overload-routed"
+    } else {
+        "overload-embedded"
+    });
+    let group = GroupId::new(GROUP).unwrap();
+    let topic = |id: &DeviceId, kind: TopicKind| {
+        if routed {
+            topics::routed(&group, id, kind)
+        } else {
+            match kind {
+                TopicKind::Ack => topics::ack(id),
+                _ => topics::report(id),
+            }
+        }
+    };
     let keys: Vec<KeyPair> = (0..DEVICES).map(key).collect();
     let ids: Vec<DeviceId> = (0..DEVICES)
         .map(|i| DeviceId::new(format!("flood-{i:04}")).unwrap())
@@ -117,8 +166,28 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
     );
     assert!(size > 3_000, "reports are padded: {size} bytes");
 
-    let alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
+    let alloc = Allocator::start(
+        &dir.0,
+        BrokerMode::Embedded,
+        if routed { ROUTED_EXTRA } else { "" },
+    );
     let port = alloc.mqtt_port;
+    if routed {
+        // The instance leads, places the group on itself and subscribes
+        // its filter; the gate counts the group once the broker granted it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !alloc
+            .log()
+            .contains("ingest gate: counting a group's routed uplinks")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the group's filter was never held; log:\n{}",
+                alloc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // Publishers count the broker's PUBACKs: what it acknowledged.
     let acked = Arc::new(AtomicU64::new(0));
     let mut pubs = Vec::new();
@@ -160,7 +229,12 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
     for (v, round) in sealed.into_iter().enumerate() {
         for (i, bytes) in round.into_iter().enumerate() {
             pubs[i % PUBLISHERS]
-                .publish(topics::report(&ids[i]), QoS::AtLeastOnce, false, bytes)
+                .publish(
+                    topic(&ids[i], TopicKind::Report),
+                    QoS::AtLeastOnce,
+                    false,
+                    bytes,
+                )
                 .await
                 .unwrap();
             published += 1;
@@ -177,7 +251,7 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
                 };
                 pubs[i % PUBLISHERS]
                     .publish(
-                        topics::ack(id),
+                        topic(id, TopicKind::Ack),
                         QoS::AtLeastOnce,
                         false,
                         sign::seal(Domain::Ack, &ack, &[&keys[i]]),
@@ -254,6 +328,14 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
         &jumps[..jumps.len().min(3)]
     );
     assert_eq!(dropped, 0, "genuine, in-order reports are never dropped");
+    if routed {
+        // The link took the group's publishes off the broker all along:
+        // the gate never had to give up on them.
+        assert!(
+            !log.contains("letting them publish again"),
+            "the gate stalled on routed uplinks"
+        );
+    }
     assert!(
         conflated > 0,
         "the flood is meant to exceed what the allocator verifies"

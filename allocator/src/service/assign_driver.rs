@@ -77,6 +77,9 @@ pub struct AssignShared {
     /// Filters held beyond the fixed ones (the MQTT link subscribes them
     /// again on every reconnect).
     pub filters: Mutex<BTreeSet<String>>,
+    /// Every SUBSCRIBE and UNSUBSCRIBE of the MQTT link goes through this
+    /// (the link's and the driver's alike).
+    pub link: super::link_subs::LinkSubs,
     /// Messages counted per group on the routed uplinks since the last beat.
     pub group_counts: Mutex<BTreeMap<GroupId, u64>>,
     /// The latest capacity shortfall per region (reports/s), 0 once placed.
@@ -797,14 +800,17 @@ impl Driver {
             tracing::info!(filter = %f, "assignment: subscribing");
             if let Err(e) = self
                 .rt
-                .block_on(self.client.subscribe(f.clone(), QoS::AtLeastOnce))
+                .block_on(self.shared.link.subscribe(&self.client, f.clone()))
             {
                 tracing::warn!(filter = %f, error = %e, "subscribe not queued");
             }
         }
         for f in c.unsubscribe {
             tracing::info!(filter = %f, "assignment: unsubscribing");
-            if let Err(e) = self.rt.block_on(self.client.unsubscribe(f.clone())) {
+            if let Err(e) = self
+                .rt
+                .block_on(self.shared.link.unsubscribe(&self.client, f.clone()))
+            {
                 tracing::warn!(filter = %f, error = %e, "unsubscribe not queued");
             }
         }

@@ -7,7 +7,7 @@
 use super::core::ToVerify;
 use super::inbound::Inbound;
 use super::verifiers::Verifiers;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet};
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::topics::{self, TopicKind};
 use std::sync::Arc;
@@ -110,9 +110,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 // Out of the embedded broker: devices may send more.
                 if let Some(g) = gate.as_deref() {
-                    if super::ingest_gate::counts(&p.topic) {
-                        g.taken(p.topic.len() + p.payload.len());
-                    }
+                    g.taken(&p.topic, p.topic.len() + p.payload.len());
                 }
                 // Group rates for the assignment engine (routed uplinks).
                 assign.count_routed(&p.topic);
@@ -137,18 +135,23 @@ pub async fn run(
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                assign.link.connected(c.session_present);
                 connected_at = Some(std::time::Instant::now());
                 failed_nodes = 0;
                 resubscribe_wait = RESUBSCRIBE_AFTER;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
-                tokio::spawn(subscribe_all(client.clone(), filters()));
+                tokio::spawn(subscribe_all(client.clone(), assign.clone(), filters()));
                 if tx.send(Inbound::Connected).await.is_err() {
                     return;
                 }
             }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => assign.link.sent(pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                // The filters of its SUBACK (a granted group filter is
+                // counted by the ingest gate from here on).
+                let _filters = assign.link.acked(ack.pkid, &ack.return_codes);
                 let refused = ack
                     .return_codes
                     .iter()
@@ -162,17 +165,22 @@ pub async fn run(
                         wait_ms = wait.as_millis() as u64,
                         "the broker refused a subscription; subscribing again"
                     );
-                    let (client, filters, flag) =
-                        (client.clone(), filters(), retry_scheduled.clone());
+                    let (client, assign, filters, flag) = (
+                        client.clone(),
+                        assign.clone(),
+                        filters(),
+                        retry_scheduled.clone(),
+                    );
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
                         flag.store(false, std::sync::atomic::Ordering::SeqCst);
-                        subscribe_all(client, filters).await;
+                        subscribe_all(client, assign, filters).await;
                     });
                 }
             }
             Ok(_) => {}
             Err(e) => {
+                assign.link.connection_lost();
                 // A connection that drops right after it was made (a broker
                 // without the packet cap replaying an oversize retained
                 // message, say) must not become a reconnect loop: back off,
@@ -212,11 +220,16 @@ pub async fn run(
     }
 }
 
-/// Subscribes (QoS 1) to every filter; subscribing again to a filter the
-/// broker already holds is harmless.
-async fn subscribe_all(client: AsyncClient, filters: Vec<String>) {
+/// Subscribes (QoS 1) to every filter, one SUBSCRIBE each, through the
+/// link's record of them; subscribing again to a filter the broker already
+/// holds is harmless.
+async fn subscribe_all(
+    client: AsyncClient,
+    assign: Arc<super::assign_driver::AssignShared>,
+    filters: Vec<String>,
+) {
     for f in filters {
-        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+        if let Err(e) = assign.link.subscribe(&client, f.clone()).await {
             tracing::error!(filter = %f, error = %e, "subscribe failed");
         }
     }
