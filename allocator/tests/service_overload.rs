@@ -27,7 +27,7 @@ use shardline_shared::msg::{AckOutcome, InstructionAck, RejectReason};
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::topics::{self, TopicKind};
 use shardline_shared::DeviceId;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,39 @@ capability = "vpn"
 expected_reports_per_s = 10
 "#;
 const GROUP: &str = "acme.eu-west.vpn";
+
+/// The overload gauges sampled during the flood: the highest value seen of
+/// each (`/metrics` read every 20 ms on a thread of its own).
+const SAMPLED: [&str; 4] = [
+    "shardline_preverify_reports ",
+    "shardline_preverify_bytes{kind=\"report\"}",
+    "shardline_ingest_gate_behind_bytes ",
+    "shardline_ingest_gate_waiting_connections ",
+];
+
+fn sample(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn sampler(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<[f64; 4]> {
+    std::thread::spawn(move || {
+        let mut max = [0f64; 4];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(r) =
+                shardline_allocator::service::http::request(&url, "GET", "/metrics", None, None)
+            {
+                for (m, prefix) in max.iter_mut().zip(SAMPLED) {
+                    *m = m.max(sample(&r.body, prefix));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        max
+    })
+}
 
 fn sum(alloc: &Allocator, prefixes: &[&str]) -> u64 {
     prefixes.iter().map(|p| alloc.metric(p)).sum::<f64>() as u64
@@ -223,6 +256,16 @@ async fn flood(routed: bool) {
             .unwrap();
         pubs.push(client);
     }
+    // The overload stages as /metrics shows them: idle before the flood.
+    for m in SAMPLED {
+        assert_eq!(alloc.metric(m), 0.0, "{m} before the flood");
+    }
+    assert_eq!(
+        alloc.metric("shardline_ingest_gate_held_seconds_total"),
+        0.0
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler(alloc.api_url(), stop.clone());
     let t = Instant::now();
     let mut published = 0u64;
     let mut acks = 0u64;
@@ -306,6 +349,9 @@ async fn flood(routed: bool) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stop.store(true, Ordering::Relaxed);
+    let max = sampling.join().unwrap();
+    eprintln!("overload gauges, highest seen: {SAMPLED:?} = {max:?}");
     let (accepted, conflated, shed, dropped) = (
         alloc.metric("shardline_reports_accepted_total") as u64,
         alloc.metric("shardline_reports_conflated_total") as u64,
@@ -335,7 +381,22 @@ async fn flood(routed: bool) {
             !log.contains("letting them publish again"),
             "the gate stalled on routed uplinks"
         );
+        assert_eq!(
+            alloc.metric("shardline_ingest_gate_stall_reopens_total"),
+            0.0
+        );
+        assert_eq!(alloc.metric("shardline_ingest_gate_groups "), 1.0);
     }
+    // The overload was visible in /metrics while it lasted: reports
+    // waited in the stage, the link fell behind the front and devices
+    // were held (the flood is sized to need the gate: without it
+    // rumqttd dropped acknowledged reports, ARCHITECTURE.md).
+    for (m, v) in SAMPLED.iter().zip(max) {
+        assert!(v > 0.0, "{m} never moved during the flood");
+    }
+    let held = alloc.metric("shardline_ingest_gate_held_seconds_total");
+    assert!(held > 0.0, "devices were never held");
+    eprintln!("devices held {held:.1} s in all");
     assert!(
         conflated > 0,
         "the flood is meant to exceed what the allocator verifies"
@@ -361,6 +422,10 @@ async fn flood(routed: bool) {
         alloc.metric("shardline_messages_dropped_total{kind=\"ack\",reason=\"not_ours\"}") as u64,
         acks
     );
+    // Everything handled: the stage and the gate are empty again.
+    for m in SAMPLED {
+        assert_eq!(alloc.metric(m), 0.0, "{m} after the flood");
+    }
     for p in pubs {
         let _ = p.disconnect().await;
     }

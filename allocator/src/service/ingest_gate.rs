@@ -38,6 +38,7 @@
 //! out of the link, it is opened again (logged, counted): better a
 //! possible loss inside the broker than a fleet that cannot publish.
 
+use shardline_allocator_core::service::counters::GateState;
 use shardline_shared::assign::GroupId;
 use shardline_shared::topics;
 use std::collections::HashMap;
@@ -223,6 +224,17 @@ impl IngestGate {
     pub fn behind(&self) -> i64 {
         self.behind.load(Ordering::Acquire)
     }
+
+    /// What `/metrics` shows of the gate.
+    pub fn stats(&self) -> GateState {
+        GateState {
+            behind_bytes: self.behind().max(0) as u64,
+            waiting: self.waiting.load(Ordering::Acquire) as u64,
+            held_seconds: self.held_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            stall_reopens: self.stall_reopens.load(Ordering::Relaxed),
+            groups: lock(&self.groups).len() as u64,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -295,7 +307,7 @@ mod tests {
         gate.count_in(&Lane::Group(group()), 700);
         gate.release_all_groups();
         assert_eq!(gate.behind(), 10);
-        assert_eq!(lock(&gate.groups).len(), 0);
+        assert_eq!(gate.stats().groups, 0);
     }
 
     #[tokio::test]
@@ -308,16 +320,16 @@ mod tests {
         let waiter = tokio::spawn(async move { g.admit(&Lane::Plain, 100).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiter.is_finished(), "a window behind: the front waits");
-        assert_eq!(gate.waiting.load(Ordering::Acquire), 1);
+        assert_eq!(gate.stats().waiting, 1);
         gate.release_group(&group());
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("let go well before the stall")
             .unwrap();
         assert_eq!(gate.behind(), 100);
-        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
-        assert_eq!(gate.stall_reopens.load(Ordering::Relaxed), 0);
-        assert!(gate.held_micros.load(Ordering::Relaxed) >= 300_000);
+        let stats = gate.stats();
+        assert_eq!((stats.waiting, stats.stall_reopens), (0, 0));
+        assert!(stats.held_seconds >= 0.3, "{stats:?}");
     }
 
     #[tokio::test]
@@ -343,7 +355,7 @@ mod tests {
         gate.admit(&Lane::Plain, 10).await;
         assert!(t.elapsed() >= STALL);
         assert_eq!(gate.behind(), 10);
-        assert_eq!(gate.stall_reopens.load(Ordering::Relaxed), 1);
+        assert_eq!(gate.stats().stall_reopens, 1);
         // The group's count was reset with it: releasing it now gives
         // back nothing more.
         gate.release_group(&group());

@@ -303,6 +303,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         verified.clone(),
     )
     .map_err(StartError::Thread)?;
+    let _ = metrics
+        .overload
+        .set(Box::new(super::metrics::OverloadStages {
+            stage: verifiers.probe(),
+            gate: external.is_none().then(|| gate.clone()),
+        }));
     tokio::spawn(mqtt::run(
         eventloop,
         client.clone(),
