@@ -151,7 +151,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 // The filters of its SUBACK (a granted group filter is
                 // counted by the ingest gate from here on).
-                let _filters = assign.link.acked(ack.pkid, &ack.return_codes);
+                let named = assign.link.acked(ack.pkid, &ack.return_codes);
                 let refused = ack
                     .return_codes
                     .iter()
@@ -162,6 +162,7 @@ pub async fn run(
                     resubscribe_wait = (resubscribe_wait * 2).min(BACKOFF_MAX);
                     tracing::warn!(
                         pkid = ack.pkid,
+                        filters = %refused_filters(named.as_deref()),
                         wait_ms = wait.as_millis() as u64,
                         "the broker refused a subscription; subscribing again"
                     );
@@ -176,6 +177,12 @@ pub async fn run(
                         flag.store(false, std::sync::atomic::Ordering::SeqCst);
                         subscribe_all(client, assign, filters).await;
                     });
+                } else if refused {
+                    tracing::warn!(
+                        pkid = ack.pkid,
+                        filters = %refused_filters(named.as_deref()),
+                        "the broker refused a subscription; a new round is already scheduled"
+                    );
                 }
             }
             Ok(_) => {}
@@ -235,6 +242,21 @@ async fn subscribe_all(
     }
 }
 
+/// The refused filters of a SUBACK, for its log: `filters` from
+/// [`LinkSubs::acked`](super::link_subs::LinkSubs::acked), or "unknown"
+/// when its SUBSCRIBE could not be named (sent before a reconnect, say).
+fn refused_filters(filters: Option<&[(String, bool)]>) -> String {
+    match filters {
+        Some(f) => f
+            .iter()
+            .filter(|(_, granted)| !granted)
+            .map(|(f, _)| f.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        None => "unknown".to_owned(),
+    }
+}
+
 /// `opts` with another broker address: the settings the service sets
 /// (rumqttc has no setter for the address alone).
 pub fn options_for_node(
@@ -253,4 +275,30 @@ pub fn options_for_node(
         o.set_credentials(login.username, login.password);
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::link_subs::SubBook;
+    use rumqttc::{QoS, SubscribeReasonCode};
+
+    #[test]
+    fn a_refused_subacks_log_names_the_refused_filters() {
+        let mut book = SubBook::default();
+        book.connected(false);
+        book.queued(vec![topics::ALL_REPORTS.into(), topics::ALL_ACKS.into()]);
+        book.sent(41);
+        let named = book.acked(
+            41,
+            &[
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+            ],
+        );
+        assert_eq!(refused_filters(named.as_deref()), topics::ALL_ACKS);
+        // A SUBACK whose SUBSCRIBE was not recorded says so.
+        let unknown = book.acked(42, &[SubscribeReasonCode::Failure]);
+        assert_eq!(refused_filters(unknown.as_deref()), "unknown");
+    }
 }
