@@ -145,6 +145,10 @@ impl LinkSubs {
     /// Subscribes `client` (QoS 1) to `filter`, recorded (see the module
     /// doc). Waits up to 5 s for room in the request channel.
     pub async fn subscribe(&self, client: &AsyncClient, filter: String) -> Result<(), ClientError> {
+        if !rumqttc::valid_filter(&filter) {
+            // Refused by rumqttc at once, as a full channel is: no retry.
+            return client.try_subscribe(filter, QoS::AtLeastOnce);
+        }
         let mut tries = 0;
         loop {
             {
@@ -281,6 +285,24 @@ mod tests {
         assert_eq!(
             b.acked(2, &[Success(QoS::AtLeastOnce)]),
             Some(vec![("held".to_owned(), true)])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_filter_is_refused_at_once_and_leaves_no_record() {
+        let link = LinkSubs::default();
+        let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, _eventloop) = AsyncClient::new(opts, 10);
+        let t = std::time::Instant::now();
+        assert!(link.subscribe(&client, "a/#/b".into()).await.is_err());
+        assert!(t.elapsed() < Duration::from_secs(1), "no retries");
+        link.subscribe(&client, "a/+".into()).await.unwrap();
+        link.connected(false);
+        link.sent(1);
+        assert_eq!(
+            link.acked(1, &[Success(QoS::AtLeastOnce)]),
+            Some(vec![("a/+".to_owned(), true)]),
+            "the valid one is the only record"
         );
     }
 
