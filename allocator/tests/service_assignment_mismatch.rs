@@ -141,8 +141,33 @@ async fn an_instance_whose_groups_differ_from_the_leads_is_flagged_and_gets_no_g
         .filter(|l| l.contains("differ from the lead's"))
         .count();
     assert_eq!(warnings, 1, "{}", a.log());
-    // alloc-b is not the lead: it counts nothing.
+    // alloc-b is not the lead: it counts nothing. Any instance's API and
+    // shardctl say which instance differs.
     assert_eq!(b.metric("shardline_assignment_config_mismatch"), 0.0);
+    let (_, v) = b.api("GET", "/v1/assignments", None);
+    let differ: BTreeMap<&str, bool> = v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["server"].as_str().unwrap(),
+                s["groups_differ"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        differ,
+        BTreeMap::from([("alloc-a", false), ("alloc-b", true)]),
+        "{v}"
+    );
+    let out = b.shardctl(&["assignment"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("alloc-b") && l.contains("GROUPS DIFFER FROM THE LEAD'S")),
+        "{text}"
+    );
 
     // The same groups on alloc-b now: no longer flagged, and it takes the
     // group the lead had no room for.
