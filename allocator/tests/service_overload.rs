@@ -6,6 +6,11 @@
 //! worthless) or shed (counted), never silently lost; each device's newest
 //! report is accepted; no ack is dropped.
 //!
+//! The same flood on group-routed topics (issue 19: `[assignment]` on, the
+//! instance serving the group): the embedded broker's ingest gate counts a
+//! group's routed uplinks while the link holds the group's filter, so none
+//! is lost inside rumqttd either.
+//!
 //! Before the pre-verification stage (`verifiers.rs`, core `preverify`) the
 //! MQTT link waited for the verifier threads, fell behind rumqttd's
 //! in-memory log, and rumqttd skipped it ahead: reports it had acknowledged
@@ -17,10 +22,12 @@ mod service_common;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use service_common::*;
 use shardline_allocator::service::store::{Batch, DeviceRecord, RedbStore, Store};
+use shardline_shared::assign::GroupId;
 use shardline_shared::msg::{AckOutcome, InstructionAck, RejectReason};
 use shardline_shared::sign::{self, Domain, KeyPair};
-use shardline_shared::{topics, DeviceId};
-use std::sync::atomic::{AtomicU64, Ordering};
+use shardline_shared::topics::{self, TopicKind};
+use shardline_shared::DeviceId;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,13 +56,88 @@ fn padded_report(id: &DeviceId, seq: u64, k: &KeyPair) -> Vec<u8> {
     sign::seal(Domain::Report, &r, &[k])
 }
 
+/// `[assignment]` with one group, served by this instance.
+const ROUTED_EXTRA: &str = r#"
+[instance]
+id = "alloc-a"
+region = "eu-west"
+capacity_reports_per_s = 100000
+endpoints = ["mqtt://127.0.0.1:1883"]
+[assignment]
+enabled = true
+[[assignment.groups]]
+tenant = "acme"
+region = "eu-west"
+capability = "vpn"
+expected_reports_per_s = 10
+"#;
+const GROUP: &str = "acme.eu-west.vpn";
+
+/// The overload gauges sampled during the flood: the highest value seen of
+/// each (`/metrics` read every 20 ms on a thread of its own).
+const SAMPLED: [&str; 4] = [
+    "shardline_preverify_reports ",
+    "shardline_preverify_bytes{kind=\"report\"}",
+    "shardline_ingest_gate_behind_bytes ",
+    "shardline_ingest_gate_waiting_connections ",
+];
+
+fn sample(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn sampler(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<[f64; 4]> {
+    std::thread::spawn(move || {
+        let mut max = [0f64; 4];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(r) =
+                shardline_allocator::service::http::request(&url, "GET", "/metrics", None, None)
+            {
+                for (m, prefix) in max.iter_mut().zip(SAMPLED) {
+                    *m = m.max(sample(&r.body, prefix));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        max
+    })
+}
+
 fn sum(alloc: &Allocator, prefixes: &[&str]) -> u64 {
     prefixes.iter().map(|p| alloc.metric(p)).sum::<f64>() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
-    let dir = TempDir::new("overload-embedded");
+    flood(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_routed_report_the_embedded_broker_acknowledged_is_accounted_for() {
+    flood(true).await;
+}
+
+/// The flood, on the plain topics or (`routed`) on the group's.
+async fn flood(routed: bool) {
+    let dir = TempDir::new(if routed {
+        "overload-routed"
+    } else {
+        "overload-embedded"
+    });
+    let group = GroupId::new(GROUP).unwrap();
+    let topic = |id: &DeviceId, kind: TopicKind| {
+        if routed {
+            topics::routed(&group, id, kind)
+        } else {
+            match kind {
+                TopicKind::Ack => topics::ack(id),
+                _ => topics::report(id),
+            }
+        }
+    };
     let keys: Vec<KeyPair> = (0..DEVICES).map(key).collect();
     let ids: Vec<DeviceId> = (0..DEVICES)
         .map(|i| DeviceId::new(format!("flood-{i:04}")).unwrap())
@@ -117,8 +199,28 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
     );
     assert!(size > 3_000, "reports are padded: {size} bytes");
 
-    let alloc = Allocator::start(&dir.0, BrokerMode::Embedded, "");
+    let alloc = Allocator::start(
+        &dir.0,
+        BrokerMode::Embedded,
+        if routed { ROUTED_EXTRA } else { "" },
+    );
     let port = alloc.mqtt_port;
+    if routed {
+        // The instance leads, places the group on itself and subscribes
+        // its filter; the gate counts the group once the broker granted it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !alloc
+            .log()
+            .contains("ingest gate: counting a group's routed uplinks")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the group's filter was never held; log:\n{}",
+                alloc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // Publishers count the broker's PUBACKs: what it acknowledged.
     let acked = Arc::new(AtomicU64::new(0));
     let mut pubs = Vec::new();
@@ -154,13 +256,28 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
             .unwrap();
         pubs.push(client);
     }
+    // The overload stages as /metrics shows them: idle before the flood.
+    for m in SAMPLED {
+        assert_eq!(alloc.metric(m), 0.0, "{m} before the flood");
+    }
+    assert_eq!(
+        alloc.metric("shardline_ingest_gate_held_seconds_total"),
+        0.0
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampling = sampler(alloc.api_url(), stop.clone());
     let t = Instant::now();
     let mut published = 0u64;
     let mut acks = 0u64;
     for (v, round) in sealed.into_iter().enumerate() {
         for (i, bytes) in round.into_iter().enumerate() {
             pubs[i % PUBLISHERS]
-                .publish(topics::report(&ids[i]), QoS::AtLeastOnce, false, bytes)
+                .publish(
+                    topic(&ids[i], TopicKind::Report),
+                    QoS::AtLeastOnce,
+                    false,
+                    bytes,
+                )
                 .await
                 .unwrap();
             published += 1;
@@ -177,7 +294,7 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
                 };
                 pubs[i % PUBLISHERS]
                     .publish(
-                        topics::ack(id),
+                        topic(id, TopicKind::Ack),
                         QoS::AtLeastOnce,
                         false,
                         sign::seal(Domain::Ack, &ack, &[&keys[i]]),
@@ -232,6 +349,9 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stop.store(true, Ordering::Relaxed);
+    let max = sampling.join().unwrap();
+    eprintln!("overload gauges, highest seen: {SAMPLED:?} = {max:?}");
     let (accepted, conflated, shed, dropped) = (
         alloc.metric("shardline_reports_accepted_total") as u64,
         alloc.metric("shardline_reports_conflated_total") as u64,
@@ -254,6 +374,29 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
         &jumps[..jumps.len().min(3)]
     );
     assert_eq!(dropped, 0, "genuine, in-order reports are never dropped");
+    if routed {
+        // The link took the group's publishes off the broker all along:
+        // the gate never had to give up on them.
+        assert!(
+            !log.contains("letting them publish again"),
+            "the gate stalled on routed uplinks"
+        );
+        assert_eq!(
+            alloc.metric("shardline_ingest_gate_stall_reopens_total"),
+            0.0
+        );
+        assert_eq!(alloc.metric("shardline_ingest_gate_groups "), 1.0);
+    }
+    // The overload was visible in /metrics while it lasted: reports
+    // waited in the stage, the link fell behind the front and devices
+    // were held (the flood is sized to need the gate: without it
+    // rumqttd dropped acknowledged reports, ARCHITECTURE.md).
+    for (m, v) in SAMPLED.iter().zip(max) {
+        assert!(v > 0.0, "{m} never moved during the flood");
+    }
+    let held = alloc.metric("shardline_ingest_gate_held_seconds_total");
+    assert!(held > 0.0, "devices were never held");
+    eprintln!("devices held {held:.1} s in all");
     assert!(
         conflated > 0,
         "the flood is meant to exceed what the allocator verifies"
@@ -279,6 +422,10 @@ async fn every_report_the_embedded_broker_acknowledged_is_accounted_for() {
         alloc.metric("shardline_messages_dropped_total{kind=\"ack\",reason=\"not_ours\"}") as u64,
         acks
     );
+    // Everything handled: the stage and the gate are empty again.
+    for m in SAMPLED {
+        assert_eq!(alloc.metric(m), 0.0, "{m} after the flood");
+    }
     for p in pubs {
         let _ = p.disconnect().await;
     }

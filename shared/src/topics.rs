@@ -154,6 +154,15 @@ pub fn group_uplink_filter(group: &GroupId) -> String {
     format!("{PREFIX}/g/{}/dev/+/+", group_levels(group))
 }
 
+/// The group of a [`group_uplink_filter`] (`None` for any other filter).
+pub fn uplink_filter_group(filter: &str) -> Option<GroupId> {
+    let rest = filter.strip_prefix(PREFIX)?.strip_prefix("/g/")?;
+    match split_group(rest)? {
+        (group, "/dev/+/+") => Some(group),
+        _ => None,
+    }
+}
+
 /// The kind of a device topic, parsed back from a full topic name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicKind {
@@ -310,6 +319,16 @@ mod tests {
         assert_eq!(
             group_uplink_filter(&g),
             "shardline/v1/g/acme/eu-west/vpn/dev/+/+"
+        );
+        assert_eq!(
+            uplink_filter_group(&group_uplink_filter(&g)),
+            Some(g.clone())
+        );
+        assert_eq!(uplink_filter_group(ALL_REPORTS), None);
+        assert_eq!(uplink_filter_group("shardline/v1/g/+/+/+/dev/+/+"), None);
+        assert_eq!(
+            uplink_filter_group("shardline/v1/g/acme/eu-west/vpn/dev/+/report"),
+            None
         );
         for kind in [
             TopicKind::Report,

@@ -324,6 +324,53 @@ fn a_server_whose_own_metrics_turn_bad_loses_its_groups_at_once() {
 }
 
 #[test]
+fn a_server_whose_group_definitions_differ_gets_no_group_until_they_match() {
+    let mut sim = europe();
+    sim.take();
+    let on_w1: Vec<String> = (0..6)
+        .map(|i| format!("t{i}.eu-west.vpn"))
+        .filter(|g| sim.on(g) == "w1")
+        .collect();
+    assert!(!on_w1.is_empty());
+    // The lead saw another digest in w1's heartbeat.
+    let now = sim.now;
+    sim.engine.handle_server_config(now, &sid("w1"), false);
+    // Told again (every tick): no second run.
+    sim.engine.handle_server_config(now, &sid("w1"), false);
+    sim.run_for(1_000);
+    let actions = sim.take();
+    let runs = reruns(&actions);
+    assert_eq!(runs.len(), 1, "{actions:?}");
+    assert_eq!(
+        runs[0].reasons,
+        vec![RerunReason::ConfigMismatch(sid("w1"))],
+        "{actions:?}"
+    );
+    for g in &on_w1 {
+        assert_ne!(sim.on(g), "w1", "{g}");
+    }
+    // Heartbeats alone do not make it eligible again …
+    sim.run_for(10 * WINDOW);
+    for i in 0..6 {
+        assert_ne!(sim.on(&format!("t{i}.eu-west.vpn")), "w1", "t{i}");
+    }
+    assert!(sim.engine.server(&sid("w1")).unwrap().config_mismatch);
+    // … matching again does (it joins like a new server).
+    let now = sim.now;
+    sim.engine.handle_server_config(now, &sid("w1"), true);
+    sim.take();
+    sim.run_for(1_000);
+    let actions = sim.take();
+    assert!(reruns(&actions)
+        .iter()
+        .any(|r| r.reasons.contains(&RerunReason::ServerJoined(sid("w1")))));
+    assert!(!sim.engine.server(&sid("w1")).unwrap().config_mismatch);
+    // An unknown server is ignored.
+    sim.engine.handle_server_config(now, &sid("nobody"), false);
+    assert!(sim.engine.server(&sid("nobody")).is_none());
+}
+
+#[test]
 fn a_capacity_shortfall_fires_the_hook_and_groups_go_to_the_least_bad_server() {
     let mut sim = Sim::new(config());
     sim.server("w1", "eu-west", 100.0);

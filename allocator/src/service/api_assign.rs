@@ -1,7 +1,8 @@
 //! `GET /v1/assignments` and `GET /v1/assignments/{group}/history` (issue
 //! 19, viewer): each group's current assignment (version, server, region,
 //! endpoints, issue and expiry, last change and why), the instances'
-//! heartbeats (load, capacity, latency, errors, age, alive) and the capacity
+//! heartbeats (load, capacity, latency, errors, age, alive, whether its
+//! `[[assignment.groups]]` differ from the live lead's) and the capacity
 //! shortfalls per region (amount, groups, since when: written by the lead
 //! into the store); a group's published versions and withdrawals, newest
 //! first.
@@ -93,6 +94,12 @@ async fn assignments(State(state): State<ApiState>) -> Response {
     let now = now_ms();
     let timeout = state.assign.heartbeat_timeout_ms();
     let groups: Vec<Value> = stored.iter().map(|s| assignment_json(s, now)).collect();
+    // The live lead's group digest, which the others must match.
+    let lead_digest = beats
+        .iter()
+        .filter(|b| b.lead && now.saturating_sub(b.at_ms) < timeout)
+        .max_by_key(|b| b.at_ms)
+        .and_then(|b| b.groups_digest.as_deref());
     let servers: Vec<Value> = beats
         .iter()
         .map(|b| {
@@ -111,6 +118,11 @@ async fn assignments(State(state): State<ApiState>) -> Response {
                 "alive": age < timeout,
                 "lead": b.lead,
                 "groups": stored.iter().filter(|s| s.assignment.server == r.id).count(),
+                "groups_digest": b.groups_digest,
+                "groups_differ": matches!(
+                    (lead_digest, b.groups_digest.as_deref()),
+                    (Some(l), Some(d)) if l != d
+                ),
             })
         })
         .collect();

@@ -94,6 +94,23 @@ impl AssignmentSection {
     }
 
     /// The declared groups (valid after [`check`]).
+    /// A digest of the group definitions: the same groups with the same
+    /// expected rates give the same digest, in any order (hex, 128 bits of
+    /// SHA-256). Instances sharing a store must agree on it (the lead
+    /// compares the digests in the heartbeats, `assign_driver`).
+    pub fn groups_digest(&self) -> String {
+        use sha2::Digest as _;
+        let mut specs = self.group_specs();
+        specs.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut h = sha2::Sha256::new();
+        for s in &specs {
+            h.update(s.id.as_str().as_bytes());
+            h.update([0]);
+            h.update(s.expected_rate.to_bits().to_be_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+
     pub fn group_specs(&self) -> Vec<GroupSpec> {
         self.groups
             .iter()
@@ -246,6 +263,26 @@ mod tests {
             ..InstanceConfig::default()
         };
         assert_eq!(i.check().unwrap_err().field, "id");
+    }
+
+    #[test]
+    fn the_groups_digest_depends_on_the_groups_not_their_order() {
+        let g = |t: &str, rate: f64| GroupDecl {
+            tenant: t.into(),
+            region: "eu-west".into(),
+            capability: "vpn".into(),
+            expected_reports_per_s: rate,
+        };
+        let with = |groups: Vec<GroupDecl>| AssignmentSection {
+            groups,
+            ..AssignmentSection::default()
+        };
+        let ab = with(vec![g("a", 1.0), g("b", 2.0)]).groups_digest();
+        assert_eq!(ab.len(), 32);
+        assert_eq!(ab, with(vec![g("b", 2.0), g("a", 1.0)]).groups_digest());
+        assert_ne!(ab, with(vec![g("a", 1.0)]).groups_digest());
+        assert_ne!(ab, with(vec![g("a", 1.0), g("b", 3.0)]).groups_digest());
+        assert_ne!(ab, with(vec![g("a", 1.0), g("c", 2.0)]).groups_digest());
     }
 
     #[test]

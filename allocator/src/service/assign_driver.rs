@@ -77,6 +77,9 @@ pub struct AssignShared {
     /// Filters held beyond the fixed ones (the MQTT link subscribes them
     /// again on every reconnect).
     pub filters: Mutex<BTreeSet<String>>,
+    /// Every SUBSCRIBE and UNSUBSCRIBE of the MQTT link goes through this
+    /// (the link's and the driver's alike).
+    pub link: super::link_subs::LinkSubs,
     /// Messages counted per group on the routed uplinks since the last beat.
     pub group_counts: Mutex<BTreeMap<GroupId, u64>>,
     /// The latest capacity shortfall per region (reports/s), 0 once placed.
@@ -89,6 +92,9 @@ pub struct AssignShared {
     pub groups_per_server: Mutex<BTreeMap<String, u64>>,
     pub versions: Mutex<BTreeMap<String, u64>>,
     pub leading: AtomicU64,
+    /// Instances whose `[[assignment.groups]]` differ from the lead's (0
+    /// unless leading).
+    pub config_mismatch: AtomicU64,
     /// The engine's heartbeat timeout (for the API's "alive"); 0 = the
     /// engine default.
     pub heartbeat_timeout_ms: AtomicU64,
@@ -191,6 +197,11 @@ impl AssignShared {
             out,
             "# TYPE shardline_assignment_leading gauge\nshardline_assignment_leading {}",
             self.leading.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shardline_assignment_config_mismatch Instances whose [[assignment.groups]] differ from the lead's (they get no group; 0 unless leading).\n# TYPE shardline_assignment_config_mismatch gauge\nshardline_assignment_config_mismatch {}",
+            self.config_mismatch.load(Ordering::Relaxed)
         );
         out
     }
@@ -309,6 +320,7 @@ pub fn reason_label(r: &RerunReason) -> &'static str {
         RerunReason::GroupAdded(_) => "group_added",
         RerunReason::GroupRemoved(_) => "group_removed",
         RerunReason::Unhealthy(_) => "unhealthy",
+        RerunReason::ConfigMismatch(_) => "config_mismatch",
     }
 }
 
@@ -354,6 +366,17 @@ fn feed_beats<'a>(
         fed.insert(b.report.id.clone(), at);
     }
     fresh
+}
+
+/// The instances among `fresh` whose group definitions differ from the
+/// lead's digest `own`. A heartbeat without a digest (written by an older
+/// version) cannot be compared and is not counted.
+pub fn mismatched_configs(own: &str, fresh: &[&ServerBeat]) -> BTreeSet<ServerId> {
+    fresh
+        .iter()
+        .filter(|b| b.groups_digest.as_deref().is_some_and(|d| d != own))
+        .map(|b| b.report.id.clone())
+        .collect()
 }
 
 /// Everything the driver thread needs.
@@ -499,12 +522,15 @@ impl Driver {
                 at_ms: now,
                 group_rates: figures.group_rates.clone(),
                 lead: leading,
+                groups_digest: Some(self.section.groups_digest()),
             };
             if let Err(e) = self.store.put_server_beat(&beat) {
                 tracing::warn!(error = %e, "assignment: heartbeat not written");
             }
             if !leading {
                 lead = None;
+                // Only the lead compares the instances' groups.
+                self.shared.config_mismatch.store(0, Ordering::Relaxed);
             } else if self.section.enabled {
                 if let Err(e) = self.drive(now, &mut lead, &mut warn) {
                     tracing::warn!(error = %e, "assignment: the lead's run failed; rebuilding from the store next tick");
@@ -593,6 +619,24 @@ impl Driver {
             self.resign(now)?;
         }
         let fresh = feed_beats(&mut l.engine, &mut l.fed, &beats, now);
+        let own = self.section.groups_digest();
+        let mismatched = mismatched_configs(&own, &fresh);
+        for b in &fresh {
+            let id = &b.report.id;
+            let differs = mismatched.contains(id);
+            l.engine.handle_server_config(now, id, !differs);
+            if differs && warn.allow(&format!("config-mismatch/{id}"), now) {
+                tracing::warn!(
+                    server = %id,
+                    digest = b.groups_digest.as_deref().unwrap_or("-"),
+                    lead_digest = %own,
+                    "assignment: this instance's [[assignment.groups]] differ from the lead's; it gets no group until they match"
+                );
+            }
+        }
+        self.shared
+            .config_mismatch
+            .store(mismatched.len() as u64, Ordering::Relaxed);
         let mut rates: BTreeMap<&GroupId, f64> = BTreeMap::new();
         for b in &fresh {
             for (g, r) in &b.group_rates {
@@ -797,14 +841,17 @@ impl Driver {
             tracing::info!(filter = %f, "assignment: subscribing");
             if let Err(e) = self
                 .rt
-                .block_on(self.client.subscribe(f.clone(), QoS::AtLeastOnce))
+                .block_on(self.shared.link.subscribe(&self.client, f.clone()))
             {
                 tracing::warn!(filter = %f, error = %e, "subscribe not queued");
             }
         }
         for f in c.unsubscribe {
             tracing::info!(filter = %f, "assignment: unsubscribing");
-            if let Err(e) = self.rt.block_on(self.client.unsubscribe(f.clone())) {
+            if let Err(e) = self
+                .rt
+                .block_on(self.shared.link.unsubscribe(&self.client, f.clone()))
+            {
                 tracing::warn!(filter = %f, error = %e, "unsubscribe not queued");
             }
         }
@@ -910,6 +957,39 @@ mod tests {
     }
 
     #[test]
+    fn only_instances_with_another_groups_digest_are_mismatched() {
+        use shardline_allocator_core::assign::ServerReport;
+        use shardline_shared::assign::Region;
+        let beat = |id: &str, digest: Option<&str>| ServerBeat {
+            report: ServerReport {
+                id: ServerId::new(id).unwrap(),
+                region: Region::new("eu").unwrap(),
+                capacity: 10.0,
+                endpoints: vec!["mqtt://h:1".into()],
+                p99_latency_ms: 1.0,
+                error_rate: 0.0,
+                load: 0.0,
+            },
+            at_ms: 1,
+            group_rates: vec![],
+            lead: false,
+            groups_digest: digest.map(str::to_owned),
+        };
+        let beats = [
+            beat("lead", Some("aa")),
+            beat("same", Some("aa")),
+            beat("other", Some("bb")),
+            beat("old", None),
+        ];
+        let fresh: Vec<&ServerBeat> = beats.iter().collect();
+        let m = mismatched_configs("aa", &fresh);
+        assert_eq!(
+            m.into_iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            vec!["other"]
+        );
+    }
+
+    #[test]
     fn a_regions_warning_is_logged_at_most_once_a_minute() {
         let mut w = WarnLimiter::default();
         assert!(w.allow("eu", 0));
@@ -940,6 +1020,7 @@ mod tests {
             at_ms: at,
             group_rates: vec![],
             lead: false,
+            groups_digest: None,
         };
         let mut fed = BTreeMap::new();
         let beats = [beat("a", 9_500), beat("b", 8_000)];

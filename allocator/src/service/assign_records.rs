@@ -18,6 +18,11 @@ pub struct ServerBeat {
     pub group_rates: Vec<(GroupId, f64)>,
     /// Whether the writer held the store's lead.
     pub lead: bool,
+    /// A digest of the writer's `[[assignment.groups]]`
+    /// (`AssignmentSection::groups_digest`), which the lead compares with
+    /// its own. `None` in a heartbeat written before it existed: it is the
+    /// last field, so `dec` pads such a record and it still decodes.
+    pub groups_digest: Option<String>,
 }
 
 /// A group's last published assignment.
@@ -72,4 +77,59 @@ pub struct ShortfallRecord {
     pub since_ms: u64,
     /// When the lead last saw it.
     pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardline_allocator_core::assign::ServerReport;
+    use shardline_shared::assign::{Region, ServerId};
+
+    /// A heartbeat as written before `groups_digest` existed.
+    #[derive(Serialize)]
+    struct BeatBeforeDigest {
+        report: ServerReport,
+        at_ms: u64,
+        group_rates: Vec<(GroupId, f64)>,
+        lead: bool,
+    }
+
+    #[test]
+    fn a_heartbeat_written_before_the_groups_digest_still_decodes() {
+        let report = ServerReport {
+            id: ServerId::new("alloc-old").unwrap(),
+            region: Region::new("eu-west").unwrap(),
+            capacity: 10.0,
+            endpoints: vec!["mqtt://h:1".into()],
+            p99_latency_ms: 1.0,
+            error_rate: 0.0,
+            load: 2.0,
+        };
+        let rates = vec![(GroupId::new("acme.eu-west.vpn").unwrap(), 1.5)];
+        let old = super::super::store::enc(&BeatBeforeDigest {
+            report: report.clone(),
+            at_ms: 7,
+            group_rates: rates.clone(),
+            lead: true,
+        });
+        let beat: ServerBeat = super::super::store::dec("alloc-old", &old).unwrap();
+        assert_eq!(
+            beat,
+            ServerBeat {
+                report,
+                at_ms: 7,
+                group_rates: rates,
+                lead: true,
+                groups_digest: None,
+            }
+        );
+        // And a new one round-trips with its digest.
+        let new = ServerBeat {
+            groups_digest: Some("ab".repeat(16)),
+            ..beat
+        };
+        let back: ServerBeat =
+            super::super::store::dec("alloc-old", &super::super::store::enc(&new)).unwrap();
+        assert_eq!(back, new);
+    }
 }

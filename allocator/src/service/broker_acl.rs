@@ -285,7 +285,7 @@ async fn relay(
                 break;
             }
             if let Request::Publish { topic } = &request {
-                if super::ingest_gate::counts(topic) {
+                if let Some(lane) = gate.lane(topic) {
                     // Held here while the MQTT link lags (rumqttd would
                     // drop what it cannot hold, acknowledged or not); what
                     // is gathered goes first.
@@ -295,7 +295,7 @@ async fn relay(
                         }
                         out.clear();
                     }
-                    gate.admit(topic.len() + publish_payload_len(&packet, topic))
+                    gate.admit(&lane, topic.len() + publish_payload_len(&packet, topic))
                         .await;
                 }
             }

@@ -2,9 +2,86 @@
 //! (`GET /metrics`). The counters themselves live in the core crate
 //! (`shardline_allocator_core::service::counters`); a scrape only reads them.
 
-use shardline_allocator_core::service::counters::{Drop, Kind, Metrics, REFUSAL_REASONS};
+use shardline_allocator_core::service::counters::{
+    Drop, Kind, Metrics, Overload, OverloadProbe, REFUSAL_REASONS,
+};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The stages in front of the core, read at each scrape: the verifier
+/// threads' unverified stages and, with the embedded broker, its gate.
+#[derive(Debug)]
+pub struct OverloadStages {
+    pub stage: super::verifiers::StageProbe,
+    pub gate: Option<std::sync::Arc<super::ingest_gate::IngestGate>>,
+}
+
+impl OverloadProbe for OverloadStages {
+    fn read(&self) -> Overload {
+        let (stage_reports, stage_acks, stage_report_bytes, stage_ack_bytes) = self.stage.read();
+        Overload {
+            stage_reports,
+            stage_acks,
+            stage_report_bytes,
+            stage_ack_bytes,
+            gate: self.gate.as_ref().map(|g| g.stats()),
+        }
+    }
+}
+
+/// The overload stages' lines (issue 19): what waits for a signature check,
+/// and the embedded broker's ingest gate (only with the embedded broker).
+fn render_overload(out: &mut String, o: &Overload) {
+    let mut gauge = |name: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        "shardline_preverify_reports",
+        "Reports waiting for their signature check (the conflating stage in front of the verifiers).",
+        o.stage_reports.to_string(),
+    );
+    gauge(
+        "shardline_preverify_acks",
+        "Acks waiting for their signature check.",
+        o.stage_acks.to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardline_preverify_bytes Payload bytes waiting for their signature check.\n# TYPE shardline_preverify_bytes gauge\nshardline_preverify_bytes{{kind=\"report\"}} {}\nshardline_preverify_bytes{{kind=\"ack\"}} {}",
+        o.stage_report_bytes, o.stage_ack_bytes
+    );
+    let Some(g) = &o.gate else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP shardline_ingest_gate_behind_bytes Bytes of device uplinks the embedded broker took in and the MQTT link has not taken out.\n# TYPE shardline_ingest_gate_behind_bytes gauge\nshardline_ingest_gate_behind_bytes {}",
+        g.behind_bytes
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardline_ingest_gate_waiting_connections Device connections held back now (the link is a window behind).\n# TYPE shardline_ingest_gate_waiting_connections gauge\nshardline_ingest_gate_waiting_connections {}",
+        g.waiting
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardline_ingest_gate_held_seconds_total Time device connections were held back, summed over connections.\n# TYPE shardline_ingest_gate_held_seconds_total counter\nshardline_ingest_gate_held_seconds_total {:.3}",
+        g.held_seconds
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardline_ingest_gate_stall_reopens_total Times the gate opened because nothing came out of the MQTT link for 2 s.\n# TYPE shardline_ingest_gate_stall_reopens_total counter\nshardline_ingest_gate_stall_reopens_total {}",
+        g.stall_reopens
+    );
+    let _ = writeln!(
+        out,
+        "# HELP shardline_ingest_gate_groups Groups whose routed uplinks the gate counts (their filter held by the link).\n# TYPE shardline_ingest_gate_groups gauge\nshardline_ingest_gate_groups {}",
+        g.groups
+    );
+}
 
 /// The Prometheus text exposition.
 pub fn render(metrics: &Metrics) -> String {
@@ -228,6 +305,7 @@ pub fn render(metrics: &Metrics) -> String {
     };
     let _ = writeln!(out, "# HELP shardline_inbox_depth Verified device messages waiting for the core (at most one report per device).\n# TYPE shardline_inbox_depth gauge\nshardline_inbox_depth {}", get(&metrics.inbox_depth));
     let _ = writeln!(out, "# HELP shardline_inbox_oldest_seconds How long the oldest verified message waiting for the core has waited.\n# TYPE shardline_inbox_oldest_seconds gauge\nshardline_inbox_oldest_seconds {oldest:.3}");
+    render_overload(&mut out, &metrics.overload());
 
     let _ = writeln!(out, "# HELP shardline_store_commit_seconds_total Time spent committing to the store.\n# TYPE shardline_store_commit_seconds_total counter\nshardline_store_commit_seconds_total {:.6}", get(&metrics.store_commit_micros) as f64 / 1e6);
     let _ = writeln!(out, "# HELP shardline_core_handle_seconds_total Time the core spent handling messages (verify excluded).\n# TYPE shardline_core_handle_seconds_total counter\nshardline_core_handle_seconds_total {:.6}", get(&metrics.core_handle_micros) as f64 / 1e6);

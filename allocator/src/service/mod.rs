@@ -50,6 +50,7 @@ pub mod http;
 pub mod inbound;
 pub mod ingest_gate;
 pub mod keys;
+pub mod link_subs;
 pub mod metrics;
 pub mod mqtt;
 pub mod run;

@@ -7,7 +7,7 @@
 use super::core::ToVerify;
 use super::inbound::Inbound;
 use super::verifiers::Verifiers;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet};
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_shared::topics::{self, TopicKind};
 use std::sync::Arc;
@@ -110,9 +110,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 // Out of the embedded broker: devices may send more.
                 if let Some(g) = gate.as_deref() {
-                    if super::ingest_gate::counts(&p.topic) {
-                        g.taken(p.topic.len() + p.payload.len());
-                    }
+                    g.taken(&p.topic, p.topic.len() + p.payload.len());
                 }
                 // Group rates for the assignment engine (routed uplinks).
                 assign.count_routed(&p.topic);
@@ -137,18 +135,23 @@ pub async fn run(
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                assign.link.connected(c.session_present);
                 connected_at = Some(std::time::Instant::now());
                 failed_nodes = 0;
                 resubscribe_wait = RESUBSCRIBE_AFTER;
                 Metrics::inc(&metrics.mqtt_reconnects);
                 tracing::info!("connected to the MQTT broker");
-                tokio::spawn(subscribe_all(client.clone(), filters()));
+                tokio::spawn(subscribe_all(client.clone(), assign.clone(), filters()));
                 if tx.send(Inbound::Connected).await.is_err() {
                     return;
                 }
             }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => assign.link.sent(pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                // The filters of its SUBACK (a granted group filter is
+                // counted by the ingest gate from here on).
+                let named = assign.link.acked(ack.pkid, &ack.return_codes);
                 let refused = ack
                     .return_codes
                     .iter()
@@ -159,20 +162,32 @@ pub async fn run(
                     resubscribe_wait = (resubscribe_wait * 2).min(BACKOFF_MAX);
                     tracing::warn!(
                         pkid = ack.pkid,
+                        filters = %refused_filters(named.as_deref()),
                         wait_ms = wait.as_millis() as u64,
                         "the broker refused a subscription; subscribing again"
                     );
-                    let (client, filters, flag) =
-                        (client.clone(), filters(), retry_scheduled.clone());
+                    let (client, assign, filters, flag) = (
+                        client.clone(),
+                        assign.clone(),
+                        filters(),
+                        retry_scheduled.clone(),
+                    );
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
                         flag.store(false, std::sync::atomic::Ordering::SeqCst);
-                        subscribe_all(client, filters).await;
+                        subscribe_all(client, assign, filters).await;
                     });
+                } else if refused {
+                    tracing::warn!(
+                        pkid = ack.pkid,
+                        filters = %refused_filters(named.as_deref()),
+                        "the broker refused a subscription; a new round is already scheduled"
+                    );
                 }
             }
             Ok(_) => {}
             Err(e) => {
+                assign.link.connection_lost();
                 // A connection that drops right after it was made (a broker
                 // without the packet cap replaying an oversize retained
                 // message, say) must not become a reconnect loop: back off,
@@ -212,13 +227,33 @@ pub async fn run(
     }
 }
 
-/// Subscribes (QoS 1) to every filter; subscribing again to a filter the
-/// broker already holds is harmless.
-async fn subscribe_all(client: AsyncClient, filters: Vec<String>) {
+/// Subscribes (QoS 1) to every filter, one SUBSCRIBE each, through the
+/// link's record of them; subscribing again to a filter the broker already
+/// holds is harmless.
+async fn subscribe_all(
+    client: AsyncClient,
+    assign: Arc<super::assign_driver::AssignShared>,
+    filters: Vec<String>,
+) {
     for f in filters {
-        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+        if let Err(e) = assign.link.subscribe(&client, f.clone()).await {
             tracing::error!(filter = %f, error = %e, "subscribe failed");
         }
+    }
+}
+
+/// The refused filters of a SUBACK, for its log: `filters` from
+/// [`LinkSubs::acked`](super::link_subs::LinkSubs::acked), or "unknown"
+/// when its SUBSCRIBE could not be named (sent before a reconnect, say).
+fn refused_filters(filters: Option<&[(String, bool)]>) -> String {
+    match filters {
+        Some(f) => f
+            .iter()
+            .filter(|(_, granted)| !granted)
+            .map(|(f, _)| f.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        None => "unknown".to_owned(),
     }
 }
 
@@ -240,4 +275,30 @@ pub fn options_for_node(
         o.set_credentials(login.username, login.password);
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::link_subs::SubBook;
+    use rumqttc::{QoS, SubscribeReasonCode};
+
+    #[test]
+    fn a_refused_subacks_log_names_the_refused_filters() {
+        let mut book = SubBook::default();
+        book.connected(false);
+        book.queued(vec![topics::ALL_REPORTS.into(), topics::ALL_ACKS.into()]);
+        book.sent(41);
+        let named = book.acked(
+            41,
+            &[
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+            ],
+        );
+        assert_eq!(refused_filters(named.as_deref()), topics::ALL_ACKS);
+        // A SUBACK whose SUBSCRIBE was not recorded says so.
+        let unknown = book.acked(42, &[SubscribeReasonCode::Failure]);
+        assert_eq!(refused_filters(unknown.as_deref()), "unknown");
+    }
 }

@@ -289,6 +289,10 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (tx, rx) = mpsc::channel::<Inbound>(4_096);
     let shared = external.is_some() && config.broker.uplink == super::config::UplinkMode::Shared;
     let assign = Arc::new(super::assign_driver::AssignShared::default());
+    if external.is_none() {
+        // The link tells the gate which groups' routed uplinks it holds.
+        assign.link.attach_gate(gate.clone());
+    }
     let verified = Arc::new(super::verified::VerifiedInbox::default());
     let verifiers = verifiers::start(
         core.key_directory(),
@@ -299,6 +303,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         verified.clone(),
     )
     .map_err(StartError::Thread)?;
+    let _ = metrics
+        .overload
+        .set(Box::new(super::metrics::OverloadStages {
+            stage: verifiers.probe(),
+            gate: external.is_none().then(|| gate.clone()),
+        }));
     tokio::spawn(mqtt::run(
         eventloop,
         client.clone(),

@@ -106,7 +106,7 @@ pub fn assignment_text(answer: &Value, group: Option<&str>, history: bool) -> St
         out.push_str("servers:\n");
         for s in servers {
             out.push_str(&format!(
-                "  {:<16} {:<12} {} load {:.1}/{:.0} reports/s, p99 {:.1} ms, errors {:.1} %, {} group(s), heartbeat {} ms ago{}\n",
+                "  {:<16} {:<12} {} load {:.1}/{:.0} reports/s, p99 {:.1} ms, errors {:.1} %, {} group(s), heartbeat {} ms ago{}{}\n",
                 text(s, "server"),
                 text(s, "region"),
                 if s.get("alive").and_then(Value::as_bool) == Some(true) {
@@ -122,6 +122,11 @@ pub fn assignment_text(answer: &Value, group: Option<&str>, history: bool) -> St
                 u(s, "heartbeat_age_ms"),
                 if s.get("lead").and_then(Value::as_bool) == Some(true) {
                     " (lead)"
+                } else {
+                    ""
+                },
+                if s.get("groups_differ").and_then(Value::as_bool) == Some(true) {
+                    " GROUPS DIFFER FROM THE LEAD'S: gets no group"
                 } else {
                     ""
                 },
@@ -158,7 +163,10 @@ mod tests {
             }],
             "servers": [{"server": "alloc-b", "region": "eu-west", "alive": true,
                 "load": 12.0, "capacity": 100.0, "p99_latency_ms": 2.0, "error_rate": 0.0,
-                "groups": 1, "heartbeat_age_ms": 400, "lead": true}],
+                "groups": 1, "heartbeat_age_ms": 400, "lead": true},
+                {"server": "alloc-c", "region": "eu-west", "alive": true,
+                "load": 0.0, "capacity": 100.0, "p99_latency_ms": 2.0, "error_rate": 0.0,
+                "groups": 0, "heartbeat_age_ms": 300, "lead": false, "groups_differ": true}],
             "shortfalls": [{"region": "us-east", "shortfall": 40.0, "groups": ["acme.us-east.vpn"],
                             "since_ms": 2000, "at_ms": 5000},
                            {"region": "eu-west", "shortfall": 0.0, "groups": []}],
@@ -167,6 +175,13 @@ mod tests {
         assert!(t.contains("acme.eu-west.vpn"), "{t}");
         assert!(t.contains("v3") && t.contains("moved from alloc-a"), "{t}");
         assert!(t.contains("alloc-b") && t.contains("(lead)"), "{t}");
+        let c = t.lines().find(|l| l.contains("alloc-c")).unwrap();
+        assert!(c.contains("GROUPS DIFFER FROM THE LEAD'S"), "{t}");
+        assert!(!t
+            .lines()
+            .find(|l| l.contains("alloc-b  "))
+            .unwrap()
+            .contains("DIFFER"));
         assert!(
             t.contains(
                 "NEED CAPACITY in us-east: 40.0 reports/s short since 1970-01-01 00:00:02.000Z"

@@ -103,6 +103,40 @@ impl Verifiers {
     }
 }
 
+/// Reads the depth of every verifier thread's unverified stage (for
+/// `/metrics`; see [`Verifiers::probe`]).
+#[derive(Debug, Clone)]
+pub struct StageProbe {
+    shards: Vec<Arc<Shard>>,
+}
+
+impl StageProbe {
+    /// (reports, acks, report bytes, ack bytes) waiting, all threads.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
+        let mut out = (0, 0, 0, 0);
+        for s in &self.shards {
+            if let Ok(q) = s.queue.lock() {
+                let ((r, a), (rb, ab)) = (q.depth(), q.bytes());
+                out.0 += r as u64;
+                out.1 += a as u64;
+                out.2 += rb as u64;
+                out.3 += ab as u64;
+            }
+        }
+        out
+    }
+}
+
+impl Verifiers {
+    /// A reader of the stages' depth (it shares the queues; dropping the
+    /// `Verifiers` still stops the threads).
+    pub fn probe(&self) -> StageProbe {
+        StageProbe {
+            shards: self.shards.clone(),
+        }
+    }
+}
+
 impl Drop for Verifiers {
     fn drop(&mut self) {
         for s in &self.shards {

@@ -26,6 +26,8 @@ fn beat(id: &str, at_ms: u64, load: f64) -> ServerBeat {
         at_ms,
         group_rates: vec![(GroupId::new("acme.eu-west.vpn").unwrap(), 1.5)],
         lead: id == "alloc-a",
+        // One instance with a digest, one without (an older version).
+        groups_digest: (id == "alloc-a").then(|| "0123456789abcdef".repeat(2)),
     }
 }
 

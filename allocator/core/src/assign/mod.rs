@@ -73,6 +73,10 @@ pub enum RerunReason {
     GroupRemoved(GroupId),
     /// Its own metrics put its health below `min_health`.
     Unhealthy(ServerId),
+    /// Its group definitions differ from the lead's
+    /// ([`AssignmentEngine::handle_server_config`]). Last, so stored
+    /// reasons written before it still decode.
+    ConfigMismatch(ServerId),
 }
 
 /// What changed in a published object.
@@ -223,6 +227,25 @@ impl AssignmentEngine {
             if !s.down {
                 s.down = true;
                 self.pending.push(RerunReason::ServerDown(id.clone()));
+            }
+        }
+    }
+
+    /// Whether a server's group definitions match the lead's (the driver
+    /// compares digests carried by the heartbeats; the engine only takes
+    /// the verdict). A server that does not match is not eligible — it
+    /// may not even know the groups it would be given — so its groups move
+    /// at the next poll; matching again, it is eligible again. Unknown
+    /// servers are ignored (feed the heartbeat first).
+    pub fn handle_server_config(&mut self, _now: u64, id: &ServerId, matches: bool) {
+        if let Some(s) = self.servers.get_mut(id) {
+            if s.config_mismatch == matches {
+                s.config_mismatch = !matches;
+                self.pending.push(if matches {
+                    RerunReason::ServerJoined(id.clone())
+                } else {
+                    RerunReason::ConfigMismatch(id.clone())
+                });
             }
         }
     }

@@ -90,6 +90,9 @@ pub struct Server {
     pub overloaded: bool,
     /// Last time a group moved onto or off it.
     pub changed_at_ms: u64,
+    /// Its group definitions differ from the lead's (not eligible).
+    #[serde(default)]
+    pub config_mismatch: bool,
 }
 
 impl Server {
@@ -107,6 +110,7 @@ impl Server {
             lost: false,
             overloaded: false,
             changed_at_ms: 0,
+            config_mismatch: false,
         }
     }
 
@@ -164,9 +168,11 @@ impl Server {
         now.saturating_sub(self.last_heartbeat_ms) >= cfg.heartbeat_timeout_ms
     }
 
-    /// Whether it may get groups at `now`.
+    /// Whether it may get groups at `now` (never while its group
+    /// definitions differ from the lead's).
     pub fn eligible(&self, cfg: &AssignConfig, now: u64) -> bool {
         !self.down
+            && !self.config_mismatch
             && !self.timed_out(cfg, now)
             && self.capacity > 0.0
             && self.health(cfg, now) >= cfg.min_health

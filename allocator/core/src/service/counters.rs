@@ -4,7 +4,7 @@
 //! service crate's job; nothing here does I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// Why an inbound message was dropped (one counter each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +184,45 @@ pub struct Metrics {
     /// too large, unknown device, not asked for).
     pub diagnostics_received: AtomicU64,
     pub diagnostics_refused: AtomicU64,
+    /// Reads the overload stages in front of the core when `/metrics` is
+    /// scraped (set once at start by the service; see [`Overload`]).
+    pub overload: OnceLock<Box<dyn OverloadProbe>>,
+}
+
+/// What waits in front of the core at one moment: the pre-verification
+/// stage (`preverify::UnverifiedQueue`, all verifier threads together)
+/// and, with the embedded broker, its ingest gate. Read on demand (a
+/// scrape), never kept up to date on the hot path.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overload {
+    /// Reports and acks waiting for their signature check.
+    pub stage_reports: u64,
+    pub stage_acks: u64,
+    /// Their payload bytes.
+    pub stage_report_bytes: u64,
+    pub stage_ack_bytes: u64,
+    /// The embedded broker's ingest gate (`None` with an external broker).
+    pub gate: Option<GateState>,
+}
+
+/// The embedded broker's ingest gate (the service's `ingest_gate.rs`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GateState {
+    /// Bytes the MQTT link is behind the front.
+    pub behind_bytes: u64,
+    /// Device connections waiting for room now.
+    pub waiting: u64,
+    /// Seconds device connections were held, summed over ended waits.
+    pub held_seconds: f64,
+    /// Times the gate was opened after nothing came out of the link.
+    pub stall_reopens: u64,
+    /// Groups whose routed uplinks it counts.
+    pub groups: u64,
+}
+
+/// Reads [`Overload`] (implemented by the service, which owns the stages).
+pub trait OverloadProbe: Send + Sync + std::fmt::Debug {
+    fn read(&self) -> Overload;
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -210,6 +249,11 @@ impl Metrics {
     /// Refused requests by reason, in [`REFUSAL_REASONS`] order.
     pub fn refused_counts(&self) -> [u64; 8] {
         std::array::from_fn(|i| self.requests_refused[i].load(Ordering::Relaxed))
+    }
+
+    /// The overload stages now (all zero before a probe is set).
+    pub fn overload(&self) -> Overload {
+        self.overload.get().map(|p| p.read()).unwrap_or_default()
     }
 
     pub fn set_gauges(&self, g: Gauges) {
