@@ -113,6 +113,11 @@ impl VerifiedInbox {
         self.note(&q, metrics, now_ms());
     }
 
+    /// Verified reports the core has not taken yet.
+    pub fn reports_waiting(&self) -> usize {
+        self.queue.lock().map_or(0, |q| q.len() - q.kept())
+    }
+
     /// Whether messages wait (the core then must not block on its channel).
     pub fn is_empty(&self) -> bool {
         self.queue.lock().map_or(true, |q| q.is_empty())

@@ -7,6 +7,12 @@
 //! into the core's [`VerifiedInbox`], which conflates a device's verified
 //! reports under overload.
 //!
+//! When the core falls behind (more than [`VERIFIED_AHEAD`] verified
+//! reports wait for it), the threads hold back: a report checked then is
+//! mostly replaced by a newer one before the core gets to it, conflated
+//! after its check, and that CPU is what the core lacks. Left in the queue
+//! in front, such reports are conflated before their check instead.
+//!
 //! In front of each thread is its [`UnverifiedQueue`] (the core crate's
 //! `service::preverify`): the MQTT link puts a report there and goes back to
 //! the broker at once, so it never falls behind the broker, whose
@@ -33,6 +39,10 @@ const VERIFY_BATCH: usize = 64;
 /// [`VERIFY_GATHER`] once for more before checking them.
 const VERIFY_GATHER_BELOW: usize = 16;
 const VERIFY_GATHER: Duration = Duration::from_millis(1);
+/// Verified reports waiting for the core beyond which the verifier threads
+/// hold back (about a tenth of a second of the core's work): see
+/// [`verifier_thread`].
+const VERIFIED_AHEAD: usize = 2_048;
 /// Unverified reports a device may have waiting: the newest and a few
 /// behind it, in case the newest is a forgery or garbled.
 pub const REPORTS_PER_DEVICE: usize = 4;
@@ -210,6 +220,24 @@ fn verifier_thread(
             let Ok(mut q) = shard.queue.lock() else {
                 return;
             };
+            // The core is behind: reports checked now would mostly be
+            // replaced by newer ones before it gets to them (conflated
+            // AFTER their check, CPU the core needs). Left here instead,
+            // they are conflated BEFORE it once enough wait. Acks must not
+            // make the link wait for this (the core may itself be waiting
+            // on the link to publish), so past half their bound the thread
+            // checks on.
+            while inbox.reports_waiting() >= VERIFIED_AHEAD && !q.others_half_full() {
+                if shard.closed.load(Ordering::Acquire) || core_tx.is_closed() {
+                    return;
+                }
+                drop(q);
+                std::thread::sleep(Duration::from_millis(1));
+                q = match shard.queue.lock() {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
             while !q.has_ready() {
                 if shard.closed.load(Ordering::Acquire) {
                     return;

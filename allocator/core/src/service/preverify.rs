@@ -175,6 +175,13 @@ impl<T> UnverifiedQueue<T> {
         self.others >= self.other_count_cap || self.other_bytes >= self.other_bytes_cap
     }
 
+    /// Whether the non-report messages waiting are past half their bound:
+    /// a verifier that holds back for the core's sake must take them on
+    /// again before [`must_wait`](Self::must_wait) makes the link wait.
+    pub fn others_half_full(&self) -> bool {
+        2 * self.others >= self.other_count_cap || 2 * self.other_bytes >= self.other_bytes_cap
+    }
+
     /// Queues a message that is never conflated or shed (an ack). The caller
     /// checks [`must_wait`](Self::must_wait) first.
     pub fn push_other(&mut self, device: DeviceId, item: T, bytes: usize) {
