@@ -45,16 +45,16 @@
 //! the cluster settled) are killed with SIGKILL. Asserted: alloc-b holds
 //! the lead within [`LEAD_BOUND`] (3 s; PostgreSQL frees the lock when the
 //! dead session's socket closes, then one 200 ms tick: measured 0.02–0.25 s,
-//! median 0.14 s over 14 runs); it stores a new version of the eu-west
+//! median 0.14 s over 19 runs); it stores a new version of the eu-west
 //! object naming itself within [`LEAD_REPUBLISH_BOUND`] (8 s; the new lead
 //! restores its engine from the store, feeds alloc-a's last heartbeat and
 //! loses it at `heartbeat_timeout_ms`, 3 s: measured 2.88–3.21 s, median
-//! 3.03 s); the eu-west agents run on one of alloc-b's surviving endpoints
+//! 3.02 s); the eu-west agents run on one of alloc-b's surviving endpoints
 //! under that version within [`LEAD_MOVE_BOUND`] (30 s: measured
-//! 6.0–20.7 s, median 10.8 s — the object waits for NATS to deliver QoS 1
-//! to a session moved off the dead node, up to 17.5 s after it was stored)
+//! 5.2–20.7 s, median 10.2 s — the object waits for NATS to deliver QoS 1
+//! to a session moved off the dead node, up to 17.8 s after it was stored)
 //! and are answered again within [`ANSWER_BOUND`] (measured 8.1–30.6 s,
-//! median 17.3 s). In both failover tests the group's versions in the
+//! median 17.5 s). In both failover tests the group's versions in the
 //! store's history only ever grew (the survivor continued from the stored
 //! version), no agent's assignment version went back, the other group kept
 //! its owner, version and running shards, and the no-loss/no-reuse checks
