@@ -93,7 +93,6 @@ impl AssignmentSection {
         }
     }
 
-    /// The declared groups (valid after [`check`]).
     /// A digest of the group definitions: the same groups with the same
     /// expected rates give the same digest, in any order (hex, 128 bits of
     /// SHA-256). Instances sharing a store must agree on it (the lead
@@ -111,6 +110,7 @@ impl AssignmentSection {
         hex::encode(&h.finalize()[..16])
     }
 
+    /// The declared groups (valid after [`check`]).
     pub fn group_specs(&self) -> Vec<GroupSpec> {
         self.groups
             .iter()
