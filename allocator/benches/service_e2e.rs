@@ -894,7 +894,8 @@ fn write_section(tables: &Tables, devices: usize, rounds: usize, runs: usize, lo
         section.push_str(&format!(
             "\nOverload (`SL_BENCH_OVERLOAD`): the same fleet sends that many reports per device and second. \
              Offered and accepted per second; conflated = reports dropped for a newer waiting report of the same \
-             device; shed = dropped at the inbox's memory bound; newest-report latency = from a device's first \
+             device; shed = dropped unverified at the pre-verification stage's bounds (a device's oldest waiting \
+             report past 4 waiting, or 64 MiB in all) or at the verified inbox's; newest-report latency = from a device's first \
              changing report to the instruction it caused (its later reports say the same); delivered = \
              instructions received by the devices (re-sends included). Median of {runs} runs.\n\n"
         ));
