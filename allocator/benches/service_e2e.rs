@@ -188,6 +188,39 @@ fn encrypts_in(i: usize, r: usize) -> bool {
     r >= warmup() && i % 10 <= r - warmup()
 }
 
+/// The simulated fleet: each device's key and id.
+fn fleet(devices: usize) -> (Vec<KeyPair>, Vec<DeviceId>) {
+    let keys = (0..devices).map(|i| device_key(7, i)).collect();
+    let ids = (0..devices)
+        .map(|i| DeviceId::new(format!("bench-{i:05}")).unwrap())
+        .collect();
+    (keys, ids)
+}
+
+/// One of the simulator's MQTT connections (large packets, a deep window).
+fn bench_client(id: String, port: u16) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_inflight(1000);
+    AsyncClient::new(opts, 20_000)
+}
+
+/// Connections the devices' reports are multiplexed over.
+const PUBLISHERS: usize = 4;
+
+/// The publishing connections (`{prefix}-{n}`), each polled by a task of
+/// its own until the broker goes.
+fn publishers(prefix: &str, port: u16) -> Vec<AsyncClient> {
+    (0..PUBLISHERS)
+        .map(|p| {
+            let (client, mut ev) = bench_client(format!("{prefix}-{p}"), port);
+            tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+            client
+        })
+        .collect()
+}
+
 async fn one_run(
     bin: &Path,
     external: Option<(u16, u32)>,
@@ -200,10 +233,7 @@ async fn one_run(
     std::fs::create_dir_all(&dir).unwrap();
     let key = shardline_allocator::service::keys::generate().unwrap();
     shardline_allocator::service::keys::write_secret(&dir.join("signing.key"), &key).unwrap();
-    let keys: Vec<KeyPair> = (0..devices).map(|i| device_key(7, i)).collect();
-    let ids: Vec<DeviceId> = (0..devices)
-        .map(|i| DeviceId::new(format!("bench-{i:05}")).unwrap())
-        .collect();
+    let (keys, ids) = fleet(devices);
     {
         // Enrolment straight into the store the allocator will open.
         let store = RedbStore::open(&dir.join("allocator.redb")).unwrap();
@@ -284,11 +314,7 @@ async fn one_run(
     let t0 = Instant::now();
 
     // The instruction side: one connection subscribed to every device's instr topic.
-    let mut opts = MqttOptions::new("bench-devices-in", "127.0.0.1", mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    opts.set_inflight(1000);
-    let (sub, mut sub_ev) = AsyncClient::new(opts, 20_000);
+    let (sub, mut sub_ev) = bench_client("bench-devices-in".into(), mqtt_port);
     sub.subscribe("shardline/v1/dev/+/instr", QoS::AtLeastOnce)
         .await
         .unwrap();
@@ -354,23 +380,7 @@ async fn one_run(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Publishers: a few connections, each for a slice of the devices.
-    const PUBLISHERS: usize = 4;
-    let mut pubs = Vec::new();
-    for p in 0..PUBLISHERS {
-        let mut opts = MqttOptions::new(format!("bench-devices-out-{p}"), "127.0.0.1", mqtt_port);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        opts.set_inflight(1000);
-        let (client, mut ev) = AsyncClient::new(opts, 20_000);
-        tokio::spawn(async move {
-            loop {
-                if ev.poll().await.is_err() {
-                    return;
-                }
-            }
-        });
-        pubs.push(client);
-    }
+    let pubs = publishers("bench-devices-out", mqtt_port);
     // Acks: devices answer every instruction (signed with their own key).
     let ack_client = pubs[0].clone();
     let keys = Arc::new(keys);
@@ -519,10 +529,7 @@ struct Floor {
 
 async fn floor_run(broker: (u16, u32), devices: usize, rounds: usize) -> Floor {
     let (port, broker_pid) = broker;
-    let keys: Vec<KeyPair> = (0..devices).map(|i| device_key(7, i)).collect();
-    let ids: Vec<DeviceId> = (0..devices)
-        .map(|i| DeviceId::new(format!("bench-{i:05}")).unwrap())
-        .collect();
+    let (keys, ids) = fleet(devices);
     let sealed: Vec<Vec<Vec<u8>>> = (0..rounds)
         .map(|r| {
             ids.iter()
@@ -544,11 +551,7 @@ async fn floor_run(broker: (u16, u32), devices: usize, rounds: usize) -> Floor {
             .collect(),
     );
     let t0 = Instant::now();
-    let mut opts = MqttOptions::new("bench-floor-in", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    opts.set_inflight(1000);
-    let (sub, mut sub_ev) = AsyncClient::new(opts, 20_000);
+    let (sub, mut sub_ev) = bench_client("bench-floor-in".into(), port);
     sub.subscribe("shardline/v1/dev/+/report", QoS::AtLeastOnce)
         .await
         .unwrap();
@@ -577,17 +580,7 @@ async fn floor_run(broker: (u16, u32), devices: usize, rounds: usize) -> Floor {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    const PUBLISHERS: usize = 4;
-    let mut pubs = Vec::new();
-    for p in 0..PUBLISHERS {
-        let mut opts = MqttOptions::new(format!("bench-floor-out-{p}"), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        opts.set_inflight(1000);
-        let (client, mut ev) = AsyncClient::new(opts, 20_000);
-        tokio::spawn(async move { while ev.poll().await.is_ok() {} });
-        pubs.push(client);
-    }
+    let pubs = publishers("bench-floor-out", port);
     let cpu_of = || {
         (
             cpu_by_thread(std::process::id()).values().sum::<u64>(),
