@@ -13,7 +13,7 @@
 //! gets a private Erlang port mapper (`ERL_EPMD_PORT`) so that other
 //! clusters on the machine never see these node names.
 
-use super::proc::{free_tcp_port, signal, Proc, TempDir};
+use super::proc::{free_stable_tcp_port, signal, Proc, TempDir};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,9 +214,9 @@ impl BrokerCluster {
 
     fn start_nats(&mut self) -> Result<(), String> {
         nats_bin().ok_or("nats-server is not installed (Debian package nats-server)")?;
-        let client: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
-        let route: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
-        let mqtt: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
+        let client: Vec<u16> = (0..3).map(|_| free_stable_tcp_port()).collect();
+        let route: Vec<u16> = (0..3).map(|_| free_stable_tcp_port()).collect();
+        let mqtt: Vec<u16> = (0..3).map(|_| free_stable_tcp_port()).collect();
         if client.iter().chain(&route).chain(&mqtt).any(|p| *p == 0) {
             return Err("no free TCP port on loopback".into());
         }
@@ -310,7 +310,7 @@ impl BrokerCluster {
     fn start_rabbit(&mut self) -> Result<(), String> {
         rabbit_bin("rabbitmq-server")
             .ok_or("rabbitmq-server is not installed (Debian package rabbitmq-server)")?;
-        self.epmd_port = free_tcp_port();
+        self.epmd_port = free_stable_tcp_port();
         // One cookie for the three nodes and rabbitmqctl ($HOME/.erlang.cookie,
         // owner-only or Erlang refuses it).
         let cookie = self.dir.path.join(".erlang.cookie");
@@ -322,7 +322,11 @@ impl BrokerCluster {
         for i in 0..3 {
             let dir = self.dir.path.join(format!("r{i}"));
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let (amqp, mqtt, dist) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+            let (amqp, mqtt, dist) = (
+                free_stable_tcp_port(),
+                free_stable_tcp_port(),
+                free_stable_tcp_port(),
+            );
             if amqp == 0 || mqtt == 0 || dist == 0 {
                 return Err("no free TCP port on loopback".into());
             }

@@ -147,6 +147,39 @@ pub fn free_tcp_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// A free TCP port on loopback BELOW the kernel's ephemeral range, for a
+/// server the kit kills and starts again on the same port. A port from
+/// [`free_tcp_port`] lies in the ephemeral range, and while its server is
+/// down any outgoing connection on the machine may be given it (seen: a
+/// restarted RabbitMQ node failed with `eaddrinuse`). Falls back to
+/// [`free_tcp_port`] when the range leaves no room below it.
+pub fn free_stable_tcp_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    const SPAN: u32 = 12_000;
+    if low < SPAN + 1_024 {
+        return free_tcp_port();
+    }
+    // Spread over the span per process, so that kits of test binaries run
+    // one after another rarely start on the same ports.
+    let seed = std::process::id().wrapping_mul(2_654_435_761) ^ (now_ms() as u32);
+    for _ in 0..2_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low - SPAN + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_tcp_port()
+}
+
 /// A free UDP port on loopback (bound, then released).
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
