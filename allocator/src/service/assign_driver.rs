@@ -961,11 +961,11 @@ mod tests {
         assert_eq!(f, Figures::default());
     }
 
-    #[test]
-    fn only_instances_with_another_groups_digest_are_mismatched() {
+    /// A heartbeat of server `id` in region `eu` at `at_ms`, without digest.
+    fn test_beat(id: &str, at_ms: u64) -> ServerBeat {
         use shardline_allocator_core::assign::ServerReport;
         use shardline_shared::assign::Region;
-        let beat = |id: &str, digest: Option<&str>| ServerBeat {
+        ServerBeat {
             report: ServerReport {
                 id: ServerId::new(id).unwrap(),
                 region: Region::new("eu").unwrap(),
@@ -975,10 +975,18 @@ mod tests {
                 error_rate: 0.0,
                 load: 0.0,
             },
-            at_ms: 1,
+            at_ms,
             group_rates: vec![],
             lead: false,
+            groups_digest: None,
+        }
+    }
+
+    #[test]
+    fn only_instances_with_another_groups_digest_are_mismatched() {
+        let beat = |id: &str, digest: Option<&str>| ServerBeat {
             groups_digest: digest.map(str::to_owned),
+            ..test_beat(id, 1)
         };
         let beats = [
             beat("lead", Some("aa")),
@@ -1005,28 +1013,13 @@ mod tests {
 
     #[test]
     fn stale_heartbeats_are_not_fed_and_each_beat_is_fed_once() {
-        use shardline_allocator_core::assign::{AssignConfig, ServerReport};
-        use shardline_shared::assign::Region;
+        use shardline_allocator_core::assign::AssignConfig;
         let cfg = AssignConfig {
             heartbeat_timeout_ms: 1_000,
             ..AssignConfig::default()
         };
         let mut engine = AssignmentEngine::new(cfg);
-        let beat = |id: &str, at: u64| ServerBeat {
-            report: ServerReport {
-                id: ServerId::new(id).unwrap(),
-                region: Region::new("eu").unwrap(),
-                capacity: 10.0,
-                endpoints: vec!["mqtt://h:1".into()],
-                p99_latency_ms: 1.0,
-                error_rate: 0.0,
-                load: 0.0,
-            },
-            at_ms: at,
-            group_rates: vec![],
-            lead: false,
-            groups_digest: None,
-        };
+        let beat = test_beat;
         let mut fed = BTreeMap::new();
         let beats = [beat("a", 9_500), beat("b", 8_000)];
         let fresh = feed_beats(&mut engine, &mut fed, &beats, 10_000);
