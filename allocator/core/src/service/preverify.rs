@@ -466,4 +466,19 @@ mod tests {
         assert_eq!(take(&mut q, 64), vec![("a".into(), "ack", false)]);
         assert_eq!(take(&mut q, 64), vec![("a".into(), "r2", true)]);
     }
+
+    #[test]
+    fn acks_are_half_full_at_half_their_count_or_bytes_before_the_link_must_wait() {
+        let mut q: UnverifiedQueue<&'static str> = UnverifiedQueue::new(4, 100, 1 << 20, 4, 100);
+        q.push_other(d("a"), "ack1", 10);
+        assert!(!q.others_half_full());
+        q.push_other(d("b"), "ack2", 10);
+        assert!(q.others_half_full(), "2 of 4 acks");
+        assert!(!q.must_wait());
+        let mut by_bytes: UnverifiedQueue<&'static str> =
+            UnverifiedQueue::new(4, 100, 1 << 20, 4, 100);
+        by_bytes.push_other(d("a"), "big", 50);
+        assert!(by_bytes.others_half_full(), "50 of 100 bytes");
+        assert!(!by_bytes.must_wait());
+    }
 }
