@@ -343,16 +343,21 @@ impl Engine {
             let priority = &ch.priority;
             let limits = limits_of(spec, *priority);
             // The planner chose only shards with a build for this device.
-            let Some(probe) =
-                shard_activation(catalog, spec, ch.capability, *priority, st, dcfg, now)
-            else {
+            if spec.builds.for_arch(device_arch(st)).is_none() {
                 continue;
+            }
+            // Built only when sent: most plans renew nothing and change
+            // nothing, and an activation (configs, alternatives) is the
+            // costliest part of a plan to build.
+            let activation = |st: &DeviceState, expires: u64| {
+                shard_activation(catalog, spec, ch.capability, *priority, st, dcfg, now).map(|a| {
+                    ShardActivation {
+                        lease_expires_at_ms: expires,
+                        ..a
+                    }
+                })
             };
-            let activation = |expires: u64| ShardActivation {
-                lease_expires_at_ms: expires,
-                ..probe.clone()
-            };
-            match st.leases.get_mut(id) {
+            match st.leases.get(id) {
                 None => {
                     if st.ended_at.get(id).is_some_and(|&(t, explicit)| {
                         explicit && now.saturating_sub(t) < cfg.flap_window_ms
@@ -360,6 +365,7 @@ impl Engine {
                         st.flaps += 1;
                     }
                     let expires = now.saturating_add(lease_ms);
+                    acts.extend(activation(st, expires));
                     st.leases.insert(
                         id.to_owned(),
                         Lease {
@@ -377,7 +383,6 @@ impl Engine {
                             healthy_reports: 0,
                         },
                     );
-                    acts.push(activation(expires));
                 }
                 Some(l) => {
                     let renew = l.expires_at_ms.saturating_sub(now) <= renew_before;
@@ -386,13 +391,18 @@ impl Engine {
                         || l.priority != *priority
                         || l.shard != spec.shard
                     {
-                        if renew {
-                            l.expires_at_ms = now.saturating_add(lease_ms);
+                        let expires = if renew {
+                            now.saturating_add(lease_ms)
+                        } else {
+                            l.expires_at_ms
+                        };
+                        acts.extend(activation(st, expires));
+                        if let Some(l) = st.leases.get_mut(id) {
+                            l.expires_at_ms = expires;
+                            l.limits = limits;
+                            l.priority = *priority;
+                            l.shard = spec.shard.clone();
                         }
-                        l.limits = limits;
-                        l.priority = *priority;
-                        l.shard = spec.shard.clone();
-                        acts.push(activation(l.expires_at_ms));
                     }
                 }
             }
