@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use xtask::kit::proc::free_stable_tcp_port;
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 pub const MOSQUITTO_PASSWD: &str = "/usr/bin/mosquitto_passwd";
@@ -47,6 +48,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free loopback port for a server the tests kill and start again on the
+/// same port (the [`Broker`]): below the kernel's ephemeral range, where no
+/// outgoing connection can take it while the server is down (see
+/// [`free_stable_tcp_port`]).
+pub fn free_restartable_port() -> u16 {
+    let port = free_stable_tcp_port();
+    assert_ne!(port, 0, "no free TCP port on loopback");
+    port
+}
+
 /// A mosquitto process; killed on drop.
 pub struct Broker {
     child: Option<Child>,
@@ -69,7 +80,7 @@ impl Broker {
             eprintln!("SKIP: {MOSQUITTO} is not installed (apt-get install mosquitto)");
             return None;
         }
-        let port = free_port();
+        let port = free_restartable_port();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
         let conf = dir.join("mosquitto.conf");
@@ -141,7 +152,7 @@ impl Broker {
                 .map(|l| format!("{l}\n"))
                 .collect();
         assert!(listener.contains("use_username_as_clientid true"));
-        let port = free_port();
+        let port = free_restartable_port();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
         let conf_path = dir.join("mosquitto.conf");

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use xtask::kit::proc::free_stable_tcp_port;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -20,6 +21,16 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A free loopback port for a server the tests kill and start again on the
+/// same port (the allocator's MQTT and API listeners): below the kernel's
+/// ephemeral range, where no outgoing connection can take it while the
+/// server is down (see [`free_stable_tcp_port`]).
+pub fn free_restartable_port() -> u16 {
+    let port = free_stable_tcp_port();
+    assert_ne!(port, 0, "no free TCP port on loopback");
+    port
 }
 
 pub fn now_ms() -> u64 {
@@ -161,8 +172,9 @@ impl Allocator {
         let mut a = Self {
             child: None,
             dir: dir.to_owned(),
-            mqtt_port: free_port(),
-            api_port: free_port(),
+            // `spawn` restarts the process on these ports.
+            mqtt_port: free_restartable_port(),
+            api_port: free_restartable_port(),
             public_key,
             token: String::new(),
             mode,
