@@ -1,0 +1,322 @@
+//! The allocator's core thread without its I/O: verified reports and acks
+//! through `service::Core` (sequence floors, QoS history, the engine's
+//! plan, signed instructions, the records and engine state of each step's
+//! store batch), on one thread and simulated time, for the fleet and load
+//! of `service_e2e` (30,000 devices, one report each per simulated second,
+//! a tenth of them per round starting to need encryption so `vpn` replaces
+//! `qos`, every instruction acked). It measures the "core" column of
+//! service_e2e's CPU table in isolation: CPU time of this thread
+//! (/proc/thread-self/schedstat), so that a change to the core can be
+//! judged on this shared 2-core machine, where the end-to-end figures move
+//! by a fifth from run to run with nothing changed.
+//!
+//! Run: `cargo bench -p shardline-allocator-core --bench service_core`
+//! (`CORE_BENCH_DEVICES`, `CORE_BENCH_ROUNDS`, `CORE_BENCH_RUNS` override the
+//! defaults; `CORE_BENCH_NO_WRITE=1` only prints). Writes its row into
+//! BENCHMARKS.md between the service-core markers.
+
+use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
+use shardline_allocator_core::policy::{Agreements, Catalog, Engine, PolicyConfig};
+use shardline_allocator_core::service::counters::Metrics;
+use shardline_allocator_core::service::{Command, Core, CoreConfig, Loaded, Reply, VerifiedMsg};
+use shardline_shared::codec;
+use shardline_shared::ids::DeviceId;
+use shardline_shared::msg::{
+    AckOutcome, ClassStats, DeviceResources, Instruction, InstructionAck, QosNeed, QosReport,
+    RejectionCounters, TrafficClass,
+};
+use shardline_shared::sign::{self, KeyPair};
+use std::sync::Arc;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Nanoseconds this thread has spent on a CPU.
+fn cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// The shipped (example) catalog and tiers, configured as `service_e2e`
+/// configures the service: the load is about reports, not per-device
+/// configuration.
+fn engine() -> Engine {
+    let per_device = "config = \"rate_bps = 20000000\"\ndevice_config = [\"listen\", \"forward\"]";
+    assert!(
+        EXAMPLE_CATALOG.contains(per_device),
+        "the example catalog's qos-shaper entry changed: update this bench"
+    );
+    let vpn = "device_config = [\"role\", \"bind\", \"peer\"]";
+    assert!(
+        EXAMPLE_CATALOG.contains(vpn),
+        "the example catalog's vpn-tunnel entry changed: update this bench"
+    );
+    // As `service_e2e` configures the service (benches/common in the
+    // allocator crate): placeholders for the per-device keys, no tunnel key.
+    let text = EXAMPLE_CATALOG
+        .replace(
+            per_device,
+            r#"config = "rate_bps = 20000000\nlisten = 127.0.0.1:9\nforward = 127.0.0.1:9""#,
+        )
+        .replace(
+            vpn,
+            r#"config = "role = initiator\nbind = 127.0.0.1:9\npeer = 127.0.0.1:9""#,
+        )
+        .replace("secret_config = [\"psk\"]", "");
+    let catalog = Catalog::from_toml_str(&text, "catalog.toml").expect("catalog");
+    let tiers = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).expect("tiers");
+    Engine::new(catalog, tiers, PolicyConfig::default())
+}
+
+/// The report `service_e2e`'s simulated devices send.
+fn report(device: &DeviceId, seq: u64, now: u64, needs_encryption: bool) -> QosReport {
+    QosReport {
+        device: device.clone(),
+        seq,
+        window_start_ms: now.saturating_sub(1000),
+        window_ms: 1000,
+        classes: vec![ClassStats {
+            class: TrafficClass::Sensitive,
+            bytes: 200_000,
+            packets: 200,
+            rate_bps: 1_600_000,
+            rtt_p50_us: Some(20_000),
+            rtt_p95_us: Some(40_000),
+            jitter_us: Some(2_000),
+            loss_permille: 5,
+            active_flows: 4,
+            need: QosNeed {
+                latency_sensitive: true,
+                bandwidth_heavy: false,
+                needs_encryption,
+            },
+        }],
+        resources: DeviceResources {
+            cpu_cores: 4,
+            cpu_load_permille: 100,
+            mem_total_kib: 4 << 20,
+            mem_available_kib: 3 << 20,
+            aes_hw: true,
+            arch: "x86_64".into(),
+        },
+        shards: vec![],
+        applied_instruction_seq: 0,
+        rejections: RejectionCounters::default(),
+        lending: Default::default(),
+    }
+}
+
+/// What one run measured.
+struct Run {
+    /// Microseconds of this thread's CPU per report in the sustained rounds
+    /// (the acks those rounds caused included).
+    sustained_us: f64,
+    /// The same for the first round (every device's first plan).
+    cold_us: f64,
+    reports: u64,
+    acks: u64,
+    instructions: u64,
+}
+
+/// Messages fed between two steps: the core thread's `max_batch` order of size.
+const BATCH: usize = 512;
+
+fn one_run(devices: usize, rounds: usize) -> Run {
+    let now0 = 1_000_000u64;
+    let mut core = Core::new(
+        engine(),
+        KeyPair::from_seed(&[1; 32]),
+        Loaded::default(),
+        CoreConfig {
+            max_payload: 65536,
+            resend_after_ms: 10_000,
+            checkpoint_ms: 60_000,
+            engine_flush_ms: 5_000,
+            shared_store: false,
+            qos_history_window_ms: 60_000,
+        },
+        Arc::new(Metrics::default()),
+        now0,
+    );
+    let ids: Vec<DeviceId> = (0..devices)
+        .map(|i| DeviceId::new(format!("bench-{i:06}")).expect("id"))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        // A key of its own (the service refuses a key already enrolled).
+        let mut seed = [7u8; 32];
+        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let reply = core.on_command(
+            now0,
+            Command::Enroll {
+                device: id.clone(),
+                public_key: KeyPair::from_seed(&seed).public_key(),
+                tier: "standard".into(),
+                tenant: None,
+            },
+        );
+        assert!(matches!(reply, Reply::Enrolled(_)), "{reply:?}");
+    }
+    core.take_step();
+    let mut acks: Vec<VerifiedMsg> = Vec::new();
+    let (mut cold_ns, mut sustained_ns) = (0u64, 0u64);
+    let (mut sustained_reports, mut total_reports) = (0u64, 0u64);
+    let (mut ack_count, mut instructions) = (0u64, 0u64);
+    // The sustained phase starts once the cold start's backlog would have
+    // drained (service_e2e's warm-up of 3 rounds).
+    let warmup = 3;
+    for round in 0..rounds {
+        let now = now0 + 1000 * (round as u64 + 1);
+        // A tenth more of the fleet needs encryption each sustained round.
+        let encrypting = devices * round.saturating_sub(warmup) / 10;
+        let c0 = cpu_ns();
+        core.on_tick(now);
+        let mut fed = 0;
+        for (i, id) in ids.iter().enumerate() {
+            let r = report(id, round as u64 + 1, now, i < encrypting);
+            core.on_verified(now, VerifiedMsg::Report(id.clone(), Box::new(r)));
+            fed += 1;
+            if fed == BATCH || i + 1 == ids.len() {
+                fed = 0;
+                // The acks of the last step's instructions arrive among the
+                // next reports, as the devices answer within the round.
+                for a in acks.drain(..) {
+                    core.on_verified(now, a);
+                    ack_count += 1;
+                }
+                core.pace_lazy_writes(now);
+                let step = core.take_step();
+                for p in &step.publish {
+                    if !p.topic.ends_with("/instr") {
+                        continue;
+                    }
+                    let env = sign::parse_envelope(&p.payload, 1 << 20).expect("envelope");
+                    let instruction =
+                        codec::decode::<Instruction>(&env.payload).expect("instruction");
+                    instructions += 1;
+                    let (device, seq) = (instruction.device, instruction.seq);
+                    acks.push(VerifiedMsg::Ack(
+                        device.clone(),
+                        InstructionAck {
+                            device,
+                            instruction_seq: seq,
+                            outcome: AckOutcome::Applied,
+                            at_ms: now,
+                        },
+                    ));
+                }
+            }
+        }
+        let spent = cpu_ns().saturating_sub(c0);
+        total_reports += devices as u64;
+        if round == 0 {
+            cold_ns += spent;
+        } else if round >= warmup {
+            sustained_ns += spent;
+            sustained_reports += devices as u64;
+        }
+    }
+    Run {
+        sustained_us: sustained_ns as f64 / 1000.0 / sustained_reports.max(1) as f64,
+        cold_us: cold_ns as f64 / 1000.0 / devices.max(1) as f64,
+        reports: total_reports,
+        acks: ack_count,
+        instructions,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let devices = env_or("CORE_BENCH_DEVICES", 30_000);
+    let rounds = env_or("CORE_BENCH_ROUNDS", 13).max(4);
+    let runs = env_or("CORE_BENCH_RUNS", 5).max(1);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    let mut sustained = Vec::new();
+    let mut cold = Vec::new();
+    let mut last = None;
+    for i in 0..runs {
+        let r = one_run(devices, rounds);
+        println!(
+            "run {i}: sustained {:.1} us/report, cold start {:.1} us/report ({} reports, {} instructions, {} acks)",
+            r.sustained_us, r.cold_us, r.reports, r.instructions, r.acks
+        );
+        // Every device is planned at least once (its first `qos`): a run
+        // that sent fewer instructions measured a core that did not work.
+        assert!(
+            r.instructions >= devices as u64,
+            "{} instructions for {devices} devices",
+            r.instructions
+        );
+        sustained.push(r.sustained_us);
+        cold.push(r.cold_us);
+        last = Some(r);
+    }
+    let shown = sustained
+        .iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let last = last.expect("at least one run");
+    let row = format!(
+        "| verified reports through the service core (`Core::on_verified` + `take_step`), 1 core, {devices} devices, {rounds} rounds | sustained {:.1} us of CPU per report (median of {runs}: {shown}); cold start {:.1} us | {} | `cargo bench -p shardline-allocator-core --bench service_core` | the core thread of `service_e2e` without I/O: simulated time, `service_e2e`'s reports (a tenth of the fleet per round starts to need encryption after 3 rounds), every instruction acked ({} instructions per run), a step every {BATCH} messages; per report: sequence floor, QoS history, engine, signed instructions, records and engine state for the store batch; CPU time of the thread (/proc/thread-self/schedstat); load {load} at start |\n",
+        median(&mut sustained),
+        median(&mut cold),
+        machine(),
+        last.instructions,
+    );
+    print!("{row}");
+    if std::env::var_os("CORE_BENCH_NO_WRITE").is_none() {
+        write_section(&row);
+    }
+}
+
+/// Replaces (or appends) this bench's rows in BENCHMARKS.md, leaving other
+/// sections alone.
+fn write_section(rows: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
+        return;
+    };
+    let (begin, end) = ("<!-- service-core:begin -->", "<!-- service-core:end -->");
+    let block = format!(
+        "{begin}\n| what | result | machine | command | notes |\n|---|---|---|---|---|\n{rows}{end}"
+    );
+    let new = match (text.find(begin), text.find(end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
+        _ => format!(
+            "{}\n\n## Allocator service core\n\nWritten by `cargo bench -p shardline-allocator-core --bench service_core` (allocator/core/benches/service_core.rs): the `core` column of the service table above, measured alone.\n\n{block}\n",
+            text.trim_end()
+        ),
+    };
+    if let Err(e) = std::fs::write(&path, new) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
+}
