@@ -65,42 +65,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A simulated device's report now (the load `service_core` measures too).
 fn report(id: &DeviceId, seq: u64, needs_encryption: bool) -> QosReport {
-    let now = now_ms();
-    QosReport {
-        device: id.clone(),
-        seq,
-        window_start_ms: now.saturating_sub(1000),
-        window_ms: 1000,
-        classes: vec![ClassStats {
-            class: TrafficClass::Sensitive,
-            bytes: 200_000,
-            packets: 200,
-            rate_bps: 1_600_000,
-            rtt_p50_us: Some(20_000),
-            rtt_p95_us: Some(40_000),
-            jitter_us: Some(2_000),
-            loss_permille: 5,
-            active_flows: 4,
-            need: QosNeed {
-                latency_sensitive: true,
-                bandwidth_heavy: false,
-                needs_encryption,
-            },
-        }],
-        resources: DeviceResources {
-            cpu_cores: 4,
-            cpu_load_permille: 100,
-            mem_total_kib: 4 << 20,
-            mem_available_kib: 3 << 20,
-            aes_hw: true,
-            arch: "x86_64".into(),
-        },
-        shards: vec![],
-        applied_instruction_seq: 0,
-        rejections: RejectionCounters::default(),
-        lending: Default::default(),
-    }
+    shardline_allocator_core::policy::bench_load::bench_report(id, seq, now_ms(), needs_encryption)
 }
 
 #[derive(Debug, Clone)]

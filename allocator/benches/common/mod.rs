@@ -123,33 +123,9 @@ pub async fn start_allocator(
     std::fs::create_dir_all(&cat).unwrap();
     std::fs::copy(shipped.join("tiers.toml"), cat.join("tiers.toml")).unwrap();
     let text = std::fs::read_to_string(shipped.join("catalog.toml")).unwrap();
-    let per_device = "config = \"rate_bps = 20000000\"\ndevice_config = [\"listen\", \"forward\"]";
-    assert!(
-        text.contains(per_device),
-        "the shipped catalog's qos-shaper configuration changed: update benches/common"
-    );
-    // The same for the VPN tunnel's pairing (`shardctl vpn pair` writes it
-    // per device pair).
-    let vpn = "device_config = [\"role\", \"bind\", \"peer\"]";
-    assert!(
-        text.contains(vpn),
-        "the shipped catalog's vpn-tunnel configuration changed: update benches/common"
-    );
-    std::fs::write(
-        cat.join("catalog.toml"),
-        text.replace(
-            per_device,
-            r#"config = "rate_bps = 20000000\nlisten = 127.0.0.1:9\nforward = 127.0.0.1:9""#,
-        )
-        .replace(
-            vpn,
-            r#"config = "role = initiator\nbind = 127.0.0.1:9\npeer = 127.0.0.1:9""#,
-        )
-        // The tunnel pair's key is sealed per device pair (`shardctl vpn
-        // pair`); simulated devices run no tunnel, so none is asked for.
-        .replace("secret_config = [\"psk\"]", ""),
-    )
-    .unwrap();
+    let text = shardline_allocator_core::policy::bench_load::bench_catalog(&text)
+        .unwrap_or_else(|e| panic!("{e}: update policy::bench_load"));
+    std::fs::write(cat.join("catalog.toml"), text).unwrap();
     std::fs::write(
         dir.join("allocator.toml"),
         format!(

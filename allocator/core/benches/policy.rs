@@ -19,6 +19,9 @@ use shardline_shared::msg::{
 };
 use std::time::Instant;
 
+mod common;
+use common::cpu_ns;
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -28,18 +31,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Nanoseconds this thread has spent on a CPU (first field of
-/// /proc/thread-self/schedstat): the per-core figure on a shared machine,
-/// where wall time also counts the time other processes held the core.
-fn cpu_ns() -> Option<u64> {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn class(class: TrafficClass, rate_bps: u64, need: QosNeed) -> ClassStats {

@@ -15,18 +15,19 @@
 //! defaults; `CORE_BENCH_NO_WRITE=1` only prints). Writes its row into
 //! BENCHMARKS.md between the service-core markers.
 
+use shardline_allocator_core::policy::bench_load::{bench_catalog, bench_report};
 use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
 use shardline_allocator_core::policy::{Agreements, Catalog, Engine, PolicyConfig};
 use shardline_allocator_core::service::counters::Metrics;
 use shardline_allocator_core::service::{Command, Core, CoreConfig, Loaded, Reply, VerifiedMsg};
 use shardline_shared::codec;
 use shardline_shared::ids::DeviceId;
-use shardline_shared::msg::{
-    AckOutcome, ClassStats, DeviceResources, Instruction, InstructionAck, QosNeed, QosReport,
-    RejectionCounters, TrafficClass,
-};
+use shardline_shared::msg::{AckOutcome, Instruction, InstructionAck};
 use shardline_shared::sign::{self, KeyPair};
 use std::sync::Arc;
+
+mod common;
+use common::{cpu_ns, machine};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -35,95 +36,13 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Nanoseconds this thread has spent on a CPU.
-fn cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 /// The shipped (example) catalog and tiers, configured as `service_e2e`
-/// configures the service: the load is about reports, not per-device
-/// configuration.
+/// configures the service.
 fn engine() -> Engine {
-    let per_device = "config = \"rate_bps = 20000000\"\ndevice_config = [\"listen\", \"forward\"]";
-    assert!(
-        EXAMPLE_CATALOG.contains(per_device),
-        "the example catalog's qos-shaper entry changed: update this bench"
-    );
-    let vpn = "device_config = [\"role\", \"bind\", \"peer\"]";
-    assert!(
-        EXAMPLE_CATALOG.contains(vpn),
-        "the example catalog's vpn-tunnel entry changed: update this bench"
-    );
-    // As `service_e2e` configures the service (benches/common in the
-    // allocator crate): placeholders for the per-device keys, no tunnel key.
-    let text = EXAMPLE_CATALOG
-        .replace(
-            per_device,
-            r#"config = "rate_bps = 20000000\nlisten = 127.0.0.1:9\nforward = 127.0.0.1:9""#,
-        )
-        .replace(
-            vpn,
-            r#"config = "role = initiator\nbind = 127.0.0.1:9\npeer = 127.0.0.1:9""#,
-        )
-        .replace("secret_config = [\"psk\"]", "");
+    let text = bench_catalog(EXAMPLE_CATALOG).expect("update the bench load to the catalog");
     let catalog = Catalog::from_toml_str(&text, "catalog.toml").expect("catalog");
     let tiers = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).expect("tiers");
     Engine::new(catalog, tiers, PolicyConfig::default())
-}
-
-/// The report `service_e2e`'s simulated devices send.
-fn report(device: &DeviceId, seq: u64, now: u64, needs_encryption: bool) -> QosReport {
-    QosReport {
-        device: device.clone(),
-        seq,
-        window_start_ms: now.saturating_sub(1000),
-        window_ms: 1000,
-        classes: vec![ClassStats {
-            class: TrafficClass::Sensitive,
-            bytes: 200_000,
-            packets: 200,
-            rate_bps: 1_600_000,
-            rtt_p50_us: Some(20_000),
-            rtt_p95_us: Some(40_000),
-            jitter_us: Some(2_000),
-            loss_permille: 5,
-            active_flows: 4,
-            need: QosNeed {
-                latency_sensitive: true,
-                bandwidth_heavy: false,
-                needs_encryption,
-            },
-        }],
-        resources: DeviceResources {
-            cpu_cores: 4,
-            cpu_load_permille: 100,
-            mem_total_kib: 4 << 20,
-            mem_available_kib: 3 << 20,
-            aes_hw: true,
-            arch: "x86_64".into(),
-        },
-        shards: vec![],
-        applied_instruction_seq: 0,
-        rejections: RejectionCounters::default(),
-        lending: Default::default(),
-    }
 }
 
 /// What one run measured.
@@ -188,11 +107,11 @@ fn one_run(devices: usize, rounds: usize) -> Run {
         let now = now0 + 1000 * (round as u64 + 1);
         // A tenth more of the fleet needs encryption each sustained round.
         let encrypting = devices * round.saturating_sub(warmup) / 10;
-        let c0 = cpu_ns();
+        let c0 = cpu_ns().unwrap_or(0);
         core.on_tick(now);
         let mut fed = 0;
         for (i, id) in ids.iter().enumerate() {
-            let r = report(id, round as u64 + 1, now, i < encrypting);
+            let r = bench_report(id, round as u64 + 1, now, i < encrypting);
             core.on_verified(now, VerifiedMsg::Report(id.clone(), Box::new(r)));
             fed += 1;
             if fed == BATCH || i + 1 == ids.len() {
@@ -226,7 +145,7 @@ fn one_run(devices: usize, rounds: usize) -> Run {
                 }
             }
         }
-        let spent = cpu_ns().saturating_sub(c0);
+        let spent = cpu_ns().unwrap_or(0).saturating_sub(c0);
         total_reports += devices as u64;
         if round == 0 {
             cold_ns += spent;

@@ -14,6 +14,7 @@
 //! record, good-neighbour reports, consent and offers), [`prng`],
 //! [`simulate`].
 
+pub mod bench_load;
 pub mod catalog;
 mod engine;
 pub mod faults;
