@@ -42,6 +42,11 @@
 //! same fleet into mosquitto with no allocator, read by a subscriber that
 //! only counts, which says how much of the machine no allocator can have.
 //!
+//! At the target's latency (`SL_BENCH_SLO=0` skips it, `SL_BENCH_ONLY=slo`
+//! runs it alone): the largest smaller fleet whose sustained p99 stays
+//! within 100 ms on the embedded broker, i.e. what one allocator on this
+//! machine serves at the target's latency.
+//!
 //! Runs against the embedded broker, then against mosquitto (skipped when it
 //! is not installed), `RUNS` times each, and writes the medians into the
 //! "Allocator service" section of BENCHMARKS.md.
@@ -647,7 +652,7 @@ fn main() {
     let rounds = env_or("SL_BENCH_ROUNDS", 13);
     let runs = env_or("SL_BENCH_RUNS", 3);
     let overload = env_or("SL_BENCH_OVERLOAD", 3);
-    // `SL_BENCH_ONLY=mosquitto` (or `embedded`) runs one broker.
+    // `SL_BENCH_ONLY=mosquitto` (or `embedded`, `floor`, `slo`) runs one part.
     let only = std::env::var("SL_BENCH_ONLY").unwrap_or_default();
     // The bench cannot know what else shares the machine; it records this.
     let load_at_start = std::fs::read_to_string("/proc/loadavg")
@@ -802,13 +807,81 @@ fn main() {
             if met { "met" } else { "**missed**" }
         ));
     }
+    let slo_rows = if env_or("SL_BENCH_SLO", 1) == 1 && (only.is_empty() || only == "slo") {
+        rt.block_on(slo_capacity(&bin, devices, rounds, runs))
+    } else {
+        Vec::new()
+    };
     let tables = Tables {
         rows,
         overload_rows,
         cpu_rows,
         floor_rows,
+        slo_rows,
     };
     write_section(&tables, devices, rounds, runs, &load_at_start);
+}
+
+/// Whether a run kept the target's latency with nothing lost or missing.
+fn within_slo(o: &Outcome, devices: usize) -> bool {
+    let lost = o
+        .published
+        .saturating_sub(o.accepted + o.conflated + o.shed);
+    let missing =
+        devices.saturating_sub(o.cold.count) + o.changes.saturating_sub(o.sustained.count);
+    o.sustained.p99_ms <= 100.0 && lost == 0 && missing == 0
+}
+
+/// The largest fleet of a ladder below `devices` (six tenths of it down to
+/// a tenth) whose sustained p99 stays within 100 ms on the embedded broker:
+/// what one allocator on this machine serves at the target's latency. One
+/// run per size from the top down until a size meets it, then `runs` runs
+/// there; if their median misses, the next size down is tried the same way.
+async fn slo_capacity(bin: &Path, devices: usize, rounds: usize, runs: usize) -> Vec<String> {
+    let ladder: Vec<usize> = [6, 5, 4, 3, 2, 1]
+        .iter()
+        .map(|tenths| devices * tenths / 10)
+        .filter(|&n| n > 0)
+        .collect();
+    let mut probes = Vec::new();
+    for &n in &ladder {
+        let o = one_run(bin, None, n, rounds, 1).await;
+        println!(
+            "slo probe {n} devices: accepted {:.0}/s, sustained p99 {:.1} ms",
+            o.accepted as f64 / o.seconds,
+            o.sustained.p99_ms
+        );
+        probes.push(format!("{n}: {:.0} ms", o.sustained.p99_ms));
+        if !within_slo(&o, n) {
+            continue;
+        }
+        let mut outs = vec![o];
+        while outs.len() < runs {
+            outs.push(one_run(bin, None, n, rounds, 1).await);
+        }
+        let med = |f: &dyn Fn(&Outcome) -> f64| median(outs.iter().map(f).collect());
+        let met = outs.iter().filter(|o| within_slo(o, n)).count();
+        println!("slo at {n} devices: {met} of {} runs within", outs.len());
+        if 2 * met > outs.len() {
+            return vec![format!(
+                "| embedded | {n} | {:.0} | {:.1} | {:.1} | {met}/{} | {} |",
+                med(&|o| o.accepted as f64 / o.seconds),
+                med(&|o| o.sustained.p50_ms),
+                med(&|o| o.sustained.p99_ms),
+                outs.len(),
+                probes.join(", ")
+            )];
+        }
+    }
+    vec![format!(
+        "| embedded | none of {} | | | | 0 | {} |",
+        ladder
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        probes.join(", ")
+    )]
 }
 
 /// How to read the rows (the bench cannot know the machine's other load).
@@ -820,6 +893,7 @@ struct Tables {
     overload_rows: Vec<String>,
     cpu_rows: Vec<String>,
     floor_rows: Vec<String>,
+    slo_rows: Vec<String>,
 }
 
 fn write_section(tables: &Tables, devices: usize, rounds: usize, runs: usize, load: &str) {
@@ -828,6 +902,7 @@ fn write_section(tables: &Tables, devices: usize, rounds: usize, runs: usize, lo
         overload_rows,
         cpu_rows,
         floor_rows,
+        slo_rows,
     } = tables;
     let mut section = String::from("## Allocator service\n\n");
     section.push_str(&format!(
@@ -892,6 +967,21 @@ fn write_section(tables: &Tables, devices: usize, rounds: usize, runs: usize, lo
         section.push_str("| broker | devices | received reports/s | p50 ms | p99 ms | simulator us/report | mosquitto us/report | together us/report |\n");
         section.push_str("|---|---|---|---|---|---|---|---|\n");
         for r in floor_rows {
+            section.push_str(r);
+            section.push('\n');
+        }
+    }
+    if !slo_rows.is_empty() {
+        section.push_str(&format!(
+            "\nAt the target's latency (`SL_BENCH_SLO=0` skips it): the largest fleet, of six tenths of the one above \
+             down to a tenth, whose sustained p99 stays within 100 ms with nothing lost or missing on the embedded \
+             broker, each device one report per second as above: what one allocator serves at that latency on this \
+             machine. One run per size from the top down (probes: sustained p99 of each), then {runs} runs at the \
+             first size that met it (medians; kept when most of them meet it).\n\n"
+        ));
+        section.push_str("| broker | devices (reports/s offered) | accepted reports/s | sustained p50 ms | sustained p99 ms | runs within | probes |\n");
+        section.push_str("|---|---|---|---|---|---|---|\n");
+        for r in slo_rows {
             section.push_str(r);
             section.push('\n');
         }
