@@ -77,7 +77,7 @@ use shardline_allocator::service::http;
 use shardline_tests::kit::cluster::{BrokerCluster, BrokerKind};
 use shardline_tests::kit::pcap::{self, Phase};
 use shardline_tests::kit::postgres::{self, TestPostgres};
-use shardline_tests::kit::proc::{free_tcp_port, free_udp_port, signal, Proc, TempDir};
+use shardline_tests::kit::proc::{free_stable_udp_port, free_tcp_port, signal, Proc, TempDir};
 use shardline_tests::kit::stack::{catalog_with_digests, install_shards, Bins, ShardPorts};
 use shardline_tests::{bins, workspace_root};
 use std::collections::BTreeMap;
@@ -648,8 +648,8 @@ fn world(tag: &str, lease_cap_s: u64, central_only_node1: bool) -> Option<World>
                     "set",
                     &id,
                     "qos-shaper",
-                    &format!("listen=127.0.0.1:{}", free_udp_port()),
-                    &format!("forward=127.0.0.1:{}", free_udp_port()),
+                    &format!("listen=127.0.0.1:{}", free_stable_udp_port()),
+                    &format!("forward=127.0.0.1:{}", free_stable_udp_port()),
                 ],
             );
             // The agents report this machine's CPU load as their device's,

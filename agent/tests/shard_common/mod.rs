@@ -171,13 +171,13 @@ pub fn started(e: &HostEvent) -> bool {
     matches!(e, HostEvent::Started { .. })
 }
 
-/// A UDP port free on the loopback right now.
+/// A UDP port free on the loopback right now, below the ephemeral range:
+/// the tests kill shard hosts and the supervisor starts them again on the
+/// same ports (see `xtask::kit::proc::free_stable_udp_port`).
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    let port = xtask::kit::proc::free_stable_udp_port();
+    assert_ne!(port, 0, "no free UDP port on loopback");
+    port
 }
 
 /// Throughput (bit/s of UDP payload) arriving at the receiver while a

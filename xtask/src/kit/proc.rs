@@ -154,6 +154,22 @@ pub fn free_tcp_port() -> u16 {
 /// restarted RabbitMQ node failed with `eaddrinuse`). Falls back to
 /// [`free_tcp_port`] when the range leaves no room below it.
 pub fn free_stable_tcp_port() -> u16 {
+    stable_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .unwrap_or_else(free_tcp_port)
+}
+
+/// [`free_stable_tcp_port`] for UDP: for a shard host that a test or a
+/// renewal restarts on its `listen` port (any socket bound to port 0 while
+/// it is down may be given an ephemeral one). Falls back to
+/// [`free_udp_port`].
+pub fn free_stable_udp_port() -> u16 {
+    stable_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+        .unwrap_or_else(free_udp_port)
+}
+
+/// A port below the ephemeral range that `free` says is free, or `None`
+/// when the range leaves no room below it (or none was found).
+fn stable_port(free: impl Fn(u16) -> bool) -> Option<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -162,7 +178,7 @@ pub fn free_stable_tcp_port() -> u16 {
         .unwrap_or(32_768);
     const SPAN: u32 = 12_000;
     if low < SPAN + 1_024 {
-        return free_tcp_port();
+        return None;
     }
     // Spread over the span per process, so that kits of test binaries run
     // one after another rarely start on the same ports.
@@ -173,11 +189,11 @@ pub fn free_stable_tcp_port() -> u16 {
         let Ok(port) = u16::try_from(port) else {
             continue;
         };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        if free(port) {
+            return Some(port);
         }
     }
-    free_tcp_port()
+    None
 }
 
 /// A free UDP port on loopback (bound, then released).

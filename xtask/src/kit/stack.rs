@@ -5,7 +5,7 @@
 //! and the workspace integration tests (`tests/tests/full_loop.rs`).
 
 use super::json::Json;
-use super::proc::{free_tcp_port, free_udp_port, Proc};
+use super::proc::{free_stable_udp_port, free_tcp_port, Proc};
 use super::sha256;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,14 +106,16 @@ pub struct ShardPorts {
 }
 
 impl ShardPorts {
+    /// Below the ephemeral range: a renewal may restart a shard host,
+    /// which binds its ports again (see [`free_stable_udp_port`]).
     pub fn pick() -> ShardPorts {
         ShardPorts {
-            tunnel_bind: free_udp_port(),
-            tunnel_peer: free_udp_port(),
-            tunnel_inner_listen: free_udp_port(),
-            tunnel_inner_forward: free_udp_port(),
-            shaper_listen: free_udp_port(),
-            shaper_forward: free_udp_port(),
+            tunnel_bind: free_stable_udp_port(),
+            tunnel_peer: free_stable_udp_port(),
+            tunnel_inner_listen: free_stable_udp_port(),
+            tunnel_inner_forward: free_stable_udp_port(),
+            shaper_listen: free_stable_udp_port(),
+            shaper_forward: free_stable_udp_port(),
         }
     }
 
