@@ -439,15 +439,6 @@ fn api_version(a: &Allocator, group: &str) -> Option<u64> {
         .and_then(|g| g["version"].as_u64())
 }
 
-fn sighup(a: &Allocator) {
-    let pid = a.child.as_ref().expect("running").id().to_string();
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// SIGHUP reads `[[assignment.groups]]` again: a group taken out is
 /// withdrawn (its retained copy cleared) without a restart; put back, it is
 /// published again, never below the version the devices hold.
@@ -475,7 +466,7 @@ async fn a_group_taken_out_by_sighup_is_withdrawn_and_comes_back_at_its_version(
 
     a.extra_config = one.clone();
     std::fs::write(dir.0.join("allocator.toml"), a.config_text()).unwrap();
-    sighup(&a);
+    a.sighup();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
@@ -496,7 +487,7 @@ async fn a_group_taken_out_by_sighup_is_withdrawn_and_comes_back_at_its_version(
     // Back in the configuration: published again, from its version on.
     a.extra_config = two;
     std::fs::write(dir.0.join("allocator.toml"), a.config_text()).unwrap();
-    sighup(&a);
+    a.sighup();
     loop {
         let (topic, bytes, _) = next(&mut rx, Duration::from_secs(10), &a).await;
         if topic == topics::assignment(&qos) && !bytes.is_empty() {

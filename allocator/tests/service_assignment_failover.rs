@@ -151,28 +151,6 @@ async fn ack_routed(dev: &mut Device, group: &GroupId, seq: u64) {
         .unwrap();
 }
 
-/// The stored owner of each group, as an instance's API answers.
-fn owners(x: &Allocator) -> BTreeMap<String, (String, u64)> {
-    let (st, v) = x.api("GET", "/v1/assignments", None);
-    assert_eq!(st, 200, "{v}");
-    v["groups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|g| {
-                    (
-                        g["group"].as_str().unwrap_or("").to_owned(),
-                        (
-                            g["server"].as_str().unwrap_or("").to_owned(),
-                            g["version"].as_u64().unwrap_or(0),
-                        ),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_survivor_takes_a_killed_instances_group_within_the_bound() {
     failover(false).await;
@@ -225,7 +203,7 @@ async fn failover(kill_lead: bool) {
     // Each group on its own instance (15 reports/s each, 10 per group).
     let deadline = Instant::now() + Duration::from_secs(30);
     let placed = loop {
-        let o = owners(&a);
+        let o = a.assignment_owners();
         let servers: std::collections::BTreeSet<&String> = o.values().map(|(s, _)| s).collect();
         if o.len() == 2 && servers.len() == 2 {
             break o;
@@ -366,7 +344,7 @@ async fn failover(kill_lead: bool) {
     // The survivor reads the group's routed topics: the reports sent from
     // the moment it subscribed are accepted there. Let the last ones land.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let stored = owners(survivor);
+    let stored = survivor.assignment_owners();
     assert_eq!(stored[group].0, survivor_id, "{stored:?}");
     assert_eq!(stored[other].0, survivor_id, "{stored:?}");
     let before_last = survivor.metric("shardline_reports_accepted_total");

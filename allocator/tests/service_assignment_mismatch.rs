@@ -43,32 +43,12 @@ min_dwell_ms = 0
     out
 }
 
-/// The stored owner of each group, as an instance's API answers.
+/// The stored owner (server) of each group, as an instance's API answers.
 fn owners(x: &Allocator) -> BTreeMap<String, String> {
-    let (st, v) = x.api("GET", "/v1/assignments", None);
-    assert_eq!(st, 200, "{v}");
-    v["groups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|g| {
-                    (
-                        g["group"].as_str().unwrap_or("").to_owned(),
-                        g["server"].as_str().unwrap_or("").to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn sighup(a: &Allocator) {
-    let pid = a.child.as_ref().expect("running").id().to_string();
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    x.assignment_owners()
+        .into_iter()
+        .map(|(group, (server, _))| (group, server))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +153,7 @@ async fn an_instance_whose_groups_differ_from_the_leads_is_flagged_and_gets_no_g
     // group the lead had no room for.
     b.extra_config = config("alloc-b", &both);
     std::fs::write(dir.0.join("b").join("allocator.toml"), b.config_text()).unwrap();
-    sighup(&b);
+    b.sighup();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mismatch = a.metric("shardline_assignment_config_mismatch");

@@ -335,6 +335,38 @@ resend_after_ms = 2000
         }
     }
 
+    /// SIGHUP: the allocator reads its configuration again.
+    #[allow(dead_code)] // not every test binary reloads
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// The stored owner (server) and version of each assignment group, as
+    /// this instance's API answers.
+    #[allow(dead_code)] // only the assignment tests read it
+    pub fn assignment_owners(&self) -> std::collections::BTreeMap<String, (String, u64)> {
+        let (st, v) = self.api("GET", "/v1/assignments", None);
+        assert_eq!(st, 200, "{v}");
+        v["groups"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|g| {
+                        (
+                            g["group"].as_str().unwrap_or("").to_owned(),
+                            (
+                                g["server"].as_str().unwrap_or("").to_owned(),
+                                g["version"].as_u64().unwrap_or(0),
+                            ),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn api_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
     }
