@@ -32,54 +32,65 @@ impl OverloadProbe for OverloadStages {
 /// The overload stages' lines (issue 19): what waits for a signature check,
 /// and the embedded broker's ingest gate (only with the embedded broker).
 fn render_overload(out: &mut String, o: &Overload) {
-    let mut gauge = |name: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
     };
-    gauge(
+    metric(
         "shardline_preverify_reports",
+        "gauge",
         "Reports waiting for their signature check (the conflating stage in front of the verifiers).",
-        o.stage_reports.to_string(),
+        &[("", o.stage_reports.to_string())],
     );
-    gauge(
+    metric(
         "shardline_preverify_acks",
+        "gauge",
         "Acks waiting for their signature check.",
-        o.stage_acks.to_string(),
+        &[("", o.stage_acks.to_string())],
     );
-    let _ = writeln!(
-        out,
-        "# HELP shardline_preverify_bytes Payload bytes waiting for their signature check.\n# TYPE shardline_preverify_bytes gauge\nshardline_preverify_bytes{{kind=\"report\"}} {}\nshardline_preverify_bytes{{kind=\"ack\"}} {}",
-        o.stage_report_bytes, o.stage_ack_bytes
+    metric(
+        "shardline_preverify_bytes",
+        "gauge",
+        "Payload bytes waiting for their signature check.",
+        &[
+            ("{kind=\"report\"}", o.stage_report_bytes.to_string()),
+            ("{kind=\"ack\"}", o.stage_ack_bytes.to_string()),
+        ],
     );
     let Some(g) = &o.gate else {
         return;
     };
-    let _ = writeln!(
-        out,
-        "# HELP shardline_ingest_gate_behind_bytes Bytes of device uplinks the embedded broker took in and the MQTT link has not taken out.\n# TYPE shardline_ingest_gate_behind_bytes gauge\nshardline_ingest_gate_behind_bytes {}",
-        g.behind_bytes
+    metric(
+        "shardline_ingest_gate_behind_bytes",
+        "gauge",
+        "Bytes of device uplinks the embedded broker took in and the MQTT link has not taken out.",
+        &[("", g.behind_bytes.to_string())],
     );
-    let _ = writeln!(
-        out,
-        "# HELP shardline_ingest_gate_waiting_connections Device connections held back now (the link is a window behind).\n# TYPE shardline_ingest_gate_waiting_connections gauge\nshardline_ingest_gate_waiting_connections {}",
-        g.waiting
+    metric(
+        "shardline_ingest_gate_waiting_connections",
+        "gauge",
+        "Device connections held back now (the link is a window behind).",
+        &[("", g.waiting.to_string())],
     );
-    let _ = writeln!(
-        out,
-        "# HELP shardline_ingest_gate_held_seconds_total Time device connections were held back, summed over connections.\n# TYPE shardline_ingest_gate_held_seconds_total counter\nshardline_ingest_gate_held_seconds_total {:.3}",
-        g.held_seconds
+    metric(
+        "shardline_ingest_gate_held_seconds_total",
+        "counter",
+        "Time device connections were held back, summed over connections.",
+        &[("", format!("{:.3}", g.held_seconds))],
     );
-    let _ = writeln!(
-        out,
-        "# HELP shardline_ingest_gate_stall_reopens_total Times the gate opened because nothing came out of the MQTT link for 2 s.\n# TYPE shardline_ingest_gate_stall_reopens_total counter\nshardline_ingest_gate_stall_reopens_total {}",
-        g.stall_reopens
+    metric(
+        "shardline_ingest_gate_stall_reopens_total",
+        "counter",
+        "Times the gate opened because nothing came out of the MQTT link for 2 s.",
+        &[("", g.stall_reopens.to_string())],
     );
-    let _ = writeln!(
-        out,
-        "# HELP shardline_ingest_gate_groups Groups whose routed uplinks the gate counts (their filter held by the link).\n# TYPE shardline_ingest_gate_groups gauge\nshardline_ingest_gate_groups {}",
-        g.groups
+    metric(
+        "shardline_ingest_gate_groups",
+        "gauge",
+        "Groups whose routed uplinks the gate counts (their filter held by the link).",
+        &[("", g.groups.to_string())],
     );
 }
 

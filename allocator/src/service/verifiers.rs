@@ -111,6 +111,14 @@ impl Verifiers {
         shard.wake.notify_one();
         Ok(())
     }
+
+    /// A reader of the stages' depth (it shares the queues; dropping the
+    /// `Verifiers` still stops the threads).
+    pub fn probe(&self) -> StageProbe {
+        StageProbe {
+            shards: self.shards.clone(),
+        }
+    }
 }
 
 /// Reads the depth of every verifier thread's unverified stage (for
@@ -134,16 +142,6 @@ impl StageProbe {
             }
         }
         out
-    }
-}
-
-impl Verifiers {
-    /// A reader of the stages' depth (it shares the queues; dropping the
-    /// `Verifiers` still stops the threads).
-    pub fn probe(&self) -> StageProbe {
-        StageProbe {
-            shards: self.shards.clone(),
-        }
     }
 }
 
