@@ -174,16 +174,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
 mod access;
 mod assign;
+mod floors;
+use floors::FLOORS;
 
 const DEVICES: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("devices");
 const TOKENS: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("tokens");
 const META: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("meta");
-/// A device's report floor and write version, one record: a report
-/// (the commonest write) checks and moves both with one lookup and one
-/// insert. Stores written before it kept them in `report_seq` and
-/// `device_version`; [`RedbStore::open`] moves those rows here once.
-const FLOORS: redb::TableDefinition<'_, &str, (u64, u64)> =
-    redb::TableDefinition::new("device_floor");
 /// The former separate tables, read only to move them into [`FLOORS`].
 const LEGACY_REPORT_SEQ: redb::TableDefinition<'_, &str, u64> =
     redb::TableDefinition::new("report_seq");
@@ -232,6 +228,11 @@ pub(crate) fn dec<T: serde::de::DeserializeOwned>(
 /// can never open the same store.
 pub struct RedbStore {
     db: redb::Database,
+    /// Every device's report floor and write version as committed; a
+    /// commit holds it from its first check until it is applied, and
+    /// readers take it before their read transaction, so they see both at
+    /// one commit.
+    floors: std::sync::Mutex<floors::Floors>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -242,6 +243,12 @@ impl std::fmt::Debug for RedbStore {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_folding_at(path, floors::FOLD_MIN)
+    }
+
+    /// [`RedbStore::open`] with the floor log folded once it holds
+    /// `fold_min` writes (or twice the fleet).
+    fn open_folding_at(path: &Path, fold_min: usize) -> Result<Self, StoreError> {
         let open_err = |e: redb::Error| StoreError::Open {
             path: path.display().to_string(),
             source: Box::new(e),
@@ -255,6 +262,8 @@ impl RedbStore {
             txn.open_table(table).map_err(|e| open_err(e.into()))?;
         }
         txn.open_table(FLOORS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(floors::FLOOR_LOG)
+            .map_err(|e| open_err(e.into()))?;
         let moved = Self::move_legacy_floors(&txn).map_err(|e| match e {
             StoreError::Db(source) => StoreError::Open {
                 path: path.display().to_string(),
@@ -270,7 +279,22 @@ impl RedbStore {
                 "moved the report floors and write versions into one record per device"
             );
         }
-        Ok(Self { db })
+        let floors = {
+            let txn = db.begin_read().map_err(|e| open_err(e.into()))?;
+            floors::Floors::load(&txn, fold_min)?
+        };
+        Ok(Self {
+            db,
+            floors: std::sync::Mutex::new(floors),
+        })
+    }
+
+    /// The floors; a panic elsewhere while holding them left nothing half
+    /// applied (they change only after a commit, in one call).
+    fn floors(&self) -> std::sync::MutexGuard<'_, floors::Floors> {
+        self.floors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Moves rows of the former `report_seq` and `device_version` tables
@@ -348,64 +372,29 @@ impl RedbStore {
     }
 }
 
-impl RedbStore {
-    /// Fills in the stored version and report floor of loaded records.
-    fn complete(
-        txn: &redb::ReadTransaction,
-        records: &mut [DeviceRecord],
-    ) -> Result<(), StoreError> {
-        let floors = txn.open_table(FLOORS).map_err(db_err)?;
-        for rec in records {
-            let (seq, version) = floors
-                .get(rec.device.as_str())
-                .map_err(db_err)?
-                .map_or((0, 0), |v| v.value());
-            rec.last_report_seq = rec.last_report_seq.max(seq);
-            rec.version = version;
-        }
-        Ok(())
+/// Fills in the committed version and report floor of loaded records.
+fn complete(floors: &floors::Floors, records: &mut [DeviceRecord]) {
+    for rec in records {
+        let (seq, version) = floors.get(rec.device.as_str()).unwrap_or((0, 0));
+        rec.last_report_seq = rec.last_report_seq.max(seq);
+        rec.version = version;
     }
-}
-
-/// Checks one conditional device write against the floors table (and
-/// moves it), recording a conflict instead of failing at once so that the
-/// error names every stale device.
-fn check_version(
-    floors: &mut redb::Table<'_, &str, (u64, u64)>,
-    device: &DeviceId,
-    (seq, new_version): (u64, u64),
-    conflicts: &mut Vec<DeviceId>,
-) -> Result<(), StoreError> {
-    use redb::ReadableTable;
-    let stored = floors
-        .get(device.as_str())
-        .map_err(db_err)?
-        .map_or(0, |v| v.value().1);
-    if stored.checked_add(1) != Some(new_version) {
-        if !conflicts.contains(device) {
-            conflicts.push(device.clone());
-        }
-        return Ok(());
-    }
-    floors
-        .insert(device.as_str(), (seq, new_version))
-        .map_err(db_err)?;
-    Ok(())
 }
 
 impl Store for RedbStore {
     fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let floors = self.floors();
         let mut records: Vec<DeviceRecord> = self
             .load_table::<DeviceRecord>(DEVICES)?
             .into_iter()
             .map(|(_, r)| r)
             .collect();
-        let txn = self.db.begin_read().map_err(db_err)?;
-        Self::complete(&txn, &mut records)?;
+        complete(&floors, &mut records);
         Ok(records)
     }
 
     fn load_device_records(&self, devices: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let floors = self.floors();
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(DEVICES).map_err(db_err)?;
         let mut out = Vec::with_capacity(devices.len());
@@ -414,7 +403,7 @@ impl Store for RedbStore {
                 out.push(dec::<DeviceRecord>(id.as_str(), v.value())?);
             }
         }
-        Self::complete(&txn, &mut out)?;
+        complete(&floors, &mut out);
         Ok(out)
     }
 
@@ -423,12 +412,11 @@ impl Store for RedbStore {
         devices: Option<&[DeviceId]>,
     ) -> Result<Vec<(DeviceId, u64)>, StoreError> {
         use redb::ReadableTable;
+        let floors = self.floors();
         let txn = self.db.begin_read().map_err(db_err)?;
         let recs = txn.open_table(DEVICES).map_err(db_err)?;
-        let floors = txn.open_table(FLOORS).map_err(db_err)?;
-        let version_of = |id: &str| -> Result<u64, StoreError> {
-            Ok(floors.get(id).map_err(db_err)?.map_or(0, |v| v.value().1))
-        };
+        let version_of =
+            |id: &str| -> Result<u64, StoreError> { Ok(floors.get(id).map_or(0, |(_, v)| v)) };
         let mut out = Vec::new();
         match devices {
             Some(ids) => {
@@ -511,23 +499,22 @@ impl Store for RedbStore {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(db_err)?;
-        let mut conflicts = Vec::new();
+        let mut floors = self.floors();
+        let mut staged = floors::Staged::default();
         for batch in batches {
             let mut devices = txn.open_table(DEVICES).map_err(db_err)?;
-            let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
             for rec in &batch.put_devices {
-                let floor = (rec.last_report_seq, rec.version);
-                check_version(&mut floors, &rec.device, floor, &mut conflicts)?;
+                staged.write(&floors, &rec.device, (rec.last_report_seq, rec.version));
                 devices
                     .insert(rec.device.as_str(), enc(rec).as_slice())
                     .map_err(db_err)?;
             }
             for w in &batch.report_seqs {
-                check_version(&mut floors, &w.device, (w.seq, w.version), &mut conflicts)?;
+                staged.write(&floors, &w.device, (w.seq, w.version));
             }
             for id in &batch.delete_devices {
                 devices.remove(id.as_str()).map_err(db_err)?;
-                floors.remove(id.as_str()).map_err(db_err)?;
+                staged.delete(id);
             }
             let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
             for (hash, rec) in &batch.tokens {
@@ -580,11 +567,24 @@ impl Store for RedbStore {
                 }
             }
         }
-        if !conflicts.is_empty() {
+        if !staged.conflicts.is_empty() {
             txn.abort().map_err(db_err)?;
-            return Err(StoreError::Conflict { devices: conflicts });
+            return Err(StoreError::Conflict {
+                devices: staged.conflicts,
+            });
         }
-        txn.commit().map_err(db_err)?;
+        let folded = floors.write(&txn, &staged)?;
+        if let Err(e) = txn.commit() {
+            // Whether any of it reached the file is unknown: read the
+            // floors back rather than guess.
+            if let Ok(read) = self.db.begin_read() {
+                if let Ok(reloaded) = floors::Floors::load(&read, floors.fold_min()) {
+                    *floors = reloaded;
+                }
+            }
+            return Err(db_err(e));
+        }
+        floors.committed(staged, folded);
         Ok(())
     }
 
