@@ -267,7 +267,7 @@ fn test(root: &Path, args: &[String]) -> Result<(), String> {
 fn bench(root: &Path, args: &[String]) -> Result<(), String> {
     // Each area's bench appends its rows to BENCHMARKS.md itself:
     // (name on the command line, package, bench target).
-    const BENCHES: [(&str, &str, &str); 10] = [
+    const BENCHES: [(&str, &str, &str); 11] = [
         ("monitor", "shardline-agent", "monitor"),
         ("classes", "shardline-agent", "classes"),
         ("shards", "shardline-agent", "shard_bench"),
@@ -275,6 +275,7 @@ fn bench(root: &Path, args: &[String]) -> Result<(), String> {
         ("policy", "shardline-allocator-core", "policy"),
         ("fleet", "shardline-allocator-core", "fleet"),
         ("core", "shardline-allocator-core", "service_core"),
+        ("store", "shardline-allocator", "store_commit"),
         ("service", "shardline-allocator", "service_e2e"),
         ("requests", "shardline-allocator", "request_e2e"),
         ("dashboard", "shardline-allocator", "dashboard"),
