@@ -109,6 +109,17 @@ async fn a_unit_bought_in_the_market_shows_in_shardctl_and_survives_a_restart() 
     assert_eq!(seller["balance_milli"], 21_000, "{seller}");
     assert_eq!(buyer["market_units"], serde_json::json!([0, 1]));
     assert_eq!(seller["sold_units"], serde_json::json!([0, 1]));
+    // A payment is written with the next commit, not lazily like the rest
+    // of the engine state (`engine_flush_ms`, 5 s): killed just after the
+    // trade, the allocator comes back with both sides of it, not with the
+    // buyer's debit (its instruction made it durable) and without the
+    // seller's credit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alloc.kill9();
+    alloc.spawn();
+    let rows = credits_of(&alloc, "t");
+    assert_eq!(row(&rows, "buyer-1")["balance_milli"], 19_000, "{rows:?}");
+    assert_eq!(row(&rows, "seller-1")["balance_milli"], 21_000, "{rows:?}");
     let text = buyer["last"]["text"]
         .as_str()
         .unwrap_or_default()

@@ -305,6 +305,10 @@ impl Core {
         // reputation decay) is written lazily, within `engine_flush_ms`;
         // the decisions made meanwhile go to the history now.
         let engine_dirty = self.engine.take_dirty();
+        // Both sides of a payment now, whatever else is lazy.
+        for device in self.engine.take_durable_now() {
+            self.dirty.insert(device);
+        }
         // Taken out and put back rather than cloned: it is every device
         // changed since the last step.
         let dirty = std::mem::take(&mut self.dirty);

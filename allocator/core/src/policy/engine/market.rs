@@ -620,6 +620,8 @@ impl Engine {
         if ok {
             self.dirty.mark(buyer);
             self.dirty.mark(seller);
+            self.durable_now.mark(buyer);
+            self.durable_now.mark(seller);
         }
         ok
     }

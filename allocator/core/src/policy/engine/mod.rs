@@ -168,6 +168,10 @@ pub struct Engine {
     market_prices: BTreeMap<(String, usize), u64>,
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
+    /// Of those, the ones whose change must be on disk with the next commit
+    /// rather than lazily (credits moved between two accounts: a crash
+    /// must not keep the debit and lose the credit).
+    durable_now: DirtySet,
     /// Failing catalog entries and the start failures behind them.
     health: CatalogHealth,
     /// `health` changed since the last `take_health_dirty`.
@@ -200,6 +204,7 @@ impl Engine {
             last_market_ms: None,
             market_prices: BTreeMap::new(),
             dirty: DirtySet::default(),
+            durable_now: DirtySet::default(),
             health: CatalogHealth::default(),
             health_dirty: false,
             device_config: BTreeMap::new(),
@@ -456,6 +461,15 @@ impl Engine {
 
     pub fn take_dirty(&mut self) -> Vec<DeviceId> {
         let mut v = std::mem::take(&mut self.dirty.list);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The devices of [`Engine::take_dirty`] whose state the service must
+    /// write with its next commit instead of lazily.
+    pub fn take_durable_now(&mut self) -> Vec<DeviceId> {
+        let mut v = std::mem::take(&mut self.durable_now.list);
         v.sort_unstable();
         v.dedup();
         v
