@@ -17,6 +17,11 @@
 //! `STORE_BENCH_DEVICES`, `STORE_BENCH_COMMITS` and `STORE_BENCH_RUNS`
 //! override the sizes; `STORE_BENCH_NO_WRITE` leaves BENCHMARKS.md alone.
 
+// The core crate's bench helpers (machine, thread CPU, BENCHMARKS.md
+// sections): one copy for both crates' benches.
+#[path = "../core/benches/common/mod.rs"]
+mod common;
+
 use redb::ReadableTable;
 use shardline_allocator::service::store::{
     Batch, DeviceRecord, HistoryEntry, RedbStore, ReportSeq, Store,
@@ -44,13 +49,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn thread_wchar() -> u64 {
@@ -85,9 +83,9 @@ struct Cost {
 }
 
 fn measure(reports: usize, f: impl FnOnce()) -> Cost {
-    let (c0, w0) = (thread_cpu_ns(), thread_wchar());
+    let (c0, w0) = (common::cpu_ns().unwrap_or(0), thread_wchar());
     f();
-    let (c1, w1) = (thread_cpu_ns(), thread_wchar());
+    let (c1, w1) = (common::cpu_ns().unwrap_or(0), thread_wchar());
     Cost {
         cpu_us: c1.saturating_sub(c0) as f64 / 1000.0 / reports as f64,
         bytes: w1.saturating_sub(w0) as f64 / reports as f64,
@@ -296,20 +294,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 fn main() {
     let devices = env_or("STORE_BENCH_DEVICES", 30_000);
     let commits = env_or("STORE_BENCH_COMMITS", 200);
@@ -342,39 +326,20 @@ fn main() {
          | peer: the same floors in a plain per-device redb table (look up, replace) | {:.2} us of CPU, {:.0} bytes written per report | {} | same | how the store wrote them before the log |\n",
         cpu(&full),
         bytes(&full),
-        machine(),
+        common::machine(),
         cpu(&ours),
         bytes(&ours),
-        machine(),
+        common::machine(),
         cpu(&plain),
         bytes(&plain),
-        machine(),
+        common::machine(),
     );
     print!("{rows}");
     if std::env::var_os("STORE_BENCH_NO_WRITE").is_none() {
-        write_section(&rows);
-    }
-}
-
-/// Replaces (or appends) this bench's rows in BENCHMARKS.md.
-fn write_section(rows: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
-        return;
-    };
-    let (begin, end) = ("<!-- store-commit:begin -->", "<!-- store-commit:end -->");
-    let block = format!(
-        "{begin}\n| what | result | machine | command | notes |\n|---|---|---|---|---|\n{rows}{end}"
-    );
-    let new = match (text.find(begin), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
-        _ => format!(
-            "{}\n\n## Allocator store\n\nWritten by `cargo bench -p shardline-allocator --bench store_commit` (allocator/benches/store_commit.rs): the `store` column of the service table, measured alone.\n\n{block}\n",
-            text.trim_end()
-        ),
-    };
-    if let Err(e) = std::fs::write(&path, new) {
-        eprintln!("cannot write {}: {e}", path.display());
+        common::write_marked_table(
+            "store-commit",
+            "## Allocator store\n\nWritten by `cargo bench -p shardline-allocator --bench store_commit` (allocator/benches/store_commit.rs): the `store` column of the service table, measured alone.",
+            &rows,
+        );
     }
 }

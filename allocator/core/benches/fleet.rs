@@ -214,7 +214,11 @@ fn main() {
     );
     println!("{header}{table}");
     if std::env::var_os("FLEET_BENCH_NO_WRITE").is_none() {
-        write_section(&format!("{header}{table}"));
+        common::write_marked(
+            "fleet-sim",
+            "## Fleet simulation",
+            &format!("{header}{table}"),
+        );
     }
 }
 
@@ -223,23 +227,5 @@ fn yes(b: bool) -> &'static str {
         "met"
     } else {
         "MISSED"
-    }
-}
-
-/// Replaces (or appends) the fleet rows in BENCHMARKS.md.
-fn write_section(body: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
-        return;
-    };
-    let (begin, end) = ("<!-- fleet-sim:begin -->", "<!-- fleet-sim:end -->");
-    let block = format!("{begin}\n{body}{end}");
-    let new = match (text.find(begin), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
-        _ => format!("{}\n\n## Fleet simulation\n\n{block}\n", text.trim_end()),
-    };
-    if let Err(e) = std::fs::write(&path, new) {
-        eprintln!("cannot write {}: {e}", path.display());
     }
 }

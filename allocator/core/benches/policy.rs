@@ -267,7 +267,11 @@ fn main() {
     );
     print!("{rows}");
     if std::env::var_os("POLICY_BENCH_NO_WRITE").is_none() {
-        write_section(&rows);
+        common::write_marked_table(
+            "policy-bench",
+            "## Policy engine\n\nWritten by `cargo bench -p shardline-allocator-core --bench policy` (allocator/core/benches/policy.rs).",
+            &rows,
+        );
     }
 }
 
@@ -385,28 +389,4 @@ fn requests_phase(
         "{granted} acquisitions granted and released, {other} not granted (queried instead)"
     );
     (median(&mut rates), median(&mut walls), shown, outcomes)
-}
-
-/// Replaces (or appends) the policy rows in BENCHMARKS.md, leaving other
-/// sections alone.
-fn write_section(rows: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
-        return;
-    };
-    let (begin, end) = ("<!-- policy-bench:begin -->", "<!-- policy-bench:end -->");
-    let block = format!(
-        "{begin}\n| what | result | machine | command | notes |\n|---|---|---|---|---|\n{rows}{end}"
-    );
-    let new = match (text.find(begin), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
-        _ => format!(
-            "{}\n## Policy engine\n\nWritten by `cargo bench -p shardline-allocator-core --bench policy` (allocator/core/benches/policy.rs).\n\n{block}\n",
-            text.trim_end()
-        ),
-    };
-    if let Err(e) = std::fs::write(&path, new) {
-        eprintln!("cannot write {}: {e}", path.display());
-    }
 }

@@ -212,30 +212,10 @@ fn main() {
     );
     print!("{row}");
     if std::env::var_os("CORE_BENCH_NO_WRITE").is_none() {
-        write_section(&row);
-    }
-}
-
-/// Replaces (or appends) this bench's rows in BENCHMARKS.md, leaving other
-/// sections alone.
-fn write_section(rows: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        eprintln!("BENCHMARKS.md not found at {}; not written", path.display());
-        return;
-    };
-    let (begin, end) = ("<!-- service-core:begin -->", "<!-- service-core:end -->");
-    let block = format!(
-        "{begin}\n| what | result | machine | command | notes |\n|---|---|---|---|---|\n{rows}{end}"
-    );
-    let new = match (text.find(begin), text.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
-        _ => format!(
-            "{}\n\n## Allocator service core\n\nWritten by `cargo bench -p shardline-allocator-core --bench service_core` (allocator/core/benches/service_core.rs): the `core` column of the service table above, measured alone.\n\n{block}\n",
-            text.trim_end()
-        ),
-    };
-    if let Err(e) = std::fs::write(&path, new) {
-        eprintln!("cannot write {}: {e}", path.display());
+        common::write_marked_table(
+            "service-core",
+            "## Allocator service core\n\nWritten by `cargo bench -p shardline-allocator-core --bench service_core` (allocator/core/benches/service_core.rs): the `core` column of the service table above, measured alone.",
+            &row,
+        );
     }
 }

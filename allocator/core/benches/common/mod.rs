@@ -29,3 +29,51 @@ pub fn cpu_ns() -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Replaces what stands between `<!-- {marker}:begin -->` and
+/// `<!-- {marker}:end -->` in the workspace's BENCHMARKS.md with `body`, or
+/// appends the markers and `body` under `heading` (a `## ` line and any
+/// words after it) where they are missing. Other sections stay as they are.
+#[allow(dead_code)] // not every bench including this module writes rows
+pub fn write_marked(marker: &str, heading: &str, body: &str) {
+    // The including crate's manifest dir, then up to the workspace's file.
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Some(path) = manifest
+        .ancestors()
+        .map(|d| d.join("BENCHMARKS.md"))
+        .find(|p| p.is_file())
+    else {
+        eprintln!(
+            "BENCHMARKS.md not found above {}; not written",
+            manifest.display()
+        );
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("cannot read {}; not written", path.display());
+        return;
+    };
+    let (begin, end) = (
+        format!("<!-- {marker}:begin -->"),
+        format!("<!-- {marker}:end -->"),
+    );
+    let block = format!("{begin}\n{body}{end}");
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
+        _ => format!("{}\n\n{heading}\n\n{block}\n", text.trim_end()),
+    };
+    if let Err(e) = std::fs::write(&path, new) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// [`write_marked`] with rows of the usual table (what, result, machine,
+/// command, notes).
+#[allow(dead_code)] // not every bench including this module writes rows
+pub fn write_marked_table(marker: &str, heading: &str, rows: &str) {
+    write_marked(
+        marker,
+        heading,
+        &format!("| what | result | machine | command | notes |\n|---|---|---|---|---|\n{rows}"),
+    );
+}
