@@ -10,10 +10,20 @@
 //! judged on this shared 2-core machine, where the end-to-end figures move
 //! by a fifth from run to run with nothing changed.
 //!
+//! CPU time here still moves by about ±15 % from run to run. Where
+//! `valgrind` is installed the bench also counts the instructions a
+//! sustained report costs, which do not move: it runs itself twice under
+//! callgrind on 2,000 devices, for 4 and for 10 rounds, and divides the
+//! difference by the reports of the 6 rounds between (set-up and cold start
+//! are the same in both). That count judges a change to the core exactly;
+//! its crypto takes valgrind's paths (no SHA extensions), so it weighs
+//! hashing more than this CPU does.
+//!
 //! Run: `cargo bench -p shardline-allocator-core --bench service_core`
 //! (`CORE_BENCH_DEVICES`, `CORE_BENCH_ROUNDS`, `CORE_BENCH_RUNS` override the
-//! defaults; `CORE_BENCH_NO_WRITE=1` only prints). Writes its row into
-//! BENCHMARKS.md between the service-core markers.
+//! defaults; `CORE_BENCH_NO_WRITE=1` only prints; `CORE_BENCH_COUNT=0` skips
+//! the count). Writes its row into BENCHMARKS.md between the service-core
+//! markers.
 
 use shardline_allocator_core::policy::bench_load::{bench_catalog, bench_report};
 use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
@@ -163,6 +173,44 @@ fn one_run(devices: usize, rounds: usize) -> Run {
     }
 }
 
+/// Devices and rounds of the counted runs: small enough for callgrind's
+/// slowdown (about 15 s in all here), the same load per report.
+const COUNT_DEVICES: usize = 2_000;
+const COUNT_ROUNDS: [usize; 2] = [4, 10];
+
+/// Instructions per sustained report, counted by callgrind (see the module
+/// docs), or why they were not counted.
+fn counted_instructions() -> Result<u64, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let mut counts = Vec::new();
+    for rounds in COUNT_ROUNDS {
+        let out = std::process::Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .arg("--bench")
+            .env("CORE_BENCH_DEVICES", COUNT_DEVICES.to_string())
+            .env("CORE_BENCH_ROUNDS", rounds.to_string())
+            .env("CORE_BENCH_RUNS", "1")
+            .env("CORE_BENCH_NO_WRITE", "1")
+            .env("CORE_BENCH_COUNT", "0")
+            .output()
+            .map_err(|e| format!("valgrind not run ({e}); `apt-get install valgrind` to count"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!("valgrind failed: {}", stderr.trim()));
+        }
+        // "==pid== Collected : 1234567"
+        let collected = stderr
+            .lines()
+            .find_map(|l| l.split("Collected :").nth(1))
+            .and_then(|n| n.trim().replace(',', "").parse::<u64>().ok())
+            .ok_or_else(|| format!("no instruction count in valgrind's output: {stderr}"))?;
+        counts.push(collected);
+    }
+    let reports = (COUNT_ROUNDS[1] - COUNT_ROUNDS[0]) * COUNT_DEVICES;
+    Ok(counts[1].saturating_sub(counts[0]) / reports as u64)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -203,8 +251,24 @@ fn main() {
         .collect::<Vec<_>>()
         .join(", ");
     let last = last.expect("at least one run");
+    let counted = if std::env::var("CORE_BENCH_COUNT").is_ok_and(|v| v == "0") {
+        String::new()
+    } else {
+        match counted_instructions() {
+            Ok(n) => {
+                println!("counted: {n} instructions per sustained report");
+                format!(
+                    "; {n} instructions per sustained report (callgrind, {COUNT_DEVICES} devices, the same from run to run)"
+                )
+            }
+            Err(why) => {
+                eprintln!("instructions not counted: {why}");
+                format!("; instructions not counted: {why}")
+            }
+        }
+    };
     let row = format!(
-        "| verified reports through the service core (`Core::on_verified` + `take_step`), 1 core, {devices} devices, {rounds} rounds | sustained {:.1} us of CPU per report (median of {runs}: {shown}); cold start {:.1} us | {} | `cargo bench -p shardline-allocator-core --bench service_core` | the core thread of `service_e2e` without I/O: simulated time, `service_e2e`'s reports (a tenth of the fleet per round starts to need encryption after 3 rounds), every instruction acked ({} instructions per run), a step every {BATCH} messages; per report: sequence floor, QoS history, engine, signed instructions, records and engine state for the store batch; CPU time of the thread (/proc/thread-self/schedstat); load {load} at start |\n",
+        "| verified reports through the service core (`Core::on_verified` + `take_step`), 1 core, {devices} devices, {rounds} rounds | sustained {:.1} us of CPU per report (median of {runs}: {shown}); cold start {:.1} us{counted} | {} | `cargo bench -p shardline-allocator-core --bench service_core` | the core thread of `service_e2e` without I/O: simulated time, `service_e2e`'s reports (a tenth of the fleet per round starts to need encryption after 3 rounds), every instruction acked ({} instructions per run), a step every {BATCH} messages; per report: sequence floor, QoS history, engine, signed instructions, records and engine state for the store batch; CPU time of the thread (/proc/thread-self/schedstat); load {load} at start |\n",
         median(&mut sustained),
         median(&mut cold),
         machine(),
