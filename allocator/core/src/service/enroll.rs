@@ -88,12 +88,8 @@ impl Core {
                     .into(),
             ));
         }
-        if let Some(other) = self
-            .records
-            .values()
-            .find(|r| r.public_key == public_key && r.device != device)
-        {
-            return Err(CommandError::KeyInUse(other.device.to_string()));
+        if let Some(other) = self.key_owner(&public_key).filter(|d| **d != device) {
+            return Err(CommandError::KeyInUse(other.to_string()));
         }
         let mut readmit = None;
         if let Some(rec) = self.records.get_mut(&device) {

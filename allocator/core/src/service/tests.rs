@@ -808,3 +808,50 @@ fn decisions_reach_the_operator_view_explained_and_survive_a_restart() {
     let mut again = core_with(vec![rec]);
     assert_eq!(decisions(&mut again), before);
 }
+
+/// One key, one device: a key enrolled for one device is refused for
+/// another until that device is unenrolled, and a record another instance
+/// reloads with a new key frees the old one.
+#[test]
+fn a_public_key_belongs_to_one_enrolled_device() {
+    let (mut core, a) = enrolled();
+    let enroll = |core: &mut Core, name: &str, key: [u8; 32]| {
+        core.on_command(
+            1_000_100,
+            Command::Enroll {
+                device: DeviceId::new(name).unwrap(),
+                public_key: key,
+                tier: "standard".into(),
+                tenant: None,
+            },
+        )
+    };
+    let key = dev_key().public_key();
+    match enroll(&mut core, "b", key) {
+        Reply::Error(CommandError::KeyInUse(owner)) => assert_eq!(owner, "d1"),
+        other => panic!("expected KeyInUse, got {other:?}"),
+    }
+    // The owner enrolling again with its own key is a tier change, not a clash.
+    assert!(matches!(enroll(&mut core, "d1", key), Reply::Enrolled(_)));
+    assert!(matches!(
+        core.on_command(1_000_200, Command::Unenroll { device: a.clone() }),
+        Reply::Ok
+    ));
+    assert!(matches!(enroll(&mut core, "b", key), Reply::Enrolled(_)));
+    match enroll(&mut core, "d1", key) {
+        Reply::Error(CommandError::KeyInUse(owner)) => assert_eq!(owner, "b"),
+        other => panic!("expected KeyInUse, got {other:?}"),
+    }
+    // Another instance gave `b` a new key: the old one is free, the new
+    // one is taken.
+    let new_key = KeyPair::from_seed(&[3; 32]).public_key();
+    let mut theirs = core.record(&DeviceId::new("b").unwrap()).unwrap().clone();
+    theirs.public_key = new_key;
+    theirs.version += 1;
+    core.install_records(1_000_300, vec![theirs]);
+    assert!(matches!(enroll(&mut core, "c", key), Reply::Enrolled(_)));
+    match enroll(&mut core, "e", new_key) {
+        Reply::Error(CommandError::KeyInUse(owner)) => assert_eq!(owner, "b"),
+        other => panic!("expected KeyInUse, got {other:?}"),
+    }
+}
