@@ -179,8 +179,8 @@ pub struct StoreConfig {
     /// Engine state that changed without any action (forecast accumulation,
     /// reputation decay) is written at most this long after the change; a
     /// crash loses at most this much of it. Report sequence floors, leases,
-    /// instructions, reputation changes and payments are written before
-    /// anything is sent.
+    /// instructions, reputation changes, payments and transfers of units
+    /// are written before anything is sent.
     pub engine_flush_ms: u64,
 }
 

@@ -206,3 +206,44 @@ fn a_report_of_an_agent_without_the_lending_field_still_verifies() {
     assert_eq!(v.last_qos.as_ref().map(|q| q.seq), Some(1), "accepted");
     assert_eq!(v.lending.consent, None);
 }
+
+/// A loan is written on both sides in the step that made it: the lender's
+/// record (it sends the lender nothing, so it would otherwise wait for the
+/// lazy flush) carries the loan beside the borrower's, so a crash cannot
+/// keep the borrower's units and lose the lender's side of them.
+#[test]
+fn the_step_that_makes_a_loan_writes_the_lender_and_the_borrower() {
+    let mut core = core();
+    let (l, b) = (
+        DeviceId::new("lender").unwrap(),
+        DeviceId::new("borrower").unwrap(),
+    );
+    enroll(&mut core, &l, "lend");
+    enroll(&mut core, &b, "small");
+    publish(
+        &mut core,
+        T0 + 1_000,
+        &report(&l, 1, 0, LendingReport::default()),
+    );
+    let bytes = sign::seal(
+        Domain::Report,
+        &report(&b, 1, 0, LendingReport::default()),
+        &[&key(&b)],
+    );
+    core.on_message(T0 + 2_000, &topics::report(&b), &bytes);
+    let step = core.take_step();
+    let v = core.engine().device(&b).unwrap();
+    assert_eq!(v.borrowed.len(), 1, "{:?}", v.refusal_reasons);
+    assert_eq!(v.borrowed[0].from, l);
+    let written = |d: &DeviceId| {
+        step.batch
+            .put_devices
+            .iter()
+            .find(|r| &r.device == d)
+            .map(|r| crate::policy::decode_device_state(&r.engine_state).unwrap())
+    };
+    let lender = written(&l).expect("the lender's record is in the loan's step");
+    assert_eq!(lender.lent.len(), 1, "{:?}", lender.lent);
+    let borrower = written(&b).expect("the borrower's record is in the loan's step");
+    assert_eq!(borrower.borrowed.len(), 1);
+}

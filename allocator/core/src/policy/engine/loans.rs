@@ -41,10 +41,12 @@ impl Engine {
         if let Some(b) = self.devices.get_mut(&t.to) {
             b.borrowed.retain(|x| !same_loan(x, t));
             self.dirty.mark(&t.to);
+            self.durable_now.mark(&t.to);
         }
         if let Some(l) = self.devices.get_mut(&t.from) {
             l.lent.retain(|x| !same_loan(x, t));
             self.dirty.mark(&t.from);
+            self.durable_now.mark(&t.from);
         }
         if was_loan && t.origin == TransferOrigin::Borrow {
             self.loan_ended(t);
@@ -291,6 +293,7 @@ impl Engine {
             }
             l.lent.push(t.clone());
             self.dirty.mark(&t.from);
+            self.durable_now.mark(&t.from);
         }
         if let Some(b) = self.devices.get_mut(&t.to) {
             if loan {
@@ -305,6 +308,7 @@ impl Engine {
                 );
             }
             self.dirty.mark(&t.to);
+            self.durable_now.mark(&t.to);
             b.borrowed.push(t);
         }
     }

@@ -169,8 +169,10 @@ pub struct Engine {
     /// Devices whose state changed since the last `take_dirty`.
     dirty: DirtySet,
     /// Of those, the ones whose change must be on disk with the next commit
-    /// rather than lazily (credits moved between two accounts: a crash
-    /// must not keep the debit and lose the credit).
+    /// rather than lazily: both sides of a payment or of a transfer of
+    /// units (a loan, a shift, a market sale). A crash must not keep one
+    /// side and lose the other (a debit without its credit, a borrower's
+    /// units without the lender's loan, so the pool counted twice).
     durable_now: DirtySet,
     /// Failing catalog entries and the start failures behind them.
     health: CatalogHealth,
