@@ -17,10 +17,8 @@
 //! `STORE_BENCH_DEVICES`, `STORE_BENCH_COMMITS` and `STORE_BENCH_RUNS`
 //! override the sizes; `STORE_BENCH_NO_WRITE` leaves BENCHMARKS.md alone.
 
-// The core crate's bench helpers (machine, thread CPU, BENCHMARKS.md
-// sections): one copy for both crates' benches.
-#[path = "../core/benches/common/mod.rs"]
 mod common;
+use common::{cpu_ns, env_or, machine, median};
 
 use redb::ReadableTable;
 use shardline_allocator::service::store::{
@@ -28,7 +26,7 @@ use shardline_allocator::service::store::{
 };
 use shardline_allocator_core::history::HistoryEvent;
 use shardline_shared::ids::DeviceId;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 const FLOORS_PER_COMMIT: usize = 450;
 const RECORDS_PER_COMMIT: usize = 285;
@@ -43,13 +41,6 @@ fn mix() -> (usize, usize) {
     )
 }
 const ENGINE_STATE_BYTES: usize = 1_400;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn thread_wchar() -> u64 {
     std::fs::read_to_string("/proc/thread-self/io")
@@ -83,9 +74,9 @@ struct Cost {
 }
 
 fn measure(reports: usize, f: impl FnOnce()) -> Cost {
-    let (c0, w0) = (common::cpu_ns().unwrap_or(0), thread_wchar());
+    let (c0, w0) = (cpu_ns().unwrap_or(0), thread_wchar());
     f();
-    let (c1, w1) = (common::cpu_ns().unwrap_or(0), thread_wchar());
+    let (c1, w1) = (cpu_ns().unwrap_or(0), thread_wchar());
     Cost {
         cpu_us: c1.saturating_sub(c0) as f64 / 1000.0 / reports as f64,
         bytes: w1.saturating_sub(w0) as f64 / reports as f64,
@@ -99,10 +90,14 @@ struct Fleet {
     floors: Vec<(u64, u64)>,
 }
 
-fn enrolled(store: &RedbStore, devices: usize) -> Fleet {
-    let ids: Vec<DeviceId> = (0..devices)
+fn fleet_ids(devices: usize) -> Vec<DeviceId> {
+    (0..devices)
         .map(|i| DeviceId::new(format!("bench-{i:06}")).expect("id"))
-        .collect();
+        .collect()
+}
+
+fn enrolled(store: &RedbStore, devices: usize) -> Fleet {
+    let ids = fleet_ids(devices);
     let mut records = Vec::with_capacity(devices);
     for (i, id) in ids.iter().enumerate() {
         let mut key = [0u8; 32];
@@ -133,11 +128,11 @@ fn enrolled(store: &RedbStore, devices: usize) -> Fleet {
 fn step_batch(fleet: &mut Fleet, picks: &mut Picks, now_ms: u64) -> Batch {
     let n = fleet.ids.len();
     let mut batch = Batch::default();
-    let mut touched: HashMap<usize, ()> = HashMap::new();
+    let mut touched = HashSet::new();
     let (records, history) = mix();
     for _ in 0..records {
         let i = picks.next(n);
-        if touched.insert(i, ()).is_some() {
+        if !touched.insert(i) {
             continue;
         }
         let f = &mut fleet.floors[i];
@@ -149,7 +144,7 @@ fn step_batch(fleet: &mut Fleet, picks: &mut Picks, now_ms: u64) -> Batch {
     }
     for _ in 0..FLOORS_PER_COMMIT {
         let i = picks.next(n);
-        if touched.insert(i, ()).is_some() {
+        if !touched.insert(i) {
             continue;
         }
         let f = &mut fleet.floors[i];
@@ -199,19 +194,18 @@ fn full_commits(dir: &std::path::Path, devices: usize, commits: usize) -> Cost {
 
 /// Floors only: through the store, and the plain per-device table.
 fn floor_commits(dir: &std::path::Path, devices: usize, commits: usize) -> (Cost, Cost) {
-    let ids: Vec<DeviceId> = (0..devices)
-        .map(|i| DeviceId::new(format!("bench-{i:06}")).expect("id"))
-        .collect();
+    let ids = fleet_ids(devices);
     let plan = |seed: u64| {
         let mut picks = Picks(seed);
-        let mut floors = vec![(0u64, 0u64); devices];
+        // After `first` below: floor 0, version 1.
+        let mut floors = vec![(0u64, 1u64); devices];
         (0..commits)
             .map(|_| {
-                let mut seen = HashMap::new();
+                let mut seen = HashSet::new();
                 let mut batch = Vec::new();
                 for _ in 0..FLOORS_PER_COMMIT {
                     let i = picks.next(devices);
-                    if seen.insert(i, ()).is_none() {
+                    if seen.insert(i) {
                         floors[i].0 += 1;
                         floors[i].1 += 1;
                         batch.push(ReportSeq {
@@ -234,12 +228,7 @@ fn floor_commits(dir: &std::path::Path, devices: usize, commits: usize) -> (Cost
             version: 1,
         })
         .collect();
-    let mut later = plan(0x2545_f491_4f6c_dd1d);
-    for batch in &mut later {
-        for w in batch.iter_mut() {
-            w.version += 1;
-        }
-    }
+    let later = plan(0x2545_f491_4f6c_dd1d);
     let reports: usize = later.iter().map(Vec::len).sum();
 
     let store = RedbStore::open(&dir.join("floors.redb")).expect("open");
@@ -289,11 +278,6 @@ fn floor_commits(dir: &std::path::Path, devices: usize, commits: usize) -> (Cost
     (ours, plain)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let devices = env_or("STORE_BENCH_DEVICES", 30_000);
     let commits = env_or("STORE_BENCH_COMMITS", 200);
@@ -320,19 +304,20 @@ fn main() {
     let cpu = |v: &[Cost]| median(v.iter().map(|c| c.cpu_us).collect());
     let bytes = |v: &[Cost]| median(v.iter().map(|c| c.bytes).collect());
     let (records, history) = mix();
+    let machine = machine(&load);
     let rows = format!(
-        "| store commits as the service core makes them ({FLOORS_PER_COMMIT} report floors, {records} whole records, {history} history entries each, fsync), {devices} devices | {:.1} us of CPU, {:.0} bytes written per report | {} | `cargo bench -p shardline-allocator --bench store_commit` | {commits} commits per run, median of {runs}; the committing thread's CPU and `write` bytes; load {load} at start |\n\
+        "| store commits as the service core makes them ({FLOORS_PER_COMMIT} report floors, {records} whole records, {history} history entries each, fsync), {devices} devices | {:.1} us of CPU, {:.0} bytes written per report | {} | `cargo bench -p shardline-allocator --bench store_commit` | {commits} commits per run, median of {runs}; the committing thread's CPU and `write` bytes |\n\
          | report floors only, through the store (in memory, one log row per commit) | {:.2} us of CPU, {:.0} bytes written per report | {} | same | {FLOORS_PER_COMMIT} floors per commit, same devices and commits as the next row |\n\
          | peer: the same floors in a plain per-device redb table (look up, replace) | {:.2} us of CPU, {:.0} bytes written per report | {} | same | how the store wrote them before the log |\n",
         cpu(&full),
         bytes(&full),
-        common::machine(),
+        machine,
         cpu(&ours),
         bytes(&ours),
-        common::machine(),
+        machine,
         cpu(&plain),
         bytes(&plain),
-        common::machine(),
+        machine,
     );
     print!("{rows}");
     if std::env::var_os("STORE_BENCH_NO_WRITE").is_none() {

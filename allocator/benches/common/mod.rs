@@ -3,6 +3,13 @@
 //! machine line of a BENCHMARKS.md row.
 #![allow(dead_code)] // each bench uses its own subset
 
+// The core crate's bench helpers (machine, thread CPU, sections of
+// BENCHMARKS.md between markers): one copy for both crates' benches.
+#[path = "../../core/benches/common/mod.rs"]
+mod core_common;
+#[allow(unused_imports)] // each bench uses its own subset
+pub use core_common::{cpu_ns, write_marked_table};
+
 use shardline_allocator::service::http;
 use shardline_shared::sign::KeyPair;
 use std::path::Path;
@@ -89,18 +96,10 @@ pub fn put_section(heading: &str, section: &str, before: Option<&str>) {
 }
 
 pub fn machine(load_at_start: &str) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cpu}, {cores} cores; load average {load_at_start} when the bench started")
+    format!(
+        "{}; load average {load_at_start} when the bench started",
+        core_common::machine()
+    )
 }
 
 /// Writes the allocator's configuration into `dir` (broker `url`, empty for

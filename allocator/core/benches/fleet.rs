@@ -14,14 +14,7 @@ use shardline_allocator_core::policy::simulate::{run_all, SimParams, SimReport, 
 use std::time::Instant;
 
 mod common;
-use common::machine;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_or, machine};
 
 fn commit() -> String {
     std::process::Command::new("git")

@@ -20,7 +20,7 @@ use shardline_shared::msg::{
 use std::time::Instant;
 
 mod common;
-use common::cpu_ns;
+use common::{cpu_ns, median};
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -116,11 +116,6 @@ fn round(engine: &Engine, ids: &[DeviceId], seq: u64, rng: &mut SplitMix64) -> V
             }
         })
         .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

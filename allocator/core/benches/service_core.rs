@@ -37,14 +37,7 @@ use shardline_shared::sign::{self, KeyPair};
 use std::sync::Arc;
 
 mod common;
-use common::{cpu_ns, machine};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{cpu_ns, env_or, machine, median};
 
 /// The shipped (example) catalog and tiers, configured as `service_e2e`
 /// configures the service.
@@ -209,11 +202,6 @@ fn counted_instructions() -> Result<u64, String> {
     }
     let reports = (COUNT_ROUNDS[1] - COUNT_ROUNDS[0]) * COUNT_DEVICES;
     Ok(counts[1].saturating_sub(counts[0]) / reports as u64)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -18,6 +18,22 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// A number from the environment, or `default` when unset or unparsable.
+#[allow(dead_code)] // not every bench including this module reads sizes
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of at least one figure (the upper one of an even count).
+#[allow(dead_code)] // not every bench including this module takes medians
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Nanoseconds this thread has spent on a CPU (first field of
 /// /proc/thread-self/schedstat), or `None` where that file is missing.
 #[allow(dead_code)] // not every bench including this module times a thread
