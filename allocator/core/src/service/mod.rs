@@ -313,7 +313,8 @@ impl Core {
         // reputation decay) is written lazily, within `engine_flush_ms`;
         // the decisions made meanwhile go to the history now.
         let engine_dirty = self.engine.take_dirty();
-        // Both sides of a payment now, whatever else is lazy.
+        // Both sides of a payment or a transfer of units now, whatever
+        // else is lazy.
         for device in self.engine.take_durable_now() {
             self.dirty.insert(device);
         }
@@ -445,20 +446,18 @@ impl Core {
     /// Makes `key` the device's verifying key (`None`: it has none), for
     /// the verifier threads and for [`Core::key_owner`].
     pub(super) fn publish_key(&mut self, device: &DeviceId, key: Option<[u8; 32]>) {
-        let previous = self
-            .records
-            .get(device)
-            .map(|r| r.public_key)
-            .filter(|k| Some(*k) != key);
-        if let Ok(mut dir) = self.keydir.write() {
-            let replaced = match key {
-                Some(k) => dir.insert(device.clone(), sign::CheckKey::new(k)),
-                None => dir.remove(device),
-            };
-            for old in replaced.map(|c| *c.public()).into_iter().chain(previous) {
-                if Some(old) != key && self.key_owners.get(&old) == Some(device) {
-                    self.key_owners.remove(&old);
-                }
+        // The directory holds the key published before (only this writes
+        // it): that key's owner entry goes with it.
+        let replaced = self.keydir.write().ok().and_then(|mut dir| match key {
+            Some(k) => dir.insert(device.clone(), sign::CheckKey::new(k)),
+            None => dir.remove(device),
+        });
+        if let Some(old) = replaced
+            .map(|c| *c.public())
+            .filter(|old| Some(*old) != key)
+        {
+            if self.key_owners.get(&old) == Some(device) {
+                self.key_owners.remove(&old);
             }
         }
         if let Some(k) = key {

@@ -41,6 +41,14 @@ impl DirtySet {
             self.list.push(id.clone());
         }
     }
+
+    /// Every device marked since the last call, once each, sorted.
+    fn take(&mut self) -> Vec<DeviceId> {
+        let mut v = std::mem::take(&mut self.list);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
 }
 
 /// Transfers are the same loan when these match (the `evaluated` flag of a
@@ -462,19 +470,13 @@ impl Engine {
     }
 
     pub fn take_dirty(&mut self) -> Vec<DeviceId> {
-        let mut v = std::mem::take(&mut self.dirty.list);
-        v.sort_unstable();
-        v.dedup();
-        v
+        self.dirty.take()
     }
 
     /// The devices of [`Engine::take_dirty`] whose state the service must
     /// write with its next commit instead of lazily.
     pub fn take_durable_now(&mut self) -> Vec<DeviceId> {
-        let mut v = std::mem::take(&mut self.durable_now.list);
-        v.sort_unstable();
-        v.dedup();
-        v
+        self.durable_now.take()
     }
 
     pub fn device_count(&self) -> usize {
