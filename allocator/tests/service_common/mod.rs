@@ -4,13 +4,15 @@
 //! own keys and verify every instruction with the allocator's public key.
 #![allow(dead_code)]
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use shardline_allocator::service::http;
 use shardline_shared::msg::*;
 use shardline_shared::sign::{self, Domain, KeyPair};
 use shardline_shared::{codec, topics, DeviceId};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use xtask::kit::proc::free_stable_tcp_port;
@@ -443,6 +445,28 @@ pub struct Device {
     pub instr_rx: mpsc::UnboundedReceiver<Vec<u8>>,
     pub seq: u64,
     pub applied: u64,
+    /// Which of this connection's QoS 1 publishes the broker acknowledged.
+    pub publishes: Arc<Mutex<PublishLog>>,
+}
+
+/// A connection's QoS 1 publishes in the order they were first written
+/// (a resend after a reconnect keeps its packet id) and the packet ids the
+/// broker PUBACKed.
+#[derive(Default)]
+pub struct PublishLog {
+    written: Vec<u16>,
+    acked: BTreeSet<u16>,
+}
+
+impl PublishLog {
+    /// The position (0 = first) of the newest acknowledged publish among
+    /// this connection's publishes. Valid while it has made fewer than
+    /// rumqttc's 100 in-flight packet ids (no id is reused).
+    pub fn newest_acked(&self) -> Option<usize> {
+        self.written
+            .iter()
+            .rposition(|pkid| self.acked.contains(pkid))
+    }
 }
 
 pub fn device_key(n: u8) -> KeyPair {
@@ -490,9 +514,19 @@ impl Device {
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<()>();
         let instr = topics::instr(&id);
         let c2 = client.clone();
+        let publishes = Arc::new(Mutex::new(PublishLog::default()));
+        let log = publishes.clone();
         tokio::spawn(async move {
             loop {
-                match ev.poll().await {
+                // The connection lives as long as its `Device` (or until
+                // `hang_up`): an event loop left running would reconnect
+                // under the same client id and throw out the connection
+                // that replaced it, again and again.
+                let polled = tokio::select! {
+                    _ = tx.closed() => return,
+                    polled = ev.poll() => polled,
+                };
+                match polled {
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == instr => {
                         if tx.send(p.payload.to_vec()).is_err() {
                             return;
@@ -502,7 +536,15 @@ impl Device {
                         let _ = c2.subscribe(instr.clone(), QoS::AtLeastOnce).await;
                         let _ = conn_tx.send(());
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {}
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        let mut log = log.lock().unwrap();
+                        if !log.written.contains(&pkid) {
+                            log.written.push(pkid);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        log.lock().unwrap().acked.insert(a.pkid);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
@@ -521,7 +563,14 @@ impl Device {
             instr_rx: rx,
             seq: 0,
             applied: 0,
+            publishes,
         }
+    }
+
+    /// Ends this connection without a DISCONNECT (the broker sees it lost),
+    /// before the device connects again under the same client id.
+    pub fn hang_up(&mut self) {
+        self.instr_rx.close();
     }
 
     pub async fn publish_status(&self, presence: Presence) {
