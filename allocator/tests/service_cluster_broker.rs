@@ -11,11 +11,14 @@
 //! itself is killed with SIGKILL and restarted on its store.
 //!
 //! Asserted: each device's newest PUBACKed report is accepted (every older
-//! one is accepted or superseded by it: sequence numbers only grow); no
-//! instruction sequence number is reused for other content or goes back
-//! per device; service (a new instruction for every device) resumes within
-//! [`RESUME`] after each kill. Skipped, saying why, when nats-server is not
-//! installed.
+//! one is accepted or superseded by it: sequence numbers only grow), checked
+//! at the end on a fresh connection whose PUBACKs say which report the
+//! broker acknowledged; no instruction sequence number is reused for other
+//! content or goes back per device; service (a new instruction for every
+//! device) resumes within [`RESUME`] after each kill. A device that connects
+//! again hangs up its old connection first, as the agent does: two live
+//! connections under one client id throw each other out on NATS. Skipped,
+//! saying why, when nats-server is not installed.
 
 mod service_common;
 
