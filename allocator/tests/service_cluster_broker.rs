@@ -82,6 +82,7 @@ async fn every_device_instructed(
         let mut heard = Instant::now();
         loop {
             if heard.elapsed() > SILENT {
+                println!("device {d} heard nothing for {SILENT:?}: connects again");
                 devs[d].hang_up();
                 let k = devs[d].key.clone();
                 let mut again = Device::connect(&format!("cl-{d}"), k, ports[d]).await;

@@ -4,7 +4,9 @@
 //! own keys and verify every instruction with the allocator's public key.
 #![allow(dead_code)]
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode,
+};
 use shardline_allocator::service::http;
 use shardline_shared::msg::*;
 use shardline_shared::sign::{self, Domain, KeyPair};
@@ -535,6 +537,17 @@ impl Device {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = c2.subscribe(instr.clone(), QoS::AtLeastOnce).await;
                         let _ = conn_tx.send(());
+                    }
+                    // Refused (a NATS node does so while JetStream elects
+                    // leaders): asked again a second later, as the agent does.
+                    Ok(Event::Incoming(Packet::SubAck(a)))
+                        if a.return_codes.contains(&SubscribeReasonCode::Failure) =>
+                    {
+                        let (c, topic) = (c2.clone(), instr.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let _ = c.subscribe(topic, QoS::AtLeastOnce).await;
+                        });
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         let mut log = log.lock().unwrap();
