@@ -27,8 +27,11 @@
 //!   displaces a report here.
 //! - A lane holds at most `per_device` reports, and all lanes together at
 //!   most `report_bytes` of report payload: past either bound the device's
-//!   OLDEST waiting report is dropped unverified (shed); a device with none
-//!   waiting has its new report shed when the byte bound is reached.
+//!   OLDEST waiting report is dropped unverified (shed). A device with none
+//!   waiting makes room at the byte bound by shedding the oldest report of
+//!   another device that has a newer one waiting (devices in turn), so a
+//!   device's newest report is shed only when every waiting report is its
+//!   device's newest (the bound holds one report per device then).
 //! - Non-report messages are never dropped; the caller must wait while
 //!   [`UnverifiedQueue::must_wait`] says so (the MQTT link then backs up for
 //!   them alone).
@@ -61,6 +64,8 @@ struct Lane<T> {
     candidate: Option<u64>,
     /// In the ready ring.
     ready: bool,
+    /// In the crowded ring (it had two or more reports waiting when put there).
+    crowded: bool,
 }
 
 impl<T> Default for Lane<T> {
@@ -71,6 +76,7 @@ impl<T> Default for Lane<T> {
             next_n: 0,
             candidate: None,
             ready: false,
+            crowded: false,
         }
     }
 }
@@ -91,6 +97,11 @@ pub struct Taken<T> {
 pub struct UnverifiedQueue<T> {
     lanes: HashMap<DeviceId, Lane<T>>,
     ready: VecDeque<DeviceId>,
+    /// Devices with two or more reports waiting, whose oldest the byte
+    /// bound may shed for another device's only report. Checked when
+    /// taken (a lane may have drained since); compacted when it outgrows
+    /// the lanes.
+    crowded: VecDeque<DeviceId>,
     per_device: usize,
     conflate_above: usize,
     report_bytes_cap: usize,
@@ -117,6 +128,7 @@ impl<T> UnverifiedQueue<T> {
         Self {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
+            crowded: VecDeque::new(),
             per_device: per_device.max(1),
             conflate_above,
             report_bytes_cap: report_bytes,
@@ -130,7 +142,8 @@ impl<T> UnverifiedQueue<T> {
     }
 
     /// Queues `device`'s report of `bytes` bytes. Returns how many reports
-    /// were shed for it (its own oldest waiting ones, or this one).
+    /// were shed for it (its own oldest waiting ones, older ones of other
+    /// devices, or this one).
     pub fn push_report(&mut self, device: DeviceId, item: T, bytes: usize) -> u64 {
         let mut shed = 0;
         let overloaded = self.reports >= self.conflate_above;
@@ -148,6 +161,12 @@ impl<T> UnverifiedQueue<T> {
                 }
             }
         }
+        // Nothing of its own left to drop: another device's report that a
+        // newer one of that device supersedes goes before this, its newest.
+        while self.report_bytes + bytes > self.report_bytes_cap && self.shed_superseded(&device) {
+            shed += 1;
+        }
+        let lane = self.lanes.entry(device.clone()).or_default();
         if self.report_bytes + bytes > self.report_bytes_cap {
             // Nothing of this device waits and the stage is full.
             if lane.items.is_empty() && lane.candidate.is_none() {
@@ -166,8 +185,78 @@ impl<T> UnverifiedQueue<T> {
         lane.reports += 1;
         self.reports += 1;
         self.report_bytes += bytes;
-        Self::make_ready(&mut self.ready, device, lane);
+        let newly_crowded = lane.reports >= 2 && !lane.crowded;
+        lane.crowded |= newly_crowded;
+        Self::make_ready(&mut self.ready, device.clone(), lane);
+        if newly_crowded {
+            self.crowded.push_back(device);
+            if self.crowded.len() > 2 * self.lanes.len() + 64 {
+                self.compact_crowded();
+            }
+        }
         shed
+    }
+
+    /// Sheds the oldest waiting report of a device other than `except`
+    /// that has a newer report waiting, devices in turn. False if none has.
+    fn shed_superseded(&mut self, except: &DeviceId) -> bool {
+        let mut skipped = None;
+        let mut shed = false;
+        while let Some(device) = self.crowded.pop_front() {
+            if &device == except {
+                skipped = Some(device);
+                continue;
+            }
+            let Some(lane) = self.lanes.get_mut(&device) else {
+                continue;
+            };
+            if lane.reports < 2 {
+                lane.crowded = false;
+                continue;
+            }
+            if let Some(i) = lane.items.iter().position(|e| e.report) {
+                if let Some(e) = lane.items.remove(i) {
+                    lane.reports -= 1;
+                    self.reports -= 1;
+                    self.report_bytes -= e.bytes;
+                    shed = true;
+                }
+            }
+            if lane.reports >= 2 {
+                self.crowded.push_back(device);
+            } else {
+                lane.crowded = false;
+            }
+            break;
+        }
+        if let Some(device) = skipped {
+            self.crowded.push_front(device);
+        }
+        shed
+    }
+
+    /// Drops the crowded ring's entries whose lanes drained or went away
+    /// (they are otherwise only dropped when the byte bound takes them).
+    fn compact_crowded(&mut self) {
+        let lanes = &mut self.lanes;
+        self.crowded.retain(|device| match lanes.get_mut(device) {
+            Some(lane) if lane.reports >= 2 && lane.crowded => {
+                // Kept once: a second entry of the device is dropped.
+                lane.crowded = false;
+                true
+            }
+            _ => false,
+        });
+        for device in &self.crowded {
+            if let Some(lane) = lanes.get_mut(device) {
+                lane.crowded = true;
+            }
+        }
+        for lane in lanes.values_mut() {
+            if lane.reports < 2 {
+                lane.crowded = false;
+            }
+        }
     }
 
     /// Whether the caller must wait before pushing a non-report message.
@@ -422,6 +511,53 @@ mod tests {
         let got = take(&mut q, 64);
         assert_eq!(got.len(), 3);
         assert!(got.contains(&("a".into(), "a2", false)), "{got:?}");
+    }
+
+    #[test]
+    fn at_the_byte_bound_a_superseded_report_goes_before_another_devices_newest() {
+        let mut q = UnverifiedQueue::new(4, 0, 40, 100, 1 << 20);
+        q.push_report(d("a"), "a1", 10);
+        q.push_report(d("a"), "a2", 10);
+        q.push_report(d("a"), "a3", 10);
+        q.push_report(d("b"), "b1", 10);
+        // Full. e and f have nothing waiting: a's oldest make room, in
+        // age order, down to a's newest.
+        assert_eq!(q.push_report(d("e"), "e1", 10), 1);
+        assert_eq!(q.push_report(d("f"), "f1", 10), 1);
+        assert_eq!(q.bytes().0, 40);
+        // Now every waiting report is its device's newest: g's is shed.
+        assert_eq!(q.push_report(d("g"), "g1", 10), 1);
+        let mut got = take(&mut q, 64);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), "a3", false),
+                ("b".into(), "b1", false),
+                ("e".into(), "e1", false),
+                ("f".into(), "f1", false),
+            ]
+        );
+        assert_eq!(q.depth(), (0, 0));
+        assert_eq!(q.bytes(), (0, 0));
+    }
+
+    #[test]
+    fn the_crowded_ring_stays_within_the_lanes_it_names() {
+        let mut q = UnverifiedQueue::new(4, 0, 1 << 30, 100, 1 << 20);
+        for round in 0..1000 {
+            let dev = d(&format!("dev-{}", round % 7));
+            q.push_report(dev.clone(), "older", 10);
+            q.push_report(dev, "newer", 10);
+            // Drained before the next device crowds: every entry goes stale.
+            let mut out = Vec::new();
+            q.take(64, &mut out);
+            for t in out.iter().filter(|t| t.candidate) {
+                q.finish(&t.device, true);
+            }
+            assert_eq!(q.depth(), (0, 0));
+        }
+        assert!(q.crowded.len() <= 64 + 2, "{}", q.crowded.len());
     }
 
     #[test]
