@@ -560,6 +560,87 @@ mod tests {
         assert!(q.crowded.len() <= 64 + 2, "{}", q.crowded.len());
     }
 
+    /// One step of [`the_stage_keeps_its_bounds_and_every_devices_newest`].
+    #[derive(Debug, Clone)]
+    enum Op {
+        Report { device: u8, bytes: usize },
+        Ack { device: u8 },
+        Take { max: usize },
+        Finish { verified: bool },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u8..6, 1usize..=10).prop_map(|(device, bytes)| Op::Report { device, bytes }),
+            1 => (0u8..6).prop_map(|device| Op::Ack { device }),
+            1 => (1usize..8).prop_map(|max| Op::Take { max }),
+            1 => any::<bool>().prop_map(|verified| Op::Finish { verified }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives and however the verifiers keep up: the counters
+        /// match what waits, the byte bound holds, and a device's newest
+        /// report is shed only when every waiting report is its device's
+        /// newest.
+        #[test]
+        fn the_stage_keeps_its_bounds_and_every_devices_newest(
+            ops in proptest::collection::vec(op(), 1..200),
+            conflate_above in 0usize..6,
+        ) {
+            const CAP: usize = 40;
+            let mut q: UnverifiedQueue<u32> = UnverifiedQueue::new(3, conflate_above, CAP, 1000, 1 << 20);
+            let mut out_candidates: Vec<DeviceId> = Vec::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                let n = n as u32;
+                match op {
+                    Op::Report { device, bytes } => {
+                        let device = d(&format!("dev-{device}"));
+                        q.push_report(device.clone(), n, bytes);
+                        let kept = q
+                            .lanes
+                            .get(&device)
+                            .is_some_and(|l| l.items.iter().any(|e| e.item == n));
+                        if !kept {
+                            let crowded: Vec<&DeviceId> = q
+                                .lanes
+                                .iter()
+                                .filter(|(id, l)| **id != device && l.reports >= 2)
+                                .map(|(id, _)| id)
+                                .collect();
+                            proptest::prop_assert!(
+                                crowded.is_empty(),
+                                "newest report of {device} shed while {crowded:?} had older ones waiting"
+                            );
+                        }
+                    }
+                    Op::Ack { device } => q.push_other(d(&format!("dev-{device}")), n, 1),
+                    Op::Take { max } => {
+                        let mut out = Vec::new();
+                        q.take(max, &mut out);
+                        out_candidates.extend(out.into_iter().filter(|t| t.candidate).map(|t| t.device));
+                    }
+                    Op::Finish { verified } => {
+                        for device in out_candidates.drain(..) {
+                            q.finish(&device, verified);
+                        }
+                    }
+                }
+                let (mut reports, mut bytes, mut others) = (0, 0, 0);
+                for lane in q.lanes.values() {
+                    let in_lane = lane.items.iter().filter(|e| e.report).count();
+                    proptest::prop_assert_eq!(lane.reports, in_lane);
+                    reports += in_lane;
+                    bytes += lane.items.iter().filter(|e| e.report).map(|e| e.bytes).sum::<usize>();
+                    others += lane.items.iter().filter(|e| !e.report).count();
+                }
+                proptest::prop_assert_eq!((q.reports, q.report_bytes, q.others), (reports, bytes, others));
+                proptest::prop_assert!(q.report_bytes <= CAP);
+            }
+        }
+    }
+
     #[test]
     fn devices_take_turns_and_others_backpressure() {
         let mut q = UnverifiedQueue::new(4, 0, 1 << 20, 2, 1 << 20);
