@@ -41,7 +41,7 @@
 //! returned numbers say into its metrics.
 
 use shardline_shared::DeviceId;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// One waiting message.
 #[derive(Debug)]
@@ -235,26 +235,19 @@ impl<T> UnverifiedQueue<T> {
         shed
     }
 
-    /// Drops the crowded ring's entries whose lanes drained or went away
-    /// (they are otherwise only dropped when the byte bound takes them).
+    /// Rebuilds the crowded ring from the lanes: each device with two or
+    /// more reports waiting once, in the ring's order (stale and repeated
+    /// entries are otherwise only dropped when the byte bound takes them).
     fn compact_crowded(&mut self) {
-        let lanes = &mut self.lanes;
-        self.crowded.retain(|device| match lanes.get_mut(device) {
-            Some(lane) if lane.reports >= 2 && lane.crowded => {
-                // Kept once: a second entry of the device is dropped.
-                lane.crowded = false;
-                true
-            }
-            _ => false,
+        let mut kept = HashSet::new();
+        let lanes = &self.lanes;
+        self.crowded.retain(|device| {
+            lanes.get(device).is_some_and(|l| l.reports >= 2) && kept.insert(device.clone())
         });
-        for device in &self.crowded {
-            if let Some(lane) = lanes.get_mut(device) {
-                lane.crowded = true;
-            }
-        }
-        for lane in lanes.values_mut() {
-            if lane.reports < 2 {
-                lane.crowded = false;
+        for (device, lane) in self.lanes.iter_mut() {
+            lane.crowded = lane.reports >= 2;
+            if lane.crowded && !kept.contains(device) {
+                self.crowded.push_back(device.clone());
             }
         }
     }
