@@ -25,28 +25,14 @@
 //! the count). Writes its row into BENCHMARKS.md between the service-core
 //! markers.
 
-use shardline_allocator_core::policy::bench_load::{bench_catalog, bench_report};
-use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
-use shardline_allocator_core::policy::{Agreements, Catalog, Engine, PolicyConfig};
-use shardline_allocator_core::service::counters::Metrics;
-use shardline_allocator_core::service::{Command, Core, CoreConfig, Loaded, Reply, VerifiedMsg};
-use shardline_shared::codec;
-use shardline_shared::ids::DeviceId;
-use shardline_shared::msg::{AckOutcome, Instruction, InstructionAck};
-use shardline_shared::sign::{self, KeyPair};
-use std::sync::Arc;
+use shardline_allocator_core::policy::bench_load::bench_report;
+use shardline_allocator_core::service::VerifiedMsg;
 
 mod common;
 use common::{cpu_ns, env_or, machine, median};
-
-/// The shipped (example) catalog and tiers, configured as `service_e2e`
-/// configures the service.
-fn engine() -> Engine {
-    let text = bench_catalog(EXAMPLE_CATALOG).expect("update the bench load to the catalog");
-    let catalog = Catalog::from_toml_str(&text, "catalog.toml").expect("catalog");
-    let tiers = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).expect("tiers");
-    Engine::new(catalog, tiers, PolicyConfig::default())
-}
+#[path = "common/service_fleet.rs"]
+mod service_fleet;
+use service_fleet::{applied_ack, enrolled_core, instruction_in};
 
 /// What one run measured.
 struct Run {
@@ -65,40 +51,7 @@ const BATCH: usize = 512;
 
 fn one_run(devices: usize, rounds: usize) -> Run {
     let now0 = 1_000_000u64;
-    let mut core = Core::new(
-        engine(),
-        KeyPair::from_seed(&[1; 32]),
-        Loaded::default(),
-        CoreConfig {
-            max_payload: 65536,
-            resend_after_ms: 10_000,
-            checkpoint_ms: 60_000,
-            engine_flush_ms: 5_000,
-            shared_store: false,
-            qos_history_window_ms: 60_000,
-        },
-        Arc::new(Metrics::default()),
-        now0,
-    );
-    let ids: Vec<DeviceId> = (0..devices)
-        .map(|i| DeviceId::new(format!("bench-{i:06}")).expect("id"))
-        .collect();
-    for (i, id) in ids.iter().enumerate() {
-        // A key of its own (the service refuses a key already enrolled).
-        let mut seed = [7u8; 32];
-        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let reply = core.on_command(
-            now0,
-            Command::Enroll {
-                device: id.clone(),
-                public_key: KeyPair::from_seed(&seed).public_key(),
-                tier: "standard".into(),
-                tenant: None,
-            },
-        );
-        assert!(matches!(reply, Reply::Enrolled(_)), "{reply:?}");
-    }
-    core.take_step();
+    let (mut core, ids) = enrolled_core("bench", devices, now0);
     let mut acks: Vec<VerifiedMsg> = Vec::new();
     let (mut cold_ns, mut sustained_ns) = (0u64, 0u64);
     let (mut sustained_reports, mut total_reports) = (0u64, 0u64);
@@ -127,24 +80,9 @@ fn one_run(devices: usize, rounds: usize) -> Run {
                 }
                 core.pace_lazy_writes(now);
                 let step = core.take_step();
-                for p in &step.publish {
-                    if !p.topic.ends_with("/instr") {
-                        continue;
-                    }
-                    let env = sign::parse_envelope(&p.payload, 1 << 20).expect("envelope");
-                    let instruction =
-                        codec::decode::<Instruction>(&env.payload).expect("instruction");
+                for instruction in step.publish.iter().filter_map(instruction_in) {
                     instructions += 1;
-                    let (device, seq) = (instruction.device, instruction.seq);
-                    acks.push(VerifiedMsg::Ack(
-                        device.clone(),
-                        InstructionAck {
-                            device,
-                            instruction_seq: seq,
-                            outcome: AckOutcome::Applied,
-                            at_ms: now,
-                        },
-                    ));
+                    acks.push(applied_ack(&instruction, now));
                 }
             }
         }

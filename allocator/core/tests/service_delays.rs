@@ -5,44 +5,21 @@
 //! an overloaded allocator. A change seen while an earlier instruction
 //! still waits for its ack must not be set aside and forgotten.
 
-use shardline_allocator_core::policy::bench_load::{bench_catalog, bench_report};
-use shardline_allocator_core::policy::simulate::{EXAMPLE_CATALOG, EXAMPLE_TIERS};
-use shardline_allocator_core::policy::{Agreements, Catalog, Engine, PolicyConfig};
-use shardline_allocator_core::service::counters::Metrics;
-use shardline_allocator_core::service::{Command, Core, CoreConfig, Loaded, Reply, VerifiedMsg};
-use shardline_shared::codec;
+use shardline_allocator_core::policy::bench_load::bench_report;
+use shardline_allocator_core::service::VerifiedMsg;
 use shardline_shared::ids::DeviceId;
-use shardline_shared::msg::{AckOutcome, Instruction, InstructionAck, Operation};
-use shardline_shared::sign::{self, KeyPair};
+use shardline_shared::msg::Operation;
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Arc;
+
+#[path = "../benches/common/service_fleet.rs"]
+mod service_fleet;
+use service_fleet::{applied_ack, enrolled_core, instruction_in};
 
 const DEVICES: usize = 200;
 const ROUNDS: u64 = 13;
 /// Rounds before a tenth of the fleet per round starts to need encryption.
 const WARMUP: u64 = 3;
 const START_MS: u64 = 1_000_000;
-
-fn core() -> Core {
-    let text = bench_catalog(EXAMPLE_CATALOG).expect("bench catalog");
-    let catalog = Catalog::from_toml_str(&text, "catalog.toml").expect("catalog");
-    let tiers = Agreements::from_toml_str(EXAMPLE_TIERS, "tiers.toml", &catalog).expect("tiers");
-    Core::new(
-        Engine::new(catalog, tiers, PolicyConfig::default()),
-        KeyPair::from_seed(&[1; 32]),
-        Loaded::default(),
-        CoreConfig {
-            max_payload: 65536,
-            resend_after_ms: 10_000,
-            checkpoint_ms: 60_000,
-            engine_flush_ms: 5_000,
-            shared_store: false,
-            qos_history_window_ms: 60_000,
-        },
-        Arc::new(Metrics::default()),
-        START_MS,
-    )
-}
 
 /// Devices sent an activation of `vpn`, after reports handled
 /// `report_delay_ms` late and acks arriving `ack_delay_ms` after each
@@ -51,25 +28,7 @@ fn devices_moved_to_vpn(
     ack_delay_ms: u64,
     report_delay_ms: u64,
 ) -> (BTreeSet<DeviceId>, Vec<DeviceId>) {
-    let mut core = core();
-    let ids: Vec<DeviceId> = (0..DEVICES)
-        .map(|i| DeviceId::new(format!("slow-{i:04}")).expect("id"))
-        .collect();
-    for (i, id) in ids.iter().enumerate() {
-        let mut seed = [7u8; 32];
-        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let reply = core.on_command(
-            START_MS,
-            Command::Enroll {
-                device: id.clone(),
-                public_key: KeyPair::from_seed(&seed).public_key(),
-                tier: "standard".into(),
-                tenant: None,
-            },
-        );
-        assert!(matches!(reply, Reply::Enrolled(_)), "{reply:?}");
-    }
-    core.take_step();
+    let (mut core, ids) = enrolled_core("slow", DEVICES, START_MS);
     // Each round every device reports once (spread over the second); a
     // tenth more of the fleet per round needs encryption after the warm-up.
     let mut reports: Vec<(u64, VerifiedMsg)> = Vec::new();
@@ -105,31 +64,14 @@ fn devices_moved_to_vpn(
             core.on_verified(now, m);
         }
         core.pace_lazy_writes(now);
-        for p in core.take_step().publish {
-            if !p.topic.ends_with("/instr") {
-                continue;
-            }
-            let env = sign::parse_envelope(&p.payload, 1 << 20).expect("envelope");
-            let instruction: Instruction = codec::decode(&env.payload).expect("instruction");
+        for instruction in core.take_step().publish.iter().filter_map(instruction_in) {
             let activates_vpn = instruction.ops.iter().any(
                 |op| matches!(op, Operation::ActivateShard(a) if a.capability.as_str() == "vpn"),
             );
             if activates_vpn {
                 moved.insert(instruction.device.clone());
             }
-            let (device, seq) = (instruction.device, instruction.seq);
-            acks.push_back((
-                now + ack_delay_ms,
-                VerifiedMsg::Ack(
-                    device.clone(),
-                    InstructionAck {
-                        device,
-                        instruction_seq: seq,
-                        outcome: AckOutcome::Applied,
-                        at_ms: now,
-                    },
-                ),
-            ));
+            acks.push_back((now + ack_delay_ms, applied_ack(&instruction, now)));
         }
     }
     let changed = ids[..DEVICES * (ROUNDS - 1 - WARMUP) as usize / 10].to_vec();
