@@ -121,10 +121,11 @@ fn harm() -> LendingReport {
     }
 }
 
-fn publish(core: &mut Core, now: u64, r: &QosReport) {
+/// Delivers the device's signed report and returns the step it made.
+fn publish(core: &mut Core, now: u64, r: &QosReport) -> Step {
     let bytes = sign::seal(Domain::Report, r, &[&key(&r.device)]);
     core.on_message(now, &topics::report(&r.device), &bytes);
-    core.take_step();
+    core.take_step()
 }
 
 #[test]
@@ -225,13 +226,11 @@ fn the_step_that_makes_a_loan_writes_the_lender_and_the_borrower() {
         T0 + 1_000,
         &report(&l, 1, 0, LendingReport::default()),
     );
-    let bytes = sign::seal(
-        Domain::Report,
+    let step = publish(
+        &mut core,
+        T0 + 2_000,
         &report(&b, 1, 0, LendingReport::default()),
-        &[&key(&b)],
     );
-    core.on_message(T0 + 2_000, &topics::report(&b), &bytes);
-    let step = core.take_step();
     let v = core.engine().device(&b).unwrap();
     assert_eq!(v.borrowed.len(), 1, "{:?}", v.refusal_reasons);
     assert_eq!(v.borrowed[0].from, l);
