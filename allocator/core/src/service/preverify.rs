@@ -68,6 +68,17 @@ struct Lane<T> {
     crowded: bool,
 }
 
+impl<T> Lane<T> {
+    /// Removes the lane's oldest waiting report; its size, or `None` if
+    /// none waits.
+    fn remove_oldest_report(&mut self) -> Option<usize> {
+        let i = self.items.iter().position(|e| e.report)?;
+        let e = self.items.remove(i)?;
+        self.reports -= 1;
+        Some(e.bytes)
+    }
+}
+
 impl<T> Default for Lane<T> {
     fn default() -> Self {
         Self {
@@ -152,18 +163,16 @@ impl<T> UnverifiedQueue<T> {
             && ((overloaded && lane.reports >= self.per_device)
                 || self.report_bytes + bytes > self.report_bytes_cap)
         {
-            if let Some(i) = lane.items.iter().position(|e| e.report) {
-                if let Some(e) = lane.items.remove(i) {
-                    lane.reports -= 1;
-                    self.reports -= 1;
-                    self.report_bytes -= e.bytes;
-                    shed += 1;
-                }
+            if let Some(b) = lane.remove_oldest_report() {
+                self.reports -= 1;
+                self.report_bytes -= b;
+                shed += 1;
             }
         }
-        // Nothing of its own left to drop: another device's report that a
-        // newer one of that device supersedes goes before this, its newest.
-        while self.report_bytes + bytes > self.report_bytes_cap && self.shed_superseded(&device) {
+        // Nothing of its own left to drop (its lane holds no report now):
+        // another device's report that a newer one of that device
+        // supersedes goes before this, its newest.
+        while self.report_bytes + bytes > self.report_bytes_cap && self.shed_superseded() {
             shed += 1;
         }
         let lane = self.lanes.entry(device.clone()).or_default();
@@ -197,16 +206,10 @@ impl<T> UnverifiedQueue<T> {
         shed
     }
 
-    /// Sheds the oldest waiting report of a device other than `except`
-    /// that has a newer report waiting, devices in turn. False if none has.
-    fn shed_superseded(&mut self, except: &DeviceId) -> bool {
-        let mut skipped = None;
-        let mut shed = false;
+    /// Sheds the oldest waiting report of a device that has a newer
+    /// report waiting, devices in turn. False if none has.
+    fn shed_superseded(&mut self) -> bool {
         while let Some(device) = self.crowded.pop_front() {
-            if &device == except {
-                skipped = Some(device);
-                continue;
-            }
             let Some(lane) = self.lanes.get_mut(&device) else {
                 continue;
             };
@@ -214,25 +217,19 @@ impl<T> UnverifiedQueue<T> {
                 lane.crowded = false;
                 continue;
             }
-            if let Some(i) = lane.items.iter().position(|e| e.report) {
-                if let Some(e) = lane.items.remove(i) {
-                    lane.reports -= 1;
-                    self.reports -= 1;
-                    self.report_bytes -= e.bytes;
-                    shed = true;
-                }
-            }
+            let Some(b) = lane.remove_oldest_report() else {
+                continue;
+            };
+            self.reports -= 1;
+            self.report_bytes -= b;
             if lane.reports >= 2 {
                 self.crowded.push_back(device);
             } else {
                 lane.crowded = false;
             }
-            break;
+            return true;
         }
-        if let Some(device) = skipped {
-            self.crowded.push_front(device);
-        }
-        shed
+        false
     }
 
     /// Rebuilds the crowded ring from the lanes: each device with two or
